@@ -1,0 +1,247 @@
+"""The one frozen settings object and how it is loaded.
+
+Precedence, lowest first: built-in defaults < YAML file < ``DICOMNODE_*``
+environment variables < CLI flags. Environment variables name nested keys
+with a double underscore (``DICOMNODE_NODE__PORT=11113``,
+``DICOMNODE_DATABASE__URL=postgresql+psycopg://...``); their values are read
+as YAML scalars or lists (``true``, ``2``, ``[PACS, ARCHIVE]``).
+
+Every option is documented once, here; ``config/dicomnode.yaml`` is the
+annotated example. A wrong key or value stops start-up with a
+:class:`~dicomnode.errors.ConfigError` naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.errors import ConfigError
+
+ENV_PREFIX = "DICOMNODE_"
+AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
+"""1-16 characters of the DICOM default repertoire, no backslash, no leading/trailing space."""
+PEER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+UID_ROOT_PATTERN = r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSettings(_Section):
+    """The node's own application entity."""
+
+    ae_title: str = Field("DICOMNODE", pattern=AE_TITLE_PATTERN, description="our AE title")
+    host: str = Field("0.0.0.0", description="address the SCP listens on")
+    port: int = Field(11112, ge=1, le=65535, description="port the SCP listens on")
+    allow_unknown_callers: bool = Field(
+        False, description="accept associations from calling AEs that are not registered peers"
+    )
+    uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.",
+        pattern=UID_ROOT_PATTERN,
+        max_length=40,
+        description="root of every UID the node creates (ends with a dot); use your organisation's",
+    )
+    max_pdu: int = Field(0, ge=0, description="maximum PDU we receive, 0 = unlimited")
+    network_timeout: float = Field(60.0, gt=0, description="seconds of silence before an association is aborted")
+    institution_name: str = Field("", max_length=64, description="written into result objects when set")
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Field(Path("var/data"), description="received instances and result objects")
+    min_free_mb: int = Field(500, ge=0, description="refuse C-STORE with 0xA700 below this free space")
+
+
+class DatabaseSettings(_Section):
+    url: str = Field("sqlite:///var/dicomnode.db", description="SQLAlchemy URL (SQLite or PostgreSQL)")
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        if not url.startswith(("sqlite:", "postgresql")):
+            raise ValueError("only sqlite:/// and postgresql URLs are supported")
+        return url
+
+
+class PeerSettings(_Section):
+    """A remote application entity."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+
+class ResultsSettings(_Section):
+    destinations: tuple[str, ...] = Field(
+        (), description="peer names that receive results; empty: the calling AE when it is a known peer"
+    )
+
+
+class StudySettings(_Section):
+    settle_seconds: float = Field(
+        2.0, ge=0, description="quiet time after the delivering association is released before a study is processed"
+    )
+
+
+class WorkerSettings(_Section):
+    count: int = Field(1, ge=0, le=64, description="worker processes started by `serve`")
+    batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    max_attempts: int = Field(3, ge=1, le=100, description="attempts of an inference job before it is dead")
+    lease_seconds: float = Field(30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this")
+    poll_seconds: float = Field(0.2, gt=0, le=10, description="idle wait between queue polls")
+    threads: int = Field(0, ge=0, description="torch threads per worker, 0 = torch default")
+
+
+class SendSettings(_Section):
+    max_attempts: int = Field(5, ge=1, le=100, description="C-STORE attempts per object and destination")
+    backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay")
+    backoff_max_seconds: float = Field(600.0, gt=0, description="longest retry delay")
+    timeout_seconds: float = Field(30.0, gt=0, description="association and DIMSE time-out")
+
+
+class RoutingSettings(_Section):
+    """How an instance is matched to a body part (and so to a model)."""
+
+    modalities: tuple[str, ...] = Field(("CR", "DX", "RG", "RF", "XA"), description="radiograph modalities processed")
+    body_part_aliases: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: {
+            "HAND": ("HAND", "FINGER", "WRIST", "THUMB"),
+            "KNEE": ("KNEE", "PATELLA"),
+            "SPINE": (
+                "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "C-SPINE", "T-SPINE", "L-SPINE",
+                "CERVICAL SPINE", "THORACIC SPINE", "LUMBAR SPINE", "WHOLE SPINE", "SACRUM", "COCCYX",
+            ),
+        },
+        description="BodyPartExamined values and description keywords per body part",
+    )
+
+    @field_validator("body_part_aliases")
+    @classmethod
+    def _known_parts(cls, aliases: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        from dicomnode.values import BodyPart
+
+        for key in aliases:
+            if key not in BodyPart.__members__:
+                raise ValueError(f"unknown body part {key!r}; known: {', '.join(BodyPart.__members__)}")
+        return {k: tuple(v.upper() for v in vals) for k, vals in aliases.items()}
+
+
+class ModelSettings(_Section):
+    dir: Path = Field(Path("models"), description="folder of model directories (each with model.yaml)")
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(False, alias="json", description="one JSON object per log line")
+
+
+class Settings(_Section):
+    """All of dicomnode's settings."""
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    peers: dict[str, PeerSettings] = Field(default_factory=dict)
+    results: ResultsSettings = ResultsSettings()
+    study: StudySettings = StudySettings()
+    workers: WorkerSettings = WorkerSettings()
+    send: SendSettings = SendSettings()
+    routing: RoutingSettings = RoutingSettings()
+    models: ModelSettings = ModelSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, peers: dict[str, PeerSettings]) -> dict[str, PeerSettings]:
+        for name in peers:
+            if not re.match(PEER_NAME_PATTERN, name):
+                raise ValueError(f"peer name {name!r} must be letters, digits, '_', '.', '-'")
+        return peers
+
+    @model_validator(mode="after")
+    def _destinations_are_peers(self) -> Settings:
+        unknown = [d for d in self.results.destinations if d not in self.peers]
+        if unknown and self.peers:
+            # Destinations may also be peers added later with `dicomnode ae add`;
+            # only a config that declares peers is checked for typos here.
+            raise ValueError(f"results.destinations names unknown peers: {', '.join(unknown)}")
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML settings file (empty file -> empty mapping)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested overrides from ``DICOMNODE_SECTION__KEY=value`` variables."""
+    result: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        cursor = result
+        for part in path[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[path[-1]] = value
+    return result
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(settings)"
+        lines.append(f"{key}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings: defaults < ``path`` < environment < ``overrides`` (CLI flags)."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = _deep_merge(data, env_overrides(os.environ if environ is None else environ))
+    data = _deep_merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        source = f" (from {path})" if path else ""
+        raise ConfigError(f"invalid configuration{source}: {_describe(exc)}") from exc

@@ -1,0 +1,138 @@
+"""Frozen value objects passed between the stages of the node.
+
+Arrays inside these objects are never modified after construction; treat them
+as read-only. ``eq=False`` keeps numpy arrays out of generated comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class BodyPart(StrEnum):
+    """Body parts the node routes to models."""
+
+    HAND = "HAND"
+    KNEE = "KNEE"
+    SPINE = "SPINE"
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """A radiograph ready for display and for a model.
+
+    Attributes
+    ----------
+    pixels:
+        ``float32`` array of shape (rows, columns), values in [0, 1], after the
+        Modality LUT, VOI LUT/window and photometric/presentation inversion,
+        so that 0 is displayed black and 1 white (bone is bright).
+    laterality:
+        ``"L"``, ``"R"`` or ``None`` (from ImageLaterality/Laterality).
+    source:
+        A short human description of where the pixels came from (file name or
+        SOP Instance UID); never patient data.
+    """
+
+    pixels: FloatArray
+    laterality: str | None = None
+    source: str = ""
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every output says about the algorithm that produced it."""
+
+    name: str
+    version: str
+    sha256: str
+    synthetic_training_data: bool
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle in the original image's pixel coordinates (x0, y0 inclusive; x1, y1 exclusive)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+@dataclass(frozen=True)
+class CodedClass:
+    """One output class of a model with the coded concept that names it in the SR."""
+
+    index: int
+    name: str
+    code_value: str
+    coding_scheme: str
+    code_meaning: str
+
+
+@dataclass(frozen=True, eq=False)
+class Finding:
+    """One classified region of one image.
+
+    Attributes
+    ----------
+    predicted:
+        The class with the highest probability.
+    probabilities:
+        One probability per class, in card order, summing to 1.
+    heatmap:
+        Grad-CAM for ``predicted``, ``float32`` in [0, 1], shape equal to the
+        original image (rows, columns); zero outside ``region``.
+    peak:
+        (column, row) of the heatmap maximum in original pixel coordinates.
+    region:
+        The part of the image the model saw (the whole image, or a localised joint).
+    laterality:
+        ``"L"``, ``"R"`` or ``None``.
+    localisation_uncertain:
+        True when the region was found by a localiser with low confidence.
+    """
+
+    predicted: CodedClass
+    probabilities: tuple[float, ...]
+    heatmap: FloatArray
+    peak: tuple[float, float]
+    region: Region
+    laterality: str | None = None
+    localisation_uncertain: bool = False
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[self.predicted.index]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageResult:
+    """Everything the model said about one image."""
+
+    model: ModelIdentity
+    classes: tuple[CodedClass, ...]
+    findings: tuple[Finding, ...]

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import load_settings
+from dicomnode.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "config" / "dicomnode.yaml"
+
+
+def test_example_config_loads_with_the_documented_defaults() -> None:
+    settings = load_settings(EXAMPLE, environ={})
+    assert settings.node.ae_title == "DICOMNODE"
+    assert settings.node.port == 11112
+    assert settings.node.allow_unknown_callers is False
+    assert settings.storage.min_free_mb == 500
+    assert settings.database.url == "sqlite:///var/dicomnode.db"
+    assert settings.peers["PACS"].ae_title == "ORTHANC"
+    assert settings.results.destinations == ("PACS",)
+    assert settings.study.settle_seconds == 2
+    assert (settings.workers.count, settings.workers.batch_size, settings.workers.device) == (1, 8, "auto")
+
+
+def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("node: {port: 2000, ae_title: FILEAE}\nworkers: {count: 3}\n")
+    settings = load_settings(
+        config,
+        environ={"DICOMNODE_NODE__PORT": "3000", "DICOMNODE_WORKERS__DEVICE": "cpu"},
+        overrides={"node": {"port": 4000}},
+    )
+    assert settings.node.port == 4000  # CLI beats env beats file
+    assert settings.node.ae_title == "FILEAE"  # file beats default
+    assert settings.workers.device == "cpu"  # env
+    assert settings.workers.count == 3
+    assert settings.workers.batch_size == 8  # default
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("node: {prot: 1}", "node.prot"),
+        ("node: {port: 70000}", "node.port"),
+        ("node: {ae_title: 'MUCH_TOO_LONG_AE_TITLE'}", "node.ae_title"),
+        ("workers: {device: tpu}", "workers.device"),
+        ("storage: {min_free_mb: -1}", "storage.min_free_mb"),
+        ("routing: {body_part_aliases: {FOOT: [FOOT]}}", "routing.body_part_aliases"),
+        ("database: {url: 'mysql://x'}", "database.url"),
+    ],
+)
+def test_bad_key_or_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    assert key in str(info.value)
+
+
+def test_destination_must_be_a_declared_peer(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("peers: {PACS: {ae_title: A, host: h, port: 1}}\nresults: {destinations: [PAC]}\n")
+    with pytest.raises(ConfigError, match="PAC"):
+        load_settings(config, environ={})
+
+
+def test_environment_values_are_yaml(tmp_path: Path) -> None:
+    settings = load_settings(None, environ={"DICOMNODE_NODE__ALLOW_UNKNOWN_CALLERS": "true",
+                                            "DICOMNODE_ROUTING__MODALITIES": "[DX]"})
+    assert settings.node.allow_unknown_callers is True
+    assert settings.routing.modalities == ("DX",)
