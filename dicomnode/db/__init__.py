@@ -1,0 +1,1 @@
+"""The node's database: SQLAlchemy tables, sessions and Alembic migrations."""

@@ -1,0 +1,144 @@
+"""SQLAlchemy tables.
+
+``associations``  one row per DICOM association that sent us instances.
+``instances``     every received instance (file path, UIDs, routing facts).
+``reports``       one processing round of one study by one model; owns the SR.
+``results``       one model's answer for one instance (probabilities, peak).
+``outputs``       result objects written by the node (SC and SR files).
+``jobs``          the persistent queue (see :mod:`dicomnode.queue.jobs`).
+``peers``         known application entities (editable at run time).
+
+No column ever holds patient names or IDs; the instance files keep them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Peer(Base):
+    __tablename__ = "peers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16), default="cli")
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Association(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    descriptions: Mapped[str] = mapped_column(Text, default="")
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    association_id: Mapped[str] = mapped_column(ForeignKey("associations.id"), index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    state: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True, index=True)
+
+
+class Report(Base):
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "model_name", "sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    sequence: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(ForeignKey("instances.sop_instance_uid"))
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    findings: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Output(Base):
+    __tablename__ = "outputs"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("kind", "dedupe_key"),
+        Index("ix_jobs_claim", "kind", "state", "run_after"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    dedupe_key: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    group_key: Mapped[str] = mapped_column(String(255), default="", index=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True, index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    peer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    run_after: Mapped[datetime] = mapped_column(DateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -1,0 +1,1 @@
+"""The persistent job queue: states, claiming with leases, retry policy."""

@@ -1,0 +1,137 @@
+"""The job queue on a real (SQLite) database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from dicomnode.db.schema import Job, Report
+from dicomnode.db.session import Database
+from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
+
+
+def _report(db: Database) -> int:
+    with db.session() as s:
+        report = Report(study_instance_uid="1.2", model_name="m", model_version="1", sequence=1,
+                        calling_ae="X", state="pending", created_at=q.utcnow())
+        s.add(report)
+        s.flush()
+        return report.id
+
+
+def _spec(key: str, report_id: int | None = None, kind: q.JobKind = q.JobKind.INFER, attempts: int = 3) -> q.JobSpec:
+    return q.JobSpec(kind, key, attempts, group_key="m:1", report_id=report_id, sop_instance_uid=key)
+
+
+def test_enqueue_is_unique_per_key(db: Database) -> None:
+    with db.session() as s:
+        assert q.enqueue(s, [_spec("1.1"), _spec("1.2")]) == 2
+    with db.session() as s:
+        assert q.enqueue(s, [_spec("1.1"), _spec("1.3")]) == 1
+        assert q.counts_by_state(s) == {("infer", "queued"): 3}
+
+
+def test_claims_never_overlap_between_threads(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec(f"1.{i}") for i in range(40)])
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(name: str) -> None:
+        while True:
+            with db.session() as s:
+                got = q.claim(s, q.JobKind.INFER, name, 30, limit=3)
+            if not got:
+                return
+            with lock:
+                claimed.extend(j.id for j in got)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 40
+    assert len(set(claimed)) == 40
+
+
+def test_lost_lease_is_claimed_again(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1")])
+    with db.session() as s:
+        first = q.claim(s, q.JobKind.INFER, "dead-worker", 0.2)
+    assert len(first) == 1
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.INFER, "other", 30) == []
+    time.sleep(0.3)
+    with db.session() as s:
+        again = q.claim(s, q.JobKind.INFER, "other", 30)
+    assert [j.id for j in again] == [first[0].id]
+    assert again[0].attempts == 2
+    with db.session() as s:  # the dead worker cannot complete a job it lost
+        assert q.complete(s, first[0].id, "dead-worker") is False
+        assert q.complete(s, first[0].id, "other") is True
+
+
+def test_release_worker_makes_jobs_claimable_at_once(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1")])
+    with db.session() as s:
+        q.claim(s, q.JobKind.INFER, "w1", 600)
+    with db.session() as s:
+        assert q.release_worker(s, "w1") == 1
+    with db.session() as s:
+        assert len(q.claim(s, q.JobKind.INFER, "w2", 600)) == 1
+
+
+def test_failures_back_off_then_die_and_retry_requeues(db: Database) -> None:
+    policy = RetryPolicy(max_attempts=2, initial_seconds=0.1, maximum_seconds=10)
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1", attempts=2)])
+    with db.session() as s:
+        job = q.claim(s, q.JobKind.INFER, "w", 30)[0]
+        assert q.fail(s, job, "w", "boom", policy) == q.JobState.FAILED
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.INFER, "w", 30) == []  # waiting for its backoff
+    time.sleep(0.15)
+    with db.session() as s:
+        job = q.claim(s, q.JobKind.INFER, "w", 30)[0]
+        assert q.fail(s, job, "w", "boom again", policy) == q.JobState.DEAD
+    with db.session() as s:
+        dead = q.dead_jobs(s)
+        assert [d.last_error for d in dead] == ["boom again"]
+        assert q.requeue(s) == 1
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.INFER, "w", 30)[0].attempts == 1
+
+
+def test_backoff_is_exponential_and_bounded() -> None:
+    policy = RetryPolicy(5, 5, 600)
+    assert [policy.delay(a) for a in range(1, 9)] == [5, 10, 20, 40, 80, 160, 320, 600]
+
+
+def test_report_job_waits_for_its_inference_jobs(db: Database) -> None:
+    report_id = _report(db)
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1", report_id), q.JobSpec(q.JobKind.REPORT, "r1", 3, report_id=report_id)])
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.REPORT, "w", 30) == []
+        infer = q.claim(s, q.JobKind.INFER, "w", 30)[0]
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.REPORT, "w", 30) == []  # still running
+        q.complete(s, infer.id, "w")
+    with db.session() as s:
+        assert len(q.claim(s, q.JobKind.REPORT, "w", 30)) == 1
+
+
+def test_next_group_orders_by_due_time(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [q.JobSpec(q.JobKind.SEND, "a", 3, group_key="PACS"),
+                      q.JobSpec(q.JobKind.SEND, "b", 3, group_key="ARCHIVE")])
+        s.execute(update(Job).where(Job.dedupe_key == "a").values(run_after=q.utcnow() + timedelta(hours=1)))
+    with db.session() as s:
+        assert q.next_group(s, q.JobKind.SEND) == "ARCHIVE"
