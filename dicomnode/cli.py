@@ -1,0 +1,295 @@
+"""The ``dicomnode`` command line (typer + rich). The only place that configures logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicomnode import __version__, logs
+from dicomnode.config import Settings, load_settings
+from dicomnode.errors import DicomNodeError
+
+app = typer.Typer(help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False)
+ae_app = typer.Typer(help="Known application entities (peers).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(ae_app, name="ae")
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+log = logging.getLogger("dicomnode.cli")
+
+DEFAULT_CONFIG = Path("config/dicomnode.yaml")
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="settings file (default: $DICOMNODE_CONFIG or config/dicomnode.yaml)"),
+]
+
+
+class State:
+    config: Path | None = None
+    overrides: dict[str, Any] = {}
+
+
+def _config_path(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("DICOMNODE_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    resolved = load_settings(_config_path(config or State.config), overrides=overrides)
+    logs.configure(resolved.logging.level, resolved.logging.json_format)
+    return resolved
+
+
+def _set(target: dict[str, Any], dotted: str, value: Any) -> None:
+    if value is None:
+        return
+    section, _, key = dotted.partition(".")
+    target.setdefault(section, {})[key] = value
+
+
+@app.callback()
+def _main(
+    config: ConfigOption = None,
+    version: Annotated[bool, typer.Option("--version", help="print the version")] = False,
+) -> None:
+    if version:
+        console.print(f"dicomnode {__version__}")
+        raise typer.Exit()
+    State.config = config
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="SCP port (node.port)")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address (node.host)")] = None,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", help="our AE title (node.ae_title)")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes (workers.count)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="storage.data_dir")] = None,
+    db_url: Annotated[str | None, typer.Option("--db-url", help="database.url")] = None,
+    models_dir: Annotated[Path | None, typer.Option("--models-dir", help="models.dir")] = None,
+    device: Annotated[str | None, typer.Option(help="workers.device: auto, cpu or cuda")] = None,
+) -> None:
+    """Run the SCP, the study scheduler and the worker processes."""
+    from dicomnode.service import serve as run
+
+    overrides: dict[str, Any] = {}
+    for dotted, value in (("node.port", port), ("node.host", host), ("node.ae_title", ae_title),
+                          ("workers.count", workers), ("storage.data_dir", data_dir),
+                          ("database.url", db_url), ("models.dir", models_dir), ("workers.device", device)):
+        _set(overrides, dotted, value)
+    run(settings(config, overrides))
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    count: Annotated[int | None, typer.Option(help="worker processes (default workers.count)")] = None,
+    device: Annotated[str | None, typer.Option(help="workers.device: auto, cpu or cuda")] = None,
+) -> None:
+    """Run workers only (for example on a GPU host sharing the PostgreSQL database)."""
+    from dicomnode.service import serve as run
+
+    overrides: dict[str, Any] = {}
+    _set(overrides, "workers.device", device)
+    resolved = settings(config, overrides)
+    run(resolved, with_scp=False, workers=count if count is not None else max(1, resolved.workers.count))
+
+
+@app.command()
+def echo(peer: str, config: ConfigOption = None) -> None:
+    """C-ECHO a known peer."""
+    from dicomnode.peers import get_peer
+    from dicomnode.send.scu import echo as c_echo
+
+    resolved = settings(config)
+    db = _database(resolved)
+    with db.session() as session:
+        info = get_peer(session, peer)
+    status = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
+    if status is None:
+        err.print(f"[red]no association with {peer} ({info.ae_title}@{info.host}:{info.port})[/red]")
+        raise typer.Exit(1)
+    console.print(f"C-ECHO {peer} ({info.ae_title}@{info.host}:{info.port}): status 0x{status:04X}")
+    if status != 0:
+        raise typer.Exit(1)
+
+
+def _database(resolved: Settings):  # type: ignore[no-untyped-def]
+    from dicomnode.service import open_database
+
+    db = open_database(resolved)
+    from dicomnode.peers import sync_config_peers
+
+    with db.session() as session:
+        sync_config_peers(session, dict(resolved.peers))
+    return db
+
+
+@ae_app.command("add")
+def ae_add(
+    name: str,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="the peer's AE title")],
+    host: Annotated[str, typer.Option(help="host name or address")],
+    port: Annotated[int, typer.Option(help="port")],
+    config: ConfigOption = None,
+) -> None:
+    """Register a peer (a running node accepts it at once)."""
+    from dicomnode.peers import PeerInfo, add_peer
+
+    db = _database(settings(config))
+    with db.session() as session:
+        add_peer(session, PeerInfo(name, ae_title, host, port))
+    console.print(f"added peer {name}: {ae_title}@{host}:{port}")
+
+
+@ae_app.command("update")
+def ae_update(
+    name: str,
+    ae_title: Annotated[str | None, typer.Option("--ae-title")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change a peer."""
+    from dicomnode.peers import update_peer
+
+    db = _database(settings(config))
+    with db.session() as session:
+        new = update_peer(session, name, ae_title=ae_title, host=host, port=port)
+    console.print(f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}")
+
+
+@ae_app.command("remove")
+def ae_remove(name: str, config: ConfigOption = None) -> None:
+    """Remove a peer."""
+    from dicomnode.peers import remove_peer
+
+    db = _database(settings(config))
+    with db.session() as session:
+        remove_peer(session, name)
+    console.print(f"removed peer {name}")
+
+
+@ae_app.command("list")
+def ae_list(config: ConfigOption = None) -> None:
+    """List peers."""
+    from dicomnode.peers import list_peers
+
+    db = _database(settings(config))
+    table = Table("name", "AE title", "host", "port", "source")
+    with db.session() as session:
+        for peer in list_peers(session):
+            table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), peer.source)
+    console.print(table)
+
+
+@app.command()
+def status(config: ConfigOption = None, limit: Annotated[int, typer.Option(help="studies to show")] = 10) -> None:
+    """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
+    from dicomnode.status import render_status
+
+    db = _database(settings(config))
+    with db.session() as session:
+        for table in render_status(session, limit):
+            console.print(table)
+
+
+@app.command()
+def retry(
+    job: Annotated[list[int] | None, typer.Option("--job", help="job id (repeatable); default: all dead jobs")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Re-queue dead jobs with fresh attempts."""
+    from dicomnode.queue.jobs import requeue
+
+    db = _database(settings(config))
+    with db.session() as session:
+        count = requeue(session, job or None)
+    console.print(f"re-queued {count} job(s)")
+
+
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="DICOM files")],
+    out: Annotated[Path, typer.Option("--out", help="output folder for SC and SR files")],
+    config: ConfigOption = None,
+    models_dir: Annotated[Path | None, typer.Option("--models-dir")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Run the node's pipeline on files (no network, no database): writes SC and SR files."""
+    from dicomnode.offline import predict_files
+
+    overrides: dict[str, Any] = {}
+    _set(overrides, "models.dir", models_dir)
+    _set(overrides, "workers.device", device)
+    written = predict_files(settings(config, overrides), files, out)
+    table = Table("input", "outcome", "output")
+    for line in written:
+        table.add_row(*line)
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create the database or bring it to the current schema."""
+    from dicomnode.db.migrate import upgrade
+
+    resolved = settings(config)
+    upgrade(resolved.database.url)
+    console.print("database is at the current schema")
+
+
+@app.command()
+def train(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="training recipe")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")] = False,
+) -> None:
+    """Train a model from a recipe; writes a model directory the node can serve."""
+    from dicomnode.training.train import train_from_config
+
+    logs.configure()
+    out = train_from_config(config_file, resume=resume)
+    console.print(f"model written to {out}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Path,
+    data_dir: Path,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="CSV of per-image predictions")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="folder for the evaluation report")] = None,
+) -> None:
+    """Evaluate a model directory on a folder of class subfolders (0/, 1/, ...)."""
+    from dicomnode.training.evaluate import evaluate_model
+
+    logs.configure()
+    metrics = evaluate_model(model_dir, data_dir, predictions=predictions, report=report)
+    table = Table("metric", "value")
+    for key, value in metrics.items():
+        if isinstance(value, int | float):
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except DicomNodeError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""``dicomnode predict``: the node's pipeline on files, with no network and no database."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from dicomnode import pipeline
+from dicomnode.config import Settings
+from dicomnode.encode.sr import SrImageItem
+from dicomnode.errors import DicomNodeError
+from dicomnode.models.inference import Predictor
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.studies import route
+
+log = logging.getLogger(__name__)
+
+
+def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tuple[str, str, str]]:
+    """Write an SC per usable image and an SR per (study, model) into ``out``; return (input, outcome, output) rows."""
+    registry = ModelRegistry.load(settings.models.dir)
+    predictors: dict[str, Predictor] = {}
+    rows: list[tuple[str, str, str]] = []
+    by_study: dict[tuple[str, str], list[SrImageItem]] = defaultdict(list)
+    out.mkdir(parents=True, exist_ok=True)
+    for number, path in enumerate(files, start=1):
+        prepared = pipeline.read_and_prepare(path)
+        if prepared.error or prepared.skip_reason:
+            rows.append((str(path), f"skipped: {prepared.error or prepared.skip_reason}", "-"))
+            continue
+        header = prepared.header
+        decision = route(str(header.get("SOPClassUID", "")), str(header.get("Modality", "")).upper(),
+                         str(header.get("BodyPartExamined", "")).upper(),
+                         " ".join(str(header.get(k, "")) for k in ("StudyDescription", "SeriesDescription", "ProtocolName")),
+                         settings.routing)
+        loaded = registry.for_body_part(decision.body_part) if decision.body_part else None
+        if loaded is None:
+            rows.append((str(path), f"skipped: {decision.reason or 'no model for ' + str(decision.body_part)}", "-"))
+            continue
+        key = f"{loaded.card.name}:{loaded.card.version}"
+        if key not in predictors:
+            predictors[key] = Predictor.load(loaded.directory, loaded.card, settings.workers.device,
+                                             batch_size=settings.workers.batch_size)
+        analysed = pipeline.analyse(predictors[key], [prepared])[0]
+        if analysed.result is None:
+            raise DicomNodeError(f"{path}: the model returned no result")
+        sc = pipeline.make_sc(analysed, uid_root=settings.node.uid_root, instance_number=number)
+        target = out / f"SC_{sc.SOPInstanceUID}.dcm"
+        sc.save_as(target, enforce_file_format=True)
+        finding = analysed.result.findings[0]
+        rows.append((str(path), f"{finding.predicted.code_meaning} p={finding.probability:.2f}", str(target)))
+        by_study[(str(header.StudyInstanceUID), key)].append(SrImageItem(source=header, sc=sc, result=analysed.result))
+    for items in by_study.values():
+        sr = pipeline.make_sr(items, uid_root=settings.node.uid_root, sequence=1)
+        target = out / f"SR_{sr.SOPInstanceUID}.dcm"
+        sr.save_as(target, enforce_file_format=True)
+        rows.append((f"study {sr.StudyInstanceUID}", "structured report", str(target)))
+    return rows

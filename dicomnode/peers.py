@@ -1,0 +1,102 @@
+"""Known application entities, kept in the database so a running node sees changes.
+
+Peers declared in the YAML settings are written to the database at start-up
+(source ``config``); ``dicomnode ae add|update|remove`` edits them at run time
+(source ``cli``). Every association request reads the current list.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from dicomnode.config import AE_TITLE_PATTERN, PEER_NAME_PATTERN, PeerSettings
+from dicomnode.db.schema import Peer
+from dicomnode.errors import PeerError
+from dicomnode.queue.jobs import utcnow
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    source: str = "cli"
+
+
+def validate(peer: PeerInfo) -> PeerInfo:
+    """Raise :class:`PeerError` naming the field that is wrong."""
+    if not re.match(PEER_NAME_PATTERN, peer.name):
+        raise PeerError(f"peer name {peer.name!r} must be letters, digits, '_', '.', '-' (max 64)")
+    if not re.match(AE_TITLE_PATTERN, peer.ae_title):
+        raise PeerError(f"AE title {peer.ae_title!r} must be 1-16 printable characters without backslash")
+    if not peer.host.strip():
+        raise PeerError("host must not be empty")
+    if not 1 <= peer.port <= 65535:
+        raise PeerError(f"port {peer.port} must be 1-65535")
+    return peer
+
+
+def _info(row: Peer) -> PeerInfo:
+    return PeerInfo(row.name, row.ae_title, row.host, row.port, row.source)
+
+
+def list_peers(session: Session) -> list[PeerInfo]:
+    return [_info(r) for r in session.execute(select(Peer).order_by(Peer.name)).scalars()]
+
+
+def get_peer(session: Session, name: str) -> PeerInfo:
+    row = session.get(Peer, name)
+    if row is None:
+        known = ", ".join(p.name for p in list_peers(session)) or "none"
+        raise PeerError(f"unknown peer {name!r}; known peers: {known} (add one with `dicomnode ae add`)")
+    return _info(row)
+
+
+def peer_by_ae_title(session: Session, ae_title: str) -> PeerInfo | None:
+    row = session.execute(select(Peer).where(Peer.ae_title == ae_title.strip()).limit(1)).scalar_one_or_none()
+    return None if row is None else _info(row)
+
+
+def known_ae_titles(session: Session) -> list[str]:
+    return list(session.execute(select(Peer.ae_title).distinct()).scalars())
+
+
+def add_peer(session: Session, peer: PeerInfo) -> None:
+    validate(peer)
+    if session.get(Peer, peer.name) is not None:
+        raise PeerError(f"peer {peer.name!r} exists; use `dicomnode ae update`")
+    session.add(Peer(name=peer.name, ae_title=peer.ae_title, host=peer.host, port=peer.port,
+                     source=peer.source, updated_at=utcnow()))
+
+
+def update_peer(session: Session, name: str, *, ae_title: str | None = None, host: str | None = None,
+                port: int | None = None) -> PeerInfo:
+    current = get_peer(session, name)
+    new = validate(PeerInfo(name, ae_title or current.ae_title, host or current.host,
+                            port or current.port, "cli"))
+    row = session.get(Peer, name)
+    assert row is not None
+    row.ae_title, row.host, row.port, row.source, row.updated_at = new.ae_title, new.host, new.port, "cli", utcnow()
+    return new
+
+
+def remove_peer(session: Session, name: str) -> None:
+    get_peer(session, name)
+    session.execute(delete(Peer).where(Peer.name == name))
+
+
+def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
+    """Write the peers of the settings file into the database (config wins for those names)."""
+    for name, settings in peers.items():
+        row = session.get(Peer, name)
+        if row is None:
+            session.add(Peer(name=name, ae_title=settings.ae_title, host=settings.host,
+                             port=settings.port, source="config", updated_at=utcnow()))
+        else:
+            row.ae_title, row.host, row.port, row.source = settings.ae_title, settings.host, settings.port, "config"
+            row.updated_at = utcnow()

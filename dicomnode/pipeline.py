@@ -1,0 +1,161 @@
+"""The flow of an image through the node, written down once.
+
+::
+
+    instance file --read--> dataset --prepare--> PreparedImage
+        --Predictor.predict--> ImageResult (probabilities + Grad-CAM)
+        --render_overlay + encode_sc--> Secondary Capture (per image)
+    all results of a study round --encode_sr--> TID 1500 SR (per study)
+
+The worker (:mod:`dicomnode.worker`) wraps these steps in queue jobs with
+the database; ``dicomnode predict`` runs them on files with no network and no
+database. Both produce identical objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from dicomnode import __version__, uids
+from dicomnode.encode.render import render_overlay
+from dicomnode.encode.sc import encode_sc
+from dicomnode.encode.sr import SrImageItem, encode_sr
+from dicomnode.errors import ImagingError, UnsupportedImageError
+from dicomnode.imaging.pixels import prepare_dataset
+from dicomnode.models.inference import Predictor
+from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "dicomnode"
+SC_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """One source image read and prepared, or the reason it cannot be used."""
+
+    sop_uid: str
+    header: pydicom.Dataset
+    image: PreparedImage | None
+    skip_reason: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Analysed:
+    """One source image with its model result (``result`` is None when skipped or failed)."""
+
+    prepared: Prepared
+    result: ImageResult | None
+
+
+def header_of(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``dataset`` without its pixel data (what the encoders need)."""
+    header = pydicom.Dataset()
+    for element in dataset:
+        if element.tag.group != 0x7FE0:
+            header.add(element)
+    header.file_meta = getattr(dataset, "file_meta", pydicom.dataset.FileMetaDataset())
+    return header
+
+
+def read_and_prepare(path: Path) -> Prepared:
+    """Read an instance file and prepare its pixels; never raises for bad images."""
+    try:
+        dataset = pydicom.dcmread(path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        return Prepared("", pydicom.Dataset(), None, error=f"cannot read {path.name}: {exc}")
+    sop_uid = str(dataset.get("SOPInstanceUID", ""))
+    try:
+        image = prepare_dataset(dataset, source=sop_uid)
+    except UnsupportedImageError as exc:
+        return Prepared(sop_uid, header_of(dataset), None, skip_reason=str(exc))
+    except ImagingError as exc:
+        return Prepared(sop_uid, header_of(dataset), None, error=str(exc))
+    return Prepared(sop_uid, header_of(dataset), image)
+
+
+def analyse(predictor: Predictor, prepared: Sequence[Prepared]) -> list[Analysed]:
+    """Run the model on every usable image in one batched call."""
+    usable = [p for p in prepared if p.image is not None]
+    results = iter(predictor.predict([p.image for p in usable if p.image is not None]))
+    return [Analysed(p, next(results) if p.image is not None else None) for p in prepared]
+
+
+def make_sc(analysed: Analysed, *, uid_root: str, instance_number: int) -> pydicom.Dataset:
+    """The Secondary Capture overlay of one analysed image."""
+    prepared, result = analysed.prepared, analysed.result
+    assert prepared.image is not None and result is not None
+    header, model = prepared.header, result.model
+    return encode_sc(
+        header,
+        render_overlay(prepared.image, result),
+        result,
+        series_uid=uids.sc_series_uid(uid_root, str(header.StudyInstanceUID), model.name, model.version),
+        sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
+        series_number=SC_SERIES_NUMBER,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        software_version=__version__,
+    )
+
+
+def make_sr(
+    items: Sequence[SrImageItem], *, uid_root: str, sequence: int, predecessor: pydicom.Dataset | None = None
+) -> pydicom.Dataset:
+    """The TID 1500 SR of one study round (``sequence`` 1, 2, ... for follow-ups)."""
+    first = items[0]
+    study_uid = str(first.source.StudyInstanceUID)
+    model = first.result.model
+    return encode_sr(
+        items,
+        series_uid=uids.sr_series_uid(uid_root, study_uid, model.name, model.version),
+        sop_uid=uids.sr_instance_uid(uid_root, study_uid, model.name, model.version, sequence),
+        series_number=SR_SERIES_NUMBER,
+        instance_number=sequence,
+        manufacturer=MANUFACTURER,
+        software_version=__version__,
+        predecessor=predecessor,
+    )
+
+
+def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
+    """What the database keeps of a result (no heatmap: the SC holds the picture)."""
+    return [
+        {
+            "predicted": f.predicted.index,
+            "probabilities": [float(p) for p in f.probabilities],
+            "peak": [float(f.peak[0]), float(f.peak[1])],
+            "region": [f.region.x0, f.region.y0, f.region.x1, f.region.y1],
+            "laterality": f.laterality,
+            "localisation_uncertain": f.localisation_uncertain,
+        }
+        for f in result.findings
+    ]
+
+
+def result_from_json(model: ModelIdentity, classes: tuple[CodedClass, ...], data: list[dict[str, Any]]) -> ImageResult:
+    """Rebuild an :class:`ImageResult` for the SR; heatmaps are empty (0 x 0)."""
+    empty = np.zeros((0, 0), dtype=np.float32)
+    findings = tuple(
+        Finding(
+            predicted=classes[int(item["predicted"])],
+            probabilities=tuple(float(p) for p in item["probabilities"]),
+            heatmap=empty,
+            peak=(float(item["peak"][0]), float(item["peak"][1])),
+            region=Region(*(int(v) for v in item["region"])),
+            laterality=item.get("laterality"),
+            localisation_uncertain=bool(item.get("localisation_uncertain", False)),
+        )
+        for item in data
+    )
+    return ImageResult(model=model, classes=classes, findings=findings)

@@ -1,0 +1,1 @@
+"""The SCP: association policy and thin C-ECHO / C-STORE handlers."""

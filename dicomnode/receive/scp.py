@@ -1,0 +1,179 @@
+"""The Storage SCP: association policy and thin C-ECHO / C-STORE handlers.
+
+The C-STORE handler only validates the header, writes the received bytes as
+they came (no re-encoding, no pixel decoding) and records the instance; a
+success status means both are durable. Everything else happens in workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydicom import uid as uids
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.config import Settings
+from dicomnode.db.session import Database
+from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
+from dicomnode.peers import known_ae_titles
+from dicomnode.receive import statuses
+from dicomnode.store.files import ensure_free_space
+from dicomnode.store.instances import facts_from_dataset, release_association, store_instance
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uids.ExplicitVRLittleEndian,
+    uids.ImplicitVRLittleEndian,
+    uids.DeflatedExplicitVRLittleEndian,
+    uids.JPEGBaseline8Bit,
+    uids.JPEGExtended12Bit,
+    uids.JPEGLossless,
+    uids.JPEGLosslessSV1,
+    uids.JPEGLSLossless,
+    uids.JPEGLSNearLossless,
+    uids.JPEG2000Lossless,
+    uids.JPEG2000,
+    uids.RLELossless,
+)
+"""Transfer syntaxes accepted for every storage SOP class."""
+
+_NOBODY = "~" * 17
+"""An AE title longer than 16 characters: matches no caller (pynetdicom treats [] as 'anyone')."""
+
+
+class NodeAE(AE):
+    """An AE whose list of allowed calling AE titles is read from the database per association."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__(ae_title=settings.node.ae_title)
+        self._settings = settings
+        self._db = db
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if self._settings.node.allow_unknown_callers:
+            return []
+        with self._db.session() as session:
+            titles = known_ae_titles(session)
+        return titles or [_NOBODY]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        raise AttributeError("allowed callers come from the peers table; use `dicomnode ae add`")
+
+
+class StoreHandlers:
+    """Event handlers bound to their dependencies (no globals)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.data_dir = Path(settings.storage.data_dir)
+        self._associations: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def association_id(self, assoc: Any) -> str:
+        with self._lock:
+            return self._associations.setdefault(id(assoc), str(uuid.uuid4()))
+
+    def on_echo(self, event: evt.Event) -> int:
+        return statuses.SUCCESS
+
+    def on_store(self, event: evt.Event) -> int:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        association_id = self.association_id(event.assoc)
+        try:
+            return self._store(event, calling_ae, association_id)
+        except StorageFullError as exc:
+            log.error("C-STORE refused (0xA700): %s", exc)
+            return statuses.OUT_OF_RESOURCES
+        except StorageError as exc:
+            log.error("C-STORE failed (0xA700): %s", exc)
+            return statuses.OUT_OF_RESOURCES
+        except Exception:
+            log.exception("C-STORE failed (0xA700): unexpected error, nothing stored")
+            return statuses.OUT_OF_RESOURCES
+
+    def _store(self, event: evt.Event, calling_ae: str, association_id: str) -> int:
+        ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
+        request = event.request
+        try:
+            dataset = event.dataset
+            facts = facts_from_dataset(dataset, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID))
+        except InvalidInstanceError as exc:
+            log.warning("C-STORE rejected (0xC001) from %s: %s", calling_ae, exc)
+            return statuses.MISSING_UID
+        except Exception as exc:  # pydicom raises many types for broken data
+            log.warning("C-STORE rejected (0xC000) from %s: dataset cannot be parsed (%s)", calling_ae, type(exc).__name__)
+            return statuses.CANNOT_UNDERSTAND
+        if facts.sop_class_uid != str(request.AffectedSOPClassUID):
+            log.warning("C-STORE rejected (0xA900): SOP Class in dataset differs from the request (%s)", facts.sop_uid)
+            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        if facts.sop_uid != str(request.AffectedSOPInstanceUID).strip():
+            log.warning("C-STORE rejected (0xC001): SOP Instance UID differs from the request (%s)", facts.sop_uid)
+            return statuses.MISSING_UID
+        encoded = event.encoded_dataset(include_meta=True)
+        ensure_free_space(self.data_dir, self.settings.storage.min_free_mb, len(encoded))
+        outcome = store_instance(
+            self.db, self.data_dir, facts, encoded, calling_ae=calling_ae, association_id=association_id
+        )
+        log.info(
+            "stored sop=%s study=%s from=%s%s", facts.sop_uid, facts.study_uid, calling_ae,
+            " (duplicate, kept the first copy)" if outcome.duplicate else "",
+        )
+        return statuses.SUCCESS
+
+    def on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            association_id = self._associations.pop(id(event.assoc), None)
+        if association_id is not None:
+            release_association(self.db, association_id)
+
+    def on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "association from AE %r at %s:%s rejected: not a registered peer. Register it with "
+            "`dicomnode ae add NAME --ae-title %s --host %s --port PORT` "
+            "or set node.allow_unknown_callers: true",
+            str(requestor.ae_title).strip(), requestor.address, requestor.port,
+            str(requestor.ae_title).strip(), requestor.address,
+        )
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_REJECTED, self.on_rejected),
+        ]
+
+
+def build_ae(settings: Settings, db: Database) -> NodeAE:
+    """The node's AE with its supported contexts and time-outs."""
+    ae = NodeAE(settings, db)
+    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.network_timeout = settings.node.network_timeout
+    ae.maximum_associations = 32
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def start_scp(settings: Settings, db: Database) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); raises :class:`OSError` when the port is taken."""
+    ae = build_ae(settings, db)
+    handlers = StoreHandlers(settings, db)
+    server = ae.start_server(
+        (settings.node.host, settings.node.port), block=False, evt_handlers=handlers.bindings()
+    )
+    assert server is not None
+    log.info("listening as %s on %s:%s", settings.node.ae_title, settings.node.host, settings.node.port)
+    return server

@@ -1,0 +1,1 @@
+"""C-STORE SCU that delivers result objects to peers."""

@@ -1,0 +1,157 @@
+"""``dicomnode serve``: the SCP, the study scheduler and supervised worker processes.
+
+The main process receives (SCP threads), decides when studies are ready, and
+restarts any worker process that dies (its running jobs are released at once
+so they run again). SIGTERM or SIGINT stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from dicomnode import logs
+from dicomnode.config import Settings
+from dicomnode.db import migrate
+from dicomnode.db.session import Database
+from dicomnode.errors import ConfigError, DatabaseError
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.peers import sync_config_peers
+from dicomnode.queue.jobs import release_worker
+from dicomnode.receive.scp import start_scp
+from dicomnode.store.instances import release_all_open
+from dicomnode.studies import schedule_ready
+from dicomnode.worker import Worker
+
+log = logging.getLogger(__name__)
+SCHEDULER_INTERVAL = 0.2
+
+
+def open_database(settings: Settings) -> Database:
+    """The database, refusing to run on a schema that `dicomnode db upgrade` has not created."""
+    if not migrate.is_current(settings.database.url):
+        raise DatabaseError("the database has no schema yet: run `dicomnode db upgrade` first")
+    return Database(settings.database.url)
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    registry = ModelRegistry.load(settings.models.dir)
+    if not registry.cards:
+        log.warning("no model found in %s: every study will be recorded as skipped", settings.models.dir)
+    for loaded in registry.cards:
+        log.info("model %s", loaded.describe())
+    return registry
+
+
+def worker_main(settings: Settings, index: int) -> None:
+    """Entry point of a worker process."""
+    logs.configure(settings.logging.level, settings.logging.json_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _apply_threads(settings)
+    db = Database(settings.database.url)
+    worker = Worker(settings, db, ModelRegistry.load(settings.models.dir))
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    worker.run()
+
+
+def _apply_threads(settings: Settings) -> None:
+    if settings.workers.threads:
+        import torch
+
+        torch.set_num_threads(settings.workers.threads)
+
+
+class Supervisor:
+    """Keeps ``count`` worker processes alive."""
+
+    def __init__(self, settings: Settings, db: Database, count: int) -> None:
+        self.settings = settings
+        self.db = db
+        self.count = count
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: dict[int, BaseProcess] = {}
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        process = self.context.Process(target=worker_main, args=(self.settings, index), name=f"worker-{index}")
+        process.start()
+        self.processes[index] = process
+
+    def check(self) -> None:
+        """Restart dead workers after releasing their jobs."""
+        for index, process in list(self.processes.items()):
+            if process.is_alive():
+                continue
+            worker_id = f"{_hostname()}:{process.pid}"
+            with self.db.session() as session:
+                released = release_worker(session, worker_id)
+            log.warning("worker-%s (pid %s) exited with %s; %d job(s) released; restarting",
+                        index, process.pid, process.exitcode, released)
+            self._spawn(index)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes.values():
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _hostname() -> str:
+    import os
+
+    return os.uname().nodename
+
+
+def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = None) -> None:
+    """Run until SIGTERM/SIGINT."""
+    db = open_database(settings)
+    with db.session() as session:
+        sync_config_peers(session, dict(settings.peers))
+    registry = load_registry(settings)
+    reopened = release_all_open(db)
+    if reopened:
+        log.info("%d association(s) left open by the previous run are closed", reopened)
+    stop = threading.Event()
+    _install_signals(stop)
+    server = None
+    if with_scp:
+        try:
+            server = start_scp(settings, db)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror} "
+                "(is another node or PACS using this port? change node.port)"
+            ) from exc
+    supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
+    supervisor.start()
+    try:
+        while not stop.wait(SCHEDULER_INTERVAL):
+            if with_scp:
+                schedule_ready(db, settings, registry)
+            supervisor.check()
+    finally:
+        log.info("stopping")
+        if server is not None:
+            server.shutdown()
+        supervisor.stop()
+        db.dispose()
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,67 @@
+"""What ``dicomnode status`` shows: recent studies, the queue, dead jobs, skipped instances."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicomnode.db.schema import Instance, Report
+from dicomnode.queue.jobs import counts_by_state, dead_jobs
+
+
+def _studies(session: Session, limit: int) -> Table:
+    table = Table("study", "instances", "received", "states", "reports", title="Recent studies")
+    rows = session.execute(
+        select(Instance.study_instance_uid, func.count(), func.max(Instance.received_at))
+        .group_by(Instance.study_instance_uid)
+        .order_by(func.max(Instance.received_at).desc())
+        .limit(limit)
+    ).all()
+    for study_uid, count, received in rows:
+        states = session.execute(
+            select(Instance.state, func.count()).where(Instance.study_instance_uid == study_uid).group_by(Instance.state)
+        ).all()
+        reports = session.execute(
+            select(Report.model_name, Report.sequence, Report.state).where(Report.study_instance_uid == study_uid)
+        ).all()
+        table.add_row(
+            study_uid, str(count), f"{received:%Y-%m-%d %H:%M:%S}",
+            ", ".join(f"{s}={n}" for s, n in states),
+            ", ".join(f"{m}#{q}:{s}" for m, q, s in reports) or "-",
+        )
+    return table
+
+
+def _queue(session: Session) -> Table:
+    table = Table("kind", "state", "jobs", title="Jobs by state")
+    for (kind, state), count in sorted(counts_by_state(session).items()):
+        table.add_row(kind, state, str(count))
+    return table
+
+
+def _dead(session: Session) -> Table:
+    table = Table("job", "kind", "target", "attempts", "reason", title="Dead jobs (`dicomnode retry` re-queues)")
+    for job in dead_jobs(session):
+        target = job.sop_instance_uid or f"report {job.report_id}"
+        if job.peer:
+            target += f" -> {job.peer}"
+        table.add_row(str(job.id), job.kind, target, str(job.attempts), job.last_error)
+    return table
+
+
+def _skipped(session: Session, limit: int) -> Table:
+    table = Table("instance", "study", "reason", title="Skipped instances")
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.reason)
+        .where(Instance.state == "skipped")
+        .order_by(Instance.received_at.desc())
+        .limit(limit)
+    ).all()
+    for sop, study, reason in rows:
+        table.add_row(sop, study, reason)
+    return table
+
+
+def render_status(session: Session, limit: int = 10) -> list[Table]:
+    return [_studies(session, limit), _queue(session), _dead(session), _skipped(session, limit)]

@@ -1,0 +1,1 @@
+"""Durable files: received instances and result objects."""

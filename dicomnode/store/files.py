@@ -1,0 +1,96 @@
+"""Write files so that a success means the bytes are on disk.
+
+Every file is written to a temporary name in the same folder, flushed and
+``fsync``-ed, renamed over its final name, and the folder is ``fsync``-ed, so
+a crash leaves either the whole file or none. UIDs become path parts only
+after :func:`checked_uid` has accepted them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+MEBIBYTE = 1 << 20
+
+
+def checked_uid(value: object, what: str) -> str:
+    """Return ``value`` as a UID string, or raise :class:`InvalidInstanceError`.
+
+    A valid UID is 1-64 characters of digits and dots, with no empty or
+    zero-padded components, so it is also a safe file or folder name.
+    """
+    text = str(value or "").strip().rstrip("\x00")
+    if not text:
+        raise InvalidInstanceError(f"{what} is missing")
+    if len(text) > 64 or not _UID.match(text):
+        raise InvalidInstanceError(f"{what} is not a valid UID")
+    return text
+
+
+def free_mb(path: Path) -> float:
+    """Free space (MiB) on the volume holding ``path`` (its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / MEBIBYTE
+
+
+def ensure_free_space(path: Path, min_free_mb: float, incoming_bytes: int = 0) -> None:
+    """Raise :class:`StorageFullError` when writing ``incoming_bytes`` would go below the floor."""
+    available = free_mb(path) - incoming_bytes / MEBIBYTE
+    if available < min_free_mb:
+        raise StorageFullError(f"only {available:.0f} MiB would be free under {path}; the floor is {min_free_mb} MiB")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, chunks: bytes | list[bytes]) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the size written."""
+    parts = [chunks] if isinstance(chunks, bytes) else chunks
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise StorageFullError(f"disk full while writing {path.name}") from exc
+        raise StorageError(f"cannot write {path.name}: {exc.strerror}") from exc
+    return sum(len(p) for p in parts)
+
+
+def instance_path(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where a received instance lives: ``<data>/instances/<study>/<series>/<sop>.dcm``."""
+    return data_dir / "instances" / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def output_path(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where a result object lives: ``<data>/outputs/<study>/<series>/<sop>.dcm``."""
+    return data_dir / "outputs" / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

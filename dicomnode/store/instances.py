@@ -1,0 +1,152 @@
+"""Received instances: header facts, the durable file and its database record."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dicomnode.db.schema import Association, Instance
+from dicomnode.db.session import Database
+from dicomnode.errors import InvalidInstanceError
+from dicomnode.queue.jobs import utcnow
+from dicomnode.store.files import checked_uid, instance_path, remove_quietly, write_durably
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the node records about a received instance (no patient data)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part: str
+    descriptions: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value or "").strip()
+
+
+def facts_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str = "") -> InstanceFacts:
+    """Header facts, with every UID validated; raises :class:`InvalidInstanceError`."""
+    descriptions = " | ".join(
+        t for t in (_text(ds, "StudyDescription"), _text(ds, "SeriesDescription"), _text(ds, "ProtocolName")) if t
+    )
+    return InstanceFacts(
+        study_uid=checked_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+        series_uid=checked_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+        sop_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+        sop_class_uid=checked_uid(ds.get("SOPClassUID") or sop_class_uid, "SOP Class UID"),
+        transfer_syntax_uid=checked_uid(transfer_syntax_uid, "Transfer Syntax UID"),
+        modality=_text(ds, "Modality").upper()[:16],
+        body_part=_text(ds, "BodyPartExamined").upper()[:64],
+        descriptions=descriptions[:1000],
+    )
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """Result of :func:`store_instance`."""
+
+    sop_uid: str
+    duplicate: bool
+    path: Path
+
+
+def already_stored(session: Session, sop_uid: str) -> bool:
+    return session.get(Instance, sop_uid) is not None
+
+
+def _ensure_association(session: Session, association_id: str, calling_ae: str) -> None:
+    if session.get(Association, association_id) is None:
+        session.add(Association(id=association_id, calling_ae=calling_ae, started_at=utcnow()))
+        session.flush()
+
+
+def store_instance(
+    db: Database,
+    data_dir: Path,
+    facts: InstanceFacts,
+    encoded: bytes,
+    *,
+    calling_ae: str,
+    association_id: str,
+) -> StoreOutcome:
+    """Write ``encoded`` durably, then record it; a known SOP Instance UID is stored once.
+
+    The file is on disk (fsync + rename) before the record commits; if the
+    commit fails the file is removed again, so a success status always means
+    both.
+    """
+    path = instance_path(data_dir, facts.study_uid, facts.series_uid, facts.sop_uid)
+    with db.session() as session:
+        if already_stored(session, facts.sop_uid):
+            return StoreOutcome(facts.sop_uid, True, path)
+    size = write_durably(path, encoded)
+    try:
+        with db.session() as session:
+            if already_stored(session, facts.sop_uid):
+                return StoreOutcome(facts.sop_uid, True, path)
+            _ensure_association(session, association_id, calling_ae)
+            session.add(_record(facts, path, size, calling_ae, association_id))
+    except Exception:
+        remove_quietly(path)
+        raise
+    return StoreOutcome(facts.sop_uid, False, path)
+
+
+def _record(facts: InstanceFacts, path: Path, size: int, calling_ae: str, association_id: str) -> Instance:
+    return Instance(
+        sop_instance_uid=facts.sop_uid,
+        study_instance_uid=facts.study_uid,
+        series_instance_uid=facts.series_uid,
+        sop_class_uid=facts.sop_class_uid,
+        transfer_syntax_uid=facts.transfer_syntax_uid,
+        modality=facts.modality,
+        body_part=facts.body_part,
+        descriptions=facts.descriptions,
+        path=str(path),
+        size=size,
+        calling_ae=calling_ae,
+        association_id=association_id,
+        received_at=utcnow(),
+        state="received",
+    )
+
+
+def release_association(db: Database, association_id: str) -> None:
+    """Mark an association finished (released, aborted or closed)."""
+    with db.session() as session:
+        session.execute(
+            update(Association)
+            .where(Association.id == association_id, Association.released_at.is_(None))
+            .values(released_at=utcnow())
+        )
+
+
+def release_all_open(db: Database) -> int:
+    """At start-up: associations left open by a previous run are over."""
+    with db.session() as session:
+        result = session.execute(
+            update(Association).where(Association.released_at.is_(None)).values(released_at=utcnow())
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def instance_file(session: Session, sop_uid: str) -> Path:
+    """The stored file of a received instance."""
+    path = session.execute(select(Instance.path).where(Instance.sop_instance_uid == sop_uid)).scalar_one_or_none()
+    if path is None:
+        raise InvalidInstanceError(f"instance {sop_uid} is not recorded")
+    return Path(path)

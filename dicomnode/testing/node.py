@@ -1,0 +1,112 @@
+"""Run a real ``dicomnode serve`` process with a generated configuration (tests, benchmark)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.testing.peers import LOOPBACK, free_port, wait_for_port
+
+
+def node_config(workdir: Path, models_dir: Path, *, port: int, peers: dict[str, tuple[str, int]],
+                destinations: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A complete settings mapping for a node under ``workdir``."""
+    config: dict[str, Any] = {
+        "node": {"ae_title": "DICOMNODE", "host": LOOPBACK, "port": port},
+        "storage": {"data_dir": str(workdir / "data"), "min_free_mb": 50},
+        "database": {"url": f"sqlite:///{workdir / 'dicomnode.db'}"},
+        "peers": {name: {"ae_title": aet, "host": LOOPBACK, "port": p} for name, (aet, p) in peers.items()},
+        "results": {"destinations": destinations},
+        "study": {"settle_seconds": 0.5},
+        "workers": {"count": 1, "batch_size": 4, "device": "cpu", "lease_seconds": 6, "poll_seconds": 0.1},
+        "send": {"max_attempts": 5, "backoff_initial_seconds": 1, "backoff_max_seconds": 4, "timeout_seconds": 10},
+        "models": {"dir": str(models_dir)},
+        "logging": {"level": "INFO"},
+    }
+    for section, values in (extra or {}).items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for an in-process node under ``tmp_path`` (fast polling, short back-off)."""
+    data: dict[str, Any] = {
+        "storage": {"data_dir": str(tmp_path / "data"), "min_free_mb": 1},
+        "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "models": {"dir": str(tmp_path / "models")},
+        "study": {"settle_seconds": 0.2},
+        "workers": {"device": "cpu", "lease_seconds": 5, "poll_seconds": 0.05},
+        "send": {"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1, "timeout_seconds": 5},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return load_settings(None, environ={}, overrides=data)
+
+
+
+class NodeProcess:
+    """``dicomnode serve`` in a subprocess; its log is ``workdir/node.log``."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port = int(config["node"]["port"])
+        self.config_path = workdir / "dicomnode.yaml"
+        self.log_path = workdir / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def create(cls, workdir: Path, models_dir: Path, *, peers: dict[str, tuple[str, int]],
+               destinations: list[str], extra: dict[str, Any] | None = None) -> NodeProcess:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = node_config(workdir, models_dir, port=free_port(), peers=peers, destinations=destinations, extra=extra)
+        return cls(workdir, config)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``dicomnode --config <ours> ARGS`` and return the finished process."""
+        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=300, env=self._env())
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> NodeProcess:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.cli("db", "upgrade")
+        log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), "serve"]
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                        start_new_session=True)
+        wait_for_port(self.port, timeout=60)
+        return self
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes (children of the serve process)."""
+        assert self.process is not None
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)
+                if "multiprocessing" in " ".join(c.cmdline())]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,31 @@
+"""UIDs the node creates, all under ``node.uid_root``.
+
+They are derived deterministically (a hash of what the object is), so
+processing or sending something again produces the same UIDs and a PACS never
+receives a duplicate object.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import generate_uid
+
+
+def derived_uid(root: str, *parts: str) -> str:
+    """A UID under ``root`` determined by ``parts``."""
+    return str(generate_uid(prefix=root, entropy_srcs=["dicomnode", *parts]))
+
+
+def sc_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
+    return derived_uid(root, "sc-series", study_uid, model, version)
+
+
+def sc_instance_uid(root: str, source_sop_uid: str, model: str, version: str, region: int = 0) -> str:
+    return derived_uid(root, "sc", source_sop_uid, model, version, str(region))
+
+
+def sr_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
+    return derived_uid(root, "sr-series", study_uid, model, version)
+
+
+def sr_instance_uid(root: str, study_uid: str, model: str, version: str, sequence: int) -> str:
+    return derived_uid(root, "sr", study_uid, model, version, str(sequence))

@@ -1,0 +1,357 @@
+"""The worker: claims jobs from the queue and runs the pipeline on them.
+
+Three kinds of job, in this order of preference each turn:
+
+``infer``   a batch of instances for one model -> results + Secondary Captures
+``report``  a study round whose inference is finished -> TID 1500 SR, send jobs
+``send``    result objects for one peer -> C-STORE over one association
+
+Every claimed job is leased; a heartbeat thread extends the lease while the
+job runs, so a worker that dies loses its jobs to the next claimer. Outputs,
+results and the job's completion commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomnode import pipeline
+from dicomnode.config import Settings
+from dicomnode.db.schema import Instance, Output, Report, Result
+from dicomnode.db.session import Database
+from dicomnode.encode.sr import SrImageItem
+from dicomnode.errors import DicomNodeError, ModelError, PeerError
+from dicomnode.models.inference import Predictor
+from dicomnode.models.registry import LoadedCard, ModelRegistry
+from dicomnode.peers import get_peer, peer_by_ae_title
+from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
+from dicomnode.send.scu import send_files
+from dicomnode.store.files import output_path, write_durably
+
+log = logging.getLogger(__name__)
+
+SEND_BATCH = 32
+
+
+class Worker:
+    """One worker (one process in production; tests may run it in a thread)."""
+
+    def __init__(self, settings: Settings, db: Database, registry: ModelRegistry, worker_id: str | None = None):
+        self.settings = settings
+        self.db = db
+        self.registry = registry
+        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        self.stop = threading.Event()
+        self._predictors: dict[str, Predictor] = {}
+        w, s = settings.workers, settings.send
+        self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
+        self.send_policy = RetryPolicy(s.max_attempts, s.backoff_initial_seconds, s.backoff_max_seconds)
+
+    # -- loop ---------------------------------------------------------------
+    def run(self) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not self.stop.is_set():
+            if not self.step():
+                self.stop.wait(self.settings.workers.poll_seconds)
+        log.info("worker %s stopped", self.worker_id)
+
+    def step(self) -> bool:
+        """Run at most one job batch of each kind; True when anything ran."""
+        ran = self._infer_step()
+        ran = self._report_step() or ran
+        return self._send_step() or ran
+
+    # -- leases -------------------------------------------------------------
+    def _claim(self, kind: q.JobKind, limit: int) -> list[q.ClaimedJob]:
+        with self.db.session() as session:
+            group = q.next_group(session, kind)
+            if group is None:
+                return []
+            return q.claim(session, kind, self.worker_id, self.settings.workers.lease_seconds, limit, group)
+
+    @contextmanager
+    def _leased(self, jobs: Sequence[q.ClaimedJob]) -> Iterator[None]:
+        done = threading.Event()
+        interval = self.settings.workers.lease_seconds / 3
+        ids = [j.id for j in jobs]
+
+        def beat() -> None:
+            while not done.wait(interval):
+                with self.db.session() as session:
+                    q.heartbeat(session, ids, self.worker_id, self.settings.workers.lease_seconds)
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def _fail(self, job: q.ClaimedJob, error: str, policy: RetryPolicy) -> None:
+        with self.db.session() as session:
+            state = q.fail(session, job, self.worker_id, error, policy)
+        log.warning("job %s (%s) attempt %s failed -> %s: %s", job.id, job.kind, job.attempts, state, error)
+
+    # -- infer --------------------------------------------------------------
+    def _infer_step(self) -> bool:
+        jobs = self._claim(q.JobKind.INFER, self.settings.workers.batch_size)
+        if not jobs:
+            return False
+        with self._leased(jobs):
+            try:
+                self._infer(jobs)
+            except DicomNodeError as exc:
+                for job in jobs:
+                    self._fail(job, str(exc), self.job_policy)
+            except Exception as exc:
+                log.exception("inference batch failed")
+                for job in jobs:
+                    self._fail(job, f"{type(exc).__name__}: {exc}", self.job_policy)
+        return True
+
+    def predictor(self, group_key: str) -> Predictor:
+        """The loaded model for ``name:version`` (loaded once per worker)."""
+        if group_key not in self._predictors:
+            loaded = self._card_for(group_key)
+            self._predictors[group_key] = Predictor.load(
+                loaded.directory, loaded.card, self.settings.workers.device,
+                batch_size=self.settings.workers.batch_size,
+            )
+        return self._predictors[group_key]
+
+    def _card_for(self, group_key: str) -> LoadedCard:
+        name, _, version = group_key.partition(":")
+        for loaded in self.registry.cards:
+            if loaded.card.name == name and loaded.card.version == version:
+                return loaded
+        raise ModelError(f"model {name} version {version} is no longer installed")
+
+    def _infer(self, jobs: Sequence[q.ClaimedJob]) -> None:
+        predictor = self.predictor(jobs[0].group_key)
+        with self.db.session() as session:
+            paths = {j.id: Path(_instance(session, j).path) for j in jobs}
+        prepared = [pipeline.read_and_prepare(paths[j.id]) for j in jobs]
+        analysed = pipeline.analyse(predictor, prepared)
+        for number, (job, item) in enumerate(zip(jobs, analysed, strict=True), start=1):
+            self._finish_infer(job, item, number)
+
+    def _finish_infer(self, job: q.ClaimedJob, item: pipeline.Analysed, number: int) -> None:
+        if item.prepared.error:
+            self._fail(job, item.prepared.error, self.job_policy)
+            return
+        output: tuple[pydicom.Dataset, Path] | None = None
+        if item.result is not None:
+            sc = pipeline.make_sc(item, uid_root=self.settings.node.uid_root, instance_number=number)
+            path = output_path(self.settings.storage.data_dir, str(sc.StudyInstanceUID),
+                               str(sc.SeriesInstanceUID), str(sc.SOPInstanceUID))
+            _save(sc, path)
+            output = (sc, path)
+        with self.db.session() as session:
+            _record_result(session, job, item, output)
+            q.complete(session, job.id, self.worker_id)
+        outcome = "skipped: " + item.prepared.skip_reason if item.result is None else "done"
+        log.info("infer job %s sop=%s %s", job.id, job.sop_instance_uid, outcome)
+
+    # -- report -------------------------------------------------------------
+    def _report_step(self) -> bool:
+        jobs = self._claim(q.JobKind.REPORT, 1)
+        if not jobs:
+            return False
+        job = jobs[0]
+        with self._leased(jobs):
+            try:
+                self._report(job)
+            except Exception as exc:
+                log.exception("report job %s failed", job.id)
+                self._fail(job, f"{type(exc).__name__}: {exc}", self.job_policy)
+        return True
+
+    def _report(self, job: q.ClaimedJob) -> None:
+        assert job.report_id is not None
+        with self.db.session() as session:
+            report = session.get(Report, job.report_id)
+            assert report is not None
+            items = self._sr_items(session, report)
+            predecessor = _predecessor(session, report)
+        if not items:
+            with self.db.session() as session:
+                _set_report_state(session, job.report_id, "failed")
+                q.complete(session, job.id, self.worker_id)
+            log.warning("report %s: no image could be analysed; nothing to send", job.report_id)
+            return
+        sr = pipeline.make_sr(items, uid_root=self.settings.node.uid_root, sequence=report.sequence,
+                              predecessor=predecessor)
+        path = output_path(self.settings.storage.data_dir, str(sr.StudyInstanceUID),
+                           str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+        _save(sr, path)
+        with self.db.session() as session:
+            session.merge(Output(sop_instance_uid=str(sr.SOPInstanceUID), series_instance_uid=str(sr.SeriesInstanceUID),
+                                 report_id=report.id, kind="SR", source_sop_instance_uid=None, path=str(path),
+                                 created_at=q.utcnow()))
+            session.flush()
+            queued = self._queue_sends(session, report)
+            _set_report_state(session, report.id, "done")
+            q.complete(session, job.id, self.worker_id)
+        log.info("report %s study=%s round=%s: SR %s, %d sends queued",
+                 report.id, report.study_instance_uid, report.sequence, sr.SOPInstanceUID, queued)
+
+    def _sr_items(self, session: Session, report: Report) -> list[SrImageItem]:
+        loaded = self._card_for(f"{report.model_name}:{report.model_version}")
+        model, classes = loaded.identity, loaded.card.coded_classes()
+        rows = session.execute(
+            select(Result, Instance, Output)
+            .join(Instance, Instance.sop_instance_uid == Result.sop_instance_uid)
+            .join(Report, Report.id == Result.report_id)
+            .outerjoin(Output, (Output.source_sop_instance_uid == Result.sop_instance_uid) & (Output.kind == "SC")
+                       & (Output.report_id == Result.report_id))
+            .where(Report.study_instance_uid == report.study_instance_uid, Report.model_name == report.model_name,
+                   Report.model_version == report.model_version, Report.sequence <= report.sequence,
+                   Result.outcome == "ok")
+            .order_by(Instance.received_at)
+        ).all()
+        return [
+            SrImageItem(
+                source=pydicom.dcmread(instance.path, stop_before_pixels=True),
+                sc=None if output is None else pydicom.dcmread(output.path, stop_before_pixels=True),
+                result=pipeline.result_from_json(model, classes, result.findings),
+            )
+            for result, instance, output in rows
+        ]
+
+    def _destinations(self, session: Session, report: Report) -> list[str]:
+        configured = list(self.settings.results.destinations)
+        if configured:
+            return configured
+        caller = peer_by_ae_title(session, report.calling_ae)
+        return [] if caller is None else [caller.name]
+
+    def _queue_sends(self, session: Session, report: Report) -> int:
+        destinations = self._destinations(session, report)
+        if not destinations:
+            log.warning("report %s: no destination (results.destinations is empty and the caller %r is not a "
+                        "known peer); results are kept in the data folder", report.id, report.calling_ae)
+            return 0
+        outputs = session.execute(select(Output).where(Output.report_id == report.id).order_by(Output.kind)).scalars()
+        specs = [
+            q.JobSpec(q.JobKind.SEND, f"{o.sop_instance_uid}>{peer}", self.settings.send.max_attempts,
+                      group_key=peer, report_id=report.id, sop_instance_uid=o.sop_instance_uid, peer=peer)
+            for o in outputs for peer in destinations
+        ]
+        return q.enqueue(session, specs)
+
+    # -- send ---------------------------------------------------------------
+    def _send_step(self) -> bool:
+        jobs = self._claim(q.JobKind.SEND, SEND_BATCH)
+        if not jobs:
+            return False
+        with self._leased(jobs):
+            try:
+                self._send(jobs)
+            except Exception as exc:
+                log.exception("send batch failed")
+                for job in jobs:
+                    self._fail(job, f"{type(exc).__name__}: {exc}", self.send_policy)
+        return True
+
+    def _send(self, jobs: Sequence[q.ClaimedJob]) -> None:
+        peer_name = jobs[0].peer or ""
+        with self.db.session() as session:
+            try:
+                peer = get_peer(session, peer_name)
+            except PeerError as exc:
+                peer = None
+                error = str(exc)
+            paths = [Path(_output(session, j).path) for j in jobs]
+        if peer is None:
+            for job in jobs:
+                self._fail(job, error, self.send_policy)
+            return
+        deliveries = send_files(peer, paths, calling_ae=self.settings.node.ae_title,
+                                timeout=self.settings.send.timeout_seconds)
+        for job, delivery in zip(jobs, deliveries, strict=True):
+            if delivery.ok:
+                with self.db.session() as session:
+                    q.complete(session, job.id, self.worker_id)
+                log.info("sent sop=%s to %s (job %s)", job.sop_instance_uid, peer.name, job.id)
+            else:
+                self._fail(job, delivery.reason, self.send_policy)
+
+
+def _instance(session: Session, job: q.ClaimedJob) -> Instance:
+    row = session.get(Instance, job.sop_instance_uid)
+    if row is None:
+        raise DicomNodeError(f"job {job.id}: instance {job.sop_instance_uid} is not recorded")
+    return row
+
+
+def _output(session: Session, job: q.ClaimedJob) -> Output:
+    row = session.get(Output, job.sop_instance_uid)
+    if row is None:
+        raise DicomNodeError(f"job {job.id}: output {job.sop_instance_uid} is not recorded")
+    return row
+
+
+def _save(dataset: pydicom.Dataset, path: Path) -> None:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    write_durably(path, buffer.getvalue())
+
+
+def _record_result(session: Session, job: q.ClaimedJob, item: pipeline.Analysed,
+                   output: tuple[pydicom.Dataset, Path] | None) -> None:
+    assert job.report_id is not None and job.sop_instance_uid is not None
+    report = session.get(Report, job.report_id)
+    assert report is not None
+    session.execute(
+        Result.__table__.delete().where(  # a re-run after a lost lease replaces the earlier answer
+            (Result.sop_instance_uid == job.sop_instance_uid) & (Result.model_name == report.model_name)
+            & (Result.model_version == report.model_version)
+        )
+    )
+    result = item.result
+    session.add(Result(
+        sop_instance_uid=job.sop_instance_uid, report_id=report.id, model_name=report.model_name,
+        model_version=report.model_version, outcome="ok" if result else "skipped",
+        reason=item.prepared.skip_reason, findings=pipeline.findings_to_json(result) if result else [],
+        created_at=q.utcnow(),
+    ))
+    instance = session.get(Instance, job.sop_instance_uid)
+    if instance is not None:
+        instance.state = "done" if result else "skipped"
+        instance.reason = item.prepared.skip_reason
+    if output is not None:
+        sc, path = output
+        session.merge(Output(sop_instance_uid=str(sc.SOPInstanceUID), series_instance_uid=str(sc.SeriesInstanceUID),
+                             report_id=report.id, kind="SC", source_sop_instance_uid=job.sop_instance_uid,
+                             path=str(path), created_at=q.utcnow()))
+
+
+def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
+    row = session.execute(
+        select(Output.path)
+        .join(Report, Report.id == Output.report_id)
+        .where(Report.study_instance_uid == report.study_instance_uid, Report.model_name == report.model_name,
+               Report.sequence < report.sequence, Output.kind == "SR")
+        .order_by(Report.sequence.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return None if row is None else pydicom.dcmread(row, stop_before_pixels=True)
+
+
+def _set_report_state(session: Session, report_id: int, state: str) -> None:
+    report = session.get(Report, report_id)
+    if report is not None:
+        report.state, report.finished_at = state, q.utcnow()

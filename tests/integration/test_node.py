@@ -1,0 +1,235 @@
+"""The node in one process: real SCP, SQLite, scheduler, worker thread, real destination SCP."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from dicomnode.config import Settings
+from dicomnode.db.schema import Instance, Job, Output
+from dicomnode.db.session import Database
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.peers import PeerInfo, add_peer
+from dicomnode.receive import statuses
+from dicomnode.receive.scp import start_scp
+from dicomnode.studies import schedule_ready
+from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.node import make_settings
+from dicomnode.testing.peers import CollectingSCP, wait_for
+from dicomnode.worker import Worker
+
+SENDER = "MODALITY"
+
+
+@dataclass
+class Node:
+    settings: Settings
+    db: Database
+    collector: CollectingSCP
+    worker: Worker
+    stop: threading.Event
+
+    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
+        ae = AE(ae_title=calling_ae)
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", self.settings.node.port, ae_title=self.settings.node.ae_title)
+        assert assoc.is_established, "association was not accepted"
+        codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        assoc.release()
+        return codes
+
+    def count(self, model: type, **where: object) -> int:
+        with self.db.session() as s:
+            statement = select(func.count()).select_from(model)
+            for key, value in where.items():
+                statement = statement.where(getattr(model, key) == value)
+            return int(s.execute(statement).scalar_one())
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    from dicomnode.db.migrate import upgrade
+    from dicomnode.testing.peers import free_port
+
+    collector = CollectingSCP(ae_title="PACS").start()
+    settings = make_settings(
+        tmp_path,
+        node={"port": free_port(), "host": "127.0.0.1"},
+        peers={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": collector.port},
+               "MOD": {"ae_title": SENDER, "host": "127.0.0.1", "port": 1}},
+        results={"destinations": ["PACS"]},
+    )
+    make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
+    upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    from dicomnode.peers import sync_config_peers
+
+    with db.session() as s:
+        sync_config_peers(s, dict(settings.peers))
+    registry = ModelRegistry.load(settings.models.dir)
+    server = start_scp(settings, db)
+    worker = Worker(settings, db, registry, worker_id="test-worker")
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            schedule_ready(db, settings, registry)
+            if not worker.step():
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield Node(settings, db, collector, worker, stop)
+    stop.set()
+    thread.join(30)
+    server.shutdown()
+    collector.stop()
+    db.dispose()
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_study_comes_back_as_sc_and_sr(node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    image = make_radiograph(patient_name="Secret^Patient", patient_id="PID-7781", body_part="KNEE")
+    assert node.send(image) == [statuses.SUCCESS]
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR at the destination")
+    kinds = sorted(str(d.Modality) for d in node.collector.received)
+    assert kinds == ["OT", "SR"] or sorted(str(d.SOPClassUID.name) for d in node.collector.received)
+    for ds in node.collector.received:
+        assert ds.StudyInstanceUID == image.StudyInstanceUID
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert _dciodvfy_errors(path) == []
+    sr = next(d for d in node.collector.received if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33")
+    assert "tiny-knee" in str(sr.ContentSequence) or "tiny-knee" in str(sr)
+    # patient data never reaches the log
+    assert "Secret" not in caplog.text and "PID-7781" not in caplog.text
+    assert image.SOPInstanceUID in caplog.text
+
+
+def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
+    image = make_radiograph(body_part="KNEE")
+    assert node.send(image, image) == [statuses.SUCCESS, statuses.SUCCESS]
+    assert node.send(image) == [statuses.SUCCESS]
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="results")
+    assert node.count(Instance) == 1
+    assert node.count(Job, kind="infer") == 1
+
+
+def test_follow_up_instance_gets_a_new_sr_that_references_the_first(node: Node) -> None:
+    first = make_radiograph(body_part="KNEE", seed=1)
+    node.send(first)
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="first round")
+    later = make_radiograph(body_part="KNEE", seed=2, study_uid=first.StudyInstanceUID,
+                            series_uid=first.SeriesInstanceUID)
+    node.send(later)
+    wait_for(lambda: len(node.collector.received) >= 4, 60, what="follow-up round")
+    srs = [d for d in node.collector.received if d.Modality == "SR"]
+    assert len(srs) == 2
+    assert srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
+    predecessor = srs[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == srs[0].SOPInstanceUID
+    assert node.count(Job, kind="infer") == 2  # nothing processed twice
+
+
+def test_unknown_body_part_is_skipped_with_a_reason(node: Node) -> None:
+    image = make_radiograph(body_part="CHEST")
+    node.send(image)
+    wait_for(lambda: node.count(Instance, state="skipped") == 1, 30, what="skip")
+    with node.db.session() as s:
+        reason = s.get(Instance, str(image.SOPInstanceUID)).reason  # type: ignore[union-attr]
+    assert "unknown body part" in reason
+    assert node.collector.received == []
+    assert node.count(Job) == 0
+
+
+def test_unknown_calling_ae_is_rejected(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    assert "dicomnode ae add" in caplog.text and "STRANGER" in caplog.text
+
+
+def test_peer_added_at_run_time_is_accepted(node: Node) -> None:
+    with node.db.session() as s:
+        add_peer(s, PeerInfo("NEWMOD", "NEWMOD", "127.0.0.1", 104))
+    assert node.send(make_radiograph(body_part="HANDX"), calling_ae="NEWMOD") == [statuses.SUCCESS]
+
+
+def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
+    node.settings = node.settings.model_copy(update={})
+    huge = node.settings.storage.model_copy(update={"min_free_mb": 10**9})
+    # the handler reads its settings object, so restart-free change: patch the bound settings
+    import dicomnode.receive.scp as scp
+
+    original = scp.StoreHandlers._store
+
+    def store_with_floor(self: scp.StoreHandlers, *args: object) -> int:
+        self.settings = self.settings.model_copy(update={"storage": huge})
+        return original(self, *args)  # type: ignore[arg-type]
+
+    scp.StoreHandlers._store = store_with_floor  # type: ignore[method-assign]
+    try:
+        assert node.send(make_radiograph()) == [statuses.OUT_OF_RESOURCES]
+    finally:
+        scp.StoreHandlers._store = original  # type: ignore[method-assign]
+    assert node.count(Instance) == 0
+    assert not list(Path(node.settings.storage.data_dir).rglob("*.dcm"))
+
+
+def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(node: Node, tmp_path: Path) -> None:
+    good = write_dataset(make_radiograph(), tmp_path / "good.dcm")
+    raw = bytearray(good.read_bytes())
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    raw[meta_end:meta_end + 64] = b"\xff" * 64  # garbage where the dataset starts
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(bytes(raw))
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+        status = assoc.send_c_store(bad)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert 0xC000 <= int(status.Status) <= 0xCFFF
+    assert node.count(Instance) == 0
+
+
+def test_missing_study_uid_is_refused(node: Node) -> None:
+    image = make_radiograph()
+    del image.StudyInstanceUID
+    assert 0xC000 <= node.send(image)[0] <= 0xCFFF
+    assert node.count(Instance) == 0
+
+
+def test_dead_destination_gets_results_once_it_is_back(node: Node) -> None:
+    port = node.collector.port
+    node.collector.stop()
+    node.send(make_radiograph(body_part="KNEE"))
+    wait_for(lambda: node.count(Job, kind="send", state="failed") >= 1, 60, what="a failed send")
+    node.collector = CollectingSCP(ae_title="PACS", port=port).start()
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="delivery after the peer came back")
+    assert node.count(Job, kind="send", state="done") == 2
+    assert node.count(Output) == 2
