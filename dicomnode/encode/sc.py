@@ -1,0 +1,220 @@
+"""Encode a rendered overlay as a DICOM Secondary Capture image.
+
+The SC image belongs to the source's study and patient, lies in a new series,
+says in its Series Description which model made it, references the original
+in the Source Image Sequence and declares its burned-in annotation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from highdicom import LateralityValues
+from highdicom.sc import SCImage
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomnode.errors import EncodeError
+from dicomnode.values import ImageResult, ModelIdentity
+
+_LONG_STRING = 64
+_PLACEHOLDER_ORIENTATION = ("L", "F")
+_PAIRED_BODY_PARTS = frozenset(
+    [
+        "ANKLE",
+        "ARM",
+        "BREAST",
+        "CLAVICLE",
+        "EAR",
+        "ELBOW",
+        "EXTREMITY",
+        "EYE",
+        "FEMUR",
+        "FINGER",
+        "FOOT",
+        "FOREARM",
+        "HAND",
+        "HEEL",
+        "HIP",
+        "HUMERUS",
+        "KIDNEY",
+        "KNEE",
+        "LEG",
+        "LOWER LIMB",
+        "LOWLIMB",
+        "PATELLA",
+        "RADIUS",
+        "SCAPULA",
+        "SHOULDER",
+        "THIGH",
+        "THUMB",
+        "TIBIA",
+        "TOE",
+        "ULNA",
+        "UPPER LIMB",
+        "UPRLIMB",
+        "WRIST",
+    ]
+)
+"""BodyPartExamined values of paired structures (General Series Laterality is Type 2C)."""
+
+
+def series_description(prefix: str, model: ModelIdentity) -> str:
+    """Return "<prefix> <model name> <version>" cut to the 64 characters of a LO value.
+
+    Parameters
+    ----------
+    prefix:
+        What the series holds, e.g. ``"AI overlay"``.
+    model:
+        The model that produced the series.
+
+    Returns
+    -------
+    str
+        The Series Description.
+    """
+    return f"{prefix} {model.name} {model.version}"[:_LONG_STRING]
+
+
+def source_laterality(source: pydicom.Dataset) -> str | None:
+    """Return ``"L"`` or ``"R"`` from ImageLaterality or Laterality, else ``None``.
+
+    Parameters
+    ----------
+    source:
+        The original image's dataset.
+
+    Returns
+    -------
+    str or None
+        The side, when the source names exactly one.
+    """
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def encode_sc(
+    source: pydicom.Dataset,
+    rgb: npt.NDArray[np.uint8],
+    result: ImageResult,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str = "dicomnode",
+    software_version: str,
+) -> pydicom.Dataset:
+    """Encode the overlay of one image as a Secondary Capture Image.
+
+    Parameters
+    ----------
+    source:
+        The original image, read without pixel data; its patient, study and
+        laterality attributes are copied.
+    rgb:
+        ``uint8`` array (rows, columns, 3) from
+        :func:`dicomnode.encode.render.render_overlay`.
+    result:
+        The result the overlay shows; names the model.
+    series_uid, sop_uid:
+        Series and SOP Instance UIDs of the new image.
+    series_number, instance_number:
+        Series and Instance Numbers of the new image.
+    manufacturer:
+        Manufacturer of the node (General and SC Equipment modules).
+    software_version:
+        Version of the node software.
+
+    Returns
+    -------
+    highdicom.sc.SCImage
+        The SC image (a :class:`pydicom.Dataset`), ready to be saved or sent.
+
+    Raises
+    ------
+    EncodeError
+        When ``rgb`` is not an RGB ``uint8`` image or the source lacks the
+        attributes an SC image needs (Study Instance UID, SOP UIDs).
+    """
+    _check_rgb(rgb)
+    model = result.model
+    try:
+        sc = SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=np.ascontiguousarray(rgb),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            laterality=_laterality(source),
+            patient_orientation=_PLACEHOLDER_ORIENTATION,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=series_description("AI overlay", model),
+            manufacturer_model_name=model.name[:_LONG_STRING],
+            software_versions=software_version[:_LONG_STRING],
+        )
+        _reference_source(sc, source)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
+    _describe_capture(sc, source, model, manufacturer, software_version)
+    return sc
+
+
+def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise EncodeError(f"overlay must be uint8 (rows, columns, 3), got {rgb.dtype} {rgb.shape}")
+
+
+def _laterality(source: pydicom.Dataset) -> LateralityValues | None:
+    side = source_laterality(source)
+    return None if side is None else LateralityValues(side)
+
+
+def _is_paired(source: pydicom.Dataset) -> bool:
+    body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    return body_part in _PAIRED_BODY_PARTS
+
+
+def _reference_source(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """Add the Source Image Sequence item pointing at the original image."""
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [item]
+
+
+def _describe_capture(
+    sc: pydicom.Dataset,
+    source: pydicom.Dataset,
+    model: ModelIdentity,
+    manufacturer: str,
+    software_version: str,
+) -> None:
+    """Set what distinguishes a workstation overlay from a plain digitised image.
+
+    Patient Orientation is copied from the source as it is (possibly empty):
+    highdicom only accepts single-letter orientations, so the constructor got a
+    placeholder that this replaces.
+    """
+    sc.PatientOrientation = source.get("PatientOrientation")
+    if "Laterality" not in sc and _is_paired(source):
+        sc.Laterality = None  # Type 2C: present, empty, when the side is unknown
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"Grad-CAM overlay by {model.name} {model.version} (weights sha256 {model.sha256})"
+    )
+    sc.SecondaryCaptureDeviceManufacturer = manufacturer[:_LONG_STRING]
+    sc.SecondaryCaptureDeviceManufacturerModelName = model.name[:_LONG_STRING]
+    sc.SecondaryCaptureDeviceSoftwareVersions = software_version[:_LONG_STRING]
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined

@@ -1,0 +1,414 @@
+"""Encode a study's results as a Comprehensive SR measurement report (TID 1500).
+
+Document tree (one measurement group per finding)::
+
+    Imaging Measurement Report (TID 1500)
+      Observation context: observer is a device, the algorithm (TID 1004)
+      Procedure reported: Plain radiography
+      Imaging Measurements
+        Measurement Group (TID 1410), one per finding
+          Tracking Identifier / Tracking Unique Identifier
+          Finding = <predicted class>
+          Finding Site = <body part>, Laterality = <side>
+          Algorithm Identification (TID 4019): name, version, weights sha256
+          Probability = p {probability}, modifier Finding = <class>   (per class)
+          Localisation uncertain = Yes/No
+          Image Region = POLYLINE around the analysed region  -> source image
+          Visual explanation = the Secondary Capture overlay
+          Grad-CAM peak = POINT                               -> source image
+      Qualitative Evaluations
+        Comment = "AI result, requires review by a radiologist"
+        Demonstration model = "DEMONSTRATION MODEL, synthetic training data"
+
+Spatial coordinates follow PS3.3 C.18.6.1.2: (0, 0) is the top-left corner of
+the top-left pixel, so a :class:`~dicomnode.values.Region` maps onto its
+corners unchanged and the peak pixel (column, row) onto its centre
+(column + 0.5, row + 0.5).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    ComprehensiveSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageContentItem,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    ScoordContentItem,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.uid import generate_uid
+
+from dicomnode.encode import codes as dn
+from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
+from dicomnode.encode.sc import series_description, source_laterality
+from dicomnode.errors import EncodeError
+from dicomnode.values import Finding, ImageResult, ModelIdentity
+
+_Group = PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+
+_PATIENT_STUDY_KEYWORDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SrImageItem:
+    """One analysed image of the study, as the SR reports it.
+
+    Attributes
+    ----------
+    source:
+        The original image's dataset, read without pixel data.
+    sc:
+        The Secondary Capture overlay encoded for it, or ``None`` when none
+        was made; referenced as the finding's "Visual explanation".
+    result:
+        What the model said about the image.
+    """
+
+    source: pydicom.Dataset
+    sc: pydicom.Dataset | None
+    result: ImageResult
+
+
+def encode_sr(
+    items: Sequence[SrImageItem],
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    manufacturer: str,
+    software_version: str,
+    predecessor: pydicom.Dataset | None = None,
+) -> pydicom.Dataset:
+    """Encode the results of one study as a Comprehensive SR (TID 1500).
+
+    Parameters
+    ----------
+    items:
+        The analysed images, all of one study; report order follows them.
+    series_uid, sop_uid:
+        Series and SOP Instance UIDs of the new document.
+    series_number, instance_number:
+        Series and Instance Numbers of the new document.
+    manufacturer:
+        Manufacturer of the node; also the algorithm's manufacturer.
+    software_version:
+        Version of the node software.
+    predecessor:
+        An earlier SR this one replaces; listed in the Predecessor Documents
+        Sequence.
+
+    Returns
+    -------
+    highdicom.sr.ComprehensiveSR
+        The document (a :class:`pydicom.Dataset`), preliminary and unverified.
+
+    Raises
+    ------
+    EncodeError
+        When there are no items, they span several studies, or highdicom
+        refuses the content.
+    """
+    _check_items(items)
+    models = _distinct_models(items)
+    try:
+        report = MeasurementReport(
+            observation_context=_observation_context(models, manufacturer),
+            procedure_reported=dn.PROCEDURE_REPORTED,
+            imaging_measurements=_groups(items, sop_uid, manufacturer),
+        )
+        report[0].ContentSequence.append(_notices(models))
+        return ComprehensiveSR(
+            evidence=_evidence(items),
+            content=report[0],
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            previous_versions=None if predecessor is None else [predecessor],
+            coding_schemes=_coding_schemes(items),
+            series_description=series_description("AI report", models[0]),
+            software_versions=software_version,
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise EncodeError(f"cannot encode the Structured Report: {exc}") from exc
+
+
+def _check_items(items: Sequence[SrImageItem]) -> None:
+    if not items:
+        raise EncodeError("a Structured Report needs at least one image")
+    studies = {str(item.source.get("StudyInstanceUID", "")) for item in items}
+    studies |= {str(item.sc.get("StudyInstanceUID", "")) for item in items if item.sc}
+    if len(studies) != 1 or "" in studies:
+        raise EncodeError(f"all images of a report must share one study, got {sorted(studies)}")
+
+
+def _distinct_models(items: Sequence[SrImageItem]) -> list[ModelIdentity]:
+    models: list[ModelIdentity] = []
+    for item in items:
+        if item.result.model not in models:
+            models.append(item.result.model)
+    return models
+
+
+def _device_uid(model: ModelIdentity) -> str:
+    """Return a UID that always names the same model weights."""
+    return str(generate_uid(entropy_srcs=[model.name, model.version, model.sha256]))
+
+
+def _observation_context(models: list[ModelIdentity], manufacturer: str) -> ObservationContext:
+    """Return the observation context: each algorithm is a device observer."""
+    observers = [
+        ObserverContext(
+            observer_type=dn.OBSERVER_DEVICE,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=_device_uid(model),
+                name=f"{model.name} {model.version}"[:64],
+                manufacturer_name=manufacturer,
+                model_name=model.name[:64],
+            ),
+        )
+        for model in models
+    ]
+    context = ObservationContext(observer_device_context=observers[0])
+    for observer in observers[1:]:
+        context.extend(observer)
+    return context
+
+
+def _algorithm(model: ModelIdentity, manufacturer: str) -> AlgorithmIdentification:
+    """Return the TID 4019 Algorithm Identification of ``model``."""
+    return AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"weights sha256: {model.sha256}", "explanation: Grad-CAM"],
+        manufacturer=manufacturer,
+    )
+
+
+def _groups(items: Sequence[SrImageItem], sop_uid: str, manufacturer: str) -> list[_Group]:
+    groups: list[_Group] = []
+    for image_index, item in enumerate(items, start=1):
+        algorithm = _algorithm(item.result.model, manufacturer)
+        if not item.result.findings:
+            groups.append(_image_group(item, image_index, sop_uid, algorithm))
+        for finding_index, finding in enumerate(item.result.findings, start=1):
+            tracking = _tracking(sop_uid, image_index, finding_index)
+            groups.append(_finding_group(item, finding, tracking, algorithm))
+    return groups
+
+
+def _tracking(sop_uid: str, image_index: int, finding_index: int) -> TrackingIdentifier:
+    """Return a tracking identifier that is stable for one document and finding."""
+    return TrackingIdentifier(
+        uid=str(generate_uid(entropy_srcs=[sop_uid, str(image_index), str(finding_index)])),
+        identifier=f"image {image_index} finding {finding_index}",
+    )
+
+
+def _finding_group(
+    item: SrImageItem,
+    finding: Finding,
+    tracking: TrackingIdentifier,
+    algorithm: AlgorithmIdentification,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """Return the TID 1410 group of one finding."""
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=_region(item.source, finding),
+        finding_type=dn.class_concept(finding.predicted),
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(item.source, finding.laterality)],
+        measurements=_probabilities(item.result, finding),
+        qualitative_evaluations=[_localisation(finding)],
+    )
+    content = group[0].ContentSequence
+    if item.sc is not None:
+        content.append(_visual_explanation(item.sc))
+    content.append(_peak(item.source, finding))
+    return group
+
+
+def _image_group(
+    item: SrImageItem, image_index: int, sop_uid: str, algorithm: AlgorithmIdentification
+) -> MeasurementsAndQualitativeEvaluations:
+    """Return the TID 1501 group of an image on which the model reported nothing."""
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(sop_uid, image_index, 0),
+        algorithm_id=algorithm,
+        finding_sites=[_finding_site(item.source, None)],
+        source_images=[
+            SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
+        ],
+    )
+    if item.sc is not None:
+        group[0].ContentSequence.append(_visual_explanation(item.sc))
+    return group
+
+
+def _source_for_region(source: pydicom.Dataset) -> SourceImageForRegion:
+    return SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
+
+
+def _region(source: pydicom.Dataset, finding: Finding) -> ImageRegion:
+    """Return the closed POLYLINE around the region the model saw."""
+    r = finding.region
+    corners = [(r.x0, r.y0), (r.x1, r.y0), (r.x1, r.y1), (r.x0, r.y1), (r.x0, r.y0)]
+    return ImageRegion(
+        graphic_type="POLYLINE",
+        graphic_data=np.array(corners, dtype=np.float64),
+        source_image=_source_for_region(source),
+    )
+
+
+def _peak(source: pydicom.Dataset, finding: Finding) -> ScoordContentItem:
+    """Return the Grad-CAM peak as a POINT at the centre of the peak pixel."""
+    column, row = finding.peak
+    point = ScoordContentItem(
+        name=dn.GRADCAM_PEAK,
+        graphic_type="POINT",
+        graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=np.float64),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    point.ContentSequence = ContentSequence([_source_for_region(source)])
+    return point
+
+
+def _finding_site(source: pydicom.Dataset, laterality: str | None) -> FindingSite:
+    side = laterality or source_laterality(source)
+    return FindingSite(
+        anatomic_location=dn.body_part_concept(source.get("BodyPartExamined")),
+        laterality=dn.LATERALITY.get(side or ""),
+    )
+
+
+def _probabilities(result: ImageResult, finding: Finding) -> list[Measurement]:
+    """Return one Probability measurement per class, each modified by its class."""
+    if len(finding.probabilities) != len(result.classes):
+        raise EncodeError(
+            f"{len(finding.probabilities)} probabilities for {len(result.classes)} classes"
+        )
+    return [
+        _probability(coded_class, probability)
+        for coded_class, probability in zip(
+            (dn.class_concept(c) for c in result.classes), finding.probabilities, strict=True
+        )
+    ]
+
+
+def _probability(coded_class: CodedConcept, probability: float) -> Measurement:
+    measurement = Measurement(
+        name=dn.PROBABILITY, value=float(probability), unit=dn.PROBABILITY_UNIT
+    )
+    measurement[0].ContentSequence = ContentSequence(
+        [
+            CodeContentItem(
+                name=dn.FINDING,
+                value=coded_class,
+                relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        ]
+    )
+    return measurement
+
+
+def _localisation(finding: Finding) -> QualitativeEvaluation:
+    answer = dn.YES if finding.localisation_uncertain else dn.NO
+    return QualitativeEvaluation(name=dn.LOCALISATION_UNCERTAIN, value=answer)
+
+
+def _visual_explanation(sc: pydicom.Dataset) -> ImageContentItem:
+    return ImageContentItem(
+        name=dn.VISUAL_EXPLANATION,
+        referenced_sop_class_uid=sc.SOPClassUID,
+        referenced_sop_instance_uid=sc.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
+    """Return the report-level statements: review required, demonstration model."""
+    container = ContainerContentItem(
+        name=dn.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    notices = [TextContentItem(dn.COMMENT, REVIEW_NOTICE, RelationshipTypeValues.CONTAINS)]
+    for model in models:
+        if model.synthetic_training_data:
+            text = f"{SYNTHETIC_NOTICE} ({model.name} {model.version})"
+            notices.append(
+                TextContentItem(dn.DEMONSTRATION_MODEL, text, RelationshipTypeValues.CONTAINS)
+            )
+    container.ContentSequence = ContentSequence(notices)
+    return container
+
+
+def _patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
+    """Return ``source`` with the Type 2 patient/study attributes highdicom reads present."""
+    missing = [keyword for keyword in _PATIENT_STUDY_KEYWORDS if keyword not in source]
+    if not missing:
+        return source
+    completed = copy.deepcopy(source)  # pydicom.Dataset(source) would share and alter it
+    for keyword in missing:
+        setattr(completed, keyword, None)
+    return completed
+
+
+def _evidence(items: Sequence[SrImageItem]) -> list[pydicom.Dataset]:
+    """Return the sources and overlays, the first completed for patient/study copying."""
+    evidence = [_patient_study_source(items[0].source)]
+    seen = {items[0].source.SOPInstanceUID}
+    for dataset in [item.source for item in items] + [item.sc for item in items if item.sc]:
+        if dataset.SOPInstanceUID not in seen:
+            seen.add(dataset.SOPInstanceUID)
+            evidence.append(dataset)
+    return evidence
+
+
+def _coding_schemes(items: Sequence[SrImageItem]) -> list[CodingSchemeIdentificationItem]:
+    """Declare the node's private scheme and any other local scheme the classes use."""
+    schemes = [dn.PRIVATE_SCHEME_IDENTIFICATION]
+    designators = {dn.PRIVATE_SCHEME}
+    for item in items:
+        for coded in item.result.classes:
+            scheme = coded.coding_scheme
+            if scheme.startswith("99") and scheme not in designators:
+                designators.add(scheme)
+                schemes.append(CodingSchemeIdentificationItem(designator=scheme))
+    return schemes

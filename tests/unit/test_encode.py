@@ -1,0 +1,514 @@
+"""Round trips of the encoders: render, SC and SR written, read back and validated."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
+from dicomnode.encode import codes as dn
+from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
+from dicomnode.errors import EncodeError
+from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
+
+ROWS, COLUMNS = 256, 300
+PEAK = (200, 110)  # (column, row)
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+DCMDUMP = "/usr/bin/dcmdump"
+
+needs_dicom3tools = pytest.mark.skipif(
+    not Path(DCIODVFY).exists(), reason="dciodvfy (dicom3tools) is not installed"
+)
+needs_dcmtk = pytest.mark.skipif(
+    not (shutil.which(DSRDUMP) and shutil.which(DCMDUMP)), reason="dcmtk is not installed"
+)
+
+
+# Builders ------------------------------------------------------------------
+
+
+def make_source(
+    *,
+    laterality: str | None = "R",
+    body_part: str = "KNEE",
+    study_uid: str | None = None,
+    orientation: bool = True,
+) -> Dataset:
+    """A DX For Presentation header (no pixel data), as read with stop_before_pixels."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Synthetic^Knee"
+    ds.PatientID = "DN-0001"
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "F"
+    ds.AccessionNumber = "ACC-1"
+    ds.StudyID = "1"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "DX"
+    ds.Manufacturer = "Phantom Imaging"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = body_part
+    if laterality:
+        ds.ImageLaterality = laterality
+    if orientation:
+        ds.PatientOrientation = ["P", "F"]
+    ds.Rows, ds.Columns = ROWS, COLUMNS
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    return ds
+
+
+def make_classes(count: int) -> tuple[CodedClass, ...]:
+    if count == 2:
+        names = ("normal", "abnormal")
+        return tuple(
+            CodedClass(i, name, name.upper(), dn.PRIVATE_SCHEME, f"{name.capitalize()} knee")
+            for i, name in enumerate(names)
+        )
+    return tuple(
+        CodedClass(i, f"KL{i}", f"KL{i}", dn.PRIVATE_SCHEME, f"KL grade {i}") for i in range(count)
+    )
+
+
+def make_probabilities(count: int, predicted: int) -> tuple[float, ...]:
+    rest = 0.2 / (count - 1)
+    return tuple(0.8 if i == predicted else rest for i in range(count))
+
+
+def make_heatmap(
+    region: Region, peak: tuple[int, int], rows: int, columns: int
+) -> npt.NDArray[np.float32]:
+    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    sigma = min(rows, columns) / 12
+    distance = (xx - peak[0]) ** 2 + (yy - peak[1]) ** 2
+    heat: npt.NDArray[np.float32] = np.exp(-distance / (2 * sigma**2)).astype(np.float32)
+    outside = np.ones_like(heat, dtype=bool)
+    outside[region.y0 : region.y1, region.x0 : region.x1] = False
+    heat[outside] = 0.0
+    return heat
+
+
+def make_result(
+    classes: int = 5,
+    *,
+    synthetic: bool = True,
+    region: Region | None = None,
+    uncertain: bool = False,
+    laterality: str | None = "R",
+    rows: int = ROWS,
+    columns: int = COLUMNS,
+    peak: tuple[int, int] = PEAK,
+) -> ImageResult:
+    coded = make_classes(classes)
+    region = region or Region(0, 0, columns, rows)
+    predicted = coded[min(2, classes - 1)]
+    finding = Finding(
+        predicted=predicted,
+        probabilities=make_probabilities(classes, predicted.index),
+        heatmap=make_heatmap(region, peak, rows, columns),
+        peak=(float(peak[0]), float(peak[1])),
+        region=region,
+        laterality=laterality,
+        localisation_uncertain=uncertain,
+    )
+    model = ModelIdentity(
+        name="knee-kl",
+        version="1.0.0",
+        sha256="0123456789abcdef" * 4,
+        synthetic_training_data=synthetic,
+    )
+    return ImageResult(model=model, classes=coded, findings=(finding,))
+
+
+def make_image(rows: int = ROWS, columns: int = COLUMNS) -> PreparedImage:
+    """A smooth grey ramp so every pixel has a known grey level."""
+    ramp = np.linspace(0.2, 0.8, columns, dtype=np.float32)
+    return PreparedImage(pixels=np.tile(ramp, (rows, 1)), laterality="R", source="test")
+
+
+def make_sc(source: Dataset, result: ImageResult) -> Dataset:
+    rgb = render_overlay(make_image(), result)
+    return encode_sc(
+        source,
+        rgb,
+        result,
+        series_uid=generate_uid(),
+        sop_uid=generate_uid(),
+        series_number=901,
+        instance_number=1,
+        software_version="0.1.0",
+    )
+
+
+def make_sr(items: list[SrImageItem], predecessor: Dataset | None = None) -> Dataset:
+    return encode_sr(
+        items,
+        series_uid=generate_uid(),
+        sop_uid=generate_uid(),
+        series_number=902,
+        instance_number=1,
+        manufacturer="dicomnode",
+        software_version="0.1.0",
+        predecessor=predecessor,
+    )
+
+
+# Validators ----------------------------------------------------------------
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=30)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
+def dump(tool: str, path: Path) -> str:
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def save(dataset: Dataset, path: Path) -> Path:
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def walk(items: pydicom.Sequence) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def text_values(sr: Dataset) -> list[str]:
+    return [str(item.TextValue) for item in walk(sr.ContentSequence) if "TextValue" in item]
+
+
+def items_named(sr: Dataset, concept: hd.sr.CodedConcept) -> list[Dataset]:
+    return [
+        item
+        for item in walk(sr.ContentSequence)
+        if "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeValue == concept.value
+        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == concept.scheme_designator
+    ]
+
+
+# Render --------------------------------------------------------------------
+
+
+def test_render_has_heat_colours_where_heat_is_high_and_grey_elsewhere() -> None:
+    image, result = make_image(), make_result()
+    rgb = render_overlay(image, result)
+    assert rgb.dtype == np.uint8
+    assert rgb.shape == (ROWS, COLUMNS, 3)
+    at_peak = rgb[PEAK[1] + 6, PEAK[0] + 6].astype(int)  # next to the peak cross
+    assert at_peak.max() - at_peak.min() > 60
+    column, row = 20, ROWS // 2  # far from heat, banner and scale bar
+    grey = round(float(image.pixels[row, column]) * 255)
+    assert rgb[row, column].tolist() == [grey, grey, grey]
+
+
+def test_render_burns_text_on_a_dark_banner() -> None:
+    image, result = make_image(), make_result()
+    rgb = render_overlay(image, result)
+    banner = rgb[2:40, 2:150].astype(int)
+    bright = (banner.min(axis=2) > 200).sum()
+    dark = (banner.max(axis=2) < 60).sum()
+    assert bright > 50
+    assert dark > bright
+
+
+def test_render_synthetic_banner_only_for_synthetic_models() -> None:
+    image = make_image()
+    synthetic = render_overlay(image, make_result(synthetic=True))
+    real = render_overlay(image, make_result(synthetic=False))
+
+    def orange(rgb: np.ndarray) -> int:
+        r, g, b = (rgb[..., i].astype(int) for i in range(3))
+        return int(((r > 200) & (g > 120) & (g < 210) & (b < 60)).sum())
+
+    assert SYNTHETIC_NOTICE in overlay_lines(make_result(synthetic=True))
+    assert SYNTHETIC_NOTICE not in overlay_lines(make_result(synthetic=False))
+    assert orange(synthetic[: ROWS // 3]) > 20
+    assert orange(real[: ROWS // 3]) == 0
+
+
+def test_render_lines_name_finding_and_model() -> None:
+    result = make_result(uncertain=True)
+    lines = overlay_lines(result)
+    assert lines[0] == "R KL grade 2  p=0.80, localisation uncertain"
+    assert "knee-kl 1.0.0" in lines[1]
+    assert "AI result, requires review by a radiologist" in lines
+
+
+def test_render_outlines_localised_region_only() -> None:
+    image = make_image()
+    yellow = [255, 230, 0]
+    region = Region(40, 60, 280, 240)
+    boxed = render_overlay(image, make_result(region=region))
+    assert boxed[150, region.x0].tolist() == yellow
+    whole = render_overlay(image, make_result())
+    assert not (whole == np.array(yellow, dtype=np.uint8)).all(axis=2).any()
+
+
+def test_render_draws_colour_scale_bar_high_on_top() -> None:
+    rgb = render_overlay(make_image(), make_result())
+    colours = {tuple(c) for c in TURBO.tolist()}
+    right = rgb[:, COLUMNS - 40 :].tolist()
+    counts = [sum(tuple(row[x]) in colours for row in right) for x in range(40)]
+    column = int(np.argmax(counts))
+    assert counts[column] >= ROWS // 5
+    bar = [tuple(row[column]) for row in right if tuple(row[column]) in colours]
+    assert bar[0] == tuple(TURBO[255].tolist())
+    assert bar[-1] == tuple(TURBO[0].tolist())
+
+
+def test_render_rejects_heatmap_of_other_shape() -> None:
+    with pytest.raises(EncodeError, match="heatmap shape"):
+        render_overlay(make_image(rows=ROWS + 1), make_result())
+
+
+def test_render_3000_square_is_fast() -> None:
+    size = 3000
+    image = make_image(rows=size, columns=size)
+    result = make_result(
+        rows=size, columns=size, peak=(1500, 1400), region=Region(500, 500, 2500, 2500)
+    )
+    started = time.perf_counter()
+    rgb = render_overlay(image, result)
+    elapsed = time.perf_counter() - started
+    assert rgb.shape == (size, size, 3)
+    assert elapsed < 2.0  # about 0.1 s on an idle core; generous for shared CI machines
+
+
+# Secondary Capture ---------------------------------------------------------
+
+
+@needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize(("classes", "synthetic"), [(2, True), (5, False)])
+def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
+    source = make_source()
+    result = make_result(classes, synthetic=synthetic)
+    rgb = render_overlay(make_image(), result)
+    sc = encode_sc(
+        source,
+        rgb,
+        result,
+        series_uid="1.2.3.4.901",
+        sop_uid="1.2.3.4.901.1",
+        series_number=901,
+        instance_number=3,
+        software_version="0.1.0",
+    )
+    path = save(sc, tmp_path / "sc.dcm")
+
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == SecondaryCaptureImageStorage
+    assert (back.SeriesInstanceUID, back.SOPInstanceUID) == ("1.2.3.4.901", "1.2.3.4.901.1")
+    assert (back.SeriesNumber, back.InstanceNumber) == (901, 3)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate"):
+        assert back[keyword].value == source[keyword].value
+    assert list(back.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert back.ConversionType == "WSD"
+    assert back.BurnedInAnnotation == "YES"
+    assert back.PhotometricInterpretation == "RGB"
+    assert back.Laterality == "R"
+    assert back.SeriesDescription == "AI overlay knee-kl 1.0.0"
+    reference = back.SourceImageSequence[0]
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    np.testing.assert_array_equal(back.pixel_array, rgb)
+    assert hd.imread(path).SOPInstanceUID == "1.2.3.4.901.1"
+
+    assert dciodvfy_errors(path) == []
+    dump(DCMDUMP, path)
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize(("body_part", "laterality"), [("KNEE", ""), ("SPINE", None)])
+def test_sc_of_unknown_side_keeps_laterality_type_2c(
+    tmp_path: Path, body_part: str, laterality: str | None
+) -> None:
+    source = make_source(laterality=None, orientation=False, body_part=body_part)
+    path = save(make_sc(source, make_result(laterality=None)), tmp_path / "sc.dcm")
+    back = pydicom.dcmread(path)
+    assert back.get("Laterality", None) == laterality  # empty for a paired body part
+    assert "PatientOrientation" in back
+    assert dciodvfy_errors(path) == []
+
+
+def test_sc_rejects_non_rgb() -> None:
+    with pytest.raises(EncodeError, match="uint8"):
+        encode_sc(
+            make_source(),
+            np.zeros((ROWS, COLUMNS), dtype=np.uint8),
+            make_result(),
+            series_uid=generate_uid(),
+            sop_uid=generate_uid(),
+            series_number=1,
+            instance_number=1,
+            software_version="0.1.0",
+        )
+
+
+# Structured Report ---------------------------------------------------------
+
+
+@needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize(("classes", "synthetic"), [(2, True), (5, False)])
+def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
+    source = make_source()
+    region = Region(40, 60, 280, 240)
+    result = make_result(classes, synthetic=synthetic, region=region, uncertain=True)
+    sc = make_sc(source, result)
+    sr = make_sr([SrImageItem(source=source, sc=sc, result=result)])
+    path = save(sr, tmp_path / "sr.dcm")
+
+    back = hd.sr.srread(path)
+    assert isinstance(back, hd.sr.ComprehensiveSR)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.PatientID == source.PatientID
+    assert (back.PreliminaryFlag, back.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    evidence = {uid for _, _, uid, _ in back.get_evidence()}
+    assert evidence == {source.SOPInstanceUID, sc.SOPInstanceUID}
+
+    report = back.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    observer = report.get_observer_contexts(
+        observer_type=hd.sr.CodedConcept.from_code(codes.cid270.Device)
+    )[0]
+    assert observer.observer_identifying_attributes.name == "knee-kl 1.0.0"
+
+    (group,) = report.get_planar_roi_measurement_groups()
+    finding = result.findings[0]
+    assert group.finding_type == dn.class_concept(finding.predicted)
+    assert group.finding_sites[0].value == dn.BODY_PARTS["KNEE"]  # type: ignore[index]
+    assert group.finding_sites[0].laterality == dn.LATERALITY["R"]
+
+    roi = group.roi
+    assert roi is not None
+    assert roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    np.testing.assert_allclose(roi.value, [[40, 60], [280, 60], [280, 240], [40, 240], [40, 60]])
+    assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID
+    )
+
+    probabilities = {}
+    for measurement in group.get_measurements(name=dn.PROBABILITY):
+        assert measurement.unit == dn.PROBABILITY_UNIT
+        modifier = measurement[0].ContentSequence[0].ConceptCodeSequence[0]
+        probabilities[modifier.CodeValue] = measurement.value
+    assert probabilities == pytest.approx(
+        {c.code_value: p for c, p in zip(result.classes, finding.probabilities, strict=True)}
+    )
+    (uncertain,) = group.get_qualitative_evaluations(name=dn.LOCALISATION_UNCERTAIN)
+    assert uncertain.value == dn.YES
+
+    (explanation,) = items_named(back, dn.VISUAL_EXPLANATION)
+    assert explanation.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
+    (peak,) = items_named(back, dn.GRADCAM_PEAK)
+    assert peak.GraphicType == "POINT"
+    assert list(peak.GraphicData) == [PEAK[0] + 0.5, PEAK[1] + 0.5]
+
+    texts = text_values(back)
+    assert "knee-kl" in texts  # Algorithm Name (TID 4019)
+    assert "1.0.0" in texts  # Algorithm Version
+    assert f"weights sha256: {result.model.sha256}" in texts
+    assert "AI result, requires review by a radiologist" in texts
+    assert any(SYNTHETIC_NOTICE in text for text in texts) == synthetic
+
+    assert dciodvfy_errors(path) == []
+    dumped = dump(DSRDUMP, path)
+    assert finding.predicted.code_meaning in dumped
+    dump(DCMDUMP, path)
+
+
+@needs_dicom3tools
+@needs_dcmtk
+def test_sr_of_two_images_without_overlay_for_one(tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    right, left = make_source(study_uid=study_uid), make_source(study_uid=study_uid, laterality="L")
+    right_result, left_result = make_result(), make_result(laterality=None, uncertain=True)
+    items = [
+        SrImageItem(source=right, sc=make_sc(right, right_result), result=right_result),
+        SrImageItem(source=left, sc=None, result=left_result),
+    ]
+    path = save(make_sr(items), tmp_path / "sr.dcm")
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    assert groups[1].finding_sites[0].laterality == dn.LATERALITY["L"]  # from ImageLaterality
+    assert len(items_named(pydicom.dcmread(path), dn.VISUAL_EXPLANATION)) == 1
+    assert dciodvfy_errors(path) == []
+    dump(DSRDUMP, path)
+
+
+@needs_dicom3tools
+def test_sr_references_its_predecessor(tmp_path: Path) -> None:
+    source = make_source()
+    result = make_result()
+    items = [SrImageItem(source=source, sc=None, result=result)]
+    first = pydicom.dcmread(save(make_sr(items), tmp_path / "sr1.dcm"))
+    second_path = save(make_sr(items, predecessor=first), tmp_path / "sr2.dcm")
+    second = pydicom.dcmread(second_path)
+    study = second.PredecessorDocumentsSequence[0]
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    series = study.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in first
+    assert dciodvfy_errors(second_path) == []
+
+
+@needs_dicom3tools
+def test_sr_of_sparse_source_is_valid_and_leaves_source_alone(tmp_path: Path) -> None:
+    source = make_source(body_part="SPINE", laterality=None)
+    for keyword in ("AccessionNumber", "StudyID", "PatientBirthDate", "PatientSex"):
+        delattr(source, keyword)
+    before = set(source.dir())
+    items = [SrImageItem(source=source, sc=None, result=make_result(laterality=None))]
+    path = save(make_sr(items), tmp_path / "sr.dcm")
+    assert set(source.dir()) == before
+    back = pydicom.dcmread(path)
+    assert back.AccessionNumber in ("", None)
+    assert dciodvfy_errors(path) == []
+
+
+def test_sr_refuses_images_of_several_studies() -> None:
+    items = [SrImageItem(source=make_source(), sc=None, result=make_result()) for _ in range(2)]
+    with pytest.raises(EncodeError, match="one study"):
+        make_sr(items)
+
+
+def test_sr_refuses_no_images() -> None:
+    with pytest.raises(EncodeError, match="at least one"):
+        make_sr([])
