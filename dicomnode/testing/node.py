@@ -94,8 +94,14 @@ class NodeProcess:
         assert self.process is not None
         import psutil
 
-        return [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)
-                if "multiprocessing" in " ".join(c.cmdline())]
+        pids = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.Error:
+                continue
+        return pids
 
     def stop(self) -> None:
         if self.process is None:

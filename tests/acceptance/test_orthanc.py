@@ -1,0 +1,128 @@
+"""Acceptance: a real Orthanc routes a study to `dicomnode serve` and gets SC + SR back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.node import NodeProcess
+from dicomnode.testing.peers import Orthanc, free_port, wait_for
+
+pytestmark = [
+    pytest.mark.acceptance,
+    pytest.mark.skipif(not Orthanc.available(), reason="Debian package orthanc is not installed"),
+]
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    make_tiny_model(tmp_path / "models" / "tiny-knee", num_classes=5, input_size=(96, 96))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}).start()
+    node = NodeProcess.create(tmp_path / "node", models, peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+                              destinations=["PACS"])
+    node.config["node"]["port"] = node_port
+    node.port = node_port
+    node.start()
+    yield orthanc, node
+    node.stop()
+    orthanc.stop()
+
+
+def _classes(orthanc: Orthanc, study_id: str) -> list[str]:
+    return [orthanc.instance_tags(i["ID"]).get("SOPClassUID", "") for i in orthanc.study_instances(study_id)]
+
+
+def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
+    with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
+        row = connection.execute("SELECT state, attempts FROM jobs WHERE kind = 'infer'").fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _validate(path: Path) -> None:
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], errors
+
+
+def test_orthanc_study_gets_sc_and_sr_back(pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    source = write_dataset(make_radiograph(body_part="KNEE", patient_name="Private^Person", patient_id="P-99321"),
+                           tmp_path / "knee.dcm")
+    study_id = orthanc.upload(source)["ParentStudy"]
+    orthanc.send_study("dicomnode", study_id)
+    wait_for(lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)), 120, interval=0.5,
+             what="SC and SR in Orthanc's study")
+    for instance in orthanc.study_instances(study_id):
+        tags = orthanc.instance_tags(instance["ID"])
+        if tags["SOPClassUID"] not in (SC_CLASS, SR_CLASS):
+            continue
+        path = orthanc.download(instance["ID"], tmp_path / f"{tags['SOPInstanceUID']}.dcm")
+        _validate(path)
+        if tags["SOPClassUID"] == SR_CLASS:
+            dump = subprocess.run(["/usr/bin/dsrdump", str(path)], capture_output=True, text=True)
+            assert dump.returncode == 0, dump.stderr
+            assert "tiny-knee" in dump.stdout
+        else:
+            assert pydicom.dcmread(path).BurnedInAnnotation == "YES"
+    log = node.log()
+    assert "Private" not in log and "P-99321" not in log
+    status = node.cli("status").stdout
+    assert "done" in status
+
+
+def test_worker_killed_mid_job_finishes_once_after_restart(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    wait_for(lambda: bool(node.worker_pids()), 60, what="the worker process")
+    first = node.worker_pids()[0]
+    # A large image keeps the worker busy long enough to be killed mid-job.
+    source = write_dataset(make_radiograph(body_part="KNEE", rows=3000, columns=2500), tmp_path / "k.dcm")
+    study_id = orthanc.upload(source)["ParentStudy"]
+    orthanc.send_study("dicomnode", study_id)
+    wait_for(lambda: _infer_job(node) == ("running", 1), 60, interval=0.01, what="the inference job running")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)), 120, interval=0.5,
+             what="results after the restart")
+    classes = _classes(orthanc, study_id)
+    assert classes.count(SC_CLASS) == 1 and classes.count(SR_CLASS) == 1
+    assert _infer_job(node) == ("done", 2)  # ran again after the kill, and only once more
+    assert first not in node.worker_pids()
+    assert "restarting" in node.log()
+
+
+def test_cli_manages_peers_and_echoes(pacs_and_node: tuple[Orthanc, NodeProcess]) -> None:
+    orthanc, node = pacs_and_node
+    assert "status 0x0000" in node.cli("echo", "PACS").stdout
+    node.cli("ae", "add", "ARCHIVE", "--ae-title", "ARCH", "--host", "127.0.0.1", "--port", "11999")
+    listed = node.cli("ae", "list").stdout
+    assert "ARCHIVE" in listed and "ARCH" in listed
+    unknown = node.cli("echo", "NOPE", check=False)
+    assert unknown.returncode == 2 and "unknown peer" in unknown.stderr
+    node.cli("ae", "remove", "ARCHIVE")
+    assert "ARCHIVE" not in node.cli("ae", "list").stdout
+
+
+def test_port_in_use_is_a_clear_error(pacs_and_node: tuple[Orthanc, NodeProcess]) -> None:
+    _, node = pacs_and_node
+    result = node.cli("serve", check=False)
+    assert result.returncode == 2
+    assert "cannot listen" in result.stderr and str(node.port) in result.stderr
