@@ -208,7 +208,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        parts = [part for part in name[len(ENV_PREFIX) :].split("__") if part]
+        # Section and option names are lower case; peer names keep their case (PEERS__PACS__HOST).
+        path = [p if i == 1 and parts[0].lower() == "peers" else p.lower() for i, p in enumerate(parts)]
         if not path:
             continue
         try:

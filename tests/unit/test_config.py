@@ -68,3 +68,11 @@ def test_environment_values_are_yaml(tmp_path: Path) -> None:
                                             "DICOMNODE_ROUTING__MODALITIES": "[DX]"})
     assert settings.node.allow_unknown_callers is True
     assert settings.routing.modalities == ("DX",)
+
+
+def test_environment_can_set_a_peer_by_its_name() -> None:
+    settings = load_settings(None, environ={"DICOMNODE_PEERS__PACS__HOST": "orthanc",
+                                            "DICOMNODE_PEERS__PACS__AE_TITLE": "ORTHANC",
+                                            "DICOMNODE_PEERS__PACS__PORT": "4242"})
+    assert settings.peers["PACS"].host == "orthanc"
+    assert settings.peers["PACS"].port == 4242
