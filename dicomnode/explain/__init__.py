@@ -1,0 +1,10 @@
+"""Explanations of model outputs.
+
+``gradcam``: batched Grad-CAM on a named layer and the heatmap peak; the node's
+inference calls it once per batch. (SHAP and other offline explanations belong
+to training and reports, not here.)
+"""
+
+from dicomnode.explain.gradcam import CamBatch, grad_cam, peak
+
+__all__ = ["CamBatch", "grad_cam", "peak"]

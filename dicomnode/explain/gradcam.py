@@ -1,0 +1,181 @@
+"""Batched Grad-CAM on a layer named by its dotted path.
+
+One call runs one forward pass and one backward pass for a whole batch and
+returns both the logits and one class activation map per image, so inference
+never runs the network twice.
+
+Memory stays flat between calls:
+
+* a forward hook on the target layer detaches its output and makes it the
+  start of the autograd graph, so only the head of the network (target layer
+  to logits) is differentiated and nothing before it is kept for backward;
+* the activations are snapshotted by copy, so an in-place operation after the
+  target layer (DenseNet's final ``relu``) cannot change them, on CPU as on CUDA;
+* the hooks of ``pytorch_grad_cam`` are released in a ``finally`` block (its
+  context manager swallows ``IndexError``, so it is not used), and any
+  parameter gradients are dropped afterwards.
+
+``pytorch_grad_cam`` is imported on first use: it takes seconds to import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dicomnode.errors import InferenceError
+from dicomnode.values import FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class CamBatch:
+    """What one Grad-CAM pass over a batch produced.
+
+    Attributes
+    ----------
+    logits:
+        ``float32`` tensor (N, classes) on the CPU, detached.
+    cams:
+        ``float32`` array (N, H, W) in [0, 1] at the input tensor's size; a map
+        with no positive evidence is all zero.
+    classes:
+        The class each map explains: the ones asked for, or else the argmax of
+        each image's logits (the predicted class).
+    """
+
+    logits: torch.Tensor
+    cams: FloatArray
+    classes: tuple[int, ...]
+
+
+def grad_cam(
+    model: nn.Module,
+    layer_path: str,
+    inputs: torch.Tensor,
+    classes: Sequence[int] | None = None,
+) -> CamBatch:
+    """Run ``model`` on ``inputs`` and compute Grad-CAM at ``layer_path``.
+
+    Parameters
+    ----------
+    model:
+        A classifier mapping (N, C, H, W) to logits (N, classes); it is put in
+        eval mode. Its parameters may be frozen: the graph starts at the target
+        layer. Hooks are added to it for the duration of the call, so do not
+        run two calls on one model at the same time.
+    layer_path:
+        Dotted path of the target layer inside ``model`` (``"layer4"``, ``"features.29"``).
+    inputs:
+        Batch of shape (N, C, H, W) on the model's device. Works inside
+        ``torch.inference_mode`` and ``torch.no_grad`` too.
+    classes:
+        One class per image to explain; ``None`` explains each image's
+        highest-scoring class (``ClassifierOutputTarget`` of the argmax).
+
+    Returns
+    -------
+    CamBatch
+        Logits, maps and the classes they explain.
+
+    Raises
+    ------
+    InferenceError
+        If the layer does not exist, the shapes are wrong, or the pass fails.
+    """
+    if inputs.ndim != 4 or inputs.shape[0] == 0:
+        raise InferenceError(
+            f"Grad-CAM needs a non-empty (N, C, H, W) batch, got {tuple(inputs.shape)}"
+        )
+    if classes is not None and len(classes) != inputs.shape[0]:
+        raise InferenceError(f"Grad-CAM got {len(classes)} classes for {inputs.shape[0]} images")
+    layer = _layer(model, layer_path)
+    with torch.inference_mode(False), torch.enable_grad():
+        batch = inputs.clone() if inputs.is_inference() else inputs
+        try:
+            logits, raw = _run(model, layer, batch, classes)
+        except (RuntimeError, ValueError) as exc:
+            raise InferenceError(f"Grad-CAM at {layer_path!r} failed: {exc}") from exc
+        finally:
+            model.zero_grad(set_to_none=True)
+    explained = tuple(int(c) for c in classes) if classes is not None else _argmax(logits)
+    return CamBatch(logits=logits, cams=_clean(raw), classes=explained)
+
+
+def peak(cam: FloatArray) -> tuple[float, float]:
+    """(column, row) of the maximum of a 2-D map.
+
+    The first maximum in row-major order wins; a flat map (all zero, say) has
+    no peak of its own and gives the centre pixel.
+
+    Raises
+    ------
+    InferenceError
+        If ``cam`` is not a non-empty 2-D array.
+    """
+    if cam.ndim != 2 or cam.size == 0:
+        raise InferenceError(f"peak needs a non-empty 2-D map, got shape {cam.shape}")
+    rows, columns = cam.shape
+    values = np.nan_to_num(cam, nan=-np.inf)
+    if not values.max() > values.min():
+        return float(columns // 2), float(rows // 2)
+    row, column = divmod(int(np.argmax(values)), columns)
+    return float(column), float(row)
+
+
+def _layer(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise InferenceError(f"Grad-CAM target layer {path!r} does not exist in the model") from exc
+
+
+def _run(
+    model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: Sequence[int] | None
+) -> tuple[torch.Tensor, FloatArray]:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
+    cut = layer.register_forward_hook(_start_graph_here)
+    try:
+        cam = GradCAM(model=model, target_layers=[layer], reshape_transform=_snapshot)
+        try:
+            raw = cam(input_tensor=batch, targets=targets)
+            logits = cam.outputs.detach().to("cpu", torch.float32)
+        finally:
+            cam.activations_and_grads.release()
+            cam.outputs = None
+    finally:
+        cut.remove()
+    return logits, np.asarray(raw)
+
+
+def _start_graph_here(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+    """Forward hook: the target layer's output becomes a fresh leaf of the graph."""
+    if not isinstance(output, torch.Tensor):
+        raise InferenceError(
+            f"Grad-CAM target layer {type(module).__name__} does not output a tensor"
+        )
+    # clone() so an in-place op after the layer acts on a non-leaf tensor.
+    return output.detach().requires_grad_(True).clone()
+
+
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """Copy an activation (or gradient) so later in-place ops cannot change it."""
+    return tensor.detach().clone()
+
+
+def _argmax(logits: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argmax(logits.numpy(), axis=-1))
+
+
+def _clean(raw: FloatArray) -> FloatArray:
+    """``float32`` maps in [0, 1] with no NaN (a degenerate map becomes zero)."""
+    cams = np.nan_to_num(raw.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    result: FloatArray = np.clip(cams, 0.0, 1.0, out=cams)
+    return result

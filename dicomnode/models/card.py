@@ -1,0 +1,222 @@
+"""Model cards: ``models/<name>/model.yaml``.
+
+A card says everything the node needs to run a model and everything a user
+needs to judge it. It is validated on load; a card that fails validation, or
+whose weights do not match their sha256, is refused with a message that names
+the field.
+
+Example::
+
+    name: knee-kl
+    version: 1.0.0
+    description: Kellgren-Lawrence grade of the knee joint
+    body_parts: [KNEE]
+    architecture: {name: efficientnet_lite0, params: {}}
+    input: {size: [224, 224], channels: 3, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    preprocessing: {resize: stretch}
+    classes:
+      - {index: 0, name: KL0, code: {value: KL0, scheme: 99DICOMNODE, meaning: KL grade 0}}
+    gradcam: {target_layer: conv_head}
+    weights: {file: model.safetensors, sha256: "<64 hex>"}
+    temperature: 1.0
+    intended_use: ...
+    training_data: ...
+    metrics: {balanced_accuracy: 0.7}
+    synthetic_training_data: false
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.errors import ModelError
+from dicomnode.values import BodyPart, CodedClass, ModelIdentity
+
+CARD_FILE = "model.yaml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CodeSpec(_Frozen):
+    """A coded concept (value, coding scheme designator, meaning)."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class ClassSpec(_Frozen):
+    index: int = Field(ge=0)
+    name: str = Field(min_length=1)
+    code: CodeSpec
+
+
+class ArchitectureSpec(_Frozen):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSpec(_Frozen):
+    size: tuple[int, int] = (224, 224)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    @model_validator(mode="after")
+    def _norm_lengths(self) -> InputSpec:
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"input.{key} needs 1 or {self.channels} values")
+        if min(self.std) <= 0:
+            raise ValueError("input.std values must be positive")
+        if min(self.size) < 16:
+            raise ValueError("input.size must be at least 16x16")
+        return self
+
+
+class PreprocessingSpec(_Frozen):
+    """How a prepared image becomes a model input.
+
+    ``resize``: ``stretch`` (resize to input size) or ``letterbox`` (keep the
+    aspect ratio, pad with black). ``localiser``: ``none`` (the whole image is
+    one region) or ``knee`` (find each knee joint and grade it separately).
+    """
+
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    localiser: Literal["none", "knee"] = "none"
+
+
+class GradCamSpec(_Frozen):
+    target_layer: str = Field(min_length=1)
+
+
+class WeightsSpec(_Frozen):
+    file: str = "model.safetensors"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class EnsembleMember(_Frozen):
+    """A member of an ensemble card: a sibling model directory and its per-class weights."""
+
+    path: str
+    class_weights: tuple[float, ...]
+
+
+class ModelCard(_Frozen):
+    """The validated content of a ``model.yaml``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,47}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")
+    description: str = ""
+    body_parts: tuple[BodyPart, ...] = Field(min_length=1)
+    architecture: ArchitectureSpec
+    input: InputSpec = InputSpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    classes: tuple[ClassSpec, ...] = Field(min_length=2)
+    gradcam: GradCamSpec
+    weights: WeightsSpec
+    temperature: float = Field(default=1.0, gt=0)
+    finding_class_minimum: int = Field(
+        default=1, ge=0, description="first class index that counts as a positive finding"
+    )
+    intended_use: str = Field(min_length=1)
+    training_data: str = Field(min_length=1)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    trained: str = ""
+    synthetic_training_data: bool
+
+    @field_validator("classes")
+    @classmethod
+    def _indices_in_order(cls, classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
+        if [c.index for c in classes] != list(range(len(classes))):
+            raise ValueError("class indices must be 0, 1, ... in order")
+        return classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def coded_classes(self) -> tuple[CodedClass, ...]:
+        return tuple(
+            CodedClass(c.index, c.name, c.code.value, c.code.scheme, c.code.meaning)
+            for c in self.classes
+        )
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(card)"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def load_card(directory: Path, *, verify: bool = True) -> ModelCard:
+    """Read and validate ``directory/model.yaml``; check the weights' sha256 when ``verify``."""
+    path = directory / CARD_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read model card {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ModelError(f"model card {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelError(f"model card {path} must be a mapping")
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"model card {path} is invalid: {_describe(exc)}") from exc
+    if verify:
+        verify_weights(directory, card)
+    return card
+
+
+def verify_weights(directory: Path, card: ModelCard) -> None:
+    """Refuse weights that are missing or whose sha256 differs from the card."""
+    weights = directory / card.weights.file
+    if not weights.is_file():
+        raise ModelError(f"model {card.name}: weights file {weights} is missing")
+    actual = sha256_of(weights)
+    if actual != card.weights.sha256:
+        raise ModelError(
+            f"model {card.name}: weights {weights.name} have sha256 {actual}, "
+            f"the card says {card.weights.sha256}; refusing to load"
+        )
+
+
+def identity(card: ModelCard) -> ModelIdentity:
+    """The identity every output of ``card`` carries."""
+    return ModelIdentity(
+        name=card.name,
+        version=card.version,
+        sha256=card.weights.sha256,
+        synthetic_training_data=card.synthetic_training_data,
+        description=card.description,
+    )
+
+
+def write_card(directory: Path, card: ModelCard) -> Path:
+    """Write ``card`` as ``directory/model.yaml`` (used by training and tests)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = card.model_dump(mode="json")
+    path = directory / CARD_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,364 @@
+"""Model cards, the registry, inference with Grad-CAM, and the architectures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from dicomnode.errors import InferenceError, ModelError
+from dicomnode.explain import grad_cam, peak
+from dicomnode.models.architectures import (
+    BUILDERS,
+    DEFAULT_TARGET_LAYERS,
+    build_model,
+    target_layer,
+)
+from dicomnode.models.card import ArchitectureSpec, GradCamSpec, PreprocessingSpec, load_card
+from dicomnode.models.inference import Predictor, prepare_input
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.values import BodyPart, PreparedImage
+
+ROWS, COLUMNS = 300, 217
+
+
+def _image(seed: int, laterality: str | None = "L") -> PreparedImage:
+    """A radiograph-like picture: a soft gradient with a bright ellipse somewhere."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:ROWS, 0:COLUMNS].astype(np.float32)
+    cy, cx = rng.uniform(0.25, 0.75) * ROWS, rng.uniform(0.25, 0.75) * COLUMNS
+    blob = ((rows - cy) / 40) ** 2 + ((columns - cx) / 25) ** 2 < 1
+    pixels = 0.2 + 0.3 * rows / ROWS + 0.4 * blob + rng.normal(0, 0.02, (ROWS, COLUMNS))
+    return PreparedImage(np.clip(pixels, 0, 1).astype(np.float32), laterality, f"synthetic-{seed}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    directory = tmp_path_factory.mktemp("models") / "tiny-knee"
+    card = make_tiny_model(directory)
+    return Predictor.load(directory, card)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[PreparedImage]:
+    return [_image(seed) for seed in range(3)]
+
+
+def _probabilities(predictor: Predictor, images: list[PreparedImage]) -> np.ndarray:
+    return np.array([r.findings[0].probabilities for r in predictor.predict(images)])
+
+
+# --- cards ---------------------------------------------------------------------------------
+
+
+def _edit_card(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = directory / "model.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda raw: raw.update(version="1.0 beta!"), "version"),
+        (lambda raw: raw.pop("classes"), "classes"),
+        (lambda raw: raw["weights"].update(sha256="ABC123"), "weights.sha256"),
+        (lambda raw: raw.update(classes=raw["classes"][:1]), "classes"),
+        (lambda raw: raw["input"].update(std=[0.0]), "input"),
+    ],
+    ids=["bad-version", "missing-classes", "bad-sha256-format", "one-class", "zero-std"],
+)
+def test_invalid_card_names_the_field(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    make_tiny_model(tmp_path)
+    _edit_card(tmp_path, edit)
+    with pytest.raises(ModelError, match=rf"invalid: .*{field}"):
+        load_card(tmp_path)
+
+
+def test_weights_checksum_mismatch_is_refused(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path)
+    _edit_card(tmp_path, lambda raw: raw["weights"].update(sha256="0" * 64))
+    with pytest.raises(ModelError, match="refusing"):
+        load_card(tmp_path)
+    wrong = card.model_copy(
+        update={"weights": card.weights.model_copy(update={"sha256": "1" * 64})}
+    )
+    with pytest.raises(ModelError, match="refusing"):
+        Predictor.load(tmp_path, wrong)
+
+
+def test_tiny_model_is_reproducible_and_round_trips(tmp_path: Path) -> None:
+    first = make_tiny_model(tmp_path / "a", num_classes=5)
+    again = make_tiny_model(tmp_path / "b", num_classes=5)
+    other = make_tiny_model(tmp_path / "c", num_classes=5, seed=1)
+    assert load_card(tmp_path / "a") == first
+    assert first.weights.sha256 == again.weights.sha256 != other.weights.sha256
+    assert [c.code.meaning for c in first.classes] == [f"KL grade {i}" for i in range(5)]
+    assert {c.code.scheme for c in first.classes} == {"99DICOMNODE"}
+    assert first.synthetic_training_data
+    assert "untrained" in first.intended_use.lower()
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+def test_registry_routes_body_parts_and_ignores_other_entries(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "knee", name="knee", body_part="KNEE")
+    make_tiny_model(tmp_path / "hand", name="hand", body_part=["HAND", "SPINE"])
+    (tmp_path / "README.md").write_text("models live here\n", encoding="utf-8")
+    (tmp_path / "notes").mkdir()
+    registry = ModelRegistry.load(tmp_path)
+    assert [c.directory.name for c in registry.cards] == ["hand", "knee"]
+    knee = registry.for_body_part(BodyPart.KNEE)
+    assert knee is not None and knee.card.name == "knee"
+    assert registry.for_body_part("SPINE") == registry.for_body_part(BodyPart.HAND)
+    assert ModelRegistry.load(tmp_path / "notes").for_body_part(BodyPart.KNEE) is None
+
+
+def test_registry_refuses_two_cards_for_one_body_part(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "knee-a", name="knee-a")
+    make_tiny_model(tmp_path / "knee-b", name="knee-b")
+    with pytest.raises(ModelError, match=r"KNEE: knee-a .*, knee-b"):
+        ModelRegistry.load(tmp_path)
+    by_card = ModelRegistry.load(tmp_path, choose={BodyPart.KNEE: "knee-b"}).for_body_part("KNEE")
+    by_dir = ModelRegistry.load(tmp_path, choose={"knee": "knee-a"}).for_body_part("KNEE")
+    assert by_card is not None and by_card.card.name == "knee-b"
+    assert by_dir is not None and by_dir.directory.name == "knee-a"
+    with pytest.raises(ModelError, match="not among its cards"):
+        ModelRegistry.load(tmp_path, choose={"KNEE": "knee-c"})
+    with pytest.raises(ModelError, match="no model card claims HAND"):
+        ModelRegistry.load(tmp_path, choose={"KNEE": "knee-a", "HAND": "knee-a"})
+
+
+def test_registry_refuses_a_bad_card_naming_its_directory(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "good", name="good")
+    make_tiny_model(tmp_path / "broken", name="broken", body_part="HAND")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ModelError, match=r"broken.*sha256"):
+        ModelRegistry.load(tmp_path)
+    with pytest.raises(ModelError, match="does not exist"):
+        ModelRegistry.load(tmp_path / "missing")
+
+
+def test_registry_refuses_duplicate_name_and_version(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "one", body_part="KNEE")
+    make_tiny_model(tmp_path / "two", body_part="HAND")
+    with pytest.raises(ModelError, match=r"tiny-knee version 0\.0\.1"):
+        ModelRegistry.load(tmp_path)
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+def test_probabilities_sum_to_one_and_predicted_is_the_argmax(
+    tiny: Predictor, images: list[PreparedImage]
+) -> None:
+    for result in tiny.predict(images):
+        (finding,) = result.findings
+        assert len(finding.probabilities) == tiny.card.num_classes
+        assert sum(finding.probabilities) == pytest.approx(1.0, abs=1e-12)
+        assert finding.predicted.index == int(np.argmax(finding.probabilities))
+        assert result.model.sha256 == tiny.card.weights.sha256
+        assert result.classes == tiny.card.coded_classes()
+
+
+def test_predict_is_deterministic(tiny: Predictor, images: list[PreparedImage]) -> None:
+    first, second = tiny.predict(images), tiny.predict(images)
+    for a, b in zip(first, second, strict=True):
+        assert a.findings[0].probabilities == b.findings[0].probabilities
+        np.testing.assert_array_equal(a.findings[0].heatmap, b.findings[0].heatmap)
+
+
+def test_a_batch_equals_single_images(tiny: Predictor, images: list[PreparedImage]) -> None:
+    batched = tiny.predict(images)
+    chunked = Predictor(tiny.directory, tiny.card, tiny.model, tiny.device, batch_size=2).predict(
+        images
+    )
+    singles = [tiny.predict([image])[0] for image in images]
+    for batch, chunk, single in zip(batched, chunked, singles, strict=True):
+        for other in (chunk, single):
+            np.testing.assert_allclose(
+                batch.findings[0].probabilities, other.findings[0].probabilities, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                batch.findings[0].heatmap, other.findings[0].heatmap, atol=1e-4
+            )
+    assert tiny.predict([]) == []
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_heatmap_has_the_source_geometry_and_the_peak_is_its_maximum(
+    tmp_path: Path, resize: Literal["stretch", "letterbox"]
+) -> None:
+    card = make_tiny_model(tmp_path, resize=resize)
+    (finding,) = Predictor.load(tmp_path, card).predict([_image(7, "R")])[0].findings
+    assert finding.heatmap.shape == (ROWS, COLUMNS)
+    assert finding.heatmap.dtype == np.float32
+    assert finding.heatmap.min() >= 0.0 and finding.heatmap.max() <= 1.0
+    column, row = finding.peak
+    assert 0 <= column < COLUMNS and 0 <= row < ROWS
+    assert finding.heatmap[int(row), int(column)] == finding.heatmap.max()
+    assert (finding.region.x0, finding.region.y0, finding.region.width, finding.region.height) == (
+        0,
+        0,
+        COLUMNS,
+        ROWS,
+    )
+    assert finding.laterality == "R"
+
+
+def test_temperature_changes_probabilities_not_the_argmax(
+    tmp_path: Path, tiny: Predictor, images: list[PreparedImage]
+) -> None:
+    hot = make_tiny_model(tmp_path, temperature=4.0)
+    assert hot.weights.sha256 == tiny.card.weights.sha256
+    plain, softened = (
+        _probabilities(tiny, images),
+        _probabilities(Predictor.load(tmp_path, hot), images),
+    )
+    assert not np.allclose(plain, softened)
+    np.testing.assert_array_equal(plain.argmax(axis=1), softened.argmax(axis=1))
+    assert softened.max() <= plain.max()
+
+
+def test_forward_probabilities_equal_predict(tiny: Predictor, images: list[PreparedImage]) -> None:
+    tensors = [prepare_input(tiny.card, image.pixels)[0] for image in images]
+    np.testing.assert_allclose(
+        tiny.forward_probabilities(tensors), _probabilities(tiny, images), atol=1e-6
+    )
+    assert tiny.forward_probabilities(torch.stack(tensors)[:0]).shape == (0, tiny.card.num_classes)
+
+
+def test_no_hooks_or_gradients_are_left_behind(
+    tiny: Predictor, images: list[PreparedImage]
+) -> None:
+    with torch.inference_mode():
+        tiny.predict(images[:1])
+    for module in tiny.model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+    assert all(p.grad is None and not p.requires_grad for p in tiny.model.parameters())
+    assert not tiny.model.training
+
+
+def test_non_finite_pixels_are_an_inference_error(tiny: Predictor) -> None:
+    broken = np.full((ROWS, COLUMNS), np.nan, dtype=np.float32)
+    with pytest.raises(InferenceError, match="non-finite outputs for: nan-image"):
+        tiny.predict([PreparedImage(broken, None, "nan-image")])
+    assert tiny.forward_probabilities([]).shape == (0, tiny.card.num_classes)
+
+
+def test_weights_of_another_shape_are_refused_naming_the_key(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path / "a")
+    wider = make_tiny_model(tmp_path / "b", params={"widths": [4, 16]})
+    mixed = card.model_copy(update={"weights": wider.weights})
+    with pytest.raises(ModelError, match=r"features\.1\.0\.weight has shape \(16, 4, 3, 3\)"):
+        Predictor.load(tmp_path / "b", mixed)
+    more_classes = make_tiny_model(tmp_path / "c", num_classes=3)
+    with pytest.raises(ModelError, match=r"classifier\.weight"):
+        Predictor.load(tmp_path / "c", more_classes.model_copy(update={"classes": card.classes}))
+
+
+def test_unknown_architecture_and_knee_localiser_are_refused(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path)
+    with pytest.raises(ModelError, match="unknown architecture 'nonet'"):
+        Predictor.load(
+            tmp_path, card.model_copy(update={"architecture": ArchitectureSpec(name="nonet")})
+        )
+    knee = card.model_copy(update={"preprocessing": PreprocessingSpec(localiser="knee")})
+    with pytest.raises(ModelError, match="localiser 'knee' is not available in this version"):
+        Predictor.load(tmp_path, knee)
+    nowhere = card.model_copy(update={"gradcam": GradCamSpec(target_layer="features.9")})
+    with pytest.raises(ModelError, match=r"features\.9"):
+        Predictor.load(tmp_path, nowhere)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path)
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        Predictor.load(tmp_path, card, device="cuda")
+    assert Predictor.load(tmp_path, card, device="auto").device == torch.device("cpu")
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------
+
+
+class _Dead(nn.Module):
+    """A classifier whose last feature map is identically zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        nn.init.zeros_(conv.weight)
+        self.features = nn.Sequential(conv, nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
+def test_an_all_zero_cam_stays_zero() -> None:
+    result = grad_cam(_Dead(), "features", torch.rand(2, 1, 16, 16))
+    assert result.cams.shape == (2, 16, 16) and result.cams.dtype == np.float32
+    assert not result.cams.any()
+    assert peak(result.cams[0]) == (8.0, 8.0)
+
+
+def test_grad_cam_explains_the_classes_asked_for(tiny: Predictor) -> None:
+    batch = torch.stack([prepare_input(tiny.card, _image(seed).pixels)[0] for seed in range(2)])
+    asked = grad_cam(tiny.model, "features", batch, classes=[1, 0])
+    assert asked.classes == (1, 0) and asked.logits.shape == (2, 2)
+    assert asked.cams.min() >= 0.0 and asked.cams.max() <= 1.0
+    with pytest.raises(InferenceError, match="does not exist"):
+        grad_cam(tiny.model, "nowhere", batch)
+
+
+def test_peak_is_column_then_row() -> None:
+    cam = np.zeros((5, 7), dtype=np.float32)
+    cam[3, 6] = 1.0
+    assert peak(cam) == (6.0, 3.0)
+
+
+# --- architectures -------------------------------------------------------------------------
+
+
+# Real weights and a Grad-CAM pass for the small network and the production
+# configuration; shapes only (meta device: no memory, no arithmetic) for the rest.
+REAL = {("small_vgg", 1), ("small_vgg", 3), ("efficientnet_lite0", 3)}
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_architecture_builds_and_has_its_gradcam_layer(name: str, in_chans: int) -> None:
+    params = {"widths": [4, 8]} if name == "small_vgg" else {}
+    if (name, in_chans) not in REAL:
+        with torch.device("meta"):
+            model = build_model(name, in_chans, 3, params)
+        target_layer(model, DEFAULT_TARGET_LAYERS[name])
+        logits = model.eval()(torch.empty(2, in_chans, 96, 96, device="meta"))
+        assert tuple(logits.shape) == (2, 3)
+        return
+    model = build_model(name, in_chans, 3, params).eval().requires_grad_(False)
+    result = grad_cam(model, DEFAULT_TARGET_LAYERS[name], torch.rand(2, in_chans, 64, 64))
+    assert result.logits.shape == (2, 3) and result.cams.shape == (2, 64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(BUILDERS) - {"small_vgg"}))
+def test_every_architecture_runs_grad_cam_through_a_predictor(tmp_path: Path, name: str) -> None:
+    card = make_tiny_model(tmp_path, architecture=name, input_size=(96, 96), channels=1)
+    (finding,) = Predictor.load(tmp_path, card).predict([_image(0)])[0].findings
+    assert finding.heatmap.shape == (ROWS, COLUMNS)
+    assert finding.heatmap[int(finding.peak[1]), int(finding.peak[0])] == finding.heatmap.max()
