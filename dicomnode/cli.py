@@ -15,7 +15,9 @@ from dicomnode import __version__, logs
 from dicomnode.config import Settings, load_settings
 from dicomnode.errors import DicomNodeError
 
-app = typer.Typer(help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
+)
 ae_app = typer.Typer(help="Known application entities (peers).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(ae_app, name="ae")
@@ -27,13 +29,14 @@ log = logging.getLogger("dicomnode.cli")
 DEFAULT_CONFIG = Path("config/dicomnode.yaml")
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="settings file (default: $DICOMNODE_CONFIG or config/dicomnode.yaml)"),
+    typer.Option(
+        "--config", "-c", help="settings file (default: $DICOMNODE_CONFIG or config/dicomnode.yaml)"
+    ),
 ]
 
 
 class State:
     config: Path | None = None
-    overrides: dict[str, Any] = {}
 
 
 def _config_path(explicit: Path | None) -> Path | None:
@@ -74,7 +77,9 @@ def serve(
     config: ConfigOption = None,
     port: Annotated[int | None, typer.Option(help="SCP port (node.port)")] = None,
     host: Annotated[str | None, typer.Option(help="listen address (node.host)")] = None,
-    ae_title: Annotated[str | None, typer.Option("--ae-title", help="our AE title (node.ae_title)")] = None,
+    ae_title: Annotated[
+        str | None, typer.Option("--ae-title", help="our AE title (node.ae_title)")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes (workers.count)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="storage.data_dir")] = None,
     db_url: Annotated[str | None, typer.Option("--db-url", help="database.url")] = None,
@@ -85,9 +90,16 @@ def serve(
     from dicomnode.service import serve as run
 
     overrides: dict[str, Any] = {}
-    for dotted, value in (("node.port", port), ("node.host", host), ("node.ae_title", ae_title),
-                          ("workers.count", workers), ("storage.data_dir", data_dir),
-                          ("database.url", db_url), ("models.dir", models_dir), ("workers.device", device)):
+    for dotted, value in (
+        ("node.port", port),
+        ("node.host", host),
+        ("node.ae_title", ae_title),
+        ("workers.count", workers),
+        ("storage.data_dir", data_dir),
+        ("database.url", db_url),
+        ("models.dir", models_dir),
+        ("workers.device", device),
+    ):
         _set(overrides, dotted, value)
     run(settings(config, overrides))
 
@@ -95,7 +107,9 @@ def serve(
 @app.command()
 def worker(
     config: ConfigOption = None,
-    count: Annotated[int | None, typer.Option(help="worker processes (default workers.count)")] = None,
+    count: Annotated[
+        int | None, typer.Option(help="worker processes (default workers.count)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="workers.device: auto, cpu or cuda")] = None,
 ) -> None:
     """Run workers only (for example on a GPU host sharing the PostgreSQL database)."""
@@ -104,7 +118,11 @@ def worker(
     overrides: dict[str, Any] = {}
     _set(overrides, "workers.device", device)
     resolved = settings(config, overrides)
-    run(resolved, with_scp=False, workers=count if count is not None else max(1, resolved.workers.count))
+    run(
+        resolved,
+        with_scp=False,
+        workers=count if count is not None else max(1, resolved.workers.count),
+    )
 
 
 @app.command()
@@ -119,7 +137,9 @@ def echo(peer: str, config: ConfigOption = None) -> None:
         info = get_peer(session, peer)
     status = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
     if status is None:
-        err.print(f"[red]no association with {peer} ({info.ae_title}@{info.host}:{info.port})[/red]")
+        err.print(
+            f"[red]no association with {peer} ({info.ae_title}@{info.host}:{info.port})[/red]"
+        )
         raise typer.Exit(1)
     console.print(f"C-ECHO {peer} ({info.ae_title}@{info.host}:{info.port}): status 0x{status:04X}")
     if status != 0:
@@ -196,7 +216,9 @@ def ae_list(config: ConfigOption = None) -> None:
 
 
 @app.command()
-def status(config: ConfigOption = None, limit: Annotated[int, typer.Option(help="studies to show")] = 10) -> None:
+def status(
+    config: ConfigOption = None, limit: Annotated[int, typer.Option(help="studies to show")] = 10
+) -> None:
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
     from dicomnode.status import render_status
 
@@ -208,7 +230,9 @@ def status(config: ConfigOption = None, limit: Annotated[int, typer.Option(help=
 
 @app.command()
 def retry(
-    job: Annotated[list[int] | None, typer.Option("--job", help="job id (repeatable); default: all dead jobs")] = None,
+    job: Annotated[
+        list[int] | None, typer.Option("--job", help="job id (repeatable); default: all dead jobs")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Re-queue dead jobs with fresh attempts."""
@@ -254,7 +278,9 @@ def db_upgrade(config: ConfigOption = None) -> None:
 @app.command()
 def train(
     config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="training recipe")],
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint")
+    ] = False,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
     from dicomnode.training.train import train_from_config
@@ -268,8 +294,12 @@ def train(
 def evaluate(
     model_dir: Path,
     data_dir: Path,
-    predictions: Annotated[Path | None, typer.Option("--predictions", help="CSV of per-image predictions")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="folder for the evaluation report")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="CSV of per-image predictions")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="folder for the evaluation report")
+    ] = None,
 ) -> None:
     """Evaluate a model directory on a folder of class subfolders (0/, 1/, ...)."""
     from dicomnode.training.evaluate import evaluate_model

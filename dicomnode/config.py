@@ -51,17 +51,25 @@ class NodeSettings(_Section):
         description="root of every UID the node creates (ends with a dot); use your organisation's",
     )
     max_pdu: int = Field(0, ge=0, description="maximum PDU we receive, 0 = unlimited")
-    network_timeout: float = Field(60.0, gt=0, description="seconds of silence before an association is aborted")
-    institution_name: str = Field("", max_length=64, description="written into result objects when set")
+    network_timeout: float = Field(
+        60.0, gt=0, description="seconds of silence before an association is aborted"
+    )
+    institution_name: str = Field(
+        "", max_length=64, description="written into result objects when set"
+    )
 
 
 class StorageSettings(_Section):
     data_dir: Path = Field(Path("var/data"), description="received instances and result objects")
-    min_free_mb: int = Field(500, ge=0, description="refuse C-STORE with 0xA700 below this free space")
+    min_free_mb: int = Field(
+        500, ge=0, description="refuse C-STORE with 0xA700 below this free space"
+    )
 
 
 class DatabaseSettings(_Section):
-    url: str = Field("sqlite:///var/dicomnode.db", description="SQLAlchemy URL (SQLite or PostgreSQL)")
+    url: str = Field(
+        "sqlite:///var/dicomnode.db", description="SQLAlchemy URL (SQLite or PostgreSQL)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -81,28 +89,39 @@ class PeerSettings(_Section):
 
 class ResultsSettings(_Section):
     destinations: tuple[str, ...] = Field(
-        (), description="peer names that receive results; empty: the calling AE when it is a known peer"
+        (),
+        description="peers that receive results; empty: the calling AE when it is a known peer",
     )
 
 
 class StudySettings(_Section):
     settle_seconds: float = Field(
-        2.0, ge=0, description="quiet time after the delivering association is released before a study is processed"
+        2.0,
+        ge=0,
+        description="quiet seconds after the delivering association is released",
     )
 
 
 class WorkerSettings(_Section):
     count: int = Field(1, ge=0, le=64, description="worker processes started by `serve`")
     batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
-    max_attempts: int = Field(3, ge=1, le=100, description="attempts of an inference job before it is dead")
-    lease_seconds: float = Field(30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when present"
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="attempts of an inference job before it is dead"
+    )
+    lease_seconds: float = Field(
+        30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this"
+    )
     poll_seconds: float = Field(0.2, gt=0, le=10, description="idle wait between queue polls")
     threads: int = Field(0, ge=0, description="torch threads per worker, 0 = torch default")
 
 
 class SendSettings(_Section):
-    max_attempts: int = Field(5, ge=1, le=100, description="C-STORE attempts per object and destination")
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="C-STORE attempts per object and destination"
+    )
     backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay")
     backoff_max_seconds: float = Field(600.0, gt=0, description="longest retry delay")
     timeout_seconds: float = Field(30.0, gt=0, description="association and DIMSE time-out")
@@ -111,14 +130,28 @@ class SendSettings(_Section):
 class RoutingSettings(_Section):
     """How an instance is matched to a body part (and so to a model)."""
 
-    modalities: tuple[str, ...] = Field(("CR", "DX", "RG", "RF", "XA"), description="radiograph modalities processed")
+    modalities: tuple[str, ...] = Field(
+        ("CR", "DX", "RG", "RF", "XA"), description="radiograph modalities processed"
+    )
     body_part_aliases: dict[str, tuple[str, ...]] = Field(
         default_factory=lambda: {
             "HAND": ("HAND", "FINGER", "WRIST", "THUMB"),
             "KNEE": ("KNEE", "PATELLA"),
             "SPINE": (
-                "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "C-SPINE", "T-SPINE", "L-SPINE",
-                "CERVICAL SPINE", "THORACIC SPINE", "LUMBAR SPINE", "WHOLE SPINE", "SACRUM", "COCCYX",
+                "SPINE",
+                "CSPINE",
+                "TSPINE",
+                "LSPINE",
+                "SSPINE",
+                "C-SPINE",
+                "T-SPINE",
+                "L-SPINE",
+                "CERVICAL SPINE",
+                "THORACIC SPINE",
+                "LUMBAR SPINE",
+                "WHOLE SPINE",
+                "SACRUM",
+                "COCCYX",
             ),
         },
         description="BodyPartExamined values and description keywords per body part",
@@ -131,12 +164,16 @@ class RoutingSettings(_Section):
 
         for key in aliases:
             if key not in BodyPart.__members__:
-                raise ValueError(f"unknown body part {key!r}; known: {', '.join(BodyPart.__members__)}")
+                raise ValueError(
+                    f"unknown body part {key!r}; known: {', '.join(BodyPart.__members__)}"
+                )
         return {k: tuple(v.upper() for v in vals) for k, vals in aliases.items()}
 
 
 class ModelSettings(_Section):
-    dir: Path = Field(Path("models"), description="folder of model directories (each with model.yaml)")
+    dir: Path = Field(
+        Path("models"), description="folder of model directories (each with model.yaml)"
+    )
 
 
 class LoggingSettings(_Section):
@@ -210,7 +247,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         parts = [part for part in name[len(ENV_PREFIX) :].split("__") if part]
         # Section and option names are lower case; peer names keep their case (PEERS__PACS__HOST).
-        path = [p if i == 1 and parts[0].lower() == "peers" else p.lower() for i, p in enumerate(parts)]
+        path = [
+            p if i == 1 and parts[0].lower() == "peers" else p.lower() for i, p in enumerate(parts)
+        ]
         if not path:
             continue
         try:

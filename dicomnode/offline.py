@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tuple[str, str, str]]:
-    """Write an SC per usable image and an SR per (study, model) into ``out``; return (input, outcome, output) rows."""
+    """Write an SC per usable image and an SR per (study, model) into ``out``.
+
+    Returns one (input, outcome, output) row per file and per SR.
+    """
     registry = ModelRegistry.load(settings.models.dir)
     predictors: dict[str, Predictor] = {}
     rows: list[tuple[str, str, str]] = []
@@ -30,18 +33,34 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
             rows.append((str(path), f"skipped: {prepared.error or prepared.skip_reason}", "-"))
             continue
         header = prepared.header
-        decision = route(str(header.get("SOPClassUID", "")), str(header.get("Modality", "")).upper(),
-                         str(header.get("BodyPartExamined", "")).upper(),
-                         " ".join(str(header.get(k, "")) for k in ("StudyDescription", "SeriesDescription", "ProtocolName")),
-                         settings.routing)
+        decision = route(
+            str(header.get("SOPClassUID", "")),
+            str(header.get("Modality", "")).upper(),
+            str(header.get("BodyPartExamined", "")).upper(),
+            " ".join(
+                str(header.get(k, ""))
+                for k in ("StudyDescription", "SeriesDescription", "ProtocolName")
+            ),
+            settings.routing,
+        )
         loaded = registry.for_body_part(decision.body_part) if decision.body_part else None
         if loaded is None:
-            rows.append((str(path), f"skipped: {decision.reason or 'no model for ' + str(decision.body_part)}", "-"))
+            rows.append(
+                (
+                    str(path),
+                    f"skipped: {decision.reason or 'no model for ' + str(decision.body_part)}",
+                    "-",
+                )
+            )
             continue
         key = f"{loaded.card.name}:{loaded.card.version}"
         if key not in predictors:
-            predictors[key] = Predictor.load(loaded.directory, loaded.card, settings.workers.device,
-                                             batch_size=settings.workers.batch_size)
+            predictors[key] = Predictor.load(
+                loaded.directory,
+                loaded.card,
+                settings.workers.device,
+                batch_size=settings.workers.batch_size,
+            )
         analysed = pipeline.analyse(predictors[key], [prepared])[0]
         if analysed.result is None:
             raise DicomNodeError(f"{path}: the model returned no result")
@@ -49,8 +68,16 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
         target = out / f"SC_{sc.SOPInstanceUID}.dcm"
         sc.save_as(target, enforce_file_format=True)
         finding = analysed.result.findings[0]
-        rows.append((str(path), f"{finding.predicted.code_meaning} p={finding.probability:.2f}", str(target)))
-        by_study[(str(header.StudyInstanceUID), key)].append(SrImageItem(source=header, sc=sc, result=analysed.result))
+        rows.append(
+            (
+                str(path),
+                f"{finding.predicted.code_meaning} p={finding.probability:.2f}",
+                str(target),
+            )
+        )
+        by_study[(str(header.StudyInstanceUID), key)].append(
+            SrImageItem(source=header, sc=sc, result=analysed.result)
+        )
     for items in by_study.values():
         sr = pipeline.make_sr(items, uid_root=settings.node.uid_root, sequence=1)
         target = out / f"SR_{sr.SOPInstanceUID}.dcm"

@@ -33,7 +33,9 @@ def validate(peer: PeerInfo) -> PeerInfo:
     if not re.match(PEER_NAME_PATTERN, peer.name):
         raise PeerError(f"peer name {peer.name!r} must be letters, digits, '_', '.', '-' (max 64)")
     if not re.match(AE_TITLE_PATTERN, peer.ae_title):
-        raise PeerError(f"AE title {peer.ae_title!r} must be 1-16 printable characters without backslash")
+        raise PeerError(
+            f"AE title {peer.ae_title!r} must be 1-16 printable characters without backslash"
+        )
     if not peer.host.strip():
         raise PeerError("host must not be empty")
     if not 1 <= peer.port <= 65535:
@@ -53,12 +55,16 @@ def get_peer(session: Session, name: str) -> PeerInfo:
     row = session.get(Peer, name)
     if row is None:
         known = ", ".join(p.name for p in list_peers(session)) or "none"
-        raise PeerError(f"unknown peer {name!r}; known peers: {known} (add one with `dicomnode ae add`)")
+        raise PeerError(
+            f"unknown peer {name!r}; known peers: {known} (add one with `dicomnode ae add`)"
+        )
     return _info(row)
 
 
 def peer_by_ae_title(session: Session, ae_title: str) -> PeerInfo | None:
-    row = session.execute(select(Peer).where(Peer.ae_title == ae_title.strip()).limit(1)).scalar_one_or_none()
+    row = session.execute(
+        select(Peer).where(Peer.ae_title == ae_title.strip()).limit(1)
+    ).scalar_one_or_none()
     return None if row is None else _info(row)
 
 
@@ -70,18 +76,41 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
     validate(peer)
     if session.get(Peer, peer.name) is not None:
         raise PeerError(f"peer {peer.name!r} exists; use `dicomnode ae update`")
-    session.add(Peer(name=peer.name, ae_title=peer.ae_title, host=peer.host, port=peer.port,
-                     source=peer.source, updated_at=utcnow()))
+    session.add(
+        Peer(
+            name=peer.name,
+            ae_title=peer.ae_title,
+            host=peer.host,
+            port=peer.port,
+            source=peer.source,
+            updated_at=utcnow(),
+        )
+    )
 
 
-def update_peer(session: Session, name: str, *, ae_title: str | None = None, host: str | None = None,
-                port: int | None = None) -> PeerInfo:
+def update_peer(
+    session: Session,
+    name: str,
+    *,
+    ae_title: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> PeerInfo:
     current = get_peer(session, name)
-    new = validate(PeerInfo(name, ae_title or current.ae_title, host or current.host,
-                            port or current.port, "cli"))
+    new = validate(
+        PeerInfo(
+            name, ae_title or current.ae_title, host or current.host, port or current.port, "cli"
+        )
+    )
     row = session.get(Peer, name)
     assert row is not None
-    row.ae_title, row.host, row.port, row.source, row.updated_at = new.ae_title, new.host, new.port, "cli", utcnow()
+    row.ae_title, row.host, row.port, row.source, row.updated_at = (
+        new.ae_title,
+        new.host,
+        new.port,
+        "cli",
+        utcnow(),
+    )
     return new
 
 
@@ -95,8 +124,21 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
     for name, settings in peers.items():
         row = session.get(Peer, name)
         if row is None:
-            session.add(Peer(name=name, ae_title=settings.ae_title, host=settings.host,
-                             port=settings.port, source="config", updated_at=utcnow()))
+            session.add(
+                Peer(
+                    name=name,
+                    ae_title=settings.ae_title,
+                    host=settings.host,
+                    port=settings.port,
+                    source="config",
+                    updated_at=utcnow(),
+                )
+            )
         else:
-            row.ae_title, row.host, row.port, row.source = settings.ae_title, settings.host, settings.port, "config"
+            row.ae_title, row.host, row.port, row.source = (
+                settings.ae_title,
+                settings.host,
+                settings.port,
+                "config",
+            )
             row.updated_at = utcnow()

@@ -100,7 +100,9 @@ def make_sc(analysed: Analysed, *, uid_root: str, instance_number: int) -> pydic
         header,
         render_overlay(prepared.image, result),
         result,
-        series_uid=uids.sc_series_uid(uid_root, str(header.StudyInstanceUID), model.name, model.version),
+        series_uid=uids.sc_series_uid(
+            uid_root, str(header.StudyInstanceUID), model.name, model.version
+        ),
         sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
         series_number=SC_SERIES_NUMBER,
         instance_number=instance_number,
@@ -110,7 +112,11 @@ def make_sc(analysed: Analysed, *, uid_root: str, instance_number: int) -> pydic
 
 
 def make_sr(
-    items: Sequence[SrImageItem], *, uid_root: str, sequence: int, predecessor: pydicom.Dataset | None = None
+    items: Sequence[SrImageItem],
+    *,
+    uid_root: str,
+    sequence: int,
+    predecessor: pydicom.Dataset | None = None,
 ) -> pydicom.Dataset:
     """The TID 1500 SR of one study round (``sequence`` 1, 2, ... for follow-ups)."""
     first = items[0]
@@ -143,7 +149,9 @@ def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
     ]
 
 
-def result_from_json(model: ModelIdentity, classes: tuple[CodedClass, ...], data: list[dict[str, Any]]) -> ImageResult:
+def result_from_json(
+    model: ModelIdentity, classes: tuple[CodedClass, ...], data: list[dict[str, Any]]
+) -> ImageResult:
     """Rebuild an :class:`ImageResult` for the SR; heatmaps are empty (0 x 0)."""
     empty = np.zeros((0, 0), dtype=np.float32)
     findings = tuple(

@@ -41,7 +41,9 @@ def open_database(settings: Settings) -> Database:
 def load_registry(settings: Settings) -> ModelRegistry:
     registry = ModelRegistry.load(settings.models.dir)
     if not registry.cards:
-        log.warning("no model found in %s: every study will be recorded as skipped", settings.models.dir)
+        log.warning(
+            "no model found in %s: every study will be recorded as skipped", settings.models.dir
+        )
     for loaded in registry.cards:
         log.info("model %s", loaded.describe())
     return registry
@@ -80,7 +82,9 @@ class Supervisor:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        process = self.context.Process(target=worker_main, args=(self.settings, index), name=f"worker-{index}")
+        process = self.context.Process(
+            target=worker_main, args=(self.settings, index), name=f"worker-{index}"
+        )
         process.start()
         self.processes[index] = process
 
@@ -92,8 +96,13 @@ class Supervisor:
             worker_id = f"{_hostname()}:{process.pid}"
             with self.db.session() as session:
                 released = release_worker(session, worker_id)
-            log.warning("worker-%s (pid %s) exited with %s; %d job(s) released; restarting",
-                        index, process.pid, process.exitcode, released)
+            log.warning(
+                "worker-%s (pid %s) exited with %s; %d job(s) released; restarting",
+                index,
+                process.pid,
+                process.exitcode,
+                released,
+            )
             self._spawn(index)
 
     def stop(self, timeout: float = 10.0) -> None:

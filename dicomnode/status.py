@@ -20,13 +20,19 @@ def _studies(session: Session, limit: int) -> Table:
     ).all()
     for study_uid, count, received in rows:
         states = session.execute(
-            select(Instance.state, func.count()).where(Instance.study_instance_uid == study_uid).group_by(Instance.state)
+            select(Instance.state, func.count())
+            .where(Instance.study_instance_uid == study_uid)
+            .group_by(Instance.state)
         ).all()
         reports = session.execute(
-            select(Report.model_name, Report.sequence, Report.state).where(Report.study_instance_uid == study_uid)
+            select(Report.model_name, Report.sequence, Report.state).where(
+                Report.study_instance_uid == study_uid
+            )
         ).all()
         table.add_row(
-            study_uid, str(count), f"{received:%Y-%m-%d %H:%M:%S}",
+            study_uid,
+            str(count),
+            f"{received:%Y-%m-%d %H:%M:%S}",
             ", ".join(f"{s}={n}" for s, n in states),
             ", ".join(f"{m}#{q}:{s}" for m, q, s in reports) or "-",
         )
@@ -41,7 +47,14 @@ def _queue(session: Session) -> Table:
 
 
 def _dead(session: Session) -> Table:
-    table = Table("job", "kind", "target", "attempts", "reason", title="Dead jobs (`dicomnode retry` re-queues)")
+    table = Table(
+        "job",
+        "kind",
+        "target",
+        "attempts",
+        "reason",
+        title="Dead jobs (`dicomnode retry` re-queues)",
+    )
     for job in dead_jobs(session):
         target = job.sop_instance_uid or f"report {job.report_id}"
         if job.peer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Output, Report
 from dicomnode.db.session import Database
-from dicomnode.models.registry import ModelRegistry
+from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, enqueue, utcnow
 from dicomnode.values import BodyPart
 
@@ -54,21 +53,28 @@ def _match_alias(text: str, aliases: dict[str, tuple[str, ...]]) -> BodyPart | N
     return None
 
 
-def route(sop_class_uid: str, modality: str, body_part: str, descriptions: str, rules: RoutingSettings) -> Route:
+def route(
+    sop_class_uid: str, modality: str, body_part: str, descriptions: str, rules: RoutingSettings
+) -> Route:
     """Decide the body part from BodyPartExamined, else from the descriptions."""
     if sop_class_uid not in RADIOGRAPH_SOP_CLASSES:
         return Route(None, f"not a radiograph SOP class ({UID(sop_class_uid).name})")
     if modality not in rules.modalities:
         return Route(None, f"modality {modality or '(none)'} is not a radiograph modality")
     if body_part:
-        exact = next((BodyPart(p) for p, words in rules.body_part_aliases.items() if body_part in words), None)
+        exact = next(
+            (BodyPart(p) for p, words in rules.body_part_aliases.items() if body_part in words),
+            None,
+        )
         if exact is not None:
             return Route(exact)
     from_text = _match_alias(descriptions.replace("|", " "), rules.body_part_aliases)
     if from_text is not None:
         return Route(from_text)
     shown = body_part or "(empty)"
-    return Route(None, f"unknown body part: BodyPartExamined {shown} and no keyword in the descriptions")
+    return Route(
+        None, f"unknown body part: BodyPartExamined {shown} and no keyword in the descriptions"
+    )
 
 
 def ready_studies(session: Session, settle_seconds: float) -> list[str]:
@@ -98,13 +104,17 @@ def _is_own_output(session: Session, sop_uid: str) -> bool:
     return session.get(Output, sop_uid) is not None
 
 
-def schedule_study(session: Session, study_uid: str, settings: Settings, registry: ModelRegistry) -> list[int]:
+def schedule_study(
+    session: Session, study_uid: str, settings: Settings, registry: ModelRegistry
+) -> list[int]:
     """Route the study's received instances and queue their jobs; return the new report ids."""
     instances = session.execute(
-        select(Instance).where(Instance.study_instance_uid == study_uid, Instance.state == "received")
+        select(Instance).where(
+            Instance.study_instance_uid == study_uid, Instance.state == "received"
+        )
     ).scalars()
     by_model: dict[str, list[Instance]] = defaultdict(list)
-    cards = {}
+    cards: dict[str, LoadedCard] = {}
     for instance in instances:
         decision = _decide(session, instance, settings, registry)
         if isinstance(decision, str):
@@ -113,13 +123,24 @@ def schedule_study(session: Session, study_uid: str, settings: Settings, registr
             continue
         cards[decision.card.name] = decision
         by_model[decision.card.name].append(instance)
-    return [_queue_round(session, study_uid, cards[name], members, settings) for name, members in by_model.items()]
+    return [
+        _queue_round(session, study_uid, cards[name], members, settings)
+        for name, members in by_model.items()
+    ]
 
 
-def _decide(session: Session, instance: Instance, settings: Settings, registry: ModelRegistry):  # type: ignore[no-untyped-def]
+def _decide(
+    session: Session, instance: Instance, settings: Settings, registry: ModelRegistry
+) -> LoadedCard | str:
     if _is_own_output(session, instance.sop_instance_uid):
         return "a result object of this node"
-    decision = route(instance.sop_class_uid, instance.modality, instance.body_part, instance.descriptions, settings.routing)
+    decision = route(
+        instance.sop_class_uid,
+        instance.modality,
+        instance.body_part,
+        instance.descriptions,
+        settings.routing,
+    )
     if decision.body_part is None:
         return decision.reason
     loaded = registry.for_body_part(decision.body_part)
@@ -128,29 +149,57 @@ def _decide(session: Session, instance: Instance, settings: Settings, registry: 
     return loaded
 
 
-def _queue_round(session: Session, study_uid: str, loaded, members: Iterable[Instance], settings: Settings) -> int:  # type: ignore[no-untyped-def]
+def _queue_round(
+    session: Session,
+    study_uid: str,
+    loaded: LoadedCard,
+    members: list[Instance],
+    settings: Settings,
+) -> int:
     card = loaded.card
-    members = list(members)
     report = Report(
-        study_instance_uid=study_uid, model_name=card.name, model_version=card.version,
-        sequence=_next_sequence(session, study_uid, card.name), calling_ae=members[0].calling_ae,
-        state="pending", created_at=utcnow(),
+        study_instance_uid=study_uid,
+        model_name=card.name,
+        model_version=card.version,
+        sequence=_next_sequence(session, study_uid, card.name),
+        calling_ae=members[0].calling_ae,
+        state="pending",
+        created_at=utcnow(),
     )
     session.add(report)
     session.flush()
     group = f"{card.name}:{card.version}"
     specs = [
-        JobSpec(JobKind.INFER, f"{m.sop_instance_uid}:{group}", settings.workers.max_attempts,
-                group_key=group, report_id=report.id, sop_instance_uid=m.sop_instance_uid)
+        JobSpec(
+            JobKind.INFER,
+            f"{m.sop_instance_uid}:{group}",
+            settings.workers.max_attempts,
+            group_key=group,
+            report_id=report.id,
+            sop_instance_uid=m.sop_instance_uid,
+        )
         for m in members
     ]
-    specs.append(JobSpec(JobKind.REPORT, f"report:{report.id}", settings.workers.max_attempts,
-                         group_key=group, report_id=report.id))
+    specs.append(
+        JobSpec(
+            JobKind.REPORT,
+            f"report:{report.id}",
+            settings.workers.max_attempts,
+            group_key=group,
+            report_id=report.id,
+        )
+    )
     enqueue(session, specs)
     for member in members:
         member.state, member.report_id = "queued", report.id
-    log.info("queued study=%s model=%s round=%s images=%d report=%s",
-             study_uid, card.name, report.sequence, len(members), report.id)
+    log.info(
+        "queued study=%s model=%s round=%s images=%d report=%s",
+        study_uid,
+        card.name,
+        report.sequence,
+        len(members),
+        report.id,
+    )
     return report.id
 
 

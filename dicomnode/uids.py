@@ -19,7 +19,9 @@ def sc_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
     return derived_uid(root, "sc-series", study_uid, model, version)
 
 
-def sc_instance_uid(root: str, source_sop_uid: str, model: str, version: str, region: int = 0) -> str:
+def sc_instance_uid(
+    root: str, source_sop_uid: str, model: str, version: str, region: int = 0
+) -> str:
     return derived_uid(root, "sc", source_sop_uid, model, version, str(region))
 
 

@@ -66,7 +66,7 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class Region:
-    """A rectangle in the original image's pixel coordinates (x0, y0 inclusive; x1, y1 exclusive)."""
+    """A rectangle in original pixel coordinates (x0, y0 inclusive; x1, y1 exclusive)."""
 
     x0: int
     y0: int

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from dicomnode import pipeline
@@ -46,7 +46,13 @@ SEND_BATCH = 32
 class Worker:
     """One worker (one process in production; tests may run it in a thread)."""
 
-    def __init__(self, settings: Settings, db: Database, registry: ModelRegistry, worker_id: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        registry: ModelRegistry,
+        worker_id: str | None = None,
+    ):
         self.settings = settings
         self.db = db
         self.registry = registry
@@ -55,7 +61,9 @@ class Worker:
         self._predictors: dict[str, Predictor] = {}
         w, s = settings.workers, settings.send
         self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
-        self.send_policy = RetryPolicy(s.max_attempts, s.backoff_initial_seconds, s.backoff_max_seconds)
+        self.send_policy = RetryPolicy(
+            s.max_attempts, s.backoff_initial_seconds, s.backoff_max_seconds
+        )
 
     # -- loop ---------------------------------------------------------------
     def run(self) -> None:
@@ -77,7 +85,9 @@ class Worker:
             group = q.next_group(session, kind)
             if group is None:
                 return []
-            return q.claim(session, kind, self.worker_id, self.settings.workers.lease_seconds, limit, group)
+            return q.claim(
+                session, kind, self.worker_id, self.settings.workers.lease_seconds, limit, group
+            )
 
     @contextmanager
     def _leased(self, jobs: Sequence[q.ClaimedJob]) -> Iterator[None]:
@@ -101,7 +111,9 @@ class Worker:
     def _fail(self, job: q.ClaimedJob, error: str, policy: RetryPolicy) -> None:
         with self.db.session() as session:
             state = q.fail(session, job, self.worker_id, error, policy)
-        log.warning("job %s (%s) attempt %s failed -> %s: %s", job.id, job.kind, job.attempts, state, error)
+        log.warning(
+            "job %s (%s) attempt %s failed -> %s: %s", job.id, job.kind, job.attempts, state, error
+        )
 
     # -- infer --------------------------------------------------------------
     def _infer_step(self) -> bool:
@@ -125,7 +137,9 @@ class Worker:
         if group_key not in self._predictors:
             loaded = self._card_for(group_key)
             self._predictors[group_key] = Predictor.load(
-                loaded.directory, loaded.card, self.settings.workers.device,
+                loaded.directory,
+                loaded.card,
+                self.settings.workers.device,
                 batch_size=self.settings.workers.batch_size,
             )
         return self._predictors[group_key]
@@ -152,9 +166,15 @@ class Worker:
             return
         output: tuple[pydicom.Dataset, Path] | None = None
         if item.result is not None:
-            sc = pipeline.make_sc(item, uid_root=self.settings.node.uid_root, instance_number=number)
-            path = output_path(self.settings.storage.data_dir, str(sc.StudyInstanceUID),
-                               str(sc.SeriesInstanceUID), str(sc.SOPInstanceUID))
+            sc = pipeline.make_sc(
+                item, uid_root=self.settings.node.uid_root, instance_number=number
+            )
+            path = output_path(
+                self.settings.storage.data_dir,
+                str(sc.StudyInstanceUID),
+                str(sc.SeriesInstanceUID),
+                str(sc.SOPInstanceUID),
+            )
             _save(sc, path)
             output = (sc, path)
         with self.db.session() as session:
@@ -190,21 +210,43 @@ class Worker:
                 q.complete(session, job.id, self.worker_id)
             log.warning("report %s: no image could be analysed; nothing to send", job.report_id)
             return
-        sr = pipeline.make_sr(items, uid_root=self.settings.node.uid_root, sequence=report.sequence,
-                              predecessor=predecessor)
-        path = output_path(self.settings.storage.data_dir, str(sr.StudyInstanceUID),
-                           str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+        sr = pipeline.make_sr(
+            items,
+            uid_root=self.settings.node.uid_root,
+            sequence=report.sequence,
+            predecessor=predecessor,
+        )
+        path = output_path(
+            self.settings.storage.data_dir,
+            str(sr.StudyInstanceUID),
+            str(sr.SeriesInstanceUID),
+            str(sr.SOPInstanceUID),
+        )
         _save(sr, path)
         with self.db.session() as session:
-            session.merge(Output(sop_instance_uid=str(sr.SOPInstanceUID), series_instance_uid=str(sr.SeriesInstanceUID),
-                                 report_id=report.id, kind="SR", source_sop_instance_uid=None, path=str(path),
-                                 created_at=q.utcnow()))
+            session.merge(
+                Output(
+                    sop_instance_uid=str(sr.SOPInstanceUID),
+                    series_instance_uid=str(sr.SeriesInstanceUID),
+                    report_id=report.id,
+                    kind="SR",
+                    source_sop_instance_uid=None,
+                    path=str(path),
+                    created_at=q.utcnow(),
+                )
+            )
             session.flush()
             queued = self._queue_sends(session, report)
             _set_report_state(session, report.id, "done")
             q.complete(session, job.id, self.worker_id)
-        log.info("report %s study=%s round=%s: SR %s, %d sends queued",
-                 report.id, report.study_instance_uid, report.sequence, sr.SOPInstanceUID, queued)
+        log.info(
+            "report %s study=%s round=%s: SR %s, %d sends queued",
+            report.id,
+            report.study_instance_uid,
+            report.sequence,
+            sr.SOPInstanceUID,
+            queued,
+        )
 
     def _sr_items(self, session: Session, report: Report) -> list[SrImageItem]:
         loaded = self._card_for(f"{report.model_name}:{report.model_version}")
@@ -213,17 +255,27 @@ class Worker:
             select(Result, Instance, Output)
             .join(Instance, Instance.sop_instance_uid == Result.sop_instance_uid)
             .join(Report, Report.id == Result.report_id)
-            .outerjoin(Output, (Output.source_sop_instance_uid == Result.sop_instance_uid) & (Output.kind == "SC")
-                       & (Output.report_id == Result.report_id))
-            .where(Report.study_instance_uid == report.study_instance_uid, Report.model_name == report.model_name,
-                   Report.model_version == report.model_version, Report.sequence <= report.sequence,
-                   Result.outcome == "ok")
+            .outerjoin(
+                Output,
+                (Output.source_sop_instance_uid == Result.sop_instance_uid)
+                & (Output.kind == "SC")
+                & (Output.report_id == Result.report_id),
+            )
+            .where(
+                Report.study_instance_uid == report.study_instance_uid,
+                Report.model_name == report.model_name,
+                Report.model_version == report.model_version,
+                Report.sequence <= report.sequence,
+                Result.outcome == "ok",
+            )
             .order_by(Instance.received_at)
         ).all()
         return [
             SrImageItem(
                 source=pydicom.dcmread(instance.path, stop_before_pixels=True),
-                sc=None if output is None else pydicom.dcmread(output.path, stop_before_pixels=True),
+                sc=None
+                if output is None
+                else pydicom.dcmread(output.path, stop_before_pixels=True),
                 result=pipeline.result_from_json(model, classes, result.findings),
             )
             for result, instance, output in rows
@@ -239,14 +291,28 @@ class Worker:
     def _queue_sends(self, session: Session, report: Report) -> int:
         destinations = self._destinations(session, report)
         if not destinations:
-            log.warning("report %s: no destination (results.destinations is empty and the caller %r is not a "
-                        "known peer); results are kept in the data folder", report.id, report.calling_ae)
+            log.warning(
+                "report %s: no destination (results.destinations is empty, caller %r is not a "
+                "known peer); results are kept in the data folder",
+                report.id,
+                report.calling_ae,
+            )
             return 0
-        outputs = session.execute(select(Output).where(Output.report_id == report.id).order_by(Output.kind)).scalars()
+        outputs = session.execute(
+            select(Output).where(Output.report_id == report.id).order_by(Output.kind)
+        ).scalars()
         specs = [
-            q.JobSpec(q.JobKind.SEND, f"{o.sop_instance_uid}>{peer}", self.settings.send.max_attempts,
-                      group_key=peer, report_id=report.id, sop_instance_uid=o.sop_instance_uid, peer=peer)
-            for o in outputs for peer in destinations
+            q.JobSpec(
+                q.JobKind.SEND,
+                f"{o.sop_instance_uid}>{peer}",
+                self.settings.send.max_attempts,
+                group_key=peer,
+                report_id=report.id,
+                sop_instance_uid=o.sop_instance_uid,
+                peer=peer,
+            )
+            for o in outputs
+            for peer in destinations
         ]
         return q.enqueue(session, specs)
 
@@ -277,8 +343,12 @@ class Worker:
             for job in jobs:
                 self._fail(job, error, self.send_policy)
             return
-        deliveries = send_files(peer, paths, calling_ae=self.settings.node.ae_title,
-                                timeout=self.settings.send.timeout_seconds)
+        deliveries = send_files(
+            peer,
+            paths,
+            calling_ae=self.settings.node.ae_title,
+            timeout=self.settings.send.timeout_seconds,
+        )
         for job, delivery in zip(jobs, deliveries, strict=True):
             if delivery.ok:
                 with self.db.session() as session:
@@ -310,41 +380,64 @@ def _save(dataset: pydicom.Dataset, path: Path) -> None:
     write_durably(path, buffer.getvalue())
 
 
-def _record_result(session: Session, job: q.ClaimedJob, item: pipeline.Analysed,
-                   output: tuple[pydicom.Dataset, Path] | None) -> None:
+def _record_result(
+    session: Session,
+    job: q.ClaimedJob,
+    item: pipeline.Analysed,
+    output: tuple[pydicom.Dataset, Path] | None,
+) -> None:
     assert job.report_id is not None and job.sop_instance_uid is not None
     report = session.get(Report, job.report_id)
     assert report is not None
     session.execute(
-        Result.__table__.delete().where(  # a re-run after a lost lease replaces the earlier answer
-            (Result.sop_instance_uid == job.sop_instance_uid) & (Result.model_name == report.model_name)
+        delete(Result).where(  # a re-run after a lost lease replaces the earlier answer
+            (Result.sop_instance_uid == job.sop_instance_uid)
+            & (Result.model_name == report.model_name)
             & (Result.model_version == report.model_version)
         )
     )
     result = item.result
-    session.add(Result(
-        sop_instance_uid=job.sop_instance_uid, report_id=report.id, model_name=report.model_name,
-        model_version=report.model_version, outcome="ok" if result else "skipped",
-        reason=item.prepared.skip_reason, findings=pipeline.findings_to_json(result) if result else [],
-        created_at=q.utcnow(),
-    ))
+    session.add(
+        Result(
+            sop_instance_uid=job.sop_instance_uid,
+            report_id=report.id,
+            model_name=report.model_name,
+            model_version=report.model_version,
+            outcome="ok" if result else "skipped",
+            reason=item.prepared.skip_reason,
+            findings=pipeline.findings_to_json(result) if result else [],
+            created_at=q.utcnow(),
+        )
+    )
     instance = session.get(Instance, job.sop_instance_uid)
     if instance is not None:
         instance.state = "done" if result else "skipped"
         instance.reason = item.prepared.skip_reason
     if output is not None:
         sc, path = output
-        session.merge(Output(sop_instance_uid=str(sc.SOPInstanceUID), series_instance_uid=str(sc.SeriesInstanceUID),
-                             report_id=report.id, kind="SC", source_sop_instance_uid=job.sop_instance_uid,
-                             path=str(path), created_at=q.utcnow()))
+        session.merge(
+            Output(
+                sop_instance_uid=str(sc.SOPInstanceUID),
+                series_instance_uid=str(sc.SeriesInstanceUID),
+                report_id=report.id,
+                kind="SC",
+                source_sop_instance_uid=job.sop_instance_uid,
+                path=str(path),
+                created_at=q.utcnow(),
+            )
+        )
 
 
 def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
     row = session.execute(
         select(Output.path)
         .join(Report, Report.id == Output.report_id)
-        .where(Report.study_instance_uid == report.study_instance_uid, Report.model_name == report.model_name,
-               Report.sequence < report.sequence, Output.kind == "SR")
+        .where(
+            Report.study_instance_uid == report.study_instance_uid,
+            Report.model_name == report.model_name,
+            Report.sequence < report.sequence,
+            Output.kind == "SR",
+        )
         .order_by(Report.sequence.desc())
         .limit(1)
     ).scalar_one_or_none()

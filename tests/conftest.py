@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import Settings
-from dicomnode.testing.node import make_settings
 from dicomnode.db.migrate import upgrade
 from dicomnode.db.session import Database
+from dicomnode.testing.node import make_settings
 
 
 @pytest.fixture

@@ -72,7 +72,9 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime)
     state: Mapped[str] = mapped_column(String(16), default="received", index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
-    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True, index=True)
+    report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reports.id"), nullable=True, index=True
+    )
 
 
 class Report(Base):
@@ -129,7 +131,9 @@ class Job(Base):
     dedupe_key: Mapped[str] = mapped_column(String(255))
     state: Mapped[str] = mapped_column(String(16), default="queued")
     group_key: Mapped[str] = mapped_column(String(255), default="", index=True)
-    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True, index=True)
+    report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reports.id"), nullable=True, index=True
+    )
     sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     peer: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

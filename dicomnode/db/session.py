@@ -25,7 +25,11 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def _sqlite_file(url: str) -> Path | None:
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not parsed.database
+        or parsed.database == ":memory:"
+    ):
         return None
     return Path(parsed.database)
 
@@ -54,7 +58,9 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, pool_pre_ping=sqlite_file is None)
     except (SQLAlchemyError, ImportError) as exc:
-        raise DatabaseError(f"cannot use database URL {make_url(url).render_as_string(hide_password=True)}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot use database URL {make_url(url).render_as_string(hide_password=True)}: {exc}"
+        ) from exc
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return engine

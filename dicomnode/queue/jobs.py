@@ -25,6 +25,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.db.schema import Job
 from dicomnode.queue.retry import RetryPolicy
@@ -86,27 +87,38 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
     now = utcnow()
     rows = [
         {
-            "kind": str(s.kind), "dedupe_key": s.dedupe_key, "state": str(JobState.QUEUED),
-            "group_key": s.group_key, "report_id": s.report_id, "sop_instance_uid": s.sop_instance_uid,
-            "peer": s.peer, "attempts": 0, "max_attempts": s.max_attempts, "run_after": now,
-            "last_error": "", "created_at": now, "updated_at": now,
+            "kind": str(s.kind),
+            "dedupe_key": s.dedupe_key,
+            "state": str(JobState.QUEUED),
+            "group_key": s.group_key,
+            "report_id": s.report_id,
+            "sop_instance_uid": s.sop_instance_uid,
+            "peer": s.peer,
+            "attempts": 0,
+            "max_attempts": s.max_attempts,
+            "run_after": now,
+            "last_error": "",
+            "created_at": now,
+            "updated_at": now,
         }
         for s in specs
     ]
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert(Job).values(rows).on_conflict_do_nothing(index_elements=["kind", "dedupe_key"])
+    statement = (
+        insert(Job).values(rows).on_conflict_do_nothing(index_elements=["kind", "dedupe_key"])
+    )
     result = session.execute(statement)
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _claimable(now: datetime):  # type: ignore[no-untyped-def]
+def _claimable(now: datetime) -> ColumnElement[bool]:
     waiting = and_(Job.state.in_([JobState.QUEUED, JobState.FAILED]), Job.run_after <= now)
     lease_lost = and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
     return or_(waiting, lease_lost)
 
 
-def _report_ready():  # type: ignore[no-untyped-def]
+def _report_ready() -> ColumnElement[bool]:
     """A report job waits until none of its round's inference jobs is pending."""
     infer = aliased(Job)
     pending = exists().where(
@@ -125,7 +137,7 @@ def claim(
     limit: int = 1,
     group_key: str | None = None,
 ) -> list[ClaimedJob]:
-    """Lease up to ``limit`` runnable jobs of ``kind`` (optionally of one group) to ``worker_id``."""
+    """Lease up to ``limit`` runnable jobs of ``kind`` (of one group, if given) to ``worker_id``."""
     now = utcnow()
     candidates = (
         select(Job.id)
@@ -140,11 +152,23 @@ def claim(
         update(Job)
         .where(Job.id.in_(candidates.scalar_subquery()), _claimable(now))
         .values(
-            state=JobState.RUNNING, attempts=Job.attempts + 1, worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, updated_at=now,
+            state=JobState.RUNNING,
+            attempts=Job.attempts + 1,
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            updated_at=now,
         )
-        .returning(Job.id, Job.kind, Job.attempts, Job.max_attempts, Job.group_key,
-                   Job.report_id, Job.sop_instance_uid, Job.peer)
+        .returning(
+            Job.id,
+            Job.kind,
+            Job.attempts,
+            Job.max_attempts,
+            Job.group_key,
+            Job.report_id,
+            Job.sop_instance_uid,
+            Job.peer,
+        )
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(statement).all()
@@ -166,7 +190,9 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     return session.execute(statement).scalar_one_or_none()
 
 
-def heartbeat(session: Session, job_ids: Sequence[int], worker_id: str, lease_seconds: float) -> None:
+def heartbeat(
+    session: Session, job_ids: Sequence[int], worker_id: str, lease_seconds: float
+) -> None:
     """Extend the lease of jobs still held by ``worker_id``."""
     if not job_ids:
         return
@@ -184,23 +210,36 @@ def complete(session: Session, job_id: int, worker_id: str) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
-        .values(state=JobState.DONE, finished_at=now, updated_at=now, lease_expires_at=None, last_error="")
+        .values(
+            state=JobState.DONE,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+            last_error="",
+        )
     )
     return bool(getattr(result, "rowcount", 0))
 
 
-def fail(session: Session, job: ClaimedJob, worker_id: str, error: str, policy: RetryPolicy) -> JobState:
+def fail(
+    session: Session, job: ClaimedJob, worker_id: str, error: str, policy: RetryPolicy
+) -> JobState:
     """Record a failed attempt: retry later with backoff, or ``dead`` when attempts are used up."""
     now = utcnow()
     dead = job.attempts >= job.max_attempts or policy.exhausted(job.attempts)
     state = JobState.DEAD if dead else JobState.FAILED
     values: dict[str, object] = {
-        "state": state, "last_error": error[:2000], "updated_at": now, "lease_expires_at": None,
+        "state": state,
+        "last_error": error[:2000],
+        "updated_at": now,
+        "lease_expires_at": None,
         "run_after": now + timedelta(seconds=0 if dead else policy.delay(job.attempts)),
     }
     if dead:
         values["finished_at"] = now
-    session.execute(update(Job).where(Job.id == job.id, Job.worker_id == worker_id).values(**values))
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.worker_id == worker_id).values(**values)
+    )
     return state
 
 
@@ -215,25 +254,35 @@ def release_worker(session: Session, worker_id: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def requeue(session: Session, job_ids: Sequence[int] | None = None, states: Sequence[JobState] = (JobState.DEAD,)) -> int:
+def requeue(
+    session: Session,
+    job_ids: Sequence[int] | None = None,
+    states: Sequence[JobState] = (JobState.DEAD,),
+) -> int:
     """Put dead (or given) jobs back in the queue with fresh attempts (``dicomnode retry``)."""
     now = utcnow()
     statement = update(Job).where(Job.state.in_(states))
     if job_ids:
         statement = statement.where(Job.id.in_(job_ids))
     result = session.execute(
-        statement.values(state=JobState.QUEUED, attempts=0, run_after=now, updated_at=now, finished_at=None)
+        statement.values(
+            state=JobState.QUEUED, attempts=0, run_after=now, updated_at=now, finished_at=None
+        )
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
 
 def counts_by_state(session: Session) -> dict[tuple[str, str], int]:
     """Number of jobs per (kind, state)."""
-    rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
+    rows = session.execute(
+        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+    ).all()
     return {(r[0], r[1]): int(r[2]) for r in rows}
 
 
 def dead_jobs(session: Session, limit: int = 20) -> list[Job]:
     """The most recent dead jobs, with their last error."""
-    statement = select(Job).where(Job.state == JobState.DEAD).order_by(Job.updated_at.desc()).limit(limit)
+    statement = (
+        select(Job).where(Job.state == JobState.DEAD).order_by(Job.updated_at.desc()).limit(limit)
+    )
     return list(session.execute(statement).scalars())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Wait ``initial * 2**(attempt-1)`` seconds, at most ``maximum``, for ``max_attempts`` attempts."""
+    """Back off ``initial * 2**(attempt-1)`` s, at most ``maximum``; stop after ``max_attempts``."""
 
     max_attempts: int
     initial_seconds: float
@@ -16,7 +16,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         exponent = max(0, attempt - 1)
-        return float(min(self.maximum_seconds, self.initial_seconds * (2**min(exponent, 30))))
+        return float(min(self.maximum_seconds, self.initial_seconds * (2 ** min(exponent, 30))))
 
     def exhausted(self, attempt: int) -> bool:
         return attempt >= self.max_attempts

@@ -11,10 +11,11 @@ import logging
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import uid as uids
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -103,29 +104,49 @@ class StoreHandlers:
 
     def _store(self, event: evt.Event, calling_ae: str, association_id: str) -> int:
         ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
-        request = event.request
+        request = cast(C_STORE, event.request)
         try:
             dataset = event.dataset
-            facts = facts_from_dataset(dataset, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID))
+            facts = facts_from_dataset(
+                dataset, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID)
+            )
         except InvalidInstanceError as exc:
             log.warning("C-STORE rejected (0xC001) from %s: %s", calling_ae, exc)
             return statuses.MISSING_UID
         except Exception as exc:  # pydicom raises many types for broken data
-            log.warning("C-STORE rejected (0xC000) from %s: dataset cannot be parsed (%s)", calling_ae, type(exc).__name__)
+            log.warning(
+                "C-STORE rejected (0xC000) from %s: dataset cannot be parsed (%s)",
+                calling_ae,
+                type(exc).__name__,
+            )
             return statuses.CANNOT_UNDERSTAND
         if facts.sop_class_uid != str(request.AffectedSOPClassUID):
-            log.warning("C-STORE rejected (0xA900): SOP Class in dataset differs from the request (%s)", facts.sop_uid)
+            log.warning(
+                "C-STORE rejected (0xA900): SOP Class in dataset differs from the request (%s)",
+                facts.sop_uid,
+            )
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
         if facts.sop_uid != str(request.AffectedSOPInstanceUID).strip():
-            log.warning("C-STORE rejected (0xC001): SOP Instance UID differs from the request (%s)", facts.sop_uid)
+            log.warning(
+                "C-STORE rejected (0xC001): SOP Instance UID differs from the request (%s)",
+                facts.sop_uid,
+            )
             return statuses.MISSING_UID
         encoded = event.encoded_dataset(include_meta=True)
         ensure_free_space(self.data_dir, self.settings.storage.min_free_mb, len(encoded))
         outcome = store_instance(
-            self.db, self.data_dir, facts, encoded, calling_ae=calling_ae, association_id=association_id
+            self.db,
+            self.data_dir,
+            facts,
+            encoded,
+            calling_ae=calling_ae,
+            association_id=association_id,
         )
         log.info(
-            "stored sop=%s study=%s from=%s%s", facts.sop_uid, facts.study_uid, calling_ae,
+            "stored sop=%s study=%s from=%s%s",
+            facts.sop_uid,
+            facts.study_uid,
+            calling_ae,
             " (duplicate, kept the first copy)" if outcome.duplicate else "",
         )
         return statuses.SUCCESS
@@ -142,11 +163,14 @@ class StoreHandlers:
             "association from AE %r at %s:%s rejected: not a registered peer. Register it with "
             "`dicomnode ae add NAME --ae-title %s --host %s --port PORT` "
             "or set node.allow_unknown_callers: true",
-            str(requestor.ae_title).strip(), requestor.address, requestor.port,
-            str(requestor.ae_title).strip(), requestor.address,
+            str(requestor.ae_title).strip(),
+            requestor.address,
+            requestor.port,
+            str(requestor.ae_title).strip(),
+            requestor.address,
         )
 
-    def bindings(self) -> list[tuple[Any, Any]]:
+    def bindings(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -163,6 +187,7 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
     ae.maximum_associations = 32
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
     return ae
 
@@ -175,5 +200,7 @@ def start_scp(settings: Settings, db: Database) -> ThreadedAssociationServer:
         (settings.node.host, settings.node.port), block=False, evt_handlers=handlers.bindings()
     )
     assert server is not None
-    log.info("listening as %s on %s:%s", settings.node.ae_title, settings.node.host, settings.node.port)
+    log.info(
+        "listening as %s on %s:%s", settings.node.ae_title, settings.node.host, settings.node.port
+    )
     return server

@@ -45,7 +45,9 @@ def _ae(calling_ae: str, sop_classes: Sequence[str], timeout: float) -> AE:
     return ae
 
 
-def send_files(peer: PeerInfo, paths: Sequence[Path], *, calling_ae: str, timeout: float) -> list[Delivery]:
+def send_files(
+    peer: PeerInfo, paths: Sequence[Path], *, calling_ae: str, timeout: float
+) -> list[Delivery]:
     """C-STORE ``paths`` to ``peer`` over one association."""
     if not paths:
         return []
@@ -57,7 +59,10 @@ def send_files(peer: PeerInfo, paths: Sequence[Path], *, calling_ae: str, timeou
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed or timed out"
-        return [Delivery(p, False, None, f"{reason} by {peer.name} ({peer.host}:{peer.port})") for p in paths]
+        return [
+            Delivery(p, False, None, f"{reason} by {peer.name} ({peer.host}:{peer.port})")
+            for p in paths
+        ]
     try:
         return [_send_one(assoc, path) for path in paths]
     finally:

@@ -8,6 +8,7 @@ after :func:`checked_uid` has accepted them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -46,7 +47,9 @@ def ensure_free_space(path: Path, min_free_mb: float, incoming_bytes: int = 0) -
     """Raise :class:`StorageFullError` when writing ``incoming_bytes`` would go below the floor."""
     available = free_mb(path) - incoming_bytes / MEBIBYTE
     if available < min_free_mb:
-        raise StorageFullError(f"only {available:.0f} MiB would be free under {path}; the floor is {min_free_mb} MiB")
+        raise StorageFullError(
+            f"only {available:.0f} MiB would be free under {path}; the floor is {min_free_mb} MiB"
+        )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,7 +93,5 @@ def output_path(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -
 
 
 def remove_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
-    except OSError:
-        pass

@@ -38,10 +38,18 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value or "").strip()
 
 
-def facts_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str = "") -> InstanceFacts:
+def facts_from_dataset(
+    ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str = ""
+) -> InstanceFacts:
     """Header facts, with every UID validated; raises :class:`InvalidInstanceError`."""
     descriptions = " | ".join(
-        t for t in (_text(ds, "StudyDescription"), _text(ds, "SeriesDescription"), _text(ds, "ProtocolName")) if t
+        t
+        for t in (
+            _text(ds, "StudyDescription"),
+            _text(ds, "SeriesDescription"),
+            _text(ds, "ProtocolName"),
+        )
+        if t
     )
     return InstanceFacts(
         study_uid=checked_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
@@ -106,7 +114,9 @@ def store_instance(
     return StoreOutcome(facts.sop_uid, False, path)
 
 
-def _record(facts: InstanceFacts, path: Path, size: int, calling_ae: str, association_id: str) -> Instance:
+def _record(
+    facts: InstanceFacts, path: Path, size: int, calling_ae: str, association_id: str
+) -> Instance:
     return Instance(
         sop_instance_uid=facts.sop_uid,
         study_instance_uid=facts.study_uid,
@@ -139,14 +149,18 @@ def release_all_open(db: Database) -> int:
     """At start-up: associations left open by a previous run are over."""
     with db.session() as session:
         result = session.execute(
-            update(Association).where(Association.released_at.is_(None)).values(released_at=utcnow())
+            update(Association)
+            .where(Association.released_at.is_(None))
+            .values(released_at=utcnow())
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
 
 def instance_file(session: Session, sop_uid: str) -> Path:
     """The stored file of a received instance."""
-    path = session.execute(select(Instance.path).where(Instance.sop_instance_uid == sop_uid)).scalar_one_or_none()
+    path = session.execute(
+        select(Instance.path).where(Instance.sop_instance_uid == sop_uid)
+    ).scalar_one_or_none()
     if path is None:
         raise InvalidInstanceError(f"instance {sop_uid} is not recorded")
     return Path(path)

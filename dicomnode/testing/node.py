@@ -15,18 +15,38 @@ from dicomnode.config import Settings, load_settings
 from dicomnode.testing.peers import LOOPBACK, free_port, wait_for_port
 
 
-def node_config(workdir: Path, models_dir: Path, *, port: int, peers: dict[str, tuple[str, int]],
-                destinations: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def node_config(
+    workdir: Path,
+    models_dir: Path,
+    *,
+    port: int,
+    peers: dict[str, tuple[str, int]],
+    destinations: list[str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A complete settings mapping for a node under ``workdir``."""
     config: dict[str, Any] = {
         "node": {"ae_title": "DICOMNODE", "host": LOOPBACK, "port": port},
         "storage": {"data_dir": str(workdir / "data"), "min_free_mb": 50},
         "database": {"url": f"sqlite:///{workdir / 'dicomnode.db'}"},
-        "peers": {name: {"ae_title": aet, "host": LOOPBACK, "port": p} for name, (aet, p) in peers.items()},
+        "peers": {
+            name: {"ae_title": aet, "host": LOOPBACK, "port": p} for name, (aet, p) in peers.items()
+        },
         "results": {"destinations": destinations},
         "study": {"settle_seconds": 0.5},
-        "workers": {"count": 1, "batch_size": 4, "device": "cpu", "lease_seconds": 6, "poll_seconds": 0.1},
-        "send": {"max_attempts": 5, "backoff_initial_seconds": 1, "backoff_max_seconds": 4, "timeout_seconds": 10},
+        "workers": {
+            "count": 1,
+            "batch_size": 4,
+            "device": "cpu",
+            "lease_seconds": 6,
+            "poll_seconds": 0.1,
+        },
+        "send": {
+            "max_attempts": 5,
+            "backoff_initial_seconds": 1,
+            "backoff_max_seconds": 4,
+            "timeout_seconds": 10,
+        },
         "models": {"dir": str(models_dir)},
         "logging": {"level": "INFO"},
     }
@@ -50,7 +70,6 @@ def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
     return load_settings(None, environ={}, overrides=data)
 
 
-
 class NodeProcess:
     """``dicomnode serve`` in a subprocess; its log is ``workdir/node.log``."""
 
@@ -63,16 +82,32 @@ class NodeProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def create(cls, workdir: Path, models_dir: Path, *, peers: dict[str, tuple[str, int]],
-               destinations: list[str], extra: dict[str, Any] | None = None) -> NodeProcess:
+    def create(
+        cls,
+        workdir: Path,
+        models_dir: Path,
+        *,
+        peers: dict[str, tuple[str, int]],
+        destinations: list[str],
+        extra: dict[str, Any] | None = None,
+    ) -> NodeProcess:
         workdir.mkdir(parents=True, exist_ok=True)
-        config = node_config(workdir, models_dir, port=free_port(), peers=peers, destinations=destinations, extra=extra)
+        config = node_config(
+            workdir,
+            models_dir,
+            port=free_port(),
+            peers=peers,
+            destinations=destinations,
+            extra=extra,
+        )
         return cls(workdir, config)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``dicomnode --config <ours> ARGS`` and return the finished process."""
         command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), *args]
-        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=300, env=self._env())
+        return subprocess.run(
+            command, capture_output=True, text=True, check=check, timeout=300, env=self._env()
+        )
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
@@ -83,9 +118,17 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.cli("db", "upgrade")
         log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), "serve"]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                        start_new_session=True)
+        command = [
+            sys.executable,
+            "-m",
+            "dicomnode.cli",
+            "--config",
+            str(self.config_path),
+            "serve",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+        )
         wait_for_port(self.port, timeout=60)
         return self
 
@@ -97,7 +140,9 @@ class NodeProcess:
         pids = []
         for child in psutil.Process(self.process.pid).children(recursive=True):
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
+                    child.cmdline()
+                ):
                     pids.append(child.pid)
             except psutil.Error:
                 continue

@@ -34,8 +34,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true; raise :class:`TimeoutError` after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it is true; :class:`TimeoutError` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -76,9 +78,11 @@ class CollectingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax)
-        self._server = ae.start_server((LOOPBACK, self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         return self
 
     def stop(self) -> None:
@@ -96,7 +100,13 @@ class Orthanc:
 
     BINARY = "/usr/sbin/Orthanc"
 
-    def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, tuple[str, int]] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, tuple[str, int]] | None = None,
+    ):
         self.workdir = workdir
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -111,12 +121,25 @@ class Orthanc:
     def config(self) -> dict[str, Any]:
         storage = self.workdir / "storage"
         return {
-            "Name": "dicomnode-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
-            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
-            "Plugins": [], "StableAge": 60, "LogExportedResources": False, "DicomScpTimeout": 30,
-            "DicomModalities": {name: [aet, LOOPBACK, port] for name, (aet, port) in self.modalities.items()},
+            "Name": "dicomnode-test",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "Plugins": [],
+            "StableAge": 60,
+            "LogExportedResources": False,
+            "DicomScpTimeout": 30,
+            "DicomModalities": {
+                name: [aet, LOOPBACK, port] for name, (aet, port) in self.modalities.items()
+            },
         }
 
     def start(self) -> Orthanc:
@@ -132,7 +155,9 @@ class Orthanc:
 
     def _alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {self.process.returncode}; see {self.workdir / 'orthanc.log'}")
+            raise RuntimeError(
+                f"Orthanc exited with {self.process.returncode}; see {self.workdir / 'orthanc.log'}"
+            )
         try:
             self.get("/system")
             return True
@@ -151,7 +176,9 @@ class Orthanc:
 
     # REST helpers -------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(f"http://{LOOPBACK}:{self.http_port}{path}", data=body, method=method)
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{self.http_port}{path}", data=body, method=method
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             data: bytes = response.read()
             return data
@@ -168,7 +195,10 @@ class Orthanc:
         return result
 
     def send_study(self, modality: str, study_id: str) -> Any:
-        return self.post(f"/modalities/{modality}/store", json.dumps({"Resources": [study_id], "Synchronous": True}))
+        return self.post(
+            f"/modalities/{modality}/store",
+            json.dumps({"Resources": [study_id], "Synchronous": True}),
+        )
 
     def study_instances(self, study_id: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.get(f"/studies/{study_id}/instances")

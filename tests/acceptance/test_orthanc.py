@@ -35,9 +35,15 @@ def models(tmp_path: Path) -> Path:
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}).start()
-    node = NodeProcess.create(tmp_path / "node", models, peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
-                              destinations=["PACS"])
+    orthanc = Orthanc(
+        tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
+    ).start()
+    node = NodeProcess.create(
+        tmp_path / "node",
+        models,
+        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+        destinations=["PACS"],
+    )
     node.config["node"]["port"] = node_port
     node.port = node_port
     node.start()
@@ -47,7 +53,10 @@ def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeP
 
 
 def _classes(orthanc: Orthanc, study_id: str) -> list[str]:
-    return [orthanc.instance_tags(i["ID"]).get("SOPClassUID", "") for i in orthanc.study_instances(study_id)]
+    return [
+        orthanc.instance_tags(i["ID"]).get("SOPClassUID", "")
+        for i in orthanc.study_instances(study_id)
+    ]
 
 
 def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
@@ -62,14 +71,22 @@ def _validate(path: Path) -> None:
     assert errors == [], errors
 
 
-def test_orthanc_study_gets_sc_and_sr_back(pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
+def test_orthanc_study_gets_sc_and_sr_back(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
     orthanc, node = pacs_and_node
-    source = write_dataset(make_radiograph(body_part="KNEE", patient_name="Private^Person", patient_id="P-99321"),
-                           tmp_path / "knee.dcm")
+    source = write_dataset(
+        make_radiograph(body_part="KNEE", patient_name="Private^Person", patient_id="P-99321"),
+        tmp_path / "knee.dcm",
+    )
     study_id = orthanc.upload(source)["ParentStudy"]
     orthanc.send_study("dicomnode", study_id)
-    wait_for(lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)), 120, interval=0.5,
-             what="SC and SR in Orthanc's study")
+    wait_for(
+        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+        120,
+        interval=0.5,
+        what="SC and SR in Orthanc's study",
+    )
     for instance in orthanc.study_instances(study_id):
         tags = orthanc.instance_tags(instance["ID"])
         if tags["SOPClassUID"] not in (SC_CLASS, SR_CLASS):
@@ -95,13 +112,24 @@ def test_worker_killed_mid_job_finishes_once_after_restart(
     wait_for(lambda: bool(node.worker_pids()), 60, what="the worker process")
     first = node.worker_pids()[0]
     # A large image keeps the worker busy long enough to be killed mid-job.
-    source = write_dataset(make_radiograph(body_part="KNEE", rows=3000, columns=2500), tmp_path / "k.dcm")
+    source = write_dataset(
+        make_radiograph(body_part="KNEE", rows=3000, columns=2500), tmp_path / "k.dcm"
+    )
     study_id = orthanc.upload(source)["ParentStudy"]
     orthanc.send_study("dicomnode", study_id)
-    wait_for(lambda: _infer_job(node) == ("running", 1), 60, interval=0.01, what="the inference job running")
+    wait_for(
+        lambda: _infer_job(node) == ("running", 1),
+        60,
+        interval=0.01,
+        what="the inference job running",
+    )
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)), 120, interval=0.5,
-             what="results after the restart")
+    wait_for(
+        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+        120,
+        interval=0.5,
+        what="results after the restart",
+    )
     classes = _classes(orthanc, study_id)
     assert classes.count(SC_CLASS) == 1 and classes.count(SR_CLASS) == 1
     assert _infer_job(node) == ("done", 2)  # ran again after the kill, and only once more
@@ -110,7 +138,7 @@ def test_worker_killed_mid_job_finishes_once_after_restart(
 
 
 def test_cli_manages_peers_and_echoes(pacs_and_node: tuple[Orthanc, NodeProcess]) -> None:
-    orthanc, node = pacs_and_node
+    _, node = pacs_and_node
     assert "status 0x0000" in node.cli("echo", "PACS").stdout
     node.cli("ae", "add", "ARCHIVE", "--ae-title", "ARCH", "--host", "127.0.0.1", "--port", "11999")
     listed = node.cli("ae", "list").stdout

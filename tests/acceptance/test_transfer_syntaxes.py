@@ -24,19 +24,31 @@ from dicomnode.models.inference import Predictor
 from dicomnode.peers import sync_config_peers
 from dicomnode.pipeline import read_and_prepare
 from dicomnode.receive.scp import start_scp
-from dicomnode.testing.images import LOSSLESS, TRANSFER_SYNTAXES, compress_copy, make_radiograph, write_dataset
+from dicomnode.testing.images import (
+    LOSSLESS,
+    TRANSFER_SYNTAXES,
+    compress_copy,
+    make_radiograph,
+    write_dataset,
+)
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import make_settings
 from dicomnode.testing.peers import free_port
 
 STORESCU = "/usr/bin/storescu"
-pytestmark = [pytest.mark.acceptance, pytest.mark.skipif(not Path(STORESCU).exists(), reason="dcmtk missing")]
+pytestmark = [
+    pytest.mark.acceptance,
+    pytest.mark.skipif(not Path(STORESCU).exists(), reason="dcmtk missing"),
+]
 
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
-    settings = make_settings(tmp_path, node={"port": free_port(), "host": "127.0.0.1"},
-                             peers={"MOD": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": 104}})
+    settings = make_settings(
+        tmp_path,
+        node={"port": free_port(), "host": "127.0.0.1"},
+        peers={"MOD": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": 104}},
+    )
     upgrade(settings.database.url)
     db = Database(settings.database.url)
     with db.session() as session:
@@ -48,20 +60,40 @@ def scp(tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
 
 
 PROPOSE = {
-    "implicit": "-xi", "explicit": "-xe", "deflate": "-xd", "jpeg-baseline": "-xy", "jpeg-extended": "-xx",
-    "jpeg-lossless-sv1": "-xs", "jpeg-ls-lossless": "-xt", "jpeg-ls-lossy": "-xu", "j2k-lossless": "-xv",
-    "j2k-lossy": "-xw", "rle": "-xr",
+    "implicit": "-xi",
+    "explicit": "-xe",
+    "deflate": "-xd",
+    "jpeg-baseline": "-xy",
+    "jpeg-extended": "-xx",
+    "jpeg-lossless-sv1": "-xs",
+    "jpeg-ls-lossless": "-xt",
+    "jpeg-ls-lossy": "-xu",
+    "j2k-lossless": "-xv",
+    "j2k-lossy": "-xw",
+    "rle": "-xr",
 }
 """The storescu option that proposes each transfer syntax (so nothing is converted on the way)."""
 
 
 def _storescu(port: int, path: Path, name: str) -> subprocess.CompletedProcess[str]:
-    command = [STORESCU, PROPOSE[name], "-R", "-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", str(port), str(path)]
-    return subprocess.run(command,
-                          capture_output=True, text=True, timeout=60)
+    command = [
+        STORESCU,
+        PROPOSE[name],
+        "-R",
+        "-aet",
+        "MODALITY",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(port),
+        str(path),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
-def test_every_transfer_syntax_is_received_as_sent(scp: tuple[Settings, Database], tmp_path: Path) -> None:
+def test_every_transfer_syntax_is_received_as_sent(
+    scp: tuple[Settings, Database], tmp_path: Path
+) -> None:
     settings, db = scp
     original = make_radiograph(bits_stored=8, rows=300, columns=260, body_part="KNEE")
     source = write_dataset(original, tmp_path / "original.dcm")
@@ -71,9 +103,17 @@ def test_every_transfer_syntax_is_received_as_sent(scp: tuple[Settings, Database
     reference = predictor.predict([read_and_prepare(source).image])[0].findings[0].probabilities  # type: ignore[list-item]
 
     for name, syntax in TRANSFER_SYNTAXES.items():
-        same_pixels = make_radiograph(bits_stored=8, rows=300, columns=260, body_part="KNEE",
-                                      sop_uid=generate_uid(), study_uid=original.StudyInstanceUID)
-        copy = compress_copy(write_dataset(same_pixels, tmp_path / f"{name}-src.dcm"), tmp_path / f"{name}.dcm", name)
+        same_pixels = make_radiograph(
+            bits_stored=8,
+            rows=300,
+            columns=260,
+            body_part="KNEE",
+            sop_uid=generate_uid(),
+            study_uid=original.StudyInstanceUID,
+        )
+        copy = compress_copy(
+            write_dataset(same_pixels, tmp_path / f"{name}-src.dcm"), tmp_path / f"{name}.dcm", name
+        )
         sop_uid = str(pydicom.dcmread(copy, stop_before_pixels=True).SOPInstanceUID)
         sent = _storescu(settings.node.port, copy, name)
         assert sent.returncode == 0, f"{name}: {sent.stderr}"

@@ -44,7 +44,9 @@ class Node:
         ae = AE(ae_title=calling_ae)
         for ds in datasets:
             ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", self.settings.node.port, ae_title=self.settings.node.ae_title)
+        assoc = ae.associate(
+            "127.0.0.1", self.settings.node.port, ae_title=self.settings.node.ae_title
+        )
         assert assoc.is_established, "association was not accepted"
         codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
         assoc.release()
@@ -67,8 +69,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
     settings = make_settings(
         tmp_path,
         node={"port": free_port(), "host": "127.0.0.1"},
-        peers={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": collector.port},
-               "MOD": {"ae_title": SENDER, "host": "127.0.0.1", "port": 1}},
+        peers={
+            "PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": collector.port},
+            "MOD": {"ae_title": SENDER, "host": "127.0.0.1", "port": 1},
+        },
         results={"destinations": ["PACS"]},
     )
     make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
@@ -104,7 +108,9 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_study_comes_back_as_sc_and_sr(node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_study_comes_back_as_sc_and_sr(
+    node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     image = make_radiograph(patient_name="Secret^Patient", patient_id="PID-7781", body_part="KNEE")
     assert node.send(image) == [statuses.SUCCESS]
@@ -116,7 +122,9 @@ def test_study_comes_back_as_sc_and_sr(node: Node, tmp_path: Path, caplog: pytes
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert _dciodvfy_errors(path) == []
-    sr = next(d for d in node.collector.received if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33")
+    sr = next(
+        d for d in node.collector.received if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    )
     assert "tiny-knee" in str(sr.ContentSequence) or "tiny-knee" in str(sr)
     # patient data never reaches the log
     assert "Secret" not in caplog.text and "PID-7781" not in caplog.text
@@ -136,14 +144,20 @@ def test_follow_up_instance_gets_a_new_sr_that_references_the_first(node: Node) 
     first = make_radiograph(body_part="KNEE", seed=1)
     node.send(first)
     wait_for(lambda: len(node.collector.received) >= 2, 60, what="first round")
-    later = make_radiograph(body_part="KNEE", seed=2, study_uid=first.StudyInstanceUID,
-                            series_uid=first.SeriesInstanceUID)
+    later = make_radiograph(
+        body_part="KNEE",
+        seed=2,
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+    )
     node.send(later)
     wait_for(lambda: len(node.collector.received) >= 4, 60, what="follow-up round")
     srs = [d for d in node.collector.received if d.Modality == "SR"]
     assert len(srs) == 2
     assert srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
-    predecessor = srs[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    predecessor = (
+        srs[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    )
     assert predecessor.ReferencedSOPInstanceUID == srs[0].SOPInstanceUID
     assert node.count(Job, kind="infer") == 2  # nothing processed twice
 
@@ -195,11 +209,13 @@ def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
     assert not list(Path(node.settings.storage.data_dir).rglob("*.dcm"))
 
 
-def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(node: Node, tmp_path: Path) -> None:
+def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(
+    node: Node, tmp_path: Path
+) -> None:
     good = write_dataset(make_radiograph(), tmp_path / "good.dcm")
     raw = bytearray(good.read_bytes())
     meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
-    raw[meta_end:meta_end + 64] = b"\xff" * 64  # garbage where the dataset starts
+    raw[meta_end : meta_end + 64] = b"\xff" * 64  # garbage where the dataset starts
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(bytes(raw))
     from pynetdicom import _config
@@ -230,6 +246,8 @@ def test_dead_destination_gets_results_once_it_is_back(node: Node) -> None:
     node.send(make_radiograph(body_part="KNEE"))
     wait_for(lambda: node.count(Job, kind="send", state="failed") >= 1, 60, what="a failed send")
     node.collector = CollectingSCP(ae_title="PACS", port=port).start()
-    wait_for(lambda: len(node.collector.received) >= 2, 60, what="delivery after the peer came back")
+    wait_for(
+        lambda: len(node.collector.received) >= 2, 60, what="delivery after the peer came back"
+    )
     assert node.count(Job, kind="send", state="done") == 2
     assert node.count(Output) == 2
