@@ -31,5 +31,5 @@ def configure(level: str = "INFO", json_format: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "alembic"):
+    for noisy in ("pynetdicom", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -189,24 +189,26 @@ def test_peer_added_at_run_time_is_accepted(node: Node) -> None:
 
 
 def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
-    node.settings = node.settings.model_copy(update={})
-    huge = node.settings.storage.model_copy(update={"min_free_mb": 10**9})
-    # the handler reads its settings object, so restart-free change: patch the bound settings
-    import dicomnode.receive.scp as scp
+    from dicomnode.testing.peers import free_port
 
-    original = scp.StoreHandlers._store
-
-    def store_with_floor(self: scp.StoreHandlers, *args: object) -> int:
-        self.settings = self.settings.model_copy(update={"storage": huge})
-        return original(self, *args)  # type: ignore[arg-type]
-
-    scp.StoreHandlers._store = store_with_floor  # type: ignore[method-assign]
+    floor = {
+        "storage": node.settings.storage.model_copy(update={"min_free_mb": 10**9}),
+        "node": node.settings.node.model_copy(update={"port": free_port()}),
+    }
+    full = node.settings.model_copy(update=floor)
+    server = start_scp(full, node.db)
     try:
-        assert node.send(make_radiograph()) == [statuses.OUT_OF_RESOURCES]
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", full.node.port, ae_title="DICOMNODE")
+        status = int(assoc.send_c_store(make_radiograph()).Status)
+        assoc.release()
     finally:
-        scp.StoreHandlers._store = original  # type: ignore[method-assign]
+        server.shutdown()
+    assert status == statuses.OUT_OF_RESOURCES
     assert node.count(Instance) == 0
-    assert not list(Path(node.settings.storage.data_dir).rglob("*.dcm"))
+    data = Path(node.settings.storage.data_dir)
+    assert not [p for p in data.rglob("*") if p.is_file()]  # not even a temporary file
 
 
 def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(

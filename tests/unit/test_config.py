@@ -18,7 +18,11 @@ def test_example_config_loads_with_the_documented_defaults() -> None:
     assert settings.peers["PACS"].ae_title == "ORTHANC"
     assert settings.results.destinations == ("PACS",)
     assert settings.study.settle_seconds == 2
-    assert (settings.workers.count, settings.workers.batch_size, settings.workers.device) == (1, 8, "auto")
+    assert (settings.workers.count, settings.workers.batch_size, settings.workers.device) == (
+        1,
+        8,
+        "auto",
+    )
 
 
 def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
@@ -58,21 +62,33 @@ def test_bad_key_or_value_names_the_key(tmp_path: Path, text: str, key: str) -> 
 
 def test_destination_must_be_a_declared_peer(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("peers: {PACS: {ae_title: A, host: h, port: 1}}\nresults: {destinations: [PAC]}\n")
+    config.write_text(
+        "peers: {PACS: {ae_title: A, host: h, port: 1}}\nresults: {destinations: [PAC]}\n"
+    )
     with pytest.raises(ConfigError, match="PAC"):
         load_settings(config, environ={})
 
 
 def test_environment_values_are_yaml(tmp_path: Path) -> None:
-    settings = load_settings(None, environ={"DICOMNODE_NODE__ALLOW_UNKNOWN_CALLERS": "true",
-                                            "DICOMNODE_ROUTING__MODALITIES": "[DX]"})
+    settings = load_settings(
+        None,
+        environ={
+            "DICOMNODE_NODE__ALLOW_UNKNOWN_CALLERS": "true",
+            "DICOMNODE_ROUTING__MODALITIES": "[DX]",
+        },
+    )
     assert settings.node.allow_unknown_callers is True
     assert settings.routing.modalities == ("DX",)
 
 
 def test_environment_can_set_a_peer_by_its_name() -> None:
-    settings = load_settings(None, environ={"DICOMNODE_PEERS__PACS__HOST": "orthanc",
-                                            "DICOMNODE_PEERS__PACS__AE_TITLE": "ORTHANC",
-                                            "DICOMNODE_PEERS__PACS__PORT": "4242"})
+    settings = load_settings(
+        None,
+        environ={
+            "DICOMNODE_PEERS__PACS__HOST": "orthanc",
+            "DICOMNODE_PEERS__PACS__AE_TITLE": "ORTHANC",
+            "DICOMNODE_PEERS__PACS__PORT": "4242",
+        },
+    )
     assert settings.peers["PACS"].host == "orthanc"
     assert settings.peers["PACS"].port == 4242

@@ -16,15 +16,26 @@ from dicomnode.queue.retry import RetryPolicy
 
 def _report(db: Database) -> int:
     with db.session() as s:
-        report = Report(study_instance_uid="1.2", model_name="m", model_version="1", sequence=1,
-                        calling_ae="X", state="pending", created_at=q.utcnow())
+        report = Report(
+            study_instance_uid="1.2",
+            model_name="m",
+            model_version="1",
+            sequence=1,
+            calling_ae="X",
+            state="pending",
+            created_at=q.utcnow(),
+        )
         s.add(report)
         s.flush()
         return report.id
 
 
-def _spec(key: str, report_id: int | None = None, kind: q.JobKind = q.JobKind.INFER, attempts: int = 3) -> q.JobSpec:
-    return q.JobSpec(kind, key, attempts, group_key="m:1", report_id=report_id, sop_instance_uid=key)
+def _spec(
+    key: str, report_id: int | None = None, kind: q.JobKind = q.JobKind.INFER, attempts: int = 3
+) -> q.JobSpec:
+    return q.JobSpec(
+        kind, key, attempts, group_key="m:1", report_id=report_id, sop_instance_uid=key
+    )
 
 
 def test_enqueue_is_unique_per_key(db: Database) -> None:
@@ -117,7 +128,9 @@ def test_backoff_is_exponential_and_bounded() -> None:
 def test_report_job_waits_for_its_inference_jobs(db: Database) -> None:
     report_id = _report(db)
     with db.session() as s:
-        q.enqueue(s, [_spec("1.1", report_id), q.JobSpec(q.JobKind.REPORT, "r1", 3, report_id=report_id)])
+        q.enqueue(
+            s, [_spec("1.1", report_id), q.JobSpec(q.JobKind.REPORT, "r1", 3, report_id=report_id)]
+        )
     with db.session() as s:
         assert q.claim(s, q.JobKind.REPORT, "w", 30) == []
         infer = q.claim(s, q.JobKind.INFER, "w", 30)[0]
@@ -130,8 +143,37 @@ def test_report_job_waits_for_its_inference_jobs(db: Database) -> None:
 
 def test_next_group_orders_by_due_time(db: Database) -> None:
     with db.session() as s:
-        q.enqueue(s, [q.JobSpec(q.JobKind.SEND, "a", 3, group_key="PACS"),
-                      q.JobSpec(q.JobKind.SEND, "b", 3, group_key="ARCHIVE")])
-        s.execute(update(Job).where(Job.dedupe_key == "a").values(run_after=q.utcnow() + timedelta(hours=1)))
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(q.JobKind.SEND, "a", 3, group_key="PACS"),
+                q.JobSpec(q.JobKind.SEND, "b", 3, group_key="ARCHIVE"),
+            ],
+        )
+        s.execute(
+            update(Job)
+            .where(Job.dedupe_key == "a")
+            .values(run_after=q.utcnow() + timedelta(hours=1))
+        )
     with db.session() as s:
         assert q.next_group(s, q.JobKind.SEND) == "ARCHIVE"
+
+
+def test_claim_uses_skip_locked_on_postgresql() -> None:
+    """The same claim statement compiles to FOR UPDATE SKIP LOCKED for PostgreSQL."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.orm import Session as OrmSession
+
+    captured: list[str] = []
+
+    class Recorder(OrmSession):
+        def execute(self, statement, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            captured.append(str(statement.compile(dialect=postgresql.dialect())))
+            raise RuntimeError("compiled only")
+
+    try:
+        q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1")
+    except RuntimeError:
+        pass
+    assert "FOR UPDATE SKIP LOCKED" in captured[0]
+    assert "RETURNING" in captured[0]

@@ -1,0 +1,106 @@
+"""The CLI as a user runs it: predict on files, configuration errors, the database command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.models import make_tiny_model
+
+pytestmark = pytest.mark.acceptance
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_predict_writes_valid_sc_and_sr(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "models" / "tiny-hand", name="tiny-hand", body_part="HAND")
+    study = pydicom.uid.generate_uid()
+    files = [
+        write_dataset(
+            make_radiograph(body_part="HAND", seed=i, study_uid=study), tmp_path / f"h{i}.dcm"
+        )
+        for i in range(2)
+    ]
+    chest = write_dataset(make_radiograph(body_part="CHEST"), tmp_path / "chest.dcm")
+    out = tmp_path / "out"
+    result = _cli(
+        "predict",
+        *map(str, files),
+        str(chest),
+        "--out",
+        str(out),
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "unknown body part" in result.stdout
+    scs, srs = sorted(out.glob("SC_*.dcm")), sorted(out.glob("SR_*.dcm"))
+    assert len(scs) == 2 and len(srs) == 1
+    for path in [*scs, *srs]:
+        assert _dciodvfy_errors(path) == []
+    dump = subprocess.run(["/usr/bin/dsrdump", str(srs[0])], capture_output=True, text=True)
+    assert dump.returncode == 0 and "tiny-hand" in dump.stdout
+    sc = pydicom.dcmread(scs[0])
+    assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+
+
+def test_bad_config_stops_with_the_key_named(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("workers: {count: 1, batch: 8}\n")
+    result = _cli("--config", str(config), "db", "upgrade", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "workers.batch" in result.stderr
+
+
+def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\nmodels: {{dir: {tmp_path}}}\n"
+    )
+    status = _cli("--config", str(config), "status", cwd=tmp_path)
+    assert status.returncode == 2 and "dicomnode db upgrade" in status.stderr
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    status = _cli("--config", str(config), "status", cwd=tmp_path)
+    assert status.returncode == 0 and "Jobs by state" in status.stdout
+
+
+def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path / "models" / "broken")
+    weights = tmp_path / "models" / "broken" / card.weights.file
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    image = write_dataset(make_radiograph(), tmp_path / "k.dcm")
+    result = _cli(
+        "predict",
+        str(image),
+        "--out",
+        str(tmp_path / "o"),
+        "--models-dir",
+        str(tmp_path / "models"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "sha256" in result.stderr
