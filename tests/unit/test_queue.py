@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -171,9 +172,7 @@ def test_claim_uses_skip_locked_on_postgresql() -> None:
             captured.append(str(statement.compile(dialect=postgresql.dialect())))
             raise RuntimeError("compiled only")
 
-    try:
+    with contextlib.suppress(RuntimeError):
         q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1")
-    except RuntimeError:
-        pass
     assert "FOR UPDATE SKIP LOCKED" in captured[0]
     assert "RETURNING" in captured[0]
