@@ -313,6 +313,29 @@ def evaluate(
     console.print(table)
 
 
+@app.command()
+def bench(
+    instances: Annotated[int, typer.Option(help="instances for the receive test")] = 200,
+    rounds: Annotated[int, typer.Option(help="alternating rounds per receive comparison")] = 2,
+    turnaround: Annotated[int, typer.Option("--turnaround", help="one-image studies timed")] = 20,
+    burst_studies: Annotated[int, typer.Option(help="studies sent at once")] = 50,
+    burst_images: Annotated[int, typer.Option(help="images per burst study")] = 4,
+    models_dir: Annotated[Path, typer.Option("--models-dir")] = Path("models"),
+    out: Annotated[Path, typer.Option("--out", help="folder for the JSON result")] = Path(
+        "var/bench"
+    ),
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Measure receive, turnaround and burst against dcmtk and the bare pipeline."""
+    from dicomnode.bench.main import BenchOptions, run_bench
+
+    logs.configure("WARNING")
+    options = BenchOptions(
+        instances, rounds, turnaround, burst_studies, burst_images, models_dir, out, None, device
+    )
+    run_bench(options, console)
+
+
 def main() -> None:
     try:
         app()

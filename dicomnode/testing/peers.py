@@ -63,6 +63,8 @@ class CollectingSCP:
     port: int = field(default_factory=free_port)
     status: int = 0x0000
     received: list[Dataset] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    """``time.monotonic()`` of each received dataset, in the order of ``received``."""
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -72,6 +74,7 @@ class CollectingSCP:
             dataset.file_meta = event.file_meta
             with self._lock:
                 self.received.append(dataset)
+                self.arrivals.append(time.monotonic())
         return self.status
 
     def start(self) -> CollectingSCP:

@@ -1,0 +1,166 @@
+"""Run the benchmark, print the table and write ``var/bench/<timestamp>.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dicomnode.bench import run
+from dicomnode.bench.bare import bare_loop, model_limit
+from dicomnode.bench.data import make_studies
+from dicomnode.models.registry import LoadedCard, ModelRegistry
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.values import BodyPart
+
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    instances: int = 200
+    rounds: int = 2
+    turnaround_studies: int = 20
+    burst_studies: int = 50
+    burst_images: int = 4
+    models_dir: Path = Path("models")
+    out_dir: Path = Path("var/bench")
+    work_dir: Path | None = None
+    device: str = "cpu"
+
+
+def _model(options: BenchOptions, scratch: Path) -> tuple[Path, LoadedCard, str]:
+    """The shipped knee model, or a tiny untrained one when none is installed (said so)."""
+    registry = (
+        ModelRegistry.load(options.models_dir) if options.models_dir.is_dir() else ModelRegistry()
+    )
+    loaded = registry.for_body_part(BodyPart.KNEE)
+    if loaded is not None:
+        return options.models_dir, loaded, f"{loaded.card.name} {loaded.card.version}"
+    tiny = scratch / "models"
+    make_tiny_model(tiny / "tiny-knee", num_classes=5)
+    loaded = ModelRegistry.load(tiny).for_body_part(BodyPart.KNEE)
+    assert loaded is not None
+    return tiny, loaded, "tiny-knee (untrained; no knee model installed)"
+
+
+def _machine() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "processor": platform.processor(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    names = ("dicomnode", "torch", "pynetdicom", "pydicom", "highdicom", "sqlalchemy")
+    return {name: metadata.version(name) for name in names}
+
+
+def run_bench(options: BenchOptions, console: Console) -> Path:
+    scratch = Path(tempfile.mkdtemp(prefix="dicomnode-bench-", dir=options.work_dir))
+    try:
+        models_dir, loaded, model_name = _model(options, scratch)
+        console.print(f"model: {model_name}; device: {options.device}; scratch: {scratch}")
+        figures: dict[str, Any] = {}
+        console.print(f"receive: {options.instances} instances x {options.rounds} rounds, 1 sender")
+        figures["receive_1"] = run.receive(
+            scratch, models_dir, options.instances, options.rounds, 1
+        )
+        console.print("receive: 4 concurrent senders")
+        figures["receive_4"] = run.receive(
+            scratch, models_dir, options.instances, options.rounds, 4
+        )
+        console.print(f"turnaround: {options.turnaround_studies} one-image studies")
+        figures["turnaround"] = run.turnaround(scratch, models_dir, options.turnaround_studies)
+        console.print(f"burst: {options.burst_studies} studies x {options.burst_images} images")
+        figures["burst"] = run.burst(
+            scratch, models_dir, options.burst_studies, options.burst_images
+        )
+        bare_data = make_studies(scratch / "bare-data", options.burst_studies, options.burst_images)
+        figures["bare"] = bare_loop(bare_data, loaded, 8, options.device, UID_ROOT)
+        figures["model_limit"] = model_limit(loaded, 8, options.device, bare_data[0].files[0])
+        figures["burst"]["ratio_node_over_bare"] = (
+            figures["burst"]["images_per_s"] / figures["bare"]["images_per_s"]
+        )
+        result = {
+            "time": datetime.now(UTC).isoformat(),
+            "machine": _machine(),
+            "versions": _versions(),
+            "settings": {**options.__dict__, "model": model_name},
+            "figures": figures,
+        }
+        path = _write(result, options.out_dir)
+        console.print(table(figures))
+        console.print(f"written {path}")
+        return path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(result: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
+
+
+def table(figures: dict[str, Any]) -> Table:
+    out = Table("figure", "value", "target", title="dicomnode benchmark")
+    for key in ("receive_1", "receive_4"):
+        r = figures[key]
+        size = r["megabytes"] / r["instances"]
+        label = f"receive, {r['senders']} sender(s), {r['instances']} x {size:.0f} MB"
+        out.add_row(
+            f"{label}: storescp files/s, MB/s",
+            f"{r['files_per_s']['storescp']:.1f}, {r['mb_per_s']['storescp']:.0f}",
+            "",
+        )
+        out.add_row(
+            f"{label}: dicomnode files/s, MB/s",
+            f"{r['files_per_s']['dicomnode']:.1f}, {r['mb_per_s']['dicomnode']:.0f}",
+            "",
+        )
+        out.add_row(
+            f"{label}: ratio node / storescp", f"{r['ratio_node_over_storescp']:.2f}", ">= 1.0"
+        )
+    t = figures["turnaround"]
+    out.add_row(
+        f"turnaround to SR, {t['studies']} studies: median / p95 s",
+        f"{t['sr_median']:.2f} / {t['sr_p95']:.2f}",
+        "<= 3.0 / 5.0",
+    )
+    b = figures["burst"]
+    out.add_row(
+        f"burst {b['studies']} studies x {b['images'] // b['studies']}: seconds, images/s",
+        f"{b['seconds']:.1f}, {b['images_per_s']:.2f}",
+        "",
+    )
+    out.add_row("bare loop images/s", f"{figures['bare']['images_per_s']:.2f}", "")
+    out.add_row("burst / bare loop", f"{b['ratio_node_over_bare']:.2f}", ">= 0.9")
+    out.add_row(
+        "raw model limit (forward + Grad-CAM) images/s",
+        f"{figures['model_limit']['images_per_s']:.1f}",
+        "",
+    )
+    for stage, seconds in figures["bare"]["stage_seconds_per_image"].items():
+        out.add_row(f"  stage {stage}, s/image", f"{seconds:.3f}", "")
+    out.add_row(
+        "peak RSS of all node processes during the burst, MB", f"{b['peak_rss_mb']:.0f}", "<= 2000"
+    )
+    return out

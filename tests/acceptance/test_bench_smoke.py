@@ -1,0 +1,40 @@
+"""A small run of `dicomnode bench`, so the benchmark keeps working. Figures are printed, not asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dicomnode.bench.main import BenchOptions, run_bench
+
+pytestmark = [
+    pytest.mark.acceptance,
+    pytest.mark.skipif(not Path("/usr/bin/storescp").exists(), reason="dcmtk"),
+]
+
+
+def test_bench_smoke_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = BenchOptions(
+        instances=3,
+        rounds=1,
+        turnaround_studies=2,
+        burst_studies=2,
+        burst_images=1,
+        models_dir=tmp_path / "no-models",
+        out_dir=tmp_path / "bench",
+        work_dir=tmp_path,
+    )
+    path = run_bench(options, Console(width=160))
+    result = json.loads(path.read_text())
+    figures = result["figures"]
+    assert set(figures) == {"receive_1", "receive_4", "turnaround", "burst", "bare", "model_limit"}
+    assert figures["receive_1"]["files_per_s"]["dicomnode"] > 0
+    assert len(figures["turnaround"]["sr_seconds"]) == 2
+    assert figures["burst"]["images"] == 2 and figures["burst"]["peak_rss_mb"] > 0
+    assert "untrained" in result["settings"]["model"]
+    assert result["versions"]["torch"].startswith("2.14.1")
