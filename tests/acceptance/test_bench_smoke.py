@@ -1,4 +1,4 @@
-"""A small run of `dicomnode bench` keeps the benchmark working; figures are printed, not asserted."""
+"""A small run of `dicomnode bench` keeps the benchmark working; figures printed, not asserted."""
 
 from __future__ import annotations
 
