@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,49 @@ def test_port_in_use_is_a_clear_error(pacs_and_node: tuple[Orthanc, NodeProcess]
     result = node.cli("serve", check=False)
     assert result.returncode == 2
     assert "cannot listen" in result.stderr and str(node.port) in result.stderr
+
+
+def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> None:
+    """`serve` with no workers receives and schedules; `dicomnode worker` (a GPU host) runs the jobs."""
+    node_port = free_port()
+    orthanc = Orthanc(
+        tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
+    ).start()
+    node = NodeProcess.create(
+        tmp_path / "node",
+        models,
+        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+        destinations=["PACS"],
+        extra={"workers": {"count": 0}},
+    )
+    node.config["node"]["port"] = node.port = node_port
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        node.start()
+        source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
+        study_id = orthanc.upload(source)["ParentStudy"]
+        orthanc.send_study("dicomnode", study_id)
+        wait_for(lambda: _infer_job(node) == ("queued", 0), 60, what="a queued job with no worker")
+        command = [
+            sys.executable,
+            "-m",
+            "dicomnode.cli",
+            "--config",
+            str(node.config_path),
+            "worker",
+            "--count",
+            "1",
+        ]
+        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(
+            lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+            120,
+            interval=0.5,
+            what="results produced by the separate worker",
+        )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        node.stop()
+        orthanc.stop()

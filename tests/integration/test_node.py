@@ -20,6 +20,7 @@ from dicomnode.db.schema import Instance, Job, Output
 from dicomnode.db.session import Database
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import PeerInfo, add_peer
+from dicomnode.queue.retry import RetryPolicy
 from dicomnode.receive import statuses
 from dicomnode.receive.scp import start_scp
 from dicomnode.studies import schedule_ready
@@ -253,3 +254,21 @@ def test_dead_destination_gets_results_once_it_is_back(node: Node) -> None:
     )
     assert node.count(Job, kind="send", state="done") == 2
     assert node.count(Output) == 2
+
+
+def test_refusing_destination_ends_dead_with_the_reason_then_retry_delivers(node: Node) -> None:
+    from dicomnode.queue.jobs import requeue
+
+    node.collector.status = 0xA700  # the peer answers "out of resources" to every C-STORE
+    node.worker.send_policy = RetryPolicy(2, 0.1, 0.2)
+    node.send(make_radiograph(body_part="KNEE"))
+    wait_for(lambda: node.count(Job, kind="send", state="dead") == 2, 60, what="dead send jobs")
+    with node.db.session() as s:
+        errors = {j.last_error for j in s.execute(select(Job).where(Job.kind == "send")).scalars()}
+        attempts = {j.attempts for j in s.execute(select(Job).where(Job.kind == "send")).scalars()}
+    assert errors == {"peer returned status 0xA700"}
+    assert attempts == {2}
+    node.collector.status = 0x0000
+    with node.db.session() as s:
+        assert requeue(s) == 2
+    wait_for(lambda: len(node.collector.received) == 2, 60, what="delivery after retry")
