@@ -158,7 +158,7 @@ def test_port_in_use_is_a_clear_error(pacs_and_node: tuple[Orthanc, NodeProcess]
 
 
 def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> None:
-    """`serve` with no workers receives and schedules; `dicomnode worker` (a GPU host) runs the jobs."""
+    """`serve` with no workers receives; `dicomnode worker` (say, a GPU host) runs the jobs."""
     node_port = free_port()
     orthanc = Orthanc(
         tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
