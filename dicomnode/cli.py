@@ -320,6 +320,7 @@ def bench(
     turnaround: Annotated[int, typer.Option("--turnaround", help="one-image studies timed")] = 20,
     burst_studies: Annotated[int, typer.Option(help="studies sent at once")] = 50,
     burst_images: Annotated[int, typer.Option(help="images per burst study")] = 4,
+    pacs_studies: Annotated[int, typer.Option(help="studies timed through Orthanc (0: skip)")] = 10,
     models_dir: Annotated[Path, typer.Option("--models-dir")] = Path("models"),
     out: Annotated[Path, typer.Option("--out", help="folder for the JSON result")] = Path(
         "var/bench"
@@ -331,7 +332,15 @@ def bench(
 
     logs.configure("WARNING")
     options = BenchOptions(
-        instances, rounds, turnaround, burst_studies, burst_images, models_dir, out, None, device
+        instances=instances,
+        rounds=rounds,
+        turnaround_studies=turnaround,
+        burst_studies=burst_studies,
+        burst_images=burst_images,
+        pacs_studies=pacs_studies,
+        models_dir=models_dir,
+        out_dir=out,
+        device=device,
     )
     run_bench(options, console)
 

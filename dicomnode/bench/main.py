@@ -22,6 +22,7 @@ from dicomnode.bench.bare import bare_loop, model_limit
 from dicomnode.bench.data import make_studies
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.peers import Orthanc
 from dicomnode.values import BodyPart
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -34,6 +35,7 @@ class BenchOptions:
     turnaround_studies: int = 20
     burst_studies: int = 50
     burst_images: int = 4
+    pacs_studies: int = 10
     models_dir: Path = Path("models")
     out_dir: Path = Path("var/bench")
     work_dir: Path | None = None
@@ -88,6 +90,9 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
         )
         console.print(f"turnaround: {options.turnaround_studies} one-image studies")
         figures["turnaround"] = run.turnaround(scratch, models_dir, options.turnaround_studies)
+        if options.pacs_studies and Orthanc.available():
+            console.print(f"PACS turnaround: {options.pacs_studies} one-image studies from Orthanc")
+            figures["pacs"] = run.pacs_turnaround(scratch, models_dir, options.pacs_studies)
         console.print(f"burst: {options.burst_studies} studies x {options.burst_images} images")
         figures["burst"] = run.burst(
             scratch, models_dir, options.burst_studies, options.burst_images
@@ -145,6 +150,13 @@ def table(figures: dict[str, Any]) -> Table:
         f"{t['sr_median']:.2f} / {t['sr_p95']:.2f}",
         "<= 3.0 / 5.0",
     )
+    if "pacs" in figures:
+        p = figures["pacs"]
+        out.add_row(
+            f"Orthanc -> node -> SR stored in Orthanc, {p['studies']} studies: median / p95 s",
+            f"{p['sr_median']:.2f} / {p['sr_p95']:.2f}",
+            "",
+        )
     b = figures["burst"]
     out.add_row(
         f"burst {b['studies']} studies x {b['images'] // b['studies']}: seconds, images/s",

@@ -22,7 +22,14 @@ import psutil
 
 from dicomnode.bench.data import Study, all_files, make_studies
 from dicomnode.testing.node import NodeProcess
-from dicomnode.testing.peers import LOOPBACK, CollectingSCP, free_port, wait_for, wait_for_port
+from dicomnode.testing.peers import (
+    LOOPBACK,
+    CollectingSCP,
+    Orthanc,
+    free_port,
+    wait_for,
+    wait_for_port,
+)
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -248,4 +255,52 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         "peak_rss_mb": peak,
         "rss_after_mb": after,
         "files": [str(f) for f in files[:0]],
+    }
+
+
+def _orthanc_has_sr(orthanc: Orthanc, study_id: str) -> bool:
+    return any(
+        orthanc.instance_tags(i["ID"]).get("SOPClassUID") == SR_CLASS
+        for i in orthanc.study_instances(study_id)
+    )
+
+
+def pacs_turnaround(workdir: Path, models: Path, studies: int) -> dict[str, Any]:
+    """Orthanc sends a one-image study to the node; seconds until Orthanc has stored the SR."""
+    node_port = free_port()
+    orthanc = Orthanc(
+        workdir / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
+    ).start()
+    node = NodeProcess.create(
+        workdir / "node-pacs",
+        models,
+        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+        destinations=["PACS"],
+    )
+    node.config["node"]["port"] = node.port = node_port
+    node.config["study"]["settle_seconds"] = 2
+    node.config["workers"].update({"lease_seconds": 30, "poll_seconds": 0.2, "device": "auto"})
+    times: list[float] = []
+    try:
+        node.start()
+        ids = [
+            orthanc.upload(s.files[0])["ParentStudy"]
+            for s in make_studies(workdir / "pacs-data", studies + 1, 1)
+        ]
+        for index, study_id in enumerate(ids):
+            start = time.monotonic()
+            orthanc.send_study("dicomnode", study_id)
+            wait_for(
+                functools.partial(_orthanc_has_sr, orthanc, study_id), 300, interval=0.05, what="SR"
+            )
+            if index:  # the first study warms the worker up (model load)
+                times.append(time.monotonic() - start)
+    finally:
+        node.stop()
+        orthanc.stop()
+    return {
+        "studies": studies,
+        "sr_seconds": times,
+        "sr_median": statistics.median(times),
+        "sr_p95": _p95(times),
     }

@@ -32,7 +32,16 @@ def test_bench_smoke_writes_every_figure(
     path = run_bench(options, Console(width=160))
     result = json.loads(path.read_text())
     figures = result["figures"]
-    assert set(figures) == {"receive_1", "receive_4", "turnaround", "burst", "bare", "model_limit"}
+    assert set(figures) == {
+        "receive_1",
+        "receive_4",
+        "turnaround",
+        "pacs",
+        "burst",
+        "bare",
+        "model_limit",
+    }
+    assert len(figures["pacs"]["sr_seconds"]) == 1
     assert figures["receive_1"]["files_per_s"]["dicomnode"] > 0
     assert len(figures["turnaround"]["sr_seconds"]) == 2
     assert figures["burst"]["images"] == 2 and figures["burst"]["peak_rss_mb"] > 0
