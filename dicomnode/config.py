@@ -114,7 +114,7 @@ class WorkerSettings(_Section):
     lease_seconds: float = Field(
         30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this"
     )
-    poll_seconds: float = Field(0.2, gt=0, le=10, description="idle wait between queue polls")
+    poll_seconds: float = Field(0.1, gt=0, le=10, description="idle wait between queue polls")
     threads: int = Field(0, ge=0, description="torch threads per worker, 0 = torch default")
 
 

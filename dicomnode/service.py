@@ -2,7 +2,8 @@
 
 The main process receives (SCP threads), decides when studies are ready, and
 restarts any worker process that dies (its running jobs are released at once
-so they run again). SIGTERM or SIGINT stops everything cleanly.
+so they run again). SIGTERM or SIGINT stops everything cleanly. The main
+process never imports torch: models live in the worker processes only.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from dicomnode.queue.jobs import release_worker
 from dicomnode.receive.scp import start_scp
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
-from dicomnode.worker import Worker
 
 log = logging.getLogger(__name__)
-SCHEDULER_INTERVAL = 0.2
+SCHEDULER_INTERVAL = 0.1
 
 
 def open_database(settings: Settings) -> Database:
@@ -50,7 +50,9 @@ def load_registry(settings: Settings) -> ModelRegistry:
 
 
 def worker_main(settings: Settings, index: int) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process (torch is imported here, never in the receiving process)."""
+    from dicomnode.worker import Worker
+
     logs.configure(settings.logging.level, settings.logging.json_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _apply_threads(settings)
