@@ -1,20 +1,24 @@
 """The Storage SCP: association policy and thin C-ECHO / C-STORE handlers.
 
-The C-STORE handler only validates the header, writes the received bytes as
-they came (no re-encoding, no pixel decoding) and records the instance; a
-success status means both are durable. Everything else happens in workers.
+pynetdicom writes the received bytes to a file as they arrive (no decoding,
+no re-encoding); the C-STORE handler only validates the header, fsyncs and
+renames that file and records the instance; a success status means both are
+durable. Everything else happens in workers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import tempfile
 import threading
 import uuid
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom import dcmread
 from pydicom import uid as uids
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -45,6 +49,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 """Transfer syntaxes accepted for every storage SOP class."""
 
+INCOMING_PREFIX = ".receiving-"
 _NOBODY = "~" * 17
 """An AE title longer than 16 characters: matches no caller (pynetdicom treats [] as 'anyone')."""
 
@@ -103,13 +108,13 @@ class StoreHandlers:
             return statuses.OUT_OF_RESOURCES
 
     def _store(self, event: evt.Event, calling_ae: str, association_id: str) -> int:
-        ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
         request = cast(C_STORE, event.request)
+        received = Path(event.dataset_path)  # written by pynetdicom as the data arrived
+        ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
         try:
-            dataset = event.dataset
-            facts = facts_from_dataset(
-                dataset, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID)
-            )
+            header = dcmread(received, stop_before_pixels=True)
+            transfer_syntax = str(event.context.transfer_syntax)
+            facts = facts_from_dataset(header, transfer_syntax, str(request.AffectedSOPClassUID))
         except InvalidInstanceError as exc:
             log.warning("C-STORE rejected (0xC001) from %s: %s", calling_ae, exc)
             return statuses.MISSING_UID
@@ -122,8 +127,7 @@ class StoreHandlers:
             return statuses.CANNOT_UNDERSTAND
         if facts.sop_class_uid != str(request.AffectedSOPClassUID):
             log.warning(
-                "C-STORE rejected (0xA900): SOP Class in dataset differs from the request (%s)",
-                facts.sop_uid,
+                "C-STORE rejected (0xA900): SOP Class differs from the request (%s)", facts.sop_uid
             )
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
         if facts.sop_uid != str(request.AffectedSOPInstanceUID).strip():
@@ -132,13 +136,11 @@ class StoreHandlers:
                 facts.sop_uid,
             )
             return statuses.MISSING_UID
-        encoded = event.encoded_dataset(include_meta=True)
-        ensure_free_space(self.data_dir, self.settings.storage.min_free_mb, len(encoded))
         outcome = store_instance(
             self.db,
             self.data_dir,
             facts,
-            encoded,
+            received,
             calling_ae=calling_ae,
             association_id=association_id,
         )
@@ -179,6 +181,23 @@ class StoreHandlers:
         ]
 
 
+def receive_into(folder: Path) -> None:
+    """Have pynetdicom write incoming datasets straight to files in ``folder``.
+
+    The bytes go to disk as the P-DATA fragments arrive (no in-memory copy,
+    no re-encoding); the C-STORE handler then only reads the header, fsyncs
+    and renames. ``folder`` must be on the same volume as the data folder.
+    Files left there by a crash are removed at start-up: none was acknowledged.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(INCOMING_PREFIX + "*"):
+        leftover.unlink(missing_ok=True)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment,attr-defined]
+        tempfile.NamedTemporaryFile, dir=folder, prefix=INCOMING_PREFIX
+    )
+
+
 def build_ae(settings: Settings, db: Database) -> NodeAE:
     """The node's AE with its supported contexts and time-outs."""
     ae = NodeAE(settings, db)
@@ -194,6 +213,7 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
 
 def start_scp(settings: Settings, db: Database) -> ThreadedAssociationServer:
     """Start listening (non-blocking); raises :class:`OSError` when the port is taken."""
+    receive_into(Path(settings.storage.data_dir) / "incoming")
     ae = build_ae(settings, db)
     handlers = StoreHandlers(settings, db)
     server = ae.start_server(

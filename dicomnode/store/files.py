@@ -9,6 +9,7 @@ after :func:`checked_uid` has accepted them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -76,10 +77,36 @@ def write_durably(path: Path, chunks: bytes | list[bytes]) -> int:
         _fsync_dir(path.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
+        if exc.errno == errno.ENOSPC:
             raise StorageFullError(f"disk full while writing {path.name}") from exc
         raise StorageError(f"cannot write {path.name}: {exc.strerror}") from exc
     return sum(len(p) for p in parts)
+
+
+def fsync_file(path: Path) -> int:
+    """Flush a file that another writer produced to disk; return its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    except OSError as exc:
+        raise StorageError(f"cannot flush {path.name}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def move_durably(source: Path, target: Path) -> None:
+    """Rename an fsync-ed file into place and fsync the folder (copy when across volumes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise StorageError(f"cannot move {source.name} into place: {exc.strerror}") from exc
+        write_durably(target, source.read_bytes())
+        source.unlink()
+        return
+    _fsync_dir(target.parent)
 
 
 def instance_path(data_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:

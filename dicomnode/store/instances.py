@@ -14,7 +14,13 @@ from dicomnode.db.schema import Association, Instance
 from dicomnode.db.session import Database
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.queue.jobs import utcnow
-from dicomnode.store.files import checked_uid, instance_path, remove_quietly, write_durably
+from dicomnode.store.files import (
+    checked_uid,
+    fsync_file,
+    instance_path,
+    move_durably,
+    remove_quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +92,32 @@ def store_instance(
     db: Database,
     data_dir: Path,
     facts: InstanceFacts,
-    encoded: bytes,
+    received: Path,
     *,
     calling_ae: str,
     association_id: str,
 ) -> StoreOutcome:
-    """Write ``encoded`` durably, then record it; a known SOP Instance UID is stored once.
+    """Move the received file into place durably and record it, in one transaction.
 
-    The file is on disk (fsync + rename) before the record commits; if the
-    commit fails the file is removed again, so a success status always means
-    both.
+    ``received`` is the file the SCP wrote while the data arrived (same volume
+    as ``data_dir``). It is fsync-ed first; then, holding the database write
+    lock, a known SOP Instance UID is left alone (the first copy is kept), a
+    new one is renamed into place, its folder fsync-ed and its row committed.
+    If the commit fails the file is removed again, so a success status always
+    means both.
     """
     path = instance_path(data_dir, facts.study_uid, facts.series_uid, facts.sop_uid)
-    with db.session() as session:
-        if already_stored(session, facts.sop_uid):
-            return StoreOutcome(facts.sop_uid, True, path)
-    size = write_durably(path, encoded)
+    size = fsync_file(received)
     try:
         with db.session() as session:
             if already_stored(session, facts.sop_uid):
                 return StoreOutcome(facts.sop_uid, True, path)
+            move_durably(received, path)
             _ensure_association(session, association_id, calling_ae)
             session.add(_record(facts, path, size, calling_ae, association_id))
     except Exception:
-        remove_quietly(path)
+        if not received.exists():
+            remove_quietly(path)
         raise
     return StoreOutcome(facts.sop_uid, False, path)
 

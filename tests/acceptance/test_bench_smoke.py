@@ -16,15 +16,14 @@ pytestmark = [
 ]
 
 
-def test_bench_smoke_writes_every_figure(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     options = BenchOptions(
         instances=3,
         rounds=1,
         turnaround_studies=2,
         burst_studies=2,
         burst_images=1,
+        pacs_studies=1,
         models_dir=tmp_path / "no-models",
         out_dir=tmp_path / "bench",
         work_dir=tmp_path,
