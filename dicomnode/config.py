@@ -92,6 +92,9 @@ class ResultsSettings(_Section):
         (),
         description="peers that receive results; empty: the calling AE when it is a known peer",
     )
+    overlay_max_size: int = Field(
+        2048, ge=0, description="longest side of the overlay in pixels (0: the original size)"
+    )
 
 
 class StudySettings(_Section):

@@ -64,7 +64,12 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
         analysed = pipeline.analyse(predictors[key], [prepared])[0]
         if analysed.result is None:
             raise DicomNodeError(f"{path}: the model returned no result")
-        sc = pipeline.make_sc(analysed, uid_root=settings.node.uid_root, instance_number=number)
+        sc = pipeline.make_sc(
+            analysed,
+            uid_root=settings.node.uid_root,
+            instance_number=number,
+            max_size=settings.results.overlay_max_size,
+        )
         target = out / f"SC_{sc.SOPInstanceUID}.dcm"
         sc.save_as(target, enforce_file_format=True)
         finding = analysed.result.findings[0]

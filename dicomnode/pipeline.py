@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 
 from dicomnode import __version__, uids
-from dicomnode.encode.render import render_overlay
+from dicomnode.encode.render import downscaled, render_overlay
 from dicomnode.encode.sc import encode_sc
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
@@ -91,14 +91,17 @@ def analyse(predictor: Predictor, prepared: Sequence[Prepared]) -> list[Analysed
     return [Analysed(p, next(results) if p.image is not None else None) for p in prepared]
 
 
-def make_sc(analysed: Analysed, *, uid_root: str, instance_number: int) -> pydicom.Dataset:
-    """The Secondary Capture overlay of one analysed image."""
+def make_sc(
+    analysed: Analysed, *, uid_root: str, instance_number: int, max_size: int = 0
+) -> pydicom.Dataset:
+    """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``)."""
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
+    image, shown = downscaled(prepared.image, result, max_size)
     return encode_sc(
         header,
-        render_overlay(prepared.image, result),
+        render_overlay(image, shown),
         result,
         series_uid=uids.sc_series_uid(
             uid_root, str(header.StudyInstanceUID), model.name, model.version

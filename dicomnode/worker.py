@@ -167,7 +167,10 @@ class Worker:
         output: tuple[pydicom.Dataset, Path] | None = None
         if item.result is not None:
             sc = pipeline.make_sc(
-                item, uid_root=self.settings.node.uid_root, instance_number=number
+                item,
+                uid_root=self.settings.node.uid_root,
+                instance_number=number,
+                max_size=self.settings.results.overlay_max_size,
             )
             path = output_path(
                 self.settings.storage.data_dir,

@@ -17,7 +17,7 @@ import torch
 
 from dicomnode import pipeline
 from dicomnode.bench.data import Study
-from dicomnode.encode.render import render_overlay
+from dicomnode.encode.render import downscaled, render_overlay
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.models.inference import Predictor, prepare_input
 from dicomnode.models.registry import LoadedCard
@@ -48,10 +48,10 @@ def bare_loop(
         for number, item in enumerate(analysed, start=1):
             assert item.prepared.image is not None and item.result is not None
             mark = time.perf_counter()
-            render_overlay(item.prepared.image, item.result)
+            render_overlay(*downscaled(item.prepared.image, item.result, 2048))
             stages["overlay"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            sc = pipeline.make_sc(item, uid_root=uid_root, instance_number=number)
+            sc = pipeline.make_sc(item, uid_root=uid_root, instance_number=number, max_size=2048)
             _encode(sc)
             stages["overlay+sc encoding"] += time.perf_counter() - mark
             items.append(SrImageItem(source=item.prepared.header, sc=sc, result=item.result))

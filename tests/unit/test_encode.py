@@ -512,3 +512,26 @@ def test_sr_refuses_images_of_several_studies() -> None:
 def test_sr_refuses_no_images() -> None:
     with pytest.raises(EncodeError, match="at least one"):
         make_sr([])
+
+
+def test_downscaled_overlay_keeps_findings_in_place() -> None:
+    from dicomnode.encode.render import downscaled
+    from dicomnode.values import Finding, PreparedImage, Region
+
+    pixels = np.zeros((3000, 2400), dtype=np.float32)
+    heat = np.zeros_like(pixels)
+    heat[1500:1600, 1200:1300] = 1.0
+    image = PreparedImage(pixels=pixels, laterality="R")
+    coded = CodedClass(0, "a", "A", "99DICOMNODE", "A")
+    finding = Finding(coded, (1.0,), heat, (1250.0, 1550.0), Region(1000, 1000, 2000, 2000))
+    model = ModelIdentity("m", "1", "0" * 64, False)
+    result = ImageResult(model, (coded,), (finding,))
+    small, shrunk = downscaled(image, result, 1500)
+    assert small.pixels.shape == (1500, 1200)
+    (f,) = shrunk.findings
+    assert f.heatmap.shape == (1500, 1200)
+    assert f.peak == (625.0, 775.0)
+    assert (f.region.x0, f.region.y0, f.region.x1, f.region.y1) == (500, 500, 1000, 1000)
+    row, column = np.unravel_index(np.argmax(f.heatmap), f.heatmap.shape)
+    assert 745 <= row <= 805 and 595 <= column <= 655
+    assert downscaled(image, result, 0) == (image, result)
