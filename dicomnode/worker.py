@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -115,22 +116,52 @@ class Worker:
             "job %s (%s) attempt %s failed -> %s: %s", job.id, job.kind, job.attempts, state, error
         )
 
-    # -- infer --------------------------------------------------------------
-    def _infer_step(self) -> bool:
-        jobs = self._claim(q.JobKind.INFER, self.settings.workers.batch_size)
+    def _run(
+        self,
+        kind: q.JobKind,
+        limit: int,
+        work: Callable[[list[q.ClaimedJob]], None],
+        policy: RetryPolicy,
+    ) -> bool:
+        """Claim up to ``limit`` jobs of ``kind`` and run ``work`` on them under a lease.
+
+        An error that escapes ``work`` fails every claimed job with the error
+        as the reason (retried with ``policy``, then dead).
+        """
+        jobs = self._claim(kind, limit)
         if not jobs:
             return False
         with self._leased(jobs):
             try:
-                self._infer(jobs)
-            except DicomNodeError as exc:
-                for job in jobs:
-                    self._fail(job, str(exc), self.job_policy)
+                work(jobs)
             except Exception as exc:
-                log.exception("inference batch failed")
+                if not isinstance(exc, DicomNodeError):
+                    log.exception("%s jobs %s failed", kind, [j.id for j in jobs])
+                reason = (
+                    str(exc) if isinstance(exc, DicomNodeError) else f"{type(exc).__name__}: {exc}"
+                )
                 for job in jobs:
-                    self._fail(job, f"{type(exc).__name__}: {exc}", self.job_policy)
+                    self._fail(job, reason, policy)
         return True
+
+    def _write_output(self, dataset: pydicom.Dataset) -> Path:
+        """Write a result object durably under the data folder; return its path."""
+        path = output_path(
+            self.settings.storage.data_dir,
+            str(dataset.StudyInstanceUID),
+            str(dataset.SeriesInstanceUID),
+            str(dataset.SOPInstanceUID),
+        )
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        write_durably(path, buffer.getvalue())
+        return path
+
+    # -- infer --------------------------------------------------------------
+    def _infer_step(self) -> bool:
+        return self._run(
+            q.JobKind.INFER, self.settings.workers.batch_size, self._infer, self.job_policy
+        )
 
     def predictor(self, group_key: str) -> Predictor:
         """The loaded model for ``name:version`` (loaded once per worker)."""
@@ -172,14 +203,7 @@ class Worker:
                 instance_number=number,
                 max_size=self.settings.results.overlay_max_size,
             )
-            path = output_path(
-                self.settings.storage.data_dir,
-                str(sc.StudyInstanceUID),
-                str(sc.SeriesInstanceUID),
-                str(sc.SOPInstanceUID),
-            )
-            _save(sc, path)
-            output = (sc, path)
+            output = (sc, self._write_output(sc))
         with self.db.session() as session:
             _record_result(session, job, item, output)
             q.complete(session, job.id, self.worker_id)
@@ -188,17 +212,7 @@ class Worker:
 
     # -- report -------------------------------------------------------------
     def _report_step(self) -> bool:
-        jobs = self._claim(q.JobKind.REPORT, 1)
-        if not jobs:
-            return False
-        job = jobs[0]
-        with self._leased(jobs):
-            try:
-                self._report(job)
-            except Exception as exc:
-                log.exception("report job %s failed", job.id)
-                self._fail(job, f"{type(exc).__name__}: {exc}", self.job_policy)
-        return True
+        return self._run(q.JobKind.REPORT, 1, lambda jobs: self._report(jobs[0]), self.job_policy)
 
     def _report(self, job: q.ClaimedJob) -> None:
         assert job.report_id is not None
@@ -219,13 +233,7 @@ class Worker:
             sequence=report.sequence,
             predecessor=predecessor,
         )
-        path = output_path(
-            self.settings.storage.data_dir,
-            str(sr.StudyInstanceUID),
-            str(sr.SeriesInstanceUID),
-            str(sr.SOPInstanceUID),
-        )
-        _save(sr, path)
+        path = self._write_output(sr)
         with self.db.session() as session:
             session.merge(
                 Output(
@@ -321,17 +329,7 @@ class Worker:
 
     # -- send ---------------------------------------------------------------
     def _send_step(self) -> bool:
-        jobs = self._claim(q.JobKind.SEND, SEND_BATCH)
-        if not jobs:
-            return False
-        with self._leased(jobs):
-            try:
-                self._send(jobs)
-            except Exception as exc:
-                log.exception("send batch failed")
-                for job in jobs:
-                    self._fail(job, f"{type(exc).__name__}: {exc}", self.send_policy)
-        return True
+        return self._run(q.JobKind.SEND, SEND_BATCH, self._send, self.send_policy)
 
     def _send(self, jobs: Sequence[q.ClaimedJob]) -> None:
         peer_name = jobs[0].peer or ""
@@ -373,14 +371,6 @@ def _output(session: Session, job: q.ClaimedJob) -> Output:
     if row is None:
         raise DicomNodeError(f"job {job.id}: output {job.sop_instance_uid} is not recorded")
     return row
-
-
-def _save(dataset: pydicom.Dataset, path: Path) -> None:
-    from io import BytesIO
-
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    write_durably(path, buffer.getvalue())
 
 
 def _record_result(

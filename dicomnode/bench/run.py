@@ -21,7 +21,8 @@ from typing import Any
 import psutil
 
 from dicomnode.bench.data import Study, all_files, make_studies
-from dicomnode.testing.node import NodeProcess
+from dicomnode.config import Settings
+from dicomnode.testing.node import NodeProcess, orthanc_and_node
 from dicomnode.testing.peers import (
     LOOPBACK,
     CollectingSCP,
@@ -134,6 +135,16 @@ def receive(workdir: Path, models: Path, count: int, rounds: int, senders: int) 
     }
 
 
+def default_runtime() -> dict[str, dict[str, Any]]:
+    """Shipped defaults of the latency settings (the test helpers use faster ones)."""
+    defaults = Settings()
+    return {
+        "study": defaults.study.model_dump(),
+        "workers": defaults.workers.model_dump(),
+        "send": defaults.send.model_dump(),
+    }
+
+
 def _node_with_collector(
     workdir: Path, models: Path, extra: dict[str, Any] | None = None
 ) -> tuple[NodeProcess, CollectingSCP]:
@@ -145,17 +156,7 @@ def _node_with_collector(
         destinations=["DEST"],
         extra=extra,
     )
-    defaults = {
-        "study": {"settle_seconds": 2},
-        "workers": {
-            "count": 1,
-            "batch_size": 8,
-            "device": "auto",
-            "lease_seconds": 30,
-            "poll_seconds": 0.2,
-        },
-    }
-    for section, values in defaults.items():
+    for section, values in default_runtime().items():
         node.config[section].update(values)
     for section, values in (extra or {}).items():
         node.config.setdefault(section, {}).update(values)
@@ -201,7 +202,7 @@ def turnaround(workdir: Path, models: Path, studies: int) -> dict[str, Any]:
         collector.stop()
     return {
         "studies": studies,
-        "settle_seconds": 2,
+        "settle_seconds": Settings().study.settle_seconds,
         "sr_seconds": sr_times,
         "sc_seconds": sc_times,
         "sr_median": statistics.median(sr_times),
@@ -267,19 +268,7 @@ def _orthanc_has_sr(orthanc: Orthanc, study_id: str) -> bool:
 
 def pacs_turnaround(workdir: Path, models: Path, studies: int) -> dict[str, Any]:
     """Orthanc sends a one-image study to the node; seconds until Orthanc has stored the SR."""
-    node_port = free_port()
-    orthanc = Orthanc(
-        workdir / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
-    ).start()
-    node = NodeProcess.create(
-        workdir / "node-pacs",
-        models,
-        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
-        destinations=["PACS"],
-    )
-    node.config["node"]["port"] = node.port = node_port
-    node.config["study"]["settle_seconds"] = 2
-    node.config["workers"].update({"lease_seconds": 30, "poll_seconds": 0.2, "device": "auto"})
+    orthanc, node = orthanc_and_node(workdir / "pacs", models, extra=default_runtime())
     times: list[float] = []
     try:
         node.start()

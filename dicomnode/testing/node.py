@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from dicomnode.config import Settings, load_settings
-from dicomnode.testing.peers import LOOPBACK, free_port, wait_for_port
+from dicomnode.testing.peers import LOOPBACK, Orthanc, free_port, wait_for_port
 
 
 def node_config(
@@ -90,12 +90,13 @@ class NodeProcess:
         peers: dict[str, tuple[str, int]],
         destinations: list[str],
         extra: dict[str, Any] | None = None,
+        port: int | None = None,
     ) -> NodeProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         config = node_config(
             workdir,
             models_dir,
-            port=free_port(),
+            port=port or free_port(),
             peers=peers,
             destinations=destinations,
             extra=extra,
@@ -161,3 +162,22 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def orthanc_and_node(
+    workdir: Path, models_dir: Path, extra: dict[str, Any] | None = None
+) -> tuple[Orthanc, NodeProcess]:
+    """A started Orthanc that knows the node as modality ``dicomnode``, and a node (not
+    started yet) that sends its results to that Orthanc as peer ``PACS``."""
+    node_port = free_port()
+    orthanc = Orthanc(workdir / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)})
+    orthanc.start()
+    node = NodeProcess.create(
+        workdir / "node",
+        models_dir,
+        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+        destinations=["PACS"],
+        extra=extra,
+        port=node_port,
+    )
+    return orthanc, node

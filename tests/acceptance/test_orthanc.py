@@ -15,8 +15,8 @@ import pytest
 
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
-from dicomnode.testing.node import NodeProcess
-from dicomnode.testing.peers import Orthanc, free_port, wait_for
+from dicomnode.testing.node import NodeProcess, orthanc_and_node
+from dicomnode.testing.peers import Orthanc, wait_for
 
 pytestmark = [
     pytest.mark.acceptance,
@@ -35,18 +35,7 @@ def models(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
-    node_port = free_port()
-    orthanc = Orthanc(
-        tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
-    ).start()
-    node = NodeProcess.create(
-        tmp_path / "node",
-        models,
-        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
-        destinations=["PACS"],
-    )
-    node.config["node"]["port"] = node_port
-    node.port = node_port
+    orthanc, node = orthanc_and_node(tmp_path, models)
     node.start()
     yield orthanc, node
     node.stop()
@@ -159,18 +148,7 @@ def test_port_in_use_is_a_clear_error(pacs_and_node: tuple[Orthanc, NodeProcess]
 
 def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> None:
     """`serve` with no workers receives; `dicomnode worker` (say, a GPU host) runs the jobs."""
-    node_port = free_port()
-    orthanc = Orthanc(
-        tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)}
-    ).start()
-    node = NodeProcess.create(
-        tmp_path / "node",
-        models,
-        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
-        destinations=["PACS"],
-        extra={"workers": {"count": 0}},
-    )
-    node.config["node"]["port"] = node.port = node_port
+    orthanc, node = orthanc_and_node(tmp_path, models, extra={"workers": {"count": 0}})
     worker: subprocess.Popen[bytes] | None = None
     try:
         node.start()
