@@ -22,7 +22,7 @@ from dicomnode.db.session import Database
 from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
-from dicomnode.queue.jobs import release_worker
+from dicomnode.queue.jobs import release_worker, running_workers
 from dicomnode.receive.scp import start_scp
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
@@ -118,6 +118,19 @@ class Supervisor:
                 process.join()
 
 
+def _release_dead_local_workers(db: Database) -> None:
+    """Jobs of this host's stopped workers become claimable now, not after their lease."""
+    import psutil
+
+    prefix = f"{_hostname()}:"
+    with db.session() as session:
+        for worker_id in running_workers(session):
+            pid = worker_id.removeprefix(prefix)
+            if worker_id.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
+                released = release_worker(session, worker_id)
+                log.info("released %d job(s) of stopped worker %s", released, worker_id)
+
+
 def _hostname() -> str:
     import os
 
@@ -130,6 +143,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     with db.session() as session:
         sync_config_peers(session, dict(settings.peers))
     registry = load_registry(settings)
+    _release_dead_local_workers(db)
     reopened = release_all_open(db)
     if reopened:
         log.info("%d association(s) left open by the previous run are closed", reopened)

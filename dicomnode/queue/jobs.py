@@ -254,6 +254,12 @@ def release_worker(session: Session, worker_id: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def running_workers(session: Session) -> list[str]:
+    """Worker ids that hold running jobs."""
+    statement = select(Job.worker_id).where(Job.state == JobState.RUNNING).distinct()
+    return [w for w in session.execute(statement).scalars() if w]
+
+
 def requeue(
     session: Session,
     job_ids: Sequence[int] | None = None,

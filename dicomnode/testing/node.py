@@ -149,6 +149,13 @@ class NodeProcess:
                 continue
         return pids
 
+    def kill(self) -> None:
+        """SIGKILL the node and every process it started (a power cut, as far as it can tell)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
     def stop(self) -> None:
         if self.process is None:
             return

@@ -179,3 +179,25 @@ def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> 
             worker.wait(30)
         node.stop()
         orthanc.stop()
+
+
+def test_whole_node_killed_mid_job_resumes_after_restart(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    orthanc, node = pacs_and_node
+    source = write_dataset(
+        make_radiograph(body_part="KNEE", rows=3000, columns=2500), tmp_path / "k.dcm"
+    )
+    study_id = orthanc.upload(source)["ParentStudy"]
+    orthanc.send_study("dicomnode", study_id)
+    wait_for(lambda: _infer_job(node) == ("running", 1), 60, interval=0.01, what="the job running")
+    node.kill()
+    node.start()
+    wait_for(
+        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+        60,
+        interval=0.5,
+        what="results after the node restarted",
+    )
+    assert _infer_job(node) == ("done", 2)
+    assert "released 1 job(s) of stopped worker" in node.log()

@@ -176,3 +176,13 @@ def test_claim_uses_skip_locked_on_postgresql() -> None:
         q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1")
     assert "FOR UPDATE SKIP LOCKED" in captured[0]
     assert "RETURNING" in captured[0]
+
+
+def test_running_workers_lists_holders_of_running_jobs(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1"), _spec("1.2")])
+    with db.session() as s:
+        q.claim(s, q.JobKind.INFER, "host:1", 30)
+        q.claim(s, q.JobKind.INFER, "host:2", 30)
+    with db.session() as s:
+        assert sorted(q.running_workers(s)) == ["host:1", "host:2"]
