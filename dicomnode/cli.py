@@ -321,6 +321,7 @@ def bench(
     burst_studies: Annotated[int, typer.Option(help="studies sent at once")] = 50,
     burst_images: Annotated[int, typer.Option(help="images per burst study")] = 4,
     pacs_studies: Annotated[int, typer.Option(help="studies timed through Orthanc (0: skip)")] = 10,
+    soak: Annotated[int, typer.Option(help="small images for the memory soak (0: skip)")] = 1000,
     models_dir: Annotated[Path, typer.Option("--models-dir")] = Path("models"),
     out: Annotated[Path, typer.Option("--out", help="folder for the JSON result")] = Path(
         "var/bench"
@@ -338,6 +339,7 @@ def bench(
         burst_studies=burst_studies,
         burst_images=burst_images,
         pacs_studies=pacs_studies,
+        soak_images=soak,
         models_dir=models_dir,
         out_dir=out,
         device=device,

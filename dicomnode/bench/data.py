@@ -14,6 +14,9 @@ from dicomnode.testing.images import make_radiograph, write_dataset
 SIZES: tuple[tuple[int, int, int], ...] = ((2500, 2048, 12), (3000, 3000, 16))
 """(rows, columns, bits stored) of the generated instances, used in turn."""
 
+SMALL: tuple[tuple[int, int, int], ...] = ((512, 512, 12),)
+"""Small instances for the memory soak (many images quickly)."""
+
 
 @dataclass(frozen=True)
 class Study:
@@ -21,19 +24,24 @@ class Study:
     files: tuple[Path, ...]
 
 
-def _templates(body_part: str) -> list[pydicom.Dataset]:
+def _templates(body_part: str, sizes: tuple[tuple[int, int, int], ...]) -> list[pydicom.Dataset]:
     return [
         make_radiograph(rows=r, columns=c, bits_stored=b, body_part=body_part, seed=i)
-        for i, (r, c, b) in enumerate(SIZES)
+        for i, (r, c, b) in enumerate(sizes)
     ]
 
 
 def make_studies(
-    folder: Path, studies: int, per_study: int, *, body_part: str = "KNEE", sizes: int = len(SIZES)
+    folder: Path,
+    studies: int,
+    per_study: int,
+    *,
+    body_part: str = "KNEE",
+    sizes: tuple[tuple[int, int, int], ...] = SIZES,
 ) -> list[Study]:
     """Write ``studies`` x ``per_study`` instances with fresh UIDs into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    templates = _templates(body_part)[:sizes]
+    templates = _templates(body_part, sizes)
     made: list[Study] = []
     count = 0
     for _ in range(studies):

@@ -36,6 +36,7 @@ class BenchOptions:
     burst_studies: int = 50
     burst_images: int = 4
     pacs_studies: int = 10
+    soak_images: int = 1000
     models_dir: Path = Path("models")
     out_dir: Path = Path("var/bench")
     work_dir: Path | None = None
@@ -97,6 +98,11 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
         figures["burst"] = run.burst(
             scratch, models_dir, options.burst_studies, options.burst_images
         )
+        if options.soak_images:
+            console.print(f"memory soak: {options.soak_images} small one-image studies")
+            figures["soak"] = run.soak(
+                scratch, models_dir, options.soak_images, min(100, options.soak_images)
+            )
         bare_data = make_studies(scratch / "bare-data", options.burst_studies, options.burst_images)
         figures["bare"] = bare_loop(bare_data, loaded, 8, options.device, UID_ROOT)
         figures["model_limit"] = model_limit(loaded, 8, options.device, bare_data[0].files[0])

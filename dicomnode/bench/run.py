@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from dicomnode.bench.data import Study, all_files, make_studies
+from dicomnode.bench.data import SMALL, Study, all_files, make_studies
 from dicomnode.config import Settings
 from dicomnode.testing.node import NodeProcess, orthanc_and_node
 from dicomnode.testing.peers import (
@@ -255,7 +255,40 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         "images_per_s": len(files) / seconds,
         "peak_rss_mb": peak,
         "rss_after_mb": after,
-        "files": [str(f) for f in files[:0]],
+    }
+
+
+def _wait_for_srs(collector: CollectingSCP, count: int, timeout: float) -> None:
+    def enough() -> bool:
+        return sum(str(d.SOPClassUID) == SR_CLASS for d in list(collector.received)) >= count
+
+    wait_for(enough, timeout, interval=0.2, what=f"{count} SRs")
+
+
+def soak(workdir: Path, models: Path, images: int, checkpoint: int = 100) -> dict[str, Any]:
+    """Small one-image studies through one node: RSS after ``checkpoint`` images and at the end."""
+    data = make_studies(workdir / "soak-data", images, 1, sizes=SMALL)
+    node, collector = _node_with_collector(workdir / "node-soak", models)
+    try:
+        assert node.process is not None
+        root = psutil.Process(node.process.pid)
+        first = [s.files[0] for s in data[:checkpoint]]
+        send(node.port, "DICOMNODE", first)
+        _wait_for_srs(collector, len(first), 1800)
+        at_checkpoint = _rss_mb(root)
+        send(node.port, "DICOMNODE", [s.files[0] for s in data[checkpoint:]], senders=2)
+        _wait_for_srs(collector, len(data), 3600)
+        at_end = _rss_mb(root)
+    finally:
+        node.stop()
+        collector.stop()
+        shutil.rmtree(workdir / "soak-data", ignore_errors=True)
+    return {
+        "images": images,
+        "checkpoint": checkpoint,
+        "rss_at_checkpoint_mb": at_checkpoint,
+        "rss_at_end_mb": at_end,
+        "growth": at_end / at_checkpoint - 1,
     }
 
 
