@@ -106,10 +106,12 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     statement = (
-        insert(Job).values(rows).on_conflict_do_nothing(index_elements=["kind", "dedupe_key"])
+        insert(Job)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["kind", "dedupe_key"])
+        .returning(Job.id)
     )
-    result = session.execute(statement)
-    return int(getattr(result, "rowcount", 0) or 0)
+    return len(session.execute(statement).all())
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:

@@ -12,6 +12,7 @@ import pytest
 
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
 pytestmark = pytest.mark.acceptance
 
@@ -25,11 +26,6 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=300,
         env={**os.environ, "COLUMNS": "250"},
     )
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_predict_writes_valid_sc_and_sr(tmp_path: Path) -> None:
@@ -60,8 +56,8 @@ def test_predict_writes_valid_sc_and_sr(tmp_path: Path) -> None:
     scs, srs = sorted(out.glob("SC_*.dcm")), sorted(out.glob("SR_*.dcm"))
     assert len(scs) == 2 and len(srs) == 1
     for path in [*scs, *srs]:
-        assert _dciodvfy_errors(path) == []
-    dump = subprocess.run(["/usr/bin/dsrdump", str(srs[0])], capture_output=True, text=True)
+        assert dciodvfy_errors(path) == []
+    dump = dsrdump(srs[0])
     assert dump.returncode == 0 and "tiny-hand" in dump.stdout
     sc = pydicom.dcmread(scs[0])
     assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"

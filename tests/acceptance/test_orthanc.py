@@ -17,6 +17,7 @@ from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import NodeProcess, orthanc_and_node
 from dicomnode.testing.peers import Orthanc, wait_for
+from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
 pytestmark = [
     pytest.mark.acceptance,
@@ -55,12 +56,6 @@ def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
     return None if row is None else (str(row[0]), int(row[1]))
 
 
-def _validate(path: Path) -> None:
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-    assert errors == [], errors
-
-
 def test_orthanc_study_gets_sc_and_sr_back(
     pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
 ) -> None:
@@ -82,9 +77,9 @@ def test_orthanc_study_gets_sc_and_sr_back(
         if tags["SOPClassUID"] not in (SC_CLASS, SR_CLASS):
             continue
         path = orthanc.download(instance["ID"], tmp_path / f"{tags['SOPInstanceUID']}.dcm")
-        _validate(path)
+        assert dciodvfy_errors(path) == []
         if tags["SOPClassUID"] == SR_CLASS:
-            dump = subprocess.run(["/usr/bin/dsrdump", str(path)], capture_output=True, text=True)
+            dump = dsrdump(path)
             assert dump.returncode == 0, dump.stderr
             assert "tiny-knee" in dump.stdout
         else:

@@ -6,7 +6,6 @@ Uses the real dcmtk tools and dciodvfy (tests skip when they are not installed).
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from dicomnode.testing.images import (
     make_radiograph,
     write_dataset,
 )
+from dicomnode.testing.validate import dciodvfy_errors
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 DCMTK = shutil.which("dcmcjpeg") is not None or Path("/usr/bin/dcmcjpeg").exists()
@@ -111,14 +111,6 @@ def test_compressed_dataset_in_memory(sources: dict[str, Path], tmp_path: Path) 
     np.testing.assert_array_equal(prepare_dataset(ds).pixels, _prepared(sources["16bit"]))
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    completed = subprocess.run(
-        [str(DCIODVFY), str(path)], capture_output=True, text=True, check=False, timeout=60
-    )
-    lines = (completed.stdout + completed.stderr).splitlines()
-    return [line for line in lines if "Error" in line]
-
-
 @pytest.mark.skipif(not DCIODVFY.exists(), reason="dicom3tools dciodvfy is not installed")
 @pytest.mark.parametrize(
     "kwargs",
@@ -134,4 +126,4 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 )
 def test_builder_passes_dciodvfy(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     path = write_dataset(make_radiograph(**kwargs), tmp_path / "image.dcm")
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []

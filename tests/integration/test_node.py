@@ -3,110 +3,32 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output
-from dicomnode.db.session import Database
-from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import PeerInfo, add_peer
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.receive import statuses
 from dicomnode.receive.scp import start_scp
-from dicomnode.studies import schedule_ready
 from dicomnode.testing.images import make_radiograph, write_dataset
-from dicomnode.testing.models import make_tiny_model
-from dicomnode.testing.node import make_settings
+from dicomnode.testing.inprocess import SENDER, InProcessNode
 from dicomnode.testing.peers import CollectingSCP, wait_for
-from dicomnode.worker import Worker
+from dicomnode.testing.validate import dciodvfy_errors
 
-SENDER = "MODALITY"
-
-
-@dataclass
-class Node:
-    settings: Settings
-    db: Database
-    collector: CollectingSCP
-    worker: Worker
-    stop: threading.Event
-
-    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
-        ae = AE(ae_title=calling_ae)
-        for ds in datasets:
-            ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-        assoc = ae.associate(
-            "127.0.0.1", self.settings.node.port, ae_title=self.settings.node.ae_title
-        )
-        assert assoc.is_established, "association was not accepted"
-        codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
-        assoc.release()
-        return codes
-
-    def count(self, model: type, **where: object) -> int:
-        with self.db.session() as s:
-            statement = select(func.count()).select_from(model)
-            for key, value in where.items():
-                statement = statement.where(getattr(model, key) == value)
-            return int(s.execute(statement).scalar_one())
+Node = InProcessNode
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    from dicomnode.db.migrate import upgrade
-    from dicomnode.testing.peers import free_port
-
-    collector = CollectingSCP(ae_title="PACS").start()
-    settings = make_settings(
-        tmp_path,
-        node={"port": free_port(), "host": "127.0.0.1"},
-        peers={
-            "PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": collector.port},
-            "MOD": {"ae_title": SENDER, "host": "127.0.0.1", "port": 1},
-        },
-        results={"destinations": ["PACS"]},
-    )
-    make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
-    upgrade(settings.database.url)
-    db = Database(settings.database.url)
-    from dicomnode.peers import sync_config_peers
-
-    with db.session() as s:
-        sync_config_peers(s, dict(settings.peers))
-    registry = ModelRegistry.load(settings.models.dir)
-    server = start_scp(settings, db)
-    worker = Worker(settings, db, registry, worker_id="test-worker")
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            schedule_ready(db, settings, registry)
-            if not worker.step():
-                stop.wait(0.05)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield Node(settings, db, collector, worker, stop)
-    stop.set()
-    thread.join(30)
-    server.shutdown()
-    collector.stop()
-    db.dispose()
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    run = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    started = InProcessNode.start(tmp_path)
+    yield started
+    started.close()
 
 
 def test_study_comes_back_as_sc_and_sr(
@@ -122,7 +44,7 @@ def test_study_comes_back_as_sc_and_sr(
         assert ds.StudyInstanceUID == image.StudyInstanceUID
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        assert _dciodvfy_errors(path) == []
+        assert dciodvfy_errors(path) == []
     sr = next(
         d for d in node.collector.received if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     )

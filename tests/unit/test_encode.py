@@ -26,6 +26,7 @@ from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, r
 from dicomnode.encode import codes as dn
 from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
 from dicomnode.errors import EncodeError
+from dicomnode.testing.validate import dciodvfy_errors
 from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
 
 ROWS, COLUMNS = 256, 300
@@ -181,11 +182,6 @@ def make_sr(items: list[SrImageItem], predecessor: Dataset | None = None) -> Dat
 
 
 # Validators ----------------------------------------------------------------
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=30)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
 
 def dump(tool: str, path: Path) -> str:

@@ -1,0 +1,104 @@
+"""The whole node in one process: real SCP, database, scheduler and a worker thread.
+
+Integration tests use it with SQLite (default) or PostgreSQL (``database_url``);
+results go to a real :class:`~dicomnode.testing.peers.CollectingSCP` named PACS.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from dicomnode.config import Settings
+from dicomnode.db.migrate import upgrade
+from dicomnode.db.session import Database
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.peers import sync_config_peers
+from dicomnode.receive.scp import start_scp
+from dicomnode.studies import schedule_ready
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.node import make_settings
+from dicomnode.testing.peers import LOOPBACK, CollectingSCP, free_port
+from dicomnode.worker import Worker
+
+SENDER = "MODALITY"
+
+
+@dataclass
+class InProcessNode:
+    settings: Settings
+    db: Database
+    collector: CollectingSCP
+    worker: Worker
+    server: Any
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, tmp_path: Path, database_url: str | None = None) -> InProcessNode:
+        """A node with a tiny 5-class knee model that sends results to its collector."""
+        collector = CollectingSCP(ae_title="PACS").start()
+        sections: dict[str, dict[str, Any]] = {
+            "node": {"port": free_port(), "host": LOOPBACK},
+            "peers": {
+                "PACS": {"ae_title": "PACS", "host": LOOPBACK, "port": collector.port},
+                "MOD": {"ae_title": SENDER, "host": LOOPBACK, "port": 1},
+            },
+            "results": {"destinations": ["PACS"]},
+        }
+        if database_url:
+            sections["database"] = {"url": database_url}
+        settings = make_settings(tmp_path, **sections)
+        make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
+        upgrade(settings.database.url)
+        db = Database(settings.database.url)
+        with db.session() as session:
+            sync_config_peers(session, dict(settings.peers))
+        registry = ModelRegistry.load(settings.models.dir)
+        worker = Worker(settings, db, registry, worker_id="test-worker")
+        node = cls(settings, db, collector, worker, start_scp(settings, db))
+        node.thread = threading.Thread(target=node._loop, args=(registry,), daemon=True)
+        node.thread.start()
+        return node
+
+    def _loop(self, registry: ModelRegistry) -> None:
+        while not self.stop.is_set():
+            schedule_ready(self.db, self.settings, registry)
+            if not self.worker.step():
+                self.stop.wait(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+        self.server.shutdown()
+        self.collector.stop()
+        self.db.dispose()
+
+    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
+        """C-STORE ``datasets`` over one association; the statuses."""
+        ae = AE(ae_title=calling_ae)
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate(
+            LOOPBACK, self.settings.node.port, ae_title=self.settings.node.ae_title
+        )
+        assert assoc.is_established, "association was not accepted"
+        codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        assoc.release()
+        return codes
+
+    def count(self, model: type, **where: object) -> int:
+        """Rows of ``model`` matching ``where`` (column=value)."""
+        with self.db.session() as session:
+            statement = select(func.count()).select_from(model)
+            for key, value in where.items():
+                statement = statement.where(getattr(model, key) == value)
+            return int(session.execute(statement).scalar_one())
