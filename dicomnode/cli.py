@@ -314,6 +314,20 @@ def evaluate(
 
 
 @app.command()
+def explain(
+    model_dir: Path,
+    image: Path,
+    method: Annotated[str, typer.Option(help="gradcam or shap")] = "gradcam",
+    out: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("explanation.png"),
+) -> None:
+    """Explain one image with Grad-CAM or SHAP and write the overlay as a PNG."""
+    from dicomnode.offline import explain_file
+
+    logs.configure("WARNING")
+    console.print(f"written {explain_file(model_dir, image, method, out)}")
+
+
+@app.command()
 def bench(
     instances: Annotated[int, typer.Option(help="instances for the receive test")] = 200,
     rounds: Annotated[int, typer.Option(help="alternating rounds per receive comparison")] = 2,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -100,3 +101,29 @@ def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "sha256" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["gradcam", "shap"])
+def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
+    from PIL import Image
+
+    make_tiny_model(tmp_path / "m", num_classes=3)
+    source = tmp_path / "knee.png"
+    picture = make_radiograph(rows=200, columns=160, bits_stored=8).pixel_array
+    Image.fromarray(picture.astype("uint8")).save(source)
+    out = tmp_path / f"{method}.png"
+    result = _cli(
+        "explain",
+        str(tmp_path / "m"),
+        str(source),
+        "--method",
+        method,
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    overlay = np.asarray(Image.open(out))
+    assert overlay.shape == (200, 160, 3)
+    coloured = (overlay.max(axis=2).astype(int) - overlay.min(axis=2)) > 40
+    assert coloured.mean() > 0.01  # heat colours are drawn over the grey image
