@@ -27,6 +27,25 @@ class Placement:
     rows: int
     columns: int
 
+    @property
+    def scale(self) -> float:
+        """Source pixels per model-input pixel (the mean of both axes)."""
+        return (self.source_columns / self.columns + self.source_rows / self.rows) / 2
+
+    def source_point(self, x: float, y: float) -> tuple[float, float]:
+        """A model-input point (continuous pixel units: pixel k spans [k, k + 1)) on the source."""
+        return (
+            (x - self.left) * self.source_columns / self.columns,
+            (y - self.top) * self.source_rows / self.rows,
+        )
+
+    def input_point(self, x: float, y: float) -> tuple[float, float]:
+        """A source point in the model input: the inverse of :meth:`source_point`."""
+        return (
+            self.left + x * self.columns / self.source_columns,
+            self.top + y * self.rows / self.source_rows,
+        )
+
 
 def _tensor(array: FloatArray) -> torch.Tensor:
     """A (1, 1, H, W) float32 tensor of a 2-D array, sharing memory only when it is writable.

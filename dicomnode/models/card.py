@@ -18,6 +18,7 @@ Example::
       - {index: 0, name: KL0, code: {value: KL0, scheme: 99DICOMNODE, meaning: KL grade 0}}
     gradcam: {target_layer: conv_head}
     weights: {file: model.safetensors, sha256: "<64 hex>"}
+    localiser: {file: localiser.safetensors, sha256: "<64 hex>", threshold: 0.5}  # optional
     temperature: 1.0
     intended_use: ...
     training_data: ...
@@ -103,6 +104,19 @@ class WeightsSpec(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class LocaliserSpec(_Frozen):
+    """The joint localiser of a card with ``preprocessing.localiser: knee``.
+
+    ``file``: its safetensors file beside the card; ``sha256``: the file's
+    checksum; ``threshold``: the heatmap peak height below which a joint is
+    reported as uncertain (see :mod:`dicomnode.models.localise`).
+    """
+
+    file: str = "localiser.safetensors"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
 class EnsembleMember(_Frozen):
     """A member of an ensemble card: a sibling model directory and its per-class weights."""
 
@@ -123,6 +137,7 @@ class ModelCard(_Frozen):
     classes: tuple[ClassSpec, ...] = Field(min_length=2)
     gradcam: GradCamSpec
     weights: WeightsSpec
+    localiser: LocaliserSpec | None = None
     temperature: float = Field(default=1.0, gt=0)
     finding_class_minimum: int = Field(
         default=1, ge=0, description="first class index that counts as a positive finding"
@@ -140,6 +155,18 @@ class ModelCard(_Frozen):
         if [c.index for c in classes] != list(range(len(classes))):
             raise ValueError("class indices must be 0, 1, ... in order")
         return classes
+
+    @model_validator(mode="after")
+    def _localiser_block(self) -> ModelCard:
+        wanted = self.preprocessing.localiser != "none"
+        if wanted and self.localiser is None:
+            raise ValueError(
+                f"preprocessing.localiser {self.preprocessing.localiser!r} needs a localiser "
+                "block (file, sha256, threshold)"
+            )
+        if not wanted and self.localiser is not None:
+            raise ValueError("a localiser block needs preprocessing.localiser: knee")
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -190,15 +217,20 @@ def load_card(directory: Path, *, verify: bool = True) -> ModelCard:
 
 
 def verify_weights(directory: Path, card: ModelCard) -> None:
-    """Refuse weights that are missing or whose sha256 differs from the card."""
-    weights = directory / card.weights.file
-    if not weights.is_file():
-        raise ModelError(f"model {card.name}: weights file {weights} is missing")
-    actual = sha256_of(weights)
-    if actual != card.weights.sha256:
+    """Refuse weights (and a localiser) that are missing or whose sha256 differs from the card."""
+    _verify_file(directory / card.weights.file, card.weights.sha256, f"model {card.name}: weights")
+    if card.localiser is not None:
+        path = directory / card.localiser.file
+        _verify_file(path, card.localiser.sha256, f"model {card.name}: localiser")
+
+
+def _verify_file(path: Path, sha256: str, what: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"{what} file {path} is missing")
+    actual = sha256_of(path)
+    if actual != sha256:
         raise ModelError(
-            f"model {card.name}: weights {weights.name} have sha256 {actual}, "
-            f"the card says {card.weights.sha256}; refusing to load"
+            f"{what} {path.name} have sha256 {actual}, the card says {sha256}; refusing to load"
         )
 
 
@@ -217,6 +249,8 @@ def write_card(directory: Path, card: ModelCard) -> Path:
     """Write ``card`` as ``directory/model.yaml`` (used by training and tests)."""
     directory.mkdir(parents=True, exist_ok=True)
     data = card.model_dump(mode="json")
+    if data.get("localiser") is None:
+        data.pop("localiser", None)  # cards without a localiser read as before
     path = directory / CARD_FILE
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path

@@ -8,6 +8,13 @@ bytes loaded, eval mode, frozen parameters) and then classifies batches:
     logits --softmax(logits / temperature)--> probabilities
     cams --to_source_geometry--> heatmap on the original pixels --> peak
 
+A card with ``preprocessing.localiser: knee`` first runs its knee-joint
+localiser (:mod:`dicomnode.models.localise`) on each image; every joint found
+becomes one square crop of the prepared pixels (black where the square leaves
+the image), all crops of a batch go through the classifier and Grad-CAM
+together, and each gives one finding whose heatmap is placed back on the whole
+image (zero outside the joint's region).
+
 Evaluation calls :meth:`Predictor.forward_probabilities` and
 :func:`prepare_input`, so reported metrics come from the same numbers the node
 sends.
@@ -20,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +43,7 @@ from dicomnode.explain.gradcam import CamBatch, grad_cam, peak
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
 from dicomnode.models.architectures import build_model, target_layer
 from dicomnode.models.card import ModelCard, identity
+from dicomnode.models.localise import KneeLocaliser, crop_region
 from dicomnode.values import (
     CodedClass,
     Finding,
@@ -105,7 +114,9 @@ class Predictor:
     device:
         Where the network runs.
     batch_size:
-        The most images per forward pass.
+        The most images (or joint crops) per forward pass.
+    localiser:
+        The card's knee-joint localiser (it runs on the CPU), or ``None``.
     """
 
     def __init__(
@@ -115,6 +126,7 @@ class Predictor:
         model: nn.Module,
         device: torch.device,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        localiser: KneeLocaliser | None = None,
     ) -> None:
         if batch_size < 1:
             raise ModelError(f"batch_size must be at least 1, got {batch_size}")
@@ -123,6 +135,7 @@ class Predictor:
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.localiser = localiser
         self.identity: ModelIdentity = identity(card)
         self.classes: tuple[CodedClass, ...] = card.coded_classes()
         self._lock = threading.Lock()
@@ -153,14 +166,11 @@ class Predictor:
         ------
         ModelError
             If the card asks for an unavailable feature, the architecture is
-            unknown, the weights are missing, do not match the card's sha256 or
-            do not fit the network (the message names the keys), or the
-            Grad-CAM layer does not exist.
+            unknown, the weights (or the localiser) are missing, do not match the
+            card's sha256 or do not fit the network (the message names the
+            keys), or the Grad-CAM layer does not exist.
         """
-        if card.preprocessing.localiser != "none":
-            raise ModelError(
-                f"localiser {card.preprocessing.localiser!r} is not available in this version"
-            )
+        localiser = _load_localiser(directory, card)
         target = resolve_device(device)
         spec = card.architecture
         model = build_model(spec.name, card.input.channels, card.num_classes, spec.params)
@@ -173,13 +183,16 @@ class Predictor:
             "model loaded",
             extra={"model": card.name, "version": card.version, "device": str(target)},
         )
-        return cls(directory, card, model, target, batch_size)
+        return cls(directory, card, model, target, batch_size, localiser)
 
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         """Classify and explain ``images``, one :class:`ImageResult` each, in order.
 
         Images are processed in chunks of at most ``batch_size``; each chunk
-        is one forward and one backward pass.
+        is one forward and one backward pass (with a localiser: one localiser
+        pass, then the chunk's joint crops in passes of at most ``batch_size``).
+        Without a localiser each result has one finding for the whole image;
+        with one, a finding per joint, left to right.
 
         Raises
         ------
@@ -215,47 +228,122 @@ class Predictor:
 
     def _predict_chunk(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         started = time.perf_counter()
-        prepared = [prepare_input(self.card, image.pixels) for image in images]
-        batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
-        cams = grad_cam(self.model, self.card.gradcam.target_layer, batch)
-        if not bool(torch.isfinite(cams.logits).all()):
-            sources = ", ".join(image.source or "?" for image in images)
-            raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
-        probs = probabilities(cams.logits, self.card.temperature)
-        results = [
-            self._result(image, placement, probs[i], cams, i)
-            for i, (image, (_, placement)) in enumerate(zip(images, prepared, strict=True))
-        ]
+        views = self._views(images)
+        findings: list[list[Finding]] = [[] for _ in images]
+        for start in range(0, len(views), self.batch_size):
+            part = views[start : start + self.batch_size]
+            for view, finding in zip(part, self._classify(images, part), strict=True):
+                findings[view.image].append(finding)
         logger.debug(
             "batch classified",
             extra={
                 "model": self.card.name,
                 "images": len(images),
+                "regions": len(views),
                 "seconds": time.perf_counter() - started,
             },
         )
-        return results
+        return [
+            ImageResult(model=self.identity, classes=self.classes, findings=tuple(found))
+            for found in findings
+        ]
 
-    def _result(
+    def _views(self, images: Sequence[PreparedImage]) -> list[_View]:
+        """What the classifier sees: each whole image, or each joint the localiser finds."""
+        if self.localiser is None:
+            return [
+                _View(i, image.pixels, Region(0, 0, image.columns, image.rows), image.laterality)
+                for i, image in enumerate(images)
+            ]
+        joints = self.localiser.locate_batch(images)
+        return [
+            _View(i, crop_region(image.pixels, j.region), j.region, j.laterality, j.uncertain)
+            for i, (image, found) in enumerate(zip(images, joints, strict=True))
+            for j in found
+        ]
+
+    def _classify(self, images: Sequence[PreparedImage], views: Sequence[_View]) -> list[Finding]:
+        """One forward and backward pass over ``views``: a finding each."""
+        prepared = [prepare_input(self.card, view.pixels) for view in views]
+        batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
+        cams = grad_cam(self.model, self.card.gradcam.target_layer, batch)
+        if not bool(torch.isfinite(cams.logits).all()):
+            sources = ", ".join(dict.fromkeys(images[v.image].source or "?" for v in views))
+            raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
+        probs = probabilities(cams.logits, self.card.temperature)
+        return [
+            self._finding(images[view.image], view, placement, probs[i], cams, i)
+            for i, (view, (_, placement)) in enumerate(zip(views, prepared, strict=True))
+        ]
+
+    def _finding(
         self,
         image: PreparedImage,
+        view: _View,
         placement: Placement,
         probs: npt.NDArray[np.float64],
         cams: CamBatch,
         index: int,
-    ) -> ImageResult:
-        heatmap = to_source_geometry(cams.cams[index], placement).astype(np.float32, copy=False)
-        finding = Finding(
+    ) -> Finding:
+        local = to_source_geometry(cams.cams[index], placement).astype(np.float32, copy=False)
+        heatmap, visible = _on_image(local, view.region, image)
+        column, row = peak(heatmap[visible.y0 : visible.y1, visible.x0 : visible.x1])
+        return Finding(
             # The argmax of the logits is the argmax of softmax(logits / T), T > 0;
             # taking it from the cam keeps the heatmap and the prediction in step.
             predicted=self.classes[cams.classes[index]],
             probabilities=tuple(float(p) for p in probs),
             heatmap=heatmap,
-            peak=peak(heatmap),
-            region=Region(0, 0, image.columns, image.rows),
-            laterality=image.laterality,
+            peak=(column + visible.x0, row + visible.y0),
+            region=visible,
+            laterality=view.laterality,
+            localisation_uncertain=view.uncertain,
         )
-        return ImageResult(model=self.identity, classes=self.classes, findings=(finding,))
+
+
+@dataclass(frozen=True, eq=False)
+class _View:
+    """The pixels the classifier sees for one finding, and where they come from.
+
+    ``region`` is the whole image, or a joint's square (which may leave the image).
+    """
+
+    image: int
+    pixels: FloatArray
+    region: Region
+    laterality: str | None
+    uncertain: bool = False
+
+
+def _on_image(local: FloatArray, region: Region, image: PreparedImage) -> tuple[FloatArray, Region]:
+    """A map of ``region`` placed on the whole image (zero elsewhere), and its visible part."""
+    visible = Region(
+        max(0, region.x0),
+        max(0, region.y0),
+        min(image.columns, region.x1),
+        min(image.rows, region.y1),
+    )
+    if visible == region == Region(0, 0, image.columns, image.rows):
+        return local, visible
+    heatmap = np.zeros((image.rows, image.columns), dtype=np.float32)
+    heatmap[visible.y0 : visible.y1, visible.x0 : visible.x1] = local[
+        visible.y0 - region.y0 : visible.y1 - region.y0,
+        visible.x0 - region.x0 : visible.x1 - region.x0,
+    ]
+    return heatmap, visible
+
+
+def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:
+    """The card's knee localiser (sha256 checked), ``None`` when the card has none."""
+    if card.preprocessing.localiser == "none":
+        return None
+    if card.localiser is None:
+        raise ModelError(
+            f"model {card.name}: localiser {card.preprocessing.localiser!r} is not available "
+            "in this version of the card: it has no localiser block (file, sha256, threshold)"
+        )
+    spec = card.localiser
+    return KneeLocaliser.load(directory / spec.file, spec.sha256, threshold=spec.threshold)
 
 
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

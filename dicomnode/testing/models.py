@@ -4,16 +4,24 @@
 trained one (weights file, sha256, coded classes, Grad-CAM layer), so the whole
 pipeline can run without the real models. Its outputs mean nothing, and its
 card says so.
+
+``make_tiny_model(..., localiser=True)`` adds a knee localiser that is not
+trained either: :func:`write_blob_localiser` sets its weights by hand so that
+it marks the centre of each bright blob on a dark background. Two bright
+discs side by side give two joints (left ``R``, right ``L``), so node tests
+can exercise the multi-finding path deterministically.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
 from dicomnode.models.card import (
@@ -22,15 +30,22 @@ from dicomnode.models.card import (
     CodeSpec,
     GradCamSpec,
     InputSpec,
+    LocaliserSpec,
     ModelCard,
     PreprocessingSpec,
     WeightsSpec,
     sha256_of,
     write_card,
 )
+from dicomnode.models.localise import LocaliserNet, save_localiser
 from dicomnode.values import BodyPart
 
 WEIGHTS_FILE = "model.safetensors"
+LOCALISER_FILE = "localiser.safetensors"
+
+# Heat logits of the blob localiser: gain * (summed blurred brightness) + offset.
+_BLOB_GAIN = 2.0
+_BLOB_OFFSET = -4.0
 TEST_SCHEME = "99DICOMNODE"
 
 # SNOMED CT qualifier values "Normal" and "Abnormal".
@@ -53,6 +68,8 @@ def make_tiny_model(
     channels: Literal[1, 3] = 3,
     temperature: float = 1.0,
     resize: Literal["stretch", "letterbox"] = "stretch",
+    localiser: bool = False,
+    localiser_threshold: float = 0.5,
 ) -> ModelCard:
     """Write an untrained model with a valid card into ``directory`` and return the card.
 
@@ -79,6 +96,9 @@ def make_tiny_model(
         The card's ``synthetic_training_data`` flag.
     channels, temperature, resize:
         Copied into the card.
+    localiser, localiser_threshold:
+        Add a hand-set blob localiser (:func:`write_blob_localiser`) as
+        ``localiser.safetensors`` and ``preprocessing.localiser: knee``.
 
     Returns
     -------
@@ -89,6 +109,12 @@ def make_tiny_model(
     arch_params = dict(params) if params is not None else _default_params(architecture)
     directory.mkdir(parents=True, exist_ok=True)
     _save_weights(directory / WEIGHTS_FILE, architecture, channels, num_classes, arch_params, seed)
+    localiser_spec = None
+    if localiser:
+        sha256 = write_blob_localiser(directory / LOCALISER_FILE)
+        localiser_spec = LocaliserSpec(
+            file=LOCALISER_FILE, sha256=sha256, threshold=localiser_threshold
+        )
     card = ModelCard(
         name=name,
         version=version,
@@ -96,10 +122,11 @@ def make_tiny_model(
         body_parts=parts,
         architecture=ArchitectureSpec(name=architecture, params=arch_params),
         input=InputSpec(size=input_size, channels=channels, mean=(0.5,), std=(0.5,)),
-        preprocessing=PreprocessingSpec(resize=resize),
+        preprocessing=PreprocessingSpec(resize=resize, localiser="knee" if localiser else "none"),
         classes=_classes(parts, num_classes),
         gradcam=GradCamSpec(target_layer=DEFAULT_TARGET_LAYERS[architecture]),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256_of(directory / WEIGHTS_FILE)),
+        localiser=localiser_spec,
         temperature=temperature,
         intended_use="Software testing only. Untrained test model with random weights; "
         "its outputs carry no clinical meaning.",
@@ -160,3 +187,29 @@ def _classes(parts: tuple[BodyPart, ...], num_classes: int) -> tuple[ClassSpec, 
         )
         for i in range(num_classes)
     )
+
+
+def write_blob_localiser(path: Path, *, side: float = 0.3) -> str:
+    """Write a hand-set (untrained) localiser that finds bright blobs; return its sha256.
+
+    Every level of a :class:`~dicomnode.models.localise.LocaliserNet` with
+    two channels carries one channel of 3 x 3 box-blurred brightness; the
+    decoder sums the levels and the heat head turns the sum into a peak at
+    the centre of each bright blob on a dark background. Every box side is
+    ``side`` times the input size. The file is the same bytes on every call.
+    """
+    network = LocaliserNet(widths=(2, 2, 2, 2, 2), head=2)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+                size = module.kernel_size[0] * module.kernel_size[1]
+                module.weight[0, 0] = 1.0 / size
+        network.heat.weight[0, 0] *= _BLOB_GAIN
+        assert network.heat.bias is not None and network.size.bias is not None
+        network.heat.bias.fill_(_BLOB_OFFSET)
+        network.size.weight.zero_()
+        network.size.bias.fill_(math.log(side))
+    return save_localiser(network, path)
