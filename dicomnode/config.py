@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
+from dicomnode.validation import describe_validation_error
 
 ENV_PREFIX = "DICOMNODE_"
 AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
@@ -266,14 +267,6 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return result
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(settings)"
-        lines.append(f"{key}: {item['msg']}")
-    return "; ".join(lines)
-
-
 def load_settings(
     path: Path | None = None,
     *,
@@ -288,4 +281,6 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         source = f" (from {path})" if path else ""
-        raise ConfigError(f"invalid configuration{source}: {_describe(exc)}") from exc
+        raise ConfigError(
+            f"invalid configuration{source}: {describe_validation_error(exc, '(settings)')}"
+        ) from exc

@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ModelError
+from dicomnode.validation import describe_validation_error
 from dicomnode.values import BodyPart, CodedClass, ModelIdentity
 
 CARD_FILE = "model.yaml"
@@ -188,14 +189,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(card)"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def load_card(directory: Path, *, verify: bool = True) -> ModelCard:
     """Read and validate ``directory/model.yaml``; check the weights' sha256 when ``verify``."""
     path = directory / CARD_FILE
@@ -210,7 +203,9 @@ def load_card(directory: Path, *, verify: bool = True) -> ModelCard:
     try:
         card = ModelCard.model_validate(raw)
     except ValidationError as exc:
-        raise ModelError(f"model card {path} is invalid: {_describe(exc)}") from exc
+        raise ModelError(
+            f"model card {path} is invalid: {describe_validation_error(exc, '(card)')}"
+        ) from exc
     if verify:
         verify_weights(directory, card)
     return card
