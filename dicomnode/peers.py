@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import AE_TITLE_PATTERN, PEER_NAME_PATTERN, PeerSettings
 from dicomnode.db.schema import Peer
+from dicomnode.db.session import utcnow
 from dicomnode.errors import PeerError
-from dicomnode.queue.jobs import utcnow
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Output, Report
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.models.registry import LoadedCard, ModelRegistry
-from dicomnode.queue.jobs import JobKind, JobSpec, enqueue, utcnow
+from dicomnode.queue.jobs import JobKind, JobSpec, enqueue
 from dicomnode.values import BodyPart
 
 log = logging.getLogger(__name__)

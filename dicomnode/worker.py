@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from dicomnode import pipeline
 from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Output, Report, Result
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError, ModelError, PeerError
 from dicomnode.models.inference import Predictor
@@ -243,7 +243,7 @@ class Worker:
                     kind="SR",
                     source_sop_instance_uid=None,
                     path=str(path),
-                    created_at=q.utcnow(),
+                    created_at=utcnow(),
                 )
             )
             session.flush()
@@ -399,7 +399,7 @@ def _record_result(
             outcome="ok" if result else "skipped",
             reason=item.prepared.skip_reason,
             findings=pipeline.findings_to_json(result) if result else [],
-            created_at=q.utcnow(),
+            created_at=utcnow(),
         )
     )
     instance = session.get(Instance, job.sop_instance_uid)
@@ -416,7 +416,7 @@ def _record_result(
                 kind="SC",
                 source_sop_instance_uid=job.sop_instance_uid,
                 path=str(path),
-                created_at=q.utcnow(),
+                created_at=utcnow(),
             )
         )
 
@@ -440,4 +440,4 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
 def _set_report_state(session: Session, report_id: int, state: str) -> None:
     report = session.get(Report, report_id)
     if report is not None:
-        report.state, report.finished_at = state, q.utcnow()
+        report.state, report.finished_at = state, utcnow()

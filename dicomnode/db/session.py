@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.errors import DatabaseError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (the database stores naive UTC timestamps)."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import and_, exists, func, or_, select, update
@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.db.schema import Job
+from dicomnode.db.session import utcnow
 from dicomnode.queue.retry import RetryPolicy
 
 
@@ -46,11 +47,6 @@ class JobKind(StrEnum):
 
 
 PENDING = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
-
-
-def utcnow() -> datetime:
-    """Naive UTC now (the database stores naive UTC timestamps)."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

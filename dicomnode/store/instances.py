@@ -11,9 +11,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError
-from dicomnode.queue.jobs import utcnow
 from dicomnode.store.files import (
     checked_uid,
     fsync_file,

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from dicomnode.db.schema import Job, Report
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 
@@ -24,7 +24,7 @@ def _report(db: Database) -> int:
             sequence=1,
             calling_ae="X",
             state="pending",
-            created_at=q.utcnow(),
+            created_at=utcnow(),
         )
         s.add(report)
         s.flush()
@@ -154,7 +154,7 @@ def test_next_group_orders_by_due_time(db: Database) -> None:
         s.execute(
             update(Job)
             .where(Job.dedupe_key == "a")
-            .values(run_after=q.utcnow() + timedelta(hours=1))
+            .values(run_after=utcnow() + timedelta(hours=1))
         )
     with db.session() as s:
         assert q.next_group(s, q.JobKind.SEND) == "ARCHIVE"
