@@ -314,6 +314,25 @@ def evaluate(
 
 
 @app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    body_part: Annotated[str, typer.Option("--body-part", help="hand or spine")],
+    count: Annotated[int, typer.Option(help="images to write (two per synthetic patient)")] = 200,
+    seed: Annotated[int, typer.Option(help="the same seed writes the same folder")] = 0,
+    size: Annotated[int, typer.Option(help="rows = columns of each image")] = 512,
+    image_format: Annotated[
+        list[str] | None, typer.Option("--format", help="png or dcm (repeatable)")
+    ] = None,
+) -> None:
+    """Write synthetic hand or spine radiographs (DICOM DX or PNG) with lesion masks."""
+    from dicomnode.training.phantoms.cli import phantoms_command
+
+    logs.configure()
+    folder = phantoms_command(out, body_part, count, seed, size, image_format or ["png"])
+    console.print(f"phantoms written to {folder}")
+
+
+@app.command()
 def explain(
     model_dir: Path,
     image: Path,

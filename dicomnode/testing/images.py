@@ -66,6 +66,7 @@ __all__ = [
     "LOSSLESS",
     "TRANSFER_SYNTAXES",
     "compress_copy",
+    "full_window",
     "make_radiograph",
     "write_dataset",
 ]
@@ -116,6 +117,8 @@ _ANATOMY: dict[str, tuple[str, str]] = {
     "KNEE": ("72696002", "Knee"),
     "HAND": ("85562004", "Hand"),
     "SPINE": ("421060004", "Spine"),
+    "LSPINE": ("122496007", "Lumbar spine"),
+    "TSPINE": ("122495006", "Thoracic spine"),
     "CHEST": ("51185008", "Chest"),
 }
 """SNOMED CT codes of the Anatomic Region Sequence; other body parts leave it empty."""
@@ -314,7 +317,7 @@ def _modality_range(
     return min(ends), max(ends)
 
 
-def _full_window(low: float, high: float) -> tuple[float, float]:
+def full_window(low: float, high: float) -> tuple[float, float]:
     """The LINEAR window (center, width) that maps [low, high] exactly onto [0, 1]."""
     return (low + high) / 2.0 + 0.5, (high - low) + 1.0
 
@@ -356,7 +359,7 @@ def _set_grey_levels(
     ds.RescaleSlope = rescale[0]
     ds.RescaleIntercept = rescale[1]
     low, high = _modality_range(bits_stored, signed, rescale)
-    chosen = window if window is not None else _full_window(low, high)
+    chosen = window if window is not None else full_window(low, high)
     if voi_lut:
         _set_voi_lut(ds, low, high, chosen)
         return
@@ -429,6 +432,7 @@ def make_radiograph(
     study_description: str = "",
     series_description: str = "",
     frames: int = 1,
+    picture: npt.NDArray[np.float32] | None = None,
 ) -> Dataset:
     """Build a synthetic DX (For Presentation) or CR radiograph dataset.
 
@@ -450,9 +454,9 @@ def make_radiograph(
         ``MONOCHROME1``, ``MONOCHROME2``, ``RGB`` or ``YBR_FULL`` (colour
         needs ``bits_stored=8``; the three samples are equal).
     body_part:
-        Body Part Examined; ``KNEE``, ``HAND``, ``SPINE`` and ``CHEST`` also
-        get an Anatomic Region code; others an empty sequence, which
-        dciodvfy reports as an error.
+        Body Part Examined; ``KNEE``, ``HAND``, ``SPINE``, ``LSPINE``,
+        ``TSPINE`` and ``CHEST`` also get an Anatomic Region code; others an
+        empty sequence, which dciodvfy reports as an error.
     laterality:
         Image Laterality; ``None`` writes ``U`` (unpaired).
     modality:
@@ -478,6 +482,10 @@ def make_radiograph(
     frames:
         Number of Frames; more than 1 repeats the picture (an image the node
         does not support).
+    picture:
+        A display picture (2-D, values in [0, 1], 1 white) to encode instead
+        of the synthetic one; ``rows``, ``columns`` and ``seed`` are then
+        ignored. Used by :mod:`dicomnode.training.phantoms`.
 
     Returns
     -------
@@ -502,7 +510,10 @@ def make_radiograph(
     _series_and_equipment(ds, modality, series_uid or generate_uid(), series_description, body_part)
     _general_image(ds, laterality, body_part)
     invert = photometric == "MONOCHROME1" or presentation_inverse
-    picture = _picture(rows, columns, seed)
+    if picture is None:
+        picture = _picture(rows, columns, seed)
+    elif picture.ndim != 2:
+        raise ValueError("picture must be a 2-D array")
     pixels = _pixel_array(picture, bits_stored, photometric, invert, signed, frames)
     ds.PhotometricInterpretation = photometric
     _image_pixel(ds, pixels, bits_stored)

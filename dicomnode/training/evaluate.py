@@ -1,0 +1,143 @@
+"""Evaluate a model directory against a labelled folder, exactly as the node computes.
+
+Every image is decoded with :func:`~dicomnode.imaging.pixels.read_image_file`,
+turned into a tensor with :func:`~dicomnode.models.inference.prepare_input` and
+classified with :meth:`~dicomnode.models.inference.Predictor.forward_probabilities`
+(the card's temperature included), so the figures are those of the node's own
+probabilities.
+
+Outputs: a predictions CSV (``path,label,predicted,p_0,...,p_{k-1}``) and a
+report directory with ``metrics.json``, ``confusion.png``, ``roc.png``,
+``reliability.png`` and ``summary.md``. A Grad-CAM gallery is not made yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicomnode.imaging.pixels import read_image_file
+from dicomnode.models.card import load_card
+from dicomnode.models.inference import Predictor, prepare_input
+from dicomnode.training.config import DEFAULT_GROUP_PATTERN
+from dicomnode.training.data import LabelledImages, scan_folder
+from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
+from dicomnode.training.report import (
+    confusion_image,
+    reliability_image,
+    roc_image,
+    summary_markdown,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 64
+
+
+def evaluate_model(
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    predictions: Path | None = None,
+    report: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Classify every image of ``data_dir/<class index>/`` with the model in ``model_dir``.
+
+    Parameters
+    ----------
+    model_dir:
+        A directory with ``model.yaml`` and its weights.
+    data_dir:
+        Labelled folders ``0 .. k-1`` (k = the card's classes).
+    predictions:
+        Where to write the per-image CSV, or None.
+    report:
+        A directory for ``metrics.json``, the figures and ``summary.md``, or None.
+    device:
+        ``cpu``, ``cuda`` or ``auto``.
+
+    Returns
+    -------
+    dict
+        The figures of :func:`~dicomnode.training.metrics.classification_metrics`
+        plus ``model``, ``version``, ``sha256`` and ``data_dir``.
+    """
+    card = load_card(model_dir)
+    predictor = Predictor.load(model_dir, card, device)
+    images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN)
+    probabilities = predict_folder(predictor, images)
+    metrics = {
+        "model": card.name,
+        "version": card.version,
+        "sha256": card.weights.sha256,
+        "data_dir": str(data_dir),
+        **classification_metrics(images.labels, probabilities),
+    }
+    if predictions is not None:
+        write_predictions(predictions, images, probabilities)
+    if report is not None:
+        names = [c.name for c in card.classes]
+        write_report(report, images, probabilities, metrics, names)
+    logger.info("evaluated %s on %d images", card.name, len(images))
+    return metrics
+
+
+def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array:
+    """(N, classes) probabilities for every file, in chunks, through the node's path."""
+    parts = [np.zeros((0, predictor.card.num_classes), dtype=np.float64)]
+    for start in range(0, len(images), CHUNK):
+        tensors = [
+            prepare_input(predictor.card, read_image_file(path).pixels)[0]
+            for path in images.paths[start : start + CHUNK]
+        ]
+        parts.append(predictor.forward_probabilities(torch.stack(tensors)))
+    return np.concatenate(parts)
+
+
+def prediction_header(num_classes: int) -> list[str]:
+    """``path,label,predicted,p_0,...,p_{k-1}``."""
+    return ["path", "label", "predicted", *(f"p_{c}" for c in range(num_classes))]
+
+
+def write_predictions(path: Path, images: LabelledImages, probabilities: Float64Array) -> Path:
+    """One CSV row per image: its path, true label, predicted class and probabilities."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = probabilities.argmax(axis=1)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(prediction_header(probabilities.shape[1]))
+        for i, file in enumerate(images.paths):
+            row = [str(file), int(images.labels[i]), int(predicted[i])]
+            writer.writerow(row + [repr(float(p)) for p in probabilities[i]])
+    return path
+
+
+def write_report(
+    directory: Path,
+    images: LabelledImages,
+    probabilities: Float64Array,
+    metrics: dict[str, Any],
+    names: list[str],
+) -> Path:
+    """``metrics.json`` (with the reliability bins), three PNG figures and ``summary.md``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    labels = images.labels
+    full = {**metrics, "calibration_bins": calibration_bins(labels, probabilities)}
+    (directory / "metrics.json").write_text(json.dumps(full, indent=2), encoding="utf-8")
+    confusion_image(np.asarray(metrics["confusion_matrix"]), names).save(
+        directory / "confusion.png"
+    )
+    roc_image(labels, probabilities, names, metrics["auc_one_vs_rest"]).save(directory / "roc.png")
+    reliability_image(labels, probabilities, metrics["expected_calibration_error"]).save(
+        directory / "reliability.png"
+    )
+    summary = summary_markdown(str(metrics["model"]), str(metrics["data_dir"]), metrics, names)
+    (directory / "summary.md").write_text(summary, encoding="utf-8")
+    return directory

@@ -1,0 +1,200 @@
+"""The figures every model card reports, and temperature scaling.
+
+All functions take integer labels (N,) and class probabilities (N, K) as
+numpy arrays and agree with scikit-learn where it has an equivalent (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+IntArray = npt.NDArray[np.int64]
+Float64Array = npt.NDArray[np.float64]
+ECE_BINS = 15
+
+
+def confusion(labels: IntArray, predicted: IntArray, num_classes: int) -> IntArray:
+    """Rows = true class, columns = predicted class."""
+    matrix: IntArray = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def _safe_ratio(numerator: Float64Array, denominator: Float64Array) -> Float64Array:
+    out: Float64Array = np.divide(
+        numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0
+    )
+    return out
+
+
+def per_class(matrix: IntArray) -> dict[str, list[float]]:
+    """Precision, recall, F1 and support per class (0 where undefined, as zero_division=0)."""
+    m = matrix.astype(np.float64)
+    tp = np.diag(m)
+    precision = _safe_ratio(tp, m.sum(axis=0))
+    recall = _safe_ratio(tp, m.sum(axis=1))
+    f1 = _safe_ratio(2 * precision * recall, precision + recall)
+    support = m.sum(axis=1)
+    return {
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": support.tolist(),
+    }
+
+
+def balanced_accuracy(matrix: IntArray) -> float:
+    """Mean recall over the classes that occur in the labels."""
+    m = matrix.astype(np.float64)
+    present = m.sum(axis=1) > 0
+    return float(np.mean(np.diag(m)[present] / m.sum(axis=1)[present]))
+
+
+def quadratic_kappa(matrix: IntArray) -> float:
+    """Cohen's kappa with quadratic weights (ordinal grades)."""
+    m = matrix.astype(np.float64)
+    k = m.shape[0]
+    grid = np.arange(k)
+    weights = (grid[:, None] - grid[None, :]) ** 2 / max((k - 1) ** 2, 1)
+    expected = np.outer(m.sum(axis=1), m.sum(axis=0)) / m.sum()
+    denominator = float((weights * expected).sum())
+    return 1.0 - float((weights * m).sum()) / denominator if denominator > 0 else 0.0
+
+
+def binary_auc(positive: npt.NDArray[np.bool_], scores: Float64Array) -> float:
+    """ROC AUC by the rank (Mann-Whitney) statistic, ties counted half; NaN without both classes."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def one_vs_rest_auc(labels: IntArray, probabilities: Float64Array) -> list[float]:
+    """One ROC AUC per class (class c against the rest)."""
+    return [binary_auc(labels == c, probabilities[:, c]) for c in range(probabilities.shape[1])]
+
+
+def roc_curve_points(
+    positive: npt.NDArray[np.bool_], scores: Float64Array
+) -> tuple[Float64Array, Float64Array]:
+    """(false positive rates, true positive rates) at every distinct threshold, from (0, 0)."""
+    order = np.argsort(-scores, kind="mergesort")
+    hits = positive[order].astype(np.float64)
+    distinct = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]
+    tps = np.r_[0.0, np.cumsum(hits)[distinct]]
+    fps = np.r_[0.0, (distinct + 1) - tps[1:]]
+    return fps / max(fps[-1], 1.0), tps / max(tps[-1], 1.0)
+
+
+def calibration_bins(
+    labels: IntArray, probabilities: Float64Array, bins: int = ECE_BINS
+) -> list[dict[str, float]]:
+    """Per confidence bin ((lo, hi], equal width): count, mean confidence, accuracy."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        count = int(inside.sum())
+        rows.append(
+            {
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "count": float(count),
+                "confidence": float(confidence[inside].mean()) if count else 0.0,
+                "accuracy": float(correct[inside].mean()) if count else 0.0,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(
+    labels: IntArray, probabilities: Float64Array, bins: int = ECE_BINS
+) -> float:
+    """Sum over bins of (bin share) x |accuracy - confidence|."""
+    total = len(labels)
+    return float(
+        sum(
+            r["count"] / total * abs(r["accuracy"] - r["confidence"])
+            for r in calibration_bins(labels, probabilities, bins)
+        )
+    )
+
+
+def classification_metrics(labels: IntArray, probabilities: Float64Array) -> dict[str, Any]:
+    """Every reported figure for one set of predictions, as JSON-ready values."""
+    num_classes = probabilities.shape[1]
+    predicted = probabilities.argmax(axis=1).astype(np.int64)
+    matrix = confusion(labels, predicted, num_classes)
+    auc = one_vs_rest_auc(labels, probabilities)
+    finite = [a for a in auc if not np.isnan(a)]
+    return {
+        "n": len(labels),
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": balanced_accuracy(matrix),
+        "quadratic_weighted_kappa": quadratic_kappa(matrix),
+        "auc_one_vs_rest": [None if np.isnan(a) else a for a in auc],
+        "auc_macro": float(np.mean(finite)) if finite else None,
+        "expected_calibration_error": expected_calibration_error(labels, probabilities),
+        "per_class": per_class(matrix),
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def softmax(logits: Float64Array, temperature: float = 1.0) -> Float64Array:
+    shifted = logits / temperature
+    shifted = shifted - shifted.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    out: Float64Array = exp / exp.sum(axis=1, keepdims=True)
+    return out
+
+
+def fit_temperature(logits: Float64Array, labels: IntArray, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (LBFGS on log T)."""
+    logit_t = torch.as_tensor(logits, dtype=torch.float64)
+    label_t = torch.as_tensor(labels, dtype=torch.int64)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(logit_t / log_t.exp(), label_t)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    optimiser.step(closure)  # type: ignore[no-untyped-call]
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation of the scalar figures across folds."""
+    keys = (
+        "accuracy",
+        "balanced_accuracy",
+        "quadratic_weighted_kappa",
+        "auc_macro",
+        "expected_calibration_error",
+    )
+    summary: dict[str, Any] = {}
+    for key in keys:
+        values = [float(f[key]) for f in per_fold if f.get(key) is not None]
+        if values:
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            summary[key] = {"mean": float(np.mean(values)), "sd": sd}
+    recalls = np.asarray([f["per_class"]["recall"] for f in per_fold], dtype=np.float64)
+    summary["recall_per_class_mean"] = recalls.mean(axis=0).tolist()
+    return summary

