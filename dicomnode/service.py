@@ -120,15 +120,24 @@ class Supervisor:
 
 def _release_dead_local_workers(db: Database) -> None:
     """Jobs of this host's stopped workers become claimable now, not after their lease."""
-    import psutil
 
     prefix = f"{_hostname()}:"
     with db.session() as session:
         for worker_id in running_workers(session):
             pid = worker_id.removeprefix(prefix)
-            if worker_id.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            if worker_id.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
                 released = release_worker(session, worker_id)
                 log.info("released %d job(s) of stopped worker %s", released, worker_id)
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` runs (a zombie left by a killed parent does not count)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def _hostname() -> str:
