@@ -290,6 +290,45 @@ def train(
     console.print(f"model written to {out}")
 
 
+@app.command("train-localiser")
+def train_localiser(
+    data_dir: Annotated[
+        Path, typer.Argument(help="joint crops: DATA_DIR/<class>/<patient><L|R>.<ext>")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
+    steps: Annotated[int, typer.Option(help="optimiser steps (16 composites each)")] = 1000,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="torch threads (1 is fastest on 2 shared cores)")
+    ] = 1,
+) -> None:
+    """Train the knee-joint localiser on composites built from joint crops."""
+    from dicomnode.models.card import sha256_of
+    from dicomnode.training.localiser import train_localiser as run
+
+    logs.configure()
+    path = run(data_dir, out, steps=steps, seed=seed, threads=threads)
+    console.print(f"localiser written to {path} (sha256 {sha256_of(path)})")
+
+
+@app.command("attach-localiser")
+def attach_localiser(
+    model_dir: Path,
+    weights: Annotated[Path, typer.Argument(help="localiser safetensors from train-localiser")],
+    threshold: Annotated[
+        float, typer.Option(help="peak height below which a joint is uncertain")
+    ] = 0.5,
+    intended_use: Annotated[str, typer.Option(help="new intended-use text for the card")] = "",
+) -> None:
+    """Ship a knee localiser with a model directory (copies it and updates model.yaml)."""
+    from dicomnode.training.localiser import attach_localiser as attach
+
+    logs.configure()
+    console.print(
+        f"updated {attach(model_dir, weights, threshold=threshold, intended_use=intended_use)}"
+    )
+
+
 @app.command()
 def evaluate(
     model_dir: Path,

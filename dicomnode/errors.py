@@ -63,5 +63,9 @@ class SendError(DicomNodeError):
     """A result object could not be delivered to a peer."""
 
 
+class TrainingError(DicomNodeError):
+    """Training or evaluation failed."""
+
+
 class PeerError(DicomNodeError):
     """A peer (application entity) is unknown or invalid."""

@@ -10,8 +10,6 @@ The node never imports this package (``models`` knows nothing of ``training``).
 
 from __future__ import annotations
 
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import TrainingError
 
-
-class TrainingError(DicomNodeError):
-    """Training or evaluation failed."""
+__all__ = ["TrainingError"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
+from dicomnode.errors import TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.localise import (
@@ -56,7 +58,6 @@ from dicomnode.models.localise import (
     localiser_input,
     save_localiser,
 )
-from dicomnode.training import TrainingError
 from dicomnode.training.data import IMAGE_SUFFIXES
 from dicomnode.values import FloatArray
 
@@ -626,3 +627,30 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
     return factor
+
+
+def attach_localiser(
+    model_dir: Path, weights: Path, *, threshold: float = 0.5, intended_use: str = ""
+) -> Path:
+    """Ship a trained localiser with a model: copy it beside the card and point the card at it.
+
+    The card gets ``preprocessing.localiser: knee`` and a ``localiser`` block
+    with the file's sha256; a non-empty ``intended_use`` replaces the card's
+    (which must now say that whole radiographs are accepted). Returns the card's path.
+    """
+    from dicomnode.models.card import LocaliserSpec, load_card, sha256_of, write_card
+
+    card = load_card(model_dir)
+    target = model_dir / "localiser.safetensors"
+    if weights.resolve() != target.resolve():
+        shutil.copyfile(weights, target)
+    target.chmod(0o644)
+    spec = LocaliserSpec(file=target.name, sha256=sha256_of(target), threshold=threshold)
+    preprocessing = card.preprocessing.model_copy(update={"localiser": "knee"})
+    intended = intended_use.strip() or card.intended_use
+    updated = card.model_copy(
+        update={"preprocessing": preprocessing, "localiser": spec, "intended_use": intended}
+    )
+    path = write_card(model_dir, type(card).model_validate(updated.model_dump()))
+    load_card(model_dir)  # the written card validates and its files match
+    return path

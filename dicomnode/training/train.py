@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dicomnode.errors import TrainingError
 from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
 from dicomnode.models.card import (
     ArchitectureSpec,
@@ -43,7 +44,6 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
-from dicomnode.training import TrainingError
 from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
 from dicomnode.training.data import ImageDataset, IntArray, LabelledImages, PixelCache, scan_folder
 from dicomnode.training.folds import assign_folds, split

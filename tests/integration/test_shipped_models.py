@@ -1,0 +1,68 @@
+"""The models shipped in models/ load in the node and answer on the kind of image a PACS sends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dicomnode.imaging.pixels import read_image_file
+from dicomnode.models.inference import Predictor
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.values import BodyPart, PreparedImage
+
+ROOT = Path(__file__).parents[2]
+MODELS = ROOT / "models"
+KNEE_DATA = ROOT.parent / "shared" / "data" / "knee-kl224-train"
+
+
+def test_every_shipped_card_validates_and_its_weights_match() -> None:
+    registry = ModelRegistry.load(MODELS)
+    for loaded in registry.cards:
+        card = loaded.card
+        assert card.intended_use and card.training_data
+        assert (loaded.directory / card.weights.file).stat().st_size < 50 * 1024 * 1024
+        if card.synthetic_training_data:
+            assert (
+                "synthetic" in card.training_data.lower() or "phantom" in card.training_data.lower()
+            )
+
+
+def _bilateral(left_of_viewer: Path, right_of_viewer: Path) -> PreparedImage:
+    """Two real knee crops side by side on a larger dark canvas, as on a standing AP film."""
+    canvas = np.full((1000, 1500), 0.06, dtype=np.float32)
+    for index, path in enumerate((left_of_viewer, right_of_viewer)):
+        crop = read_image_file(path).pixels
+        big = np.asarray(
+            Image.fromarray(crop).resize((420, 420), Image.Resampling.BILINEAR), dtype=np.float32
+        )
+        canvas[280:700, 170 + index * 700 : 590 + index * 700] = big
+    return PreparedImage(pixels=canvas, source="composed bilateral")
+
+
+@pytest.mark.skipif(
+    not KNEE_DATA.is_dir(), reason="../shared/data/knee-kl224-train is not beside the project"
+)
+def test_knee_model_grades_each_knee_of_a_bilateral_image() -> None:
+    loaded = ModelRegistry.load(MODELS).for_body_part(BodyPart.KNEE)
+    if loaded is None:
+        pytest.skip("no knee model is installed")
+    if loaded.card.preprocessing.localiser != "knee":
+        pytest.skip("the installed knee model has no localiser")
+    predictor = Predictor.load(loaded.directory, loaded.card, "cpu")
+    right = sorted((KNEE_DATA / "3").glob("*R.webp"))[0]
+    left = sorted((KNEE_DATA / "0").glob("*L.webp"))[0]
+    (result,) = predictor.predict([_bilateral(right, left)])
+    assert [f.laterality for f in result.findings] == ["R", "L"]
+    assert all(not f.localisation_uncertain for f in result.findings)
+    first, second = result.findings
+    assert first.region.x1 <= 800 <= second.region.x0  # one box per knee
+    for finding in result.findings:
+        assert abs(sum(finding.probabilities) - 1) < 1e-5
+        x, y = finding.peak
+        assert (
+            finding.region.x0 <= x < finding.region.x1
+            and finding.region.y0 <= y < finding.region.y1
+        )
