@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
-from dicomnode.validation import describe_validation_error
+from dicomnode.validation import describe_validation_error, read_yaml_mapping
 
 ENV_PREFIX = "DICOMNODE_"
 AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
@@ -230,17 +230,7 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML settings file (empty file -> empty mapping)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    return read_yaml_mapping(path, "config file", ConfigError)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

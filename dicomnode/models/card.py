@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ModelError
-from dicomnode.validation import describe_validation_error
+from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart, CodedClass, ModelIdentity
 
 CARD_FILE = "model.yaml"
@@ -192,14 +192,7 @@ def sha256_of(path: Path) -> str:
 def load_card(directory: Path, *, verify: bool = True) -> ModelCard:
     """Read and validate ``directory/model.yaml``; check the weights' sha256 when ``verify``."""
     path = directory / CARD_FILE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"cannot read model card {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ModelError(f"model card {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelError(f"model card {path} must be a mapping")
+    raw = read_yaml_mapping(path, "model card", ModelError)
     try:
         card = ModelCard.model_validate(raw)
     except ValidationError as exc:

@@ -23,13 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
 from dicomnode.models.architectures import BUILDERS
 from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec
-from dicomnode.validation import describe_validation_error
+from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart
 
 IMAGENET_LITE0 = "imagenet-lite0"
@@ -212,12 +211,5 @@ def parse_config(raw: dict[str, Any], *, source: str = "training config") -> Tra
 
 def load_config(path: Path) -> TrainingConfig:
     """Read and validate a training YAML file."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"training config {path} must be a mapping")
+    raw = read_yaml_mapping(path, "training config", ConfigError)
     return parse_config(raw, source=f"training config {path}")
