@@ -235,17 +235,7 @@ class Worker:
         )
         path = self._write_output(sr)
         with self.db.session() as session:
-            session.merge(
-                Output(
-                    sop_instance_uid=str(sr.SOPInstanceUID),
-                    series_instance_uid=str(sr.SeriesInstanceUID),
-                    report_id=report.id,
-                    kind="SR",
-                    source_sop_instance_uid=None,
-                    path=str(path),
-                    created_at=utcnow(),
-                )
-            )
+            _record_output(session, sr, path, report.id, "SR", None)
             session.flush()
             queued = self._queue_sends(session, report)
             _set_report_state(session, report.id, "done")
@@ -408,17 +398,29 @@ def _record_result(
         instance.reason = item.prepared.skip_reason
     if output is not None:
         sc, path = output
-        session.merge(
-            Output(
-                sop_instance_uid=str(sc.SOPInstanceUID),
-                series_instance_uid=str(sc.SeriesInstanceUID),
-                report_id=report.id,
-                kind="SC",
-                source_sop_instance_uid=job.sop_instance_uid,
-                path=str(path),
-                created_at=utcnow(),
-            )
+        _record_output(session, sc, path, report.id, "SC", job.sop_instance_uid)
+
+
+def _record_output(
+    session: Session,
+    dataset: pydicom.Dataset,
+    path: Path,
+    report_id: int,
+    kind: str,
+    source: str | None,
+) -> None:
+    """Record a written result object (again, after a re-run: same UIDs, same row)."""
+    session.merge(
+        Output(
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            series_instance_uid=str(dataset.SeriesInstanceUID),
+            report_id=report_id,
+            kind=kind,
+            source_sop_instance_uid=source,
+            path=str(path),
+            created_at=utcnow(),
         )
+    )
 
 
 def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:

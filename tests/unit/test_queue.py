@@ -152,9 +152,7 @@ def test_next_group_orders_by_due_time(db: Database) -> None:
             ],
         )
         s.execute(
-            update(Job)
-            .where(Job.dedupe_key == "a")
-            .values(run_after=utcnow() + timedelta(hours=1))
+            update(Job).where(Job.dedupe_key == "a").values(run_after=utcnow() + timedelta(hours=1))
         )
     with db.session() as s:
         assert q.next_group(s, q.JobKind.SEND) == "ARCHIVE"
