@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -344,11 +345,19 @@ def evaluate(
     from dicomnode.training.evaluate import evaluate_model
 
     logs.configure()
+    from dicomnode.training.pointing import has_masks, pointing_game
+
     metrics = evaluate_model(model_dir, data_dir, predictions=predictions, report=report)
     table = Table("metric", "value")
     for key, value in metrics.items():
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4f}")
+    if has_masks(data_dir):
+        game = pointing_game(model_dir, data_dir)
+        share = f"{game['pointing_game']:.3f} ({game['hits']}/{game['abnormal_images']})"
+        table.add_row("pointing game (Grad-CAM peak inside the lesion mask)", share)
+        if report is not None:
+            (report / "pointing_game.json").write_text(json.dumps(game, indent=2))
     console.print(table)
 
 
