@@ -27,7 +27,7 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
     rows: list[tuple[str, str, str]] = []
     by_study: dict[tuple[str, str], list[SrImageItem]] = defaultdict(list)
     out.mkdir(parents=True, exist_ok=True)
-    for number, path in enumerate(files, start=1):
+    for path in files:
         prepared = pipeline.read_and_prepare(path)
         if prepared.error or prepared.skip_reason:
             rows.append((str(path), f"skipped: {prepared.error or prepared.skip_reason}", "-"))
@@ -67,7 +67,6 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
         sc = pipeline.make_sc(
             analysed,
             uid_root=settings.node.uid_root,
-            instance_number=number,
             max_size=settings.results.overlay_max_size,
         )
         target = out / f"SC_{sc.SOPInstanceUID}.dcm"

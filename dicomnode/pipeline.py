@@ -91,10 +91,11 @@ def analyse(predictor: Predictor, prepared: Sequence[Prepared]) -> list[Analysed
     return [Analysed(p, next(results) if p.image is not None else None) for p in prepared]
 
 
-def make_sc(
-    analysed: Analysed, *, uid_root: str, instance_number: int, max_size: int = 0
-) -> pydicom.Dataset:
-    """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``)."""
+def make_sc(analysed: Analysed, *, uid_root: str, max_size: int = 0) -> pydicom.Dataset:
+    """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``).
+
+    Its Instance Number is the source image's, so the overlays sort like the originals.
+    """
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
@@ -108,10 +109,17 @@ def make_sc(
         ),
         sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
         series_number=SC_SERIES_NUMBER,
-        instance_number=instance_number,
+        instance_number=_instance_number(header),
         manufacturer=MANUFACTURER,
         software_version=__version__,
     )
+
+
+def _instance_number(header: pydicom.Dataset) -> int:
+    try:
+        return max(1, int(header.get("InstanceNumber") or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def make_sr(

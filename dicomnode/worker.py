@@ -42,6 +42,8 @@ from dicomnode.store.files import output_path, write_durably
 log = logging.getLogger(__name__)
 
 SEND_BATCH = 32
+MAX_BATCH_PIXELS = 20_000_000
+"""Source pixels prepared and classified together (about two 3000x3000 images)."""
 
 
 class Worker:
@@ -183,15 +185,34 @@ class Worker:
         raise ModelError(f"model {name} version {version} is no longer installed")
 
     def _infer(self, jobs: Sequence[q.ClaimedJob]) -> None:
+        """Prepare, classify and encode ``jobs`` in sub-batches of at most MAX_BATCH_PIXELS.
+
+        Large radiographs (9 megapixels and their full-size heatmaps) are held
+        only a few at a time, so memory stays flat whatever ``batch_size`` is.
+        """
         predictor = self.predictor(jobs[0].group_key)
         with self.db.session() as session:
             paths = {j.id: Path(_instance(session, j).path) for j in jobs}
-        prepared = [pipeline.read_and_prepare(paths[j.id]) for j in jobs]
-        analysed = pipeline.analyse(predictor, prepared)
-        for number, (job, item) in enumerate(zip(jobs, analysed, strict=True), start=1):
-            self._finish_infer(job, item, number)
+        pending: list[tuple[q.ClaimedJob, pipeline.Prepared]] = []
+        pixels = 0
+        for job in jobs:
+            prepared = pipeline.read_and_prepare(paths[job.id])
+            pending.append((job, prepared))
+            pixels += 0 if prepared.image is None else prepared.image.pixels.size
+            if pixels >= MAX_BATCH_PIXELS:
+                self._analyse_and_finish(predictor, pending)
+                pending, pixels = [], 0
+        if pending:
+            self._analyse_and_finish(predictor, pending)
 
-    def _finish_infer(self, job: q.ClaimedJob, item: pipeline.Analysed, number: int) -> None:
+    def _analyse_and_finish(
+        self, predictor: Predictor, pending: list[tuple[q.ClaimedJob, pipeline.Prepared]]
+    ) -> None:
+        analysed = pipeline.analyse(predictor, [prepared for _, prepared in pending])
+        for (job, _), item in zip(pending, analysed, strict=True):
+            self._finish_infer(job, item)
+
+    def _finish_infer(self, job: q.ClaimedJob, item: pipeline.Analysed) -> None:
         if item.prepared.error:
             self._fail(job, item.prepared.error, self.job_policy)
             return
@@ -200,7 +221,6 @@ class Worker:
             sc = pipeline.make_sc(
                 item,
                 uid_root=self.settings.node.uid_root,
-                instance_number=number,
                 max_size=self.settings.results.overlay_max_size,
             )
             output = (sc, self._write_output(sc))

@@ -45,13 +45,13 @@ def bare_loop(
         analysed = pipeline.analyse(predictor, prepared)
         stages["inference+gradcam"] += time.perf_counter() - mark
         items = []
-        for number, item in enumerate(analysed, start=1):
+        for item in analysed:
             assert item.prepared.image is not None and item.result is not None
             mark = time.perf_counter()
             render_overlay(*downscaled(item.prepared.image, item.result, 2048))
             stages["overlay"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            sc = pipeline.make_sc(item, uid_root=uid_root, instance_number=number, max_size=2048)
+            sc = pipeline.make_sc(item, uid_root=uid_root, max_size=2048)
             _encode(sc)
             stages["overlay+sc encoding"] += time.perf_counter() - mark
             items.append(SrImageItem(source=item.prepared.header, sc=sc, result=item.result))
