@@ -235,9 +235,8 @@ def fail(
     }
     if dead:
         values["finished_at"] = now
-    session.execute(
-        update(Job).where(Job.id == job.id, Job.worker_id == worker_id).values(**values)
-    )
+    still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
+    session.execute(update(Job).where(*still_ours).values(**values))
     return state
 
 

@@ -167,7 +167,10 @@ def test_missing_study_uid_is_refused(node: Node) -> None:
 
 def test_dead_destination_gets_results_once_it_is_back(node: Node) -> None:
     port = node.collector.port
-    node.worker.send_policy = RetryPolicy(100, 0.2, 1.0)  # keep trying however slow the machine
+    # keep trying however slow the machine: many attempts, short waits
+    send = node.worker.settings.send.model_copy(update={"max_attempts": 100})
+    node.worker.settings = node.worker.settings.model_copy(update={"send": send})
+    node.worker.send_policy = RetryPolicy(100, 0.2, 1.0)
     node.collector.stop()
     node.send(make_radiograph(body_part="KNEE"))
     wait_for(lambda: node.count(Job, kind="send", state="failed") >= 1, 60, what="a failed send")
