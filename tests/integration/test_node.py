@@ -178,7 +178,9 @@ def test_dead_destination_gets_results_once_it_is_back(node: Node) -> None:
     wait_for(
         lambda: len(node.collector.received) >= 2, 60, what="delivery after the peer came back"
     )
-    assert node.count(Job, kind="send", state="done") == 2
+    wait_for(
+        lambda: node.count(Job, kind="send", state="done") == 2, 30, what="sends recorded as done"
+    )
     assert node.count(Output) == 2
 
 
