@@ -60,6 +60,13 @@ class ClassSpec(_Frozen):
     code: CodeSpec
 
 
+def classes_in_order(classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
+    """Refuse class lists whose indices are not 0, 1, ... in order (cards and recipes)."""
+    if [c.index for c in classes] != list(range(len(classes))):
+        raise ValueError("class indices must be 0, 1, ... in order")
+    return classes
+
+
 class ArchitectureSpec(_Frozen):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -153,9 +160,7 @@ class ModelCard(_Frozen):
     @field_validator("classes")
     @classmethod
     def _indices_in_order(cls, classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
-        if [c.index for c in classes] != list(range(len(classes))):
-            raise ValueError("class indices must be 0, 1, ... in order")
-        return classes
+        return classes_in_order(classes)
 
     @model_validator(mode="after")
     def _localiser_block(self) -> ModelCard:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicomnode.errors import ConfigError
 from dicomnode.models.architectures import BUILDERS
-from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec
+from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec, classes_in_order
 from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart
 
@@ -97,9 +97,7 @@ class ModelInfo(_Frozen):
     @field_validator("classes")
     @classmethod
     def _indices_in_order(cls, classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
-        if [c.index for c in classes] != list(range(len(classes))):
-            raise ValueError("class indices must be 0, 1, ... in order")
-        return classes
+        return classes_in_order(classes)
 
 
 class TrainingConfig(_Frozen):
