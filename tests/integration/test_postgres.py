@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from dicomnode.testing.images import make_radiograph
 from dicomnode.testing.inprocess import InProcessNode
 from dicomnode.testing.peers import wait_for
 from dicomnode.testing.postgres import TempPostgres
+from dicomnode.testing.queue import claim_concurrently
 
 pytestmark = pytest.mark.skipif(
     not TempPostgres.available(), reason="PostgreSQL server or root missing"
@@ -50,23 +50,7 @@ def test_claims_never_overlap_with_skip_locked(pg: Database) -> None:
         ]
         assert q.enqueue(s, specs) == 60
         assert q.enqueue(s, specs[:5]) == 0  # unique per key
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def claimer(name: str) -> None:
-        while True:
-            with pg.session() as s:
-                got = q.claim(s, q.JobKind.INFER, name, 30, limit=4, group_key="m:1")
-            if not got:
-                return
-            with lock:
-                claimed.extend(j.id for j in got)
-
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    claimed = claim_concurrently(pg, q.JobKind.INFER, workers=6, limit=4, group_key="m:1")
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 60
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from datetime import timedelta
 
@@ -13,6 +12,7 @@ from dicomnode.db.schema import Job, Report
 from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
+from dicomnode.testing.queue import claim_concurrently
 
 
 def _report(db: Database) -> int:
@@ -50,23 +50,7 @@ def test_enqueue_is_unique_per_key(db: Database) -> None:
 def test_claims_never_overlap_between_threads(db: Database) -> None:
     with db.session() as s:
         q.enqueue(s, [_spec(f"1.{i}") for i in range(40)])
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def claimer(name: str) -> None:
-        while True:
-            with db.session() as s:
-                got = q.claim(s, q.JobKind.INFER, name, 30, limit=3)
-            if not got:
-                return
-            with lock:
-                claimed.extend(j.id for j in got)
-
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    claimed = claim_concurrently(db, q.JobKind.INFER, workers=4, limit=3)
     assert len(claimed) == 40
     assert len(set(claimed)) == 40
 
