@@ -331,6 +331,35 @@ def attach_localiser(
 
 
 @app.command()
+def ensemble(
+    out: Annotated[Path, typer.Argument(help="ensemble model directory to write")],
+    members: Annotated[list[Path], typer.Argument(help="two or more member model directories")],
+    method: Annotated[str, typer.Option(help="average, accuracy or f1 (per-class weights)")] = "f1",
+    name: Annotated[str, typer.Option(help="the ensemble card's name")] = "ensemble",
+    version: Annotated[str, typer.Option(help="the ensemble card's version")] = "1.0.0",
+    validate_on: Annotated[
+        Path | None,
+        typer.Option("--validate-on", help="recipe whose held-out fold the ensemble is scored on"),
+    ] = None,
+) -> None:
+    """Combine trained model directories into one ensemble model directory."""
+    from dicomnode.training.ensemble import METHODS, build_ensemble
+
+    logs.configure()
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
+    path = build_ensemble(
+        members,
+        out,
+        method=method,
+        name=name,
+        version=version,
+        validate_on=validate_on,  # type: ignore[arg-type]
+    )
+    console.print(f"ensemble written to {path}")
+
+
+@app.command()
 def evaluate(
     model_dir: Path,
     data_dir: Path,

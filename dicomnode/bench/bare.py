@@ -19,7 +19,7 @@ from dicomnode import pipeline
 from dicomnode.bench.data import Study
 from dicomnode.encode.render import downscaled, render_overlay
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.models.inference import Predictor, prepare_input
+from dicomnode.models.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.registry import LoadedCard
 
 
@@ -81,14 +81,11 @@ def model_limit(
     assert prepared.image is not None
     tensor, _ = prepare_input(loaded.card, prepared.image.pixels)
     batch = tensor.unsqueeze(0).repeat(batch_size, 1, 1, 1)
-    from dicomnode.explain.gradcam import grad_cam
-
-    grad_cam(
-        predictor.model, loaded.card.gradcam.target_layer, batch.to(predictor.device)
-    )  # warm-up
+    layers = loaded.card.gradcam.target_layer
+    explain_batch(predictor.model, layers, batch.to(predictor.device))  # warm-up
     start = time.perf_counter()
     for _ in range(batches):
-        grad_cam(predictor.model, loaded.card.gradcam.target_layer, batch.to(predictor.device))
+        explain_batch(predictor.model, layers, batch.to(predictor.device))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

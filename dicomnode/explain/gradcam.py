@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dicomnode.errors import InferenceError
+from dicomnode.models.architectures import EnsembleNet
 from dicomnode.values import FloatArray
 
 
@@ -179,3 +180,42 @@ def _clean(raw: FloatArray) -> FloatArray:
     cams = np.nan_to_num(raw.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     result: FloatArray = np.clip(cams, 0.0, 1.0, out=cams)
     return result
+
+
+def ensemble_grad_cam(
+    model: EnsembleNet, layer_paths: Sequence[str], inputs: torch.Tensor
+) -> CamBatch:
+    """Grad-CAM of an :class:`~dicomnode.models.architectures.EnsembleNet`.
+
+    The ensemble's predicted class ``c`` of each image comes from one forward
+    pass of every member. Each member ``m`` then gets its own Grad-CAM for
+    ``c`` at ``layer_paths[m]`` (a path inside the member), and the ensemble's
+    map is the mean of the members' maps weighted by each member's share of the
+    ensemble's probability of ``c``: ``s_m = w[m, c] p_m[c] / sum_k w[k, c] p_k[c]``,
+    scaled so its maximum is 1 (all zero when no member has positive evidence).
+    The returned logits are ``log q`` (see ``EnsembleNet``).
+    """
+    members = model.members
+    if len(members) != len(layer_paths):
+        raise InferenceError(
+            f"an ensemble Grad-CAM needs one target layer per member, got {len(layer_paths)}"
+        )
+    with torch.inference_mode():
+        on_device = model.member_probabilities(inputs)
+        fused = model.fuse(on_device).to("cpu", torch.float32)
+    member_probs = on_device.to("cpu", torch.float32)
+    weights = model.weights_cpu()
+    chosen = _argmax(fused)
+    rows = torch.arange(len(chosen))
+    index = torch.tensor(chosen)
+    contribution = weights[:, index] * member_probs[:, rows, index]  # (members, N)
+    shares = (contribution / contribution.sum(dim=0).clamp_min(1e-12)).numpy()
+    total: FloatArray | None = None
+    for member, path, share in zip(members, layer_paths, shares, strict=True):
+        cams = grad_cam(member, path, inputs, chosen).cams * share[:, None, None]
+        total = cams if total is None else total + cams
+    assert total is not None
+    peaks = total.reshape(len(chosen), -1).max(axis=1)
+    scaled: FloatArray = (total / np.where(peaks > 0, peaks, 1.0)[:, None, None]).astype(np.float32)
+    logits = torch.log(fused.clamp_min(1e-12))
+    return CamBatch(logits=logits, cams=_clean(scaled), classes=chosen)

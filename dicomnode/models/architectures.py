@@ -61,6 +61,60 @@ def _small_vgg(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Mo
     return SmallVGG(in_chans, num_classes, widths)
 
 
+class EnsembleNet(nn.Module):
+    """Members that share one input, fused by per-class weights.
+
+    ``class_weights`` (members, classes) holds each member's weight for each
+    class, each column summing to 1; ``temperatures`` each member's
+    temperature. For an input, member ``m`` gives ``p_m = softmax(z_m / T_m)``;
+    the ensemble's probability of class ``c`` is
+    ``q_c = sum_m w[m, c] * p_m[c]``, normalised so the classes sum to 1.
+    :meth:`forward` returns ``log q``: a softmax of it (temperature 1) gives
+    ``q`` back, so the node runs an ensemble as it runs any network.
+    """
+
+    def __init__(self, members: list[nn.Module], num_classes: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        uniform = torch.full((len(members), num_classes), 1.0 / len(members))
+        self.register_buffer("class_weights", uniform)
+        self.register_buffer("temperatures", torch.ones(len(members)))
+
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``p`` of shape (members, N, classes)."""
+        temperatures = self._buffer("temperatures")
+        pairs = zip(self.members, temperatures, strict=True)
+        return torch.stack([torch.softmax(member(x) / t, dim=1) for member, t in pairs])
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        buffer = self.get_buffer(name)
+        return buffer
+
+    def weights_cpu(self) -> torch.Tensor:
+        """``class_weights`` as float32 on the CPU."""
+        return self._buffer("class_weights").detach().to("cpu", torch.float32)
+
+    def fuse(self, member_probs: torch.Tensor) -> torch.Tensor:
+        """Ensemble probabilities (N, classes) from member probabilities."""
+        weights = self._buffer("class_weights")
+        mixed = (weights[:, None, :] * member_probs).sum(dim=0)
+        return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.fuse(self.member_probabilities(x)).clamp_min(1e-12))
+
+
+def _ensemble(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Module:
+    specs = params.get("members")
+    if not isinstance(specs, list) or len(specs) < 2:
+        raise ModelError("architecture ensemble needs params.members: a list of two or more")
+    members = [
+        build_model(str(spec["name"]), in_chans, num_classes, dict(spec.get("params") or {}))
+        for spec in specs
+    ]
+    return EnsembleNet(members, num_classes)
+
+
 def _torchvision(name: str) -> Builder:
     def build(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Module:
         import torchvision.models as tvm
@@ -112,6 +166,7 @@ BUILDERS: dict[str, Builder] = {
     "efficientnet_lite0": _timm("tf_efficientnet_lite0"),
     "xception": _timm("legacy_xception"),
     "inception_resnet_v2": _timm("inception_resnet_v2"),
+    "ensemble": _ensemble,
 }
 
 DEFAULT_TARGET_LAYERS: dict[str, str] = {
@@ -125,6 +180,12 @@ DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "inception_resnet_v2": "conv2d_7b",
 }
 
+ENSEMBLE = "ensemble"
+"""An ensemble card's ``gradcam.target_layer`` lists its members' layers, comma-separated."""
+
+TRAINABLE = tuple(sorted(set(BUILDERS) - {ENSEMBLE}))
+"""Architectures a training recipe may name (an ensemble is built from trained members)."""
+
 
 def build_model(
     name: str, in_chans: int, num_classes: int, params: dict[str, Any] | None = None
@@ -135,7 +196,10 @@ def build_model(
     except KeyError:
         known = ", ".join(sorted(BUILDERS))
         raise ModelError(f"unknown architecture {name!r}; known: {known}") from None
-    return builder(in_chans, num_classes, dict(params or {}))
+    try:
+        return builder(in_chans, num_classes, dict(params or {}))
+    except (KeyError, TypeError) as exc:
+        raise ModelError(f"architecture {name!r}: bad params: {exc}") from exc
 
 
 def target_layer(model: nn.Module, path: str) -> nn.Module:

@@ -39,9 +39,9 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
-from dicomnode.explain.gradcam import CamBatch, grad_cam, peak
+from dicomnode.explain.gradcam import CamBatch, ensemble_grad_cam, grad_cam, peak
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
-from dicomnode.models.architectures import build_model, target_layer
+from dicomnode.models.architectures import EnsembleNet, build_model, target_layer
 from dicomnode.models.card import ModelCard, identity
 from dicomnode.models.localise import KneeLocaliser, crop_region
 from dicomnode.values import (
@@ -175,7 +175,7 @@ class Predictor:
         spec = card.architecture
         model = build_model(spec.name, card.input.channels, card.num_classes, spec.params)
         _load_state(model, _read_weights(directory, card), card.name)
-        target_layer(model, card.gradcam.target_layer)
+        check_cam_layers(model, card.gradcam.target_layer)
         model.requires_grad_(False)
         model.eval()
         model.to(target)
@@ -266,7 +266,7 @@ class Predictor:
         """One forward and backward pass over ``views``: a finding each."""
         prepared = [prepare_input(self.card, view.pixels) for view in views]
         batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
-        cams = grad_cam(self.model, self.card.gradcam.target_layer, batch)
+        cams = explain_batch(self.model, self.card.gradcam.target_layer, batch)
         if not bool(torch.isfinite(cams.logits).all()):
             sources = ", ".join(dict.fromkeys(images[v.image].source or "?" for v in views))
             raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
@@ -331,6 +331,37 @@ def _on_image(local: FloatArray, region: Region, image: PreparedImage) -> tuple[
         visible.x0 - region.x0 : visible.x1 - region.x0,
     ]
     return heatmap, visible
+
+
+def cam_layers(model: nn.Module, layers: str) -> tuple[str, ...]:
+    """The Grad-CAM layer of a network, or one per member (comma-separated) of an ensemble."""
+    paths = tuple(part.strip() for part in layers.split(","))
+    if isinstance(model, EnsembleNet) and len(paths) != len(model.members):
+        raise ModelError(
+            f"an ensemble of {len(model.members)} members needs as many Grad-CAM layers "
+            f"(comma-separated), got {layers!r}"
+        )
+    if not isinstance(model, EnsembleNet) and len(paths) != 1:
+        raise ModelError(f"one Grad-CAM layer expected, got {layers!r}")
+    return paths
+
+
+def check_cam_layers(model: nn.Module, layers: str) -> None:
+    """Raise :class:`ModelError` unless every Grad-CAM layer of ``layers`` exists."""
+    paths = cam_layers(model, layers)
+    if isinstance(model, EnsembleNet):
+        for member, path in zip(model.members, paths, strict=True):
+            target_layer(member, path)
+    else:
+        target_layer(model, paths[0])
+
+
+def explain_batch(model: nn.Module, layers: str, batch: torch.Tensor) -> CamBatch:
+    """Logits and Grad-CAM maps: plain, or the ensemble's share-weighted mean (see gradcam)."""
+    paths = cam_layers(model, layers)
+    if isinstance(model, EnsembleNet):
+        return ensemble_grad_cam(model, paths, batch)
+    return grad_cam(model, paths[0], batch)
 
 
 def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
-from dicomnode.models.architectures import BUILDERS
+from dicomnode.models.architectures import TRAINABLE
 from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec, classes_in_order
 from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart
@@ -40,7 +40,7 @@ class _Frozen(BaseModel):
 
 
 class ArchitectureConfig(_Frozen):
-    """``name``: a key of :data:`~dicomnode.models.architectures.BUILDERS`; ``params``: options."""
+    """``name``: a key of :data:`~dicomnode.models.architectures.TRAINABLE`; ``params``: options."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -48,8 +48,8 @@ class ArchitectureConfig(_Frozen):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in BUILDERS:
-            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(BUILDERS))}")
+        if name not in TRAINABLE:
+            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(TRAINABLE)}")
         return name
 
 

@@ -8,7 +8,11 @@ probabilities.
 
 Outputs: a predictions CSV (``path,label,predicted,p_0,...,p_{k-1}``) and a
 report directory with ``metrics.json``, ``confusion.png``, ``roc.png``,
-``reliability.png`` and ``summary.md``. A Grad-CAM gallery is not made yet.
+``reliability.png``, ``summary.md`` and one Grad-CAM gallery per class,
+``gradcam_<index>_<name>.png``: the node's own overlays (heatmap, findings) of
+up to :data:`GALLERY_PER_CLASS` images of that true class, the ones the model
+gives the highest probability of the class first, each captioned with its
+predicted class.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dicomnode.training.data import LabelledImages, scan_folder
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
+    gallery_image,
     reliability_image,
     roc_image,
     summary_markdown,
@@ -38,6 +43,7 @@ from dicomnode.training.report import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 64
+GALLERY_PER_CLASS = 4
 
 
 def evaluate_model(
@@ -85,6 +91,7 @@ def evaluate_model(
     if report is not None:
         names = [c.name for c in card.classes]
         write_report(report, images, probabilities, metrics, names)
+        write_galleries(report, predictor, images, probabilities, names)
     logger.info("evaluated %s on %d images", card.name, len(images))
     return metrics
 
@@ -141,3 +148,38 @@ def write_report(
     summary = summary_markdown(str(metrics["model"]), str(metrics["data_dir"]), metrics, names)
     (directory / "summary.md").write_text(summary, encoding="utf-8")
     return directory
+
+
+def write_galleries(
+    directory: Path,
+    predictor: Predictor,
+    images: LabelledImages,
+    probabilities: Float64Array,
+    names: list[str],
+) -> list[Path]:
+    """One Grad-CAM gallery PNG per class (see the module doc); returns their paths."""
+    from PIL import Image
+
+    from dicomnode.encode.render import render_overlay
+
+    written = []
+    for index, name in enumerate(names):
+        members = np.flatnonzero(images.labels == index)
+        chosen = members[np.argsort(-probabilities[members, index], kind="stable")]
+        tiles = []
+        for i in chosen[:GALLERY_PER_CLASS]:
+            image = read_image_file(images.paths[i])
+            result = predictor.predict([image])[0]
+            predicted = int(probabilities[i].argmax())
+            share = probabilities[i, predicted]
+            caption = f"{images.paths[i].stem}: {names[predicted]} ({share:.2f})"
+            tiles.append((Image.fromarray(render_overlay(image, result)), caption))
+        title = f"Grad-CAM, true class {index} {name}: highest p({name}) first"
+        path = directory / f"gradcam_{index}_{_file_safe(name)}.png"
+        gallery_image(tiles, title).save(path)
+        written.append(path)
+    return written
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

@@ -195,6 +195,7 @@ def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
         if values:
             sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             summary[key] = {"mean": float(np.mean(values)), "sd": sd}
-    recalls = np.asarray([f["per_class"]["recall"] for f in per_fold], dtype=np.float64)
-    summary["recall_per_class_mean"] = recalls.mean(axis=0).tolist()
+    for key in ("recall", "f1"):
+        table = np.asarray([f["per_class"][key] for f in per_fold], dtype=np.float64)
+        summary[f"{key}_per_class_mean"] = table.mean(axis=0).tolist()
     return summary

@@ -1,4 +1,5 @@
-"""Evaluation figures drawn with Pillow: confusion matrix, ROC curves, reliability diagram.
+"""Evaluation figures drawn with Pillow: confusion matrix, ROC curves, reliability diagram,
+Grad-CAM galleries.
 
 Each function returns a :class:`PIL.Image.Image`; the caller saves it. Plain
 and readable rather than pretty: white background, one colour per class.
@@ -53,6 +54,25 @@ def _axes(draw: ImageDraw.ImageDraw, x_label: str, y_label: str) -> None:
 
 def _to_px(x: float, y: float) -> tuple[float, float]:
     return MARGIN + x * SIDE, MARGIN + (1.0 - y) * SIDE
+
+
+GALLERY_TILE = 256
+
+
+def gallery_image(tiles: Sequence[tuple[Image.Image, str]], title: str) -> Image.Image:
+    """A row of overlays, each scaled to fit a square tile, captioned below, under a title."""
+    columns = max(1, len(tiles))
+    width = columns * (GALLERY_TILE + 10) + 10
+    image, draw = _canvas(max(width, 2 * MARGIN + 200), GALLERY_TILE + 90, title)
+    for i, (tile, caption) in enumerate(tiles):
+        fitted = tile.copy()
+        fitted.thumbnail((GALLERY_TILE, GALLERY_TILE))
+        x = 10 + i * (GALLERY_TILE + 10)
+        image.paste(fitted, (x + (GALLERY_TILE - fitted.width) // 2, 45))
+        draw.text((x, GALLERY_TILE + 55), caption, fill="black", font=_font(13))
+    if not tiles:
+        draw.text((MARGIN, 60), "no images of this class", fill="black", font=_font())
+    return image
 
 
 def confusion_image(matrix: IntArray, names: Sequence[str]) -> Image.Image:

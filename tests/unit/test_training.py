@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from sklearn import metrics as skm
 
 from dicomnode.errors import ConfigError
@@ -252,6 +253,10 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     assert sum(float(p) for p in rows[1][3:]) == pytest.approx(1.0)
     for name in ("metrics.json", "confusion.png", "roc.png", "reliability.png", "summary.md"):
         assert (report / name).is_file()
+    galleries = sorted(p.name for p in report.glob("gradcam_*.png"))
+    assert galleries == ["gradcam_0_small.png", "gradcam_1_medium.png", "gradcam_2_large.png"]
+    with Image.open(report / "gradcam_0_small.png") as gallery:
+        assert gallery.width > 4 * 256  # four overlays of class 0 side by side
 
 
 def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:

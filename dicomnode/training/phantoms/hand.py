@@ -9,11 +9,12 @@ sesamoids, and soft tissue (forearm, palm, thenar and hypothenar eminences,
 fingers). Each tubular bone has a cortex around a textured trabecular core;
 joint spaces are the gaps between the articular ends.
 
-Rheumatoid changes, at one to three joints among MCP2-5, PIP2-5 and the
-wrist, each one or more of:
+Rheumatoid changes, at two to five joints among MCP2-5, PIP2-5 and the
+wrist (RA is polyarticular), each one or more of:
 
-* marginal **erosion**: a punched-out bite of bone at the bare area of the
-  joint margin (radial or ulnar side of the head or base), 1.2-3.2 mm;
+* marginal **erosion** (always, at an affected finger joint): a punched-out
+  bite of bone at the bare area of the joint margin (radial or ulnar side of
+  the head or base), 1.8-3.6 mm;
 * joint-space **narrowing**: the articular ends grow into the joint space,
   closing 40-85 % of it (MCP and PIP joints);
 * periarticular **osteopenia**: bone density lowered by 20-45 % around the
@@ -460,7 +461,7 @@ def _erosion(hand: Hand, joint: Joint, rng: np.random.Generator, scale: float) -
         bone.radius_at(u) * rng.uniform(0.85, 1.0),
     )
     return Spot(
-        margin, float(rng.uniform(1.2, 3.2)) * scale, float(rng.uniform(0.55, 0.95)), sharp=True
+        margin, float(rng.uniform(1.8, 3.6)) * scale, float(rng.uniform(0.6, 0.95)), sharp=True
     )
 
 
@@ -499,13 +500,14 @@ def _kinds(site: str, rng: np.random.Generator) -> list[str]:
     options = (
         ["erosion", "osteopenia"] if site == "wrist" else ["erosion", "narrowing", "osteopenia"]
     )
-    chosen = [k for k in options if rng.random() < 0.5]
+    # Marginal erosions are the hallmark of established RA: always at a finger joint.
+    chosen = [k for k in options if (k == "erosion" and site != "wrist") or rng.random() < 0.5]
     return chosen or [str(rng.choice(options))]
 
 
 def sample_lesions(hand: Hand, rng: np.random.Generator, scale: float) -> HandLesions:
-    """Rheumatoid changes at one to three joints of ``hand``."""
-    count = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
+    """Rheumatoid changes at two to five joints of ``hand`` (RA is polyarticular)."""
+    count = int(rng.choice([2, 3, 4, 5], p=[0.3, 0.3, 0.25, 0.15]))
     sites = rng.choice(
         len(_SITES), size=count, replace=False, p=_SITE_WEIGHTS / _SITE_WEIGHTS.sum()
     )
@@ -602,7 +604,7 @@ def generate_hand(
     size:
         Rows = columns, at least 32.
     abnormal:
-        Draw rheumatoid changes at one to three joints (see the module notes).
+        Draw rheumatoid changes at two to five joints (see the module notes).
     with_lesion:
         ``False`` draws an abnormal case's lesion-free twin: identical
         anatomy, pose, exposure and noise, labelled normal.

@@ -9,11 +9,13 @@ view the lordosis, pedicles, facet pillars, neural foramina and spinous
 processes.
 
 Abnormal patients have either a **fracture** of T12-L4 (AP: compression
-fracture, height loss 20-45 % with an impaction band; lateral: wedge
-fracture, anterior height loss 20-55 %) or a **deformity** (AP: a scoliotic
-curve whose apex vertebrae move 7-18 mm sideways, tilt and rotate; lateral:
-a listhesis, one vertebra slipped forwards by 12-35 % of its depth on the
-one below).
+fracture, height loss 31-54 % with an impaction band; lateral: wedge
+fracture, anterior height loss 38-66 %; Genant grades 2-3) or a
+**deformity** (AP: a scoliotic curve whose apex vertebrae move 12-26 mm
+sideways, tilt and rotate; lateral: a listhesis, one vertebra slipped
+forwards by 22-45 % of its depth on the one below; Meyerding grades 1-2).
+The ranges are moderate to severe on purpose: the demonstration models
+train on a few hundred phantoms at 160-224 px on two CPU cores.
 
 Normal spines vary in size, disc heights (including some degenerative
 narrowing), mild lean and curvature, lordosis, alignment jitter,
@@ -159,7 +161,7 @@ def _plan(rng: np.random.Generator) -> Plan:
     if rng.random() < 0.5:
         index = rng.choice(len(_FRACTURE_LEVELS), p=_FRACTURE_WEIGHTS / _FRACTURE_WEIGHTS.sum())
         level = LEVELS.index(_FRACTURE_LEVELS[int(index)])
-        severity = float(rng.uniform(0.2, 0.5))
+        severity = float(rng.uniform(0.35, 0.6))
         return Plan("fracture", level, severity, float(rng.choice([-1, 1])), level)
     index = rng.choice(len(_SLIP_LEVELS), p=_SLIP_WEIGHTS)
     level = LEVELS.index(_SLIP_LEVELS[int(index)])
@@ -201,7 +203,7 @@ def _view_pose(rng: np.random.Generator) -> ViewPose:
 def _scoliosis(plan: Plan, n: int) -> tuple[list[float], list[float]]:
     """Sideways offsets (mm) and tilts (rad) of a curve with its apex near ``plan.level``."""
     apex = plan.apex
-    amplitude = plan.side * (7.0 + 11.0 * plan.severity)
+    amplitude = plan.side * (12.0 + 14.0 * plan.severity)
     offsets, tilts = [], []
     for i in range(n):
         x = (i - apex) / 2.0
@@ -265,7 +267,7 @@ def _apply_local(vertebrae: list[Vertebra], view: str, plan: Plan) -> list[Verte
             front = plan.severity * 1.1
             vertebrae[i] = replace(v, collapse=(front, front * 0.15))
     elif view == "LAT":
-        shift = -(0.12 + 0.23 * plan.severity) * v.width
+        shift = -(0.22 + 0.23 * plan.severity) * v.width
         dx, dy = math.cos(v.tilt), math.sin(v.tilt)
         vertebrae[i] = replace(v, centre=(v.centre[0] + shift * dx, v.centre[1] + shift * dy))
     return vertebrae

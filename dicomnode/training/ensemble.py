@@ -1,0 +1,253 @@
+"""Ensembles of trained model directories: one model directory the node runs.
+
+``dicomnode ensemble OUT MEMBER_DIR... --method average|accuracy|f1`` combines
+members that share classes, input and preprocessing (and localiser, if any):
+
+* ``average``: every member weighs the same for every class;
+* ``accuracy``: member ``m`` weighs ``acc[m, c]`` for class ``c``, its
+  cross-validated accuracy on the images of class ``c`` (per-class recall);
+* ``f1``: member ``m`` weighs ``f1[m, c]``, its cross-validated F1 of class ``c``.
+
+The figures come from each member card's ``metrics`` (the mean over folds when
+the member ran full cross-validation, else its held-out fold). Each class's
+weights are then divided by their sum, so they sum to 1 over the members (a
+class where every member scored 0 falls back to equal weights). The node fuses
+``q_c = sum_m w[m, c] * softmax(z_m / T_m)[c]``, normalised over the classes
+(:class:`~dicomnode.models.architectures.EnsembleNet`), and its Grad-CAM map is
+the members' maps for the ensemble's class weighted by each member's share of
+``q_c`` (:func:`~dicomnode.explain.gradcam.ensemble_grad_cam`).
+
+The output holds every member's weights in one safetensors file (keys
+``members.<m>.*`` plus ``class_weights`` and ``temperatures``), the card and,
+with ``validate_on``, the ensemble's figures on the held-out fold of a training
+recipe (the same fold the members' figures come from: optimistic, and said so).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from safetensors.torch import load_file, save_file
+
+from dicomnode.errors import TrainingError
+from dicomnode.models.architectures import ENSEMBLE, build_model
+from dicomnode.models.card import (
+    ArchitectureSpec,
+    GradCamSpec,
+    ModelCard,
+    WeightsSpec,
+    load_card,
+    sha256_of,
+    write_card,
+)
+from dicomnode.training.metrics import classification_metrics, softmax
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["average", "accuracy", "f1"]
+METHODS: tuple[Method, ...] = ("average", "accuracy", "f1")
+WEIGHTS_FILE = "model.safetensors"
+Float64Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member model directory and its validated card."""
+
+    directory: Path
+    card: ModelCard
+
+
+def per_class_figure(card: ModelCard, method: Method) -> list[float]:
+    """The figure ``method`` weighs a member by, one per class (see the module doc)."""
+    if method == "average":
+        return [1.0] * card.num_classes
+    key = "recall" if method == "accuracy" else "f1"
+    cross = card.metrics.get("cross_validation", {})
+    values = cross.get(f"{key}_per_class_mean") or card.metrics.get("per_class", {}).get(key)
+    if not values or len(values) != card.num_classes:
+        raise TrainingError(
+            f"member {card.name} {card.version} has no per-class {key} in its card's metrics: "
+            f"method {method!r} needs validation figures"
+        )
+    return [float(v) for v in values]
+
+
+def ensemble_weights(cards: list[ModelCard], method: Method) -> Float64Array:
+    """Weights (members, classes): each class's column sums to 1."""
+    raw = np.asarray([per_class_figure(card, method) for card in cards], dtype=np.float64)
+    raw = np.clip(np.nan_to_num(raw, nan=0.0), 0.0, None)
+    sums = raw.sum(axis=0, keepdims=True)
+    uniform = np.full_like(raw, 1.0 / len(cards))
+    weights: Float64Array = np.where(sums > 0, raw / np.where(sums > 0, sums, 1.0), uniform)
+    return weights
+
+
+def load_members(directories: list[Path]) -> list[Member]:
+    """Load and check the members: two or more, same classes, input and preprocessing."""
+    if len(directories) < 2:
+        raise TrainingError("an ensemble needs two or more member model directories")
+    members = [Member(d, load_card(d)) for d in directories]
+    first = members[0].card
+    for member in members[1:]:
+        card = member.card
+        for what in ("classes", "input", "preprocessing", "body_parts", "localiser"):
+            if getattr(card, what) != getattr(first, what):
+                raise TrainingError(
+                    f"member {member.directory} differs from {members[0].directory} in {what}: "
+                    "ensemble members must share classes, input, preprocessing, body parts "
+                    "and localiser"
+                )
+        if card.architecture.name == ENSEMBLE:
+            raise TrainingError(f"member {member.directory} is itself an ensemble")
+    return members
+
+
+def ensemble_state(members: list[Member], weights: Float64Array) -> dict[str, torch.Tensor]:
+    """One state dict: ``members.<m>.<key>`` for every member, plus the fusion buffers."""
+    state: dict[str, torch.Tensor] = {}
+    for index, member in enumerate(members):
+        for key, tensor in load_file(str(member.directory / member.card.weights.file)).items():
+            state[f"members.{index}.{key}"] = tensor.contiguous()
+    state["class_weights"] = torch.tensor(weights, dtype=torch.float32)
+    state["temperatures"] = torch.tensor([m.card.temperature for m in members], dtype=torch.float32)
+    return state
+
+
+def build_ensemble(
+    directories: list[Path],
+    output_dir: Path,
+    *,
+    method: Method,
+    name: str,
+    version: str,
+    validate_on: Path | None = None,
+) -> Path:
+    """Write the ensemble model directory ``output_dir`` and return it."""
+    if method not in METHODS:
+        raise TrainingError(f"unknown ensemble method {method!r}; use {', '.join(METHODS)}")
+    members = load_members(directories)
+    cards = [m.card for m in members]
+    weights = ensemble_weights(cards, method)
+    architecture = ArchitectureSpec(
+        name=ENSEMBLE,
+        params={
+            "members": [
+                {"name": c.architecture.name, "params": dict(c.architecture.params)} for c in cards
+            ]
+        },
+    )
+    state = ensemble_state(members, weights)
+    first = cards[0]
+    model = build_model(ENSEMBLE, first.input.channels, first.num_classes, architecture.params)
+    model.load_state_dict(state, strict=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = output_dir / WEIGHTS_FILE
+    save_file(state, str(weights_path), metadata={"model": f"{name} {version}"})
+    weights_path.chmod(0o644)
+    metrics = _metrics(members, weights, method)
+    if validate_on is not None:
+        metrics["held_out"] = validate_ensemble(model, validate_on)
+    _copy_localiser(members[0], output_dir)
+    card = _card(members, name, version, architecture, sha256_of(weights_path), metrics, method)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_card(output_dir, card)
+    logger.info("wrote ensemble %s of %d members", output_dir, len(members))
+    return output_dir
+
+
+def _metrics(members: list[Member], weights: Float64Array, method: Method) -> dict[str, Any]:
+    return {
+        "ensemble": {
+            "method": method,
+            "members": [
+                {
+                    "directory": m.directory.name,
+                    "name": m.card.name,
+                    "version": m.card.version,
+                    "sha256": m.card.weights.sha256,
+                    "temperature": m.card.temperature,
+                    "class_weights": weights[i].tolist(),
+                    "balanced_accuracy": m.card.metrics.get("balanced_accuracy"),
+                }
+                for i, m in enumerate(members)
+            ],
+        }
+    }
+
+
+def validate_ensemble(model: torch.nn.Module, recipe: Path) -> dict[str, Any]:
+    """The ensemble's figures on the held-out fold of training recipe ``recipe``."""
+    from dicomnode.training.config import load_config
+    from dicomnode.training.train import _dataset, _split, predict_logits, prepare, torch_settings
+
+    config = load_config(recipe)
+    if not isinstance(config.fold, int):
+        raise TrainingError(f"recipe {recipe} must name one held-out fold (fold: <k>)")
+    with torch_settings(config):
+        prepared = prepare(config)
+        _, valid_idx = _split(prepared, config.fold)
+        logits, labels = predict_logits(
+            model.to(prepared.device), _dataset(prepared, valid_idx, augment=False), prepared.device
+        )
+    figures = classification_metrics(labels, softmax(logits))
+    return {
+        "validation": (
+            f"fold {config.fold} of {config.folds} of {config.data_dir} (recipe {recipe.name}); "
+            "the member weights come from the same fold, so these figures are optimistic"
+        ),
+        "n": len(labels),
+        **figures,
+    }
+
+
+def _copy_localiser(first: Member, output_dir: Path) -> None:
+    if first.card.localiser is not None:
+        shutil.copyfile(
+            first.directory / first.card.localiser.file, output_dir / first.card.localiser.file
+        )
+
+
+def _card(
+    members: list[Member],
+    name: str,
+    version: str,
+    architecture: ArchitectureSpec,
+    sha256: str,
+    metrics: dict[str, Any],
+    method: Method,
+) -> ModelCard:
+    first = members[0].card
+    listed = ", ".join(f"{m.card.name} {m.card.version}" for m in members)
+    figures = metrics.get("held_out", {})
+    headline = {k: figures[k] for k in ("balanced_accuracy", "auc_macro") if k in figures}
+    return ModelCard(
+        name=name,
+        version=version,
+        description=f"Ensemble ({method}-weighted) of {listed}. {first.description}".strip(),
+        body_parts=first.body_parts,
+        architecture=architecture,
+        input=first.input,
+        preprocessing=first.preprocessing,
+        classes=first.classes,
+        gradcam=GradCamSpec(target_layer=",".join(m.card.gradcam.target_layer for m in members)),
+        weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
+        localiser=first.localiser,
+        temperature=1.0,
+        finding_class_minimum=first.finding_class_minimum,
+        intended_use=first.intended_use,
+        training_data=first.training_data,
+        metrics={**metrics, **headline},
+        recipe={"ensemble": {"method": method, "members": [m.directory.name for m in members]}},
+        trained=datetime.date.today().isoformat(),
+        synthetic_training_data=any(m.card.synthetic_training_data for m in members),
+    )

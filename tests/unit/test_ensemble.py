@@ -1,0 +1,159 @@
+"""Ensembles: weights as documented, fused probabilities, Grad-CAM, served by the node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.errors import TrainingError
+from dicomnode.explain.gradcam import grad_cam
+from dicomnode.models.architectures import EnsembleNet
+from dicomnode.models.card import ModelCard, load_card, write_card
+from dicomnode.models.inference import Predictor, explain_batch, prepare_input
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.training.ensemble import build_ensemble, ensemble_weights
+from dicomnode.values import PreparedImage
+
+F1 = ([0.8, 0.2], [0.2, 0.6], [0.0, 0.2])
+RECALL = ([0.5, 0.5], [0.25, 0.75], [0.25, 0.0])
+
+
+def _member(directory: Path, seed: int, f1: list[float], recall: list[float], **kw: Any) -> Path:
+    card = make_tiny_model(directory, name=f"member-{seed}", seed=seed, **kw)
+    metrics = {"balanced_accuracy": 0.5, "per_class": {"f1": f1, "recall": recall}}
+    write_card(directory, card.model_copy(update={"metrics": metrics}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("members")
+    temperatures = (1.0, 2.0, 0.5)
+    return [
+        _member(root / f"m{i}", i, F1[i], RECALL[i], temperature=temperatures[i]) for i in range(3)
+    ]
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(members: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-ensemble"
+    return build_ensemble(members, out, method="f1", name="tiny-ensemble", version="0.0.1")
+
+
+def _cards(members: list[Path]) -> list[ModelCard]:
+    return [load_card(m) for m in members]
+
+
+def test_weights_are_per_class_figures_normalised_over_members(members: list[Path]) -> None:
+    f1 = ensemble_weights(_cards(members), "f1")
+    np.testing.assert_allclose(f1, np.asarray(F1) / np.asarray(F1).sum(axis=0))
+    accuracy = ensemble_weights(_cards(members), "accuracy")
+    np.testing.assert_allclose(accuracy, np.asarray(RECALL) / np.asarray(RECALL).sum(axis=0))
+    np.testing.assert_allclose(ensemble_weights(_cards(members), "average"), np.full((3, 2), 1 / 3))
+
+
+def test_cross_validated_means_win_and_an_all_zero_class_is_uniform(tmp_path: Path) -> None:
+    cards = []
+    for i, cv in enumerate(([0.0, 0.9], [0.0, 0.3])):
+        card = make_tiny_model(tmp_path / f"m{i}", name=f"m{i}", seed=i)
+        metrics = {
+            "per_class": {"f1": [1.0, 1.0]},
+            "cross_validation": {"f1_per_class_mean": cv},
+        }
+        cards.append(card.model_copy(update={"metrics": metrics}))
+    np.testing.assert_allclose(ensemble_weights(cards, "f1"), [[0.5, 0.75], [0.5, 0.25]])
+
+
+def test_weighting_by_figures_a_card_lacks_is_refused(tmp_path: Path) -> None:
+    bare = [make_tiny_model(tmp_path / f"m{i}", name=f"m{i}", seed=i) for i in range(2)]
+    with pytest.raises(TrainingError, match="per-class f1"):
+        ensemble_weights(bare, "f1")
+    np.testing.assert_allclose(ensemble_weights(bare, "average"), np.full((2, 2), 0.5))
+
+
+def test_members_that_do_not_share_classes_or_input_are_refused(tmp_path: Path) -> None:
+    a = _member(tmp_path / "a", 0, [1, 1], [1, 1])
+    b = _member(tmp_path / "b", 1, [1, 1], [1, 1], input_size=(32, 32))
+    with pytest.raises(TrainingError, match=r"differs .* in input"):
+        build_ensemble([a, b], tmp_path / "out", method="f1", name="e", version="1")
+    with pytest.raises(TrainingError, match="two or more"):
+        build_ensemble([a], tmp_path / "out", method="f1", name="e", version="1")
+
+
+def _image(seed: int) -> PreparedImage:
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((90, 70), dtype=np.float32)
+    pixels[30:50, 20:40] += 1.5
+    return PreparedImage(np.clip(pixels, 0, 1).astype(np.float32), "L", f"synthetic-{seed}")
+
+
+def test_fused_probabilities_follow_the_documented_formula(
+    members: list[Path], ensemble_dir: Path
+) -> None:
+    ensemble = Predictor.load(ensemble_dir, load_card(ensemble_dir))
+    predictors = [Predictor.load(m, load_card(m)) for m in members]
+    images = [_image(s) for s in range(4)]
+    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
+    member_probs = np.stack([p.forward_probabilities(batch) for p in predictors])
+    weights = np.asarray(F1) / np.asarray(F1).sum(axis=0)
+    mixed = (weights[:, None, :] * member_probs).sum(axis=0)
+    expected = mixed / mixed.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ensemble.forward_probabilities(batch), expected, atol=1e-5)
+    results = ensemble.predict(images)
+    for result, row in zip(results, expected, strict=True):
+        (finding,) = result.findings
+        np.testing.assert_allclose(finding.probabilities, row, atol=1e-5)
+        assert finding.predicted.index == int(row.argmax())
+
+
+def test_ensemble_map_is_the_share_weighted_mean_of_member_maps(
+    members: list[Path], ensemble_dir: Path
+) -> None:
+    ensemble = Predictor.load(ensemble_dir, load_card(ensemble_dir))
+    model = ensemble.model
+    assert isinstance(model, EnsembleNet)
+    images = [_image(s) for s in range(3)]
+    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
+    cams = explain_batch(model, ensemble.card.gradcam.target_layer, batch)
+    with torch.no_grad():
+        member_probs = model.member_probabilities(batch).numpy()
+    chosen = list(cams.classes)
+    weights = model.weights_cpu().numpy()
+    layers = ensemble.card.gradcam.target_layer.split(",")
+    expected = np.zeros_like(cams.cams)
+    for n, c in enumerate(chosen):
+        shares = weights[:, c] * member_probs[:, n, c]
+        shares = shares / shares.sum()
+        for m, member in enumerate(model.members):
+            expected[n] += shares[m] * grad_cam(member, layers[m], batch[n : n + 1], [c]).cams[0]
+        if expected[n].max() > 0:
+            expected[n] /= expected[n].max()
+    np.testing.assert_allclose(cams.cams, expected, atol=1e-5)
+    results = ensemble.predict(images)
+    for image, result in zip(images, results, strict=True):
+        (finding,) = result.findings
+        assert finding.heatmap.shape == image.pixels.shape
+
+
+def test_the_node_serves_an_ensemble_and_the_card_records_its_members(
+    ensemble_dir: Path, members: list[Path]
+) -> None:
+    registry = ModelRegistry.load(ensemble_dir.parent)
+    loaded = registry.for_body_part("KNEE")
+    assert loaded is not None and loaded.card.name == "tiny-ensemble"
+    card = loaded.card
+    assert card.architecture.name == "ensemble"
+    assert card.synthetic_training_data is True
+    recorded = card.metrics["ensemble"]
+    assert recorded["method"] == "f1"
+    assert [m["directory"] for m in recorded["members"]] == [m.name for m in members]
+    np.testing.assert_allclose(
+        [m["class_weights"] for m in recorded["members"]],
+        np.asarray(F1) / np.asarray(F1).sum(axis=0),
+    )
+    assert [m["temperature"] for m in recorded["members"]] == [1.0, 2.0, 0.5]
