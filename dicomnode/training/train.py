@@ -184,11 +184,26 @@ def new_model(config: TrainingConfig) -> nn.Module:
     """The architecture of ``config`` with its initial weights."""
     arch = config.architecture
     model = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
+    _small_head(model)
     if config.init_weights == IMAGENET_LITE0:
         _load_by_position(model, _imagenet_lite0_state())
     elif config.init_weights != "none":
         _load_by_name(model, _read_state(Path(config.init_weights)))
     return model
+
+
+def _small_head(model: nn.Module) -> None:
+    """Start the classifier near zero: every class equally likely at step 0.
+
+    timm initialises an EfficientNet head uniformly in +-1/sqrt(classes), which
+    over 1,280 features gives logits of about +-30 and a first epoch of huge
+    losses and gradients that wreck pretrained features.
+    """
+    _, head = _head(model)
+    assert isinstance(head, nn.Linear)
+    nn.init.normal_(head.weight, std=0.01)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
 
 
 def _imagenet_lite0_state() -> dict[str, torch.Tensor]:

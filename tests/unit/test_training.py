@@ -292,3 +292,20 @@ def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
     assert [g["lr"] for g in fresh.param_groups] == pytest.approx(
         [expected] * len(fresh.param_groups)
     )
+
+
+def test_a_new_head_starts_with_every_class_equally_likely(tmp_path: Path) -> None:
+    recipe = _smoke_config(
+        tmp_path,
+        architecture={"name": "efficientnet_lite0", "params": {}},
+        init_weights="imagenet-lite0",
+        mode="finetune",
+        input={"size": [64, 64], "channels": 3, "mean": [0.5], "std": [0.25]},
+    )
+    model = train_module.new_model(load_config(recipe)).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(4, 3, 64, 64))
+    # timm's own head init gives logits of tens here; a loss of ln(3) needs them near 0.
+    assert float(logits.abs().max()) < 1.0
+    probabilities = torch.softmax(logits, dim=1)
+    assert torch.allclose(probabilities, torch.full_like(probabilities, 1 / 3), atol=0.1)
