@@ -282,12 +282,16 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the last checkpoint")
     ] = False,
+    fold: Annotated[
+        str | None,
+        typer.Option("--fold", help="override the recipe's fold: an index, all or none"),
+    ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
     from dicomnode.training.train import train_from_config
 
     logs.configure()
-    out = train_from_config(config_file, resume=resume)
+    out = train_from_config(config_file, resume=resume, fold=fold)
     console.print(f"model written to {out}")
 
 

@@ -122,6 +122,9 @@ class TrainingConfig(_Frozen):
         ``balanced`` (n / (k * n_c)), ``none`` or one weight per class.
     notes:
         Free text kept in the card's recipe (for example a change made on resume).
+    gradcam_layer:
+        The Grad-CAM target layer written into the card (a dotted module path);
+        default: the architecture's last convolutional block.
     """
 
     data_dir: Path
@@ -150,6 +153,7 @@ class TrainingConfig(_Frozen):
     cache_dir: Path = Path("var/cache")
     num_threads: int | None = Field(default=None, ge=1)
     notes: str = ""
+    gradcam_layer: str | None = None
     model: ModelInfo
 
     @field_validator("group_pattern")
@@ -207,7 +211,10 @@ def parse_config(raw: dict[str, Any], *, source: str = "training config") -> Tra
         ) from exc
 
 
-def load_config(path: Path) -> TrainingConfig:
-    """Read and validate a training YAML file."""
+def load_config(path: Path, *, fold: str | int | None = None) -> TrainingConfig:
+    """Read and validate a training YAML file; ``fold`` replaces its ``fold`` when given."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
+    if fold is not None:
+        text = str(fold)
+        raw["fold"] = int(text) if text.isdigit() else text
     return parse_config(raw, source=f"training config {path}")

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
+from dicomnode.errors import ModelError, TrainingError
+from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model, target_layer
 from dicomnode.models.card import (
     ArchitectureSpec,
     GradCamSpec,
@@ -99,9 +99,11 @@ class FoldResult:
 # ----------------------------------------------------------------------------- public
 
 
-def train_from_config(config_path: Path, *, resume: bool = False) -> Path:
-    """Train as ``config_path`` says and return the written model directory."""
-    config = load_config(config_path)
+def train_from_config(
+    config_path: Path, *, resume: bool = False, fold: str | int | None = None
+) -> Path:
+    """Train as ``config_path`` says (``fold`` overrides its fold); return the model directory."""
+    config = load_config(config_path, fold=fold)
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
@@ -132,8 +134,17 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 
 
 def prepare(config: TrainingConfig) -> Prepared:
-    """Seed, scan the data, open (or build) the pixel cache, assign folds."""
+    """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
     _seed_everything(config.seed)
+    if config.gradcam_layer is not None:
+        arch = config.architecture
+        try:
+            target_layer(
+                build_model(arch.name, config.input.channels, config.num_classes, arch.params),
+                config.gradcam_layer,
+            )
+        except ModelError as exc:
+            raise TrainingError(f"gradcam_layer: {exc}") from exc
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
     cache = PixelCache.build(images, config.cache_dir, config.input.size)
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
@@ -746,7 +757,9 @@ def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> 
         input=config.input,
         preprocessing=config.preprocessing,
         classes=info.classes,
-        gradcam=GradCamSpec(target_layer=DEFAULT_TARGET_LAYERS[config.architecture.name]),
+        gradcam=GradCamSpec(
+            target_layer=config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name]
+        ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         temperature=float(metrics.get("temperature", 1.0)),
         finding_class_minimum=info.finding_class_minimum,

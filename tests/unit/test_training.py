@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from sklearn import metrics as skm
 
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import load_card
@@ -309,3 +309,18 @@ def test_a_new_head_starts_with_every_class_equally_likely(tmp_path: Path) -> No
     assert float(logits.abs().max()) < 1.0
     probabilities = torch.softmax(logits, dim=1)
     assert torch.allclose(probabilities, torch.full_like(probabilities, 1 / 3), atol=0.1)
+
+
+def test_the_recipe_may_choose_the_gradcam_layer(tmp_path: Path) -> None:
+    directory = train_from_config(_smoke_config(tmp_path / "a", gradcam_layer="features.0"))
+    assert load_card(directory).gradcam.target_layer == "features.0"
+    with pytest.raises(TrainingError, match="gradcam_layer"):
+        train_from_config(_smoke_config(tmp_path / "b", gradcam_layer="features.9"))
+
+
+def test_the_fold_can_be_overridden_and_is_validated(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path, folds=4, fold=0)
+    assert load_config(recipe, fold="2").fold == 2
+    assert load_config(recipe, fold="all").fold == "all"
+    with pytest.raises(ConfigError, match="fold"):
+        load_config(recipe, fold="7")
