@@ -107,7 +107,7 @@ class StudySettings(_Section):
 
 
 class WorkerSettings(_Section):
-    count: int = Field(1, ge=0, le=64, description="worker processes started by `serve`")
+    count: int = Field(2, ge=0, le=64, description="worker processes started by `serve`")
     batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when present"
@@ -119,7 +119,9 @@ class WorkerSettings(_Section):
         30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this"
     )
     poll_seconds: float = Field(0.1, gt=0, le=10, description="idle wait between queue polls")
-    threads: int = Field(0, ge=0, description="torch threads per worker, 0 = torch default")
+    threads: int = Field(
+        0, ge=0, description="torch threads per worker, 0 = CPU cores / worker count (at least 1)"
+    )
 
 
 class SendSettings(_Section):

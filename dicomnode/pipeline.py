@@ -24,13 +24,20 @@ import numpy as np
 import pydicom
 
 from dicomnode import __version__, uids
-from dicomnode.encode.render import downscaled, render_overlay
+from dicomnode.encode.render import UInt8Array, downscaled, render_overlay
 from dicomnode.encode.sc import encode_sc
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
 from dicomnode.imaging.pixels import prepare_dataset
 from dicomnode.models.inference import Predictor
-from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
+from dicomnode.values import (
+    CodedClass,
+    Finding,
+    ImageResult,
+    ModelIdentity,
+    PreparedImage,
+    Region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +98,31 @@ def analyse(predictor: Predictor, prepared: Sequence[Prepared]) -> list[Analysed
     return [Analysed(p, next(results) if p.image is not None else None) for p in prepared]
 
 
-def make_sc(analysed: Analysed, *, uid_root: str, max_size: int = 0) -> pydicom.Dataset:
+def overlay_pixels(analysed: Analysed, max_size: int = 0) -> UInt8Array:
+    """The RGB overlay of one analysed image, longest side at most ``max_size`` (0: as is)."""
+    prepared, result = analysed.prepared, analysed.result
+    assert prepared.image is not None and result is not None
+    return render_overlay(*downscaled(prepared.image, result, max_size))
+
+
+def make_sc(
+    analysed: Analysed,
+    *,
+    uid_root: str,
+    max_size: int = 0,
+    pixels: UInt8Array | None = None,
+) -> pydicom.Dataset:
     """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``).
 
+    ``pixels``: the overlay when already rendered by :func:`overlay_pixels`.
     Its Instance Number is the source image's, so the overlays sort like the originals.
     """
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
-    image, shown = downscaled(prepared.image, result, max_size)
     return encode_sc(
         header,
-        render_overlay(image, shown),
+        overlay_pixels(analysed, max_size) if pixels is None else pixels,
         result,
         series_uid=uids.sc_series_uid(
             uid_root, str(header.StudyInstanceUID), model.name, model.version

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from multiprocessing.process import BaseProcess
@@ -63,10 +64,21 @@ def worker_main(settings: Settings, index: int) -> None:
 
 
 def _apply_threads(settings: Settings) -> None:
-    if settings.workers.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(settings.workers.threads)
+    torch.set_num_threads(torch_threads(settings.workers.threads, settings.workers.count))
+
+
+def torch_threads(configured: int, workers: int) -> int:
+    """``configured``, or with 0 the CPU cores shared out among the workers (at least 1).
+
+    Two workers of two threads each on two cores would fight over them; one
+    thread each lets one worker run the network while the other decodes,
+    renders, encodes and sends.
+    """
+    if configured:
+        return configured
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 class Supervisor:

@@ -226,13 +226,29 @@ def _rss_mb(root: psutil.Process) -> float:
     return total / 1e6
 
 
+def _pss_mb(root: psutil.Process) -> float:
+    """Proportional set size of the process tree: shared pages counted once in all.
+
+    The sum of RSS counts the libraries that every worker maps (torch's are
+    hundreds of MB) once per process; PSS splits each shared page among the
+    processes that map it, so the sum is the memory the node really holds.
+    """
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            continue
+    return total / 1e6
+
+
 def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str, Any]:
     """All studies sent at once (4 senders): seconds until every SC and SR arrived, peak RSS."""
     data: list[Study] = make_studies(workdir / "burst-data", studies, per_study)
     files = list(all_files(data))
     node, collector = _node_with_collector(workdir / "node-burst", models)
     expected = len(files) + len(data)
-    peak = 0.0
+    peak = peak_pss = 0.0
     try:
         assert node.process is not None
         root = psutil.Process(node.process.pid)
@@ -240,6 +256,7 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         send(node.port, "DICOMNODE", files, senders=4)
         while len(collector.received) < expected:
             peak = max(peak, _rss_mb(root))
+            peak_pss = max(peak_pss, _pss_mb(root))
             if time.monotonic() - start > 1800:
                 raise TimeoutError("burst did not finish in 30 minutes")
             time.sleep(0.2)
@@ -254,6 +271,7 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         "seconds": seconds,
         "images_per_s": len(files) / seconds,
         "peak_rss_mb": peak,
+        "peak_pss_mb": peak_pss,
         "rss_after_mb": after,
     }
 

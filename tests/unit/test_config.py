@@ -19,7 +19,7 @@ def test_example_config_loads_with_the_documented_defaults() -> None:
     assert settings.results.destinations == ("PACS",)
     assert settings.study.settle_seconds == 2
     assert (settings.workers.count, settings.workers.batch_size, settings.workers.device) == (
-        1,
+        2,
         8,
         "auto",
     )
@@ -92,3 +92,15 @@ def test_environment_can_set_a_peer_by_its_name() -> None:
     )
     assert settings.peers["PACS"].host == "orthanc"
     assert settings.peers["PACS"].port == 4242
+
+
+def test_torch_threads_share_the_cores_among_the_workers() -> None:
+    import os
+
+    from dicomnode.service import torch_threads
+
+    cores = os.cpu_count() or 1
+    assert torch_threads(3, 2) == 3
+    assert torch_threads(0, 1) == cores
+    assert torch_threads(0, 2) == max(1, cores // 2)
+    assert torch_threads(0, 4 * cores) == 1
