@@ -345,6 +345,9 @@ def ensemble(
         Path | None,
         typer.Option("--validate-on", help="recipe whose held-out fold the ensemble is scored on"),
     ] = None,
+    validate_fold: Annotated[
+        int | None, typer.Option("--validate-fold", help="that fold (default: the recipe's)")
+    ] = None,
 ) -> None:
     """Combine trained model directories into one ensemble model directory."""
     from dicomnode.training.ensemble import METHODS, build_ensemble
@@ -355,10 +358,11 @@ def ensemble(
     path = build_ensemble(
         members,
         out,
-        method=method,
+        method=method,  # type: ignore[arg-type]
         name=name,
         version=version,
-        validate_on=validate_on,  # type: ignore[arg-type]
+        validate_on=validate_on,
+        validate_fold=validate_fold,
     )
     console.print(f"ensemble written to {path}")
 

@@ -131,6 +131,7 @@ def build_ensemble(
     name: str,
     version: str,
     validate_on: Path | None = None,
+    validate_fold: int | None = None,
 ) -> Path:
     """Write the ensemble model directory ``output_dir`` and return it."""
     if method not in METHODS:
@@ -156,7 +157,7 @@ def build_ensemble(
     weights_path.chmod(0o644)
     metrics = _metrics(members, weights, method)
     if validate_on is not None:
-        metrics["held_out"] = validate_ensemble(model, validate_on)
+        metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
     card = _card(members, name, version, architecture, sha256_of(weights_path), metrics, method)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -185,14 +186,18 @@ def _metrics(members: list[Member], weights: Float64Array, method: Method) -> di
     }
 
 
-def validate_ensemble(model: torch.nn.Module, recipe: Path) -> dict[str, Any]:
-    """The ensemble's figures on the held-out fold of training recipe ``recipe``."""
+def validate_ensemble(
+    model: torch.nn.Module, recipe: Path, fold: int | None = None
+) -> dict[str, Any]:
+    """The ensemble's figures on held-out fold ``fold`` (default: the recipe's) of ``recipe``."""
     from dicomnode.training.config import load_config
     from dicomnode.training.train import _dataset, _split, predict_logits, prepare, torch_settings
 
-    config = load_config(recipe)
+    config = load_config(recipe, fold=fold)
     if not isinstance(config.fold, int):
-        raise TrainingError(f"recipe {recipe} must name one held-out fold (fold: <k>)")
+        raise TrainingError(
+            f"recipe {recipe} has fold: {config.fold}; name the held-out fold (--validate-fold K)"
+        )
     with torch_settings(config):
         prepared = prepare(config)
         _, valid_idx = _split(prepared, config.fold)
