@@ -68,9 +68,10 @@ def test_knee_model_grades_each_knee_of_a_bilateral_image() -> None:
         )
 
 
-# Phantoms the shipped phantom models never saw (training used seeds 1 and 11, selection 900
-# and 903, the reported test sets 901 and 902), at the size each model was trained on.
-PHANTOM_MODELS = {BodyPart.HAND: ("hand", 448, 4242), BodyPart.SPINE: ("spine", 320, 4243)}
+# Phantoms the shipped phantom model never saw (training used seed 1, Grad-CAM layer selection
+# 900, the reported test set 901), at the size it was trained on. No hand model is shipped yet
+# (models/README.md says why).
+PHANTOM_MODELS = {BodyPart.SPINE: ("SPINE", 320, 4243)}
 
 
 @pytest.mark.parametrize("part", sorted(PHANTOM_MODELS))
@@ -86,7 +87,7 @@ def test_phantom_models_are_labelled_synthetic_and_separate_fresh_phantoms(
     assert card.synthetic_training_data is True
     assert "SYNTHETIC" in card.description.upper()
     body, size, seed = PHANTOM_MODELS[part]
-    folder = write_phantom_folder(tmp_path / body, body_part=body, count=40, seed=seed, size=size)
+    folder = write_phantom_folder(tmp_path / body, body_part=body, count=80, seed=seed, size=size)
     figures = evaluate_model(loaded.directory, folder, device="cpu")
-    # Chance is 0.5; the shipped models score about 0.9 on 400 such phantoms (models/README.md).
-    assert figures["auc_macro"] > 0.7
+    # Chance is 0.5; the shipped model scores 0.89 on 400 such phantoms (models/README.md).
+    assert figures["auc_macro"] > 0.75
