@@ -42,8 +42,9 @@ from dicomnode.store.files import output_path, write_durably
 log = logging.getLogger(__name__)
 
 SEND_BATCH = 32
-MAX_BATCH_PIXELS = 20_000_000
-"""Source pixels prepared and classified together (about two 3000x3000 images)."""
+MAX_BATCH_PIXELS = 10_000_000
+"""Source pixels prepared and classified together: a sub-batch closes at the first image
+that reaches it (two 3000x3000 images per sub-batch)."""
 
 
 class Worker:

@@ -134,16 +134,15 @@ class NodeProcess:
         return self
 
     def worker_pids(self) -> list[int]:
-        """PIDs of the worker processes (children of the serve process)."""
+        """PIDs of the worker processes: the fork server's children (see dicomnode.service)."""
         assert self.process is not None
         import psutil
 
         pids = []
         for child in psutil.Process(self.process.pid).children(recursive=True):
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
-                    child.cmdline()
-                ):
+                forked = child.ppid() != self.process.pid  # not the fork server itself
+                if forked and child.status() != psutil.STATUS_ZOMBIE:
                     pids.append(child.pid)
             except psutil.Error:
                 continue
