@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
 from dicomnode.models.architectures import ENSEMBLE, build_model
@@ -49,14 +48,22 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
-from dicomnode.training.metrics import classification_metrics, softmax
+from dicomnode.training.config import load_config
+from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
+from dicomnode.training.train import (
+    WEIGHTS_FILE,
+    _dataset,
+    _split,
+    predict_logits,
+    prepare,
+    torch_settings,
+    write_weights,
+)
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["average", "accuracy", "f1"]
 METHODS: tuple[Method, ...] = ("average", "accuracy", "f1")
-WEIGHTS_FILE = "model.safetensors"
-Float64Array = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,7 @@ def ensemble_state(members: list[Member], weights: Float64Array) -> dict[str, to
     state: dict[str, torch.Tensor] = {}
     for index, member in enumerate(members):
         for key, tensor in load_file(str(member.directory / member.card.weights.file)).items():
-            state[f"members.{index}.{key}"] = tensor.contiguous()
+            state[f"members.{index}.{key}"] = tensor
     state["class_weights"] = torch.tensor(weights, dtype=torch.float32)
     state["temperatures"] = torch.tensor([m.card.temperature for m in members], dtype=torch.float32)
     return state
@@ -152,9 +159,7 @@ def build_ensemble(
     model = build_model(ENSEMBLE, first.input.channels, first.num_classes, architecture.params)
     model.load_state_dict(state, strict=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = output_dir / WEIGHTS_FILE
-    save_file(state, str(weights_path), metadata={"model": f"{name} {version}"})
-    weights_path.chmod(0o644)
+    weights_path = write_weights(output_dir / WEIGHTS_FILE, state, f"{name} {version}")
     metrics = _metrics(members, weights, method)
     if validate_on is not None:
         metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
@@ -190,9 +195,6 @@ def validate_ensemble(
     model: torch.nn.Module, recipe: Path, fold: int | None = None
 ) -> dict[str, Any]:
     """The ensemble's figures on held-out fold ``fold`` (default: the recipe's) of ``recipe``."""
-    from dicomnode.training.config import load_config
-    from dicomnode.training.train import _dataset, _split, predict_logits, prepare, torch_settings
-
     config = load_config(recipe, fold=fold)
     if not isinstance(config.fold, int):
         raise TrainingError(

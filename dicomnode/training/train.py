@@ -730,17 +730,21 @@ def _write_one(
     config: TrainingConfig, directory: Path, result: FoldResult, metrics: dict[str, Any]
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
-    tensors = {k: v.contiguous() for k, v in result.state.items()}
-    # One metadata key: safetensors writes several in a random order, which would change the sha256.
-    save_file(
-        tensors, str(weights), metadata={"model": f"{config.model.name} {config.model.version}"}
-    )
-    weights.chmod(0o644)  # safetensors creates the file readable by its owner only
+    label = f"{config.model.name} {config.model.version}"
+    weights = write_weights(directory / WEIGHTS_FILE, result.state, label)
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(directory, build_card(config, metrics, sha256_of(weights)))
     logger.info("wrote model directory %s", directory)
     return directory
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor], label: str) -> Path:
+    """Write ``state`` as a world-readable safetensors file labelled ``label``; return ``path``."""
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    # One metadata key: safetensors writes several in a random order, which would change the sha256.
+    save_file(tensors, str(path), metadata={"model": label})
+    path.chmod(0o644)  # safetensors creates the file readable by its owner only
+    return path
 
 
 def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> ModelCard:
