@@ -114,8 +114,17 @@ class TrainingConfig(_Frozen):
         ``scratch`` (all layers, random init), ``feature`` (frozen backbone,
         new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
     fold:
-        The fold held out for validation, ``all`` (full cross-validation) or
-        ``none`` (train on everything; no validation figures).
+        The fold held out for validation, ``all`` (full cross-validation),
+        ``none`` (train on everything; no validation figures) or ``final``
+        (full cross-validation, then the shipped weights trained on every
+        image for ``final_epochs`` epochs, by default the median best epoch of
+        the folds; the card's figures are the cross-validation's).
+    final_epochs:
+        Epochs of the all-data run of ``fold: final`` (default: the folds' median best epoch).
+    loader_workers:
+        Data-loading processes per loader; default 0 on CPU (the cores train)
+        and ``min(8, cores - 1)`` on CUDA. Augmentation is seeded per image, so
+        the count does not change the images a run sees.
     patience:
         Early stopping: epochs without a better validation balanced accuracy.
     class_weights:
@@ -145,13 +154,15 @@ class TrainingConfig(_Frozen):
     warmup_epochs: float = Field(default=1.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     folds: int = Field(default=5, ge=2)
-    fold: int | Literal["all", "none"] = 0
+    fold: int | Literal["all", "none", "final"] = 0
+    final_epochs: int | None = Field(default=None, ge=1)
     seed: int = 0
     patience: int = Field(default=5, ge=1)
     output_dir: Path
     checkpoint_dir: Path | None = None
     cache_dir: Path = Path("var/cache")
     num_threads: int | None = Field(default=None, ge=1)
+    loader_workers: int | None = Field(default=None, ge=0)
     notes: str = ""
     gradcam_layer: str | None = None
     model: ModelInfo
@@ -184,7 +195,7 @@ class TrainingConfig(_Frozen):
         if isinstance(self.class_weights, tuple) and len(self.class_weights) != classes:
             raise ValueError(f"class_weights needs {classes} values, one per class")
         if isinstance(self.fold, int) and not 0 <= self.fold < self.folds:
-            raise ValueError(f"fold must be in 0..{self.folds - 1}, 'all' or 'none'")
+            raise ValueError(f"fold must be in 0..{self.folds - 1}, 'all', 'none' or 'final'")
         if self.init_weights == IMAGENET_LITE0 and self.architecture.name != "efficientnet_lite0":
             raise ValueError("init_weights imagenet-lite0 needs architecture efficientnet_lite0")
         if self.mode == "feature" and self.init_weights == "none":

@@ -16,14 +16,16 @@ scheduler, epoch, best score, RNG state) and ``best.pt`` (the best weights).
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+OOF_FILE = "oof_predictions.csv"
 EVAL_BATCH = 64
 
 
@@ -107,6 +110,9 @@ def train_from_config(
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
+        if config.fold == "final":
+            final = train_fold(final_run(prepared, results), None, resume=resume)
+            return write_final_directory(prepared, results, final)
         return write_model_directory(prepared, results)
 
 
@@ -116,6 +122,9 @@ def export_from_checkpoints(config_path: Path) -> Path:
     with torch_settings(config):
         prepared = prepare(config)
         results = [_result_from_checkpoint(prepared, fold) for fold in _folds_to_run(config)]
+        if config.fold == "final":
+            final = _result_from_checkpoint(final_run(prepared, results), None)
+            return write_final_directory(prepared, results, final)
         return write_model_directory(prepared, results)
 
 
@@ -161,9 +170,35 @@ def prepare(config: TrainingConfig) -> Prepared:
 def _folds_to_run(config: TrainingConfig) -> list[int | None]:
     if config.fold == "none":
         return [None]
-    if config.fold == "all":
-        return list(range(config.folds))
-    return [config.fold]
+    if isinstance(config.fold, int):
+        return [config.fold]
+    return list(range(config.folds))
+
+
+def final_epochs(config: TrainingConfig, results: list[FoldResult]) -> int:
+    """Epochs of the all-data run: ``final_epochs``, else the folds' median best epoch."""
+    if config.final_epochs is not None:
+        return config.final_epochs
+    best = sorted(max(r.loop.best_epoch, 1) for r in results)
+    middle = len(best) // 2
+    median = best[middle] if len(best) % 2 else (best[middle - 1] + best[middle] + 1) // 2
+    return max(1, median)
+
+
+def final_run(prepared: Prepared, results: list[FoldResult]) -> Prepared:
+    """``prepared`` for the all-data run of ``fold: final`` (its epoch count fixed)."""
+    epochs = final_epochs(prepared.config, results)
+    logger.info("final run on every image for %d epochs", epochs)
+    return replace(prepared, config=prepared.config.model_copy(update={"epochs": epochs}))
+
+
+def loader_workers(config: TrainingConfig, device: torch.device) -> int:
+    """Data-loading processes: the recipe's, else 0 on CPU and up to 8 on CUDA."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def _seed_everything(seed: int) -> None:
@@ -428,13 +463,14 @@ def _progress() -> Progress:
 
 
 def _batches(
-    dataset: ImageDataset, batch_size: int, order: list[int], limit: int
+    dataset: ImageDataset, batch_size: int, order: list[int], limit: int, workers: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=order,
-        num_workers=0,
+        num_workers=workers,
+        pin_memory=workers > 0 and torch.cuda.is_available(),
         drop_last=len(order) > batch_size,
     )
     for step, (inputs, labels) in enumerate(loader):
@@ -465,7 +501,9 @@ def _run_epoch(
     train_loss = _train_steps(prepared, trainer, train_set, order, progress, task)
     record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
     if len(valid_set):
-        logits, labels = predict_logits(trainer.model, valid_set, prepared.device)
+        logits, labels = predict_logits(
+            trainer.model, valid_set, prepared.device, loader_workers(config, prepared.device)
+        )
         figures = classification_metrics(labels, softmax(logits))
         record.update(
             {k: figures[k] for k in ("balanced_accuracy", "quadratic_weighted_kappa", "accuracy")}
@@ -499,12 +537,14 @@ def _train_steps(
     if prepared.config.mode == "feature":
         _freeze_batchnorm(model)
     total, count = 0.0, 0
+    workers = loader_workers(prepared.config, device)
     for inputs, labels in _batches(
-        dataset, prepared.config.batch_size, order, trainer.steps_per_epoch
+        dataset, prepared.config.batch_size, order, trainer.steps_per_epoch, workers
     ):
         trainer.optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
-            loss = trainer.loss(model(inputs.to(device)), labels.to(device))
+            outputs = model(inputs.to(device, non_blocking=True))
+            loss = trainer.loss(outputs, labels.to(device, non_blocking=True))
         loss.backward()  # type: ignore[no-untyped-call]
         trainer.optimizer.step()
         trainer.scheduler.step()
@@ -544,14 +584,14 @@ def _advance_state(state: LoopState, record: dict[str, Any], config: TrainingCon
 
 
 def predict_logits(
-    model: nn.Module, dataset: ImageDataset, device: torch.device
+    model: nn.Module, dataset: ImageDataset, device: torch.device, workers: int = 0
 ) -> tuple[Float64Array, IntArray]:
     """Logits (float64) and labels of every item of ``dataset``, in order."""
     model.eval()
     order = list(range(len(dataset)))
     outputs, labels = [], []
     with torch.inference_mode():
-        loader = DataLoader(dataset, batch_size=EVAL_BATCH, sampler=order, num_workers=0)
+        loader = DataLoader(dataset, batch_size=EVAL_BATCH, sampler=order, num_workers=workers)
         for inputs, targets in loader:
             outputs.append(model(inputs.to(device)).float().cpu())
             labels.append(targets)
@@ -601,7 +641,7 @@ def _restore(directory: Path, trainer: Trainer, device: torch.device) -> LoopSta
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scheduler.load_state_dict(payload["scheduler"])
     _follow_recipe_schedule(trainer.scheduler, recipe_lrs)
-    torch.set_rng_state(payload["rng"])
+    torch.set_rng_state(payload["rng"].cpu())  # saved on CPU; map_location may move it
     state = LoopState(**payload["loop"])
     logger.info("resumed from %s after epoch %d; learning rates %s", path, state.epoch, recipe_lrs)
     return state
@@ -642,7 +682,10 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
     )
     model.load_state_dict(state)
     logits, labels = predict_logits(
-        model.to(prepared.device), _dataset(prepared, valid_idx, augment=False), prepared.device
+        model.to(prepared.device),
+        _dataset(prepared, valid_idx, augment=False),
+        prepared.device,
+        loader_workers(prepared.config, prepared.device),
     )
     return FoldResult(fold, state, logits, labels, loop)
 
@@ -683,6 +726,11 @@ def _validation_text(config: TrainingConfig) -> str:
     )
     if config.fold == "all":
         return f"{config.folds}-fold cross-validation, each fold held out once ({scheme})"
+    if config.fold == "final":
+        return (
+            f"weights trained on every image; figures from {config.folds}-fold cross-validation "
+            f"of the same recipe, pooled over the out-of-fold predictions ({scheme})"
+        )
     return f"one held-out patient-grouped fold: fold {config.fold} of {config.folds} ({scheme})"
 
 
@@ -716,6 +764,7 @@ def write_model_directory(prepared: Prepared, results: list[FoldResult]) -> Path
     config = prepared.config
     metrics = summarise(config, results)
     if len(results) > 1:
+        write_out_of_fold(prepared, results, fit_temperature(*pooled_out_of_fold(results)))
         for result in results:
             _write_one(
                 config,
@@ -724,6 +773,68 @@ def write_model_directory(prepared: Prepared, results: list[FoldResult]) -> Path
                 summarise(config, [result]),
             )
     return _write_one(config, config.output_dir, results[0], metrics)
+
+
+def pooled_out_of_fold(results: list[FoldResult]) -> tuple[Float64Array, IntArray]:
+    """Every held-out fold's logits and labels, concatenated in fold order."""
+    held = [r for r in results if r.logits is not None and r.labels is not None]
+    if not held:
+        raise TrainingError("no fold has held-out predictions")
+    logits: Float64Array = np.concatenate([r.logits for r in held if r.logits is not None])
+    labels: IntArray = np.concatenate([r.labels for r in held if r.labels is not None])
+    return logits, labels
+
+
+def write_out_of_fold(prepared: Prepared, results: list[FoldResult], temperature: float) -> Path:
+    """``<checkpoints>/oof_predictions.csv``: ``path,label,fold,predicted,p_0..`` per image.
+
+    Probabilities are calibrated with ``temperature``; paths are relative to
+    ``data_dir``. Kept beside the checkpoints, not in the model directory,
+    because file names may carry patient ids.
+    """
+    path = prepared.config.checkpoints / OOF_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes = prepared.config.num_classes
+    header = ["path", "label", "fold", "predicted", *(f"p_{k}" for k in range(classes))]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for result in results:
+            if result.logits is None or result.fold is None:
+                continue
+            _, held_out = split(prepared.assignment, result.fold)
+            probabilities = softmax(result.logits, temperature)
+            for index, row in zip(held_out, probabilities, strict=True):
+                relative = prepared.images.paths[index].relative_to(prepared.images.root)
+                label = int(prepared.images.labels[index])
+                writer.writerow(
+                    [relative.as_posix(), label, result.fold, int(np.argmax(row)), *row.tolist()]
+                )
+    return path
+
+
+def write_final_directory(prepared: Prepared, results: list[FoldResult], final: FoldResult) -> Path:
+    """The model directory of ``fold: final``: all-data weights, cross-validation figures.
+
+    The headline figures are computed over the pooled out-of-fold predictions
+    with one temperature fitted on them (the card's temperature); ``per_fold``
+    and ``cross_validation`` (mean ± sd) are as for ``fold: all``.
+    """
+    config = prepared.config
+    logits, labels = pooled_out_of_fold(results)
+    temperature = fit_temperature(logits, labels)
+    per_fold = [fold_metrics(r) for r in results]
+    metrics: dict[str, Any] = {
+        "validation": _validation_text(config),
+        **classification_metrics(labels, softmax(logits, temperature)),
+        "temperature": temperature,
+        "final_epochs": final.loop.epoch,
+        "per_fold": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
+        "cross_validation": summarise_folds(per_fold),
+        "history": final.loop.history,
+    }
+    write_out_of_fold(prepared, results, temperature)
+    return _write_one(config, config.output_dir, final, metrics)
 
 
 def _write_one(

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from sklearn import metrics as skm
 
 from dicomnode.errors import ConfigError, TrainingError
@@ -324,3 +325,51 @@ def test_the_fold_can_be_overridden_and_is_validated(tmp_path: Path) -> None:
     assert load_config(recipe, fold="all").fold == "all"
     with pytest.raises(ConfigError, match="fold"):
         load_config(recipe, fold="7")
+
+
+def test_final_trains_on_every_image_and_reports_the_cross_validation(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path, folds=2, fold="final", epochs=3, patience=3)
+    directory = train_from_config(recipe)
+    card = load_card(directory)
+    folds = card.metrics["per_fold"]
+    assert [f["fold"] for f in folds] == [0, 1]
+    best = sorted(f["best_epoch"] for f in folds)
+    assert card.metrics["final_epochs"] == (best[0] + best[1] + 1) // 2
+    assert "every image" in card.metrics["validation"]
+    all_data = torch.load(tmp_path / "checkpoints" / "all-data" / "last.pt", weights_only=False)
+    assert all_data["loop"]["epoch"] == card.metrics["final_epochs"]
+    shipped = load_file(str(directory / "model.safetensors"))
+    final_best = torch.load(tmp_path / "checkpoints" / "all-data" / "best.pt", weights_only=True)
+    assert all(torch.equal(shipped[k], v) for k, v in final_best["model"].items())
+    # The headline figures are those of the pooled out-of-fold predictions.
+    with (tmp_path / "checkpoints" / "oof_predictions.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "label", "fold", "predicted", "p_0", "p_1", "p_2"]
+    images = sum(1 for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert len(rows) - 1 == len({r[0] for r in rows[1:]}) == images
+    correct = sum(r[1] == r[3] for r in rows[1:])
+    assert card.metrics["accuracy"] == pytest.approx(correct / images)
+
+
+def test_final_epochs_are_the_median_best_epoch_unless_given(tmp_path: Path) -> None:
+    config = load_config(_smoke_config(tmp_path, folds=3, fold="final"))
+
+    def result(best: int) -> train_module.FoldResult:
+        loop = train_module.LoopState(epoch=best + 2, best_epoch=best)
+        return train_module.FoldResult(0, {}, None, None, loop)
+
+    assert train_module.final_epochs(config, [result(b) for b in (7, 2, 4)]) == 4
+    assert train_module.final_epochs(config, [result(b) for b in (2, 5)]) == 4
+    fixed = config.model_copy(update={"final_epochs": 9})
+    assert train_module.final_epochs(fixed, [result(3)]) == 9
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path: Path) -> None:
+    config = load_config(_smoke_config(tmp_path, loader_workers=2))
+    assert train_module.loader_workers(config, torch.device("cuda")) == 2
+    default = config.model_copy(update={"loader_workers": None})
+    assert train_module.loader_workers(default, torch.device("cpu")) == 0
+    assert train_module.loader_workers(default, torch.device("cuda")) >= 0
+    with_workers = train_from_config(_smoke_config(tmp_path / "a", loader_workers=2))
+    without = train_from_config(_smoke_config(tmp_path / "b", loader_workers=0))
+    assert load_card(with_workers).weights.sha256 == load_card(without).weights.sha256
