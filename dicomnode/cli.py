@@ -367,6 +367,35 @@ def ensemble(
     console.print(f"ensemble written to {path}")
 
 
+@app.command("ensemble-cv")
+def ensemble_cv(
+    members: Annotated[list[Path], typer.Argument(help="two or more member model directories")],
+    method: Annotated[str, typer.Option(help="average, accuracy or f1 (per-class weights)")] = "f1",
+    oof: Annotated[
+        list[Path] | None,
+        typer.Option("--oof", help="out-of-fold CSV per member (default: each recipe's)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the figures as JSON")] = None,
+) -> None:
+    """Cross-validated figures of an ensemble from its members' out-of-fold predictions."""
+    from dicomnode.training.ensemble import METHODS, score_out_of_fold
+
+    logs.configure()
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
+    figures = score_out_of_fold(members, method, oof)  # type: ignore[arg-type]
+    cv = figures["cross_validation"]
+    for key in ("balanced_accuracy", "quadratic_weighted_kappa", "auc_macro", "accuracy"):
+        console.print(
+            f"{key}: pooled {figures[key]:.4f}, folds {cv[key]['mean']:.4f} ± {cv[key]['sd']:.4f}"
+        )
+    recall = figures["per_class"]["recall"]
+    console.print("recall per class: " + " ".join(f"{r:.3f}" for r in recall))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+
+
 @app.command()
 def evaluate(
     model_dir: Path,

@@ -25,6 +25,7 @@ recipe (the same fold the members' figures come from: optimistic, and said so).
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import logging
@@ -49,8 +50,14 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.config import load_config
-from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
+from dicomnode.training.metrics import (
+    Float64Array,
+    classification_metrics,
+    softmax,
+    summarise_folds,
+)
 from dicomnode.training.train import (
+    OOF_FILE,
     WEIGHTS_FILE,
     _dataset,
     _split,
@@ -258,3 +265,93 @@ def _card(
         trained=datetime.date.today().isoformat(),
         synthetic_training_data=any(m.card.synthetic_training_data for m in members),
     )
+
+
+# ----------------------------------------------------------------------------- out-of-fold scoring
+
+
+@dataclass(frozen=True, eq=False)
+class OutOfFold:
+    """One member's out-of-fold table (``oof_predictions.csv``), rows sorted by path."""
+
+    paths: tuple[str, ...]
+    labels: np.ndarray[Any, np.dtype[np.int64]]
+    folds: np.ndarray[Any, np.dtype[np.int64]]
+    probabilities: Float64Array
+
+
+def read_out_of_fold(path: Path) -> OutOfFold:
+    """Read ``path,label,fold,predicted,p_0..`` rows (written by cross-validated training)."""
+    if not path.is_file():
+        raise TrainingError(
+            f"no out-of-fold predictions at {path}: train the member with fold all or final"
+        )
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: row["path"])
+    if not rows:
+        raise TrainingError(f"{path} has no rows")
+    classes = sum(1 for key in rows[0] if key.startswith("p_"))
+    return OutOfFold(
+        paths=tuple(row["path"] for row in rows),
+        labels=np.asarray([int(row["label"]) for row in rows], dtype=np.int64),
+        folds=np.asarray([int(row["fold"]) for row in rows], dtype=np.int64),
+        probabilities=np.asarray(
+            [[float(row[f"p_{k}"]) for k in range(classes)] for row in rows], dtype=np.float64
+        ),
+    )
+
+
+def out_of_fold_path(member: Member) -> Path:
+    """Where a member's training run left its out-of-fold table (its recipe's checkpoints)."""
+    recipe = member.card.recipe or {}
+    checkpoints = recipe.get("checkpoint_dir") or f"var/checkpoints/{member.card.name}"
+    return Path(checkpoints) / OOF_FILE
+
+
+def fuse(tables: list[OutOfFold], weights: Float64Array) -> Float64Array:
+    """``q_c ∝ Σ_m w[m, c] · p_m[c]``, normalised over the classes (as the node fuses)."""
+    fused = sum(weights[m][None, :] * table.probabilities for m, table in enumerate(tables))
+    stacked: Float64Array = np.asarray(fused, dtype=np.float64)
+    normalised: Float64Array = stacked / stacked.sum(axis=1, keepdims=True)
+    return normalised
+
+
+def score_out_of_fold(
+    directories: list[Path], method: Method, tables: list[Path] | None = None
+) -> dict[str, Any]:
+    """Cross-validated figures of the ensemble of ``directories`` without training again.
+
+    Each member's out-of-fold probabilities (its own folds' held-out images,
+    already temperature-scaled) are fused with the weights ``method`` gives;
+    the members must have run the same grouped folds on the same images.
+    The weights come from the members' cross-validated figures over the same
+    images, so the result is slightly optimistic (said in ``validation``).
+    Members may differ in input size (this scores; it builds no model).
+    """
+    members = [Member(d, load_card(d)) for d in directories]
+    if len(members) < 2:
+        raise TrainingError("an ensemble needs two or more member model directories")
+    paths = tables or [out_of_fold_path(m) for m in members]
+    loaded = [read_out_of_fold(p) for p in paths]
+    first = loaded[0]
+    for path, table in zip(paths[1:], loaded[1:], strict=True):
+        same = table.paths == first.paths and np.array_equal(table.folds, first.folds)
+        if not same or not np.array_equal(table.labels, first.labels):
+            raise TrainingError(f"{path} does not cover the same images and folds as {paths[0]}")
+    weights = ensemble_weights([m.card for m in members], method)
+    fused = fuse(loaded, weights)
+    per_fold = [
+        classification_metrics(first.labels[first.folds == k], fused[first.folds == k])
+        for k in np.unique(first.folds)
+    ]
+    return {
+        "validation": (
+            f"out-of-fold predictions of {len(np.unique(first.folds))} grouped folds, fused; "
+            "weights from the members' figures on the same images (optimistic)"
+        ),
+        "method": method,
+        "members": [f"{m.card.name} {m.card.version}" for m in members],
+        "class_weights": weights.tolist(),
+        **classification_metrics(first.labels, fused),
+        "cross_validation": summarise_folds(per_fold),
+    }

@@ -16,7 +16,7 @@ from dicomnode.models.card import ModelCard, load_card, write_card
 from dicomnode.models.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
-from dicomnode.training.ensemble import build_ensemble, ensemble_weights
+from dicomnode.training.ensemble import build_ensemble, ensemble_weights, score_out_of_fold
 from dicomnode.values import PreparedImage
 
 F1 = ([0.8, 0.2], [0.2, 0.6], [0.0, 0.2])
@@ -157,3 +157,45 @@ def test_the_node_serves_an_ensemble_and_the_card_records_its_members(
         np.asarray(F1) / np.asarray(F1).sum(axis=0),
     )
     assert [m["temperature"] for m in recorded["members"]] == [1.0, 2.0, 0.5]
+
+
+def _oof_table(path: Path, rows: list[tuple[str, int, int, list[float]]]) -> Path:
+    lines = ["path,label,fold,predicted,p_0,p_1"]
+    for name, label, fold, probabilities in rows:
+        predicted = int(np.argmax(probabilities))
+        lines.append(f"{name},{label},{fold},{predicted},{probabilities[0]},{probabilities[1]}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_out_of_fold_scoring_fuses_as_the_node_does(members: list[Path], tmp_path: Path) -> None:
+    images = [("a.png", 0, 0), ("b.png", 1, 0), ("c.png", 0, 1), ("d.png", 1, 1)]
+    first = [[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]
+    second = [[0.4, 0.6], [0.1, 0.9], [0.8, 0.2], [0.45, 0.55]]
+    # Rows in another order in the second table: they are matched by path.
+    tables = [
+        _oof_table(tmp_path / "1.csv", [(*i, p) for i, p in zip(images, first, strict=True)]),
+        _oof_table(
+            tmp_path / "2.csv",
+            [(*i, p) for i, p in reversed(list(zip(images, second, strict=True)))],
+        ),
+    ]
+    figures = score_out_of_fold(members[:2], "f1", tables)
+    weights = ensemble_weights(_cards(members[:2]), "f1")
+    fused = weights[0] * np.asarray(first) + weights[1] * np.asarray(second)
+    fused /= fused.sum(axis=1, keepdims=True)
+    expected = (fused.argmax(axis=1) == np.array([0, 1, 0, 1])).mean()
+    assert figures["accuracy"] == pytest.approx(expected)
+    np.testing.assert_allclose(figures["class_weights"], weights)
+    assert set(figures["cross_validation"]["balanced_accuracy"]) == {"mean", "sd"}
+
+
+def test_out_of_fold_tables_must_cover_the_same_images(members: list[Path], tmp_path: Path) -> None:
+    one = _oof_table(tmp_path / "1.csv", [("a.png", 0, 0, [0.9, 0.1]), ("b.png", 1, 1, [0.2, 0.8])])
+    other = _oof_table(
+        tmp_path / "2.csv", [("a.png", 0, 0, [0.9, 0.1]), ("b.png", 1, 0, [0.2, 0.8])]
+    )
+    with pytest.raises(TrainingError, match="same images and folds"):
+        score_out_of_fold(members[:2], "average", [one, other])
+    with pytest.raises(TrainingError, match="no out-of-fold predictions"):
+        score_out_of_fold(members[:2], "average", [one, tmp_path / "missing.csv"])
