@@ -96,6 +96,15 @@ class ResultsSettings(_Section):
     overlay_max_size: int = Field(
         2048, ge=0, description="longest side of the overlay in pixels (0: the original size)"
     )
+    overlay_jpeg_quality: int = Field(
+        90,
+        ge=0,
+        le=100,
+        description=(
+            "JPEG Baseline quality of the overlay Secondary Capture (lossy, flagged as such); "
+            "0: uncompressed. Sent uncompressed to a peer that does not accept JPEG Baseline"
+        ),
+    )
 
 
 class StudySettings(_Section):

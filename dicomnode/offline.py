@@ -68,6 +68,7 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
             analysed,
             uid_root=settings.node.uid_root,
             max_size=settings.results.overlay_max_size,
+            jpeg_quality=settings.results.overlay_jpeg_quality,
         )
         target = out / f"SC_{sc.SOPInstanceUID}.dcm"
         sc.save_as(target, enforce_file_format=True)

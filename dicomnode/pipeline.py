@@ -111,10 +111,12 @@ def make_sc(
     uid_root: str,
     max_size: int = 0,
     pixels: UInt8Array | None = None,
+    jpeg_quality: int = 0,
 ) -> pydicom.Dataset:
     """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``).
 
-    ``pixels``: the overlay when already rendered by :func:`overlay_pixels`.
+    ``pixels``: the overlay when already rendered by :func:`overlay_pixels`;
+    ``jpeg_quality``: JPEG Baseline quality of its pixel data (0: uncompressed).
     Its Instance Number is the source image's, so the overlays sort like the originals.
     """
     prepared, result = analysed.prepared, analysed.result
@@ -132,6 +134,7 @@ def make_sc(
         instance_number=_instance_number(header),
         manufacturer=MANUFACTURER,
         software_version=__version__,
+        jpeg_quality=jpeg_quality,
     )
 
 

@@ -223,6 +223,7 @@ class Worker:
                 item,
                 uid_root=self.settings.node.uid_root,
                 max_size=self.settings.results.overlay_max_size,
+                jpeg_quality=self.settings.results.overlay_jpeg_quality,
             )
             output = (sc, self._write_output(sc))
         with self.db.session() as session:

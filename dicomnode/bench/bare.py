@@ -35,8 +35,12 @@ def bare_loop(
     device: str,
     uid_root: str,
     max_size: int = 2048,
+    jpeg_quality: int = 90,
 ) -> dict[str, Any]:
-    """Seconds per stage and images/s over all ``studies`` (each overlay rendered once)."""
+    """Seconds per stage and images/s over all ``studies`` (each overlay rendered once).
+
+    ``max_size`` and ``jpeg_quality`` should be the node's (``results.overlay_*``).
+    """
     predictor = Predictor.load(loaded.directory, loaded.card, device, batch_size=batch_size)
     stages: dict[str, float] = defaultdict(float)
     images = 0
@@ -55,7 +59,9 @@ def bare_loop(
             pixels = pipeline.overlay_pixels(item, max_size)
             stages["overlay"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            sc = pipeline.make_sc(item, uid_root=uid_root, max_size=max_size, pixels=pixels)
+            sc = pipeline.make_sc(
+                item, uid_root=uid_root, max_size=max_size, pixels=pixels, jpeg_quality=jpeg_quality
+            )
             _encode(sc)
             stages["sc encoding"] += time.perf_counter() - mark
             items.append(SrImageItem(source=item.prepared.header, sc=sc, result=item.result))

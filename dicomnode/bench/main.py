@@ -20,6 +20,7 @@ from rich.table import Table
 from dicomnode.bench import run
 from dicomnode.bench.bare import bare_loop, model_limit
 from dicomnode.bench.data import make_studies
+from dicomnode.config import Settings
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.peers import Orthanc
@@ -106,7 +107,16 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
         # The bare loop's images/s is measured on half the burst's studies (same sizes, in turn).
         bare_studies = max(1, options.burst_studies // 2)
         bare_data = make_studies(scratch / "bare-data", bare_studies, options.burst_images)
-        figures["bare"] = bare_loop(bare_data, loaded, 8, options.device, UID_ROOT)
+        results = Settings().results
+        figures["bare"] = bare_loop(
+            bare_data,
+            loaded,
+            8,
+            options.device,
+            UID_ROOT,
+            max_size=results.overlay_max_size,
+            jpeg_quality=results.overlay_jpeg_quality,
+        )
         figures["model_limit"] = model_limit(loaded, 8, options.device, bare_data[0].files[0])
         figures["burst"]["ratio_node_over_bare"] = (
             figures["burst"]["images_per_s"] / figures["bare"]["images_per_s"]

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.uid import JPEGBaseline8Bit
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 LOOPBACK = "127.0.0.1"
@@ -62,6 +63,8 @@ class CollectingSCP:
     ae_title: str = "COLLECTOR"
     port: int = field(default_factory=free_port)
     status: int = 0x0000
+    accept_jpeg: bool = True
+    """Accept JPEG Baseline besides the uncompressed syntaxes, as PACS do."""
     received: list[Dataset] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     """``time.monotonic()`` of each received dataset, in the order of ``received``."""
@@ -80,9 +83,10 @@ class CollectingSCP:
     def start(self) -> CollectingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
+        syntaxes = [*DEFAULT_TRANSFER_SYNTAXES, *([JPEGBaseline8Bit] if self.accept_jpeg else [])]
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax)
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         self._server = ae.start_server(
             (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )

@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -25,6 +26,7 @@ from pydicom.uid import (
 from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
 from dicomnode.encode import codes as dn
 from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
+from dicomnode.encode.sc import compress_jpeg
 from dicomnode.errors import EncodeError
 from dicomnode.testing.validate import dciodvfy_errors
 from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
@@ -345,6 +347,38 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
 
     assert dciodvfy_errors(path) == []
     dump(DCMDUMP, path)
+
+
+@needs_dicom3tools
+@needs_dcmtk
+def test_jpeg_sc_is_flagged_lossy_valid_and_close_to_the_overlay(tmp_path: Path) -> None:
+    source, result = make_source(), make_result(5, synthetic=True)
+    rgb = render_overlay(make_image(), result)
+    sc = encode_sc(
+        source,
+        rgb,
+        result,
+        series_uid="1.2.3.4.901",
+        sop_uid="1.2.3.4.901.1",
+        series_number=901,
+        instance_number=1,
+        software_version="0.1.0",
+        jpeg_quality=90,
+    )
+    path = save(sc, tmp_path / "sc.dcm")
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert back.PhotometricInterpretation == "YBR_FULL_422"
+    assert back.LossyImageCompression == "01"
+    assert back.LossyImageCompressionMethod == "ISO_10918_1"
+    assert float(back.LossyImageCompressionRatio) > 5
+    assert path.stat().st_size < rgb.nbytes / 5
+    decoded = back.pixel_array  # pydicom converts YBR_FULL_422 to RGB
+    assert np.abs(decoded.astype(int) - rgb.astype(int)).mean() < 3.0
+    assert dciodvfy_errors(path) == []
+    dump(DCMDUMP, path)
+    with pytest.raises(EncodeError, match="quality"):
+        compress_jpeg(sc, rgb, 101)
 
 
 @needs_dicom3tools
