@@ -6,8 +6,9 @@ so they run again). SIGTERM or SIGINT stops everything cleanly. The main
 process never imports torch: models live in the worker processes only.
 
 Workers are forked from a fork server that imported torch, timm and the worker
-code once (:data:`WORKER_PRELOAD`): the ~800 MB those imports initialise are
-shared copy-on-write by every worker instead of being built in each.
+code once and froze the objects they made (:data:`WORKER_PRELOAD`,
+:mod:`dicomnode.preload`): the ~800 MB those imports initialise are shared
+copy-on-write by every worker instead of being built in each.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def torch_threads(configured: int, workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-WORKER_PRELOAD = ("torch", "timm", "dicomnode.worker", "dicomnode.models.inference")
+WORKER_PRELOAD = ("dicomnode.preload",)
 """Modules the fork server imports before it forks any worker."""
 
 

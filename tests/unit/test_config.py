@@ -104,3 +104,20 @@ def test_torch_threads_share_the_cores_among_the_workers() -> None:
     assert torch_threads(0, 1) == cores
     assert torch_threads(0, 2) == max(1, cores // 2)
     assert torch_threads(0, 4 * cores) == 1
+
+
+def test_the_fork_server_preload_freezes_what_torch_made() -> None:
+    import subprocess
+    import sys
+
+    from dicomnode.service import WORKER_PRELOAD
+
+    code = "import gc, sys; [__import__(m) for m in sys.argv[1:]]; print(gc.get_freeze_count())"
+    run = subprocess.run(
+        [sys.executable, "-c", code, *WORKER_PRELOAD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert int(run.stdout) > 50_000  # torch and timm alone make hundreds of thousands
