@@ -284,7 +284,7 @@ def train(
     ] = False,
     fold: Annotated[
         str | None,
-        typer.Option("--fold", help="override the recipe's fold: an index, all or none"),
+        typer.Option("--fold", help="override the recipe's fold: an index, all, none or final"),
     ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""

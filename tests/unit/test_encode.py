@@ -156,7 +156,7 @@ def make_image(rows: int = ROWS, columns: int = COLUMNS) -> PreparedImage:
     return PreparedImage(pixels=np.tile(ramp, (rows, 1)), laterality="R", source="test")
 
 
-def make_sc(source: Dataset, result: ImageResult) -> Dataset:
+def make_sc(source: Dataset, result: ImageResult, jpeg_quality: int = 0) -> Dataset:
     rgb = render_overlay(make_image(), result)
     return encode_sc(
         source,
@@ -167,6 +167,7 @@ def make_sc(source: Dataset, result: ImageResult) -> Dataset:
         series_number=901,
         instance_number=1,
         software_version="0.1.0",
+        jpeg_quality=jpeg_quality,
     )
 
 
@@ -352,19 +353,9 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
 @needs_dicom3tools
 @needs_dcmtk
 def test_jpeg_sc_is_flagged_lossy_valid_and_close_to_the_overlay(tmp_path: Path) -> None:
-    source, result = make_source(), make_result(5, synthetic=True)
-    rgb = render_overlay(make_image(), result)
-    sc = encode_sc(
-        source,
-        rgb,
-        result,
-        series_uid="1.2.3.4.901",
-        sop_uid="1.2.3.4.901.1",
-        series_number=901,
-        instance_number=1,
-        software_version="0.1.0",
-        jpeg_quality=90,
-    )
+    result = make_result(5, synthetic=True)
+    rgb = render_overlay(make_image(), result)  # what make_sc renders
+    sc = make_sc(make_source(), result, jpeg_quality=90)
     path = save(sc, tmp_path / "sc.dcm")
     back = pydicom.dcmread(path)
     assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
