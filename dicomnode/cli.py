@@ -422,6 +422,10 @@ def evaluate(
         game = pointing_game(model_dir, data_dir)
         share = f"{game['pointing_game']:.3f} ({game['hits']}/{game['abnormal_images']})"
         table.add_row("pointing game (Grad-CAM peak inside the lesion mask)", share)
+        table.add_row(
+            "misses: peak to nearest lesion pixel / image side, median (p90)",
+            f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
+        )
         if report is not None:
             (report / "pointing_game.json").write_text(json.dumps(game, indent=2))
     console.print(table)

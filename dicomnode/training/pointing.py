@@ -4,6 +4,10 @@ For every abnormal image of a phantom folder (``phantoms.csv`` with a ``mask``
 column, written by ``dicomnode phantoms``), the image goes through the node's
 own :class:`~dicomnode.models.inference.Predictor` and the Grad-CAM peak of
 its finding is looked up in the lesion mask. The score is the share of hits.
+For the misses, how far off they were: the distance from the peak to the
+nearest lesion pixel, as a fraction of the image's longer side (median and
+90th percentile), so a map that points next to a lesion is told apart from one
+that points elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.models.card import load_card
@@ -41,6 +46,7 @@ def pointing_game(model_dir: Path, data_dir: Path, *, device: str = "cpu") -> di
     with (data_dir / MASKS_FILE).open(newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r["mask"]]
     hits, scored = 0, 0
+    misses: list[float] = []
     by_lesion: dict[str, tuple[int, int]] = {}
     for row in rows:
         image_path = _image_of(data_dir, row)
@@ -52,6 +58,8 @@ def pointing_game(model_dir: Path, data_dir: Path, *, device: str = "cpu") -> di
             min(int(v), limit - 1) for v, limit in zip(finding.peak, mask.shape[::-1], strict=True)
         )
         hit = bool(mask[row_index, column])
+        if not hit:
+            misses.append(miss_distance(mask, row_index, column))
         hits += hit
         scored += 1
         kind = row["lesion"].split(",")[0].split(" ")[0] or "lesion"
@@ -61,7 +69,18 @@ def pointing_game(model_dir: Path, data_dir: Path, *, device: str = "cpu") -> di
         "abnormal_images": scored,
         "hits": hits,
         "pointing_game": hits / scored if scored else float("nan"),
+        "miss_distance_median": float(np.median(misses)) if misses else 0.0,
+        "miss_distance_p90": float(np.percentile(misses, 90)) if misses else 0.0,
         "by_lesion": {
             k: {"images": t, "hits": h, "share": h / t} for k, (t, h) in sorted(by_lesion.items())
         },
     }
+
+
+def miss_distance(mask: np.ndarray[Any, np.dtype[np.bool_]], row: int, column: int) -> float:
+    """Distance from (row, column) to the nearest mask pixel / the mask's longer side."""
+    if not mask.any():
+        return float("nan")
+    distances: np.ndarray[Any, np.dtype[np.float64]] = np.asarray(distance_transform_edt(~mask))
+    nearest = float(distances[row, column])
+    return nearest / int(max(mask.shape))
