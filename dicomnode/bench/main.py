@@ -195,6 +195,12 @@ def table(figures: dict[str, Any]) -> Table:
         f"{b.get('peak_pss_mb', float('nan')):.0f} ({b['peak_rss_mb']:.0f})",
         "<= 2000",
     )
+    by_process = b.get("peak_rss_mb_by_process", {})
+    out.add_row(
+        "  peak RSS per process, MB",
+        ", ".join(f"{name.rsplit(' ', 1)[0]} {mb:.0f}" for name, mb in sorted(by_process.items())),
+        "",
+    )
     if "soak" in figures:
         k = figures["soak"]
         out.add_row(

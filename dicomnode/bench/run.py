@@ -226,6 +226,28 @@ def _rss_mb(root: psutil.Process) -> float:
     return total / 1e6
 
 
+def _role(process: psutil.Process, root: psutil.Process) -> str:
+    """``main``, ``fork server``, ``worker`` or the process name, with its pid."""
+    if process.pid == root.pid:
+        return f"main {process.pid}"
+    command = " ".join(process.cmdline())
+    if "resource_tracker" in command:
+        return f"resource tracker {process.pid}"
+    if "forkserver" in command and process.ppid() == root.pid:
+        return f"fork server {process.pid}"  # the workers are its children (same command line)
+    return f"worker {process.pid}"
+
+
+def _rss_by_process(root: psutil.Process, peaks: dict[str, float]) -> None:
+    """Raise ``peaks[role pid]`` to each node process's current RSS in MB."""
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            key, rss = _role(process, root), process.memory_info().rss / 1e6
+        except psutil.Error:
+            continue
+        peaks[key] = max(peaks.get(key, 0.0), rss)
+
+
 def _pss_mb(root: psutil.Process) -> float:
     """Proportional set size of the process tree: shared pages counted once in all.
 
@@ -249,6 +271,7 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
     node, collector = _node_with_collector(workdir / "node-burst", models)
     expected = len(files) + len(data)
     peak = peak_pss = 0.0
+    per_process: dict[str, float] = {}
     try:
         assert node.process is not None
         root = psutil.Process(node.process.pid)
@@ -257,6 +280,7 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         while len(collector.received) < expected:
             peak = max(peak, _rss_mb(root))
             peak_pss = max(peak_pss, _pss_mb(root))
+            _rss_by_process(root, per_process)
             if time.monotonic() - start > 1800:
                 raise TimeoutError("burst did not finish in 30 minutes")
             time.sleep(0.2)
@@ -272,6 +296,7 @@ def burst(workdir: Path, models: Path, studies: int, per_study: int) -> dict[str
         "images_per_s": len(files) / seconds,
         "peak_rss_mb": peak,
         "peak_pss_mb": peak_pss,
+        "peak_rss_mb_by_process": per_process,
         "rss_after_mb": after,
     }
 
