@@ -61,6 +61,13 @@ def _small_vgg(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Mo
     return SmallVGG(in_chans, num_classes, widths)
 
 
+def fuse_probabilities(weights: torch.Tensor, member_probs: torch.Tensor) -> torch.Tensor:
+    """``q_c ∝ sum_m w[m, c] * p_m[c]`` (N, classes) from weights (members, classes) and
+    member probabilities (members, N, classes), normalised so the classes sum to 1."""
+    mixed = (weights[:, None, :] * member_probs).sum(dim=0)
+    return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class EnsembleNet(nn.Module):
     """Members that share one input, fused by per-class weights.
 
@@ -96,9 +103,7 @@ class EnsembleNet(nn.Module):
 
     def fuse(self, member_probs: torch.Tensor) -> torch.Tensor:
         """Ensemble probabilities (N, classes) from member probabilities."""
-        weights = self._buffer("class_weights")
-        mixed = (weights[:, None, :] * member_probs).sum(dim=0)
-        return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return fuse_probabilities(self._buffer("class_weights"), member_probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(self.fuse(self.member_probabilities(x)).clamp_min(1e-12))

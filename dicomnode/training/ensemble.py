@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import ENSEMBLE, build_model
+from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
 from dicomnode.models.card import (
     ArchitectureSpec,
     GradCamSpec,
@@ -309,11 +309,10 @@ def out_of_fold_path(member: Member) -> Path:
 
 
 def fuse(tables: list[OutOfFold], weights: Float64Array) -> Float64Array:
-    """``q_c ∝ Σ_m w[m, c] · p_m[c]``, normalised over the classes (as the node fuses)."""
-    fused = sum(weights[m][None, :] * table.probabilities for m, table in enumerate(tables))
-    stacked: Float64Array = np.asarray(fused, dtype=np.float64)
-    normalised: Float64Array = stacked / stacked.sum(axis=1, keepdims=True)
-    return normalised
+    """The members' out-of-fold probabilities fused by the node's own fusion."""
+    member_probs = torch.from_numpy(np.stack([table.probabilities for table in tables]))
+    fused: Float64Array = fuse_probabilities(torch.from_numpy(weights), member_probs).numpy()
+    return fused
 
 
 def score_out_of_fold(

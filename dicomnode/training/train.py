@@ -181,8 +181,7 @@ def final_epochs(config: TrainingConfig, results: list[FoldResult]) -> int:
         return config.final_epochs
     best = sorted(max(r.loop.best_epoch, 1) for r in results)
     middle = len(best) // 2
-    median = best[middle] if len(best) % 2 else (best[middle - 1] + best[middle] + 1) // 2
-    return max(1, median)
+    return best[middle] if len(best) % 2 else (best[middle - 1] + best[middle] + 1) // 2
 
 
 def final_run(prepared: Prepared, results: list[FoldResult]) -> Prepared:
