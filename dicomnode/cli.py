@@ -421,7 +421,7 @@ def evaluate(
     if has_masks(data_dir):
         game = pointing_game(model_dir, data_dir)
         share = f"{game['pointing_game']:.3f} ({game['hits']}/{game['abnormal_images']})"
-        table.add_row("pointing game (Grad-CAM peak inside the lesion mask)", share)
+        table.add_row(f"pointing game ({game['explanation']} peak inside the lesion mask)", share)
         table.add_row(
             "misses: peak to nearest lesion pixel / image side, median (p90)",
             f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
@@ -429,6 +429,65 @@ def evaluate(
         if report is not None:
             (report / "pointing_game.json").write_text(json.dumps(game, indent=2))
     console.print(table)
+
+
+@app.command()
+def pointing(
+    model_dir: Path,
+    data_dir: Path,
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", help="gradcam, hirescam or layercam (repeatable)"),
+    ] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option("--layer", help="dotted layer path, several joined by + (repeatable)"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="score the first N abnormal images")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the results as JSON")] = None,
+) -> None:
+    """Pointing game of a model's explanations on a phantom folder; choose a card's gradcam.
+
+    Without --method and --layer it scores the card's own explanation; with
+    them, every method x layer combination (the card's method or layer fills
+    in the one not given). Choose on a selection set, report on a test set.
+    """
+    from dicomnode.models.card import CAM_METHOD_NAMES, GradCamSpec, load_card
+    from dicomnode.training.pointing import compare_explanations, has_masks
+
+    logs.configure("WARNING")
+    if not has_masks(data_dir):
+        raise typer.BadParameter(f"{data_dir} has no phantoms.csv", param_hint="DATA_DIR")
+    unknown = sorted(set(method or []) - set(CAM_METHOD_NAMES))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {', '.join(unknown)}; use {', '.join(CAM_METHOD_NAMES)}",
+            param_hint="--method",
+        )
+    own = load_card(model_dir).gradcam
+    candidates: list[GradCamSpec | None] = (
+        [
+            GradCamSpec.model_validate({"target_layer": path, "method": name})
+            for name in method or [own.method]
+            for path in layer or [own.target_layer]
+        ]
+        if method or layer
+        else [None]
+    )
+    results = compare_explanations(model_dir, data_dir, candidates, limit=limit)
+    table = Table("explanation", "pointing game", "hits", "miss median (p90)", "by lesion")
+    for game in results:
+        table.add_row(
+            game["explanation"],
+            f"{game['pointing_game']:.3f}",
+            f"{game['hits']}/{game['abnormal_images']}",
+            f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
+            " ".join(f"{k} {v['share']:.2f}" for k, v in game["by_lesion"].items()),
+        )
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 @app.command()

@@ -62,6 +62,7 @@ class ModelIdentity:
     sha256: str
     synthetic_training_data: bool
     description: str = ""
+    explanation: str = "Grad-CAM"
 
 
 @dataclass(frozen=True)

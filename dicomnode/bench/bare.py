@@ -87,11 +87,11 @@ def model_limit(
     assert prepared.image is not None
     tensor, _ = prepare_input(loaded.card, prepared.image.pixels)
     batch = tensor.unsqueeze(0).repeat(batch_size, 1, 1, 1)
-    layers = loaded.card.gradcam.target_layer
-    explain_batch(predictor.model, layers, batch.to(predictor.device))  # warm-up
+    spec = loaded.card.gradcam
+    explain_batch(predictor.model, spec.target_layer, batch.to(predictor.device), spec.method)
     start = time.perf_counter()
     for _ in range(batches):
-        explain_batch(predictor.model, layers, batch.to(predictor.device))
+        explain_batch(predictor.model, spec.target_layer, batch.to(predictor.device), spec.method)
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -250,7 +250,8 @@ def _describe_capture(
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = (
-        f"Grad-CAM overlay by {model.name} {model.version} (weights sha256 {model.sha256})"
+        f"{model.explanation} overlay by {model.name} {model.version} "
+        f"(weights sha256 {model.sha256})"
     )
     sc.SecondaryCaptureDeviceManufacturer = manufacturer[:_LONG_STRING]
     sc.SecondaryCaptureDeviceManufacturerModelName = model.name[:_LONG_STRING]

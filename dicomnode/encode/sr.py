@@ -218,7 +218,7 @@ def _algorithm(model: ModelIdentity, manufacturer: str) -> AlgorithmIdentificati
     return AlgorithmIdentification(
         name=model.name,
         version=model.version,
-        parameters=[f"weights sha256: {model.sha256}", "explanation: Grad-CAM"],
+        parameters=[f"weights sha256: {model.sha256}", f"explanation: {model.explanation}"],
         manufacturer=manufacturer,
     )
 

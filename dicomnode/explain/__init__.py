@@ -1,6 +1,7 @@
 """Explanations of model outputs.
 
-``gradcam``: batched Grad-CAM on a named layer and the heatmap peak; the node's
+``gradcam``: batched Grad-CAM (or HiResCAM, LayerCAM) on named layers and the
+heatmap peak; the node's
 inference calls it once per batch. (SHAP and other offline explanations belong
 to training and reports, not here.)
 """

@@ -1,14 +1,30 @@
-"""Batched Grad-CAM on a layer named by its dotted path.
+"""Batched class activation maps (Grad-CAM and two finer variants) on named layers.
 
 One call runs one forward pass and one backward pass for a whole batch and
 returns both the logits and one class activation map per image, so inference
 never runs the network twice.
 
+Three methods of ``pytorch_grad_cam``, named in the model card
+(``gradcam.method``):
+
+* ``gradcam``: Grad-CAM (Selvaraju et al. 2017), channel weights from the
+  spatially averaged gradients; smooth, as coarse as the layer's grid;
+* ``hirescam``: HiResCAM (Draelos & Carin 2020), gradients times activations
+  element-wise, then summed over channels: the map is faithful to the score;
+* ``layercam``: LayerCAM (Jiang et al. 2021), positive gradients times
+  activations element-wise: usable at early, high-resolution layers.
+
+A card's layer may name several layers of one network joined by ``+``
+(``blocks.1+blocks.2+blocks.4``): each layer's map is scaled to [0, 1] and
+resized to the input, and the maps are averaged (pytorch-grad-cam's
+multi-layer aggregation, as in the LayerCAM paper), so a coarse late layer
+says *which* joint and the early layers say *where* on it.
+
 Memory stays flat between calls:
 
-* a forward hook on the target layer detaches its output and makes it the
-  start of the autograd graph, so only the head of the network (target layer
-  to logits) is differentiated and nothing before it is kept for backward;
+* a forward hook on the first target layer to run detaches its output and
+  makes it the start of the autograd graph, so only the network from that
+  layer to the logits is differentiated and nothing before it is kept;
 * the activations are snapshotted by copy, so an in-place operation after the
   target layer (DenseNet's final ``relu``) cannot change them, on CPU as on CUDA;
 * the hooks of ``pytorch_grad_cam`` are released in a ``finally`` block (its
@@ -20,16 +36,18 @@ Memory stays flat between calls:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dicomnode.errors import InferenceError
 from dicomnode.models.architectures import EnsembleNet
+from dicomnode.models.card import CAM_METHOD_NAMES, CamMethod, split_layers
 from dicomnode.values import FloatArray
 
 
@@ -59,8 +77,9 @@ def grad_cam(
     layer_path: str,
     inputs: torch.Tensor,
     classes: Sequence[int] | None = None,
+    method: CamMethod = "gradcam",
 ) -> CamBatch:
-    """Run ``model`` on ``inputs`` and compute Grad-CAM at ``layer_path``.
+    """Run ``model`` on ``inputs`` and compute its class activation maps at ``layer_path``.
 
     Parameters
     ----------
@@ -70,13 +89,16 @@ def grad_cam(
         layer. Hooks are added to it for the duration of the call, so do not
         run two calls on one model at the same time.
     layer_path:
-        Dotted path of the target layer inside ``model`` (``"layer4"``, ``"features.29"``).
+        Dotted path of the target layer inside ``model`` (``"layer4"``,
+        ``"features.29"``), or several joined by ``+`` (maps averaged).
     inputs:
         Batch of shape (N, C, H, W) on the model's device. Works inside
         ``torch.inference_mode`` and ``torch.no_grad`` too.
     classes:
         One class per image to explain; ``None`` explains each image's
         highest-scoring class (``ClassifierOutputTarget`` of the argmax).
+    method:
+        ``gradcam``, ``hirescam`` or ``layercam`` (see the module notes).
 
     Returns
     -------
@@ -86,7 +108,8 @@ def grad_cam(
     Raises
     ------
     InferenceError
-        If the layer does not exist, the shapes are wrong, or the pass fails.
+        If a layer does not exist, the method is unknown, the shapes are
+        wrong, or the pass fails.
     """
     if inputs.ndim != 4 or inputs.shape[0] == 0:
         raise InferenceError(
@@ -94,11 +117,15 @@ def grad_cam(
         )
     if classes is not None and len(classes) != inputs.shape[0]:
         raise InferenceError(f"Grad-CAM got {len(classes)} classes for {inputs.shape[0]} images")
-    layer = _layer(model, layer_path)
+    if method not in CAM_METHOD_NAMES:
+        raise InferenceError(
+            f"unknown class activation map method {method!r}; use {', '.join(CAM_METHOD_NAMES)}"
+        )
+    layers = [_layer(model, path) for path in split_layers(layer_path)]
     with torch.inference_mode(False), torch.enable_grad():
         batch = inputs.clone() if inputs.is_inference() else inputs
         try:
-            logits, raw = _run(model, layer, batch, classes)
+            logits, raw = _run(model, layers, batch, classes, method)
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"Grad-CAM at {layer_path!r} failed: {exc}") from exc
         finally:
@@ -135,16 +162,30 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
         raise InferenceError(f"Grad-CAM target layer {path!r} does not exist in the model") from exc
 
 
+def _cam_class(method: CamMethod) -> Callable[..., Any]:
+    from pytorch_grad_cam import GradCAM, HiResCAM, LayerCAM
+
+    classes: dict[str, Callable[..., Any]] = {
+        "gradcam": GradCAM,
+        "hirescam": HiResCAM,
+        "layercam": LayerCAM,
+    }
+    return classes[method]
+
+
 def _run(
-    model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: Sequence[int] | None
+    model: nn.Module,
+    layers: list[nn.Module],
+    batch: torch.Tensor,
+    classes: Sequence[int] | None,
+    method: CamMethod,
 ) -> tuple[torch.Tensor, FloatArray]:
-    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
-    cut = layer.register_forward_hook(_start_graph_here)
+    hooks = _cut_at_first_layer(model, layers)
     try:
-        cam = GradCAM(model=model, target_layers=[layer], reshape_transform=_snapshot)
+        cam = _cam_class(method)(model=model, target_layers=layers, reshape_transform=_snapshot)
         try:
             raw = cam(input_tensor=batch, targets=targets)
             logits = cam.outputs.detach().to("cpu", torch.float32)
@@ -152,8 +193,32 @@ def _run(
             cam.activations_and_grads.release()
             cam.outputs = None
     finally:
-        cut.remove()
+        for hook in hooks:
+            hook.remove()
     return logits, np.asarray(raw)
+
+
+def _cut_at_first_layer(model: nn.Module, layers: list[nn.Module]) -> list[RemovableHandle]:
+    """Hooks that start the graph at whichever target layer runs first in each forward pass.
+
+    Later target layers must stay connected to it, so that their gradients
+    flow back to the earlier ones; a pre-hook on the model re-arms the cut
+    for every forward pass.
+    """
+    armed = [True]
+
+    def arm(module: nn.Module, args: Any) -> None:
+        armed[0] = True
+
+    def cut(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+        if not armed[0]:
+            return None
+        armed[0] = False
+        return _start_graph_here(module, args, output)
+
+    handles = [model.register_forward_pre_hook(arm)]
+    handles += [layer.register_forward_hook(cut) for layer in dict.fromkeys(layers)]
+    return handles
 
 
 def _start_graph_here(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
@@ -183,13 +248,16 @@ def _clean(raw: FloatArray) -> FloatArray:
 
 
 def ensemble_grad_cam(
-    model: EnsembleNet, layer_paths: Sequence[str], inputs: torch.Tensor
+    model: EnsembleNet,
+    layer_paths: Sequence[str],
+    inputs: torch.Tensor,
+    method: CamMethod = "gradcam",
 ) -> CamBatch:
-    """Grad-CAM of an :class:`~dicomnode.models.architectures.EnsembleNet`.
+    """Class activation maps of an :class:`~dicomnode.models.architectures.EnsembleNet`.
 
     The ensemble's predicted class ``c`` of each image comes from one forward
-    pass of every member. Each member ``m`` then gets its own Grad-CAM for
-    ``c`` at ``layer_paths[m]`` (a path inside the member), and the ensemble's
+    pass of every member. Each member ``m`` then gets its own map (``method``)
+    for ``c`` at ``layer_paths[m]`` (a path inside the member), and the ensemble's
     map is the mean of the members' maps weighted by each member's share of the
     ensemble's probability of ``c``: ``s_m = w[m, c] p_m[c] / sum_k w[k, c] p_k[c]``,
     scaled so its maximum is 1 (all zero when no member has positive evidence).
@@ -212,7 +280,7 @@ def ensemble_grad_cam(
     shares = (contribution / contribution.sum(dim=0).clamp_min(1e-12)).numpy()
     total: FloatArray | None = None
     for member, path, share in zip(members, layer_paths, shares, strict=True):
-        cams = grad_cam(member, path, inputs, chosen).cams * share[:, None, None]
+        cams = grad_cam(member, path, inputs, chosen, method).cams * share[:, None, None]
         total = cams if total is None else total + cams
     assert total is not None
     peaks = total.reshape(len(chosen), -1).max(axis=1)

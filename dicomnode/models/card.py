@@ -16,7 +16,7 @@ Example::
     preprocessing: {resize: stretch}
     classes:
       - {index: 0, name: KL0, code: {value: KL0, scheme: 99DICOMNODE, meaning: KL grade 0}}
-    gradcam: {target_layer: conv_head}
+    gradcam: {target_layer: conv_head, method: gradcam}
     weights: {file: model.safetensors, sha256: "<64 hex>"}
     localiser: {file: localiser.safetensors, sha256: "<64 hex>", threshold: 0.5}  # optional
     temperature: 1.0
@@ -40,6 +40,29 @@ from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart, CodedClass, ModelIdentity
 
 CARD_FILE = "model.yaml"
+
+CamMethod = Literal["gradcam", "hirescam", "layercam"]
+"""The class activation map methods a model card may name."""
+
+CAM_METHOD_NAMES: dict[str, str] = {
+    "gradcam": "Grad-CAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+}
+"""How outputs name each method."""
+
+LAYER_SEPARATOR = "+"
+"""Joins several layers of one network in a card's ``gradcam.target_layer``."""
+
+
+def split_layers(layer_path: str) -> tuple[str, ...]:
+    """The layers of ``"a+b"`` (one or more dotted paths, whitespace ignored)."""
+    return tuple(part.strip() for part in layer_path.split(LAYER_SEPARATOR))
+
+
+def describe_explanation(method: str, layer_path: str) -> str:
+    """What the outputs say about the explanation: ``"LayerCAM at blocks.2+blocks.4"``."""
+    return f"{CAM_METHOD_NAMES.get(method, method)} at {layer_path.replace(' ', '')}"
 
 
 class _Frozen(BaseModel):
@@ -104,7 +127,21 @@ class PreprocessingSpec(_Frozen):
 
 
 class GradCamSpec(_Frozen):
+    """The class activation map every finding carries.
+
+    ``target_layer``: a dotted layer path, several joined by ``+`` (their maps
+    are averaged), and for an ensemble one such entry per member,
+    comma-separated. ``method``: ``gradcam`` (default), ``hirescam`` or
+    ``layercam`` (see :mod:`dicomnode.explain.gradcam`).
+    """
+
     target_layer: str = Field(min_length=1)
+    method: CamMethod = "gradcam"
+
+    @property
+    def description(self) -> str:
+        """How outputs name the explanation (``"LayerCAM at blocks.2+blocks.4"``)."""
+        return describe_explanation(self.method, self.target_layer)
 
 
 class WeightsSpec(_Frozen):
@@ -235,6 +272,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         sha256=card.weights.sha256,
         synthetic_training_data=card.synthetic_training_data,
         description=card.description,
+        explanation=card.gradcam.description,
     )
 
 

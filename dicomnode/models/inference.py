@@ -42,7 +42,7 @@ from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain.gradcam import CamBatch, ensemble_grad_cam, grad_cam, peak
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
 from dicomnode.models.architectures import EnsembleNet, build_model, target_layer
-from dicomnode.models.card import ModelCard, identity
+from dicomnode.models.card import CamMethod, GradCamSpec, ModelCard, identity, split_layers
 from dicomnode.models.localise import KneeLocaliser, crop_region
 from dicomnode.values import (
     CodedClass,
@@ -185,6 +185,20 @@ class Predictor:
         )
         return cls(directory, card, model, target, batch_size, localiser)
 
+    def with_explanation(self, gradcam: GradCamSpec) -> Predictor:
+        """The same network explained another way (method and layers), for comparisons.
+
+        Raises
+        ------
+        ModelError
+            If a layer of ``gradcam`` does not exist in the network.
+        """
+        check_cam_layers(self.model, gradcam.target_layer)
+        card = self.card.model_copy(update={"gradcam": gradcam})
+        return Predictor(
+            self.directory, card, self.model, self.device, self.batch_size, self.localiser
+        )
+
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         """Classify and explain ``images``, one :class:`ImageResult` each, in order.
 
@@ -266,7 +280,8 @@ class Predictor:
         """One forward and backward pass over ``views``: a finding each."""
         prepared = [prepare_input(self.card, view.pixels) for view in views]
         batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
-        cams = explain_batch(self.model, self.card.gradcam.target_layer, batch)
+        spec = self.card.gradcam
+        cams = explain_batch(self.model, spec.target_layer, batch, spec.method)
         if not bool(torch.isfinite(cams.logits).all()):
             sources = ", ".join(dict.fromkeys(images[v.image].source or "?" for v in views))
             raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
@@ -334,7 +349,10 @@ def _on_image(local: FloatArray, region: Region, image: PreparedImage) -> tuple[
 
 
 def cam_layers(model: nn.Module, layers: str) -> tuple[str, ...]:
-    """The Grad-CAM layer of a network, or one per member (comma-separated) of an ensemble."""
+    """The Grad-CAM layer(s) of a network, or one entry per member (comma-separated) of an ensemble.
+
+    An entry may join several layers of one network with ``+``.
+    """
     paths = tuple(part.strip() for part in layers.split(","))
     if isinstance(model, EnsembleNet) and len(paths) != len(model.members):
         raise ModelError(
@@ -349,19 +367,20 @@ def cam_layers(model: nn.Module, layers: str) -> tuple[str, ...]:
 def check_cam_layers(model: nn.Module, layers: str) -> None:
     """Raise :class:`ModelError` unless every Grad-CAM layer of ``layers`` exists."""
     paths = cam_layers(model, layers)
-    if isinstance(model, EnsembleNet):
-        for member, path in zip(model.members, paths, strict=True):
-            target_layer(member, path)
-    else:
-        target_layer(model, paths[0])
+    networks = model.members if isinstance(model, EnsembleNet) else [model]
+    for network, path in zip(networks, paths, strict=True):
+        for layer in split_layers(path):
+            target_layer(network, layer)
 
 
-def explain_batch(model: nn.Module, layers: str, batch: torch.Tensor) -> CamBatch:
-    """Logits and Grad-CAM maps: plain, or the ensemble's share-weighted mean (see gradcam)."""
+def explain_batch(
+    model: nn.Module, layers: str, batch: torch.Tensor, method: CamMethod = "gradcam"
+) -> CamBatch:
+    """Logits and class activation maps: plain, or the ensemble's share-weighted mean."""
     paths = cam_layers(model, layers)
     if isinstance(model, EnsembleNet):
-        return ensemble_grad_cam(model, paths, batch)
-    return grad_cam(model, paths[0], batch)
+        return ensemble_grad_cam(model, paths, batch, method)
+    return grad_cam(model, paths[0], batch, method=method)
 
 
 def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:

@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicomnode.errors import ConfigError
 from dicomnode.models.architectures import TRAINABLE
-from dicomnode.models.card import ClassSpec, InputSpec, PreprocessingSpec, classes_in_order
+from dicomnode.models.card import (
+    CamMethod,
+    ClassSpec,
+    InputSpec,
+    PreprocessingSpec,
+    classes_in_order,
+)
 from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart
 
@@ -132,8 +138,11 @@ class TrainingConfig(_Frozen):
     notes:
         Free text kept in the card's recipe (for example a change made on resume).
     gradcam_layer:
-        The Grad-CAM target layer written into the card (a dotted module path);
-        default: the architecture's last convolutional block.
+        The Grad-CAM target layer written into the card (a dotted module path,
+        or several joined by ``+`` whose maps are averaged); default: the
+        architecture's last convolutional block.
+    gradcam_method:
+        ``gradcam`` (default), ``hirescam`` or ``layercam``, written into the card.
     """
 
     data_dir: Path
@@ -165,6 +174,7 @@ class TrainingConfig(_Frozen):
     loader_workers: int | None = Field(default=None, ge=0)
     notes: str = ""
     gradcam_layer: str | None = None
+    gradcam_method: CamMethod = "gradcam"
     model: ModelInfo
 
     @field_validator("group_pattern")

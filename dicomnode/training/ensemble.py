@@ -121,6 +121,12 @@ def load_members(directories: list[Path]) -> list[Member]:
                     "ensemble members must share classes, input, preprocessing, body parts "
                     "and localiser"
                 )
+        if card.gradcam.method != first.gradcam.method:
+            raise TrainingError(
+                f"member {member.directory} explains with {card.gradcam.method}, "
+                f"{members[0].directory} with {first.gradcam.method}: ensemble members must "
+                "share one class activation map method"
+            )
         if card.architecture.name == ENSEMBLE:
             raise TrainingError(f"member {member.directory} is itself an ensemble")
     return members
@@ -253,7 +259,10 @@ def _card(
         input=first.input,
         preprocessing=first.preprocessing,
         classes=first.classes,
-        gradcam=GradCamSpec(target_layer=",".join(m.card.gradcam.target_layer for m in members)),
+        gradcam=GradCamSpec(
+            target_layer=",".join(m.card.gradcam.target_layer for m in members),
+            method=first.gradcam.method,
+        ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         localiser=first.localiser,
         temperature=1.0,

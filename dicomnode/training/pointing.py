@@ -1,18 +1,24 @@
-"""The Grad-CAM pointing game on phantoms: does the heatmap peak fall inside the lesion?
+"""The pointing game on phantoms: does the heatmap peak fall inside the lesion?
 
 For every abnormal image of a phantom folder (``phantoms.csv`` with a ``mask``
 column, written by ``dicomnode phantoms``), the image goes through the node's
-own :class:`~dicomnode.models.inference.Predictor` and the Grad-CAM peak of
-its finding is looked up in the lesion mask. The score is the share of hits.
-For the misses, how far off they were: the distance from the peak to the
-nearest lesion pixel, as a fraction of the image's longer side (median and
-90th percentile), so a map that points next to a lesion is told apart from one
-that points elsewhere.
+own :class:`~dicomnode.models.inference.Predictor` and the peak of its
+finding's class activation map is looked up in the lesion mask. The score is
+the share of hits (strictly inside the mask: no tolerance). For the misses,
+how far off they were: the distance from the peak to the nearest lesion pixel,
+as a fraction of the image's longer side (median and 90th percentile), so a map
+that points next to a lesion is told apart from one that points elsewhere.
+
+:func:`compare_explanations` scores several explanations (method and layers)
+of one model on the same images: that is how a card's ``gradcam`` is chosen,
+on a selection set that is not the test set.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,20 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from dicomnode.imaging.pixels import read_image_file
-from dicomnode.models.card import load_card
+from dicomnode.models.card import GradCamSpec, load_card
 from dicomnode.models.inference import Predictor
+from dicomnode.values import PreparedImage
 
 MASKS_FILE = "phantoms.csv"
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedImage:
+    """An abnormal phantom, its lesion mask and the kind of its first lesion."""
+
+    image: PreparedImage
+    mask: np.ndarray[Any, np.dtype[np.bool_]]
+    kind: str
 
 
 def has_masks(data_dir: Path) -> bool:
@@ -40,31 +56,79 @@ def _image_of(data_dir: Path, row: dict[str, str]) -> Path | None:
     return None
 
 
-def pointing_game(model_dir: Path, data_dir: Path, *, device: str = "cpu") -> dict[str, Any]:
-    """Share of abnormal images whose Grad-CAM peak lies inside their lesion mask."""
-    predictor = Predictor.load(model_dir, load_card(model_dir), device)
+def read_masked_images(data_dir: Path, limit: int | None = None) -> list[MaskedImage]:
+    """The abnormal images of a phantom folder with their masks (the first ``limit``)."""
     with (data_dir / MASKS_FILE).open(newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r["mask"]]
-    hits, scored = 0, 0
-    misses: list[float] = []
-    by_lesion: dict[str, tuple[int, int]] = {}
+    found: list[MaskedImage] = []
     for row in rows:
         image_path = _image_of(data_dir, row)
         if image_path is None:
             continue
         mask = np.asarray(Image.open(data_dir / row["mask"])) > 0
-        (finding,) = predictor.predict([read_image_file(image_path)])[0].findings
-        column, row_index = (
-            min(int(v), limit - 1) for v, limit in zip(finding.peak, mask.shape[::-1], strict=True)
-        )
-        hit = bool(mask[row_index, column])
-        if not hit:
-            misses.append(miss_distance(mask, row_index, column))
-        hits += hit
-        scored += 1
         kind = row["lesion"].split(",")[0].split(" ")[0] or "lesion"
-        total, found = by_lesion.get(kind, (0, 0))
-        by_lesion[kind] = (total + 1, found + hit)
+        found.append(MaskedImage(read_image_file(image_path), mask, kind))
+        if limit is not None and len(found) >= limit:
+            break
+    return found
+
+
+def pointing_game(
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    device: str = "cpu",
+    gradcam: GradCamSpec | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Share of abnormal images whose map peak lies inside their lesion mask.
+
+    ``gradcam`` replaces the card's explanation (method and layers) for this
+    run; ``limit`` scores only the first abnormal images.
+    """
+    (result,) = compare_explanations(model_dir, data_dir, [gradcam], device=device, limit=limit)
+    return result
+
+
+def compare_explanations(
+    model_dir: Path,
+    data_dir: Path,
+    candidates: Sequence[GradCamSpec | None],
+    *,
+    device: str = "cpu",
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The pointing game of each candidate explanation (``None``: the card's own)."""
+    predictor = Predictor.load(model_dir, load_card(model_dir), device)
+    images = read_masked_images(data_dir, limit)
+    results = []
+    for candidate in candidates:
+        chosen = predictor if candidate is None else predictor.with_explanation(candidate)
+        results.append({"explanation": chosen.identity.explanation, **score_peaks(chosen, images)})
+    return results
+
+
+def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str, Any]:
+    """Hits, share, miss distances and the share per lesion kind of ``predictor``'s peaks."""
+    hits = 0
+    misses: list[float] = []
+    by_lesion: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(images), predictor.batch_size):
+        part = images[start : start + predictor.batch_size]
+        results = predictor.predict([item.image for item in part])
+        for item, result in zip(part, results, strict=True):
+            (finding,) = result.findings
+            column, row = (
+                min(int(v), limit - 1)
+                for v, limit in zip(finding.peak, item.mask.shape[::-1], strict=True)
+            )
+            hit = bool(item.mask[row, column])
+            if not hit:
+                misses.append(miss_distance(item.mask, row, column))
+            hits += hit
+            total, found = by_lesion.get(item.kind, (0, 0))
+            by_lesion[item.kind] = (total + 1, found + hit)
+    scored = len(images)
     return {
         "abnormal_images": scored,
         "hits": hits,

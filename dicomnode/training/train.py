@@ -44,6 +44,7 @@ from dicomnode.models.card import (
     ModelCard,
     WeightsSpec,
     sha256_of,
+    split_layers,
     write_card,
 )
 from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
@@ -147,11 +148,10 @@ def prepare(config: TrainingConfig) -> Prepared:
     _seed_everything(config.seed)
     if config.gradcam_layer is not None:
         arch = config.architecture
+        network = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
         try:
-            target_layer(
-                build_model(arch.name, config.input.channels, config.num_classes, arch.params),
-                config.gradcam_layer,
-            )
+            for layer in split_layers(config.gradcam_layer):
+                target_layer(network, layer)
         except ModelError as exc:
             raise TrainingError(f"gradcam_layer: {exc}") from exc
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
@@ -872,7 +872,8 @@ def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> 
         preprocessing=config.preprocessing,
         classes=info.classes,
         gradcam=GradCamSpec(
-            target_layer=config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name]
+            target_layer=config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name],
+            method=config.gradcam_method,
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         temperature=float(metrics.get("temperature", 1.0)),

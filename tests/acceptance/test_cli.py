@@ -127,3 +127,31 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
     assert overlay.shape == (200, 160, 3)
     coloured = (overlay.max(axis=2).astype(int) - overlay.min(axis=2)) > 40
     assert coloured.mean() > 0.01  # heat colours are drawn over the grey image
+
+
+def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> None:
+    import json
+
+    from dicomnode.models.card import GradCamSpec
+    from dicomnode.training.phantoms.dataset import write_phantom_folder
+    from dicomnode.training.pointing import pointing_game
+
+    data = write_phantom_folder(tmp_path / "spine", body_part="SPINE", count=8, seed=3, size=96)
+    make_tiny_model(tmp_path / "m", body_part="SPINE", num_classes=2, channels=1)
+    out = tmp_path / "pointing.json"
+    layers = ("features.0", "features.0+features.1")
+    args = ["pointing", str(tmp_path / "m"), str(data), "--out", str(out)]
+    args += ["--method", "gradcam", "--method", "layercam", "--layer", layers[0]]
+    result = _cli(*args, "--layer", layers[1], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    games = json.loads(out.read_text())
+    assert [g["explanation"] for g in games] == [
+        f"{name} at {layer}" for name in ("Grad-CAM", "LayerCAM") for layer in layers
+    ]
+    direct = pointing_game(
+        tmp_path / "m", data, gradcam=GradCamSpec(target_layer=layers[1], method="layercam")
+    )
+    assert games[3] == {"explanation": "LayerCAM at features.0+features.1", **direct}
+    assert "LayerCAM at features.0+features.1" in result.stdout
+    refused = _cli("pointing", str(tmp_path / "m"), str(data), "--method", "saliency", cwd=tmp_path)
+    assert refused.returncode == 2 and "saliency" in refused.stderr

@@ -146,6 +146,7 @@ def make_result(
         version="1.0.0",
         sha256="0123456789abcdef" * 4,
         synthetic_training_data=synthetic,
+        explanation="LayerCAM at blocks.2+blocks.4",
     )
     return ImageResult(model=model, classes=coded, findings=(finding,))
 
@@ -337,6 +338,7 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     assert list(back.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert back.ConversionType == "WSD"
     assert back.BurnedInAnnotation == "YES"
+    assert back.DerivationDescription.startswith("LayerCAM at blocks.2+blocks.4 overlay by knee-kl")
     assert back.PhotometricInterpretation == "RGB"
     assert back.Laterality == "R"
     assert back.SeriesDescription == "AI overlay knee-kl 1.0.0"
@@ -463,6 +465,7 @@ def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     assert "knee-kl" in texts  # Algorithm Name (TID 4019)
     assert "1.0.0" in texts  # Algorithm Version
     assert f"weights sha256: {result.model.sha256}" in texts
+    assert "explanation: LayerCAM at blocks.2+blocks.4" in texts
     assert "AI result, requires review by a radiologist" in texts
     assert any(SYNTHETIC_NOTICE in text for text in texts) == synthetic
 

@@ -12,7 +12,7 @@ import torch
 from dicomnode.errors import TrainingError
 from dicomnode.explain.gradcam import grad_cam
 from dicomnode.models.architectures import EnsembleNet
-from dicomnode.models.card import ModelCard, load_card, write_card
+from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
 from dicomnode.models.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -83,6 +83,34 @@ def test_members_that_do_not_share_classes_or_input_are_refused(tmp_path: Path) 
         build_ensemble([a, b], tmp_path / "out", method="f1", name="e", version="1")
     with pytest.raises(TrainingError, match="two or more"):
         build_ensemble([a], tmp_path / "out", method="f1", name="e", version="1")
+    c = _member(tmp_path / "c", 2, [1, 1], [1, 1])
+    card = load_card(c)
+    write_card(
+        c,
+        card.model_copy(
+            update={"gradcam": GradCamSpec(target_layer="features", method="layercam")}
+        ),
+    )
+    with pytest.raises(TrainingError, match="one class activation map method"):
+        build_ensemble([a, c], tmp_path / "out", method="f1", name="e", version="1")
+
+
+def test_an_ensemble_keeps_its_members_method(tmp_path: Path) -> None:
+    directories = []
+    for seed in range(2):
+        directory = _member(tmp_path / f"m{seed}", seed, [1, 1], [1, 1])
+        card = load_card(directory)
+        spec = GradCamSpec(target_layer="features.0+features.1", method="layercam")
+        write_card(directory, card.model_copy(update={"gradcam": spec}))
+        directories.append(directory)
+    out = build_ensemble(directories, tmp_path / "e", method="average", name="e", version="1")
+    ensemble = Predictor.load(out, load_card(out))
+    assert ensemble.card.gradcam.method == "layercam"
+    assert ensemble.identity.explanation == (
+        "LayerCAM at features.0+features.1,features.0+features.1"
+    )
+    (result,) = ensemble.predict([_image(0)])
+    assert result.findings[0].heatmap.shape == (90, 70) and result.findings[0].heatmap.max() > 0
 
 
 def _image(seed: int) -> PreparedImage:

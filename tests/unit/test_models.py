@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
+from dicomnode.imaging.tensor import to_source_geometry
 from dicomnode.models.architectures import (
     DEFAULT_TARGET_LAYERS,
     TRAINABLE,
@@ -73,8 +75,16 @@ def _edit_card(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
         (lambda raw: raw["weights"].update(sha256="ABC123"), "weights.sha256"),
         (lambda raw: raw.update(classes=raw["classes"][:1]), "classes"),
         (lambda raw: raw["input"].update(std=[0.0]), "input"),
+        (lambda raw: raw["gradcam"].update(method="saliency"), "gradcam.method"),
     ],
-    ids=["bad-version", "missing-classes", "bad-sha256-format", "one-class", "zero-std"],
+    ids=[
+        "bad-version",
+        "missing-classes",
+        "bad-sha256-format",
+        "one-class",
+        "zero-std",
+        "unknown-cam-method",
+    ],
 )
 def test_invalid_card_names_the_field(
     tmp_path: Path, edit: Callable[[dict[str, Any]], None], field: str
@@ -323,6 +333,65 @@ def test_grad_cam_explains_the_classes_asked_for(tiny: Predictor) -> None:
     assert asked.cams.min() >= 0.0 and asked.cams.max() <= 1.0
     with pytest.raises(InferenceError, match="does not exist"):
         grad_cam(tiny.model, "nowhere", batch)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
+def test_several_layers_give_the_maps_of_pytorch_grad_cam(
+    method: Literal["gradcam", "hirescam", "layercam"],
+) -> None:
+    from pytorch_grad_cam import GradCAM, HiResCAM, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = build_model("small_vgg", 1, 2, {"widths": [4, 8, 8]}).eval().requires_grad_(False)
+    batch = torch.rand(3, 1, 32, 32)
+    early = grad_cam(model, "features.0", batch, method=method)
+    both = grad_cam(model, "features.0 + features.2", batch, method=method)
+    assert both.classes == early.classes and torch.equal(both.logits, early.logits)
+    assert not np.allclose(both.cams, early.cams, atol=1e-2)
+    # The library on the whole graph (no cut): the node cuts it at the first
+    # target layer only, so the early layer still gets the gradients that flow
+    # through the later one and the maps are the same.
+    reference = copy.deepcopy(model).requires_grad_(True)
+    library = {"gradcam": GradCAM, "hirescam": HiResCAM, "layercam": LayerCAM}[method]
+    cam = library(model=reference, target_layers=[reference.features[0], reference.features[2]])
+    expected = cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in both.classes])
+    cam.activations_and_grads.release()
+    np.testing.assert_allclose(both.cams, expected, atol=1e-5)
+    assert early.cams.max() > 0.5
+
+
+def test_methods_differ_and_an_unknown_method_is_refused(tiny: Predictor) -> None:
+    batch = torch.stack([prepare_input(tiny.card, _image(seed).pixels)[0] for seed in range(2)])
+    plain = grad_cam(tiny.model, "features.0", batch).cams
+    layer = grad_cam(tiny.model, "features.0", batch, method="layercam").cams
+    assert plain.shape == layer.shape and not np.allclose(plain, layer, atol=1e-3)
+    with pytest.raises(InferenceError, match="unknown class activation map method"):
+        grad_cam(tiny.model, "features.0", batch, method="saliency")  # type: ignore[arg-type]
+
+
+def test_a_predictor_explains_as_its_card_says(
+    tiny: Predictor, images: list[PreparedImage]
+) -> None:
+    spec = GradCamSpec(target_layer="features.0+features.1", method="layercam")
+    other = tiny.with_explanation(spec)
+    assert other.model is tiny.model and tiny.card.gradcam.method == "gradcam"
+    assert other.identity.explanation == "LayerCAM at features.0+features.1"
+    assert tiny.identity.explanation == f"Grad-CAM at {tiny.card.gradcam.target_layer}"
+    prepared = [prepare_input(tiny.card, image.pixels) for image in images]
+    expected = grad_cam(
+        tiny.model, spec.target_layer, torch.stack([t for t, _ in prepared]), method="layercam"
+    ).cams
+    plain = tiny.predict(images)
+    for index, result in enumerate(other.predict(images)):
+        (finding,) = result.findings
+        (before,) = plain[index].findings
+        assert finding.probabilities == pytest.approx(before.probabilities)
+        heatmap = to_source_geometry(expected[index], prepared[index][1])
+        np.testing.assert_allclose(finding.heatmap, heatmap, atol=1e-6)
+        assert not np.allclose(finding.heatmap, before.heatmap, atol=1e-3)
+    with pytest.raises(ModelError, match="does not exist"):
+        tiny.with_explanation(GradCamSpec(target_layer="features.0+nowhere"))
 
 
 def test_peak_is_column_then_row() -> None:

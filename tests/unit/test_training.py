@@ -317,6 +317,15 @@ def test_the_recipe_may_choose_the_gradcam_layer(tmp_path: Path) -> None:
     assert load_card(directory).gradcam.target_layer == "features.0"
     with pytest.raises(TrainingError, match="gradcam_layer"):
         train_from_config(_smoke_config(tmp_path / "b", gradcam_layer="features.9"))
+    several = train_from_config(
+        _smoke_config(
+            tmp_path / "c", gradcam_layer="features.0+features.1", gradcam_method="layercam"
+        )
+    )
+    card = load_card(several)
+    assert (card.gradcam.target_layer, card.gradcam.method) == ("features.0+features.1", "layercam")
+    with pytest.raises(TrainingError, match="gradcam_layer"):
+        train_from_config(_smoke_config(tmp_path / "d", gradcam_layer="features.0+features.9"))
 
 
 def test_the_fold_can_be_overridden_and_is_validated(tmp_path: Path) -> None:
