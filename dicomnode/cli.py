@@ -513,7 +513,9 @@ def phantoms(
 def explain(
     model_dir: Path,
     image: Path,
-    method: Annotated[str, typer.Option(help="gradcam or shap")] = "gradcam",
+    method: Annotated[
+        str, typer.Option(help="gradcam (the card's map, as the node shows it) or shap")
+    ] = "gradcam",
     out: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("explanation.png"),
 ) -> None:
     """Explain one image with Grad-CAM or SHAP and write the overlay as a PNG."""
