@@ -490,6 +490,25 @@ def pointing(
         out.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
+@app.command("set-explanation")
+def set_explanation(
+    model_dir: Path,
+    method: Annotated[str, typer.Option(help="gradcam, hirescam or layercam")],
+    layer: Annotated[str, typer.Option(help="dotted layer path, several joined by +")],
+    version: Annotated[str, typer.Option(help="the card's new version")],
+    note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
+) -> None:
+    """Give a model another explanation (same weights) under a new version; see `pointing`."""
+    from dicomnode.models.card import CAM_METHOD_NAMES, GradCamSpec
+    from dicomnode.training.pointing import set_explanation as apply
+
+    logs.configure("WARNING")
+    if method not in CAM_METHOD_NAMES:
+        raise typer.BadParameter(f"use one of {', '.join(CAM_METHOD_NAMES)}", param_hint="--method")
+    spec = GradCamSpec.model_validate({"target_layer": layer, "method": method})
+    console.print(f"updated {apply(model_dir, spec, version, note)}")
+
+
 @app.command()
 def phantoms(
     out: Annotated[Path, typer.Option("--out", help="output folder")],

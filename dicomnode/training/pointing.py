@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
+from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
-from dicomnode.models.card import GradCamSpec, load_card
+from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.models.inference import Predictor
 from dicomnode.values import PreparedImage
 
@@ -139,6 +140,39 @@ def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str
             k: {"images": t, "hits": h, "share": h / t} for k, (t, h) in sorted(by_lesion.items())
         },
     }
+
+
+def set_explanation(model_dir: Path, gradcam: GradCamSpec, version: str, note: str = "") -> Path:
+    """Give a model directory another explanation (same weights) under a new version.
+
+    The layers are checked against the network; the card's ``gradcam`` and
+    version change, and so do its recipe's ``gradcam_layer``, ``gradcam_method``
+    and model version (as if the recipe had asked for them), with ``note``
+    appended to the recipe's notes. Returns the card's path.
+
+    Raises
+    ------
+    ModelError
+        If a layer does not exist, or the version is the card's own (outputs
+        change with the explanation, so the version must too).
+    """
+    card = load_card(model_dir)
+    if version == card.version:
+        raise ModelError(
+            f"model {card.name} is version {version} already: a new explanation needs a new version"
+        )
+    Predictor.load(model_dir, card, "cpu").with_explanation(gradcam)
+    recipe = dict(card.recipe)
+    if recipe:
+        recipe["gradcam_layer"] = gradcam.target_layer
+        recipe["gradcam_method"] = gradcam.method
+        recipe["notes"] = " ".join(part for part in (recipe.get("notes", ""), note) if part)
+        if isinstance(recipe.get("model"), dict):
+            recipe["model"] = {**recipe["model"], "version": version}
+    updated = card.model_copy(update={"gradcam": gradcam, "version": version, "recipe": recipe})
+    path = write_card(model_dir, type(card).model_validate(updated.model_dump()))
+    load_card(model_dir)  # the written card validates and its weights match
+    return path
 
 
 def miss_distance(mask: np.ndarray[Any, np.dtype[np.bool_]], row: int, column: int) -> float:

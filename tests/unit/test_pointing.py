@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
-from dicomnode.models.card import load_card
+from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.models.inference import Predictor
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.phantoms.dataset import write_phantom_folder
-from dicomnode.training.pointing import has_masks, pointing_game
+from dicomnode.training.pointing import has_masks, pointing_game, set_explanation
 
 
 def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
@@ -42,3 +43,25 @@ def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
     assert game["pointing_game"] == expected / len(abnormal)
     assert sum(v["images"] for v in game["by_lesion"].values()) == len(abnormal)
     assert game["miss_distance_median"] == pytest.approx(np.median(misses) if misses else 0.0)
+
+
+def test_set_explanation_changes_the_card_not_the_weights(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path / "m", body_part="SPINE", num_classes=2, channels=1)
+    recipe = {"gradcam_layer": "features", "notes": "trained", "model": {"version": "0.0.1"}}
+    card = card.model_copy(update={"recipe": recipe})
+    write_card(tmp_path / "m", card)
+    spec = GradCamSpec(target_layer="features.0+features.1", method="layercam")
+    with pytest.raises(ModelError, match="new version"):
+        set_explanation(tmp_path / "m", spec, card.version)
+    with pytest.raises(ModelError, match="does not exist"):
+        set_explanation(tmp_path / "m", GradCamSpec(target_layer="features.7"), "0.0.2")
+    set_explanation(tmp_path / "m", spec, "0.0.2", note="chosen on a selection set")
+    updated = load_card(tmp_path / "m")
+    assert (updated.gradcam, updated.version) == (spec, "0.0.2")
+    assert updated.weights == card.weights
+    assert updated.recipe["gradcam_layer"] == "features.0+features.1"
+    assert updated.recipe["gradcam_method"] == "layercam"
+    assert updated.recipe["notes"] == "trained chosen on a selection set"
+    assert updated.recipe["model"] == {"version": "0.0.2"}
+    predictor = Predictor.load(tmp_path / "m", updated, "cpu")
+    assert predictor.identity.explanation == "LayerCAM at features.0+features.1"
