@@ -578,6 +578,32 @@ def bench(
     run_bench(options, console)
 
 
+@app.command("bench-explain")
+def bench_explain(
+    model_dir: Path,
+    method: Annotated[str | None, typer.Option(help="gradcam, hirescam or layercam")] = None,
+    layer: Annotated[str | None, typer.Option(help="layer path(s) joined by +")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="images per pass")] = 8,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
+) -> None:
+    """Time per image and peak memory of a model's explanation (the card's, or --method/--layer)."""
+    from dicomnode.bench.explain import explanation_cost
+    from dicomnode.models.card import GradCamSpec, load_card
+
+    logs.configure("WARNING")
+    spec = None
+    if method or layer:
+        own = load_card(model_dir).gradcam
+        spec = GradCamSpec.model_validate(
+            {"target_layer": layer or own.target_layer, "method": method or own.method}
+        )
+    cost = explanation_cost(model_dir, spec, batch=batch, threads=threads)
+    console.print(
+        f"{cost.explanation}: {cost.ms_per_image:.0f} ms per image (batch {cost.batch}, "
+        f"{threads} thread(s)), peak RSS +{cost.peak_rss_rise_mb:.0f} MB over a forward pass"
+    )
+
+
 def main() -> None:
     try:
         app()

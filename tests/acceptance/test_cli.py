@@ -155,3 +155,28 @@ def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> N
     assert "LayerCAM at features.0+features.1" in result.stdout
     refused = _cli("pointing", str(tmp_path / "m"), str(data), "--method", "saliency", cwd=tmp_path)
     assert refused.returncode == 2 and "saliency" in refused.stderr
+
+
+def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) -> None:
+    from dicomnode.bench.explain import explanation_cost
+    from dicomnode.models.card import GradCamSpec
+
+    make_tiny_model(tmp_path / "m")
+    result = _cli(
+        "bench-explain",
+        str(tmp_path / "m"),
+        "--method",
+        "layercam",
+        "--layer",
+        "features.0+features.1",
+        "--batch",
+        "2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LayerCAM at features.0+features.1:" in result.stdout
+    assert "ms per image (batch 2" in result.stdout
+    spec = GradCamSpec(target_layer="features.1", method="hirescam")
+    cost = explanation_cost(tmp_path / "m", spec, batch=3, repeats=2)
+    assert cost.explanation == "HiResCAM at features.1" and cost.batch == 3
+    assert cost.ms_per_image > 0 and cost.peak_rss_rise_mb >= 0
