@@ -15,6 +15,7 @@ from rich.table import Table
 from dicomnode import __version__, logs
 from dicomnode.config import Settings, load_settings
 from dicomnode.errors import DicomNodeError
+from dicomnode.models.card import GradCamSpec
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
@@ -431,6 +432,17 @@ def evaluate(
     console.print(table)
 
 
+def _cam_spec(method: str, layer: str) -> GradCamSpec:
+    """A card's explanation from command-line options; an unknown method is a usage error."""
+    from dicomnode.models.card import CAM_METHOD_NAMES
+
+    if method not in CAM_METHOD_NAMES:
+        raise typer.BadParameter(
+            f"unknown {method}; use {', '.join(CAM_METHOD_NAMES)}", param_hint="--method"
+        )
+    return GradCamSpec.model_validate({"target_layer": layer, "method": method})
+
+
 @app.command()
 def pointing(
     model_dir: Path,
@@ -452,22 +464,16 @@ def pointing(
     them, every method x layer combination (the card's method or layer fills
     in the one not given). Choose on a selection set, report on a test set.
     """
-    from dicomnode.models.card import CAM_METHOD_NAMES, GradCamSpec, load_card
+    from dicomnode.models.card import load_card
     from dicomnode.training.pointing import compare_explanations, has_masks
 
     logs.configure("WARNING")
     if not has_masks(data_dir):
         raise typer.BadParameter(f"{data_dir} has no phantoms.csv", param_hint="DATA_DIR")
-    unknown = sorted(set(method or []) - set(CAM_METHOD_NAMES))
-    if unknown:
-        raise typer.BadParameter(
-            f"unknown {', '.join(unknown)}; use {', '.join(CAM_METHOD_NAMES)}",
-            param_hint="--method",
-        )
     own = load_card(model_dir).gradcam
     candidates: list[GradCamSpec | None] = (
         [
-            GradCamSpec.model_validate({"target_layer": path, "method": name})
+            _cam_spec(name, path)
             for name in method or [own.method]
             for path in layer or [own.target_layer]
         ]
@@ -499,14 +505,10 @@ def set_explanation(
     note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
 ) -> None:
     """Give a model another explanation (same weights) under a new version; see `pointing`."""
-    from dicomnode.models.card import CAM_METHOD_NAMES, GradCamSpec
     from dicomnode.training.pointing import set_explanation as apply
 
     logs.configure("WARNING")
-    if method not in CAM_METHOD_NAMES:
-        raise typer.BadParameter(f"use one of {', '.join(CAM_METHOD_NAMES)}", param_hint="--method")
-    spec = GradCamSpec.model_validate({"target_layer": layer, "method": method})
-    console.print(f"updated {apply(model_dir, spec, version, note)}")
+    console.print(f"updated {apply(model_dir, _cam_spec(method, layer), version, note)}")
 
 
 @app.command()
@@ -588,15 +590,13 @@ def bench_explain(
 ) -> None:
     """Time per image and peak memory of a model's explanation (the card's, or --method/--layer)."""
     from dicomnode.bench.explain import explanation_cost
-    from dicomnode.models.card import GradCamSpec, load_card
+    from dicomnode.models.card import load_card
 
     logs.configure("WARNING")
     spec = None
     if method or layer:
         own = load_card(model_dir).gradcam
-        spec = GradCamSpec.model_validate(
-            {"target_layer": layer or own.target_layer, "method": method or own.method}
-        )
+        spec = _cam_spec(method or own.method, layer or own.target_layer)
     cost = explanation_cost(model_dir, spec, batch=batch, threads=threads)
     console.print(
         f"{cost.explanation}: {cost.ms_per_image:.0f} ms per image (batch {cost.batch}, "
