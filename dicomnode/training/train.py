@@ -37,16 +37,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dicomnode.errors import ModelError, TrainingError
-from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model, target_layer
+from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
 from dicomnode.models.card import (
     ArchitectureSpec,
     GradCamSpec,
     ModelCard,
     WeightsSpec,
     sha256_of,
-    split_layers,
     write_card,
 )
+from dicomnode.models.inference import check_cam_layers
 from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
 from dicomnode.training.data import ImageDataset, IntArray, LabelledImages, PixelCache, scan_folder
 from dicomnode.training.folds import assign_folds, split
@@ -150,8 +150,7 @@ def prepare(config: TrainingConfig) -> Prepared:
         arch = config.architecture
         network = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
         try:
-            for layer in split_layers(config.gradcam_layer):
-                target_layer(network, layer)
+            check_cam_layers(network, config.gradcam_layer)
         except ModelError as exc:
             raise TrainingError(f"gradcam_layer: {exc}") from exc
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
