@@ -25,7 +25,8 @@ from dicomnode.training.phantoms import (
     write_phantom_folder,
 )
 from dicomnode.training.phantoms.cli import phantoms_command
-from dicomnode.training.phantoms.common import dilate
+from dicomnode.training.phantoms.common import Frame, dilate
+from dicomnode.training.phantoms.hand import JointSpace
 from dicomnode.training.phantoms.dataset import generate_case, to_dicom
 
 SIZE = 192
@@ -85,6 +86,8 @@ def test_the_mask_lies_where_the_lesion_was_drawn(kind: str) -> None:
     """Render each abnormal case without its lesion: only the masked pixels differ."""
     for seed in range(6):
         drawn = KINDS[kind](seed, abnormal=True)
+        if drawn.lesion.startswith("listhesis"):
+            continue  # a slip moves the column above it: see the next test
         twin = KINDS[kind](seed, abnormal=True, with_lesion=False)
         assert twin.label == 0 and not twin.lesion_mask.any()
         difference = np.abs(drawn.pixels - twin.pixels)
@@ -92,6 +95,35 @@ def test_the_mask_lies_where_the_lesion_was_drawn(kind: str) -> None:
         outside = difference[~dilate(mask, 3)]
         assert outside.max() < 0.03, (seed, drawn.lesion)
         assert (difference[mask] > 0.002).mean() > 0.5, (seed, drawn.lesion)
+
+
+def test_a_listhesis_mask_is_the_slipped_segment() -> None:
+    """A slip carries the column above it; the mask is the one level where it slips."""
+    found = 0
+    for seed in range(14):
+        drawn = generate_spine(seed, view="LAT", size=SIZE, abnormal=True)
+        if not drawn.lesion.startswith("listhesis"):
+            continue
+        twin = generate_spine(seed, view="LAT", size=SIZE, abnormal=True, with_lesion=False)
+        difference = np.abs(drawn.pixels - twin.pixels)
+        rows = np.flatnonzero(drawn.lesion_mask.any(axis=1))
+        assert difference[rows.max() + 1 :].max() < 0.002, seed  # below the level: untouched
+        assert difference[: rows.min()].max() > 0.05, seed  # above it: the column moved
+        assert (difference[drawn.lesion_mask] > 0.002).mean() > 0.2, seed  # the step is inside
+        # half a body, the disc space and half a body: one level, not the column
+        assert 25.0 < (rows.max() - rows.min()) * drawn.spacing_mm < 55.0, seed
+        found += 1
+    assert found >= 4
+
+
+def test_a_narrowed_joint_space_is_masked_tip_to_tip() -> None:
+    """Joint-space narrowing is read across the joint: its mask is the space it had."""
+    frame = Frame(size=64, spacing=0.5, centre=(0.0, 0.0), angle=0.3)
+    space = JointSpace(proximal=(0.0, -3.0), distal=(0.0, 3.0), half_width=2.0)
+    mask = space.mask(frame)
+    assert abs(mask.sum() * 0.25 - 6.0 * 4.0) < 2.5  # 6 mm along, 4 mm across
+    x, y = frame.grid()
+    assert np.all(np.abs(x[mask]) <= 2.0 + 1e-4) and np.all(np.abs(y[mask]) <= 3.0 + 1e-4)
 
 
 def test_lesion_masks_follow_the_named_site() -> None:

@@ -34,6 +34,7 @@ from dicomnode.values import FloatArray
 __all__ = [
     "BODY_PARTS",
     "VIEWS",
+    "BoolArray",
     "Canvas",
     "Exposure",
     "Frame",

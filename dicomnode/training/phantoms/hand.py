@@ -20,6 +20,10 @@ wrist (RA is polyarticular), each one or more of:
 * periarticular **osteopenia**: bone density lowered by 20-45 % around the
   joint, falling off over 8-13 mm.
 
+The lesion mask is where the attenuation changed visibly, and for a narrowed
+joint also the joint space it had (now partly bone, partly still open: the
+narrowing is read across it).
+
 Patient-level anatomy (size, bone density, joint spaces, soft tissue) comes
 from ``seed``; pose, exposure, noise and the lesions from ``(seed, side)``.
 """
@@ -32,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dicomnode.training.phantoms.common import (
+    BoolArray,
     Canvas,
     Frame,
     Limb,
@@ -152,12 +157,33 @@ class Pose:
 
 
 @dataclass(frozen=True)
+class JointSpace:
+    """A narrowed joint's space before narrowing: tip to tip, ``half_width`` across (mm)."""
+
+    proximal: Point
+    distal: Point
+    half_width: float
+
+    def mask(self, frame: Frame) -> BoolArray:
+        """Its pixels on ``frame``: between the two tips, within ``half_width`` of the axis."""
+        x, y = frame.grid()
+        ax, ay = self.proximal
+        length = max(math.hypot(self.distal[0] - ax, self.distal[1] - ay), 1e-6)
+        cos, sin = (self.distal[0] - ax) / length, (self.distal[1] - ay) / length
+        along = (x - ax) * cos + (y - ay) * sin
+        across = -(x - ax) * sin + (y - ay) * cos
+        inside: BoolArray = (along >= 0) & (along <= length) & (np.abs(across) <= self.half_width)
+        return inside
+
+
+@dataclass(frozen=True)
 class HandLesions:
     """What the rheumatoid changes do: replaced bones, density spots, and their names."""
 
     bones: tuple[LongBone, ...]
     spots: tuple[Spot, ...]
     names: tuple[str, ...]
+    spaces: tuple[JointSpace, ...] = ()
 
 
 # --------------------------------------------------------------------------- anatomy
@@ -465,7 +491,9 @@ def _erosion(hand: Hand, joint: Joint, rng: np.random.Generator, scale: float) -
     )
 
 
-def _narrowing(hand: Hand, joint: Joint, rng: np.random.Generator) -> tuple[LongBone, LongBone]:
+def _narrowing(
+    hand: Hand, joint: Joint, rng: np.random.Generator
+) -> tuple[LongBone, LongBone, JointSpace]:
     """Both articular ends grow into the joint space, closing 40-85 % of it."""
     proximal, distal = hand.bone(joint.proximal), hand.bone(joint.distal)
     a, b = proximal.tip(distal=True), distal.tip(distal=False)
@@ -474,6 +502,7 @@ def _narrowing(hand: Hand, joint: Joint, rng: np.random.Generator) -> tuple[Long
     return (
         replace(proximal, end=proximal.end + share * closed),
         replace(distal, start=distal.start - (1.0 - share) * closed),
+        JointSpace(a, b, 0.8 * min(proximal.head, distal.base)),
     )
 
 
@@ -514,6 +543,7 @@ def sample_lesions(hand: Hand, rng: np.random.Generator, scale: float) -> HandLe
     bones: dict[str, LongBone] = {}
     spots: list[Spot] = []
     names: list[str] = []
+    spaces: list[JointSpace] = []
     for index in sorted(int(i) for i in sites):
         site = _SITES[index]
         for kind in _kinds(site, rng):
@@ -529,9 +559,10 @@ def sample_lesions(hand: Hand, rng: np.random.Generator, scale: float) -> HandLe
             elif kind == "osteopenia":
                 spots.append(_osteopenia(_joint_centre(hand, joint), rng, scale, 1.0))
             else:
-                for bone in _narrowing(hand, joint, rng):
-                    bones[bone.name] = bone
-    return HandLesions(tuple(bones.values()), tuple(spots), tuple(names))
+                proximal, distal, space = _narrowing(hand, joint, rng)
+                bones[proximal.name], bones[distal.name] = proximal, distal
+                spaces.append(space)
+    return HandLesions(tuple(bones.values()), tuple(spots), tuple(names), tuple(spaces))
 
 
 def with_lesions(hand: Hand, lesions: HandLesions) -> Hand:
@@ -643,11 +674,11 @@ def generate_hand(
         lesions = sample_lesions(hand, rng_for(seed, _LESION, side), patient.scale)
         drawn = draw_hand(frame, with_lesions(hand, lesions), lesions.spots, tile)
     pixels, window = develop(drawn, normal, exposure, frame.spacing, noise)
-    mask = (
-        np.zeros(pixels.shape, np.bool_)
-        if lesions is None
-        else change_mask(normal, drawn, window, frame.spacing)
-    )
+    mask = np.zeros(pixels.shape, np.bool_)
+    if lesions is not None:
+        mask = change_mask(normal, drawn, window, frame.spacing)
+        for space in lesions.spaces:
+            mask |= space.mask(frame)
     return Phantom(
         pixels=pixels,
         label=int(lesions is not None),

@@ -13,9 +13,17 @@ fracture, height loss 31-54 % with an impaction band; lateral: wedge
 fracture, anterior height loss 38-66 %; Genant grades 2-3) or a
 **deformity** (AP: a scoliotic curve whose apex vertebrae move 12-26 mm
 sideways, tilt and rotate; lateral: a listhesis, one vertebra slipped
-forwards by 22-45 % of its depth on the one below; Meyerding grades 1-2).
+forwards by 22-45 % of its depth on the one below, carrying the column
+above it, so the step is at one level only; Meyerding grades 1-2).
 The ranges are moderate to severe on purpose: the demonstration models
 train on a few hundred phantoms at 160-224 px on two CPU cores.
+
+Lesion masks: a fracture's or a curve's mask is where the anatomy changed
+(:func:`~dicomnode.training.phantoms.common.change_mask`). A slip moves
+the whole column above it, so for a listhesis the mask is the slipped motion
+segment instead: the lower half of the slipped body, the disc space and the
+upper half of the body below (their convex hull, as an annotator would
+outline the level).
 
 Normal spines vary in size, disc heights (including some degenerative
 narrowing), mild lean and curvature, lordosis, alignment jitter,
@@ -28,8 +36,10 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.spatial import ConvexHull
 
 from dicomnode.training.phantoms.common import (
+    BoolArray,
     Canvas,
     Frame,
     Limb,
@@ -53,7 +63,7 @@ from dicomnode.training.phantoms.common import (
 )
 from dicomnode.values import FloatArray
 
-__all__ = ["LEVELS", "generate_spine"]
+__all__ = ["LEVELS", "generate_spine", "segment_mask"]
 
 LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 """Vertebrae drawn above the sacrum, top down."""
@@ -255,7 +265,7 @@ def _column(p: SpinePatient, view: str, pose: ViewPose, plan: Plan | None) -> tu
 
 
 def _apply_local(vertebrae: list[Vertebra], view: str, plan: Plan) -> list[Vertebra]:
-    """Fractures and listheses change one vertebra."""
+    """A fracture changes one vertebra; a listhesis moves one and the column above it."""
     i = plan.level
     v = vertebrae[i]
     if plan.kind == "fracture":
@@ -267,9 +277,12 @@ def _apply_local(vertebrae: list[Vertebra], view: str, plan: Plan) -> list[Verte
             front = plan.severity * 1.1
             vertebrae[i] = replace(v, collapse=(front, front * 0.15))
     elif view == "LAT":
+        # The slipped vertebra carries the column above it: one step, at its level.
         shift = -(0.22 + 0.23 * plan.severity) * v.width
-        dx, dy = math.cos(v.tilt), math.sin(v.tilt)
-        vertebrae[i] = replace(v, centre=(v.centre[0] + shift * dx, v.centre[1] + shift * dy))
+        dx, dy = shift * math.cos(v.tilt), shift * math.sin(v.tilt)
+        for j in range(i + 1):
+            above = vertebrae[j]
+            vertebrae[j] = replace(above, centre=(above.centre[0] + dx, above.centre[1] + dy))
     return vertebrae
 
 
@@ -706,8 +719,9 @@ def draw_spine(
 ) -> FloatArray:
     """The attenuation line integral of the spine ``column`` of patient ``p``.
 
-    The ribs hang from the ``anchor`` column (the lesion-free one): the rib
-    cage does not follow a lumbar curve or slip.
+    On the AP view the ribs hang from the ``anchor`` column (the lesion-free
+    one): the rib cage does not follow a lumbar curve. On the lateral view
+    they hang from ``column``: a slip carries the trunk above it.
     """
     canvas = Canvas(frame)
     draw_limb(canvas, _abdomen(p, lateral))
@@ -721,7 +735,7 @@ def draw_spine(
     for vertebra, fixed in zip(column, anchor, strict=True):
         if lateral:
             solids += _lat_elements(vertebra, p.scale)
-            bones += _lat_ribs(fixed, p.scale)
+            bones += _lat_ribs(vertebra, p.scale)
         else:
             solids += _ap_elements(vertebra, p.scale)
             bones += _ap_processes(vertebra, fixed, p.scale)
@@ -731,6 +745,28 @@ def draw_spine(
     for bone in bones:
         draw_long_bone(canvas, bone, tile, MATERIALS)
     return canvas.attenuation(MATERIALS.soft)
+
+
+def segment_mask(frame: Frame, upper: Vertebra, lower: Vertebra) -> BoolArray:
+    """The motion segment between two bodies on ``frame``: where a listhesis is.
+
+    The convex hull of the lower half of ``upper``, the disc space and the
+    upper half of ``lower`` (a slip's step included).
+    """
+    corners = [
+        _local(upper, side * upper.width / 2.0, down * upper.height / 2.0)
+        for side in (-1.0, 1.0)
+        for down in (0.0, 1.0)
+    ] + [
+        _local(lower, side * lower.width / 2.0, -down * lower.height / 2.0)
+        for side in (-1.0, 1.0)
+        for down in (0.0, 1.0)
+    ]
+    x, y = frame.grid()
+    inside = np.ones(x.shape, np.bool_)
+    for a, b, offset in ConvexHull(np.array(corners)).equations:
+        inside &= a * x + b * y + offset <= 0.0
+    return inside
 
 
 def _frame(rng: np.random.Generator, size: int, lateral: bool, scale: float) -> Frame:
@@ -806,17 +842,20 @@ def generate_spine(
         body=0.6,
     )
     noise = noise_field(rng_for(seed, _NOISE, stream), size)
-    drawn = normal
+    drawn, lesion_column = normal, column
     if abnormal and with_lesion:
         lesion_column = _column(patient, view, pose, plan)
         drawn = draw_spine(frame, patient, lesion_column, gas, tile, lateral, column)
     pixels, window = develop(drawn, normal, exposure, frame.spacing, noise)
     lesioned = drawn is not normal
-    mask = (
-        change_mask(normal, drawn, window, frame.spacing)
-        if lesioned
-        else np.zeros(pixels.shape, np.bool_)
-    )
+    if not lesioned:
+        mask = np.zeros(pixels.shape, np.bool_)
+    elif lateral and plan.kind == "deformity":
+        below = plan.level + 1
+        lower = lesion_column[below] if below < len(LEVELS) else _s1(patient, column[-1], True)
+        mask = segment_mask(frame, lesion_column[plan.level], lower)
+    else:
+        mask = change_mask(normal, drawn, window, frame.spacing)
     orientation = ("L", "F") if not lateral else ("A" if frame.mirror else "P", "F")
     return Phantom(
         pixels=pixels,
