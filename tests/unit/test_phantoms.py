@@ -26,8 +26,8 @@ from dicomnode.training.phantoms import (
 )
 from dicomnode.training.phantoms.cli import phantoms_command
 from dicomnode.training.phantoms.common import Frame, dilate
-from dicomnode.training.phantoms.hand import JointSpace
 from dicomnode.training.phantoms.dataset import generate_case, to_dicom
+from dicomnode.training.phantoms.hand import JointSpace
 
 SIZE = 192
 DCIODVFY = Path("/usr/bin/dciodvfy")

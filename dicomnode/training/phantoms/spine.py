@@ -27,7 +27,8 @@ outline the level).
 
 Normal spines vary in size, disc heights (including some degenerative
 narrowing), mild lean and curvature, lordosis, alignment jitter,
-rotation, bone density, body habitus, bowel gas and pelvis.
+rotation, bone density, body habitus, bowel gas, pelvis and where the iliac
+wings overlie the lumbosacral junction.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class SpinePatient:
     crest: float
     pelvis: float
     slope: float
+    ilium: float
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ def _patient(rng: np.random.Generator) -> SpinePatient:
         crest=float(rng.uniform(-0.4, 0.6)),
         pelvis=float(rng.uniform(0.9, 1.1)),
         slope=float(rng.uniform(math.radians(30.0), math.radians(45.0))),
+        # where the iliac wings overlie the lumbosacral junction varies with the pelvis
+        ilium=float(rng.uniform(-14.0, 14.0)),
     )
 
 
@@ -662,7 +666,7 @@ def _lat_pelvis(p: SpinePatient, s1: Vertebra) -> list[Solid]:
         )
     parts.append(
         Solid(
-            _local(s1, 35.0 * s, -25.0 * s + p.crest * 15.0),
+            _local(s1, 35.0 * s + p.ilium, -25.0 * s + p.crest * 15.0),
             60.0 * s,
             45.0 * s,
             16.0 * s,
