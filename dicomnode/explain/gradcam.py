@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from dicomnode.errors import InferenceError
-from dicomnode.models.architectures import EnsembleNet
+from dicomnode.errors import InferenceError, ModelError
+from dicomnode.models.architectures import EnsembleNet, target_layer
 from dicomnode.models.card import CAM_METHOD_NAMES, CamMethod, split_layers
 from dicomnode.values import FloatArray
 
@@ -121,7 +121,10 @@ def grad_cam(
         raise InferenceError(
             f"unknown class activation map method {method!r}; use {', '.join(CAM_METHOD_NAMES)}"
         )
-    layers = [_layer(model, path) for path in split_layers(layer_path)]
+    try:
+        layers = [target_layer(model, path) for path in split_layers(layer_path)]
+    except ModelError as exc:
+        raise InferenceError(str(exc)) from exc
     with torch.inference_mode(False), torch.enable_grad():
         batch = inputs.clone() if inputs.is_inference() else inputs
         try:
@@ -153,13 +156,6 @@ def peak(cam: FloatArray) -> tuple[float, float]:
         return float(columns // 2), float(rows // 2)
     row, column = divmod(int(np.argmax(values)), columns)
     return float(column), float(row)
-
-
-def _layer(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError as exc:
-        raise InferenceError(f"Grad-CAM target layer {path!r} does not exist in the model") from exc
 
 
 def _cam_class(method: CamMethod) -> Callable[..., Any]:
