@@ -64,7 +64,7 @@ from dicomnode.training.phantoms.common import (
 )
 from dicomnode.values import FloatArray
 
-__all__ = ["LEVELS", "generate_spine", "segment_mask"]
+__all__ = ["LEVELS", "generate_spine"]
 
 LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 """Vertebrae drawn above the sacrum, top down."""
@@ -751,7 +751,7 @@ def draw_spine(
     return canvas.attenuation(MATERIALS.soft)
 
 
-def segment_mask(frame: Frame, upper: Vertebra, lower: Vertebra) -> BoolArray:
+def _segment_mask(frame: Frame, upper: Vertebra, lower: Vertebra) -> BoolArray:
     """The motion segment between two bodies on ``frame``: where a listhesis is.
 
     The convex hull of the lower half of ``upper``, the disc space and the
@@ -857,7 +857,7 @@ def generate_spine(
     elif lateral and plan.kind == "deformity":
         below = plan.level + 1
         lower = lesion_column[below] if below < len(LEVELS) else _s1(patient, column[-1], True)
-        mask = segment_mask(frame, lesion_column[plan.level], lower)
+        mask = _segment_mask(frame, lesion_column[plan.level], lower)
     else:
         mask = change_mask(normal, drawn, window, frame.spacing)
     orientation = ("L", "F") if not lateral else ("A" if frame.mirror else "P", "F")
