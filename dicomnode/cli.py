@@ -412,7 +412,7 @@ def evaluate(
     from dicomnode.training.evaluate import evaluate_model
 
     logs.configure()
-    from dicomnode.training.pointing import has_masks, pointing_game
+    from dicomnode.training.pointing import has_masks, pointing_game, pointing_report
 
     metrics = evaluate_model(model_dir, data_dir, predictions=predictions, report=report)
     table = Table("metric", "value")
@@ -420,15 +420,17 @@ def evaluate(
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4f}")
     if has_masks(data_dir):
-        game = pointing_game(model_dir, data_dir)
+        game = (
+            pointing_game(model_dir, data_dir)
+            if report is None
+            else pointing_report(model_dir, data_dir, report)
+        )
         share = f"{game['pointing_game']:.3f} ({game['hits']}/{game['abnormal_images']})"
         table.add_row(f"pointing game ({game['explanation']} peak inside the lesion mask)", share)
         table.add_row(
             "misses: peak to nearest lesion pixel / image side, median (p90)",
             f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
         )
-        if report is not None:
-            (report / "pointing_game.json").write_text(json.dumps(game, indent=2))
     console.print(table)
 
 

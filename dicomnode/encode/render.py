@@ -152,15 +152,23 @@ def render_overlay(image: PreparedImage, result: ImageResult) -> UInt8Array:
         When the pixels are not a 2-D image or a heatmap does not match them.
     """
     _check_shapes(image, result)
-    rgb = _grey_rgb(image.pixels)
-    heat = _combined_heat(result.findings)
-    if heat is not None:
-        _blend_heat(rgb, heat)
+    rgb = heat_image(image.pixels, _combined_heat(result.findings))
     layout = _Layout.for_shape(image.rows, image.columns)
     for finding in result.findings:
         _draw_region(rgb, finding, layout)
     _draw_scale_bar(rgb, layout)
     _draw_banner(rgb, overlay_lines(result, image.laterality), result, layout)
+    return rgb
+
+
+def heat_image(pixels: FloatArray, heat: FloatArray | None) -> UInt8Array:
+    """The [0, 1] pixels in grey with ``heat`` (same shape, or ``None``) blended in, as RGB.
+
+    The overlay's own colours: no text, boxes or scale bar.
+    """
+    rgb = _grey_rgb(pixels)
+    if heat is not None:
+        _blend_heat(rgb, heat)
     return rgb
 
 

@@ -8,6 +8,14 @@ the share of hits (strictly inside the mask: no tolerance). For the misses,
 how far off they were: the distance from the peak to the nearest lesion pixel,
 as a fraction of the image's longer side (median and 90th percentile), so a map
 that points next to a lesion is told apart from one that points elsewhere.
+Every scored image also gets a row (``images``): its id, lesion kind, whether
+it was a hit, the peak and the miss distance.
+
+:func:`pointing_report` writes the game into an evaluation report:
+``pointing_game.json`` (the figures), ``pointing_game.csv`` (one row per
+image) and ``pointing_misses.png``, the misses farthest from their lesion
+first, each a close-up of the heatmap with the lesion mask outlined in green
+and the peak marked in red, so a reader can see *how* a map missed.
 
 :func:`compare_explanations` scores several explanations (method and layers)
 of one model on the same images: that is how a card's ``gradcam`` is chosen,
@@ -17,6 +25,7 @@ on a selection set that is not the test set.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,24 +33,29 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import binary_erosion, distance_transform_edt
 
+from dicomnode.encode.render import heat_image
 from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.models.inference import Predictor
+from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
 
 MASKS_FILE = "phantoms.csv"
+IMAGE_COLUMNS = ("id", "lesion", "hit", "peak_column", "peak_row", "miss_distance")
+GALLERY_MISSES = 8
 
 
 @dataclass(frozen=True, eq=False)
 class MaskedImage:
-    """An abnormal phantom, its lesion mask and the kind of its first lesion."""
+    """An abnormal phantom, its lesion mask, the kind of its first lesion and its id."""
 
     image: PreparedImage
     mask: np.ndarray[Any, np.dtype[np.bool_]]
     kind: str
+    id: str = ""
 
 
 def has_masks(data_dir: Path) -> bool:
@@ -68,7 +82,7 @@ def read_masked_images(data_dir: Path, limit: int | None = None) -> list[MaskedI
             continue
         mask = np.asarray(Image.open(data_dir / row["mask"])) > 0
         kind = row["lesion"].split(",")[0].split(" ")[0] or "lesion"
-        found.append(MaskedImage(read_image_file(image_path), mask, kind))
+        found.append(MaskedImage(read_image_file(image_path), mask, kind, row["id"]))
         if limit is not None and len(found) >= limit:
             break
     return found
@@ -105,15 +119,96 @@ def compare_explanations(
     results = []
     for candidate in candidates:
         chosen = predictor if candidate is None else predictor.with_explanation(candidate)
-        results.append({"explanation": chosen.identity.explanation, **score_peaks(chosen, images)})
+        results.append(_game(chosen, images))
     return results
 
 
+def pointing_report(
+    model_dir: Path, data_dir: Path, directory: Path, *, device: str = "cpu"
+) -> dict[str, Any]:
+    """Play the card's pointing game and write it into the report ``directory``.
+
+    Writes ``pointing_game.json`` (the figures without the per-image rows),
+    ``pointing_game.csv`` (:data:`IMAGE_COLUMNS`, one row per image) and
+    ``pointing_misses.png`` (see the module notes); returns the game.
+    """
+    predictor = Predictor.load(model_dir, load_card(model_dir), device)
+    images = read_masked_images(data_dir)
+    game = _game(predictor, images)
+    directory.mkdir(parents=True, exist_ok=True)
+    figures = {k: v for k, v in game.items() if k != "images"}
+    (directory / "pointing_game.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    with (directory / "pointing_game.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=IMAGE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(game["images"])
+    misses_gallery(predictor, images, game).save(directory / "pointing_misses.png")
+    return game
+
+
+def misses_gallery(
+    predictor: Predictor, images: Sequence[MaskedImage], game: dict[str, Any]
+) -> Image.Image:
+    """Close-ups of the :data:`GALLERY_MISSES` misses farthest from their lesion."""
+    pairs = zip(game["images"], images, strict=True)
+    misses = sorted(
+        ((row, item) for row, item in pairs if not row["hit"]),
+        key=lambda pair: -float(pair[0]["miss_distance"]),
+    )
+    tiles = []
+    for row, item in misses[:GALLERY_MISSES]:
+        (finding,) = predictor.predict([item.image])[0].findings
+        peak = (int(row["peak_column"]), int(row["peak_row"]))
+        box = close_up(item.mask, peak)
+        rgb = heat_image(item.image.pixels[box], finding.heatmap[box])
+        origin = (peak[0] - box[1].start, peak[1] - box[0].start)
+        tile = lesion_tile(rgb, _outline(item.mask[box]), origin)
+        tiles.append((tile, f"{row['id']} {row['lesion']}: {float(row['miss_distance']):.3f}"))
+    title = (
+        f"Pointing-game misses of {game['explanation']}, farthest first "
+        f"(green: lesion mask, red: heatmap peak; distance / image side)"
+    )
+    return gallery_image(tiles, title)
+
+
+def close_up(
+    mask: np.ndarray[Any, np.dtype[np.bool_]], peak: tuple[int, int], margin: float = 0.25
+) -> tuple[slice, slice]:
+    """(rows, columns) of a square around the mask and the (column, row) peak, with a margin.
+
+    The margin is a share of the square's side, at least 8 pixels; the
+    square is clipped to the image.
+    """
+    rows, columns = np.nonzero(mask)
+    top, bottom = min(int(rows.min()), peak[1]), max(int(rows.max()), peak[1])
+    left, right = min(int(columns.min()), peak[0]), max(int(columns.max()), peak[0])
+    side = max(bottom - top, right - left) + 1
+    half = side / 2 + max(8.0, margin * side)
+    centre_row, centre_column = (top + bottom) / 2, (left + right) / 2
+    height, width = mask.shape
+    return (
+        slice(max(0, int(centre_row - half)), min(height, int(centre_row + half) + 1)),
+        slice(max(0, int(centre_column - half)), min(width, int(centre_column + half) + 1)),
+    )
+
+
+def _outline(
+    mask: np.ndarray[Any, np.dtype[np.bool_]],
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    inner: np.ndarray[Any, np.dtype[np.bool_]] = np.asarray(binary_erosion(mask), dtype=bool)
+    return mask & ~inner
+
+
+def _game(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str, Any]:
+    return {"explanation": predictor.identity.explanation, **score_peaks(predictor, images)}
+
+
 def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str, Any]:
-    """Hits, share, miss distances and the share per lesion kind of ``predictor``'s peaks."""
+    """Hits, share, miss distances, the share per lesion kind and one row per image."""
     hits = 0
     misses: list[float] = []
     by_lesion: dict[str, tuple[int, int]] = {}
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(images), predictor.batch_size):
         part = images[start : start + predictor.batch_size]
         results = predictor.predict([item.image for item in part])
@@ -124,11 +219,14 @@ def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str
                 for v, limit in zip(finding.peak, item.mask.shape[::-1], strict=True)
             )
             hit = bool(item.mask[row, column])
+            distance = 0.0 if hit else miss_distance(item.mask, row, column)
             if not hit:
-                misses.append(miss_distance(item.mask, row, column))
+                misses.append(distance)
             hits += hit
             total, found = by_lesion.get(item.kind, (0, 0))
             by_lesion[item.kind] = (total + 1, found + hit)
+            values = (item.id, item.kind, hit, column, row, distance)
+            rows.append(dict(zip(IMAGE_COLUMNS, values, strict=True)))
     scored = len(images)
     return {
         "abnormal_images": scored,
@@ -139,6 +237,7 @@ def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str
         "by_lesion": {
             k: {"images": t, "hits": h, "share": h / t} for k, (t, h) in sorted(by_lesion.items())
         },
+        "images": rows,
     }
 
 

@@ -1,5 +1,5 @@
 """Evaluation figures drawn with Pillow: confusion matrix, ROC curves, reliability diagram,
-Grad-CAM galleries.
+Grad-CAM galleries, pointing-game close-ups.
 
 Each function returns a :class:`PIL.Image.Image`; the caller saves it. Plain
 and readable rather than pretty: white background, one colour per class.
@@ -73,6 +73,31 @@ def gallery_image(tiles: Sequence[tuple[Image.Image, str]], title: str) -> Image
     if not tiles:
         draw.text((MARGIN, 60), "no images of this class", fill="black", font=_font())
     return image
+
+
+def lesion_tile(
+    rgb: np.ndarray[Any, np.dtype[np.uint8]],
+    outline: np.ndarray[Any, np.dtype[np.bool_]],
+    peak: tuple[int, int],
+) -> Image.Image:
+    """A close-up enlarged to a gallery tile: ``outline`` pixels green, a red cross at ``peak``.
+
+    ``rgb`` (rows, columns, 3) and ``outline`` (rows, columns) cover the same
+    pixels; ``peak`` is (column, row) in them. Enlarged by whole pixels
+    (nearest neighbour), so each image pixel stays a visible square.
+    """
+    marked = rgb.copy()
+    marked[outline] = (0, 220, 0)
+    factor = max(1, GALLERY_TILE // max(marked.shape[:2]))
+    tile = Image.fromarray(marked).resize(
+        (marked.shape[1] * factor, marked.shape[0] * factor), Image.Resampling.NEAREST
+    )
+    x, y = (peak[0] + 0.5) * factor, (peak[1] + 0.5) * factor
+    arm = max(4.0, 1.5 * factor)
+    draw = ImageDraw.Draw(tile)
+    draw.line([(x - arm, y), (x + arm, y)], fill=(255, 0, 0), width=2)
+    draw.line([(x, y - arm), (x, y + arm)], fill=(255, 0, 0), width=2)
+    return tile
 
 
 def confusion_image(matrix: IntArray, names: Sequence[str]) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,16 @@ from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.models.inference import Predictor
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.phantoms.dataset import write_phantom_folder
-from dicomnode.training.pointing import has_masks, pointing_game, set_explanation
+from dicomnode.training.pointing import (
+    GALLERY_MISSES,
+    IMAGE_COLUMNS,
+    close_up,
+    has_masks,
+    pointing_game,
+    pointing_report,
+    set_explanation,
+)
+from dicomnode.training.report import lesion_tile
 
 
 def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
@@ -43,6 +53,56 @@ def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
     assert game["pointing_game"] == expected / len(abnormal)
     assert sum(v["images"] for v in game["by_lesion"].values()) == len(abnormal)
     assert game["miss_distance_median"] == pytest.approx(np.median(misses) if misses else 0.0)
+    rows = game["images"]
+    assert [r["id"] for r in rows] == [r["id"] for r in abnormal]
+    assert sum(r["hit"] for r in rows) == expected
+    assert sorted(r["miss_distance"] for r in rows if not r["hit"]) == pytest.approx(sorted(misses))
+    assert all(r["miss_distance"] == 0.0 for r in rows if r["hit"])
+
+
+def test_pointing_report_writes_figures_rows_and_the_misses(tmp_path: Path) -> None:
+    data = write_phantom_folder(tmp_path / "spine", body_part="SPINE", count=12, seed=5, size=96)
+    make_tiny_model(tmp_path / "m", body_part="SPINE", num_classes=2, channels=1)
+    game = pointing_report(tmp_path / "m", data, tmp_path / "report")
+    figures = json.loads((tmp_path / "report" / "pointing_game.json").read_text())
+    assert figures == {k: v for k, v in game.items() if k != "images"}
+    assert figures == {
+        k: v for k, v in pointing_game(tmp_path / "m", data).items() if k != "images"
+    }
+    with (tmp_path / "report" / "pointing_game.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == IMAGE_COLUMNS
+        rows = list(reader)
+    assert [r["id"] for r in rows] == [r["id"] for r in game["images"]]
+    assert sum(r["hit"] == "True" for r in rows) == game["hits"]
+    misses = game["abnormal_images"] - game["hits"]
+    assert misses > 0  # an untrained model misses some
+    with Image.open(tmp_path / "report" / "pointing_misses.png") as gallery:
+        tiles = min(misses, GALLERY_MISSES)
+        assert gallery.width == max(tiles * (256 + 10) + 10, 2 * 60 + 200)
+
+
+def test_close_up_holds_the_mask_and_the_peak_with_a_margin() -> None:
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[40:50, 60:70] = True
+    rows, columns = close_up(mask, (90, 45))  # peak (column, row) right of the mask
+    assert rows.start <= 40 and rows.stop >= 50 and columns.start <= 60 and columns.stop > 90
+    assert columns.start >= 60 - 16 and columns.stop <= 90 + 16  # margin: 8 px or a quarter
+    assert abs((rows.stop - rows.start) - (columns.stop - columns.start)) <= 1  # square
+    rows, columns = close_up(mask, (119, 99))  # clipped at the image edge
+    assert rows.stop == 100 and columns.stop == 120
+
+
+def test_lesion_tile_marks_the_outline_green_and_the_peak_red() -> None:
+    rgb = np.full((32, 32, 3), 100, dtype=np.uint8)
+    outline = np.zeros((32, 32), dtype=bool)
+    outline[4, 4:10] = True
+    tile = np.asarray(lesion_tile(rgb, outline, (20, 24)))
+    factor = 256 // 32
+    assert tile.shape == (256, 256, 3)
+    assert tuple(tile[4 * factor + 1, 6 * factor + 1]) == (0, 220, 0)
+    assert tuple(tile[24 * factor + 4, 20 * factor + 4]) == (255, 0, 0)
+    assert tuple(tile[2, 2]) == (100, 100, 100)
 
 
 def test_set_explanation_changes_the_card_not_the_weights(tmp_path: Path) -> None:
