@@ -177,12 +177,12 @@ def close_up(
     """(rows, columns) of a square around the mask and the (column, row) peak, with a margin.
 
     The margin is a share of the square's side, at least 8 pixels; the
-    square is clipped to the image.
+    square is clipped to the image. An empty mask gives a square around the peak.
     """
-    rows, columns = np.nonzero(mask)
-    top, bottom = min(int(rows.min()), peak[1]), max(int(rows.max()), peak[1])
-    left, right = min(int(columns.min()), peak[0]), max(int(columns.max()), peak[0])
-    side = max(bottom - top, right - left) + 1
+    mask_rows, mask_columns = np.nonzero(mask)
+    rows, columns = np.append(mask_rows, peak[1]), np.append(mask_columns, peak[0])
+    top, bottom, left, right = rows.min(), rows.max(), columns.min(), columns.max()
+    side = int(max(bottom - top, right - left)) + 1
     half = side / 2 + max(8.0, margin * side)
     centre_row, centre_column = (top + bottom) / 2, (left + right) / 2
     height, width = mask.shape

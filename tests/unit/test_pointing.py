@@ -91,6 +91,8 @@ def test_close_up_holds_the_mask_and_the_peak_with_a_margin() -> None:
     assert abs((rows.stop - rows.start) - (columns.stop - columns.start)) <= 1  # square
     rows, columns = close_up(mask, (119, 99))  # clipped at the image edge
     assert rows.stop == 100 and columns.stop == 120
+    rows, columns = close_up(np.zeros_like(mask), (30, 20))  # no mask: around the peak
+    assert (rows.start, rows.stop, columns.start, columns.stop) == (11, 29, 21, 39)
 
 
 def test_lesion_tile_marks_the_outline_green_and_the_peak_red() -> None:
