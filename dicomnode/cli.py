@@ -431,7 +431,12 @@ def evaluate(
             "misses: peak to nearest lesion pixel / image side, median (p90)",
             f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
         )
+        table.add_row("peaks within 1 / 2 / 5 % of the image side of the lesion", _within(game))
     console.print(table)
+
+
+def _within(game: dict[str, Any]) -> str:
+    return " / ".join(f"{share:.3f}" for share in game["within"].values())
 
 
 def _cam_spec(method: str, layer: str) -> GradCamSpec:
@@ -483,13 +488,21 @@ def pointing(
         else [None]
     )
     results = compare_explanations(model_dir, data_dir, candidates, limit=limit)
-    table = Table("explanation", "pointing game", "hits", "miss median (p90)", "by lesion")
+    table = Table(
+        "explanation",
+        "pointing game",
+        "hits",
+        "miss median (p90)",
+        "within 1 / 2 / 5 %",
+        "by lesion",
+    )
     for game in results:
         table.add_row(
             game["explanation"],
             f"{game['pointing_game']:.3f}",
             f"{game['hits']}/{game['abnormal_images']}",
             f"{game['miss_distance_median']:.3f} ({game['miss_distance_p90']:.3f})",
+            _within(game),
             " ".join(f"{k} {v['share']:.2f}" for k, v in game["by_lesion"].items()),
         )
     console.print(table)

@@ -7,7 +7,10 @@ finding's class activation map is looked up in the lesion mask. The score is
 the share of hits (strictly inside the mask: no tolerance). For the misses,
 how far off they were: the distance from the peak to the nearest lesion pixel,
 as a fraction of the image's longer side (median and 90th percentile), so a map
-that points next to a lesion is told apart from one that points elsewhere.
+that points next to a lesion is told apart from one that points elsewhere; and
+``within``: the share of peaks inside the mask or at most 1, 2 or 5 % of the
+image side from it (:data:`TOLERANCES`; the pointing game of Zhang et al. 2016
+allows 15 pixels). The score itself stays strict.
 Every scored image also gets a row (``images``): its id, lesion kind, whether
 it was a hit, the peak and the miss distance.
 
@@ -46,6 +49,8 @@ from dicomnode.values import PreparedImage
 MASKS_FILE = "phantoms.csv"
 IMAGE_COLUMNS = ("id", "lesion", "hit", "peak_column", "peak_row", "miss_distance")
 GALLERY_MISSES = 8
+TOLERANCES = (0.01, 0.02, 0.05)
+"""Peak-to-lesion distances (share of the image side) of the ``within`` figures."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,6 +239,12 @@ def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str
         "pointing_game": hits / scored if scored else float("nan"),
         "miss_distance_median": float(np.median(misses)) if misses else 0.0,
         "miss_distance_p90": float(np.percentile(misses, 90)) if misses else 0.0,
+        "within": {
+            f"{tolerance:g}": (hits + sum(d <= tolerance for d in misses)) / scored
+            if scored
+            else float("nan")
+            for tolerance in TOLERANCES
+        },
         "by_lesion": {
             k: {"images": t, "hits": h, "share": h / t} for k, (t, h) in sorted(by_lesion.items())
         },

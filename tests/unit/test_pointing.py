@@ -19,6 +19,7 @@ from dicomnode.training.phantoms.dataset import write_phantom_folder
 from dicomnode.training.pointing import (
     GALLERY_MISSES,
     IMAGE_COLUMNS,
+    TOLERANCES,
     close_up,
     has_masks,
     pointing_game,
@@ -58,6 +59,10 @@ def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
     assert sum(r["hit"] for r in rows) == expected
     assert sorted(r["miss_distance"] for r in rows if not r["hit"]) == pytest.approx(sorted(misses))
     assert all(r["miss_distance"] == 0.0 for r in rows if r["hit"])
+    for tolerance, share in zip(TOLERANCES, game["within"].values(), strict=True):
+        near = sum(d <= tolerance for d in misses)
+        assert share == pytest.approx((expected + near) / len(abnormal))
+    assert list(game["within"].values()) == sorted(game["within"].values())
 
 
 def test_pointing_report_writes_figures_rows_and_the_misses(tmp_path: Path) -> None:
