@@ -211,7 +211,6 @@ def _game(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str, Any]
 def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str, Any]:
     """Hits, share, miss distances, the share per lesion kind and one row per image."""
     hits = 0
-    misses: list[float] = []
     by_lesion: dict[str, tuple[int, int]] = {}
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), predictor.batch_size):
@@ -225,14 +224,13 @@ def score_peaks(predictor: Predictor, images: Sequence[MaskedImage]) -> dict[str
             )
             hit = bool(item.mask[row, column])
             distance = 0.0 if hit else miss_distance(item.mask, row, column)
-            if not hit:
-                misses.append(distance)
             hits += hit
             total, found = by_lesion.get(item.kind, (0, 0))
             by_lesion[item.kind] = (total + 1, found + hit)
             values = (item.id, item.kind, hit, column, row, distance)
             rows.append(dict(zip(IMAGE_COLUMNS, values, strict=True)))
     scored = len(images)
+    misses = [r["miss_distance"] for r in rows if not r["hit"]]
     return {
         "abnormal_images": scored,
         "hits": hits,
