@@ -349,6 +349,10 @@ def ensemble(
     validate_fold: Annotated[
         int | None, typer.Option("--validate-fold", help="that fold (default: the recipe's)")
     ] = None,
+    half: Annotated[
+        bool,
+        typer.Option("--half", help="store the member weights as float16 (half the file size)"),
+    ] = False,
 ) -> None:
     """Combine trained model directories into one ensemble model directory."""
     from dicomnode.training.ensemble import METHODS, build_ensemble
@@ -364,6 +368,7 @@ def ensemble(
         version=version,
         validate_on=validate_on,
         validate_fold=validate_fold,
+        half=half,
     )
     console.print(f"ensemble written to {path}")
 

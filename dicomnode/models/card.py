@@ -61,8 +61,16 @@ def split_layers(layer_path: str) -> tuple[str, ...]:
 
 
 def describe_explanation(method: str, layer_path: str) -> str:
-    """What the outputs say about the explanation: ``"LayerCAM at blocks.2+blocks.4"``."""
-    return f"{CAM_METHOD_NAMES.get(method, method)} at {layer_path.replace(' ', '')}"
+    """What the outputs say about the explanation: ``"LayerCAM at blocks.2+blocks.4"``.
+
+    An ensemble whose members share their layers says so once: ``"LayerCAM at
+    blocks.4, weighted mean of 5 members' maps"``.
+    """
+    name = CAM_METHOD_NAMES.get(method, method)
+    per_member = layer_path.replace(" ", "").split(",")
+    if len(per_member) > 1 and len(set(per_member)) == 1:
+        return f"{name} at {per_member[0]}, weighted mean of {len(per_member)} members' maps"
+    return f"{name} at {','.join(per_member)}"
 
 
 class _Frozen(BaseModel):

@@ -132,15 +132,30 @@ def load_members(directories: list[Path]) -> list[Member]:
     return members
 
 
-def ensemble_state(members: list[Member], weights: Float64Array) -> dict[str, torch.Tensor]:
-    """One state dict: ``members.<m>.<key>`` for every member, plus the fusion buffers."""
+def ensemble_state(
+    members: list[Member], weights: Float64Array, *, half: bool = False
+) -> dict[str, torch.Tensor]:
+    """One state dict: ``members.<m>.<key>`` for every member, plus the fusion buffers.
+
+    ``half`` stores the members' floating-point tensors as float16 (half the
+    file; the node casts them back to float32 when it loads them).
+    """
     state: dict[str, torch.Tensor] = {}
     for index, member in enumerate(members):
         for key, tensor in load_file(str(member.directory / member.card.weights.file)).items():
-            state[f"members.{index}.{key}"] = tensor
+            state[f"members.{index}.{key}"] = _half(tensor, key) if half else tensor
     state["class_weights"] = torch.tensor(weights, dtype=torch.float32)
     state["temperatures"] = torch.tensor([m.card.temperature for m in members], dtype=torch.float32)
     return state
+
+
+def _half(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    halved = tensor.to(torch.float16)
+    if not torch.isfinite(halved).all():
+        raise TrainingError(f"member tensor {key} does not fit float16; build without --half")
+    return halved
 
 
 def build_ensemble(
@@ -152,8 +167,12 @@ def build_ensemble(
     version: str,
     validate_on: Path | None = None,
     validate_fold: int | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write the ensemble model directory ``output_dir`` and return it."""
+    """Write the ensemble model directory ``output_dir`` and return it.
+
+    ``half``: store the member weights as float16 (see :func:`ensemble_state`).
+    """
     if method not in METHODS:
         raise TrainingError(f"unknown ensemble method {method!r}; use {', '.join(METHODS)}")
     members = load_members(directories)
@@ -167,27 +186,35 @@ def build_ensemble(
             ]
         },
     )
-    state = ensemble_state(members, weights)
+    state = ensemble_state(members, weights, half=half)
     first = cards[0]
     model = build_model(ENSEMBLE, first.input.channels, first.num_classes, architecture.params)
     model.load_state_dict(state, strict=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights_path = write_weights(output_dir / WEIGHTS_FILE, state, f"{name} {version}")
-    metrics = _metrics(members, weights, method)
+    metrics = _metrics(members, weights, method, "float16" if half else "float32")
+    recipe = folds_recipe(members)
+    if recipe is not None:
+        metrics.update(_folds_metrics(members))
     if validate_on is not None:
         metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
     card = _card(members, name, version, architecture, sha256_of(weights_path), metrics, method)
+    if recipe is not None:
+        card = card.model_copy(update={"recipe": {**card.recipe, "members_recipe": recipe}})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
     return output_dir
 
 
-def _metrics(members: list[Member], weights: Float64Array, method: Method) -> dict[str, Any]:
+def _metrics(
+    members: list[Member], weights: Float64Array, method: Method, stored_as: str
+) -> dict[str, Any]:
     return {
         "ensemble": {
             "method": method,
+            "member_weights_stored_as": stored_as,
             "members": [
                 {
                     "directory": m.directory.name,
@@ -201,6 +228,40 @@ def _metrics(members: list[Member], weights: Float64Array, method: Method) -> di
                 for i, m in enumerate(members)
             ],
         }
+    }
+
+
+def folds_recipe(members: list[Member]) -> dict[str, Any] | None:
+    """The members' common recipe when they are the folds of one cross-validation, else None.
+
+    That is: every member card records a recipe, the recipes agree apart from
+    ``fold`` and ``output_dir``, and each member was validated on a different fold.
+    """
+    folds = [m.card.metrics.get("fold") for m in members]
+    if any(not isinstance(f, int) for f in folds) or len(set(folds)) != len(folds):
+        return None
+    recipes = [
+        {k: v for k, v in m.card.recipe.items() if k not in ("fold", "output_dir")} for m in members
+    ]
+    if not recipes[0] or any(r != recipes[0] for r in recipes[1:]):
+        return None
+    return {**recipes[0], "folds_in_ensemble": folds}
+
+
+def _folds_metrics(members: list[Member]) -> dict[str, Any]:
+    """The recipe's cross-validation, read from the members' own held-out folds."""
+    per_fold = [dict(m.card.metrics) for m in members]
+    return {
+        "validation": (
+            f"the members are the models of {len(members)} folds of one patient-grouped "
+            "cross-validation of one recipe; per_fold and cross_validation (mean and sd) are "
+            "their figures on their own held-out folds. The ensemble itself has seen every "
+            "image: score it on an independent set (dicomnode evaluate)"
+        ),
+        "per_fold": [
+            {k: v for k, v in f.items() if k not in ("history", "validation")} for f in per_fold
+        ],
+        "cross_validation": summarise_folds(per_fold),
     }
 
 
@@ -237,6 +298,16 @@ def _copy_localiser(first: Member, output_dir: Path) -> None:
         )
 
 
+def _listed(members: list[Member]) -> str:
+    """The members for the description: "5 fold models (0, 1, 2, 3, 4) of x 2.1.0" or a list."""
+    names = [f"{m.card.name} {m.card.version}" for m in members]
+    folds = folds_recipe(members)
+    if folds is None or len(set(names)) > 1:
+        return ", ".join(names)
+    numbers = ", ".join(str(f) for f in folds["folds_in_ensemble"])
+    return f"the {len(members)} fold models ({numbers}) of {names[0]}"
+
+
 def _card(
     members: list[Member],
     name: str,
@@ -247,7 +318,7 @@ def _card(
     method: Method,
 ) -> ModelCard:
     first = members[0].card
-    listed = ", ".join(f"{m.card.name} {m.card.version}" for m in members)
+    listed = _listed(members)
     figures = metrics.get("held_out", {})
     headline = {k: figures[k] for k in ("balanced_accuracy", "auc_macro") if k in figures}
     return ModelCard(

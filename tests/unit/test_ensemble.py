@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
 from dicomnode.explain.gradcam import grad_cam
@@ -107,7 +108,7 @@ def test_an_ensemble_keeps_its_members_method(tmp_path: Path) -> None:
     ensemble = Predictor.load(out, load_card(out))
     assert ensemble.card.gradcam.method == "layercam"
     assert ensemble.identity.explanation == (
-        "LayerCAM at features.0+features.1,features.0+features.1"
+        "LayerCAM at features.0+features.1, weighted mean of 2 members' maps"
     )
     (result,) = ensemble.predict([_image(0)])
     assert result.findings[0].heatmap.shape == (90, 70) and result.findings[0].heatmap.max() > 0
@@ -227,3 +228,25 @@ def test_out_of_fold_tables_must_cover_the_same_images(members: list[Path], tmp_
         score_out_of_fold(members[:2], "average", [one, other])
     with pytest.raises(TrainingError, match="no out-of-fold predictions"):
         score_out_of_fold(members[:2], "average", [one, tmp_path / "missing.csv"])
+
+
+def test_half_precision_members_halve_the_file_and_keep_the_probabilities(
+    members: list[Path], ensemble_dir: Path, tmp_path: Path
+) -> None:
+    half_dir = build_ensemble(
+        members, tmp_path / "half", method="f1", name="tiny-ensemble", version="0.0.1", half=True
+    )
+    stored = load_file(str(half_dir / "model.safetensors"))
+    members_stored = {k: v for k, v in stored.items() if k.startswith("members.")}
+    assert {v.dtype for v in members_stored.values() if v.is_floating_point()} == {torch.float16}
+    assert stored["class_weights"].dtype == torch.float32
+    full_size = (ensemble_dir / "model.safetensors").stat().st_size
+    assert (half_dir / "model.safetensors").stat().st_size < 0.7 * full_size
+    assert load_card(half_dir).metrics["ensemble"]["member_weights_stored_as"] == "float16"
+    full = Predictor.load(ensemble_dir, load_card(ensemble_dir))
+    half = Predictor.load(half_dir, load_card(half_dir))
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())
+    batch = torch.stack([prepare_input(full.card, _image(s).pixels)[0] for s in range(4)])
+    np.testing.assert_allclose(
+        half.forward_probabilities(batch), full.forward_probabilities(batch), atol=5e-3
+    )

@@ -23,6 +23,7 @@ from dicomnode.models.inference import Predictor
 from dicomnode.training import train as train_module
 from dicomnode.training.config import load_config, parse_config
 from dicomnode.training.data import ImageDataset, PixelCache, group_of, scan_folder
+from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
 from dicomnode.training.folds import assign_folds
 from dicomnode.training.metrics import (
@@ -273,6 +274,12 @@ def test_cross_validation_writes_every_fold_and_a_summary(tmp_path: Path) -> Non
     card = load_card(directory)
     assert [f["fold"] for f in card.metrics["per_fold"]] == [0, 1]
     assert set(card.metrics["cross_validation"]["balanced_accuracy"]) == {"mean", "sd"}
+    # The top-level model is fold 0's: its weights and its headline figures.
+    first = load_card(directory / "fold-0")
+    assert card.weights.sha256 == first.weights.sha256
+    assert card.metrics["balanced_accuracy"] == first.metrics["balanced_accuracy"]
+    assert "fold 0's" in card.metrics["validation"]
+    assert "fold 1 of 2" in load_card(directory / "fold-1").metrics["validation"]
 
 
 def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
@@ -382,3 +389,23 @@ def test_loader_workers_do_not_change_the_run(tmp_path: Path) -> None:
     with_workers = train_from_config(_smoke_config(tmp_path / "a", loader_workers=2))
     without = train_from_config(_smoke_config(tmp_path / "b", loader_workers=0))
     assert load_card(with_workers).weights.sha256 == load_card(without).weights.sha256
+
+
+def test_an_ensemble_of_the_folds_records_their_recipe_and_cross_validation(
+    tmp_path: Path,
+) -> None:
+    directory = train_from_config(_smoke_config(tmp_path, folds=2, fold="all", epochs=1))
+    folds = [directory / "fold-0", directory / "fold-1"]
+    out = build_ensemble(folds, tmp_path / "ens", method="average", name="e", version="1")
+    card = load_card(out)
+    assert card.recipe["members_recipe"]["folds_in_ensemble"] == [0, 1]
+    assert card.recipe["members_recipe"]["epochs"] == 1
+    held_out = [load_card(f).metrics["balanced_accuracy"] for f in folds]
+    mean = card.metrics["cross_validation"]["balanced_accuracy"]["mean"]
+    assert mean == pytest.approx(sum(held_out) / 2)
+    assert "has seen every image" in card.metrics["validation"]
+    # Two copies of one fold are not a cross-validation.
+    twice = build_ensemble(
+        folds[:1] * 2, tmp_path / "twice", method="average", name="e", version="1"
+    )
+    assert "members_recipe" not in load_card(twice).recipe
