@@ -1,0 +1,89 @@
+"""The training recipes in ``config/training/`` load, and each shipped card is its recipe's output.
+
+A shipped model directory is what ``dicomnode train`` wrote for the recipe whose
+``output_dir`` names it: the card must say the same thing as the recipe (so nobody edits
+one without retraining or re-exporting from the other).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, ENSEMBLE
+from dicomnode.models.card import ModelCard, load_card
+from dicomnode.training.config import TrainingConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "config" / "training").rglob("*.yaml"))
+SHIPPED = sorted(p.parent for p in (ROOT / "models").glob("*/model.yaml"))
+
+# Training settings the card's ``recipe`` block records as they were trained.
+TRAINED_WITH = (
+    "data_dir",
+    "mode",
+    "init_weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "backbone_lr_factor",
+    "weight_decay",
+    "label_smoothing",
+    "class_weights",
+    "folds",
+    "seed",
+)
+
+
+def _recipe_for(card: ModelCard) -> TrainingConfig:
+    """The recipe that wrote ``card`` (or, for an ensemble of folds, its members)."""
+    ensemble = card.architecture.name == ENSEMBLE
+    for path in RECIPES:
+        config = load_config(path)
+        if config.model.name != card.name:
+            continue
+        if ensemble or config.output_dir == Path("models") / card.name:
+            return config
+    raise AssertionError(f"no recipe in config/training/ writes {card.name}")
+
+
+def _layer(config: TrainingConfig) -> str:
+    return config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name]
+
+
+def test_every_recipe_loads() -> None:
+    assert len(RECIPES) >= 8
+    names = {load_config(path).model.name for path in RECIPES}
+    assert {"knee-kl", "hand-ra", "spine-abnormality"} <= names
+
+
+def test_the_three_models_are_shipped() -> None:
+    assert [d.name for d in SHIPPED] == ["hand-ra", "knee-kl", "spine-abnormality"]
+
+
+@pytest.mark.parametrize("directory", SHIPPED, ids=lambda p: p.name)
+def test_shipped_card_matches_its_recipe(directory: Path) -> None:
+    card = load_card(directory)
+    config = _recipe_for(card)
+    trained = card.recipe
+    if card.architecture.name == ENSEMBLE:
+        # An ensemble of the folds of one cross-validation names their recipe.
+        trained = card.recipe["members_recipe"]
+        assert config.fold == "all"
+        assert trained["folds_in_ensemble"] == list(range(config.folds))
+        assert card.gradcam.target_layer == ",".join([_layer(config)] * config.folds)
+    else:
+        assert (card.name, card.version) == (config.model.name, config.model.version)
+        assert card.architecture.name == config.architecture.name
+        assert card.gradcam.target_layer == _layer(config)
+        assert trained["fold"] == config.model_dump(mode="json")["fold"]
+    assert card.input == config.input
+    # The knee localiser is attached after training (`dicomnode attach-localiser`): the
+    # recipe trains on joint crops, the card finds the joints on whole radiographs first.
+    assert card.preprocessing.resize == config.preprocessing.resize
+    assert card.preprocessing.localiser in (config.preprocessing.localiser, "knee")
+    assert card.synthetic_training_data == config.model.synthetic_training_data
+    assert card.gradcam.method == config.gradcam_method
+    raw = config.model_dump(mode="json")
+    assert {k: trained[k] for k in TRAINED_WITH} == {k: raw[k] for k in TRAINED_WITH}
