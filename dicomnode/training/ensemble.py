@@ -199,9 +199,9 @@ def build_ensemble(
     if validate_on is not None:
         metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
-    card = _card(members, name, version, architecture, sha256_of(weights_path), metrics, method)
-    if recipe is not None:
-        card = card.model_copy(update={"recipe": {**card.recipe, "members_recipe": recipe}})
+    card = _card(
+        members, name, version, architecture, sha256_of(weights_path), metrics, method, recipe
+    )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
@@ -298,13 +298,12 @@ def _copy_localiser(first: Member, output_dir: Path) -> None:
         )
 
 
-def _listed(members: list[Member]) -> str:
-    """The members for the description: "5 fold models (0, 1, 2, 3, 4) of x 2.1.0" or a list."""
+def _listed(members: list[Member], recipe: dict[str, Any] | None) -> str:
+    """The members for the description: "the 5 fold models (0, ...) of x 2.1.0" or a list."""
     names = [f"{m.card.name} {m.card.version}" for m in members]
-    folds = folds_recipe(members)
-    if folds is None or len(set(names)) > 1:
+    if recipe is None or len(set(names)) > 1:
         return ", ".join(names)
-    numbers = ", ".join(str(f) for f in folds["folds_in_ensemble"])
+    numbers = ", ".join(str(f) for f in recipe["folds_in_ensemble"])
     return f"the {len(members)} fold models ({numbers}) of {names[0]}"
 
 
@@ -316,9 +315,16 @@ def _card(
     sha256: str,
     metrics: dict[str, Any],
     method: Method,
+    members_recipe: dict[str, Any] | None,
 ) -> ModelCard:
+    """The ensemble's card; ``members_recipe``: see :func:`folds_recipe`."""
     first = members[0].card
-    listed = _listed(members)
+    listed = _listed(members, members_recipe)
+    recipe: dict[str, Any] = {
+        "ensemble": {"method": method, "members": [m.directory.name for m in members]}
+    }
+    if members_recipe is not None:
+        recipe["members_recipe"] = members_recipe
     figures = metrics.get("held_out", {})
     headline = {k: figures[k] for k in ("balanced_accuracy", "auc_macro") if k in figures}
     return ModelCard(
@@ -341,7 +347,7 @@ def _card(
         intended_use=first.intended_use,
         training_data=first.training_data,
         metrics={**metrics, **headline},
-        recipe={"ensemble": {"method": method, "members": [m.directory.name for m in members]}},
+        recipe=recipe,
         trained=datetime.date.today().isoformat(),
         synthetic_training_data=any(m.card.synthetic_training_data for m in members),
     )

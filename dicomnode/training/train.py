@@ -716,27 +716,26 @@ def fold_metrics(result: FoldResult) -> dict[str, Any]:
 
 def _validation_text(config: TrainingConfig, held_out: int | None = None) -> str:
     """What the figures were measured on; ``held_out``: one fold's own directory."""
-    if held_out is None and isinstance(config.fold, int):
-        held_out = config.fold
-    if held_out is None and config.fold == "none":
+    fold = config.fold if held_out is None else held_out
+    if fold == "none":
         return "none: trained on every image; no held-out figures"
     scheme = (
         f"StratifiedGroupKFold, {config.folds} folds grouped by patient, seed {config.seed}; "
         "figures after temperature scaling fitted on the same held-out images "
         "(argmax figures do not change; the ECE is optimistic)"
     )
-    if held_out is None and config.fold == "all":
+    if fold == "all":
         return (
             f"{config.folds}-fold cross-validation, each fold held out once; the weights and "
             "these headline figures are fold 0's (trained on the other folds), per_fold and "
             f"cross_validation (mean and sd) cover all {config.folds} ({scheme})"
         )
-    if held_out is None and config.fold == "final":
+    if fold == "final":
         return (
             f"weights trained on every image; figures from {config.folds}-fold cross-validation "
             f"of the same recipe, pooled over the out-of-fold predictions ({scheme})"
         )
-    return f"one held-out patient-grouped fold: fold {held_out} of {config.folds} ({scheme})"
+    return f"one held-out patient-grouped fold: fold {fold} of {config.folds} ({scheme})"
 
 
 def summarise(config: TrainingConfig, results: list[FoldResult]) -> dict[str, Any]:
