@@ -55,9 +55,18 @@ LAYER_SEPARATOR = "+"
 """Joins several layers of one network in a card's ``gradcam.target_layer``."""
 
 
+MEMBER_SEPARATOR = ","
+"""Separates the members' entries in an ensemble card's ``gradcam.target_layer``."""
+
+
 def split_layers(layer_path: str) -> tuple[str, ...]:
     """The layers of ``"a+b"`` (one or more dotted paths, whitespace ignored)."""
     return tuple(part.strip() for part in layer_path.split(LAYER_SEPARATOR))
+
+
+def split_members(target_layer: str) -> tuple[str, ...]:
+    """One entry per ensemble member of ``"a+b,a+b"`` (a single network has one entry)."""
+    return tuple(part.strip() for part in target_layer.split(MEMBER_SEPARATOR))
 
 
 def describe_explanation(method: str, layer_path: str) -> str:
@@ -67,10 +76,10 @@ def describe_explanation(method: str, layer_path: str) -> str:
     blocks.4, weighted mean of 5 members' maps"``.
     """
     name = CAM_METHOD_NAMES.get(method, method)
-    per_member = layer_path.replace(" ", "").split(",")
+    per_member = split_members(layer_path.replace(" ", ""))
     if len(per_member) > 1 and len(set(per_member)) == 1:
         return f"{name} at {per_member[0]}, weighted mean of {len(per_member)} members' maps"
-    return f"{name} at {','.join(per_member)}"
+    return f"{name} at {MEMBER_SEPARATOR.join(per_member)}"
 
 
 class _Frozen(BaseModel):

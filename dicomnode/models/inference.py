@@ -42,7 +42,14 @@ from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain.gradcam import CamBatch, ensemble_grad_cam, grad_cam, peak
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
 from dicomnode.models.architectures import EnsembleNet, build_model, target_layer
-from dicomnode.models.card import CamMethod, GradCamSpec, ModelCard, identity, split_layers
+from dicomnode.models.card import (
+    CamMethod,
+    GradCamSpec,
+    ModelCard,
+    identity,
+    split_layers,
+    split_members,
+)
 from dicomnode.models.localise import KneeLocaliser, crop_region
 from dicomnode.values import (
     CodedClass,
@@ -353,7 +360,7 @@ def cam_layers(model: nn.Module, layers: str) -> tuple[str, ...]:
 
     An entry may join several layers of one network with ``+``.
     """
-    paths = tuple(part.strip() for part in layers.split(","))
+    paths = split_members(layers)
     if isinstance(model, EnsembleNet) and len(paths) != len(model.members):
         raise ModelError(
             f"an ensemble of {len(model.members)} members needs as many Grad-CAM layers "

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicomnode.errors import ConfigError
-from dicomnode.models.architectures import TRAINABLE
+from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, TRAINABLE
 from dicomnode.models.card import (
     CamMethod,
     ClassSpec,
@@ -216,6 +216,11 @@ class TrainingConfig(_Frozen):
     def checkpoints(self) -> Path:
         """Where per-epoch checkpoints go (default ``var/checkpoints/<model name>``)."""
         return self.checkpoint_dir or Path("var/checkpoints") / self.model.name
+
+    @property
+    def cam_target_layer(self) -> str:
+        """The card's Grad-CAM layer: ``gradcam_layer``, else the architecture's default."""
+        return self.gradcam_layer or DEFAULT_TARGET_LAYERS[self.architecture.name]
 
     @property
     def num_classes(self) -> int:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from dicomnode.errors import TrainingError
 from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
 from dicomnode.models.card import (
+    MEMBER_SEPARATOR,
     ArchitectureSpec,
     GradCamSpec,
     ModelCard,
@@ -337,7 +338,7 @@ def _card(
         preprocessing=first.preprocessing,
         classes=first.classes,
         gradcam=GradCamSpec(
-            target_layer=",".join(m.card.gradcam.target_layer for m in members),
+            target_layer=MEMBER_SEPARATOR.join(m.card.gradcam.target_layer for m in members),
             method=first.gradcam.method,
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dicomnode.errors import ModelError, TrainingError
-from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, build_model
+from dicomnode.models.architectures import build_model
 from dicomnode.models.card import (
     ArchitectureSpec,
     GradCamSpec,
@@ -878,7 +878,7 @@ def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> 
         preprocessing=config.preprocessing,
         classes=info.classes,
         gradcam=GradCamSpec(
-            target_layer=config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name],
+            target_layer=config.cam_target_layer,
             method=config.gradcam_method,
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, ENSEMBLE
-from dicomnode.models.card import ModelCard, load_card
+from dicomnode.models.architectures import ENSEMBLE
+from dicomnode.models.card import MEMBER_SEPARATOR, ModelCard, load_card
 from dicomnode.training.config import TrainingConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,10 +48,6 @@ def _recipe_for(card: ModelCard) -> TrainingConfig:
     raise AssertionError(f"no recipe in config/training/ writes {card.name}")
 
 
-def _layer(config: TrainingConfig) -> str:
-    return config.gradcam_layer or DEFAULT_TARGET_LAYERS[config.architecture.name]
-
-
 def test_every_recipe_loads() -> None:
     assert len(RECIPES) >= 8
     names = {load_config(path).model.name for path in RECIPES}
@@ -72,11 +68,13 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
         trained = card.recipe["members_recipe"]
         assert config.fold == "all"
         assert trained["folds_in_ensemble"] == list(range(config.folds))
-        assert card.gradcam.target_layer == ",".join([_layer(config)] * config.folds)
+        assert card.gradcam.target_layer == MEMBER_SEPARATOR.join(
+            [config.cam_target_layer] * config.folds
+        )
     else:
         assert (card.name, card.version) == (config.model.name, config.model.version)
         assert card.architecture.name == config.architecture.name
-        assert card.gradcam.target_layer == _layer(config)
+        assert card.gradcam.target_layer == config.cam_target_layer
         assert trained["fold"] == config.model_dump(mode="json")["fold"]
     assert card.input == config.input
     # The knee localiser is attached after training (`dicomnode attach-localiser`): the
