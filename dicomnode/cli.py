@@ -15,7 +15,7 @@ from rich.table import Table
 from dicomnode import __version__, logs
 from dicomnode.config import Settings, load_settings
 from dicomnode.errors import DicomNodeError
-from dicomnode.models.card import GradCamSpec
+from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
@@ -444,7 +444,7 @@ def _within(game: dict[str, Any]) -> str:
     return " / ".join(f"{share:.3f}" for share in game["within"].values())
 
 
-def _cam_spec(method: str, layer: str) -> GradCamSpec:
+def _cam_spec(method: str, layer: str, shift: int = 0) -> GradCamSpec:
     """A card's explanation from command-line options; an unknown method is a usage error."""
     from dicomnode.models.card import CAM_METHOD_NAMES
 
@@ -452,7 +452,7 @@ def _cam_spec(method: str, layer: str) -> GradCamSpec:
         raise typer.BadParameter(
             f"unknown {method}; use {', '.join(CAM_METHOD_NAMES)}", param_hint="--method"
         )
-    return GradCamSpec.model_validate({"target_layer": layer, "method": method})
+    return GradCamSpec.model_validate({"target_layer": layer, "method": method, "shift": shift})
 
 
 @app.command()
@@ -467,14 +467,23 @@ def pointing(
         list[str] | None,
         typer.Option("--layer", help="dotted layer path, several joined by + (repeatable)"),
     ] = None,
+    shift: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--shift",
+            min=0,
+            max=MAX_CAM_SHIFT,
+            help="shift-averaged maps: largest input shift in pixels, 0 for one pass (repeatable)",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="score the first N abnormal images")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="write the results as JSON")] = None,
 ) -> None:
     """Pointing game of a model's explanations on a phantom folder; choose a card's gradcam.
 
-    Without --method and --layer it scores the card's own explanation; with
-    them, every method x layer combination (the card's method or layer fills
-    in the one not given). Choose on a selection set, report on a test set.
+    Without --method, --layer and --shift it scores the card's own explanation;
+    with them, every method x layer x shift combination (the card's own fills
+    in those not given). Choose on a selection set, report on a test set.
     """
     from dicomnode.models.card import load_card
     from dicomnode.training.pointing import compare_explanations, has_masks
@@ -485,11 +494,12 @@ def pointing(
     own = load_card(model_dir).gradcam
     candidates: list[GradCamSpec | None] = (
         [
-            _cam_spec(name, path)
+            _cam_spec(name, path, pixels)
             for name in method or [own.method]
             for path in layer or [own.target_layer]
+            for pixels in shift or [own.shift]
         ]
-        if method or layer
+        if method or layer or shift
         else [None]
     )
     results = compare_explanations(model_dir, data_dir, candidates, limit=limit)
@@ -522,13 +532,18 @@ def set_explanation(
     method: Annotated[str, typer.Option(help="gradcam, hirescam or layercam")],
     layer: Annotated[str, typer.Option(help="dotted layer path, several joined by +")],
     version: Annotated[str, typer.Option(help="the card's new version")],
+    shift: Annotated[
+        int,
+        typer.Option(min=0, max=MAX_CAM_SHIFT, help="shift averaging: largest shift (px); 0: off"),
+    ] = 0,
     note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
 ) -> None:
     """Give a model another explanation (same weights) under a new version; see `pointing`."""
     from dicomnode.training.pointing import set_explanation as apply
 
     logs.configure("WARNING")
-    console.print(f"updated {apply(model_dir, _cam_spec(method, layer), version, note)}")
+    spec = _cam_spec(method, layer, shift)
+    console.print(f"updated {apply(model_dir, spec, version, note)}")
 
 
 @app.command()
@@ -605,18 +620,23 @@ def bench_explain(
     model_dir: Path,
     method: Annotated[str | None, typer.Option(help="gradcam, hirescam or layercam")] = None,
     layer: Annotated[str | None, typer.Option(help="layer path(s) joined by +")] = None,
+    shift: Annotated[
+        int | None, typer.Option(min=0, max=MAX_CAM_SHIFT, help="shift averaging (px); 0: off")
+    ] = None,
     batch: Annotated[int, typer.Option(min=1, help="images per pass")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
 ) -> None:
-    """Time per image and peak memory of a model's explanation (the card's, or --method/--layer)."""
+    """Time per image and peak memory of a model's explanation (the card's, or the options')."""
     from dicomnode.bench.explain import explanation_cost
     from dicomnode.models.card import load_card
 
     logs.configure("WARNING")
     spec = None
-    if method or layer:
+    if method or layer or shift is not None:
         own = load_card(model_dir).gradcam
-        spec = _cam_spec(method or own.method, layer or own.target_layer)
+        spec = _cam_spec(
+            method or own.method, layer or own.target_layer, own.shift if shift is None else shift
+        )
     cost = explanation_cost(model_dir, spec, batch=batch, threads=threads)
     console.print(
         f"{cost.explanation}: {cost.ms_per_image:.0f} ms per image (batch {cost.batch}, "

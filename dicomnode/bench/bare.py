@@ -87,11 +87,10 @@ def model_limit(
     assert prepared.image is not None
     tensor, _ = prepare_input(loaded.card, prepared.image.pixels)
     batch = tensor.unsqueeze(0).repeat(batch_size, 1, 1, 1)
-    spec = loaded.card.gradcam
-    explain_batch(predictor.model, spec.target_layer, batch.to(predictor.device), spec.method)
+    explain_batch(predictor.model, loaded.card.gradcam, batch.to(predictor.device))
     start = time.perf_counter()
     for _ in range(batches):
-        explain_batch(predictor.model, spec.target_layer, batch.to(predictor.device), spec.method)
+        explain_batch(predictor.model, loaded.card.gradcam, batch.to(predictor.device))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

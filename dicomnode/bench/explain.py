@@ -55,11 +55,11 @@ def explanation_cost(
     with torch.inference_mode():
         predictor.model(inputs)
     before = _peak_rss_mb()
-    explain_batch(predictor.model, spec.target_layer, inputs, spec.method)
+    explain_batch(predictor.model, spec, inputs)
     rise = _peak_rss_mb() - before
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        explain_batch(predictor.model, spec.target_layer, inputs, spec.method)
+        explain_batch(predictor.model, spec, inputs)
         best = min(best, time.perf_counter() - start)
     return ExplanationCost(predictor.identity.explanation, batch, 1000.0 * best / batch, rise)

@@ -14,6 +14,15 @@ Three methods of ``pytorch_grad_cam``, named in the model card
 * ``layercam``: LayerCAM (Jiang et al. 2021), positive gradients times
   activations element-wise: usable at early, high-resolution layers.
 
+A card may also ask for **shift averaging** (``gradcam.shift``, in input
+pixels): the map becomes the mean of the maps of the input and of copies of it
+shifted by a few pixels, each moved back into place (test-time augmentation of
+the explanation, as in Augmented Grad-CAM, Morbidelli et al. 2020). A layer of
+stride 4 to 16 sees a lesion of a few pixels differently at each shift; the
+mean keeps what every copy agrees on, so the peak moves off the layer's grid
+onto the lesion. It costs one more backward pass per copy
+(:func:`shift_offsets`).
+
 A card's layer may name several layers of one network joined by ``+``
 (``blocks.1+blocks.2+blocks.4``): each layer's map is scaled to [0, 1] and
 resized to the input, and the maps are averaged (pytorch-grad-cam's
@@ -137,6 +146,92 @@ def grad_cam(
     return CamBatch(logits=logits, cams=_clean(raw), classes=explained)
 
 
+def shift_offsets(shift: int) -> tuple[tuple[int, int], ...]:
+    """The (dx, dy) input shifts a shift-averaged map is made of; ``(0, 0)`` first.
+
+    ``shift`` 0: the input alone. Otherwise 13 copies: the 3 x 3 grid of
+    shifts of 0 and +-``shift // 2`` pixels along each axis, and shifts of
+    +-``shift`` along each axis alone.
+
+    Raises
+    ------
+    InferenceError
+        If ``shift`` is negative.
+    """
+    if shift < 0:
+        raise InferenceError(f"a Grad-CAM shift must be at least 0 pixels, got {shift}")
+    if shift == 0:
+        return ((0, 0),)
+    half = shift // 2
+    near = [(dx, dy) for dy in (0, -half, half) for dx in (0, -half, half)]
+    far = [(shift, 0), (-shift, 0), (0, shift), (0, -shift)]
+    return tuple(dict.fromkeys(near + far))
+
+
+def shift_inputs(inputs: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``inputs`` (N, C, H, W) with their content moved ``dx`` columns right and ``dy`` rows down.
+
+    The edge rows and columns are repeated into the space the move opens.
+    """
+    if dx == dy == 0:
+        return inputs
+    pad = max(abs(dx), abs(dy))
+    rows, columns = inputs.shape[-2:]
+    padded = torch.nn.functional.pad(inputs, (pad, pad, pad, pad), mode="replicate")
+    top, left = pad - dy, pad - dx
+    return padded[..., top : top + rows, left : left + columns]
+
+
+def shift_maps(maps: FloatArray, dx: int, dy: int) -> FloatArray:
+    """Maps (N, H, W) with their content moved ``dx`` columns right and ``dy`` rows down (0 in)."""
+    moved = np.zeros_like(maps)
+    rows, columns = maps.shape[-2:]
+    if abs(dx) >= columns or abs(dy) >= rows:
+        return moved
+    source_rows, target_rows = _moved_span(rows, dy)
+    source_columns, target_columns = _moved_span(columns, dx)
+    moved[:, target_rows, target_columns] = maps[:, source_rows, source_columns]
+    return moved
+
+
+def _moved_span(length: int, by: int) -> tuple[slice, slice]:
+    """Source and target slices of a move by ``by`` along an axis of ``length``."""
+    if by >= 0:
+        return slice(0, length - by), slice(by, length)
+    return slice(-by, length), slice(0, length + by)
+
+
+def shift_averaged(
+    explain: Callable[[torch.Tensor, Sequence[int] | None], CamBatch],
+    inputs: torch.Tensor,
+    shift: int,
+) -> CamBatch:
+    """The mean of ``explain``'s maps over the copies of :func:`shift_offsets`.
+
+    ``explain(batch, classes)`` is one Grad-CAM pass. The unshifted pass comes
+    first and decides the logits and the class each map explains; every
+    shifted copy explains that same class, and its maps are moved back before
+    they are averaged. The mean is scaled so each map's maximum is 1 (all zero
+    when no copy has positive evidence).
+    """
+    plain = explain(inputs, None)
+    offsets = shift_offsets(shift)[1:]
+    if not offsets:
+        return plain
+    total = plain.cams.astype(np.float32, copy=True)
+    for dx, dy in offsets:
+        moved = explain(shift_inputs(inputs, dx, dy), plain.classes)
+        total += shift_maps(moved.cams, -dx, -dy)
+    return CamBatch(logits=plain.logits, cams=_unit_peak(total), classes=plain.classes)
+
+
+def _unit_peak(total: FloatArray) -> FloatArray:
+    """Maps (N, H, W) scaled so each maximum is 1; a map with no positive value becomes 0."""
+    peaks = total.reshape(total.shape[0], -1).max(axis=1)
+    scaled: FloatArray = (total / np.where(peaks > 0, peaks, 1.0)[:, None, None]).astype(np.float32)
+    return _clean(scaled)
+
+
 def peak(cam: FloatArray) -> tuple[float, float]:
     """(column, row) of the maximum of a 2-D map.
 
@@ -248,6 +343,7 @@ def ensemble_grad_cam(
     layer_paths: Sequence[str],
     inputs: torch.Tensor,
     method: CamMethod = "gradcam",
+    classes: Sequence[int] | None = None,
 ) -> CamBatch:
     """Class activation maps of an :class:`~dicomnode.models.architectures.EnsembleNet`.
 
@@ -257,7 +353,8 @@ def ensemble_grad_cam(
     map is the mean of the members' maps weighted by each member's share of the
     ensemble's probability of ``c``: ``s_m = w[m, c] p_m[c] / sum_k w[k, c] p_k[c]``,
     scaled so its maximum is 1 (all zero when no member has positive evidence).
-    The returned logits are ``log q`` (see ``EnsembleNet``).
+    The returned logits are ``log q`` (see ``EnsembleNet``). ``classes``, when
+    given, replaces the predicted classes as the ones the maps explain.
     """
     members = model.members
     if len(members) != len(layer_paths):
@@ -269,7 +366,9 @@ def ensemble_grad_cam(
         fused = model.fuse(on_device).to("cpu", torch.float32)
     member_probs = on_device.to("cpu", torch.float32)
     weights = model.weights_cpu()
-    chosen = _argmax(fused)
+    chosen = _argmax(fused) if classes is None else tuple(int(c) for c in classes)
+    if len(chosen) != inputs.shape[0]:
+        raise InferenceError(f"Grad-CAM got {len(chosen)} classes for {inputs.shape[0]} images")
     rows = torch.arange(len(chosen))
     index = torch.tensor(chosen)
     contribution = weights[:, index] * member_probs[:, rows, index]  # (members, N)
@@ -279,7 +378,5 @@ def ensemble_grad_cam(
         cams = grad_cam(member, path, inputs, chosen, method).cams * share[:, None, None]
         total = cams if total is None else total + cams
     assert total is not None
-    peaks = total.reshape(len(chosen), -1).max(axis=1)
-    scaled: FloatArray = (total / np.where(peaks > 0, peaks, 1.0)[:, None, None]).astype(np.float32)
     logits = torch.log(fused.clamp_min(1e-12))
-    return CamBatch(logits=logits, cams=_clean(scaled), classes=chosen)
+    return CamBatch(logits=logits, cams=_unit_peak(total), classes=chosen)

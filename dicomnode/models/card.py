@@ -59,6 +59,10 @@ MEMBER_SEPARATOR = ","
 """Separates the members' entries in an ensemble card's ``gradcam.target_layer``."""
 
 
+MAX_CAM_SHIFT = 32
+"""The largest ``gradcam.shift`` (input pixels) a card may ask for."""
+
+
 def split_layers(layer_path: str) -> tuple[str, ...]:
     """The layers of ``"a+b"`` (one or more dotted paths, whitespace ignored)."""
     return tuple(part.strip() for part in layer_path.split(LAYER_SEPARATOR))
@@ -69,17 +73,24 @@ def split_members(target_layer: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in target_layer.split(MEMBER_SEPARATOR))
 
 
-def describe_explanation(method: str, layer_path: str) -> str:
+def describe_explanation(method: str, layer_path: str, shift: int = 0) -> str:
     """What the outputs say about the explanation: ``"LayerCAM at blocks.2+blocks.4"``.
 
     An ensemble whose members share their layers says so once: ``"LayerCAM at
-    blocks.4, weighted mean of 5 members' maps"``.
+    blocks.4, weighted mean of 5 members' maps"``. A shift-averaged map says
+    how: ``"..., mean of 13 copies shifted up to 4 px"``.
     """
+    from dicomnode.explain.gradcam import shift_offsets
+
     name = CAM_METHOD_NAMES.get(method, method)
     per_member = split_members(layer_path.replace(" ", ""))
     if len(per_member) > 1 and len(set(per_member)) == 1:
-        return f"{name} at {per_member[0]}, weighted mean of {len(per_member)} members' maps"
-    return f"{name} at {MEMBER_SEPARATOR.join(per_member)}"
+        text = f"{name} at {per_member[0]}, weighted mean of {len(per_member)} members' maps"
+    else:
+        text = f"{name} at {MEMBER_SEPARATOR.join(per_member)}"
+    if shift:
+        text += f", mean of {len(shift_offsets(shift))} copies shifted up to {shift} px"
+    return text
 
 
 class _Frozen(BaseModel):
@@ -149,16 +160,19 @@ class GradCamSpec(_Frozen):
     ``target_layer``: a dotted layer path, several joined by ``+`` (their maps
     are averaged), and for an ensemble one such entry per member,
     comma-separated. ``method``: ``gradcam`` (default), ``hirescam`` or
-    ``layercam`` (see :mod:`dicomnode.explain.gradcam`).
+    ``layercam`` (see :mod:`dicomnode.explain.gradcam`). ``shift``: 0 (one
+    pass), or the largest input shift in pixels of a shift-averaged map
+    (:func:`~dicomnode.explain.gradcam.shift_offsets`).
     """
 
     target_layer: str = Field(min_length=1)
     method: CamMethod = "gradcam"
+    shift: int = Field(default=0, ge=0, le=MAX_CAM_SHIFT)
 
     @property
     def description(self) -> str:
         """How outputs name the explanation (``"LayerCAM at blocks.2+blocks.4"``)."""
-        return describe_explanation(self.method, self.target_layer)
+        return describe_explanation(self.method, self.target_layer, self.shift)
 
 
 class WeightsSpec(_Frozen):
@@ -299,6 +313,8 @@ def write_card(directory: Path, card: ModelCard) -> Path:
     data = card.model_dump(mode="json")
     if data.get("localiser") is None:
         data.pop("localiser", None)  # cards without a localiser read as before
+    if not data["gradcam"].get("shift"):
+        data["gradcam"].pop("shift", None)  # nor do cards with one-pass maps
     path = directory / CARD_FILE
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path

@@ -39,11 +39,16 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
-from dicomnode.explain.gradcam import CamBatch, ensemble_grad_cam, grad_cam, peak
+from dicomnode.explain.gradcam import (
+    CamBatch,
+    ensemble_grad_cam,
+    grad_cam,
+    peak,
+    shift_averaged,
+)
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
 from dicomnode.models.architectures import EnsembleNet, build_model, target_layer
 from dicomnode.models.card import (
-    CamMethod,
     GradCamSpec,
     ModelCard,
     identity,
@@ -287,8 +292,7 @@ class Predictor:
         """One forward and backward pass over ``views``: a finding each."""
         prepared = [prepare_input(self.card, view.pixels) for view in views]
         batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
-        spec = self.card.gradcam
-        cams = explain_batch(self.model, spec.target_layer, batch, spec.method)
+        cams = explain_batch(self.model, self.card.gradcam, batch)
         if not bool(torch.isfinite(cams.logits).all()):
             sources = ", ".join(dict.fromkeys(images[v.image].source or "?" for v in views))
             raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
@@ -380,14 +384,17 @@ def check_cam_layers(model: nn.Module, layers: str) -> None:
             target_layer(network, layer)
 
 
-def explain_batch(
-    model: nn.Module, layers: str, batch: torch.Tensor, method: CamMethod = "gradcam"
-) -> CamBatch:
-    """Logits and class activation maps: plain, or the ensemble's share-weighted mean."""
-    paths = cam_layers(model, layers)
-    if isinstance(model, EnsembleNet):
-        return ensemble_grad_cam(model, paths, batch, method)
-    return grad_cam(model, paths[0], batch, method=method)
+def explain_batch(model: nn.Module, spec: GradCamSpec, batch: torch.Tensor) -> CamBatch:
+    """Logits and class activation maps as ``spec`` says: plain or the ensemble's
+    share-weighted mean, of the batch alone or averaged over shifted copies of it."""
+    paths = cam_layers(model, spec.target_layer)
+
+    def one_pass(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
+        if isinstance(model, EnsembleNet):
+            return ensemble_grad_cam(model, paths, inputs, spec.method, classes)
+        return grad_cam(model, paths[0], inputs, classes, spec.method)
+
+    return shift_averaged(one_pass, batch, spec.shift)
 
 
 def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dicomnode.errors import ConfigError
 from dicomnode.models.architectures import DEFAULT_TARGET_LAYERS, TRAINABLE
 from dicomnode.models.card import (
+    MAX_CAM_SHIFT,
     CamMethod,
     ClassSpec,
     InputSpec,
@@ -143,6 +144,9 @@ class TrainingConfig(_Frozen):
         architecture's last convolutional block.
     gradcam_method:
         ``gradcam`` (default), ``hirescam`` or ``layercam``, written into the card.
+    gradcam_shift:
+        0 (default), or the card's shift-averaged map's largest shift in input
+        pixels (see :mod:`dicomnode.explain.gradcam`).
     """
 
     data_dir: Path
@@ -175,6 +179,7 @@ class TrainingConfig(_Frozen):
     notes: str = ""
     gradcam_layer: str | None = None
     gradcam_method: CamMethod = "gradcam"
+    gradcam_shift: int = Field(default=0, ge=0, le=MAX_CAM_SHIFT)
     model: ModelInfo
 
     @field_validator("group_pattern")

@@ -122,11 +122,11 @@ def load_members(directories: list[Path]) -> list[Member]:
                     "ensemble members must share classes, input, preprocessing, body parts "
                     "and localiser"
                 )
-        if card.gradcam.method != first.gradcam.method:
+        if (card.gradcam.method, card.gradcam.shift) != (first.gradcam.method, first.gradcam.shift):
             raise TrainingError(
-                f"member {member.directory} explains with {card.gradcam.method}, "
-                f"{members[0].directory} with {first.gradcam.method}: ensemble members must "
-                "share one class activation map method"
+                f"member {member.directory} explains with {card.gradcam.description}, "
+                f"{members[0].directory} with {first.gradcam.description}: ensemble members "
+                "must share one class activation map method and shift"
             )
         if card.architecture.name == ENSEMBLE:
             raise TrainingError(f"member {member.directory} is itself an ensemble")
@@ -340,6 +340,7 @@ def _card(
         gradcam=GradCamSpec(
             target_layer=MEMBER_SEPARATOR.join(m.card.gradcam.target_layer for m in members),
             method=first.gradcam.method,
+            shift=first.gradcam.shift,
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         localiser=first.localiser,

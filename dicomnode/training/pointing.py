@@ -254,8 +254,8 @@ def set_explanation(model_dir: Path, gradcam: GradCamSpec, version: str, note: s
     """Give a model directory another explanation (same weights) under a new version.
 
     The layers are checked against the network; the card's ``gradcam`` and
-    version change, and so do its recipe's ``gradcam_layer``, ``gradcam_method``
-    and model version (as if the recipe had asked for them), with ``note``
+    version change, and so do its recipe's ``gradcam_layer``, ``gradcam_method``,
+    ``gradcam_shift`` and model version (as if the recipe had asked for them), with ``note``
     appended to the recipe's notes. Returns the card's path.
 
     Raises
@@ -274,6 +274,7 @@ def set_explanation(model_dir: Path, gradcam: GradCamSpec, version: str, note: s
     if recipe:
         recipe["gradcam_layer"] = gradcam.target_layer
         recipe["gradcam_method"] = gradcam.method
+        recipe["gradcam_shift"] = gradcam.shift
         recipe["notes"] = " ".join(part for part in (recipe.get("notes", ""), note) if part)
         if isinstance(recipe.get("model"), dict):
             recipe["model"] = {**recipe["model"], "version": version}

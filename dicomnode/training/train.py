@@ -880,6 +880,7 @@ def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> 
         gradcam=GradCamSpec(
             target_layer=config.cam_target_layer,
             method=config.gradcam_method,
+            shift=config.gradcam_shift,
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         temperature=float(metrics.get("temperature", 1.0)),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.explain.gradcam import grad_cam
+from dicomnode.explain.gradcam import ensemble_grad_cam, grad_cam
 from dicomnode.models.architectures import EnsembleNet
 from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
 from dicomnode.models.inference import Predictor, explain_batch, prepare_input
@@ -148,7 +148,7 @@ def test_ensemble_map_is_the_share_weighted_mean_of_member_maps(
     assert isinstance(model, EnsembleNet)
     images = [_image(s) for s in range(3)]
     batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
-    cams = explain_batch(model, ensemble.card.gradcam.target_layer, batch)
+    cams = explain_batch(model, ensemble.card.gradcam, batch)
     with torch.no_grad():
         member_probs = model.member_probabilities(batch).numpy()
     chosen = list(cams.classes)
@@ -167,6 +167,14 @@ def test_ensemble_map_is_the_share_weighted_mean_of_member_maps(
     for image, result in zip(images, results, strict=True):
         (finding,) = result.findings
         assert finding.heatmap.shape == image.pixels.shape
+    # Shift averaging: every shifted copy explains the class the unshifted pass chose.
+    shifted_spec = ensemble.card.gradcam.model_copy(update={"shift": 2})
+    shifted = explain_batch(model, shifted_spec, batch)
+    assert shifted.classes == cams.classes and torch.equal(shifted.logits, cams.logits)
+    assert not np.allclose(shifted.cams, cams.cams, atol=1e-3)
+    other = [1 - c for c in chosen]
+    flipped = ensemble_grad_cam(model, layers, batch, "gradcam", other)
+    assert flipped.classes == tuple(other) and not np.allclose(flipped.cams, cams.cams, atol=1e-3)
 
 
 def test_the_node_serves_an_ensemble_and_the_card_records_its_members(

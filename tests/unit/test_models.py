@@ -15,6 +15,7 @@ from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
+from dicomnode.explain.gradcam import shift_inputs, shift_maps, shift_offsets
 from dicomnode.imaging.tensor import to_source_geometry
 from dicomnode.models.architectures import (
     DEFAULT_TARGET_LAYERS,
@@ -22,7 +23,13 @@ from dicomnode.models.architectures import (
     build_model,
     target_layer,
 )
-from dicomnode.models.card import ArchitectureSpec, GradCamSpec, PreprocessingSpec, load_card
+from dicomnode.models.card import (
+    ArchitectureSpec,
+    GradCamSpec,
+    PreprocessingSpec,
+    load_card,
+    write_card,
+)
 from dicomnode.models.inference import Predictor, prepare_input
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -392,6 +399,68 @@ def test_a_predictor_explains_as_its_card_says(
         assert not np.allclose(finding.heatmap, before.heatmap, atol=1e-3)
     with pytest.raises(ModelError, match="does not exist"):
         tiny.with_explanation(GradCamSpec(target_layer="features.0+nowhere"))
+
+
+def test_shift_offsets_and_moves_undo_each_other() -> None:
+    assert shift_offsets(0) == ((0, 0),)
+    offsets = shift_offsets(4)
+    assert offsets[0] == (0, 0) and len(offsets) == len(set(offsets)) == 13
+    assert {(2, 2), (-2, 0), (4, 0), (0, -4)} <= set(offsets)
+    assert max(max(abs(dx), abs(dy)) for dx, dy in offsets) == 4
+    with pytest.raises(InferenceError, match="at least 0"):
+        shift_offsets(-1)
+    inputs = torch.arange(2 * 1 * 6 * 5, dtype=torch.float32).reshape(2, 1, 6, 5)
+    moved = shift_inputs(inputs, 2, -1)
+    # Content moves right and up; the edge is repeated into the opened space.
+    assert torch.equal(moved[..., 0:5, 2:5], inputs[..., 1:6, 0:3])
+    assert torch.equal(moved[..., 5, 2:5], inputs[..., 5, 0:3])
+    assert torch.equal(moved[..., :5, 0], inputs[..., 1:6, 0])
+    maps = np.random.default_rng(0).random((2, 6, 5)).astype(np.float32)
+    back = shift_maps(shift_maps(maps, 2, -1), -2, 1)
+    # What left the map is gone (row 0, columns 3 and 4); the rest is back in place.
+    np.testing.assert_array_equal(back[:, 1:6, 0:3], maps[:, 1:6, 0:3])
+    assert not back[:, 0, :].any() and not back[:, :, 3:].any()
+    assert not shift_maps(maps, 5, 0).any()
+
+
+def test_a_shift_averaged_map_is_the_mean_of_the_shifted_maps_moved_back(
+    tiny: Predictor, images: list[PreparedImage]
+) -> None:
+    spec = GradCamSpec(target_layer="features.0+features.1", method="layercam", shift=4)
+    other = tiny.with_explanation(spec)
+    assert other.identity.explanation == (
+        "LayerCAM at features.0+features.1, mean of 13 copies shifted up to 4 px"
+    )
+    prepared = [prepare_input(tiny.card, image.pixels) for image in images]
+    batch = torch.stack([t for t, _ in prepared])
+    plain = grad_cam(tiny.model, spec.target_layer, batch, method="layercam")
+    total = np.zeros_like(plain.cams)
+    for dx, dy in shift_offsets(4):
+        moved = shift_inputs(batch, dx, dy)
+        cams = grad_cam(tiny.model, spec.target_layer, moved, plain.classes, "layercam").cams
+        total += shift_maps(cams, -dx, -dy)
+    expected = total / total.reshape(len(images), -1).max(axis=1)[:, None, None]
+    for index, result in enumerate(other.predict(images)):
+        (finding,) = result.findings
+        assert finding.predicted.index == plain.classes[index]
+        assert finding.probabilities == pytest.approx(
+            tiny.predict([images[index]])[0].findings[0].probabilities
+        )
+        heatmap = to_source_geometry(expected[index].astype(np.float32), prepared[index][1])
+        np.testing.assert_allclose(finding.heatmap, heatmap, atol=1e-5)
+        assert 0.9 < finding.heatmap.max() <= 1.0
+        one_pass = to_source_geometry(plain.cams[index], prepared[index][1])
+        assert not np.allclose(finding.heatmap, one_pass, atol=1e-3)
+
+
+def test_a_card_writes_its_shift_only_when_it_has_one(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path / "plain")
+    assert "shift" not in (tmp_path / "plain" / "model.yaml").read_text(encoding="utf-8")
+    shifted = card.model_copy(update={"gradcam": GradCamSpec(target_layer="features", shift=6)})
+    write_card(tmp_path / "plain", shifted)
+    assert load_card(tmp_path / "plain").gradcam.shift == 6
+    with pytest.raises(ValueError, match="less than or equal to 32"):
+        GradCamSpec(target_layer="features", shift=33)
 
 
 def test_peak_is_column_then_row() -> None:

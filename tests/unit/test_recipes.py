@@ -82,6 +82,9 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
     assert card.preprocessing.resize == config.preprocessing.resize
     assert card.preprocessing.localiser in (config.preprocessing.localiser, "knee")
     assert card.synthetic_training_data == config.model.synthetic_training_data
-    assert card.gradcam.method == config.gradcam_method
+    assert (card.gradcam.method, card.gradcam.shift) == (
+        config.gradcam_method,
+        config.gradcam_shift,
+    )
     raw = config.model_dump(mode="json")
     assert {k: trained[k] for k in TRAINED_WITH} == {k: raw[k] for k in TRAINED_WITH}
