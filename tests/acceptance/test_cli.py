@@ -132,7 +132,7 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
 def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> None:
     import json
 
-    from dicomnode.models.card import GradCamSpec
+    from dicomnode.models.card import GradCamSpec, load_card
     from dicomnode.training.phantoms.dataset import write_phantom_folder
     from dicomnode.training.pointing import pointing_game
 
@@ -155,6 +155,19 @@ def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> N
     assert "LayerCAM at features.0+features.1" in result.stdout
     refused = _cli("pointing", str(tmp_path / "m"), str(data), "--method", "saliency", cwd=tmp_path)
     assert refused.returncode == 2 and "saliency" in refused.stderr
+    # --shift alone: the card's method and layer, one pass and shift-averaged.
+    args = ["pointing", str(tmp_path / "m"), str(data), "--out", str(out), "--shift", "0"]
+    assert _cli(*args, "--shift", "2", cwd=tmp_path).returncode == 0
+    own = load_card(tmp_path / "m").gradcam
+    shifted = own.model_copy(update={"shift": 2})
+    assert [g["explanation"] for g in json.loads(out.read_text())] == [
+        own.description,
+        f"{own.description}, mean of 13 copies shifted up to 2 px",
+    ]
+    assert json.loads(out.read_text())[1] == {
+        "explanation": shifted.description,
+        **pointing_game(tmp_path / "m", data, gradcam=shifted),
+    }
 
 
 def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) -> None:

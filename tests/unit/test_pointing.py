@@ -117,7 +117,7 @@ def test_set_explanation_changes_the_card_not_the_weights(tmp_path: Path) -> Non
     recipe = {"gradcam_layer": "features", "notes": "trained", "model": {"version": "0.0.1"}}
     card = card.model_copy(update={"recipe": recipe})
     write_card(tmp_path / "m", card)
-    spec = GradCamSpec(target_layer="features.0+features.1", method="layercam")
+    spec = GradCamSpec(target_layer="features.0+features.1", method="layercam", shift=2)
     with pytest.raises(ModelError, match="new version"):
         set_explanation(tmp_path / "m", spec, card.version)
     with pytest.raises(ModelError, match="does not exist"):
@@ -128,7 +128,10 @@ def test_set_explanation_changes_the_card_not_the_weights(tmp_path: Path) -> Non
     assert updated.weights == card.weights
     assert updated.recipe["gradcam_layer"] == "features.0+features.1"
     assert updated.recipe["gradcam_method"] == "layercam"
+    assert updated.recipe["gradcam_shift"] == 2
     assert updated.recipe["notes"] == "trained chosen on a selection set"
     assert updated.recipe["model"] == {"version": "0.0.2"}
     predictor = Predictor.load(tmp_path / "m", updated, "cpu")
-    assert predictor.identity.explanation == "LayerCAM at features.0+features.1"
+    assert predictor.identity.explanation == (
+        "LayerCAM at features.0+features.1, mean of 13 copies shifted up to 2 px"
+    )
