@@ -144,6 +144,9 @@ class TrainingConfig(_Frozen):
         architecture's last convolutional block.
     gradcam_method:
         ``gradcam`` (default), ``hirescam`` or ``layercam``, written into the card.
+    precision:
+        Of the training steps: ``auto`` (bfloat16 autocast on CUDA, float32 on
+        the CPU), ``float32`` or ``bfloat16`` (autocast on either device).
     gradcam_shift:
         0 (default), or the card's shift-averaged map's largest shift in input
         pixels (see :mod:`dicomnode.explain.gradcam`).
@@ -177,6 +180,7 @@ class TrainingConfig(_Frozen):
     num_threads: int | None = Field(default=None, ge=1)
     loader_workers: int | None = Field(default=None, ge=0)
     notes: str = ""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     gradcam_layer: str | None = None
     gradcam_method: CamMethod = "gradcam"
     gradcam_shift: int = Field(default=0, ge=0, le=MAX_CAM_SHIFT)

@@ -267,6 +267,25 @@ def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
     assert load_card(first).weights.sha256 == load_card(second).weights.sha256
 
 
+def test_precision_picks_the_autocast_of_the_training_steps(tmp_path: Path) -> None:
+    layer = torch.nn.Linear(4, 2)
+    inputs = torch.rand(3, 4)
+    dtypes = {}
+    for precision in ("auto", "float32", "bfloat16"):
+        raw = yaml.safe_load(_smoke_config(tmp_path / precision).read_text(encoding="utf-8"))
+        config = parse_config({**raw, "precision": precision})
+        with train_module.training_autocast(config, torch.device("cpu")):
+            dtypes[precision] = layer(inputs).dtype
+        assert train_module.uses_bfloat16(config, torch.device("cuda")) is (precision != "float32")
+    assert dtypes == {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    directory = train_from_config(_smoke_config(tmp_path / "bf16", precision="bfloat16"))
+    card = load_card(directory)
+    assert card.recipe["precision"] == "bfloat16"
+    assert Predictor.load(directory, card, "cpu").card.num_classes == 3
+    with pytest.raises(ConfigError, match="precision"):
+        parse_config({**raw, "precision": "float16"})
+
+
 def test_cross_validation_writes_every_fold_and_a_summary(tmp_path: Path) -> None:
     directory = train_from_config(_smoke_config(tmp_path, folds=2, fold="all", epochs=1))
     for fold in (0, 1):
