@@ -232,21 +232,35 @@ def _metrics(
     }
 
 
+PER_MEMBER = ("notes", "precision")
+"""Recipe keys in which the folds of one recipe may differ: free text, and the arithmetic of
+the training steps (a fold trained on a GPU and one on a CPU, both in bfloat16 autocast)."""
+
+
 def folds_recipe(members: list[Member]) -> dict[str, Any] | None:
     """The members' common recipe when they are the folds of one cross-validation, else None.
 
     That is: every member card records a recipe, the recipes agree apart from
-    ``fold`` and ``output_dir``, and each member was validated on a different fold.
+    ``fold``, ``output_dir`` and :data:`PER_MEMBER`, and each member was
+    validated on a different fold. A :data:`PER_MEMBER` key the members
+    disagree on is recorded once per member (``notes_per_member``, ...).
     """
     folds = [m.card.metrics.get("fold") for m in members]
     if any(not isinstance(f, int) for f in folds) or len(set(folds)) != len(folds):
         return None
-    recipes = [
-        {k: v for k, v in m.card.recipe.items() if k not in ("fold", "output_dir")} for m in members
-    ]
+    ignored = ("fold", "output_dir", *PER_MEMBER)
+    recipes = [{k: v for k, v in m.card.recipe.items() if k not in ignored} for m in members]
     if not recipes[0] or any(r != recipes[0] for r in recipes[1:]):
         return None
-    return {**recipes[0], "folds_in_ensemble": folds}
+    common: dict[str, Any] = {**recipes[0], "folds_in_ensemble": folds}
+    for key in PER_MEMBER:
+        values = [m.card.recipe.get(key) for m in members]
+        if all(v == values[0] for v in values):
+            if values[0] is not None:
+                common[key] = values[0]
+        else:
+            common[f"{key}_per_member"] = values
+    return common
 
 
 def _folds_metrics(members: list[Member]) -> dict[str, Any]:

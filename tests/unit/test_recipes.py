@@ -64,12 +64,15 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
     config = _recipe_for(card)
     trained = card.recipe
     if card.architecture.name == ENSEMBLE:
-        # An ensemble of the folds of one cross-validation names their recipe.
+        # An ensemble of folds of one cross-validation names their recipe: all of its
+        # folds when the recipe runs them all, else some (trained one by one).
         trained = card.recipe["members_recipe"]
-        assert config.fold == "all"
-        assert trained["folds_in_ensemble"] == list(range(config.folds))
+        folds = trained["folds_in_ensemble"]
+        assert len(folds) >= 2 and set(folds) <= set(range(config.folds))
+        if config.fold == "all":
+            assert folds == list(range(config.folds))
         assert card.gradcam.target_layer == MEMBER_SEPARATOR.join(
-            [config.cam_target_layer] * config.folds
+            [config.cam_target_layer] * len(folds)
         )
     else:
         assert (card.name, card.version) == (config.model.name, config.model.version)

@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 from dicomnode.errors import ConfigError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
-from dicomnode.models.card import load_card
+from dicomnode.models.card import load_card, write_card
 from dicomnode.models.inference import Predictor
 from dicomnode.training import train as train_module
 from dicomnode.training.config import load_config, parse_config
@@ -428,3 +428,19 @@ def test_an_ensemble_of_the_folds_records_their_recipe_and_cross_validation(
         folds[:1] * 2, tmp_path / "twice", method="average", name="e", version="1"
     )
     assert "members_recipe" not in load_card(twice).recipe
+    # Folds may differ in their notes and precision: recorded per member.
+    _set_recipe(folds[1], notes="fold 1 on the CPU", precision="bfloat16")
+    mixed = build_ensemble(folds, tmp_path / "mixed", method="average", name="e", version="1")
+    recipe = load_card(mixed).recipe["members_recipe"]
+    assert recipe["folds_in_ensemble"] == [0, 1] and "notes" not in recipe
+    assert recipe["notes_per_member"][1] == "fold 1 on the CPU"
+    assert recipe["precision_per_member"] == ["auto", "bfloat16"]
+    # ... but not in what they were trained with.
+    _set_recipe(folds[1], epochs=2)
+    other = build_ensemble(folds, tmp_path / "other", method="average", name="e", version="1")
+    assert "members_recipe" not in load_card(other).recipe
+
+
+def _set_recipe(directory: Path, **changes: Any) -> None:
+    card = load_card(directory)
+    write_card(directory, card.model_copy(update={"recipe": {**card.recipe, **changes}}))
