@@ -21,7 +21,7 @@ the explanation, as in Augmented Grad-CAM, Morbidelli et al. 2020). A layer of
 stride 4 to 16 sees a lesion of a few pixels differently at each shift; the
 mean keeps what every copy agrees on, so the peak moves off the layer's grid
 onto the lesion. It costs one more backward pass per copy
-(:func:`shift_offsets`).
+(:func:`~dicomnode.models.card.shift_offsets`).
 
 A card's layer may name several layers of one network joined by ``+``
 (``blocks.1+blocks.2+blocks.4``): each layer's map is scaled to [0, 1] and
@@ -56,7 +56,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.models.architectures import EnsembleNet, target_layer
-from dicomnode.models.card import CAM_METHOD_NAMES, CamMethod, split_layers
+from dicomnode.models.card import CAM_METHOD_NAMES, CamMethod, shift_offsets, split_layers
 from dicomnode.values import FloatArray
 
 
@@ -146,28 +146,6 @@ def grad_cam(
     return CamBatch(logits=logits, cams=_clean(raw), classes=explained)
 
 
-def shift_offsets(shift: int) -> tuple[tuple[int, int], ...]:
-    """The (dx, dy) input shifts a shift-averaged map is made of; ``(0, 0)`` first.
-
-    ``shift`` 0: the input alone. Otherwise 13 copies: the 3 x 3 grid of
-    shifts of 0 and +-``shift // 2`` pixels along each axis, and shifts of
-    +-``shift`` along each axis alone.
-
-    Raises
-    ------
-    InferenceError
-        If ``shift`` is negative.
-    """
-    if shift < 0:
-        raise InferenceError(f"a Grad-CAM shift must be at least 0 pixels, got {shift}")
-    if shift == 0:
-        return ((0, 0),)
-    half = shift // 2
-    near = [(dx, dy) for dy in (0, -half, half) for dx in (0, -half, half)]
-    far = [(shift, 0), (-shift, 0), (0, shift), (0, -shift)]
-    return tuple(dict.fromkeys(near + far))
-
-
 def shift_inputs(inputs: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """``inputs`` (N, C, H, W) with their content moved ``dx`` columns right and ``dy`` rows down.
 
@@ -206,7 +184,7 @@ def shift_averaged(
     inputs: torch.Tensor,
     shift: int,
 ) -> CamBatch:
-    """The mean of ``explain``'s maps over the copies of :func:`shift_offsets`.
+    """The mean of ``explain``'s maps over the copies of ``shift_offsets(shift)``.
 
     ``explain(batch, classes)`` is one Grad-CAM pass. The unshifted pass comes
     first and decides the logits and the class each map explains; every

@@ -73,6 +73,28 @@ def split_members(target_layer: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in target_layer.split(MEMBER_SEPARATOR))
 
 
+def shift_offsets(shift: int) -> tuple[tuple[int, int], ...]:
+    """The (dx, dy) input shifts a shift-averaged map is made of; ``(0, 0)`` first.
+
+    ``shift`` 0: the input alone. Otherwise 13 copies: the 3 x 3 grid of
+    shifts of 0 and +-``shift // 2`` pixels along each axis, and shifts of
+    +-``shift`` along each axis alone.
+
+    Raises
+    ------
+    ModelError
+        If ``shift`` is negative.
+    """
+    if shift < 0:
+        raise ModelError(f"a Grad-CAM shift must be at least 0 pixels, got {shift}")
+    if shift == 0:
+        return ((0, 0),)
+    half = shift // 2
+    near = [(dx, dy) for dy in (0, -half, half) for dx in (0, -half, half)]
+    far = [(shift, 0), (-shift, 0), (0, shift), (0, -shift)]
+    return tuple(dict.fromkeys(near + far))
+
+
 def describe_explanation(method: str, layer_path: str, shift: int = 0) -> str:
     """What the outputs say about the explanation: ``"LayerCAM at blocks.2+blocks.4"``.
 
@@ -80,8 +102,6 @@ def describe_explanation(method: str, layer_path: str, shift: int = 0) -> str:
     blocks.4, weighted mean of 5 members' maps"``. A shift-averaged map says
     how: ``"..., mean of 13 copies shifted up to 4 px"``.
     """
-    from dicomnode.explain.gradcam import shift_offsets
-
     name = CAM_METHOD_NAMES.get(method, method)
     per_member = split_members(layer_path.replace(" ", ""))
     if len(per_member) > 1 and len(set(per_member)) == 1:
@@ -162,7 +182,7 @@ class GradCamSpec(_Frozen):
     comma-separated. ``method``: ``gradcam`` (default), ``hirescam`` or
     ``layercam`` (see :mod:`dicomnode.explain.gradcam`). ``shift``: 0 (one
     pass), or the largest input shift in pixels of a shift-averaged map
-    (:func:`~dicomnode.explain.gradcam.shift_offsets`).
+    (:func:`shift_offsets`).
     """
 
     target_layer: str = Field(min_length=1)

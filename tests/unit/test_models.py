@@ -15,7 +15,7 @@ from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
-from dicomnode.explain.gradcam import shift_inputs, shift_maps, shift_offsets
+from dicomnode.explain.gradcam import shift_inputs, shift_maps
 from dicomnode.imaging.tensor import to_source_geometry
 from dicomnode.models.architectures import (
     DEFAULT_TARGET_LAYERS,
@@ -28,6 +28,7 @@ from dicomnode.models.card import (
     GradCamSpec,
     PreprocessingSpec,
     load_card,
+    shift_offsets,
     write_card,
 )
 from dicomnode.models.inference import Predictor, prepare_input
@@ -407,7 +408,7 @@ def test_shift_offsets_and_moves_undo_each_other() -> None:
     assert offsets[0] == (0, 0) and len(offsets) == len(set(offsets)) == 13
     assert {(2, 2), (-2, 0), (4, 0), (0, -4)} <= set(offsets)
     assert max(max(abs(dx), abs(dy)) for dx, dy in offsets) == 4
-    with pytest.raises(InferenceError, match="at least 0"):
+    with pytest.raises(ModelError, match="at least 0"):
         shift_offsets(-1)
     inputs = torch.arange(2 * 1 * 6 * 5, dtype=torch.float32).reshape(2, 1, 6, 5)
     moved = shift_inputs(inputs, 2, -1)
