@@ -10,7 +10,7 @@ from dicomnode import pipeline
 from dicomnode.config import Settings
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError
-from dicomnode.models.inference import Predictor
+from dicomnode.inference import Predictor
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.studies import route
 
@@ -107,8 +107,8 @@ def explain_file(
     from dicomnode.explain.gradcam import peak
     from dicomnode.imaging.pixels import read_image_file
     from dicomnode.imaging.tensor import to_source_geometry
+    from dicomnode.inference import prepare_input
     from dicomnode.models.card import load_card
-    from dicomnode.models.inference import prepare_input
 
     if method not in ("gradcam", "shap"):
         raise DicomNodeError(f"unknown explanation method {method!r}; use gradcam or shap")

@@ -29,7 +29,7 @@ from dicomnode.encode.sc import encode_sc
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
 from dicomnode.imaging.pixels import prepare_dataset
-from dicomnode.models.inference import Predictor
+from dicomnode.inference import Predictor
 from dicomnode.values import (
     CodedClass,
     Finding,

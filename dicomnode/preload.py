@@ -17,7 +17,7 @@ import pytorch_grad_cam  # noqa: F401
 import timm  # noqa: F401
 import torch  # noqa: F401
 
-import dicomnode.models.inference
+import dicomnode.inference
 import dicomnode.worker  # noqa: F401
 
 gc.collect()

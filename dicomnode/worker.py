@@ -32,7 +32,7 @@ from dicomnode.db.schema import Instance, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError, ModelError, PeerError
-from dicomnode.models.inference import Predictor
+from dicomnode.inference import Predictor
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.peers import get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q

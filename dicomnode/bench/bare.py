@@ -18,7 +18,7 @@ import torch
 from dicomnode import pipeline
 from dicomnode.bench.data import Study
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.models.inference import Predictor, explain_batch, prepare_input
+from dicomnode.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.registry import LoadedCard
 
 

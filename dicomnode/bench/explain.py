@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dicomnode.inference import Predictor, explain_batch
 from dicomnode.models.card import GradCamSpec, load_card
-from dicomnode.models.inference import Predictor, explain_batch
 
 
 @dataclass(frozen=True)

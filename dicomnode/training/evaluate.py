@@ -1,8 +1,8 @@
 """Evaluate a model directory against a labelled folder, exactly as the node computes.
 
 Every image is decoded with :func:`~dicomnode.imaging.pixels.read_image_file`,
-turned into a tensor with :func:`~dicomnode.models.inference.prepare_input` and
-classified with :meth:`~dicomnode.models.inference.Predictor.forward_probabilities`
+turned into a tensor with :func:`~dicomnode.inference.prepare_input` and
+classified with :meth:`~dicomnode.inference.Predictor.forward_probabilities`
 (the card's temperature included), so the figures are those of the node's own
 probabilities.
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from dicomnode.imaging.pixels import read_image_file
+from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.card import load_card
-from dicomnode.models.inference import Predictor, prepare_input
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import LabelledImages, scan_folder
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics

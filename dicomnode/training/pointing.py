@@ -2,7 +2,7 @@
 
 For every abnormal image of a phantom folder (``phantoms.csv`` with a ``mask``
 column, written by ``dicomnode phantoms``), the image goes through the node's
-own :class:`~dicomnode.models.inference.Predictor` and the peak of its
+own :class:`~dicomnode.inference.Predictor` and the peak of its
 finding's class activation map is looked up in the lesion mask. The score is
 the share of hits (strictly inside the mask: no tolerance). For the misses,
 how far off they were: the distance from the peak to the nearest lesion pixel,
@@ -41,8 +41,8 @@ from scipy.ndimage import binary_erosion, distance_transform_edt
 from dicomnode.encode.render import heat_image
 from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
+from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_card
-from dicomnode.models.inference import Predictor
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
 

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dicomnode.errors import ModelError, TrainingError
+from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model
 from dicomnode.models.card import (
     ArchitectureSpec,
@@ -46,7 +47,6 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
-from dicomnode.models.inference import check_cam_layers
 from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
 from dicomnode.training.data import ImageDataset, IntArray, LabelledImages, PixelCache, scan_folder
 from dicomnode.training.folds import assign_folds, split

@@ -19,8 +19,8 @@ from dicomnode.config import Settings
 from dicomnode.db.migrate import upgrade
 from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
+from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card
-from dicomnode.models.inference import Predictor
 from dicomnode.peers import sync_config_peers
 from dicomnode.pipeline import read_and_prepare
 from dicomnode.receive.scp import start_scp

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dicomnode.imaging.pixels import read_image_file
-from dicomnode.models.inference import Predictor
+from dicomnode.inference import Predictor
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.values import BodyPart, PreparedImage
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
 from dicomnode.explain.gradcam import ensemble_grad_cam, grad_cam
+from dicomnode.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.architectures import EnsembleNet
 from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
-from dicomnode.models.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.ensemble import build_ensemble, ensemble_weights, score_out_of_fold

@@ -11,8 +11,8 @@ import yaml
 
 from dicomnode.errors import ModelError
 from dicomnode.imaging.tensor import Placement
+from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card, sha256_of
-from dicomnode.models.inference import Predictor
 from dicomnode.models.localise import (
     DEFAULT_THRESHOLD,
     INPUT_SIZE,

@@ -17,6 +17,7 @@ from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
 from dicomnode.explain.gradcam import shift_inputs, shift_maps
 from dicomnode.imaging.tensor import to_source_geometry
+from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.architectures import (
     DEFAULT_TARGET_LAYERS,
     TRAINABLE,
@@ -31,7 +32,6 @@ from dicomnode.models.card import (
     shift_offsets,
     write_card,
 )
-from dicomnode.models.inference import Predictor, prepare_input
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.values import BodyPart, PreparedImage

@@ -12,8 +12,8 @@ from PIL import Image
 
 from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
+from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_card
-from dicomnode.models.inference import Predictor
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.phantoms.dataset import write_phantom_folder
 from dicomnode.training.pointing import (

@@ -18,8 +18,8 @@ from sklearn import metrics as skm
 from dicomnode.errors import ConfigError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
+from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card, write_card
-from dicomnode.models.inference import Predictor
 from dicomnode.training import train as train_module
 from dicomnode.training.config import load_config, parse_config
 from dicomnode.training.data import ImageDataset, PixelCache, group_of, scan_folder
