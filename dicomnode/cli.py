@@ -625,6 +625,9 @@ def bench_explain(
     ] = None,
     batch: Annotated[int, typer.Option(min=1, help="images per pass")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
+    max_images: Annotated[
+        int, typer.Option(min=1, help="most images per pass of shifted copies (CPU node: 1)")
+    ] = 1,
 ) -> None:
     """Time per image and peak memory of a model's explanation (the card's, or the options')."""
     from dicomnode.bench.explain import explanation_cost
@@ -637,7 +640,7 @@ def bench_explain(
         spec = _cam_spec(
             method or own.method, layer or own.target_layer, own.shift if shift is None else shift
         )
-    cost = explanation_cost(model_dir, spec, batch=batch, threads=threads)
+    cost = explanation_cost(model_dir, spec, batch=batch, threads=threads, max_images=max_images)
     console.print(
         f"{cost.explanation}: {cost.ms_per_image:.0f} ms per image (batch {cost.batch}, "
         f"{threads} thread(s)), peak RSS +{cost.peak_rss_rise_mb:.0f} MB over a forward pass"

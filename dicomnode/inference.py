@@ -126,7 +126,7 @@ class Predictor:
     device:
         Where the network runs.
     batch_size:
-        The most images (or joint crops) per forward pass.
+        The most images (or joint crops; on CUDA, shifted copies) per forward pass.
     localiser:
         The card's knee-joint localiser (it runs on the CPU), or ``None``.
     """
@@ -252,6 +252,17 @@ class Predictor:
                 parts.append(probabilities(logits, self.card.temperature))
         return np.concatenate(parts)
 
+    def explain(self, batch: torch.Tensor) -> CamBatch:
+        """Logits and the card's explanation of a ready batch on the network's device.
+
+        On CUDA the shifted copies of a shift-averaged explanation go through
+        in passes of up to ``batch_size`` images; on the CPU one copy per pass,
+        which measured as fast with a quarter of the memory (``dicomnode
+        bench-explain models/hand-ra --batch 1 --max-images 1`` against ``8``).
+        """
+        per_pass = self.batch_size if self.device.type == "cuda" else None
+        return explain_batch(self.model, self.card.gradcam, batch, per_pass)
+
     def _predict_chunk(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         started = time.perf_counter()
         views = self._views(images)
@@ -292,7 +303,7 @@ class Predictor:
         """One forward and backward pass over ``views``: a finding each."""
         prepared = [prepare_input(self.card, view.pixels) for view in views]
         batch = _stack([tensor for tensor, _ in prepared]).to(self.device)
-        cams = explain_batch(self.model, self.card.gradcam, batch)
+        cams = self.explain(batch)
         if not bool(torch.isfinite(cams.logits).all()):
             sources = ", ".join(dict.fromkeys(images[v.image].source or "?" for v in views))
             raise InferenceError(f"model {self.card.name} gave non-finite outputs for: {sources}")
@@ -384,9 +395,13 @@ def check_cam_layers(model: nn.Module, layers: str) -> None:
             target_layer(network, layer)
 
 
-def explain_batch(model: nn.Module, spec: GradCamSpec, batch: torch.Tensor) -> CamBatch:
+def explain_batch(
+    model: nn.Module, spec: GradCamSpec, batch: torch.Tensor, max_images: int | None = None
+) -> CamBatch:
     """Logits and class activation maps as ``spec`` says: plain or the ensemble's
-    share-weighted mean, of the batch alone or averaged over shifted copies of it."""
+    share-weighted mean, of the batch alone or averaged over shifted copies of it
+    (batched up to ``max_images`` images per pass, see
+    :func:`~dicomnode.explain.gradcam.shift_averaged`)."""
     paths = cam_layers(model, spec.target_layer)
 
     def one_pass(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
@@ -394,7 +409,7 @@ def explain_batch(model: nn.Module, spec: GradCamSpec, batch: torch.Tensor) -> C
             return ensemble_grad_cam(model, paths, inputs, spec.method, classes)
         return grad_cam(model, paths[0], inputs, classes, spec.method)
 
-    return shift_averaged(one_pass, batch, spec.shift)
+    return shift_averaged(one_pass, batch, spec.shift, max_images)
 
 
 def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:

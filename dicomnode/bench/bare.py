@@ -18,7 +18,7 @@ import torch
 from dicomnode import pipeline
 from dicomnode.bench.data import Study
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.inference import Predictor, explain_batch, prepare_input
+from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.registry import LoadedCard
 
 
@@ -87,10 +87,10 @@ def model_limit(
     assert prepared.image is not None
     tensor, _ = prepare_input(loaded.card, prepared.image.pixels)
     batch = tensor.unsqueeze(0).repeat(batch_size, 1, 1, 1)
-    explain_batch(predictor.model, loaded.card.gradcam, batch.to(predictor.device))
+    predictor.explain(batch.to(predictor.device))
     start = time.perf_counter()
     for _ in range(batches):
-        explain_batch(predictor.model, loaded.card.gradcam, batch.to(predictor.device))
+        predictor.explain(batch.to(predictor.device))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

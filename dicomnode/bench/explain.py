@@ -41,8 +41,13 @@ def explanation_cost(
     batch: int = 8,
     repeats: int = 3,
     threads: int = 1,
+    max_images: int = 1,
 ) -> ExplanationCost:
-    """Time and memory of the card's explanation (or ``gradcam``) on a batch, on the CPU."""
+    """Time and memory of the card's explanation (or ``gradcam``) on a batch, on the CPU.
+
+    ``max_images`` is the most images per pass when shifted copies are batched
+    (1, one copy per pass, is what the node does on the CPU).
+    """
     torch.set_num_threads(threads)
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, "cpu")
@@ -55,11 +60,11 @@ def explanation_cost(
     with torch.inference_mode():
         predictor.model(inputs)
     before = _peak_rss_mb()
-    explain_batch(predictor.model, spec, inputs)
+    explain_batch(predictor.model, spec, inputs, max_images)
     rise = _peak_rss_mb() - before
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        explain_batch(predictor.model, spec, inputs)
+        explain_batch(predictor.model, spec, inputs, max_images)
         best = min(best, time.perf_counter() - start)
     return ExplanationCost(predictor.identity.explanation, batch, 1000.0 * best / batch, rise)

@@ -20,8 +20,9 @@ shifted by a few pixels, each moved back into place (test-time augmentation of
 the explanation, as in Augmented Grad-CAM, Morbidelli et al. 2020). A layer of
 stride 4 to 16 sees a lesion of a few pixels differently at each shift; the
 mean keeps what every copy agrees on, so the peak moves off the layer's grid
-onto the lesion. It costs one more backward pass per copy
-(:func:`~dicomnode.models.card.shift_offsets`).
+onto the lesion. It costs one more forward and backward pass per copy
+(:func:`~dicomnode.models.card.shift_offsets`); the copies are batched
+together up to the predictor's batch size.
 
 A card's layer may name several layers of one network joined by ``+``
 (``blocks.1+blocks.2+blocks.4``): each layer's map is scaled to [0, 1] and
@@ -183,6 +184,7 @@ def shift_averaged(
     explain: Callable[[torch.Tensor, Sequence[int] | None], CamBatch],
     inputs: torch.Tensor,
     shift: int,
+    max_images: int | None = None,
 ) -> CamBatch:
     """The mean of ``explain``'s maps over the copies of ``shift_offsets(shift)``.
 
@@ -191,15 +193,28 @@ def shift_averaged(
     shifted copy explains that same class, and its maps are moved back before
     they are averaged. The mean is scaled so each map's maximum is 1 (all zero
     when no copy has positive evidence).
+
+    The shifted copies go through ``explain`` together, as many whole copies
+    of the batch per pass as fit in ``max_images`` images (at least one; by
+    default one copy per pass): a single radiograph's 12 shifted copies take
+    two passes of up to 8 images instead of 12 passes of one, which is what
+    a CPU's and above all a GPU's matrix kernels are fast at. Each image's map
+    is its own (Grad-CAM scales every map separately, and the networks run in
+    eval mode), so the grouping changes the time, not the maps.
     """
     plain = explain(inputs, None)
     offsets = shift_offsets(shift)[1:]
     if not offsets:
         return plain
+    count = inputs.shape[0]
+    per_pass = max(1, (max_images or count) // count)
     total = plain.cams.astype(np.float32, copy=True)
-    for dx, dy in offsets:
-        moved = explain(shift_inputs(inputs, dx, dy), plain.classes)
-        total += shift_maps(moved.cams, -dx, -dy)
+    for start in range(0, len(offsets), per_pass):
+        group = offsets[start : start + per_pass]
+        copies = torch.cat([shift_inputs(inputs, dx, dy) for dx, dy in group])
+        moved = explain(copies, plain.classes * len(group)).cams
+        for index, (dx, dy) in enumerate(group):
+            total += shift_maps(moved[index * count : (index + 1) * count], -dx, -dy)
     return CamBatch(logits=plain.logits, cams=_unit_peak(total), classes=plain.classes)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
-from dicomnode.explain.gradcam import shift_inputs, shift_maps
+from dicomnode.explain.gradcam import CamBatch, shift_averaged, shift_inputs, shift_maps
 from dicomnode.imaging.tensor import to_source_geometry
 from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.architectures import (
@@ -452,6 +452,54 @@ def test_a_shift_averaged_map_is_the_mean_of_the_shifted_maps_moved_back(
         assert 0.9 < finding.heatmap.max() <= 1.0
         one_pass = to_source_geometry(plain.cams[index], prepared[index][1])
         assert not np.allclose(finding.heatmap, one_pass, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("count", "max_images", "passes"),
+    [(1, None, [1] * 13), (1, 8, [1, 8, 4]), (3, 8, [3] + [6] * 6), (2, 1, [2] * 13)],
+)
+def test_shifted_copies_are_batched_up_to_max_images_and_give_the_same_maps(
+    tiny: Predictor, count: int, max_images: int | None, passes: list[int]
+) -> None:
+    generator = torch.Generator().manual_seed(count)
+    batch = torch.rand(count, tiny.card.input.channels, *tiny.card.input.size, generator=generator)
+    seen: list[tuple[int, tuple[int, ...] | None]] = []
+
+    def one_pass(inputs: torch.Tensor, classes: Any) -> CamBatch:
+        seen.append((inputs.shape[0], None if classes is None else tuple(classes)))
+        return grad_cam(tiny.model, "features.0+features.1", inputs, classes, "layercam")
+
+    grouped = shift_averaged(one_pass, batch, 4, max_images)
+    assert [size for size, _ in seen] == passes
+    # The first pass picks the classes; every shifted copy explains the same ones.
+    assert seen[0][1] is None
+    assert all(classes == grouped.classes * (size // count) for size, classes in seen[1:])
+    seen.clear()
+    one_by_one = shift_averaged(one_pass, batch, 4, 1)
+    assert len(seen) == 13
+    assert grouped.classes == one_by_one.classes
+    assert torch.equal(grouped.logits, one_by_one.logits)
+    np.testing.assert_allclose(grouped.cams, one_by_one.cams, atol=1e-5)
+    assert grouped.cams.reshape(count, -1).max(axis=1) == pytest.approx(1.0)
+
+
+def test_the_predictor_batches_shifted_copies_on_cuda_only(
+    tiny: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicomnode.inference as inference
+
+    asked: list[int | None] = []
+
+    def recording(model: nn.Module, spec: Any, batch: torch.Tensor, per_pass: Any) -> Any:
+        asked.append(per_pass)
+        return "maps"
+
+    monkeypatch.setattr(inference, "explain_batch", recording)
+    batch = torch.zeros(1, tiny.card.input.channels, *tiny.card.input.size)
+    assert tiny.explain(batch) == "maps"
+    on_cuda = Predictor(tiny.directory, tiny.card, tiny.model, torch.device("cuda"), 5, None)
+    assert on_cuda.explain(batch) == "maps"
+    assert asked == [None, 5]
 
 
 def test_a_card_writes_its_shift_only_when_it_has_one(tmp_path: Path) -> None:
