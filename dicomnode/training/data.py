@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
-from dicomnode.values import FloatArray
+from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,36 @@ def cache_key(images: LabelledImages, shape: tuple[int, int] | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def _decode(path: Path) -> FloatArray:
+MAX_LISTED = 10
+"""The most unusable files one error names."""
+
+
+def read_labelled(path: Path, root: Path) -> PreparedImage:
+    """Decode one file of a labelled folder; an unusable file is named in the error.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or is not an image the node processes;
+        the message gives its path relative to ``root`` and the reason.
+    """
     from dicomnode.imaging.pixels import read_image_file
 
-    return read_image_file(path).pixels
+    try:
+        return read_image_file(path)
+    except ImagingError as exc:
+        raise ConfigError(f"{_relative(path, root)}: {exc}") from exc
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _decode(path: Path, root: Path) -> FloatArray:
+    return read_labelled(path, root).pixels
 
 
 def _fit(pixels: FloatArray, shape: tuple[int, int] | None) -> FloatArray:
@@ -153,10 +179,7 @@ class PixelCache:
         Images keep their native size when they all share one; otherwise each
         is stretched to ``input_size`` as :func:`to_input` would.
         """
-        first = _decode(images.paths[0])
-        native = (int(first.shape[0]), int(first.shape[1]))
-        sizes_agree = all(_same_size(p, native) for p in images.paths[:64])
-        shape = native if sizes_agree else input_size
+        shape = _cache_shape(images, input_size)
         key = cache_key(images, shape)
         for dtype in ("uint8", "float32"):
             path = cache_dir / f"pixels-{key}-{dtype}.npy"
@@ -166,13 +189,37 @@ class PixelCache:
         return cls(np.load(_write_cache(images, cache_dir, key, shape), mmap_mode="r"))
 
 
+def _unusable_message(unusable: list[str], total: int, root: Path) -> str:
+    """One error for every file of a folder that cannot be decoded (the first few named)."""
+    shown = "; ".join(unusable[:MAX_LISTED])
+    more = f"; and {len(unusable) - MAX_LISTED} more" if len(unusable) > MAX_LISTED else ""
+    return (
+        f"{len(unusable)} of {total} files in {root} cannot be used for training "
+        f"(fix or remove them; nothing was cached): {shown}{more}"
+    )
+
+
+def _cache_shape(images: LabelledImages, input_size: tuple[int, int]) -> tuple[int, int]:
+    """The first image's size when the first 64 share it, else ``input_size``."""
+    try:
+        first = _decode(images.paths[0], images.root)
+    except ConfigError:
+        return input_size  # the cache build names every unusable file
+    native = (int(first.shape[0]), int(first.shape[1]))
+    sizes_agree = all(_same_size(p, native) for p in images.paths[:64])
+    return native if sizes_agree else input_size
+
+
 def _same_size(path: Path, shape: tuple[int, int]) -> bool:
     """Cheap size check from the header for raster files; DICOM is assumed to agree."""
     if path.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg"):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(path) as image:
-            return (image.height, image.width) == shape
+        try:
+            with Image.open(path) as image:
+                return (image.height, image.width) == shape
+        except (UnidentifiedImageError, OSError):
+            return True  # decoding names the file
     return True
 
 
@@ -181,11 +228,18 @@ def _write_cache(images: LabelledImages, cache_dir: Path, key: str, shape: tuple
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("decoding %d images into the pixel cache", len(images))
     stack = np.empty((len(images), *shape), dtype=np.float32)
+    unusable: list[str] = []
     for i, path in enumerate(images.paths):
-        pixels = _fit(_decode(path), shape)
+        try:
+            pixels = _fit(_decode(path, images.root), shape)
+        except ConfigError as exc:
+            unusable.append(str(exc))
+            continue
         if pixels.shape != shape:
             raise ConfigError(f"{path.name} has shape {pixels.shape}, the cache expects {shape}")
         stack[i] = pixels
+    if unusable:
+        raise ConfigError(_unusable_message(unusable, len(images), images.root))
     exact = all(_exact_uint8(stack[i]) for i in range(len(stack)))
     dtype = "uint8" if exact else "float32"
     data = np.rint(stack * 255.0).astype(np.uint8) if exact else stack

@@ -1,7 +1,8 @@
 """Evaluate a model directory against a labelled folder, exactly as the node computes.
 
-Every image is decoded with :func:`~dicomnode.imaging.pixels.read_image_file`,
-turned into a tensor with :func:`~dicomnode.inference.prepare_input` and
+Every image is decoded with :func:`~dicomnode.imaging.pixels.read_image_file`
+(an unusable file is named in the error, by its path in the folder), turned into
+a tensor with :func:`~dicomnode.inference.prepare_input` and
 classified with :meth:`~dicomnode.inference.Predictor.forward_probabilities`
 (the card's temperature included), so the figures are those of the node's own
 probabilities.
@@ -26,11 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.card import load_card
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
-from dicomnode.training.data import LabelledImages, scan_folder
+from dicomnode.training.data import LabelledImages, read_labelled, scan_folder
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -101,7 +101,7 @@ def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array
     parts = [np.zeros((0, predictor.card.num_classes), dtype=np.float64)]
     for start in range(0, len(images), CHUNK):
         tensors = [
-            prepare_input(predictor.card, read_image_file(path).pixels)[0]
+            prepare_input(predictor.card, read_labelled(path, images.root).pixels)[0]
             for path in images.paths[start : start + CHUNK]
         ]
         parts.append(predictor.forward_probabilities(torch.stack(tensors)))
@@ -168,7 +168,7 @@ def write_galleries(
         chosen = members[np.argsort(-probabilities[members, index], kind="stable")]
         tiles = []
         for i in chosen[:GALLERY_PER_CLASS]:
-            image = read_image_file(images.paths[i])
+            image = read_labelled(images.paths[i], images.root)
             result = predictor.predict([image])[0]
             predicted = int(probabilities[i].argmax())
             share = probabilities[i, predicted]

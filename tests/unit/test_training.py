@@ -21,7 +21,7 @@ from dicomnode.imaging.tensor import to_input
 from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card, write_card
 from dicomnode.training import train as train_module
-from dicomnode.training.config import load_config, parse_config
+from dicomnode.training.config import DEFAULT_GROUP_PATTERN, load_config, parse_config
 from dicomnode.training.data import ImageDataset, PixelCache, group_of, scan_folder
 from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
@@ -259,6 +259,29 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     assert galleries == ["gradcam_0_small.png", "gradcam_1_medium.png", "gradcam_2_large.png"]
     with Image.open(report / "gradcam_0_small.png") as gallery:
         assert gallery.width > 4 * 256  # four overlays of class 0 side by side
+    # A file that is not an image is named in the error, by its place in the folder.
+    (tmp_path / "data" / "1" / "9000999L.dcm").write_bytes(b"DICM" + bytes(200))
+    with pytest.raises(ConfigError, match=r"^1/9000999L\.dcm: the dataset has no Pixel Data"):
+        evaluate_model(directory, tmp_path / "data")
+
+
+def test_every_unusable_file_of_a_training_folder_is_named_and_nothing_is_cached(
+    tmp_path: Path,
+) -> None:
+    data = write_tiny_dataset(tmp_path / "data", classes=2, patients=4, size=32)
+    total = sum(1 for p in data.rglob("*") if p.is_file())
+    (data / "0" / "0000900L.png").write_bytes(b"not a picture")  # sorts first
+    (data / "1" / "9000901R.dcm").write_bytes(b"DICM" + bytes(200))
+    images = scan_folder(data, 2, DEFAULT_GROUP_PATTERN)
+    with pytest.raises(ConfigError) as raised:
+        PixelCache.build(images, tmp_path / "cache", (32, 32))
+    message = str(raised.value)
+    assert message.startswith(f"2 of {total + 2} files in {data} cannot be used for training")
+    assert (
+        "0/0000900L.png: not a readable picture" in message
+        and "1/9000901R.dcm: the dataset has no Pixel Data" in message
+    )
+    assert not any((tmp_path / "cache").glob("*.npy"))
 
 
 def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
