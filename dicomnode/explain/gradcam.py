@@ -21,8 +21,8 @@ the explanation, as in Augmented Grad-CAM, Morbidelli et al. 2020). A layer of
 stride 4 to 16 sees a lesion of a few pixels differently at each shift; the
 mean keeps what every copy agrees on, so the peak moves off the layer's grid
 onto the lesion. It costs one more forward and backward pass per copy
-(:func:`~dicomnode.models.card.shift_offsets`); the copies are batched
-together up to the predictor's batch size.
+(:func:`~dicomnode.models.card.shift_offsets`); on CUDA the copies are
+batched together up to the predictor's batch size.
 
 A card's layer may name several layers of one network joined by ``+``
 (``blocks.1+blocks.2+blocks.4``): each layer's map is scaled to [0, 1] and
@@ -198,7 +198,8 @@ def shift_averaged(
     of the batch per pass as fit in ``max_images`` images (at least one; by
     default one copy per pass): a single radiograph's 12 shifted copies take
     two passes of up to 8 images instead of 12 passes of one, which is what
-    a CPU's and above all a GPU's matrix kernels are fast at. Each image's map
+    a GPU is fast at (on the 2-core CPU it measured no faster and held about
+    four times the memory, so the node batches copies on CUDA only). Each image's map
     is its own (Grad-CAM scales every map separately, and the networks run in
     eval mode), so the grouping changes the time, not the maps.
     """
