@@ -526,6 +526,27 @@ def pointing(
         out.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
+@app.command("record-cv")
+def record_cv(
+    model_dir: Annotated[Path, typer.Argument(help="the model (one fold of its recipe) to update")],
+    folds: Annotated[list[Path], typer.Argument(help="the models of the recipe's other folds")],
+    version: Annotated[str, typer.Option(help="the card's new version")],
+    note: Annotated[str, typer.Option(help="appended to the recipe's notes")] = "",
+) -> None:
+    """Record the recipe's cross-validation (its fold models' figures) in a model's card."""
+    from dicomnode.models.card import load_card
+    from dicomnode.training.recipe_cv import RECORD, record_cross_validation
+
+    logs.configure("WARNING")
+    path = record_cross_validation(model_dir, folds, version, note)
+    record = load_card(model_dir).metrics[RECORD]
+    figure = record["cross_validation"]["balanced_accuracy"]
+    console.print(
+        f"updated {path}: balanced accuracy {figure['mean']:.3f} ± {figure['sd']:.3f} "
+        f"over folds {record['folds']}"
+    )
+
+
 @app.command("set-explanation")
 def set_explanation(
     model_dir: Path,

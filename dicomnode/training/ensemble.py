@@ -265,14 +265,20 @@ def folds_recipe(members: list[Member]) -> dict[str, Any] | None:
 
 def _folds_metrics(members: list[Member]) -> dict[str, Any]:
     """The recipe's cross-validation, read from the members' own held-out folds."""
+    return folds_metrics(
+        members,
+        f"the members are the models of {len(members)} folds of one patient-grouped "
+        "cross-validation of one recipe; per_fold and cross_validation (mean and sd) are "
+        "their figures on their own held-out folds. The ensemble itself has seen every "
+        "image: score it on an independent set (dicomnode evaluate)",
+    )
+
+
+def folds_metrics(members: list[Member], validation: str) -> dict[str, Any]:
+    """``validation``, each fold model's figures on its own held-out fold, and their mean ± sd."""
     per_fold = [dict(m.card.metrics) for m in members]
     return {
-        "validation": (
-            f"the members are the models of {len(members)} folds of one patient-grouped "
-            "cross-validation of one recipe; per_fold and cross_validation (mean and sd) are "
-            "their figures on their own held-out folds. The ensemble itself has seen every "
-            "image: score it on an independent set (dicomnode evaluate)"
-        ),
+        "validation": validation,
         "per_fold": [
             {k: v for k, v in f.items() if k not in ("history", "validation")} for f in per_fold
         ],

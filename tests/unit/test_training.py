@@ -33,6 +33,7 @@ from dicomnode.training.metrics import (
     fit_temperature,
     softmax,
 )
+from dicomnode.training.recipe_cv import RECORD, record_cross_validation
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import export_from_checkpoints, train_from_config
 
@@ -462,6 +463,36 @@ def test_an_ensemble_of_the_folds_records_their_recipe_and_cross_validation(
     _set_recipe(folds[1], epochs=2)
     other = build_ensemble(folds, tmp_path / "other", method="average", name="e", version="1")
     assert "members_recipe" not in load_card(other).recipe
+
+
+def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
+    tmp_path: Path,
+) -> None:
+    directory = train_from_config(_smoke_config(tmp_path, folds=3, fold="all", epochs=1))
+    folds = [directory / f"fold-{f}" for f in range(3)]
+    before = load_card(folds[0])
+    with pytest.raises(TrainingError, match="already"):
+        record_cross_validation(folds[0], folds[1:], before.version)
+    with pytest.raises(TrainingError, match="not the models of different folds"):
+        record_cross_validation(folds[0], [folds[0]], "9.9.9")
+    record_cross_validation(folds[0], folds[1:], "9.9.9", note="the other folds trained later")
+    card = load_card(folds[0])
+    assert card.version == "9.9.9" and card.recipe["model"]["version"] == "9.9.9"
+    assert card.recipe["notes"].endswith("the other folds trained later")
+    assert card.weights == before.weights and card.gradcam == before.gradcam
+    # The fold's own figures stay; the recipe's are added beside them.
+    assert card.metrics["balanced_accuracy"] == before.metrics["balanced_accuracy"]
+    record = card.metrics[RECORD]
+    assert record["folds"] == [0, 1, 2] and len(record["per_fold"]) == 3
+    held_out = [load_card(f).metrics["balanced_accuracy"] for f in folds]
+    figure = record["cross_validation"]["balanced_accuracy"]
+    assert figure["mean"] == pytest.approx(np.mean(held_out))
+    assert figure["sd"] == pytest.approx(np.std(held_out, ddof=1))
+    assert "this model is the model of fold 0" in record["validation"]
+    # A model of another recipe is not one of its folds.
+    _set_recipe(folds[2], epochs=2)
+    with pytest.raises(TrainingError, match="not the models of different folds"):
+        record_cross_validation(folds[1], [folds[2]], "9.9.9")
 
 
 def _set_recipe(directory: Path, **changes: Any) -> None:
