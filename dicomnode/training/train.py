@@ -578,12 +578,17 @@ def uses_bfloat16(config: TrainingConfig, device: torch.device) -> bool:
     return config.precision == "bfloat16" or (config.precision == "auto" and device.type == "cuda")
 
 
+IMPROVEMENT = 1e-9
+"""How much a validation score must beat the best one by to count as better: more than float
+rounding (one confusion matrix gives 0.5075 or 0.5075000000000001, summed in another order)."""
+
+
 def _advance_state(state: LoopState, record: dict[str, Any], config: TrainingConfig) -> bool:
     """Count the epoch, track the best score and decide early stopping; True when improved."""
     state.history.append(record)
     state.epoch += 1
     score = record.get("balanced_accuracy")
-    if score is None or score > state.best_score:
+    if score is None or score > state.best_score + IMPROVEMENT:
         state.best_score = -math.inf if score is None else float(score)
         state.best_epoch = state.epoch
         state.stale_epochs = 0

@@ -410,6 +410,20 @@ def test_final_trains_on_every_image_and_reports_the_cross_validation(tmp_path: 
     assert card.metrics["accuracy"] == pytest.approx(correct / images)
 
 
+def test_a_score_equal_but_for_rounding_is_not_an_improvement(tmp_path: Path) -> None:
+    config = load_config(_smoke_config(tmp_path)).model_copy(update={"epochs": 9, "patience": 2})
+    loop = train_module.LoopState()
+    improved = [
+        train_module._advance_state(loop, {"balanced_accuracy": score}, config)
+        for score in (0.5075, 0.5075000000000001, 0.51)
+    ]
+    assert improved == [True, False, True]
+    assert loop.best_epoch == 3 and loop.best_score == 0.51 and loop.stale_epochs == 0
+    train_module._advance_state(loop, {"balanced_accuracy": 0.51 + 1e-12}, config)
+    train_module._advance_state(loop, {"balanced_accuracy": 0.4}, config)
+    assert loop.finished and loop.best_epoch == 3  # two stale epochs: patience 2
+
+
 def test_final_epochs_are_the_median_best_epoch_unless_given(tmp_path: Path) -> None:
     config = load_config(_smoke_config(tmp_path, folds=3, fold="final"))
 
