@@ -338,3 +338,33 @@ def write_card(directory: Path, card: ModelCard) -> Path:
     path = directory / CARD_FILE
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def write_revision(
+    directory: Path, card: ModelCard, version: str, note: str = "", **fields: Any
+) -> Path:
+    """Write ``card`` again under a new ``version`` with ``fields`` replaced (same weights).
+
+    The recipe the card records follows: its model version becomes ``version``
+    and ``note`` is appended to its notes. The written card is read back, so
+    it validates and its weights still match. Returns the card's path.
+
+    Raises
+    ------
+    ModelError
+        If ``version`` is the card's own: what the card says changed, so its
+        version must too.
+    """
+    if version == card.version:
+        raise ModelError(
+            f"model {card.name} is version {version} already: a changed card needs a new version"
+        )
+    recipe = dict(fields.pop("recipe", card.recipe))
+    if recipe:
+        recipe["notes"] = " ".join(part for part in (recipe.get("notes", ""), note) if part)
+        if isinstance(recipe.get("model"), dict):
+            recipe["model"] = {**recipe["model"], "version": version}
+    updated = card.model_copy(update={**fields, "version": version, "recipe": recipe})
+    path = write_card(directory, type(card).model_validate(updated.model_dump()))
+    load_card(directory)
+    return path

@@ -39,10 +39,9 @@ from PIL import Image
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
 from dicomnode.encode.render import heat_image
-from dicomnode.errors import ModelError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
-from dicomnode.models.card import GradCamSpec, load_card, write_card
+from dicomnode.models.card import GradCamSpec, load_card, write_revision
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
 
@@ -265,23 +264,13 @@ def set_explanation(model_dir: Path, gradcam: GradCamSpec, version: str, note: s
         change with the explanation, so the version must too).
     """
     card = load_card(model_dir)
-    if version == card.version:
-        raise ModelError(
-            f"model {card.name} is version {version} already: a new explanation needs a new version"
-        )
     Predictor.load(model_dir, card, "cpu").with_explanation(gradcam)
     recipe = dict(card.recipe)
     if recipe:
         recipe["gradcam_layer"] = gradcam.target_layer
         recipe["gradcam_method"] = gradcam.method
         recipe["gradcam_shift"] = gradcam.shift
-        recipe["notes"] = " ".join(part for part in (recipe.get("notes", ""), note) if part)
-        if isinstance(recipe.get("model"), dict):
-            recipe["model"] = {**recipe["model"], "version": version}
-    updated = card.model_copy(update={"gradcam": gradcam, "version": version, "recipe": recipe})
-    path = write_card(model_dir, type(card).model_validate(updated.model_dump()))
-    load_card(model_dir)  # the written card validates and its weights match
-    return path
+    return write_revision(model_dir, card, version, note, gradcam=gradcam, recipe=recipe)
 
 
 def miss_distance(mask: np.ndarray[Any, np.dtype[np.bool_]], row: int, column: int) -> float:

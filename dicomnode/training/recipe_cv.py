@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.card import load_card, write_card
+from dicomnode.models.card import write_revision
 from dicomnode.training.ensemble import folds_metrics, folds_recipe, load_members
 
 RECORD = "recipe_cross_validation"
@@ -32,14 +32,13 @@ def record_cross_validation(
 
     Raises
     ------
+    ModelError
+        If the version is the card's own.
     TrainingError
-        If the version is the card's own, or the models are not folds of
-        one recipe (see the module notes).
+        If the models are not folds of one recipe (see the module notes).
     """
     members = load_members([model_dir, *fold_dirs])
     card = members[0].card
-    if version == card.version:
-        raise TrainingError(f"model {card.name} is version {version} already: give a new version")
     recipe = folds_recipe(members)
     if recipe is None:
         raise TrainingError(
@@ -55,13 +54,5 @@ def record_cross_validation(
         f"{card.metrics.get('fold')}"
     )
     record = {**folds_metrics(members, validation), "folds": folds}
-    updated = dict(card.recipe)
-    updated["notes"] = " ".join(part for part in (updated.get("notes", ""), note) if part)
-    if isinstance(updated.get("model"), dict):
-        updated["model"] = {**updated["model"], "version": version}
-    new = card.model_copy(
-        update={"version": version, "metrics": {**card.metrics, RECORD: record}, "recipe": updated}
-    )
-    path = write_card(model_dir, type(card).model_validate(new.model_dump()))
-    load_card(model_dir)  # the written card validates and its weights match
-    return path
+    metrics = {**card.metrics, RECORD: record}
+    return write_revision(model_dir, card, version, note, metrics=metrics)

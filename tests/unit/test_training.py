@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn import metrics as skm
 
-from dicomnode.errors import ConfigError, TrainingError
+from dicomnode.errors import ConfigError, ModelError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.inference import Predictor
@@ -485,7 +485,7 @@ def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
     directory = train_from_config(_smoke_config(tmp_path, folds=3, fold="all", epochs=1))
     folds = [directory / f"fold-{f}" for f in range(3)]
     before = load_card(folds[0])
-    with pytest.raises(TrainingError, match="already"):
+    with pytest.raises(ModelError, match="already: a changed card needs a new version"):
         record_cross_validation(folds[0], folds[1:], before.version)
     with pytest.raises(TrainingError, match="not the models of different folds"):
         record_cross_validation(folds[0], [folds[0]], "9.9.9")
