@@ -109,14 +109,14 @@ MAX_LISTED = 10
 """The most unusable files one error names."""
 
 
-def read_labelled(path: Path, root: Path) -> PreparedImage:
-    """Decode one file of a labelled folder; an unusable file is named in the error.
+def read_labelled(path: Path, root: Path | None = None) -> PreparedImage:
+    """Decode one file of a training or evaluation folder; an unusable file is named in the error.
 
     Raises
     ------
     ConfigError
         When the file cannot be read or is not an image the node processes;
-        the message gives its path relative to ``root`` and the reason.
+        the message gives its path (relative to ``root`` when given) and the reason.
     """
     from dicomnode.imaging.pixels import read_image_file
 
@@ -126,7 +126,9 @@ def read_labelled(path: Path, root: Path) -> PreparedImage:
         raise ConfigError(f"{_relative(path, root)}: {exc}") from exc
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: Path, root: Path | None) -> str:
+    if root is None:
+        return str(path)
     try:
         return path.relative_to(root).as_posix()
     except ValueError:

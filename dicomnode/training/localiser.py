@@ -47,7 +47,6 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
 from dicomnode.errors import TrainingError
-from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.localise import (
     DEFAULT_HEAD,
@@ -58,7 +57,7 @@ from dicomnode.models.localise import (
     localiser_input,
     save_localiser,
 )
-from dicomnode.training.data import IMAGE_SUFFIXES
+from dicomnode.training.data import IMAGE_SUFFIXES, read_labelled
 from dicomnode.values import FloatArray
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def load_bank(files: Sequence[Path], side: int = BANK_SIDE) -> CropBank:
     """Decode ``files`` once, each resized to ``side`` square."""
     crops = np.empty((len(files), side, side), dtype=np.uint8)
     for index, path in enumerate(files):
-        crops[index] = np.rint(_resized(read_image_file(path).pixels, side) * 255.0)
+        crops[index] = np.rint(_resized(read_labelled(path).pixels, side) * 255.0)
     patients = tuple(p.stem[:-1] for p in files)
     sides = tuple(p.stem[-1] for p in files)
     where = {key: i for i, key in enumerate(zip(patients, sides, strict=True))}

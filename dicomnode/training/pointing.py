@@ -39,9 +39,9 @@ from PIL import Image
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
 from dicomnode.encode.render import heat_image
-from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_revision
+from dicomnode.training.data import read_labelled
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
 
@@ -86,7 +86,7 @@ def read_masked_images(data_dir: Path, limit: int | None = None) -> list[MaskedI
             continue
         mask = np.asarray(Image.open(data_dir / row["mask"])) > 0
         kind = row["lesion"].split(",")[0].split(" ")[0] or "lesion"
-        found.append(MaskedImage(read_image_file(image_path), mask, kind, row["id"]))
+        found.append(MaskedImage(read_labelled(image_path, data_dir), mask, kind, row["id"]))
         if limit is not None and len(found) >= limit:
             break
     return found

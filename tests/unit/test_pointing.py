@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicomnode.errors import ModelError
+from dicomnode.errors import ConfigError, ModelError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_card
@@ -63,6 +63,11 @@ def test_pointing_game_counts_peaks_inside_masks(tmp_path: Path) -> None:
         near = sum(d <= tolerance for d in misses)
         assert share == pytest.approx((expected + near) / len(abnormal))
     assert list(game["within"].values()) == sorted(game["within"].values())
+    # A damaged image of the folder is named, by its place in the folder.
+    first = abnormal[0]
+    (data / first["label"] / f"{first['id']}.png").write_bytes(b"not a picture")
+    with pytest.raises(ConfigError, match=rf"^{first['label']}/{first['id']}\.png: not a readable"):
+        pointing_game(tmp_path / "m", data)
 
 
 def test_pointing_report_writes_figures_rows_and_the_misses(tmp_path: Path) -> None:

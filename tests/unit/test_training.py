@@ -22,7 +22,13 @@ from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card, write_card
 from dicomnode.training import train as train_module
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, load_config, parse_config
-from dicomnode.training.data import ImageDataset, PixelCache, group_of, scan_folder
+from dicomnode.training.data import (
+    ImageDataset,
+    PixelCache,
+    group_of,
+    read_labelled,
+    scan_folder,
+)
 from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
 from dicomnode.training.folds import assign_folds
@@ -283,6 +289,9 @@ def test_every_unusable_file_of_a_training_folder_is_named_and_nothing_is_cached
         and "1/9000901R.dcm: the dataset has no Pixel Data" in message
     )
     assert not any((tmp_path / "cache").glob("*.npy"))
+    # Without a folder (the localiser's crops) the whole path is named.
+    with pytest.raises(ConfigError, match=f"^{data}/0/0000900L.png: not a readable picture"):
+        read_labelled(data / "0" / "0000900L.png")
 
 
 def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
