@@ -94,7 +94,10 @@ class ResultsSettings(_Section):
         description="peers that receive results; empty: the calling AE when it is a known peer",
     )
     overlay_max_size: int = Field(
-        2048, ge=0, description="longest side of the overlay in pixels (0: the original size)"
+        2048,
+        ge=0,
+        description="longest side of the overlay, and of the heatmaps behind it, in pixels "
+        "(0: the original size)",
     )
     overlay_jpeg_quality: int = Field(
         90,

@@ -6,7 +6,7 @@ bytes loaded, eval mode, frozen parameters) and then classifies batches:
 
     prepared pixels --to_input--> tensor --forward+Grad-CAM--> logits, cams
     logits --softmax(logits / temperature)--> probabilities
-    cams --to_source_geometry--> heatmap on the original pixels --> peak
+    cams --to_source_geometry--> heatmap on the image (at the overlay's size) --> peak
 
 A card with ``preprocessing.localiser: knee`` first runs its knee-joint
 localiser (:mod:`dicomnode.models.localise`) on each image; every joint found
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -129,6 +130,11 @@ class Predictor:
         The most images (or joint crops; on CUDA, shifted copies) per forward pass.
     localiser:
         The card's knee-joint localiser (it runs on the CPU), or ``None``.
+    heatmap_size:
+        The longest side of the findings' heatmaps (0: each image's own size);
+        the node passes its overlay size, so a 3000-pixel radiograph's map is
+        made once at the overlay's 2048 pixels instead of at full size and then
+        shrunk.
     """
 
     def __init__(
@@ -139,15 +145,19 @@ class Predictor:
         device: torch.device,
         batch_size: int = DEFAULT_BATCH_SIZE,
         localiser: KneeLocaliser | None = None,
+        heatmap_size: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ModelError(f"batch_size must be at least 1, got {batch_size}")
+        if heatmap_size < 0:
+            raise ModelError(f"heatmap_size must be 0 (full size) or positive, got {heatmap_size}")
         self.directory = directory
         self.card = card
         self.model = model
         self.device = device
         self.batch_size = batch_size
         self.localiser = localiser
+        self.heatmap_size = heatmap_size
         self.identity: ModelIdentity = identity(card)
         self.classes: tuple[CodedClass, ...] = card.coded_classes()
         self._lock = threading.Lock()
@@ -160,6 +170,7 @@ class Predictor:
         device: Device | str = "cpu",
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        heatmap_size: int = 0,
     ) -> Predictor:
         """Build the card's network and load its weights.
 
@@ -173,6 +184,9 @@ class Predictor:
             ``cpu``, ``cuda`` or ``auto``.
         batch_size:
             The most images per forward pass.
+        heatmap_size:
+            The longest side of the heatmaps (0: each image's own size); give
+            the overlay's size (``results.overlay_max_size``).
 
         Raises
         ------
@@ -195,7 +209,7 @@ class Predictor:
             "model loaded",
             extra={"model": card.name, "version": card.version, "device": str(target)},
         )
-        return cls(directory, card, model, target, batch_size, localiser)
+        return cls(directory, card, model, target, batch_size, localiser, heatmap_size)
 
     def with_explanation(self, gradcam: GradCamSpec) -> Predictor:
         """The same network explained another way (method and layers), for comparisons.
@@ -208,7 +222,13 @@ class Predictor:
         check_cam_layers(self.model, gradcam.target_layer)
         card = self.card.model_copy(update={"gradcam": gradcam})
         return Predictor(
-            self.directory, card, self.model, self.device, self.batch_size, self.localiser
+            self.directory,
+            card,
+            self.model,
+            self.device,
+            self.batch_size,
+            self.localiser,
+            self.heatmap_size,
         )
 
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
@@ -322,17 +342,24 @@ class Predictor:
         cams: CamBatch,
         index: int,
     ) -> Finding:
-        local = to_source_geometry(cams.cams[index], placement).astype(np.float32, copy=False)
-        heatmap, visible = _on_image(local, view.region, image)
+        shape = image.shape_within(self.heatmap_size)
+        scale_y, scale_x = shape[0] / image.rows, shape[1] / image.columns
+        region = _scaled(view.region, scale_x, scale_y)
+        local = to_source_geometry(cams.cams[index], placement, (region.height, region.width))
+        heatmap, visible = _on_image(local.astype(np.float32, copy=False), region, shape)
         column, row = peak(heatmap[visible.y0 : visible.y1, visible.x0 : visible.x1])
+        seen = _visible(view.region, image.rows, image.columns)
         return Finding(
             # The argmax of the logits is the argmax of softmax(logits / T), T > 0;
             # taking it from the cam keeps the heatmap and the prediction in step.
             predicted=self.classes[cams.classes[index]],
             probabilities=tuple(float(p) for p in probs),
             heatmap=heatmap,
-            peak=(column + visible.x0, row + visible.y0),
-            region=visible,
+            peak=(
+                _unscaled(column + visible.x0, scale_x, seen.x0, seen.x1),
+                _unscaled(row + visible.y0, scale_y, seen.y0, seen.y1),
+            ),
+            region=seen,
             laterality=view.laterality,
             localisation_uncertain=view.uncertain,
         )
@@ -352,17 +379,41 @@ class _View:
     uncertain: bool = False
 
 
-def _on_image(local: FloatArray, region: Region, image: PreparedImage) -> tuple[FloatArray, Region]:
-    """A map of ``region`` placed on the whole image (zero elsewhere), and its visible part."""
-    visible = Region(
-        max(0, region.x0),
-        max(0, region.y0),
-        min(image.columns, region.x1),
-        min(image.rows, region.y1),
+def _visible(region: Region, rows: int, columns: int) -> Region:
+    """The part of ``region`` inside an image of ``rows`` x ``columns``."""
+    return Region(
+        max(0, region.x0), max(0, region.y0), min(columns, region.x1), min(rows, region.y1)
     )
-    if visible == region == Region(0, 0, image.columns, image.rows):
+
+
+def _scaled(region: Region, scale_x: float, scale_y: float) -> Region:
+    """The pixels that cover ``region`` on the image scaled by (``scale_x``, ``scale_y``)."""
+    if scale_x == scale_y == 1.0:
+        return region
+    return Region(
+        math.floor(region.x0 * scale_x),
+        math.floor(region.y0 * scale_y),
+        math.ceil(region.x1 * scale_x),
+        math.ceil(region.y1 * scale_y),
+    )
+
+
+def _unscaled(position: float, scale: float, low: int, high: int) -> float:
+    """A pixel of the scaled heatmap as a position on the image, kept inside [low, high)."""
+    if scale == 1.0:
+        return float(position)
+    return float(min(max((position + 0.5) / scale - 0.5, low), high - 1))
+
+
+def _on_image(
+    local: FloatArray, region: Region, shape: tuple[int, int]
+) -> tuple[FloatArray, Region]:
+    """A map of ``region`` on an image of ``shape`` (zero elsewhere), and its visible part."""
+    rows, columns = shape
+    visible = _visible(region, rows, columns)
+    if visible == region == Region(0, 0, columns, rows):
         return local, visible
-    heatmap = np.zeros((image.rows, image.columns), dtype=np.float32)
+    heatmap = np.zeros(shape, dtype=np.float32)
     heatmap[visible.y0 : visible.y1, visible.x0 : visible.x1] = local[
         visible.y0 - region.y0 : visible.y1 - region.y0,
         visible.x0 - region.x0 : visible.x1 - region.x0,

@@ -60,6 +60,7 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
                 loaded.card,
                 settings.workers.device,
                 batch_size=settings.workers.batch_size,
+                heatmap_size=settings.results.overlay_max_size,
             )
         analysed = pipeline.analyse(predictors[key], [prepared])[0]
         if analysed.result is None:

@@ -52,6 +52,18 @@ class PreparedImage:
     def columns(self) -> int:
         return int(self.pixels.shape[1])
 
+    def shape_within(self, max_size: int) -> tuple[int, int]:
+        """(rows, columns) scaled by one factor so the longest side is at most ``max_size``.
+
+        ``max_size`` 0 (or an image already small enough) gives the image's own
+        shape. The overlay and the heatmaps behind it are made at this shape.
+        """
+        longest = max(self.rows, self.columns)
+        if max_size <= 0 or longest <= max_size:
+            return self.rows, self.columns
+        scale = max_size / longest
+        return max(1, round(self.rows * scale)), max(1, round(self.columns * scale))
+
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -105,8 +117,10 @@ class Finding:
     probabilities:
         One probability per class, in card order, summing to 1.
     heatmap:
-        Grad-CAM for ``predicted``, ``float32`` in [0, 1], shape equal to the
-        original image (rows, columns); zero outside ``region``.
+        Grad-CAM for ``predicted``, ``float32`` in [0, 1], over the whole image
+        at the shape of its overlay (:meth:`PreparedImage.shape_within` the
+        predictor's ``heatmap_size``; the image's own shape by default); zero
+        outside ``region``.
     peak:
         (column, row) of the heatmap maximum in original pixel coordinates.
     region:

@@ -199,6 +199,7 @@ class Worker:
                 loaded.card,
                 self.settings.workers.device,
                 batch_size=self.settings.workers.batch_size,
+                heatmap_size=self.settings.results.overlay_max_size,
             )
         return self._predictors[group_key]
 
@@ -212,7 +213,7 @@ class Worker:
     def _infer(self, jobs: Sequence[q.ClaimedJob]) -> None:
         """Prepare, classify and encode ``jobs`` in sub-batches of at most MAX_BATCH_PIXELS.
 
-        Large radiographs (9 megapixels and their full-size heatmaps) are held
+        Large radiographs (9 megapixels, and heatmaps at the overlay's size) are held
         only a few at a time, so memory stays flat whatever ``batch_size`` is.
         """
         predictor = self.predictor(jobs[0].group_key)

@@ -41,7 +41,9 @@ def bare_loop(
 
     ``max_size`` and ``jpeg_quality`` should be the node's (``results.overlay_*``).
     """
-    predictor = Predictor.load(loaded.directory, loaded.card, device, batch_size=batch_size)
+    predictor = Predictor.load(
+        loaded.directory, loaded.card, device, batch_size=batch_size, heatmap_size=max_size
+    )
     stages: dict[str, float] = defaultdict(float)
     images = 0
     start = time.perf_counter()

@@ -344,21 +344,23 @@ def downscaled(
 
     Overlays of 3000-pixel radiographs are 27 MB of RGB; a PACS viewer shows
     them no better than at 2048 pixels. Heatmaps, regions and peaks are scaled
-    with the image. ``max_size`` 0 (or an image already small enough) returns
+    with the image (a heatmap already made at the new shape, as the node's
+    predictor makes it, is kept as it is). ``max_size`` 0 (or an image already small enough) returns
     the inputs unchanged.
     """
-    longest = max(image.rows, image.columns)
-    if max_size <= 0 or longest <= max_size:
+    rows, columns = image.shape_within(max_size)
+    if (rows, columns) == (image.rows, image.columns):
         return image, result
-    scale = max_size / longest
-    size = (max(1, round(image.columns * scale)), max(1, round(image.rows * scale)))
+    scale = max_size / max(image.rows, image.columns)
+    size = (columns, rows)
     small = replace(image, pixels=_resize(image.pixels, size))
     findings = tuple(_scaled_finding(f, size, scale) for f in result.findings)
     return small, replace(result, findings=findings)
 
 
 def _resize(array: FloatArray, size: tuple[int, int]) -> FloatArray:
-    if array.size == 0:
+    """``array`` resized to ``size`` (columns, rows); unchanged when empty or already that size."""
+    if array.size == 0 or array.shape == (size[1], size[0]):
         return array
     resized = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F").resize(
         size, Image.Resampling.BILINEAR, reducing_gap=2.0

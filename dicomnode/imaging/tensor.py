@@ -100,8 +100,14 @@ def to_input(
     return ((image - mean_t) / std_t).contiguous(), placement
 
 
-def to_source_geometry(cam: FloatArray, placement: Placement) -> FloatArray:
-    """Map a heatmap in model-input geometry back onto the source pixels."""
+def to_source_geometry(
+    cam: FloatArray, placement: Placement, size: tuple[int, int] | None = None
+) -> FloatArray:
+    """Map a heatmap in model-input geometry back onto the source pixels.
+
+    ``size``: the (rows, columns) of the result when the source is wanted at
+    another scale (a smaller overlay, say); ``None`` gives the source's own.
+    """
     tensor = _tensor(cam)
     inner = tensor[
         ...,
@@ -110,7 +116,7 @@ def to_source_geometry(cam: FloatArray, placement: Placement) -> FloatArray:
     ]
     back = F.interpolate(
         inner,
-        size=(placement.source_rows, placement.source_columns),
+        size=size or (placement.source_rows, placement.source_columns),
         mode="bilinear",
         align_corners=False,
     )

@@ -42,7 +42,9 @@ class InProcessNode:
     thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, tmp_path: Path, database_url: str | None = None) -> InProcessNode:
+    def start(
+        cls, tmp_path: Path, database_url: str | None = None, overlay_max_size: int | None = None
+    ) -> InProcessNode:
         """A node with a tiny 5-class knee model that sends results to its collector."""
         collector = CollectingSCP(ae_title="PACS").start()
         sections: dict[str, dict[str, Any]] = {
@@ -53,6 +55,8 @@ class InProcessNode:
             },
             "results": {"destinations": ["PACS"]},
         }
+        if overlay_max_size is not None:
+            sections["results"]["overlay_max_size"] = overlay_max_size
         if database_url:
             sections["database"] = {"url": database_url}
         settings = make_settings(tmp_path, **sections)

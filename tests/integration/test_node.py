@@ -54,6 +54,27 @@ def test_study_comes_back_as_sc_and_sr(
     assert image.SOPInstanceUID in caplog.text
 
 
+def test_a_radiograph_larger_than_the_overlay_is_explained_at_the_overlays_size(
+    tmp_path: Path,
+) -> None:
+    """The worker makes its heatmaps at ``results.overlay_max_size``: the SC has that size."""
+    small = InProcessNode.start(tmp_path, overlay_max_size=256)
+    try:
+        image = make_radiograph(rows=512, columns=400, body_part="KNEE")
+        assert small.send(image) == [statuses.SUCCESS]
+        wait_for(lambda: len(small.collector.received) >= 2, 60, what="SC and SR")
+        (sc,) = (d for d in small.collector.received if d.Modality == "OT")
+        assert (sc.Rows, sc.Columns) == (256, 200)
+        path = tmp_path / "sc.dcm"
+        sc.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        (loaded,) = small.worker.registry.cards
+        key = f"{loaded.card.name}:{loaded.card.version}"
+        assert small.worker.predictor(key).heatmap_size == 256
+    finally:
+        small.close()
+
+
 def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
     image = make_radiograph(body_part="KNEE")
     assert node.send(image, image) == [statuses.SUCCESS, statuses.SUCCESS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,14 +231,38 @@ def test_predictor_gives_one_finding_per_joint(with_localiser: Predictor) -> Non
 
 
 def _check_finding_geometry(
-    image: PreparedImage, region: Region, heatmap: FloatArray, peak: tuple[float, float]
+    image: PreparedImage,
+    region: Region,
+    heatmap: FloatArray,
+    peak: tuple[float, float],
+    heatmap_size: int = 0,
 ) -> None:
-    assert heatmap.shape == image.pixels.shape
+    assert heatmap.shape == image.shape_within(heatmap_size)
     assert 0 <= region.x0 < region.x1 <= image.columns and 0 <= region.y0 < region.y1 <= image.rows
+    scale_y, scale_x = heatmap.shape[0] / image.rows, heatmap.shape[1] / image.columns
     outside = np.ones(heatmap.shape, dtype=bool)
-    outside[region.y0 : region.y1, region.x0 : region.x1] = False
+    outside[
+        math.floor(region.y0 * scale_y) : math.ceil(region.y1 * scale_y),
+        math.floor(region.x0 * scale_x) : math.ceil(region.x1 * scale_x),
+    ] = False
     assert not heatmap[outside].any()
+    assert heatmap.any()
     assert region.x0 <= peak[0] < region.x1 and region.y0 <= peak[1] < region.y1
+
+
+def test_joint_maps_at_the_overlays_size_sit_on_their_regions(with_localiser: Predictor) -> None:
+    """With a heatmap size (the node's overlay size) each joint's map is placed at that scale."""
+    small = Predictor.load(with_localiser.directory, with_localiser.card, heatmap_size=160)
+    images = [
+        PreparedImage(_discs(300, 500, [(130, 150), (370, 150)], 50), None, "bilateral"),
+        PreparedImage(_discs(300, 400, [(20, 150)], 40), None, "at the border"),
+    ]
+    for image, reference, result in zip(
+        images, with_localiser.predict(images), small.predict(images), strict=True
+    ):
+        assert [f.region for f in result.findings] == [f.region for f in reference.findings]
+        for finding in result.findings:
+            _check_finding_geometry(image, finding.region, finding.heatmap, finding.peak, 160)
 
 
 def test_bilateral_regions_sit_on_their_discs(with_localiser: Predictor) -> None:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from dicomnode.encode.render import downscaled, render_overlay
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
 from dicomnode.explain.gradcam import CamBatch, shift_averaged, shift_inputs, shift_maps
@@ -34,7 +35,7 @@ from dicomnode.models.card import (
 )
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
-from dicomnode.values import BodyPart, PreparedImage
+from dicomnode.values import BodyPart, ImageResult, PreparedImage
 
 ROWS, COLUMNS = 300, 217
 
@@ -233,6 +234,43 @@ def test_heatmap_has_the_source_geometry_and_the_peak_is_its_maximum(
         ROWS,
     )
     assert finding.laterality == "R"
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_a_heatmap_size_makes_the_map_at_the_overlays_shape(
+    tmp_path: Path, resize: Literal["stretch", "letterbox"]
+) -> None:
+    """The node asks for maps at its overlay size: the overlay then needs no resized map."""
+    card = make_tiny_model(tmp_path, resize=resize)
+    full, small = Predictor.load(tmp_path, card), Predictor.load(tmp_path, card, heatmap_size=150)
+    for seed in range(4):
+        image = _image(seed)
+        (on_image,), (on_overlay,) = (p.predict([image])[0].findings for p in (full, small))
+        assert image.shape_within(150) == (150, 108)
+        assert on_overlay.heatmap.shape == (150, 108)
+        assert on_overlay.probabilities == on_image.probabilities
+        assert on_overlay.region == on_image.region
+        shrunk_image, shrunk = downscaled(
+            image, ImageResult(full.identity, full.classes, (on_image,)), 150
+        )
+        kept = downscaled(image, ImageResult(small.identity, small.classes, (on_overlay,)), 150)[1]
+        assert kept.findings[0].heatmap is on_overlay.heatmap  # not resized again
+        assert np.abs(kept.findings[0].heatmap - shrunk.findings[0].heatmap).max() < 0.05
+        # The peak is in original pixels and points at (nearly) the full map's maximum.
+        column, row = on_overlay.peak
+        assert 0 <= column < COLUMNS and 0 <= row < ROWS
+        assert on_image.heatmap[round(row), round(column)] >= on_image.heatmap.max() - 0.05
+        overlays = [render_overlay(shrunk_image, r) for r in (shrunk, kept)]
+        assert overlays[0].shape == overlays[1].shape == (150, 108, 3)
+        assert np.abs(overlays[0].astype(int) - overlays[1].astype(int)).mean() < 1.0
+    # An image that fits already is explained exactly as at full size.
+    roomy = Predictor.load(tmp_path, card, heatmap_size=COLUMNS + ROWS)
+    image = _image(9)
+    (same,), (reference,) = (p.predict([image])[0].findings for p in (roomy, full))
+    np.testing.assert_array_equal(same.heatmap, reference.heatmap)
+    assert same.peak == reference.peak
+    with pytest.raises(ModelError, match="heatmap_size"):
+        Predictor.load(tmp_path, card, heatmap_size=-1)
 
 
 def test_temperature_changes_probabilities_not_the_argmax(
