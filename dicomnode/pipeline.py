@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 
 from dicomnode import __version__, uids
-from dicomnode.encode.render import UInt8Array, downscaled, render_overlay
+from dicomnode.encode.render import UInt8Array, render_overlay
 from dicomnode.encode.sc import encode_sc
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
@@ -102,7 +102,7 @@ def overlay_pixels(analysed: Analysed, max_size: int = 0) -> UInt8Array:
     """The RGB overlay of one analysed image, longest side at most ``max_size`` (0: as is)."""
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
-    return render_overlay(*downscaled(prepared.image, result, max_size))
+    return render_overlay(prepared.image, result, max_size)
 
 
 def make_sc(

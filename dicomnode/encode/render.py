@@ -131,7 +131,7 @@ def _finding_line(finding: Finding, laterality: str | None) -> str:
     return text
 
 
-def render_overlay(image: PreparedImage, result: ImageResult) -> UInt8Array:
+def render_overlay(image: PreparedImage, result: ImageResult, max_size: int = 0) -> UInt8Array:
     """Render the explanation overlay of one image.
 
     Parameters
@@ -139,22 +139,34 @@ def render_overlay(image: PreparedImage, result: ImageResult) -> UInt8Array:
     image:
         The prepared (windowed, display-ready) radiograph.
     result:
-        The model's findings on ``image``; each heatmap has the image's shape.
+        The model's findings on ``image``; each heatmap has the image's shape
+        or the overlay's (see :func:`fitted_result`).
+    max_size:
+        The longest side of the overlay in pixels (0: the image's own size).
+        Overlays of 3000-pixel radiographs are 27 MB of RGB; a PACS viewer
+        shows them no better than at 2048 pixels.
 
     Returns
     -------
     numpy.ndarray
-        ``uint8`` array of shape (rows, columns, 3), RGB.
+        ``uint8`` array of shape (rows, columns, 3), RGB, with (rows, columns)
+        ``image.shape_within(max_size)``.
 
     Raises
     ------
     EncodeError
         When the pixels are not a 2-D image or a heatmap does not match them.
     """
-    _check_shapes(image, result)
-    rgb = heat_image(image.pixels, _combined_heat(result.findings))
-    layout = _Layout.for_shape(image.rows, image.columns)
-    for finding in result.findings:
+    _check_image(image)
+    shape = image.shape_within(max_size)
+    fitted = fitted_result(image, result, max_size)
+    _check_heatmaps(shape, fitted)
+    rgb = _grey_rgb(image.pixels, shape)
+    heat = _combined_heat(fitted.findings)
+    if heat is not None:
+        _blend_heat(rgb, heat)
+    layout = _Layout.for_shape(*shape)
+    for finding in fitted.findings:
         _draw_region(rgb, finding, layout)
     _draw_scale_bar(rgb, layout)
     _draw_banner(rgb, overlay_lines(result, image.laterality), result, layout)
@@ -166,29 +178,46 @@ def heat_image(pixels: FloatArray, heat: FloatArray | None) -> UInt8Array:
 
     The overlay's own colours: no text, boxes or scale bar.
     """
-    rgb = _grey_rgb(pixels)
+    rgb = _grey_rgb(pixels, pixels.shape)
     if heat is not None:
         _blend_heat(rgb, heat)
     return rgb
 
 
-def _check_shapes(image: PreparedImage, result: ImageResult) -> None:
+def _check_image(image: PreparedImage) -> None:
     if image.pixels.ndim != 2 or image.rows < 16 or image.columns < 16:
         raise EncodeError(f"cannot render pixels of shape {image.pixels.shape}")
+
+
+def _check_heatmaps(shape: tuple[int, int], result: ImageResult) -> None:
     for finding in result.findings:
-        if finding.heatmap.shape != image.pixels.shape:
+        if finding.heatmap.shape != shape:
             raise EncodeError(
-                f"heatmap shape {finding.heatmap.shape} differs from image shape "
-                f"{image.pixels.shape}"
+                f"heatmap shape {finding.heatmap.shape} differs from the overlay's shape {shape}"
             )
 
 
-def _grey_rgb(pixels: FloatArray) -> UInt8Array:
-    """Return the [0, 1] pixels as a grey RGB ``uint8`` image."""
-    scaled = np.multiply(pixels, 255.0, dtype=np.float32)
+def _levels(values: FloatArray) -> UInt8Array:
+    """[0, 1] values as the nearest of 256 levels (outside values clipped)."""
+    scaled = np.multiply(values, 255.0, dtype=np.float32)
     np.clip(scaled, 0.0, 255.0, out=scaled)
     scaled += 0.5
-    grey = scaled.astype(np.uint8)
+    return scaled.astype(np.uint8)
+
+
+def _grey_rgb(pixels: FloatArray, shape: tuple[int, ...]) -> UInt8Array:
+    """The [0, 1] pixels as a grey RGB ``uint8`` image of ``shape`` (rows, columns).
+
+    Quantised to 256 levels first, then shrunk: resizing bytes is about four
+    times faster than resizing floats, and the overlay is bytes anyway.
+    """
+    grey = _levels(pixels)
+    if grey.shape != shape:
+        grey = np.asarray(
+            Image.fromarray(grey).resize(
+                (shape[1], shape[0]), Image.Resampling.BILINEAR, reducing_gap=2.0
+            )
+        )
     rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
     rgb[...] = grey[..., None]
     return rgb
@@ -216,10 +245,7 @@ def _heat_box(levels: npt.NDArray[np.uint8]) -> tuple[slice, slice] | None:
 
 def _blend_heat(rgb: UInt8Array, heat: FloatArray) -> None:
     """Blend the colour-mapped heat into ``rgb`` in place."""
-    scaled = np.multiply(heat, 255.0, dtype=np.float32)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    scaled += 0.5
-    levels = scaled.astype(np.uint8)
+    levels = _levels(heat)
     box = _heat_box(levels)
     if box is None:
         return
@@ -337,25 +363,19 @@ def _draw_scale_bar(rgb: UInt8Array, layout: _Layout) -> None:
     _draw_text_block(rgb, (x0, bar_top + bar_height), [("low", _TEXT)], font, layout.margin)
 
 
-def downscaled(
-    image: PreparedImage, result: ImageResult, max_size: int
-) -> tuple[PreparedImage, ImageResult]:
-    """The image and its findings shrunk so the longest side is at most ``max_size`` pixels.
+def fitted_result(image: PreparedImage, result: ImageResult, max_size: int) -> ImageResult:
+    """``result`` on the overlay of ``image`` whose longest side is at most ``max_size``.
 
-    Overlays of 3000-pixel radiographs are 27 MB of RGB; a PACS viewer shows
-    them no better than at 2048 pixels. Heatmaps, regions and peaks are scaled
-    with the image (a heatmap already made at the new shape, as the node's
-    predictor makes it, is kept as it is). ``max_size`` 0 (or an image already small enough) returns
-    the inputs unchanged.
+    Heatmaps, regions and peaks are scaled with the image; a heatmap already
+    made at the overlay's shape (as the node's predictor makes it) is kept as
+    it is. ``max_size`` 0 (or an image already small enough) returns ``result``.
     """
     rows, columns = image.shape_within(max_size)
     if (rows, columns) == (image.rows, image.columns):
-        return image, result
+        return result
     scale = max_size / max(image.rows, image.columns)
-    size = (columns, rows)
-    small = replace(image, pixels=_resize(image.pixels, size))
-    findings = tuple(_scaled_finding(f, size, scale) for f in result.findings)
-    return small, replace(result, findings=findings)
+    findings = tuple(_scaled_finding(f, (columns, rows), scale) for f in result.findings)
+    return replace(result, findings=findings)
 
 
 def _resize(array: FloatArray, size: tuple[int, int]) -> FloatArray:

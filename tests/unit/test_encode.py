@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -538,11 +539,12 @@ def test_sr_refuses_no_images() -> None:
         make_sr([])
 
 
-def test_downscaled_overlay_keeps_findings_in_place() -> None:
-    from dicomnode.encode.render import downscaled
+def test_a_smaller_overlay_keeps_findings_in_place() -> None:
+    from dicomnode.encode.render import fitted_result
     from dicomnode.values import Finding, PreparedImage, Region
 
     pixels = np.zeros((3000, 2400), dtype=np.float32)
+    pixels[:, 1200:] = 1.0  # white right half
     heat = np.zeros_like(pixels)
     heat[1500:1600, 1200:1300] = 1.0
     image = PreparedImage(pixels=pixels, laterality="R")
@@ -550,12 +552,28 @@ def test_downscaled_overlay_keeps_findings_in_place() -> None:
     finding = Finding(coded, (1.0,), heat, (1250.0, 1550.0), Region(1000, 1000, 2000, 2000))
     model = ModelIdentity("m", "1", "0" * 64, False)
     result = ImageResult(model, (coded,), (finding,))
-    small, shrunk = downscaled(image, result, 1500)
-    assert small.pixels.shape == (1500, 1200)
+    shrunk = fitted_result(image, result, 1500)
     (f,) = shrunk.findings
     assert f.heatmap.shape == (1500, 1200)
     assert f.peak == (625.0, 775.0)
     assert (f.region.x0, f.region.y0, f.region.x1, f.region.y1) == (500, 500, 1000, 1000)
     row, column = np.unravel_index(np.argmax(f.heatmap), f.heatmap.shape)
     assert 745 <= row <= 805 and 595 <= column <= 655
-    assert downscaled(image, result, 0) == (image, result)
+    assert fitted_result(image, result, 0) is result
+    assert fitted_result(image, result, 3000) is result
+    # A heatmap made at the overlay's shape is used as it is.
+    made = replace(finding, heatmap=f.heatmap)
+    assert fitted_result(image, replace(result, findings=(made,)), 1500).findings[0].heatmap is (
+        f.heatmap
+    )
+    rgb = render_overlay(image, result, 1500)
+    assert rgb.shape == (1500, 1200, 3)
+    # The grey image is shrunk with its findings: black left, white right, heat at the peak.
+    assert rgb[200, 100].tolist() == [0, 0, 0] and rgb[200, 1100].tolist() == [255, 255, 255]
+    assert len(set(rgb[775, 625].tolist())) > 1  # coloured by the heat, not grey
+    # Regions and peaks stay in original pixels; only the heatmap may come at the overlay's shape.
+    np.testing.assert_array_equal(
+        rgb, render_overlay(image, replace(result, findings=(made,)), 1500)
+    )
+    with pytest.raises(EncodeError, match="overlay's shape"):
+        render_overlay(image, replace(result, findings=(replace(finding, heatmap=heat[:-1]),)))

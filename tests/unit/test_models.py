@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from dicomnode.encode.render import downscaled, render_overlay
+from dicomnode.encode.render import fitted_result, render_overlay
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain import grad_cam, peak
 from dicomnode.explain.gradcam import CamBatch, shift_averaged, shift_inputs, shift_maps
@@ -250,19 +250,19 @@ def test_a_heatmap_size_makes_the_map_at_the_overlays_shape(
         assert on_overlay.heatmap.shape == (150, 108)
         assert on_overlay.probabilities == on_image.probabilities
         assert on_overlay.region == on_image.region
-        shrunk_image, shrunk = downscaled(
-            image, ImageResult(full.identity, full.classes, (on_image,)), 150
-        )
-        kept = downscaled(image, ImageResult(small.identity, small.classes, (on_overlay,)), 150)[1]
+        whole = ImageResult(full.identity, full.classes, (on_image,))
+        made = ImageResult(small.identity, small.classes, (on_overlay,))
+        shrunk, kept = fitted_result(image, whole, 150), fitted_result(image, made, 150)
         assert kept.findings[0].heatmap is on_overlay.heatmap  # not resized again
         assert np.abs(kept.findings[0].heatmap - shrunk.findings[0].heatmap).max() < 0.05
         # The peak is in original pixels and points at (nearly) the full map's maximum.
         column, row = on_overlay.peak
         assert 0 <= column < COLUMNS and 0 <= row < ROWS
         assert on_image.heatmap[round(row), round(column)] >= on_image.heatmap.max() - 0.05
-        overlays = [render_overlay(shrunk_image, r) for r in (shrunk, kept)]
+        overlays = [render_overlay(image, r, 150) for r in (whole, made)]
         assert overlays[0].shape == overlays[1].shape == (150, 108, 3)
         assert np.abs(overlays[0].astype(int) - overlays[1].astype(int)).mean() < 1.0
+
     # An image that fits already is explained exactly as at full size.
     roomy = Predictor.load(tmp_path, card, heatmap_size=COLUMNS + ROWS)
     image = _image(9)
