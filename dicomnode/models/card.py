@@ -340,6 +340,21 @@ def write_card(directory: Path, card: ModelCard) -> Path:
     return path
 
 
+def check_new_version(card: ModelCard, version: str) -> None:
+    """Refuse ``version`` for a revised ``card`` when it is the card's own.
+
+    Raises
+    ------
+    ModelError
+        If ``version`` is the card's own: what the card says changed, so its
+        version must too.
+    """
+    if version == card.version:
+        raise ModelError(
+            f"model {card.name} is version {version} already: a changed card needs a new version"
+        )
+
+
 def write_revision(
     directory: Path, card: ModelCard, version: str, note: str = "", **fields: Any
 ) -> Path:
@@ -355,10 +370,7 @@ def write_revision(
         If ``version`` is the card's own: what the card says changed, so its
         version must too.
     """
-    if version == card.version:
-        raise ModelError(
-            f"model {card.name} is version {version} already: a changed card needs a new version"
-        )
+    check_new_version(card, version)
     recipe = dict(fields.pop("recipe", card.recipe))
     if recipe:
         recipe["notes"] = " ".join(part for part in (recipe.get("notes", ""), note) if part)

@@ -40,7 +40,7 @@ from scipy.ndimage import binary_erosion, distance_transform_edt
 
 from dicomnode.encode.render import heat_image
 from dicomnode.inference import Predictor
-from dicomnode.models.card import GradCamSpec, load_card, write_revision
+from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
@@ -264,6 +264,7 @@ def set_explanation(model_dir: Path, gradcam: GradCamSpec, version: str, note: s
         change with the explanation, so the version must too).
     """
     card = load_card(model_dir)
+    check_new_version(card, version)  # before loading the network
     Predictor.load(model_dir, card, "cpu").with_explanation(gradcam)
     recipe = dict(card.recipe)
     if recipe:
