@@ -1,11 +1,13 @@
-"""When a study is ready, and which model (if any) each instance goes to.
+"""Which model (if any) each instance goes to, and when a study's round is reported.
 
-A study is ready when every association that delivered its new instances is
-closed and ``study.settle_seconds`` passed since the last one arrived. Its new
-instances are then routed by body part: each model gets one report (a
-processing round) with one inference job per instance and one report job.
-Instances that arrive after a round are processed as the next round, whose SR
-supersedes the earlier one.
+New instances are routed by body part as soon as they are stored: each goes
+into its model's open processing round of the study (one is opened when there
+is none) with an inference job of its own, so the model runs while the rest of
+the study is still arriving. A round is closed, and its report job queued,
+when every association that delivered its instances is closed and
+``study.settle_seconds`` passed since the last one arrived; the report job
+then waits for the round's inference jobs. Instances that arrive after a round
+was closed open the next round, whose SR supersedes the earlier one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from dicomnode.queue.jobs import JobKind, JobSpec, enqueue
 from dicomnode.values import BodyPart
 
 log = logging.getLogger(__name__)
+
+OPEN = "open"
+"""State of a round that new instances of its study and model still join (no report job yet)."""
 
 RADIOGRAPH_SOP_CLASSES = frozenset(
     {
@@ -77,14 +82,21 @@ def route(
     )
 
 
-def ready_studies(session: Session, settle_seconds: float) -> list[str]:
-    """Studies with received instances, no open delivering association and quiet long enough."""
+def studies_with_new_instances(session: Session) -> list[str]:
+    """Studies with instances that no pass has routed yet."""
+    statement = select(Instance.study_instance_uid).where(Instance.state == "received").distinct()
+    return list(session.execute(statement).scalars())
+
+
+def ready_rounds(session: Session, settle_seconds: float) -> list[int]:
+    """Open rounds whose instances came on closed associations and are quiet long enough."""
     cutoff = utcnow() - timedelta(seconds=settle_seconds)
     statement = (
-        select(Instance.study_instance_uid)
+        select(Report.id)
+        .join(Instance, Instance.report_id == Report.id)
         .join(Association, Association.id == Instance.association_id)
-        .where(Instance.state == "received")
-        .group_by(Instance.study_instance_uid)
+        .where(Report.state == OPEN)
+        .group_by(Report.id)
         .having(func.max(Instance.received_at) <= cutoff)
         .having(func.count().filter(Association.released_at.is_(None)) == 0)
     )
@@ -104,10 +116,13 @@ def _is_own_output(session: Session, sop_uid: str) -> bool:
     return session.get(Output, sop_uid) is not None
 
 
-def schedule_study(
+def queue_new_instances(
     session: Session, study_uid: str, settings: Settings, registry: ModelRegistry
 ) -> list[int]:
-    """Route the study's received instances and queue their jobs; return the new report ids."""
+    """Route the study's new instances into their models' open rounds and queue their inference.
+
+    Returns the ids of the rounds that got instances.
+    """
     instances = session.execute(
         select(Instance).where(
             Instance.study_instance_uid == study_uid, Instance.state == "received"
@@ -124,7 +139,9 @@ def schedule_study(
         cards[decision.card.name] = decision
         by_model[decision.card.name].append(instance)
     return [
-        _queue_round(session, study_uid, cards[name], members, settings)
+        _queue_inference(
+            session, _open_round(session, study_uid, cards[name], members), members, settings
+        )
         for name, members in by_model.items()
     ]
 
@@ -149,66 +166,111 @@ def _decide(
     return loaded
 
 
-def _queue_round(
-    session: Session,
-    study_uid: str,
-    loaded: LoadedCard,
-    members: list[Instance],
-    settings: Settings,
-) -> int:
+def _open_round(
+    session: Session, study_uid: str, loaded: LoadedCard, members: list[Instance]
+) -> Report:
+    """The study's open round for this model (and version), or a new one."""
     card = loaded.card
+    report = session.execute(
+        select(Report).where(
+            Report.study_instance_uid == study_uid,
+            Report.model_name == card.name,
+            Report.model_version == card.version,
+            Report.state == OPEN,
+        )
+    ).scalar_one_or_none()
+    if report is not None:
+        return report
     report = Report(
         study_instance_uid=study_uid,
         model_name=card.name,
         model_version=card.version,
         sequence=_next_sequence(session, study_uid, card.name),
         calling_ae=members[0].calling_ae,
-        state="pending",
+        state=OPEN,
         created_at=utcnow(),
     )
     session.add(report)
     session.flush()
-    group = f"{card.name}:{card.version}"
-    specs = [
-        JobSpec(
-            JobKind.INFER,
-            f"{m.sop_instance_uid}:{group}",
-            settings.workers.max_attempts,
-            group_key=group,
-            report_id=report.id,
-            sop_instance_uid=m.sop_instance_uid,
-        )
-        for m in members
-    ]
-    specs.append(
-        JobSpec(
-            JobKind.REPORT,
-            f"report:{report.id}",
-            settings.workers.max_attempts,
-            group_key=group,
-            report_id=report.id,
-        )
-    )
-    enqueue(session, specs)
-    for member in members:
-        member.state, member.report_id = "queued", report.id
     log.info(
-        "queued study=%s model=%s round=%s images=%d report=%s",
+        "round opened study=%s model=%s round=%s report=%s",
         study_uid,
         card.name,
         report.sequence,
-        len(members),
         report.id,
     )
+    return report
+
+
+def _queue_inference(
+    session: Session, report: Report, members: list[Instance], settings: Settings
+) -> int:
+    group = f"{report.model_name}:{report.model_version}"
+    enqueue(
+        session,
+        [
+            JobSpec(
+                JobKind.INFER,
+                f"{m.sop_instance_uid}:{group}",
+                settings.workers.max_attempts,
+                group_key=group,
+                report_id=report.id,
+                sop_instance_uid=m.sop_instance_uid,
+            )
+            for m in members
+        ],
+    )
+    for member in members:
+        member.state, member.report_id = "queued", report.id
+    log.info("inference queued report=%s images=%d", report.id, len(members))
     return report.id
 
 
+def close_round(session: Session, report_id: int, settings: Settings) -> None:
+    """Queue the round's report job: no more instances join it."""
+    report = session.get(Report, report_id)
+    if report is None or report.state != OPEN:
+        return
+    group = f"{report.model_name}:{report.model_version}"
+    enqueue(
+        session,
+        [
+            JobSpec(
+                JobKind.REPORT,
+                f"report:{report.id}",
+                settings.workers.max_attempts,
+                group_key=group,
+                report_id=report.id,
+            )
+        ],
+    )
+    report.state = "pending"
+    images = session.execute(
+        select(func.count()).select_from(Instance).where(Instance.report_id == report.id)
+    ).scalar_one()
+    log.info(
+        "queued study=%s model=%s round=%s images=%d report=%s",
+        report.study_instance_uid,
+        report.model_name,
+        report.sequence,
+        images,
+        report.id,
+    )
+
+
 def schedule_ready(db: Database, settings: Settings, registry: ModelRegistry) -> list[int]:
-    """One scheduler pass: queue every ready study; return the new report ids."""
+    """One scheduler pass: queue inference for new instances, then close every ready round.
+
+    Returns the ids of the rounds closed (their report jobs queued).
+    """
     with db.session() as session:
-        studies = ready_studies(session, settings.study.settle_seconds)
-    report_ids: list[int] = []
+        studies = studies_with_new_instances(session)
     for study_uid in studies:
         with db.session() as session:
-            report_ids.extend(schedule_study(session, study_uid, settings, registry))
-    return report_ids
+            queue_new_instances(session, study_uid, settings, registry)
+    with db.session() as session:
+        ready = ready_rounds(session, settings.study.settle_seconds)
+    for report_id in ready:
+        with db.session() as session:
+            close_round(session, report_id, settings)
+    return ready

@@ -14,6 +14,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from sqlalchemy import func, select
 
 from dicomnode.config import Settings
@@ -86,8 +87,8 @@ class InProcessNode:
         self.collector.stop()
         self.db.dispose()
 
-    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
-        """C-STORE ``datasets`` over one association; the statuses."""
+    def associate(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> Association:
+        """An established association that can C-STORE ``datasets`` (release it when done)."""
         ae = AE(ae_title=calling_ae)
         for ds in datasets:
             ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
@@ -95,6 +96,11 @@ class InProcessNode:
             LOOPBACK, self.settings.node.port, ae_title=self.settings.node.ae_title
         )
         assert assoc.is_established, "association was not accepted"
+        return assoc
+
+    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
+        """C-STORE ``datasets`` over one association; the statuses."""
+        assoc = self.associate(*datasets, calling_ae=calling_ae)
         codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
         assoc.release()
         return codes

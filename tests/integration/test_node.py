@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicomnode.db.schema import Instance, Job, Output
+from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.peers import PeerInfo, add_peer
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.receive import statuses
@@ -73,6 +74,36 @@ def test_a_radiograph_larger_than_the_overlay_is_explained_at_the_overlays_size(
         assert small.worker.predictor(key).heatmap_size == 256
     finally:
         small.close()
+
+
+def test_inference_runs_while_the_study_arrives_and_the_sr_waits_for_it(node: Node) -> None:
+    """Each image is analysed as soon as it is stored; the round closes when the study settles."""
+    first = make_radiograph(body_part="KNEE", seed=1)
+    second = make_radiograph(body_part="KNEE", seed=2)
+    second.StudyInstanceUID, second.SeriesInstanceUID = (
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+    )
+    assoc = node.associate(first, second)
+    try:
+        assert int(assoc.send_c_store(first).Status) == statuses.SUCCESS
+        wait_for(
+            lambda: node.count(Result, sop_instance_uid=first.SOPInstanceUID) == 1,
+            60,
+            what="the first image analysed while its association is open",
+        )
+        time.sleep(3 * node.settings.study.settle_seconds)
+        assert node.count(Report, state="open") == 1
+        assert node.count(Job, kind="report") == 0
+        assert node.collector.received == []
+        assert int(assoc.send_c_store(second).Status) == statuses.SUCCESS
+    finally:
+        assoc.release()
+    wait_for(lambda: len(node.collector.received) >= 3, 60, what="two SCs and the SR")
+    (sr,) = (d for d in node.collector.received if d.Modality == "SR")
+    assert node.count(Report) == 1  # one round: the second image joined the open one
+    assert node.count(Job, kind="infer", state="done") == 2
+    assert first.SOPInstanceUID in str(sr) and second.SOPInstanceUID in str(sr)
 
 
 def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
