@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydicom.uid import UID
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session, aliased
 
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Output, Report
@@ -89,13 +89,24 @@ def studies_with_new_instances(session: Session) -> list[str]:
 
 
 def ready_rounds(session: Session, settle_seconds: float) -> list[int]:
-    """Open rounds whose instances came on closed associations and are quiet long enough."""
+    """Open rounds whose instances came on closed associations and are quiet long enough.
+
+    A study with an instance that no pass has routed yet (one stored since
+    this pass routed the new ones) keeps its rounds open until the next pass.
+    """
     cutoff = utcnow() - timedelta(seconds=settle_seconds)
+    unrouted = aliased(Instance)
     statement = (
         select(Report.id)
         .join(Instance, Instance.report_id == Report.id)
         .join(Association, Association.id == Instance.association_id)
-        .where(Report.state == OPEN)
+        .where(
+            Report.state == OPEN,
+            ~exists().where(
+                unrouted.study_instance_uid == Report.study_instance_uid,
+                unrouted.state == "received",
+            ),
+        )
         .group_by(Report.id)
         .having(func.max(Instance.received_at) <= cutoff)
         .having(func.count().filter(Association.released_at.is_(None)) == 0)

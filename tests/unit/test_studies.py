@@ -1,11 +1,21 @@
-"""Body-part routing rules."""
+"""Body-part routing rules, and the rounds the scheduler opens and closes."""
 
 from __future__ import annotations
 
-import pytest
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
 
-from dicomnode.config import RoutingSettings
-from dicomnode.studies import route
+import pytest
+from sqlalchemy import select
+
+from dicomnode.config import RoutingSettings, Settings
+from dicomnode.db.schema import Association, Instance, Job, Report
+from dicomnode.db.session import Database, utcnow
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.studies import OPEN, queue_new_instances, ready_rounds, route, schedule_ready
+from dicomnode.testing.models import make_tiny_model
 from dicomnode.values import BodyPart
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -50,3 +60,103 @@ def test_rules_are_configurable() -> None:
     assert route(CR, "CR", "KNIE", "", rules).body_part is BodyPart.KNEE
     assert route(CR, "CR", "KNEE", "", rules).body_part is None
     assert route(DX, "DX", "KNIE", "", rules).body_part is None
+
+
+# --- rounds: inference at once, the report when the study settles --------------------------
+
+
+@pytest.fixture
+def registry(settings: Settings) -> ModelRegistry:
+    make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
+    return ModelRegistry.load(settings.models.dir)
+
+
+def _association(db: Database, released: bool) -> str:
+    with db.session() as session:
+        association = Association(
+            id=str(uuid.uuid4()),
+            calling_ae="MOD",
+            started_at=utcnow(),
+            released_at=utcnow() if released else None,
+        )
+        session.add(association)
+        return association.id
+
+
+def _store(db: Database, association: str, sop: str, ago: float, body_part: str = "KNEE") -> None:
+    with db.session() as session:
+        session.add(
+            Instance(
+                sop_instance_uid=sop,
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.1",
+                sop_class_uid=DX,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                modality="DX",
+                body_part=body_part,
+                path=f"/nowhere/{sop}.dcm",
+                size=1,
+                calling_ae="MOD",
+                association_id=association,
+                received_at=utcnow() - timedelta(seconds=ago),
+            )
+        )
+
+
+def _release(db: Database, association: str) -> None:
+    with db.session() as session:
+        row = session.get(Association, association)
+        assert row is not None
+        row.released_at = utcnow()
+
+
+def _jobs(db: Database) -> list[tuple[str, str | None, int | None]]:
+    with db.session() as session:
+        rows = session.execute(
+            select(Job.kind, Job.sop_instance_uid, Job.report_id).order_by(Job.id)
+        )
+        return [(str(kind), sop, report) for kind, sop, report in rows]
+
+
+def test_images_are_queued_at_once_and_the_round_closes_when_the_study_settles(
+    db: Database, settings: Settings, registry: ModelRegistry
+) -> None:
+    settle = settings.study.settle_seconds
+    sending = _association(db, released=False)
+    _store(db, sending, "1.2.3.1.1", ago=10 * settle)
+    _store(db, sending, "1.2.3.1.2", ago=10 * settle, body_part="CHEST")
+    assert schedule_ready(db, settings, registry) == []  # the association is still open
+    assert _jobs(db) == [("infer", "1.2.3.1.1", 1)]
+    with db.session() as session:
+        states = dict(session.execute(select(Instance.sop_instance_uid, Instance.state)).all())
+        assert states == {"1.2.3.1.1": "queued", "1.2.3.1.2": "skipped"}
+        assert session.execute(select(Report.state)).scalar_one() == OPEN
+    # A later image of the same association joins the open round.
+    _store(db, sending, "1.2.3.1.3", ago=0.0)
+    _release(db, sending)
+    assert schedule_ready(db, settings, registry) == []  # released, but not quiet long enough
+    assert [job[2] for job in _jobs(db)] == [1, 1]
+    time.sleep(settle + 0.05)
+    assert schedule_ready(db, settings, registry) == [1]
+    assert _jobs(db)[-1] == ("report", None, 1)
+    # An image after the round closed opens the next one (its SR supersedes the first).
+    _store(db, _association(db, released=True), "1.2.3.1.4", ago=10 * settle)
+    assert schedule_ready(db, settings, registry) == [2]
+    with db.session() as session:
+        rounds = session.execute(select(Report.sequence, Report.state).order_by(Report.id)).all()
+    assert [tuple(r) for r in rounds] == [(1, "pending"), (2, "pending")]
+
+
+def test_a_study_with_an_image_not_yet_routed_keeps_its_round_open(
+    db: Database, settings: Settings, registry: ModelRegistry
+) -> None:
+    _store(db, _association(db, released=True), "1.2.3.1.1", ago=100.0)
+    with db.session() as session:
+        queue_new_instances(session, "1.2.3", settings, registry)
+    # Stored after the pass routed the new images, before it looked for ready rounds.
+    _store(db, _association(db, released=True), "1.2.3.1.2", ago=100.0)
+    with db.session() as session:
+        assert ready_rounds(session, settings.study.settle_seconds) == []
+        queue_new_instances(session, "1.2.3", settings, registry)
+    with db.session() as session:
+        assert ready_rounds(session, settings.study.settle_seconds) == [1]
