@@ -247,6 +247,35 @@ def retry(
 
 
 @app.command()
+def purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be purged, change nothing")
+    ] = False,
+    older_than_days: Annotated[
+        float | None,
+        typer.Option(help="instead of storage.retention_days (the node purges hourly by that)"),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the pixel data of finished, delivered studies older than the retention period."""
+    from dicomnode.retention import purge_expired
+
+    resolved = settings(config)
+    days = resolved.storage.retention_days if older_than_days is None else older_than_days
+    if days <= 0:
+        console.print("retention is off (0 days): nothing is purged")
+        return
+    summary = purge_expired(_database(resolved), days, dry_run=dry_run)
+    verb = "would purge" if dry_run else "purged"
+    console.print(
+        f"{verb} {len(summary.studies)} study(ies) older than {days:g} days: "
+        f"{summary.files} file(s), {summary.bytes_freed / 1e6:.1f} MB"
+    )
+    for study_uid in summary.studies:
+        console.print(f"  {study_uid}")
+
+
+@app.command()
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files")],
     out: Annotated[Path, typer.Option("--out", help="output folder for SC and SR files")],

@@ -65,6 +65,12 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(
         500, ge=0, description="refuse C-STORE with 0xA700 below this free space"
     )
+    retention_days: float = Field(
+        30,
+        ge=0,
+        description="days after which the pixel data of finished, delivered studies are deleted "
+        "(headers and records stay); 0 keeps everything",
+    )
 
 
 class DatabaseSettings(_Section):

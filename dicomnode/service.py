@@ -25,16 +25,19 @@ from dicomnode import logs
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
-from dicomnode.errors import ConfigError, DatabaseError
+from dicomnode.errors import ConfigError, DatabaseError, DicomNodeError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers
 from dicomnode.receive.scp import start_scp
+from dicomnode.retention import purge_expired
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
 
 log = logging.getLogger(__name__)
 SCHEDULER_INTERVAL = 0.1
+PURGE_INTERVAL = 3600.0
+"""Seconds between retention passes (the first runs at start-up)."""
 
 
 def open_database(settings: Settings) -> Database:
@@ -191,6 +194,8 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             ) from exc
     supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
     supervisor.start()
+    if with_scp:
+        _start_retention(db, settings, stop)
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
             if with_scp:
@@ -202,6 +207,25 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             server.shutdown()
         supervisor.stop()
         db.dispose()
+
+
+def _start_retention(db: Database, settings: Settings, stop: threading.Event) -> None:
+    """Purge expired studies now and every :data:`PURGE_INTERVAL` in a thread of its own."""
+    days = settings.storage.retention_days
+    if days <= 0:
+        log.info("retention: off (storage.retention_days is 0); nothing is purged")
+        return
+
+    def loop() -> None:
+        while True:
+            try:
+                purge_expired(db, days)
+            except DicomNodeError as exc:
+                log.error("retention pass failed: %s", exc)
+            if stop.wait(PURGE_INTERVAL):
+                return
+
+    threading.Thread(target=loop, name="retention", daemon=True).start()
 
 
 def _install_signals(stop: threading.Event) -> None:

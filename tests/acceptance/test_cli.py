@@ -85,6 +85,19 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     assert status.returncode == 0 and "Jobs by state" in status.stdout
 
 
+def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\nstorage: {{retention_days: 14}}\n"
+    )
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    dry = _cli("--config", str(config), "purge", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "would purge 0 study(ies) older than 14 days: 0 file(s), 0.0 MB" in dry.stdout
+    off = _cli("--config", str(config), "purge", "--older-than-days", "0", cwd=tmp_path)
+    assert off.returncode == 0 and "retention is off" in off.stdout
+
+
 def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
     card = make_tiny_model(tmp_path / "models" / "broken")
     weights = tmp_path / "models" / "broken" / card.weights.file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
+from dicomnode.db.session import utcnow
 from dicomnode.peers import PeerInfo, add_peer
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.receive import statuses
 from dicomnode.receive.scp import start_scp
+from dicomnode.retention import purge_expired
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.inprocess import SENDER, InProcessNode
 from dicomnode.testing.peers import CollectingSCP, wait_for
@@ -135,6 +138,30 @@ def test_follow_up_instance_gets_a_new_sr_that_references_the_first(node: Node) 
     )
     assert predecessor.ReferencedSOPInstanceUID == srs[0].SOPInstanceUID
     assert node.count(Job, kind="infer") == 2  # nothing processed twice
+
+
+def test_a_purged_study_still_gets_a_follow_up_sr(node: Node, tmp_path: Path) -> None:
+    """Retention strips the pixel data; the headers kept are enough for the next round's SR."""
+    first = make_radiograph(body_part="KNEE", seed=1)
+    node.send(first)
+    wait_for(lambda: node.count(Job, kind="send", state="done") == 2, 60, what="first round sent")
+    later_than_retention = utcnow() + timedelta(days=node.settings.storage.retention_days + 1)
+    summary = purge_expired(node.db, node.settings.storage.retention_days, now=later_than_retention)
+    assert summary.studies == (str(first.StudyInstanceUID),) and summary.files == 2
+    assert node.count(Instance, state="purged") == 1
+    later = make_radiograph(
+        body_part="KNEE",
+        seed=2,
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+    )
+    node.send(later)
+    wait_for(lambda: len(node.collector.received) >= 4, 60, what="follow-up round")
+    sr = [d for d in node.collector.received if d.Modality == "SR"][-1]
+    assert first.SOPInstanceUID in str(sr) and later.SOPInstanceUID in str(sr)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
 
 
 def test_unknown_body_part_is_skipped_with_a_reason(node: Node) -> None:

@@ -1,0 +1,169 @@
+"""Retention: the pixel data of finished studies go after ``storage.retention_days``.
+
+The node is not an archive: the PACS keeps the radiographs, and the node's own
+copies would otherwise fill its disk (a 3,000-pixel DX is 14 MB; at 500 a day,
+7 GB a day) until every C-STORE is refused with 0xA700. A study is *finished*
+when
+
+* its newest instance arrived more than ``retention_days`` ago,
+* every instance is analysed or skipped (none waits to be routed or analysed),
+* every round is reported (none is open or pending), and
+* none of its jobs is pending or dead (a dead job waits for ``dicomnode retry``),
+  and every result object of it was delivered to at least one destination
+  (results kept because no destination is configured are kept for good).
+
+Purging rewrites each of its instance files and Secondary Captures as the same
+dataset without Pixel Data (a few kB; durably, as everything the node writes)
+and marks the instances ``purged``. The headers stay because a follow-up image
+of the study makes a new SR that references every earlier image and overlay;
+the SRs themselves are small and stay whole. Records stay too, so a re-sent
+instance is still acknowledged as already stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.orm import Session, aliased
+
+from dicomnode.db.schema import Instance, Job, Output, Report
+from dicomnode.db.session import Database, utcnow
+from dicomnode.errors import StorageError
+from dicomnode.queue.jobs import PENDING, JobKind, JobState
+from dicomnode.store.files import write_durably
+
+log = logging.getLogger(__name__)
+
+PURGED = "purged"
+"""State of an instance whose file holds its header only."""
+
+FINISHED = ("done", "skipped")
+"""Instance states after which nothing more is done with the pixel data."""
+
+
+@dataclass(frozen=True)
+class PurgeSummary:
+    """What a purge did (or, dry, would do)."""
+
+    studies: tuple[str, ...]
+    files: int
+    bytes_freed: int
+    dry_run: bool
+
+
+def expired_studies(session: Session, older_than: datetime) -> list[str]:
+    """Finished studies whose newest instance arrived before ``older_than`` (see module notes)."""
+    unfinished = aliased(Instance)
+    statement = (
+        select(Instance.study_instance_uid)
+        .where(Instance.state.in_(FINISHED))
+        .where(
+            ~exists().where(
+                unfinished.study_instance_uid == Instance.study_instance_uid,
+                unfinished.state.not_in((*FINISHED, PURGED)),
+            )
+        )
+        .group_by(Instance.study_instance_uid)
+        .having(func.max(Instance.received_at) < older_than)
+    )
+    return [uid for uid in session.execute(statement).scalars() if _settled(session, uid)]
+
+
+def _settled(session: Session, study_uid: str) -> bool:
+    """No round of the study is open or pending, no job waits or is dead, every output was sent."""
+    reports = select(Report.id).where(Report.study_instance_uid == study_uid)
+    if session.execute(
+        select(exists().where(Report.id.in_(reports), Report.state.in_(("open", "pending"))))
+    ).scalar_one():
+        return False
+    waiting = (*PENDING, JobState.DEAD)
+    if session.execute(
+        select(exists().where(Job.report_id.in_(reports), Job.state.in_(waiting)))
+    ).scalar_one():
+        return False
+    sent = aliased(Job)
+    undelivered = exists().where(
+        Output.report_id.in_(reports),
+        ~exists().where(
+            and_(
+                sent.kind == JobKind.SEND,
+                sent.sop_instance_uid == Output.sop_instance_uid,
+                sent.state == JobState.DONE,
+            )
+        ),
+    )
+    return not session.execute(select(undelivered)).scalar_one()
+
+
+def purge_study(session: Session, study_uid: str, *, dry_run: bool = False) -> tuple[int, int]:
+    """Strip the pixel data of one finished study's instances and SCs; (files, bytes freed)."""
+    instances = list(
+        session.execute(
+            select(Instance).where(
+                Instance.study_instance_uid == study_uid, Instance.state.in_(FINISHED)
+            )
+        ).scalars()
+    )
+    overlays = session.execute(
+        select(Output.path)
+        .join(Report, Report.id == Output.report_id)
+        .where(Report.study_instance_uid == study_uid, Output.kind == "SC")
+    ).scalars()
+    files = freed = 0
+    for path in [*(Path(i.path) for i in instances), *(Path(p) for p in overlays)]:
+        saved = _strip_pixels(path, dry_run)
+        files, freed = files + (saved > 0), freed + saved
+    if not dry_run:
+        for instance in instances:
+            instance.state = PURGED
+    return files, freed
+
+
+def _strip_pixels(path: Path, dry_run: bool) -> int:
+    """Rewrite ``path`` without its Pixel Data; the bytes saved (0 when already without)."""
+    try:
+        size = path.stat().st_size
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError:
+        return 0
+    except (OSError, InvalidDicomError) as exc:
+        raise StorageError(f"cannot read {path.name} to purge it: {exc}") from exc
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    header = buffer.getvalue()
+    if len(header) >= size:
+        return 0
+    if not dry_run:
+        write_durably(path, header)
+    return size - len(header)
+
+
+def purge_expired(
+    db: Database, retention_days: float, *, now: datetime | None = None, dry_run: bool = False
+) -> PurgeSummary:
+    """Purge every finished study older than ``retention_days`` (0: keep everything)."""
+    if retention_days <= 0:
+        return PurgeSummary((), 0, 0, dry_run)
+    older_than = (now or utcnow()) - timedelta(days=retention_days)
+    with db.session() as session:
+        studies = expired_studies(session, older_than)
+    files = freed = 0
+    for study_uid in studies:
+        with db.session() as session:
+            count, saved = purge_study(session, study_uid, dry_run=dry_run)
+        files, freed = files + count, freed + saved
+        log.info(
+            "%s study=%s: %d file(s), %.1f MB",
+            "would purge" if dry_run else "purged",
+            study_uid,
+            count,
+            saved / 1e6,
+        )
+    return PurgeSummary(tuple(studies), files, freed, dry_run)

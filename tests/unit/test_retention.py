@@ -1,0 +1,162 @@
+"""Retention: finished, delivered studies lose their pixel data after the retention period."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicomnode.config import Settings
+from dicomnode.db.schema import Association, Instance, Job, Output, Report
+from dicomnode.db.session import Database, utcnow
+from dicomnode.queue.jobs import JobKind, JobState
+from dicomnode.retention import PURGED, purge_expired
+from dicomnode.testing.images import make_radiograph, write_dataset
+
+DAYS = 30.0
+LATER = timedelta(days=DAYS + 1)
+
+
+def _study(
+    db: Database,
+    data: Path,
+    *,
+    instance_state: str = "done",
+    report_state: str = "done",
+    send_state: JobState | None = JobState.DONE,
+) -> tuple[str, Path, Path, Path]:
+    """One image analysed into a round with an SC and an SR; (study, image, SC, SR paths)."""
+    source = make_radiograph(body_part="KNEE")
+    overlay = make_radiograph(rows=64, columns=64)  # stands in for the SC: a file with pixels
+    study = str(source.StudyInstanceUID)
+    image = write_dataset(source, data / f"{uuid.uuid4()}.dcm")
+    sc = write_dataset(overlay, data / f"{uuid.uuid4()}.dcm")
+    sr_dataset = make_radiograph(rows=16, columns=16)
+    del sr_dataset.PixelData
+    sr = write_dataset(sr_dataset, data / f"{uuid.uuid4()}.dcm")
+    with db.session() as session:
+        association = Association(
+            id=str(uuid.uuid4()), calling_ae="MOD", started_at=utcnow(), released_at=utcnow()
+        )
+        report = Report(
+            study_instance_uid=study,
+            model_name="m",
+            model_version="1",
+            sequence=1,
+            calling_ae="MOD",
+            state=report_state,
+            created_at=utcnow(),
+        )
+        session.add_all([association, report])
+        session.flush()
+        session.add(
+            Instance(
+                sop_instance_uid=str(source.SOPInstanceUID),
+                study_instance_uid=study,
+                series_instance_uid=str(source.SeriesInstanceUID),
+                sop_class_uid=str(source.SOPClassUID),
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                modality="DX",
+                body_part="KNEE",
+                path=str(image),
+                size=image.stat().st_size,
+                calling_ae="MOD",
+                association_id=association.id,
+                received_at=utcnow(),
+                state=instance_state,
+                report_id=report.id,
+            )
+        )
+        for kind, dataset, path in (("SC", overlay, sc), ("SR", sr_dataset, sr)):
+            uid = str(dataset.SOPInstanceUID)
+            session.add(
+                Output(
+                    sop_instance_uid=uid,
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    report_id=report.id,
+                    kind=kind,
+                    source_sop_instance_uid=str(source.SOPInstanceUID) if kind == "SC" else None,
+                    path=str(path),
+                    created_at=utcnow(),
+                )
+            )
+            if send_state is not None:
+                session.add(
+                    Job(
+                        kind=JobKind.SEND,
+                        dedupe_key=f"{uid}>PACS",
+                        state=send_state,
+                        group_key="PACS",
+                        report_id=report.id,
+                        sop_instance_uid=uid,
+                        peer="PACS",
+                        max_attempts=5,
+                        run_after=utcnow(),
+                        created_at=utcnow(),
+                        updated_at=utcnow(),
+                    )
+                )
+    return study, image, sc, sr
+
+
+def _has_pixels(path: Path) -> bool:
+    return "PixelData" in pydicom.dcmread(path)
+
+
+def test_a_finished_delivered_study_keeps_its_headers_only(db: Database, tmp_path: Path) -> None:
+    study, image, sc, sr = _study(db, tmp_path)
+    sizes = {p: p.stat().st_size for p in (image, sc, sr)}
+    uid = pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID
+    assert purge_expired(db, DAYS).studies == ()  # not old enough yet
+    summary = purge_expired(db, DAYS, now=utcnow() + LATER)
+    assert summary.studies == (study,)
+    assert summary.files == 2
+    assert summary.bytes_freed == sum(sizes[p] - p.stat().st_size for p in (image, sc)) > 400_000
+    assert not _has_pixels(image) and not _has_pixels(sc)
+    assert pydicom.dcmread(image).SOPInstanceUID == uid  # the header is whole
+    assert sr.stat().st_size == sizes[sr]  # SRs stay as they are
+    with db.session() as session:
+        assert session.execute(select(Instance.state)).scalar_one() == PURGED
+    again = purge_expired(db, DAYS, now=utcnow() + LATER)
+    assert (again.studies, again.files) == ((), 0)
+
+
+def test_a_dry_run_lists_and_changes_nothing(db: Database, tmp_path: Path) -> None:
+    study, image, sc, _ = _study(db, tmp_path)
+    summary = purge_expired(db, DAYS, now=utcnow() + LATER, dry_run=True)
+    assert (summary.studies, summary.files, summary.dry_run) == ((study,), 2, True)
+    assert summary.bytes_freed > 400_000
+    assert _has_pixels(image) and _has_pixels(sc)
+    with db.session() as session:
+        assert session.execute(select(Instance.state)).scalar_one() == "done"
+
+
+@pytest.mark.parametrize(
+    "unfinished",
+    [
+        {"send_state": JobState.DEAD},  # waits for `dicomnode retry`
+        {"send_state": JobState.FAILED},  # retrying with backoff
+        {"send_state": None},  # never sent: no destination configured
+        {"report_state": "open"},
+        {"report_state": "pending"},
+        {"instance_state": "queued"},
+    ],
+    ids=["dead-send", "retrying-send", "never-sent", "open-round", "pending-report", "queued"],
+)
+def test_unfinished_or_undelivered_studies_are_kept(
+    db: Database, tmp_path: Path, unfinished: dict[str, object]
+) -> None:
+    _, image, sc, _ = _study(db, tmp_path, **unfinished)  # type: ignore[arg-type]
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == ()
+    assert _has_pixels(image) and _has_pixels(sc)
+
+
+def test_retention_zero_keeps_everything(db: Database, tmp_path: Path, settings: Settings) -> None:
+    assert settings.storage.retention_days == DAYS  # the default
+    _, image, _, _ = _study(db, tmp_path)
+    assert purge_expired(db, 0, now=utcnow() + timedelta(days=3650)).studies == ()
+    assert _has_pixels(image)
