@@ -76,6 +76,20 @@ def expired_studies(session: Session, older_than: datetime) -> list[str]:
     return [uid for uid in session.execute(statement).scalars() if _settled(session, uid)]
 
 
+def _arriving(session: Session, study_uid: str) -> bool:
+    """True when an image of the study waits to be routed or analysed."""
+    return bool(
+        session.execute(
+            select(
+                exists().where(
+                    Instance.study_instance_uid == study_uid,
+                    Instance.state.not_in((*FINISHED, PURGED)),
+                )
+            )
+        ).scalar_one()
+    )
+
+
 def _settled(session: Session, study_uid: str) -> bool:
     """No round of the study is open or pending, no job waits or is dead, every output was sent."""
     reports = select(Report.id).where(Report.study_instance_uid == study_uid)
@@ -103,7 +117,14 @@ def _settled(session: Session, study_uid: str) -> bool:
 
 
 def purge_study(session: Session, study_uid: str, *, dry_run: bool = False) -> tuple[int, int]:
-    """Strip the pixel data of one finished study's instances and SCs; (files, bytes freed)."""
+    """Strip the pixel data of one finished study's instances and SCs; (files, bytes freed).
+
+    The study is checked again in this transaction: an image that arrived since
+    it was listed opens a round and leaves the study as it is. Only overlays
+    already delivered are stripped.
+    """
+    if _arriving(session, study_uid) or not _settled(session, study_uid):
+        return 0, 0
     instances = list(
         session.execute(
             select(Instance).where(
@@ -111,10 +132,19 @@ def purge_study(session: Session, study_uid: str, *, dry_run: bool = False) -> t
             )
         ).scalars()
     )
+    delivered = aliased(Job)
     overlays = session.execute(
         select(Output.path)
         .join(Report, Report.id == Output.report_id)
-        .where(Report.study_instance_uid == study_uid, Output.kind == "SC")
+        .where(
+            Report.study_instance_uid == study_uid,
+            Output.kind == "SC",
+            exists().where(
+                delivered.kind == JobKind.SEND,
+                delivered.sop_instance_uid == Output.sop_instance_uid,
+                delivered.state == JobState.DONE,
+            ),
+        )
     ).scalars()
     files = freed = 0
     for path in [*(Path(i.path) for i in instances), *(Path(p) for p in overlays)]:

@@ -14,7 +14,7 @@ from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report
 from dicomnode.db.session import Database, utcnow
 from dicomnode.queue.jobs import JobKind, JobState
-from dicomnode.retention import PURGED, purge_expired
+from dicomnode.retention import PURGED, expired_studies, purge_expired, purge_study
 from dicomnode.testing.images import make_radiograph, write_dataset
 
 DAYS = 30.0
@@ -160,3 +160,31 @@ def test_retention_zero_keeps_everything(db: Database, tmp_path: Path, settings:
     _, image, _, _ = _study(db, tmp_path)
     assert purge_expired(db, 0, now=utcnow() + timedelta(days=3650)).studies == ()
     assert _has_pixels(image)
+
+
+def test_an_image_arriving_after_the_listing_saves_its_study(db: Database, tmp_path: Path) -> None:
+    """``purge_study`` checks the study again: a follow-up on its way keeps every file whole."""
+    study, image, sc, _ = _study(db, tmp_path)
+    with db.session() as session:
+        assert expired_studies(session, utcnow() + LATER) == [study]
+        follow_up = session.execute(select(Instance)).scalar_one()
+        session.expunge(follow_up)
+    with db.session() as session:
+        arriving = Instance(
+            **{
+                column: getattr(follow_up, column)
+                for column in ("study_instance_uid", "series_instance_uid", "sop_class_uid")
+            },
+            sop_instance_uid=f"{follow_up.sop_instance_uid}.9",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=str(tmp_path / "follow-up.dcm"),
+            size=1,
+            calling_ae="MOD",
+            association_id=follow_up.association_id,
+            received_at=utcnow(),
+            state="received",
+        )
+        session.add(arriving)
+    with db.session() as session:
+        assert purge_study(session, study) == (0, 0)
+    assert _has_pixels(image) and _has_pixels(sc)
