@@ -216,18 +216,11 @@ def _open_round(
 def _queue_inference(
     session: Session, report: Report, members: list[Instance], settings: Settings
 ) -> int:
-    group = f"{report.model_name}:{report.model_version}"
+    group = _group(report)
     enqueue(
         session,
         [
-            JobSpec(
-                JobKind.INFER,
-                f"{m.sop_instance_uid}:{group}",
-                settings.workers.max_attempts,
-                group_key=group,
-                report_id=report.id,
-                sop_instance_uid=m.sop_instance_uid,
-            )
+            _round_job(report, JobKind.INFER, f"{m.sop_instance_uid}:{group}", settings, m)
             for m in members
         ],
     )
@@ -237,24 +230,30 @@ def _queue_inference(
     return report.id
 
 
+def _group(report: Report) -> str:
+    return f"{report.model_name}:{report.model_version}"
+
+
+def _round_job(
+    report: Report, kind: JobKind, key: str, settings: Settings, image: Instance | None = None
+) -> JobSpec:
+    """A job of the round (an image's inference, or its report), grouped by model."""
+    return JobSpec(
+        kind,
+        key,
+        settings.workers.max_attempts,
+        group_key=_group(report),
+        report_id=report.id,
+        sop_instance_uid=None if image is None else image.sop_instance_uid,
+    )
+
+
 def close_round(session: Session, report_id: int, settings: Settings) -> None:
     """Queue the round's report job: no more instances join it."""
     report = session.get(Report, report_id)
     if report is None or report.state != OPEN:
         return
-    group = f"{report.model_name}:{report.model_version}"
-    enqueue(
-        session,
-        [
-            JobSpec(
-                JobKind.REPORT,
-                f"report:{report.id}",
-                settings.workers.max_attempts,
-                group_key=group,
-                report_id=report.id,
-            )
-        ],
-    )
+    enqueue(session, [_round_job(report, JobKind.REPORT, f"report:{report.id}", settings)])
     report.state = "pending"
     images = session.execute(
         select(func.count()).select_from(Instance).where(Instance.report_id == report.id)

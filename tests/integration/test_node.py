@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
@@ -118,16 +119,21 @@ def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
     assert node.count(Job, kind="infer") == 1
 
 
-def test_follow_up_instance_gets_a_new_sr_that_references_the_first(node: Node) -> None:
-    first = make_radiograph(body_part="KNEE", seed=1)
-    node.send(first)
-    wait_for(lambda: len(node.collector.received) >= 2, 60, what="first round")
-    later = make_radiograph(
+def _follow_up(first: Dataset) -> Dataset:
+    """Another knee image of ``first``'s study and series."""
+    return make_radiograph(
         body_part="KNEE",
         seed=2,
         study_uid=first.StudyInstanceUID,
         series_uid=first.SeriesInstanceUID,
     )
+
+
+def test_follow_up_instance_gets_a_new_sr_that_references_the_first(node: Node) -> None:
+    first = make_radiograph(body_part="KNEE", seed=1)
+    node.send(first)
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="first round")
+    later = _follow_up(first)
     node.send(later)
     wait_for(lambda: len(node.collector.received) >= 4, 60, what="follow-up round")
     srs = [d for d in node.collector.received if d.Modality == "SR"]
@@ -149,12 +155,7 @@ def test_a_purged_study_still_gets_a_follow_up_sr(node: Node, tmp_path: Path) ->
     summary = purge_expired(node.db, node.settings.storage.retention_days, now=later_than_retention)
     assert summary.studies == (str(first.StudyInstanceUID),) and summary.files == 2
     assert node.count(Instance, state="purged") == 1
-    later = make_radiograph(
-        body_part="KNEE",
-        seed=2,
-        study_uid=first.StudyInstanceUID,
-        series_uid=first.SeriesInstanceUID,
-    )
+    later = _follow_up(first)
     node.send(later)
     wait_for(lambda: len(node.collector.received) >= 4, 60, what="follow-up round")
     sr = [d for d in node.collector.received if d.Modality == "SR"][-1]
