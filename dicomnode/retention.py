@@ -38,6 +38,7 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
+from dicomnode.studies import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _settled(session: Session, study_uid: str) -> bool:
     """No round of the study is open or pending, no job waits or is dead, every output was sent."""
     reports = select(Report.id).where(Report.study_instance_uid == study_uid)
     if session.execute(
-        select(exists().where(Report.id.in_(reports), Report.state.in_(("open", "pending"))))
+        select(exists().where(Report.id.in_(reports), Report.state.in_((OPEN, "pending"))))
     ).scalar_one():
         return False
     waiting = (*PENDING, JobState.DEAD)
