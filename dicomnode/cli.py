@@ -224,9 +224,10 @@ def status(
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
     from dicomnode.status import render_status
 
-    db = _database(settings(config))
+    resolved = settings(config)
+    db = _database(resolved)
     with db.session() as session:
-        for table in render_status(session, limit):
+        for table in render_status(session, limit, resolved.storage):
             console.print(table)
 
 

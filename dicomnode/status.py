@@ -1,4 +1,4 @@
-"""What ``dicomnode status`` shows: recent studies, the queue, dead jobs, skipped instances."""
+"""What ``dicomnode status`` shows: storage, recent studies, queue, dead jobs, skipped instances."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dicomnode.config import StorageSettings
 from dicomnode.db.schema import Instance, Report
 from dicomnode.queue.jobs import counts_by_state, dead_jobs
+from dicomnode.retention import PURGED
+from dicomnode.store.files import free_mb
 
 
 def _studies(session: Session, limit: int) -> Table:
@@ -76,5 +79,28 @@ def _skipped(session: Session, limit: int) -> Table:
     return table
 
 
-def render_status(session: Session, limit: int = 10) -> list[Table]:
-    return [_studies(session, limit), _queue(session), _dead(session), _skipped(session, limit)]
+def _storage(session: Session, storage: StorageSettings) -> Table:
+    table = Table("what", "value", title="Storage")
+    held = session.execute(
+        select(func.count(), func.coalesce(func.sum(Instance.size), 0)).where(
+            Instance.state != PURGED
+        )
+    ).one()
+    purged = session.execute(
+        select(func.count()).select_from(Instance).where(Instance.state == PURGED)
+    ).scalar_one()
+    free = free_mb(storage.data_dir) if storage.data_dir.exists() else float("nan")
+    days = storage.retention_days
+    table.add_row("data folder", str(storage.data_dir))
+    table.add_row("free", f"{free:,.0f} MB (C-STORE refused below {storage.min_free_mb:,} MB)")
+    table.add_row("images held", f"{held[0]:,} ({held[1] / 1e6:,.1f} MB as received)")
+    table.add_row("images purged (headers kept)", f"{purged:,}")
+    table.add_row("retention", f"{days:g} days after a study is finished" if days else "off")
+    return table
+
+
+def render_status(
+    session: Session, limit: int = 10, storage: StorageSettings | None = None
+) -> list[Table]:
+    tables = [_studies(session, limit), _queue(session), _dead(session), _skipped(session, limit)]
+    return tables if storage is None else [_storage(session, storage), *tables]

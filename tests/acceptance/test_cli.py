@@ -83,6 +83,8 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
     status = _cli("--config", str(config), "status", cwd=tmp_path)
     assert status.returncode == 0 and "Jobs by state" in status.stdout
+    assert "images held" in status.stdout and "0 (0.0 MB as received)" in status.stdout
+    assert "30 days after a study is finished" in status.stdout
 
 
 def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
