@@ -186,9 +186,15 @@ def purge_expired(
     with db.session() as session:
         studies = expired_studies(session, older_than)
     files = freed = 0
+    purged: list[str] = []
     for study_uid in studies:
-        with db.session() as session:
-            count, saved = purge_study(session, study_uid, dry_run=dry_run)
+        try:
+            with db.session() as session:
+                count, saved = purge_study(session, study_uid, dry_run=dry_run)
+        except StorageError as exc:  # one unreadable file must not stop the others
+            log.error("cannot purge study=%s: %s", study_uid, exc)
+            continue
+        purged.append(study_uid)
         files, freed = files + count, freed + saved
         log.info(
             "%s study=%s: %d file(s), %.1f MB",
@@ -197,4 +203,4 @@ def purge_expired(
             count,
             saved / 1e6,
         )
-    return PurgeSummary(tuple(studies), files, freed, dry_run)
+    return PurgeSummary(tuple(purged), files, freed, dry_run)

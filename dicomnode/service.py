@@ -25,7 +25,7 @@ from dicomnode import logs
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
-from dicomnode.errors import ConfigError, DatabaseError, DicomNodeError
+from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers
@@ -220,8 +220,8 @@ def _start_retention(db: Database, settings: Settings, stop: threading.Event) ->
         while True:
             try:
                 purge_expired(db, days)
-            except DicomNodeError as exc:
-                log.error("retention pass failed: %s", exc)
+            except Exception as exc:  # the thread must outlive one bad pass
+                log.error("retention pass failed (next in %.0f s): %s", PURGE_INTERVAL, exc)
             if stop.wait(PURGE_INTERVAL):
                 return
 

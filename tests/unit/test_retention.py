@@ -188,3 +188,15 @@ def test_an_image_arriving_after_the_listing_saves_its_study(db: Database, tmp_p
     with db.session() as session:
         assert purge_study(session, study) == (0, 0)
     assert _has_pixels(image) and _has_pixels(sc)
+
+
+def test_an_unreadable_file_stops_its_study_only(db: Database, tmp_path: Path) -> None:
+    broken, image, _, _ = _study(db, tmp_path)
+    image.write_bytes(b"not DICOM at all")
+    healthy, other, _, _ = _study(db, tmp_path)
+    summary = purge_expired(db, DAYS, now=utcnow() + LATER)
+    assert summary.studies == (healthy,)
+    assert not _has_pixels(other)
+    with db.session() as session:
+        states = dict(session.execute(select(Instance.study_instance_uid, Instance.state)).all())
+    assert states == {broken: "done", healthy: PURGED}
