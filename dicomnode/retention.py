@@ -60,7 +60,11 @@ class PurgeSummary:
 
 
 def expired_studies(session: Session, older_than: datetime) -> list[str]:
-    """Finished studies whose newest instance arrived before ``older_than`` (see module notes)."""
+    """Studies whose images are all finished and whose newest arrived before ``older_than``.
+
+    The candidates: :func:`purge_study` checks the rest (rounds, jobs,
+    deliveries) in the transaction that purges.
+    """
     unfinished = aliased(Instance)
     statement = (
         select(Instance.study_instance_uid)
@@ -74,7 +78,7 @@ def expired_studies(session: Session, older_than: datetime) -> list[str]:
         .group_by(Instance.study_instance_uid)
         .having(func.max(Instance.received_at) < older_than)
     )
-    return [uid for uid in session.execute(statement).scalars() if _settled(session, uid)]
+    return list(session.execute(statement).scalars())
 
 
 def _arriving(session: Session, study_uid: str) -> bool:
@@ -117,15 +121,17 @@ def _settled(session: Session, study_uid: str) -> bool:
     return not session.execute(select(undelivered)).scalar_one()
 
 
-def purge_study(session: Session, study_uid: str, *, dry_run: bool = False) -> tuple[int, int]:
+def purge_study(
+    session: Session, study_uid: str, *, dry_run: bool = False
+) -> tuple[int, int] | None:
     """Strip the pixel data of one finished study's instances and SCs; (files, bytes freed).
 
-    The study is checked again in this transaction: an image that arrived since
-    it was listed opens a round and leaves the study as it is. Only overlays
-    already delivered are stripped.
+    ``None`` when the study is not finished (see module notes), checked in this
+    transaction: an image that arrived since the study was listed leaves it as
+    it is. Only overlays already delivered are stripped.
     """
     if _arriving(session, study_uid) or not _settled(session, study_uid):
-        return 0, 0
+        return None
     instances = list(
         session.execute(
             select(Instance).where(
@@ -190,10 +196,13 @@ def purge_expired(
     for study_uid in studies:
         try:
             with db.session() as session:
-                count, saved = purge_study(session, study_uid, dry_run=dry_run)
+                outcome = purge_study(session, study_uid, dry_run=dry_run)
         except StorageError as exc:  # one unreadable file must not stop the others
             log.error("cannot purge study=%s: %s", study_uid, exc)
             continue
+        if outcome is None:
+            continue
+        count, saved = outcome
         purged.append(study_uid)
         files, freed = files + count, freed + saved
         log.info(
