@@ -48,6 +48,9 @@ PURGED = "purged"
 FINISHED = ("done", "skipped")
 """Instance states after which nothing more is done with the pixel data."""
 
+_AT_REST = (*FINISHED, PURGED)
+"""Instance states of a study that no image is arriving for."""
+
 
 @dataclass(frozen=True)
 class PurgeSummary:
@@ -72,7 +75,7 @@ def expired_studies(session: Session, older_than: datetime) -> list[str]:
         .where(
             ~exists().where(
                 unfinished.study_instance_uid == Instance.study_instance_uid,
-                unfinished.state.not_in((*FINISHED, PURGED)),
+                unfinished.state.not_in(_AT_REST),
             )
         )
         .group_by(Instance.study_instance_uid)
@@ -88,7 +91,7 @@ def _arriving(session: Session, study_uid: str) -> bool:
             select(
                 exists().where(
                     Instance.study_instance_uid == study_uid,
-                    Instance.state.not_in((*FINISHED, PURGED)),
+                    Instance.state.not_in(_AT_REST),
                 )
             )
         ).scalar_one()
@@ -128,7 +131,7 @@ def purge_study(
 
     ``None`` when the study is not finished (see module notes), checked in this
     transaction: an image that arrived since the study was listed leaves it as
-    it is. Only overlays already delivered are stripped.
+    it is, and so does an overlay not yet delivered.
     """
     if _arriving(session, study_uid) or not _settled(session, study_uid):
         return None
@@ -139,19 +142,10 @@ def purge_study(
             )
         ).scalars()
     )
-    delivered = aliased(Job)
-    overlays = session.execute(
+    overlays = session.execute(  # all delivered: _settled checked it above
         select(Output.path)
         .join(Report, Report.id == Output.report_id)
-        .where(
-            Report.study_instance_uid == study_uid,
-            Output.kind == "SC",
-            exists().where(
-                delivered.kind == JobKind.SEND,
-                delivered.sop_instance_uid == Output.sop_instance_uid,
-                delivered.state == JobState.DONE,
-            ),
-        )
+        .where(Report.study_instance_uid == study_uid, Output.kind == "SC")
     ).scalars()
     files = freed = 0
     for path in [*(Path(i.path) for i in instances), *(Path(p) for p in overlays)]:
