@@ -447,7 +447,8 @@ def evaluate(
     from dicomnode.training.evaluate import evaluate_model
 
     logs.configure()
-    from dicomnode.training.pointing import has_masks, pointing_game, pointing_report
+    from dicomnode.training.masks import has_masks
+    from dicomnode.training.pointing import pointing_game, pointing_report
 
     metrics = evaluate_model(model_dir, data_dir, predictions=predictions, report=report)
     table = Table("metric", "value")
@@ -516,7 +517,8 @@ def pointing(
     in those not given). Choose on a selection set, report on a test set.
     """
     from dicomnode.models.card import load_card
-    from dicomnode.training.pointing import compare_explanations, has_masks
+    from dicomnode.training.masks import has_masks
+    from dicomnode.training.pointing import compare_explanations
 
     logs.configure("WARNING")
     if not has_masks(data_dir):

@@ -42,10 +42,10 @@ from dicomnode.encode.render import heat_image
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
+from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
 
-MASKS_FILE = "phantoms.csv"
 IMAGE_COLUMNS = ("id", "lesion", "hit", "peak_column", "peak_row", "miss_distance")
 GALLERY_MISSES = 8
 TOLERANCES = (0.01, 0.02, 0.05)
@@ -62,11 +62,6 @@ class MaskedImage:
     id: str = ""
 
 
-def has_masks(data_dir: Path) -> bool:
-    """True for a folder written by ``dicomnode phantoms``."""
-    return (data_dir / MASKS_FILE).is_file()
-
-
 def _image_of(data_dir: Path, row: dict[str, str]) -> Path | None:
     for suffix in (".png", ".dcm"):
         candidate = data_dir / row["label"] / f"{row['id']}{suffix}"
@@ -77,14 +72,12 @@ def _image_of(data_dir: Path, row: dict[str, str]) -> Path | None:
 
 def read_masked_images(data_dir: Path, limit: int | None = None) -> list[MaskedImage]:
     """The abnormal images of a phantom folder with their masks (the first ``limit``)."""
-    with (data_dir / MASKS_FILE).open(newline="", encoding="utf-8") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["mask"]]
     found: list[MaskedImage] = []
-    for row in rows:
+    for row in mask_rows(data_dir):
         image_path = _image_of(data_dir, row)
         if image_path is None:
             continue
-        mask = np.asarray(Image.open(data_dir / row["mask"])) > 0
+        mask = read_mask(data_dir / row["mask"])
         kind = row["lesion"].split(",")[0].split(" ")[0] or "lesion"
         found.append(MaskedImage(read_labelled(image_path, data_dir), mask, kind, row["id"]))
         if limit is not None and len(found) >= limit:

@@ -15,13 +15,13 @@ from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.testing.models import make_tiny_model
+from dicomnode.training.masks import has_masks
 from dicomnode.training.phantoms.dataset import write_phantom_folder
 from dicomnode.training.pointing import (
     GALLERY_MISSES,
     IMAGE_COLUMNS,
     TOLERANCES,
     close_up,
-    has_masks,
     pointing_game,
     pointing_report,
     set_explanation,
