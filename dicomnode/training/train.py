@@ -24,7 +24,7 @@ import math
 import os
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from dicomnode.errors import ModelError, TrainingError
+from dicomnode.errors import ConfigError, ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model
 from dicomnode.models.card import (
@@ -47,9 +47,18 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
+from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
-from dicomnode.training.data import ImageDataset, IntArray, LabelledImages, PixelCache, scan_folder
+from dicomnode.training.data import (
+    ImageDataset,
+    IntArray,
+    LabelledImages,
+    MaskedView,
+    PixelCache,
+    scan_folder,
+)
 from dicomnode.training.folds import assign_folds, split
+from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import (
     Float64Array,
     classification_metrics,
@@ -75,6 +84,7 @@ class Prepared:
     cache: PixelCache
     assignment: IntArray
     device: torch.device
+    masks: LesionMasks | None = None
 
 
 @dataclass(eq=False)
@@ -91,13 +101,17 @@ class LoopState:
 
 @dataclass(frozen=True, eq=False)
 class FoldResult:
-    """The best weights of one fold and their validation logits (None without validation)."""
+    """The kept weights of one fold (of epoch ``kept_epoch``) and their validation logits.
+
+    ``logits`` and ``labels`` are None without validation.
+    """
 
     fold: int | None
     state: dict[str, torch.Tensor]
     logits: Float64Array | None
     labels: IntArray | None
     loop: LoopState
+    kept_epoch: int
 
 
 # ----------------------------------------------------------------------------- public
@@ -146,6 +160,14 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 def prepare(config: TrainingConfig) -> Prepared:
     """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
     _seed_everything(config.seed)
+    if (
+        config.init_weights not in ("none", IMAGENET_LITE0)
+        and not Path(config.init_weights).is_file()
+    ):
+        raise ConfigError(
+            f"init_weights: weights file {config.init_weights} does not exist "
+            "(nothing is downloaded)"
+        )
     if config.gradcam_layer is not None:
         arch = config.architecture
         network = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
@@ -157,6 +179,10 @@ def prepare(config: TrainingConfig) -> Prepared:
     cache = PixelCache.build(images, config.cache_dir, config.input.size)
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    masks = None
+    if config.mask_supervision is not None:
+        masks = LesionMasks.of_folder(config.data_dir, tuple(p.stem for p in images.paths))
+        logger.info("mask supervision: %d images have a lesion mask", len(masks.paths))
     logger.info(
         "prepared %d images, %d patients, device %s, training in %s",
         len(images),
@@ -164,7 +190,7 @@ def prepare(config: TrainingConfig) -> Prepared:
         device,
         "bfloat16" if uses_bfloat16(config, device) else "float32",
     )
-    return Prepared(config, images, cache, assignment, device)
+    return Prepared(config, images, cache, assignment, device, masks)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -179,10 +205,10 @@ def _folds_to_run(config: TrainingConfig) -> list[int | None]:
 
 
 def final_epochs(config: TrainingConfig, results: list[FoldResult]) -> int:
-    """Epochs of the all-data run: ``final_epochs``, else the folds' median best epoch."""
+    """Epochs of the all-data run: ``final_epochs``, else the folds' median kept epoch."""
     if config.final_epochs is not None:
         return config.final_epochs
-    best = sorted(max(r.loop.best_epoch, 1) for r in results)
+    best = sorted(max(r.kept_epoch, 1) for r in results)
     middle = len(best) // 2
     return best[middle] if len(best) % 2 else (best[middle - 1] + best[middle] + 1) // 2
 
@@ -225,6 +251,7 @@ def _dataset(prepared: Prepared, indices: IntArray, *, augment: bool) -> ImageDa
         config.preprocessing,
         config.augment if augment else None,
         config.seed,
+        prepared.masks if augment else None,
     )
 
 
@@ -400,6 +427,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss: nn.CrossEntropyLoss
     steps_per_epoch: int
+    supervision: CamSupervision | None = None
 
 
 def _fold_dir(config: TrainingConfig, fold: int | None) -> Path:
@@ -418,7 +446,15 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
         weight=None if weights is None else weights.to(prepared.device),
         label_smoothing=config.label_smoothing,
     )
-    return Trainer(model, optimizer, scheduler, loss, steps)
+    supervision = None
+    if config.mask_supervision is not None:
+        supervision = CamSupervision(
+            model,
+            config.cam_target_layer,
+            config.gradcam_method,
+            config.mask_supervision.sharpness,
+        )
+    return Trainer(model, optimizer, scheduler, loss, steps, supervision)
 
 
 def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldResult:
@@ -429,13 +465,16 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     trainer = _make_trainer(prepared, train_idx)
     directory = _fold_dir(config, fold)
     state = _restore(directory, trainer, prepared.device) if resume else LoopState()
+    if resume and state.epoch:
+        # A recipe resumed with more epochs or patience goes on from where it stopped.
+        state.finished = _stops(state, config)
     if not resume and directory.exists():
         for stale in ("last.pt", "best.pt"):
             (directory / stale).unlink(missing_ok=True)
     train_set = _dataset(prepared, train_idx, augment=True)
     valid_set = _dataset(prepared, valid_idx, augment=False)
     _log_fold_start(fold, train_idx, valid_idx, state)
-    with _progress() as progress:
+    with _progress() as progress, trainer.supervision or nullcontext():
         while not state.finished:
             improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
             _save_checkpoint(directory, trainer, state, best=improved)
@@ -465,8 +504,8 @@ def _progress() -> Progress:
 
 
 def _batches(
-    dataset: ImageDataset, batch_size: int, order: list[int], limit: int, workers: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    dataset: Dataset[Any], batch_size: int, order: list[int], limit: int, workers: int
+) -> Iterator[list[torch.Tensor]]:
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -475,10 +514,10 @@ def _batches(
         pin_memory=workers > 0 and torch.cuda.is_available(),
         drop_last=len(order) > batch_size,
     )
-    for step, (inputs, labels) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if step >= limit:
             return
-        yield inputs, labels
+        yield batch
 
 
 def _run_epoch(
@@ -500,8 +539,10 @@ def _run_epoch(
         f"epoch {epoch + 1}/{config.epochs}", total=trainer.steps_per_epoch, status=""
     )
     started = datetime.datetime.now(datetime.UTC)
-    train_loss = _train_steps(prepared, trainer, train_set, order, progress, task)
-    record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        **_train_steps(prepared, trainer, train_set, order, progress, task),
+    }
     if len(valid_set):
         logits, labels = predict_logits(
             trainer.model, valid_set, prepared.device, loader_workers(config, prepared.device)
@@ -533,26 +574,71 @@ def _train_steps(
     order: list[int],
     progress: Progress,
     task: Any,
-) -> float:
+) -> dict[str, float]:
+    """One epoch's steps; the mean loss (and, with mask supervision, its term and hit share)."""
     model, device = trainer.model, prepared.device
     model.train()
-    if prepared.config.mode == "feature":
+    if prepared.config.mode == "feature" or prepared.config.freeze_batchnorm:
         _freeze_batchnorm(model)
-    total, count = 0.0, 0
+    tally = _Tally()
     workers = loader_workers(prepared.config, device)
-    for inputs, labels in _batches(
-        dataset, prepared.config.batch_size, order, trainer.steps_per_epoch, workers
+    source: Dataset[Any] = dataset if trainer.supervision is None else MaskedView(dataset)
+    for batch in _batches(
+        source, prepared.config.batch_size, order, trainer.steps_per_epoch, workers
     ):
         trainer.optimizer.zero_grad(set_to_none=True)
+        inputs, labels = batch[0].to(device), batch[1].to(device)
         with training_autocast(prepared.config, device):
-            outputs = model(inputs.to(device, non_blocking=True))
-            loss = trainer.loss(outputs, labels.to(device, non_blocking=True))
+            outputs = model(inputs)
+            loss = trainer.loss(outputs, labels)
+            if trainer.supervision is not None:
+                term = trainer.supervision.loss(outputs, labels, batch[2].to(device))
+                loss = loss + _mask_weight(prepared.config) * term.loss
+                tally.add_mask(term)
         loss.backward()  # type: ignore[no-untyped-call]
         trainer.optimizer.step()
         trainer.scheduler.step()
-        total, count = total + float(loss.item()), count + 1
-        progress.update(task, advance=1, status=f"loss {total / count:.4f}")
-    return total / max(count, 1)
+        tally.add_loss(float(loss.item()))
+        progress.update(task, advance=1, status=tally.status())
+    return tally.figures()
+
+
+def _mask_weight(config: TrainingConfig) -> float:
+    return config.mask_supervision.weight if config.mask_supervision is not None else 0.0
+
+
+@dataclass(eq=False)
+class _Tally:
+    """Running sums of one epoch's training figures."""
+
+    loss: float = 0.0
+    steps: int = 0
+    mask_loss: float = 0.0
+    mask_steps: int = 0
+    masked: int = 0
+    hits: int = 0
+
+    def add_loss(self, value: float) -> None:
+        self.loss, self.steps = self.loss + value, self.steps + 1
+
+    def add_mask(self, term: MaskLoss) -> None:
+        if term.images:
+            self.mask_loss += float(term.loss.item())
+            self.mask_steps += 1
+            self.masked, self.hits = self.masked + term.images, self.hits + term.hits
+
+    def status(self) -> str:
+        text = f"loss {self.loss / max(self.steps, 1):.4f}"
+        if self.masked:
+            text += f" peak in mask {self.hits / self.masked:.2f}"
+        return text
+
+    def figures(self) -> dict[str, float]:
+        figures = {"train_loss": self.loss / max(self.steps, 1)}
+        if self.masked:
+            figures["train_mask_loss"] = self.mask_loss / self.mask_steps
+            figures["train_peak_in_mask"] = self.hits / self.masked
+        return figures
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:
@@ -595,9 +681,14 @@ def _advance_state(state: LoopState, record: dict[str, Any], config: TrainingCon
         record["best"] = True
     else:
         state.stale_epochs += 1
-    if state.epoch >= config.epochs or state.stale_epochs >= config.patience:
-        state.finished = True
+    state.finished = _stops(state, config)
     return bool(record.get("best", False))
+
+
+def _stops(state: LoopState, config: TrainingConfig) -> bool:
+    """The recipe's end: its last epoch, or ``patience`` epochs without improvement."""
+    stale = config.keep == "best" and state.stale_epochs >= config.patience
+    return state.epoch >= config.epochs or stale
 
 
 def predict_logits(
@@ -681,16 +772,17 @@ def _follow_recipe_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lrs: l
 
 
 def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
-    """The best weights of ``fold`` with their validation logits, computed afresh."""
+    """The kept weights of ``fold`` (best or last) with their validation logits, afresh."""
     directory = _fold_dir(prepared.config, fold)
     best, last = directory / "best.pt", directory / "last.pt"
     if not best.is_file() or not last.is_file():
         raise TrainingError(f"no finished epoch in {directory}: nothing to export")
-    state = torch.load(best, map_location="cpu", weights_only=True)["model"]
+    kept = last if prepared.config.keep == "last" else best
+    state = torch.load(kept, map_location="cpu", weights_only=False)["model"]
     loop = LoopState(**torch.load(last, map_location="cpu", weights_only=False)["loop"])
     _, valid_idx = _split(prepared, fold)
     if not len(valid_idx):
-        return FoldResult(fold, state, None, None, loop)
+        return FoldResult(fold, state, None, None, loop, _kept_epoch(prepared.config, loop))
     model = build_model(
         prepared.config.architecture.name,
         prepared.config.input.channels,
@@ -704,7 +796,11 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
         prepared.device,
         loader_workers(prepared.config, prepared.device),
     )
-    return FoldResult(fold, state, logits, labels, loop)
+    return FoldResult(fold, state, logits, labels, loop, _kept_epoch(prepared.config, loop))
+
+
+def _kept_epoch(config: TrainingConfig, loop: LoopState) -> int:
+    return loop.epoch if config.keep == "last" else loop.best_epoch
 
 
 # ----------------------------------------------------------------------------- output
@@ -716,6 +812,7 @@ def fold_metrics(result: FoldResult) -> dict[str, Any]:
         "fold": result.fold,
         "best_epoch": result.loop.best_epoch,
         "epochs_run": result.loop.epoch,
+        "kept_epoch": result.kept_epoch,
         "history": result.loop.history,
     }
     if result.logits is None or result.labels is None:

@@ -160,9 +160,14 @@ def test_config_unknown_key_is_named(tmp_path: Path) -> None:
 
 
 def test_config_missing_weights_file_is_an_error(tmp_path: Path) -> None:
-    raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
-    raw["init_weights"] = str(tmp_path / "absent.pth")
-    with pytest.raises(ConfigError, match="does not exist"):
+    recipe = _smoke_config(tmp_path, init_weights=str(tmp_path / "absent.pth"))
+    assert load_config(recipe).init_weights.endswith("absent.pth")  # a recipe can be read
+    with pytest.raises(ConfigError, match=r"absent\.pth does not exist \(nothing is downloaded"):
+        train_from_config(recipe)
+    assert not (tmp_path / "checkpoints").exists()
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["init_weights"] = "https://example.org/weights.pth.gz"
+    with pytest.raises(ConfigError, match="init_weights"):
         parse_config(raw)
 
 
@@ -438,7 +443,7 @@ def test_final_epochs_are_the_median_best_epoch_unless_given(tmp_path: Path) -> 
 
     def result(best: int) -> train_module.FoldResult:
         loop = train_module.LoopState(epoch=best + 2, best_epoch=best)
-        return train_module.FoldResult(0, {}, None, None, loop)
+        return train_module.FoldResult(0, {}, None, None, loop, best)
 
     assert train_module.final_epochs(config, [result(b) for b in (7, 2, 4)]) == 4
     assert train_module.final_epochs(config, [result(b) for b in (2, 5)]) == 4
@@ -521,3 +526,43 @@ def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
 def _set_recipe(directory: Path, **changes: Any) -> None:
     card = load_card(directory)
     write_card(directory, card.model_copy(update={"recipe": {**card.recipe, **changes}}))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freeze_batchnorm_keeps_the_running_statistics(tmp_path: Path, frozen: bool) -> None:
+    recipe = _smoke_config(tmp_path, freeze_batchnorm=frozen, epochs=1)
+    start = train_module.new_model(load_config(recipe)).state_dict()
+    directory = train_from_config(recipe)
+    trained = load_file(directory / "model.safetensors")
+    statistics = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert statistics
+    unchanged = all(torch.equal(trained[k], start[k]) for k in statistics)
+    assert unchanged is frozen
+    # the convolutions train either way
+    assert not torch.equal(trained["features.0.0.weight"], start["features.0.0.weight"])
+
+
+def test_a_finished_run_resumed_with_more_epochs_goes_on(tmp_path: Path) -> None:
+    train_from_config(_smoke_config(tmp_path, epochs=2))
+    again = train_from_config(_smoke_config(tmp_path, epochs=2), resume=True)
+    history = json.loads((again / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [r["epoch"] for r in history] == [1, 2]  # finished: nothing more to do
+    longer = train_from_config(_smoke_config(tmp_path, epochs=3), resume=True)
+    history = json.loads((longer / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_keep_last_ships_the_last_epoch_and_runs_every_epoch(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path, keep="last", epochs=4, patience=1)
+    directory = train_from_config(recipe)
+    metrics = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3, 4]  # no early stop
+    assert metrics["kept_epoch"] == 4
+    last = torch.load(tmp_path / "checkpoints" / "fold-0" / "last.pt", weights_only=False)
+    shipped = load_file(directory / "model.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in last["model"].items())
+    best = train_from_config(_smoke_config(tmp_path / "b", epochs=4))
+    assert (
+        json.loads((best / "metrics.json").read_text())["kept_epoch"]
+        == json.loads((best / "metrics.json").read_text())["best_epoch"]
+    )
