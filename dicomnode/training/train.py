@@ -587,7 +587,8 @@ def _train_steps(
         source, prepared.config.batch_size, order, trainer.steps_per_epoch, workers
     ):
         trainer.optimizer.zero_grad(set_to_none=True)
-        inputs, labels = batch[0].to(device), batch[1].to(device)
+        inputs = batch[0].to(device, non_blocking=True)
+        labels = batch[1].to(device, non_blocking=True)
         with training_autocast(prepared.config, device):
             outputs = model(inputs)
             loss = trainer.loss(outputs, labels)
