@@ -359,9 +359,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         index = self.indices[item]
-        pixels = torch.from_numpy(self.cache.pixels(index).copy())[None]
+        pixels = self.cache.pixels(index)
         if self.augment is not None:
-            pixels = augment_pixels(pixels, self.augment, self._generator(index))
+            image = torch.from_numpy(pixels.copy())[None]
+            pixels = augment_pixels(image, self.augment, self._generator(index))[0].numpy()
         return self._input(pixels), int(self.labels[index])
 
     def masked(self, item: int) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -375,20 +376,15 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             pixels, mask = augment_with_mask(pixels, mask, self.augment, self._generator(index))
         resize = self.preprocessing.resize
         fitted, _ = to_input(mask[0].numpy(), self.spec.size, 1, (0.0,), (1.0,), resize)
-        return self._input(pixels), int(self.labels[index]), fitted[0] >= 0.5
+        return self._input(pixels[0].numpy()), int(self.labels[index]), fitted[0] >= 0.5
 
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
 
-    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _input(self, pixels: FloatArray) -> torch.Tensor:
         spec = self.spec
         tensor, _ = to_input(
-            pixels[0].numpy(),
-            spec.size,
-            spec.channels,
-            spec.mean,
-            spec.std,
-            self.preprocessing.resize,
+            pixels, spec.size, spec.channels, spec.mean, spec.std, self.preprocessing.resize
         )
         return tensor
 
