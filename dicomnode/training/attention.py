@@ -50,13 +50,22 @@ class MaskLoss:
 class CamSupervision:
     """Records the card's layers in training and computes the mask term of a batch.
 
-    Use as a context manager around the training loop: the forward hooks are
-    removed on exit.
+    ``weight`` is the term's weight beside the cross-entropy (the caller adds
+    ``weight * term.loss``). Use as a context manager around the training loop:
+    the forward hooks are removed on exit.
     """
 
-    def __init__(self, model: nn.Module, layers: str, method: CamMethod, sharpness: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str,
+        method: CamMethod,
+        sharpness: float,
+        weight: float = 1.0,
+    ) -> None:
         self.method = method
         self.sharpness = sharpness
+        self.weight = weight
         self._outputs: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
         for position, path in enumerate(split_layers(layers)):

@@ -370,8 +370,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         index = self.indices[item]
         pixels = torch.from_numpy(self.cache.pixels(index).copy())[None]
         shape = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-        found = self.masks.mask(index, shape) if self.masks is not None else None
-        mask = torch.zeros((1, *shape)) if found is None else torch.from_numpy(found)[None].float()
+        found = self.masks.mask(index, shape) if self.masks is not None else np.zeros(shape, bool)
+        mask = torch.from_numpy(found)[None].float()
         if self.augment is not None:
             pixels, mask = augment_with_mask(pixels, mask, self.augment, self._generator(index))
         resize = self.preprocessing.resize

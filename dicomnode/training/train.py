@@ -453,6 +453,7 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
             config.cam_target_layer,
             config.gradcam_method,
             config.mask_supervision.sharpness,
+            config.mask_supervision.weight,
         )
     return Trainer(model, optimizer, scheduler, loss, steps, supervision)
 
@@ -594,7 +595,7 @@ def _train_steps(
             loss = trainer.loss(outputs, labels)
             if trainer.supervision is not None:
                 term = trainer.supervision.loss(outputs, labels, batch[2].to(device))
-                loss = loss + _mask_weight(prepared.config) * term.loss
+                loss = loss + trainer.supervision.weight * term.loss
                 tally.add_mask(term)
         loss.backward()  # type: ignore[no-untyped-call]
         trainer.optimizer.step()
@@ -602,10 +603,6 @@ def _train_steps(
         tally.add_loss(float(loss.item()))
         progress.update(task, advance=1, status=tally.status())
     return tally.figures()
-
-
-def _mask_weight(config: TrainingConfig) -> float:
-    return config.mask_supervision.weight if config.mask_supervision is not None else 0.0
 
 
 @dataclass(eq=False)
