@@ -71,7 +71,7 @@ def test_knee_model_grades_each_knee_of_a_bilateral_image() -> None:
 # Phantoms the shipped phantom models never saw, at the size they were trained on (spine:
 # training seed 1, explanation selection 900, test set 901; hand: training seed 21, selection
 # 903, test 902). The last figure is a floor for the pointing game on them: on 200 abnormal
-# test phantoms the shipped explanations score 0.90 (spine, the five-fold ensemble) and 0.885
+# test phantoms the shipped explanations score 0.90 (spine, the five-fold ensemble) and 0.92
 # (hand, shift-averaged, trained with the lesion masks), while a peak dropped at random lands
 # in a lesion mask a few per cent of the time (the masks cover about 3 % of a spine image and
 # 0.5 % of a hand image).
