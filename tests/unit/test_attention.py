@@ -135,6 +135,23 @@ def test_outside_mass_is_small_inside_and_large_outside() -> None:
     assert loss[0] < 0.01 < 10.0 < loss[1]
 
 
+def test_a_sharper_mask_term_asks_where_the_peak_is() -> None:
+    # A blob covering the mask (0.97) with its top pixel just inside, or just outside.
+    inside = torch.zeros(2, 100, dtype=torch.bool)
+    inside[:, 10:20] = True
+    cam = torch.zeros(2, 100)
+    cam[:, 8:22] = 0.97
+    cam[0, 15] = 1.0  # hit
+    cam[1, 21] = 1.0  # near miss: the rim of the lesion
+    soft, sharp = (outside_mass(cam, inside, sharpness=s) for s in (20.0, 50.0))
+    # At 20 the near miss costs little more than the hit; at 50 it stands out (stage 3, hand-ra).
+    assert sharp[1] - sharp[0] > 3 * (soft[1] - soft[0]) > 0
+    # The term tends to sharpness x (highest value outside - highest inside).
+    limit = outside_mass(cam, inside, sharpness=2000.0) / 2000.0
+    assert abs(float(limit[1]) - 0.03) < 0.002
+    assert float(limit[0]) < 0.002
+
+
 def test_the_mask_term_moves_the_peak_into_the_mask() -> None:
     torch.manual_seed(1)
     model = build_model("small_vgg", 1, 2, {"widths": [4, 8]})
