@@ -326,6 +326,30 @@ def train(
     console.print(f"model written to {out}")
 
 
+@app.command()
+def pretrained(
+    architectures: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[ARCHITECTURE]...", help="default: all with ImageNet weights"),
+    ] = None,
+) -> None:
+    """Where `init_weights: imagenet` finds each architecture's weights (nothing is downloaded)."""
+    from dicomnode.errors import ConfigError
+    from dicomnode.models.architectures import TRAINABLE
+    from dicomnode.training.pretrained import has_imagenet, imagenet_candidates
+
+    names = architectures or [a for a in TRAINABLE if has_imagenet(a)]
+    for name in names:
+        if not has_imagenet(name):
+            raise ConfigError(f"architecture {name!r} has no ImageNet weights")
+        candidates = imagenet_candidates(name)
+        found = next((c.path for c in candidates if c.path is not None), None)
+        console.print(f"{name}: {found or 'missing'}", soft_wrap=True, highlight=False)
+        for candidate in candidates:
+            line = f"found: {candidate.path}" if candidate.path else f"looked in: {candidate.where}"
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
+
+
 @app.command("train-localiser")
 def train_localiser(
     data_dir: Annotated[

@@ -162,15 +162,25 @@ def _timm(name: str) -> Builder:
     return build
 
 
+TORCHVISION_NAMES: dict[str, str] = {
+    "vgg16": "vgg16",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+}
+"""Architectures built by torchvision: the node's name -> torchvision's model function."""
+
+TIMM_NAMES: dict[str, str] = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "xception": "legacy_xception",
+    "inception_resnet_v2": "inception_resnet_v2",
+}
+"""Architectures built by timm: the node's name -> timm's model name."""
+
 BUILDERS: dict[str, Builder] = {
     "small_vgg": _small_vgg,
-    "vgg16": _torchvision("vgg16"),
-    "resnet18": _torchvision("resnet18"),
-    "resnet50": _torchvision("resnet50"),
-    "densenet121": _torchvision("densenet121"),
-    "efficientnet_lite0": _timm("tf_efficientnet_lite0"),
-    "xception": _timm("legacy_xception"),
-    "inception_resnet_v2": _timm("inception_resnet_v2"),
+    **{name: _torchvision(tv) for name, tv in TORCHVISION_NAMES.items()},
+    **{name: _timm(tm) for name, tm in TIMM_NAMES.items()},
     "ensemble": _ensemble,
 }
 

