@@ -57,15 +57,13 @@ from dicomnode.training.metrics import (
     softmax,
     summarise_folds,
 )
+from dicomnode.training.output import OOF_FILE, WEIGHTS_FILE, write_weights
 from dicomnode.training.train import (
-    OOF_FILE,
-    WEIGHTS_FILE,
-    _dataset,
-    _split,
+    fold_dataset,
+    fold_indices,
     predict_logits,
     prepare,
     torch_settings,
-    write_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -297,10 +295,9 @@ def validate_ensemble(
         )
     with torch_settings(config):
         prepared = prepare(config)
-        _, valid_idx = _split(prepared, config.fold)
-        logits, labels = predict_logits(
-            model.to(prepared.device), _dataset(prepared, valid_idx, augment=False), prepared.device
-        )
+        _, valid_idx = fold_indices(prepared, config.fold)
+        held_out = fold_dataset(prepared, valid_idx, augment=False)
+        logits, labels = predict_logits(model.to(prepared.device), held_out, prepared.device)
     figures = classification_metrics(labels, softmax(logits))
     return {
         "validation": (

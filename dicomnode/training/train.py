@@ -1,11 +1,13 @@
-"""The training loop and the model directory it writes.
+"""The training loop: one model per fold, checkpointed every epoch.
 
 :func:`train_from_config` reads a :class:`~dicomnode.training.config.TrainingConfig`,
 trains one model per requested fold (AdamW, linear warm-up then cosine decay,
 class-weighted cross-entropy, early stopping on validation balanced accuracy),
 checkpoints after every epoch so ``resume=True`` continues an interrupted run,
-and writes ``output_dir`` with ``model.safetensors``, ``model.yaml`` (a card the
-node loads) and ``metrics.json``.
+and hands the kept weights to :mod:`dicomnode.training.output`, which writes
+``output_dir`` with ``model.safetensors``, ``model.yaml`` (a card the node
+loads) and ``metrics.json``. The network and its initial weights come from
+:mod:`dicomnode.training.network`.
 
 :func:`export_from_checkpoints` writes that directory from the best epoch
 saved so far, so a long run can be stopped and shipped at any epoch.
@@ -16,7 +18,6 @@ scheduler, epoch, best score, RNG state) and ``best.pt`` (the best weights).
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import logging
@@ -25,94 +26,33 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model
-from dicomnode.models.card import (
-    ArchitectureSpec,
-    GradCamSpec,
-    ModelCard,
-    WeightsSpec,
-    sha256_of,
-    write_card,
-)
 from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
-from dicomnode.training.data import (
-    ImageDataset,
-    IntArray,
-    LabelledImages,
-    MaskedView,
-    PixelCache,
-    scan_folder,
-)
+from dicomnode.training.data import ImageDataset, IntArray, MaskedView, PixelCache, scan_folder
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.masks import LesionMasks
-from dicomnode.training.metrics import (
-    Float64Array,
-    classification_metrics,
-    fit_temperature,
-    softmax,
-    summarise_folds,
-)
-from dicomnode.training.pretrained import initial_weights, read_state
+from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
+from dicomnode.training.network import classifier_head, new_model
+from dicomnode.training.output import write_final_directory, write_model_directory
+from dicomnode.training.pretrained import initial_weights
+from dicomnode.training.state import FoldResult, LoopState, Prepared
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-METRICS_FILE = "metrics.json"
-OOF_FILE = "oof_predictions.csv"
 EVAL_BATCH = 64
-
-
-@dataclass(frozen=True, eq=False)
-class Prepared:
-    """Everything a run shares across folds."""
-
-    config: TrainingConfig
-    images: LabelledImages
-    cache: PixelCache
-    assignment: IntArray
-    device: torch.device
-    masks: LesionMasks | None = None
-
-
-@dataclass(eq=False)
-class LoopState:
-    """The mutable state of one fold's loop (saved in ``last.pt``)."""
-
-    epoch: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    stale_epochs: int = 0
-    finished: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, eq=False)
-class FoldResult:
-    """The kept weights of one fold (of epoch ``kept_epoch``) and their validation logits.
-
-    ``logits`` and ``labels`` are None without validation.
-    """
-
-    fold: int | None
-    state: dict[str, torch.Tensor]
-    logits: Float64Array | None
-    labels: IntArray | None
-    loop: LoopState
-    kept_epoch: int
 
 
 # ----------------------------------------------------------------------------- public
@@ -160,7 +100,7 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 
 def prepare(config: TrainingConfig) -> Prepared:
     """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     initial_weights(config.init_weights, config.architecture.name)
     if config.gradcam_layer is not None:
         arch = config.architecture
@@ -223,19 +163,19 @@ def loader_workers(config: TrainingConfig, device: torch.device) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _split(prepared: Prepared, fold: int | None) -> tuple[IntArray, IntArray]:
+def fold_indices(prepared: Prepared, fold: int | None) -> tuple[IntArray, IntArray]:
     if fold is None:
         return np.arange(len(prepared.images), dtype=np.int64), np.zeros(0, dtype=np.int64)
     return split(prepared.assignment, fold)
 
 
-def _dataset(prepared: Prepared, indices: IntArray, *, augment: bool) -> ImageDataset:
+def fold_dataset(prepared: Prepared, indices: IntArray, *, augment: bool) -> ImageDataset:
     config = prepared.config
     return ImageDataset(
         prepared.cache,
@@ -249,102 +189,9 @@ def _dataset(prepared: Prepared, indices: IntArray, *, augment: bool) -> ImageDa
     )
 
 
-def new_model(config: TrainingConfig) -> nn.Module:
-    """The architecture of ``config`` with its initial weights."""
-    arch = config.architecture
-    model = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
-    _small_head(model)
-    source = initial_weights(config.init_weights, arch.name)
-    if source is not None:
-        assert source.path is not None
-        state = read_state(source.path)
-        if source.by_position:
-            _load_by_position(model, state)
-        else:
-            _load_by_name(model, state)
-        logger.info("initial weights: %s", source.path)
-    return model
-
-
-def _small_head(model: nn.Module) -> None:
-    """Start the classifier near zero: every class equally likely at step 0.
-
-    timm initialises an EfficientNet head uniformly in +-1/sqrt(classes), which
-    over 1,280 features gives logits of about +-30 and a first epoch of huge
-    losses and gradients that wreck pretrained features.
-    """
-    _, head = _head(model)
-    assert isinstance(head, nn.Linear)
-    nn.init.normal_(head.weight, std=0.01)
-    if head.bias is not None:
-        nn.init.zeros_(head.bias)
-
-
-def _fit_tensor(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-    """``source`` shaped like ``target``: as is, or a 3-channel stem summed to 1 channel."""
-    if source.shape == target.shape:
-        return source
-    if (
-        source.dim() == 4
-        and source.shape[1] == 3
-        and target.shape[1] == 1
-        and source.shape[0] == target.shape[0]
-    ):
-        return source.sum(dim=1, keepdim=True)
-    return None
-
-
-def _load_by_position(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
-    """Copy tensors in order (``num_batches_tracked`` left out); mismatched shapes are the head."""
-    target = model.state_dict()
-    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
-    source_values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    if len(target_keys) != len(source_values):
-        raise TrainingError(
-            f"weights have {len(source_values)} tensors, the model {len(target_keys)}"
-        )
-    loaded, skipped = {}, []
-    for key, value in zip(target_keys, source_values, strict=True):
-        fitted = _fit_tensor(value, target[key])
-        if fitted is None:
-            skipped.append(key)
-        else:
-            loaded[key] = fitted
-    _check_only_head_skipped(model, skipped)
-    model.load_state_dict(loaded, strict=False)
-    logger.info("initial weights: %d tensors loaded, new head %s", len(loaded), skipped)
-
-
-def _load_by_name(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
-    target = model.state_dict()
-    loaded = {}
-    for key, value in source.items():
-        fitted = _fit_tensor(value, target[key]) if key in target else None
-        if fitted is not None:
-            loaded[key] = fitted
-    skipped = [k for k in target if k not in loaded and not k.endswith("num_batches_tracked")]
-    _check_only_head_skipped(model, skipped)
-    model.load_state_dict(loaded, strict=False)
-
-
-def _check_only_head_skipped(model: nn.Module, skipped: list[str]) -> None:
-    head_name, _ = _head(model)
-    outside = [k for k in skipped if not k.startswith(f"{head_name}.")]
-    if outside:
-        raise TrainingError(f"initial weights do not fit the model outside its head: {outside[:5]}")
-
-
-def _head(model: nn.Module) -> tuple[str, nn.Module]:
-    """The last linear layer (the classifier that training always learns anew)."""
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise TrainingError("the model has no linear classifier")
-    return linear[-1]
-
-
 def make_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
     """AdamW: head at ``lr``; backbone at ``lr`` x factor (finetune) or frozen (feature)."""
-    head_name, head = _head(model)
+    head_name, head = classifier_head(model)
     head_ids = {id(p) for p in head.parameters()}
     backbone_lr = config.lr * (config.backbone_lr_factor if config.mode == "finetune" else 1.0)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -439,8 +286,8 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
 def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldResult:
     """Train (or resume, or skip when finished) one fold and return its best weights."""
     config = prepared.config
-    _seed_everything(config.seed + (fold or 0))
-    train_idx, valid_idx = _split(prepared, fold)
+    seed_everything(config.seed + (fold or 0))
+    train_idx, valid_idx = fold_indices(prepared, fold)
     trainer = _make_trainer(prepared, train_idx)
     directory = _fold_dir(config, fold)
     state = _restore(directory, trainer, prepared.device) if resume else LoopState()
@@ -450,8 +297,8 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     if not resume and directory.exists():
         for stale in ("last.pt", "best.pt"):
             (directory / stale).unlink(missing_ok=True)
-    train_set = _dataset(prepared, train_idx, augment=True)
-    valid_set = _dataset(prepared, valid_idx, augment=False)
+    train_set = fold_dataset(prepared, train_idx, augment=True)
+    valid_set = fold_dataset(prepared, valid_idx, augment=False)
     _log_fold_start(fold, train_idx, valid_idx, state)
     with _progress() as progress, trainer.supervision or nullcontext():
         while not state.finished:
@@ -618,7 +465,7 @@ class _Tally:
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:
-    _, head = _head(model)
+    _, head = classifier_head(model)
     head_modules = set(head.modules())
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module not in head_modules:
@@ -756,7 +603,7 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
     kept = last if prepared.config.keep == "last" else best
     state = torch.load(kept, map_location="cpu", weights_only=False)["model"]
     loop = LoopState(**torch.load(last, map_location="cpu", weights_only=False)["loop"])
-    _, valid_idx = _split(prepared, fold)
+    _, valid_idx = fold_indices(prepared, fold)
     if not len(valid_idx):
         return FoldResult(fold, state, None, None, loop, _kept_epoch(prepared.config, loop))
     model = build_model(
@@ -768,7 +615,7 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
     model.load_state_dict(state)
     logits, labels = predict_logits(
         model.to(prepared.device),
-        _dataset(prepared, valid_idx, augment=False),
+        fold_dataset(prepared, valid_idx, augment=False),
         prepared.device,
         loader_workers(prepared.config, prepared.device),
     )
@@ -777,210 +624,3 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
 
 def _kept_epoch(config: TrainingConfig, loop: LoopState) -> int:
     return loop.epoch if config.keep == "last" else loop.best_epoch
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def fold_metrics(result: FoldResult) -> dict[str, Any]:
-    """Validation figures of one fold: raw, then calibrated with the fitted temperature."""
-    base: dict[str, Any] = {
-        "fold": result.fold,
-        "best_epoch": result.loop.best_epoch,
-        "epochs_run": result.loop.epoch,
-        "kept_epoch": result.kept_epoch,
-        "history": result.loop.history,
-    }
-    if result.logits is None or result.labels is None:
-        return {**base, "temperature": 1.0}
-    temperature = fit_temperature(result.logits, result.labels)
-    figures = classification_metrics(result.labels, softmax(result.logits, temperature))
-    raw_ece = classification_metrics(result.labels, softmax(result.logits))[
-        "expected_calibration_error"
-    ]
-    return {
-        **base,
-        **figures,
-        "temperature": temperature,
-        "expected_calibration_error_before_temperature": raw_ece,
-    }
-
-
-def _validation_text(config: TrainingConfig, held_out: int | None = None) -> str:
-    """What the figures were measured on; ``held_out``: one fold's own directory."""
-    fold = config.fold if held_out is None else held_out
-    if fold == "none":
-        return "none: trained on every image; no held-out figures"
-    scheme = (
-        f"StratifiedGroupKFold, {config.folds} folds grouped by patient, seed {config.seed}; "
-        "figures after temperature scaling fitted on the same held-out images "
-        "(argmax figures do not change; the ECE is optimistic)"
-    )
-    if fold == "all":
-        return (
-            f"{config.folds}-fold cross-validation, each fold held out once; the weights and "
-            "these headline figures are fold 0's (trained on the other folds), per_fold and "
-            f"cross_validation (mean and sd) cover all {config.folds} ({scheme})"
-        )
-    if fold == "final":
-        return (
-            f"weights trained on every image; figures from {config.folds}-fold cross-validation "
-            f"of the same recipe, pooled over the out-of-fold predictions ({scheme})"
-        )
-    return f"one held-out patient-grouped fold: fold {fold} of {config.folds} ({scheme})"
-
-
-def summarise(config: TrainingConfig, results: list[FoldResult]) -> dict[str, Any]:
-    """``metrics.json``: the shipped fold's figures; per fold and mean ± sd when several ran."""
-    per_fold = [fold_metrics(r) for r in results]
-    headline = {k: v for k, v in per_fold[0].items() if k != "history"}
-    held_out = results[0].fold if len(results) == 1 else None
-    summary: dict[str, Any] = {"validation": _validation_text(config, held_out), **headline}
-    summary["history"] = per_fold[0]["history"]
-    if len(per_fold) > 1:
-        summary["per_fold"] = [{k: v for k, v in f.items() if k != "history"} for f in per_fold]
-        summary["cross_validation"] = summarise_folds(per_fold)
-    return summary
-
-
-def _card_metrics(metrics: dict[str, Any], config: TrainingConfig) -> dict[str, Any]:
-    """The card's compact copy of the figures (no history; recall named per class)."""
-    card = {k: v for k, v in metrics.items() if k != "history"}
-    if "per_class" in card:
-        names = [c.name for c in config.model.classes]
-        card["recall_per_class"] = dict(zip(names, card["per_class"]["recall"], strict=True))
-    return card
-
-
-def write_model_directory(prepared: Prepared, results: list[FoldResult]) -> Path:
-    """Write ``model.safetensors``, ``metrics.json`` and ``model.yaml`` (last) into ``output_dir``.
-
-    With ``fold: all`` every fold also gets ``output_dir/fold-<k>/``; the
-    top-level weights are fold 0's and the metrics cover all folds.
-    """
-    config = prepared.config
-    metrics = summarise(config, results)
-    if len(results) > 1:
-        write_out_of_fold(prepared, results, fit_temperature(*pooled_out_of_fold(results)))
-        for result in results:
-            _write_one(
-                config,
-                config.output_dir / f"fold-{result.fold}",
-                result,
-                summarise(config, [result]),
-            )
-    return _write_one(config, config.output_dir, results[0], metrics)
-
-
-def pooled_out_of_fold(results: list[FoldResult]) -> tuple[Float64Array, IntArray]:
-    """Every held-out fold's logits and labels, concatenated in fold order."""
-    held = [r for r in results if r.logits is not None and r.labels is not None]
-    if not held:
-        raise TrainingError("no fold has held-out predictions")
-    logits: Float64Array = np.concatenate([r.logits for r in held if r.logits is not None])
-    labels: IntArray = np.concatenate([r.labels for r in held if r.labels is not None])
-    return logits, labels
-
-
-def write_out_of_fold(prepared: Prepared, results: list[FoldResult], temperature: float) -> Path:
-    """``<checkpoints>/oof_predictions.csv``: ``path,label,fold,predicted,p_0..`` per image.
-
-    Probabilities are calibrated with ``temperature``; paths are relative to
-    ``data_dir``. Kept beside the checkpoints, not in the model directory,
-    because file names may carry patient ids.
-    """
-    path = prepared.config.checkpoints / OOF_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classes = prepared.config.num_classes
-    header = ["path", "label", "fold", "predicted", *(f"p_{k}" for k in range(classes))]
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for result in results:
-            if result.logits is None or result.fold is None:
-                continue
-            _, held_out = split(prepared.assignment, result.fold)
-            probabilities = softmax(result.logits, temperature)
-            for index, row in zip(held_out, probabilities, strict=True):
-                relative = prepared.images.paths[index].relative_to(prepared.images.root)
-                label = int(prepared.images.labels[index])
-                writer.writerow(
-                    [relative.as_posix(), label, result.fold, int(np.argmax(row)), *row.tolist()]
-                )
-    return path
-
-
-def write_final_directory(prepared: Prepared, results: list[FoldResult], final: FoldResult) -> Path:
-    """The model directory of ``fold: final``: all-data weights, cross-validation figures.
-
-    The headline figures are computed over the pooled out-of-fold predictions
-    with one temperature fitted on them (the card's temperature); ``per_fold``
-    and ``cross_validation`` (mean ± sd) are as for ``fold: all``.
-    """
-    config = prepared.config
-    logits, labels = pooled_out_of_fold(results)
-    temperature = fit_temperature(logits, labels)
-    per_fold = [fold_metrics(r) for r in results]
-    metrics: dict[str, Any] = {
-        "validation": _validation_text(config),
-        **classification_metrics(labels, softmax(logits, temperature)),
-        "temperature": temperature,
-        "final_epochs": final.loop.epoch,
-        "per_fold": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
-        "cross_validation": summarise_folds(per_fold),
-        "history": final.loop.history,
-    }
-    write_out_of_fold(prepared, results, temperature)
-    return _write_one(config, config.output_dir, final, metrics)
-
-
-def _write_one(
-    config: TrainingConfig, directory: Path, result: FoldResult, metrics: dict[str, Any]
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    label = f"{config.model.name} {config.model.version}"
-    weights = write_weights(directory / WEIGHTS_FILE, result.state, label)
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    write_card(directory, build_card(config, metrics, sha256_of(weights)))
-    logger.info("wrote model directory %s", directory)
-    return directory
-
-
-def write_weights(path: Path, state: dict[str, torch.Tensor], label: str) -> Path:
-    """Write ``state`` as a world-readable safetensors file labelled ``label``; return ``path``."""
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    # One metadata key: safetensors writes several in a random order, which would change the sha256.
-    save_file(tensors, str(path), metadata={"model": label})
-    path.chmod(0o644)  # safetensors creates the file readable by its owner only
-    return path
-
-
-def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> ModelCard:
-    """The card of a trained model: ``recipe`` is the config, ``metrics`` the validation figures."""
-    info = config.model
-    return ModelCard(
-        name=info.name,
-        version=info.version,
-        description=info.description,
-        body_parts=info.body_parts,
-        architecture=ArchitectureSpec(
-            name=config.architecture.name, params=config.architecture.params
-        ),
-        input=config.input,
-        preprocessing=config.preprocessing,
-        classes=info.classes,
-        gradcam=GradCamSpec(
-            target_layer=config.cam_target_layer,
-            method=config.gradcam_method,
-            shift=config.gradcam_shift,
-        ),
-        weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
-        temperature=float(metrics.get("temperature", 1.0)),
-        finding_class_minimum=info.finding_class_minimum,
-        intended_use=info.intended_use,
-        training_data=info.training_data,
-        metrics=_card_metrics(metrics, config),
-        recipe=config.model_dump(mode="json"),
-        trained=datetime.date.today().isoformat(),
-        synthetic_training_data=info.synthetic_training_data,
-    )

