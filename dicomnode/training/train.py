@@ -2,11 +2,12 @@
 
 :func:`train_from_config` reads a :class:`~dicomnode.training.config.TrainingConfig`,
 trains one model per requested fold (AdamW, linear warm-up then cosine decay,
-class-weighted cross-entropy, early stopping on validation balanced accuracy),
-checkpoints after every epoch so ``resume=True`` continues an interrupted run,
-and hands the kept weights to :mod:`dicomnode.training.output`, which writes
-``output_dir`` with ``model.safetensors``, ``model.yaml`` (a card the node
-loads) and ``metrics.json``. The network and its initial weights come from
+class-weighted cross-entropy (:mod:`dicomnode.training.loss`), early stopping on
+validation balanced accuracy), checkpoints after every epoch so ``resume=True``
+continues an interrupted run, and hands the kept weights to
+:mod:`dicomnode.training.output`, which writes ``output_dir`` with
+``model.safetensors``, ``model.yaml`` (a card the node loads) and
+``metrics.json``. The network and its initial weights come from
 :mod:`dicomnode.training.network`.
 
 :func:`export_from_checkpoints` writes that directory from the best epoch
@@ -43,6 +44,7 @@ from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
 from dicomnode.training.data import ImageDataset, IntArray, MaskedView, PixelCache, scan_folder
 from dicomnode.training.folds import assign_folds, split
+from dicomnode.training.loss import WeightedCrossEntropy
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
 from dicomnode.training.network import classifier_head, new_model
@@ -250,7 +252,7 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss: nn.CrossEntropyLoss
+    loss: WeightedCrossEntropy
     steps_per_epoch: int
     supervision: CamSupervision | None = None
 
@@ -267,9 +269,8 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
     steps = min(batches, config.max_steps_per_epoch or batches)
     scheduler = make_scheduler(optimizer, config, steps)
     weights = class_weights(config, prepared.images.labels[train_idx])
-    loss = nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(prepared.device),
-        label_smoothing=config.label_smoothing,
+    loss = WeightedCrossEntropy(
+        None if weights is None else weights.to(prepared.device), config.label_smoothing
     )
     supervision = None
     if config.mask_supervision is not None:
