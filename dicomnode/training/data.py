@@ -5,7 +5,10 @@ Layout: ``<data_dir>/<class index>/<file>``. Each file is decoded once with
 ``cache_dir`` (keyed by a hash of the file list, the file sizes and the cached
 shape), so later epochs, folds and runs never decode again. The array is
 ``uint8`` when that holds the decoded pixels exactly (8-bit sources), else
-``float32``.
+``float32``. Images keep their size when every file of the folder has the same
+one; a folder of several sizes (a hospital's, say) is cached at the model input
+size, each image fitted by the recipe's ``preprocessing.resize`` exactly as the
+node fits it (letterboxed images are not stretched in training).
 
 Every sample reaches the model through :func:`dicomnode.imaging.tensor.to_input`,
 the node's own path, so validation inputs are the numbers the node computes.
@@ -96,13 +99,19 @@ def scan_folder(data_dir: Path, num_classes: int, group_pattern: str) -> Labelle
     return LabelledImages(data_dir, tuple(paths), np.asarray(labels, dtype=np.int64), groups)
 
 
-def cache_key(images: LabelledImages, shape: tuple[int, int] | None) -> str:
-    """Hash of the relative file list, the file sizes and the cached shape."""
+def cache_key(images: LabelledImages, shape: tuple[int, int], resize: str | None = None) -> str:
+    """Hash of the relative file list, the file sizes, the cached shape and how images were fitted.
+
+    ``resize`` is ``None`` when the images keep their native size (every
+    recipe reading them shares the cache), else the mode that fitted them.
+    """
     digest = hashlib.sha256()
     for path in images.paths:
         relative = path.relative_to(images.root).as_posix()
         digest.update(f"{relative}\0{path.stat().st_size}\n".encode())
     digest.update(f"shape={shape}".encode())
+    if resize is not None:
+        digest.update(f" resize={resize}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -140,11 +149,11 @@ def _decode(path: Path, root: Path) -> FloatArray:
     return read_labelled(path, root).pixels
 
 
-def _fit(pixels: FloatArray, shape: tuple[int, int] | None) -> FloatArray:
-    """Resize to ``shape`` (the model input) the way :func:`to_input` stretches."""
-    if shape is None or pixels.shape == shape:
+def _fit(pixels: FloatArray, shape: tuple[int, int], resize: str) -> FloatArray:
+    """Resize to ``shape`` (the model input) as :func:`to_input` does with ``resize``."""
+    if pixels.shape == shape:
         return pixels
-    tensor, _ = to_input(pixels, shape, 1, (0.0,), (1.0,), "stretch")
+    tensor, _ = to_input(pixels, shape, 1, (0.0,), (1.0,), resize)
     fitted: FloatArray = tensor[0].numpy()
     return fitted
 
@@ -175,21 +184,29 @@ class PixelCache:
 
     @classmethod
     def build(
-        cls, images: LabelledImages, cache_dir: Path, input_size: tuple[int, int]
+        cls,
+        images: LabelledImages,
+        cache_dir: Path,
+        input_size: tuple[int, int],
+        resize: str = "stretch",
     ) -> PixelCache:
         """Open the cache for ``images`` or decode every file once to create it.
 
-        Images keep their native size when they all share one; otherwise each
-        is stretched to ``input_size`` as :func:`to_input` would.
+        Images keep their native size when they all share one. Otherwise each
+        is brought to ``input_size`` as :func:`to_input` does with ``resize``
+        (the recipe's ``preprocessing.resize``), so that a letterboxed recipe
+        trains on the letterboxed images the node feeds its model, not on
+        stretched ones; :func:`to_input` then leaves them as they are.
         """
-        shape = _cache_shape(images, input_size)
-        key = cache_key(images, shape)
+        native = _common_size(images)
+        shape = native or input_size
+        key = cache_key(images, shape, None if native else resize)
         for dtype in ("uint8", "float32"):
             path = cache_dir / f"pixels-{key}-{dtype}.npy"
             if path.is_file():
                 logger.info("pixel cache hit", extra={"cache": str(path)})
                 return cls(np.load(path, mmap_mode="r"))
-        return cls(np.load(_write_cache(images, cache_dir, key, shape), mmap_mode="r"))
+        return cls(np.load(_write_cache(images, cache_dir, key, shape, resize), mmap_mode="r"))
 
 
 def _unusable_message(unusable: list[str], total: int, root: Path) -> str:
@@ -202,31 +219,41 @@ def _unusable_message(unusable: list[str], total: int, root: Path) -> str:
     )
 
 
-def _cache_shape(images: LabelledImages, input_size: tuple[int, int]) -> tuple[int, int]:
-    """The first image's size when the first 64 share it, else ``input_size``."""
-    try:
-        first = _decode(images.paths[0], images.root)
-    except ConfigError:
-        return input_size  # the cache build names every unusable file
-    native = (int(first.shape[0]), int(first.shape[1]))
-    sizes_agree = all(_same_size(p, native) for p in images.paths[:64])
-    return native if sizes_agree else input_size
+def _common_size(images: LabelledImages) -> tuple[int, int] | None:
+    """The images' size when every file has the same one, else ``None``.
+
+    Sizes come from the file headers (PIL for raster files, Rows and Columns
+    for DICOM), so the decision costs no decoding and does not change between
+    runs. A file whose header cannot be read counts as differing; decoding
+    then names it when it is unusable.
+    """
+    sizes = {_header_size(path) for path in images.paths}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
-def _same_size(path: Path, shape: tuple[int, int]) -> bool:
-    """Cheap size check from the header for raster files; DICOM is assumed to agree."""
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(rows, columns) of an image file from its header, or ``None`` when unreadable."""
     if path.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg"):
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(path) as image:
-                return (image.height, image.width) == shape
+                return (image.height, image.width)
         except (UnidentifiedImageError, OSError):
-            return True  # decoding names the file
-    return True
+            return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        return (int(header.Rows), int(header.Columns))
+    except (InvalidDicomError, OSError, AttributeError, TypeError, ValueError):
+        return None
 
 
-def _write_cache(images: LabelledImages, cache_dir: Path, key: str, shape: tuple[int, int]) -> Path:
+def _write_cache(
+    images: LabelledImages, cache_dir: Path, key: str, shape: tuple[int, int], resize: str
+) -> Path:
     """Decode every file into ``float32`` then keep ``uint8`` when that is exact."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("decoding %d images into the pixel cache", len(images))
@@ -234,7 +261,7 @@ def _write_cache(images: LabelledImages, cache_dir: Path, key: str, shape: tuple
     unusable: list[str] = []
     for i, path in enumerate(images.paths):
         try:
-            pixels = _fit(_decode(path, images.root), shape)
+            pixels = _fit(_decode(path, images.root), shape, resize)
         except ConfigError as exc:
             unusable.append(str(exc))
             continue

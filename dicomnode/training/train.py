@@ -112,7 +112,9 @@ def prepare(config: TrainingConfig) -> Prepared:
         except ModelError as exc:
             raise TrainingError(f"gradcam_layer: {exc}") from exc
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
-    cache = PixelCache.build(images, config.cache_dir, config.input.size)
+    cache = PixelCache.build(
+        images, config.cache_dir, config.input.size, config.preprocessing.resize
+    )
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None

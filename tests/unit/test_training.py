@@ -21,7 +21,8 @@ from dicomnode.errors import ConfigError, ModelError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.inference import Predictor
-from dicomnode.models.card import load_card, write_card
+from dicomnode.models.card import InputSpec, PreprocessingSpec, load_card, write_card
+from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.training import train as train_module
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, load_config, parse_config
 from dicomnode.training.data import (
@@ -379,6 +380,37 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     (tmp_path / "data" / "1" / "9000999L.dcm").write_bytes(b"DICM" + bytes(200))
     with pytest.raises(ConfigError, match=r"^1/9000999L\.dcm: the dataset has no Pixel Data"):
         evaluate_model(directory, tmp_path / "data")
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "stretch"])
+def test_images_of_several_sizes_train_as_the_node_fits_them(tmp_path: Path, resize: str) -> None:
+    data = write_tiny_dataset(tmp_path / "data", classes=2, patients=3, size=32)
+    wide = data / "1" / "9001990L.png"  # one landscape and one DICOM portrait among squares
+    Image.fromarray(np.full((24, 60), 200, dtype=np.uint8), mode="L").save(wide)
+    tall = write_dataset(
+        make_radiograph(rows=64, columns=40, body_part="KNEE", bits_stored=12, seed=5),
+        data / "0" / "9001991R.dcm",
+    )
+    images = scan_folder(data, 2, DEFAULT_GROUP_PATTERN)
+    cache = PixelCache.build(images, tmp_path / "cache", (32, 32), resize)
+    assert cache.array.shape[1:] == (32, 32)
+    spec = InputSpec(size=(32, 32), channels=1, mean=(0.5,), std=(0.5,))
+    dataset = ImageDataset(
+        cache, images.labels, range(len(images)), spec, PreprocessingSpec(resize=resize)
+    )
+    for path in (wide, tall):
+        index = images.paths.index(path)
+        expected, _ = to_input(read_image_file(path).pixels, (32, 32), 1, (0.5,), (0.5,), resize)
+        tensor, _ = dataset[index]
+        assert torch.allclose(tensor, expected, atol=1e-6)
+    if resize == "letterbox":  # the wide image keeps its shape: black bands above and below
+        band = dataset[images.paths.index(wide)][0][0, :4]
+        assert torch.all(band == -1.0)
+    # The other mode fits the same files into a cache of its own.
+    other = "stretch" if resize == "letterbox" else "letterbox"
+    assert not np.array_equal(
+        PixelCache.build(images, tmp_path / "cache", (32, 32), other).array, cache.array
+    )
 
 
 def test_every_unusable_file_of_a_training_folder_is_named_and_nothing_is_cached(
