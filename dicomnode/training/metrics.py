@@ -196,6 +196,19 @@ def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
             sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             summary[key] = {"mean": float(np.mean(values)), "sd": sd}
     for key in ("recall", "f1"):
-        table = np.asarray([f["per_class"][key] for f in per_fold], dtype=np.float64)
-        summary[f"{key}_per_class_mean"] = table.mean(axis=0).tolist()
+        summary[f"{key}_per_class_mean"] = _per_class_mean(per_fold, key)
     return summary
+
+
+def _per_class_mean(per_fold: list[dict[str, Any]], key: str) -> list[float]:
+    """Mean over the folds that hold each class: a fold without it has no recall or F1 for it.
+
+    A class absent from every fold gets 0.
+    """
+    table = np.asarray([f["per_class"][key] for f in per_fold], dtype=np.float64)
+    support = np.asarray([f["per_class"]["support"] for f in per_fold], dtype=np.float64)
+    held = support > 0
+    counts = held.sum(axis=0)
+    sums = np.where(held, table, 0.0).sum(axis=0)
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return [float(v) for v in means]

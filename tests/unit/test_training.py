@@ -41,6 +41,7 @@ from dicomnode.training.metrics import (
     expected_calibration_error,
     fit_temperature,
     softmax,
+    summarise_folds,
 )
 from dicomnode.training.network import new_model
 from dicomnode.training.pretrained import lite0_package, read_state
@@ -131,6 +132,15 @@ def test_metrics_agree_with_sklearn(predictions: tuple[np.ndarray, np.ndarray]) 
         )
     macro = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
     assert ours["auc_macro"] == pytest.approx(macro)
+
+
+def test_per_class_means_over_folds_skip_the_folds_without_the_class() -> None:
+    onehot = np.eye(3)
+    perfect = classification_metrics(np.array([0, 1, 2, 2]), onehot[[0, 1, 2, 2]])
+    no_class_2 = classification_metrics(np.array([0, 0, 1, 1]), onehot[[0, 1, 1, 1]])
+    summary = summarise_folds([perfect, no_class_2])
+    assert summary["recall_per_class_mean"] == pytest.approx([0.75, 1.0, 1.0])
+    assert summary["f1_per_class_mean"][2] == pytest.approx(1.0)  # not (1 + 0) / 2
 
 
 def test_expected_calibration_error_by_hand(predictions: tuple[np.ndarray, np.ndarray]) -> None:
