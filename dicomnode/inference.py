@@ -231,6 +231,18 @@ class Predictor:
             self.heatmap_size,
         )
 
+    def without_localiser(self) -> Predictor:
+        """The same network classifying each image whole (a joint crop, say), localiser off."""
+        return Predictor(
+            self.directory,
+            self.card,
+            self.model,
+            self.device,
+            self.batch_size,
+            None,
+            self.heatmap_size,
+        )
+
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         """Classify and explain ``images``, one :class:`ImageResult` each, in order.
 

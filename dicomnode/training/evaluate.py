@@ -7,6 +7,15 @@ classified with :meth:`~dicomnode.inference.Predictor.forward_probabilities`
 (the card's temperature included), so the figures are those of the node's own
 probabilities.
 
+A labelled image is one training-style example: for a card with a knee
+localiser (``preprocessing.localiser: knee``) that is a joint-centred crop, as
+in its training folder, and it is classified whole; the localiser is not run
+(the figures are the grader's, comparable with its cross-validation). The
+localiser, which finds the joints on whole radiographs before the grader runs,
+is tested on its own (``tests/unit/test_localise.py``). The galleries are drawn
+by the same whole-image path, so each overlay explains the probability in its
+caption.
+
 Outputs: a predictions CSV (``path,label,predicted,p_0,...,p_{k-1}``) and a
 report directory with ``metrics.json``, ``confusion.png``, ``roc.png``,
 ``reliability.png``, ``summary.md`` and one Grad-CAM gallery per class,
@@ -91,7 +100,7 @@ def evaluate_model(
     if report is not None:
         names = [c.name for c in card.classes]
         write_report(report, images, probabilities, metrics, names)
-        write_galleries(report, predictor, images, probabilities, names)
+        write_galleries(report, predictor.without_localiser(), images, probabilities, names)
     logger.info("evaluated %s on %d images", card.name, len(images))
     return metrics
 

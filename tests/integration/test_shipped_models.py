@@ -68,6 +68,40 @@ def test_knee_model_grades_each_knee_of_a_bilateral_image() -> None:
         )
 
 
+@pytest.mark.skipif(
+    not KNEE_DATA.is_dir(), reason="../shared/data/knee-kl224-train is not beside the project"
+)
+def test_knee_crops_are_evaluated_whole_as_in_training(tmp_path: Path) -> None:
+    """`dicomnode evaluate` grades a labelled crop as its training folder holds it."""
+    from dicomnode.inference import prepare_input
+    from dicomnode.training.evaluate import evaluate_model
+
+    loaded = ModelRegistry.load(MODELS).for_body_part(BodyPart.KNEE)
+    if loaded is None or loaded.card.preprocessing.localiser != "knee":
+        pytest.skip("no knee model with a localiser is installed")
+    folder = tmp_path / "crops"
+    crops = []
+    for grade in range(5):
+        (folder / str(grade)).mkdir(parents=True)
+        for path in sorted((KNEE_DATA / str(grade)).glob("*.webp"))[:2]:
+            crops.append(path)
+            (folder / str(grade) / path.name).symlink_to(path)
+    predictions = tmp_path / "predictions.csv"
+    evaluate_model(loaded.directory, folder, predictions=predictions, report=tmp_path / "report")
+    rows = np.loadtxt(predictions, delimiter=",", skiprows=1, usecols=range(3, 8))
+    predictor = Predictor.load(loaded.directory, loaded.card, "cpu")
+    whole = predictor.without_localiser()
+    assert whole.localiser is None and predictor.localiser is not None
+    image = read_image_file(crops[0])
+    tensor, _ = prepare_input(loaded.card, image.pixels)
+    expected = predictor.forward_probabilities(tensor[None])[0]
+    (result,) = whole.predict([image])
+    (finding,) = result.findings  # the whole crop, one finding, as the gallery draws it
+    assert np.allclose(finding.probabilities, expected, atol=1e-4)
+    assert np.allclose(rows[0], expected, atol=1e-6)  # the CSV row of that crop
+    assert (tmp_path / "report" / "gradcam_0_KL0.png").is_file()
+
+
 # Phantoms the shipped phantom models never saw, at the size they were trained on (spine:
 # training seed 1, explanation selection 900, test set 901; hand: training seed 21, selection
 # 903, test 902). The last figure is a floor for the pointing game on them: on 200 abnormal
