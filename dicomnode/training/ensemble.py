@@ -196,6 +196,12 @@ def build_ensemble(
     if recipe is not None:
         metrics.update(_folds_metrics(members))
     if validate_on is not None:
+        if recipe is not None:
+            raise TrainingError(
+                "the members are the fold models of one cross-validation: every fold trained "
+                f"{len(members) - 1} of them, so no fold of {validate_on} is held out from the "
+                "ensemble; score it on an independent folder with dicomnode evaluate"
+            )
         metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
     card = _card(

@@ -621,6 +621,15 @@ def test_an_ensemble_of_the_folds_records_their_recipe_and_cross_validation(
     mean = card.metrics["cross_validation"]["balanced_accuracy"]["mean"]
     assert mean == pytest.approx(sum(held_out) / 2)
     assert "has seen every image" in card.metrics["validation"]
+    with pytest.raises(TrainingError, match=r"no fold of .* is held out"):
+        build_ensemble(
+            folds,
+            tmp_path / "validated",
+            method="average",
+            name="e",
+            version="1",
+            validate_on=_smoke_config(tmp_path / "recipe"),
+        )
     # Two copies of one fold are not a cross-validation.
     twice = build_ensemble(
         folds[:1] * 2, tmp_path / "twice", method="average", name="e", version="1"
