@@ -560,6 +560,8 @@ def _save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, *, bes
         "loop": state.__dict__,
         "rng": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():  # dropout masks on the GPU draw from its own generator
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     _atomic_save(payload, directory / "last.pt")
 
 
@@ -576,6 +578,8 @@ def _restore(directory: Path, trainer: Trainer, device: torch.device) -> LoopSta
     trainer.scheduler.load_state_dict(payload["scheduler"])
     _follow_recipe_schedule(trainer.scheduler, recipe_lrs)
     torch.set_rng_state(payload["rng"].cpu())  # saved on CPU; map_location may move it
+    if "cuda_rng" in payload and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([saved.cpu() for saved in payload["cuda_rng"]])
     state = LoopState(**payload["loop"])
     logger.info("resumed from %s after epoch %d; learning rates %s", path, state.epoch, recipe_lrs)
     return state
