@@ -75,6 +75,7 @@ class ModelIdentity:
     synthetic_training_data: bool
     description: str = ""
     explanation: str = "Grad-CAM"
+    reader_note: str = ""
 
 
 @dataclass(frozen=True)

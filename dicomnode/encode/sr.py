@@ -364,7 +364,7 @@ def _visual_explanation(sc: pydicom.Dataset) -> ImageContentItem:
 
 
 def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
-    """Return the report-level statements: review required, demonstration model."""
+    """Return the report-level statements: review required, demonstration model, model notes."""
     container = ContainerContentItem(
         name=dn.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
@@ -375,6 +375,9 @@ def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
             notices.append(
                 TextContentItem(dn.DEMONSTRATION_MODEL, text, RelationshipTypeValues.CONTAINS)
             )
+        if model.reader_note:
+            text = f"{model.name} {model.version}: {model.reader_note}"
+            notices.append(TextContentItem(dn.COMMENT, text, RelationshipTypeValues.CONTAINS))
     container.ContentSequence = ContentSequence(notices)
     return container
 

@@ -22,6 +22,7 @@ Example::
     temperature: 1.0
     intended_use: ...
     training_data: ...
+    reader_note: ""   # optional: a note every SR of the model gives the reader
     metrics: {balanced_accuracy: 0.7}
     synthetic_training_data: false
 """
@@ -240,6 +241,11 @@ class ModelCard(_Frozen):
     )
     intended_use: str = Field(min_length=1)
     training_data: str = Field(min_length=1)
+    reader_note: str = Field(
+        default="",
+        max_length=1024,
+        description="said to the reader in every SR of the model (a known limitation, say)",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     recipe: dict[str, Any] = Field(default_factory=dict)
     trained: str = ""
@@ -324,6 +330,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         synthetic_training_data=card.synthetic_training_data,
         description=card.description,
         explanation=card.gradcam.description,
+        reader_note=card.reader_note,
     )
 
 

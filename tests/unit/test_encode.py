@@ -129,6 +129,7 @@ def make_result(
     rows: int = ROWS,
     columns: int = COLUMNS,
     peak: tuple[int, int] = PEAK,
+    note: str = "",
 ) -> ImageResult:
     coded = make_classes(classes)
     region = region or Region(0, 0, columns, rows)
@@ -148,6 +149,7 @@ def make_result(
         sha256="0123456789abcdef" * 4,
         synthetic_training_data=synthetic,
         explanation="LayerCAM at blocks.2+blocks.4",
+        reader_note=note,
     )
     return ImageResult(model=model, classes=coded, findings=(finding,))
 
@@ -411,7 +413,8 @@ def test_sc_rejects_non_rgb() -> None:
 def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     source = make_source()
     region = Region(40, 60, 280, 240)
-    result = make_result(classes, synthetic=synthetic, region=region, uncertain=True)
+    note = "" if synthetic else "KL4 probabilities run high; read the grade."
+    result = make_result(classes, synthetic=synthetic, region=region, uncertain=True, note=note)
     sc = make_sc(source, result)
     sr = make_sr([SrImageItem(source=source, sc=sc, result=result)])
     path = save(sr, tmp_path / "sr.dcm")
@@ -469,6 +472,10 @@ def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     assert "explanation: LayerCAM at blocks.2+blocks.4" in texts
     assert "AI result, requires review by a radiologist" in texts
     assert any(SYNTHETIC_NOTICE in text for text in texts) == synthetic
+    # A card's reader note is said once, naming the model it belongs to.
+    assert [t for t in texts if "run high" in t] == (
+        [] if synthetic else [f"knee-kl 1.0.0: {note}"]
+    )
 
     assert dciodvfy_errors(path) == []
     dumped = dump(DSRDUMP, path)

@@ -29,6 +29,7 @@ from dicomnode.models.card import (
     ArchitectureSpec,
     GradCamSpec,
     PreprocessingSpec,
+    identity,
     load_card,
     shift_offsets,
     write_card,
@@ -126,6 +127,17 @@ def test_tiny_model_is_reproducible_and_round_trips(tmp_path: Path) -> None:
     assert {c.code.scheme for c in first.classes} == {"99DICOMNODE"}
     assert first.synthetic_training_data
     assert "untrained" in first.intended_use.lower()
+
+
+def test_a_cards_reader_note_travels_with_every_result(tmp_path: Path) -> None:
+    card = make_tiny_model(tmp_path / "m", num_classes=5)
+    assert identity(card).reader_note == ""
+    noted = card.model_copy(update={"reader_note": "KL4 probabilities run high."})
+    write_card(tmp_path / "m", noted)
+    assert identity(load_card(tmp_path / "m")).reader_note == "KL4 probabilities run high."
+    with pytest.raises(ModelError, match="reader_note"):
+        write_card(tmp_path / "m", card.model_copy(update={"reader_note": "x" * 1025}))
+        load_card(tmp_path / "m")
 
 
 # --- registry ------------------------------------------------------------------------------
