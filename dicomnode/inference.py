@@ -221,25 +221,21 @@ class Predictor:
         """
         check_cam_layers(self.model, gradcam.target_layer)
         card = self.card.model_copy(update={"gradcam": gradcam})
+        return self._variant(card, self.localiser)
+
+    def without_localiser(self) -> Predictor:
+        """The same network classifying each image whole (a joint crop, say), localiser off."""
+        return self._variant(self.card, None)
+
+    def _variant(self, card: ModelCard, localiser: KneeLocaliser | None) -> Predictor:
+        """This predictor's network with another card or localiser."""
         return Predictor(
             self.directory,
             card,
             self.model,
             self.device,
             self.batch_size,
-            self.localiser,
-            self.heatmap_size,
-        )
-
-    def without_localiser(self) -> Predictor:
-        """The same network classifying each image whole (a joint crop, say), localiser off."""
-        return Predictor(
-            self.directory,
-            self.card,
-            self.model,
-            self.device,
-            self.batch_size,
-            None,
+            localiser,
             self.heatmap_size,
         )
 
