@@ -1,8 +1,12 @@
 """SHAP attributions for one image, outside the node's hot path (``dicomnode explain``).
 
 Uses ``shap.GradientExplainer`` (expected gradients) with a small background of
-blurred and blank versions of the same input, and returns the absolute
-attribution summed over channels, normalised to [0, 1] in the input's geometry.
+blurred and blank versions of the same input. Pixel attributions are speckled:
+scaled by their single largest pixel, 99 % of a knee crop's map fell below the
+overlay's display threshold (0.2) and the overlay showed a dot. The map is
+therefore the absolute attribution summed over channels, smoothed with a
+Gaussian of sigma 2 % of the shorter side and scaled so that its 99.5th
+percentile is 1 (clipped to [0, 1]), in the input's geometry.
 The ``shap`` library is an optional dependency: ``pip install 'dicomnode[explain]'``.
 """
 
@@ -14,9 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from dicomnode.errors import InferenceError
 from dicomnode.values import FloatArray
+
+SMOOTHING = 0.02
+"""Sigma of the Gaussian that smooths the attribution, as a share of the shorter side."""
+SCALE_PERCENTILE = 99.5
+"""The percentile of the smoothed map that becomes 1 (higher values are clipped)."""
 
 
 def _background(tensor: torch.Tensor, count: int) -> torch.Tensor:
@@ -54,10 +64,22 @@ def shap_attribution(
         values: Any = explainer.shap_values(tensor[None], nsamples=samples, rseed=seed)
     attribution = np.asarray(values, dtype=np.float32)
     attribution = _select_class(attribution, target, tensor.shape)
-    magnitude = np.abs(attribution).sum(axis=0)
-    peak = float(magnitude.max())
-    normalised: FloatArray = (magnitude / peak if peak > 0 else magnitude).astype(np.float32)
-    return normalised
+    return displayable(np.abs(attribution).sum(axis=0))
+
+
+def displayable(magnitude: np.ndarray[Any, Any]) -> FloatArray:
+    """An (H, W) attribution magnitude smoothed and scaled to [0, 1] for the overlay."""
+    sigma = max(1.0, SMOOTHING * min(magnitude.shape))
+    kernel = min(2 * round(3 * sigma) + 1, 2 * min(magnitude.shape) - 1)  # reflect padding
+    source = torch.from_numpy(np.ascontiguousarray(magnitude, dtype=np.float32))
+    smoothed = gaussian_blur(source[None, None], [kernel, kernel], [sigma, sigma])[0, 0].numpy()
+    scale = float(np.percentile(smoothed, SCALE_PERCENTILE))
+    if scale <= 0:
+        scale = float(smoothed.max())
+    if scale <= 0:
+        return np.zeros(magnitude.shape, dtype=np.float32)
+    scaled: FloatArray = np.clip(smoothed / scale, 0.0, 1.0).astype(np.float32)
+    return scaled
 
 
 def _select_class(
