@@ -22,7 +22,10 @@ report directory with ``metrics.json``, ``confusion.png``, ``roc.png``,
 ``gradcam_<index>_<name>.png``: the node's own overlays (heatmap, findings) of
 up to :data:`GALLERY_PER_CLASS` images of that true class, the ones the model
 gives the highest probability of the class first, each captioned with its
-predicted class.
+predicted class. ``summary.md`` names the model (version, weights sha256, the
+synthetic-data notice where it applies), says how a localiser card's images were
+read, repeats the card's own figures for comparison and its note to readers, and
+lists the figures and galleries.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicomnode.encode.render import SYNTHETIC_NOTICE
 from dicomnode.inference import Predictor, prepare_input
-from dicomnode.models.card import load_card
+from dicomnode.models.card import ModelCard, load_card
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import LabelledImages, read_labelled, scan_folder
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
@@ -52,6 +56,12 @@ from dicomnode.training.report import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 64
+CARD_FIGURES = {
+    "balanced_accuracy": "balanced accuracy",
+    "quadratic_weighted_kappa": "QWK",
+    "auc_macro": "macro AUC",
+}
+"""The figures of a card's ``metrics`` that a summary repeats, for comparison."""
 GALLERY_PER_CLASS = 4
 
 
@@ -100,7 +110,10 @@ def evaluate_model(
     if report is not None:
         names = [c.name for c in card.classes]
         write_report(report, images, probabilities, metrics, names)
-        write_galleries(report, predictor.without_localiser(), images, probabilities, names)
+        galleries = write_galleries(
+            report, predictor.without_localiser(), images, probabilities, names
+        )
+        write_summary(report, card, metrics, names, [path.name for path in galleries])
     logger.info("evaluated %s on %d images", card.name, len(images))
     return metrics
 
@@ -142,7 +155,7 @@ def write_report(
     metrics: dict[str, Any],
     names: list[str],
 ) -> Path:
-    """``metrics.json`` (with the reliability bins), three PNG figures and ``summary.md``."""
+    """``metrics.json`` (with the reliability bins) and three PNG figures."""
     directory.mkdir(parents=True, exist_ok=True)
     labels = images.labels
     full = {**metrics, "calibration_bins": calibration_bins(labels, probabilities)}
@@ -154,9 +167,43 @@ def write_report(
     reliability_image(labels, probabilities, metrics["expected_calibration_error"]).save(
         directory / "reliability.png"
     )
-    summary = summary_markdown(str(metrics["model"]), str(metrics["data_dir"]), metrics, names)
-    (directory / "summary.md").write_text(summary, encoding="utf-8")
     return directory
+
+
+def write_summary(
+    directory: Path,
+    card: ModelCard,
+    metrics: dict[str, Any],
+    names: list[str],
+    galleries: list[str],
+) -> Path:
+    """``summary.md``: the model, how its images were read, the figures and the galleries."""
+    heading = f"Evaluation of {card.name} {card.version}"
+    summary = summary_markdown(heading, about_model(card), metrics, names, galleries)
+    path = directory / "summary.md"
+    path.write_text(summary, encoding="utf-8")
+    return path
+
+
+def about_model(card: ModelCard) -> list[str]:
+    """The summary's lines on the model: identity, synthetic data, localiser, its card's figures."""
+    lines = [f"Model: `{card.name}` {card.version}, weights sha256 `{card.weights.sha256}`."]
+    if card.synthetic_training_data:
+        lines += ["", f"**{SYNTHETIC_NOTICE}: trained on phantoms, not for clinical use.**"]
+    if card.preprocessing.localiser != "none":
+        lines += [
+            "",
+            "Each image is classified whole, as a training crop; the model's "
+            f"{card.preprocessing.localiser} localiser is not run (it is tested on its own).",
+        ]
+    stated = {label: card.metrics.get(key) for key, label in CARD_FIGURES.items()}
+    shown = [f"{label} {value:.3f}" for label, value in stated.items() if isinstance(value, float)]
+    if shown:
+        validation = card.metrics.get("validation", "not stated")
+        lines += ["", f"The card's own figures: {', '.join(shown)} (validation: {validation})."]
+    if card.reader_note:
+        lines += ["", f"The card's note to readers: {card.reader_note}"]
+    return lines
 
 
 def write_galleries(

@@ -177,14 +177,26 @@ def reliability_image(labels: IntArray, probabilities: Float64Array, ece: float)
 
 
 def summary_markdown(
-    model: str, data_dir: str, metrics: dict[str, Any], names: Sequence[str]
+    heading: str,
+    about: Sequence[str],
+    metrics: dict[str, Any],
+    names: Sequence[str],
+    galleries: Sequence[str],
 ) -> str:
-    """A short human summary of ``metrics`` (as from :func:`classification_metrics`)."""
+    """A short human summary of ``metrics`` (as from :func:`classification_metrics`).
+
+    ``about`` holds the lines on the model and how it was run, ``galleries``
+    the file names of the Grad-CAM galleries beside the summary.
+    """
     per_class = metrics["per_class"]
     lines = [
-        f"# Evaluation of {model}",
+        f"# {heading}",
         "",
-        f"Data: `{data_dir}` ({metrics['n']} images).",
+        *about,
+        "",
+        f"Data: `{metrics['data_dir']}` ({metrics['n']} images).",
+    ]
+    lines += [
         "",
         "| figure | value |",
         "|---|---|",
@@ -205,13 +217,14 @@ def summary_markdown(
         )
     lines += ["", "Confusion matrix (rows true, columns predicted):", "", "```"]
     lines += [" ".join(f"{v:6d}" for v in row) for row in metrics["confusion_matrix"]]
-    lines += [
-        "```",
-        "",
-        "Figures: confusion.png, roc.png, reliability.png. A Grad-CAM gallery is not made yet.",
-        "",
-    ]
-    return "\n".join(lines)
+    lines += ["```", "", "Figures: confusion.png, roc.png, reliability.png."]
+    if galleries:
+        lines += [
+            "",
+            "Grad-CAM galleries (the node's overlays of the images of each true class that get "
+            "the highest probability of it): " + ", ".join(galleries) + ".",
+        ]
+    return "\n".join([*lines, ""])
 
 
 def _fmt(value: float | None) -> str:

@@ -33,7 +33,7 @@ from dicomnode.training.data import (
     scan_folder,
 )
 from dicomnode.training.ensemble import build_ensemble
-from dicomnode.training.evaluate import evaluate_model
+from dicomnode.training.evaluate import about_model, evaluate_model
 from dicomnode.training.folds import assign_folds
 from dicomnode.training.metrics import (
     calibration_bins,
@@ -386,10 +386,33 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     assert galleries == ["gradcam_0_small.png", "gradcam_1_medium.png", "gradcam_2_large.png"]
     with Image.open(report / "gradcam_0_small.png") as gallery:
         assert gallery.width > 4 * 256  # four overlays of class 0 side by side
+    summary = (report / "summary.md").read_text(encoding="utf-8")
+    card = load_card(directory)
+    assert summary.startswith(f"# Evaluation of tiny-smoke {card.version}\n")
+    assert card.weights.sha256 in summary
+    assert "DEMONSTRATION MODEL, synthetic training data" in summary  # the smoke card's flag
+    assert (
+        f"balanced accuracy {figures['balanced_accuracy']:.4f}" not in summary
+    )  # table, not prose
+    assert f"| balanced accuracy | {figures['balanced_accuracy']:.4f} |" in summary
+    assert (
+        f"The card's own figures: balanced accuracy {card.metrics['balanced_accuracy']:.3f}"
+        in summary
+    )
+    assert ", ".join(galleries) in summary
     # A file that is not an image is named in the error, by its place in the folder.
     (tmp_path / "data" / "1" / "9000999L.dcm").write_bytes(b"DICM" + bytes(200))
     with pytest.raises(ConfigError, match=r"^1/9000999L\.dcm: the dataset has no Pixel Data"):
         evaluate_model(directory, tmp_path / "data")
+
+
+def test_an_evaluation_summary_says_how_a_localiser_card_was_read_and_its_note() -> None:
+    shipped = load_card(Path(__file__).resolve().parents[2] / "models" / "knee-kl")
+    card = shipped.model_copy(update={"reader_note": "Read the grade, not the KL4 probability."})
+    about = "\n".join(about_model(card))
+    assert "knee localiser is not run" in about
+    assert "note to readers: Read the grade, not the KL4 probability." in about
+    assert "synthetic" not in about  # real training data
 
 
 @pytest.mark.parametrize("resize", ["letterbox", "stretch"])
