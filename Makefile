@@ -1,4 +1,5 @@
-# dicomnode: `make run` starts the node on embedded defaults, `make test` runs the tests.
+# dicomnode: `make run` starts the node on the example config/dicomnode.yaml (SQLite, local
+# storage, bundled models), `make test` runs the tests.
 # Both install what they need on a fresh Debian machine with Python 3.11.
 
 SHELL := /bin/bash
