@@ -221,6 +221,10 @@ class EnsembleMember(_Frozen):
     class_weights: tuple[float, ...]
 
 
+READER_NOTE_MAX = 1024
+"""The most characters of a card's ``reader_note``."""
+
+
 class ModelCard(_Frozen):
     """The validated content of a ``model.yaml``."""
 
@@ -243,7 +247,7 @@ class ModelCard(_Frozen):
     training_data: str = Field(min_length=1)
     reader_note: str = Field(
         default="",
-        max_length=1024,
+        max_length=READER_NOTE_MAX,
         description="said to the reader in every SR of the model (a known limitation, say)",
     )
     metrics: dict[str, Any] = Field(default_factory=dict)

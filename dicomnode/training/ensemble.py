@@ -42,6 +42,7 @@ from dicomnode.errors import TrainingError
 from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
 from dicomnode.models.card import (
     MEMBER_SEPARATOR,
+    READER_NOTE_MAX,
     ArchitectureSpec,
     GradCamSpec,
     ModelCard,
@@ -176,6 +177,7 @@ def build_ensemble(
         raise TrainingError(f"unknown ensemble method {method!r}; use {', '.join(METHODS)}")
     members = load_members(directories)
     cards = [m.card for m in members]
+    note = reader_note(cards)
     weights = ensemble_weights(cards, method)
     architecture = ArchitectureSpec(
         name=ENSEMBLE,
@@ -207,6 +209,8 @@ def build_ensemble(
     card = _card(
         members, name, version, architecture, sha256_of(weights_path), metrics, method, recipe
     )
+    if note:
+        card = ModelCard.model_validate({**card.model_dump(), "reader_note": note})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
@@ -313,6 +317,25 @@ def validate_ensemble(
         "n": len(labels),
         **figures,
     }
+
+
+def reader_note(cards: list[ModelCard]) -> str:
+    """The members' notes to readers, each once, in member order: what was said of a
+    member holds for the ensemble that averages it.
+
+    Raises
+    ------
+    TrainingError
+        If together they exceed a card's limit (the notes are named, not cut).
+    """
+    notes = list(dict.fromkeys(card.reader_note for card in cards if card.reader_note))
+    joined = " ".join(notes)
+    if len(joined) > READER_NOTE_MAX:
+        raise TrainingError(
+            f"the members' reader notes together take {len(joined)} characters, more than a "
+            f"card's {READER_NOTE_MAX}: shorten them in the members' model.yaml"
+        )
+    return joined
 
 
 def _copy_localiser(first: Member, output_dir: Path) -> None:

@@ -258,3 +258,20 @@ def test_half_precision_members_halve_the_file_and_keep_the_probabilities(
     np.testing.assert_allclose(
         half.forward_probabilities(batch), full.forward_probabilities(batch), atol=5e-3
     )
+
+
+def test_an_ensemble_says_what_its_members_say_to_readers(tmp_path: Path) -> None:
+    notes = ("Grade 4 runs high.", "", "Grade 4 runs high.", "Not for children.")
+    directories = []
+    for seed, note in enumerate(notes):
+        directory = _member(tmp_path / f"m{seed}", seed, [1, 1], [1, 1])
+        write_card(directory, load_card(directory).model_copy(update={"reader_note": note}))
+        directories.append(directory)
+    out = build_ensemble(directories, tmp_path / "e", method="average", name="e", version="1")
+    assert load_card(out).reader_note == "Grade 4 runs high. Not for children."
+    long_note = "x" * 600
+    for directory, note in zip(directories[:2], (long_note, long_note + "y"), strict=True):
+        write_card(directory, load_card(directory).model_copy(update={"reader_note": note}))
+    with pytest.raises(TrainingError, match="1239 characters, more than a card's 1024"):
+        build_ensemble(directories, tmp_path / "f", method="average", name="f", version="1")
+    assert not (tmp_path / "f").exists()  # refused before anything is written
