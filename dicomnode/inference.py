@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,6 +71,10 @@ logger = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda", "auto"]
 DEFAULT_BATCH_SIZE = 8
+
+Explainer = Callable[[nn.Module, torch.Tensor], CamBatch]
+"""Another explanation than the card's: (network, ready batch) -> logits, classes and maps
+in the input's geometry (``dicomnode explain --method shap`` uses one)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -146,6 +150,7 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
         localiser: KneeLocaliser | None = None,
         heatmap_size: int = 0,
+        explainer: Explainer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ModelError(f"batch_size must be at least 1, got {batch_size}")
@@ -158,6 +163,7 @@ class Predictor:
         self.batch_size = batch_size
         self.localiser = localiser
         self.heatmap_size = heatmap_size
+        self.explainer = explainer
         self.identity: ModelIdentity = identity(card)
         self.classes: tuple[CodedClass, ...] = card.coded_classes()
         self._lock = threading.Lock()
@@ -227,8 +233,21 @@ class Predictor:
         """The same network classifying each image whole (a joint crop, say), localiser off."""
         return self._variant(self.card, None)
 
-    def _variant(self, card: ModelCard, localiser: KneeLocaliser | None) -> Predictor:
-        """This predictor's network with another card or localiser."""
+    def with_explainer(self, explainer: Explainer) -> Predictor:
+        """The same network and localiser, each finding's map made by ``explainer``.
+
+        The maps go through the same placement as the card's own (each joint's
+        crop back onto the image), so any explanation works on whole radiographs.
+        """
+        return self._variant(self.card, self.localiser, explainer)
+
+    def _variant(
+        self,
+        card: ModelCard,
+        localiser: KneeLocaliser | None,
+        explainer: Explainer | None = None,
+    ) -> Predictor:
+        """This predictor's network with another card, localiser or explainer."""
         return Predictor(
             self.directory,
             card,
@@ -237,6 +256,7 @@ class Predictor:
             self.batch_size,
             localiser,
             self.heatmap_size,
+            explainer or self.explainer,
         )
 
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
@@ -288,6 +308,8 @@ class Predictor:
         which measured as fast with a quarter of the memory (``dicomnode
         bench-explain models/hand-ra --batch 1 --max-images 1`` against ``8``).
         """
+        if self.explainer is not None:
+            return self.explainer(self.model, batch)
         per_pass = self.batch_size if self.device.type == "cuda" else None
         return explain_batch(self.model, self.card.gradcam, batch, per_pass)
 

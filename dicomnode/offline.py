@@ -98,36 +98,26 @@ def explain_file(
     """Write the explanation overlay of one image (PNG, WebP, JPEG or DICOM) as a PNG.
 
     ``method`` is ``gradcam`` (what the node shows) or ``shap`` (expected
-    gradients with the ``shap`` library; slower, offline only).
+    gradients with the ``shap`` library; slower, offline only). Either is made
+    for every finding the node would report: each knee of a bilateral film on a
+    localiser card.
     """
-    from dataclasses import replace
-
     from PIL import Image
 
     from dicomnode.encode.render import render_overlay
-    from dicomnode.explain.gradcam import peak
     from dicomnode.imaging.pixels import read_image_file
-    from dicomnode.imaging.tensor import to_source_geometry
-    from dicomnode.inference import prepare_input
     from dicomnode.models.card import load_card
 
     if method not in ("gradcam", "shap"):
         raise DicomNodeError(f"unknown explanation method {method!r}; use gradcam or shap")
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
+    if method == "shap":
+        from dicomnode.explain.shap_map import shap_cams
+
+        predictor = predictor.with_explainer(shap_cams)
     image = read_image_file(image_path)
     result = predictor.predict([image])[0]
-    if method == "shap":
-        if len(result.findings) != 1:
-            raise DicomNodeError("SHAP explains models without a localiser (one finding per image)")
-        from dicomnode.explain.shap_map import shap_attribution
-
-        finding = result.findings[0]
-        tensor, placement = prepare_input(card, image.pixels)
-        heat = to_source_geometry(
-            shap_attribution(predictor.model, tensor, finding.predicted.index), placement
-        )
-        result = replace(result, findings=(replace(finding, heatmap=heat, peak=peak(heat)),))
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(render_overlay(image, result)).save(out)
     return out

@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from dicomnode.errors import InferenceError
+from dicomnode.explain.gradcam import CamBatch
 from dicomnode.values import FloatArray
 
 SMOOTHING = 0.02
@@ -80,6 +81,16 @@ def displayable(magnitude: np.ndarray[Any, Any]) -> FloatArray:
         return np.zeros(magnitude.shape, dtype=np.float32)
     scaled: FloatArray = np.clip(smoothed / scale, 0.0, 1.0).astype(np.float32)
     return scaled
+
+
+def shap_cams(model: nn.Module, batch: torch.Tensor) -> CamBatch:
+    """Logits and the SHAP map of each image's predicted class: an explainer for
+    :meth:`~dicomnode.inference.Predictor.with_explainer`."""
+    with torch.no_grad():
+        logits = model(batch).float().cpu()
+    classes = tuple(int(c) for c in logits.argmax(dim=1))
+    maps = [shap_attribution(model, batch[i], c) for i, c in enumerate(classes)]
+    return CamBatch(logits=logits, cams=np.stack(maps).astype(np.float32), classes=classes)
 
 
 def _select_class(

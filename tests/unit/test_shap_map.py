@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from dicomnode.encode.render import HEAT_THRESHOLD
-from dicomnode.explain.shap_map import displayable, shap_attribution
+from dicomnode.explain.shap_map import displayable, shap_attribution, shap_cams
+from dicomnode.inference import Predictor
+from dicomnode.testing.models import make_tiny_model
+from dicomnode.values import PreparedImage
 
 ROWS, COLUMNS = slice(20, 36), slice(24, 40)
 
@@ -53,3 +59,27 @@ def test_displayable_spreads_a_single_pixel_and_keeps_zero_at_zero() -> None:
     assert 1 < len(painted) < 50
     assert painted.min(axis=0).tolist() == [23, 18] and painted.max(axis=0).tolist() == [27, 22]
     assert not displayable(np.zeros((50, 40), dtype=np.float32)).any()
+
+
+def test_shap_explains_each_knee_of_a_bilateral_film_inside_its_box(tmp_path: Path) -> None:
+    """With a localiser card, SHAP maps each joint's crop back onto its own box, as Grad-CAM."""
+    card = make_tiny_model(tmp_path / "m", num_classes=5, localiser=True)
+    predictor = Predictor.load(tmp_path / "m", card)
+    rows, columns = 300, 500
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    pixels = np.full((rows, columns), 0.05, dtype=np.float32)
+    for x, y in ((130, 150), (370, 150)):
+        pixels[(yy - y) ** 2 + (xx - x) ** 2 < 50**2] = 0.9
+    image = PreparedImage(pixels, None, "bilateral")
+    (plain,) = predictor.predict([image])
+    (explained,) = predictor.with_explainer(shap_cams).predict([image])
+    assert [f.region for f in explained.findings] == [f.region for f in plain.findings]
+    assert len(explained.findings) == 2
+    for finding, reference in zip(explained.findings, plain.findings, strict=True):
+        assert finding.probabilities == pytest.approx(reference.probabilities, abs=1e-5)
+        box = finding.region
+        outside = np.ones((rows, columns), dtype=bool)
+        outside[box.y0 : box.y1, box.x0 : box.x1] = False
+        assert float(finding.heatmap.max()) == 1.0 and not finding.heatmap[outside].any()
+        x, y = finding.peak
+        assert box.x0 <= x < box.x1 and box.y0 <= y < box.y1
