@@ -207,10 +207,16 @@ def build_ensemble(
         metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
     card = _card(
-        members, name, version, architecture, sha256_of(weights_path), metrics, method, recipe
+        members,
+        name,
+        version,
+        architecture,
+        sha256_of(weights_path),
+        metrics,
+        method,
+        recipe,
+        note,
     )
-    if note:
-        card = ModelCard.model_validate({**card.model_dump(), "reader_note": note})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
@@ -363,8 +369,10 @@ def _card(
     metrics: dict[str, Any],
     method: Method,
     members_recipe: dict[str, Any] | None,
+    note: str,
 ) -> ModelCard:
-    """The ensemble's card; ``members_recipe``: see :func:`folds_recipe`."""
+    """The ensemble's card; ``members_recipe``: see :func:`folds_recipe`; ``note``: see
+    :func:`reader_note`."""
     first = members[0].card
     listed = _listed(members, members_recipe)
     recipe: dict[str, Any] = {
@@ -394,6 +402,7 @@ def _card(
         finding_class_minimum=first.finding_class_minimum,
         intended_use=first.intended_use,
         training_data=first.training_data,
+        reader_note=note,
         metrics={**metrics, **headline},
         recipe=recipe,
         trained=datetime.date.today().isoformat(),

@@ -189,7 +189,7 @@ def about_model(card: ModelCard) -> list[str]:
     """The summary's lines on the model: identity, synthetic data, localiser, its card's figures."""
     lines = [f"Model: `{card.name}` {card.version}, weights sha256 `{card.weights.sha256}`."]
     if card.synthetic_training_data:
-        lines += ["", f"**{SYNTHETIC_NOTICE}: trained on phantoms, not for clinical use.**"]
+        lines += ["", f"**{SYNTHETIC_NOTICE}: not for clinical use.**"]
     if card.preprocessing.localiser != "none":
         lines += [
             "",

@@ -195,8 +195,6 @@ def summary_markdown(
         *about,
         "",
         f"Data: `{metrics['data_dir']}` ({metrics['n']} images).",
-    ]
-    lines += [
         "",
         "| figure | value |",
         "|---|---|",
