@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -72,9 +72,17 @@ logger = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]
 DEFAULT_BATCH_SIZE = 8
 
-Explainer = Callable[[nn.Module, torch.Tensor], CamBatch]
-"""Another explanation than the card's: (network, ready batch) -> logits, classes and maps
-in the input's geometry (``dicomnode explain --method shap`` uses one)."""
+
+@dataclass(frozen=True)
+class Explainer:
+    """Another explanation than the card's (``dicomnode explain --method shap`` uses one).
+
+    ``explain`` maps (network, ready batch) to logits, classes and maps in the
+    input's geometry; ``description`` is what outputs say the map is.
+    """
+
+    description: str
+    explain: Callable[[nn.Module, torch.Tensor], CamBatch]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,6 +173,8 @@ class Predictor:
         self.heatmap_size = heatmap_size
         self.explainer = explainer
         self.identity: ModelIdentity = identity(card)
+        if explainer is not None:
+            self.identity = replace(self.identity, explanation=explainer.description)
         self.classes: tuple[CodedClass, ...] = card.coded_classes()
         self._lock = threading.Lock()
 
@@ -309,7 +319,7 @@ class Predictor:
         bench-explain models/hand-ra --batch 1 --max-images 1`` against ``8``).
         """
         if self.explainer is not None:
-            return self.explainer(self.model, batch)
+            return self.explainer.explain(self.model, batch)
         per_pass = self.batch_size if self.device.type == "cuda" else None
         return explain_batch(self.model, self.card.gradcam, batch, per_pass)
 

@@ -88,9 +88,13 @@ def displayable(magnitude: np.ndarray[Any, Any]) -> FloatArray:
     return scaled
 
 
+DESCRIPTION = "SHAP (expected gradients), smoothed"
+"""What outputs say a SHAP map is."""
+
+
 def shap_cams(model: nn.Module, batch: torch.Tensor) -> CamBatch:
-    """Logits and the SHAP map of each image's predicted class: an explainer for
-    :meth:`~dicomnode.inference.Predictor.with_explainer`."""
+    """Logits and the SHAP map of each image's predicted class (the ``explain`` of an
+    :class:`~dicomnode.inference.Explainer` with :data:`DESCRIPTION`)."""
     with torch.no_grad():
         logits = model(batch).float().cpu()
     classes = tuple(int(c) for c in logits.argmax(dim=1))

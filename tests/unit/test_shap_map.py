@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dicomnode.encode.render import HEAT_THRESHOLD
-from dicomnode.explain.shap_map import displayable, shap_attribution, shap_cams
-from dicomnode.inference import Predictor
+from dicomnode.explain.shap_map import DESCRIPTION, displayable, shap_attribution, shap_cams
+from dicomnode.inference import Explainer, Predictor
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.values import PreparedImage
 
@@ -72,7 +72,11 @@ def test_shap_explains_each_knee_of_a_bilateral_film_inside_its_box(tmp_path: Pa
         pixels[(yy - y) ** 2 + (xx - x) ** 2 < 50**2] = 0.9
     image = PreparedImage(pixels, None, "bilateral")
     (plain,) = predictor.predict([image])
-    (explained,) = predictor.with_explainer(shap_cams).predict([image])
+    shap = predictor.with_explainer(Explainer(DESCRIPTION, shap_cams))
+    assert shap.identity.explanation == "SHAP (expected gradients), smoothed"
+    assert predictor.identity.explanation.startswith("Grad-CAM")  # the original is untouched
+    (explained,) = shap.predict([image])
+    assert explained.model.explanation == DESCRIPTION
     assert [f.region for f in explained.findings] == [f.region for f in plain.findings]
     assert len(explained.findings) == 2
     for finding, reference in zip(explained.findings, plain.findings, strict=True):
