@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from dicomnode import __version__, logs
 from dicomnode.config import Settings, load_settings
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
+
+if TYPE_CHECKING:  # the network code loads torch: imported where a command needs it
+    from dicomnode.inference import Explainer
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
@@ -509,13 +512,26 @@ def _cam_spec(method: str, layer: str, shift: int = 0) -> GradCamSpec:
     return GradCamSpec.model_validate({"target_layer": layer, "method": method, "shift": shift})
 
 
+def _candidates(method: str, layers: list[str], shifts: list[int]) -> list[GradCamSpec | Explainer]:
+    """The explanations one ``--method`` names: SHAP once (it has no layer), else each
+    layer x shift."""
+    if method == "shap":
+        from dicomnode.explain.shap_map import DESCRIPTION, shap_cams
+        from dicomnode.inference import Explainer
+
+        return [Explainer(DESCRIPTION, shap_cams)]
+    return [_cam_spec(method, path, pixels) for path in layers for pixels in shifts]
+
+
 @app.command()
 def pointing(
     model_dir: Path,
     data_dir: Path,
     method: Annotated[
         list[str] | None,
-        typer.Option("--method", help="gradcam, hirescam or layercam (repeatable)"),
+        typer.Option(
+            "--method", help="gradcam, hirescam, layercam or shap (no layer) (repeatable)"
+        ),
     ] = None,
     layer: Annotated[
         list[str] | None,
@@ -547,12 +563,11 @@ def pointing(
     if not has_masks(data_dir):
         raise typer.BadParameter(f"{data_dir} has no phantoms.csv", param_hint="DATA_DIR")
     own = load_card(model_dir).gradcam
-    candidates: list[GradCamSpec | None] = (
+    candidates: list[GradCamSpec | Explainer | None] = (
         [
-            _cam_spec(name, path, pixels)
+            candidate
             for name in method or [own.method]
-            for path in layer or [own.target_layer]
-            for pixels in shift or [own.shift]
+            for candidate in _candidates(name, layer or [own.target_layer], shift or [own.shift])
         ]
         if method or layer or shift
         else [None]

@@ -20,9 +20,10 @@ image) and ``pointing_misses.png``, the misses farthest from their lesion
 first, each a close-up of the heatmap with the lesion mask outlined in green
 and the peak marked in red, so a reader can see *how* a map missed.
 
-:func:`compare_explanations` scores several explanations (method and layers)
-of one model on the same images: that is how a card's ``gradcam`` is chosen,
-on a selection set that is not the test set.
+:func:`compare_explanations` scores several explanations (method and layers,
+or another :class:`~dicomnode.inference.Explainer` such as SHAP) of one model on
+the same images: that is how a card's ``gradcam`` is chosen, on a selection set
+that is not the test set.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
 from dicomnode.encode.render import heat_image
-from dicomnode.inference import Predictor
+from dicomnode.inference import Explainer, Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
 from dicomnode.training.masks import mask_rows, read_mask
@@ -105,7 +106,7 @@ def pointing_game(
 def compare_explanations(
     model_dir: Path,
     data_dir: Path,
-    candidates: Sequence[GradCamSpec | None],
+    candidates: Sequence[GradCamSpec | Explainer | None],
     *,
     device: str = "cpu",
     limit: int | None = None,
@@ -113,11 +114,15 @@ def compare_explanations(
     """The pointing game of each candidate explanation (``None``: the card's own)."""
     predictor = Predictor.load(model_dir, load_card(model_dir), device)
     images = read_masked_images(data_dir, limit)
-    results = []
-    for candidate in candidates:
-        chosen = predictor if candidate is None else predictor.with_explanation(candidate)
-        results.append(_game(chosen, images))
-    return results
+    return [_game(_explained(predictor, candidate), images) for candidate in candidates]
+
+
+def _explained(predictor: Predictor, candidate: GradCamSpec | Explainer | None) -> Predictor:
+    if candidate is None:
+        return predictor
+    if isinstance(candidate, Explainer):
+        return predictor.with_explainer(candidate)
+    return predictor.with_explanation(candidate)
 
 
 def pointing_report(

@@ -183,6 +183,16 @@ def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> N
         "explanation": shifted.description,
         **pointing_game(tmp_path / "m", data, gradcam=shifted),
     }
+    # SHAP beside a Grad-CAM: it has no layer, so it is scored once.
+    args = ["pointing", str(tmp_path / "m"), str(data), "--out", str(out), "--layer", layers[0]]
+    result = _cli(*args, "--method", "gradcam", "--method", "shap", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    games = json.loads(out.read_text())
+    assert [g["explanation"] for g in games] == [
+        f"Grad-CAM at {layers[0]}",
+        "SHAP (expected gradients), smoothed",
+    ]
+    assert games[0]["abnormal_images"] == games[1]["abnormal_images"] > 0
 
 
 def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) -> None:
