@@ -18,7 +18,7 @@ from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
 if TYPE_CHECKING:  # the network code loads torch: imported where a command needs it
-    from dicomnode.inference import Explainer
+    from dicomnode.explain.gradcam import Explainer
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
@@ -516,10 +516,9 @@ def _candidates(method: str, layers: list[str], shifts: list[int]) -> list[GradC
     """The explanations one ``--method`` names: SHAP once (it has no layer), else each
     layer x shift."""
     if method == "shap":
-        from dicomnode.explain.shap_map import DESCRIPTION, shap_cams
-        from dicomnode.inference import Explainer
+        from dicomnode.explain.shap_map import SHAP
 
-        return [Explainer(DESCRIPTION, shap_cams)]
+        return [SHAP]
     return [_cam_spec(method, path, pixels) for path in layers for pixels in shifts]
 
 
@@ -566,7 +565,7 @@ def pointing(
     candidates: list[GradCamSpec | Explainer | None] = (
         [
             candidate
-            for name in method or [own.method]
+            for name in dict.fromkeys(method or [own.method])
             for candidate in _candidates(name, layer or [own.target_layer], shift or [own.shift])
         ]
         if method or layer or shift

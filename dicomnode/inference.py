@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -42,6 +42,7 @@ from torch import nn
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.explain.gradcam import (
     CamBatch,
+    Explainer,
     ensemble_grad_cam,
     grad_cam,
     peak,
@@ -71,18 +72,6 @@ logger = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda", "auto"]
 DEFAULT_BATCH_SIZE = 8
-
-
-@dataclass(frozen=True)
-class Explainer:
-    """Another explanation than the card's (``dicomnode explain --method shap`` uses one).
-
-    ``explain`` maps (network, ready batch) to logits, classes and maps in the
-    input's geometry; ``description`` is what outputs say the map is.
-    """
-
-    description: str
-    explain: Callable[[nn.Module, torch.Tensor], CamBatch]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,6 +136,9 @@ class Predictor:
         the node passes its overlay size, so a 3000-pixel radiograph's map is
         made once at the overlay's 2048 pixels instead of at full size and then
         shrunk.
+    explainer:
+        Another explanation than the card's (SHAP, offline), or ``None``; the
+        identity's ``explanation`` then names it.
     """
 
     def __init__(
@@ -228,7 +220,8 @@ class Predictor:
         return cls(directory, card, model, target, batch_size, localiser, heatmap_size)
 
     def with_explanation(self, gradcam: GradCamSpec) -> Predictor:
-        """The same network explained another way (method and layers), for comparisons.
+        """The same network explained another way (method and layers), for comparisons;
+        an explainer of this predictor is dropped (the card's explanation is the map).
 
         Raises
         ------
@@ -237,11 +230,11 @@ class Predictor:
         """
         check_cam_layers(self.model, gradcam.target_layer)
         card = self.card.model_copy(update={"gradcam": gradcam})
-        return self._variant(card, self.localiser)
+        return self._variant(card, self.localiser, None)
 
     def without_localiser(self) -> Predictor:
         """The same network classifying each image whole (a joint crop, say), localiser off."""
-        return self._variant(self.card, None)
+        return self._variant(self.card, None, self.explainer)
 
     def with_explainer(self, explainer: Explainer) -> Predictor:
         """The same network and localiser, each finding's map made by ``explainer``.
@@ -252,12 +245,9 @@ class Predictor:
         return self._variant(self.card, self.localiser, explainer)
 
     def _variant(
-        self,
-        card: ModelCard,
-        localiser: KneeLocaliser | None,
-        explainer: Explainer | None = None,
+        self, card: ModelCard, localiser: KneeLocaliser | None, explainer: Explainer | None
     ) -> Predictor:
-        """This predictor's network with another card, localiser or explainer."""
+        """This predictor's network with another card, localiser and explainer."""
         return Predictor(
             self.directory,
             card,
@@ -266,7 +256,7 @@ class Predictor:
             self.batch_size,
             localiser,
             self.heatmap_size,
-            explainer or self.explainer,
+            explainer,
         )
 
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
@@ -311,7 +301,8 @@ class Predictor:
         return np.concatenate(parts)
 
     def explain(self, batch: torch.Tensor) -> CamBatch:
-        """Logits and the card's explanation of a ready batch on the network's device.
+        """Logits and the explanation of a ready batch on the network's device: the
+        explainer's when this predictor has one, else the card's.
 
         On CUDA the shifted copies of a shift-averaged explanation go through
         in passes of up to ``batch_size`` images; on the CPU one copy per pass,

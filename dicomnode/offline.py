@@ -10,7 +10,7 @@ from dicomnode import pipeline
 from dicomnode.config import Settings
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError
-from dicomnode.inference import Explainer, Predictor
+from dicomnode.inference import Predictor
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.studies import route
 
@@ -113,9 +113,9 @@ def explain_file(
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
     if method == "shap":
-        from dicomnode.explain.shap_map import DESCRIPTION, shap_cams
+        from dicomnode.explain.shap_map import SHAP
 
-        predictor = predictor.with_explainer(Explainer(DESCRIPTION, shap_cams))
+        predictor = predictor.with_explainer(SHAP)
     image = read_image_file(image_path)
     result = predictor.predict([image])[0]
     out.parent.mkdir(parents=True, exist_ok=True)

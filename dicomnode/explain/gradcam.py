@@ -82,6 +82,19 @@ class CamBatch:
     classes: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Explainer:
+    """Another explanation than a card's own (SHAP, say: ``explain/shap_map.py``).
+
+    ``explain`` maps (network, ready batch) to a :class:`CamBatch`: logits, the
+    classes explained and their maps in the input's geometry; ``description`` is
+    what outputs say the map is.
+    """
+
+    description: str
+    explain: Callable[[nn.Module, torch.Tensor], CamBatch]
+
+
 def grad_cam(
     model: nn.Module,
     layer_path: str,

@@ -197,7 +197,11 @@ def about_model(card: ModelCard) -> list[str]:
             f"{card.preprocessing.localiser} localiser is not run (it is tested on its own).",
         ]
     stated = {label: card.metrics.get(key) for key, label in CARD_FIGURES.items()}
-    shown = [f"{label} {value:.3f}" for label, value in stated.items() if isinstance(value, float)]
+    shown = [
+        f"{label} {value:.3f}"
+        for label, value in stated.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
     if shown:
         validation = card.metrics.get("validation", "not stated")
         lines += ["", f"The card's own figures: {', '.join(shown)} (validation: {validation})."]

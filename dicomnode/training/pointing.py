@@ -40,7 +40,8 @@ from PIL import Image
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
 from dicomnode.encode.render import heat_image
-from dicomnode.inference import Explainer, Predictor
+from dicomnode.explain.gradcam import Explainer
+from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
 from dicomnode.training.masks import mask_rows, read_mask
