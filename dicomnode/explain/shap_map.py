@@ -9,10 +9,11 @@ single largest pixel, 99 % of a knee crop's map fell below the overlay's display
 threshold (0.2) and the overlay showed a dot. The map is therefore the absolute
 attribution summed over channels, smoothed with a Gaussian of sigma 2 % of the
 shorter side and scaled so that its 99.5th percentile is 0.95; the values v above
-are compressed into (0.95, 1) as 1 - 0.05 * 0.95 / v, keeping their order (an
-exponential squeeze tied them at 1.0 in float32), so the map's peak is the
-smoothed attribution's maximum. The random draws use their own generators: the
-process's random state is left as it was.
+are compressed into (0.95, 1) as 1 - 0.05 * 0.95 / v, keeping their order (clipped
+at 1, they made a flat top whose first pixel in row order became the peak, up to 12
+pixels from the maximum), so the map's peak is the smoothed attribution's maximum.
+The random draws use their own generators: the process's random state is left as
+it was.
 The ``shap`` library is an optional dependency: ``pip install 'dicomnode[explain]'``.
 """
 
@@ -57,7 +58,7 @@ class _OneClass(nn.Module):
 
 
 def _background(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """A black and increasingly blurred copies of ``tensor`` (C, H, W): the SHAP references."""
+    """A black copy and increasingly blurred copies of ``tensor`` (C, H, W): SHAP's references."""
     black = tensor.amin(dim=(1, 2), keepdim=True).expand_as(tensor)
     copies = [black.clone()]
     for index in range(1, count):
