@@ -561,6 +561,12 @@ def pointing(
     logs.configure("WARNING")
     if not has_masks(data_dir):
         raise typer.BadParameter(f"{data_dir} has no phantoms.csv", param_hint="DATA_DIR")
+    if method and set(method) == {"shap"} and (layer or shift):
+        raise typer.BadParameter(
+            "SHAP has no layer and no shift; --layer and --shift apply to gradcam, "
+            "hirescam and layercam",
+            param_hint="--layer/--shift",
+        )
     own = load_card(model_dir).gradcam
     candidates: list[GradCamSpec | Explainer | None] = (
         [

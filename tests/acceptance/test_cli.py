@@ -193,6 +193,9 @@ def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> N
         "SHAP (expected gradients), smoothed",
     ]
     assert games[0]["abnormal_images"] == games[1]["abnormal_images"] > 0
+    # SHAP alone with a layer: the layer would be ignored, so it is refused.
+    refused = _cli(*args, "--method", "shap", cwd=tmp_path)
+    assert refused.returncode == 2 and "SHAP has no layer" in refused.stderr
 
 
 def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) -> None:
