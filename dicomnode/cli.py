@@ -622,6 +622,23 @@ def record_cv(
     )
 
 
+@app.command("resummarise-cv")
+def resummarise_cv(
+    model_dir: Path,
+    version: Annotated[str, typer.Option(help="the card's new version")],
+    note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
+    carry_from: Annotated[
+        Path | None,
+        typer.Option(help="an earlier model.yaml of this model whose recipe CV to carry over"),
+    ] = None,
+) -> None:
+    """Recompute a card's cross-validation summaries from its per-fold figures (same weights)."""
+    from dicomnode.training.recipe_cv import resummarise
+
+    logs.configure("WARNING")
+    console.print(f"updated {resummarise(model_dir, version, note, carry_from)}")
+
+
 @app.command("set-explanation")
 def set_explanation(
     model_dir: Path,

@@ -181,7 +181,13 @@ def fit_temperature(logits: Float64Array, labels: IntArray, max_iter: int = 200)
 
 
 def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation of the scalar figures across folds."""
+    """Mean and (sample) standard deviation of the figures across folds.
+
+    Scalars (accuracy, balanced accuracy, QWK, macro AUC, ECE) get ``{mean, sd}``;
+    per-class precision, recall, F1 and one-vs-rest AUC get ``<key>_per_class_mean``
+    and ``<key>_per_class_sd`` (lists, one value per class), each over the folds
+    that hold the class.
+    """
     keys = (
         "accuracy",
         "balanced_accuracy",
@@ -193,22 +199,33 @@ def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
     for key in keys:
         values = [float(f[key]) for f in per_fold if f.get(key) is not None]
         if values:
-            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            summary[key] = {"mean": float(np.mean(values)), "sd": sd}
-    for key in ("recall", "f1"):
-        summary[f"{key}_per_class_mean"] = _per_class_mean(per_fold, key)
+            summary[key] = {"mean": float(np.mean(values)), "sd": _sd(values)}
+    held = _held(per_fold)
+    for key in ("precision", "recall", "f1"):
+        table = np.asarray([f["per_class"][key] for f in per_fold], dtype=np.float64)
+        _add_per_class(summary, key, table, held)
+    auc = [[np.nan if a is None else a for a in f["auc_one_vs_rest"]] for f in per_fold]
+    table = np.asarray(auc, dtype=np.float64)
+    _add_per_class(summary, "auc_one_vs_rest", table, held & np.isfinite(table))
     return summary
 
 
-def _per_class_mean(per_fold: list[dict[str, Any]], key: str) -> list[float]:
-    """Mean over the folds that hold each class: a fold without it has no recall or F1 for it.
+def _sd(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
-    A class absent from every fold gets 0.
-    """
-    table = np.asarray([f["per_class"][key] for f in per_fold], dtype=np.float64)
+
+def _held(per_fold: list[dict[str, Any]]) -> npt.NDArray[np.bool_]:
+    """(folds, classes): whether each fold's held-out images hold each class."""
     support = np.asarray([f["per_class"]["support"] for f in per_fold], dtype=np.float64)
-    held = support > 0
-    counts = held.sum(axis=0)
-    sums = np.where(held, table, 0.0).sum(axis=0)
-    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-    return [float(v) for v in means]
+    held: npt.NDArray[np.bool_] = support > 0
+    return held
+
+
+def _add_per_class(
+    summary: dict[str, Any], key: str, table: Float64Array, held: npt.NDArray[np.bool_]
+) -> None:
+    """Per-class mean and sd over the folds that hold each class: a fold without a
+    class has no recall, F1 or AUC for it. A class absent from every fold gets 0."""
+    columns = [table[held[:, c], c].tolist() for c in range(table.shape[1])]
+    summary[f"{key}_per_class_mean"] = [float(np.mean(v)) if v else 0.0 for v in columns]
+    summary[f"{key}_per_class_sd"] = [_sd(v) if v else 0.0 for v in columns]

@@ -16,10 +16,14 @@ seed and training settings.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.card import write_revision
+from dicomnode.models.card import load_card, write_revision
 from dicomnode.training.ensemble import folds_metrics, folds_recipe, load_members
+from dicomnode.training.metrics import summarise_folds
 
 RECORD = "recipe_cross_validation"
 """The key of the card's ``metrics`` this module writes."""
@@ -56,3 +60,52 @@ def record_cross_validation(
     record = {**folds_metrics(members, validation), "folds": folds}
     metrics = {**card.metrics, RECORD: record}
     return write_revision(model_dir, card, version, note, metrics=metrics)
+
+
+def resummarise(
+    model_dir: Path, version: str, note: str = "", carry_from: Path | None = None
+) -> Path:
+    """Write ``model_dir``'s card again with its fold summaries recomputed; returns its path.
+
+    Every ``cross_validation`` of the card's metrics (its own and its recipe's)
+    is computed again from the ``per_fold`` figures beside it with
+    :func:`~dicomnode.training.metrics.summarise_folds`, so a card written
+    before the summary gained a figure gets it. ``carry_from`` names an earlier
+    card (``model.yaml``) of the same model whose recipe cross-validation this
+    card lacks (a later stage fine-tuned the weights of that recipe's fold
+    model): it is carried over, its ``validation`` text saying where from.
+
+    Raises
+    ------
+    ModelError
+        If the version is the card's own.
+    TrainingError
+        If the card holds no per-fold figures to summarise and nothing is carried.
+    """
+    card = load_card(model_dir)
+    metrics = dict(card.metrics)
+    if carry_from is not None:
+        metrics[RECORD] = _carried(carry_from, card.name)
+    record = metrics.get(RECORD)
+    if "per_fold" not in metrics and not (isinstance(record, dict) and "per_fold" in record):
+        raise TrainingError(f"the card in {model_dir} holds no per-fold figures to summarise")
+    if "per_fold" in metrics:
+        metrics["cross_validation"] = summarise_folds(metrics["per_fold"])
+    if isinstance(record, dict) and "per_fold" in record:
+        metrics[RECORD] = {**record, "cross_validation": summarise_folds(record["per_fold"])}
+    return write_revision(model_dir, card, version, note, metrics=metrics)
+
+
+def _carried(path: Path, name: str) -> dict[str, Any]:
+    """The recipe cross-validation of the earlier card at ``path`` of model ``name``."""
+    try:
+        earlier = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainingError(f"cannot read the card {path}: {exc}") from exc
+    if not isinstance(earlier, dict) or earlier.get("name") != name:
+        raise TrainingError(f"{path} is not a card of model {name}")
+    record = (earlier.get("metrics") or {}).get(RECORD)
+    if not isinstance(record, dict) or "per_fold" not in record:
+        raise TrainingError(f"{path} ({name} {earlier.get('version')}) has no {RECORD}")
+    source = f"carried from {name} {earlier.get('version')}'s card"
+    return {**record, "validation": f"{source}: {record.get('validation', '')}"}

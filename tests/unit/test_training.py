@@ -45,7 +45,7 @@ from dicomnode.training.metrics import (
 )
 from dicomnode.training.network import new_model
 from dicomnode.training.pretrained import lite0_package, read_state
-from dicomnode.training.recipe_cv import RECORD, record_cross_validation
+from dicomnode.training.recipe_cv import RECORD, record_cross_validation, resummarise
 from dicomnode.training.state import FoldResult, LoopState
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import export_from_checkpoints, train_from_config
@@ -141,6 +141,32 @@ def test_per_class_means_over_folds_skip_the_folds_without_the_class() -> None:
     summary = summarise_folds([perfect, no_class_2])
     assert summary["recall_per_class_mean"] == pytest.approx([0.75, 1.0, 1.0])
     assert summary["f1_per_class_mean"][2] == pytest.approx(1.0)  # not (1 + 0) / 2
+    assert summary["recall_per_class_sd"] == pytest.approx([np.std([1.0, 0.5], ddof=1), 0, 0])
+    assert summary["precision_per_class_mean"] == pytest.approx([1.0, 5 / 6, 1.0])
+    assert summary["auc_one_vs_rest_per_class_mean"] == pytest.approx([0.875, 0.875, 1.0])
+    assert summary["auc_one_vs_rest_per_class_sd"][2] == 0.0  # one fold holds class 2
+
+
+def test_fold_summary_has_mean_and_sd_of_every_per_class_figure() -> None:
+    rng = np.random.default_rng(7)
+    folds = []
+    for _ in range(4):
+        labels = rng.integers(0, 3, size=60)
+        probs = rng.dirichlet(np.ones(3), size=60)
+        folds.append(classification_metrics(labels, probs))
+    summary = summarise_folds(folds)
+    for key in ("precision", "recall", "f1"):
+        table = np.asarray([f["per_class"][key] for f in folds])
+        assert summary[f"{key}_per_class_mean"] == pytest.approx(table.mean(axis=0).tolist())
+        assert summary[f"{key}_per_class_sd"] == pytest.approx(table.std(axis=0, ddof=1).tolist())
+    auc = np.asarray([f["auc_one_vs_rest"] for f in folds])
+    assert summary["auc_one_vs_rest_per_class_sd"] == pytest.approx(
+        auc.std(axis=0, ddof=1).tolist()
+    )
+    balanced = [f["balanced_accuracy"] for f in folds]
+    assert summary["balanced_accuracy"] == pytest.approx(
+        {"mean": np.mean(balanced), "sd": np.std(balanced, ddof=1)}
+    )
 
 
 def test_expected_calibration_error_by_hand(predictions: tuple[np.ndarray, np.ndarray]) -> None:
@@ -696,6 +722,40 @@ def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
     _set_recipe(folds[2], epochs=2)
     with pytest.raises(TrainingError, match="not the models of different folds"):
         record_cross_validation(folds[1], [folds[2]], "9.9.9")
+
+
+def test_resummarise_cv_recomputes_a_cards_fold_summaries_and_carries_a_recipe_cv(
+    tmp_path: Path,
+) -> None:
+    directory = train_from_config(_smoke_config(tmp_path, folds=3, fold="all", epochs=1))
+    folds = [directory / f"fold-{f}" for f in range(3)]
+    card = load_card(directory)
+    old_summary = {"balanced_accuracy": card.metrics["cross_validation"]["balanced_accuracy"]}
+    write_card(
+        directory,
+        card.model_copy(update={"metrics": {**card.metrics, "cross_validation": old_summary}}),
+    )
+    resummarise(directory, "9.9.9", note="per-class sd")
+    card = load_card(directory)
+    assert card.version == "9.9.9" and card.recipe["notes"].endswith("per-class sd")
+    summary = card.metrics["cross_validation"]
+    assert summary == summarise_folds(card.metrics["per_fold"])
+    assert len(summary["precision_per_class_sd"]) == len(card.classes)
+    # A later stage's card lacks the recipe CV an earlier card of the model had.
+    record_cross_validation(folds[0], folds[1:], "9.9.9")
+    with pytest.raises(TrainingError, match="no per-fold figures"):
+        resummarise(folds[1], "9.9.10")
+    own = load_card(folds[1]).metrics
+    resummarise(folds[1], "9.9.10", carry_from=folds[0] / "model.yaml")
+    carried = load_card(folds[1]).metrics[RECORD]
+    assert carried["validation"].startswith("carried from ")
+    assert carried["per_fold"] == load_card(folds[0]).metrics[RECORD]["per_fold"]
+    assert {k: v for k, v in load_card(folds[1]).metrics.items() if k != RECORD} == own
+    # Only a card of the same model is carried from.
+    other = load_card(folds[0])
+    write_card(folds[0], other.model_copy(update={"name": "another-model"}))
+    with pytest.raises(TrainingError, match="not a card of model"):
+        resummarise(folds[2], "9.9.10", carry_from=folds[0] / "model.yaml")
 
 
 def _set_recipe(directory: Path, **changes: Any) -> None:
