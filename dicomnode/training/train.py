@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model
+from dicomnode.models.card import CARD_FILE
 from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
 from dicomnode.training.data import ImageDataset, IntArray, MaskedView, PixelCache, scan_folder
@@ -65,6 +67,8 @@ def train_from_config(
 ) -> Path:
     """Train as ``config_path`` says (``fold`` overrides its fold); return the model directory."""
     config = load_config(config_path, fold=fold)
+    if not resume:
+        refuse_to_replace(config)
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
@@ -72,6 +76,31 @@ def train_from_config(
             final = train_fold(final_run(prepared, results), None, resume=resume)
             return write_final_directory(prepared, results, final)
         return write_model_directory(prepared, results)
+
+
+def refuse_to_replace(config: TrainingConfig) -> None:
+    """Refuse a new run whose output directory holds this model's version already.
+
+    A model's name and version identify its weights in every SR it signs; a new
+    run (other code, other data) writing under the same version would make two
+    models one name. ``--resume`` continues the run that wrote it and may.
+
+    Raises
+    ------
+    TrainingError
+        If ``output_dir/model.yaml`` is a card of ``model.name`` at ``model.version``.
+    """
+    card = config.output_dir / CARD_FILE
+    try:
+        written = yaml.safe_load(card.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # nothing (readable) there: nothing to replace
+    ours = (config.model.name, config.model.version)
+    if isinstance(written, dict) and (written.get("name"), written.get("version")) == ours:
+        raise TrainingError(
+            f"{config.output_dir} holds {ours[0]} {ours[1]} already: give the new run a new "
+            "model.version in the recipe (or another output_dir), or remove the directory"
+        )
 
 
 def export_from_checkpoints(config_path: Path) -> Path:

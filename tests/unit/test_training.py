@@ -497,6 +497,20 @@ def test_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
     assert load_card(first).weights.sha256 == load_card(second).weights.sha256
 
 
+def test_a_new_run_does_not_replace_the_same_version_of_its_model(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path)
+    directory = train_from_config(recipe)
+    weights = load_card(directory).weights.sha256
+    with pytest.raises(TrainingError, match=r"holds \S+ \S+ already: give the new run a new"):
+        train_from_config(recipe)
+    assert load_card(directory).weights.sha256 == weights
+    train_from_config(recipe, resume=True)  # the same run, resumed: it may write again
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["model"] = {**raw["model"], "version": "99.0.0"}
+    recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert load_card(train_from_config(recipe)).version == "99.0.0"
+
+
 def test_precision_picks_the_autocast_of_the_training_steps(tmp_path: Path) -> None:
     layer = torch.nn.Linear(4, 2)
     inputs = torch.rand(3, 4)
