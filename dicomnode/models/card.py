@@ -346,6 +346,8 @@ def write_card(directory: Path, card: ModelCard) -> Path:
         data.pop("localiser", None)  # cards without a localiser read as before
     if not data["gradcam"].get("shift"):
         data["gradcam"].pop("shift", None)  # nor do cards with one-pass maps
+    if not data.get("reader_note"):
+        data.pop("reader_note", None)  # nor do cards without a note to the reader
     path = directory / CARD_FILE
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
