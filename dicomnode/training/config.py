@@ -132,7 +132,11 @@ class TrainingConfig(_Frozen):
         ``<data_dir>/<class index>/<file>``; PNG, WebP, JPEG or DICOM files.
     group_pattern:
         Regex applied to each file stem; its ``group`` match is the patient id
-        used to keep a patient's images in one fold.
+        used to keep a patient's images in one fold (``group_by: filename``).
+    group_by:
+        ``filename`` (default: ``group_pattern`` on the file name) or
+        ``patient_id`` (the DICOM Patient ID of each file, for a folder of DICOM
+        files named by UID; every file must be DICOM with a Patient ID).
     mode:
         ``scratch`` (all layers, random init), ``feature`` (frozen backbone,
         new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
@@ -185,6 +189,7 @@ class TrainingConfig(_Frozen):
 
     data_dir: Path
     group_pattern: str = DEFAULT_GROUP_PATTERN
+    group_by: Literal["filename", "patient_id"] = "filename"
     architecture: ArchitectureConfig
     mode: Literal["scratch", "feature", "finetune"] = "finetune"
     init_weights: str = "none"

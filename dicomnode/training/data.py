@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 import torch
 import torch.nn.functional as F
+from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset
 
 from dicomnode.errors import ConfigError, ImagingError
@@ -82,8 +84,55 @@ def _class_files(folder: Path) -> list[Path]:
     )
 
 
-def scan_folder(data_dir: Path, num_classes: int, group_pattern: str) -> LabelledImages:
-    """List ``data_dir/<0..num_classes-1>/`` files; every class must have at least one."""
+def patient_group(path: Path) -> str:
+    """The patient (group) id of a DICOM file: a hash of its Patient ID (never the ID itself,
+    so no patient identifier reaches logs, caches or cards).
+
+    Raises
+    ------
+    ConfigError
+        When the file is not DICOM or has no Patient ID.
+    """
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a DICOM file ({exc})") from exc
+    patient = str(header.get("PatientID", "") or "").strip()
+    if not patient:
+        raise ConfigError(f"{path}: the DICOM file has no Patient ID")
+    return "patient-" + hashlib.sha256(patient.encode("utf-8")).hexdigest()[:16]
+
+
+SINGLETON_WARNING = 20
+"""A training folder of at least this many files, each its own patient, is warned about."""
+
+
+def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> bool:
+    """Log a warning (and return True) when every file of a large folder is its own patient.
+
+    Then no fold can keep a patient's images together: a folder named by UID
+    or accession number with ``group_by: filename`` looks like this.
+    """
+    if len(images) < SINGLETON_WARNING or len(set(images.groups)) < len(images):
+        return False
+    logger.warning(
+        "each of the %d files is a patient of its own (group_by: %s): if patients have "
+        "several images, name the files so that group_pattern finds the patient, or use "
+        "DICOM files with group_by: patient_id, else the folds mix a patient's images",
+        len(images),
+        group_by,
+    )
+    return True
+
+
+def scan_folder(
+    data_dir: Path, num_classes: int, group_pattern: str, group_by: str = "filename"
+) -> LabelledImages:
+    """List ``data_dir/<0..num_classes-1>/`` files; every class must have at least one.
+
+    Each file's patient (group) comes from its name (``group_pattern``) or, with
+    ``group_by="patient_id"``, from its DICOM Patient ID (:func:`patient_group`).
+    """
     if not data_dir.is_dir():
         raise ConfigError(f"data_dir {data_dir} is not a directory")
     paths: list[Path] = []
@@ -95,7 +144,10 @@ def scan_folder(data_dir: Path, num_classes: int, group_pattern: str) -> Labelle
             raise ConfigError(f"class folder {folder} is missing or has no images")
         paths.extend(files)
         labels.extend([index] * len(files))
-    groups = tuple(group_of(p.stem, group_pattern) for p in paths)
+    groups = tuple(
+        patient_group(p) if group_by == "patient_id" else group_of(p.stem, group_pattern)
+        for p in paths
+    )
     return LabelledImages(data_dir, tuple(paths), np.asarray(labels, dtype=np.int64), groups)
 
 

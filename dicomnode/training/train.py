@@ -44,7 +44,14 @@ from dicomnode.models.architectures import build_model
 from dicomnode.models.card import CARD_FILE
 from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
-from dicomnode.training.data import ImageDataset, IntArray, MaskedView, PixelCache, scan_folder
+from dicomnode.training.data import (
+    ImageDataset,
+    IntArray,
+    MaskedView,
+    PixelCache,
+    scan_folder,
+    warn_if_each_file_is_a_patient,
+)
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.loss import WeightedCrossEntropy
 from dicomnode.training.masks import LesionMasks
@@ -140,7 +147,8 @@ def prepare(config: TrainingConfig) -> Prepared:
             check_cam_layers(network, config.gradcam_layer)
         except ModelError as exc:
             raise TrainingError(f"gradcam_layer: {exc}") from exc
-    images = scan_folder(config.data_dir, config.num_classes, config.group_pattern)
+    images = scan_folder(config.data_dir, config.num_classes, config.group_pattern, config.group_by)
+    warn_if_each_file_is_a_patient(images, config.group_by)
     cache = PixelCache.build(
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )

@@ -79,6 +79,56 @@ def test_group_pattern_strips_laterality() -> None:
     assert group_of("scan7", pattern) == "scan7"
 
 
+def test_group_by_patient_id_reads_the_dicom_patient_id_of_files_named_by_uid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pydicom
+
+    from dicomnode.training.data import warn_if_each_file_is_a_patient
+    from dicomnode.training.phantoms import GROUP_PATTERN
+    from dicomnode.training.phantoms.dataset import write_phantom_folder
+
+    data = write_phantom_folder(
+        tmp_path / "spine", body_part="SPINE", count=24, seed=4, size=64, formats=("dcm",)
+    )
+    by_name = scan_folder(data, 2, GROUP_PATTERN)
+    # A hospital export: the same files named by SOP Instance UID.
+    renamed = tmp_path / "export"
+    for index, path in enumerate(by_name.paths):
+        target = renamed / path.parent.name / f"1.2.826.0.1.3680043.10.999.{index}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    by_uid = scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN)
+    assert len(set(by_uid.groups)) == len(by_uid) == 24
+    with caplog.at_level("WARNING", logger="dicomnode.training.data"):
+        assert warn_if_each_file_is_a_patient(by_uid, "filename")
+    assert "each of the 24 files is a patient of its own" in caplog.text
+    by_patient = scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN, group_by="patient_id")
+    assert not warn_if_each_file_is_a_patient(by_patient, "patient_id")
+
+    # The same partition as the phantoms' own names give: 12 patients, two views each.
+    def partition(images: Any) -> set[frozenset[int]]:
+        members: dict[str, set[int]] = {}
+        for index, group in enumerate(images.groups):
+            members.setdefault(group, set()).add(index)
+        return {frozenset(v) for v in members.values()}
+
+    assert partition(by_patient) == partition(by_name) and len(partition(by_name)) == 12
+    # The groups never carry the Patient ID itself.
+    ids = {str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in by_uid.paths}
+    assert not any(pid in group for pid in ids for group in by_patient.groups)
+    # A file that is not DICOM, or has no Patient ID, is named.
+    (renamed / "0" / "scan.png").write_bytes(b"not a picture")
+    with pytest.raises(ConfigError, match=r"scan.png: not a DICOM file"):
+        scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN, group_by="patient_id")
+    (renamed / "0" / "scan.png").unlink()
+    anonymous = pydicom.dcmread(by_uid.paths[0])
+    del anonymous.PatientID
+    anonymous.save_as(by_uid.paths[0])
+    with pytest.raises(ConfigError, match="has no Patient ID"):
+        scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN, group_by="patient_id")
+
+
 def test_folds_keep_patients_together_and_stratify() -> None:
     rng = np.random.default_rng(1)
     patients = [f"p{i}" for i in range(300)]
