@@ -479,6 +479,52 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
         evaluate_model(directory, tmp_path / "data")
 
 
+def test_the_node_gives_a_trained_model_the_probabilities_evaluate_wrote(tmp_path: Path) -> None:
+    """train -> evaluate's CSV -> the node's worker path (registry, DICOM read, batch)."""
+    import shutil
+
+    from dicomnode import pipeline
+    from dicomnode.models.registry import ModelRegistry
+    from dicomnode.values import BodyPart
+
+    directory = train_from_config(_smoke_config(tmp_path))
+    models = tmp_path / "models"
+    shutil.copytree(directory, models / "tiny-smoke")
+    # The held-out kind of folder a hospital has: DICOM radiographs of the pictures.
+    held_out = tmp_path / "dicom"
+    for label in range(3):
+        for index, png in enumerate(sorted((tmp_path / "data" / str(label)).glob("*.png"))[:3]):
+            picture = read_image_file(png).pixels
+            dataset = make_radiograph(
+                rows=picture.shape[0],
+                columns=picture.shape[1],
+                picture=picture,
+                seed=index,
+                body_part="KNEE",
+            )
+            (held_out / str(label)).mkdir(parents=True, exist_ok=True)
+            write_dataset(dataset, held_out / str(label) / f"{png.stem}.dcm")
+    csv_path = tmp_path / "predictions.csv"
+    evaluate_model(directory, held_out, predictions=csv_path)
+    with csv_path.open(encoding="utf-8") as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert len(rows) == 9
+    first = [float(r["p_0"]) for r in rows.values()]
+    assert max(first) - min(first) > 0.01  # the images get different answers to compare
+    loaded = ModelRegistry.load(models).for_body_part(BodyPart.KNEE)
+    assert loaded is not None and loaded.card.name == "tiny-smoke"
+    predictor = Predictor.load(loaded.directory, loaded.card, "cpu", batch_size=4)
+    paths = sorted(held_out.rglob("*.dcm"))
+    analysed = pipeline.analyse(predictor, [pipeline.read_and_prepare(p) for p in paths])
+    for path, item in zip(paths, analysed, strict=True):
+        assert item.result is not None
+        (finding,) = item.result.findings
+        row = rows[path.name]
+        expected = [float(row[f"p_{k}"]) for k in range(3)]
+        assert list(finding.probabilities) == pytest.approx(expected, abs=1e-5)
+        assert finding.predicted.index == int(row["predicted"])
+
+
 def test_an_evaluation_summary_says_how_a_localiser_card_was_read_and_its_note() -> None:
     shipped = load_card(Path(__file__).resolve().parents[2] / "models" / "knee-kl")
     card = shipped.model_copy(update={"reader_note": "Read the grade, not the KL4 probability."})
