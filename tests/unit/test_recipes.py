@@ -91,3 +91,18 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
     )
     raw = config.model_dump(mode="json")
     assert {k: trained[k] for k in TRAINED_WITH} == {k: raw[k] for k in TRAINED_WITH}
+
+
+def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
+    """Out-of-fold predictions can be fused (`ensemble-cv`) only over the same folds."""
+    shipped = load_config(ROOT / "config" / "training" / "knee-kl.yaml")
+    compared = sorted((ROOT / "config" / "training" / "knee-compare").glob("*.yaml"))
+    architectures = set()
+    for path in compared:
+        config = load_config(path)
+        same = ("data_dir", "group_pattern", "folds", "seed", "class_weights", "augment")
+        assert {k: getattr(config, k) for k in same} == {k: getattr(shipped, k) for k in same}
+        assert config.fold == "all" and config.mode == "finetune"
+        assert config.init_weights == "imagenet" and config.output_dir.parts[0] == "var"
+        architectures.add(config.architecture.name)
+    assert architectures == {"xception", "resnet50", "inception_resnet_v2"}
