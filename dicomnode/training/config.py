@@ -133,6 +133,12 @@ class TrainingConfig(_Frozen):
     group_pattern:
         Regex applied to each file stem; its ``group`` match is the patient id
         used to keep a patient's images in one fold (``group_by: filename``).
+    smoothing_weights:
+        How class weights meet label smoothing: ``per_sample`` (each image's
+        smoothed loss weighs its own class's weight) or ``per_term`` (torch's
+        ``CrossEntropyLoss``, each smoothed term weighs its class's weight, which
+        pulls every image towards the rare classes; the loss of models trained
+        before 2026-12-04). See :mod:`dicomnode.training.loss`.
     group_by:
         ``filename`` (default: ``group_pattern`` on the file name) or
         ``patient_id`` (the DICOM Patient ID of each file, for a folder of DICOM
@@ -205,6 +211,7 @@ class TrainingConfig(_Frozen):
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    smoothing_weights: Literal["per_sample", "per_term"] = "per_sample"
     folds: int = Field(default=5, ge=2)
     fold: int | Literal["all", "none", "final"] = 0
     final_epochs: int | None = Field(default=None, ge=1)

@@ -64,3 +64,23 @@ class WeightedCrossEntropy(nn.Module):
             return per_sample.mean()
         weights = self.weight[labels].to(per_sample.dtype)
         return (per_sample * weights).sum() / weights.sum()
+
+
+def make_loss(
+    weight: torch.Tensor | None, label_smoothing: float, smoothing_weights: str = "per_sample"
+) -> nn.Module:
+    """The recipe's training loss.
+
+    ``per_sample`` (the default since 2026-12-04): :class:`WeightedCrossEntropy`.
+    ``per_term``: torch's ``nn.CrossEntropyLoss(weight, label_smoothing)``, which
+    weighs each smoothed term by its class's weight (see the module notes); the
+    recipes of models trained before then name it, so that they still reproduce
+    their weights. The two agree without label smoothing.
+    """
+    if smoothing_weights == "per_term":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    if smoothing_weights != "per_sample":
+        raise ValueError(
+            f"smoothing_weights must be per_sample or per_term, not {smoothing_weights!r}"
+        )
+    return WeightedCrossEntropy(weight, label_smoothing)

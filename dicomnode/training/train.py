@@ -53,7 +53,7 @@ from dicomnode.training.data import (
     warn_if_each_file_is_a_patient,
 )
 from dicomnode.training.folds import assign_folds, split
-from dicomnode.training.loss import WeightedCrossEntropy
+from dicomnode.training.loss import make_loss
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
 from dicomnode.training.network import classifier_head, new_model
@@ -291,7 +291,7 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss: WeightedCrossEntropy
+    loss: nn.Module
     steps_per_epoch: int
     supervision: CamSupervision | None = None
 
@@ -308,8 +308,10 @@ def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
     steps = min(batches, config.max_steps_per_epoch or batches)
     scheduler = make_scheduler(optimizer, config, steps)
     weights = class_weights(config, prepared.images.labels[train_idx])
-    loss = WeightedCrossEntropy(
-        None if weights is None else weights.to(prepared.device), config.label_smoothing
+    loss = make_loss(
+        None if weights is None else weights.to(prepared.device),
+        config.label_smoothing,
+        config.smoothing_weights,
     )
     supervision = None
     if config.mask_supervision is not None:

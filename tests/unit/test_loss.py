@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicomnode.training.loss import WeightedCrossEntropy
+from dicomnode.training.loss import WeightedCrossEntropy, make_loss
 
 # The knee split's balanced weights, KL 0-4 (n / (k * n_c) over 2,286 / 1,046 / 1,516 / 757 / 173).
 KNEE_WEIGHTS = torch.tensor([0.5055, 1.1048, 0.7623, 1.5266, 6.6798])
@@ -74,3 +74,17 @@ def test_the_weights_travel_with_the_module() -> None:
     assert "weight" in dict(loss.named_buffers())
     with pytest.raises(ValueError, match="label_smoothing"):
         WeightedCrossEntropy(None, 1.0)
+
+
+def test_a_recipe_chooses_how_weights_meet_smoothing() -> None:
+    logits, labels = _batch(4)
+    per_sample = make_loss(KNEE_WEIGHTS, 0.1)(logits, labels)
+    per_term = make_loss(KNEE_WEIGHTS, 0.1, "per_term")(logits, labels)
+    torchs = nn.CrossEntropyLoss(weight=KNEE_WEIGHTS, label_smoothing=0.1)(logits, labels)
+    assert per_term.item() == pytest.approx(torchs.item(), rel=1e-6)
+    assert per_sample.item() == pytest.approx(
+        WeightedCrossEntropy(KNEE_WEIGHTS, 0.1)(logits, labels).item(), rel=1e-6
+    )
+    assert abs(per_sample.item() - per_term.item()) > 1e-3  # they differ with both on
+    with pytest.raises(ValueError, match="per_sample or per_term"):
+        make_loss(KNEE_WEIGHTS, 0.1, "per_class")
