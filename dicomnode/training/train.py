@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,9 +73,10 @@ def train_from_config(
     config_path: Path, *, resume: bool = False, fold: str | int | None = None
 ) -> Path:
     """Train as ``config_path`` says (``fold`` overrides its fold); return the model directory."""
-    config = load_config(config_path, fold=fold)
+    recipe = load_config(config_path)
+    config = _one_fold_of_the_recipe(recipe, load_config(config_path, fold=fold))
     if not resume:
-        refuse_to_replace(config)
+        refuse_to_replace(config, [recipe.output_dir, config.output_dir])
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
@@ -85,8 +86,8 @@ def train_from_config(
         return write_model_directory(prepared, results)
 
 
-def refuse_to_replace(config: TrainingConfig) -> None:
-    """Refuse a new run whose output directory holds this model's version already.
+def refuse_to_replace(config: TrainingConfig, directories: Sequence[Path]) -> None:
+    """Refuse a new run when one of ``directories`` holds this model's version already.
 
     A model's name and version identify its weights in every SR it signs; a new
     run (other code, other data) writing under the same version would make two
@@ -95,19 +96,31 @@ def refuse_to_replace(config: TrainingConfig) -> None:
     Raises
     ------
     TrainingError
-        If ``output_dir/model.yaml`` is a card of ``model.name`` at ``model.version``.
+        If a ``model.yaml`` there is a card of ``model.name`` at ``model.version``.
     """
-    card = config.output_dir / CARD_FILE
-    try:
-        written = yaml.safe_load(card.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return  # nothing (readable) there: nothing to replace
     ours = (config.model.name, config.model.version)
-    if isinstance(written, dict) and (written.get("name"), written.get("version")) == ours:
-        raise TrainingError(
-            f"{config.output_dir} holds {ours[0]} {ours[1]} already: give the new run a new "
-            "model.version in the recipe (or another output_dir), or remove the directory"
-        )
+    for directory in directories:
+        try:
+            written = yaml.safe_load((directory / CARD_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # nothing (readable) there: nothing to replace
+        if isinstance(written, dict) and (written.get("name"), written.get("version")) == ours:
+            raise TrainingError(
+                f"{directory} holds {ours[0]} {ours[1]} already: give the new run a new "
+                "model.version in the recipe (or another output_dir), or remove the directory"
+            )
+
+
+def _one_fold_of_the_recipe(recipe: TrainingConfig, config: TrainingConfig) -> TrainingConfig:
+    """``--fold K`` on a recipe that runs other folds writes ``output_dir/fold-K``.
+
+    So folds run as parallel processes do not write one directory in turn, and
+    the recipe's own directory is written only by the run the recipe describes
+    (continued with ``--resume``).
+    """
+    if not isinstance(config.fold, int) or recipe.fold == config.fold:
+        return config
+    return config.model_copy(update={"output_dir": config.output_dir / f"fold-{config.fold}"})
 
 
 def export_from_checkpoints(config_path: Path) -> Path:

@@ -607,6 +607,20 @@ def test_a_new_run_does_not_replace_the_same_version_of_its_model(tmp_path: Path
     assert load_card(train_from_config(recipe)).version == "99.0.0"
 
 
+def test_one_fold_of_a_cross_validation_writes_its_own_directory(tmp_path: Path) -> None:
+    recipe = _smoke_config(tmp_path, folds=3, fold="all", epochs=1)
+    output = tmp_path / "model"
+    # Folds run as separate processes (--fold K) each write output_dir/fold-K ...
+    assert train_from_config(recipe, fold=1) == output / "fold-1"
+    assert load_card(output / "fold-1").metrics["fold"] == 1
+    assert not (output / "model.yaml").exists()
+    # ... and the recipe's own run writes output_dir (the finished fold is reused).
+    assert train_from_config(recipe, resume=True) == output
+    # Once the recipe's model is there, a new fold run of the same version is refused.
+    with pytest.raises(TrainingError, match=r"holds tiny-smoke \S+ already"):
+        train_from_config(recipe, fold=2)
+
+
 def test_precision_picks_the_autocast_of_the_training_steps(tmp_path: Path) -> None:
     layer = torch.nn.Linear(4, 2)
     inputs = torch.rand(3, 4)
