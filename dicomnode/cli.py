@@ -691,7 +691,8 @@ def explain(
     from dicomnode.offline import explain_file
 
     logs.configure("WARNING")
-    console.print(f"written {explain_file(model_dir, image, method, out)}")
+    written, description = explain_file(model_dir, image, method, out)
+    console.print(f"written {written}: {description}")
 
 
 @app.command()

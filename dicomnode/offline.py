@@ -6,13 +6,17 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from PIL.PngImagePlugin import PngInfo
+
 from dicomnode import pipeline
 from dicomnode.config import Settings
+from dicomnode.encode.render import SYNTHETIC_NOTICE
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference import Predictor
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.studies import route
+from dicomnode.values import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +98,15 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
 
 def explain_file(
     model_dir: Path, image_path: Path, method: str, out: Path, device: str = "cpu"
-) -> Path:
+) -> tuple[Path, str]:
     """Write the explanation overlay of one image (PNG, WebP, JPEG or DICOM) as a PNG.
 
     ``method`` is ``gradcam`` (what the node shows) or ``shap`` (expected
     gradients with the ``shap`` library; slower, offline only). Either is made
     for every finding the node would report: each knee of a bilateral film on a
-    localiser card.
+    localiser card. Returns the PNG's path and what it shows ("<explanation> of
+    <model> <version>", also its ``Description`` text chunk; a synthetic-data
+    model's PNG carries the demonstration notice as ``Warning``).
     """
     from PIL import Image
 
@@ -119,5 +125,20 @@ def explain_file(
     image = read_image_file(image_path)
     result = predictor.predict([image])[0]
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_overlay(image, result)).save(out)
-    return out
+    text = _png_text(result.model)
+    Image.fromarray(render_overlay(image, result)).save(out, pnginfo=text)
+    return out, _describe(result.model)
+
+
+def _describe(model: ModelIdentity) -> str:
+    return f"{model.explanation} of {model.name} {model.version}"
+
+
+def _png_text(model: ModelIdentity) -> PngInfo:
+    """PNG text chunks naming the explanation and the model (viewers show ``Description``)."""
+    info = PngInfo()
+    info.add_text("Description", _describe(model))
+    info.add_text("Software", "dicomnode")
+    if model.synthetic_training_data:
+        info.add_text("Warning", SYNTHETIC_NOTICE)
+    return info

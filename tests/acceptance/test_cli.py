@@ -138,6 +138,11 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+    shows = "SHAP (expected gradients), smoothed" if method == "shap" else "Grad-CAM at features"
+    with Image.open(out) as png:
+        assert png.text["Description"].startswith(f"{shows} of ")
+        assert png.text["Warning"] == "DEMONSTRATION MODEL, synthetic training data"
+    assert shows in result.stdout
     overlay = np.asarray(Image.open(out))
     assert overlay.shape == (200, 160, 3)
     coloured = (overlay.max(axis=2).astype(int) - overlay.min(axis=2)) > 40
