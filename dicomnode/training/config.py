@@ -301,3 +301,25 @@ def load_config(path: Path, *, fold: str | int | None = None) -> TrainingConfig:
         text = str(fold)
         raw["fold"] = int(text) if text.isdigit() else text
     return parse_config(raw, source=f"training config {path}")
+
+
+LOSS_FIXED = "2026-12-04"
+"""The day the loss began to weigh samples (:mod:`dicomnode.training.loss`); cards trained
+before it, whose recipes do not name ``smoothing_weights``, were trained ``per_term``."""
+
+
+def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]:
+    """A card's recorded ``recipe`` with the keys added since it was written, as they were then.
+
+    ``group_by`` was always ``filename``; ``smoothing_weights`` was ``per_term``
+    before :data:`LOSS_FIXED` (``trained`` is the card's ISO date) and ``per_sample``
+    since. Where the two losses agree (no label smoothing, or no class weights)
+    it is ``per_sample`` whatever was written, so that such recipes compare equal.
+    """
+    out = dict(recipe)
+    out.setdefault("group_by", "filename")
+    if "smoothing_weights" not in out:
+        out["smoothing_weights"] = "per_term" if trained < LOSS_FIXED else "per_sample"
+    if not out.get("label_smoothing") or out.get("class_weights") == "none":
+        out["smoothing_weights"] = "per_sample"
+    return out

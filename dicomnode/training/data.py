@@ -85,8 +85,11 @@ def _class_files(folder: Path) -> list[Path]:
 
 
 def patient_group(path: Path) -> str:
-    """The patient (group) id of a DICOM file: a hash of its Patient ID (never the ID itself,
-    so no patient identifier reaches logs, caches or cards).
+    """The patient (group) id of a DICOM file: a hash of its Patient ID.
+
+    Groups stay in memory (fold assignment); the hash keeps the ID itself out of
+    anything printed about them. Files without the DICOM preamble are read as the
+    node reads them.
 
     Raises
     ------
@@ -94,12 +97,17 @@ def patient_group(path: Path) -> str:
         When the file is not DICOM or has no Patient ID.
     """
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except (InvalidDicomError, OSError, ValueError) as exc:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        except InvalidDicomError:
+            header = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["PatientID"], force=True
+            )
+        patient = str(header.get("PatientID", "") or "").strip()
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise ConfigError(f"{path}: not a DICOM file ({exc})") from exc
-    patient = str(header.get("PatientID", "") or "").strip()
     if not patient:
-        raise ConfigError(f"{path}: the DICOM file has no Patient ID")
+        raise ConfigError(f"{path}: no DICOM Patient ID (not DICOM, or its header has none)")
     return "patient-" + hashlib.sha256(patient.encode("utf-8")).hexdigest()[:16]
 
 
@@ -113,14 +121,15 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
     Then no fold can keep a patient's images together: a folder named by UID
     or accession number with ``group_by: filename`` looks like this.
     """
-    if len(images) < SINGLETON_WARNING or len(set(images.groups)) < len(images):
+    if group_by != "filename" or len(images) < SINGLETON_WARNING:
+        return False  # one image per Patient ID is a fact, not a naming problem
+    if len(set(images.groups)) < len(images):
         return False
     logger.warning(
-        "each of the %d files is a patient of its own (group_by: %s): if patients have "
+        "each of the %d files is a patient of its own (group_by: filename): if patients have "
         "several images, name the files so that group_pattern finds the patient, or use "
         "DICOM files with group_by: patient_id, else the folds mix a patient's images",
         len(images),
-        group_by,
     )
     return True
 
@@ -293,9 +302,6 @@ def _header_size(path: Path) -> tuple[int, int] | None:
                 return (image.height, image.width)
         except (UnidentifiedImageError, OSError):
             return None
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
         return (int(header.Rows), int(header.Columns))

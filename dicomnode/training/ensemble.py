@@ -51,7 +51,7 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
-from dicomnode.training.config import load_config
+from dicomnode.training.config import load_config, recorded_recipe
 from dicomnode.training.metrics import (
     Float64Array,
     classification_metrics,
@@ -262,9 +262,12 @@ def folds_recipe(members: list[Member]) -> dict[str, Any] | None:
     folds = [m.card.metrics.get("fold") for m in members]
     if any(not isinstance(f, int) for f in folds) or len(set(folds)) != len(folds):
         return None
+    if any(not m.card.recipe for m in members):
+        return None
     ignored = ("fold", "output_dir", *PER_MEMBER)
-    recipes = [{k: v for k, v in m.card.recipe.items() if k not in ignored} for m in members]
-    if not recipes[0] or any(r != recipes[0] for r in recipes[1:]):
+    recorded = [recorded_recipe(m.card.recipe, m.card.trained) for m in members]
+    recipes = [{k: v for k, v in r.items() if k not in ignored} for r in recorded]
+    if any(r != recipes[0] for r in recipes[1:]):
         return None
     common: dict[str, Any] = {**recipes[0], "folds_in_ensemble": folds}
     for key in PER_MEMBER:

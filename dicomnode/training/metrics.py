@@ -186,7 +186,7 @@ def summarise_folds(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
     Scalars (accuracy, balanced accuracy, QWK, macro AUC, ECE) get ``{mean, sd}``;
     per-class precision, recall, F1 and one-vs-rest AUC get ``<key>_per_class_mean``
     and ``<key>_per_class_sd`` (lists, one value per class), each over the folds
-    that hold the class.
+    that hold the class (see :func:`_add_per_class` for classes too few folds hold).
     """
     keys = (
         "accuracy",
@@ -224,8 +224,13 @@ def _held(per_fold: list[dict[str, Any]]) -> npt.NDArray[np.bool_]:
 def _add_per_class(
     summary: dict[str, Any], key: str, table: Float64Array, held: npt.NDArray[np.bool_]
 ) -> None:
-    """Per-class mean and sd over the folds that hold each class: a fold without a
-    class has no recall, F1 or AUC for it. A class absent from every fold gets 0."""
+    """Per-class mean and sd over the folds that hold each class (a fold without a
+    class has no recall, F1 or AUC for it; AUC also skips a fold where it is undefined).
+
+    With no such fold the mean is 0 for precision, recall and F1 (as scikit-learn's
+    ``zero_division=0``) and ``None`` for AUC; with fewer than two the sd is ``None``.
+    """
     columns = [table[held[:, c], c].tolist() for c in range(table.shape[1])]
-    summary[f"{key}_per_class_mean"] = [float(np.mean(v)) if v else 0.0 for v in columns]
-    summary[f"{key}_per_class_sd"] = [_sd(v) if v else 0.0 for v in columns]
+    empty = None if key == "auc_one_vs_rest" else 0.0
+    summary[f"{key}_per_class_mean"] = [float(np.mean(v)) if v else empty for v in columns]
+    summary[f"{key}_per_class_sd"] = [_sd(v) if len(v) > 1 else None for v in columns]

@@ -15,6 +15,7 @@ seed and training settings.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dicomnode.errors import TrainingError
 from dicomnode.models.card import load_card, write_revision
 from dicomnode.training.ensemble import folds_metrics, folds_recipe, load_members
 from dicomnode.training.metrics import summarise_folds
+from dicomnode.training.output import METRICS_FILE
 
 RECORD = "recipe_cross_validation"
 """The key of the card's ``metrics`` this module writes."""
@@ -85,6 +87,8 @@ def resummarise(
     card = load_card(model_dir)
     metrics = dict(card.metrics)
     if carry_from is not None:
+        if RECORD in metrics:
+            raise TrainingError(f"the card in {model_dir} has a {RECORD} already; nothing carried")
         metrics[RECORD] = _carried(carry_from, card.name)
     record = metrics.get(RECORD)
     if "per_fold" not in metrics and not (isinstance(record, dict) and "per_fold" in record):
@@ -93,7 +97,19 @@ def resummarise(
         metrics["cross_validation"] = summarise_folds(metrics["per_fold"])
     if isinstance(record, dict) and "per_fold" in record:
         metrics[RECORD] = {**record, "cross_validation": summarise_folds(record["per_fold"])}
-    return write_revision(model_dir, card, version, note, metrics=metrics)
+    path = write_revision(model_dir, card, version, note, metrics=metrics)
+    _resummarise_metrics_file(model_dir / METRICS_FILE)
+    return path
+
+
+def _resummarise_metrics_file(path: Path) -> None:
+    """The training's ``metrics.json`` beside the card, its summary recomputed alike."""
+    if not path.is_file():
+        return
+    figures = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(figures, dict) and "per_fold" in figures:
+        figures["cross_validation"] = summarise_folds(figures["per_fold"])
+        path.write_text(json.dumps(figures, indent=2), encoding="utf-8")
 
 
 def _carried(path: Path, name: str) -> dict[str, Any]:
@@ -107,5 +123,9 @@ def _carried(path: Path, name: str) -> dict[str, Any]:
     record = (earlier.get("metrics") or {}).get(RECORD)
     if not isinstance(record, dict) or "per_fold" not in record:
         raise TrainingError(f"{path} ({name} {earlier.get('version')}) has no {RECORD}")
-    source = f"carried from {name} {earlier.get('version')}'s card"
-    return {**record, "validation": f"{source}: {record.get('validation', '')}"}
+    source = f"{name} {earlier.get('version')}"
+    validation = (
+        f'carried from the card of {source}, where it reads ("this model" being {source}): '
+        f"{record.get('validation', '')}"
+    )
+    return {**record, "carried_from": source, "validation": validation}

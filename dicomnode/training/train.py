@@ -75,8 +75,8 @@ def train_from_config(
     """Train as ``config_path`` says (``fold`` overrides its fold); return the model directory."""
     recipe = load_config(config_path)
     config = _one_fold_of_the_recipe(recipe, load_config(config_path, fold=fold))
-    if not resume:
-        refuse_to_replace(config, [recipe.output_dir, config.output_dir])
+    if not (resume and _has_checkpoints(config)):
+        refuse_to_replace(config, _written_by(recipe, config))
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
@@ -86,12 +86,27 @@ def train_from_config(
         return write_model_directory(prepared, results)
 
 
+def _has_checkpoints(config: TrainingConfig) -> bool:
+    """Whether a run of ``config`` has left a checkpoint to resume from."""
+    runs = [*_folds_to_run(config), None] if config.fold == "final" else _folds_to_run(config)
+    return any((_fold_dir(config, fold) / "last.pt").is_file() for fold in runs)
+
+
+def _written_by(recipe: TrainingConfig, config: TrainingConfig) -> list[Path]:
+    """The model directories a run of ``config`` (``recipe``, perhaps one fold of it) writes."""
+    directories = [recipe.output_dir, config.output_dir]
+    if not isinstance(config.fold, int):
+        directories += [config.output_dir / f"fold-{k}" for k in range(config.folds)]
+    return list(dict.fromkeys(directories))
+
+
 def refuse_to_replace(config: TrainingConfig, directories: Sequence[Path]) -> None:
     """Refuse a new run when one of ``directories`` holds this model's version already.
 
     A model's name and version identify its weights in every SR it signs; a new
     run (other code, other data) writing under the same version would make two
-    models one name. ``--resume`` continues the run that wrote it and may.
+    models one name. ``--resume`` continues the run that wrote it and may, when
+    that run left checkpoints (else it is a new run).
 
     Raises
     ------
@@ -102,9 +117,11 @@ def refuse_to_replace(config: TrainingConfig, directories: Sequence[Path]) -> No
     for directory in directories:
         try:
             written = yaml.safe_load((directory / CARD_FILE).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):
             continue  # nothing (readable) there: nothing to replace
-        if isinstance(written, dict) and (written.get("name"), written.get("version")) == ours:
+        if not isinstance(written, dict):
+            continue
+        if (str(written.get("name")), str(written.get("version"))) == ours:
             raise TrainingError(
                 f"{directory} holds {ours[0]} {ours[1]} already: give the new run a new "
                 "model.version in the recipe (or another output_dir), or remove the directory"

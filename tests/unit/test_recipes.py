@@ -13,7 +13,7 @@ import pytest
 
 from dicomnode.models.architectures import ENSEMBLE
 from dicomnode.models.card import MEMBER_SEPARATOR, ModelCard, load_card
-from dicomnode.training.config import TrainingConfig, load_config
+from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "config" / "training").rglob("*.yaml"))
@@ -91,10 +91,11 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
     )
     raw = config.model_dump(mode="json")
     assert {k: trained[k] for k in TRAINED_WITH} == {k: raw[k] for k in TRAINED_WITH}
-    # With label smoothing, how class weights meet it matters; cards written before the
-    # recipe named it were trained with torch's per-term weighting.
-    if raw["label_smoothing"] > 0:
-        assert trained.get("smoothing_weights", "per_term") == raw["smoothing_weights"]
+    # Keys added since a card was written read as they were then (the loss: per-term
+    # before 2026-12-04), so the recipe still names how the card's weights were trained.
+    added = ("group_by", "smoothing_weights")
+    then = recorded_recipe(trained, card.trained)
+    assert {k: then[k] for k in added} == {k: recorded_recipe(raw, card.trained)[k] for k in added}
 
 
 def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
@@ -104,7 +105,8 @@ def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
     architectures = set()
     for path in compared:
         config = load_config(path)
-        same = ("data_dir", "group_pattern", "folds", "seed", "class_weights", "augment")
+        same = ("data_dir", "group_pattern", "group_by", "folds", "seed", "class_weights")
+        same += ("augment",)
         assert {k: getattr(config, k) for k in same} == {k: getattr(shipped, k) for k in same}
         assert config.fold == "all" and config.mode == "finetune"
         assert config.init_weights == "imagenet" and config.output_dir.parts[0] == "var"

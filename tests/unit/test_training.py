@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +120,13 @@ def test_group_by_patient_id_reads_the_dicom_patient_id_of_files_named_by_uid(
     assert not any(pid in group for pid in ids for group in by_patient.groups)
     # A file that is not DICOM, or has no Patient ID, is named.
     (renamed / "0" / "scan.png").write_bytes(b"not a picture")
-    with pytest.raises(ConfigError, match=r"scan.png: not a DICOM file"):
+    with pytest.raises(ConfigError, match=r"scan.png: no DICOM Patient ID \(not DICOM"):
         scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN, group_by="patient_id")
     (renamed / "0" / "scan.png").unlink()
     anonymous = pydicom.dcmread(by_uid.paths[0])
     del anonymous.PatientID
     anonymous.save_as(by_uid.paths[0])
-    with pytest.raises(ConfigError, match="has no Patient ID"):
+    with pytest.raises(ConfigError, match="no DICOM Patient ID"):
         scan_folder(renamed, 2, DEFAULT_GROUP_PATTERN, group_by="patient_id")
 
 
@@ -191,10 +192,15 @@ def test_per_class_means_over_folds_skip_the_folds_without_the_class() -> None:
     summary = summarise_folds([perfect, no_class_2])
     assert summary["recall_per_class_mean"] == pytest.approx([0.75, 1.0, 1.0])
     assert summary["f1_per_class_mean"][2] == pytest.approx(1.0)  # not (1 + 0) / 2
-    assert summary["recall_per_class_sd"] == pytest.approx([np.std([1.0, 0.5], ddof=1), 0, 0])
+    assert summary["recall_per_class_sd"][:2] == pytest.approx([np.std([1.0, 0.5], ddof=1), 0])
+    assert summary["recall_per_class_sd"][2] is None  # one fold holds class 2: no sd
     assert summary["precision_per_class_mean"] == pytest.approx([1.0, 5 / 6, 1.0])
     assert summary["auc_one_vs_rest_per_class_mean"] == pytest.approx([0.875, 0.875, 1.0])
-    assert summary["auc_one_vs_rest_per_class_sd"][2] == 0.0  # one fold holds class 2
+    assert summary["auc_one_vs_rest_per_class_sd"][2] is None
+    # A class no fold holds: recall 0 (as zero_division=0), AUC undefined.
+    absent = summarise_folds([no_class_2, no_class_2])
+    assert absent["recall_per_class_mean"][2] == 0.0
+    assert absent["auc_one_vs_rest_per_class_mean"][2] is None
 
 
 def test_fold_summary_has_mean_and_sd_of_every_per_class_figure() -> None:
@@ -242,6 +248,20 @@ def test_temperature_recovers_overconfidence() -> None:
 
 
 # ----------------------------------------------------------------------------- config
+
+
+def test_a_cards_recipe_reads_keys_added_since_as_they_were_then() -> None:
+    from dicomnode.training.config import recorded_recipe
+
+    smoothed = {"label_smoothing": 0.1, "class_weights": "balanced"}
+    assert recorded_recipe(smoothed, "2026-11-25")["smoothing_weights"] == "per_term"
+    assert recorded_recipe(smoothed, "2026-12-05")["smoothing_weights"] == "per_sample"
+    named = {**smoothed, "smoothing_weights": "per_term"}
+    assert recorded_recipe(named, "2026-12-05")["smoothing_weights"] == "per_term"
+    # Where the two losses agree, recipes compare equal whatever they say.
+    for agree in ({"label_smoothing": 0.0}, {**named, "class_weights": "none"}):
+        assert recorded_recipe(agree, "2026-11-25")["smoothing_weights"] == "per_sample"
+    assert recorded_recipe({}, "")["group_by"] == "filename"
 
 
 def test_config_unknown_key_is_named(tmp_path: Path) -> None:
@@ -481,7 +501,6 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
 
 def test_the_node_gives_a_trained_model_the_probabilities_evaluate_wrote(tmp_path: Path) -> None:
     """train -> evaluate's CSV -> the node's worker path (registry, DICOM read, batch)."""
-    import shutil
 
     from dicomnode import pipeline
     from dicomnode.models.registry import ModelRegistry
@@ -601,6 +620,11 @@ def test_a_new_run_does_not_replace_the_same_version_of_its_model(tmp_path: Path
         train_from_config(recipe)
     assert load_card(directory).weights.sha256 == weights
     train_from_config(recipe, resume=True)  # the same run, resumed: it may write again
+    assert load_card(directory).weights.sha256 == weights
+    # --resume with nothing to resume is a new run.
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(TrainingError, match="already: give the new run a new"):
+        train_from_config(recipe, resume=True)
     raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     raw["model"] = {**raw["model"], "version": "99.0.0"}
     recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -612,13 +636,23 @@ def test_one_fold_of_a_cross_validation_writes_its_own_directory(tmp_path: Path)
     output = tmp_path / "model"
     # Folds run as separate processes (--fold K) each write output_dir/fold-K ...
     assert train_from_config(recipe, fold=1) == output / "fold-1"
-    assert load_card(output / "fold-1").metrics["fold"] == 1
-    assert not (output / "model.yaml").exists()
-    # ... and the recipe's own run writes output_dir (the finished fold is reused).
+    fold_1 = load_card(output / "fold-1")
+    assert fold_1.metrics["fold"] == 1 and not (output / "model.yaml").exists()
+    # A fold run again is a new run of the same version; resumed, it is the same run.
+    with pytest.raises(TrainingError, match=r"fold-1 holds tiny-smoke \S+ already"):
+        train_from_config(recipe, fold=1)
+    assert train_from_config(recipe, fold=1, resume=True) == output / "fold-1"
+    # ... and the recipe's own run writes output_dir, reusing the finished fold.
     assert train_from_config(recipe, resume=True) == output
-    # Once the recipe's model is there, a new fold run of the same version is refused.
+    assert load_card(output / "fold-1").weights == fold_1.weights
+    assert {load_card(output / f"fold-{k}").metrics["fold"] for k in range(3)} == {0, 1, 2}
+    # Once the recipe's model is there, a new fold run, or the whole run again, is refused.
     with pytest.raises(TrainingError, match=r"holds tiny-smoke \S+ already"):
         train_from_config(recipe, fold=2)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (output / "model.yaml").unlink()  # the fold directories still hold the version
+    with pytest.raises(TrainingError, match=r"fold-0 holds tiny-smoke \S+ already"):
+        train_from_config(recipe)
 
 
 def test_precision_picks_the_autocast_of_the_training_steps(tmp_path: Path) -> None:
@@ -859,12 +893,18 @@ def test_resummarise_cv_recomputes_a_cards_fold_summaries_and_carries_a_recipe_c
         directory,
         card.model_copy(update={"metrics": {**card.metrics, "cross_validation": old_summary}}),
     )
+    stale = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    stale["cross_validation"] = old_summary
+    (directory / "metrics.json").write_text(json.dumps(stale), encoding="utf-8")
     resummarise(directory, "9.9.9", note="per-class sd")
     card = load_card(directory)
     assert card.version == "9.9.9" and card.recipe["notes"].endswith("per-class sd")
     summary = card.metrics["cross_validation"]
     assert summary == summarise_folds(card.metrics["per_fold"])
     assert len(summary["precision_per_class_sd"]) == len(card.classes)
+    figures = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    assert figures["cross_validation"] == summarise_folds(figures["per_fold"])
+    assert "precision_per_class_sd" in figures["cross_validation"]
     # A later stage's card lacks the recipe CV an earlier card of the model had.
     record_cross_validation(folds[0], folds[1:], "9.9.9")
     with pytest.raises(TrainingError, match="no per-fold figures"):
@@ -872,7 +912,10 @@ def test_resummarise_cv_recomputes_a_cards_fold_summaries_and_carries_a_recipe_c
     own = load_card(folds[1]).metrics
     resummarise(folds[1], "9.9.10", carry_from=folds[0] / "model.yaml")
     carried = load_card(folds[1]).metrics[RECORD]
-    assert carried["validation"].startswith("carried from ")
+    assert carried["carried_from"] == "tiny-smoke 9.9.9"
+    assert carried["validation"].startswith("carried from the card of tiny-smoke 9.9.9")
+    with pytest.raises(TrainingError, match="has a recipe_cross_validation already"):
+        resummarise(folds[1], "9.9.11", carry_from=folds[0] / "model.yaml")
     assert carried["per_fold"] == load_card(folds[0]).metrics[RECORD]["per_fold"]
     assert {k: v for k, v in load_card(folds[1]).metrics.items() if k != RECORD} == own
     # Only a card of the same model is carried from.
