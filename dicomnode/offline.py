@@ -106,7 +106,8 @@ def explain_file(
     for every finding the node would report: each knee of a bilateral film on a
     localiser card. Returns the PNG's path and what it shows ("<explanation> of
     <model> <version>", also its ``Description`` text chunk; a synthetic-data
-    model's PNG carries the demonstration notice as ``Warning``).
+    model's PNG carries the demonstration notice as ``Warning``, and the card's
+    reader note, as the SR states it, as ``Comment``).
     """
     from PIL import Image
 
@@ -141,4 +142,6 @@ def _png_text(model: ModelIdentity) -> PngInfo:
     info.add_text("Software", "dicomnode")
     if model.synthetic_training_data:
         info.add_text("Warning", SYNTHETIC_NOTICE)
+    if model.reader_note:
+        info.add_text("Comment", f"{model.name} {model.version}: {model.reader_note}")
     return info

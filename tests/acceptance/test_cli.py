@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.models.card import write_card
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.validate import dciodvfy_errors, dsrdump
@@ -122,7 +123,8 @@ def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
 def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
     from PIL import Image
 
-    make_tiny_model(tmp_path / "m", num_classes=3)
+    card = make_tiny_model(tmp_path / "m", num_classes=3)
+    write_card(tmp_path / "m", card.model_copy(update={"reader_note": "Read the grade only."}))
     source = tmp_path / "knee.png"
     picture = make_radiograph(rows=200, columns=160, bits_stored=8).pixel_array
     Image.fromarray(picture.astype("uint8")).save(source)
@@ -142,6 +144,7 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
     with Image.open(out) as png:
         assert png.text["Description"].startswith(f"{shows} of ")
         assert png.text["Warning"] == "DEMONSTRATION MODEL, synthetic training data"
+        assert png.text["Comment"] == f"{card.name} {card.version}: Read the grade only."
     assert shows in result.stdout
     overlay = np.asarray(Image.open(out))
     assert overlay.shape == (200, 160, 3)
