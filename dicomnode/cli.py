@@ -322,11 +322,23 @@ def train(
     ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
+    from dicomnode.models.card import load_card
+    from dicomnode.training.report import training_rows
     from dicomnode.training.train import train_from_config
 
     logs.configure()
     out = train_from_config(config_file, resume=resume, fold=fold)
-    console.print(f"model written to {out}")
+    card = load_card(out)
+    scalars, per_class = training_rows(card.metrics)
+    over = "folds, mean ± sd" if "cross_validation" in card.metrics else "held-out fold"
+    figures = Table("figure", f"value ({over})")
+    for row in scalars:
+        figures.add_row(*row)
+    classes = Table("class", "precision", "recall", "F1", "AUC (one vs rest)")
+    for index, *values in per_class:
+        classes.add_row(card.classes[int(index)].name, *values)
+    console.print(figures, classes)
+    console.print(f"model written to {out}: {card.name} {card.version}")
 
 
 @app.command()

@@ -227,3 +227,64 @@ def summary_markdown(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+SCALAR_FIGURES = {
+    "balanced_accuracy": "balanced accuracy",
+    "quadratic_weighted_kappa": "quadratic-weighted kappa",
+    "accuracy": "accuracy",
+    "auc_macro": "macro one-vs-rest AUC",
+    "expected_calibration_error": "expected calibration error",
+}
+"""The scalar figures a training run reports, with their names for people."""
+
+PER_CLASS_FIGURES = ("precision", "recall", "f1", "auc_one_vs_rest")
+"""The per-class figures a training run reports, in column order."""
+
+
+def training_rows(
+    metrics: dict[str, Any],
+) -> tuple[list[tuple[str, str]], list[tuple[str, ...]]]:
+    """What a finished training run prints: (figure, value) rows and per-class rows.
+
+    With ``cross_validation`` in ``metrics`` (several folds ran) the values are
+    "mean ± sd" over the folds; else the held-out fold's own values. Per-class
+    rows are (class index, precision, recall, F1, AUC).
+    """
+    summary = metrics.get("cross_validation")
+    if isinstance(summary, dict):
+        scalars = [
+            (label, _mean_sd(summary[key]["mean"], summary[key]["sd"]))
+            for key, label in SCALAR_FIGURES.items()
+            if key in summary
+        ]
+        columns = [
+            [
+                _mean_sd(mean, sd)
+                for mean, sd in zip(
+                    summary.get(f"{key}_per_class_mean", []),
+                    summary.get(f"{key}_per_class_sd", []),
+                    strict=True,
+                )
+            ]
+            for key in PER_CLASS_FIGURES
+        ]
+    else:
+        scalars = [
+            (label, _mean_sd(metrics.get(key), None))
+            for key, label in SCALAR_FIGURES.items()
+            if key in metrics
+        ]
+        per_class = metrics.get("per_class", {})
+        columns = [
+            [_mean_sd(v, None) for v in per_class.get(key, [])] for key in PER_CLASS_FIGURES[:3]
+        ]
+        columns.append([_mean_sd(v, None) for v in metrics.get("auc_one_vs_rest", [])])
+    rows = [(str(c), *values) for c, values in enumerate(zip(*columns, strict=True))]
+    return scalars, rows
+
+
+def _mean_sd(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"

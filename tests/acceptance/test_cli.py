@@ -18,6 +18,8 @@ from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
 pytestmark = pytest.mark.acceptance
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -247,3 +249,32 @@ def test_pretrained_says_where_imagenet_weights_are_looked_for(tmp_path: Path) -
     assert f"resnet50: {checkpoints / 'resnet50-0676ba61.pth'}" in result.stdout
     bad = subprocess.run([*command[:-1], "small_vgg"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "small_vgg' has no ImageNet weights" in bad.stderr
+
+
+def test_train_prints_the_cross_validation_it_wrote(tmp_path: Path) -> None:
+    import yaml
+
+    from dicomnode.models.card import load_card
+    from dicomnode.training.tiny import write_tiny_dataset
+
+    raw = yaml.safe_load((ROOT / "config" / "training" / "tiny-smoke.yaml").read_text())
+    raw.update(
+        data_dir=str(write_tiny_dataset(tmp_path / "data", classes=3, patients=8, size=32)),
+        output_dir=str(tmp_path / "model"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        cache_dir=str(tmp_path / "cache"),
+        folds=3,
+        fold="all",
+        epochs=1,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    result = _cli("train", str(tmp_path / "recipe.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = load_card(tmp_path / "model").metrics["cross_validation"]
+    balanced = summary["balanced_accuracy"]
+    assert "value (folds, mean ± sd)" in result.stdout
+    assert f"{balanced['mean']:.3f} ± {balanced['sd']:.3f}" in result.stdout
+    f1 = summary["f1_per_class_mean"][2], summary["f1_per_class_sd"][2]
+    large = next(line for line in result.stdout.splitlines() if "│ large" in line)
+    assert f"{f1[0]:.3f} ± {f1[1]:.3f}" in large
+    assert "tiny-smoke 0.0.1" in result.stdout

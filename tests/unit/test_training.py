@@ -225,6 +225,23 @@ def test_fold_summary_has_mean_and_sd_of_every_per_class_figure() -> None:
     )
 
 
+def test_training_rows_show_a_held_out_fold_or_the_folds_mean_and_sd() -> None:
+    from dicomnode.training.report import training_rows
+
+    onehot = np.eye(3)
+    one = classification_metrics(np.array([0, 1, 2, 2]), onehot[[0, 1, 2, 1]])
+    scalars, rows = training_rows(one)
+    assert ("balanced accuracy", f"{one['balanced_accuracy']:.3f}") in scalars
+    assert rows[2] == ("2", "1.000", "0.500", "0.667", f"{one['auc_one_vs_rest'][2]:.3f}")
+    other = classification_metrics(np.array([0, 0, 1, 1]), onehot[[0, 1, 1, 1]])
+    scalars, rows = training_rows({"cross_validation": summarise_folds([one, other])})
+    balanced = [one["balanced_accuracy"], other["balanced_accuracy"]]
+    expected = f"{np.mean(balanced):.3f} ± {np.std(balanced, ddof=1):.3f}"
+    assert ("balanced accuracy", expected) in scalars
+    assert rows[2][2] == "0.500"  # one fold holds class 2: its recall, no sd
+    assert rows[2][4] == f"{one['auc_one_vs_rest'][2]:.3f}"
+
+
 def test_expected_calibration_error_by_hand(predictions: tuple[np.ndarray, np.ndarray]) -> None:
     labels, probs = predictions
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
