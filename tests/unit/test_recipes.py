@@ -110,5 +110,19 @@ def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
         assert {k: getattr(config, k) for k in same} == {k: getattr(shipped, k) for k in same}
         assert config.fold == "all" and config.mode == "finetune"
         assert config.init_weights == "imagenet" and config.output_dir.parts[0] == "var"
+        assert config.smoothing_weights == "per_sample"  # the fixed loss, as 2.1.0
         architectures.add(config.architecture.name)
     assert architectures == {"xception", "resnet50", "inception_resnet_v2"}
+
+
+def test_compared_hand_recipes_share_the_shipped_recipes_folds() -> None:
+    base = load_config(ROOT / "config" / "training" / "hand-ra-base.yaml")
+    compared = sorted((ROOT / "config" / "training" / "hand-compare").glob("*.yaml"))
+    same = ("data_dir", "group_pattern", "group_by", "folds", "fold", "seed", "augment")
+    architectures = set()
+    for path in compared:
+        config = load_config(path)
+        assert {k: getattr(config, k) for k in same} == {k: getattr(base, k) for k in same}
+        assert config.input.size == base.input.size and config.output_dir.parts[0] == "var"
+        architectures.add(config.architecture.name)
+    assert architectures == {"small_vgg", "resnet50"}
