@@ -166,7 +166,11 @@ class Predictor:
         self.explainer = explainer
         self.identity: ModelIdentity = identity(card)
         if explainer is not None:
-            self.identity = replace(self.identity, explanation=explainer.description)
+            self.identity = replace(
+                self.identity,
+                explanation=explainer.description,
+                explanation_method=explainer.method,
+            )
         self.classes: tuple[CodedClass, ...] = card.coded_classes()
         self._lock = threading.Lock()
 

@@ -76,6 +76,7 @@ class ModelIdentity:
     description: str = ""
     explanation: str = "Grad-CAM"
     reader_note: str = ""
+    explanation_method: str = "gradcam"
 
 
 @dataclass(frozen=True)

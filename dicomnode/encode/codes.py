@@ -76,6 +76,25 @@ GRADCAM = _public(codes.DCM.GradientWeightedClassActivation)
 GRADCAM_PEAK = _private("GRADCAMPEAK", "Grad-CAM peak")
 """Point of maximal Grad-CAM activation in source pixel coordinates."""
 
+CAM_PEAKS: dict[str, CodedConcept] = {
+    "gradcam": GRADCAM_PEAK,
+    "hirescam": _private("HIRESCAMPEAK", "HiResCAM peak"),
+    "layercam": _private("LAYERCAMPEAK", "LayerCAM peak"),
+    "shap": _private("SHAPPEAK", "SHAP peak"),
+}
+"""The peak's concept per explanation method (a card's ``gradcam.method``, or SHAP)."""
+
+
+def peak_concept(method: str) -> CodedConcept:
+    """The concept naming the peak of a ``method`` map (Grad-CAM for an unknown method).
+
+    The SR's algorithm parameters name the explanation in full (method,
+    layers, ensemble weighting, shift averaging); the peak's own concept
+    names the method, so a reader sees which map the point comes from.
+    """
+    return CAM_PEAKS.get(method, GRADCAM_PEAK)
+
+
 LOCALISATION_UNCERTAIN = _private("LOCUNCERTAIN", "Localisation uncertain")
 """Whether the analysed region was found with low confidence (value Yes/No)."""
 

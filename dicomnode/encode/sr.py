@@ -15,7 +15,7 @@ Document tree (one measurement group per finding)::
           Localisation uncertain = Yes/No
           Image Region = POLYLINE around the analysed region  -> source image
           Visual explanation = the Secondary Capture overlay
-          Grad-CAM peak = POINT                               -> source image
+          <method> peak = POINT  (Grad-CAM, HiResCAM or LayerCAM) -> source image
       Qualitative Evaluations
         Comment = "AI result, requires review by a radiologist"
         Demonstration model = "DEMONSTRATION MODEL, synthetic training data"
@@ -262,7 +262,7 @@ def _finding_group(
     content = group[0].ContentSequence
     if item.sc is not None:
         content.append(_visual_explanation(item.sc))
-    content.append(_peak(item.source, finding))
+    content.append(_peak(item.source, finding, item.result.model.explanation_method))
     return group
 
 
@@ -298,11 +298,11 @@ def _region(source: pydicom.Dataset, finding: Finding) -> ImageRegion:
     )
 
 
-def _peak(source: pydicom.Dataset, finding: Finding) -> ScoordContentItem:
-    """Return the Grad-CAM peak as a POINT at the centre of the peak pixel."""
+def _peak(source: pydicom.Dataset, finding: Finding, method: str) -> ScoordContentItem:
+    """Return the peak of the ``method`` map as a POINT at the centre of the peak pixel."""
     column, row = finding.peak
     point = ScoordContentItem(
-        name=dn.GRADCAM_PEAK,
+        name=dn.peak_concept(method),
         graphic_type="POINT",
         graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=np.float64),
         relationship_type=RelationshipTypeValues.CONTAINS,

@@ -88,11 +88,13 @@ class Explainer:
 
     ``explain`` maps (network, ready batch) to a :class:`CamBatch`: logits, the
     classes explained and their maps in the input's geometry; ``description`` is
-    what outputs say the map is.
+    what outputs say the map is, ``method`` the short name the SR's peak concept
+    is chosen by (:func:`dicomnode.encode.codes.peak_concept`).
     """
 
     description: str
     explain: Callable[[nn.Module, torch.Tensor], CamBatch]
+    method: str
 
 
 def grad_cam(

@@ -139,7 +139,7 @@ def shap_cams(model: nn.Module, batch: torch.Tensor) -> CamBatch:
     return CamBatch(logits=logits, cams=np.stack(maps).astype(np.float32), classes=classes)
 
 
-SHAP = Explainer(DESCRIPTION, shap_cams)
+SHAP = Explainer(DESCRIPTION, shap_cams, method="shap")
 """The SHAP explainer of ``dicomnode explain`` and ``dicomnode pointing``."""
 
 

@@ -335,6 +335,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         description=card.description,
         explanation=card.gradcam.description,
         reader_note=card.reader_note,
+        explanation_method=card.gradcam.method,
     )
 
 

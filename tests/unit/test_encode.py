@@ -150,6 +150,7 @@ def make_result(
         synthetic_training_data=synthetic,
         explanation="LayerCAM at blocks.2+blocks.4",
         reader_note=note,
+        explanation_method="layercam",
     )
     return ImageResult(model=model, classes=coded, findings=(finding,))
 
@@ -461,7 +462,10 @@ def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
 
     (explanation,) = items_named(back, dn.VISUAL_EXPLANATION)
     assert explanation.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
-    (peak,) = items_named(back, dn.GRADCAM_PEAK)
+    # The peak is named by the map it comes from (the card's method), not always Grad-CAM.
+    assert items_named(back, dn.GRADCAM_PEAK) == []
+    (peak,) = items_named(back, dn.peak_concept("layercam"))
+    assert peak.ConceptNameCodeSequence[0].CodeMeaning == "LayerCAM peak"
     assert peak.GraphicType == "POINT"
     assert list(peak.GraphicData) == [PEAK[0] + 0.5, PEAK[1] + 0.5]
 

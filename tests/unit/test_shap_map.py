@@ -99,6 +99,8 @@ def test_shap_explains_each_knee_of_a_bilateral_film_inside_its_box(tmp_path: Pa
     (plain,) = predictor.predict([image])
     shap = predictor.with_explainer(SHAP)
     assert shap.identity.explanation == "SHAP (expected gradients), smoothed"
+    assert shap.identity.explanation_method == "shap"
+    assert predictor.identity.explanation_method == predictor.card.gradcam.method
     assert predictor.identity.explanation.startswith("Grad-CAM")  # the original is untouched
     (explained,) = shap.predict([image])
     assert explained.model.explanation == DESCRIPTION
@@ -121,6 +123,7 @@ def test_a_new_card_explanation_drops_the_explainer_and_a_localiser_change_keeps
     shap = Predictor.load(tmp_path / "m", card).with_explainer(SHAP)
     layercam = shap.with_explanation(GradCamSpec(target_layer="features", method="layercam"))
     assert layercam.explainer is None and layercam.identity.explanation == "LayerCAM at features"
+    assert layercam.identity.explanation_method == "layercam"
     whole = shap.without_localiser()
     assert whole.explainer is SHAP and whole.localiser is None
     assert whole.identity.explanation == DESCRIPTION
