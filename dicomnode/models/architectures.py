@@ -172,6 +172,8 @@ TORCHVISION_NAMES: dict[str, str] = {
 
 TIMM_NAMES: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
     "xception": "legacy_xception",
     "inception_resnet_v2": "inception_resnet_v2",
 }
@@ -191,6 +193,8 @@ DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "resnet50": "layer4",
     "densenet121": "features.norm5",
     "efficientnet_lite0": "bn2",
+    "efficientnet_lite1": "bn2",
+    "efficientnet_lite2": "bn2",
     "xception": "act4",
     "inception_resnet_v2": "conv2d_7b",
 }

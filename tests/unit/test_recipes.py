@@ -112,7 +112,10 @@ def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
         assert config.init_weights == "imagenet" and config.output_dir.parts[0] == "var"
         assert config.smoothing_weights == "per_sample"  # the fixed loss, as 2.1.0
         architectures.add(config.architecture.name)
-    assert architectures == {"xception", "resnet50", "inception_resnet_v2"}
+    assert architectures == {"xception", "resnet50", "inception_resnet_v2", "efficientnet_lite2"}
+    # Lite2 shares the shipped input, so its fold models can join knee-kl's in a served ensemble.
+    lite2 = load_config(ROOT / "config" / "training" / "knee-compare" / "lite2-finetune.yaml")
+    assert lite2.input == shipped.input and lite2.preprocessing == shipped.preprocessing
 
 
 def test_compared_hand_recipes_share_the_shipped_recipes_folds() -> None:

