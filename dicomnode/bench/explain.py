@@ -59,12 +59,13 @@ def explanation_cost(
     )
     with torch.inference_mode():
         predictor.model(inputs)
+    flip = card.test_time_flip
     before = _peak_rss_mb()
-    explain_batch(predictor.model, spec, inputs, max_images)
+    explain_batch(predictor.model, spec, inputs, max_images, mirror=flip)
     rise = _peak_rss_mb() - before
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        explain_batch(predictor.model, spec, inputs, max_images)
+        explain_batch(predictor.model, spec, inputs, max_images, mirror=flip)
         best = min(best, time.perf_counter() - start)
     return ExplanationCost(predictor.identity.explanation, batch, 1000.0 * best / batch, rise)

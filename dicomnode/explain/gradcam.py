@@ -234,6 +234,34 @@ def shift_averaged(
     return CamBatch(logits=plain.logits, cams=_unit_peak(total), classes=plain.classes)
 
 
+def mirror_averaged(
+    explain: Callable[[torch.Tensor, Sequence[int] | None], CamBatch],
+) -> Callable[[torch.Tensor, Sequence[int] | None], CamBatch]:
+    """``explain`` of each image and its left-right mirror (a card's ``test_time_flip``).
+
+    One pass over the images and their mirrors: the logits are the mean of the
+    two (as :class:`~dicomnode.models.architectures.MirrorMean` gives), the
+    class explained is the top class of that mean (or the one asked for), and
+    the map is the mean of the image's map and the mirror's map flipped back,
+    scaled so its maximum is 1. Where a half's own top class differs from the
+    mean's, the pass is repeated for the mean's class.
+    """
+
+    def both(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
+        count = inputs.shape[0]
+        doubled = torch.cat([inputs, torch.flip(inputs, dims=[-1])])
+        asked = None if classes is None else tuple(int(c) for c in classes)
+        result = explain(doubled, None if asked is None else asked * 2)
+        logits = (result.logits[:count] + result.logits[count:]) / 2
+        chosen = asked if asked is not None else _argmax(logits)
+        if result.classes != chosen * 2:
+            result = explain(doubled, chosen * 2)
+        total = result.cams[:count] + result.cams[count:, :, ::-1]
+        return CamBatch(logits=logits, cams=_unit_peak(total), classes=chosen)
+
+    return both
+
+
 def _unit_peak(total: FloatArray) -> FloatArray:
     """Maps (N, H, W) scaled so each maximum is 1; a map with no positive value becomes 0."""
     peaks = total.reshape(total.shape[0], -1).max(axis=1)

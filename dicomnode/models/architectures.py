@@ -68,6 +68,30 @@ def fuse_probabilities(weights: torch.Tensor, member_probs: torch.Tensor) -> tor
     return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+class MirrorMean(nn.Module):
+    """A network run on each input and on its left-right mirror: the mean of the two logits.
+
+    The test-time flip of a card's ``test_time_flip``, for the forward passes
+    that give figures and probabilities (training's validation, evaluation, the
+    node) and for SHAP. Grad-CAM hooks a layer inside the network, so the
+    node's maps come from :func:`dicomnode.explain.gradcam.mirror_averaged`
+    instead, which gives the same logits.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = (self.network(x) + self.network(torch.flip(x, dims=[-1]))) / 2
+        return logits
+
+
+def scorer(network: nn.Module, test_time_flip: bool) -> nn.Module:
+    """``network``, or :class:`MirrorMean` of it when the card flips at test time."""
+    return MirrorMean(network) if test_time_flip else network
+
+
 class EnsembleNet(nn.Module):
     """Members that share one input, fused by per-class weights.
 

@@ -20,6 +20,7 @@ Example::
     weights: {file: model.safetensors, sha256: "<64 hex>"}
     localiser: {file: localiser.safetensors, sha256: "<64 hex>", threshold: 0.5}  # optional
     temperature: 1.0
+    test_time_flip: false   # optional: classify each input and its mirror, and average
     intended_use: ...
     training_data: ...
     reader_note: ""   # optional: a note every SR of the model gives the reader
@@ -240,6 +241,10 @@ class ModelCard(_Frozen):
     weights: WeightsSpec
     localiser: LocaliserSpec | None = None
     temperature: float = Field(default=1.0, gt=0)
+    test_time_flip: bool = Field(
+        default=False,
+        description="classify each input and its left-right mirror, and average (logits and maps)",
+    )
     finding_class_minimum: int = Field(
         default=1, ge=0, description="first class index that counts as a positive finding"
     )

@@ -188,6 +188,12 @@ class TrainingConfig(_Frozen):
         (as ``mode: feature`` does): for fine-tuning a trained model with small
         batches, and for mask supervision, so the maps trained are the maps
         the node computes (batch statistics of a training batch would change them).
+    test_time_flip:
+        Classify each image and its left-right mirror and average their logits
+        (off by default): in validation, hence early stopping, the temperature
+        and every figure, and, written into the card, in the node (whose
+        Grad-CAM map is the mean of the two maps). Needs
+        ``augment.horizontal_flip``: the network must have seen mirrored images.
     mask_supervision:
         Off (default), or the weight and sharpness of a loss that trains the
         card's map (``gradcam_method`` at ``gradcam_layer``) of each image with
@@ -230,6 +236,7 @@ class TrainingConfig(_Frozen):
     gradcam_shift: int = Field(default=0, ge=0, le=MAX_CAM_SHIFT)
     keep: Literal["best", "last"] = "best"
     freeze_batchnorm: bool = False
+    test_time_flip: bool = False
     mask_supervision: MaskSupervisionConfig | None = None
     model: ModelInfo
 
@@ -266,6 +273,11 @@ class TrainingConfig(_Frozen):
             raise ValueError("init_weights imagenet-lite0 needs architecture efficientnet_lite0")
         if self.init_weights == IMAGENET and not has_imagenet(self.architecture.name):
             raise ValueError(f"architecture {self.architecture.name} has no ImageNet weights")
+        if self.test_time_flip and not (self.augment.enabled and self.augment.horizontal_flip):
+            raise ValueError(
+                "test_time_flip needs augment.horizontal_flip (and augment.enabled): "
+                "the network must have been trained on mirrored images"
+            )
         if self.mode == "feature" and self.init_weights == "none":
             raise ValueError("mode feature freezes the backbone: it needs init_weights")
         return self

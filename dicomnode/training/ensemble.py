@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
+from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities, scorer
 from dicomnode.models.card import (
     MEMBER_SEPARATOR,
     READER_NOTE_MAX,
@@ -114,12 +114,19 @@ def load_members(directories: list[Path]) -> list[Member]:
     first = members[0].card
     for member in members[1:]:
         card = member.card
-        for what in ("classes", "input", "preprocessing", "body_parts", "localiser"):
+        for what in (
+            "classes",
+            "input",
+            "preprocessing",
+            "body_parts",
+            "localiser",
+            "test_time_flip",
+        ):
             if getattr(card, what) != getattr(first, what):
                 raise TrainingError(
                     f"member {member.directory} differs from {members[0].directory} in {what}: "
-                    "ensemble members must share classes, input, preprocessing, body parts "
-                    "and localiser"
+                    "ensemble members must share classes, input, preprocessing, body parts, "
+                    "localiser and test-time flip"
                 )
         if (card.gradcam.method, card.gradcam.shift) != (first.gradcam.method, first.gradcam.shift):
             raise TrainingError(
@@ -204,7 +211,8 @@ def build_ensemble(
                 f"{len(members) - 1} of them, so no fold of {validate_on} is held out from the "
                 "ensemble; score it on an independent folder with dicomnode evaluate"
             )
-        metrics["held_out"] = validate_ensemble(model, validate_on, validate_fold)
+        scored = scorer(model, first.test_time_flip)
+        metrics["held_out"] = validate_ensemble(scored, validate_on, validate_fold)
     _copy_localiser(members[0], output_dir)
     card = _card(
         members,
@@ -402,6 +410,7 @@ def _card(
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         localiser=first.localiser,
         temperature=1.0,
+        test_time_flip=first.test_time_flip,
         finding_class_minimum=first.finding_class_minimum,
         intended_use=first.intended_use,
         training_data=first.training_data,

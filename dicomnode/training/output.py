@@ -241,6 +241,7 @@ def build_card(config: TrainingConfig, metrics: dict[str, Any], sha256: str) -> 
         ),
         weights=WeightsSpec(file=WEIGHTS_FILE, sha256=sha256),
         temperature=float(metrics.get("temperature", 1.0)),
+        test_time_flip=config.test_time_flip,
         finding_class_minimum=info.finding_class_minimum,
         intended_use=info.intended_use,
         training_data=info.training_data,

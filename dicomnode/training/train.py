@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
-from dicomnode.models.architectures import build_model
+from dicomnode.models.architectures import build_model, scorer
 from dicomnode.models.card import CARD_FILE
 from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
@@ -443,7 +443,11 @@ def _run_epoch(
     }
     if len(valid_set):
         logits, labels = predict_logits(
-            trainer.model, valid_set, prepared.device, loader_workers(config, prepared.device)
+            trainer.model,
+            valid_set,
+            prepared.device,
+            loader_workers(config, prepared.device),
+            test_time_flip=config.test_time_flip,
         )
         figures = classification_metrics(labels, softmax(logits))
         record.update(
@@ -587,9 +591,18 @@ def _stops(state: LoopState, config: TrainingConfig) -> bool:
 
 
 def predict_logits(
-    model: nn.Module, dataset: ImageDataset, device: torch.device, workers: int = 0
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    workers: int = 0,
+    *,
+    test_time_flip: bool = False,
 ) -> tuple[Float64Array, IntArray]:
-    """Logits (float64) and labels of every item of ``dataset``, in order."""
+    """Logits (float64) and labels of every item of ``dataset``, in order.
+
+    With ``test_time_flip`` each logit is the mean of the image's and its mirror's.
+    """
+    model = scorer(model, test_time_flip)
     model.eval()
     order = list(range(len(dataset)))
     outputs, labels = [], []
@@ -694,6 +707,7 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
         fold_dataset(prepared, valid_idx, augment=False),
         prepared.device,
         loader_workers(prepared.config, prepared.device),
+        test_time_flip=prepared.config.test_time_flip,
     )
     return FoldResult(fold, state, logits, labels, loop, _kept_epoch(prepared.config, loop))
 

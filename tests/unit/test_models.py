@@ -452,6 +452,71 @@ def test_a_predictor_explains_as_its_card_says(
         tiny.with_explanation(GradCamSpec(target_layer="features.0+nowhere"))
 
 
+def _mirrored(image: PreparedImage) -> PreparedImage:
+    return PreparedImage(np.ascontiguousarray(image.pixels[:, ::-1]), image.laterality, "mirror")
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_a_card_that_flips_at_test_time_treats_an_image_and_its_mirror_alike(
+    tmp_path: Path, shift: int
+) -> None:
+    made = make_tiny_model(tmp_path / "m", seed=3, num_classes=3, temperature=1.5)
+    made = made.model_copy(update={"gradcam": made.gradcam.model_copy(update={"shift": shift})})
+    plain = Predictor.load(tmp_path / "m", made)
+    flipping = Predictor.load(tmp_path / "m", made.model_copy(update={"test_time_flip": True}))
+    for network in (plain.model, flipping.model):  # spread an untrained net's logits
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.mul_(1.5)
+    image = _image(4)
+    (a,) = flipping.predict([image])[0].findings
+    (b,) = flipping.predict([_mirrored(image)])[0].findings
+    # An image and its mirror: the same probabilities and class, maps that are mirror images.
+    assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
+    assert a.predicted == b.predicted
+    np.testing.assert_allclose(a.heatmap, b.heatmap[:, ::-1], atol=1e-4)
+    assert float(a.heatmap.max()) > 0.9  # the mean map scaled to 1 (then resized to the image)
+    # The probabilities are the softmax of the mean of the two logits, as evaluation computes.
+    tensor, _ = prepare_input(made, image.pixels)
+    with torch.no_grad():
+        mean = (plain.model(tensor[None]) + plain.model(tensor[None].flip(-1))) / 2
+    expected = torch.softmax(mean / made.temperature, dim=1)[0].numpy()
+    assert a.probabilities == pytest.approx(expected.tolist(), abs=1e-5)
+    np.testing.assert_allclose(flipping.forward_probabilities([tensor])[0], expected, atol=1e-5)
+    assert a.predicted.index == int(expected.argmax())
+    # Without the flip this network tells the two apart (it is not symmetric), by far more
+    # than the tolerances above.
+    (c,) = plain.predict([image])[0].findings
+    (d,) = plain.predict([_mirrored(image)])[0].findings
+    assert float(np.abs(np.subtract(c.probabilities, d.probabilities)).max()) > 1e-4
+    assert not np.allclose(c.heatmap, d.heatmap[:, ::-1], atol=1e-2)
+
+
+def test_mirror_averaging_explains_the_class_of_the_mean_logits() -> None:
+    """Each half's own top class may differ from the mean's: the maps then explain the mean's."""
+    from dicomnode.explain.gradcam import mirror_averaged
+
+    calls: list[tuple[int, ...] | None] = []
+
+    def explain(batch: torch.Tensor, classes: Any) -> CamBatch:
+        calls.append(None if classes is None else tuple(classes))
+        # image: class 0 by a little; mirror: class 1 by a lot -> the mean's class is 1
+        logits = torch.tensor([[1.0, 0.8], [0.0, 3.0]])
+        maps = np.zeros((2, 4, 6), dtype=np.float32)
+        maps[0, 1, 1] = maps[1, 2, 4] = 0.5
+        chosen = tuple(classes) if classes is not None else (0, 1)
+        return CamBatch(logits=logits, cams=maps, classes=chosen)
+
+    result = mirror_averaged(explain)(torch.zeros(1, 1, 4, 6), None)
+    assert result.classes == (1,) and calls == [None, (1, 1)]
+    assert torch.allclose(result.logits, torch.tensor([[0.5, 1.9]]))
+    # The mirror's map (its peak at column 4) is flipped back to column 1 and added to the
+    # image's; the sum is scaled to a maximum of 1.
+    assert result.cams.shape == (1, 4, 6)
+    assert result.cams[0, 1, 1] == result.cams[0, 2, 1] == pytest.approx(1.0)
+    assert float(result.cams.sum()) == pytest.approx(2.0)
+
+
 def test_shift_offsets_and_moves_undo_each_other() -> None:
     assert shift_offsets(0) == ((0, 0),)
     offsets = shift_offsets(4)
@@ -540,7 +605,10 @@ def test_the_predictor_batches_shifted_copies_on_cuda_only(
 
     asked: list[int | None] = []
 
-    def recording(model: nn.Module, spec: Any, batch: torch.Tensor, per_pass: Any) -> Any:
+    def recording(
+        model: nn.Module, spec: Any, batch: torch.Tensor, per_pass: Any, *, mirror: bool
+    ) -> Any:
+        assert mirror is False  # the card does not flip at test time
         asked.append(per_pass)
         return "maps"
 

@@ -448,6 +448,15 @@ def test_old_densenet_checkpoint_names_are_read_as_torchvision_reads_them(tmp_pa
     ]
 
 
+def test_test_time_flip_needs_training_on_mirrored_images(tmp_path: Path) -> None:
+    raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
+    raw["test_time_flip"] = True  # tiny-smoke does not flip when it augments
+    with pytest.raises(ConfigError, match=r"test_time_flip needs augment\.horizontal_flip"):
+        parse_config(raw)
+    raw["augment"]["horizontal_flip"] = True
+    assert parse_config(raw).test_time_flip
+
+
 def test_imagenet_needs_an_architecture_that_has_imagenet_weights(tmp_path: Path) -> None:
     raw = yaml.safe_load(_smoke_config(tmp_path).read_text(encoding="utf-8"))
     raw["init_weights"] = "imagenet"  # tiny-smoke is a small_vgg
@@ -572,14 +581,23 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
         evaluate_model(directory, tmp_path / "data")
 
 
-def test_the_node_gives_a_trained_model_the_probabilities_evaluate_wrote(tmp_path: Path) -> None:
-    """train -> evaluate's CSV -> the node's worker path (registry, DICOM read, batch)."""
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_node_gives_a_trained_model_the_probabilities_evaluate_wrote(
+    tmp_path: Path, flip: bool
+) -> None:
+    """train -> evaluate's CSV -> the node's worker path (registry, DICOM read, batch);
+    with ``test_time_flip`` too (validation, evaluation and the node average image and mirror)."""
 
     from dicomnode import pipeline
     from dicomnode.models.registry import ModelRegistry
     from dicomnode.values import BodyPart
 
-    directory = train_from_config(_smoke_config(tmp_path))
+    overrides: dict[str, Any] = {}
+    if flip:
+        augment = {"rotation_deg": 5, "horizontal_flip": True}
+        overrides = {"augment": augment, "test_time_flip": True}
+    directory = train_from_config(_smoke_config(tmp_path, **overrides))
+    assert load_card(directory).test_time_flip is flip
     models = tmp_path / "models"
     shutil.copytree(directory, models / "tiny-smoke")
     # The held-out kind of folder a hospital has: DICOM radiographs of the pictures.
