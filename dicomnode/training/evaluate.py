@@ -196,6 +196,12 @@ def about_model(card: ModelCard) -> list[str]:
             "Each image is classified whole, as a training crop; the model's "
             f"{card.preprocessing.localiser} localiser is not run (it is tested on its own).",
         ]
+    if card.test_time_flip:
+        lines += [
+            "",
+            "Each image and its left-right mirror are classified and their logits averaged "
+            "(the card's `test_time_flip`), as the node does.",
+        ]
     stated = {label: card.metrics.get(key) for key, label in CARD_FIGURES.items()}
     shown = [
         f"{label} {value:.3f}"

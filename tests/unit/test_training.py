@@ -642,6 +642,9 @@ def test_an_evaluation_summary_says_how_a_localiser_card_was_read_and_its_note()
     assert "knee localiser is not run" in about
     assert "note to readers: Read the grade, not the KL4 probability." in about
     assert "synthetic" not in about  # real training data
+    assert "mirror" not in about  # 2.0.1 does not flip at test time
+    flipping = "\n".join(about_model(card.model_copy(update={"test_time_flip": True})))
+    assert "left-right mirror are classified and their logits averaged" in flipping
 
 
 @pytest.mark.parametrize("resize", ["letterbox", "stretch"])
