@@ -61,6 +61,9 @@ MEMBER_SEPARATOR = ","
 """Separates the members' entries in an ensemble card's ``gradcam.target_layer``."""
 
 
+MIRROR_NOTE = ", mean with the left-right mirror's map (test-time flip)"
+"""How outputs' explanation ends for a card with ``test_time_flip``."""
+
 MAX_CAM_SHIFT = 32
 """The largest ``gradcam.shift`` (input pixels) a card may ask for."""
 
@@ -338,7 +341,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         sha256=card.weights.sha256,
         synthetic_training_data=card.synthetic_training_data,
         description=card.description,
-        explanation=card.gradcam.description,
+        explanation=card.gradcam.description + (MIRROR_NOTE if card.test_time_flip else ""),
         reader_note=card.reader_note,
         explanation_method=card.gradcam.method,
     )

@@ -464,6 +464,10 @@ def test_a_card_that_flips_at_test_time_treats_an_image_and_its_mirror_alike(
     made = made.model_copy(update={"gradcam": made.gradcam.model_copy(update={"shift": shift})})
     plain = Predictor.load(tmp_path / "m", made)
     flipping = Predictor.load(tmp_path / "m", made.model_copy(update={"test_time_flip": True}))
+    # Every output names the flip with the explanation (SR algorithm parameters, overlay text).
+    assert flipping.identity.explanation == (
+        f"{plain.identity.explanation}, mean with the left-right mirror's map (test-time flip)"
+    )
     for network in (plain.model, flipping.model):  # spread an untrained net's logits
         with torch.no_grad():
             for parameter in network.parameters():
