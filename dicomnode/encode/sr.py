@@ -15,7 +15,7 @@ Document tree (one measurement group per finding)::
           Localisation uncertain = Yes/No
           Image Region = POLYLINE around the analysed region  -> source image
           Visual explanation = the Secondary Capture overlay
-          <method> peak = POINT  (Grad-CAM, HiResCAM or LayerCAM) -> source image
+          <method> peak = POINT  (Grad-CAM, HiResCAM, LayerCAM, SHAP) -> source image
       Qualitative Evaluations
         Comment = "AI result, requires review by a radiologist"
         Demonstration model = "DEMONSTRATION MODEL, synthetic training data"

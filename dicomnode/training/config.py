@@ -324,13 +324,15 @@ before it, whose recipes do not name ``smoothing_weights``, were trained ``per_t
 def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]:
     """A card's recorded ``recipe`` with the keys added since it was written, as they were then.
 
-    ``group_by`` was always ``filename``; ``smoothing_weights`` was ``per_term``
+    ``group_by`` was always ``filename`` and ``test_time_flip`` off;
+    ``smoothing_weights`` was ``per_term``
     before :data:`LOSS_FIXED` (``trained`` is the card's ISO date) and ``per_sample``
     since. Where the two losses agree (no label smoothing, or no class weights)
     it is ``per_sample`` whatever was written, so that such recipes compare equal.
     """
     out = dict(recipe)
     out.setdefault("group_by", "filename")
+    out.setdefault("test_time_flip", False)
     if "smoothing_weights" not in out:
         out["smoothing_weights"] = "per_term" if trained < LOSS_FIXED else "per_sample"
     if not out.get("label_smoothing") or out.get("class_weights") == "none":

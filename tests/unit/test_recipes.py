@@ -93,7 +93,7 @@ def test_shipped_card_matches_its_recipe(directory: Path) -> None:
     assert {k: trained[k] for k in TRAINED_WITH} == {k: raw[k] for k in TRAINED_WITH}
     # Keys added since a card was written read as they were then (the loss: per-term
     # before 2026-12-04), so the recipe still names how the card's weights were trained.
-    added = ("group_by", "smoothing_weights")
+    added = ("group_by", "smoothing_weights", "test_time_flip")
     then = recorded_recipe(trained, card.trained)
     assert {k: then[k] for k in added} == {k: recorded_recipe(raw, card.trained)[k] for k in added}
 

@@ -280,6 +280,8 @@ def test_a_cards_recipe_reads_keys_added_since_as_they_were_then() -> None:
     for agree in ({"label_smoothing": 0.0}, {**named, "class_weights": "none"}):
         assert recorded_recipe(agree, "2026-11-25")["smoothing_weights"] == "per_sample"
     assert recorded_recipe({}, "")["group_by"] == "filename"
+    assert recorded_recipe({}, "")["test_time_flip"] is False
+    assert recorded_recipe({"test_time_flip": True}, "")["test_time_flip"] is True
 
 
 def test_config_unknown_key_is_named(tmp_path: Path) -> None:
