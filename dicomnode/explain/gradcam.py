@@ -243,8 +243,9 @@ def mirror_averaged(
     two (as :class:`~dicomnode.models.architectures.MirrorMean` gives), the
     class explained is the top class of that mean (or the one asked for), and
     the map is the mean of the image's map and the mirror's map flipped back,
-    scaled so its maximum is 1. Where a half's own top class differs from the
-    mean's, the pass is repeated for the mean's class.
+    scaled so its maximum is 1. Where an image's or a mirror's own top class
+    differs from the mean's, that one is explained again for the mean's class
+    (each map is its own, whatever else is in the pass).
     """
 
     def both(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
@@ -254,9 +255,13 @@ def mirror_averaged(
         result = explain(doubled, None if asked is None else asked * 2)
         logits = (result.logits[:count] + result.logits[count:]) / 2
         chosen = asked if asked is not None else _argmax(logits)
-        if result.classes != chosen * 2:
-            result = explain(doubled, chosen * 2)
-        total = result.cams[:count] + result.cams[count:, :, ::-1]
+        wanted = chosen * 2
+        cams = result.cams
+        redo = [i for i, c in enumerate(result.classes) if c != wanted[i]]
+        if redo:
+            cams = cams.copy()
+            cams[redo] = explain(doubled[redo], [wanted[i] for i in redo]).cams
+        total = cams[:count] + cams[count:, :, ::-1]
         return CamBatch(logits=logits, cams=_unit_peak(total), classes=chosen)
 
     return both

@@ -500,19 +500,22 @@ def test_mirror_averaging_explains_the_class_of_the_mean_logits() -> None:
     """Each half's own top class may differ from the mean's: the maps then explain the mean's."""
     from dicomnode.explain.gradcam import mirror_averaged
 
-    calls: list[tuple[int, ...] | None] = []
+    calls: list[tuple[int, tuple[int, ...] | None]] = []
 
     def explain(batch: torch.Tensor, classes: Any) -> CamBatch:
-        calls.append(None if classes is None else tuple(classes))
+        calls.append((batch.shape[0], None if classes is None else tuple(classes)))
         # image: class 0 by a little; mirror: class 1 by a lot -> the mean's class is 1
-        logits = torch.tensor([[1.0, 0.8], [0.0, 3.0]])
-        maps = np.zeros((2, 4, 6), dtype=np.float32)
-        maps[0, 1, 1] = maps[1, 2, 4] = 0.5
+        logits = torch.tensor([[1.0, 0.8], [0.0, 3.0]])[: batch.shape[0]]
+        maps = np.zeros((batch.shape[0], 4, 6), dtype=np.float32)
+        maps[0, 1, 1] = 0.5
+        if batch.shape[0] == 2:
+            maps[1, 2, 4] = 0.5
         chosen = tuple(classes) if classes is not None else (0, 1)
         return CamBatch(logits=logits, cams=maps, classes=chosen)
 
     result = mirror_averaged(explain)(torch.zeros(1, 1, 4, 6), None)
-    assert result.classes == (1,) and calls == [None, (1, 1)]
+    # Only the image, whose own class (0) is not the mean's, is explained again, for class 1.
+    assert result.classes == (1,) and calls == [(2, None), (1, (1,))]
     assert torch.allclose(result.logits, torch.tensor([[0.5, 1.9]]))
     # The mirror's map (its peak at column 4) is flipped back to column 1 and added to the
     # image's; the sum is scaled to a maximum of 1.
