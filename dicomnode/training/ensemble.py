@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities, scorer
+from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
 from dicomnode.models.card import (
     MEMBER_SEPARATOR,
     READER_NOTE_MAX,
@@ -211,8 +211,9 @@ def build_ensemble(
                 f"{len(members) - 1} of them, so no fold of {validate_on} is held out from the "
                 "ensemble; score it on an independent folder with dicomnode evaluate"
             )
-        scored = scorer(model, first.test_time_flip)
-        metrics["held_out"] = validate_ensemble(scored, validate_on, validate_fold)
+        metrics["held_out"] = validate_ensemble(
+            model, validate_on, validate_fold, test_time_flip=first.test_time_flip
+        )
     _copy_localiser(members[0], output_dir)
     card = _card(
         members,
@@ -312,9 +313,14 @@ def folds_metrics(members: list[Member], validation: str) -> dict[str, Any]:
 
 
 def validate_ensemble(
-    model: torch.nn.Module, recipe: Path, fold: int | None = None
+    model: torch.nn.Module,
+    recipe: Path,
+    fold: int | None = None,
+    *,
+    test_time_flip: bool = False,
 ) -> dict[str, Any]:
-    """The ensemble's figures on held-out fold ``fold`` (default: the recipe's) of ``recipe``."""
+    """The ensemble's figures on held-out fold ``fold`` (default: the recipe's) of ``recipe``,
+    each image and its mirror averaged when the ensemble flips at test time."""
     config = load_config(recipe, fold=fold)
     if not isinstance(config.fold, int):
         raise TrainingError(
@@ -324,7 +330,9 @@ def validate_ensemble(
         prepared = prepare(config)
         _, valid_idx = fold_indices(prepared, config.fold)
         held_out = fold_dataset(prepared, valid_idx, augment=False)
-        logits, labels = predict_logits(model.to(prepared.device), held_out, prepared.device)
+        logits, labels = predict_logits(
+            model.to(prepared.device), held_out, prepared.device, test_time_flip=test_time_flip
+        )
     figures = classification_metrics(labels, softmax(logits))
     return {
         "validation": (
