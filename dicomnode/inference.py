@@ -496,8 +496,8 @@ def explain_batch(
     share-weighted mean, of the batch alone or averaged over shifted copies of it
     (batched up to ``max_images`` images per pass, see
     :func:`~dicomnode.explain.gradcam.shift_averaged`); with ``mirror`` (a card's
-    ``test_time_flip``) each pass is of the images and their mirrors, averaged
-    (:func:`~dicomnode.explain.gradcam.mirror_averaged`)."""
+    ``test_time_flip``) the images and their mirrors, averaged, in passes of up to
+    ``max_images`` images (:func:`~dicomnode.explain.gradcam.mirror_averaged`)."""
     paths = cam_layers(model, spec.target_layer)
 
     def one_pass(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
@@ -505,7 +505,7 @@ def explain_batch(
             return ensemble_grad_cam(model, paths, inputs, spec.method, classes)
         return grad_cam(model, paths[0], inputs, classes, spec.method)
 
-    explain = mirror_averaged(one_pass) if mirror else one_pass
+    explain = mirror_averaged(one_pass, max_images) if mirror else one_pass
     return shift_averaged(explain, batch, spec.shift, max_images)
 
 

@@ -236,23 +236,30 @@ def shift_averaged(
 
 def mirror_averaged(
     explain: Callable[[torch.Tensor, Sequence[int] | None], CamBatch],
+    max_images: int | None = None,
 ) -> Callable[[torch.Tensor, Sequence[int] | None], CamBatch]:
     """``explain`` of each image and its left-right mirror (a card's ``test_time_flip``).
 
-    One pass over the images and their mirrors: the logits are the mean of the
-    two (as :class:`~dicomnode.models.architectures.MirrorMean` gives), the
-    class explained is the top class of that mean (or the one asked for), and
-    the map is the mean of the image's map and the mirror's map flipped back,
-    scaled so its maximum is 1. Where an image's or a mirror's own top class
-    differs from the mean's, that one is explained again for the mean's class
-    (each map is its own, whatever else is in the pass).
+    The logits are the mean of the two (as
+    :class:`~dicomnode.models.architectures.MirrorMean` gives), the class
+    explained is the top class of that mean (or the one asked for), and the map
+    is the mean of the image's map and the mirror's map flipped back, scaled so
+    its maximum is 1. Where an image's or a mirror's own top class differs from
+    the mean's, that one is explained again for the mean's class.
+
+    The images and their mirrors go through ``explain`` in passes of at most
+    ``max_images`` images (by default the batch's own size: the images, then
+    the mirrors, so a pass holds no more than it would without the flip). Each
+    map is its own whatever else is in the pass, so the grouping changes the
+    time and memory, not the maps.
     """
 
     def both(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
         count = inputs.shape[0]
+        limit = max(count, max_images or count)
         doubled = torch.cat([inputs, torch.flip(inputs, dims=[-1])])
         asked = None if classes is None else tuple(int(c) for c in classes)
-        result = explain(doubled, None if asked is None else asked * 2)
+        result = _in_passes(explain, doubled, None if asked is None else asked * 2, limit)
         logits = (result.logits[:count] + result.logits[count:]) / 2
         chosen = asked if asked is not None else _argmax(logits)
         wanted = chosen * 2
@@ -260,11 +267,35 @@ def mirror_averaged(
         redo = [i for i, c in enumerate(result.classes) if c != wanted[i]]
         if redo:
             cams = cams.copy()
-            cams[redo] = explain(doubled[redo], [wanted[i] for i in redo]).cams
+            again = _in_passes(explain, doubled[redo], [wanted[i] for i in redo], limit)
+            cams[redo] = again.cams
         total = cams[:count] + cams[count:, :, ::-1]
         return CamBatch(logits=logits, cams=_unit_peak(total), classes=chosen)
 
     return both
+
+
+def _in_passes(
+    explain: Callable[[torch.Tensor, Sequence[int] | None], CamBatch],
+    inputs: torch.Tensor,
+    classes: Sequence[int] | None,
+    limit: int,
+) -> CamBatch:
+    """``explain(inputs, classes)`` run on consecutive parts of at most ``limit`` images."""
+    parts = [
+        explain(
+            inputs[start : start + limit],
+            None if classes is None else classes[start : start + limit],
+        )
+        for start in range(0, inputs.shape[0], limit)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return CamBatch(
+        logits=torch.cat([part.logits for part in parts]),
+        cams=np.concatenate([part.cams for part in parts]),
+        classes=tuple(c for part in parts for c in part.classes),
+    )
 
 
 def _unit_peak(total: FloatArray) -> FloatArray:

@@ -496,26 +496,38 @@ def test_a_card_that_flips_at_test_time_treats_an_image_and_its_mirror_alike(
     assert not np.allclose(c.heatmap, d.heatmap[:, ::-1], atol=1e-2)
 
 
-def test_mirror_averaging_explains_the_class_of_the_mean_logits() -> None:
-    """Each half's own top class may differ from the mean's: the maps then explain the mean's."""
+@pytest.mark.parametrize(
+    ("max_images", "passes"),
+    [(None, [(1, None), (1, None), (1, (1,))]), (2, [(2, None), (1, (1,))])],
+)
+def test_mirror_averaging_explains_the_class_of_the_mean_logits(
+    max_images: int | None, passes: list[tuple[int, tuple[int, ...] | None]]
+) -> None:
+    """Each half's own top class may differ from the mean's: the maps then explain the mean's.
+
+    By default the image and its mirror go through in separate passes (no pass holds more
+    than the batch); with room for both they share one."""
     from dicomnode.explain.gradcam import mirror_averaged
 
     calls: list[tuple[int, tuple[int, ...] | None]] = []
 
     def explain(batch: torch.Tensor, classes: Any) -> CamBatch:
         calls.append((batch.shape[0], None if classes is None else tuple(classes)))
-        # image: class 0 by a little; mirror: class 1 by a lot -> the mean's class is 1
-        logits = torch.tensor([[1.0, 0.8], [0.0, 3.0]])[: batch.shape[0]]
+        # image (marked at column 0): class 0 by a little, its peak at column 1;
+        # mirror (marked at column 5): class 1 by a lot, its peak at column 4.
+        is_image = [bool(item[0, 0, 0] > 0) for item in batch]
+        logits = torch.tensor([[1.0, 0.8] if i else [0.0, 3.0] for i in is_image])
         maps = np.zeros((batch.shape[0], 4, 6), dtype=np.float32)
-        maps[0, 1, 1] = 0.5
-        if batch.shape[0] == 2:
-            maps[1, 2, 4] = 0.5
-        chosen = tuple(classes) if classes is not None else (0, 1)
-        return CamBatch(logits=logits, cams=maps, classes=chosen)
+        for index, image in enumerate(is_image):
+            maps[index, 1 if image else 2, 1 if image else 4] = 0.5
+        own = tuple(0 if i else 1 for i in is_image)
+        return CamBatch(logits=logits, cams=maps, classes=tuple(classes or own))
 
-    result = mirror_averaged(explain)(torch.zeros(1, 1, 4, 6), None)
+    marked = torch.zeros(1, 1, 4, 6)
+    marked[..., 0] = 1.0
+    result = mirror_averaged(explain, max_images)(marked, None)
     # Only the image, whose own class (0) is not the mean's, is explained again, for class 1.
-    assert result.classes == (1,) and calls == [(2, None), (1, (1,))]
+    assert result.classes == (1,) and calls == passes
     assert torch.allclose(result.logits, torch.tensor([[0.5, 1.9]]))
     # The mirror's map (its peak at column 4) is flipped back to column 1 and added to the
     # image's; the sum is scaled to a maximum of 1.
