@@ -671,6 +671,22 @@ def set_explanation(
     console.print(f"updated {apply(model_dir, spec, version, note)}")
 
 
+@app.command("set-test-time-flip")
+def set_test_time_flip(
+    model_dir: Path,
+    version: Annotated[str, typer.Option(help="the card's new version")],
+    on: Annotated[
+        bool, typer.Option("--on/--off", help="classify each input and its mirror, and average")
+    ] = True,
+    note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
+) -> None:
+    """Serve a model trained on mirrored images with (or without) the test-time flip."""
+    from dicomnode.training.revise import set_test_time_flip as apply
+
+    logs.configure("WARNING")
+    console.print(f"updated {apply(model_dir, on, version, note)}")
+
+
 @app.command()
 def phantoms(
     out: Annotated[Path, typer.Option("--out", help="output folder")],

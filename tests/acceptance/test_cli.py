@@ -233,6 +233,24 @@ def test_bench_explain_prints_time_and_memory_of_an_explanation(tmp_path: Path) 
     assert cost.ms_per_image > 0 and cost.peak_rss_rise_mb >= 0
 
 
+def test_set_test_time_flip_revises_a_card_or_says_why_not(tmp_path: Path) -> None:
+    from dicomnode.models.card import load_card
+
+    card = make_tiny_model(tmp_path / "m")
+    write_card(tmp_path / "m", card.model_copy(update={"recipe": {"augment": {}}}))
+    refused = _cli("set-test-time-flip", "m", "--version", "0.0.2", cwd=tmp_path)
+    assert refused.returncode == 2 and "not trained on mirrored images" in refused.stderr
+    assert not load_card(tmp_path / "m").test_time_flip
+    recipe = {"augment": {"enabled": True, "horizontal_flip": True}}
+    write_card(tmp_path / "m", card.model_copy(update={"recipe": recipe}))
+    result = _cli("set-test-time-flip", "m", "--version", "0.0.2", "--note", "why", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "updated" in result.stdout and "model.yaml" in result.stdout
+    flipped = load_card(tmp_path / "m")
+    assert flipped.test_time_flip and flipped.version == "0.0.2"
+    assert flipped.recipe["notes"] == "why"
+
+
 def test_pretrained_says_where_imagenet_weights_are_looked_for(tmp_path: Path) -> None:
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "COLUMNS": "250"}
     command = [sys.executable, "-m", "dicomnode.cli", "pretrained", "resnet50"]
