@@ -52,6 +52,7 @@ from dicomnode.explain.gradcam import (
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
 from dicomnode.models.architectures import EnsembleNet, build_model, scorer, target_layer
 from dicomnode.models.card import (
+    MIRRORED_NETWORK_NOTE,
     GradCamSpec,
     ModelCard,
     identity,
@@ -169,7 +170,8 @@ class Predictor:
         if explainer is not None:
             self.identity = replace(
                 self.identity,
-                explanation=explainer.description,
+                explanation=explainer.description
+                + (MIRRORED_NETWORK_NOTE if card.test_time_flip else ""),
                 explanation_method=explainer.method,
             )
         self.classes: tuple[CodedClass, ...] = card.coded_classes()

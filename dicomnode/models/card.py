@@ -64,6 +64,10 @@ MEMBER_SEPARATOR = ","
 MIRROR_NOTE = ", mean with the left-right mirror's map (test-time flip)"
 """How outputs' explanation ends for a card with ``test_time_flip``."""
 
+MIRRORED_NETWORK_NOTE = ", of the mean of the input's and its mirror's logits (test-time flip)"
+"""How another explainer's description ends for a card with ``test_time_flip`` (SHAP, say,
+explains the network that averages each input with its mirror)."""
+
 MAX_CAM_SHIFT = 32
 """The largest ``gradcam.shift`` (input pixels) a card may ask for."""
 

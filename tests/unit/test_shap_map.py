@@ -100,6 +100,11 @@ def test_shap_explains_each_knee_of_a_bilateral_film_inside_its_box(tmp_path: Pa
     shap = predictor.with_explainer(SHAP)
     assert shap.identity.explanation == "SHAP (expected gradients), smoothed"
     assert shap.identity.explanation_method == "shap"
+    flipping = Predictor.load(tmp_path / "m", card.model_copy(update={"test_time_flip": True}))
+    assert flipping.with_explainer(SHAP).identity.explanation == (
+        "SHAP (expected gradients), smoothed, of the mean of the input's and its mirror's "
+        "logits (test-time flip)"
+    )
     assert predictor.identity.explanation_method == predictor.card.gradcam.method
     assert predictor.identity.explanation.startswith("Grad-CAM")  # the original is untouched
     (explained,) = shap.predict([image])
