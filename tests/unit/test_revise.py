@@ -85,6 +85,10 @@ def test_the_flip_is_refused_for_a_model_never_trained_on_mirrors(tmp_path: Path
     assert not trained_on_mirrors({})
     assert not trained_on_mirrors({"augment": {"enabled": False, "horizontal_flip": True}})
     assert trained_on_mirrors({"augment": {"horizontal_flip": True}})
+    # An ensemble: its members' recipe, when they are folds of one (else nothing is recorded).
+    members = {"augment": {"enabled": True, "horizontal_flip": True}}
+    assert trained_on_mirrors({"ensemble": {}, "members_recipe": members})
+    assert not trained_on_mirrors({"ensemble": {}, **members})
 
 
 def test_the_shipped_knee_model_was_trained_on_mirrors() -> None:
