@@ -617,6 +617,38 @@ def test_shifted_copies_are_batched_up_to_max_images_and_give_the_same_maps(
     assert grouped.cams.reshape(count, -1).max(axis=1) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("max_images", "passes"), [(None, [3, 3]), (4, [4, 2]), (6, [6])])
+def test_an_image_and_its_mirror_go_through_in_passes_that_change_no_map(
+    tmp_path: Path, max_images: int | None, passes: list[int]
+) -> None:
+    """The node's CPU default: images, then mirrors (a pass no larger than the batch); with
+    room for both (CUDA's batch) one pass. The same logits and maps either way."""
+    from dicomnode.explain.gradcam import mirror_averaged
+
+    card = make_tiny_model(tmp_path / "m", seed=3, num_classes=3)
+    model = Predictor.load(tmp_path / "m", card).model
+    with torch.no_grad():  # spread an untrained net's logits
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    generator = torch.Generator().manual_seed(7)
+    batch = torch.rand(3, card.input.channels, *card.input.size, generator=generator)
+    seen: list[int] = []
+
+    def one_pass(inputs: torch.Tensor, classes: Any) -> CamBatch:
+        seen.append(inputs.shape[0])
+        return grad_cam(model, "features.0+features.1", inputs, classes, "layercam")
+
+    reference = mirror_averaged(one_pass, 6)(batch, None)
+    seen.clear()
+    result = mirror_averaged(one_pass, max_images)(batch, None)
+    assert seen[: len(passes)] == passes  # then one more pass only where a half disagrees
+    assert result.classes == reference.classes
+    assert torch.allclose(result.logits, reference.logits, atol=1e-6)
+    np.testing.assert_allclose(result.cams, reference.cams, atol=1e-5)
+    mirrored = mirror_averaged(one_pass, max_images)(batch.flip(-1), None)
+    np.testing.assert_allclose(mirrored.cams, result.cams[:, :, ::-1], atol=1e-5)
+
+
 def test_the_predictor_batches_shifted_copies_on_cuda_only(
     tiny: Predictor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
