@@ -75,4 +75,6 @@ def _validation(card: ModelCard, on: bool, version: str) -> str:
     else:
         sentence += f"; these figures were computed {'with' if validated else 'without'} it."
     earlier = str(card.metrics.get("validation", "")).rstrip()
+    if earlier and not earlier.endswith("."):
+        earlier += "."
     return f"{earlier} {sentence}".strip()

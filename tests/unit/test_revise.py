@@ -53,7 +53,7 @@ def test_a_model_trained_on_mirrors_is_served_with_the_flip_under_a_new_version(
     assert card.recipe["notes"] == "trained grades independent of the side"
     assert card.recipe["model"] == {"version": "0.0.2"}
     assert card.metrics["validation"] == (
-        f"{VALIDATION} Served with the test-time flip since version 0.0.2; "
+        f"{VALIDATION}. Served with the test-time flip since version 0.0.2; "
         "these figures were computed without it."
     )
     assert card.metrics["balanced_accuracy"] == 0.66
