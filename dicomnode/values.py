@@ -38,11 +38,17 @@ class PreparedImage:
     source:
         A short human description of where the pixels came from (file name or
         SOP Instance UID); never patient data.
+    row_direction:
+        The patient direction along a row, left to right on the screen: the
+        first value of Patient Orientation (``"L"`` on an AP or PA film in the
+        standard display, ``"R"`` when it is shown mirrored); ``""`` when the
+        header does not say.
     """
 
     pixels: FloatArray
     laterality: str | None = None
     source: str = ""
+    row_direction: str = ""
 
     @property
     def rows(self) -> int:

@@ -362,6 +362,15 @@ def _prepare_colour(ds: Dataset, pixels: npt.NDArray[Any]) -> FloatArray:
     return result
 
 
+def _row_direction(ds: Dataset) -> str:
+    """The first value of Patient Orientation, upper case (``""`` when absent)."""
+    orientation = ds.get("PatientOrientation")
+    if not orientation:
+        return ""
+    first = orientation if isinstance(orientation, str) else orientation[0]
+    return str(first or "").strip().upper()
+
+
 def _laterality(ds: Dataset) -> str | None:
     """``L`` or ``R`` from Image Laterality, else (series) Laterality, else None."""
     for keyword in ("ImageLaterality", "Laterality"):
@@ -406,6 +415,7 @@ def prepare_dataset(ds: Dataset, source: str = "") -> PreparedImage:
         pixels=prepared,
         laterality=_laterality(ds),
         source=source or str(ds.get("SOPInstanceUID", "")),
+        row_direction=_row_direction(ds),
     )
 
 

@@ -33,11 +33,15 @@ Decoding
 Laterality
 ----------
 On an AP/PA radiograph in the standard display orientation the patient's
-right knee is on the viewer's left. With two joints, the left-most in the
-image is ``R`` and the other ``L``. With one joint, the image's own laterality
-is used when it has one; otherwise the side of the image the joint sits in
-decides (left half ``R``, right half ``L``), but only when the other half
-clearly holds no leg: its 90th-percentile brightness is below
+right knee is on the viewer's left: Patient Orientation's row direction is
+``L`` (or the header does not say, and the standard display is assumed). A film
+whose rows run towards the patient's right (row direction ``R``: shown mirrored)
+has the left knee on the viewer's left; a row direction with neither or both of
+``L`` and ``R`` (a lateral view, a film turned by 90 degrees) names no side.
+With two joints, the one on the viewer's left gets that side and the other the
+opposite side. With one joint, the image's own laterality is used when it has
+one; otherwise the half of the image the joint sits in decides, but only when
+the other half clearly holds no leg: its 90th-percentile brightness is below
 ``NO_LEG_FRACTION`` of the mean brightness inside the joint's box. Else ``None``.
 """
 
@@ -435,17 +439,36 @@ def _fallback(image: PreparedImage) -> Joint:
     return Joint(region=region, laterality=image.laterality, confidence=0.0, uncertain=True)
 
 
+_OPPOSITE = {"R": "L", "L": "R"}
+
+
+def viewer_left_side(image: PreparedImage) -> str | None:
+    """The patient's side shown on the viewer's left: ``R``, ``L`` or None (see the docstring)."""
+    direction = image.row_direction
+    if not direction:
+        return "R"
+    if ("L" in direction) == ("R" in direction):
+        return None
+    return "R" if "L" in direction else "L"
+
+
 def _lateralities(regions: Sequence[Region], image: PreparedImage) -> list[str | None]:
     """R/L for joints sorted left to right (see the module docstring)."""
+    left = viewer_left_side(image)
     if len(regions) == 2:
-        return ["R", "L"]
+        return [None, None] if left is None else [left, _OPPOSITE[left]]
     if image.laterality is not None:
         return [image.laterality]
-    return [_side_by_half(regions[0], image)]
+    return [_side_by_half(regions[0], image, left)]
 
 
-def _side_by_half(region: Region, image: PreparedImage) -> str | None:
-    """``R`` / ``L`` from the half the joint sits in, when the other half clearly holds no leg."""
+def _side_by_half(region: Region, image: PreparedImage, left: str | None) -> str | None:
+    """The side of the half the joint sits in, when the other half clearly holds no leg.
+
+    ``left`` is the side shown on the viewer's left (:func:`viewer_left_side`).
+    """
+    if left is None:
+        return None
     pixels = image.pixels
     centre = (region.x0 + region.x1) / 2
     middle = image.columns // 2
@@ -462,4 +485,4 @@ def _side_by_half(region: Region, image: PreparedImage) -> str | None:
     joint_level = float(np.mean(inside[::step, ::step]))
     if leg_level >= NO_LEG_FRACTION * joint_level:
         return None
-    return "R" if centre < middle else "L"
+    return left if centre < middle else _OPPOSITE[left]

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dicomnode.errors import ModelError
+from dicomnode.imaging.pixels import prepare_dataset
 from dicomnode.imaging.tensor import Placement
 from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card, sha256_of
@@ -25,6 +26,7 @@ from dicomnode.models.localise import (
     decode_joints,
     localiser_input,
 )
+from dicomnode.testing.images import make_radiograph
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.values import FloatArray, PreparedImage, Region
 
@@ -87,6 +89,45 @@ def test_one_peak_without_image_laterality_uses_the_half_only_when_the_other_is_
     pixels[:, 450:500] = 0.6  # a leg in the other half
     (beside,) = _decode([(18, 32, 0.9)], PreparedImage(pixels, None, "two legs"))
     assert beside.laterality is None
+
+
+@pytest.mark.parametrize(
+    ("row_direction", "expected"),
+    [
+        ("", ["R", "L"]),
+        ("L", ["R", "L"]),
+        ("LF", ["R", "L"]),
+        ("R", ["L", "R"]),
+        ("RF", ["L", "R"]),
+        ("A", [None, None]),
+        ("P", [None, None]),
+        ("H", [None, None]),
+    ],
+)
+def test_two_joints_follow_the_row_direction_of_patient_orientation(
+    row_direction: str, expected: list[str | None]
+) -> None:
+    """A film shown mirrored (rows towards the patient's right) has the left knee on the left."""
+    image = PreparedImage(np.zeros((300, 500), np.float32), None, "test", row_direction)
+    joints = _decode([(44, 32, 0.8), (20, 30, 0.9)], image)
+    assert [j.laterality for j in joints] == expected
+
+
+def test_one_joint_by_its_half_follows_the_row_direction() -> None:
+    pixels = np.zeros((300, 600), np.float32)
+    pixels[:, :300] = 0.7
+    (standard,) = _decode([(18, 32, 0.9)], PreparedImage(pixels, None, "one leg", "L"))
+    (mirrored,) = _decode([(18, 32, 0.9)], PreparedImage(pixels, None, "one leg", "R"))
+    (lateral,) = _decode([(18, 32, 0.9)], PreparedImage(pixels, None, "one leg", "A"))
+    assert (standard.laterality, mirrored.laterality, lateral.laterality) == ("R", "L", None)
+
+
+def test_prepared_dataset_carries_the_row_direction() -> None:
+    ds = make_radiograph(rows=64, columns=48)
+    ds.PatientOrientation = ["R", "F"]
+    assert prepare_dataset(ds).row_direction == "R"
+    del ds.PatientOrientation
+    assert prepare_dataset(ds).row_direction == ""
 
 
 def test_no_peak_gives_one_uncertain_centre_square() -> None:
