@@ -25,7 +25,7 @@ import pydicom
 
 from dicomnode import __version__, uids
 from dicomnode.encode.render import UInt8Array, render_overlay
-from dicomnode.encode.sc import encode_sc
+from dicomnode.encode.sc import encode_sc, source_laterality
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
 from dicomnode.imaging.pixels import prepare_dataset
@@ -117,7 +117,9 @@ def make_sc(
 
     ``pixels``: the overlay when already rendered by :func:`overlay_pixels`;
     ``jpeg_quality``: JPEG Baseline quality of its pixel data (0: uncompressed).
-    Its Instance Number is the source image's, so the overlays sort like the originals.
+    Its Instance Number is the source image's, so the overlays sort like the originals. The
+    overlays of a study go into one series per side (the source's laterality), so that the
+    series-level Laterality holds for every overlay in it.
     """
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
@@ -127,7 +129,11 @@ def make_sc(
         overlay_pixels(analysed, max_size) if pixels is None else pixels,
         result,
         series_uid=uids.sc_series_uid(
-            uid_root, str(header.StudyInstanceUID), model.name, model.version
+            uid_root,
+            str(header.StudyInstanceUID),
+            model.name,
+            model.version,
+            source_laterality(header) or "",
         ),
         sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
         series_number=SC_SERIES_NUMBER,

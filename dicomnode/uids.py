@@ -2,21 +2,25 @@
 
 They are derived deterministically (a hash of what the object is), so
 processing or sending something again produces the same UIDs and a PACS never
-receives a duplicate object.
+receives a duplicate object. The parts are joined with a unit separator before
+hashing, so that ("1.0.1", "11") and ("1.0.11", "1") name different objects.
 """
 
 from __future__ import annotations
 
 from pydicom.uid import generate_uid
 
+_SEPARATOR = "\x1f"
+
 
 def derived_uid(root: str, *parts: str) -> str:
     """A UID under ``root`` determined by ``parts``."""
-    return str(generate_uid(prefix=root, entropy_srcs=["dicomnode", *parts]))
+    return str(generate_uid(prefix=root, entropy_srcs=[_SEPARATOR.join(["dicomnode", *parts])]))
 
 
-def sc_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
-    return derived_uid(root, "sc-series", study_uid, model, version)
+def sc_series_uid(root: str, study_uid: str, model: str, version: str, side: str = "") -> str:
+    """One overlay series per study, model version and side (series-level Laterality)."""
+    return derived_uid(root, "sc-series", study_uid, model, version, side)
 
 
 def sc_instance_uid(

@@ -7,6 +7,7 @@ in the Source Image Sequence and declares its burned-in annotation.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from io import BytesIO
 
 import numpy as np
@@ -63,8 +64,14 @@ _PAIRED_BODY_PARTS = frozenset(
 """BodyPartExamined values of paired structures (General Series Laterality is Type 2C)."""
 
 
+SYNTHETIC_SERIES_LABEL = " [synthetic training data]"
+
+
 def series_description(prefix: str, model: ModelIdentity) -> str:
     """Return "<prefix> <model name> <version>" cut to the 64 characters of a LO value.
+
+    A model trained on synthetic data gets " [synthetic training data]" at the
+    end, never cut off, so that a PACS series list says so too.
 
     Parameters
     ----------
@@ -78,7 +85,8 @@ def series_description(prefix: str, model: ModelIdentity) -> str:
     str
         The Series Description.
     """
-    return f"{prefix} {model.name} {model.version}"[:_LONG_STRING]
+    label = SYNTHETIC_SERIES_LABEL if model.synthetic_training_data else ""
+    return f"{prefix} {model.name} {model.version}"[: _LONG_STRING - len(label)] + label
 
 
 def source_laterality(source: pydicom.Dataset) -> str | None:
@@ -171,6 +179,7 @@ def encode_sc(
             software_versions=software_version[:_LONG_STRING],
         )
         _reference_source(sc, source)
+        _copy_patient_and_study(sc, source)
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
     _describe_capture(sc, source, model, manufacturer, software_version)
@@ -221,6 +230,17 @@ def _laterality(source: pydicom.Dataset) -> LateralityValues | None:
 def _is_paired(source: pydicom.Dataset) -> bool:
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
     return body_part in _PAIRED_BODY_PARTS
+
+
+def _copy_patient_and_study(sc: SCImage, source: pydicom.Dataset) -> None:
+    """Copy the whole Patient and Study modules of the source, not only highdicom's few.
+
+    Issuer of Patient ID, Other Patient IDs, Study Description, Patient's Age and the
+    rest of those modules let a PACS or master patient index file the overlay with the
+    original. A source of a SOP class highdicom does not know keeps the constructor's copy.
+    """
+    with suppress(KeyError):
+        sc.copy_patient_and_study_information(source)
 
 
 def _reference_source(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:

@@ -24,11 +24,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicomnode import uids
 from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
 from dicomnode.encode import codes as dn
 from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
-from dicomnode.encode.sc import compress_jpeg
+from dicomnode.encode.sc import compress_jpeg, series_description
 from dicomnode.errors import EncodeError
+from dicomnode.pipeline import Analysed, Prepared
+from dicomnode.pipeline import make_sc as pipeline_make_sc
 from dicomnode.testing.validate import dciodvfy_errors
 from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
 
@@ -345,7 +348,8 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     assert back.DerivationDescription.startswith("LayerCAM at blocks.2+blocks.4 overlay by knee-kl")
     assert back.PhotometricInterpretation == "RGB"
     assert back.Laterality == "R"
-    assert back.SeriesDescription == "AI overlay knee-kl 1.0.0"
+    label = " [synthetic training data]" if synthetic else ""
+    assert back.SeriesDescription == "AI overlay knee-kl 1.0.0" + label
     reference = back.SourceImageSequence[0]
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -389,6 +393,33 @@ def test_sc_of_unknown_side_keeps_laterality_type_2c(
     assert back.get("Laterality", None) == laterality  # empty for a paired body part
     assert "PatientOrientation" in back
     assert dciodvfy_errors(path) == []
+
+
+@needs_dicom3tools
+def test_sc_copies_the_whole_patient_and_study_modules(tmp_path: Path) -> None:
+    """What a patient index matches on (issuer, other IDs) files the overlay with the image."""
+    source = make_source()
+    source.IssuerOfPatientID = "HOSP-A"
+    source.StudyDescription = "XR KNEE BILATERAL"
+    source.PatientAge = "064Y"
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "77", "HOSP-B", "TEXT"
+    source.OtherPatientIDsSequence = [other]
+    path = save(make_sc(source, make_result()), tmp_path / "sc.dcm")
+    back = pydicom.dcmread(path)
+    for keyword in ("IssuerOfPatientID", "StudyDescription", "PatientAge"):
+        assert back[keyword].value == source[keyword].value
+    assert back.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSP-B"
+    assert dciodvfy_errors(path) == []
+
+
+def test_series_description_keeps_the_synthetic_label_whole() -> None:
+    model = replace(make_result(2, synthetic=True).model, name="x" * 80)
+    text = series_description("AI overlay", model)
+    assert len(text) == 64
+    assert text.endswith(" [synthetic training data]")
+    real = replace(model, synthetic_training_data=False)
+    assert "synthetic" not in series_description("AI overlay", real)
 
 
 def test_sc_rejects_non_rgb() -> None:
@@ -588,3 +619,34 @@ def test_a_smaller_overlay_keeps_findings_in_place() -> None:
     )
     with pytest.raises(EncodeError, match="overlay's shape"):
         render_overlay(image, replace(result, findings=(replace(finding, heatmap=heat[:-1]),)))
+
+
+# UIDs ----------------------------------------------------------------------
+
+
+def test_derived_uids_do_not_collide_when_parts_shift() -> None:
+    """Parts are hashed with a separator: ("1.0.1", 11) and ("1.0.11", 1) differ."""
+    root = "1.2.826.0.1.3680043.10.1."
+    assert uids.sr_instance_uid(root, "1.2.3", "m", "1.0.1", 11) != uids.sr_instance_uid(
+        root, "1.2.3", "m", "1.0.11", 1
+    )
+    assert uids.sc_series_uid(root, "1.2.3", "hand-ra2", "1.0") != uids.sc_series_uid(
+        root, "1.2.3", "hand-ra", "21.0"
+    )
+    again = uids.sr_instance_uid(root, "1.2.3", "m", "1.0.1", 11)
+    assert again == uids.sr_instance_uid(root, "1.2.3", "m", "1.0.1", 11)
+    assert again.startswith(root)
+
+
+def test_overlays_of_each_side_go_into_a_series_of_their_own() -> None:
+    """Laterality is a series attribute: a right and a left knee image get two SC series."""
+    study = generate_uid()
+    result = make_result(5)
+    series = {}
+    for side in ("R", "L", "R"):
+        prepared = Prepared(
+            generate_uid(), make_source(laterality=side, study_uid=study), make_image()
+        )
+        sc = pipeline_make_sc(Analysed(prepared, result), uid_root="1.2.826.0.1.3680043.10.1.")
+        series.setdefault(sc.SeriesInstanceUID, set()).add(sc.Laterality)
+    assert sorted(series.values(), key=str) == [{"L"}, {"R"}]
