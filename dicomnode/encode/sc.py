@@ -19,6 +19,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from dicomnode.encode.header import conformant_header
 from dicomnode.errors import EncodeError
 from dicomnode.values import ImageResult, ModelIdentity
 
@@ -158,6 +159,7 @@ def encode_sc(
         attributes an SC image needs (Study Instance UID, SOP UIDs).
     """
     _check_rgb(rgb)
+    source = conformant_header(source)
     model = result.model
     try:
         sc = SCImage.from_ref_dataset(

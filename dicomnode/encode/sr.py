@@ -28,7 +28,6 @@ corners unchanged and the peak pixel (column, row) onto its centre
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +62,7 @@ from highdicom.sr import (
 from pydicom.uid import generate_uid
 
 from dicomnode.encode import codes as dn
+from dicomnode.encode.header import conformant_header
 from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
 from dicomnode.encode.sc import series_description, source_laterality
 from dicomnode.errors import EncodeError
@@ -382,20 +382,9 @@ def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
     return container
 
 
-def _patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
-    """Return ``source`` with the Type 2 patient/study attributes highdicom reads present."""
-    missing = [keyword for keyword in _PATIENT_STUDY_KEYWORDS if keyword not in source]
-    if not missing:
-        return source
-    completed = copy.deepcopy(source)  # pydicom.Dataset(source) would share and alter it
-    for keyword in missing:
-        setattr(completed, keyword, None)
-    return completed
-
-
 def _evidence(items: Sequence[SrImageItem]) -> list[pydicom.Dataset]:
-    """Return the sources and overlays, the first completed for patient/study copying."""
-    evidence = [_patient_study_source(items[0].source)]
+    """The sources and overlays; the first cleaned and completed for patient/study copying."""
+    evidence = [conformant_header(items[0].source, _PATIENT_STUDY_KEYWORDS)]
     seen = {items[0].source.SOPInstanceUID}
     for dataset in [item.source for item in items] + [item.sc for item in items if item.sc]:
         if dataset.SOPInstanceUID not in seen:

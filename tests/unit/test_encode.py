@@ -27,6 +27,7 @@ from pydicom.uid import (
 from dicomnode import uids
 from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
 from dicomnode.encode import codes as dn
+from dicomnode.encode.header import conformant_header
 from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
 from dicomnode.encode.sc import compress_jpeg, series_description
 from dicomnode.errors import EncodeError
@@ -642,7 +643,7 @@ def test_overlays_of_each_side_go_into_a_series_of_their_own() -> None:
     """Laterality is a series attribute: a right and a left knee image get two SC series."""
     study = generate_uid()
     result = make_result(5)
-    series = {}
+    series: dict[str, set[str]] = {}
     for side in ("R", "L", "R"):
         prepared = Prepared(
             generate_uid(), make_source(laterality=side, study_uid=study), make_image()
@@ -650,3 +651,38 @@ def test_overlays_of_each_side_go_into_a_series_of_their_own() -> None:
         sc = pipeline_make_sc(Analysed(prepared, result), uid_root="1.2.826.0.1.3680043.10.1.")
         series.setdefault(sc.SeriesInstanceUID, set()).add(sc.Laterality)
     assert sorted(series.values(), key=str) == [{"L"}, {"R"}]
+
+
+# Non-conformant source headers ---------------------------------------------
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("PatientBirthDate", "00000000", ""),
+        ("PatientBirthDate", "19650100", ""),
+        ("PatientBirthDate", "1965-01-01", ""),
+        ("StudyDate", "2024", ""),
+        ("StudyTime", "25:00", ""),
+        ("PatientSex", "female", "F"),
+        ("PatientSex", "unknown", ""),
+    ],
+)
+def test_outputs_of_a_non_conformant_header_are_valid_and_the_source_unchanged(
+    tmp_path: Path, keyword: str, value: str, expected: str
+) -> None:
+    """A bad date or sex in an archive's header must not stop the study being analysed."""
+    source = make_source()
+    setattr(source, keyword, value)
+    sc_path = save(make_sc(source, make_result()), tmp_path / "sc.dcm")
+    sr_path = save(make_sr([SrImageItem(source, None, make_result())]), tmp_path / "sr.dcm")
+    for path in (sc_path, sr_path):
+        assert str(pydicom.dcmread(path).get(keyword) or "") == expected
+        assert dciodvfy_errors(path) == []
+    assert source[keyword].value == value
+
+
+def test_a_conformant_header_is_not_copied() -> None:
+    source = make_source()
+    assert conformant_header(source) is source

@@ -1,0 +1,82 @@
+"""The source header as the encoders copy it into the results.
+
+Archives hold headers that do not conform: a birth date of ``00000000`` or
+``1965-01-01``, a study time of ``25:00``, a Patient's Sex of ``female``.
+highdicom refuses to copy such values, and a PACS may refuse objects that
+carry them. The results copy a cleaned header instead: a date, time or
+date-time that does not parse is emptied, and so is a Patient's Sex other
+than M, F or O (``MALE``, ``FEMALE`` and ``OTHER`` become their letters). All
+of these are Type 2 in the modules the results copy, so an empty value is
+conformant. The stored original is never changed. Only the keywords fixed are
+logged, never the values (they are patient data).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pydicom
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.valuerep import DA, DT, TM
+
+log = logging.getLogger(__name__)
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"DA": DA, "TM": TM, "DT": DT}
+_SEXES = frozenset({"M", "F", "O"})
+_SEX_WORDS = {"MALE": "M", "FEMALE": "F", "OTHER": "O"}
+
+
+def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> pydicom.Dataset:
+    """``source``, or a copy of it with its non-conformant values emptied (see the module).
+
+    ``present``: keywords the copy must hold, empty when ``source`` lacks them (the Type 2
+    attributes an encoder reads). ``source`` itself is returned when nothing needs fixing.
+    """
+    fixes = _fixes(source)
+    missing = [keyword for keyword in present if keyword not in source]
+    if not fixes and not missing:
+        return source
+    fixed = copy.deepcopy(source)  # pydicom.Dataset(source) would share, and alter, its elements
+    for tag, value in fixes.items():
+        fixed[tag].value = value
+    for keyword in missing:
+        setattr(fixed, keyword, None)
+    if fixes:
+        log.warning(
+            "sop=%s: non-conformant %s cleaned in the results' copy of the header",
+            source.get("SOPInstanceUID", ""),
+            ", ".join(sorted(pydicom.datadict.keyword_for_tag(tag) or str(tag) for tag in fixes)),
+        )
+    return fixed
+
+
+def _fixes(source: pydicom.Dataset) -> dict[BaseTag, str | None]:
+    """The top-level elements to change, with their new values."""
+    fixes: dict[BaseTag, str | None] = {}
+    for element in source:
+        if element.VR in _PARSERS and not _parses(element.value, _PARSERS[element.VR]):
+            fixes[element.tag] = None
+    sex = source.get("PatientSex")
+    if sex and str(sex).strip().upper() not in _SEXES:
+        fixes[pydicom.tag.Tag("PatientSex")] = _SEX_WORDS.get(str(sex).strip().upper())
+    return fixes
+
+
+def _parses(value: Any, parser: Callable[[str], Any]) -> bool:
+    """True when every value of a DA, TM or DT element parses (an empty one does)."""
+    values = list(value) if isinstance(value, MultiValue) else [value]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for one in values:
+            if one in (None, ""):
+                continue
+            try:
+                parser(str(one))
+            except (ValueError, TypeError, OverflowError):
+                return False
+    return True
