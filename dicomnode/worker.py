@@ -162,11 +162,7 @@ class Worker:
             try:
                 work(jobs)
             except Exception as exc:
-                if not isinstance(exc, DicomNodeError):
-                    log.exception("%s jobs %s failed", kind, [j.id for j in jobs])
-                reason = (
-                    str(exc) if isinstance(exc, DicomNodeError) else f"{type(exc).__name__}: {exc}"
-                )
+                reason = _reason(exc, kind, jobs)
                 for job in jobs:
                     self._fail(job, reason, policy)
         return True
@@ -236,7 +232,10 @@ class Worker:
     ) -> None:
         analysed = pipeline.analyse(predictor, [prepared for _, prepared in pending])
         for (job, _), item in zip(pending, analysed, strict=True):
-            self._finish_infer(job, item)
+            try:
+                self._finish_infer(job, item)
+            except Exception as exc:  # one image's error fails that job, not its batch
+                self._fail(job, _reason(exc, job.kind, [job]), self.job_policy)
         del analysed
         release_freed_memory()
 
@@ -492,3 +491,11 @@ def _set_report_state(session: Session, report_id: int, state: str) -> None:
     report = session.get(Report, report_id)
     if report is not None:
         report.state, report.finished_at = state, utcnow()
+
+
+def _reason(exc: Exception, kind: q.JobKind, jobs: Sequence[q.ClaimedJob]) -> str:
+    """The failure reason a job records; an unexpected error is logged with its traceback."""
+    if isinstance(exc, DicomNodeError):
+        return str(exc)
+    log.exception("%s jobs %s failed", kind, [j.id for j in jobs])
+    return f"{type(exc).__name__}: {exc}"

@@ -280,3 +280,46 @@ def test_refusing_destination_ends_dead_with_the_reason_then_retry_delivers(node
     with node.db.session() as s:
         assert requeue(s) == 2
     wait_for(lambda: len(node.collector.received) == 2, 60, what="delivery after retry")
+
+
+def test_a_non_conformant_birth_date_still_gets_a_valid_sc_and_sr(
+    node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Archives hold birth dates like 00000000: the study is analysed, the results conform."""
+    caplog.set_level(logging.DEBUG)
+    image = make_radiograph(body_part="KNEE")
+    image.PatientBirthDate = "19650100"
+    assert node.send(image) == [statuses.SUCCESS]
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR at the destination")
+    for ds in node.collector.received:
+        assert ds.PatientBirthDate == ""
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+    assert "19650100" not in caplog.text
+
+
+def test_one_image_that_cannot_be_encoded_fails_alone_not_its_batch(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode import pipeline
+    from dicomnode.errors import EncodeError
+
+    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
+    first, second = make_radiograph(body_part="KNEE", seed=1), make_radiograph(body_part="KNEE")
+    second.StudyInstanceUID = first.StudyInstanceUID
+    real = pipeline.make_sc
+
+    def failing_for_first(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
+        if analysed.prepared.sop_uid == first.SOPInstanceUID:
+            raise EncodeError("cannot encode the Secondary Capture image: injected")
+        return real(analysed, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "make_sc", failing_for_first)
+    assert node.send(first, second) == [statuses.SUCCESS] * 2
+    wait_for(lambda: node.count(Job, kind="infer", state="dead") == 1, 60, what="one dead job")
+    wait_for(lambda: node.count(Job, kind="infer", state="done") == 1, 60, what="the other done")
+    with node.db.session() as s:
+        dead = s.execute(select(Job).where(Job.state == "dead")).scalar_one()
+    assert dead.sop_instance_uid == first.SOPInstanceUID
+    assert dead.last_error == "cannot encode the Secondary Capture image: injected"
