@@ -33,6 +33,7 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError, ModelError, PeerError
 from dicomnode.inference import Predictor
+from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.peers import get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
@@ -137,6 +138,8 @@ class Worker:
             thread.join()
 
     def _fail(self, job: q.ClaimedJob, error: str, policy: RetryPolicy) -> None:
+        """Record a failed attempt; quoted values (which may be header values) are redacted."""
+        error = redact_quoted(error)
         with self.db.session() as session:
             state = q.fail(session, job, self.worker_id, error, policy)
         log.warning(
