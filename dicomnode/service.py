@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -36,6 +37,11 @@ from dicomnode.studies import schedule_ready
 
 log = logging.getLogger(__name__)
 SCHEDULER_INTERVAL = 0.1
+ERROR_PAUSE = 5.0
+"""Seconds the scheduler waits after a failed round."""
+QUICK_EXIT_SECONDS = 30.0
+"""A worker that exits sooner than this after its start is restarted after RESTART_PAUSE."""
+RESTART_PAUSE = 10.0
 PURGE_INTERVAL = 3600.0
 """Seconds between retention passes (the first runs at start-up)."""
 
@@ -103,6 +109,8 @@ class Supervisor:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(WORKER_PRELOAD))
         self.processes: dict[int, BaseProcess] = {}
+        self.started_at: dict[int, float] = {}
+        self.restart_at: dict[int, float] = {}
 
     def start(self) -> None:
         for index in range(self.count):
@@ -114,23 +122,39 @@ class Supervisor:
         )
         process.start()
         self.processes[index] = process
+        self.started_at[index] = time.monotonic()
 
     def check(self) -> None:
-        """Restart dead workers after releasing their jobs."""
+        """Release the jobs of dead workers and restart them.
+
+        The jobs count a failed attempt (:func:`release_worker`). A worker that died within
+        :data:`QUICK_EXIT_SECONDS` of its start is restarted after :data:`RESTART_PAUSE`,
+        so a worker that cannot start does not spin.
+        """
+        now = time.monotonic()
         for index, process in list(self.processes.items()):
             if process.is_alive():
                 continue
-            worker_id = f"{_hostname()}:{process.pid}"
-            with self.db.session() as session:
-                released = release_worker(session, worker_id)
-            log.warning(
-                "worker-%s (pid %s) exited with %s; %d job(s) released; restarting",
-                index,
-                process.pid,
-                process.exitcode,
-                released,
-            )
-            self._spawn(index)
+            if index not in self.restart_at:
+                self.restart_at[index] = now + self._released(index, process, now)
+            if now >= self.restart_at[index]:
+                del self.restart_at[index]
+                self._spawn(index)
+
+    def _released(self, index: int, process: BaseProcess, now: float) -> float:
+        """Release a dead worker's jobs and log it; the seconds to wait before its restart."""
+        with self.db.session() as session:
+            released = release_worker(session, f"{_hostname()}:{process.pid}")
+        pause = RESTART_PAUSE if now - self.started_at[index] < QUICK_EXIT_SECONDS else 0.0
+        log.warning(
+            "worker-%s (pid %s) exited with %s; %d job(s) released; restarting in %s s",
+            index,
+            process.pid,
+            process.exitcode,
+            released,
+            pause,
+        )
+        return pause
 
     def stop(self, timeout: float = 10.0) -> None:
         for process in self.processes.values():
@@ -198,15 +222,37 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
         _start_retention(db, settings, stop)
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
-            if with_scp:
-                schedule_ready(db, settings, registry)
-            supervisor.check()
+            if not _tick(db, settings, registry, supervisor, with_scp=with_scp):
+                stop.wait(ERROR_PAUSE)
     finally:
         log.info("stopping")
         if server is not None:
             server.shutdown()
         supervisor.stop()
         db.dispose()
+
+
+def _tick(
+    db: Database,
+    settings: Settings,
+    registry: ModelRegistry,
+    supervisor: Supervisor,
+    *,
+    with_scp: bool,
+) -> bool:
+    """One scheduler round; False when it failed.
+
+    A database error (a restart, a lock held too long) is logged and a later round tries
+    again after :data:`ERROR_PAUSE`: the node keeps receiving meanwhile.
+    """
+    try:
+        if with_scp:
+            schedule_ready(db, settings, registry)
+        supervisor.check()
+    except Exception:
+        log.exception("scheduler round failed; trying again in %s s", ERROR_PAUSE)
+        return False
+    return True
 
 
 def _start_retention(db: Database, settings: Settings, stop: threading.Event) -> None:

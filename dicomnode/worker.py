@@ -126,8 +126,13 @@ class Worker:
 
         def beat() -> None:
             while not done.wait(interval):
-                with self.db.session() as session:
-                    q.heartbeat(session, ids, self.worker_id, self.settings.workers.lease_seconds)
+                try:
+                    with self.db.session() as session:
+                        q.heartbeat(
+                            session, ids, self.worker_id, self.settings.workers.lease_seconds
+                        )
+                except Exception as exc:  # a busy or restarting database: beat again later
+                    log.warning("heartbeat of jobs %s failed: %s", ids, type(exc).__name__)
 
         thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
         thread.start()

@@ -5,7 +5,14 @@ States::
     queued --claim--> running --complete--> done
                          |--fail--> failed (waits run_after) --claim--> running ...
                          |--fail, attempts used up--> dead
-                         |--lease expires (worker died)--> claimable again
+                         |--worker died or lease expired--> failed (LOST_LEASE), or dead
+                                                            when its attempts are used up
+
+A job whose worker died counts the attempt, like any failure: an image that
+kills the process (a decoder crash, memory exhausted) ends dead after
+``max_attempts`` instead of taking the worker down forever. Such a job is
+claimed alone next time, so that the jobs of its batch are not charged for it
+again and the culprit is found.
 
 A job is unique per ``(kind, dedupe_key)``; enqueueing it again is a no-op,
 so the same SOP Instance UID is never queued twice for one model version.
@@ -110,10 +117,38 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
     return len(session.execute(statement).all())
 
 
+LOST_LEASE = "the worker running this job stopped or lost its lease"
+"""``last_error`` of a job whose worker died or stopped renewing its lease."""
+
+
 def _claimable(now: datetime) -> ColumnElement[bool]:
-    waiting = and_(Job.state.in_([JobState.QUEUED, JobState.FAILED]), Job.run_after <= now)
-    lease_lost = and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
-    return or_(waiting, lease_lost)
+    return and_(Job.state.in_([JobState.QUEUED, JobState.FAILED]), Job.run_after <= now)
+
+
+def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> int:
+    """Running jobs matching ``held`` fail with :data:`LOST_LEASE` (dead when attempts are used)."""
+    running = and_(Job.state == JobState.RUNNING, held)
+    common = {"last_error": LOST_LEASE, "updated_at": now, "lease_expires_at": None}
+    used_up = Job.attempts >= Job.max_attempts
+    dead = session.execute(
+        update(Job)
+        .where(running, used_up)
+        .values(state=JobState.DEAD, finished_at=now, **common)
+        .execution_options(synchronize_session=False)
+    )
+    failed = session.execute(
+        update(Job)
+        .where(running, ~used_up)
+        .values(state=JobState.FAILED, run_after=now, **common)
+        .execution_options(synchronize_session=False)
+    )
+    return sum(int(getattr(r, "rowcount", 0) or 0) for r in (dead, failed))
+
+
+def expire_lost_leases(session: Session) -> int:
+    """Jobs whose lease ran out (their worker hung or its host died) fail, or die; how many."""
+    now = utcnow()
+    return _end_leases(session, Job.lease_expires_at < now, now)
 
 
 def _report_ready() -> ColumnElement[bool]:
@@ -135,17 +170,26 @@ def claim(
     limit: int = 1,
     group_key: str | None = None,
 ) -> list[ClaimedJob]:
-    """Lease up to ``limit`` runnable jobs of ``kind`` (of one group, if given) to ``worker_id``."""
+    """Lease up to ``limit`` runnable jobs of ``kind`` (of one group, if given) to ``worker_id``.
+
+    Lost leases are ended first (:func:`expire_lost_leases`); when the first job due lost
+    its worker before, it is claimed alone.
+    """
+    expire_lost_leases(session)
     now = utcnow()
-    candidates = (
+    due = (
         select(Job.id)
         .where(Job.kind == kind, _claimable(now), _report_ready())
         .order_by(Job.run_after, Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     if group_key is not None:
-        candidates = candidates.where(Job.group_key == group_key)
+        due = due.where(Job.group_key == group_key)
+    first_error = session.execute(
+        due.with_only_columns(Job.last_error).limit(1)
+    ).scalar_one_or_none()
+    if first_error == LOST_LEASE:
+        limit = 1
+    candidates = due.limit(limit).with_for_update(skip_locked=True)
     statement = (
         update(Job)
         .where(Job.id.in_(candidates.scalar_subquery()), _claimable(now))
@@ -241,14 +285,8 @@ def fail(
 
 
 def release_worker(session: Session, worker_id: str) -> int:
-    """Make the running jobs of a worker that is known dead claimable at once."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.worker_id == worker_id, Job.state == JobState.RUNNING)
-        .values(lease_expires_at=now - timedelta(seconds=1), updated_at=now)
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    """The running jobs of a worker known dead fail at once (:data:`LOST_LEASE`), or die."""
+    return _end_leases(session, Job.worker_id == worker_id, utcnow())
 
 
 def running_workers(session: Session) -> list[str]:

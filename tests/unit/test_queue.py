@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import update
 
@@ -84,6 +84,45 @@ def test_release_worker_makes_jobs_claimable_at_once(db: Database) -> None:
         assert len(q.claim(s, q.JobKind.INFER, "w2", 600)) == 1
 
 
+def test_a_job_that_kills_its_worker_ends_dead_and_spares_its_batch(db: Database) -> None:
+    """A crash counts the attempt: the culprit dies after max_attempts; each suspect runs alone."""
+    with db.session() as s:
+        q.enqueue(s, [_spec(f"1.{i}", attempts=2) for i in range(4)])
+    with db.session() as s:
+        batch = q.claim(s, q.JobKind.INFER, "w1", 600, limit=4)
+    assert len(batch) == 4
+    with db.session() as s:  # the worker died (the supervisor saw it exit)
+        assert q.release_worker(s, "w1") == 4
+        assert q.counts_by_state(s) == {("infer", "failed"): 4}
+    with db.session() as s:
+        alone = q.claim(s, q.JobKind.INFER, "w2", 600, limit=4)
+    assert [j.id for j in alone] == [batch[0].id]  # claimed alone: it lost its worker
+    assert alone[0].attempts == 2
+    with db.session() as s:  # it kills this worker too: attempts used up
+        assert q.release_worker(s, "w2") == 1
+        dead = q.dead_jobs(s)
+    assert [(d.id, d.last_error) for d in dead] == [(batch[0].id, q.LOST_LEASE)]
+    for job in batch[1:]:  # the others run alone, one after another, and succeed
+        with db.session() as s:
+            (claimed,) = q.claim(s, q.JobKind.INFER, "w3", 600, limit=4)
+            assert claimed.id == job.id
+            assert q.complete(s, claimed.id, "w3")
+    with db.session() as s:
+        assert q.counts_by_state(s) == {("infer", "dead"): 1, ("infer", "done"): 3}
+
+
+def test_an_expired_lease_with_attempts_used_up_ends_dead_not_running(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1", attempts=1)])
+    with db.session() as s:
+        q.claim(s, q.JobKind.INFER, "hung", 0.1)
+    time.sleep(0.2)
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.INFER, "other", 30) == []
+        assert q.counts_by_state(s) == {("infer", "dead"): 1}
+        assert q.dead_jobs(s)[0].last_error == q.LOST_LEASE
+
+
 def test_failures_back_off_then_die_and_retry_requeues(db: Database) -> None:
     policy = RetryPolicy(max_attempts=2, initial_seconds=0.1, maximum_seconds=10)
     with db.session() as s:
@@ -149,15 +188,23 @@ def test_claim_uses_skip_locked_on_postgresql() -> None:
 
     captured: list[str] = []
 
-    class Recorder(OrmSession):
-        def execute(self, statement, *args, **kwargs):  # type: ignore[no-untyped-def, override]
-            captured.append(str(statement.compile(dialect=postgresql.dialect())))
-            raise RuntimeError("compiled only")
+    class NoRows:
+        rowcount = 0
 
-    with contextlib.suppress(RuntimeError):
-        q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1")
-    assert "FOR UPDATE SKIP LOCKED" in captured[0]
-    assert "RETURNING" in captured[0]
+        def scalar_one_or_none(self) -> None:
+            return None
+
+        def all(self) -> list[object]:
+            return []
+
+    class Recorder(OrmSession):
+        def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            captured.append(str(statement.compile(dialect=postgresql.dialect())))
+            return NoRows()
+
+    assert q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1") == []
+    (claim,) = [c for c in captured if "RETURNING" in c]
+    assert "FOR UPDATE SKIP LOCKED" in claim
 
 
 def test_running_workers_lists_holders_of_running_jobs(db: Database) -> None:

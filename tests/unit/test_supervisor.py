@@ -1,0 +1,96 @@
+"""The supervisor: a dead worker's jobs count a failed attempt; a worker that dies at once
+does not spin; a failed scheduler round does not end the node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from dicomnode import service
+from dicomnode.config import Settings
+from dicomnode.db.session import Database
+from dicomnode.models.registry import ModelRegistry
+from dicomnode.queue import jobs as q
+
+
+@dataclass
+class FakeProcess:
+    pid: int
+    alive: bool = True
+    exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+class CountingSupervisor(service.Supervisor):
+    """Spawns fake processes with increasing pids instead of forking workers."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__(settings, db, 1)
+        self.spawned: list[int] = []
+        self.clock = 0.0
+
+    def _spawn(self, index: int) -> None:
+        pid = 1000 + len(self.spawned)
+        self.spawned.append(pid)
+        self.processes[index] = FakeProcess(pid)  # type: ignore[assignment]
+        self.started_at[index] = self.clock
+
+
+@pytest.fixture
+def supervisor(
+    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> CountingSupervisor:
+    made = CountingSupervisor(settings, db)
+    monkeypatch.setattr("dicomnode.service.time.monotonic", lambda: made.clock)
+    monkeypatch.setattr(service, "_hostname", lambda: "host")
+    return made
+
+
+def test_a_worker_that_dies_at_once_is_restarted_after_a_pause(
+    supervisor: CountingSupervisor, db: Database
+) -> None:
+    supervisor.start()
+    with db.session() as s:
+        q.enqueue(s, [q.JobSpec(q.JobKind.INFER, "1.1", 3, group_key="m:1")])
+        q.claim(s, q.JobKind.INFER, "host:1000", 600)
+    supervisor.clock = 2.0
+    supervisor.processes[0].alive = False  # type: ignore[attr-defined]
+    supervisor.check()
+    with db.session() as s:
+        assert q.counts_by_state(s) == {("infer", "failed"): 1}  # released, attempt counted
+    assert supervisor.spawned == [1000]  # not restarted yet: it died 2 s after its start
+    supervisor.clock = 2.0 + service.RESTART_PAUSE - 0.1
+    supervisor.check()
+    assert supervisor.spawned == [1000]
+    supervisor.clock = 2.0 + service.RESTART_PAUSE
+    supervisor.check()
+    assert supervisor.spawned == [1000, 1001]
+
+
+def test_a_worker_that_ran_a_while_is_restarted_at_once(supervisor: CountingSupervisor) -> None:
+    supervisor.start()
+    supervisor.clock = service.QUICK_EXIT_SECONDS + 1
+    supervisor.processes[0].alive = False  # type: ignore[attr-defined]
+    supervisor.check()
+    assert supervisor.spawned == [1000, 1001]
+
+
+def test_a_failed_scheduler_round_is_logged_not_fatal(
+    supervisor: CountingSupervisor,
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def database_gone(*_: object) -> None:
+        raise OSError("database restarting")
+
+    monkeypatch.setattr(service, "schedule_ready", database_gone)
+    registry = ModelRegistry([])
+    assert not service._tick(db, settings, registry, supervisor, with_scp=True)
+    assert "scheduler round failed" in caplog.text
+    monkeypatch.setattr(service, "schedule_ready", lambda *_: None)
+    assert service._tick(db, settings, registry, supervisor, with_scp=True)
