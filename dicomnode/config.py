@@ -144,7 +144,11 @@ class WorkerSettings(_Section):
 
 class SendSettings(_Section):
     max_attempts: int = Field(
-        5, ge=1, le=100, description="C-STORE attempts per object and destination"
+        50,
+        ge=1,
+        le=100,
+        description="C-STORE attempts per object and destination (50 with the default "
+        "delays: about 7 hours of retries, so a PACS maintenance window loses nothing)",
     )
     backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay")
     backoff_max_seconds: float = Field(600.0, gt=0, description="longest retry delay")
