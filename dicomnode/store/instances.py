@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
@@ -109,6 +109,7 @@ def store_instance(
     size = fsync_file(received)
     try:
         with db.session() as session:
+            _lock_sop_uid(session, facts.sop_uid)
             if already_stored(session, facts.sop_uid):
                 return StoreOutcome(facts.sop_uid, True, path)
             move_durably(received, path)
@@ -119,6 +120,19 @@ def store_instance(
             remove_quietly(path)
         raise
     return StoreOutcome(facts.sop_uid, False, path)
+
+
+def _lock_sop_uid(session: Session, sop_uid: str) -> None:
+    """Serialise the storing of one SOP Instance UID until the transaction ends.
+
+    SQLite transactions already hold the write lock (``BEGIN IMMEDIATE``). On
+    PostgreSQL two associations delivering the same instance at once would both
+    find it new and both move a file onto the same path; the loser's failed
+    commit would then remove the winner's file. A transaction-level advisory
+    lock on the UID's hash makes the second wait and find the first's row.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:uid))"), {"uid": sop_uid})
 
 
 def _record(

@@ -79,3 +79,57 @@ def test_node_on_postgres_returns_sc_and_sr(
         assert sorted(str(d.Modality) for d in node.collector.received) == ["OT", "SR"]
     finally:
         node.close()
+
+
+def test_the_same_instance_stored_at_once_twice_keeps_its_file(
+    pg: Database, tmp_path: Path
+) -> None:
+    """Two associations deliver one SOP Instance UID at the same moment (a modality retry):
+    one copy is recorded, the other is a duplicate, and the recorded file is on disk."""
+    import threading
+
+    from dicomnode.store.instances import InstanceFacts, store_instance
+
+    data = tmp_path / "data"
+    incoming = data / "incoming"
+    incoming.mkdir(parents=True)
+    rounds, outcomes, errors = 12, [], []
+    for n in range(rounds):
+        facts = InstanceFacts(
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            sop_uid=f"1.2.3.4.{n + 1}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="DX",
+            body_part="KNEE",
+            descriptions="",
+        )
+        barrier = threading.Barrier(2)
+
+        def deliver(
+            copy: int, facts: InstanceFacts = facts, barrier: threading.Barrier = barrier
+        ) -> None:
+            received = incoming / f".receiving-{facts.sop_uid}-{copy}"
+            received.write_bytes(b"DICM" * 1000)
+            barrier.wait()
+            try:
+                outcomes.append(
+                    store_instance(
+                        pg, data, facts, received, calling_ae="MOD", association_id=f"a{copy}"
+                    )
+                )
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=deliver, args=(c,)) for c in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(o.duplicate for o in outcomes) == [False] * rounds + [True] * rounds
+    with pg.session() as s:
+        paths = [Path(i.path) for i in s.query(Instance).all()]
+    assert len(paths) == rounds
+    assert all(p.is_file() for p in paths)
