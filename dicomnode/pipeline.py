@@ -171,6 +171,7 @@ def make_sr(
         manufacturer=MANUFACTURER,
         software_version=__version__,
         predecessor=predecessor,
+        uid_root=uid_root,
     )
 
 

@@ -83,6 +83,7 @@ class ModelIdentity:
     explanation: str = "Grad-CAM"
     reader_note: str = ""
     explanation_method: str = "gradcam"
+    body_parts: tuple[BodyPart, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ through :data:`PRIVATE_SCHEME_IDENTIFICATION`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
@@ -113,6 +115,19 @@ BODY_PARTS: dict[BodyPart, CodedConcept] = {
 }
 """Finding site per routed body part."""
 
+BODY_PART_EXAMINED: dict[str, CodedConcept] = {
+    "CSPINE": _public(codes.SCT.CervicalSpine),
+    "TSPINE": _public(codes.SCT.ThoracicSpine),
+    "LSPINE": _public(codes.SCT.LumbarSpine),
+    "SACRUM": _public(codes.SCT.Sacrum),
+    "COCCYX": _public(codes.SCT.Coccyx),
+    "WRIST": _public(codes.SCT.WristJoint),
+    "FINGER": _public(codes.SCT.Finger),
+    "THUMB": _public(codes.SCT.Thumb),
+    "PATELLA": _public(codes.SCT.Patella),
+}
+"""Finding sites of other Body Part Examined defined terms (PS3.16 Annex L) the node routes."""
+
 LATERALITY: dict[str, CodedConcept] = {
     "R": _public(codes.SCT.Right),
     "L": _public(codes.SCT.Left),
@@ -140,21 +155,31 @@ def class_concept(coded: CodedClass) -> CodedConcept:
     )
 
 
-def body_part_concept(body_part_examined: str | None) -> CodedConcept:
+def body_part_concept(
+    body_part_examined: str | None, routed: Sequence[BodyPart] = ()
+) -> CodedConcept:
     """Return the finding site for a Body Part Examined value.
 
     Parameters
     ----------
     body_part_examined:
         The source's BodyPartExamined (any case), or ``None``.
+    routed:
+        The body parts of the model that analysed the image: the finding site
+        when Body Part Examined names none the node knows (empty, or an alias
+        from the study description) and the model has exactly one.
 
     Returns
     -------
     highdicom.sr.CodedConcept
-        The SNOMED CT concept of the body part, or "Anatomical Structure"
-        when the body part is not one the node routes.
+        The SNOMED CT concept of the body part (``LSPINE``: Lumbar spine, ...),
+        or "Anatomical Structure" when neither names one.
     """
-    try:
-        return BODY_PARTS[BodyPart((body_part_examined or "").strip().upper())]
-    except ValueError:
-        return ANATOMICAL_STRUCTURE
+    term = (body_part_examined or "").strip().upper()
+    if term in BODY_PART_EXAMINED:
+        return BODY_PART_EXAMINED[term]
+    if term in BodyPart.__members__:
+        return BODY_PARTS[BodyPart(term)]
+    if len(routed) == 1:
+        return BODY_PARTS[routed[0]]
+    return ANATOMICAL_STRUCTURE

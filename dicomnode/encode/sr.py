@@ -59,13 +59,14 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom.uid import generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID
 
 from dicomnode.encode import codes as dn
 from dicomnode.encode.header import conformant_header
 from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
 from dicomnode.encode.sc import series_description, source_laterality
 from dicomnode.errors import EncodeError
+from dicomnode.uids import derived_uid
 from dicomnode.values import Finding, ImageResult, ModelIdentity
 
 _Group = PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
@@ -112,6 +113,7 @@ def encode_sr(
     manufacturer: str,
     software_version: str,
     predecessor: pydicom.Dataset | None = None,
+    uid_root: str = PYDICOM_ROOT_UID,
 ) -> pydicom.Dataset:
     """Encode the results of one study as a Comprehensive SR (TID 1500).
 
@@ -130,6 +132,10 @@ def encode_sr(
     predecessor:
         An earlier SR this one replaces; listed in the Predecessor Documents
         Sequence.
+    uid_root:
+        Root of the UIDs the document makes: its findings' tracking UIDs (the
+        same for one finding of one image and model version in every round)
+        and its device observers' UIDs.
 
     Returns
     -------
@@ -146,9 +152,9 @@ def encode_sr(
     models = _distinct_models(items)
     try:
         report = MeasurementReport(
-            observation_context=_observation_context(models, manufacturer),
+            observation_context=_observation_context(models, manufacturer, uid_root),
             procedure_reported=dn.PROCEDURE_REPORTED,
-            imaging_measurements=_groups(items, sop_uid, manufacturer),
+            imaging_measurements=_groups(items, uid_root, manufacturer),
         )
         report[0].ContentSequence.append(_notices(models))
         return ComprehensiveSR(
@@ -188,18 +194,20 @@ def _distinct_models(items: Sequence[SrImageItem]) -> list[ModelIdentity]:
     return models
 
 
-def _device_uid(model: ModelIdentity) -> str:
-    """Return a UID that always names the same model weights."""
-    return str(generate_uid(entropy_srcs=[model.name, model.version, model.sha256]))
+def _device_uid(model: ModelIdentity, uid_root: str) -> str:
+    """Return a UID under ``uid_root`` that always names the same model weights."""
+    return derived_uid(uid_root, "device", model.name, model.version, model.sha256)
 
 
-def _observation_context(models: list[ModelIdentity], manufacturer: str) -> ObservationContext:
+def _observation_context(
+    models: list[ModelIdentity], manufacturer: str, uid_root: str
+) -> ObservationContext:
     """Return the observation context: each algorithm is a device observer."""
     observers = [
         ObserverContext(
             observer_type=dn.OBSERVER_DEVICE,
             observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=_device_uid(model),
+                uid=_device_uid(model, uid_root),
                 name=f"{model.name} {model.version}"[:64],
                 manufacturer_name=manufacturer,
                 model_name=model.name[:64],
@@ -223,24 +231,36 @@ def _algorithm(model: ModelIdentity, manufacturer: str) -> AlgorithmIdentificati
     )
 
 
-def _groups(items: Sequence[SrImageItem], sop_uid: str, manufacturer: str) -> list[_Group]:
+def _groups(items: Sequence[SrImageItem], uid_root: str, manufacturer: str) -> list[_Group]:
     groups: list[_Group] = []
     for image_index, item in enumerate(items, start=1):
         algorithm = _algorithm(item.result.model, manufacturer)
         if not item.result.findings:
-            groups.append(_image_group(item, image_index, sop_uid, algorithm))
+            groups.append(_image_group(item, image_index, uid_root, algorithm))
         for finding_index, finding in enumerate(item.result.findings, start=1):
-            tracking = _tracking(sop_uid, image_index, finding_index)
+            tracking = _tracking(uid_root, item, image_index, finding_index)
             groups.append(_finding_group(item, finding, tracking, algorithm))
     return groups
 
 
-def _tracking(sop_uid: str, image_index: int, finding_index: int) -> TrackingIdentifier:
-    """Return a tracking identifier that is stable for one document and finding."""
-    return TrackingIdentifier(
-        uid=str(generate_uid(entropy_srcs=[sop_uid, str(image_index), str(finding_index)])),
-        identifier=f"image {image_index} finding {finding_index}",
+def _tracking(
+    uid_root: str, item: SrImageItem, image_index: int, finding_index: int
+) -> TrackingIdentifier:
+    """Return a tracking identifier of one finding of one source image and model version.
+
+    Its UID depends on the source image, the model and the finding, not on the document:
+    the same finding keeps its UID in a follow-up SR (TID 1500 tracking across documents).
+    """
+    model = item.result.model
+    uid = derived_uid(
+        uid_root,
+        "tracking",
+        str(item.source.SOPInstanceUID),
+        model.name,
+        model.version,
+        str(finding_index),
     )
+    return TrackingIdentifier(uid=uid, identifier=f"image {image_index} finding {finding_index}")
 
 
 def _finding_group(
@@ -255,7 +275,7 @@ def _finding_group(
         referenced_region=_region(item.source, finding),
         finding_type=dn.class_concept(finding.predicted),
         algorithm_id=algorithm,
-        finding_sites=[_finding_site(item.source, finding.laterality)],
+        finding_sites=[_finding_site(item, finding.laterality)],
         measurements=_probabilities(item.result, finding),
         qualitative_evaluations=[_localisation(finding)],
     )
@@ -267,13 +287,13 @@ def _finding_group(
 
 
 def _image_group(
-    item: SrImageItem, image_index: int, sop_uid: str, algorithm: AlgorithmIdentification
+    item: SrImageItem, image_index: int, uid_root: str, algorithm: AlgorithmIdentification
 ) -> MeasurementsAndQualitativeEvaluations:
     """Return the TID 1501 group of an image on which the model reported nothing."""
     group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(sop_uid, image_index, 0),
+        tracking_identifier=_tracking(uid_root, item, image_index, 0),
         algorithm_id=algorithm,
-        finding_sites=[_finding_site(item.source, None)],
+        finding_sites=[_finding_site(item, None)],
         source_images=[
             SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
         ],
@@ -311,10 +331,12 @@ def _peak(source: pydicom.Dataset, finding: Finding, method: str) -> ScoordConte
     return point
 
 
-def _finding_site(source: pydicom.Dataset, laterality: str | None) -> FindingSite:
-    side = laterality or source_laterality(source)
+def _finding_site(item: SrImageItem, laterality: str | None) -> FindingSite:
+    side = laterality or source_laterality(item.source)
     return FindingSite(
-        anatomic_location=dn.body_part_concept(source.get("BodyPartExamined")),
+        anatomic_location=dn.body_part_concept(
+            item.source.get("BodyPartExamined"), item.result.model.body_parts
+        ),
         laterality=dn.LATERALITY.get(side or ""),
     )
 

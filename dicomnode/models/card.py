@@ -348,6 +348,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         explanation=card.gradcam.description + (MIRROR_NOTE if card.test_time_flip else ""),
         reader_note=card.reader_note,
         explanation_method=card.gradcam.method,
+        body_parts=card.body_parts,
     )
 
 

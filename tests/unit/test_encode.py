@@ -34,7 +34,15 @@ from dicomnode.errors import EncodeError
 from dicomnode.pipeline import Analysed, Prepared
 from dicomnode.pipeline import make_sc as pipeline_make_sc
 from dicomnode.testing.validate import dciodvfy_errors
-from dicomnode.values import CodedClass, Finding, ImageResult, ModelIdentity, PreparedImage, Region
+from dicomnode.values import (
+    BodyPart,
+    CodedClass,
+    Finding,
+    ImageResult,
+    ModelIdentity,
+    PreparedImage,
+    Region,
+)
 
 ROWS, COLUMNS = 256, 300
 PEAK = (200, 110)  # (column, row)
@@ -555,6 +563,32 @@ def test_sr_references_its_predecessor(tmp_path: Path) -> None:
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert "PredecessorDocumentsSequence" not in first
     assert dciodvfy_errors(second_path) == []
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+    # the finding keeps its tracking UID in the follow-up document
+    assert _tracking_uids(first) == _tracking_uids(second)
+    assert len(_tracking_uids(first)) == 1
+
+
+def _tracking_uids(sr: Dataset) -> list[str]:
+    return [str(i.UID) for i in items_named(sr, codes.DCM.TrackingUniqueIdentifier)]
+
+
+def test_sr_uids_made_by_the_node_are_under_its_root() -> None:
+    root = "1.2.826.0.1.3680043.10.999."
+    items = [SrImageItem(make_source(), None, make_result())]
+    sr = encode_sr(
+        items,
+        series_uid=generate_uid(),
+        sop_uid=generate_uid(),
+        series_number=1,
+        instance_number=1,
+        manufacturer="dicomnode",
+        software_version="0",
+        uid_root=root,
+    )
+    made = _tracking_uids(sr) + [str(i.UID) for i in items_named(sr, codes.DCM.DeviceObserverUID)]
+    assert len(made) == 2
+    assert all(uid.startswith(root) for uid in made)
 
 
 @needs_dicom3tools
@@ -686,3 +720,32 @@ def test_outputs_of_a_non_conformant_header_are_valid_and_the_source_unchanged(
 def test_a_conformant_header_is_not_copied() -> None:
     source = make_source()
     assert conformant_header(source) is source
+
+
+# Finding sites -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body_part", "routed", "expected"),
+    [
+        ("KNEE", (), codes.SCT.Knee),
+        ("LSPINE", (BodyPart.SPINE,), codes.SCT.LumbarSpine),
+        ("CSPINE", (BodyPart.SPINE,), codes.SCT.CervicalSpine),
+        ("WRIST", (BodyPart.HAND,), codes.SCT.WristJoint),
+        ("", (BodyPart.KNEE,), codes.SCT.Knee),  # routed from the study description
+        ("", (BodyPart.KNEE, BodyPart.HAND), codes.SCT.AnatomicalStructure),
+        ("CHEST", (), codes.SCT.AnatomicalStructure),
+    ],
+)
+def test_sr_finding_site_names_the_body_part_examined_or_the_models(
+    body_part: str, routed: tuple[BodyPart, ...], expected: hd.sr.CodedConcept
+) -> None:
+    source = make_source(body_part=body_part)
+    result = make_result()
+    result = replace(result, model=replace(result.model, body_parts=routed))
+    sr = make_sr([SrImageItem(source, None, result)])
+    (site,) = {
+        (item.ConceptCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodingSchemeDesignator)
+        for item in items_named(sr, codes.SCT.FindingSite)
+    }
+    assert site == (expected.value, expected.scheme_designator)
