@@ -480,12 +480,19 @@ def _record_output(
 
 
 def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
+    """The SR of the round before ``report``'s, of the same model version.
+
+    An SR of another version is not replaced: the new version's document lists only
+    its own results, so calling it the successor would make the old findings look
+    withdrawn.
+    """
     row = session.execute(
         select(Output.path)
         .join(Report, Report.id == Output.report_id)
         .where(
             Report.study_instance_uid == report.study_instance_uid,
             Report.model_name == report.model_name,
+            Report.model_version == report.model_version,
             Report.sequence < report.sequence,
             Output.kind == "SR",
         )

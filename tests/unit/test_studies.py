@@ -160,3 +160,56 @@ def test_a_study_with_an_image_not_yet_routed_keeps_its_round_open(
         queue_new_instances(session, "1.2.3", settings, registry)
     with db.session() as session:
         assert ready_rounds(session, settings.study.settle_seconds) == [1]
+
+
+def test_a_new_model_versions_sr_replaces_no_sr_of_the_old_version(
+    db: Database, tmp_path: Path
+) -> None:
+    """After an upgrade the new version's SR lists only its own results: no predecessor."""
+    from pydicom import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomnode.db.schema import Output
+    from dicomnode.worker import _predecessor
+
+    def report(version: str, sequence: int, with_sr: bool) -> Report:
+        with db.session() as s:
+            row = Report(
+                study_instance_uid="1.2",
+                model_name="knee-kl",
+                model_version=version,
+                sequence=sequence,
+                calling_ae="MOD",
+                state="done",
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            if with_sr:
+                sr = Dataset()
+                sr.SOPInstanceUID = f"1.2.9.{sequence}"
+                sr.file_meta = FileMetaDataset()
+                sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                path = tmp_path / f"sr{sequence}.dcm"
+                sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+                sr.save_as(path, enforce_file_format=True)
+                s.add(
+                    Output(
+                        sop_instance_uid=sr.SOPInstanceUID,
+                        series_instance_uid="1.2.9",
+                        report_id=row.id,
+                        kind="SR",
+                        path=str(path),
+                        created_at=utcnow(),
+                    )
+                )
+            s.expunge(row)
+            return row
+
+    report("2.0.1", 1, with_sr=True)
+    upgraded = report("2.0.2", 2, with_sr=True)
+    follow_up = report("2.0.2", 3, with_sr=False)
+    with db.session() as s:
+        assert _predecessor(s, upgraded) is None
+        previous = _predecessor(s, follow_up)
+    assert previous is not None and previous.SOPInstanceUID == "1.2.9.2"
