@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pydicom
@@ -80,3 +82,44 @@ def _parses(value: Any, parser: Callable[[str], Any]) -> bool:
             except (ValueError, TypeError, OverflowError):
                 return False
     return True
+
+
+_CREATION_TIMES = (
+    ("ContentDate", "ContentTime"),
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+)
+_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def stamp_in_source_zone(
+    made: pydicom.Dataset, source: pydicom.Dataset, now: datetime | None = None
+) -> None:
+    """Write ``made``'s creation dates and times in the source's time zone, when it names one.
+
+    A source with Timezone Offset From UTC (``+0100``) has its dates and times in that
+    zone, and the copied Study Date and Time stay so: the result gets the same offset,
+    and the moments it was made are written in it. Without one, DICOM times are local
+    time: the node's clock (set ``TZ`` to the hospital's zone where the node runs in a
+    container).
+    """
+    offset = _offset(source.get("TimezoneOffsetFromUTC"))
+    if offset is None:
+        return
+    moment = (now or datetime.now(UTC)).astimezone(timezone(offset))
+    for date_keyword, time_keyword in _CREATION_TIMES:
+        if date_keyword in made:
+            setattr(made, date_keyword, moment.strftime("%Y%m%d"))
+            setattr(made, time_keyword, moment.strftime("%H%M%S.%f"))
+    made.TimezoneOffsetFromUTC = str(source.TimezoneOffsetFromUTC).strip()
+
+
+def _offset(value: object) -> timedelta | None:
+    match = _OFFSET.match(str(value or "").strip())
+    if match is None:
+        return None
+    sign = -1 if match.group(1) == "-" else 1
+    hours, minutes = int(match.group(2)), int(match.group(3))
+    if hours > 14 or minutes > 59:
+        return None
+    return sign * timedelta(hours=hours, minutes=minutes)

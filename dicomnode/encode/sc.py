@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from dicomnode.encode.header import conformant_header
+from dicomnode.encode.header import conformant_header, stamp_in_source_zone
 from dicomnode.errors import EncodeError
 from dicomnode.values import ImageResult, ModelIdentity
 
@@ -185,6 +185,7 @@ def encode_sc(
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
     _describe_capture(sc, source, model, manufacturer, software_version)
+    stamp_in_source_zone(sc, source)
     if jpeg_quality:
         compress_jpeg(sc, rgb, jpeg_quality)
     return sc

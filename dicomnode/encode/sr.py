@@ -62,7 +62,7 @@ from highdicom.sr import (
 from pydicom.uid import PYDICOM_ROOT_UID
 
 from dicomnode.encode import codes as dn
-from dicomnode.encode.header import conformant_header
+from dicomnode.encode.header import conformant_header, stamp_in_source_zone
 from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
 from dicomnode.encode.sc import series_description, source_laterality
 from dicomnode.errors import EncodeError
@@ -157,7 +157,7 @@ def encode_sr(
             imaging_measurements=_groups(items, uid_root, manufacturer),
         )
         report[0].ContentSequence.append(_notices(models))
-        return ComprehensiveSR(
+        sr = ComprehensiveSR(
             evidence=_evidence(items),
             content=report[0],
             series_instance_uid=series_uid,
@@ -175,6 +175,8 @@ def encode_sr(
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Structured Report: {exc}") from exc
+    stamp_in_source_zone(sr, items[0].source)
+    return sr
 
 
 def _check_items(items: Sequence[SrImageItem]) -> None:

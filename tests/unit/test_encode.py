@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import highdicom as hd
@@ -749,3 +750,33 @@ def test_sr_finding_site_names_the_body_part_examined_or_the_models(
         for item in items_named(sr, codes.SCT.FindingSite)
     }
     assert site == (expected.value, expected.scheme_designator)
+
+
+# Time zone -----------------------------------------------------------------
+
+
+@needs_dicom3tools
+def test_results_of_a_source_with_a_time_zone_are_stamped_in_that_zone(tmp_path: Path) -> None:
+    source = make_source()
+    source.TimezoneOffsetFromUTC = "+0900"
+    before = datetime.now(UTC)
+    sc = make_sc(source, make_result())
+    sr = make_sr([SrImageItem(source, None, make_result())])
+    after = datetime.now(UTC)
+    for made, name in ((sc, "sc"), (sr, "sr")):
+        assert made.TimezoneOffsetFromUTC == "+0900"
+        stamped = datetime.strptime(
+            f"{made.ContentDate}{made.ContentTime}+0900", "%Y%m%d%H%M%S.%f%z"
+        )
+        assert before - timedelta(seconds=1) <= stamped <= after + timedelta(seconds=1)
+        assert (made.InstanceCreationDate, made.InstanceCreationTime) == (
+            made.ContentDate,
+            made.ContentTime,
+        )
+        assert dciodvfy_errors(save(made, tmp_path / f"{name}.dcm")) == []
+    assert sc.TimeOfSecondaryCapture == sc.ContentTime
+
+
+def test_results_of_a_source_without_a_time_zone_carry_none() -> None:
+    sc = make_sc(make_source(), make_result())
+    assert "TimezoneOffsetFromUTC" not in sc
