@@ -241,12 +241,12 @@ def retry(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Re-queue dead jobs with fresh attempts."""
-    from dicomnode.queue.jobs import requeue
+    """Re-queue dead jobs with fresh attempts (an image's analysis gets a new report)."""
+    from dicomnode.studies import retry_dead_jobs
 
     db = _database(settings(config))
     with db.session() as session:
-        count = requeue(session, job or None)
+        count = retry_dead_jobs(session, job or None)
     console.print(f"re-queued {count} job(s)")
 
 

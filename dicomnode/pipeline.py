@@ -157,8 +157,12 @@ def make_sr(
     uid_root: str,
     sequence: int,
     predecessor: pydicom.Dataset | None = None,
+    not_analysed: int = 0,
 ) -> pydicom.Dataset:
-    """The TID 1500 SR of one study round (``sequence`` 1, 2, ... for follow-ups)."""
+    """The TID 1500 SR of one study round (``sequence`` 1, 2, ... for follow-ups).
+
+    ``not_analysed``: images of the study whose analysis failed for good (flagged PARTIAL).
+    """
     first = items[0]
     study_uid = str(first.source.StudyInstanceUID)
     model = first.result.model
@@ -172,6 +176,7 @@ def make_sr(
         software_version=__version__,
         predecessor=predecessor,
         uid_root=uid_root,
+        not_analysed=not_analysed,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,16 +23,18 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.config import RoutingSettings, Settings
-from dicomnode.db.schema import Association, Instance, Output, Report
+from dicomnode.db.schema import Association, Instance, Job, Output, Report
 from dicomnode.db.session import Database, utcnow
 from dicomnode.models.registry import LoadedCard, ModelRegistry
-from dicomnode.queue.jobs import JobKind, JobSpec, enqueue
+from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
 from dicomnode.values import BodyPart
 
 log = logging.getLogger(__name__)
 
 OPEN = "open"
 """State of a round that new instances of its study and model still join (no report job yet)."""
+PENDING = "pending"
+"""State of a closed round whose report job has not run yet."""
 
 RADIOGRAPH_SOP_CLASSES = frozenset(
     {
@@ -182,11 +185,17 @@ def _open_round(
 ) -> Report:
     """The study's open round for this model (and version), or a new one."""
     card = loaded.card
+    return _open_round_of(session, study_uid, card.name, card.version, members[0].calling_ae)
+
+
+def _open_round_of(
+    session: Session, study_uid: str, model_name: str, model_version: str, calling_ae: str
+) -> Report:
     report = session.execute(
         select(Report).where(
             Report.study_instance_uid == study_uid,
-            Report.model_name == card.name,
-            Report.model_version == card.version,
+            Report.model_name == model_name,
+            Report.model_version == model_version,
             Report.state == OPEN,
         )
     ).scalar_one_or_none()
@@ -194,10 +203,10 @@ def _open_round(
         return report
     report = Report(
         study_instance_uid=study_uid,
-        model_name=card.name,
-        model_version=card.version,
-        sequence=_next_sequence(session, study_uid, card.name),
-        calling_ae=members[0].calling_ae,
+        model_name=model_name,
+        model_version=model_version,
+        sequence=_next_sequence(session, study_uid, model_name),
+        calling_ae=calling_ae,
         state=OPEN,
         created_at=utcnow(),
     )
@@ -206,11 +215,48 @@ def _open_round(
     log.info(
         "round opened study=%s model=%s round=%s report=%s",
         study_uid,
-        card.name,
+        model_name,
         report.sequence,
         report.id,
     )
     return report
+
+
+def retry_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> int:
+    """Re-queue dead jobs (all, or those of ``job_ids``) with fresh attempts; how many.
+
+    A dead inference job whose round was already reported joins the study's open round
+    (a new one when there is none): that round's report, made when the image has been
+    analysed, supersedes the earlier SR, which left the image out.
+    """
+    statement = select(Job).where(Job.state == JobState.DEAD)
+    if job_ids:
+        statement = statement.where(Job.id.in_(job_ids))
+    dead = list(session.execute(statement).scalars())
+    if not dead:
+        return 0
+    count = requeue(session, [job.id for job in dead])
+    for job in dead:
+        if job.kind == JobKind.INFER:
+            _rejoin_open_round(session, job)
+    return count
+
+
+def _rejoin_open_round(session: Session, job: Job) -> None:
+    reported = session.get(Report, job.report_id)
+    instance = session.get(Instance, job.sop_instance_uid)
+    if reported is None or instance is None or reported.state in (OPEN, PENDING):
+        return  # its round's report has not been made yet: it waits for this job
+    report = _open_round_of(
+        session,
+        reported.study_instance_uid,
+        reported.model_name,
+        reported.model_version,
+        reported.calling_ae,
+    )
+    job.report_id = instance.report_id = report.id
+    instance.state = "queued"
+    log.info("job %s re-queued into round %s (report %s)", job.id, report.sequence, report.id)
 
 
 def _queue_inference(
@@ -254,7 +300,7 @@ def close_round(session: Session, report_id: int, settings: Settings) -> None:
     if report is None or report.state != OPEN:
         return
     enqueue(session, [_round_job(report, JobKind.REPORT, f"report:{report.id}", settings)])
-    report.state = "pending"
+    report.state = PENDING
     images = session.execute(
         select(func.count()).select_from(Instance).where(Instance.report_id == report.id)
     ).scalar_one()

@@ -23,12 +23,12 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from dicomnode import pipeline
 from dicomnode.config import Settings
-from dicomnode.db.schema import Instance, Output, Report, Result
+from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError, ModelError, PeerError
@@ -277,6 +277,7 @@ class Worker:
             assert report is not None
             items = self._sr_items(session, report)
             predecessor = _predecessor(session, report)
+            not_analysed = _not_analysed(session, report)
         if not items:
             with self.db.session() as session:
                 _set_report_state(session, job.report_id, "failed")
@@ -288,6 +289,7 @@ class Worker:
             uid_root=self.settings.node.uid_root,
             sequence=report.sequence,
             predecessor=predecessor,
+            not_analysed=not_analysed,
         )
         path = self._write_output(sr)
         with self.db.session() as session:
@@ -500,6 +502,26 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
         .limit(1)
     ).scalar_one_or_none()
     return None if row is None else pydicom.dcmread(row, stop_before_pixels=True)
+
+
+def _not_analysed(session: Session, report: Report) -> int:
+    """Images of the study's rounds up to ``report``'s (same model version) whose inference
+    job is dead: the report leaves them out and says so."""
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Job)
+            .join(Report, Report.id == Job.report_id)
+            .where(
+                Job.kind == q.JobKind.INFER,
+                Job.state == q.JobState.DEAD,
+                Report.study_instance_uid == report.study_instance_uid,
+                Report.model_name == report.model_name,
+                Report.model_version == report.model_version,
+                Report.sequence <= report.sequence,
+            )
+        ).scalar_one()
+    )
 
 
 def _set_report_state(session: Session, report_id: int, state: str) -> None:

@@ -114,6 +114,7 @@ def encode_sr(
     software_version: str,
     predecessor: pydicom.Dataset | None = None,
     uid_root: str = PYDICOM_ROOT_UID,
+    not_analysed: int = 0,
 ) -> pydicom.Dataset:
     """Encode the results of one study as a Comprehensive SR (TID 1500).
 
@@ -136,6 +137,10 @@ def encode_sr(
         Root of the UIDs the document makes: its findings' tracking UIDs (the
         same for one finding of one image and model version in every round)
         and its device observers' UIDs.
+    not_analysed:
+        How many images of the study routed to the model could not be analysed
+        (their jobs failed for good). The document then says so and is flagged
+        PARTIAL instead of COMPLETE.
 
     Returns
     -------
@@ -156,7 +161,7 @@ def encode_sr(
             procedure_reported=dn.PROCEDURE_REPORTED,
             imaging_measurements=_groups(items, uid_root, manufacturer),
         )
-        report[0].ContentSequence.append(_notices(models))
+        report[0].ContentSequence.append(_notices(models, not_analysed))
         sr = ComprehensiveSR(
             evidence=_evidence(items),
             content=report[0],
@@ -165,7 +170,7 @@ def encode_sr(
             sop_instance_uid=sop_uid,
             instance_number=instance_number,
             manufacturer=manufacturer,
-            is_complete=True,
+            is_complete=not_analysed == 0,
             is_final=False,
             is_verified=False,
             previous_versions=None if predecessor is None else [predecessor],
@@ -387,12 +392,19 @@ def _visual_explanation(sc: pydicom.Dataset) -> ImageContentItem:
     )
 
 
-def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
-    """Return the report-level statements: review required, demonstration model, model notes."""
+def _notices(models: list[ModelIdentity], not_analysed: int = 0) -> ContainerContentItem:
+    """Return the report-level statements: review required, images not analysed,
+    demonstration model, model notes."""
     container = ContainerContentItem(
         name=dn.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
     notices = [TextContentItem(dn.COMMENT, REVIEW_NOTICE, RelationshipTypeValues.CONTAINS)]
+    if not_analysed:
+        notices.append(
+            TextContentItem(
+                dn.COMMENT, not_analysed_notice(not_analysed), RelationshipTypeValues.CONTAINS
+            )
+        )
     for model in models:
         if model.synthetic_training_data:
             text = f"{SYNTHETIC_NOTICE} ({model.name} {model.version})"
@@ -404,6 +416,15 @@ def _notices(models: list[ModelIdentity]) -> ContainerContentItem:
             notices.append(TextContentItem(dn.COMMENT, text, RelationshipTypeValues.CONTAINS))
     container.ContentSequence = ContentSequence(notices)
     return container
+
+
+def not_analysed_notice(count: int) -> str:
+    """The statement of a report that leaves images out."""
+    images = "image" if count == 1 else "images"
+    return (
+        f"INCOMPLETE: {count} {images} of this study could not be analysed and are not in this "
+        "report (the node lists them as dead jobs; a later report follows if they are retried)."
+    )
 
 
 def _evidence(items: Sequence[SrImageItem]) -> list[pydicom.Dataset]:

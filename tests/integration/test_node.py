@@ -323,3 +323,56 @@ def test_one_image_that_cannot_be_encoded_fails_alone_not_its_batch(
         dead = s.execute(select(Job).where(Job.state == "dead")).scalar_one()
     assert dead.sop_instance_uid == first.SOPInstanceUID
     assert dead.last_error == "cannot encode the Secondary Capture image: injected"
+
+
+def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_one(
+    node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dicomnode import pipeline
+    from dicomnode.errors import EncodeError
+    from dicomnode.studies import retry_dead_jobs
+
+    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
+    first, second = make_radiograph(body_part="KNEE", seed=1), make_radiograph(body_part="KNEE")
+    second.StudyInstanceUID = first.StudyInstanceUID
+    real = pipeline.make_sc
+
+    def failing_for_second(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
+        if analysed.prepared.sop_uid == second.SOPInstanceUID:
+            raise EncodeError("cannot encode the Secondary Capture image: injected")
+        return real(analysed, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "make_sc", failing_for_second)
+    node.send(first, second)
+    wait_for(lambda: _srs(node) == 1, 60, what="the first SR")
+    (partial,) = [d for d in node.collector.received if d.Modality == "SR"]
+    assert partial.CompletionFlag == "PARTIAL"
+    partial.save_as(tmp_path / "partial.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "partial.dcm") == []
+    assert any(t.startswith("INCOMPLETE: 1 image of this study") for t in _texts(partial))
+    assert second.SOPInstanceUID not in str(partial.CurrentRequestedProcedureEvidenceSequence)
+
+    monkeypatch.setattr(pipeline, "make_sc", real)
+    with node.db.session() as s:
+        assert retry_dead_jobs(s) == 1
+    wait_for(lambda: _srs(node) == 2, 60, what="the report after the retry")
+    complete = [d for d in node.collector.received if d.Modality == "SR"][-1]
+    assert complete.CompletionFlag == "COMPLETE"
+    assert not any("INCOMPLETE" in t for t in _texts(complete))
+    evidence = str(complete.CurrentRequestedProcedureEvidenceSequence)
+    assert first.SOPInstanceUID in evidence and second.SOPInstanceUID in evidence
+    predecessor = complete.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == partial.SOPInstanceUID
+
+
+def _texts(sr: Dataset) -> list[str]:
+    def walk(items: list[Dataset]) -> Iterator[Dataset]:
+        for item in items:
+            yield item
+            yield from walk(item.get("ContentSequence", []))
+
+    return [str(i.TextValue) for i in walk(sr.ContentSequence) if "TextValue" in i]
+
+
+def _srs(node: Node) -> int:
+    return sum(1 for d in node.collector.received if d.Modality == "SR")
