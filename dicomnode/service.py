@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from dicomnode import logs
@@ -30,7 +31,7 @@ from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers
-from dicomnode.receive.scp import start_scp
+from dicomnode.receive.scp import remove_stale_incoming, start_scp
 from dicomnode.retention import purge_expired
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
@@ -43,6 +44,8 @@ QUICK_EXIT_SECONDS = 30.0
 """A worker that exits sooner than this after its start is restarted after RESTART_PAUSE."""
 RESTART_PAUSE = 10.0
 PURGE_INTERVAL = 3600.0
+STALE_INCOMING_SECONDS = 3600.0
+"""A partial received file not written to for this long belongs to no live transfer."""
 """Seconds between retention passes (the first runs at start-up)."""
 
 
@@ -219,7 +222,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
     supervisor.start()
     if with_scp:
-        _start_retention(db, settings, stop)
+        _start_housekeeping(db, settings, stop)
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
             if not _tick(db, settings, registry, supervisor, with_scp=with_scp):
@@ -255,23 +258,28 @@ def _tick(
     return True
 
 
-def _start_retention(db: Database, settings: Settings, stop: threading.Event) -> None:
-    """Purge expired studies now and every :data:`PURGE_INTERVAL` in a thread of its own."""
+def _start_housekeeping(db: Database, settings: Settings, stop: threading.Event) -> None:
+    """Now and every :data:`PURGE_INTERVAL`, in a thread of its own: remove the partial
+    files of aborted transfers, and purge expired studies (when retention is on)."""
     days = settings.storage.retention_days
     if days <= 0:
         log.info("retention: off (storage.retention_days is 0); nothing is purged")
-        return
+    incoming = Path(settings.storage.data_dir) / "incoming"
 
     def loop() -> None:
         while True:
             try:
-                purge_expired(db, days)
+                removed = remove_stale_incoming(incoming, STALE_INCOMING_SECONDS)
+                if removed:
+                    log.info("removed %d partial file(s) of aborted transfers", removed)
+                if days > 0:
+                    purge_expired(db, days)
             except Exception as exc:  # the thread must outlive one bad pass
-                log.error("retention pass failed (next in %.0f s): %s", PURGE_INTERVAL, exc)
+                log.error("housekeeping pass failed (next in %.0f s): %s", PURGE_INTERVAL, exc)
             if stop.wait(PURGE_INTERVAL):
                 return
 
-    threading.Thread(target=loop, name="retention", daemon=True).start()
+    threading.Thread(target=loop, name="housekeeping", daemon=True).start()
 
 
 def _install_signals(stop: threading.Event) -> None:

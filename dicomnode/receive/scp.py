@@ -8,10 +8,12 @@ durable. Everything else happens in workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -196,6 +198,24 @@ def receive_into(folder: Path) -> None:
     dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment,attr-defined]
         tempfile.NamedTemporaryFile, dir=folder, prefix=INCOMING_PREFIX
     )
+
+
+def remove_stale_incoming(folder: Path, older_than_seconds: float) -> int:
+    """Remove partial files of associations that ended without a C-STORE response.
+
+    An association aborted mid-transfer (a cancelled send, a dropped network)
+    leaves the file pynetdicom was writing. None of them was acknowledged; a
+    file not written to for ``older_than_seconds`` belongs to no live transfer.
+    Returns how many were removed.
+    """
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for leftover in folder.glob(INCOMING_PREFIX + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+                removed += 1
+    return removed
 
 
 def build_ae(settings: Settings, db: Database) -> NodeAE:
