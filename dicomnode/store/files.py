@@ -61,10 +61,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_folders_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, fsync-ing the parent of each new one.
+
+    A new study folder whose entry in ``instances/`` is not on disk would lose the
+    files under it in a crash, however well they were flushed themselves.
+    """
+    missing: list[Path] = []
+    probe = folder
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
 def write_durably(path: Path, chunks: bytes | list[bytes]) -> int:
     """Write ``chunks`` to ``path`` atomically and durably; return the size written."""
     parts = [chunks] if isinstance(chunks, bytes) else chunks
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders_durably(path.parent)
     fd, temp_name = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)
     temp = Path(temp_name)
     try:
@@ -97,7 +115,7 @@ def fsync_file(path: Path) -> int:
 
 def move_durably(source: Path, target: Path) -> None:
     """Rename an fsync-ed file into place and fsync the folder (copy when across volumes)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folders_durably(target.parent)
     try:
         os.replace(source, target)
     except OSError as exc:
