@@ -159,7 +159,24 @@ class StoreHandlers:
         with self._lock:
             association_id = self._associations.pop(id(event.assoc), None)
         if association_id is not None:
-            release_association(self.db, association_id)
+            self._release(association_id)
+
+    def _release(self, association_id: str, attempts: int = 6) -> None:
+        """Record the association's end; retried, since its study's round waits for it."""
+        for attempt in range(attempts):
+            try:
+                release_association(self.db, association_id)
+                return
+            except Exception as exc:  # a busy or restarting database
+                if attempt == attempts - 1:
+                    log.error(
+                        "association %s: its end could not be recorded (%s); its studies are "
+                        "reported after the next restart",
+                        association_id,
+                        type(exc).__name__,
+                    )
+                    return
+                time.sleep(0.2 * 2**attempt)
 
     def on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor

@@ -1,0 +1,43 @@
+"""The SCP records an association's end even when the database is briefly unavailable."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dicomnode.config import Settings
+from dicomnode.db.session import Database
+from dicomnode.receive import scp
+
+
+def test_the_end_of_an_association_is_recorded_after_transient_errors(
+    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def flaky(_db: Database, association_id: str) -> None:
+        calls.append(association_id)
+        if len(calls) < 3:
+            raise OSError("database is locked")
+
+    monkeypatch.setattr(scp, "release_association", flaky)
+    monkeypatch.setattr(scp.time, "sleep", lambda _s: None)
+    scp.StoreHandlers(settings, db)._release("assoc-1")
+    assert calls == ["assoc-1"] * 3
+
+
+def test_an_end_that_cannot_be_recorded_is_logged(
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def down(_db: Database, _association_id: str) -> None:
+        raise OSError("database is gone")
+
+    monkeypatch.setattr(scp, "release_association", down)
+    monkeypatch.setattr(scp.time, "sleep", lambda _s: None)
+    caplog.set_level(logging.ERROR)
+    scp.StoreHandlers(settings, db)._release("assoc-2", attempts=3)
+    assert "assoc-2: its end could not be recorded (OSError)" in caplog.text
