@@ -299,23 +299,32 @@ def test_a_non_conformant_birth_date_still_gets_a_valid_sc_and_sr(
     assert "19650100" not in caplog.text
 
 
-def test_one_image_that_cannot_be_encoded_fails_alone_not_its_batch(
-    node: Node, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _study_of_two_with_one_failing(
+    node: Node, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> tuple[Dataset, Dataset]:
+    """Two knee images of one study; the overlay of image ``failing`` cannot be encoded,
+    and a failed job is dead at once."""
     from dicomnode import pipeline
     from dicomnode.errors import EncodeError
 
     node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
-    first, second = make_radiograph(body_part="KNEE", seed=1), make_radiograph(body_part="KNEE")
-    second.StudyInstanceUID = first.StudyInstanceUID
-    real = pipeline.make_sc
+    images = make_radiograph(body_part="KNEE", seed=1), make_radiograph(body_part="KNEE")
+    images[1].StudyInstanceUID = images[0].StudyInstanceUID
+    real, bad = pipeline.make_sc, images[failing].SOPInstanceUID
 
-    def failing_for_first(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
-        if analysed.prepared.sop_uid == first.SOPInstanceUID:
+    def failing_for_one(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
+        if analysed.prepared.sop_uid == bad:
             raise EncodeError("cannot encode the Secondary Capture image: injected")
         return real(analysed, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline, "make_sc", failing_for_first)
+    monkeypatch.setattr(pipeline, "make_sc", failing_for_one)
+    return images
+
+
+def test_one_image_that_cannot_be_encoded_fails_alone_not_its_batch(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _study_of_two_with_one_failing(node, monkeypatch, failing=0)
     assert node.send(first, second) == [statuses.SUCCESS] * 2
     wait_for(lambda: node.count(Job, kind="infer", state="dead") == 1, 60, what="one dead job")
     wait_for(lambda: node.count(Job, kind="infer", state="done") == 1, 60, what="the other done")
@@ -329,20 +338,10 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
     node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from dicomnode import pipeline
-    from dicomnode.errors import EncodeError
     from dicomnode.studies import retry_dead_jobs
 
-    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
-    first, second = make_radiograph(body_part="KNEE", seed=1), make_radiograph(body_part="KNEE")
-    second.StudyInstanceUID = first.StudyInstanceUID
     real = pipeline.make_sc
-
-    def failing_for_second(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
-        if analysed.prepared.sop_uid == second.SOPInstanceUID:
-            raise EncodeError("cannot encode the Secondary Capture image: injected")
-        return real(analysed, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pipeline, "make_sc", failing_for_second)
+    first, second = _study_of_two_with_one_failing(node, monkeypatch, failing=1)
     node.send(first, second)
     wait_for(lambda: _srs(node) == 1, 60, what="the first SR")
     (partial,) = [d for d in node.collector.received if d.Modality == "SR"]

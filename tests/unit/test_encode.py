@@ -189,7 +189,9 @@ def make_sc(source: Dataset, result: ImageResult, jpeg_quality: int = 0) -> Data
     )
 
 
-def make_sr(items: list[SrImageItem], predecessor: Dataset | None = None) -> Dataset:
+def make_sr(
+    items: list[SrImageItem], predecessor: Dataset | None = None, uid_root: str = "1.2.3."
+) -> Dataset:
     return encode_sr(
         items,
         series_uid=generate_uid(),
@@ -199,6 +201,7 @@ def make_sr(items: list[SrImageItem], predecessor: Dataset | None = None) -> Dat
         manufacturer="dicomnode",
         software_version="0.1.0",
         predecessor=predecessor,
+        uid_root=uid_root,
     )
 
 
@@ -576,17 +579,7 @@ def _tracking_uids(sr: Dataset) -> list[str]:
 
 def test_sr_uids_made_by_the_node_are_under_its_root() -> None:
     root = "1.2.826.0.1.3680043.10.999."
-    items = [SrImageItem(make_source(), None, make_result())]
-    sr = encode_sr(
-        items,
-        series_uid=generate_uid(),
-        sop_uid=generate_uid(),
-        series_number=1,
-        instance_number=1,
-        manufacturer="dicomnode",
-        software_version="0",
-        uid_root=root,
-    )
+    sr = make_sr([SrImageItem(make_source(), None, make_result())], uid_root=root)
     made = _tracking_uids(sr) + [str(i.UID) for i in items_named(sr, codes.DCM.DeviceObserverUID)]
     assert len(made) == 2
     assert all(uid.startswith(root) for uid in made)
