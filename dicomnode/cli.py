@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -201,9 +201,10 @@ def ae_remove(name: str, config: ConfigOption = None) -> None:
     """Remove a peer."""
     from dicomnode.peers import remove_peer
 
-    db = _database(settings(config))
+    resolved = settings(config)
+    db = _database(resolved)
     with db.session() as session:
-        remove_peer(session, name)
+        remove_peer(session, name, resolved.results.destinations)
     console.print(f"removed peer {name}")
 
 
@@ -790,11 +791,22 @@ def bench_explain(
 
 
 def main() -> None:
+    """Run the CLI; an expected failure prints one line and exits 2 (no traceback)."""
+    from sqlalchemy.exc import OperationalError
+
     try:
         app()
     except DicomNodeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(2) from None
+        _fail(str(exc))
+    except OperationalError as exc:
+        _fail(f"database unavailable: {str(exc.orig or exc).strip().splitlines()[0]}")
+    except OSError as exc:  # a host name that does not resolve, a refused connection
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -228,9 +228,24 @@ class Settings(_Section):
     @classmethod
     def _peer_names(cls, peers: dict[str, PeerSettings]) -> dict[str, PeerSettings]:
         for name in peers:
-            if not re.match(PEER_NAME_PATTERN, name):
+            if not re.fullmatch(PEER_NAME_PATTERN, name):
                 raise ValueError(f"peer name {name!r} must be letters, digits, '_', '.', '-'")
         return peers
+
+    @model_validator(mode="after")
+    def _ae_titles_are_distinct(self) -> Settings:
+        """Two peers with one AE title, or a peer with the node's: results could go astray."""
+        owners: dict[str, str] = {}
+        for name, peer in self.peers.items():
+            if peer.ae_title == self.node.ae_title:
+                raise ValueError(f"peer {name} has the node's own AE title {peer.ae_title!r}")
+            if peer.ae_title in owners:
+                raise ValueError(
+                    f"peers {owners[peer.ae_title]} and {name} have the same AE title "
+                    f"{peer.ae_title!r}"
+                )
+            owners[peer.ae_title] = name
+        return self
 
     @model_validator(mode="after")
     def _destinations_are_peers(self) -> Settings:

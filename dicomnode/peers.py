@@ -8,6 +8,7 @@ Peers declared in the YAML settings are written to the database at start-up
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -30,9 +31,9 @@ class PeerInfo:
 
 def validate(peer: PeerInfo) -> PeerInfo:
     """Raise :class:`PeerError` naming the field that is wrong."""
-    if not re.match(PEER_NAME_PATTERN, peer.name):
+    if not re.fullmatch(PEER_NAME_PATTERN, peer.name):
         raise PeerError(f"peer name {peer.name!r} must be letters, digits, '_', '.', '-' (max 64)")
-    if not re.match(AE_TITLE_PATTERN, peer.ae_title):
+    if not re.fullmatch(AE_TITLE_PATTERN, peer.ae_title):
         raise PeerError(
             f"AE title {peer.ae_title!r} must be 1-16 printable characters without backslash"
         )
@@ -72,10 +73,28 @@ def known_ae_titles(session: Session) -> list[str]:
     return list(session.execute(select(Peer.ae_title).distinct()).scalars())
 
 
+def _check_unique_ae_title(session: Session, peer: PeerInfo) -> None:
+    """Refuse an AE title another peer has: results would go to either of them."""
+    other = session.execute(
+        select(Peer.name).where(Peer.ae_title == peer.ae_title, Peer.name != peer.name).limit(1)
+    ).scalar_one_or_none()
+    if other is not None:
+        raise PeerError(f"AE title {peer.ae_title!r} belongs to peer {other!r} already")
+
+
+def _check_not_from_config(session: Session, name: str, action: str) -> None:
+    row = session.get(Peer, name)
+    if row is not None and row.source == "config":
+        raise PeerError(
+            f"peer {name!r} comes from the configuration file; {action} it there (peers.{name})"
+        )
+
+
 def add_peer(session: Session, peer: PeerInfo) -> None:
     validate(peer)
     if session.get(Peer, peer.name) is not None:
         raise PeerError(f"peer {peer.name!r} exists; use `dicomnode ae update`")
+    _check_unique_ae_title(session, peer)
     session.add(
         Peer(
             name=peer.name,
@@ -97,11 +116,13 @@ def update_peer(
     port: int | None = None,
 ) -> PeerInfo:
     current = get_peer(session, name)
+    _check_not_from_config(session, name, "change")
     new = validate(
         PeerInfo(
             name, ae_title or current.ae_title, host or current.host, port or current.port, "cli"
         )
     )
+    _check_unique_ae_title(session, new)
     row = session.get(Peer, name)
     assert row is not None
     row.ae_title, row.host, row.port, row.source, row.updated_at = (
@@ -114,13 +135,22 @@ def update_peer(
     return new
 
 
-def remove_peer(session: Session, name: str) -> None:
+def remove_peer(session: Session, name: str, destinations: Sequence[str] = ()) -> None:
+    """Remove a peer added with the CLI; not one of the file's, nor a result destination."""
     get_peer(session, name)
+    _check_not_from_config(session, name, "remove")
+    if name in destinations:
+        raise PeerError(f"peer {name!r} is a result destination (results.destinations)")
     session.execute(delete(Peer).where(Peer.name == name))
 
 
 def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
-    """Write the peers of the settings file into the database (config wins for those names)."""
+    """Write the peers of the settings file into the database (config wins for those names).
+
+    Peers that came from the file and are no longer in it are removed: they may not send
+    to the node any more.
+    """
+    session.execute(delete(Peer).where(Peer.source == "config", Peer.name.not_in(list(peers))))
     for name, settings in peers.items():
         row = session.get(Peer, name)
         if row is None:

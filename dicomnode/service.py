@@ -23,13 +23,15 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.orm import Session
+
 from dicomnode import logs
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
 from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
-from dicomnode.peers import sync_config_peers
+from dicomnode.peers import list_peers, sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers
 from dicomnode.receive.scp import remove_stale_incoming, start_scp
 from dicomnode.retention import purge_expired
@@ -203,6 +205,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     db = open_database(settings)
     with db.session() as session:
         sync_config_peers(session, dict(settings.peers))
+        _check_destinations(session, settings)
     registry = load_registry(settings)
     _release_dead_local_workers(db)
     reopened = release_all_open(db)
@@ -233,6 +236,17 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             server.shutdown()
         supervisor.stop()
         db.dispose()
+
+
+def _check_destinations(session: Session, settings: Settings) -> None:
+    """Refuse to start when a result destination is not a peer: its results would die."""
+    known = {peer.name for peer in list_peers(session)}
+    unknown = [name for name in settings.results.destinations if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"results.destinations names {', '.join(unknown)}, not a peer "
+            f"(peers: {', '.join(sorted(known)) or 'none'}; add one with `dicomnode ae add`)"
+        )
 
 
 def _tick(

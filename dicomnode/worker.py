@@ -43,6 +43,9 @@ from dicomnode.store.files import output_path, write_durably
 
 log = logging.getLogger(__name__)
 
+NO_RETRY = RetryPolicy(1, 0.0, 0.0)
+"""For failures that waiting does not mend (a destination that is not a peer)."""
+
 SEND_BATCH = 32
 MAX_BATCH_PIXELS = 10_000_000
 """Source pixels prepared and classified together: a sub-batch closes at the first image
@@ -388,9 +391,9 @@ class Worker:
                 peer = None
                 error = str(exc)
             paths = [Path(_output(session, j).path) for j in jobs]
-        if peer is None:
+        if peer is None:  # not a passing failure: dead at once, `dicomnode retry` once added
             for job in jobs:
-                self._fail(job, error, self.send_policy)
+                self._fail(job, error, NO_RETRY)
             return
         deliveries = send_files(
             peer,

@@ -121,3 +121,23 @@ def test_the_fork_server_preload_freezes_what_torch_made() -> None:
         check=True,
     )
     assert int(run.stdout) > 50_000  # torch and timm alone make hundreds of thousands
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "peers: {A: {ae_title: PACS, host: h, port: 1}, B: {ae_title: PACS, host: i, port: 2}}",
+            "peers A and B have the same AE title 'PACS'",
+        ),
+        (
+            "node: {ae_title: ORTHANC}\npeers: {PACS: {ae_title: ORTHANC, host: h, port: 1}}",
+            "peer PACS has the node's own AE title 'ORTHANC'",
+        ),
+    ],
+)
+def test_ae_titles_are_distinct(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, environ={})

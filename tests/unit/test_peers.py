@@ -1,0 +1,72 @@
+"""Peers: what the admin may add, change and remove, and what the configuration file owns."""
+
+from __future__ import annotations
+
+import pytest
+
+from dicomnode.config import PeerSettings, Settings
+from dicomnode.db.session import Database
+from dicomnode.errors import ConfigError, PeerError
+from dicomnode.peers import (
+    PeerInfo,
+    add_peer,
+    list_peers,
+    remove_peer,
+    sync_config_peers,
+    update_peer,
+    validate,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "ae_title"), [("P1", "PACS\n"), ("P1\n", "PACS"), ("P1", "A" * 17), ("P1", "A\\B")]
+)
+def test_names_and_ae_titles_must_match_whole(name: str, ae_title: str) -> None:
+    with pytest.raises(PeerError):
+        validate(PeerInfo(name, ae_title, "127.0.0.1", 104))
+
+
+def test_an_ae_title_belongs_to_one_peer(db: Database) -> None:
+    with db.session() as s:
+        add_peer(s, PeerInfo("PACS", "ORTHANC", "127.0.0.1", 4242))
+        with pytest.raises(PeerError, match="belongs to peer 'PACS'"):
+            add_peer(s, PeerInfo("ARCHIVE", "ORTHANC", "127.0.0.2", 104))
+        add_peer(s, PeerInfo("ARCHIVE", "ARCH", "127.0.0.2", 104))
+        with pytest.raises(PeerError, match="belongs to peer 'PACS'"):
+            update_peer(s, "ARCHIVE", ae_title="ORTHANC")
+        assert update_peer(s, "PACS", port=4243).port == 4243  # its own title is fine
+
+
+def test_the_files_peers_are_changed_in_the_file_and_leave_with_it(db: Database) -> None:
+    in_file = {"PACS": PeerSettings(ae_title="ORTHANC", host="127.0.0.1", port=4242)}
+    with db.session() as s:
+        sync_config_peers(s, in_file)
+        with pytest.raises(PeerError, match="configuration file; change it there"):
+            update_peer(s, "PACS", port=5555)
+        with pytest.raises(PeerError, match="configuration file; remove it there"):
+            remove_peer(s, "PACS")
+        add_peer(s, PeerInfo("MODALITY", "DX1", "127.0.0.3", 104))
+    with db.session() as s:
+        sync_config_peers(s, {})  # PACS was deleted from the file
+        assert [p.name for p in list_peers(s)] == ["MODALITY"]  # the CLI's peer stays
+
+
+def test_a_result_destination_cannot_be_removed(db: Database) -> None:
+    with db.session() as s:
+        add_peer(s, PeerInfo("ARCHIVE", "ARCH", "127.0.0.2", 104))
+        with pytest.raises(PeerError, match="result destination"):
+            remove_peer(s, "ARCHIVE", destinations=("ARCHIVE",))
+        remove_peer(s, "ARCHIVE")
+        assert list_peers(s) == []
+
+
+def test_serve_refuses_a_destination_that_is_no_peer(db: Database, settings: Settings) -> None:
+    from dicomnode.service import _check_destinations
+
+    results = settings.results.model_copy(update={"destinations": ("PCAS",)})
+    mistyped = settings.model_copy(update={"results": results})
+    with db.session() as s:
+        add_peer(s, PeerInfo("PACS", "ORTHANC", "127.0.0.1", 4242))
+        with pytest.raises(ConfigError, match="names PCAS, not a peer"):
+            _check_destinations(s, mistyped)
+        _check_destinations(s, settings)
