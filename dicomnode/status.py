@@ -1,14 +1,16 @@
-"""What ``dicomnode status`` shows: storage, recent studies, queue, dead jobs, skipped instances."""
+"""What ``dicomnode status`` shows: storage, recent studies, queue, destinations, dead jobs,
+skipped instances."""
 
 from __future__ import annotations
 
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.config import StorageSettings
-from dicomnode.db.schema import Instance, Report
-from dicomnode.queue.jobs import counts_by_state, dead_jobs
+from dicomnode.db.schema import Instance, Job, Report
+from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.retention import PURGED
 from dicomnode.store.files import free_mb
 
@@ -49,6 +51,48 @@ def _queue(session: Session) -> Table:
     return table
 
 
+def _destinations(session: Session) -> Table:
+    """Per destination: what waits, what is retrying and why, what died, the last delivery."""
+    table = Table(
+        "destination",
+        "waiting",
+        "retrying",
+        "next attempt",
+        "last error",
+        "dead",
+        "last delivered",
+        title="Destinations (result sends)",
+    )
+    send = Job.kind == JobKind.SEND
+    peers = session.execute(select(Job.peer).where(send).distinct().order_by(Job.peer)).scalars()
+    for peer in peers:
+        mine = (send, Job.peer == peer)
+        retrying = session.execute(
+            select(Job.run_after, Job.last_error)
+            .where(*mine, Job.state == JobState.FAILED)
+            .order_by(Job.updated_at.desc())
+            .limit(1)
+        ).first()
+        delivered = session.execute(
+            select(func.max(Job.finished_at)).where(*mine, Job.state == JobState.DONE)
+        ).scalar_one()
+        table.add_row(
+            peer or "-",
+            str(_count(session, mine, JobState.QUEUED, JobState.RUNNING)),
+            str(_count(session, mine, JobState.FAILED)),
+            f"{retrying[0]:%Y-%m-%d %H:%M:%S}" if retrying else "-",
+            retrying[1] if retrying else "-",
+            str(_count(session, mine, JobState.DEAD)),
+            f"{delivered:%Y-%m-%d %H:%M:%S}" if delivered else "never",
+        )
+    return table
+
+
+def _count(session: Session, where: tuple[ColumnElement[bool], ...], *states: JobState) -> int:
+    statement = select(func.count()).select_from(Job).where(*where, Job.state.in_(states))
+    return int(session.execute(statement).scalar_one())
+
+
 def _dead(session: Session) -> Table:
     table = Table(
         "job",
@@ -58,7 +102,11 @@ def _dead(session: Session) -> Table:
         "reason",
         title="Dead jobs (`dicomnode retry` re-queues)",
     )
-    for job in dead_jobs(session):
+    total = _count(session, (), JobState.DEAD)
+    shown = dead_jobs(session)
+    if total > len(shown):
+        table.title = f"Dead jobs, the {len(shown)} latest of {total} (`dicomnode retry` re-queues)"
+    for job in shown:
         target = job.sop_instance_uid or f"report {job.report_id}"
         if job.peer:
             target += f" -> {job.peer}"
@@ -102,5 +150,11 @@ def _storage(session: Session, storage: StorageSettings) -> Table:
 def render_status(
     session: Session, limit: int = 10, storage: StorageSettings | None = None
 ) -> list[Table]:
-    tables = [_studies(session, limit), _queue(session), _dead(session), _skipped(session, limit)]
+    tables = [
+        _studies(session, limit),
+        _queue(session),
+        _destinations(session),
+        _dead(session),
+        _skipped(session, limit),
+    ]
     return tables if storage is None else [_storage(session, storage), *tables]

@@ -1,0 +1,41 @@
+"""`dicomnode status`: an admin sees per destination what waits, retries (and why) and died."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from dicomnode.db.session import Database
+from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
+from dicomnode.status import render_status
+
+
+def _render(db: Database) -> str:
+    console = Console(width=250, record=True)
+    with db.session() as s:
+        for table in render_status(s):
+            console.print(table)
+    return console.export_text()
+
+
+def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Database) -> None:
+    specs = [
+        q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in range(3)
+    ]
+    with db.session() as s:
+        q.enqueue(
+            s, [*specs, q.JobSpec(q.JobKind.SEND, "9>ARCH", 1, group_key="ARCH", peer="ARCH")]
+        )
+    with db.session() as s:
+        (job,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="PACS")
+        q.fail(s, job, "w", "no association with PACS", RetryPolicy(5, 60, 600))
+        (dead,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="ARCH")
+        q.fail(s, dead, "w", "peer returned status 0xA700", RetryPolicy(1, 1, 1))
+    text = _render(db)
+    assert "Destinations (result sends)" in text
+    pacs = next(line for line in text.splitlines() if line.strip("│ ").startswith("PACS"))
+    assert "no association with PACS" in pacs and "never" in pacs
+    assert [cell.strip() for cell in pacs.split("│")[1:4]] == ["PACS", "2", "1"]
+    arch = next(line for line in text.splitlines() if line.strip("│ ").startswith("ARCH"))
+    assert [cell.strip() for cell in arch.split("│")[1:4]] == ["ARCH", "0", "0"]
+    assert "peer returned status 0xA700" in text  # in the dead jobs table
