@@ -249,6 +249,10 @@ def retry(
     with db.session() as session:
         count = retry_dead_jobs(session, job or None)
     console.print(f"re-queued {count} job(s)")
+    if job and count < len(set(job)):
+        err.print(
+            f"[yellow]{len(set(job)) - count} of the given job ids are not dead jobs[/yellow]"
+        )
 
 
 @app.command()

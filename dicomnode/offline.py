@@ -74,6 +74,7 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
             uid_root=settings.node.uid_root,
             max_size=settings.results.overlay_max_size,
             jpeg_quality=settings.results.overlay_jpeg_quality,
+            institution_name=settings.node.institution_name,
         )
         target = out / f"SC_{sc.SOPInstanceUID}.dcm"
         sc.save_as(target, enforce_file_format=True)
@@ -89,7 +90,12 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
             SrImageItem(source=header, sc=sc, result=analysed.result)
         )
     for items in by_study.values():
-        sr = pipeline.make_sr(items, uid_root=settings.node.uid_root, sequence=1)
+        sr = pipeline.make_sr(
+            items,
+            uid_root=settings.node.uid_root,
+            sequence=1,
+            institution_name=settings.node.institution_name,
+        )
         target = out / f"SR_{sr.SOPInstanceUID}.dcm"
         sr.save_as(target, enforce_file_format=True)
         rows.append((f"study {sr.StudyInstanceUID}", "structured report", str(target)))

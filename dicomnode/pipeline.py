@@ -112,6 +112,7 @@ def make_sc(
     max_size: int = 0,
     pixels: UInt8Array | None = None,
     jpeg_quality: int = 0,
+    institution_name: str = "",
 ) -> pydicom.Dataset:
     """The Secondary Capture overlay of one analysed image (longest side at most ``max_size``).
 
@@ -124,7 +125,7 @@ def make_sc(
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
-    return encode_sc(
+    sc = encode_sc(
         header,
         overlay_pixels(analysed, max_size) if pixels is None else pixels,
         result,
@@ -142,6 +143,14 @@ def make_sc(
         software_version=__version__,
         jpeg_quality=jpeg_quality,
     )
+    return _with_institution(sc, institution_name)
+
+
+def _with_institution(dataset: pydicom.Dataset, name: str) -> pydicom.Dataset:
+    """Name the node's institution in the General Equipment module (``node.institution_name``)."""
+    if name:
+        dataset.InstitutionName = name
+    return dataset
 
 
 def _instance_number(header: pydicom.Dataset) -> int:
@@ -158,6 +167,7 @@ def make_sr(
     sequence: int,
     predecessor: pydicom.Dataset | None = None,
     not_analysed: int = 0,
+    institution_name: str = "",
 ) -> pydicom.Dataset:
     """The TID 1500 SR of one study round (``sequence`` 1, 2, ... for follow-ups).
 
@@ -166,7 +176,7 @@ def make_sr(
     first = items[0]
     study_uid = str(first.source.StudyInstanceUID)
     model = first.result.model
-    return encode_sr(
+    sr = encode_sr(
         items,
         series_uid=uids.sr_series_uid(uid_root, study_uid, model.name, model.version),
         sop_uid=uids.sr_instance_uid(uid_root, study_uid, model.name, model.version, sequence),
@@ -178,6 +188,7 @@ def make_sr(
         uid_root=uid_root,
         not_analysed=not_analysed,
     )
+    return _with_institution(sr, institution_name)
 
 
 def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:

@@ -202,6 +202,12 @@ def _hostname() -> str:
 
 def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = None) -> None:
     """Run until SIGTERM/SIGINT."""
+    log.info(
+        "data folder %s, database %s, models %s",
+        Path(settings.storage.data_dir).resolve(),
+        _safe_url(settings.database.url),
+        Path(settings.models.dir).resolve(),
+    )
     db = open_database(settings)
     with db.session() as session:
         sync_config_peers(session, dict(settings.peers))
@@ -236,6 +242,16 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             server.shutdown()
         supervisor.stop()
         db.dispose()
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password; a relative SQLite path made absolute."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return f"sqlite:///{Path(parsed.database).resolve()}"
+    return parsed.render_as_string(hide_password=True)
 
 
 def _check_destinations(session: Session, settings: Settings) -> None:

@@ -261,6 +261,7 @@ class Worker:
                 uid_root=self.settings.node.uid_root,
                 max_size=self.settings.results.overlay_max_size,
                 jpeg_quality=self.settings.results.overlay_jpeg_quality,
+                institution_name=self.settings.node.institution_name,
             )
             output = (sc, self._write_output(sc))
         with self.db.session() as session:
@@ -293,6 +294,7 @@ class Worker:
             sequence=report.sequence,
             predecessor=predecessor,
             not_analysed=not_analysed,
+            institution_name=self.settings.node.institution_name,
         )
         path = self._write_output(sr)
         with self.db.session() as session:

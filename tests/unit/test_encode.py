@@ -34,6 +34,7 @@ from dicomnode.encode.sc import compress_jpeg, series_description
 from dicomnode.errors import EncodeError
 from dicomnode.pipeline import Analysed, Prepared
 from dicomnode.pipeline import make_sc as pipeline_make_sc
+from dicomnode.pipeline import make_sr as pipeline_make_sr
 from dicomnode.testing.validate import dciodvfy_errors
 from dicomnode.values import (
     BodyPart,
@@ -773,3 +774,23 @@ def test_results_of_a_source_with_a_time_zone_are_stamped_in_that_zone(tmp_path:
 def test_results_of_a_source_without_a_time_zone_carry_none() -> None:
     sc = make_sc(make_source(), make_result())
     assert "TimezoneOffsetFromUTC" not in sc
+
+
+@needs_dicom3tools
+def test_the_nodes_institution_is_named_in_both_results(tmp_path: Path) -> None:
+    result = make_result()
+    prepared = Prepared(generate_uid(), make_source(), make_image())
+    sc = pipeline_make_sc(
+        Analysed(prepared, result), uid_root="1.2.3.", institution_name="St Elsewhere"
+    )
+    sr = pipeline_make_sr(
+        [SrImageItem(prepared.header, sc, result)],
+        uid_root="1.2.3.",
+        sequence=1,
+        institution_name="St Elsewhere",
+    )
+    for made, name in ((sc, "sc"), (sr, "sr")):
+        assert made.InstitutionName == "St Elsewhere"
+        assert dciodvfy_errors(save(made, tmp_path / f"{name}.dcm")) == []
+    plain = pipeline_make_sc(Analysed(prepared, result), uid_root="1.2.3.")
+    assert "InstitutionName" not in plain

@@ -94,3 +94,10 @@ def test_a_failed_scheduler_round_is_logged_not_fatal(
     assert "scheduler round failed" in caplog.text
     monkeypatch.setattr(service, "schedule_ready", lambda *_: None)
     assert service._tick(db, settings, registry, supervisor, with_scp=True)
+
+
+def test_the_start_up_line_names_absolute_paths_and_no_password() -> None:
+    assert service._safe_url("sqlite:///var/x.db").startswith("sqlite:////")
+    assert service._safe_url("postgresql+psycopg://u:secret@h:5432/db") == (
+        "postgresql+psycopg://u:***@h:5432/db"
+    )
