@@ -285,15 +285,26 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         ]
         if not path:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            value = raw
         cursor = result
         for part in path[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[path[-1]] = value
+        cursor[path[-1]] = _env_value(raw)
     return result
+
+
+def _env_value(raw: str) -> Any:
+    """A list or mapping (``[DX, CR]``, ``{...}``) is read as YAML; anything else stays text.
+
+    Text is converted to the setting's type when the settings are validated
+    (``"4242"`` to a port, ``"true"`` to a flag), and stays text where text is
+    meant: an AE title ``NO`` or ``1234`` is not turned into a flag or a number.
+    """
+    if raw.strip()[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    return raw
 
 
 def load_settings(

@@ -69,7 +69,7 @@ def test_destination_must_be_a_declared_peer(tmp_path: Path) -> None:
         load_settings(config, environ={})
 
 
-def test_environment_values_are_yaml(tmp_path: Path) -> None:
+def test_environment_lists_are_yaml_and_flags_text(tmp_path: Path) -> None:
     settings = load_settings(
         None,
         environ={
@@ -79,6 +79,15 @@ def test_environment_values_are_yaml(tmp_path: Path) -> None:
     )
     assert settings.node.allow_unknown_callers is True
     assert settings.routing.modalities == ("DX",)
+
+
+@pytest.mark.parametrize("title", ["NO", "1234", "ON", "0.5"])
+def test_an_ae_title_from_the_environment_stays_text(title: str) -> None:
+    settings = load_settings(
+        None, environ={"DICOMNODE_NODE__AE_TITLE": title, "DICOMNODE_NODE__PORT": "104"}
+    )
+    assert settings.node.ae_title == title
+    assert settings.node.port == 104
 
 
 def test_environment_can_set_a_peer_by_its_name() -> None:
