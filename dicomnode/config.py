@@ -17,10 +17,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicomnode.errors import ConfigError
 from dicomnode.validation import describe_validation_error, read_yaml_mapping
@@ -29,6 +37,17 @@ ENV_PREFIX = "DICOMNODE_"
 AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
 """1-16 characters of the DICOM default repertoire, no backslash, no leading/trailing space."""
 PEER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+AE_TITLE_RULE = "1-16 printable ASCII characters, no backslash, no leading or trailing space"
+
+
+def checked_ae_title(value: str) -> str:
+    """``value`` when it is a valid AE title; else ValueError saying what one is."""
+    if not re.fullmatch(AE_TITLE_PATTERN, value):
+        raise ValueError(f"AE title {value!r} must be {AE_TITLE_RULE}")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(checked_ae_title)]
 UID_ROOT_PATTERN = r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$"
 
 
@@ -39,7 +58,7 @@ class _Section(BaseModel):
 class NodeSettings(_Section):
     """The node's own application entity."""
 
-    ae_title: str = Field("DICOMNODE", pattern=AE_TITLE_PATTERN, description="our AE title")
+    ae_title: AeTitle = Field("DICOMNODE", description="our AE title")
     host: str = Field("0.0.0.0", description="address the SCP listens on")
     port: int = Field(11112, ge=1, le=65535, description="port the SCP listens on")
     allow_unknown_callers: bool = Field(
@@ -89,7 +108,7 @@ class DatabaseSettings(_Section):
 class PeerSettings(_Section):
     """A remote application entity."""
 
-    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    ae_title: AeTitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from dicomnode.config import AE_TITLE_PATTERN, PEER_NAME_PATTERN, PeerSettings
+from dicomnode.config import PEER_NAME_PATTERN, PeerSettings, checked_ae_title
 from dicomnode.db.schema import Peer
 from dicomnode.db.session import utcnow
 from dicomnode.errors import PeerError
@@ -33,10 +33,10 @@ def validate(peer: PeerInfo) -> PeerInfo:
     """Raise :class:`PeerError` naming the field that is wrong."""
     if not re.fullmatch(PEER_NAME_PATTERN, peer.name):
         raise PeerError(f"peer name {peer.name!r} must be letters, digits, '_', '.', '-' (max 64)")
-    if not re.fullmatch(AE_TITLE_PATTERN, peer.ae_title):
-        raise PeerError(
-            f"AE title {peer.ae_title!r} must be 1-16 printable characters without backslash"
-        )
+    try:
+        checked_ae_title(peer.ae_title)
+    except ValueError as exc:
+        raise PeerError(str(exc)) from None
     if not peer.host.strip():
         raise PeerError("host must not be empty")
     if not 1 <= peer.port <= 65535:
