@@ -254,8 +254,12 @@ class Predictor:
     def _variant(
         self, card: ModelCard, localiser: KneeLocaliser | None, explainer: Explainer | None
     ) -> Predictor:
-        """This predictor's network with another card, localiser and explainer."""
-        return Predictor(
+        """This predictor's network with another card, localiser and explainer.
+
+        The copy shares the network, so it shares the lock too: Grad-CAM's hooks on one
+        network must not serve two callers at once.
+        """
+        variant = Predictor(
             self.directory,
             card,
             self.model,
@@ -265,6 +269,8 @@ class Predictor:
             self.heatmap_size,
             explainer,
         )
+        variant._lock = self._lock
+        return variant
 
     def predict(self, images: Sequence[PreparedImage]) -> list[ImageResult]:
         """Classify and explain ``images``, one :class:`ImageResult` each, in order.
@@ -430,12 +436,16 @@ def _scaled(region: Region, scale_x: float, scale_y: float) -> Region:
     """The pixels that cover ``region`` on the image scaled by (``scale_x``, ``scale_y``)."""
     if scale_x == scale_y == 1.0:
         return region
-    return Region(
-        math.floor(region.x0 * scale_x),
-        math.floor(region.y0 * scale_y),
-        math.ceil(region.x1 * scale_x),
-        math.ceil(region.y1 * scale_y),
+    return Region(  # the tolerance keeps 3990 * (2045 / 3990) from rounding up to 2046
+        math.floor(region.x0 * scale_x + _ROUNDING),
+        math.floor(region.y0 * scale_y + _ROUNDING),
+        math.ceil(region.x1 * scale_x - _ROUNDING),
+        math.ceil(region.y1 * scale_y - _ROUNDING),
     )
+
+
+_ROUNDING = 1e-6
+"""Floating-point slack of a scaled pixel edge (far below a pixel)."""
 
 
 def _unscaled(position: float, scale: float, low: int, high: int) -> float:

@@ -272,6 +272,14 @@ class ModelCard(_Frozen):
     def _indices_in_order(cls, classes: tuple[ClassSpec, ...]) -> tuple[ClassSpec, ...]:
         return classes_in_order(classes)
 
+    @field_validator("body_parts")
+    @classmethod
+    def _body_parts_once(cls, parts: tuple[BodyPart, ...]) -> tuple[BodyPart, ...]:
+        repeated = sorted({part for part in parts if parts.count(part) > 1})
+        if repeated:
+            raise ValueError(f"body_parts lists {', '.join(repeated)} more than once")
+        return parts
+
     @model_validator(mode="after")
     def _localiser_block(self) -> ModelCard:
         wanted = self.preprocessing.localiser != "none"

@@ -39,10 +39,12 @@ whose rows run towards the patient's right (row direction ``R``: shown mirrored)
 has the left knee on the viewer's left; a row direction with neither or both of
 ``L`` and ``R`` (a lateral view, a film turned by 90 degrees) names no side.
 With two joints, the one on the viewer's left gets that side and the other the
-opposite side. With one joint, the image's own laterality is used when it has
-one; otherwise the half of the image the joint sits in decides, but only when
-the other half clearly holds no leg: its 90th-percentile brightness is below
-``NO_LEG_FRACTION`` of the mean brightness inside the joint's box. Else ``None``.
+opposite side; on a film whose header names one side (Image Laterality L or R) the
+joint of the other side is flagged uncertain. With one joint, the image's own
+laterality is used when it has one; otherwise the half of the image the joint sits
+in decides, but only when the other half clearly holds no leg: its 90th-percentile
+brightness is below ``NO_LEG_FRACTION`` of the mean brightness inside the joint's
+box. Else ``None``.
 """
 
 from __future__ import annotations
@@ -360,10 +362,23 @@ def decode_joints(
             region=region,
             laterality=side,
             confidence=c.confidence,
-            uncertain=crowded or c.confidence < threshold or _clipped(region, image),
+            uncertain=crowded
+            or c.confidence < threshold
+            or _clipped(region, image)
+            or _contradicts_header(side, image, len(chosen)),
         )
         for c, region, side in zip(chosen, regions, sides, strict=True)
     )
+
+
+def _contradicts_header(side: str | None, image: PreparedImage, joints: int) -> bool:
+    """Two joints on a film whose header names one side: the one of the other side is doubtful.
+
+    A single-knee film (Image Laterality L or R) where a second, weaker peak appears
+    would otherwise give its one knee the side its position says, whatever the header
+    says; such a joint is flagged uncertain, so the SR says the localisation is.
+    """
+    return joints == 2 and image.laterality in ("L", "R") and side != image.laterality
 
 
 def _candidates(maps: JointMaps, floor: float) -> list[_Candidate]:

@@ -65,12 +65,23 @@ def _decode(
 
 
 def test_two_peaks_give_two_joints_the_left_most_is_right() -> None:
-    image = _image(300, 500, laterality="L")
+    image = _image(300, 500)  # a bilateral film: no single side in the header
     joints = _decode([(44, 32, 0.8), (20, 30, 0.9)], image)
     assert [j.laterality for j in joints] == ["R", "L"]
     assert joints[0].centre[0] < joints[1].centre[0]
     assert [round(j.confidence, 3) for j in joints] == [0.9, 0.8]
     assert not any(j.uncertain for j in joints)
+
+
+def test_two_peaks_on_a_film_of_one_side_flag_the_joint_of_the_other_side() -> None:
+    """A left-knee film with a weak second peak: the knee is not reported as a confident R."""
+    image = _image(300, 500, laterality="L")
+    knee_left_of_centre, weak_peak = (20, 30, 0.9), (44, 32, 0.3)
+    joints = _decode([knee_left_of_centre, weak_peak], image)
+    assert [j.laterality for j in joints] == ["R", "L"]
+    assert [j.uncertain for j in joints] == [True, True]  # R contradicts L; L is weak
+    agreeing = _decode([(20, 30, 0.9), (44, 32, 0.9)], image)
+    assert [j.uncertain for j in agreeing] == [True, False]
 
 
 def test_one_peak_takes_the_image_laterality() -> None:

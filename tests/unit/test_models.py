@@ -36,7 +36,7 @@ from dicomnode.models.card import (
 )
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
-from dicomnode.values import BodyPart, ImageResult, PreparedImage
+from dicomnode.values import BodyPart, ImageResult, PreparedImage, Region
 
 ROWS, COLUMNS = 300, 217
 
@@ -86,6 +86,7 @@ def _edit_card(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
         (lambda raw: raw.update(classes=raw["classes"][:1]), "classes"),
         (lambda raw: raw["input"].update(std=[0.0]), "input"),
         (lambda raw: raw["gradcam"].update(method="saliency"), "gradcam.method"),
+        (lambda raw: raw.update(body_parts=["KNEE", "KNEE"]), "body_parts"),
     ],
     ids=[
         "bad-version",
@@ -94,6 +95,7 @@ def _edit_card(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
         "one-class",
         "zero-std",
         "unknown-cam-method",
+        "body-part-twice",
     ],
 )
 def test_invalid_card_names_the_field(
@@ -718,3 +720,22 @@ def test_every_architecture_runs_grad_cam_through_a_predictor(tmp_path: Path, na
     (finding,) = Predictor.load(tmp_path, card).predict([_image(0)])[0].findings
     assert finding.heatmap.shape == (ROWS, COLUMNS)
     assert finding.heatmap[int(finding.peak[1]), int(finding.peak[0])] == finding.heatmap.max()
+
+
+def test_a_predictors_variants_share_its_network_and_its_lock(tiny: Predictor) -> None:
+    """Grad-CAM hooks on one network must serve one caller at a time, whichever copy calls."""
+    variant = tiny.without_localiser()
+    assert variant.model is tiny.model
+    assert variant._lock is tiny._lock
+
+
+def test_a_scaled_region_does_not_grow_by_a_rounding_error() -> None:
+    from dicomnode.inference import _scaled
+
+    rows, columns, shape = 3995, 3990, (2048, 2045)
+    scaled = _scaled(Region(0, 0, columns, rows), shape[1] / columns, shape[0] / rows)
+    assert (scaled.width, scaled.height) == (2045, 2048)
+    inner = _scaled(Region(10, 10, 20, 20), 0.5, 0.5)
+    assert inner == Region(5, 5, 10, 10)
+    partial = _scaled(Region(1, 1, 3, 3), 0.5, 0.5)
+    assert partial == Region(0, 0, 2, 2)  # covers every pixel the region touches
