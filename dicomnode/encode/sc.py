@@ -176,7 +176,7 @@ def encode_sc(
             laterality=_laterality(source),
             patient_orientation=_PLACEHOLDER_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=series_description("AI overlay", model),
+            series_description=series_description(_overlay_prefix(source), model),
             manufacturer_model_name=model.name[:_LONG_STRING],
             software_versions=software_version[:_LONG_STRING],
         )
@@ -223,6 +223,12 @@ def compress_jpeg(sc: pydicom.Dataset, rgb: npt.NDArray[np.uint8], quality: int)
 def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise EncodeError(f"overlay must be uint8 (rows, columns, 3), got {rgb.dtype} {rgb.shape}")
+
+
+def _overlay_prefix(source: pydicom.Dataset) -> str:
+    """ "AI overlay", with the side when the source names one (a series per side)."""
+    side = source_laterality(source)
+    return "AI overlay" if side is None else f"AI overlay {side}"
 
 
 def _laterality(source: pydicom.Dataset) -> LateralityValues | None:

@@ -363,7 +363,7 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     assert back.PhotometricInterpretation == "RGB"
     assert back.Laterality == "R"
     label = " [synthetic training data]" if synthetic else ""
-    assert back.SeriesDescription == "AI overlay knee-kl 1.0.0" + label
+    assert back.SeriesDescription == "AI overlay R knee-kl 1.0.0" + label
     reference = back.SourceImageSequence[0]
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
