@@ -44,7 +44,8 @@ from dicomnode.store.files import output_path, write_durably
 log = logging.getLogger(__name__)
 
 NO_RETRY = RetryPolicy(1, 0.0, 0.0)
-"""For failures that waiting does not mend (a destination that is not a peer)."""
+"""For failures that waiting does not mend (a destination that is not a peer, a refusal
+that repeats itself); `dicomnode retry` re-queues them once the cause is fixed."""
 
 SEND_BATCH = 32
 MAX_BATCH_PIXELS = 10_000_000
@@ -404,12 +405,18 @@ class Worker:
             timeout=self.settings.send.timeout_seconds,
         )
         for job, delivery in zip(jobs, deliveries, strict=True):
-            if delivery.ok:
-                with self.db.session() as session:
-                    q.complete(session, job.id, self.worker_id)
-                log.info("sent sop=%s to %s (job %s)", job.sop_instance_uid, peer.name, job.id)
-            else:
-                self._fail(job, delivery.reason, self.send_policy)
+            if not delivery.ok:
+                self._fail(job, delivery.reason, self.send_policy if delivery.retry else NO_RETRY)
+                continue
+            with self.db.session() as session:
+                recorded = q.complete(session, job.id, self.worker_id)
+            log.info(
+                "sent sop=%s to %s (job %s)%s",
+                job.sop_instance_uid,
+                peer.name,
+                job.id,
+                "" if recorded else ", but its lease was lost meanwhile: it may be sent again",
+            )
 
 
 def _instance(session: Session, job: q.ClaimedJob) -> Instance:

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicomnode.db.schema import Job
+from dicomnode.db.schema import Job, Output
 from dicomnode.db.session import utcnow
 from dicomnode.queue.retry import RetryPolicy
 
@@ -151,6 +151,26 @@ def expire_lost_leases(session: Session) -> int:
     return _end_leases(session, Job.lease_expires_at < now, now)
 
 
+def _overlays_sent_first() -> ColumnElement[bool]:
+    """A report's SR is sent to a peer once none of the report's overlays waits for that peer.
+
+    A PACS that files or routes on the SR then finds every image it references. An overlay
+    that died does not hold the SR back (the dead job is listed, and the SR says nothing
+    of it that is wrong).
+    """
+    overlay_job, overlay, document = aliased(Job), aliased(Output), aliased(Output)
+    is_sr = exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
+    overlay_waiting = exists().where(
+        overlay_job.kind == JobKind.SEND,
+        overlay_job.report_id == Job.report_id,
+        overlay_job.peer == Job.peer,
+        overlay_job.state.in_(PENDING),
+        overlay.sop_instance_uid == overlay_job.sop_instance_uid,
+        overlay.kind == "SC",
+    )
+    return or_(Job.kind != JobKind.SEND, ~is_sr, ~overlay_waiting)
+
+
 def _report_ready() -> ColumnElement[bool]:
     """A report job waits until none of its round's inference jobs is pending."""
     infer = aliased(Job)
@@ -179,7 +199,7 @@ def claim(
     now = utcnow()
     due = (
         select(Job.id)
-        .where(Job.kind == kind, _claimable(now), _report_ready())
+        .where(Job.kind == kind, _claimable(now), _report_ready(), _overlays_sent_first())
         .order_by(Job.run_after, Job.id)
     )
     if group_key is not None:
@@ -225,7 +245,7 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     now = utcnow()
     statement = (
         select(Job.group_key)
-        .where(Job.kind == kind, _claimable(now), _report_ready())
+        .where(Job.kind == kind, _claimable(now), _report_ready(), _overlays_sent_first())
         .order_by(Job.run_after, Job.id)
         .limit(1)
     )

@@ -1,9 +1,15 @@
 """Deliver files to a peer over one association.
 
-:func:`send_files` returns one :class:`Delivery` per file; it never raises for
-network trouble (a refused or aborted association marks every file not yet
-sent as failed with the reason), so the caller can record each outcome and
-retry with backoff.
+:func:`send_files` returns one :class:`Delivery` per file and never raises: a
+refused or aborted association marks every file not yet sent as failed with
+the reason, and a file that cannot be read or sent fails alone. Each failure
+says whether waiting may mend it (:attr:`Delivery.retry`): network trouble and
+"out of resources" (``0xA7xx``) or "processing failure" (``0x0110``) answers
+are retried with backoff; a refusal that repeats itself (the SOP class not
+supported or not accepted, the dataset not understood, a missing file) is not.
+A warning status (``0xB000`` coerced, ``0xB007`` does not match SOP class,
+``0xB006`` elements discarded, ...) is a delivery, logged with its code; so is
+``0x0111`` (duplicate SOP instance): the peer holds the object already.
 
 Every SOP class is proposed with the uncompressed transfer syntaxes; a file
 stored compressed (the JPEG Baseline overlays) is also proposed in its own
@@ -24,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicomnode.peers import PeerInfo
 
@@ -38,9 +45,12 @@ class Delivery:
     ok: bool
     status: int | None
     reason: str = ""
+    retry: bool = True
 
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+DUPLICATE_SOP_INSTANCE = 0x0111
+PROCESSING_FAILURE = 0x0110
 
 
 @dataclass(frozen=True)
@@ -70,23 +80,39 @@ def _ae(calling_ae: str, kinds: Sequence[_Kind], timeout: float) -> AE:
 def send_files(
     peer: PeerInfo, paths: Sequence[Path], *, calling_ae: str, timeout: float
 ) -> list[Delivery]:
-    """C-STORE ``paths`` to ``peer`` over one association."""
+    """C-STORE ``paths`` to ``peer`` over one association; one :class:`Delivery` each, in order."""
     if not paths:
         return []
+    kinds = {p: _readable_kind(p) for p in paths}
+    sendable = [(p, k) for p, k in kinds.items() if isinstance(k, _Kind)]
+    sent: dict[Path, Delivery] = {}
+    if sendable:
+        sent = _send_all(peer, sendable, calling_ae, timeout)
+    return [
+        sent[p] if isinstance(kinds[p], _Kind) else Delivery(p, False, None, str(kinds[p]), False)
+        for p in paths
+    ]
+
+
+def _readable_kind(path: Path) -> _Kind | str:
+    """The file's kind, or why it cannot be read (that file alone fails, for good)."""
     try:
-        kinds = [_kind(p) for p in paths]
-    except (OSError, ValueError, AttributeError) as exc:
-        return [Delivery(p, False, None, f"cannot read result file: {exc}") for p in paths]
-    ae = _ae(calling_ae, kinds, timeout)
+        return _kind(path)
+    except Exception as exc:  # a missing, truncated or foreign file
+        return f"cannot read result file {path.name}: {type(exc).__name__}: {exc}"
+
+
+def _send_all(
+    peer: PeerInfo, files: Sequence[tuple[Path, _Kind]], calling_ae: str, timeout: float
+) -> dict[Path, Delivery]:
+    ae = _ae(calling_ae, [kind for _, kind in files], timeout)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed or timed out"
-        return [
-            Delivery(p, False, None, f"{reason} by {peer.name} ({peer.host}:{peer.port})")
-            for p in paths
-        ]
+        where = f"by {peer.name} ({peer.host}:{peer.port})"
+        return {p: Delivery(p, False, None, f"{reason} {where}") for p, _ in files}
     try:
-        return [_send_one(assoc, path, kind) for path, kind in zip(paths, kinds, strict=True)]
+        return {path: _send_one(assoc, path, kind) for path, kind in files}
     finally:
         if assoc.is_established:
             assoc.release()
@@ -113,20 +139,37 @@ def _uncompressed(path: Path) -> Dataset:
 def _send_one(assoc: Association, path: Path, kind: _Kind) -> Delivery:
     if not assoc.is_established:
         return Delivery(path, False, None, "association lost before sending")
+    if not _accepts_class(assoc, kind):
+        reason = f"the peer accepted no presentation context for SOP class {kind.sop_class}"
+        return Delivery(path, False, None, reason, retry=False)
     try:
         if kind.transfer_syntax in UNCOMPRESSED or _accepts(assoc, kind):
             status = assoc.send_c_store(path)
         else:
             log.info("peer does not accept %s: sending uncompressed", kind.transfer_syntax.name)
             status = assoc.send_c_store(_uncompressed(path))
-    except (OSError, RuntimeError, ValueError, NotImplementedError) as exc:
-        return Delivery(path, False, None, f"C-STORE error: {exc}")
+    except Exception as exc:  # a file that cannot be encoded for the peer fails alone
+        return Delivery(path, False, None, f"C-STORE error: {type(exc).__name__}: {exc}")
     code = getattr(status, "Status", None)
     if code is None:
         return Delivery(path, False, None, "no response (time-out or abort)")
-    if code in (0x0000, 0xB000, 0xB007, 0xB006):
-        return Delivery(path, True, int(code))
-    return Delivery(path, False, int(code), f"peer returned status 0x{int(code):04X}")
+    return _delivery(path, int(code))
+
+
+def _delivery(path: Path, code: int) -> Delivery:
+    """What a C-STORE response status means for the file (see the module docstring)."""
+    category = code_to_category(code)
+    if category == STATUS_SUCCESS:
+        return Delivery(path, True, code)
+    if category == STATUS_WARNING or code == DUPLICATE_SOP_INSTANCE:
+        log.warning("%s: stored by the peer with status 0x%04X", path.name, code)
+        return Delivery(path, True, code)
+    retry = code >> 8 == 0xA7 or code == PROCESSING_FAILURE
+    return Delivery(path, False, code, f"peer returned status 0x{code:04X}", retry)
+
+
+def _accepts_class(assoc: Association, kind: _Kind) -> bool:
+    return any(str(c.abstract_syntax) == kind.sop_class for c in assoc.accepted_contexts)
 
 
 def echo(peer: PeerInfo, *, calling_ae: str, timeout: float) -> int | None:

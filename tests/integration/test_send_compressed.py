@@ -56,3 +56,49 @@ def test_jpeg_overlay_reaches_every_peer(jpeg_overlay: Path, accept_jpeg: bool) 
         np.testing.assert_array_equal(received.pixel_array, stored.pixel_array)
     # The stored file is not changed by a fallback.
     assert pydicom.dcmread(jpeg_overlay).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+
+
+@pytest.mark.parametrize(
+    ("status", "ok", "retry"),
+    [
+        (0x0000, True, True),
+        (0xB000, True, True),  # coerced: stored, a warning
+        (0x0111, True, True),  # duplicate SOP instance: the peer holds it already
+        (0xA700, False, True),  # out of resources: wait and retry
+        (0x0110, False, True),  # processing failure: may be passing
+        (0xA900, False, False),  # does not match SOP class: repeats itself
+        (0xC000, False, False),  # cannot understand: repeats itself
+        (0x0124, False, False),  # not authorised: until an admin acts (dicomnode retry)
+    ],
+)
+def test_a_status_is_a_delivery_or_says_whether_waiting_helps(
+    jpeg_overlay: Path, status: int, ok: bool, retry: bool
+) -> None:
+    collector = CollectingSCP(ae_title="DEST", status=status).start()
+    try:
+        peer = PeerInfo("DEST", "DEST", "127.0.0.1", collector.port)
+        (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=10)
+    finally:
+        collector.stop()
+    assert (delivery.ok, delivery.status) == (ok, status)
+    if not ok:
+        assert (delivery.retry, delivery.reason) == (retry, f"peer returned status 0x{status:04X}")
+
+
+def test_an_unreadable_file_fails_alone_and_for_good(jpeg_overlay: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(jpeg_overlay.read_bytes()[:100])
+    missing = tmp_path / "missing.dcm"
+    collector = CollectingSCP(ae_title="DEST").start()
+    try:
+        peer = PeerInfo("DEST", "DEST", "127.0.0.1", collector.port)
+        deliveries = send_files(
+            peer, [missing, jpeg_overlay, truncated], calling_ae="DICOMNODE", timeout=10
+        )
+    finally:
+        collector.stop()
+    assert [d.path for d in deliveries] == [missing, jpeg_overlay, truncated]
+    assert [d.ok for d in deliveries] == [False, True, False]
+    assert [d.retry for d in deliveries if not d.ok] == [False, False]
+    assert "cannot read result file missing.dcm" in deliveries[0].reason
+    assert len(collector.received) == 1

@@ -215,3 +215,47 @@ def test_running_workers_lists_holders_of_running_jobs(db: Database) -> None:
         q.claim(s, q.JobKind.INFER, "host:2", 30)
     with db.session() as s:
         assert sorted(q.running_workers(s)) == ["host:1", "host:2"]
+
+
+def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
+    """A PACS that routes on the SR finds every overlay it references already stored."""
+    from dicomnode.db.schema import Output
+
+    report_id = _report(db)
+    with db.session() as s:
+        for uid, kind in (("9.1", "SC"), ("9.2", "SC"), ("9.3", "SR")):
+            s.add(
+                Output(
+                    sop_instance_uid=uid,
+                    series_instance_uid="9",
+                    report_id=report_id,
+                    kind=kind,
+                    path=f"/x/{uid}.dcm",
+                    created_at=utcnow(),
+                )
+            )
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(
+                    q.JobKind.SEND,
+                    f"{uid}>PACS",
+                    5,
+                    group_key="PACS",
+                    report_id=report_id,
+                    sop_instance_uid=uid,
+                    peer="PACS",
+                )
+                for uid in ("9.3", "9.1", "9.2")  # the SR first in the queue
+            ],
+        )
+    with db.session() as s:
+        first = q.claim(s, q.JobKind.SEND, "w", 30, limit=8, group_key="PACS")
+    assert sorted(j.sop_instance_uid or "" for j in first) == ["9.1", "9.2"]
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.SEND, "w2", 30, limit=8) == []  # SCs still in flight
+        q.complete(s, first[0].id, "w")
+        q.fail(s, first[1], "w", "refused", RetryPolicy(1, 1, 1))  # one overlay died
+    with db.session() as s:
+        (sr,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert sr.sop_instance_uid == "9.3"
