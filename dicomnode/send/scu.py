@@ -94,6 +94,16 @@ def send_files(
     ]
 
 
+def _not_established(assoc: Association) -> str:
+    """Why no association: the peer's rejection (its reason is in the log), no presentation
+    context accepted, or no connection, an abort or no answer."""
+    if assoc.is_rejected:
+        return "association rejected (the log has the peer's reason)"
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        return "association aborted: the peer accepted no presentation context"
+    return "association failed or timed out"
+
+
 def _readable_kind(path: Path) -> _Kind | str:
     """The file's kind, or why it cannot be read (that file alone fails, for good)."""
     try:
@@ -108,9 +118,9 @@ def _send_all(
     ae = _ae(calling_ae, [kind for _, kind in files], timeout)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association failed or timed out"
-        where = f"by {peer.name} ({peer.host}:{peer.port})"
-        return {p: Delivery(p, False, None, f"{reason} {where}") for p, _ in files}
+        reason = f"{_not_established(assoc)} by {peer.name} ({peer.host}:{peer.port})"
+        retry = not (assoc.rejected_contexts and not assoc.accepted_contexts)
+        return {p: Delivery(p, False, None, reason, retry) for p, _ in files}
     try:
         return {path: _send_one(assoc, path, kind) for path, kind in files}
     finally:

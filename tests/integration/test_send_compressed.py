@@ -102,3 +102,26 @@ def test_an_unreadable_file_fails_alone_and_for_good(jpeg_overlay: Path, tmp_pat
     assert [d.retry for d in deliveries if not d.ok] == [False, False]
     assert "cannot read result file missing.dcm" in deliveries[0].reason
     assert len(collector.received) == 1
+
+
+def test_no_association_says_why(jpeg_overlay: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.testing.peers import free_port
+
+    closed = PeerInfo("GONE", "GONE", "127.0.0.1", free_port())
+    (delivery,) = send_files(closed, [jpeg_overlay], calling_ae="DICOMNODE", timeout=5)
+    assert delivery.reason == f"association failed or timed out by GONE (127.0.0.1:{closed.port})"
+    assert delivery.retry
+    echo_only = AE(ae_title="ECHO")
+    echo_only.add_supported_context(Verification)
+    port = free_port()
+    server = echo_only.start_server(("127.0.0.1", port), block=False)
+    try:
+        peer = PeerInfo("ECHO", "ECHO", "127.0.0.1", port)
+        (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=5)
+    finally:
+        server.shutdown()
+    assert delivery.reason.startswith("association aborted: the peer accepted no presentation")
+    assert not delivery.retry  # the peer's configuration has to change first
