@@ -45,10 +45,11 @@ ERROR_PAUSE = 5.0
 QUICK_EXIT_SECONDS = 30.0
 """A worker that exits sooner than this after its start is restarted after RESTART_PAUSE."""
 RESTART_PAUSE = 10.0
+"""Seconds before a worker that exited quickly is started again."""
 PURGE_INTERVAL = 3600.0
+"""Seconds between housekeeping passes (the first runs at start-up)."""
 STALE_INCOMING_SECONDS = 3600.0
 """A partial received file not written to for this long belongs to no live transfer."""
-"""Seconds between retention passes (the first runs at start-up)."""
 
 
 def open_database(settings: Settings) -> Database:

@@ -145,10 +145,14 @@ def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> i
     return sum(int(getattr(r, "rowcount", 0) or 0) for r in (dead, failed))
 
 
-def expire_lost_leases(session: Session) -> int:
-    """Jobs whose lease ran out (their worker hung or its host died) fail, or die; how many."""
+def expire_lost_leases(session: Session, kind: JobKind) -> int:
+    """Jobs of ``kind`` whose lease ran out (their worker hung, or its host died) fail, or die.
+
+    Returns how many. Called before a worker looks for work (:func:`next_group`,
+    :func:`claim`); the claim index (kind, state) keeps it cheap.
+    """
     now = utcnow()
-    return _end_leases(session, Job.lease_expires_at < now, now)
+    return _end_leases(session, and_(Job.kind == kind, Job.lease_expires_at < now), now)
 
 
 def _overlays_sent_first() -> ColumnElement[bool]:
@@ -195,7 +199,7 @@ def claim(
     Lost leases are ended first (:func:`expire_lost_leases`); when the first job due lost
     its worker before, it is claimed alone.
     """
-    expire_lost_leases(session)
+    expire_lost_leases(session, kind)
     now = utcnow()
     due = (
         select(Job.id)
@@ -241,7 +245,11 @@ def claim(
 
 
 def next_group(session: Session, kind: JobKind) -> str | None:
-    """The group key of the oldest runnable job of ``kind`` (to batch one model or one peer)."""
+    """The group key of the oldest runnable job of ``kind`` (to batch one model or one peer).
+
+    Lost leases of ``kind`` are ended first, so that a job whose worker hung is found.
+    """
+    expire_lost_leases(session, kind)
     now = utcnow()
     statement = (
         select(Job.group_key)

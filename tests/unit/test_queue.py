@@ -259,3 +259,18 @@ def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     with db.session() as s:
         (sr,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
     assert sr.sop_instance_uid == "9.3"
+
+
+def test_a_hung_workers_job_is_found_again_when_its_lease_runs_out(db: Database) -> None:
+    """No supervisor sees a hung worker die: looking for work ends its expired lease."""
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1")])
+    with db.session() as s:
+        q.claim(s, q.JobKind.INFER, "hung", 0.1)
+    with db.session() as s:
+        assert q.next_group(s, q.JobKind.INFER) is None  # still leased
+    time.sleep(0.2)
+    with db.session() as s:
+        assert q.next_group(s, q.JobKind.INFER) == "m:1"
+        (again,) = q.claim(s, q.JobKind.INFER, "other", 30, limit=4, group_key="m:1")
+    assert again.attempts == 2
