@@ -171,7 +171,13 @@ class SendSettings(_Section):
     )
     backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay")
     backoff_max_seconds: float = Field(600.0, gt=0, description="longest retry delay")
-    timeout_seconds: float = Field(30.0, gt=0, description="association and DIMSE time-out")
+    timeout_seconds: float = Field(30.0, gt=0, description="connection and association time-out")
+    response_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="wait for a C-STORE response (a PACS that archives before it answers "
+        "may take long for a large uncompressed overlay)",
+    )
 
 
 class RoutingSettings(_Section):

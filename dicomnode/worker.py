@@ -403,6 +403,7 @@ class Worker:
             paths,
             calling_ae=self.settings.node.ae_title,
             timeout=self.settings.send.timeout_seconds,
+            response_timeout=self.settings.send.response_timeout_seconds,
         )
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:

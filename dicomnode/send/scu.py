@@ -66,9 +66,11 @@ def _kind(path: Path) -> _Kind:
     return _Kind(str(header.SOPClassUID), UID(header.file_meta.TransferSyntaxUID))
 
 
-def _ae(calling_ae: str, kinds: Sequence[_Kind], timeout: float) -> AE:
+def _ae(calling_ae: str, kinds: Sequence[_Kind], timeout: float, response_timeout: float) -> AE:
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.acse_timeout = ae.connection_timeout = timeout
+    # a peer that archives before it answers is silent meanwhile: the network may be too
+    ae.dimse_timeout = ae.network_timeout = max(timeout, response_timeout)
     for sop_class in sorted({k.sop_class for k in kinds}):
         ae.add_requested_context(sop_class, list(UNCOMPRESSED))
     for kind in sorted(set(kinds), key=lambda k: (k.sop_class, k.transfer_syntax)):
@@ -78,16 +80,25 @@ def _ae(calling_ae: str, kinds: Sequence[_Kind], timeout: float) -> AE:
 
 
 def send_files(
-    peer: PeerInfo, paths: Sequence[Path], *, calling_ae: str, timeout: float
+    peer: PeerInfo,
+    paths: Sequence[Path],
+    *,
+    calling_ae: str,
+    timeout: float,
+    response_timeout: float = 0.0,
 ) -> list[Delivery]:
-    """C-STORE ``paths`` to ``peer`` over one association; one :class:`Delivery` each, in order."""
+    """C-STORE ``paths`` to ``peer`` over one association; one :class:`Delivery` each, in order.
+
+    ``timeout`` bounds connecting, associating and network silence; ``response_timeout``
+    (at least ``timeout``) how long a C-STORE response may take.
+    """
     if not paths:
         return []
     kinds = {p: _readable_kind(p) for p in paths}
     sendable = [(p, k) for p, k in kinds.items() if isinstance(k, _Kind)]
     sent: dict[Path, Delivery] = {}
     if sendable:
-        sent = _send_all(peer, sendable, calling_ae, timeout)
+        sent = _send_all(peer, sendable, calling_ae, (timeout, response_timeout))
     return [
         sent[p] if isinstance(kinds[p], _Kind) else Delivery(p, False, None, str(kinds[p]), False)
         for p in paths
@@ -113,9 +124,12 @@ def _readable_kind(path: Path) -> _Kind | str:
 
 
 def _send_all(
-    peer: PeerInfo, files: Sequence[tuple[Path, _Kind]], calling_ae: str, timeout: float
+    peer: PeerInfo,
+    files: Sequence[tuple[Path, _Kind]],
+    calling_ae: str,
+    timeouts: tuple[float, float],
 ) -> dict[Path, Delivery]:
-    ae = _ae(calling_ae, [kind for _, kind in files], timeout)
+    ae = _ae(calling_ae, [kind for _, kind in files], *timeouts)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         reason = f"{_not_established(assoc)} by {peer.name} ({peer.host}:{peer.port})"

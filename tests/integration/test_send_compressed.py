@@ -125,3 +125,12 @@ def test_no_association_says_why(jpeg_overlay: Path) -> None:
         server.shutdown()
     assert delivery.reason.startswith("association aborted: the peer accepted no presentation")
     assert not delivery.retry  # the peer's configuration has to change first
+
+
+def test_a_response_may_take_longer_than_the_connection_timeout() -> None:
+    from dicomnode.send.scu import _ae
+
+    ae = _ae("DICOMNODE", [], 30, 120)
+    assert (ae.acse_timeout, ae.connection_timeout) == (30, 30)
+    assert (ae.dimse_timeout, ae.network_timeout) == (120, 120)  # silence while it archives
+    assert _ae("DICOMNODE", [], 30, 0).dimse_timeout == 30  # never shorter than the rest
