@@ -431,10 +431,16 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _picture_pixels(image: Image.Image) -> FloatArray:
-    """Grey ``float32`` in [0, 1] from an 8-bit or 16-bit Pillow image."""
+    """Grey ``float32`` in [0, 1] from an 8-bit or 16-bit Pillow image.
+
+    A 16-bit picture is scaled by the range of the bits it uses: a 12-bit
+    radiograph exported as 16-bit PNG (values up to 4095) spans [0, 1] as its
+    DICOM original would, instead of staying near black.
+    """
     if image.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
         values = np.asarray(image).astype(np.float32)
-        return np.clip(values / np.float32(65535.0), 0.0, 1.0, out=values)
+        bits = min(16, max(8, int(values.max(initial=0.0)).bit_length()))
+        return np.clip(values / np.float32((1 << bits) - 1), 0.0, 1.0, out=values)
     if image.mode == "F":
         raise UnsupportedImageError("floating-point pictures are not supported")
     grey = np.asarray(image.convert("L"), dtype=np.float32)

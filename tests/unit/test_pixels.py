@@ -291,6 +291,14 @@ def test_png_8_and_16_bit(tmp_path: Path) -> None:
         assert image.pixels.dtype == np.float32 and image.source == path.name
 
 
+def test_a_12_bit_radiograph_in_a_16_bit_png_spans_the_whole_range(tmp_path: Path) -> None:
+    twelve_bit = np.linspace(0, 4095, 64 * 48).reshape(64, 48).astype(np.uint16)
+    Image.fromarray(twelve_bit).save(tmp_path / "export.png")
+    pixels = read_image_file(tmp_path / "export.png").pixels
+    np.testing.assert_allclose(pixels, twelve_bit / 4095.0, atol=1e-6)
+    assert pixels.max() == 1.0
+
+
 def test_webp_jpeg_tiff_and_colour(tmp_path: Path) -> None:
     ramp, deep = _ramp("uint8"), _ramp("uint16")
     Image.fromarray(ramp).save(tmp_path / "a.webp", lossless=True)
