@@ -700,14 +700,15 @@ def phantoms(
     seed: Annotated[int, typer.Option(help="the same seed writes the same folder")] = 0,
     size: Annotated[int, typer.Option(help="rows = columns of each image")] = 512,
     image_format: Annotated[
-        list[str] | None, typer.Option("--format", help="png or dcm (repeatable)")
+        list[str] | None,
+        typer.Option("--format", help="dcm (DICOM DX, the default) or png (repeatable)"),
     ] = None,
 ) -> None:
-    """Write synthetic hand or spine radiographs (DICOM DX or PNG) with lesion masks."""
+    """Write synthetic hand or spine radiographs (DICOM DX, or PNG) with lesion masks."""
     from dicomnode.training.phantoms.cli import phantoms_command
 
     logs.configure()
-    folder = phantoms_command(out, body_part, count, seed, size, image_format or ["png"])
+    folder = phantoms_command(out, body_part, count, seed, size, image_format or ["dcm"])
     console.print(f"phantoms written to {folder}")
 
 

@@ -17,7 +17,7 @@ def phantoms_command(
     """Write a labelled folder of synthetic hand or spine radiographs with lesion masks.
 
     ``dicomnode phantoms --body-part hand|spine --count N --seed S --size 512
-    --format png|dcm --out DIR`` (``--format`` repeatable). The folder has
+    --format dcm|png --out DIR`` (``--format`` repeatable; DICOM DX by default). The folder has
     ``0/`` (normal) and ``1/`` (abnormal) images named
     ``P<patient>_<index>``, ``masks/`` with the lesion mask of each abnormal
     image, and ``phantoms.csv`` (``id,label,body_part,view,laterality,lesion,mask``).
@@ -37,7 +37,7 @@ def phantoms_command(
     size:
         Rows = columns of each image, 64 to 4096.
     formats:
-        ``png`` and/or ``dcm``; empty means ``png``.
+        ``dcm`` and/or ``png``; empty means ``dcm`` (DICOM DX).
 
     Returns
     -------
@@ -49,7 +49,7 @@ def phantoms_command(
     ConfigError
         If an argument is invalid.
     """
-    chosen = tuple(f.strip().lower().lstrip(".") for f in formats) or ("png",)
+    chosen = tuple(f.strip().lower().lstrip(".") for f in formats) or ("dcm",)
     unknown = sorted(set(chosen) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown format(s) {', '.join(unknown)}; use png and/or dcm")
