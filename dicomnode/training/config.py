@@ -14,7 +14,7 @@ read and checked).
 
 Example (``config/training/tiny-smoke.yaml``)::
 
-    data_dir: tests/data/tiny
+    data_dir: var/data/tiny-smoke
     architecture: {name: small_vgg, params: {widths: [8, 16]}}
     input: {size: [32, 32], channels: 1, mean: [0.5], std: [0.5]}
     epochs: 2
