@@ -99,7 +99,7 @@ class ModelRegistry:
         ]
         registry = cls(loaded, choose)
         for part, entry in registry.routes.items():
-            logger.info("model routed", extra={"body_part": str(part), "model": entry.describe()})
+            logger.info("body part %s -> %s", part, entry.describe())
         return registry
 
     @property
