@@ -20,17 +20,41 @@ import traceback
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The ``extra={...}`` fields of a log call (counts, paths, timings; never patient data)."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`FORMAT`, then the call's extra fields as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = extra_fields(record)
+        if not fields:
+            return line
+        head, newline, rest = line.partition("\n")  # a traceback stays below the line
+        pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+        return f"{head} {pairs}{newline}{rest}"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "process": record.processName,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        entry: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "process": record.processName,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(extra_fields(record))
+        return json.dumps(entry, default=str)
 
 
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
@@ -65,7 +89,7 @@ def _redacted_traceback(exc: BaseException) -> str:
 
 def configure(level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
     handler.addFilter(RedactQuotedValues())
     logging.captureWarnings(True)
     root = logging.getLogger()

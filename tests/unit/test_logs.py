@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -65,3 +66,13 @@ def test_the_nodes_own_messages_are_left_as_written(
     logs.configure("DEBUG")
     logging.getLogger("dicomnode.peers").info("peer 'PACS' added")
     assert "peer 'PACS' added" in captured.readouterr().err
+
+
+def test_extra_fields_are_written_in_text_and_json(captured: pytest.CaptureFixture[str]) -> None:
+    logs.configure("DEBUG")
+    logging.getLogger("dicomnode.x").info("phantom folder complete", extra={"count": 4})
+    assert "phantom folder complete count=4" in captured.readouterr().err
+    logs.configure("DEBUG", json_format=True)
+    logging.getLogger("dicomnode.x").info("phantom folder complete", extra={"count": 4})
+    line = json.loads(captured.readouterr().err.strip().splitlines()[-1])
+    assert (line["message"], line["count"]) == ("phantom folder complete", 4)
