@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -12,7 +13,7 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from dicomnode.config import ModelSettings, ResultsSettings, Settings
 from dicomnode.offline import predict_files
 from dicomnode.peers import PeerInfo
-from dicomnode.send.scu import send_files
+from dicomnode.send.scu import Delivery, send_files
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.peers import CollectingSCP
@@ -32,16 +33,22 @@ def jpeg_overlay(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return overlay
 
 
+def _send_one_to(path: Path, **collector: Any) -> tuple[Delivery, CollectingSCP]:
+    """Send ``path`` to a collecting peer made with ``collector``; the delivery and the peer."""
+    peer_scp = CollectingSCP(ae_title="DEST", **collector).start()
+    try:
+        peer = PeerInfo("DEST", "DEST", "127.0.0.1", peer_scp.port)
+        (delivery,) = send_files(peer, [path], calling_ae="DICOMNODE", timeout=10)
+    finally:
+        peer_scp.stop()
+    return delivery, peer_scp
+
+
 @pytest.mark.parametrize("accept_jpeg", [True, False], ids=["pacs-accepts-jpeg", "uncompressed"])
 def test_jpeg_overlay_reaches_every_peer(jpeg_overlay: Path, accept_jpeg: bool) -> None:
     stored = pydicom.dcmread(jpeg_overlay)
     assert stored.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
-    collector = CollectingSCP(ae_title="DEST", accept_jpeg=accept_jpeg).start()
-    try:
-        peer = PeerInfo("DEST", "DEST", "127.0.0.1", collector.port)
-        (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=10)
-    finally:
-        collector.stop()
+    delivery, collector = _send_one_to(jpeg_overlay, accept_jpeg=accept_jpeg)
     assert delivery.ok, delivery.reason
     (received,) = collector.received
     assert received.SOPClassUID == SecondaryCaptureImageStorage
@@ -74,12 +81,7 @@ def test_jpeg_overlay_reaches_every_peer(jpeg_overlay: Path, accept_jpeg: bool) 
 def test_a_status_is_a_delivery_or_says_whether_waiting_helps(
     jpeg_overlay: Path, status: int, ok: bool, retry: bool
 ) -> None:
-    collector = CollectingSCP(ae_title="DEST", status=status).start()
-    try:
-        peer = PeerInfo("DEST", "DEST", "127.0.0.1", collector.port)
-        (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=10)
-    finally:
-        collector.stop()
+    delivery, _ = _send_one_to(jpeg_overlay, status=status)
     assert (delivery.ok, delivery.status) == (ok, status)
     if not ok:
         assert (delivery.retry, delivery.reason) == (retry, f"peer returned status 0x{status:04X}")
