@@ -271,3 +271,13 @@ def test_generators_reject_unknown_sides_and_views() -> None:
         generate_spine(0, view="PA", size=64)
     with pytest.raises(ValueError, match="size"):
         generate_spine(0, view="AP", size=16)
+
+
+def test_the_command_writes_dicom_dx_by_default(tmp_path: Path) -> None:
+    """`dicomnode phantoms` without --format draws DICOM DX radiographs (and PNG masks)."""
+    folder = phantoms_command(tmp_path / "out", "hand", 4, 3, 96, [])
+    images = sorted(p.name for p in folder.glob("[01]/*"))
+    assert images and all(name.endswith(".dcm") for name in images)
+    ds = pydicom.dcmread(next(folder.glob("1/*.dcm")))
+    assert ds.Modality == "DX" and ds.BodyPartExamined == "HAND"
+    assert list(folder.glob("masks/*.png"))
