@@ -89,8 +89,8 @@ def send_files(
 ) -> list[Delivery]:
     """C-STORE ``paths`` to ``peer`` over one association; one :class:`Delivery` each, in order.
 
-    ``timeout`` bounds connecting, associating and network silence; ``response_timeout``
-    (at least ``timeout``) how long a C-STORE response may take.
+    ``timeout`` bounds connecting and associating; ``response_timeout`` (at least
+    ``timeout``) how long a C-STORE response, and network silence meanwhile, may take.
     """
     if not paths:
         return []
@@ -105,14 +105,15 @@ def send_files(
     ]
 
 
-def _not_established(assoc: Association) -> str:
-    """Why no association: the peer's rejection (its reason is in the log), no presentation
-    context accepted, or no connection, an abort or no answer."""
+def _not_established(assoc: Association) -> tuple[str, bool]:
+    """Why no association, and whether waiting may help: the peer's rejection (its reason is
+    in the log), no presentation context accepted (not until the peer is set up otherwise),
+    or no connection, an abort or no answer."""
     if assoc.is_rejected:
-        return "association rejected (the log has the peer's reason)"
+        return "association rejected (the log has the peer's reason)", True
     if assoc.rejected_contexts and not assoc.accepted_contexts:
-        return "association aborted: the peer accepted no presentation context"
-    return "association failed or timed out"
+        return "association aborted: the peer accepted no presentation context", False
+    return "association failed or timed out", True
 
 
 def _readable_kind(path: Path) -> _Kind | str:
@@ -132,8 +133,8 @@ def _send_all(
     ae = _ae(calling_ae, [kind for _, kind in files], *timeouts)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        reason = f"{_not_established(assoc)} by {peer.name} ({peer.host}:{peer.port})"
-        retry = not (assoc.rejected_contexts and not assoc.accepted_contexts)
+        why, retry = _not_established(assoc)
+        reason = f"{why} by {peer.name} ({peer.host}:{peer.port})"
         return {p: Delivery(p, False, None, reason, retry) for p, _ in files}
     try:
         return {path: _send_one(assoc, path, kind) for path, kind in files}
