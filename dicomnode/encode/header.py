@@ -63,9 +63,9 @@ def _fixes(source: pydicom.Dataset) -> dict[BaseTag, str | None]:
     for element in source:
         if element.VR in _PARSERS and not _parses(element.value, _PARSERS[element.VR]):
             fixes[element.tag] = None
-    sex = source.get("PatientSex")
-    if sex and str(sex).strip().upper() not in _SEXES:
-        fixes[pydicom.tag.Tag("PatientSex")] = _SEX_WORDS.get(str(sex).strip().upper())
+    sex = str(source.get("PatientSex") or "").strip().upper()
+    if sex and sex not in _SEXES:
+        fixes[pydicom.tag.Tag("PatientSex")] = _SEX_WORDS.get(sex)
     return fixes
 
 
