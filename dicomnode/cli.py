@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dicomnode import __version__, logs
@@ -140,14 +141,13 @@ def echo(peer: str, config: ConfigOption = None) -> None:
     db = _database(resolved)
     with db.session() as session:
         info = get_peer(session, peer)
-    status = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
-    if status is None:
-        err.print(
-            f"[red]no association with {peer} ({info.ae_title}@{info.host}:{info.port})[/red]"
-        )
+    answer = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
+    where = f"{peer} ({info.ae_title}@{info.host}:{info.port})"
+    if answer.status is None:
+        err.print(f"[red]{escape(f'C-ECHO {where}: {answer.reason}')}[/red]")
         raise typer.Exit(1)
-    console.print(f"C-ECHO {peer} ({info.ae_title}@{info.host}:{info.port}): status 0x{status:04X}")
-    if status != 0:
+    console.print(f"C-ECHO {where}: status 0x{answer.status:04X}")
+    if answer.status != 0:
         raise typer.Exit(1)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
@@ -105,12 +105,25 @@ def send_files(
     ]
 
 
-def _not_established(assoc: Association) -> tuple[str, bool]:
-    """Why no association, and whether waiting may help: the peer's rejection (its reason is
-    in the log), no presentation context accepted (not until the peer is set up otherwise),
-    or no connection, an abort or no answer."""
+class _Rejection:
+    """Keeps the peer's A-ASSOCIATE-RJ, so that a job's error can say why it was rejected."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+
+    def __call__(self, event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if getattr(primitive, "result", None) in (0x01, 0x02) and hasattr(primitive, "reason_str"):
+            self.reason = f"{primitive.result_str}; {primitive.source_str}: {primitive.reason_str}"
+
+
+def _not_established(assoc: Association, rejection: str = "") -> tuple[str, bool]:
+    """Why no association, and whether waiting may help: the peer's rejection (retried, since
+    the peer's administrator may register the node meanwhile), no presentation context
+    accepted (not until the peer is set up otherwise), or no connection, an abort or no
+    answer."""
     if assoc.is_rejected:
-        return "association rejected (the log has the peer's reason)", True
+        return f"association rejected ({rejection or 'no reason given'})", True
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         return "association aborted: the peer accepted no presentation context", False
     return "association failed or timed out", True
@@ -131,9 +144,12 @@ def _send_all(
     timeouts: tuple[float, float],
 ) -> dict[Path, Delivery]:
     ae = _ae(calling_ae, [kind for _, kind in files], *timeouts)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    rejection = _Rejection()
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, rejection)]
+    )
     if not assoc.is_established:
-        why, retry = _not_established(assoc)
+        why, retry = _not_established(assoc, rejection.reason)
         reason = f"{why} by {peer.name} ({peer.host}:{peer.port})"
         return {p: Delivery(p, False, None, reason, retry) for p, _ in files}
     try:
@@ -197,17 +213,28 @@ def _accepts_class(assoc: Association, kind: _Kind) -> bool:
     return any(str(c.abstract_syntax) == kind.sop_class for c in assoc.accepted_contexts)
 
 
-def echo(peer: PeerInfo, *, calling_ae: str, timeout: float) -> int | None:
-    """C-ECHO ``peer``; the status, or None when no association could be made."""
+@dataclass(frozen=True)
+class Echo:
+    """The outcome of a C-ECHO: the peer's status, or why there was no answer."""
+
+    status: int | None
+    reason: str = ""
+
+
+def echo(peer: PeerInfo, *, calling_ae: str, timeout: float) -> Echo:
+    """C-ECHO ``peer``: its status, or why no association could be made or no answer came."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    rejection = _Rejection()
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, rejection)]
+    )
     if not assoc.is_established:
-        return None
+        return Echo(None, _not_established(assoc, rejection.reason)[0])
     try:
         status = assoc.send_c_echo()
         code = getattr(status, "Status", None)
-        return None if code is None else int(code)
+        return Echo(None, "no response (time-out or abort)") if code is None else Echo(int(code))
     finally:
         assoc.release()

@@ -90,6 +90,38 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     assert "30 days after a study is finished" in status.stdout
 
 
+def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.testing.peers import free_port
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(Verification)
+    pacs.require_calling_aet = ["REGISTERED"]
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\nmodels: {{dir: {tmp_path}}}\n"
+        f"peers: {{PACS: {{ae_title: PACS, host: 127.0.0.1, port: {port}}}}}\n"
+    )
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    server = pacs.start_server(("127.0.0.1", port), block=False)
+    try:
+        refused = _cli("--config", str(config), "echo", "PACS", cwd=tmp_path)
+        monkeypatch.setenv("DICOMNODE_NODE__AE_TITLE", "REGISTERED")
+        answered = _cli("--config", str(config), "echo", "PACS", cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert refused.returncode == 1
+    assert f"C-ECHO PACS (PACS@127.0.0.1:{port}): association rejected" in refused.stderr
+    assert "Calling AE title not recognised" in refused.stderr
+    assert answered.returncode == 0, answered.stderr
+    assert f"C-ECHO PACS (PACS@127.0.0.1:{port}): status 0x0000" in answered.stdout
+
+
 def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

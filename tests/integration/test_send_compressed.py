@@ -129,6 +129,32 @@ def test_no_association_says_why(jpeg_overlay: Path) -> None:
     assert not delivery.retry  # the peer's configuration has to change first
 
 
+def test_a_rejection_says_the_peers_reason(jpeg_overlay: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.send.scu import echo
+    from dicomnode.testing.peers import free_port
+
+    strict = AE(ae_title="PACS")
+    strict.add_supported_context(Verification)
+    strict.require_calling_aet = ["KNOWN"]
+    port = free_port()
+    server = strict.start_server(("127.0.0.1", port), block=False)
+    try:
+        peer = PeerInfo("PACS", "PACS", "127.0.0.1", port)
+        (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=5)
+        answer = echo(peer, calling_ae="DICOMNODE", timeout=5)
+        accepted = echo(peer, calling_ae="KNOWN", timeout=5)
+    finally:
+        server.shutdown()
+    why = "Rejected Permanent; Service User: Calling AE title not recognised"
+    assert delivery.reason == f"association rejected ({why}) by PACS (127.0.0.1:{port})"
+    assert delivery.retry  # the PACS administrator may register the node meanwhile
+    assert answer.status is None and answer.reason == f"association rejected ({why})"
+    assert accepted.status == 0 and accepted.reason == ""
+
+
 def test_a_response_may_take_longer_than_the_connection_timeout() -> None:
     from dicomnode.send.scu import _ae
 
