@@ -163,6 +163,12 @@ class TrainingConfig(_Frozen):
         Early stopping: epochs without a better validation balanced accuracy.
     class_weights:
         ``balanced`` (n / (k * n_c)), ``none`` or one weight per class.
+    sampling:
+        The order of an epoch's training images: ``shuffle`` (default: each
+        image once, in a seeded random order) or ``balanced`` (as many draws,
+        with replacement, each class equally likely: the other way to give a
+        rare grade its weight; it needs ``class_weights: none``, so that the
+        classes are not balanced twice).
     notes:
         Free text kept in the card's recipe (for example a change made on resume).
     gradcam_layer:
@@ -211,6 +217,7 @@ class TrainingConfig(_Frozen):
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     augment: AugmentConfig = AugmentConfig()
     class_weights: Literal["balanced", "none"] | tuple[float, ...] = "balanced"
+    sampling: Literal["shuffle", "balanced"] = "shuffle"
     epochs: int = Field(default=20, ge=1)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -267,6 +274,11 @@ class TrainingConfig(_Frozen):
         classes = len(self.model.classes)
         if isinstance(self.class_weights, tuple) and len(self.class_weights) != classes:
             raise ValueError(f"class_weights needs {classes} values, one per class")
+        if self.sampling == "balanced" and self.class_weights != "none":
+            raise ValueError(
+                "sampling balanced already gives each class the same weight:"
+                " set class_weights: none"
+            )
         if isinstance(self.fold, int) and not 0 <= self.fold < self.folds:
             raise ValueError(f"fold must be in 0..{self.folds - 1}, 'all', 'none' or 'final'")
         if self.init_weights == IMAGENET_LITE0 and self.architecture.name != "efficientnet_lite0":
@@ -324,7 +336,7 @@ before it, whose recipes do not name ``smoothing_weights``, were trained ``per_t
 def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]:
     """A card's recorded ``recipe`` with the keys added since it was written, as they were then.
 
-    ``group_by`` was always ``filename`` and ``test_time_flip`` off;
+    ``group_by`` was always ``filename``, ``test_time_flip`` off and ``sampling`` ``shuffle``;
     ``smoothing_weights`` was ``per_term``
     before :data:`LOSS_FIXED` (``trained`` is the card's ISO date) and ``per_sample``
     since. Where the two losses agree (no label smoothing, or no class weights)
@@ -333,6 +345,7 @@ def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]
     out = dict(recipe)
     out.setdefault("group_by", "filename")
     out.setdefault("test_time_flip", False)
+    out.setdefault("sampling", "shuffle")
     if "smoothing_weights" not in out:
         out["smoothing_weights"] = "per_term" if trained < LOSS_FIXED else "per_sample"
     if not out.get("label_smoothing") or out.get("class_weights") == "none":

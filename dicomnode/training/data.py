@@ -443,28 +443,32 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.indices)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
-        index = self.indices[item]
+        index = self.indices[item % len(self.indices)]
         pixels = self.cache.pixels(index)
         if self.augment is not None:
             image = torch.from_numpy(pixels.copy())[None]
-            pixels = augment_pixels(image, self.augment, self._generator(index))[0].numpy()
+            pixels = augment_pixels(image, self.augment, self._generator(item))[0].numpy()
         return self._input(pixels), int(self.labels[index])
 
     def masked(self, item: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Item ``item`` and its (H, W) boolean mask in input geometry (all False: none)."""
-        index = self.indices[item]
+        index = self.indices[item % len(self.indices)]
         pixels = torch.from_numpy(self.cache.pixels(index).copy())[None]
         shape = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         found = self.masks.mask(index, shape) if self.masks is not None else np.zeros(shape, bool)
         mask = torch.from_numpy(found)[None].float()
         if self.augment is not None:
-            pixels, mask = augment_with_mask(pixels, mask, self.augment, self._generator(index))
+            pixels, mask = augment_with_mask(pixels, mask, self.augment, self._generator(item))
         resize = self.preprocessing.resize
         fitted, _ = to_input(mask[0].numpy(), self.spec.size, 1, (0.0,), (1.0,), resize)
         return self._input(pixels[0].numpy()), int(self.labels[index]), fitted[0] >= 0.5
 
-    def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+    def _generator(self, item: int) -> torch.Generator:
+        """The augmentation of ``item``: its image's, and another for each repeat of it (items
+        ``p + k * len(self)`` are the ``k``-th repeat of position ``p`` in a balanced epoch)."""
+        repeat, position = divmod(item, len(self.indices))
+        seed = _item_seed(self.seed, self.epoch, self.indices[position])
+        return torch.Generator().manual_seed((seed + repeat * 7_919_317) % (2**63 - 1))
 
     def _input(self, pixels: FloatArray) -> torch.Tensor:
         spec = self.spec

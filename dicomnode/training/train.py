@@ -300,6 +300,28 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def epoch_order(config: TrainingConfig, labels: IntArray, epoch: int) -> list[int]:
+    """The items of an epoch's training set (:class:`ImageDataset`), seeded by the seed and epoch.
+
+    ``shuffle``: each position once; ``balanced``: as many draws with replacement, every
+    class (present in ``labels``) equally likely, the ``k``-th repeat of position ``p``
+    being item ``p + k * len(labels)`` so that each repeat is augmented afresh.
+    """
+    generator = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+    if config.sampling == "shuffle":
+        return torch.randperm(len(labels), generator=generator).tolist()
+    counts = np.bincount(labels, minlength=config.num_classes)
+    weights = torch.tensor(1.0 / counts[labels], dtype=torch.float64)
+    drawn = torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+    seen: dict[int, int] = {}
+    order = []
+    for position in drawn.tolist():
+        repeat = seen.get(position, 0)
+        seen[position] = repeat + 1
+        order.append(position + repeat * len(labels))
+    return order
+
+
 def class_weights(config: TrainingConfig, labels: IntArray) -> torch.Tensor | None:
     """``balanced``: n / (k x n_c) over the training labels; ``none``: None; else as given."""
     if config.class_weights == "none":
@@ -430,9 +452,7 @@ def _run_epoch(
     config = prepared.config
     epoch = state.epoch
     train_set.set_epoch(epoch)
-    order = torch.randperm(
-        len(train_set), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)
-    ).tolist()
+    order = epoch_order(config, train_set.labels[list(train_set.indices)], epoch)
     task = progress.add_task(
         f"epoch {epoch + 1}/{config.epochs}", total=trainer.steps_per_epoch, status=""
     )

@@ -1104,3 +1104,34 @@ def test_training_from_scratch_learns_a_learnable_task(tmp_path: Path) -> None:
     assert load_card(directory).metrics["balanced_accuracy"] >= 0.9
     history = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))["history"]
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+
+
+def test_balanced_sampling_draws_every_class_alike_and_augments_each_repeat_afresh(
+    tmp_path: Path,
+) -> None:
+    from dicomnode.training.data import ImageDataset, PixelCache
+    from dicomnode.training.train import epoch_order
+
+    config = load_config(_smoke_config(tmp_path, sampling="balanced", class_weights="none"))
+    labels = np.array([0] * 80 + [1] * 15 + [2] * 5)
+    order = epoch_order(config, labels, epoch=3)
+    assert len(order) == len(labels) and len(set(order)) == len(order)  # repeats are new items
+    counts = np.bincount(labels[np.array(order) % len(labels)], minlength=3)
+    assert counts.min() >= 20 and counts.max() <= 48  # about a third each; 5 of 100 unweighted
+    assert epoch_order(config, labels, epoch=3) == order  # seeded
+    assert epoch_order(config, labels, epoch=4) != order
+    shuffled = load_config(_smoke_config(tmp_path / "s"))
+    assert sorted(epoch_order(shuffled, labels, epoch=3)) == list(range(len(labels)))
+    # The k-th repeat of an image is the same image, augmented otherwise.
+    cache = PixelCache(np.random.default_rng(0).random((2, 32, 32), dtype=np.float32))
+    dataset = ImageDataset(
+        cache, np.array([0, 1]), [0, 1], config.input, config.preprocessing, config.augment, 5
+    )
+    first, again, repeat = dataset[1], dataset[1], dataset[1 + 2]
+    assert torch.equal(first[0], again[0]) and first[1] == repeat[1] == 1
+    assert not torch.equal(first[0], repeat[0])
+
+
+def test_balanced_sampling_with_balanced_class_weights_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sampling balanced already gives each class"):
+        load_config(_smoke_config(tmp_path, sampling="balanced"))
