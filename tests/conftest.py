@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,15 @@ from dicomnode.config import Settings
 from dicomnode.db.migrate import upgrade
 from dicomnode.db.session import Database
 from dicomnode.testing.node import make_settings
+from dicomnode.testing.peers import pynetdicom_receive_globals_restored
+
+
+@pytest.fixture(autouse=True)
+def _pynetdicom_receive_globals() -> Iterator[None]:
+    """Each test leaves pynetdicom's receiving as it found it: a node started in a test
+    switches it, process-wide, to write into that test's folder (see ``receive_into``)."""
+    with pynetdicom_receive_globals_restored():
+        yield
 
 
 @pytest.fixture

@@ -118,7 +118,6 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.cli("db", "upgrade")
-        log = self.log_path.open("ab")
         command = [
             sys.executable,
             "-m",
@@ -127,10 +126,19 @@ class NodeProcess:
             str(self.config_path),
             "serve",
         ]
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
-        )
-        wait_for_port(self.port, timeout=60)
+        with self.log_path.open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
+            )
+        try:
+            wait_for_port(self.port, timeout=60)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def worker_pids(self) -> list[int]:
@@ -178,12 +186,16 @@ def orthanc_and_node(
     node_port = free_port()
     orthanc = Orthanc(workdir / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)})
     orthanc.start()
-    node = NodeProcess.create(
-        workdir / "node",
-        models_dir,
-        peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
-        destinations=["PACS"],
-        extra=extra,
-        port=node_port,
-    )
+    try:
+        node = NodeProcess.create(
+            workdir / "node",
+            models_dir,
+            peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+            destinations=["PACS"],
+            extra=extra,
+            port=node_port,
+        )
+    except BaseException:
+        orthanc.stop()
+        raise
     return orthanc, node

@@ -7,6 +7,7 @@ with a generated configuration on free loopback ports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -15,17 +16,42 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import JPEGBaseline8Bit
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    DEFAULT_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def pynetdicom_receive_globals_restored() -> Iterator[None]:
+    """Restore what :func:`dicomnode.receive.scp.receive_into` sets process-wide in pynetdicom.
+
+    The node's SCP has pynetdicom write incoming data straight into its ``incoming``
+    folder (chunked receiving and its own ``NamedTemporaryFile``). Left in place after a
+    test, any later in-process SCP (a :class:`CollectingSCP`) would write into that
+    test's folder.
+    """
+    chunked = _config.STORE_RECV_CHUNKED_DATASET
+    temporary_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET = chunked
+        dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[attr-defined]
 
 
 def free_port() -> int:
@@ -153,11 +179,17 @@ class Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "orthanc.json"
         config.write_text(json.dumps(self.config(), indent=2))
-        log = (self.workdir / "orthanc.log").open("wb")
         binary = Orthanc.BINARY if Path(Orthanc.BINARY).exists() else "Orthanc"
-        self.process = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._alive, 60, what="Orthanc HTTP")
-        wait_for_port(self.dicom_port)
+        with (self.workdir / "orthanc.log").open("wb") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [binary, str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for(self._alive, 60, what="Orthanc HTTP")
+            wait_for_port(self.dicom_port)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _alive(self) -> bool:

@@ -10,9 +10,18 @@ DSRDUMP = Path("/usr/bin/dsrdump")
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    """The lines of ``dciodvfy`` output that report an error (warnings are not errors)."""
+    """The lines of ``dciodvfy`` output that report an error (warnings are not errors).
+
+    An ``Abort`` (dciodvfy could not read the file at all) is an error, and so is a
+    non-zero exit status without any error line: a file dciodvfy did not check is not valid.
+    """
     run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if "Error" in line or line.lstrip().startswith("Abort")]
+    if run.returncode != 0 and not errors:
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        errors.append(f"dciodvfy exited {run.returncode}: {last}")
+    return errors
 
 
 def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:

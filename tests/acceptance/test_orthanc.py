@@ -37,10 +37,14 @@ def models(tmp_path: Path) -> Path:
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     orthanc, node = orthanc_and_node(tmp_path, models)
-    node.start()
-    yield orthanc, node
-    node.stop()
-    orthanc.stop()
+    try:
+        node.start()
+        yield orthanc, node
+    finally:  # also when the node fails to start: no Orthanc left running
+        try:
+            node.stop()
+        finally:
+            orthanc.stop()
 
 
 def _classes(orthanc: Orthanc, study_id: str) -> list[str]:
@@ -169,11 +173,17 @@ def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> 
             what="results produced by the separate worker",
         )
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(30)
-        node.stop()
-        orthanc.stop()
+        try:
+            if worker is not None:
+                worker.terminate()
+                try:
+                    worker.wait(30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+            node.stop()
+        finally:
+            orthanc.stop()
 
 
 def test_whole_node_killed_mid_job_resumes_after_restart(
@@ -196,3 +206,32 @@ def test_whole_node_killed_mid_job_resumes_after_restart(
     )
     assert _infer_job(node) == ("done", 2)
     assert "released 1 job(s) of stopped worker" in node.log()
+
+
+def _open_in_this_process(path: Path) -> bool:
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
+
+
+def test_an_orthanc_that_fails_to_start_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its HTTP side came up, its DICOM port did not: start() stops it and raises."""
+    from dicomnode.testing import peers
+
+    orthanc = Orthanc(tmp_path / "orthanc")
+    started: list[int] = []
+
+    def port_never_opens(port: int, timeout: float = 30.0) -> None:
+        assert orthanc.process is not None
+        started.append(orthanc.process.pid)
+        raise TimeoutError(f"timed out waiting for port {port}")
+
+    monkeypatch.setattr(peers, "wait_for_port", port_never_opens)
+    with pytest.raises(TimeoutError):
+        orthanc.start()
+    (pid,) = started
+    assert orthanc.process is None
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(pid, 0)
+    assert not _open_in_this_process(tmp_path / "orthanc" / "orthanc.log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,20 +14,22 @@ from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.testing.images import make_radiograph
 from dicomnode.testing.inprocess import InProcessNode
-from dicomnode.testing.peers import wait_for
+from dicomnode.testing.peers import LOOPBACK, wait_for
 from dicomnode.testing.postgres import TempPostgres
 from dicomnode.testing.queue import claim_concurrently
 
 pytestmark = pytest.mark.skipif(
-    not TempPostgres.available(), reason="PostgreSQL server or root missing"
+    not TempPostgres.available(), reason="the PostgreSQL server is not installed"
 )
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[TempPostgres]:
-    server = TempPostgres().start()
-    yield server
-    server.stop()
+    server = TempPostgres().start()  # stops what it started when a step fails
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -133,3 +136,21 @@ def test_the_same_instance_stored_at_once_twice_keeps_its_file(
         paths = [Path(i.path) for i in s.query(Instance).all()]
     assert len(paths) == rounds
     assert all(p.is_file() for p in paths)
+
+
+def test_a_failed_start_leaves_no_server_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """createdb fails after the server started: start() stops it and removes the cluster."""
+    server = TempPostgres()
+    run = server._run
+
+    def createdb_fails(*command: str) -> None:
+        if Path(command[0]).name == "createdb":
+            raise RuntimeError("createdb exited 1")
+        run(*command)
+
+    monkeypatch.setattr(server, "_run", createdb_fails)
+    with pytest.raises(RuntimeError, match="createdb"):
+        server.start()
+    assert not server.folder.exists()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert sock.connect_ex((LOOPBACK, server.port)) != 0  # nothing listens any more

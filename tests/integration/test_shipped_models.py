@@ -10,7 +10,7 @@ from PIL import Image
 
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
-from dicomnode.models.registry import ModelRegistry
+from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.values import BodyPart, PreparedImage
 
 ROOT = Path(__file__).parents[2]
@@ -18,8 +18,23 @@ MODELS = ROOT / "models"
 KNEE_DATA = ROOT.parent / "shared" / "data" / "knee-kl224-train"
 
 
+SHIPPED = {"knee-kl", "hand-ra", "spine-abnormality"}
+"""The models tracked in git under models/: each must load, none may be skipped."""
+
+
+def _shipped_knee_model() -> LoadedCard:
+    """The shipped knee model (with its localiser, models/knee-kl/localiser.safetensors)."""
+    loaded = ModelRegistry.load(MODELS).for_body_part(BodyPart.KNEE)
+    assert loaded is not None, "the shipped knee model (models/knee-kl) does not load"
+    assert loaded.card.preprocessing.localiser == "knee", (
+        "the shipped knee model lost its localiser"
+    )
+    return loaded
+
+
 def test_every_shipped_card_validates_and_its_weights_match() -> None:
     registry = ModelRegistry.load(MODELS)
+    assert {loaded.card.name for loaded in registry.cards} == SHIPPED
     for loaded in registry.cards:
         card = loaded.card
         assert card.intended_use and card.training_data
@@ -46,11 +61,7 @@ def _bilateral(left_of_viewer: Path, right_of_viewer: Path) -> PreparedImage:
     not KNEE_DATA.is_dir(), reason="../shared/data/knee-kl224-train is not beside the project"
 )
 def test_knee_model_grades_each_knee_of_a_bilateral_image() -> None:
-    loaded = ModelRegistry.load(MODELS).for_body_part(BodyPart.KNEE)
-    if loaded is None:
-        pytest.skip("no knee model is installed")
-    if loaded.card.preprocessing.localiser != "knee":
-        pytest.skip("the installed knee model has no localiser")
+    loaded = _shipped_knee_model()
     predictor = Predictor.load(loaded.directory, loaded.card, "cpu")
     right = sorted((KNEE_DATA / "3").glob("*R.webp"))[0]
     left = sorted((KNEE_DATA / "0").glob("*L.webp"))[0]
@@ -76,9 +87,7 @@ def test_knee_crops_are_evaluated_whole_as_in_training(tmp_path: Path) -> None:
     from dicomnode.inference import prepare_input
     from dicomnode.training.evaluate import evaluate_model
 
-    loaded = ModelRegistry.load(MODELS).for_body_part(BodyPart.KNEE)
-    if loaded is None or loaded.card.preprocessing.localiser != "knee":
-        pytest.skip("no knee model with a localiser is installed")
+    loaded = _shipped_knee_model()
     folder = tmp_path / "crops"
     crops = []
     for grade in range(5):

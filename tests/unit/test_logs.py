@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -12,16 +13,53 @@ import pytest
 
 from dicomnode import logs
 
+NOISY = ("pynetdicom", "alembic", "highdicom", "pylibjpeg")
+"""The libraries' loggers whose levels ``logs.configure`` sets besides the root's."""
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Put back what ``logs.configure`` changes: the root logger's handlers and level, the
+    level of every named logger (the noisy libraries' included) and warnings capture."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    named = [logging.getLogger(name) for name in NOISY]
+    named += [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger) and logger not in named
+    ]
+    levels = [(logger, logger.level) for logger in named]
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for logger, saved in levels:
+            logger.setLevel(saved)
+        logging.captureWarnings(False)
+
 
 @pytest.fixture
 def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
-    """capsys, with the root logger's set-up restored afterwards (tests call configure)."""
+    """capsys, with the logging set-up restored afterwards (tests call configure)."""
+    with logging_restored():
+        yield capsys
+
+
+def _state() -> tuple[list[logging.Handler], int, list[int]]:
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield capsys
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
+    return root.handlers[:], root.level, [logging.getLogger(name).level for name in NOISY]
+
+
+def test_configure_is_undone_after_each_test() -> None:
+    """No later test runs with the levels or handlers a configure call here left."""
+    before = _state()
+    with logging_restored():
+        logs.configure("DEBUG")
+        assert _state() != before
+        assert [logging.getLogger(name).level for name in NOISY] == [logging.WARNING] * 4
+    assert _state() == before
 
 
 def test_redact_quoted_replaces_single_and_double_quoted_values() -> None:

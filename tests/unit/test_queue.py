@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import update
 
 from dicomnode.db.schema import Job, Report
@@ -13,6 +14,27 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.testing.queue import claim_concurrently
+
+
+@dataclass
+class Clock:
+    """The queue's clock, standing still until a test moves it on."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Leases and back-offs expire when the test says so, however loaded the machine."""
+    fake = Clock(utcnow())
+    monkeypatch.setattr(q, "utcnow", fake)
+    return fake
 
 
 def _report(db: Database) -> int:
@@ -55,15 +77,16 @@ def test_claims_never_overlap_between_threads(db: Database) -> None:
     assert len(set(claimed)) == 40
 
 
-def test_lost_lease_is_claimed_again(db: Database) -> None:
+def test_lost_lease_is_claimed_again(db: Database, clock: Clock) -> None:
     with db.session() as s:
         q.enqueue(s, [_spec("1.1")])
     with db.session() as s:
-        first = q.claim(s, q.JobKind.INFER, "dead-worker", 0.2)
+        first = q.claim(s, q.JobKind.INFER, "dead-worker", 20)
     assert len(first) == 1
+    clock.advance(19)
     with db.session() as s:
         assert q.claim(s, q.JobKind.INFER, "other", 30) == []
-    time.sleep(0.3)
+    clock.advance(2)
     with db.session() as s:
         again = q.claim(s, q.JobKind.INFER, "other", 30)
     assert [j.id for j in again] == [first[0].id]
@@ -111,28 +134,31 @@ def test_a_job_that_kills_its_worker_ends_dead_and_spares_its_batch(db: Database
         assert q.counts_by_state(s) == {("infer", "dead"): 1, ("infer", "done"): 3}
 
 
-def test_an_expired_lease_with_attempts_used_up_ends_dead_not_running(db: Database) -> None:
+def test_an_expired_lease_with_attempts_used_up_ends_dead_not_running(
+    db: Database, clock: Clock
+) -> None:
     with db.session() as s:
         q.enqueue(s, [_spec("1.1", attempts=1)])
     with db.session() as s:
-        q.claim(s, q.JobKind.INFER, "hung", 0.1)
-    time.sleep(0.2)
+        q.claim(s, q.JobKind.INFER, "hung", 20)
+    clock.advance(21)
     with db.session() as s:
         assert q.claim(s, q.JobKind.INFER, "other", 30) == []
         assert q.counts_by_state(s) == {("infer", "dead"): 1}
         assert q.dead_jobs(s)[0].last_error == q.LOST_LEASE
 
 
-def test_failures_back_off_then_die_and_retry_requeues(db: Database) -> None:
-    policy = RetryPolicy(max_attempts=2, initial_seconds=0.1, maximum_seconds=10)
+def test_failures_back_off_then_die_and_retry_requeues(db: Database, clock: Clock) -> None:
+    policy = RetryPolicy(max_attempts=2, initial_seconds=20, maximum_seconds=600)
     with db.session() as s:
         q.enqueue(s, [_spec("1.1", attempts=2)])
     with db.session() as s:
         job = q.claim(s, q.JobKind.INFER, "w", 30)[0]
         assert q.fail(s, job, "w", "boom", policy) == q.JobState.FAILED
+    clock.advance(19)
     with db.session() as s:
         assert q.claim(s, q.JobKind.INFER, "w", 30) == []  # waiting for its backoff
-    time.sleep(0.15)
+    clock.advance(2)
     with db.session() as s:
         job = q.claim(s, q.JobKind.INFER, "w", 30)[0]
         assert q.fail(s, job, "w", "boom again", policy) == q.JobState.DEAD
@@ -261,15 +287,18 @@ def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     assert sr.sop_instance_uid == "9.3"
 
 
-def test_a_hung_workers_job_is_found_again_when_its_lease_runs_out(db: Database) -> None:
+def test_a_hung_workers_job_is_found_again_when_its_lease_runs_out(
+    db: Database, clock: Clock
+) -> None:
     """No supervisor sees a hung worker die: looking for work ends its expired lease."""
     with db.session() as s:
         q.enqueue(s, [_spec("1.1")])
     with db.session() as s:
-        q.claim(s, q.JobKind.INFER, "hung", 0.1)
+        q.claim(s, q.JobKind.INFER, "hung", 20)
+    clock.advance(19)
     with db.session() as s:
         assert q.next_group(s, q.JobKind.INFER) is None  # still leased
-    time.sleep(0.2)
+    clock.advance(2)
     with db.session() as s:
         assert q.next_group(s, q.JobKind.INFER) == "m:1"
         (again,) = q.claim(s, q.JobKind.INFER, "other", 30, limit=4, group_key="m:1")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
+from pynetdicom import _config, dimse_messages
 
 from dicomnode.config import Settings
 from dicomnode.db.session import Database
 from dicomnode.receive import scp
+from dicomnode.testing.peers import pynetdicom_receive_globals_restored
 
 
 def test_the_end_of_an_association_is_recorded_after_transient_errors(
@@ -41,3 +45,14 @@ def test_an_end_that_cannot_be_recorded_is_logged(
     caplog.set_level(logging.ERROR)
     scp.StoreHandlers(settings, db)._release("assoc-2", attempts=3)
     assert "assoc-2: its end could not be recorded (OSError)" in caplog.text
+
+
+def test_what_receive_into_sets_in_pynetdicom_is_restored(tmp_path: Path) -> None:
+    """The tests' autouse fixture undoes the node's process-wide pynetdicom settings."""
+    with pynetdicom_receive_globals_restored():
+        scp.receive_into(tmp_path / "incoming")
+        assert _config.STORE_RECV_CHUNKED_DATASET is True
+        with dimse_messages.NamedTemporaryFile() as handle:  # type: ignore[attr-defined]
+            assert Path(handle.name).parent == tmp_path / "incoming"
+    assert _config.STORE_RECV_CHUNKED_DATASET is False
+    assert dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile  # type: ignore[attr-defined]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -10,12 +9,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from dicomnode import studies
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Job, Report
 from dicomnode.db.session import Database, utcnow
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.studies import OPEN, queue_new_instances, ready_rounds, route, schedule_ready
 from dicomnode.testing.models import make_tiny_model
+from dicomnode.testing.node import make_settings
 from dicomnode.values import BodyPart
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -119,8 +120,11 @@ def _jobs(db: Database) -> list[tuple[str, str | None, int | None]]:
 
 
 def test_images_are_queued_at_once_and_the_round_closes_when_the_study_settles(
-    db: Database, settings: Settings, registry: ModelRegistry
+    db: Database, registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A settle time no loaded machine outlasts between two statements; the scheduler's
+    # clock is moved past it instead of waiting (same database and models: same tmp_path).
+    settings = make_settings(tmp_path, study={"settle_seconds": 60})
     settle = settings.study.settle_seconds
     sending = _association(db, released=False)
     _store(db, sending, "1.2.3.1.1", ago=10 * settle)
@@ -136,7 +140,7 @@ def test_images_are_queued_at_once_and_the_round_closes_when_the_study_settles(
     _release(db, sending)
     assert schedule_ready(db, settings, registry) == []  # released, but not quiet long enough
     assert [job[2] for job in _jobs(db)] == [1, 1]
-    time.sleep(settle + 0.05)
+    monkeypatch.setattr(studies, "utcnow", lambda: utcnow() + timedelta(seconds=settle + 1))
     assert schedule_ready(db, settings, registry) == [1]
     assert _jobs(db)[-1] == ("report", None, 1)
     # An image after the round closed opens the next one (its SR supersedes the first).
