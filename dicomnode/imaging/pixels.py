@@ -433,9 +433,18 @@ def _is_dicom_file(path: Path) -> bool:
 def _picture_pixels(image: Image.Image) -> FloatArray:
     """Grey ``float32`` in [0, 1] from an 8-bit or 16-bit Pillow image.
 
-    A 16-bit picture is scaled by the range of the bits it uses: a 12-bit
-    radiograph exported as 16-bit PNG (values up to 4095) spans [0, 1] as its
-    DICOM original would, instead of staying near black.
+    An 8-bit picture is divided by 255. A 16-bit picture is divided by ``2**n - 1``,
+    ``n`` being the bit length of this image's largest value, clamped to 8..16: a
+    PNG does not say how many bits are in use (its ``sBIT`` chunk is not read), so
+    they are inferred per image. A 12-bit radiograph exported as 16-bit PNG whose
+    brightest pixel is 4095 (or anything from 2048) is divided by 4095 and does not
+    stay near black; but an export of the same image whose brightest pixel is below
+    2048 (a crop, say) is divided by 2047, twice as bright. A DICOM file says its
+    bits (Bits Stored, which only clears the unused high bits), and a grey DICOM
+    image is then shown through its Modality LUT and VOI (VOI LUT, window, else the
+    0.5-99.5 % percentile window: :func:`prepare_dataset`), not divided by its range,
+    so a PNG export matches what the node makes of its DICOM original only when the
+    export applied the same window.
     """
     if image.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
         values = np.asarray(image).astype(np.float32)

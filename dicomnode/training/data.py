@@ -39,7 +39,7 @@ from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
-from dicomnode.training.masks import LesionMasks
+from dicomnode.training.masks import LesionMasks, has_masks, mask_rows
 from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,43 @@ def group_of(stem: str, pattern: str) -> str:
     return match.group("group")
 
 
-def _class_files(folder: Path) -> list[Path]:
+def _class_files(folder: Path, root: Path) -> list[Path]:
+    """The image files of a class folder, sorted; other files are skipped with a warning.
+
+    A file is an image by its suffix (:data:`IMAGE_SUFFIXES`; no suffix is a DICOM
+    export's); hidden files and folders are ignored. A file without a suffix that is
+    neither DICOM nor a picture (a ``README``) is named when the images are decoded.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if skipped:
+        logger.warning(
+            "skipped %d files of %s whose suffix is not an image's (PNG, WebP, JPEG, DICOM): %s%s",
+            len(skipped),
+            _relative(folder, root),
+            "; ".join(_relative(p, root) for p in skipped[:MAX_LISTED]),
+            f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else "",
+        )
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+MASK_FOLDER = "masks"
+"""The folder of lesion masks beside the class folders (``dicomnode phantoms`` writes it)."""
+
+
+def _unexpected_folders(data_dir: Path, num_classes: int) -> list[str]:
+    """Folders of ``data_dir`` that are neither class folders ``0..k-1`` nor hold masks.
+
+    Hidden folders are ignored; the mask folders are :data:`MASK_FOLDER` and the
+    top folders of the masks its :data:`~dicomnode.training.masks.MASKS_FILE` names.
+    """
+    expected = {str(index) for index in range(num_classes)} | {MASK_FOLDER}
+    if has_masks(data_dir):
+        expected |= {Path(row["mask"]).parts[0] for row in mask_rows(data_dir)}
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p.name
+        for p in data_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in expected
     )
 
 
@@ -135,29 +167,67 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
 
 
 def scan_folder(
-    data_dir: Path, num_classes: int, group_pattern: str, group_by: str = "filename"
+    data_dir: Path,
+    num_classes: int,
+    group_pattern: str,
+    group_by: str = "filename",
+    *,
+    every_class: bool = True,
 ) -> LabelledImages:
-    """List ``data_dir/<0..num_classes-1>/`` files; every class must have at least one.
+    """List ``data_dir/<0..num_classes-1>/`` image files (:func:`_class_files`).
 
     Each file's patient (group) comes from its name (``group_pattern``) or, with
     ``group_by="patient_id"``, from its DICOM Patient ID (:func:`patient_group`).
+
+    Raises
+    ------
+    ConfigError
+        When ``data_dir`` has a folder that is not a class folder (``00``,
+        ``extra``, a class index the classes do not reach; mask folders and
+        hidden ones aside), when it has no image at all or, with
+        ``every_class`` (training: a class without images cannot be learned),
+        when a class folder is missing or empty; without it (evaluation) such a
+        class is warned about and left out of the figures.
     """
     if not data_dir.is_dir():
         raise ConfigError(f"data_dir {data_dir} is not a directory")
+    unexpected = _unexpected_folders(data_dir, num_classes)
+    if unexpected:
+        raise ConfigError(
+            f"{data_dir} has folders that are not class folders 0..{num_classes - 1}: "
+            f"{', '.join(unexpected)} (each class folder is named by its class index; "
+            "move the others out of data_dir)"
+        )
     paths: list[Path] = []
     labels: list[int] = []
     for index in range(num_classes):
         folder = data_dir / str(index)
-        files = _class_files(folder) if folder.is_dir() else []
+        files = _class_files(folder, data_dir) if folder.is_dir() else []
         if not files:
-            raise ConfigError(f"class folder {folder} is missing or has no images")
+            _absent_class(folder, index, every_class=every_class)
         paths.extend(files)
         labels.extend([index] * len(files))
+    if not paths:
+        raise ConfigError(f"{data_dir} has no images in class folders 0..{num_classes - 1}")
     groups = tuple(
         patient_group(p) if group_by == "patient_id" else group_of(p.stem, group_pattern)
         for p in paths
     )
     return LabelledImages(data_dir, tuple(paths), np.asarray(labels, dtype=np.int64), groups)
+
+
+def _absent_class(folder: Path, index: int, *, every_class: bool) -> None:
+    """Refuse (``every_class``) or warn about a class folder that is missing or empty."""
+    if every_class:
+        raise ConfigError(
+            f"class folder {folder} is missing or has no images: a class without images "
+            "cannot be learned"
+        )
+    logger.warning(
+        "class folder %s is missing or has no images: class %d is left out of the figures",
+        folder,
+        index,
+    )
 
 
 def cache_key(images: LabelledImages, shape: tuple[int, int], resize: str | None = None) -> str:
@@ -194,7 +264,14 @@ def read_labelled(path: Path, root: Path | None = None) -> PreparedImage:
     try:
         return read_image_file(path)
     except ImagingError as exc:
-        raise ConfigError(f"{_relative(path, root)}: {exc}") from exc
+        hint = "" if path.suffix else NO_SUFFIX_HINT
+        raise ConfigError(f"{_relative(path, root)}: {exc}{hint}") from exc
+
+
+NO_SUFFIX_HINT = (
+    " (a file without a suffix is read as DICOM or a picture: move a README or other "
+    "note out of the class folder)"
+)
 
 
 def _relative(path: Path, root: Path | None) -> str:

@@ -16,13 +16,20 @@ is tested on its own (``tests/unit/test_localise.py``). The galleries are drawn
 by the same whole-image path, so each overlay explains the probability in its
 caption.
 
-Outputs: a predictions CSV (``path,label,predicted,p_0,...,p_{k-1}``) and a
-report directory with ``metrics.json``, ``confusion.png``, ``roc.png``,
-``reliability.png``, ``summary.md`` and one Grad-CAM gallery per class,
-``gradcam_<index>_<name>.png``: the node's own overlays (heatmap, findings) of
-up to :data:`GALLERY_PER_CLASS` images of that true class, the ones the model
-gives the highest probability of the class first, each captioned with its
-predicted class. ``summary.md`` names the model (version, weights sha256, the
+The folder is ``data_dir/<class index>/`` as in training: a folder that is not a
+class folder is an error, but a class folder that is missing or empty is warned
+about and the class left out (its recall and AUC are undefined), as a test set may
+lack a grade.
+
+Outputs: a predictions CSV (``path,label,predicted,p_0,...,p_{k-1}``; ``path`` is
+``data_dir`` as given joined with ``<class index>/<file>``, so relative when
+``data_dir`` was given relative, unlike the out-of-fold CSV of training, whose
+paths are relative to its ``data_dir``) and a report directory with
+``metrics.json``, ``confusion.png``, ``roc.png``, ``reliability.png``, ``summary.md``
+and one Grad-CAM gallery per class, ``gradcam_<index>_<name>.png``: the node's own
+overlays (heatmap, findings) of up to :data:`GALLERY_PER_CLASS` images of that true
+class, the ones the model gives the highest probability of the class first, each
+captioned with its predicted class. ``summary.md`` names the model (version, weights sha256, the
 synthetic-data notice where it applies), says how a localiser card's images were
 read, repeats the card's own figures for comparison and its note to readers, and
 lists the figures and galleries.
@@ -80,9 +87,11 @@ def evaluate_model(
     model_dir:
         A directory with ``model.yaml`` and its weights.
     data_dir:
-        Labelled folders ``0 .. k-1`` (k = the card's classes).
+        Labelled folders ``0 .. k-1`` (k = the card's classes); a missing or empty
+        one is warned about, any other folder (masks aside) is an error.
     predictions:
-        Where to write the per-image CSV, or None.
+        Where to write the per-image CSV, or None; its ``path`` column is each file's
+        path as ``data_dir`` gives it (``data_dir/<class index>/<file>``).
     report:
         A directory for ``metrics.json``, the figures and ``summary.md``, or None.
     device:
@@ -96,7 +105,7 @@ def evaluate_model(
     """
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
-    images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN)
+    images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     probabilities = predict_folder(predictor, images)
     metrics = {
         "model": card.name,
@@ -136,7 +145,11 @@ def prediction_header(num_classes: int) -> list[str]:
 
 
 def write_predictions(path: Path, images: LabelledImages, probabilities: Float64Array) -> Path:
-    """One CSV row per image: its path, true label, predicted class and probabilities."""
+    """One CSV row per image: its path, true label, predicted class and probabilities.
+
+    The path is the file's as listed under ``images.root`` (the ``data_dir`` given to
+    :func:`evaluate_model`), not relative to it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     predicted = probabilities.argmax(axis=1)
     with path.open("w", newline="", encoding="utf-8") as handle:

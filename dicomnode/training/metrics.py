@@ -234,3 +234,57 @@ def _add_per_class(
     empty = None if key == "auc_one_vs_rest" else 0.0
     summary[f"{key}_per_class_mean"] = [float(np.mean(v)) if v else empty for v in columns]
     summary[f"{key}_per_class_sd"] = [_sd(v) if len(v) > 1 else None for v in columns]
+
+
+OTHER_FOLDS_EPOCH = "cross_validation_other_folds_epoch"
+"""The metrics key of :func:`at_other_folds_epoch`: a less optimistic cross-validation."""
+
+OTHER_FOLDS_FIGURES = ("balanced_accuracy", "quadratic_weighted_kappa")
+"""The validation figures each epoch's history records that :func:`at_other_folds_epoch` reads."""
+
+
+def median_epoch(epochs: list[int]) -> int:
+    """The median of ``epochs``, a half rounded up (the mean of the two middle ones)."""
+    ordered = sorted(epochs)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle] + 1) // 2
+
+
+def at_other_folds_epoch(per_fold: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each fold's validation figures at an epoch its own validation did not choose.
+
+    A fold's kept epoch is the one with the best balanced accuracy on its own
+    held-out images, which flatters its figures a little. Here fold ``k`` is
+    read, from its per-epoch ``history``, at ``e_k``: the median ``best_epoch`` of
+    the other folds (:func:`median_epoch`), clipped to the epochs fold ``k`` ran.
+    Returns ``per_fold`` rows (fold, epoch, figures) and ``{mean, sd}`` of each
+    of :data:`OTHER_FOLDS_FIGURES`; ``None`` when fewer than two folds have figures.
+    """
+    rows = [row for k in range(len(per_fold)) if (row := _other_folds_row(per_fold, k))]
+    if len(rows) < 2:
+        return None
+    summary: dict[str, Any] = {"per_fold": rows}
+    for key in OTHER_FOLDS_FIGURES:
+        values = [float(row[key]) for row in rows]
+        summary[key] = {"mean": float(np.mean(values)), "sd": _sd(values)}
+    return summary
+
+
+def _other_folds_row(per_fold: list[dict[str, Any]], k: int) -> dict[str, Any] | None:
+    """Fold ``k``'s figures at the other folds' median best epoch, or None when not recorded."""
+    others = [int(f["best_epoch"]) for j, f in enumerate(per_fold) if j != k]
+    others = [epoch for epoch in others if epoch >= 1]
+    fold = per_fold[k]
+    if not others or int(fold.get("epochs_run", 0)) < 1:
+        return None
+    epoch = min(median_epoch(others), int(fold["epochs_run"]))
+    record = next((r for r in fold.get("history", []) if r.get("epoch") == epoch), None)
+    if record is None or any(record.get(key) is None for key in OTHER_FOLDS_FIGURES):
+        return None
+    return {
+        "fold": fold.get("fold"),
+        "epoch": epoch,
+        **{key: float(record[key]) for key in OTHER_FOLDS_FIGURES},
+    }

@@ -32,7 +32,9 @@ from dicomnode.training.config import TrainingConfig
 from dicomnode.training.data import IntArray
 from dicomnode.training.folds import split
 from dicomnode.training.metrics import (
+    OTHER_FOLDS_EPOCH,
     Float64Array,
+    at_other_folds_epoch,
     classification_metrics,
     fit_temperature,
     softmax,
@@ -79,7 +81,7 @@ def _validation_text(config: TrainingConfig, held_out: int | None = None) -> str
     scheme = (
         f"StratifiedGroupKFold, {config.folds} folds grouped by patient, seed {config.seed}; "
         "figures after temperature scaling fitted on the same held-out images "
-        "(argmax figures do not change; the ECE is optimistic)"
+        f"(argmax figures do not change; the ECE is optimistic){_epoch_choice(config, fold)}"
     )
     if fold == "all":
         return (
@@ -95,16 +97,48 @@ def _validation_text(config: TrainingConfig, held_out: int | None = None) -> str
     return f"one held-out patient-grouped fold: fold {fold} of {config.folds} ({scheme})"
 
 
+def _epoch_choice(config: TrainingConfig, fold: str | int) -> str:
+    """What the validation text says of the kept epoch: chosen on the held-out images."""
+    if config.keep != "best":
+        return ""
+    if fold not in ("all", "final"):
+        return (
+            "; the kept epoch is the one with the best balanced accuracy on these same "
+            "held-out images, so the figures are slightly optimistic"
+        )
+    return (
+        "; each fold's kept epoch is the one with the best balanced accuracy on its own "
+        "held-out fold, so the figures are slightly optimistic "
+        f"({OTHER_FOLDS_EPOCH} reads each fold at the median best epoch of the other folds)"
+    )
+
+
+def _across_folds(config: TrainingConfig, per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """``per_fold`` (without histories), ``cross_validation`` and, when the kept epoch is the
+    best one, :data:`~dicomnode.training.metrics.OTHER_FOLDS_EPOCH`."""
+    figures: dict[str, Any] = {
+        "per_fold": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
+        "cross_validation": summarise_folds(per_fold),
+    }
+    other = at_other_folds_epoch(per_fold) if config.keep == "best" else None
+    if other is not None:
+        figures[OTHER_FOLDS_EPOCH] = other
+    return figures
+
+
 def summarise(config: TrainingConfig, results: list[FoldResult]) -> dict[str, Any]:
-    """``metrics.json``: the shipped fold's figures; per fold and mean ± sd when several ran."""
+    """``metrics.json``: the shipped fold's figures; per fold and mean ± sd when several ran.
+
+    With several folds and ``keep: best``, also each fold's figures at the median best
+    epoch of the other folds (:func:`~dicomnode.training.metrics.at_other_folds_epoch`).
+    """
     per_fold = [fold_metrics(r) for r in results]
     headline = {k: v for k, v in per_fold[0].items() if k != "history"}
     held_out = results[0].fold if len(results) == 1 else None
     summary: dict[str, Any] = {"validation": _validation_text(config, held_out), **headline}
     summary["history"] = per_fold[0]["history"]
     if len(per_fold) > 1:
-        summary["per_fold"] = [{k: v for k, v in f.items() if k != "history"} for f in per_fold]
-        summary["cross_validation"] = summarise_folds(per_fold)
+        summary.update(_across_folds(config, per_fold))
     return summary
 
 
@@ -179,8 +213,9 @@ def write_final_directory(prepared: Prepared, results: list[FoldResult], final: 
     """The model directory of ``fold: final``: all-data weights, cross-validation figures.
 
     The headline figures are computed over the pooled out-of-fold predictions
-    with one temperature fitted on them (the card's temperature); ``per_fold``
-    and ``cross_validation`` (mean ± sd) are as for ``fold: all``.
+    with one temperature fitted on them (the card's temperature); ``per_fold``,
+    ``cross_validation`` (mean ± sd) and its less optimistic companion
+    :data:`~dicomnode.training.metrics.OTHER_FOLDS_EPOCH` are as for ``fold: all``.
     """
     config = prepared.config
     logits, labels = pooled_out_of_fold(results)
@@ -191,8 +226,7 @@ def write_final_directory(prepared: Prepared, results: list[FoldResult], final: 
         **classification_metrics(labels, softmax(logits, temperature)),
         "temperature": temperature,
         "final_epochs": final.loop.epoch,
-        "per_fold": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
-        "cross_validation": summarise_folds(per_fold),
+        **_across_folds(config, per_fold),
         "history": final.loop.history,
     }
     write_out_of_fold(prepared, results, temperature)

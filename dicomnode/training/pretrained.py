@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -139,18 +141,55 @@ def lite_package(arch: str) -> Candidate:
     return Candidate.at(path, f"{path} (PyPI {package})", by_position=True)
 
 
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` or torch state-dict file (``state_dict`` unwrapped)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def checked_initial_weights(init_weights: str, arch: str) -> Candidate | None:
+    """:func:`initial_weights`, its file read once so that a corrupt one stops the run early.
 
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    Raises
+    ------
+    ConfigError
+        When the file is not on this machine.
+    TrainingError
+        When it cannot be read as weights (named, with the reason).
+    """
+    candidate = initial_weights(init_weights, arch)
+    if candidate is not None and candidate.path is not None:
+        read_state(candidate.path)
+    return candidate
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or torch state-dict file (``state_dict`` unwrapped).
+
+    Raises
+    ------
+    TrainingError
+        When the file cannot be read (corrupt, truncated, not weights), naming it.
+    """
+    with _readable(path):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
-        raise TrainingError(f"{path} does not hold a state dict")
+        raise TrainingError(f"init_weights: {path} does not hold a state dict")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     return {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in tensors.items()}
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn a failure to read the weights file ``path`` into a :class:`TrainingError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise TrainingError(f"init_weights: cannot read {path}: {exc}") from exc
+    except Exception as exc:  # a corrupt file raises whatever its parser meets (pickle, zip, ...)
+        raise TrainingError(
+            f"init_weights: {path} is not a readable weights file ({type(exc).__name__}): "
+            "is it corrupt or truncated?"
+        ) from exc
 
 
 def _torchvision_urls(name: str) -> list[str]:

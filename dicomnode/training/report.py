@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dicomnode.training.metrics import Float64Array, IntArray, calibration_bins, roc_curve_points
+from dicomnode.training.metrics import (
+    OTHER_FOLDS_EPOCH,
+    Float64Array,
+    IntArray,
+    calibration_bins,
+    roc_curve_points,
+)
 
 PALETTE = (
     (31, 119, 180),
@@ -248,8 +254,10 @@ def training_rows(
     """What a finished training run prints: (figure, value) rows and per-class rows.
 
     With ``cross_validation`` in ``metrics`` (several folds ran) the values are
-    "mean ± sd" over the folds; else the held-out fold's own values. Per-class
-    rows are (class index, precision, recall, F1, AUC).
+    "mean ± sd" over the folds, followed by those at the other folds' median best
+    epoch (:data:`~dicomnode.training.metrics.OTHER_FOLDS_EPOCH`) where the metrics
+    have them; else the held-out fold's own values. Per-class rows are
+    (class index, precision, recall, F1, AUC).
     """
     summary = metrics.get("cross_validation")
     if isinstance(summary, dict):
@@ -258,6 +266,7 @@ def training_rows(
             for key, label in SCALAR_FIGURES.items()
             if key in summary
         ]
+        scalars += _other_folds_epoch_rows(metrics.get(OTHER_FOLDS_EPOCH))
         columns = [
             [
                 _mean_sd(mean, sd)
@@ -282,6 +291,17 @@ def training_rows(
         columns.append([_mean_sd(v, None) for v in metrics.get("auc_one_vs_rest", [])])
     rows = [(str(c), *values) for c, values in enumerate(zip(*columns, strict=True))]
     return scalars, rows
+
+
+def _other_folds_epoch_rows(figures: Any) -> list[tuple[str, str]]:
+    """(figure, mean ± sd) rows of each fold read at the other folds' median best epoch."""
+    if not isinstance(figures, dict):
+        return []
+    return [
+        (f"{label}, at the other folds' median best epoch", _mean_sd(value["mean"], value["sd"]))
+        for key, label in SCALAR_FIGURES.items()
+        if isinstance(value := figures.get(key), dict)
+    ]
 
 
 def _mean_sd(mean: float | None, sd: float | None) -> str:

@@ -14,12 +14,15 @@ continues an interrupted run, and hands the kept weights to
 saved so far, so a long run can be stopped and shipped at any epoch.
 
 Checkpoints live in ``<checkpoints>/fold-<k>/``: ``last.pt`` (model, optimiser,
-scheduler, epoch, best score, RNG state) and ``best.pt`` (the best weights).
+scheduler, epoch, best score, RNG state, and the images and folds it was trained on:
+:func:`folds_record`) and ``best.pt`` (the best weights). ``--resume`` refuses a
+checkpoint whose images or folds differ from the run's.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -55,10 +58,15 @@ from dicomnode.training.data import (
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.loss import make_loss
 from dicomnode.training.masks import LesionMasks
-from dicomnode.training.metrics import Float64Array, classification_metrics, softmax
+from dicomnode.training.metrics import (
+    Float64Array,
+    classification_metrics,
+    median_epoch,
+    softmax,
+)
 from dicomnode.training.network import classifier_head, new_model
 from dicomnode.training.output import write_final_directory, write_model_directory
-from dicomnode.training.pretrained import initial_weights
+from dicomnode.training.pretrained import checked_initial_weights
 from dicomnode.training.state import FoldResult, LoopState, Prepared
 
 logger = logging.getLogger(__name__)
@@ -154,7 +162,13 @@ def export_from_checkpoints(config_path: Path) -> Path:
 
 @contextmanager
 def torch_settings(config: TrainingConfig) -> Iterator[None]:
-    """``num_threads`` and deterministic algorithms for the run; the previous settings after it."""
+    """``num_threads`` and deterministic algorithms for the run; the previous settings after it.
+
+    Before CUDA is first used it also sets ``CUBLAS_WORKSPACE_CONFIG`` (unless already set),
+    which cuBLAS needs for reproducible matrix products: a seeded run is bit-exact on the
+    CPU, and close to but not bit-exact on CUDA (some CUDA kernels have no deterministic form).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -169,7 +183,7 @@ def torch_settings(config: TrainingConfig) -> Iterator[None]:
 def prepare(config: TrainingConfig) -> Prepared:
     """Seed, check the Grad-CAM layer, scan the data, open the pixel cache, assign folds."""
     _seed_everything(config.seed)
-    initial_weights(config.init_weights, config.architecture.name)
+    checked_initial_weights(config.init_weights, config.architecture.name)
     if config.gradcam_layer is not None:
         arch = config.architecture
         network = build_model(arch.name, config.input.channels, config.num_classes, arch.params)
@@ -213,9 +227,7 @@ def final_epochs(config: TrainingConfig, results: list[FoldResult]) -> int:
     """Epochs of the all-data run: ``final_epochs``, else the folds' median kept epoch."""
     if config.final_epochs is not None:
         return config.final_epochs
-    best = sorted(max(r.kept_epoch, 1) for r in results)
-    middle = len(best) // 2
-    return best[middle] if len(best) % 2 else (best[middle - 1] + best[middle] + 1) // 2
+    return median_epoch([max(r.kept_epoch, 1) for r in results])
 
 
 def final_run(prepared: Prepared, results: list[FoldResult]) -> Prepared:
@@ -384,7 +396,8 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     train_idx, valid_idx = fold_indices(prepared, fold)
     trainer = _make_trainer(prepared, train_idx)
     directory = _fold_dir(config, fold)
-    state = _restore(directory, trainer, prepared.device) if resume else LoopState()
+    folds = folds_record(prepared)
+    state = _restore(directory, trainer, prepared.device, folds) if resume else LoopState()
     if resume and state.epoch:
         # A recipe resumed with more epochs or patience goes on from where it stopped.
         state.finished = _stops(state, config)
@@ -397,7 +410,7 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     with _progress() as progress, trainer.supervision or nullcontext():
         while not state.finished:
             improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
-            _save_checkpoint(directory, trainer, state, best=improved)
+            _save_checkpoint(directory, trainer, state, best=improved, folds=folds)
     return _result_from_checkpoint(prepared, fold)
 
 
@@ -637,6 +650,54 @@ def predict_logits(
 
 # ----------------------------------------------------------------------------- checkpoints
 
+FOLDS_KEY = "folds"
+"""The key of ``last.pt`` that holds :func:`folds_record` (absent from older checkpoints)."""
+
+
+def folds_record(prepared: Prepared) -> dict[str, Any]:
+    """The images and folds of a run: a sha256 of (relative path, fold) per image, sorted
+    by path, with the image count and fold sizes to say what changed."""
+    images = prepared.images
+    rows = sorted(
+        (path.relative_to(images.root).as_posix(), int(fold))
+        for path, fold in zip(images.paths, prepared.assignment, strict=True)
+    )
+    digest = hashlib.sha256()
+    for relative, fold in rows:
+        digest.update(f"{relative}\0{fold}\n".encode())
+    sizes = np.bincount(prepared.assignment, minlength=prepared.config.folds)
+    return {"sha256": digest.hexdigest(), "images": len(rows), "fold_sizes": sizes.tolist()}
+
+
+def check_same_folds(saved: Any, current: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint trained on other images or folds; warn when it does not say.
+
+    Raises
+    ------
+    TrainingError
+        When ``saved`` (the checkpoint's :func:`folds_record`) differs from ``current``.
+    """
+    if not isinstance(saved, dict):
+        logger.warning(
+            "%s does not record its images and folds (written before checkpoints did): "
+            "resuming without checking that they are this run's",
+            path,
+        )
+        return
+    if saved.get("sha256") == current["sha256"]:
+        return
+    raise TrainingError(
+        f"{path} was trained on other images or folds than this run's: then "
+        f"{_describe_folds(saved)}, now {_describe_folds(current)} (images added, removed or "
+        "renamed in data_dir, or folds, seed, group_pattern or group_by changed). Restore "
+        "them to resume, or start a new run with a new model.version (and checkpoint_dir)"
+    )
+
+
+def _describe_folds(record: dict[str, Any]) -> str:
+    sizes = "/".join(str(n) for n in record.get("fold_sizes", []))
+    return f"{record.get('images', '?')} images in folds of {sizes or '?'}"
+
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -649,8 +710,18 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, *, best: bool) -> None:
-    """``best.pt`` when this epoch is the best so far, then ``last.pt`` (every epoch)."""
+def _save_checkpoint(
+    directory: Path,
+    trainer: Trainer,
+    state: LoopState,
+    *,
+    best: bool,
+    folds: dict[str, Any] | None = None,
+) -> None:
+    """``best.pt`` when this epoch is the best so far, then ``last.pt`` (every epoch).
+
+    ``folds`` (:func:`folds_record`) is kept in ``last.pt`` for ``--resume`` to check.
+    """
     if best:
         _atomic_save(
             {"model": _cpu_state(trainer.model), "epoch": state.epoch}, directory / "best.pt"
@@ -662,18 +733,29 @@ def _save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, *, bes
         "loop": state.__dict__,
         "rng": torch.get_rng_state(),
     }
+    if folds is not None:
+        payload[FOLDS_KEY] = folds
     if torch.cuda.is_available():  # dropout masks on the GPU draw from its own generator
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     _atomic_save(payload, directory / "last.pt")
 
 
-def _restore(directory: Path, trainer: Trainer, device: torch.device) -> LoopState:
-    """Load ``last.pt`` into ``trainer``; a fresh state when there is none."""
+def _restore(
+    directory: Path, trainer: Trainer, device: torch.device, folds: dict[str, Any]
+) -> LoopState:
+    """Load ``last.pt`` into ``trainer``; a fresh state when there is none.
+
+    Raises
+    ------
+    TrainingError
+        When ``last.pt`` was trained on other images or folds than ``folds``.
+    """
     path = directory / "last.pt"
     if not path.is_file():
         logger.info("no checkpoint at %s: starting from epoch 1", path)
         return LoopState()
     payload = torch.load(path, map_location=device, weights_only=False)
+    check_same_folds(payload.get(FOLDS_KEY), folds, path)
     recipe_lrs = [float(group["initial_lr"]) for group in trainer.optimizer.param_groups]
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
@@ -711,7 +793,10 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
         raise TrainingError(f"no finished epoch in {directory}: nothing to export")
     kept = last if prepared.config.keep == "last" else best
     state = torch.load(kept, map_location="cpu", weights_only=False)["model"]
-    loop = LoopState(**torch.load(last, map_location="cpu", weights_only=False)["loop"])
+    payload = torch.load(last, map_location="cpu", weights_only=False)
+    if FOLDS_KEY in payload:  # figures of other images than the checkpoint's would be wrong
+        check_same_folds(payload[FOLDS_KEY], folds_record(prepared), last)
+    loop = LoopState(**payload["loop"])
     _, valid_idx = fold_indices(prepared, fold)
     if not len(valid_idx):
         return FoldResult(fold, state, None, None, loop, _kept_epoch(prepared.config, loop))

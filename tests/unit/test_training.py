@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -542,8 +543,8 @@ def test_resume_continues_from_the_last_checkpoint(
     recipe = _smoke_config(tmp_path, epochs=3)
     original = train_module._save_checkpoint
 
-    def save_then_stop(directory: Path, trainer: Any, state: Any, *, best: bool) -> None:
-        original(directory, trainer, state, best=best)
+    def save_then_stop(directory: Path, trainer: Any, state: Any, **kwargs: Any) -> None:
+        original(directory, trainer, state, **kwargs)
         if state.epoch == 2:
             raise _Interrupted
 
@@ -602,6 +603,14 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     # A file that is not an image is named in the error, by its place in the folder.
     (tmp_path / "data" / "1" / "9000999L.dcm").write_bytes(b"DICM" + bytes(200))
     with pytest.raises(ConfigError, match=r"^1/9000999L\.dcm: the dataset has no Pixel Data"):
+        evaluate_model(directory, tmp_path / "data")
+    (tmp_path / "data" / "1" / "9000999L.dcm").unlink()
+    # A test set may lack a class (warned, left out of the figures); a stray folder is named.
+    shutil.move(tmp_path / "data" / "2", tmp_path / "class-2")
+    without = evaluate_model(directory, tmp_path / "data", report=tmp_path / "report-2")
+    assert without["n"] == 48 - 16 and without["per_class"]["support"][2] == 0
+    (tmp_path / "data" / "extra").mkdir()
+    with pytest.raises(ConfigError, match=r"not class folders 0\.\.2: extra"):
         evaluate_model(directory, tmp_path / "data")
 
 
@@ -1135,3 +1144,148 @@ def test_balanced_sampling_draws_every_class_alike_and_augments_each_repeat_afre
 def test_balanced_sampling_with_balanced_class_weights_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sampling balanced already gives each class"):
         load_config(_smoke_config(tmp_path, sampling="balanced"))
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _fold_figures(fold: int, best: int, run: int, scores: list[float]) -> dict[str, Any]:
+    history = [
+        {"epoch": e + 1, "balanced_accuracy": s, "quadratic_weighted_kappa": s / 2}
+        for e, s in enumerate(scores)
+    ]
+    return {"fold": fold, "best_epoch": best, "epochs_run": run, "history": history}
+
+
+def test_each_fold_is_also_read_at_the_median_best_epoch_of_the_other_folds() -> None:
+    from dicomnode.training.metrics import OTHER_FOLDS_EPOCH, at_other_folds_epoch, median_epoch
+    from dicomnode.training.report import training_rows
+
+    assert [median_epoch(e) for e in ([3], [2, 5], [7, 2, 4], [1, 2])] == [3, 4, 4, 2]
+    per_fold = [
+        _fold_figures(0, 2, 4, [0.5, 0.8, 0.6, 0.7]),  # others 5, 3 -> 4
+        _fold_figures(1, 5, 5, [0.4, 0.5, 0.6, 0.65, 0.9]),  # others 2, 3 -> 3
+        _fold_figures(2, 3, 3, [0.3, 0.5, 0.7]),  # others 2, 5 -> 4, clipped to 3 run
+    ]
+    other = at_other_folds_epoch(per_fold)
+    assert other is not None
+    assert [(r["fold"], r["epoch"]) for r in other["per_fold"]] == [(0, 4), (1, 3), (2, 3)]
+    values = [0.7, 0.6, 0.7]
+    assert [r["balanced_accuracy"] for r in other["per_fold"]] == values
+    assert other["balanced_accuracy"] == pytest.approx(
+        {"mean": np.mean(values), "sd": np.std(values, ddof=1)}
+    )
+    assert other["quadratic_weighted_kappa"]["mean"] == pytest.approx(np.mean(values) / 2)
+    assert at_other_folds_epoch(per_fold[:1]) is None
+    # Printed under the cross-validation's own rows; a card without it prints as before.
+    summary = {"balanced_accuracy": {"mean": 0.8, "sd": 0.1}}
+    before, _ = training_rows({"cross_validation": summary})
+    after, _ = training_rows({"cross_validation": summary, OTHER_FOLDS_EPOCH: other})
+    assert after[: len(before)] == before
+    mean_sd = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    label = "balanced accuracy, at the other folds' median best epoch"
+    assert (label, mean_sd) in after[len(before) :]
+
+
+def test_a_cross_validation_says_its_epochs_were_chosen_on_the_held_out_folds(
+    tmp_path: Path,
+) -> None:
+    from dicomnode.training.metrics import OTHER_FOLDS_EPOCH
+
+    directory = train_from_config(_smoke_config(tmp_path, folds=2, fold="all", epochs=1))
+    card = load_card(directory)
+    assert "chosen" not in load_card(directory / "fold-1").metrics["validation"].split(";")[0]
+    assert "best balanced accuracy on its own held-out fold" in card.metrics["validation"]
+    assert "slightly optimistic" in load_card(directory / "fold-1").metrics["validation"]
+    other = card.metrics[OTHER_FOLDS_EPOCH]
+    assert [(r["fold"], r["epoch"]) for r in other["per_fold"]] == [(0, 1), (1, 1)]
+    for row, fold in zip(other["per_fold"], card.metrics["per_fold"], strict=True):
+        assert row["balanced_accuracy"] == pytest.approx(fold["balanced_accuracy"])
+    written = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    assert written[OTHER_FOLDS_EPOCH] == other
+
+
+def test_resume_refuses_a_checkpoint_of_other_images_or_folds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recipe = _smoke_config(tmp_path, epochs=1)
+    train_from_config(recipe)
+    last = tmp_path / "checkpoints" / "fold-0" / "last.pt"
+    recorded = torch.load(last, weights_only=False)[train_module.FOLDS_KEY]
+    assert recorded["images"] == 48 and len(recorded["sha256"]) == 64
+    added = tmp_path / "data" / "0" / "9000777L.png"
+    shutil.copy(next((tmp_path / "data" / "0").glob("*.png")), added)
+    with pytest.raises(TrainingError, match=r"trained on other images or folds .* now 49 images"):
+        train_from_config(recipe, resume=True)
+    added.unlink()
+    train_from_config(recipe, resume=True)  # the same images and folds: resumed
+    # A checkpoint written before checkpoints recorded their folds resumes, with a warning.
+    payload = torch.load(last, weights_only=False)
+    del payload[train_module.FOLDS_KEY]
+    torch.save(payload, last)
+    with caplog.at_level("WARNING", logger="dicomnode.training.train"):
+        train_from_config(recipe, resume=True)
+    assert "does not record its images and folds" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_corrupt_weights_file_is_named_before_any_image_is_read(
+    tmp_path: Path, suffix: str
+) -> None:
+    garbage = tmp_path / f"weights{suffix}"
+    garbage.write_bytes(np.random.default_rng(0).bytes(300))
+    recipe = _smoke_config(tmp_path, init_weights=str(garbage))
+    with pytest.raises(TrainingError, match=re.escape(f"{garbage} is not a readable weights file")):
+        train_from_config(recipe)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_seeded_run_sets_the_cublas_workspace_before_cuda_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    config = load_config(_smoke_config(tmp_path))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with train_module.torch_settings(config):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with train_module.torch_settings(config):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_labelled_folder_names_what_is_not_a_class_folder_or_an_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_tiny_dataset(tmp_path / "data", classes=2, patients=4, size=32)
+    (data / "masks").mkdir()  # lesion masks beside the class folders are expected
+    (data / ".thumbnails").mkdir()
+    (data / "README.md").write_text("about the folder", encoding="utf-8")
+    images = scan_folder(data, 2, DEFAULT_GROUP_PATTERN)
+    for name in ("00", "extra", "2"):
+        (data / name).mkdir()
+    with pytest.raises(ConfigError, match=r"not class folders 0\.\.1: 00, 2, extra"):
+        scan_folder(data, 2, DEFAULT_GROUP_PATTERN)
+    for name in ("00", "extra"):
+        (data / name).rmdir()
+    assert len(scan_folder(data, 3, DEFAULT_GROUP_PATTERN, every_class=False).paths) == len(images)
+    (data / "2").rmdir()
+    # A note with a suffix is skipped, and named; one without is named when decoding.
+    (data / "1" / "notes.txt").write_text("grader's notes", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="dicomnode.training.data"):
+        assert scan_folder(data, 2, DEFAULT_GROUP_PATTERN).paths == images.paths
+    assert "skipped 1 files of 1 whose suffix is not an image's" in caplog.text
+    assert "1/notes.txt" in caplog.text
+    (data / "1" / "README").write_text("grader's notes", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"1/README: not a readable picture .*move a README"):
+        PixelCache.build(scan_folder(data, 2, DEFAULT_GROUP_PATTERN), tmp_path / "cache", (32, 32))
+    (data / "1" / "README").unlink()
+    # Training needs every class; evaluation goes on without one, and says so.
+    for path in (data / "1").glob("*.png"):
+        path.unlink()
+    with pytest.raises(ConfigError, match=r"class folder .*1 is missing or has no images: a class"):
+        scan_folder(data, 2, DEFAULT_GROUP_PATTERN)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dicomnode.training.data"):
+        only_0 = scan_folder(data, 2, DEFAULT_GROUP_PATTERN, every_class=False)
+    assert set(only_0.labels.tolist()) == {0} and "class 1 is left out" in caplog.text
