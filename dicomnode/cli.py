@@ -133,14 +133,17 @@ def worker(
 
 @app.command()
 def echo(peer: str, config: ConfigOption = None) -> None:
-    """C-ECHO a known peer."""
-    from dicomnode.peers import get_peer
+    """C-ECHO a known peer (as the configuration file declares it, else as registered)."""
+    from dicomnode.peers import PeerInfo, get_peer
     from dicomnode.send.scu import echo as c_echo
 
     resolved = settings(config)
-    db = _database(resolved)
-    with db.session() as session:
-        info = get_peer(session, peer)
+    if peer in resolved.peers:
+        declared = resolved.peers[peer]
+        info = PeerInfo(peer, declared.ae_title, declared.host, declared.port, "config")
+    else:
+        with _database(resolved).session() as session:
+            info = get_peer(session, peer)
     answer = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
     where = f"{peer} ({info.ae_title}@{info.host}:{info.port})"
     if answer.status is None:
@@ -152,14 +155,12 @@ def echo(peer: str, config: ConfigOption = None) -> None:
 
 
 def _database(resolved: Settings):  # type: ignore[no-untyped-def]
+    """The node's database. The configuration file's peers are written into it by
+    ``serve`` (the receiving node) only: hosts that share the database (workers, an
+    administrator's shell) may hold other configuration files."""
     from dicomnode.service import open_database
 
-    db = open_database(resolved)
-    from dicomnode.peers import sync_config_peers
-
-    with db.session() as session:
-        sync_config_peers(session, dict(resolved.peers))
-    return db
+    return open_database(resolved)
 
 
 @ae_app.command("add")

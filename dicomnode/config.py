@@ -80,7 +80,12 @@ class NodeSettings(_Section):
 
 
 class StorageSettings(_Section):
-    data_dir: Path = Field(Path("var/data"), description="received instances and result objects")
+    data_dir: Path = Field(
+        Path("var/data"),
+        description="received instances and result objects (a relative path is taken from "
+        "the working directory at start-up; the database records absolute paths)",
+        validate_default=True,
+    )
     min_free_mb: int = Field(
         500, ge=0, description="refuse C-STORE with 0xA700 below this free space"
     )
@@ -90,6 +95,13 @@ class StorageSettings(_Section):
         description="days after which the pixel data of finished, delivered studies are deleted "
         "(headers and records stay); 0 keeps everything",
     )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Absolute, so that every recorded path means one file whatever the reader's
+        working directory (a worker host reads the paths a receiving node recorded)."""
+        return path.expanduser().absolute()
 
 
 class DatabaseSettings(_Section):
@@ -238,7 +250,7 @@ class Settings(_Section):
     """All of dicomnode's settings."""
 
     node: NodeSettings = NodeSettings()
-    storage: StorageSettings = StorageSettings()
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = DatabaseSettings()
     peers: dict[str, PeerSettings] = Field(default_factory=dict)
     results: ResultsSettings = ResultsSettings()

@@ -163,6 +163,11 @@ def _strip_pixels(path: Path, dry_run: bool) -> int:
         size = path.stat().st_size
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except FileNotFoundError:
+        log.warning(
+            "purge: %s is missing (removed by hand, or storage.data_dir is not the folder, "
+            "shared by every host, where it was written)",
+            path.name,
+        )
         return 0
     except (OSError, InvalidDicomError) as exc:
         raise StorageError(f"cannot read {path.name} to purge it: {exc}") from exc

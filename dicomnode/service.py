@@ -33,7 +33,7 @@ from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import list_peers, sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers
-from dicomnode.receive.scp import remove_stale_incoming, start_scp
+from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_scp
 from dicomnode.retention import purge_expired
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
@@ -47,15 +47,19 @@ QUICK_EXIT_SECONDS = 30.0
 RESTART_PAUSE = 10.0
 """Seconds before a worker that exited quickly is started again."""
 PURGE_INTERVAL = 3600.0
-"""Seconds between housekeeping passes (the first runs at start-up)."""
+"""Seconds between purge passes (the first runs at start-up)."""
+ORPHAN_INTERVAL = 60.0
+"""Seconds between looks for associations whose end could not be recorded."""
 STALE_INCOMING_SECONDS = 3600.0
 """A partial received file not written to for this long belongs to no live transfer."""
 
 
 def open_database(settings: Settings) -> Database:
-    """The database, refusing to run on a schema that `dicomnode db upgrade` has not created."""
-    if not migrate.is_current(settings.database.url):
-        raise DatabaseError("the database has no schema yet: run `dicomnode db upgrade` first")
+    """The database, refusing to run on a schema other than this version's (see
+    :func:`dicomnode.db.migrate.schema_problem`)."""
+    problem = migrate.schema_problem(settings.database.url)
+    if problem:
+        raise DatabaseError(problem)
     return Database(settings.database.url)
 
 
@@ -211,19 +215,21 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     )
     db = open_database(settings)
     with db.session() as session:
-        sync_config_peers(session, dict(settings.peers))
-        _check_destinations(session, settings)
+        if with_scp:  # the receiving node's file is the peers' source (workers read them)
+            sync_config_peers(session, dict(settings.peers))
+        _check_destinations(session, settings, with_scp)
     registry = load_registry(settings)
     _release_dead_local_workers(db)
-    reopened = release_all_open(db)
-    if reopened:
-        log.info("%d association(s) left open by the previous run are closed", reopened)
     stop = threading.Event()
     _install_signals(stop)
-    server = None
+    server = handlers = None
     if with_scp:
+        handlers = StoreHandlers(settings, db)
+        reopened = release_all_open(db, handlers.receiver)
+        if reopened:
+            log.info("%d association(s) left open by the previous run are closed", reopened)
         try:
-            server = start_scp(settings, db)
+            server = start_scp(settings, db, handlers)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror} "
@@ -231,8 +237,8 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             ) from exc
     supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
     supervisor.start()
-    if with_scp:
-        _start_housekeeping(db, settings, stop)
+    if handlers is not None:
+        _start_housekeeping(db, settings, stop, handlers)
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
             if not _tick(db, settings, registry, supervisor, with_scp=with_scp):
@@ -255,14 +261,17 @@ def _safe_url(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def _check_destinations(session: Session, settings: Settings) -> None:
+def _check_destinations(session: Session, settings: Settings, with_scp: bool = True) -> None:
     """Refuse to start when a result destination is not a peer: its results would die."""
     known = {peer.name for peer in list_peers(session)}
     unknown = [name for name in settings.results.destinations if name not in known]
     if unknown:
+        how = "add one with `dicomnode ae add`"
+        if not with_scp:
+            how += ", or start the receiving node (`dicomnode serve`), which registers its file's"
         raise ConfigError(
             f"results.destinations names {', '.join(unknown)}, not a peer "
-            f"(peers: {', '.join(sorted(known)) or 'none'}; add one with `dicomnode ae add`)"
+            f"(peers: {', '.join(sorted(known)) or 'none'}; {how})"
         )
 
 
@@ -289,25 +298,37 @@ def _tick(
     return True
 
 
-def _start_housekeeping(db: Database, settings: Settings, stop: threading.Event) -> None:
-    """Now and every :data:`PURGE_INTERVAL`, in a thread of its own: remove the partial
-    files of aborted transfers, and purge expired studies (when retention is on)."""
+def _start_housekeeping(
+    db: Database, settings: Settings, stop: threading.Event, handlers: StoreHandlers
+) -> None:
+    """In a thread of its own: every :data:`ORPHAN_INTERVAL`, close the associations whose
+    end could not be recorded; now and every :data:`PURGE_INTERVAL`, remove the partial
+    files of aborted transfers and purge expired studies (when retention is on)."""
     days = settings.storage.retention_days
     if days <= 0:
         log.info("retention: off (storage.retention_days is 0); nothing is purged")
     incoming = Path(settings.storage.data_dir) / "incoming"
 
+    def purge_pass() -> None:
+        removed = remove_stale_incoming(incoming, STALE_INCOMING_SECONDS)
+        if removed:
+            log.info("removed %d partial file(s) of aborted transfers", removed)
+        if days > 0:
+            purge_expired(db, days)
+
     def loop() -> None:
+        next_purge = 0.0
         while True:
             try:
-                removed = remove_stale_incoming(incoming, STALE_INCOMING_SECONDS)
-                if removed:
-                    log.info("removed %d partial file(s) of aborted transfers", removed)
-                if days > 0:
-                    purge_expired(db, days)
+                closed = handlers.release_orphaned()
+                if closed:
+                    log.info("%d association(s) whose end was not recorded are closed", closed)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_INTERVAL
+                    purge_pass()
             except Exception as exc:  # the thread must outlive one bad pass
-                log.error("housekeeping pass failed (next in %.0f s): %s", PURGE_INTERVAL, exc)
-            if stop.wait(PURGE_INTERVAL):
+                log.error("housekeeping pass failed (next in %.0f s): %s", ORPHAN_INTERVAL, exc)
+            if stop.wait(ORPHAN_INTERVAL):
                 return
 
     threading.Thread(target=loop, name="housekeeping", daemon=True).start()

@@ -52,6 +52,8 @@ class Association(Base):
     calling_ae: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(DateTime)
     released_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    receiver: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """The receiving node (``host:port``) whose SCP holds it; ``None`` before revision 0002."""
 
 
 class Instance(Base):

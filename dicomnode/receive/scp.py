@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -26,12 +27,17 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import Settings
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
 from dicomnode.peers import known_ae_titles
 from dicomnode.receive import statuses
 from dicomnode.store.files import ensure_free_space
-from dicomnode.store.instances import facts_from_dataset, release_association, store_instance
+from dicomnode.store.instances import (
+    facts_from_dataset,
+    release_association,
+    release_orphaned,
+    store_instance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +90,23 @@ class StoreHandlers:
         self.settings = settings
         self.db = db
         self.data_dir = Path(settings.storage.data_dir)
+        self.receiver = receiver_name(settings)
         self._associations: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def association_id(self, assoc: Any) -> str:
         with self._lock:
             return self._associations.setdefault(id(assoc), str(uuid.uuid4()))
+
+    def live_associations(self) -> set[str]:
+        """The ids of the associations this SCP holds now."""
+        with self._lock:
+            return set(self._associations.values())
+
+    def release_orphaned(self) -> int:
+        """Record the end of this SCP's associations whose end could not be recorded."""
+        started_before = utcnow()
+        return release_orphaned(self.db, self.receiver, self.live_associations(), started_before)
 
     def on_echo(self, event: evt.Event) -> int:
         return statuses.SUCCESS
@@ -145,6 +162,7 @@ class StoreHandlers:
             received,
             calling_ae=calling_ae,
             association_id=association_id,
+            receiver=self.receiver,
         )
         log.info(
             "stored sop=%s study=%s from=%s%s",
@@ -170,8 +188,8 @@ class StoreHandlers:
             except Exception as exc:  # a busy or restarting database
                 if attempt == attempts - 1:
                     log.error(
-                        "association %s: its end could not be recorded (%s); its studies are "
-                        "reported after the next restart",
+                        "association %s: its end could not be recorded (%s); it is closed "
+                        "by the next housekeeping pass",
                         association_id,
                         type(exc).__name__,
                     )
@@ -248,11 +266,18 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
     return ae
 
 
-def start_scp(settings: Settings, db: Database) -> ThreadedAssociationServer:
+def receiver_name(settings: Settings) -> str:
+    """This receiving node among those sharing a database: ``host:port`` of its SCP."""
+    return f"{os.uname().nodename}:{settings.node.port}"
+
+
+def start_scp(
+    settings: Settings, db: Database, handlers: StoreHandlers | None = None
+) -> ThreadedAssociationServer:
     """Start listening (non-blocking); raises :class:`OSError` when the port is taken."""
     receive_into(Path(settings.storage.data_dir) / "incoming")
     ae = build_ae(settings, db)
-    handlers = StoreHandlers(settings, db)
+    handlers = handlers or StoreHandlers(settings, db)
     server = ae.start_server(
         (settings.node.host, settings.node.port), block=False, evt_handlers=handlers.bindings()
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset
-from sqlalchemy import select, text, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
@@ -81,9 +83,15 @@ def already_stored(session: Session, sop_uid: str) -> bool:
     return session.get(Instance, sop_uid) is not None
 
 
-def _ensure_association(session: Session, association_id: str, calling_ae: str) -> None:
+def _ensure_association(
+    session: Session, association_id: str, calling_ae: str, receiver: str | None
+) -> None:
     if session.get(Association, association_id) is None:
-        session.add(Association(id=association_id, calling_ae=calling_ae, started_at=utcnow()))
+        session.add(
+            Association(
+                id=association_id, calling_ae=calling_ae, started_at=utcnow(), receiver=receiver
+            )
+        )
         session.flush()
 
 
@@ -95,6 +103,7 @@ def store_instance(
     *,
     calling_ae: str,
     association_id: str,
+    receiver: str | None = None,
 ) -> StoreOutcome:
     """Move the received file into place durably and record it, in one transaction.
 
@@ -113,7 +122,7 @@ def store_instance(
             if already_stored(session, facts.sop_uid):
                 return StoreOutcome(facts.sop_uid, True, path)
             move_durably(received, path)
-            _ensure_association(session, association_id, calling_ae)
+            _ensure_association(session, association_id, calling_ae, receiver)
             session.add(_record(facts, path, size, calling_ae, association_id))
     except Exception:
         if not received.exists():
@@ -166,12 +175,41 @@ def release_association(db: Database, association_id: str) -> None:
         )
 
 
-def release_all_open(db: Database) -> int:
-    """At start-up: associations left open by a previous run are over."""
+def release_all_open(db: Database, receiver: str) -> int:
+    """At start-up: the associations that ``receiver``'s previous run left open are over
+    (and those of no recorded receiver, written before schema revision 0002). Other
+    receiving nodes sharing the database keep theirs."""
     with db.session() as session:
         result = session.execute(
             update(Association)
-            .where(Association.released_at.is_(None))
+            .where(
+                Association.released_at.is_(None),
+                or_(Association.receiver == receiver, Association.receiver.is_(None)),
+            )
+            .values(released_at=utcnow())
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_orphaned(
+    db: Database, receiver: str, live: Collection[str], started_before: datetime
+) -> int:
+    """Close ``receiver``'s open associations that its SCP no longer holds: their end could
+    not be recorded when they ended, and their studies wait.
+
+    ``live``: the ids the SCP holds, read after ``started_before``; an association is given
+    its id before its row is written, so one that started before then and is not in ``live``
+    has ended (a newer one may not be in ``live`` yet and is left alone).
+    """
+    with db.session() as session:
+        result = session.execute(
+            update(Association)
+            .where(
+                Association.released_at.is_(None),
+                Association.receiver == receiver,
+                Association.started_at < started_before,
+                Association.id.not_in(list(live)),
+            )
             .values(released_at=utcnow())
         )
         return int(getattr(result, "rowcount", 0) or 0)

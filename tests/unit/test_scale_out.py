@@ -1,0 +1,125 @@
+"""Hosts that share one database: its schema revision, their associations and their peers."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicomnode.config import PeerSettings, Settings
+from dicomnode.db.migrate import schema_problem, upgrade
+from dicomnode.db.schema import Association, Peer
+from dicomnode.db.session import Database, utcnow
+from dicomnode.errors import ConfigError
+from dicomnode.peers import sync_config_peers
+from dicomnode.store.instances import release_all_open, release_orphaned
+
+
+def test_the_schema_revision_must_be_this_versions(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    assert "no schema yet: run `dicomnode db upgrade`" in schema_problem(url)
+    upgrade(url, "0001")
+    older = schema_problem(url)
+    assert "schema is at revision 0001, this dicomnode needs 0002" in older
+    assert "`dicomnode db upgrade`" in older
+    upgrade(url)
+    assert schema_problem(url) == ""
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    upgrade(url)
+    db = Database(url)
+    with db.session() as session:
+        session.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    db.dispose()
+    assert "revision 0099 is newer than this dicomnode knows (its latest is 0002)" in (
+        schema_problem(url)
+    )
+
+
+def _open(db: Database, association_id: str, receiver: str | None, ago: float = 60) -> None:
+    with db.session() as session:
+        session.add(
+            Association(
+                id=association_id,
+                calling_ae="MOD",
+                started_at=utcnow() - timedelta(seconds=ago),
+                receiver=receiver,
+            )
+        )
+
+
+def _still_open(db: Database) -> set[str]:
+    with db.session() as session:
+        return set(
+            session.execute(
+                select(Association.id).where(Association.released_at.is_(None))
+            ).scalars()
+        )
+
+
+def test_a_receiving_node_closes_only_its_own_associations(db: Database) -> None:
+    _open(db, "mine", "host-a:11112")
+    _open(db, "theirs", "host-b:11112")
+    _open(db, "legacy", None)  # written before revision 0002
+    assert release_all_open(db, "host-a:11112") == 2
+    assert _still_open(db) == {"theirs"}
+
+
+def test_an_association_whose_end_was_not_recorded_is_closed_unless_live(db: Database) -> None:
+    _open(db, "ended", "host-a:11112")
+    _open(db, "live", "host-a:11112")
+    _open(db, "theirs", "host-b:11112")
+    _open(db, "new", "host-a:11112", ago=-5)  # started after the SCP's ids were read
+    assert release_orphaned(db, "host-a:11112", {"live"}, utcnow()) == 1
+    assert _still_open(db) == {"live", "theirs", "new"}
+
+
+def test_the_scp_records_itself_as_the_receiver(settings: Settings, db: Database) -> None:
+    from dicomnode.receive.scp import StoreHandlers, receiver_name
+
+    handlers = StoreHandlers(settings, db)
+    assert handlers.receiver == receiver_name(settings)
+    assert handlers.receiver.endswith(f":{settings.node.port}")
+    live = handlers.association_id(object())
+    _open(db, live, handlers.receiver)
+    _open(db, "gone", handlers.receiver)
+    assert handlers.release_orphaned() == 1
+    assert _still_open(db) == {live}
+
+
+def test_a_relative_data_folder_is_recorded_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_settings(None, environ={}, overrides={"storage": {"data_dir": "var/data"}})
+    assert loaded.storage.data_dir == tmp_path / "var" / "data"
+    assert load_settings(None, environ={}).storage.data_dir == tmp_path / "var" / "data"
+
+
+def test_only_the_receiving_node_writes_its_files_peers(
+    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker host (no SCP) with another file neither adds nor removes peers."""
+    from dicomnode import service
+
+    with db.session() as session:
+        sync_config_peers(session, {"PACS": PeerSettings(ae_title="PACS", host="h", port=104)})
+    worker = settings.model_copy(
+        update={
+            "peers": {"OTHER": PeerSettings(ae_title="OTHER", host="h", port=105)},
+            "results": settings.results.model_copy(update={"destinations": ["OTHER"]}),
+        }
+    )
+    monkeypatch.setattr(service, "load_registry", lambda _s: pytest.fail("started"))
+    with pytest.raises(ConfigError, match=r"names OTHER, not a peer .*start the receiving node"):
+        service.serve(worker, with_scp=False)
+    with db.session() as session:
+        assert [p.name for p in session.execute(select(Peer)).scalars()] == ["PACS"]
