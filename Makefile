@@ -7,19 +7,30 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 APT_PACKAGES := dcmtk dicom3tools orthanc postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= config/dicomnode.yaml
 
 .PHONY: run test test-slow lint typecheck check bench system-deps venv db-upgrade clean
 
+# The node: dicomnode with the PostgreSQL driver. Debian's Python makes venvs only with the
+# python3.11-venv package; a venv left without pip by an earlier failed attempt is made again.
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dicomnode needs Python 3.11"'
-	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+		echo "installing the Debian package python3.11-venv (venv needs it)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends python3.11-venv; }
+	[ -x $(BIN)/pip ] || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet -e '.[postgres]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The tests and the developer tools (pytest, ruff, mypy, shap, pydicom-data) on top.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
+venv: $(TEST_STAMP)
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,22 +45,22 @@ db-upgrade: $(STAMP)
 run: $(STAMP) db-upgrade
 	$(BIN)/dicomnode --config $(CONFIG) serve
 
-test: system-deps $(STAMP)
+test: system-deps $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: system-deps $(STAMP)
+test-slow: system-deps $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check dicomnode tests
 	$(BIN)/ruff format --check dicomnode tests
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
 
-bench: system-deps $(STAMP)
+bench: system-deps $(TEST_STAMP)
 	$(BIN)/dicomnode bench
 
 clean:

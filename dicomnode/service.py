@@ -2,7 +2,9 @@
 
 The main process receives (SCP threads), decides when studies are ready, and
 restarts any worker process that dies (its running jobs are released at once
-so they run again). SIGTERM or SIGINT stops everything cleanly. The main
+so they run again). SIGTERM or SIGINT stops everything cleanly: no new
+association is accepted, open ones may end for :data:`DRAIN_SECONDS`, and each
+worker finishes its current job. The main
 process never imports torch: models live in the worker processes only.
 
 Workers are forked from a fork server that imported torch, timm and the worker
@@ -23,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session
 
 from dicomnode import logs
@@ -48,6 +51,8 @@ RESTART_PAUSE = 10.0
 """Seconds before a worker that exited quickly is started again."""
 PURGE_INTERVAL = 3600.0
 """Seconds between purge passes (the first runs at start-up)."""
+DRAIN_SECONDS = 30.0
+"""On stop, how long open associations may go on before they are aborted."""
 ORPHAN_INTERVAL = 60.0
 """Seconds between looks for associations whose end could not be recorded."""
 STALE_INCOMING_SECONDS = 3600.0
@@ -246,9 +251,28 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     finally:
         log.info("stopping")
         if server is not None:
-            server.shutdown()
+            stop_receiving(server, DRAIN_SECONDS)
         supervisor.stop()
         db.dispose()
+
+
+def stop_receiving(server: ThreadedAssociationServer, drain_seconds: float) -> None:
+    """Stop accepting associations, let the open ones end for up to ``drain_seconds``
+    (a modality sending a series finishes it), then abort the rest: their unacknowledged
+    images were not stored, and the sender sends them again."""
+    server.shutdown()
+    deadline = time.monotonic() + drain_seconds
+    open_now = server.active_associations
+    if open_now:
+        log.info(
+            "waiting up to %.0f s for %d open association(s) to end", drain_seconds, len(open_now)
+        )
+    while open_now and time.monotonic() < deadline:
+        time.sleep(0.1)
+        open_now = server.active_associations
+    for assoc in open_now:
+        log.warning("aborting an association still open after %.0f s", drain_seconds)
+        assoc.abort()
 
 
 def _safe_url(url: str) -> str:

@@ -235,3 +235,32 @@ def test_an_orthanc_that_fails_to_start_is_stopped(
     with pytest.raises(ProcessLookupError):  # stopped and reaped
         os.kill(pid, 0)
     assert not _open_in_this_process(tmp_path / "orthanc" / "orthanc.log")
+
+
+def test_a_stop_lets_an_open_association_end_and_refuses_new_ones(
+    pacs_and_node: tuple[Orthanc, NodeProcess],
+) -> None:
+    """SIGTERM while a modality is mid-series: the series ends, both images are stored."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    _, node = pacs_and_node
+    assert node.process is not None
+    first = make_radiograph(body_part="KNEE")
+    second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
+    sender = AE(ae_title="ORTHANC")  # a registered peer
+    sender.add_requested_context(first.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = sender.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(first).Status == 0
+    node.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "open association(s) to end" in node.log(), 30, what="the node draining")
+    late = sender.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert not late.is_established  # no new association once stopping
+    assert assoc.send_c_store(second).Status == 0
+    assoc.release()
+    assert node.process.wait(60) == 0
+    node.process = None
+    with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
+        stored = {row[0] for row in connection.execute("SELECT sop_instance_uid FROM instances")}
+    assert stored == {first.SOPInstanceUID, second.SOPInstanceUID}
