@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
@@ -31,7 +32,7 @@ from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.errors import DicomNodeError, ModelError, PeerError
+from dicomnode.errors import DicomNodeError, ModelError, PeerError, StorageFullError
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
@@ -39,7 +40,7 @@ from dicomnode.peers import get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.send.scu import send_files
-from dicomnode.store.files import output_path, write_durably
+from dicomnode.store.files import ensure_free_space, output_path, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+DISK_FULL_PAUSE = 60.0
+"""Seconds a job waits when the data folder is below ``storage.min_free_mb``."""
+WRITING_KINDS = (q.JobKind.INFER, q.JobKind.REPORT)
+"""The jobs that write result files (sending only reads them)."""
+
+
 class Worker:
     """One worker (one process in production; tests may run it in a thread)."""
 
@@ -91,6 +98,7 @@ class Worker:
         self.registry = registry
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
         self.stop = threading.Event()
+        self._disk_full_logged = -DISK_FULL_PAUSE
         self._predictors: dict[str, Predictor] = {}
         w, s = settings.workers, settings.send
         self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
@@ -146,6 +154,37 @@ class Worker:
             done.set()
             thread.join()
 
+    def _fail_with(self, job: q.ClaimedJob, exc: Exception, policy: RetryPolicy) -> None:
+        """Record ``exc`` as the job's failure; a full disk postpones it, uncharged."""
+        if isinstance(exc, StorageFullError):
+            self._postpone(job, str(exc))
+        else:
+            self._fail(job, _reason(exc, job.kind, [job]), policy)
+
+    def _postpone(self, job: q.ClaimedJob, error: str) -> None:
+        with self.db.session() as session:
+            q.postpone(session, job, self.worker_id, error, DISK_FULL_PAUSE)
+        log.warning(
+            "job %s (%s) postponed %.0f s, attempt not counted: %s",
+            job.id,
+            job.kind,
+            DISK_FULL_PAUSE,
+            error,
+        )
+
+    def _disk_has_room(self) -> bool:
+        """False (logged at most once a minute) while the data folder is below its floor:
+        the jobs that write results wait unclaimed, and nothing is charged to them."""
+        try:
+            ensure_free_space(self.settings.storage.data_dir, self.settings.storage.min_free_mb)
+        except StorageFullError as exc:
+            now = time.monotonic()
+            if now - self._disk_full_logged >= DISK_FULL_PAUSE:
+                self._disk_full_logged = now
+                log.error("results wait for disk space: %s", exc)
+            return False
+        return True
+
     def _fail(self, job: q.ClaimedJob, error: str, policy: RetryPolicy) -> None:
         """Record a failed attempt; quoted values (which may be header values) are redacted."""
         error = redact_quoted(error)
@@ -167,12 +206,17 @@ class Worker:
         An error that escapes ``work`` fails every claimed job with the error
         as the reason (retried with ``policy``, then dead).
         """
+        if kind in WRITING_KINDS and not self._disk_has_room():
+            return False
         jobs = self._claim(kind, limit)
         if not jobs:
             return False
         with self._leased(jobs):
             try:
                 work(jobs)
+            except StorageFullError as exc:
+                for job in jobs:
+                    self._postpone(job, str(exc))
             except Exception as exc:
                 reason = _reason(exc, kind, jobs)
                 for job in jobs:
@@ -247,7 +291,7 @@ class Worker:
             try:
                 self._finish_infer(job, item)
             except Exception as exc:  # one image's error fails that job, not its batch
-                self._fail(job, _reason(exc, job.kind, [job]), self.job_policy)
+                self._fail_with(job, exc, self.job_policy)
         del analysed
         release_freed_memory()
 

@@ -312,6 +312,27 @@ def fail(
     return state
 
 
+def postpone(
+    session: Session, job: ClaimedJob, worker_id: str, error: str, delay_seconds: float
+) -> None:
+    """Give a claimed job back without charging its attempt: it failed for a reason of the
+    node's (its disk is full), not of the job, and runs again after ``delay_seconds``."""
+    now = utcnow()
+    still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
+    session.execute(
+        update(Job)
+        .where(*still_ours)
+        .values(
+            state=JobState.FAILED,
+            attempts=Job.attempts - 1,
+            last_error=error[:2000],
+            updated_at=now,
+            lease_expires_at=None,
+            run_after=now + timedelta(seconds=delay_seconds),
+        )
+    )
+
+
 def release_worker(session: Session, worker_id: str) -> int:
     """The running jobs of a worker known dead fail at once (:data:`LOST_LEASE`), or die."""
     return _end_leases(session, Job.worker_id == worker_id, utcnow())

@@ -393,3 +393,44 @@ def _texts(sr: Dataset) -> list[str]:
 
 def _srs(node: Node) -> int:
     return sum(1 for d in node.collector.received if d.Modality == "SR")
+
+
+def _infer_job(node: Node) -> tuple[str, int]:
+    with node.db.session() as s:
+        job = s.execute(select(Job).where(Job.kind == "infer")).scalar_one()
+        return str(job.state), int(job.attempts)
+
+
+def test_results_wait_for_disk_space_without_using_up_attempts(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below the floor no result is written and nothing is charged; a write that meets a
+    full disk is postponed, uncharged; with space again the study completes."""
+    from dicomnode import worker
+    from dicomnode.errors import StorageFullError
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise StorageFullError("only 3 MiB would be free; the floor is 500 MiB")
+
+    monkeypatch.setattr(worker, "ensure_free_space", full)
+    assert node.send(make_radiograph(body_part="KNEE")) == [statuses.SUCCESS]
+    wait_for(lambda: node.count(Job, kind="infer") == 1, 30, what="the infer job")
+    time.sleep(1.0)  # several worker polls
+    assert _infer_job(node) == ("queued", 0)
+    monkeypatch.undo()
+    writes: list[Path] = []
+    real_write = worker.write_durably
+
+    def full_once(path: Path, data: bytes) -> None:
+        writes.append(path)
+        if len(writes) == 1:
+            raise StorageFullError("No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(worker, "write_durably", full_once)
+    monkeypatch.setattr(worker, "DISK_FULL_PAUSE", 0.3)
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR after the full disk")
+    with node.db.session() as s:
+        job = s.execute(select(Job).where(Job.kind == "infer")).scalar_one()
+        assert (job.state, job.attempts) == ("done", 1)  # the postponed attempt is not counted
+    assert writes[0] == writes[1]  # the overlay that met the full disk, written again

@@ -303,3 +303,17 @@ def test_a_hung_workers_job_is_found_again_when_its_lease_runs_out(
         assert q.next_group(s, q.JobKind.INFER) == "m:1"
         (again,) = q.claim(s, q.JobKind.INFER, "other", 30, limit=4, group_key="m:1")
     assert again.attempts == 2
+
+
+def test_a_postponed_job_keeps_its_attempts_and_waits(db: Database) -> None:
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1", attempts=2)])
+    with db.session() as s:
+        (job,) = q.claim(s, q.JobKind.INFER, "w", 30, 1)
+        assert job.attempts == 1
+        q.postpone(s, job, "w", "disk full", 3600)
+    with db.session() as s:
+        row = s.get(Job, job.id)
+        assert row is not None
+        assert (row.state, row.attempts, row.last_error) == ("failed", 0, "disk full")
+        assert q.claim(s, q.JobKind.INFER, "w", 30, 1) == []  # not before its delay
