@@ -309,12 +309,28 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return read_yaml_mapping(path, "config file", ConfigError)
 
 
+KUBERNETES_SERVICE_LINK = re.compile(
+    r"DICOMNODE_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)"
+)
+"""The variables Kubernetes gives every pod for a Service named ``dicomnode`` (not settings)."""
+
+
+def dicomnode_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``DICOMNODE_*`` variables that are settings (not ``DICOMNODE_CONFIG``, and not the
+    service links Kubernetes adds for a Service named dicomnode)."""
+    return {
+        name: raw
+        for name, raw in environ.items()
+        if name.startswith(ENV_PREFIX)
+        and name != ENV_PREFIX + "CONFIG"
+        and not KUBERNETES_SERVICE_LINK.fullmatch(name)
+    }
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Nested overrides from ``DICOMNODE_SECTION__KEY=value`` variables."""
     result: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
+    for name, raw in dicomnode_variables(environ).items():
         parts = [part for part in name[len(ENV_PREFIX) :].split("__") if part]
         # Section and option names are lower case; peer names keep their case (PEERS__PACS__HOST).
         path = [
@@ -351,13 +367,18 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Load settings: defaults < ``path`` < environment < ``overrides`` (CLI flags)."""
+    environ = os.environ if environ is None else environ
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    data = _deep_merge(data, env_overrides(os.environ if environ is None else environ))
+    data = _deep_merge(data, env_overrides(environ))
     data = _deep_merge(data, overrides or {})
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        source = f" (from {path})" if path else ""
+        sources = [str(path)] if path else []
+        variables = sorted(dicomnode_variables(environ))
+        if variables:
+            sources.append("environment " + ", ".join(variables))
+        source = f" (from {'; '.join(sources)})" if sources else ""
         raise ConfigError(
             f"invalid configuration{source}: {describe_validation_error(exc, '(settings)')}"
         ) from exc

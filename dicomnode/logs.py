@@ -5,8 +5,10 @@ The node's own messages are written that way. Libraries are not: pydicom logs
 ``Invalid value for VR DA: '19650100'``, highdicom warns ``The string "SMITH"
 is unlikely to represent the intended person name``, and an exception's text
 may quote a header value. So warnings are routed into logging, and every
-quoted value in a library's message, and in any traceback, is replaced by
-``<redacted>`` before a line is written (:class:`RedactQuotedValues`).
+quoted value in a library's message, in an exception that a node's line
+includes, and in any traceback, is replaced by ``<redacted>`` before a line is
+written (:class:`RedactQuotedValues`); JSON lines carry the (redacted)
+traceback as ``exception``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update(extra_fields(record))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
@@ -72,6 +78,13 @@ class RedactQuotedValues(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("dicomnode"):
             record.msg, record.args = redact_quoted(record.getMessage()), None
+        elif isinstance(record.args, tuple) and any(
+            isinstance(arg, BaseException) for arg in record.args
+        ):  # the node's own line, quoting an exception's (a library's) text
+            record.args = tuple(
+                redact_quoted(str(arg)) if isinstance(arg, BaseException) else arg
+                for arg in record.args
+            )
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = _redacted_traceback(record.exc_info[1])
             record.exc_info = None

@@ -150,3 +150,31 @@ def test_ae_titles_are_distinct(tmp_path: Path, text: str, message: str) -> None
     config.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_settings(config, environ={})
+
+
+def test_kubernetes_service_links_are_not_settings() -> None:
+    """A Service named dicomnode gives each pod DICOMNODE_PORT, DICOMNODE_SERVICE_HOST, ..."""
+    links = {
+        "DICOMNODE_PORT": "tcp://10.0.0.1:11112",
+        "DICOMNODE_PORT_11112_TCP": "tcp://10.0.0.1:11112",
+        "DICOMNODE_PORT_11112_TCP_ADDR": "10.0.0.1",
+        "DICOMNODE_PORT_11112_TCP_PORT": "11112",
+        "DICOMNODE_PORT_11112_TCP_PROTO": "tcp",
+        "DICOMNODE_SERVICE_HOST": "10.0.0.1",
+        "DICOMNODE_SERVICE_PORT": "11112",
+        "DICOMNODE_SERVICE_PORT_DICOM": "11112",
+    }
+    settings = load_settings(None, environ={**links, "DICOMNODE_NODE__PORT": "11113"})
+    assert settings.node.port == 11113
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_settings(None, environ={"DICOMNODE_NODE_PORT": "11113"})  # a typo is still named
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("node: {port: 11112}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={"DICOMNODE_NODE__PORT": "eleven"})
+    message = str(raised.value)
+    assert f"from {config}; environment DICOMNODE_NODE__PORT" in message
+    assert "node.port" in message

@@ -114,3 +114,29 @@ def test_extra_fields_are_written_in_text_and_json(captured: pytest.CaptureFixtu
     logging.getLogger("dicomnode.x").info("phantom folder complete", extra={"count": 4})
     line = json.loads(captured.readouterr().err.strip().splitlines()[-1])
     assert (line["message"], line["count"]) == ("phantom folder complete", 4)
+
+
+def test_an_exception_in_the_nodes_own_line_is_redacted(
+    captured: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("DEBUG")
+    error = ValueError("Unable to convert 'SMITH^JOHN' to 'PN'")
+    logging.getLogger("dicomnode.retention").error("cannot purge study=%s: %s", "1.2.3", error)
+    err = captured.readouterr().err
+    assert "cannot purge study=1.2.3: Unable to convert '<redacted>'" in err
+    assert "SMITH" not in err
+
+
+def test_json_lines_keep_the_redacted_traceback(captured: pytest.CaptureFixture[str]) -> None:
+    logs.configure("DEBUG", json_format=True)
+    name = "DOE^JANE"
+    try:
+        raise ValueError(f"Unable to convert '{name}' to 'PN'")
+    except ValueError:
+        logging.getLogger("dicomnode.worker").exception("infer jobs [7] failed")
+    line = json.loads(captured.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "infer jobs [7] failed"
+    assert (
+        "test_logs.py" in line["exception"] and "ValueError: Unable to convert" in line["exception"]
+    )
+    assert "DOE^JANE" not in json.dumps(line)
