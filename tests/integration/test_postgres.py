@@ -154,3 +154,79 @@ def test_a_failed_start_leaves_no_server_behind(monkeypatch: pytest.MonkeyPatch)
     assert not server.folder.exists()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         assert sock.connect_ex((LOOPBACK, server.port)) != 0  # nothing listens any more
+
+
+def test_worker_hosts_share_the_work_and_leave_the_receivers_associations_open(
+    postgres: TempPostgres, pg: Database, tmp_path: Path
+) -> None:
+    """Scale-out: `serve` receives (no workers), two `dicomnode worker` processes run the
+    jobs. Workers starting while a modality is mid-study do not close its association, so
+    the study is reported once, with both images; every object reaches the PACS once."""
+    import subprocess
+    import sys
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from sqlalchemy import select
+
+    from dicomnode.db.schema import Job, Report
+    from dicomnode.testing.models import make_tiny_model
+    from dicomnode.testing.node import NodeProcess
+    from dicomnode.testing.peers import CollectingSCP
+
+    models = tmp_path / "models"
+    make_tiny_model(models / "tiny-knee", num_classes=5, input_size=(96, 96))
+    collector = CollectingSCP(ae_title="PACS").start()
+    node = NodeProcess.create(
+        tmp_path / "node",
+        models,
+        peers={"PACS": ("PACS", collector.port), "MOD": ("MOD", 1)},
+        destinations=["PACS"],
+        extra={"database": {"url": postgres.url}, "workers": {"count": 0}},
+    )
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        node.start()
+        first = make_radiograph(body_part="KNEE")
+        second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
+        sender = AE(ae_title="MOD")
+        sender.add_requested_context(first.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = sender.associate(LOOPBACK, node.port, ae_title="DICOMNODE")
+        assert assoc.is_established and assoc.send_c_store(first).Status == 0
+        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path)]
+        for _ in range(2):
+            workers.append(
+                subprocess.Popen(
+                    [*command, "worker", "--count", "1"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+        def analysed() -> int:
+            with pg.session() as s:
+                jobs = s.execute(select(Job).where(Job.kind == "infer")).scalars()
+                return sum(job.state == "done" for job in jobs)
+
+        wait_for(lambda: analysed() == 1, 120, what="the first image analysed by a worker")
+        assert assoc.send_c_store(second).Status == 0
+        assoc.release()
+        wait_for(lambda: len(collector.received) >= 3, 120, what="2 SC and 1 SR")
+        wait_for(lambda: analysed() == 2, 30, what="both images analysed")
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        node.stop()
+        collector.stop()
+    modalities = sorted(str(d.Modality) for d in collector.received)
+    assert modalities == ["OT", "OT", "SR"]  # the study reported once, not early then again
+    assert len({str(d.SOPInstanceUID) for d in collector.received}) == 3
+    with pg.session() as s:
+        assert [r.sequence for r in s.execute(select(Report)).scalars()] == [1]
+        attempts = [j.attempts for j in s.execute(select(Job)).scalars()]
+    assert attempts and set(attempts) == {1}  # no job ran twice
