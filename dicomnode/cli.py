@@ -250,10 +250,36 @@ def retry(
     with db.session() as session:
         count = retry_dead_jobs(session, job or None)
     console.print(f"re-queued {count} job(s)")
-    if job and count < len(set(job)):
+    _warn_not_dead(job, count)
+
+
+def _warn_not_dead(job_ids: list[int] | None, count: int) -> None:
+    """Say how many of the job ids given were not dead jobs (nothing was done to them)."""
+    if job_ids and count < len(set(job_ids)):
         err.print(
-            f"[yellow]{len(set(job)) - count} of the given job ids are not dead jobs[/yellow]"
+            f"[yellow]{len(set(job_ids)) - count} of the given job ids are not dead jobs[/yellow]"
         )
+
+
+@app.command()
+def discard(
+    job: Annotated[list[int] | None, typer.Option("--job", help="dead job id (repeatable)")] = None,
+    all_dead: Annotated[
+        bool, typer.Option("--all-dead", help="every dead job (instead of --job)")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Give up dead jobs, so that their studies can be finished and purged."""
+    from dicomnode.studies import discard_dead_jobs
+
+    if bool(job) == all_dead:
+        err.print("[red]name the dead jobs with --job ID (repeatable), or give --all-dead[/red]")
+        raise typer.Exit(2)
+    db = _database(settings(config))
+    with db.session() as session:
+        count = discard_dead_jobs(session, job or None)
+    console.print(f"discarded {count} job(s)")
+    _warn_not_dead(job, count)
 
 
 @app.command()

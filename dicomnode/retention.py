@@ -8,7 +8,8 @@ when
 * its newest instance arrived more than ``retention_days`` ago,
 * every instance is analysed or skipped (none waits to be routed or analysed),
 * every round is reported (none is open or pending), and
-* none of its jobs is pending or dead (a dead job waits for ``dicomnode retry``),
+* none of its jobs is pending or dead (a dead job waits for ``dicomnode retry``, or
+  ``dicomnode discard``),
   and every result object of it was delivered to at least one destination
   (results kept because no destination is configured are kept for good).
 
@@ -99,7 +100,8 @@ def _arriving(session: Session, study_uid: str) -> bool:
 
 
 def _settled(session: Session, study_uid: str) -> bool:
-    """No round of the study is open or pending, no job waits or is dead, every output was sent."""
+    """No round of the study is open or pending, no job waits or is dead, every output was sent
+    (or its sending discarded: `dicomnode discard`)."""
     reports = select(Report.id).where(Report.study_instance_uid == study_uid)
     if session.execute(
         select(exists().where(Report.id.in_(reports), Report.state.in_((OPEN, "pending"))))
@@ -117,7 +119,7 @@ def _settled(session: Session, study_uid: str) -> bool:
             and_(
                 sent.kind == JobKind.SEND,
                 sent.sop_instance_uid == Output.sop_instance_uid,
-                sent.state == JobState.DONE,
+                sent.state.in_((JobState.DONE, JobState.DISCARDED)),
             )
         ),
     )

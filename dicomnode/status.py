@@ -14,6 +14,8 @@ from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.retention import PURGED
 from dicomnode.store.files import free_mb
 
+DEAD_HINT = "(`dicomnode retry` re-queues, `dicomnode discard` gives up)"
+
 
 def _studies(session: Session, limit: int) -> Table:
     table = Table("study", "instances", "received", "states", "reports", title="Recent studies")
@@ -100,12 +102,12 @@ def _dead(session: Session) -> Table:
         "target",
         "attempts",
         "reason",
-        title="Dead jobs (`dicomnode retry` re-queues)",
+        title=f"Dead jobs {DEAD_HINT}",
     )
     total = _count(session, (), JobState.DEAD)
     shown = dead_jobs(session)
     if total > len(shown):
-        table.title = f"Dead jobs, the {len(shown)} latest of {total} (`dicomnode retry` re-queues)"
+        table.title = f"Dead jobs, the {len(shown)} latest of {total} {DEAD_HINT}"
     for job in shown:
         target = job.sop_instance_uid or f"report {job.report_id}"
         if job.peer:

@@ -242,6 +242,37 @@ def retry_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> i
     return count
 
 
+DISCARDED = "discarded"
+"""State of a round whose report job was discarded (no report will be made)."""
+
+
+def discard_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> int:
+    """Give up dead jobs (all, or those of ``job_ids``); how many (``dicomnode discard``).
+
+    Nothing waits for them any more, so their study can be finished and, after the retention
+    period, purged: a discarded analysis leaves its image skipped (the reason says so), a
+    discarded report its round without a report, a discarded send its object undelivered.
+    """
+    statement = select(Job).where(Job.state == JobState.DEAD)
+    if job_ids:
+        statement = statement.where(Job.id.in_(job_ids))
+    dead = list(session.execute(statement).scalars())
+    now = utcnow()
+    for job in dead:
+        job.state, job.finished_at, job.updated_at = JobState.DISCARDED, now, now
+        if job.kind == JobKind.INFER and job.sop_instance_uid is not None:
+            instance = session.get(Instance, job.sop_instance_uid)
+            if instance is not None and instance.state == "queued":
+                instance.state = "skipped"
+                instance.reason = f"analysis discarded after failing: {job.last_error or ''}"[:500]
+        elif job.kind == JobKind.REPORT and job.report_id is not None:
+            report = session.get(Report, job.report_id)
+            if report is not None and report.state == PENDING:
+                report.state = DISCARDED
+        log.info("job %s (%s) discarded", job.id, job.kind)
+    return len(dead)
+
+
 def _rejoin_open_round(session: Session, job: Job) -> None:
     reported = session.get(Report, job.report_id)
     instance = session.get(Instance, job.sop_instance_uid)

@@ -45,6 +45,8 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     DEAD = "dead"
+    DISCARDED = "discarded"
+    """A dead job an administrator gave up (``dicomnode discard``): its study may be purged."""
 
 
 class JobKind(StrEnum):

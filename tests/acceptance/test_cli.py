@@ -122,6 +122,18 @@ def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
     assert f"C-ECHO PACS (PACS@127.0.0.1:{port}): status 0x0000" in answered.stdout
 
 
+def test_discard_needs_job_ids_or_all_dead(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n")
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    bare = _cli("--config", str(config), "discard", cwd=tmp_path)
+    assert bare.returncode == 2 and "--job ID" in bare.stderr and "--all-dead" in bare.stderr
+    every = _cli("--config", str(config), "discard", "--all-dead", cwd=tmp_path)
+    assert every.returncode == 0 and "discarded 0 job(s)" in every.stdout
+    named = _cli("--config", str(config), "discard", "--job", "7", cwd=tmp_path)
+    assert named.returncode == 0 and "1 of the given job ids are not dead jobs" in named.stderr
+
+
 def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

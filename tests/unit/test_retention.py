@@ -200,3 +200,58 @@ def test_an_unreadable_file_stops_its_study_only(db: Database, tmp_path: Path) -
     with db.session() as session:
         states = dict(session.execute(select(Instance.study_instance_uid, Instance.state)).all())
     assert states == {broken: "done", healthy: PURGED}
+
+
+def test_a_discarded_dead_send_lets_its_study_be_purged(db: Database, tmp_path: Path) -> None:
+    from dicomnode.studies import discard_dead_jobs
+
+    study, image, _, _ = _study(db, tmp_path, send_state=JobState.DEAD)
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == ()
+    with db.session() as session:
+        dead = session.execute(select(Job.id).where(Job.state == JobState.DEAD)).scalars().all()
+        assert discard_dead_jobs(session, [dead[0]]) == 1
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == ()  # one still dead
+    with db.session() as session:
+        assert discard_dead_jobs(session) == 1
+        assert discard_dead_jobs(session) == 0
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+    assert not _has_pixels(image)
+
+
+def test_a_discarded_analysis_skips_its_image_and_a_discarded_report_ends_its_round(
+    db: Database, tmp_path: Path
+) -> None:
+    from dicomnode.studies import DISCARDED, discard_dead_jobs
+
+    study, _, _, _ = _study(db, tmp_path, instance_state="queued", report_state="pending")
+    with db.session() as session:
+        report_id = session.execute(select(Report.id)).scalar_one()
+        uid = session.execute(select(Instance.sop_instance_uid)).scalar_one()
+        for kind, key in ((JobKind.INFER, uid), (JobKind.REPORT, f"report-{report_id}")):
+            session.add(
+                Job(
+                    kind=kind,
+                    dedupe_key=key,
+                    state=JobState.DEAD,
+                    group_key="m:1",
+                    report_id=report_id,
+                    sop_instance_uid=uid if kind == JobKind.INFER else None,
+                    max_attempts=3,
+                    attempts=3,
+                    last_error="ModelError: weights do not match",
+                    run_after=utcnow(),
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == ()
+    with db.session() as session:
+        assert discard_dead_jobs(session) == 2
+    with db.session() as session:
+        instance = session.execute(select(Instance)).scalar_one()
+        assert instance.state == "skipped"
+        assert (
+            instance.reason == "analysis discarded after failing: ModelError: weights do not match"
+        )
+        assert session.execute(select(Report.state)).scalar_one() == DISCARDED
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
