@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -315,17 +314,16 @@ def test_render_rejects_heatmap_of_other_shape() -> None:
         render_overlay(make_image(rows=ROWS + 1), make_result())
 
 
-def test_render_3000_square_is_fast() -> None:
+def test_render_3000_square_keeps_its_size() -> None:
+    """A full-size overlay of a large film (its render time is measured by `dicomnode
+    bench`, per stage, not here: a timed unit test would fail on a busy machine)."""
     size = 3000
     image = make_image(rows=size, columns=size)
     result = make_result(
         rows=size, columns=size, peak=(1500, 1400), region=Region(500, 500, 2500, 2500)
     )
-    started = time.perf_counter()
     rgb = render_overlay(image, result)
-    elapsed = time.perf_counter() - started
-    assert rgb.shape == (size, size, 3)
-    assert elapsed < 2.0  # about 0.1 s on an idle core; generous for shared CI machines
+    assert rgb.shape == (size, size, 3) and rgb.dtype == np.uint8
 
 
 # Secondary Capture ---------------------------------------------------------
