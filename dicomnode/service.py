@@ -3,8 +3,8 @@
 The main process receives (SCP threads), decides when studies are ready, and
 restarts any worker process that dies (its running jobs are released at once
 so they run again). SIGTERM or SIGINT stops everything cleanly: no new
-association is accepted, open ones may end for :data:`DRAIN_SECONDS`, and each
-worker finishes its current job. The main
+association is accepted, busy ones may end for :data:`DRAIN_SECONDS` (idle ones
+are aborted), and each worker finishes its current job. The main
 process never imports torch: models live in the worker processes only.
 
 Workers are forked from a fork server that imported torch, timm and the worker
@@ -251,15 +251,22 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     finally:
         log.info("stopping")
         if server is not None:
-            stop_receiving(server, DRAIN_SECONDS)
+            assert handlers is not None
+            stop_receiving(server, handlers, DRAIN_SECONDS)
         supervisor.stop()
         db.dispose()
 
 
-def stop_receiving(server: ThreadedAssociationServer, drain_seconds: float) -> None:
-    """Stop accepting associations, let the open ones end for up to ``drain_seconds``
-    (a modality sending a series finishes it), then abort the rest: their unacknowledged
-    images were not stored, and the sender sends them again."""
+def stop_receiving(
+    server: ThreadedAssociationServer,
+    handlers: StoreHandlers,
+    drain_seconds: float = 30.0,
+    idle_seconds: float = 5.0,
+) -> None:
+    """Stop accepting associations; let the busy ones go on for up to ``drain_seconds`` (a
+    modality sending a series finishes it), then abort the rest. An association that has
+    sent nothing for ``idle_seconds`` is not waited for (a PACS keeps idle associations open
+    for reuse). Nothing is lost by an abort: an unacknowledged image is sent again."""
     server.shutdown()
     deadline = time.monotonic() + drain_seconds
     open_now = server.active_associations
@@ -267,11 +274,16 @@ def stop_receiving(server: ThreadedAssociationServer, drain_seconds: float) -> N
         log.info(
             "waiting up to %.0f s for %d open association(s) to end", drain_seconds, len(open_now)
         )
-    while open_now and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while time.monotonic() < deadline:
         open_now = server.active_associations
-    for assoc in open_now:
-        log.warning("aborting an association still open after %.0f s", drain_seconds)
+        if all(handlers.idle_seconds(assoc) >= idle_seconds for assoc in open_now):
+            break
+        time.sleep(0.1)
+    for assoc in server.active_associations:
+        if handlers.idle_seconds(assoc) >= idle_seconds:
+            log.info("aborting an idle association (nothing received for %.0f s)", idle_seconds)
+        else:
+            log.warning("aborting an association still busy after %.0f s", drain_seconds)
         assoc.abort()
 
 

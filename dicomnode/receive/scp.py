@@ -92,11 +92,21 @@ class StoreHandlers:
         self.data_dir = Path(settings.storage.data_dir)
         self.receiver = receiver_name(settings)
         self._associations: dict[int, str] = {}
+        self._activity: dict[int, float] = {}
         self._lock = threading.Lock()
 
     def association_id(self, assoc: Any) -> str:
         with self._lock:
             return self._associations.setdefault(id(assoc), str(uuid.uuid4()))
+
+    def on_data(self, event: evt.Event) -> None:
+        """A PDU arrived: the association is busy (see :meth:`idle_seconds`)."""
+        self._activity[id(event.assoc)] = time.monotonic()
+
+    def idle_seconds(self, assoc: Any) -> float:
+        """Seconds since ``assoc`` last sent the node anything (infinite: never)."""
+        last = self._activity.get(id(assoc))
+        return float("inf") if last is None else time.monotonic() - last
 
     def live_associations(self) -> set[str]:
         """The ids of the associations this SCP holds now."""
@@ -174,6 +184,7 @@ class StoreHandlers:
         return statuses.SUCCESS
 
     def on_closed(self, event: evt.Event) -> None:
+        self._activity.pop(id(event.assoc), None)
         with self._lock:
             association_id = self._associations.pop(id(event.assoc), None)
         if association_id is not None:
@@ -214,6 +225,7 @@ class StoreHandlers:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_DATA_RECV, self.on_data),
             (evt.EVT_REJECTED, self.on_rejected),
         ]
 

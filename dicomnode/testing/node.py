@@ -141,6 +141,16 @@ class NodeProcess:
             raise
         return self
 
+    def start_worker(self, count: int = 1) -> subprocess.Popen[bytes]:
+        """``dicomnode worker --count COUNT`` on this node's configuration (a worker host)."""
+        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path)]
+        return subprocess.Popen(
+            [*command, "worker", "--count", str(count)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self._env(),
+        )
+
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes: the fork server's children (see dicomnode.service)."""
         assert self.process is not None
@@ -176,6 +186,18 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM every process, then SIGKILL those still running after ``timeout`` seconds."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def orthanc_and_node(

@@ -6,7 +6,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
-from dicomnode.testing.node import NodeProcess, orthanc_and_node
+from dicomnode.testing.node import NodeProcess, orthanc_and_node, stop_processes
 from dicomnode.testing.peers import Orthanc, wait_for
 from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
@@ -155,17 +154,7 @@ def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> 
         study_id = orthanc.upload(source)["ParentStudy"]
         orthanc.send_study("dicomnode", study_id)
         wait_for(lambda: _infer_job(node) == ("queued", 0), 60, what="a queued job with no worker")
-        command = [
-            sys.executable,
-            "-m",
-            "dicomnode.cli",
-            "--config",
-            str(node.config_path),
-            "worker",
-            "--count",
-            "1",
-        ]
-        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = node.start_worker(1)
         wait_for(
             lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
             120,
@@ -174,13 +163,7 @@ def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> 
         )
     finally:
         try:
-            if worker is not None:
-                worker.terminate()
-                try:
-                    worker.wait(30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+            stop_processes([] if worker is None else [worker])
             node.stop()
         finally:
             orthanc.stop()
@@ -240,12 +223,14 @@ def test_an_orthanc_that_fails_to_start_is_stopped(
 def test_a_stop_lets_an_open_association_end_and_refuses_new_ones(
     pacs_and_node: tuple[Orthanc, NodeProcess],
 ) -> None:
-    """SIGTERM while a modality is mid-series: the series ends, both images are stored."""
+    """SIGTERM while a modality is mid-series: the series ends, both images are stored.
+    (An association that sends nothing for 5 s is not waited for.)"""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
 
     _, node = pacs_and_node
     assert node.process is not None
+    wait_for(lambda: "worker " in node.log() and " started" in node.log(), 60, what="a worker")
     first = make_radiograph(body_part="KNEE")
     second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
     sender = AE(ae_title="ORTHANC")  # a registered peer

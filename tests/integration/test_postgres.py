@@ -163,7 +163,6 @@ def test_worker_hosts_share_the_work_and_leave_the_receivers_associations_open(
     jobs. Workers starting while a modality is mid-study do not close its association, so
     the study is reported once, with both images; every object reaches the PACS once."""
     import subprocess
-    import sys
 
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
@@ -171,7 +170,7 @@ def test_worker_hosts_share_the_work_and_leave_the_receivers_associations_open(
 
     from dicomnode.db.schema import Job, Report
     from dicomnode.testing.models import make_tiny_model
-    from dicomnode.testing.node import NodeProcess
+    from dicomnode.testing.node import NodeProcess, stop_processes
     from dicomnode.testing.peers import CollectingSCP
 
     models = tmp_path / "models"
@@ -193,15 +192,7 @@ def test_worker_hosts_share_the_work_and_leave_the_receivers_associations_open(
         sender.add_requested_context(first.SOPClassUID, ExplicitVRLittleEndian)
         assoc = sender.associate(LOOPBACK, node.port, ae_title="DICOMNODE")
         assert assoc.is_established and assoc.send_c_store(first).Status == 0
-        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(node.config_path)]
-        for _ in range(2):
-            workers.append(
-                subprocess.Popen(
-                    [*command, "worker", "--count", "1"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+        workers += [node.start_worker(1), node.start_worker(1)]
 
         def analysed() -> int:
             with pg.session() as s:
@@ -214,13 +205,7 @@ def test_worker_hosts_share_the_work_and_leave_the_receivers_associations_open(
         wait_for(lambda: len(collector.received) >= 3, 120, what="2 SC and 1 SR")
         wait_for(lambda: analysed() == 2, 30, what="both images analysed")
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_processes(workers)
         node.stop()
         collector.stop()
     modalities = sorted(str(d.Modality) for d in collector.received)

@@ -56,3 +56,31 @@ def test_what_receive_into_sets_in_pynetdicom_is_restored(tmp_path: Path) -> Non
             assert Path(handle.name).parent == tmp_path / "incoming"
     assert _config.STORE_RECV_CHUNKED_DATASET is False
     assert dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile  # type: ignore[attr-defined]
+
+
+def test_a_stop_does_not_wait_for_an_idle_association(settings: Settings, db: Database) -> None:
+    """A PACS keeps idle associations open for reuse: stopping aborts them at once."""
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.service import stop_receiving
+    from dicomnode.testing.peers import LOOPBACK, free_port
+
+    node = settings.node.model_copy(update={"port": free_port(), "allow_unknown_callers": True})
+    local = settings.model_copy(update={"node": node})
+    handlers = scp.StoreHandlers(local, db)
+    server = scp.start_scp(local, db, handlers)
+    sender = AE(ae_title="PACS")
+    sender.add_requested_context(Verification)
+    assoc = sender.associate(LOOPBACK, node.port, ae_title=node.ae_title)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    (held,) = server.active_associations
+    assert handlers.idle_seconds(held) < 1.0  # its echo was seen
+    time.sleep(0.3)
+    started = time.monotonic()
+    stop_receiving(server, handlers, drain_seconds=20, idle_seconds=0.2)
+    assert time.monotonic() - started < 10  # not the 20 s drain
+    time.sleep(0.5)
+    assert assoc.is_aborted and not assoc.is_established
