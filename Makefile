@@ -12,22 +12,22 @@ APT_PACKAGES := dcmtk dicom3tools orthanc postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= config/dicomnode.yaml
 
-.PHONY: run test test-slow lint typecheck check bench system-deps venv db-upgrade clean
+.PHONY: run test test-slow lint typecheck check bench system-deps venv db-upgrade clean constraints
 
 # The node: dicomnode with the PostgreSQL driver. Debian's Python makes venvs only with the
 # python3.11-venv package; a venv left without pip by an earlier failed attempt is made again.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dicomnode needs Python 3.11"'
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
 		echo "installing the Debian package python3.11-venv (venv needs it)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends python3.11-venv; }
 	[ -x $(BIN)/pip ] || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install --quiet -e '.[postgres]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[postgres]'
 	touch $(STAMP)
 
 # The tests and the developer tools (pytest, ruff, mypy, shap, pydicom-data) on top.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(TEST_STAMP)
 
 venv: $(TEST_STAMP)
@@ -62,6 +62,12 @@ check: lint typecheck test
 
 bench: system-deps $(TEST_STAMP)
 	$(BIN)/dicomnode bench
+
+# After an upgrade that passed `make check`: record the venv's versions as the tested ones.
+constraints: $(TEST_STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+		| grep -viE '^(nvidia-|cuda-|triton==)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
