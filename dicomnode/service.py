@@ -51,6 +51,8 @@ RESTART_PAUSE = 10.0
 """Seconds before a worker that exited quickly is started again."""
 PURGE_INTERVAL = 3600.0
 """Seconds between purge passes (the first runs at start-up)."""
+WORKER_STOP_SECONDS = 25.0
+"""On stop, how long the workers have to finish their current batch, all together."""
 DRAIN_SECONDS = 30.0
 """On stop, how long open associations may go on before they are aborted."""
 ORPHAN_INTERVAL = 60.0
@@ -171,13 +173,17 @@ class Supervisor:
         )
         return pause
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
+        """SIGTERM every worker (each finishes its current batch), then kill the ones still
+        running ``timeout`` seconds later (their jobs run again, the attempt counted)."""
         for process in self.processes.values():
             if process.is_alive():
                 process.terminate()
+        deadline = time.monotonic() + timeout
         for process in self.processes.values():
-            process.join(timeout)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
+                log.warning("worker %s did not stop within %.0f s: killed", process.name, timeout)
                 process.kill()
                 process.join()
 
