@@ -162,7 +162,7 @@ class WorkerSettings(_Section):
         "auto", description="auto picks CUDA when present"
     )
     max_attempts: int = Field(
-        3, ge=1, le=100, description="attempts of an inference job before it is dead"
+        3, ge=1, le=100, description="attempts of an inference or report job before it is dead"
     )
     lease_seconds: float = Field(
         30.0, ge=2, description="a job whose worker stops heartbeating is re-run after this"

@@ -145,7 +145,10 @@ def _storage(session: Session, storage: StorageSettings) -> Table:
     table.add_row("free", f"{free:,.0f} MB (C-STORE refused below {storage.min_free_mb:,} MB)")
     table.add_row("images held", f"{held[0]:,} ({held[1] / 1e6:,.1f} MB as received)")
     table.add_row("images purged (headers kept)", f"{purged:,}")
-    table.add_row("retention", f"{days:g} days after a study is finished" if days else "off")
+    table.add_row(
+        "retention",
+        f"{days:g} days after a study's newest image, once it is finished" if days else "off",
+    )
     return table
 
 

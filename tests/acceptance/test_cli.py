@@ -87,7 +87,7 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     status = _cli("--config", str(config), "status", cwd=tmp_path)
     assert status.returncode == 0 and "Jobs by state" in status.stdout
     assert "images held" in status.stdout and "0 (0.0 MB as received)" in status.stdout
-    assert "30 days after a study is finished" in status.stdout
+    assert "30 days after a study's newest image, once it is finished" in status.stdout
 
 
 def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
