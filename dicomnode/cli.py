@@ -136,16 +136,24 @@ def echo(peer: str, config: ConfigOption = None) -> None:
     """C-ECHO a known peer (as the configuration file declares it, else as registered)."""
     from dicomnode.peers import PeerInfo, get_peer
     from dicomnode.send.scu import echo as c_echo
+    from dicomnode.tls import client_context
 
     resolved = settings(config)
     if peer in resolved.peers:
         declared = resolved.peers[peer]
-        info = PeerInfo(peer, declared.ae_title, declared.host, declared.port, "config")
+        info = PeerInfo(
+            peer, declared.ae_title, declared.host, declared.port, "config", declared.tls
+        )
     else:
         with _database(resolved).session() as session:
             info = get_peer(session, peer)
-    answer = c_echo(info, calling_ae=resolved.node.ae_title, timeout=resolved.send.timeout_seconds)
-    where = f"{peer} ({info.ae_title}@{info.host}:{info.port})"
+    answer = c_echo(
+        info,
+        calling_ae=resolved.node.ae_title,
+        timeout=resolved.send.timeout_seconds,
+        tls=client_context(resolved.tls) if info.tls else None,
+    )
+    where = f"{peer} ({info.ae_title}@{info.host}:{info.port}{', TLS' if info.tls else ''})"
     if answer.status is None:
         err.print(f"[red]{escape(f'C-ECHO {where}: {answer.reason}')}[/red]")
         raise typer.Exit(1)
@@ -169,15 +177,25 @@ def ae_add(
     ae_title: Annotated[str, typer.Option("--ae-title", help="the peer's AE title")],
     host: Annotated[str, typer.Option(help="host name or address")],
     port: Annotated[int, typer.Option(help="port")],
+    tls: Annotated[bool, typer.Option("--tls", help="send to it over DICOM TLS")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Register a peer (a running node accepts it at once)."""
     from dicomnode.peers import PeerInfo, add_peer
 
-    db = _database(settings(config))
+    resolved = settings(config)
+    _check_tls_files(resolved, tls)
+    db = _database(resolved)
     with db.session() as session:
-        add_peer(session, PeerInfo(name, ae_title, host, port))
-    console.print(f"added peer {name}: {ae_title}@{host}:{port}")
+        add_peer(session, PeerInfo(name, ae_title, host, port, tls=tls))
+    console.print(f"added peer {name}: {ae_title}@{host}:{port}{' (TLS)' if tls else ''}")
+
+
+def _check_tls_files(resolved: Settings, tls: bool | None) -> None:
+    """A peer reached over TLS needs the node's certificate files (``tls.*``)."""
+    missing = resolved.tls.missing() if tls else []
+    if missing:
+        raise ConfigError(f"--tls needs {', '.join(missing)} in the configuration")
 
 
 @ae_app.command("update")
@@ -186,15 +204,21 @@ def ae_update(
     ae_title: Annotated[str | None, typer.Option("--ae-title")] = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    tls: Annotated[
+        bool | None, typer.Option("--tls/--no-tls", help="send over DICOM TLS, or not")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a peer."""
     from dicomnode.peers import update_peer
 
-    db = _database(settings(config))
+    resolved = settings(config)
+    _check_tls_files(resolved, tls)
+    db = _database(resolved)
     with db.session() as session:
-        new = update_peer(session, name, ae_title=ae_title, host=host, port=port)
-    console.print(f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}")
+        new = update_peer(session, name, ae_title=ae_title, host=host, port=port, tls=tls)
+    suffix = " (TLS)" if new.tls else ""
+    console.print(f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}")
 
 
 @ae_app.command("remove")
@@ -215,10 +239,17 @@ def ae_list(config: ConfigOption = None) -> None:
     from dicomnode.peers import list_peers
 
     db = _database(settings(config))
-    table = Table("name", "AE title", "host", "port", "source")
+    table = Table("name", "AE title", "host", "port", "TLS", "source")
     with db.session() as session:
         for peer in list_peers(session):
-            table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), peer.source)
+            table.add_row(
+                peer.name,
+                peer.ae_title,
+                peer.host,
+                str(peer.port),
+                "yes" if peer.tls else "no",
+                peer.source,
+            )
     console.print(table)
 
 

@@ -123,6 +123,38 @@ class PeerSettings(_Section):
     ae_title: AeTitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(False, description="results are sent to it over DICOM TLS (see tls)")
+
+
+class TlsSettings(_Section):
+    """DICOM TLS: the node's certificate, and the certificate authorities its peers' are
+    signed by (both directions verify the other side: mutual authentication)."""
+
+    port: int = Field(0, ge=0, le=65535, description="port of the TLS listener, 0 = none")
+    certificate: Path | None = Field(None, description="the node's certificate chain (PEM)")
+    private_key: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+    ca_certificates: Path | None = Field(
+        None, description="the certificate authorities that sign the peers' certificates (PEM)"
+    )
+    require_client_certificate: bool = Field(
+        True, description="a sender must show a certificate signed by ca_certificates"
+    )
+    check_hostname: bool = Field(
+        True, description="a peer's certificate must name the host it is reached at"
+    )
+
+    def missing(self) -> list[str]:
+        """The files TLS needs that are not given or not there (``tls.KEY (path)``)."""
+        files = {
+            "certificate": self.certificate,
+            "private_key": self.private_key,
+            "ca_certificates": self.ca_certificates,
+        }
+        return [
+            f"tls.{key}" + ("" if path is None else f" ({path}: no such file)")
+            for key, path in files.items()
+            if path is None or not path.is_file()
+        ]
 
 
 class ResultsSettings(_Section):
@@ -260,6 +292,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     models: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("peers")
     @classmethod
@@ -282,6 +315,19 @@ class Settings(_Section):
                     f"{peer.ae_title!r}"
                 )
             owners[peer.ae_title] = name
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_its_files(self) -> Settings:
+        """A TLS listener, or a peer reached over TLS, needs the certificate files."""
+        users = [f"peers.{name}.tls" for name, peer in self.peers.items() if peer.tls]
+        if self.tls.port:
+            users.insert(0, "tls.port")
+        missing = self.tls.missing() if users else []
+        if missing:
+            raise ValueError(f"{users[0]} needs {', '.join(missing)}")
+        if self.tls.port and self.tls.port == self.node.port:
+            raise ValueError("tls.port must differ from node.port (plain DICOM listens there)")
         return self
 
     @model_validator(mode="after")

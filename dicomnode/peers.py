@@ -27,6 +27,7 @@ class PeerInfo:
     host: str
     port: int
     source: str = "cli"
+    tls: bool = False
 
 
 def validate(peer: PeerInfo) -> PeerInfo:
@@ -45,7 +46,7 @@ def validate(peer: PeerInfo) -> PeerInfo:
 
 
 def _info(row: Peer) -> PeerInfo:
-    return PeerInfo(row.name, row.ae_title, row.host, row.port, row.source)
+    return PeerInfo(row.name, row.ae_title, row.host, row.port, row.source, bool(row.tls))
 
 
 def list_peers(session: Session) -> list[PeerInfo]:
@@ -102,6 +103,7 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
             host=peer.host,
             port=peer.port,
             source=peer.source,
+            tls=peer.tls,
             updated_at=utcnow(),
         )
     )
@@ -114,22 +116,29 @@ def update_peer(
     ae_title: str | None = None,
     host: str | None = None,
     port: int | None = None,
+    tls: bool | None = None,
 ) -> PeerInfo:
     current = get_peer(session, name)
     _check_not_from_config(session, name, "change")
     new = validate(
         PeerInfo(
-            name, ae_title or current.ae_title, host or current.host, port or current.port, "cli"
+            name,
+            ae_title or current.ae_title,
+            host or current.host,
+            port or current.port,
+            "cli",
+            current.tls if tls is None else tls,
         )
     )
     _check_unique_ae_title(session, new)
     row = session.get(Peer, name)
     assert row is not None
-    row.ae_title, row.host, row.port, row.source, row.updated_at = (
+    row.ae_title, row.host, row.port, row.source, row.tls, row.updated_at = (
         new.ae_title,
         new.host,
         new.port,
         "cli",
+        new.tls,
         utcnow(),
     )
     return new
@@ -161,14 +170,16 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                     host=settings.host,
                     port=settings.port,
                     source="config",
+                    tls=settings.tls,
                     updated_at=utcnow(),
                 )
             )
         else:
-            row.ae_title, row.host, row.port, row.source = (
+            row.ae_title, row.host, row.port, row.source, row.tls = (
                 settings.ae_title,
                 settings.host,
                 settings.port,
                 "config",
+                settings.tls,
             )
             row.updated_at = utcnow()

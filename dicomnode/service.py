@@ -19,12 +19,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import threading
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session
 
@@ -40,6 +42,7 @@ from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_sc
 from dicomnode.retention import purge_expired
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
+from dicomnode.tls import server_context
 
 log = logging.getLogger(__name__)
 SCHEDULER_INTERVAL = 0.1
@@ -233,19 +236,14 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     _release_dead_local_workers(db)
     stop = threading.Event()
     _install_signals(stop)
-    server = handlers = None
+    servers: list[ThreadedAssociationServer] = []
+    handlers = None
     if with_scp:
         handlers = StoreHandlers(settings, db)
         reopened = release_all_open(db, handlers.receiver)
         if reopened:
             log.info("%d association(s) left open by the previous run are closed", reopened)
-        try:
-            server = start_scp(settings, db, handlers)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror} "
-                "(is another node or PACS using this port? change node.port)"
-            ) from exc
+        servers = start_listeners(settings, db, handlers)
     supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
     supervisor.start()
     if handlers is not None:
@@ -256,15 +254,46 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
                 stop.wait(ERROR_PAUSE)
     finally:
         log.info("stopping")
-        if server is not None:
-            assert handlers is not None
-            stop_receiving(server, handlers, DRAIN_SECONDS)
+        if handlers is not None:
+            stop_receiving(servers, handlers, DRAIN_SECONDS)
         supervisor.stop()
         db.dispose()
 
 
+def start_listeners(
+    settings: Settings, db: Database, handlers: StoreHandlers
+) -> list[ThreadedAssociationServer]:
+    """The SCP on ``node.port``, and on ``tls.port`` over DICOM TLS when that is set."""
+    tls = server_context(settings.tls) if settings.tls.port else None
+    servers = [_listen(settings, db, handlers, None, "node.port")]
+    if tls is not None:
+        try:
+            servers.append(_listen(settings, db, handlers, tls, "tls.port"))
+        except ConfigError:
+            servers[0].shutdown()
+            raise
+    return servers
+
+
+def _listen(
+    settings: Settings,
+    db: Database,
+    handlers: StoreHandlers,
+    tls: ssl.SSLContext | None,
+    key: str,
+) -> ThreadedAssociationServer:
+    try:
+        return start_scp(settings, db, handlers, tls)
+    except OSError as exc:
+        port = settings.tls.port if tls is not None else settings.node.port
+        raise ConfigError(
+            f"cannot listen on {settings.node.host}:{port}: {exc.strerror} "
+            f"(is another node or PACS using this port? change {key})"
+        ) from exc
+
+
 def stop_receiving(
-    server: ThreadedAssociationServer,
+    servers: list[ThreadedAssociationServer],
     handlers: StoreHandlers,
     drain_seconds: float = 30.0,
     idle_seconds: float = 5.0,
@@ -273,19 +302,23 @@ def stop_receiving(
     modality sending a series finishes it), then abort the rest. An association that has
     sent nothing for ``idle_seconds`` is not waited for (a PACS keeps idle associations open
     for reuse). Nothing is lost by an abort: an unacknowledged image is sent again."""
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
+
+    def still_open() -> list[Association]:
+        return [assoc for server in servers for assoc in server.active_associations]
+
     deadline = time.monotonic() + drain_seconds
-    open_now = server.active_associations
+    open_now = still_open()
     if open_now:
         log.info(
             "waiting up to %.0f s for %d open association(s) to end", drain_seconds, len(open_now)
         )
     while time.monotonic() < deadline:
-        open_now = server.active_associations
-        if all(handlers.idle_seconds(assoc) >= idle_seconds for assoc in open_now):
+        if all(handlers.idle_seconds(assoc) >= idle_seconds for assoc in still_open()):
             break
         time.sleep(0.1)
-    for assoc in server.active_associations:
+    for assoc in still_open():
         if handlers.idle_seconds(assoc) >= idle_seconds:
             log.info("aborting an idle association (nothing received for %.0f s)", idle_seconds)
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.errors import DicomNodeError, ModelError, PeerError, StorageFullError
+from dicomnode.errors import ConfigError, DicomNodeError, ModelError, PeerError, StorageFullError
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
@@ -41,6 +42,7 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.send.scu import send_files
 from dicomnode.store.files import ensure_free_space, output_path, write_durably
+from dicomnode.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class Worker:
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
         self.stop = threading.Event()
         self._disk_full_logged = -DISK_FULL_PAUSE
+        self._tls: ssl.SSLContext | None = None
         self._predictors: dict[str, Predictor] = {}
         w, s = settings.workers, settings.send
         self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
@@ -426,6 +429,17 @@ class Worker:
         return q.enqueue(session, specs)
 
     # -- send ---------------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The context of sends to TLS peers (made once); None, logged, when the node's TLS
+        files are missing or unusable (those sends then fail for good, saying why)."""
+        if self._tls is None:
+            try:
+                self._tls = client_context(self.settings.tls)
+            except ConfigError as exc:
+                log.error("sends to TLS peers fail: %s", exc)
+                return None
+        return self._tls
+
     def _send_step(self) -> bool:
         return self._run(q.JobKind.SEND, SEND_BATCH, self._send, self.send_policy)
 
@@ -448,6 +462,7 @@ class Worker:
             calling_ae=self.settings.node.ae_title,
             timeout=self.settings.send.timeout_seconds,
             response_timeout=self.settings.send.response_timeout_seconds,
+            tls=self._tls_context() if peer.tls else None,
         )
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:

@@ -17,6 +17,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -43,6 +45,8 @@ class Peer(Base):
     port: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(16), default="cli")
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Results are sent to it over DICOM TLS (revision 0003)."""
 
 
 class Association(Base):

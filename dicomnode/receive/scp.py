@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -284,17 +285,30 @@ def receiver_name(settings: Settings) -> str:
 
 
 def start_scp(
-    settings: Settings, db: Database, handlers: StoreHandlers | None = None
+    settings: Settings,
+    db: Database,
+    handlers: StoreHandlers | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); raises :class:`OSError` when the port is taken."""
+    """Start listening (non-blocking) on ``node.port``, or with ``tls`` (the context of
+    :func:`dicomnode.tls.server_context`) on ``tls.port``; raises :class:`OSError` when the
+    port is taken."""
     receive_into(Path(settings.storage.data_dir) / "incoming")
     ae = build_ae(settings, db)
     handlers = handlers or StoreHandlers(settings, db)
+    port = settings.node.port if tls is None else settings.tls.port
     server = ae.start_server(
-        (settings.node.host, settings.node.port), block=False, evt_handlers=handlers.bindings()
+        (settings.node.host, port),
+        block=False,
+        evt_handlers=handlers.bindings(),
+        ssl_context=tls,
     )
     assert server is not None
     log.info(
-        "listening as %s on %s:%s", settings.node.ae_title, settings.node.host, settings.node.port
+        "listening as %s on %s:%s%s",
+        settings.node.ae_title,
+        settings.node.host,
+        port,
+        "" if tls is None else " (DICOM TLS)",
     )
     return server

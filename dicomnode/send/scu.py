@@ -11,6 +11,9 @@ A warning status (``0xB000`` coerced, ``0xB007`` does not match SOP class,
 ``0xB006`` elements discarded, ...) is a delivery, logged with its code; so is
 ``0x0111`` (duplicate SOP instance): the peer holds the object already.
 
+A peer marked ``tls`` is reached over DICOM TLS with the context the caller gives
+(:mod:`dicomnode.tls`): its certificate verified, the node's shown.
+
 Every SOP class is proposed with the uncompressed transfer syntaxes; a file
 stored compressed (the JPEG Baseline overlays) is also proposed in its own
 transfer syntax, in a presentation context of its own so that the peer can
@@ -21,6 +24,7 @@ in memory and sent uncompressed (the stored file does not change).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,19 +90,24 @@ def send_files(
     calling_ae: str,
     timeout: float,
     response_timeout: float = 0.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Delivery]:
     """C-STORE ``paths`` to ``peer`` over one association; one :class:`Delivery` each, in order.
 
     ``timeout`` bounds connecting and associating; ``response_timeout`` (at least
-    ``timeout``) how long a C-STORE response, and network silence meanwhile, may take.
+    ``timeout``) how long a C-STORE response, and network silence meanwhile, may take;
+    ``tls``: the context of a peer reached over DICOM TLS (:mod:`dicomnode.tls`).
     """
     if not paths:
         return []
+    if peer.tls and tls is None:
+        reason = f"peer {peer.name} is reached over TLS, but the node has no TLS settings (tls.*)"
+        return [Delivery(p, False, None, reason, retry=False) for p in paths]
     kinds = {p: _readable_kind(p) for p in paths}
     sendable = [(p, k) for p, k in kinds.items() if isinstance(k, _Kind)]
     sent: dict[Path, Delivery] = {}
     if sendable:
-        sent = _send_all(peer, sendable, calling_ae, (timeout, response_timeout))
+        sent = _send_all(peer, sendable, calling_ae, (timeout, response_timeout), tls)
     return [
         sent[p] if isinstance(kinds[p], _Kind) else Delivery(p, False, None, str(kinds[p]), False)
         for p in paths
@@ -142,12 +151,11 @@ def _send_all(
     files: Sequence[tuple[Path, _Kind]],
     calling_ae: str,
     timeouts: tuple[float, float],
+    tls: ssl.SSLContext | None,
 ) -> dict[Path, Delivery]:
     ae = _ae(calling_ae, [kind for _, kind in files], *timeouts)
     rejection = _Rejection()
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, rejection)]
-    )
+    assoc = _associate(ae, peer, rejection, tls)
     if not assoc.is_established:
         why, retry = _not_established(assoc, rejection.reason)
         reason = f"{why} by {peer.name} ({peer.host}:{peer.port})"
@@ -157,6 +165,19 @@ def _send_all(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _associate(
+    ae: AE, peer: PeerInfo, rejection: _Rejection, tls: ssl.SSLContext | None
+) -> Association:
+    """Request an association with ``peer`` (over TLS when it is reached so)."""
+    return ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_ACSE_RECV, rejection)],
+        tls_args=(tls, peer.host) if peer.tls and tls is not None else None,
+    )
 
 
 def _accepts(assoc: Association, kind: _Kind) -> bool:
@@ -221,15 +242,17 @@ class Echo:
     reason: str = ""
 
 
-def echo(peer: PeerInfo, *, calling_ae: str, timeout: float) -> Echo:
+def echo(
+    peer: PeerInfo, *, calling_ae: str, timeout: float, tls: ssl.SSLContext | None = None
+) -> Echo:
     """C-ECHO ``peer``: its status, or why no association could be made or no answer came."""
+    if peer.tls and tls is None:
+        return Echo(None, "the peer is reached over TLS, but the node has no TLS settings (tls.*)")
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
     rejection = _Rejection()
-    assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, rejection)]
-    )
+    assoc = _associate(ae, peer, rejection, tls)
     if not assoc.is_established:
         return Echo(None, _not_established(assoc, rejection.reason)[0])
     try:

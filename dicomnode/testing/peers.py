@@ -91,6 +91,8 @@ class CollectingSCP:
     status: int = 0x0000
     accept_jpeg: bool = True
     """Accept JPEG Baseline besides the uncompressed syntaxes, as PACS do."""
+    ssl_context: Any = None
+    """A server-side ``ssl.SSLContext``: the collector then listens over DICOM TLS."""
     received: list[Dataset] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     """``time.monotonic()`` of each received dataset, in the order of ``received``."""
@@ -114,7 +116,10 @@ class CollectingSCP:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         self._server = ae.start_server(
-            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            (LOOPBACK, self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=self.ssl_context,
         )
         return self
 

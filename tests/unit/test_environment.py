@@ -24,6 +24,7 @@ TOOLS = {
     "/usr/bin/storescu": "dcmtk",
     "/usr/bin/storescp": "dcmtk",
     "/usr/bin/echoscu": "dcmtk",
+    "/usr/bin/openssl": "openssl",
 }
 
 

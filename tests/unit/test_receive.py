@@ -80,7 +80,7 @@ def test_a_stop_does_not_wait_for_an_idle_association(settings: Settings, db: Da
     assert handlers.idle_seconds(held) < 1.0  # its echo was seen
     time.sleep(0.3)
     started = time.monotonic()
-    stop_receiving(server, handlers, drain_seconds=20, idle_seconds=0.2)
+    stop_receiving([server], handlers, drain_seconds=20, idle_seconds=0.2)
     assert time.monotonic() - started < 10  # not the 20 s drain
     time.sleep(0.5)
     assert assoc.is_aborted and not assoc.is_established

@@ -1,0 +1,159 @@
+"""DICOM TLS: the node's TLS listener, and results sent to a peer over TLS (both sides
+authenticated by certificates a test CA signed; ``/usr/bin/openssl`` makes them)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import select
+
+from dicomnode.config import Settings
+from dicomnode.db.schema import Instance
+from dicomnode.db.session import Database
+from dicomnode.errors import ConfigError
+from dicomnode.peers import PeerInfo
+from dicomnode.receive import scp
+from dicomnode.send.scu import echo, send_files
+from dicomnode.service import start_listeners, stop_receiving
+from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.peers import LOOPBACK, CollectingSCP, free_port
+from dicomnode.testing.tls import OPENSSL, Identity, Pki, make_pki
+from dicomnode.tls import client_context
+
+pytestmark = pytest.mark.skipif(not Path(OPENSSL).is_file(), reason="openssl is not installed")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Another CA: certificates the node must not trust."""
+    return make_pki(tmp_path_factory.mktemp("stranger"), "stranger")
+
+
+def _with_tls(settings: Settings, pki: Pki, **tls: object) -> Settings:
+    section = settings.tls.model_copy(
+        update={
+            "certificate": pki.node.certificate,
+            "private_key": pki.node.private_key,
+            "ca_certificates": pki.ca_certificate,
+            **tls,
+        }
+    )
+    node = settings.node.model_copy(update={"port": free_port()})
+    return settings.model_copy(update={"tls": section, "node": node})
+
+
+def _sender_context(ca: Path, identity: Identity | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    if identity is not None:
+        context.load_cert_chain(str(identity.certificate), str(identity.private_key))
+    return context
+
+
+def _store_over_tls(port: int, context: ssl.SSLContext | None) -> int | None:
+    """C-STORE one radiograph as the registered sender MOD; its status, None if refused."""
+    image = make_radiograph(body_part="KNEE")
+    sender = AE(ae_title="MOD")
+    sender.add_requested_context(image.SOPClassUID, ExplicitVRLittleEndian)
+    sender.acse_timeout = sender.network_timeout = sender.connection_timeout = 5
+    tls_args = None if context is None else (context, "localhost")
+    assoc = sender.associate(LOOPBACK, port, ae_title="DICOMNODE", tls_args=tls_args)
+    if not assoc.is_established:
+        return None
+    status = int(assoc.send_c_store(image).Status)
+    assoc.release()
+    return status
+
+
+def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
+    settings: Settings, db: Database, pki: Pki, stranger: Pki
+) -> None:
+    from dicomnode.config import PeerSettings
+    from dicomnode.peers import sync_config_peers
+
+    sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104)
+    secured = _with_tls(
+        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port()
+    )
+    with db.session() as session:
+        sync_config_peers(session, dict(secured.peers))
+    handlers = scp.StoreHandlers(secured, db)
+    servers = start_listeners(secured, db, handlers)  # as `serve` does: plain and TLS
+    try:
+        port = secured.tls.port
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.peer)) == 0
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, None)) is None
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, stranger.peer)) is None
+        assert _store_over_tls(port, None) is None  # plain DICOM on the TLS port
+        assert _store_over_tls(secured.node.port, None) == 0  # plain DICOM on node.port
+    finally:
+        stop_receiving(servers, handlers, drain_seconds=5)
+    with db.session() as session:
+        assert len(session.execute(select(Instance)).scalars().all()) == 2
+
+
+def test_results_reach_a_tls_peer_whose_certificate_the_node_trusts(
+    settings: Settings, pki: Pki, stranger: Pki, tmp_path: Path
+) -> None:
+    secured = _with_tls(settings, pki)
+    result = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "result.dcm")
+
+    def pacs_context(identity: Identity, ca: Path) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+        context.load_cert_chain(str(identity.certificate), str(identity.private_key))
+        context.verify_mode = ssl.CERT_REQUIRED  # the PACS wants the node's certificate
+        return context
+
+    trusted = CollectingSCP(
+        ae_title="PACS", ssl_context=pacs_context(pki.peer, pki.ca_certificate)
+    ).start()
+    impostor = CollectingSCP(
+        ae_title="PACS", ssl_context=pacs_context(stranger.peer, pki.ca_certificate)
+    ).start()
+    node_tls = client_context(secured.tls)
+    try:
+        peer = PeerInfo("PACS", "PACS", "127.0.0.1", trusted.port, tls=True)
+        (delivered,) = send_files(peer, [result], calling_ae="DICOMNODE", timeout=5, tls=node_tls)
+        assert echo(peer, calling_ae="DICOMNODE", timeout=5, tls=node_tls).status == 0
+        fake = PeerInfo("PACS", "PACS", "127.0.0.1", impostor.port, tls=True)
+        (refused,) = send_files(fake, [result], calling_ae="DICOMNODE", timeout=5, tls=node_tls)
+        (untold,) = send_files(peer, [result], calling_ae="DICOMNODE", timeout=5)
+    finally:
+        trusted.stop()
+        impostor.stop()
+    assert delivered.ok and len(trusted.received) == 1
+    assert not refused.ok and refused.retry and impostor.received == []
+    assert not untold.ok and not untold.retry
+    assert "reached over TLS, but the node has no TLS settings" in untold.reason
+
+
+def test_tls_needs_its_files(settings: Settings, tmp_path: Path) -> None:
+    from dicomnode.config import load_settings
+
+    with pytest.raises(ConfigError, match=r"tls\.port needs tls\.certificate, tls\.private_key"):
+        load_settings(None, environ={}, overrides={"tls": {"port": 2762}})
+    absent = tmp_path / "absent.pem"
+    with pytest.raises(ConfigError, match=r"peers\.PACS\.tls needs .*absent\.pem: no such file"):
+        load_settings(
+            None,
+            environ={},
+            overrides={
+                "peers": {"PACS": {"ae_title": "PACS", "host": "h", "port": 104, "tls": True}},
+                "tls": {"certificate": str(absent)},
+            },
+        )
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    broken = settings.tls.model_copy(
+        update={"certificate": garbage, "private_key": garbage, "ca_certificates": garbage}
+    )
+    with pytest.raises(ConfigError, match="cannot use the TLS files"):
+        client_context(broken)
