@@ -144,12 +144,15 @@ class Orthanc:
         *,
         ae_title: str = "ORTHANC",
         modalities: dict[str, tuple[str, int]] | None = None,
+        extra: dict[str, Any] | None = None,
     ):
         self.workdir = workdir
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
+        self.extra = extra or {}
+        """Configuration keys added to (or replacing) :meth:`config`'s, e.g. ``DicomTls*``."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -178,6 +181,7 @@ class Orthanc:
             "DicomModalities": {
                 name: [aet, LOOPBACK, port] for name, (aet, port) in self.modalities.items()
             },
+            **self.extra,
         }
 
     def start(self) -> Orthanc:

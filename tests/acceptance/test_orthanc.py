@@ -249,3 +249,66 @@ def test_a_stop_lets_an_open_association_end_and_refuses_new_ones(
     with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
         stored = {row[0] for row in connection.execute("SELECT sop_instance_uid FROM instances")}
     assert stored == {first.SOPInstanceUID, second.SOPInstanceUID}
+
+
+def test_orthanc_and_the_node_speak_dicom_tls_both_ways(tmp_path: Path, models: Path) -> None:
+    """Orthanc with DICOM TLS on (its SCP, and its SCU to the node's TLS port), the node with
+    a TLS listener and Orthanc as a TLS peer: the study goes and the results come back over
+    TLS, each side checking the other's certificate against the test CA."""
+    from dicomnode.testing.peers import LOOPBACK, free_port
+    from dicomnode.testing.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    node_port, node_tls_port = free_port(), free_port()
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        extra={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(pki.peer.certificate),
+            "DicomTlsPrivateKey": str(pki.peer.private_key),
+            "DicomTlsTrustedCertificates": str(pki.ca_certificate),
+            "DicomTlsRemoteCertificateRequired": True,
+            "DicomModalities": {
+                "dicomnode": {
+                    "AET": "DICOMNODE",
+                    "Host": LOOPBACK,
+                    "Port": node_tls_port,
+                    "UseDicomTls": True,
+                }
+            },
+        },
+    )
+    orthanc.start()
+    try:
+        pacs = {"ae_title": "ORTHANC", "host": LOOPBACK, "port": orthanc.dicom_port, "tls": True}
+        tls = {
+            "port": node_tls_port,
+            "certificate": str(pki.node.certificate),
+            "private_key": str(pki.node.private_key),
+            "ca_certificates": str(pki.ca_certificate),
+        }
+        node = NodeProcess.create(
+            tmp_path / "node",
+            models,
+            peers={"PACS": ("ORTHANC", orthanc.dicom_port)},
+            destinations=["PACS"],
+            extra={"peers": {"PACS": pacs}, "tls": tls},
+            port=node_port,
+        )
+        node.start()
+        try:
+            source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
+            study_id = orthanc.upload(source)["ParentStudy"]
+            orthanc.send_study("dicomnode", study_id)
+            wait_for(
+                lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+                120,
+                interval=0.5,
+                what="the results in Orthanc, over TLS",
+            )
+            assert f"on 127.0.0.1:{node_tls_port} (DICOM TLS)" in node.log()
+            assert "stored sop=" in node.log()
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
