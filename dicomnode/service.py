@@ -4,7 +4,7 @@ The main process receives (SCP threads), decides when studies are ready, and
 restarts any worker process that dies (its running jobs are released at once
 so they run again). SIGTERM or SIGINT stops everything cleanly: no new
 association is accepted, busy ones may end for :data:`DRAIN_SECONDS` (idle ones
-are aborted), and each worker finishes its current job. The main
+are aborted), and each worker finishes the images at hand and gives back the rest. The main
 process never imports torch: models live in the worker processes only.
 
 Workers are forked from a fork server that imported torch, timm and the worker
@@ -55,7 +55,7 @@ RESTART_PAUSE = 10.0
 PURGE_INTERVAL = 3600.0
 """Seconds between purge passes (the first runs at start-up)."""
 WORKER_STOP_SECONDS = 25.0
-"""On stop, how long the workers have to finish their current batch, all together."""
+"""On stop, how long the workers have, all together, to finish the images at hand."""
 DRAIN_SECONDS = 30.0
 """On stop, how long open associations may go on before they are aborted."""
 ORPHAN_INTERVAL = 60.0
@@ -177,8 +177,9 @@ class Supervisor:
         return pause
 
     def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
-        """SIGTERM every worker (each finishes its current batch), then kill the ones still
-        running ``timeout`` seconds later (their jobs run again, the attempt counted)."""
+        """SIGTERM every worker (each finishes the images at hand and gives back the rest of
+        its batch), then kill the ones still running ``timeout`` seconds later (their jobs
+        run again, the attempt counted)."""
         for process in self.processes.values():
             if process.is_alive():
                 process.terminate()

@@ -276,7 +276,10 @@ class Worker:
             paths = {j.id: Path(_instance(session, j).path) for j in jobs}
         pending: list[tuple[q.ClaimedJob, pipeline.Prepared]] = []
         pixels = 0
-        for job in jobs:
+        for index, job in enumerate(jobs):
+            if self.stop.is_set():  # stopping: the rest waits for the next worker, uncharged
+                self._give_back([*(j for j, _ in pending), *jobs[index:]])
+                return
             prepared = pipeline.read_and_prepare(paths[job.id])
             pending.append((job, prepared))
             pixels += 0 if prepared.image is None else prepared.image.pixels.size
@@ -285,6 +288,13 @@ class Worker:
                 pending, pixels = [], 0
         if pending:
             self._analyse_and_finish(predictor, pending)
+
+    def _give_back(self, jobs: Sequence[q.ClaimedJob]) -> None:
+        """Return claimed jobs not analysed yet to the queue, their attempts not counted."""
+        with self.db.session() as session:
+            for job in jobs:
+                q.postpone(session, job, self.worker_id, "the worker stopped before it", 0.0)
+        log.info("worker %s stopping: jobs %s given back", self.worker_id, [j.id for j in jobs])
 
     def _analyse_and_finish(
         self, predictor: Predictor, pending: list[tuple[q.ClaimedJob, pipeline.Prepared]]

@@ -434,3 +434,47 @@ def test_results_wait_for_disk_space_without_using_up_attempts(
         job = s.execute(select(Job).where(Job.kind == "infer")).scalar_one()
         assert (job.state, job.attempts) == ("done", 1)  # the postponed attempt is not counted
     assert writes[0] == writes[1]  # the overlay that met the full disk, written again
+
+
+def test_a_stopping_worker_gives_back_the_jobs_it_has_not_analysed(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM mid-batch: the worker stops after the image at hand; the others of its
+    batch go back to the queue, their attempts not counted, and the next step runs them."""
+    from dicomnode import worker
+    from dicomnode.studies import schedule_ready
+
+    node.stop.set()  # drive the scheduler and the worker by hand
+    assert node.thread is not None
+    node.thread.join(30)
+    first = make_radiograph(body_part="KNEE")
+    second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
+    assert node.send(first, second) == [statuses.SUCCESS] * 2
+    wait_for(
+        lambda: (
+            bool(schedule_ready(node.db, node.settings, node.worker.registry))
+            or node.count(Job, kind="infer") == 2
+        ),
+        30,
+        what="two infer jobs",
+    )
+    real = worker.pipeline.read_and_prepare
+    prepared: list[Path] = []
+
+    def stop_after_the_first(path: Path) -> object:
+        prepared.append(path)
+        node.worker.stop.set()  # SIGTERM arrives while the first image is read
+        return real(path)
+
+    monkeypatch.setattr(worker.pipeline, "read_and_prepare", stop_after_the_first)
+    assert node.worker.step()
+    assert len(prepared) == 1
+    with node.db.session() as s:
+        jobs = s.execute(select(Job).where(Job.kind == "infer")).scalars().all()
+        assert sorted((j.state, j.attempts) for j in jobs) == [("failed", 0), ("failed", 0)]
+    node.worker.stop.clear()
+    monkeypatch.undo()
+    assert node.worker.step()
+    with node.db.session() as s:
+        jobs = s.execute(select(Job).where(Job.kind == "infer")).scalars().all()
+        assert sorted((j.state, j.attempts) for j in jobs) == [("done", 1), ("done", 1)]
