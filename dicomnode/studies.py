@@ -229,10 +229,7 @@ def retry_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> i
     (a new one when there is none): that round's report, made when the image has been
     analysed, supersedes the earlier SR, which left the image out.
     """
-    statement = select(Job).where(Job.state == JobState.DEAD)
-    if job_ids:
-        statement = statement.where(Job.id.in_(job_ids))
-    dead = list(session.execute(statement).scalars())
+    dead = _dead_jobs(session, job_ids)
     if not dead:
         return 0
     count = requeue(session, [job.id for job in dead])
@@ -240,6 +237,14 @@ def retry_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> i
         if job.kind == JobKind.INFER:
             _rejoin_open_round(session, job)
     return count
+
+
+def _dead_jobs(session: Session, job_ids: Sequence[int] | None) -> list[Job]:
+    """The dead jobs, or those of ``job_ids`` that are dead."""
+    statement = select(Job).where(Job.state == JobState.DEAD)
+    if job_ids:
+        statement = statement.where(Job.id.in_(job_ids))
+    return list(session.execute(statement).scalars())
 
 
 DISCARDED = "discarded"
@@ -253,10 +258,7 @@ def discard_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) ->
     period, purged: a discarded analysis leaves its image skipped (the reason says so), a
     discarded report its round without a report, a discarded send its object undelivered.
     """
-    statement = select(Job).where(Job.state == JobState.DEAD)
-    if job_ids:
-        statement = statement.where(Job.id.in_(job_ids))
-    dead = list(session.execute(statement).scalars())
+    dead = _dead_jobs(session, job_ids)
     now = utcnow()
     for job in dead:
         job.state, job.finished_at, job.updated_at = JobState.DISCARDED, now, now

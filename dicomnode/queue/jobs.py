@@ -317,8 +317,9 @@ def fail(
 def postpone(
     session: Session, job: ClaimedJob, worker_id: str, error: str, delay_seconds: float
 ) -> None:
-    """Give a claimed job back without charging its attempt: it failed for a reason of the
-    node's (its disk is full), not of the job, and runs again after ``delay_seconds``."""
+    """Give a claimed job back without charging its attempt: it stopped for a reason of the
+    node's (its disk is full, its worker is stopping), not of the job, and runs again after
+    ``delay_seconds``."""
     now = utcnow()
     still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
     session.execute(
