@@ -136,6 +136,9 @@ class NodeProcess:
             )
         try:
             wait_for_port(self.port, timeout=60)
+            tls_port = int(self.config.get("tls", {}).get("port") or 0)
+            if tls_port:  # the TLS listener starts just after the plain one
+                wait_for_port(tls_port, timeout=60)
         except BaseException:
             self.stop()
             raise

@@ -53,6 +53,16 @@ def _classes(orthanc: Orthanc, study_id: str) -> list[str]:
     ]
 
 
+def _wait_for_results(orthanc: Orthanc, study_id: str, what: str) -> None:
+    """Until Orthanc's study holds an SC and an SR (two minutes at most)."""
+    wait_for(
+        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
+        120,
+        interval=0.5,
+        what=what,
+    )
+
+
 def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
     with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
         row = connection.execute("SELECT state, attempts FROM jobs WHERE kind = 'infer'").fetchone()
@@ -69,12 +79,7 @@ def test_orthanc_study_gets_sc_and_sr_back(
     )
     study_id = orthanc.upload(source)["ParentStudy"]
     orthanc.send_study("dicomnode", study_id)
-    wait_for(
-        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
-        120,
-        interval=0.5,
-        what="SC and SR in Orthanc's study",
-    )
+    _wait_for_results(orthanc, study_id, "SC and SR in Orthanc's study")
     for instance in orthanc.study_instances(study_id):
         tags = orthanc.instance_tags(instance["ID"])
         if tags["SOPClassUID"] not in (SC_CLASS, SR_CLASS):
@@ -112,12 +117,7 @@ def test_worker_killed_mid_job_finishes_once_after_restart(
         what="the inference job running",
     )
     os.kill(first, signal.SIGKILL)
-    wait_for(
-        lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
-        120,
-        interval=0.5,
-        what="results after the restart",
-    )
+    _wait_for_results(orthanc, study_id, "results after the restart")
     classes = _classes(orthanc, study_id)
     assert classes.count(SC_CLASS) == 1 and classes.count(SR_CLASS) == 1
     assert _infer_job(node) == ("done", 2)  # ran again after the kill, and only once more
@@ -155,12 +155,7 @@ def test_separate_worker_process_does_the_work(tmp_path: Path, models: Path) -> 
         orthanc.send_study("dicomnode", study_id)
         wait_for(lambda: _infer_job(node) == ("queued", 0), 60, what="a queued job with no worker")
         worker = node.start_worker(1)
-        wait_for(
-            lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
-            120,
-            interval=0.5,
-            what="results produced by the separate worker",
-        )
+        _wait_for_results(orthanc, study_id, "results produced by the separate worker")
     finally:
         try:
             stop_processes([] if worker is None else [worker])
@@ -300,12 +295,7 @@ def test_orthanc_and_the_node_speak_dicom_tls_both_ways(tmp_path: Path, models: 
             source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
             study_id = orthanc.upload(source)["ParentStudy"]
             orthanc.send_study("dicomnode", study_id)
-            wait_for(
-                lambda: {SC_CLASS, SR_CLASS} <= set(_classes(orthanc, study_id)),
-                120,
-                interval=0.5,
-                what="the results in Orthanc, over TLS",
-            )
+            _wait_for_results(orthanc, study_id, "the results in Orthanc, over TLS")
             assert f"on 127.0.0.1:{node_tls_port} (DICOM TLS)" in node.log()
             assert "stored sop=" in node.log()
         finally:
