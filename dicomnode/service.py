@@ -256,7 +256,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     finally:
         log.info("stopping")
         if handlers is not None:
-            stop_receiving(servers, handlers, DRAIN_SECONDS)
+            stop_receiving(servers, handlers)
         supervisor.stop()
         db.dispose()
 
@@ -296,7 +296,7 @@ def _listen(
 def stop_receiving(
     servers: list[ThreadedAssociationServer],
     handlers: StoreHandlers,
-    drain_seconds: float = 30.0,
+    drain_seconds: float = DRAIN_SECONDS,
     idle_seconds: float = 5.0,
 ) -> None:
     """Stop accepting associations; let the busy ones go on for up to ``drain_seconds`` (a

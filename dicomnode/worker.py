@@ -157,12 +157,16 @@ class Worker:
             done.set()
             thread.join()
 
-    def _fail_with(self, job: q.ClaimedJob, exc: Exception, policy: RetryPolicy) -> None:
-        """Record ``exc`` as the job's failure; a full disk postpones it, uncharged."""
+    def _fail_all(self, jobs: Sequence[q.ClaimedJob], exc: Exception, policy: RetryPolicy) -> None:
+        """Record ``exc`` as the failure of ``jobs`` (retried with ``policy``, then dead); a
+        full disk postpones them instead, uncharged."""
         if isinstance(exc, StorageFullError):
-            self._postpone(job, str(exc))
-        else:
-            self._fail(job, _reason(exc, job.kind, [job]), policy)
+            for job in jobs:
+                self._postpone(job, str(exc))
+            return
+        reason = _reason(exc, jobs[0].kind, jobs)
+        for job in jobs:
+            self._fail(job, reason, policy)
 
     def _postpone(self, job: q.ClaimedJob, error: str) -> None:
         with self.db.session() as session:
@@ -207,7 +211,7 @@ class Worker:
         """Claim up to ``limit`` jobs of ``kind`` and run ``work`` on them under a lease.
 
         An error that escapes ``work`` fails every claimed job with the error
-        as the reason (retried with ``policy``, then dead).
+        as the reason (:meth:`_fail_all`).
         """
         if kind in WRITING_KINDS and not self._disk_has_room():
             return False
@@ -217,13 +221,8 @@ class Worker:
         with self._leased(jobs):
             try:
                 work(jobs)
-            except StorageFullError as exc:
-                for job in jobs:
-                    self._postpone(job, str(exc))
             except Exception as exc:
-                reason = _reason(exc, kind, jobs)
-                for job in jobs:
-                    self._fail(job, reason, policy)
+                self._fail_all(jobs, exc, policy)
         return True
 
     def _write_output(self, dataset: pydicom.Dataset) -> Path:
@@ -304,7 +303,7 @@ class Worker:
             try:
                 self._finish_infer(job, item)
             except Exception as exc:  # one image's error fails that job, not its batch
-                self._fail_with(job, exc, self.job_policy)
+                self._fail_all([job], exc, self.job_policy)
         del analysed
         release_freed_memory()
 

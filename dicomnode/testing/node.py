@@ -105,10 +105,18 @@ class NodeProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``dicomnode --config <ours> ARGS`` and return the finished process."""
-        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), *args]
         return subprocess.run(
-            command, capture_output=True, text=True, check=check, timeout=300, env=self._env()
+            self._command(*args),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=300,
+            env=self._env(),
         )
+
+    def _command(self, *args: str) -> list[str]:
+        """``python -m dicomnode.cli --config <ours> ARGS``."""
+        return [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path), *args]
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
@@ -118,14 +126,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.cli("db", "upgrade")
-        command = [
-            sys.executable,
-            "-m",
-            "dicomnode.cli",
-            "--config",
-            str(self.config_path),
-            "serve",
-        ]
+        command = self._command("serve")
         with self.log_path.open("ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(
                 command,
@@ -146,9 +147,8 @@ class NodeProcess:
 
     def start_worker(self, count: int = 1) -> subprocess.Popen[bytes]:
         """``dicomnode worker --count COUNT`` on this node's configuration (a worker host)."""
-        command = [sys.executable, "-m", "dicomnode.cli", "--config", str(self.config_path)]
         return subprocess.Popen(
-            [*command, "worker", "--count", str(count)],
+            self._command("worker", "--count", str(count)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=self._env(),
