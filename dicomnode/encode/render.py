@@ -74,6 +74,23 @@ TURBO: UInt8Array = _turbo_lut()
 _ALPHA = _alpha_lut()
 
 
+def _blend_lut() -> UInt8Array:
+    """``_BLEND[level << 8 | grey]``: the RGB of grey ``grey`` under heat ``level``.
+
+    The grey overlay has one value in all three channels, so the blend of every
+    pixel is one of 256 x 256 colours: looking it up is about three times faster
+    than computing it per pixel, with the same integer rounding.
+    """
+    alpha = _ALPHA[:, None, None].astype(np.uint32)
+    grey = np.arange(256, dtype=np.uint32)[None, :, None]
+    colour = TURBO[:, None, :].astype(np.uint32)
+    mixed = (grey * (255 - alpha) + colour * alpha + 127) // 255
+    return mixed.astype(np.uint8).reshape(256 * 256, 3)
+
+
+_BLEND = _blend_lut()
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Sizes that scale with the image so the overlay reads the same at any size."""
@@ -218,8 +235,7 @@ def _grey_rgb(pixels: FloatArray, shape: tuple[int, ...]) -> UInt8Array:
                 (shape[1], shape[0]), Image.Resampling.BILINEAR, reducing_gap=2.0
             )
         )
-    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
-    rgb[...] = grey[..., None]
+    rgb: UInt8Array = np.repeat(grey[..., None], 3, axis=2)  # 3x faster than broadcasting
     return rgb
 
 
@@ -244,17 +260,14 @@ def _heat_box(levels: npt.NDArray[np.uint8]) -> tuple[slice, slice] | None:
 
 
 def _blend_heat(rgb: UInt8Array, heat: FloatArray) -> None:
-    """Blend the colour-mapped heat into ``rgb`` in place."""
+    """Blend the colour-mapped heat into the grey ``rgb`` in place (see :data:`_BLEND`)."""
     levels = _levels(heat)
     box = _heat_box(levels)
     if box is None:
         return
-    level = levels[box]
-    alpha = _ALPHA[level][..., None]
-    base = rgb[box].astype(np.uint16)
-    mixed = base * (255 - alpha) + TURBO[level].astype(np.uint16) * alpha + 127
-    mixed //= 255
-    rgb[box] = mixed.astype(np.uint8)
+    index = levels[box].astype(np.intp) << 8
+    index |= rgb[box][..., 0]
+    rgb[box] = np.take(_BLEND, index, axis=0)
 
 
 def _draw_box(rgb: UInt8Array, box: tuple[int, int, int, int], colour: Colour, width: int) -> None:

@@ -28,7 +28,14 @@ from dicomnode import uids
 from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
 from dicomnode.encode import codes as dn
 from dicomnode.encode.header import conformant_header
-from dicomnode.encode.render import SYNTHETIC_NOTICE, TURBO
+from dicomnode.encode.render import (
+    HEAT_FULL,
+    HEAT_THRESHOLD,
+    MAX_ALPHA,
+    SYNTHETIC_NOTICE,
+    TURBO,
+    heat_image,
+)
 from dicomnode.encode.sc import compress_jpeg, series_description
 from dicomnode.errors import EncodeError
 from dicomnode.pipeline import Analysed, Prepared
@@ -307,6 +314,27 @@ def test_render_draws_colour_scale_bar_high_on_top() -> None:
     bar = [tuple(row[column]) for row in right if tuple(row[column]) in colours]
     assert bar[0] == tuple(TURBO[255].tolist())
     assert bar[-1] == tuple(TURBO[0].tolist())
+
+
+def test_heat_blend_is_the_weighted_mean_of_grey_and_colour() -> None:
+    """Every pixel: (grey * (255 - a) + colour * a + 127) // 255, ``a`` the opacity of its
+    heat level: none below HEAT_THRESHOLD, rising to MAX_ALPHA at HEAT_FULL."""
+    rng = np.random.default_rng(3)
+    pixels = rng.random((64, 48), dtype=np.float32)
+    heat = rng.random((64, 48), dtype=np.float32)
+    heat[:8] = 0.0  # rows without heat stay grey
+    rgb = heat_image(pixels, heat).astype(np.int64)
+
+    grey = np.floor(pixels.astype(np.float64) * 255.0 + 0.5).astype(np.int64)
+    levels = np.floor(heat.astype(np.float64) * 255.0 + 0.5).astype(np.int64)
+    ramp = np.clip((levels / 255.0 - HEAT_THRESHOLD) / (HEAT_FULL - HEAT_THRESHOLD), 0.0, 1.0)
+    alpha = np.where(levels / 255.0 >= HEAT_THRESHOLD, np.round(ramp * MAX_ALPHA * 255.0), 0)
+    alpha = alpha.astype(np.int64)[..., None]
+    expected = grey[..., None] * (255 - alpha) + TURBO[levels].astype(np.int64) * alpha + 127
+    expected //= 255
+    assert (rgb[:8] == grey[:8, :, None]).all()
+    assert (alpha > 0).sum() > 64 * 48 // 4  # the test covers blended pixels
+    assert np.array_equal(rgb, expected)
 
 
 def test_render_rejects_heatmap_of_other_shape() -> None:
