@@ -182,6 +182,13 @@ def table(figures: dict[str, Any]) -> Table:
         "",
     )
     out.add_row("bare loop images/s", f"{figures['bare']['images_per_s']:.2f}", "")
+    if "startup_seconds" in b:
+        up = b["startup_seconds"]
+        out.add_row(
+            "start-up: serve -> port open / -> every worker running, s",
+            f"{up['port']:.1f} / {up['workers']:.1f}",
+            "",
+        )
     out.add_row("burst / bare loop", f"{b['ratio_node_over_bare']:.2f}", ">= 0.9")
     out.add_row(
         "raw model limit (forward + Grad-CAM) images/s",

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dicomnode.config import Settings, load_settings
-from dicomnode.testing.peers import LOOPBACK, Orthanc, free_port, wait_for_port
+from dicomnode.testing.peers import LOOPBACK, Orthanc, free_port, wait_for, wait_for_port
+
+WORKER_STARTED = re.compile(r"worker \S+ started")
+"""The line each worker logs when it enters its loop (:meth:`dicomnode.worker.Worker.run`)."""
 
 
 def node_config(
@@ -80,6 +85,9 @@ class NodeProcess:
         self.config_path = workdir / "dicomnode.yaml"
         self.log_path = workdir / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.port_seconds = 0.0
+        self._log_offset = 0
 
     @classmethod
     def create(
@@ -127,6 +135,8 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.cli("db", "upgrade")
         command = self._command("serve")
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(
                 command,
@@ -143,7 +153,24 @@ class NodeProcess:
         except BaseException:
             self.stop()
             raise
+        self.port_seconds = time.monotonic() - self.started_at
         return self
+
+    def wait_for_workers(self, count: int | None = None, timeout: float = 120.0) -> float:
+        """Wait until ``count`` workers (default: the configured ``workers.count``) of this
+        start have logged that they run; the seconds from :meth:`start` until then.
+
+        The listener opens before the fork server has imported torch, so a node whose
+        port is open may still be seconds away from analysing anything.
+        """
+        wanted = int(self.config.get("workers", {}).get("count", 2)) if count is None else count
+
+        def running() -> bool:
+            since_start = self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+            return len(WORKER_STARTED.findall(since_start)) >= wanted
+
+        wait_for(running, timeout, interval=0.1, what=f"{wanted} worker(s) of the node")
+        return time.monotonic() - self.started_at
 
     def start_worker(self, count: int = 1) -> subprocess.Popen[bytes]:
         """``dicomnode worker --count COUNT`` on this node's configuration (a worker host)."""

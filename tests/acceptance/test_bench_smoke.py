@@ -46,6 +46,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert figures["receive_1"]["files_per_s"]["dicomnode"] > 0
     assert len(figures["turnaround"]["sr_seconds"]) == 2
     assert figures["burst"]["images"] == 2 and figures["burst"]["peak_rss_mb"] > 0
+    startup = figures["burst"]["startup_seconds"]  # the burst began once the workers ran
+    assert 0 < startup["port"] <= startup["workers"]
     roles = {name.rsplit(" ", 1)[0] for name in figures["burst"]["peak_rss_mb_by_process"]}
     assert {"main", "fork server", "worker"} <= roles
     assert "untrained" in result["settings"]["model"]

@@ -225,7 +225,7 @@ def test_a_stop_lets_an_open_association_end_and_refuses_new_ones(
 
     _, node = pacs_and_node
     assert node.process is not None
-    wait_for(lambda: "worker " in node.log() and " started" in node.log(), 60, what="a worker")
+    node.wait_for_workers(1, timeout=60)
     first = make_radiograph(body_part="KNEE")
     second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
     sender = AE(ae_title="ORTHANC")  # a registered peer
