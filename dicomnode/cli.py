@@ -57,6 +57,7 @@ def _config_path(explicit: Path | None) -> Path | None:
 def settings(config: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     resolved = load_settings(_config_path(config or State.config), overrides=overrides)
     logs.configure(resolved.logging.level, resolved.logging.json_format)
+    os.umask(resolved.storage.umask_bits)  # patient data stays the service account's
     return resolved
 
 

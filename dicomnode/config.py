@@ -96,6 +96,25 @@ class StorageSettings(_Section):
         "(headers and records stay); 0 keeps everything",
     )
 
+    umask: str = Field(
+        "027",
+        pattern=r"^0?[0-7]{3}$",
+        description="octal file-creation mask of the node's commands: the default 027 keeps "
+        "received images, results and the SQLite database from other local users (files "
+        "0640, folders 0750); 077 hides them from the group too",
+    )
+
+    @property
+    def umask_bits(self) -> int:
+        return int(self.umask, 8)
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        if isinstance(value, int):  # YAML reads an unquoted 027 as the number 23
+            raise ValueError('write the umask in quotes, e.g. umask: "027"')
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def _pynetdicom_receive_globals() -> Iterator[None]:
     switches it, process-wide, to write into that test's folder (see ``receive_into``)."""
     with pynetdicom_receive_globals_restored():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _umask_restored() -> Iterator[None]:
+    """Each test leaves the process's file-creation mask as it found it (the CLI sets
+    ``storage.umask``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(mask)
 
 
 @pytest.fixture

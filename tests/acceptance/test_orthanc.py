@@ -96,6 +96,16 @@ def test_orthanc_study_gets_sc_and_sr_back(
     assert "Private" not in log and "P-99321" not in log
     status = node.cli("status").stdout
     assert "done" in status
+    _assert_private(node)
+
+
+def _assert_private(node: NodeProcess) -> None:
+    """Received images, results, their folders and the database: nothing for other users
+    (``storage.umask`` 027, the default)."""
+    paths = [*(node.workdir / "data").rglob("*"), *node.workdir.glob("dicomnode.db*")]
+    assert any(p.suffix == ".dcm" for p in paths) and (node.workdir / "dicomnode.db") in paths
+    exposed = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o027}
+    assert exposed == {}
 
 
 def test_worker_killed_mid_job_finishes_once_after_restart(

@@ -14,6 +14,7 @@ def test_example_config_loads_with_the_documented_defaults() -> None:
     assert settings.node.port == 11112
     assert settings.node.allow_unknown_callers is False
     assert settings.storage.min_free_mb == 500
+    assert settings.storage.umask_bits == 0o027
     assert settings.database.url == "sqlite:///var/dicomnode.db"
     assert settings.peers["PACS"].ae_title == "ORTHANC"
     assert settings.results.destinations == ("PACS",)
@@ -48,6 +49,8 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
         ("node: {ae_title: 'MUCH_TOO_LONG_AE_TITLE'}", "node.ae_title"),
         ("workers: {device: tpu}", "workers.device"),
         ("storage: {min_free_mb: -1}", "storage.min_free_mb"),
+        ("storage: {umask: '0999'}", "storage.umask"),
+        ("storage: {umask: 027}", 'write the umask in quotes, e.g. umask: "027"'),
         ("routing: {body_part_aliases: {FOOT: [FOOT]}}", "routing.body_part_aliases"),
         ("database: {url: 'mysql://x'}", "database.url"),
     ],
