@@ -191,6 +191,23 @@ def _check_items(items: Sequence[SrImageItem]) -> None:
     studies |= {str(item.sc.get("StudyInstanceUID", "")) for item in items if item.sc}
     if len(studies) != 1 or "" in studies:
         raise EncodeError(f"all images of a report must share one study, got {sorted(studies)}")
+    patients = {_patient(item.source) for item in items}
+    if len(patients) > 1:  # values not quoted: the reason is stored and printed
+        raise EncodeError(
+            f"the images of this study name {len(patients)} different patients ("
+            + ", ".join(PATIENT_IDENTITY)
+            + " differ): one report would copy the details of one patient onto the images of "
+            "another. Correct the study in the PACS and send it again, or give this report up "
+            "(dicomnode discard)"
+        )
+
+
+PATIENT_IDENTITY = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+"""The attributes that must agree among a report's images (the SR copies the first's)."""
+
+
+def _patient(source: pydicom.Dataset) -> tuple[str, ...]:
+    return tuple(str(source.get(keyword, "") or "").strip() for keyword in PATIENT_IDENTITY)
 
 
 def _distinct_models(items: Sequence[SrImageItem]) -> list[ModelIdentity]:

@@ -137,6 +137,27 @@ def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
     assert node.count(Job, kind="infer") == 1
 
 
+def test_a_study_whose_images_name_two_patients_gets_no_report(node: Node) -> None:
+    """One SR copies one patient's details: images of two patients under one Study Instance
+    UID (a clash, or a correction in the PACS half re-sent) get no SR, and the reason says
+    why without their names."""
+    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
+    first = make_radiograph(body_part="KNEE", patient_name="Alpha^Anna", patient_id="PA-1")
+    second = make_radiograph(
+        body_part="KNEE",
+        study_uid=first.StudyInstanceUID,
+        patient_name="Beta^Bert",
+        patient_id="PB-2",
+    )
+    assert node.send(first, second) == [statuses.SUCCESS, statuses.SUCCESS]
+    wait_for(lambda: node.count(Job, kind="report", state="dead") == 1, 60, what="dead report")
+    with node.db.session() as s:
+        error = s.execute(select(Job.last_error).where(Job.kind == "report")).scalar_one()
+    assert "name 2 different patients" in error
+    assert not any(name in error for name in ("Alpha", "Beta", "PA-1", "PB-2"))
+    assert node.count(Job, kind="send") == 0 and node.collector.received == []
+
+
 def _follow_up(first: Dataset) -> Dataset:
     """Another knee image of ``first``'s study and series."""
     return make_radiograph(

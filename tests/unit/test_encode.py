@@ -632,6 +632,17 @@ def test_sr_refuses_images_of_several_studies() -> None:
         make_sr(items)
 
 
+@pytest.mark.parametrize("keyword", ["PatientID", "PatientName", "PatientBirthDate"])
+def test_sr_refuses_images_of_two_patients(keyword: str) -> None:
+    study_uid = generate_uid()
+    first, second = make_source(study_uid=study_uid), make_source(study_uid=study_uid)
+    setattr(second, keyword, "19710203" if keyword == "PatientBirthDate" else "Other^Person")
+    items = [SrImageItem(source=s, sc=None, result=make_result()) for s in (first, second)]
+    with pytest.raises(EncodeError, match="2 different patients") as info:
+        make_sr(items)
+    assert "Other" not in str(info.value) and "19710203" not in str(info.value)
+
+
 def test_sr_refuses_no_images() -> None:
     with pytest.raises(EncodeError, match="at least one"):
         make_sr([])
