@@ -63,7 +63,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_QUOTED = re.compile(r"(?<!\w)'[^\n]*?'(?!\w)|(?<!\w)\"[^\n]*?\"(?!\w)")
+"""A quoted value: its opening quote not after a letter or digit, its closing quote not
+before one, so an apostrophe ("Patient's Name", "O'BRIEN") neither opens nor ends one."""
 REDACTED = "<redacted>"
 
 
@@ -91,13 +93,16 @@ class RedactQuotedValues(logging.Filter):
         return True
 
 
+_FRAME = re.compile(r'^[\s|+\-]*File "')
+"""A traceback's frame line (also inside an exception group's ``  | `` block)."""
+
+
 def _redacted_traceback(exc: BaseException) -> str:
-    """The traceback with its frames as they are and the exceptions' own text redacted."""
-    lines = [
-        line if line.startswith("  ") else redact_quoted(line)
-        for line in traceback.format_exception(exc)
-    ]
-    return "".join(lines).rstrip("\n")
+    """The traceback with its frame lines as they are and every other line (the exceptions'
+    own text, chained or grouped, and the source lines) redacted."""
+    lines = "".join(traceback.format_exception(exc)).splitlines(keepends=True)
+    kept = [line if _FRAME.match(line) else redact_quoted(line) for line in lines]
+    return "".join(kept).rstrip("\n")
 
 
 def configure(level: str = "INFO", json_format: bool = False) -> None:

@@ -4,6 +4,7 @@ skipped instances."""
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -83,7 +84,7 @@ def _destinations(session: Session) -> Table:
             str(_count(session, mine, JobState.QUEUED, JobState.RUNNING)),
             str(_count(session, mine, JobState.FAILED)),
             f"{retrying[0]:%Y-%m-%d %H:%M:%S}" if retrying else "-",
-            retrying[1] if retrying else "-",
+            Text(retrying[1]) if retrying else "-",
             str(_count(session, mine, JobState.DEAD)),
             f"{delivered:%Y-%m-%d %H:%M:%S}" if delivered else "never",
         )
@@ -112,7 +113,7 @@ def _dead(session: Session) -> Table:
         target = job.sop_instance_uid or f"report {job.report_id}"
         if job.peer:
             target += f" -> {job.peer}"
-        table.add_row(str(job.id), job.kind, target, str(job.attempts), job.last_error)
+        table.add_row(str(job.id), job.kind, target, str(job.attempts), Text(job.last_error))
     return table
 
 
@@ -125,7 +126,7 @@ def _skipped(session: Session, limit: int) -> Table:
         .limit(limit)
     ).all()
     for sop, study, reason in rows:
-        table.add_row(sop, study, reason)
+        table.add_row(sop, study, Text(reason))  # header text: never read as markup
     return table
 
 

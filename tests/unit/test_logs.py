@@ -69,6 +69,46 @@ def test_redact_quoted_replaces_single_and_double_quoted_values() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "(0010,0010) Patient's Name   PN: 'DOE^JOHN'",
+            "(0010,0010) Patient's Name   PN: '<redacted>'",
+        ),
+        (
+            "(0010,0030) Patient's Birth Date   DA: '19650101'",
+            "(0010,0030) Patient's Birth Date   DA: '<redacted>'",
+        ),
+        (
+            """Unable to convert 'O'BRIEN^SEAN "JR"' to a person name""",
+            "Unable to convert '<redacted>' to a person name",
+        ),
+        ("""The string "O'BRIEN^SEAN" is not valid""", 'The string "<redacted>" is not valid'),
+        ("values 'DOE^JOHN' and 'DOE^JANE'", "values '<redacted>' and '<redacted>'"),
+    ],
+)
+def test_apostrophes_neither_open_nor_close_a_redacted_value(text: str, expected: str) -> None:
+    assert logs.redact_quoted(text) == expected
+
+
+def test_an_exception_group_and_a_chain_are_redacted(
+    captured: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("DEBUG")
+    try:
+        try:
+            raise KeyError("DOE^JOHN")
+        except KeyError as cause:
+            inner = [ValueError("value 'DOE^JANE'"), TypeError("bad 'SMITH^ANN'")]
+            raise ExceptionGroup("two failed", inner) from cause
+    except ExceptionGroup:
+        logging.getLogger("dicomnode.worker").exception("report 3 failed")
+    err = captured.readouterr().err
+    assert "ValueError: value '<redacted>'" in err and "test_logs.py" in err
+    assert not any(name in err for name in ("DOE^JOHN", "DOE^JANE", "SMITH^ANN"))
+
+
 def test_library_warnings_and_log_lines_are_redacted(
     captured: pytest.CaptureFixture[str],
 ) -> None:

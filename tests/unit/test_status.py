@@ -39,3 +39,38 @@ def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Databas
     arch = next(line for line in text.splitlines() if line.strip("│ ").startswith("ARCH"))
     assert [cell.strip() for cell in arch.split("│")[1:4]] == ["ARCH", "0", "0"]
     assert "peer returned status 0xA700" in text  # in the dead jobs table
+
+
+def test_text_from_headers_and_errors_is_printed_as_it_is_never_as_markup(db: Database) -> None:
+    """A skip reason quotes the header's Body Part Examined, and job errors quote peers:
+    rich must not read ``[/]`` or ``[bold]`` in them as markup (it raised, and hid status)."""
+    from datetime import UTC, datetime
+
+    from dicomnode.db.schema import Association, Instance
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with db.session() as s:
+        s.add(Association(id="a1", calling_ae="MOD", started_at=now))
+        s.add(
+            Instance(
+                sop_instance_uid="1.2.3.4",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.5",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="/nowhere",
+                size=1,
+                calling_ae="MOD",
+                association_id="a1",
+                received_at=now,
+                state="skipped",
+                reason="body part '[/]' is not routed to a model",
+            )
+        )
+        q.enqueue(s, [q.JobSpec(q.JobKind.SEND, "1>PACS", 5, group_key="PACS", peer="PACS")])
+    with db.session() as s:
+        (job,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="PACS")
+        q.fail(s, job, "w", "peer said [bold]no[/bold] [/]", RetryPolicy(5, 60, 600))
+    text = _render(db)
+    assert "body part '[/]' is not routed to a model" in text
+    assert "peer said [bold]no[/bold] [/]" in text
