@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicomnode import __version__, logs
-from dicomnode.config import Settings, load_settings
+from dicomnode.config import DEFAULT_UMASK, Settings, load_settings
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
@@ -59,6 +59,12 @@ def settings(config: Path | None = None, overrides: dict[str, Any] | None = None
     logs.configure(resolved.logging.level, resolved.logging.json_format)
     os.umask(resolved.storage.umask_bits)  # patient data stays the service account's
     return resolved
+
+
+def keep_private() -> None:
+    """What a command that reads patients' images writes (overlays, reports, predictions) is
+    not for other local users: the default ``storage.umask`` where no settings are read."""
+    os.umask(int(DEFAULT_UMASK, 8))
 
 
 def _set(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -549,6 +555,7 @@ def evaluate(
     from dicomnode.training.evaluate import evaluate_model
 
     logs.configure()
+    keep_private()
     from dicomnode.training.masks import has_masks
     from dicomnode.training.pointing import pointing_game, pointing_report
 
@@ -635,6 +642,7 @@ def pointing(
     from dicomnode.training.pointing import compare_explanations
 
     logs.configure("WARNING")
+    keep_private()
     if not has_masks(data_dir):
         raise typer.BadParameter(f"{data_dir} has no phantoms.csv", param_hint="DATA_DIR")
     if method and set(method) == {"shap"} and (layer or shift):
@@ -784,6 +792,7 @@ def explain(
     from dicomnode.offline import explain_file
 
     logs.configure("WARNING")
+    keep_private()
     written, description = explain_file(model_dir, image, method, out)
     console.print(f"written {written}: {description}")
 

@@ -79,6 +79,10 @@ class NodeSettings(_Section):
     )
 
 
+DEFAULT_UMASK = "027"
+"""Files 0640 and folders 0750: the service account and its group only (``storage.umask``)."""
+
+
 class StorageSettings(_Section):
     data_dir: Path = Field(
         Path("var/data"),
@@ -97,7 +101,7 @@ class StorageSettings(_Section):
     )
 
     umask: str = Field(
-        "027",
+        DEFAULT_UMASK,
         pattern=r"^0?[0-7]{3}$",
         description="octal file-creation mask of the node's commands: the default 027 keeps "
         "received images, results and the SQLite database from other local users (files "
@@ -113,6 +117,16 @@ class StorageSettings(_Section):
     def _quoted(cls, value: object) -> object:
         if isinstance(value, int):  # YAML reads an unquoted 027 as the number 23
             raise ValueError('write the umask in quotes, e.g. umask: "027"')
+        return value
+
+    @field_validator("umask")
+    @classmethod
+    def _private(cls, value: str) -> str:
+        if int(value, 8) & 0o006 != 0o006:
+            raise ValueError(
+                "other local users must not read or write patient data: end the umask in "
+                '6 or 7 (e.g. "027" or "077")'
+            )
         return value
 
     @field_validator("data_dir")

@@ -192,6 +192,7 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
         assert png.text["Warning"] == "DEMONSTRATION MODEL, synthetic training data"
         assert png.text["Comment"] == f"{card.name} {card.version}: Read the grade only."
     assert shows in result.stdout
+    assert out.stat().st_mode & 0o027 == 0  # a patient's image: not for other local users
     overlay = np.asarray(Image.open(out))
     assert overlay.shape == (200, 160, 3)
     coloured = (overlay.max(axis=2).astype(int) - overlay.min(axis=2)) > 40

@@ -50,6 +50,8 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
         ("workers: {device: tpu}", "workers.device"),
         ("storage: {min_free_mb: -1}", "storage.min_free_mb"),
         ("storage: {umask: '0999'}", "storage.umask"),
+        ("storage: {umask: '022'}", "other local users must not read or write patient data"),
+        ("storage: {umask: '000'}", "storage.umask"),
         ("storage: {umask: 027}", 'write the umask in quotes, e.g. umask: "027"'),
         ("routing: {body_part_aliases: {FOOT: [FOOT]}}", "routing.body_part_aliases"),
         ("database: {url: 'mysql://x'}", "database.url"),
