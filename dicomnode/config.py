@@ -64,6 +64,12 @@ class NodeSettings(_Section):
     allow_unknown_callers: bool = Field(
         False, description="accept associations from calling AEs that are not registered peers"
     )
+    check_caller_host: bool = Field(
+        True,
+        description="a registered peer's AE title is accepted only from the address its host "
+        "name resolves to (an AE title alone is easily borrowed); turn off when senders reach "
+        "the node through NAT",
+    )
     uid_root: str = Field(
         "1.2.826.0.1.3680043.8.498.",
         pattern=UID_ROOT_PATTERN,

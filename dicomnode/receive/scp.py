@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -30,7 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import Settings
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
-from dicomnode.peers import known_ae_titles
+from dicomnode.peers import known_ae_titles, peer_by_ae_title
 from dicomnode.receive import statuses
 from dicomnode.store.files import ensure_free_space
 from dicomnode.store.instances import (
@@ -208,6 +210,32 @@ class StoreHandlers:
                     return
                 time.sleep(0.2 * 2**attempt)
 
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject a registered peer's AE title called from another address than the peer's
+        host (``node.check_caller_host``); unknown AE titles are left to the AE title check."""
+        if not self.settings.node.check_caller_host:
+            return
+        assoc = event.assoc
+        if assoc.requestor.primitive is None:
+            return
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        with self.db.session() as session:
+            peer = peer_by_ae_title(session, calling_ae)
+        if peer is None or caller_matches(peer.host, str(assoc.requestor.address)):
+            return
+        log.warning(
+            "association from AE %r at %s rejected: peer %s is registered at host %s. Correct "
+            "its host (`dicomnode ae update %s --host ADDRESS`) or, behind NAT, set "
+            "node.check_caller_host: false",
+            calling_ae,
+            assoc.requestor.address,
+            peer.name,
+            peer.host,
+            peer.name,
+        )
+        assoc.acse.send_reject(*REJECT_CALLING_AE)
+        assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
+
     def on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         log.warning(
@@ -228,7 +256,34 @@ class StoreHandlers:
             (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_DATA_RECV, self.on_data),
             (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_REQUESTED, self.on_requested),
         ]
+
+
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+"""A-ASSOCIATE-RJ: rejected permanent, by the service user: calling AE title not recognised."""
+
+
+def caller_matches(host: str, address: str) -> bool:
+    """True when ``address`` (the caller's IP) is one that ``host`` (a peer's registered IP
+    or host name) resolves to; a name that does not resolve matches nothing."""
+    caller = _ip(address)
+    if caller is None:
+        return False
+    try:
+        resolved = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return any(_ip(str(info[4][0])) == caller for info in resolved)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:10.0.0.5 is 10.0.0.5
+    return mapped or ip
 
 
 def receive_into(folder: Path) -> None:

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicomnode.db.schema import Instance, Job, Output, Report, Result
+from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import utcnow
 from dicomnode.peers import PeerInfo, add_peer
 from dicomnode.queue.retry import RetryPolicy
@@ -228,6 +228,39 @@ def test_peer_added_at_run_time_is_accepted(node: Node) -> None:
     with node.db.session() as s:
         add_peer(s, PeerInfo("NEWMOD", "NEWMOD", "127.0.0.1", 104))
     assert node.send(make_radiograph(body_part="HANDX"), calling_ae="NEWMOD") == [statuses.SUCCESS]
+
+
+def test_a_peers_ae_title_from_another_address_is_rejected(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An AE title is easily borrowed: a registered PACS is believed only from its host."""
+    caplog.set_level(logging.WARNING)
+    with node.db.session() as s:
+        add_peer(s, PeerInfo("FARPACS", "FARPACS", "10.255.255.1", 104))
+    ae = AE(ae_title="FARPACS")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    assert "registered at host 10.255.255.1" in caplog.text
+    assert "node.check_caller_host" in caplog.text
+    assert node.count(Association) == 0
+
+    from dicomnode.testing.peers import free_port
+
+    lenient = node.settings.model_copy(
+        update={
+            "node": node.settings.node.model_copy(
+                update={"port": free_port(), "check_caller_host": False}
+            )
+        }
+    )
+    server = start_scp(lenient, node.db)
+    try:
+        assoc = ae.associate("127.0.0.1", lenient.node.port, ae_title="DICOMNODE")
+        assert assoc.is_established  # behind NAT: the AE title alone, as configured
+        assoc.release()
+    finally:
+        server.shutdown()
 
 
 def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
