@@ -85,6 +85,49 @@ class NodeAE(AE):
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         raise AttributeError("allowed callers come from the peers table; use `dicomnode ae add`")
 
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        """pynetdicom's server, as :class:`NodeServer` when non-blocking (``start_server``)."""
+        if kwargs.get("server_class") is ThreadedAssociationServer:
+            kwargs["server_class"] = NodeServer
+        return super().make_server(*args, **kwargs)
+
+
+HANDSHAKE_SECONDS = 10.0
+"""How long a connection to the TLS port has to complete its handshake."""
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket, handshake included, in the thread that
+    accepts; one client that connects and sends nothing holds every other sender
+    off the TLS port for as long as it stays. Here each connection's own thread
+    shakes hands, with :data:`HANDSHAKE_SECONDS` to do it.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client.settimeout(HANDSHAKE_SECONDS)
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (OSError, ValueError) as exc:
+                log.warning("TLS handshake from %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+            request.settimeout(None)  # as pynetdicom's sockets: it waits with select()
+        super().process_request_thread(request, client_address)
+
 
 class StoreHandlers:
     """Event handlers bound to their dependencies (no globals)."""

@@ -100,6 +100,33 @@ def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
         assert len(session.execute(select(Instance)).scalars().all()) == 2
 
 
+def test_a_silent_connection_does_not_hold_other_senders_off_the_tls_port(
+    settings: Settings, db: Database, pki: Pki
+) -> None:
+    """pynetdicom shakes hands in its accept loop: one client that connects and says nothing
+    blocked every TLS sender. The node shakes hands in each connection's own thread."""
+    import socket
+
+    from dicomnode.config import PeerSettings
+    from dicomnode.peers import sync_config_peers
+
+    sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104)
+    secured = _with_tls(
+        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port()
+    )
+    with db.session() as session:
+        sync_config_peers(session, dict(secured.peers))
+    handlers = scp.StoreHandlers(secured, db)
+    servers = start_listeners(secured, db, handlers)
+    silent = socket.create_connection((LOOPBACK, secured.tls.port))
+    try:
+        context = _sender_context(pki.ca_certificate, pki.peer)
+        assert _store_over_tls(secured.tls.port, context) == 0  # within its 5 s time-outs
+    finally:
+        silent.close()
+        stop_receiving(servers, handlers, drain_seconds=5)
+
+
 def test_results_reach_a_tls_peer_whose_certificate_the_node_trusts(
     settings: Settings, pki: Pki, stranger: Pki, tmp_path: Path
 ) -> None:
