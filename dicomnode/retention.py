@@ -15,7 +15,9 @@ when
 
 Purging rewrites each of its instance files and Secondary Captures as the same
 dataset without Pixel Data (a few kB; durably, as everything the node writes)
-and marks the instances ``purged``. The headers stay because a follow-up image
+and marks the instances ``purged``; a received object that is not an image (a PDF, an
+SR of another system, a waveform: stored and skipped) loses its content the same way
+(:data:`PAYLOAD_TAGS`). The headers stay because a follow-up image
 of the study makes a new SR that references every earlier image and overlay;
 the SRs themselves are small and stay whole. Records stay too, so a re-sent
 instance is still acknowledged as already stored.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
@@ -159,8 +162,33 @@ def purge_study(
     return files, freed
 
 
+PAYLOAD_TAGS = frozenset(
+    {
+        0x00420011,  # Encapsulated Document (a PDF or CDA: a referral letter, a prior report)
+        0x0040A730,  # Content Sequence (a Structured Report's content)
+        0x54000100,  # Waveform Sequence (an ECG)
+        0x56000020,  # Spectroscopy Data
+        0x7FE00008,  # Float Pixel Data
+        0x7FE00009,  # Double Float Pixel Data
+    }
+)
+"""What a purge deletes besides Pixel Data: the content of objects that are not images.
+The node stores every storage SOP class a PACS routes to it (and skips those it does not
+analyse); their headers are kept like the images', their content is not."""
+
+
+def _payload(tag: BaseTag) -> bool:
+    group = tag.group & 0xFF00
+    return (
+        tag in PAYLOAD_TAGS
+        or (group == 0x6000 and tag.element == 0x3000)  # Overlay Data
+        or group == 0x5000  # curves and audio (retired)
+    )
+
+
 def _strip_pixels(path: Path, dry_run: bool) -> int:
-    """Rewrite ``path`` without its Pixel Data; the bytes saved (0 when already without)."""
+    """Rewrite ``path`` without its Pixel Data and other content (:data:`PAYLOAD_TAGS`); the
+    bytes saved (0 when already without)."""
     try:
         size = path.stat().st_size
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
@@ -173,6 +201,8 @@ def _strip_pixels(path: Path, dry_run: bool) -> int:
         return 0
     except (OSError, InvalidDicomError) as exc:
         raise StorageError(f"cannot read {path.name} to purge it: {exc}") from exc
+    for tag in [element.tag for element in dataset if _payload(element.tag)]:
+        del dataset[tag]
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     header = buffer.getvalue()

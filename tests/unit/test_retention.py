@@ -125,6 +125,52 @@ def test_a_finished_delivered_study_keeps_its_headers_only(db: Database, tmp_pat
     assert (again.studies, again.files) == ((), 0)
 
 
+def test_objects_that_are_not_images_lose_their_content_too(db: Database, tmp_path: Path) -> None:
+    """A PDF (a referral letter) and another system's SR, stored and skipped with the study,
+    keep their headers only: their content is patient data like the pixels."""
+    from pydicom.sequence import Sequence
+
+    study, *_ = _study(db, tmp_path)
+    pdf = make_radiograph(study_uid=study)
+    del pdf.PixelData
+    pdf.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    pdf.EncapsulatedDocument = b"%PDF-1.4 referral letter for DOE^JOHN" + b"\0" * 200_000
+    report = make_radiograph(study_uid=study)
+    del report.PixelData
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    item = pydicom.Dataset()
+    item.ValueType, item.TextValue = "TEXT", "Prior report: " + "x" * 10_000
+    report.ContentSequence = Sequence([item])
+    paths = []
+    with db.session() as session:
+        association_id = session.execute(select(Association.id)).scalar_one()
+        for dataset in (pdf, report):
+            path = write_dataset(dataset, tmp_path / f"{dataset.SOPInstanceUID}.dcm")
+            paths.append(path)
+            session.add(
+                Instance(
+                    sop_instance_uid=str(dataset.SOPInstanceUID),
+                    study_instance_uid=study,
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    sop_class_uid=str(dataset.SOPClassUID),
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(path),
+                    size=path.stat().st_size,
+                    calling_ae="MOD",
+                    association_id=association_id,
+                    received_at=utcnow(),
+                    state="skipped",
+                    reason="not an image",
+                )
+            )
+    summary = purge_expired(db, DAYS, now=utcnow() + LATER)
+    assert summary.studies == (study,) and summary.files == 4
+    kept = [pydicom.dcmread(path) for path in paths]
+    assert "EncapsulatedDocument" not in kept[0] and "ContentSequence" not in kept[1]
+    assert [str(k.SOPInstanceUID) for k in kept] == [pdf.SOPInstanceUID, report.SOPInstanceUID]
+    assert all(path.stat().st_size < 5_000 for path in paths)
+
+
 def test_a_dry_run_lists_and_changes_nothing(db: Database, tmp_path: Path) -> None:
     study, image, sc, _ = _study(db, tmp_path)
     summary = purge_expired(db, DAYS, now=utcnow() + LATER, dry_run=True)
