@@ -25,9 +25,10 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom import uid as uids
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Settings
 from dicomnode.db.session import Database, utcnow
@@ -89,7 +90,47 @@ class NodeAE(AE):
         """pynetdicom's server, as :class:`NodeServer` when non-blocking (``start_server``)."""
         if kwargs.get("server_class") is ThreadedAssociationServer:
             kwargs["server_class"] = NodeServer
+            kwargs["request_handler"] = BoundedRequestHandler
         return super().make_server(*args, **kwargs)
+
+
+REQUEST_PDU_LIMIT = 1 << 20
+"""Bytes an association request (its first PDU) may declare: a request proposing every
+storage SOP class with a dozen transfer syntaxes each is under 100 kB."""
+
+PDU_LIMIT = 64 << 20
+"""Bytes a PDU of an accepted association may declare. pynetdicom reads a whole PDU
+into memory, as long as the sender says it is (up to 4 GiB), before anything checks
+who is calling; senders use 16 kB to a few MB."""
+
+
+class BoundedSocket(AssociationSocket):
+    """An association's socket that refuses a PDU declared longer than the node reads
+    (:data:`REQUEST_PDU_LIMIT` before the association is accepted, :data:`PDU_LIMIT`
+    after): the connection is closed instead of the memory filled."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        limit = PDU_LIMIT if self.assoc.is_established else REQUEST_PDU_LIMIT
+        if nr_bytes > limit:
+            log.warning(
+                "connection from %s closed: it declared a PDU of %d bytes (at most %d read)",
+                self.assoc.requestor.address,
+                nr_bytes,
+                limit,
+            )
+            raise OSError(f"a PDU of {nr_bytes} bytes is over the limit of {limit}")
+        return super().recv(nr_bytes)
+
+
+class BoundedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, its associations reading through :class:`BoundedSocket`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        socket_ = assoc.dul.socket
+        assert type(socket_) is AssociationSocket
+        socket_.__class__ = BoundedSocket  # a subclass with no state of its own
+        return assoc
 
 
 HANDSHAKE_SECONDS = 10.0

@@ -263,6 +263,28 @@ def test_a_peers_ae_title_from_another_address_is_rejected(
         server.shutdown()
 
 
+def test_a_connection_declaring_a_huge_pdu_is_closed_before_it_fills_memory(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before any AE title is checked, pynetdicom would read a PDU as long as its header
+    says (up to 4 GiB) into memory; the node closes such a connection at its header."""
+    import socket
+    import struct
+
+    caplog.set_level(logging.WARNING)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", node.settings.node.port)) as flood:
+        flood.sendall(struct.pack(">BBL", 0x01, 0, 2**31))  # an A-ASSOCIATE-RQ of 2 GiB
+        chunk = b"\0" * (1 << 20)
+        with pytest.raises(OSError):  # reset by the node, long before 2 GiB
+            while sent < 256 << 20:
+                flood.sendall(chunk)
+                sent += len(chunk)
+    assert sent < 64 << 20
+    assert "declared a PDU of 2147483648 bytes" in caplog.text
+    assert node.send(make_radiograph(body_part="HANDX")) == [statuses.SUCCESS]  # still serving
+
+
 def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
     from dicomnode.testing.peers import free_port
 
