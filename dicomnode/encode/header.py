@@ -5,7 +5,10 @@ Archives hold headers that do not conform: a birth date of ``00000000`` or
 highdicom refuses to copy such values, and a PACS may refuse objects that
 carry them. The results copy a cleaned header instead: a date, time or
 date-time that does not parse is emptied, and so is a Patient's Sex other
-than M, F or O (``MALE``, ``FEMALE`` and ``OTHER`` become their letters). All
+than M, F or O (``MALE``, ``FEMALE`` and ``OTHER`` become their letters). A
+Specific Character Set whose first value is empty (``\\ISO 2022 IR 87``, as
+Japanese and Korean systems write it) gets that value's meaning, ``ISO 2022
+IR 6``, written out, and one that highdicom does not know becomes UTF-8. All
 of these are Type 2 in the modules the results copy, so an empty value is
 conformant. The stored original is never changed. Only the keywords fixed are
 logged, never the values (they are patient data).
@@ -22,6 +25,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pydicom
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
@@ -44,6 +48,8 @@ def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> p
     if not fixes and not missing:
         return source
     fixed = copy.deepcopy(source)  # pydicom.Dataset(source) would share, and alter, its elements
+    if CHARACTER_SET in fixes:
+        fixed.decode()  # every text value read in the source's character set first
     for tag, value in fixes.items():
         fixed[tag].value = value
     for keyword in missing:
@@ -57,16 +63,44 @@ def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> p
     return fixed
 
 
-def _fixes(source: pydicom.Dataset) -> dict[BaseTag, str | None]:
+def _fixes(source: pydicom.Dataset) -> dict[BaseTag, Any]:
     """The top-level elements to change, with their new values."""
-    fixes: dict[BaseTag, str | None] = {}
+    fixes: dict[BaseTag, Any] = {}
     for element in source:
         if element.VR in _PARSERS and not _parses(element.value, _PARSERS[element.VR]):
             fixes[element.tag] = None
     sex = str(source.get("PatientSex") or "").strip().upper()
     if sex and sex not in _SEXES:
         fixes[pydicom.tag.Tag("PatientSex")] = _SEX_WORDS.get(sex)
+    charsets = _character_sets(source)
+    if charsets is not None:
+        fixes[CHARACTER_SET] = charsets
     return fixes
+
+
+CHARACTER_SET = pydicom.tag.Tag("SpecificCharacterSet")
+UTF8 = "ISO_IR 192"
+
+
+def _character_sets(source: pydicom.Dataset) -> list[str] | str | None:
+    """The Specific Character Set the results' copy needs, or None to keep the source's.
+
+    An empty first value (``\\ISO 2022 IR 87``, as Japanese and Korean systems write it)
+    means ISO 2022 IR 6 (PS3.3 C.12.1.1.2), which highdicom wants written out. A term
+    highdicom does not know (``ISO 2022 IR 149``, Korean, which it misspells) becomes
+    UTF-8: the copy holds the values decoded, and UTF-8 writes every one of them.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    terms = [str(v or "") for v in value] if isinstance(value, MultiValue) else [str(value)]
+    fixed = ["ISO 2022 IR 6", *terms[1:]] if len(terms) > 1 and not terms[0] else terms
+    known = {member.value for member in SpecificCharacterSetValues}
+    if not all(term in known for term in fixed):
+        return UTF8
+    if fixed == terms:
+        return None
+    return fixed
 
 
 def _parses(value: Any, parser: Callable[[str], Any]) -> bool:

@@ -580,6 +580,45 @@ def test_sr_of_two_images_without_overlay_for_one(tmp_path: Path) -> None:
 
 
 @needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize(
+    ("charsets", "name", "study", "written"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen", "Knie Röntgen", "ISO_IR 100"),
+        ("ISO_IR 192", "Ωμέγα^Ψ", "Γόνατο 膝", "ISO_IR 192"),
+        (  # an empty first value means ISO 2022 IR 6, which highdicom wants written out
+            ["", "ISO 2022 IR 87"],
+            "Yamada^Tarou=山田^太郎=やまだ^たろう",
+            "膝",
+            ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+        ),
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "무릎", "ISO_IR 192"),
+    ],
+)
+def test_results_keep_the_patients_name_in_any_character_set(
+    tmp_path: Path, charsets: str | list[str], name: str, study: str, written: str | list[str]
+) -> None:
+    """Names from PS3.5's examples. Japanese and Korean headers (``\\ISO 2022 IR 87``) made
+    highdicom refuse the results; a term it does not know (Korean) is written as UTF-8."""
+    source = make_source()
+    source.SpecificCharacterSet = charsets
+    source.PatientName = name
+    source.StudyDescription = study
+    stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))  # read back, as the node
+    result = make_result()
+    sc = make_sc(stored, result)
+    sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
+    for kind, dataset in (("sc", sc), ("sr", sr)):
+        path = save(dataset, tmp_path / f"{kind}.dcm")
+        back = pydicom.dcmread(path)
+        assert (str(back.PatientName), back.StudyDescription) == (name, study)
+        assert back.SpecificCharacterSet == written
+        assert dciodvfy_errors(path) == []
+    run = subprocess.run([DSRDUMP, str(tmp_path / "sr.dcm")], capture_output=True, timeout=30)
+    assert run.returncode == 0 and b"Patient" in run.stdout  # printed in its own charset
+
+
+@needs_dicom3tools
 def test_sr_references_its_predecessor(tmp_path: Path) -> None:
     source = make_source()
     result = make_result()
