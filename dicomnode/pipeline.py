@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 
 from dicomnode import __version__, uids
+from dicomnode.encode.header import fit_character_set
 from dicomnode.encode.render import UInt8Array, render_overlay
 from dicomnode.encode.sc import encode_sc, source_laterality
 from dicomnode.encode.sr import SrImageItem, encode_sr
@@ -143,7 +144,7 @@ def make_sc(
         software_version=__version__,
         jpeg_quality=jpeg_quality,
     )
-    return _with_institution(sc, institution_name)
+    return fit_character_set(_with_institution(sc, institution_name))
 
 
 def _with_institution(dataset: pydicom.Dataset, name: str) -> pydicom.Dataset:
@@ -188,7 +189,7 @@ def make_sr(
         uid_root=uid_root,
         not_analysed=not_analysed,
     )
-    return _with_institution(sr, institution_name)
+    return fit_character_set(_with_institution(sr, institution_name))
 
 
 def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -156,7 +157,7 @@ def class_concept(coded: CodedClass) -> CodedConcept:
 
 
 def body_part_concept(
-    body_part_examined: str | None, routed: Sequence[BodyPart] = ()
+    body_part_examined: str | MultiValue[str] | None, routed: Sequence[BodyPart] = ()
 ) -> CodedConcept:
     """Return the finding site for a Body Part Examined value.
 
@@ -175,7 +176,9 @@ def body_part_concept(
         The SNOMED CT concept of the body part (``LSPINE``: Lumbar spine, ...),
         or "Anatomical Structure" when neither names one.
     """
-    term = (body_part_examined or "").strip().upper()
+    if isinstance(body_part_examined, MultiValue):  # KNEE\\LEG: the first names the site
+        body_part_examined = body_part_examined[0] if body_part_examined else None
+    term = str(body_part_examined or "").strip().upper()
     if term in BODY_PART_EXAMINED:
         return BODY_PART_EXAMINED[term]
     if term in BodyPart.__members__:

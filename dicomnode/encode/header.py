@@ -4,8 +4,11 @@ Archives hold headers that do not conform: a birth date of ``00000000`` or
 ``1965-01-01``, a study time of ``25:00``, a Patient's Sex of ``female``.
 highdicom refuses to copy such values, and a PACS may refuse objects that
 carry them. The results copy a cleaned header instead: a date, time or
-date-time that does not parse is emptied, and so is a Patient's Sex other
-than M, F or O (``MALE``, ``FEMALE`` and ``OTHER`` become their letters). A
+date-time that does not parse is emptied (an ACR-NEMA ``1965.01.01`` becomes
+``19650101``), and so is a Patient's Sex other than M, F or O (``f``, ``MALE``,
+``FEMALE`` and ``OTHER`` become their letters). Several values in a single-valued
+text attribute (``Doe\\John``) are joined by a space, and an attribute written with
+another VR than the standard's (a Study Date as LO) gets the standard's. A
 Specific Character Set whose first value is empty (``\\ISO 2022 IR 87``, as
 Japanese and Korean systems write it) gets that value's meaning, ``ISO 2022
 IR 6``, written out, and one that highdicom does not know becomes UTF-8. All
@@ -25,7 +28,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pydicom
-from highdicom.enum import SpecificCharacterSetValues
+from highdicom.valuerep import _check_specific_character_set as check_character_set
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
@@ -38,7 +43,7 @@ _SEX_WORDS = {"MALE": "M", "FEMALE": "F", "OTHER": "O"}
 
 
 def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> pydicom.Dataset:
-    """``source``, or a copy of it with its non-conformant values emptied (see the module).
+    """``source``, or a copy of it with its non-conformant values fixed (see the module).
 
     ``present``: keywords the copy must hold, empty when ``source`` lacks them (the Type 2
     attributes an encoder reads). ``source`` itself is returned when nothing needs fixing.
@@ -50,8 +55,8 @@ def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> p
     fixed = copy.deepcopy(source)  # pydicom.Dataset(source) would share, and alter, its elements
     if CHARACTER_SET in fixes:
         fixed.decode()  # every text value read in the source's character set first
-    for tag, value in fixes.items():
-        fixed[tag].value = value
+    for tag, element in fixes.items():
+        fixed[tag] = element
     for keyword in missing:
         setattr(fixed, keyword, None)
     if fixes:
@@ -63,21 +68,57 @@ def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> p
     return fixed
 
 
-def _fixes(source: pydicom.Dataset) -> dict[BaseTag, Any]:
-    """The top-level elements to change, with their new values."""
-    fixes: dict[BaseTag, Any] = {}
+def _fixes(source: pydicom.Dataset) -> dict[BaseTag, DataElement]:
+    """The top-level elements to replace, as their replacements."""
+    fixes: dict[BaseTag, DataElement] = {}
     for element in source:
-        if element.VR in _PARSERS and not _parses(element.value, _PARSERS[element.VR]):
-            fixes[element.tag] = None
-    sex = str(source.get("PatientSex") or "").strip().upper()
-    if sex and sex not in _SEXES:
-        fixes[pydicom.tag.Tag("PatientSex")] = _SEX_WORDS.get(sex)
+        if element.tag.is_private or element.VR == "SQ" or element.tag == CHARACTER_SET:
+            continue
+        vr = _dictionary_vr(element.tag) or element.VR
+        value = _cleaned(element.tag, vr, element.value)
+        if vr != element.VR or value is not element.value:
+            fixes[element.tag] = DataElement(element.tag, vr, value)
     charsets = _character_sets(source)
     if charsets is not None:
-        fixes[CHARACTER_SET] = charsets
+        fixes[CHARACTER_SET] = DataElement(CHARACTER_SET, "CS", charsets)
     return fixes
 
 
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    """The standard's VR of ``tag`` (a source may write a date as LO), None when it has
+    none or several."""
+    try:
+        vr = pydicom.datadict.dictionary_VR(tag)
+    except KeyError:
+        return None
+    return None if " or " in vr else vr
+
+
+def _single_valued(tag: BaseTag) -> bool:
+    try:
+        return bool(pydicom.datadict.dictionary_VM(tag) == "1")
+    except KeyError:
+        return False
+
+
+def _cleaned(tag: BaseTag, vr: str, value: Any) -> Any:
+    """``value`` itself when conformant, else its fixed value (None: emptied)."""
+    if isinstance(value, MultiValue) and len(value) > 1 and _single_valued(tag) and vr in _TEXT:
+        value = " ".join(str(one).strip() for one in value if str(one).strip())  # "Doe\John"
+    if vr == "DA" and isinstance(value, str) and _DOTTED_DATE.match(value.strip()):
+        value = value.strip().replace(".", "")  # ACR-NEMA 1965.01.01
+    if vr in _PARSERS and not _parses(value, _PARSERS[vr]):
+        return None
+    if tag == _SEX_TAG and value not in (None, ""):
+        sex = str(value).strip().upper()
+        fixed = sex if sex in _SEXES else _SEX_WORDS.get(sex)
+        return value if fixed == value else fixed
+    return value
+
+
+_TEXT = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_DOTTED_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
+_SEX_TAG = pydicom.tag.Tag("PatientSex")
 CHARACTER_SET = pydicom.tag.Tag("SpecificCharacterSet")
 UTF8 = "ISO_IR 192"
 
@@ -86,17 +127,19 @@ def _character_sets(source: pydicom.Dataset) -> list[str] | str | None:
     """The Specific Character Set the results' copy needs, or None to keep the source's.
 
     An empty first value (``\\ISO 2022 IR 87``, as Japanese and Korean systems write it)
-    means ISO 2022 IR 6 (PS3.3 C.12.1.1.2), which highdicom wants written out. A term
-    highdicom does not know (``ISO 2022 IR 149``, Korean, which it misspells) becomes
-    UTF-8: the copy holds the values decoded, and UTF-8 writes every one of them.
+    means ISO 2022 IR 6 (PS3.3 C.12.1.1.2), which highdicom wants written out. Terms
+    highdicom refuses (Korean ``ISO 2022 IR 149``, which it misspells; a single code
+    extension; ``\\ISO 2022 IR 58``, which it does not count as one) become UTF-8: the copy
+    holds the values decoded, and UTF-8 writes every one of them.
     """
     value = source.get("SpecificCharacterSet")
     if value is None:
         return None
     terms = [str(v or "") for v in value] if isinstance(value, MultiValue) else [str(value)]
     fixed = ["ISO 2022 IR 6", *terms[1:]] if len(terms) > 1 and not terms[0] else terms
-    known = {member.value for member in SpecificCharacterSetValues}
-    if not all(term in known for term in fixed):
+    try:
+        check_character_set(fixed if len(fixed) > 1 else fixed[0])
+    except (ValueError, TypeError):
         return UTF8
     if fixed == terms:
         return None
@@ -157,3 +200,54 @@ def _offset(value: object) -> timedelta | None:
     if hours > 14 or minutes > 59:
         return None
     return sign * timedelta(hours=hours, minutes=minutes)
+
+
+_WORDS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+
+
+def fit_character_set(made: pydicom.Dataset) -> pydicom.Dataset:
+    """``made`` (an SC or SR), its Specific Character Set turned to UTF-8 when the one it
+    copied from the source cannot write all of its text.
+
+    The results hold the node's own words too (``node.institution_name``, a model's
+    reader note and class meanings): a German institution name under the default
+    repertoire, or a "≥" under Latin-1, would be written as "?" or as invalid bytes.
+    The values are text already, so only the declared set changes.
+    """
+    declared = made.get("SpecificCharacterSet") or ""
+    terms = [str(v or "") for v in declared] if isinstance(declared, MultiValue) else [declared]
+    if terms == [UTF8]:
+        return made
+    codecs = [
+        "ascii" if term in _DEFAULT_REPERTOIRE else convert_encodings([term])[0] for term in terms
+    ]
+    if not all(_writes(text, codecs) for text in _texts(made)):
+        made.SpecificCharacterSet = UTF8
+    return made
+
+
+def _texts(dataset: pydicom.Dataset) -> Iterable[str]:
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _texts(item)
+        elif element.VR in _WORDS and element.value is not None:
+            values = element.value if isinstance(element.value, MultiValue) else [element.value]
+            yield from (str(value) for value in values)
+
+
+def _writes(text: str, codecs: list[str]) -> bool:
+    """True when every character of ``text`` is in one of ``codecs`` (code extensions
+    switch between them within a value)."""
+    return text.isascii() or all(
+        any(_encodes(character, codec) for codec in codecs) for character in text
+    )
+
+
+def _encodes(character: str, codec: str) -> bool:
+    try:
+        character.encode(codec)
+    except (UnicodeError, LookupError):
+        return False
+    return True

@@ -191,11 +191,11 @@ def _check_items(items: Sequence[SrImageItem]) -> None:
     studies |= {str(item.sc.get("StudyInstanceUID", "")) for item in items if item.sc}
     if len(studies) != 1 or "" in studies:
         raise EncodeError(f"all images of a report must share one study, got {sorted(studies)}")
-    patients = {_patient(item.source) for item in items}
-    if len(patients) > 1:  # values not quoted: the reason is stored and printed
+    differ = _identity_conflicts([item.source for item in items])
+    if differ:  # values not quoted: the reason is stored and printed
         raise EncodeError(
-            f"the images of this study name {len(patients)} different patients ("
-            + ", ".join(PATIENT_IDENTITY)
+            "the images of this study name different patients ("
+            + ", ".join(differ)
             + " differ): one report would copy the details of one patient onto the images of "
             "another. Correct the study in the PACS and send it again, or give this report up "
             "(dicomnode discard)"
@@ -206,8 +206,28 @@ PATIENT_IDENTITY = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBir
 """The attributes that must agree among a report's images (the SR copies the first's)."""
 
 
-def _patient(source: pydicom.Dataset) -> tuple[str, ...]:
-    return tuple(str(source.get(keyword, "") or "").strip() for keyword in PATIENT_IDENTITY)
+def _identity_conflicts(sources: Sequence[pydicom.Dataset]) -> list[str]:
+    """The identity attributes on which ``sources`` disagree. An empty value agrees with
+    any, and names are compared group by group (alphabetic, ideographic, phonetic) without
+    trailing delimiters or case: ``Doe^John^^`` is ``DOE^JOHN``, and ``Yamada^Tarou`` is
+    ``Yamada^Tarou=山田^太郎``."""
+    differ = []
+    for keyword in PATIENT_IDENTITY:
+        seen: dict[int, set[str]] = {}
+        for source in sources:
+            for index, part in enumerate(_parts(keyword, source.get(keyword))):
+                if part:
+                    seen.setdefault(index, set()).add(part)
+        if any(len(values) > 1 for values in seen.values()):
+            differ.append(keyword)
+    return differ
+
+
+def _parts(keyword: str, value: object) -> list[str]:
+    text = " ".join(str(value or "").split())
+    if keyword != "PatientName":
+        return [text]
+    return [group.rstrip("^ ").upper() for group in text.split("=")]
 
 
 def _distinct_models(items: Sequence[SrImageItem]) -> list[ModelIdentity]:

@@ -153,7 +153,7 @@ def test_a_study_whose_images_name_two_patients_gets_no_report(node: Node) -> No
     wait_for(lambda: node.count(Job, kind="report", state="dead") == 1, 60, what="dead report")
     with node.db.session() as s:
         error = s.execute(select(Job.last_error).where(Job.kind == "report")).scalar_one()
-    assert "name 2 different patients" in error
+    assert "name different patients (PatientID, PatientName differ)" in error
     assert not any(name in error for name in ("Alpha", "Beta", "PA-1", "PB-2"))
     assert node.count(Job, kind="send") == 0 and node.collector.received == []
 

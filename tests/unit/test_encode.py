@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -618,6 +618,93 @@ def test_results_keep_the_patients_name_in_any_character_set(
     assert run.returncode == 0 and b"Patient" in run.stdout  # printed in its own charset
 
 
+def _lo_date(source: Dataset, value: str) -> None:
+    """A Study Date written with the wrong VR (LO), as some archives forward it."""
+    from pydicom.dataelem import DataElement
+
+    source[0x00080020] = DataElement(0x00080020, "LO", value)
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda ds: setattr(ds, "PatientSex", "f"), {"PatientSex": "F"}),
+        (lambda ds: setattr(ds, "PatientName", ["Doe", "John"]), {"PatientName": "Doe John"}),
+        (lambda ds: setattr(ds, "AccessionNumber", ["A1", "A2"]), {"AccessionNumber": "A1 A2"}),
+        (
+            lambda ds: setattr(ds, "PatientBirthDate", "1965.01.01"),
+            {"PatientBirthDate": "19650101"},
+        ),
+        (lambda ds: _lo_date(ds, "2024-03-14"), {"StudyDate": ""}),
+        (lambda ds: _lo_date(ds, "20240314"), {"StudyDate": "20240314"}),
+        (lambda ds: setattr(ds, "BodyPartExamined", ["KNEE", "LEG"]), {}),
+        (
+            lambda ds: (
+                setattr(ds, "SpecificCharacterSet", ["ISO_IR 100", "ISO_IR 192"]),
+                setattr(ds, "PatientName", "Müller^Jürgen"),
+            ),
+            {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": "ISO_IR 192"},
+        ),
+        (
+            lambda ds: setattr(ds, "SpecificCharacterSet", "ISO 2022 IR 100"),
+            {"SpecificCharacterSet": "ISO_IR 192"},
+        ),
+    ],
+)
+def test_results_of_non_conformant_headers_are_valid(
+    tmp_path: Path, change: Callable[[Dataset], object], expected: dict[str, str]
+) -> None:
+    """Headers real archives send (found probing the encoders): each once killed the SC or
+    SR job (highdicom refused it) or made dciodvfy errors in the results."""
+    source = make_source()
+    change(source)
+    stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))
+    result = make_result()
+    sc = make_sc(stored, result)
+    sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
+    for kind, dataset in (("sc", sc), ("sr", sr)):
+        path = save(dataset, tmp_path / f"{kind}.dcm")
+        back = pydicom.dcmread(path)
+        assert {k: str(back.get(k) or "") for k in expected} == expected
+        assert dciodvfy_errors(path) == []
+
+
+@needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize(
+    ("charset", "institution", "written"),
+    [
+        (None, "Klinikum Göttingen – Radiologie", "ISO_IR 192"),
+        ("ISO_IR 100", "Klinikum Göttingen", "ISO_IR 100"),  # Latin-1 writes it
+        ("ISO_IR 100", "Hôpital – Radiologie", "ISO_IR 192"),  # the dash is not Latin-1
+        (None, "St Mary Radiology", None),
+    ],
+)
+def test_the_nodes_own_words_are_written_in_a_character_set_that_has_them(
+    tmp_path: Path, charset: str | None, institution: str, written: str | None
+) -> None:
+    """node.institution_name (and a model's notes) are the node's text, not the source's:
+    where the source's character set cannot write them, the results are UTF-8."""
+    from dicomnode.encode.header import fit_character_set
+
+    source = make_source()
+    if charset is not None:
+        source.SpecificCharacterSet = charset
+    result = make_result()
+    sc = make_sc(source, result)
+    sc.InstitutionName = institution  # as pipeline.make_sc does
+    sr = make_sr([SrImageItem(source=source, sc=sc, result=result)])
+    sr.InstitutionName = institution
+    for kind, dataset in (("sc", sc), ("sr", sr)):
+        path = save(fit_character_set(dataset), tmp_path / f"{kind}.dcm")
+        back = pydicom.dcmread(path)
+        assert back.get("SpecificCharacterSet") == written
+        assert back.InstitutionName == institution and str(back.PatientName) == "Synthetic^Knee"
+        assert dciodvfy_errors(path) == []
+    dump(DSRDUMP, tmp_path / "sr.dcm")
+
+
 @needs_dicom3tools
 def test_sr_references_its_predecessor(tmp_path: Path) -> None:
     source = make_source()
@@ -677,9 +764,32 @@ def test_sr_refuses_images_of_two_patients(keyword: str) -> None:
     first, second = make_source(study_uid=study_uid), make_source(study_uid=study_uid)
     setattr(second, keyword, "19710203" if keyword == "PatientBirthDate" else "Other^Person")
     items = [SrImageItem(source=s, sc=None, result=make_result()) for s in (first, second)]
-    with pytest.raises(EncodeError, match="2 different patients") as info:
+    with pytest.raises(EncodeError, match=f"different patients \\({keyword} differ\\)") as info:
         make_sr(items)
     assert "Other" not in str(info.value) and "19710203" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"PatientName": "Doe^John^^"}, {"PatientName": "DOE^JOHN"}),
+        ({"PatientName": "Yamada^Tarou=山田^太郎"}, {"PatientName": "Yamada^Tarou"}),
+        ({"PatientBirthDate": ""}, {"PatientBirthDate": "19600101"}),
+        ({}, {"IssuerOfPatientID": "HOSP-A"}),
+    ],
+)
+def test_sr_takes_one_patient_written_two_ways(
+    first: dict[str, str], second: dict[str, str]
+) -> None:
+    """Trailing delimiters, case, a missing component group or an empty value are the same
+    patient (PS3.5 6.2.1), not a clash."""
+    study_uid = generate_uid()
+    sources = [make_source(study_uid=study_uid), make_source(study_uid=study_uid)]
+    for source, values in zip(sources, (first, second), strict=True):
+        for keyword, value in values.items():
+            setattr(source, keyword, value)
+    items = [SrImageItem(source=s, sc=None, result=make_result()) for s in sources]
+    assert make_sr(items).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def test_sr_refuses_no_images() -> None:
