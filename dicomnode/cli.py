@@ -275,6 +275,29 @@ def status(
 
 
 @app.command()
+def health(
+    config: ConfigOption = None,
+    scp: Annotated[
+        bool, typer.Option("--scp/--no-scp", help="probe the DICOM listener (not on worker hosts)")
+    ] = True,
+    stalled_minutes: Annotated[
+        float, typer.Option(help="a queue where nothing moved this long while jobs wait fails")
+    ] = 10,
+) -> None:
+    """Check the database, the DICOM listener, free space and that queued jobs are being run;
+    exit status 1 when a check fails (for a container's health check or monitoring)."""
+    from dicomnode.health import run_checks
+
+    checks = run_checks(settings(config), scp=scp, stalled_minutes=stalled_minutes)
+    for check in checks:
+        mark = "ok  " if check.ok else "FAIL"
+        line = f"{mark} {check.name}: {check.detail}"
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    if not all(check.ok for check in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
 def retry(
     job: Annotated[
         list[int] | None, typer.Option("--job", help="job id (repeatable); default: all dead jobs")

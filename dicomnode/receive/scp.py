@@ -322,6 +322,9 @@ class StoreHandlers:
 
     def on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
+        if _health_probe(requestor, self.settings.node.ae_title):
+            log.debug("health probe answered")  # `dicomnode health`, every 30 s in Docker
+            return
         log.warning(
             "association from AE %r at %s:%s rejected: not a registered peer. Register it with "
             "`dicomnode ae add NAME --ae-title %s --host %s --port PORT` "
@@ -342,6 +345,12 @@ class StoreHandlers:
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_REQUESTED, self.on_requested),
         ]
+
+
+def _health_probe(requestor: Any, own_ae_title: str) -> bool:
+    """A loopback association under the node's own AE title: ``dicomnode health``."""
+    ip = _ip(str(requestor.address))
+    return str(requestor.ae_title).strip() == own_ae_title and ip is not None and ip.is_loopback
 
 
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)

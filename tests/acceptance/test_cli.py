@@ -341,3 +341,35 @@ def test_train_prints_the_cross_validation_it_wrote(tmp_path: Path) -> None:
     large = next(line for line in result.stdout.splitlines() if "│ large" in line)
     assert f"{f1[0]:.3f} ± {f1[1]:.3f}" in large
     assert "tiny-smoke 0.0.1" in result.stdout
+
+
+def test_health_passes_on_a_working_node_and_fails_when_its_listener_is_gone(
+    tmp_path: Path,
+) -> None:
+    from dicomnode.testing.node import NodeProcess
+
+    make_tiny_model(tmp_path / "models" / "tiny-knee", num_classes=5, input_size=(96, 96))
+    node = NodeProcess.create(
+        tmp_path / "node", tmp_path / "models", peers={"MOD": ("MOD", 104)}, destinations=[]
+    )
+    node.start()
+    try:
+        node.wait_for_workers()
+        healthy = node.cli("health", check=False)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        lines = healthy.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == [
+            "ok   database",
+            "ok   scp",
+            "ok   disk",
+            "ok   queue",
+        ]
+        assert "probe is rejected" in healthy.stdout
+        assert "rejected" not in node.log()  # the probe is not an intruder to warn about
+    finally:
+        node.stop()
+    down = node.cli("health", check=False)
+    assert down.returncode == 1
+    assert "FAIL scp: 127.0.0.1:" in down.stdout and "does not answer" in down.stdout
+    worker_host = node.cli("health", "--no-scp", check=False)  # a worker host has no listener
+    assert worker_host.returncode == 0 and "scp" not in worker_host.stdout

@@ -1,0 +1,125 @@
+"""``dicomnode health``: is the node doing its work? For a container's health check and a
+monitoring system (exit status 0 when every check passes, 1 when one fails).
+
+A port that accepts TCP connections says little: the kernel completes a connection even
+when nothing in the node accepts it, and a node whose workers are stuck still listens.
+The checks are what a radiology IT engineer would look at:
+
+``database``  reachable, at this version's schema revision;
+``scp``       the DICOM listener answers an association request (the node rejects the
+              probe, which calls with the node's own AE title: an answer is enough);
+``disk``      free space above ``storage.min_free_mb`` (below it C-STORE is refused);
+``queue``     jobs that could run are not left waiting while no job moved for
+              ``stalled_minutes`` (workers dead, stuck, or none running for this database).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicomnode.config import Settings
+from dicomnode.db import migrate
+from dicomnode.db.schema import Job
+from dicomnode.db.session import Database, utcnow
+from dicomnode.queue.jobs import JobState
+from dicomnode.store.files import free_mb
+
+log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 10.0
+"""How long the listener has to answer the probe's association request."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome: ``detail`` says what was found (never patient data)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(settings: Settings) -> Check:
+    try:
+        problem = migrate.schema_problem(settings.database.url)
+    except Exception as exc:  # any driver error means the same: not reachable
+        return Check("database", False, f"not reachable: {type(exc).__name__}: {exc}")
+    return Check("database", not problem, problem or "reachable, schema current")
+
+
+def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
+    """Ask the listener for an association as the node itself (a loopback call under the
+    node's own AE title, which the node rejects without a warning)."""
+    host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "") else settings.node.host
+    where = f"{host}:{settings.node.port}"
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
+    library = logging.getLogger("pynetdicom")
+    level = library.level
+    library.setLevel(logging.CRITICAL)  # the outcome is this check's line
+    try:
+        assoc = ae.associate(host, settings.node.port, ae_title=settings.node.ae_title)
+    finally:
+        library.setLevel(level)
+    if assoc.is_established:
+        assoc.release()
+        return Check("scp", True, f"{where} answers (association accepted)")
+    if assoc.is_rejected:
+        return Check("scp", True, f"{where} answers (the probe is rejected, as it should be)")
+    return Check("scp", False, f"{where} does not answer an association request")
+
+
+def check_disk(settings: Settings) -> Check:
+    free, floor = free_mb(settings.storage.data_dir), settings.storage.min_free_mb
+    detail = f"{free:,.0f} MB free in {settings.storage.data_dir} (floor {floor:,} MB)"
+    return Check("disk", free >= floor, detail + ("" if free >= floor else ": C-STORE refused"))
+
+
+def check_queue(session: Session, stalled_minutes: float, now: datetime | None = None) -> Check:
+    """Failed when a job could have run ``stalled_minutes`` ago and no job moved since."""
+    now = now or utcnow()
+    since = now - timedelta(minutes=stalled_minutes)
+    waiting = session.execute(
+        select(func.count(), func.min(Job.run_after)).where(
+            Job.state.in_((JobState.QUEUED, JobState.FAILED)), Job.run_after <= since
+        )
+    ).one()
+    moves = session.execute(select(func.max(Job.updated_at), func.max(Job.heartbeat_at))).one()
+    last_move = max((t for t in moves if t is not None), default=None)
+    count = int(waiting[0])
+    if count == 0:
+        return Check("queue", True, "no job waits longer than it should")
+    if last_move is not None and last_move >= since:
+        return Check("queue", True, f"{count} job(s) waiting; jobs are moving")
+    minutes = (now - waiting[1]).total_seconds() / 60
+    return Check(
+        "queue",
+        False,
+        f"{count} job(s) could run {minutes:.0f} min ago and no job moved for "
+        f"{stalled_minutes:g} min: are the workers running (`serve` with workers.count > 0, "
+        "or `dicomnode worker`)?",
+    )
+
+
+def run_checks(settings: Settings, *, scp: bool = True, stalled_minutes: float = 10) -> list[Check]:
+    """Every check, in order; the queue only when the database is usable."""
+    checks = [check_database(settings)]
+    if scp:
+        checks.append(check_scp(settings))
+    checks.append(check_disk(settings))
+    if checks[0].ok:
+        db = Database(settings.database.url)
+        try:
+            with db.session() as session:
+                checks.append(check_queue(session, stalled_minutes))
+        finally:
+            db.dispose()
+    return checks
