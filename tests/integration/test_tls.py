@@ -4,6 +4,8 @@ authenticated by certificates a test CA signed; ``/usr/bin/openssl`` makes them)
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,40 +75,10 @@ def _store_over_tls(port: int, context: ssl.SSLContext | None) -> int | None:
     return status
 
 
-def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
-    settings: Settings, db: Database, pki: Pki, stranger: Pki
-) -> None:
-    from dicomnode.config import PeerSettings
-    from dicomnode.peers import sync_config_peers
-
-    sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104)
-    secured = _with_tls(
-        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port()
-    )
-    with db.session() as session:
-        sync_config_peers(session, dict(secured.peers))
-    handlers = scp.StoreHandlers(secured, db)
-    servers = start_listeners(secured, db, handlers)  # as `serve` does: plain and TLS
-    try:
-        port = secured.tls.port
-        assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.peer)) == 0
-        assert _store_over_tls(port, _sender_context(pki.ca_certificate, None)) is None
-        assert _store_over_tls(port, _sender_context(pki.ca_certificate, stranger.peer)) is None
-        assert _store_over_tls(port, None) is None  # plain DICOM on the TLS port
-        assert _store_over_tls(secured.node.port, None) == 0  # plain DICOM on node.port
-    finally:
-        stop_receiving(servers, handlers, drain_seconds=5)
-    with db.session() as session:
-        assert len(session.execute(select(Instance)).scalars().all()) == 2
-
-
-def test_a_silent_connection_does_not_hold_other_senders_off_the_tls_port(
-    settings: Settings, db: Database, pki: Pki
-) -> None:
-    """pynetdicom shakes hands in its accept loop: one client that connects and says nothing
-    blocked every TLS sender. The node shakes hands in each connection's own thread."""
-    import socket
-
+@contextmanager
+def _listening(settings: Settings, db: Database, pki: Pki) -> Iterator[Settings]:
+    """The node's plain and TLS listeners, as `serve` starts them, with the sender MOD
+    registered; the settings they run with."""
     from dicomnode.config import PeerSettings
     from dicomnode.peers import sync_config_peers
 
@@ -118,13 +90,39 @@ def test_a_silent_connection_does_not_hold_other_senders_off_the_tls_port(
         sync_config_peers(session, dict(secured.peers))
     handlers = scp.StoreHandlers(secured, db)
     servers = start_listeners(secured, db, handlers)
-    silent = socket.create_connection((LOOPBACK, secured.tls.port))
     try:
+        yield secured
+    finally:
+        stop_receiving(servers, handlers, drain_seconds=5)
+
+
+def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
+    settings: Settings, db: Database, pki: Pki, stranger: Pki
+) -> None:
+    with _listening(settings, db, pki) as secured:
+        port = secured.tls.port
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.peer)) == 0
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, None)) is None
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, stranger.peer)) is None
+        assert _store_over_tls(port, None) is None  # plain DICOM on the TLS port
+        assert _store_over_tls(secured.node.port, None) == 0  # plain DICOM on node.port
+    with db.session() as session:
+        assert len(session.execute(select(Instance)).scalars().all()) == 2
+
+
+def test_a_silent_connection_does_not_hold_other_senders_off_the_tls_port(
+    settings: Settings, db: Database, pki: Pki
+) -> None:
+    """pynetdicom shakes hands in its accept loop: one client that connects and says nothing
+    blocked every TLS sender. The node shakes hands in each connection's own thread."""
+    import socket
+
+    with (
+        _listening(settings, db, pki) as secured,
+        socket.create_connection((LOOPBACK, secured.tls.port)),  # connects, says nothing
+    ):
         context = _sender_context(pki.ca_certificate, pki.peer)
         assert _store_over_tls(secured.tls.port, context) == 0  # within its 5 s time-outs
-    finally:
-        silent.close()
-        stop_receiving(servers, handlers, drain_seconds=5)
 
 
 def test_results_reach_a_tls_peer_whose_certificate_the_node_trusts(

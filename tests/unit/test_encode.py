@@ -579,6 +579,17 @@ def test_sr_of_two_images_without_overlay_for_one(tmp_path: Path) -> None:
     dump(DSRDUMP, path)
 
 
+def _results_read_back(source: Dataset, tmp_path: Path) -> list[tuple[Path, Dataset]]:
+    """The SC and SR of ``source`` (saved and read back first, as the node reads it), each
+    saved as ``sc.dcm`` / ``sr.dcm`` and read back."""
+    stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))
+    result = make_result()
+    sc = make_sc(stored, result)
+    sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
+    paths = [save(sc, tmp_path / "sc.dcm"), save(sr, tmp_path / "sr.dcm")]
+    return [(path, pydicom.dcmread(path)) for path in paths]
+
+
 @needs_dicom3tools
 @needs_dcmtk
 @pytest.mark.parametrize(
@@ -604,13 +615,7 @@ def test_results_keep_the_patients_name_in_any_character_set(
     source.SpecificCharacterSet = charsets
     source.PatientName = name
     source.StudyDescription = study
-    stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))  # read back, as the node
-    result = make_result()
-    sc = make_sc(stored, result)
-    sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
-    for kind, dataset in (("sc", sc), ("sr", sr)):
-        path = save(dataset, tmp_path / f"{kind}.dcm")
-        back = pydicom.dcmread(path)
+    for path, back in _results_read_back(source, tmp_path):
         assert (str(back.PatientName), back.StudyDescription) == (name, study)
         assert back.SpecificCharacterSet == written
         assert dciodvfy_errors(path) == []
@@ -659,13 +664,7 @@ def test_results_of_non_conformant_headers_are_valid(
     SR job (highdicom refused it) or made dciodvfy errors in the results."""
     source = make_source()
     change(source)
-    stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))
-    result = make_result()
-    sc = make_sc(stored, result)
-    sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
-    for kind, dataset in (("sc", sc), ("sr", sr)):
-        path = save(dataset, tmp_path / f"{kind}.dcm")
-        back = pydicom.dcmread(path)
+    for path, back in _results_read_back(source, tmp_path):
         assert {k: str(back.get(k) or "") for k in expected} == expected
         assert dciodvfy_errors(path) == []
 
