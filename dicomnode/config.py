@@ -51,6 +51,13 @@ AeTitle = Annotated[str, AfterValidator(checked_ae_title)]
 UID_ROOT_PATTERN = r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$"
 
 
+MAX_PDU_CEILING = 64 << 20
+"""Bytes: no PDU longer is read (pynetdicom holds a whole PDU in memory)."""
+
+DEFAULT_MAX_PDU = 1 << 20
+"""Bytes the node asks senders to stay under when ``node.max_pdu`` is 0."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -76,7 +83,13 @@ class NodeSettings(_Section):
         max_length=40,
         description="root of every UID the node creates (ends with a dot); use your organisation's",
     )
-    max_pdu: int = Field(0, ge=0, description="maximum PDU we receive, 0 = unlimited")
+    max_pdu: int = Field(
+        0,
+        ge=0,
+        le=MAX_PDU_CEILING,
+        description="the largest PDU, in bytes, the node asks senders to stay under (0: 1 MiB); "
+        "a PDU declared over 64 MiB is never read",
+    )
     network_timeout: float = Field(
         60.0, gt=0, description="seconds of silence before an association is aborted"
     )

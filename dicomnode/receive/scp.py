@@ -30,7 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicomnode.config import Settings
+from dicomnode.config import DEFAULT_MAX_PDU, MAX_PDU_CEILING, Settings
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
 from dicomnode.peers import known_ae_titles, peer_by_ae_title
@@ -98,19 +98,24 @@ REQUEST_PDU_LIMIT = 1 << 20
 """Bytes an association request (its first PDU) may declare: a request proposing every
 storage SOP class with a dozen transfer syntaxes each is under 100 kB."""
 
-PDU_LIMIT = 64 << 20
-"""Bytes a PDU of an accepted association may declare. pynetdicom reads a whole PDU
-into memory, as long as the sender says it is (up to 4 GiB), before anything checks
-who is calling; senders use 16 kB to a few MB."""
+READ_CHUNK = 1 << 20
+"""The most bytes one read asks the socket for: a PDU's buffer grows with what arrives,
+not with what its header claims."""
 
 
 class BoundedSocket(AssociationSocket):
-    """An association's socket that refuses a PDU declared longer than the node reads
-    (:data:`REQUEST_PDU_LIMIT` before the association is accepted, :data:`PDU_LIMIT`
-    after): the connection is closed instead of the memory filled."""
+    """An association's socket that refuses a PDU declared longer than the node reads and
+    reads the others in large chunks.
+
+    pynetdicom reads a whole PDU into memory, as long as its header says (up to 4 GiB),
+    before anything checks who is calling, 4 kB at a time. Before the association is
+    accepted a PDU may be :data:`REQUEST_PDU_LIMIT` long (or the node's advertised
+    maximum, if larger), after it :data:`~dicomnode.config.MAX_PDU_CEILING`; a longer one
+    closes the connection at its header.
+    """
 
     def recv(self, nr_bytes: int) -> bytearray:
-        limit = PDU_LIMIT if self.assoc.is_established else REQUEST_PDU_LIMIT
+        limit = self._limit()
         if nr_bytes > limit:
             log.warning(
                 "connection from %s closed: it declared a PDU of %d bytes (at most %d read)",
@@ -121,21 +126,27 @@ class BoundedSocket(AssociationSocket):
             raise OSError(f"a PDU of {nr_bytes} bytes is over the limit of {limit}")
         return self._read(nr_bytes)
 
+    def _limit(self) -> int:
+        if self.assoc.is_established:
+            return MAX_PDU_CEILING
+        advertised = int(self.assoc.acceptor.maximum_length or 0) + 6  # its header
+        return max(REQUEST_PDU_LIMIT, advertised)
+
     def _read(self, nr_bytes: int) -> bytearray:
-        """pynetdicom's ``recv``, read straight into one buffer of the PDU's size instead of
-        4 kB at a time (a 14 MB radiograph was 3,400 reads and as many copies)."""
+        """pynetdicom's ``recv``: ``nr_bytes`` read, or fewer when the connection broke."""
         assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            got = self.socket.recv_into(view[read:])
-            if not got:  # the connection broke: what was read, as pynetdicom returns it
-                del view
-                del buffer[read:]
-                return buffer
-            read += got
-        return buffer
+        received = bytearray()
+        chunk = bytearray(min(nr_bytes, READ_CHUNK))
+        view = memoryview(chunk)
+        try:
+            while len(received) < nr_bytes:
+                got = self.socket.recv_into(view, min(len(chunk), nr_bytes - len(received)))
+                if not got:  # the connection broke: what was read, as pynetdicom returns it
+                    break
+                received += view[:got]
+        finally:
+            view.release()
+        return received
 
 
 class BoundedRequestHandler(RequestHandler):
@@ -165,6 +176,7 @@ class NodeServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)  # a sender silent mid-PDU is let go
         if self.ssl_context is not None:
             client.settimeout(HANDSHAKE_SECONDS)
             client = self.ssl_context.wrap_socket(
@@ -182,7 +194,7 @@ class NodeServer(ThreadedAssociationServer):
                 log.warning("TLS handshake from %s failed: %s", client_address, exc)
                 self.shutdown_request(request)
                 return
-            request.settimeout(None)  # as pynetdicom's sockets: it waits with select()
+            request.settimeout(self.ae.network_timeout)
         super().process_request_thread(request, client_address)
 
 
@@ -433,7 +445,7 @@ def remove_stale_incoming(folder: Path, older_than_seconds: float) -> int:
 def build_ae(settings: Settings, db: Database) -> NodeAE:
     """The node's AE with its supported contexts and time-outs."""
     ae = NodeAE(settings, db)
-    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.maximum_pdu_size = settings.node.max_pdu or DEFAULT_MAX_PDU
     ae.network_timeout = settings.node.network_timeout
     ae.maximum_associations = 32
     ae.add_supported_context(Verification)

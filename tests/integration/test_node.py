@@ -285,6 +285,45 @@ def test_a_connection_declaring_a_huge_pdu_is_closed_before_it_fills_memory(
     assert node.send(make_radiograph(body_part="HANDX")) == [statuses.SUCCESS]  # still serving
 
 
+def test_a_sender_that_fills_its_pdus_to_the_advertised_maximum_is_received(node: Node) -> None:
+    """The node asks for PDUs of at most 1 MiB (it asked for none, and then closed PDUs over
+    64 MiB: pynetdicom sends a whole 70 MB object as one PDU when told 'no maximum')."""
+    image = make_radiograph(body_part="CHEST", rows=64, columns=64)  # skipped: not analysed
+    image.Rows, image.Columns = 6000, 5900
+    image.PixelData = bytes(6000 * 5900 * 2)  # 70.8 MB
+    assoc = node.associate(image)
+    assert assoc.acceptor.maximum_length == 1 << 20
+    assert int(assoc.send_c_store(image).Status) == statuses.SUCCESS
+    assoc.release()
+    assert node.count(Instance) == 1
+
+
+def test_a_sender_silent_in_the_middle_of_a_pdu_is_let_go(node: Node) -> None:
+    """pynetdicom waited for the rest of a PDU for ever, its buffer held."""
+    import socket
+    import struct
+
+    from dicomnode.testing.peers import free_port
+
+    quick = node.settings.model_copy(
+        update={
+            "node": node.settings.node.model_copy(
+                update={"port": free_port(), "network_timeout": 1.0}
+            )
+        }
+    )
+    server = start_scp(quick, node.db)
+    try:
+        with socket.create_connection(("127.0.0.1", quick.node.port)) as stalled:
+            stalled.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\0" * 10)  # 990 never come
+            stalled.settimeout(10)
+            started = time.monotonic()
+            assert stalled.recv(100) == b""  # closed by the node
+            assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+
+
 def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
     from dicomnode.testing.peers import free_port
 
