@@ -324,27 +324,36 @@ class StoreHandlers:
 
     def on_requested(self, event: evt.Event) -> None:
         """Reject a registered peer's AE title called from another address than the peer's
-        host (``node.check_caller_host``); unknown AE titles are left to the AE title check."""
-        if not self.settings.node.check_caller_host:
-            return
+        host (``node.check_caller_host``); unknown AE titles are left to the AE title check.
+        A check that cannot be made (the database unavailable) rejects too: pynetdicom
+        would let the association through when this handler raised."""
         assoc = event.assoc
-        if assoc.requestor.primitive is None:
+        if not self.settings.node.check_caller_host or assoc.requestor.primitive is None:
             return
         calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
-        with self.db.session() as session:
-            peer = peer_by_ae_title(session, calling_ae)
-        if peer is None or caller_matches(peer.host, str(assoc.requestor.address)):
-            return
-        log.warning(
-            "association from AE %r at %s rejected: peer %s is registered at host %s. Correct "
-            "its host (`dicomnode ae update %s --host ADDRESS`) or, behind NAT, set "
-            "node.check_caller_host: false",
-            calling_ae,
-            assoc.requestor.address,
-            peer.name,
-            peer.host,
-            peer.name,
-        )
+        address = str(assoc.requestor.address)
+        try:
+            with self.db.session() as session:
+                peer = peer_by_ae_title(session, calling_ae)
+            if peer is None or caller_matches(peer.host, address):
+                return
+            log.warning(
+                "association from AE %r at %s rejected: peer %s is registered at host %s. "
+                "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name may "
+                "resolve to several addresses), or behind NAT set node.check_caller_host: false",
+                calling_ae,
+                address,
+                peer.name,
+                peer.host,
+                peer.name,
+            )
+        except Exception as exc:
+            log.error(
+                "association from AE %r at %s rejected: its host could not be checked (%s)",
+                calling_ae,
+                address,
+                type(exc).__name__,
+            )
         assoc.acse.send_reject(*REJECT_CALLING_AE)
         assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
 
@@ -385,20 +394,40 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 """A-ASSOCIATE-RJ: rejected permanent, by the service user: calling AE title not recognised."""
 
 
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+RESOLVED_SECONDS = 60.0
+"""How long a peer host's resolved addresses are reused (one lookup a minute, not one per
+association; a failed lookup is not kept)."""
+
+_resolved: dict[str, tuple[float, frozenset[IpAddress]]] = {}
+_resolved_lock = threading.Lock()
+
+
 def caller_matches(host: str, address: str) -> bool:
     """True when ``address`` (the caller's IP) is one that ``host`` (a peer's registered IP
     or host name) resolves to; a name that does not resolve matches nothing."""
     caller = _ip(address)
-    if caller is None:
-        return False
+    return caller is not None and caller in _addresses(host)
+
+
+def _addresses(host: str) -> frozenset[IpAddress]:
+    now = time.monotonic()
+    with _resolved_lock:
+        kept = _resolved.get(host)
+    if kept is not None and kept[0] > now:
+        return kept[1]
     try:
-        resolved = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
-        return False
-    return any(_ip(str(info[4][0])) == caller for info in resolved)
+        return frozenset()
+    addresses = frozenset(ip for info in found if (ip := _ip(str(info[4][0]))) is not None)
+    with _resolved_lock:
+        _resolved[host] = (now + RESOLVED_SECONDS, addresses)
+    return addresses
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _ip(text: str) -> IpAddress | None:
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:

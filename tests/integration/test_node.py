@@ -285,6 +285,24 @@ def test_a_connection_declaring_a_huge_pdu_is_closed_before_it_fills_memory(
     assert node.send(make_radiograph(body_part="HANDX")) == [statuses.SUCCESS]  # still serving
 
 
+def test_a_caller_whose_host_cannot_be_checked_is_rejected(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom lets an association through when the handler that checks it raises."""
+    from dicomnode.receive import scp
+
+    def unavailable(*_: object) -> None:
+        raise OSError("database is locked")
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(scp, "peer_by_ae_title", unavailable)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    assert "its host could not be checked (OSError)" in caplog.text
+
+
 def test_a_sender_that_fills_its_pdus_to_the_advertised_maximum_is_received(node: Node) -> None:
     """The node asks for PDUs of at most 1 MiB (it asked for none, and then closed PDUs over
     64 MiB: pynetdicom sends a whole 70 MB object as one PDU when told 'no maximum')."""

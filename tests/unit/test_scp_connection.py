@@ -49,3 +49,24 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
     theirs.close()
     assert reader._read(100) == b"0123456789"
     ours.close()
+
+
+def test_a_peer_host_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from dicomnode.receive import scp
+
+    calls: list[str] = []
+    real = socket.getaddrinfo
+
+    def counting(host: str, *args: object, **kwargs: object) -> object:
+        calls.append(host)
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scp.socket, "getaddrinfo", counting)
+    monkeypatch.setattr(scp, "_resolved", {})
+    assert all(caller_matches("localhost", "127.0.0.1") for _ in range(5))
+    assert calls == ["localhost"]
+    monkeypatch.setattr(scp.time, "monotonic", lambda: 1e12)  # a minute and more later
+    assert caller_matches("localhost", "127.0.0.1")
+    assert calls == ["localhost", "localhost"]
