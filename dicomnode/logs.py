@@ -63,15 +63,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_QUOTED = re.compile(r"(?<!\w)'[^\n]*?'(?!\w)|(?<!\w)\"[^\n]*?\"(?!\w)")
-"""A quoted value: its opening quote not after a letter or digit, its closing quote not
-before one, so an apostrophe ("Patient's Name", "O'BRIEN") neither opens nor ends one."""
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_APOSTROPHE = re.compile(r"(?<=\w)(?<!\b[bBuUrR])'(?=\w)")
+"""An apostrophe inside a word ("Patient's Name", "O'BRIEN"); not a string prefix's
+quote (``b'...'``, ``u'...'``), which opens a value."""
+_HELD = "\x00"
 REDACTED = "<redacted>"
 
 
 def redact_quoted(text: str) -> str:
-    """``text`` with every single- or double-quoted value replaced by ``'<redacted>'``."""
-    return _QUOTED.sub(lambda m: f"{m.group(0)[0]}{REDACTED}{m.group(0)[0]}", text)
+    """``text`` with every single- or double-quoted value replaced by ``'<redacted>'``.
+
+    Apostrophes inside words are held aside first, so that they neither open nor close
+    a value; one pass over the text (a long line costs no more than its length).
+    """
+    held = _APOSTROPHE.sub(_HELD, text.replace(_HELD, ""))
+    redacted = _QUOTED.sub(lambda m: f"{m.group(0)[0]}{REDACTED}{m.group(0)[0]}", held)
+    return redacted.replace(_HELD, "'")
 
 
 class RedactQuotedValues(logging.Filter):
