@@ -191,14 +191,14 @@ def _check_items(items: Sequence[SrImageItem]) -> None:
     studies |= {str(item.sc.get("StudyInstanceUID", "")) for item in items if item.sc}
     if len(studies) != 1 or "" in studies:
         raise EncodeError(f"all images of a report must share one study, got {sorted(studies)}")
-    differ = _identity_conflicts([item.source for item in items])
+    differ = _identity_conflicts([conformant_header(item.source) for item in items])
     if differ:  # values not quoted: the reason is stored and printed
         raise EncodeError(
             "the images of this study name different patients ("
             + ", ".join(differ)
             + " differ): one report would copy the details of one patient onto the images of "
-            "another. Correct the study in the PACS and send it again, or give this report up "
-            "(dicomnode discard)"
+            "another. Check the study in the PACS, and give this report up with dicomnode "
+            "discard (the node keeps the header it stored first of each image)"
         )
 
 
@@ -210,7 +210,8 @@ def _identity_conflicts(sources: Sequence[pydicom.Dataset]) -> list[str]:
     """The identity attributes on which ``sources`` disagree. An empty value agrees with
     any, and names are compared group by group (alphabetic, ideographic, phonetic) without
     trailing delimiters or case: ``Doe^John^^`` is ``DOE^JOHN``, and ``Yamada^Tarou`` is
-    ``Yamada^Tarou=山田^太郎``."""
+    ``Yamada^Tarou=山田^太郎``. The sources are compared as the SR copies them (cleaned:
+    a birth date ``00000000`` is empty, ``1965.01.01`` is ``19650101``)."""
     differ = []
     for keyword in PATIENT_IDENTITY:
         seen: dict[int, set[str]] = {}

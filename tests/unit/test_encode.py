@@ -775,6 +775,8 @@ def test_sr_refuses_images_of_two_patients(keyword: str) -> None:
         ({"PatientName": "Yamada^Tarou=山田^太郎"}, {"PatientName": "Yamada^Tarou"}),
         ({"PatientBirthDate": ""}, {"PatientBirthDate": "19600101"}),
         ({}, {"IssuerOfPatientID": "HOSP-A"}),
+        ({"PatientBirthDate": "00000000"}, {"PatientBirthDate": "19600101"}),  # emptied
+        ({"PatientBirthDate": "1960.01.01"}, {"PatientBirthDate": "19600101"}),  # ACR-NEMA
     ],
 )
 def test_sr_takes_one_patient_written_two_ways(
