@@ -29,6 +29,7 @@ from typing import Any
 
 import pydicom
 from highdicom.valuerep import _check_specific_character_set as check_character_set
+from pydicom.charset import _encode_string_impl as encode_with
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -56,31 +57,42 @@ def conformant_header(source: pydicom.Dataset, present: Iterable[str] = ()) -> p
     if CHARACTER_SET in fixes:
         fixed.decode()  # every text value read in the source's character set first
     for tag, element in fixes.items():
-        fixed[tag] = element
+        if element is None:
+            del fixed[tag]
+        else:
+            fixed[tag] = element
     for keyword in missing:
         setattr(fixed, keyword, None)
-    if fixes:
+    cleaned = sorted(
+        pydicom.datadict.keyword_for_tag(t) or str(t) for t in fixes if t != CHARACTER_SET
+    )
+    if cleaned:  # a character set written another way is no fault of the source's
         log.warning(
             "sop=%s: non-conformant %s cleaned in the results' copy of the header",
             source.get("SOPInstanceUID", ""),
-            ", ".join(sorted(pydicom.datadict.keyword_for_tag(tag) or str(tag) for tag in fixes)),
+            ", ".join(cleaned),
         )
     return fixed
 
 
-def _fixes(source: pydicom.Dataset) -> dict[BaseTag, DataElement]:
-    """The top-level elements to replace, as their replacements."""
-    fixes: dict[BaseTag, DataElement] = {}
+def _fixes(source: pydicom.Dataset) -> dict[BaseTag, DataElement | None]:
+    """The top-level elements to replace, as their replacements (None: removed)."""
+    fixes: dict[BaseTag, DataElement | None] = {}
     for element in source:
         if element.tag.is_private or element.VR == "SQ" or element.tag == CHARACTER_SET:
             continue
         vr = _dictionary_vr(element.tag) or element.VR
+        if element.VR not in _STRINGS or vr not in _STRINGS:
+            vr = element.VR  # only text changes VR as it is: bytes or numbers would not fit
         value = _cleaned(element.tag, vr, element.value)
         if vr != element.VR or value is not element.value:
             fixes[element.tag] = DataElement(element.tag, vr, value)
-    charsets = _character_sets(source)
-    if charsets is not None:
-        fixes[CHARACTER_SET] = DataElement(CHARACTER_SET, "CS", charsets)
+    if CHARACTER_SET in source:
+        charsets = _character_sets(source)
+        if charsets is not _KEEP:
+            fixes[CHARACTER_SET] = (
+                None if charsets is None else DataElement(CHARACTER_SET, "CS", charsets)
+            )
     return fixes
 
 
@@ -117,6 +129,8 @@ def _cleaned(tag: BaseTag, vr: str, value: Any) -> Any:
 
 
 _TEXT = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_STRINGS = _TEXT | frozenset({"AS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+_KEEP = "keep"
 _DOTTED_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
 _SEX_TAG = pydicom.tag.Tag("PatientSex")
 CHARACTER_SET = pydicom.tag.Tag("SpecificCharacterSet")
@@ -124,7 +138,9 @@ UTF8 = "ISO_IR 192"
 
 
 def _character_sets(source: pydicom.Dataset) -> list[str] | str | None:
-    """The Specific Character Set the results' copy needs, or None to keep the source's.
+    """The Specific Character Set the results' copy needs: :data:`_KEEP` the source's,
+    None for none (the default repertoire, ``ISO_IR 6`` or empty, which highdicom refuses
+    to see written), or the terms to write.
 
     An empty first value (``\\ISO 2022 IR 87``, as Japanese and Korean systems write it)
     means ISO 2022 IR 6 (PS3.3 C.12.1.1.2), which highdicom wants written out. Terms
@@ -133,17 +149,15 @@ def _character_sets(source: pydicom.Dataset) -> list[str] | str | None:
     holds the values decoded, and UTF-8 writes every one of them.
     """
     value = source.get("SpecificCharacterSet")
-    if value is None:
+    terms = [str(v or "") for v in value] if isinstance(value, MultiValue) else [str(value or "")]
+    if all(term in _DEFAULT_REPERTOIRE for term in terms):
         return None
-    terms = [str(v or "") for v in value] if isinstance(value, MultiValue) else [str(value)]
     fixed = ["ISO 2022 IR 6", *terms[1:]] if len(terms) > 1 and not terms[0] else terms
     try:
         check_character_set(fixed if len(fixed) > 1 else fixed[0])
     except (ValueError, TypeError):
         return UTF8
-    if fixed == terms:
-        return None
-    return fixed
+    return _KEEP if fixed == terms else fixed
 
 
 def _parses(value: Any, parser: Callable[[str], Any]) -> bool:
@@ -246,8 +260,10 @@ def _writes(text: str, codecs: list[str]) -> bool:
 
 
 def _encodes(character: str, codec: str) -> bool:
+    """As pydicom writes it: its own encoders for the Japanese sets (``ISO_IR 13`` is JIS X
+    0201 only, though Python's shift_jis codec has kanji too)."""
     try:
-        character.encode(codec)
-    except (UnicodeError, LookupError):
+        encode_with(character, codec)
+    except (UnicodeError, LookupError, ValueError):
         return False
     return True

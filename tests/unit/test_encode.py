@@ -623,11 +623,15 @@ def test_results_keep_the_patients_name_in_any_character_set(
     assert run.returncode == 0 and b"Patient" in run.stdout  # printed in its own charset
 
 
-def _lo_date(source: Dataset, value: str) -> None:
-    """A Study Date written with the wrong VR (LO), as some archives forward it."""
+def _wrong_vr(source: Dataset, tag: int, vr: str, value: object) -> None:
+    """An attribute written with another VR than the standard's, as some archives forward it."""
     from pydicom.dataelem import DataElement
 
-    source[0x00080020] = DataElement(0x00080020, "LO", value)
+    source[tag] = DataElement(tag, vr, value)
+
+
+def _lo_date(source: Dataset, value: str) -> None:
+    _wrong_vr(source, 0x00080020, "LO", value)  # Study Date
 
 
 @needs_dicom3tools
@@ -655,6 +659,7 @@ def _lo_date(source: Dataset, value: str) -> None:
             lambda ds: setattr(ds, "SpecificCharacterSet", "ISO 2022 IR 100"),
             {"SpecificCharacterSet": "ISO_IR 192"},
         ),
+        (lambda ds: _wrong_vr(ds, 0x00280010, "OB", b"\x00\x02"), {}),  # US as OB: kept
     ],
 )
 def test_results_of_non_conformant_headers_are_valid(
@@ -678,6 +683,8 @@ def test_results_of_non_conformant_headers_are_valid(
         ("ISO_IR 100", "Klinikum Göttingen", "ISO_IR 100"),  # Latin-1 writes it
         ("ISO_IR 100", "Hôpital – Radiologie", "ISO_IR 192"),  # the dash is not Latin-1
         (None, "St Mary Radiology", None),
+        ("ISO_IR 6", "St Mary Radiology", None),  # the default repertoire, written as absent
+        ("ISO_IR 13", "山田病院", "ISO_IR 192"),  # JIS X 0201 has no kanji
     ],
 )
 def test_the_nodes_own_words_are_written_in_a_character_set_that_has_them(
