@@ -7,10 +7,13 @@ The checks are what a radiology IT engineer would look at:
 
 ``database``  reachable, at this version's schema revision;
 ``scp``       the DICOM listener answers an association request (the node rejects the
-              probe, which calls with the node's own AE title: an answer is enough);
+              probe, which calls with the node's own AE title from the node's own
+              address, quietly: an answer is enough);
 ``disk``      free space above ``storage.min_free_mb`` (below it C-STORE is refused);
 ``queue``     jobs that could run are not left waiting while no job moved for
-              ``stalled_minutes`` (workers dead, stuck, or none running for this database).
+              ``stalled_minutes`` (workers dead, stuck, or none running for this database);
+              "could run" as a worker claims (a report waits for its round, an SR for its
+              overlays).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
-from dicomnode.queue.jobs import JobState
+from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
     library.setLevel(logging.CRITICAL)  # the outcome is this check's line
     try:
         assoc = ae.associate(host, settings.node.port, ae_title=settings.node.ae_title)
+    except Exception as exc:  # an address that does not resolve, ...
+        return Check("scp", False, f"{where} cannot be asked: {type(exc).__name__}: {exc}")
     finally:
         library.setLevel(level)
     if assoc.is_established:
@@ -88,9 +93,7 @@ def check_queue(session: Session, stalled_minutes: float, now: datetime | None =
     now = now or utcnow()
     since = now - timedelta(minutes=stalled_minutes)
     waiting = session.execute(
-        select(func.count(), func.min(Job.run_after)).where(
-            Job.state.in_((JobState.QUEUED, JobState.FAILED)), Job.run_after <= since
-        )
+        select(func.count(), func.min(Job.run_after)).where(due_since(since))
     ).one()
     moves = session.execute(select(func.max(Job.updated_at), func.max(Job.heartbeat_at))).one()
     last_move = max((t for t in moves if t is not None), default=None)

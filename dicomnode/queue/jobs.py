@@ -127,6 +127,12 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
     return and_(Job.state.in_([JobState.QUEUED, JobState.FAILED]), Job.run_after <= now)
 
 
+def due_since(moment: datetime) -> ColumnElement[bool]:
+    """Jobs a worker could have claimed at ``moment`` and still could: due by then, and
+    ready now (a report's round, an SR's overlays sent first), as :func:`claim` selects."""
+    return and_(_claimable(moment), _report_ready(), _overlays_sent_first())
+
+
 def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> int:
     """Running jobs matching ``held`` fail with :data:`LOST_LEASE` (dead when attempts are used)."""
     running = and_(Job.state == JobState.RUNNING, held)

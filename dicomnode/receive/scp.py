@@ -30,7 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicomnode.config import DEFAULT_MAX_PDU, MAX_PDU_CEILING, Settings
+from dicomnode.config import DEFAULT_MAX_PDU, MAX_PDU_CEILING, NodeSettings, Settings
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
 from dicomnode.peers import known_ae_titles, peer_by_ae_title
@@ -359,7 +359,7 @@ class StoreHandlers:
 
     def on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        if _health_probe(requestor, self.settings.node.ae_title):
+        if _health_probe(requestor, self.settings.node):
             log.debug("health probe answered")  # `dicomnode health`, every 30 s in Docker
             return
         log.warning(
@@ -384,10 +384,12 @@ class StoreHandlers:
         ]
 
 
-def _health_probe(requestor: Any, own_ae_title: str) -> bool:
-    """A loopback association under the node's own AE title: ``dicomnode health``."""
+def _health_probe(requestor: Any, node: NodeSettings) -> bool:
+    """An association under the node's own AE title from the node's own address (the
+    loopback, or the address it listens on): ``dicomnode health``."""
     ip = _ip(str(requestor.address))
-    return str(requestor.ae_title).strip() == own_ae_title and ip is not None and ip.is_loopback
+    own = ip is not None and (ip.is_loopback or ip == _ip(node.host))
+    return own and str(requestor.ae_title).strip() == node.ae_title
 
 
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)

@@ -44,3 +44,34 @@ def test_jobs_waiting_for_their_retry_time_are_not_stalled(db: Database) -> None
             job.state, job.run_after = "failed", utcnow() + timedelta(minutes=5)  # backing off
     with db.session() as s:
         assert check_queue(s, 10).ok
+
+
+def test_a_report_waiting_for_its_round_is_not_stalled(db: Database) -> None:
+    """A report job is claimed once its round's images are analysed: while one of them
+    backs off after a failure, the report is not a job that could run."""
+    from dicomnode.db.schema import Report
+
+    with db.session() as s:
+        report = Report(
+            study_instance_uid="1.2.3",
+            model_name="m",
+            model_version="1",
+            sequence=1,
+            calling_ae="MOD",
+            created_at=utcnow(),
+        )
+        s.add(report)
+        s.flush()
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(q.JobKind.INFER, "1.2.3.4", 3, report_id=report.id),
+                q.JobSpec(q.JobKind.REPORT, "report-1", 3, report_id=report.id),
+            ],
+        )
+    _age_every_job(db, 60)
+    with db.session() as s:
+        infer = s.query(Job).filter(Job.kind == "infer").one()
+        infer.state, infer.run_after = "failed", utcnow() + timedelta(minutes=5)
+    with db.session() as s:
+        assert check_queue(s, 10).ok
