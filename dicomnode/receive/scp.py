@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import logging
 import os
-import socket
 import ssl
 import tempfile
 import threading
@@ -25,16 +23,17 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom import uid as uids
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.config import DEFAULT_MAX_PDU, MAX_PDU_CEILING, NodeSettings, Settings
+from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
 from dicomnode.peers import known_ae_titles, peer_by_ae_title
 from dicomnode.receive import statuses
+from dicomnode.receive.callers import caller_matches, ip_of
+from dicomnode.receive.transport import BoundedRequestHandler, NodeServer
 from dicomnode.store.files import ensure_free_space
 from dicomnode.store.instances import (
     facts_from_dataset,
@@ -92,110 +91,6 @@ class NodeAE(AE):
             kwargs["server_class"] = NodeServer
             kwargs["request_handler"] = BoundedRequestHandler
         return super().make_server(*args, **kwargs)
-
-
-REQUEST_PDU_LIMIT = 1 << 20
-"""Bytes an association request (its first PDU) may declare: a request proposing every
-storage SOP class with a dozen transfer syntaxes each is under 100 kB."""
-
-READ_CHUNK = 1 << 20
-"""The most bytes one read asks the socket for: a PDU's buffer grows with what arrives,
-not with what its header claims."""
-
-
-class BoundedSocket(AssociationSocket):
-    """An association's socket that refuses a PDU declared longer than the node reads and
-    reads the others in large chunks.
-
-    pynetdicom reads a whole PDU into memory, as long as its header says (up to 4 GiB),
-    before anything checks who is calling, 4 kB at a time. Before the association is
-    accepted a PDU may be :data:`REQUEST_PDU_LIMIT` long (or the node's advertised
-    maximum, if larger), after it :data:`~dicomnode.config.MAX_PDU_CEILING`; a longer one
-    closes the connection at its header.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        limit = self._limit()
-        if nr_bytes > limit:
-            log.warning(
-                "connection from %s closed: it declared a PDU of %d bytes (at most %d read)",
-                self.assoc.requestor.address,
-                nr_bytes,
-                limit,
-            )
-            raise OSError(f"a PDU of {nr_bytes} bytes is over the limit of {limit}")
-        return self._read(nr_bytes)
-
-    def _limit(self) -> int:
-        if self.assoc.is_established:
-            return MAX_PDU_CEILING
-        advertised = int(self.assoc.acceptor.maximum_length or 0) + 6  # its header
-        return max(REQUEST_PDU_LIMIT, advertised)
-
-    def _read(self, nr_bytes: int) -> bytearray:
-        """pynetdicom's ``recv``: ``nr_bytes`` read, or fewer when the connection broke."""
-        assert self.socket is not None
-        received = bytearray()
-        chunk = bytearray(min(nr_bytes, READ_CHUNK))
-        view = memoryview(chunk)
-        try:
-            while len(received) < nr_bytes:
-                got = self.socket.recv_into(view, min(len(chunk), nr_bytes - len(received)))
-                if not got:  # the connection broke: what was read, as pynetdicom returns it
-                    break
-                received += view[:got]
-        finally:
-            view.release()
-        return received
-
-
-class BoundedRequestHandler(RequestHandler):
-    """pynetdicom's request handler, its associations reading through :class:`BoundedSocket`."""
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        socket_ = assoc.dul.socket
-        assert type(socket_) is AssociationSocket
-        socket_.__class__ = BoundedSocket  # a subclass with no state of its own
-        return assoc
-
-
-HANDSHAKE_SECONDS = 10.0
-"""How long a connection to the TLS port has to complete its handshake."""
-
-
-class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
-
-    pynetdicom wraps each accepted socket, handshake included, in the thread that
-    accepts; one client that connects and sends nothing holds every other sender
-    off the TLS port for as long as it stays. Here each connection's own thread
-    shakes hands, with :data:`HANDSHAKE_SECONDS` to do it.
-    """
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        client.settimeout(self.ae.network_timeout)  # a sender silent mid-PDU is let go
-        if self.ssl_context is not None:
-            client.settimeout(HANDSHAKE_SECONDS)
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
-
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except (OSError, ValueError) as exc:
-                log.warning("TLS handshake from %s failed: %s", client_address, exc)
-                self.shutdown_request(request)
-                return
-            request.settimeout(self.ae.network_timeout)
-        super().process_request_thread(request, client_address)
 
 
 class StoreHandlers:
@@ -387,55 +282,13 @@ class StoreHandlers:
 def _health_probe(requestor: Any, node: NodeSettings) -> bool:
     """An association under the node's own AE title from the node's own address (the
     loopback, or the address it listens on): ``dicomnode health``."""
-    ip = _ip(str(requestor.address))
-    own = ip is not None and (ip.is_loopback or ip == _ip(node.host))
+    ip = ip_of(str(requestor.address))
+    own = ip is not None and (ip.is_loopback or ip == ip_of(node.host))
     return own and str(requestor.ae_title).strip() == node.ae_title
 
 
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 """A-ASSOCIATE-RJ: rejected permanent, by the service user: calling AE title not recognised."""
-
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-RESOLVED_SECONDS = 60.0
-"""How long a peer host's resolved addresses are reused (one lookup a minute, not one per
-association; a failed lookup is not kept)."""
-
-_resolved: dict[str, tuple[float, frozenset[IpAddress]]] = {}
-_resolved_lock = threading.Lock()
-
-
-def caller_matches(host: str, address: str) -> bool:
-    """True when ``address`` (the caller's IP) is one that ``host`` (a peer's registered IP
-    or host name) resolves to; a name that does not resolve matches nothing."""
-    caller = _ip(address)
-    return caller is not None and caller in _addresses(host)
-
-
-def _addresses(host: str) -> frozenset[IpAddress]:
-    now = time.monotonic()
-    with _resolved_lock:
-        kept = _resolved.get(host)
-    if kept is not None and kept[0] > now:
-        return kept[1]
-    try:
-        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return frozenset()
-    addresses = frozenset(ip for info in found if (ip := _ip(str(info[4][0]))) is not None)
-    with _resolved_lock:
-        _resolved[host] = (now + RESOLVED_SECONDS, addresses)
-    return addresses
-
-
-def _ip(text: str) -> IpAddress | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:10.0.0.5 is 10.0.0.5
-    return mapped or ip
 
 
 def receive_into(folder: Path) -> None:

@@ -1,10 +1,10 @@
-"""Which callers the SCP believes, and how it reads what they send."""
+"""The receiving transport: which callers are believed, and how PDUs are read."""
 
 from __future__ import annotations
 
 import pytest
 
-from dicomnode.receive.scp import caller_matches
+from dicomnode.receive.callers import caller_matches
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
     import socket
     import threading
 
-    from dicomnode.receive.scp import BoundedSocket
+    from dicomnode.receive.transport import BoundedSocket
 
     payload = os.urandom(3 << 20)
     ours, theirs = socket.socketpair()
@@ -54,7 +54,7 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
 def test_a_peer_host_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from dicomnode.receive import scp
+    from dicomnode.receive import callers
 
     calls: list[str] = []
     real = socket.getaddrinfo
@@ -63,10 +63,10 @@ def test_a_peer_host_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch)
         calls.append(host)
         return real(host, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scp.socket, "getaddrinfo", counting)
-    monkeypatch.setattr(scp, "_resolved", {})
+    monkeypatch.setattr(callers.socket, "getaddrinfo", counting)
+    monkeypatch.setattr(callers, "_resolved", {})
     assert all(caller_matches("localhost", "127.0.0.1") for _ in range(5))
     assert calls == ["localhost"]
-    monkeypatch.setattr(scp.time, "monotonic", lambda: 1e12)  # a minute and more later
+    monkeypatch.setattr(callers.time, "monotonic", lambda: 1e12)  # a minute and more later
     assert caller_matches("localhost", "127.0.0.1")
     assert calls == ["localhost", "localhost"]
