@@ -128,7 +128,9 @@ def _cleaned(tag: BaseTag, vr: str, value: Any) -> Any:
     return value
 
 
-_TEXT = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_WORDS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+"""The VRs whose text Specific Character Set decides."""
+_TEXT = _WORDS | frozenset({"AE", "CS"})
 _STRINGS = _TEXT | frozenset({"AS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 _KEEP = "keep"
 _DOTTED_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
@@ -216,7 +218,6 @@ def _offset(value: object) -> timedelta | None:
     return sign * timedelta(hours=hours, minutes=minutes)
 
 
-_WORDS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 
 

@@ -129,7 +129,9 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
 
 def due_since(moment: datetime) -> ColumnElement[bool]:
     """Jobs a worker could have claimed at ``moment`` and still could: due by then, and
-    ready now (a report's round, an SR's overlays sent first), as :func:`claim` selects."""
+    ready now (a report's round analysed, an SR's overlays sent first). What
+    :func:`claim` and :func:`next_group` select (with ``moment`` now), and what
+    ``dicomnode health`` counts as waiting."""
     return and_(_claimable(moment), _report_ready(), _overlays_sent_first())
 
 
@@ -209,11 +211,7 @@ def claim(
     """
     expire_lost_leases(session, kind)
     now = utcnow()
-    due = (
-        select(Job.id)
-        .where(Job.kind == kind, _claimable(now), _report_ready(), _overlays_sent_first())
-        .order_by(Job.run_after, Job.id)
-    )
+    due = select(Job.id).where(Job.kind == kind, due_since(now)).order_by(Job.run_after, Job.id)
     if group_key is not None:
         due = due.where(Job.group_key == group_key)
     first_error = session.execute(
@@ -261,7 +259,7 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     now = utcnow()
     statement = (
         select(Job.group_key)
-        .where(Job.kind == kind, _claimable(now), _report_ready(), _overlays_sent_first())
+        .where(Job.kind == kind, due_since(now))
         .order_by(Job.run_after, Job.id)
         .limit(1)
     )
