@@ -54,20 +54,13 @@ def _study(
         session.add_all([association, report])
         session.flush()
         session.add(
-            Instance(
-                sop_instance_uid=str(source.SOPInstanceUID),
-                study_instance_uid=study,
-                series_instance_uid=str(source.SeriesInstanceUID),
-                sop_class_uid=str(source.SOPClassUID),
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
+            _instance(
+                source,
+                image,
+                association.id,
+                instance_state,
                 modality="DX",
                 body_part="KNEE",
-                path=str(image),
-                size=image.stat().st_size,
-                calling_ae="MOD",
-                association_id=association.id,
-                received_at=utcnow(),
-                state=instance_state,
                 report_id=report.id,
             )
         )
@@ -101,6 +94,26 @@ def _study(
                     )
                 )
     return study, image, sc, sr
+
+
+def _instance(
+    dataset: pydicom.Dataset, path: Path, association_id: str, state: str, **columns: object
+) -> Instance:
+    """The row of ``dataset`` stored at ``path``, received over ``association_id``."""
+    return Instance(
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        study_instance_uid=str(dataset.StudyInstanceUID),
+        series_instance_uid=str(dataset.SeriesInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(path),
+        size=path.stat().st_size,
+        calling_ae="MOD",
+        association_id=association_id,
+        received_at=utcnow(),
+        state=state,
+        **columns,
+    )
 
 
 def _has_pixels(path: Path) -> bool:
@@ -147,22 +160,7 @@ def test_objects_that_are_not_images_lose_their_content_too(db: Database, tmp_pa
         for dataset in (pdf, report):
             path = write_dataset(dataset, tmp_path / f"{dataset.SOPInstanceUID}.dcm")
             paths.append(path)
-            session.add(
-                Instance(
-                    sop_instance_uid=str(dataset.SOPInstanceUID),
-                    study_instance_uid=study,
-                    series_instance_uid=str(dataset.SeriesInstanceUID),
-                    sop_class_uid=str(dataset.SOPClassUID),
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    path=str(path),
-                    size=path.stat().st_size,
-                    calling_ae="MOD",
-                    association_id=association_id,
-                    received_at=utcnow(),
-                    state="skipped",
-                    reason="not an image",
-                )
-            )
+            session.add(_instance(dataset, path, association_id, "skipped", reason="not an image"))
     summary = purge_expired(db, DAYS, now=utcnow() + LATER)
     assert summary.studies == (study,) and summary.files == 4
     kept = [pydicom.dcmread(path) for path in paths]
