@@ -1,11 +1,30 @@
-"""Drive the job queue from several threads at once (SQLite and PostgreSQL tests)."""
+"""Drive the job queue: a report round to hang jobs on, and claims from several threads at
+once (SQLite and PostgreSQL tests)."""
 
 from __future__ import annotations
 
 import threading
 
-from dicomnode.db.session import Database
+from dicomnode.db.schema import Report
+from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
+
+
+def add_report(db: Database, study_uid: str = "1.2") -> int:
+    """A pending report round of ``study_uid``; its id."""
+    with db.session() as session:
+        report = Report(
+            study_instance_uid=study_uid,
+            model_name="m",
+            model_version="1",
+            sequence=1,
+            calling_ae="X",
+            state="pending",
+            created_at=utcnow(),
+        )
+        session.add(report)
+        session.flush()
+        return report.id
 
 
 def claim_concurrently(

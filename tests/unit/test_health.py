@@ -8,6 +8,7 @@ from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
 from dicomnode.health import check_queue
 from dicomnode.queue import jobs as q
+from dicomnode.testing.queue import add_report
 
 
 def _age_every_job(db: Database, minutes: float) -> None:
@@ -49,24 +50,13 @@ def test_jobs_waiting_for_their_retry_time_are_not_stalled(db: Database) -> None
 def test_a_report_waiting_for_its_round_is_not_stalled(db: Database) -> None:
     """A report job is claimed once its round's images are analysed: while one of them
     backs off after a failure, the report is not a job that could run."""
-    from dicomnode.db.schema import Report
-
+    report_id = add_report(db, "1.2.3")
     with db.session() as s:
-        report = Report(
-            study_instance_uid="1.2.3",
-            model_name="m",
-            model_version="1",
-            sequence=1,
-            calling_ae="MOD",
-            created_at=utcnow(),
-        )
-        s.add(report)
-        s.flush()
         q.enqueue(
             s,
             [
-                q.JobSpec(q.JobKind.INFER, "1.2.3.4", 3, report_id=report.id),
-                q.JobSpec(q.JobKind.REPORT, "report-1", 3, report_id=report.id),
+                q.JobSpec(q.JobKind.INFER, "1.2.3.4", 3, report_id=report_id),
+                q.JobSpec(q.JobKind.REPORT, "report-1", 3, report_id=report_id),
             ],
         )
     _age_every_job(db, 60)

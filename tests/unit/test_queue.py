@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from dicomnode.db.schema import Job, Report
+from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
-from dicomnode.testing.queue import claim_concurrently
+from dicomnode.testing.queue import add_report, claim_concurrently
 
 
 @dataclass
@@ -35,22 +35,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock(utcnow())
     monkeypatch.setattr(q, "utcnow", fake)
     return fake
-
-
-def _report(db: Database) -> int:
-    with db.session() as s:
-        report = Report(
-            study_instance_uid="1.2",
-            model_name="m",
-            model_version="1",
-            sequence=1,
-            calling_ae="X",
-            state="pending",
-            created_at=utcnow(),
-        )
-        s.add(report)
-        s.flush()
-        return report.id
 
 
 def _spec(
@@ -176,7 +160,7 @@ def test_backoff_is_exponential_and_bounded() -> None:
 
 
 def test_report_job_waits_for_its_inference_jobs(db: Database) -> None:
-    report_id = _report(db)
+    report_id = add_report(db)
     with db.session() as s:
         q.enqueue(
             s, [_spec("1.1", report_id), q.JobSpec(q.JobKind.REPORT, "r1", 3, report_id=report_id)]
@@ -247,7 +231,7 @@ def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     """A PACS that routes on the SR finds every overlay it references already stored."""
     from dicomnode.db.schema import Output
 
-    report_id = _report(db)
+    report_id = add_report(db)
     with db.session() as s:
         for uid, kind in (("9.1", "SC"), ("9.2", "SC"), ("9.3", "SR")):
             s.add(
