@@ -93,6 +93,13 @@ class NodeSettings(_Section):
     network_timeout: float = Field(
         60.0, gt=0, description="seconds of silence before an association is aborted"
     )
+    max_associations: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="associations received at once; one more is rejected as transient "
+        "(local limit exceeded) and its sender retries later",
+    )
     institution_name: str = Field(
         "", max_length=64, description="written into result objects when set"
     )

@@ -218,20 +218,48 @@ class StoreHandlers:
                 time.sleep(0.2 * 2**attempt)
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject a registered peer's AE title called from another address than the peer's
-        host (``node.check_caller_host``); unknown AE titles are left to the AE title check.
-        A check that cannot be made (the database unavailable) rejects too: pynetdicom
-        would let the association through when this handler raised."""
+        """Refuse an association before anything is received when the data folder is
+        below its free-space floor (transient: the sender retries later), then check a
+        registered caller's host (:meth:`_caller_rejected`)."""
         assoc = event.assoc
-        if not self.settings.node.check_caller_host or assoc.requestor.primitive is None:
+        if assoc.requestor.primitive is None:
             return
         calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        if self._low_on_space(calling_ae, address):
+            reject = REJECT_CONGESTED
+        elif self._caller_rejected(calling_ae, address):
+            reject = REJECT_CALLING_AE
+        else:
+            return
+        assoc.acse.send_reject(*reject)
+        assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
+
+    def _low_on_space(self, calling_ae: str, address: str) -> bool:
+        try:
+            ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
+        except StorageFullError as exc:
+            log.error(
+                "association from AE %r at %s rejected (transient, temporary congestion): %s",
+                calling_ae,
+                address,
+                exc,
+            )
+            return True
+        return False
+
+    def _caller_rejected(self, calling_ae: str, address: str) -> bool:
+        """A registered peer's AE title called from another address than the peer's host
+        (``node.check_caller_host``); unknown AE titles are left to the AE title check.
+        A check that cannot be made (the database unavailable) rejects too: pynetdicom
+        would let the association through when the handler raised."""
+        if not self.settings.node.check_caller_host:
+            return False
         try:
             with self.db.session() as session:
                 peer = peer_by_ae_title(session, calling_ae)
             if peer is None or caller_matches(peer.host, address):
-                return
+                return False
             log.warning(
                 "association from AE %r at %s rejected: peer %s is registered at host %s. "
                 "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name may "
@@ -249,24 +277,46 @@ class StoreHandlers:
                 address,
                 type(exc).__name__,
             )
-        assoc.acse.send_reject(*REJECT_CALLING_AE)
-        assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
+        return True
 
     def on_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
+        """Say why pynetdicom rejected an association (the node's own rejections in
+        :meth:`on_requested` log themselves), and what would let the caller in."""
+        assoc = event.assoc
+        requestor = assoc.requestor
+        calling_ae = str(requestor.ae_title).strip()
         if _health_probe(requestor, self.settings.node):
             log.debug("health probe answered")  # `dicomnode health`, every 30 s in Docker
             return
-        log.warning(
-            "association from AE %r at %s:%s rejected: not a registered peer. Register it with "
-            "`dicomnode ae add NAME --ae-title %s --host %s --port PORT` "
-            "or set node.allow_unknown_callers: true",
-            str(requestor.ae_title).strip(),
-            requestor.address,
-            requestor.port,
-            str(requestor.ae_title).strip(),
-            requestor.address,
-        )
+        reject = _reject_reason(assoc)
+        if reject == REJECT_CALLING_AE:
+            log.warning(
+                "association from AE %r at %s:%s rejected: not a registered peer. Register it "
+                "with `dicomnode ae add NAME --ae-title %s --host %s --port PORT` "
+                "or set node.allow_unknown_callers: true",
+                calling_ae,
+                requestor.address,
+                requestor.port,
+                calling_ae,
+                requestor.address,
+            )
+        elif reject == REJECT_BUSY:
+            log.warning(
+                "association from AE %r at %s:%s rejected (transient, local limit exceeded): "
+                "the node holds node.max_associations (%d) already; the sender retries later",
+                calling_ae,
+                requestor.address,
+                requestor.port,
+                self.settings.node.max_associations,
+            )
+        else:
+            log.warning(
+                "association from AE %r at %s:%s rejected (result %s, source %s, reason %s)",
+                calling_ae,
+                requestor.address,
+                requestor.port,
+                *(reject or ("?", "?", "?")),
+            )
 
     def bindings(self) -> list[Any]:
         return [
@@ -287,8 +337,23 @@ def _health_probe(requestor: Any, node: NodeSettings) -> bool:
     return own and str(requestor.ae_title).strip() == node.ae_title
 
 
+def _reject_reason(assoc: Any) -> tuple[int, int, int] | None:
+    """The (result, source, reason) of the A-ASSOCIATE-RJ sent on ``assoc``, if known."""
+    primitive = assoc.acceptor.primitive
+    try:
+        return (int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 """A-ASSOCIATE-RJ: rejected permanent, by the service user: calling AE title not recognised."""
+REJECT_BUSY = (0x02, 0x03, 0x02)
+"""A-ASSOCIATE-RJ: rejected transient, by the presentation service provider: local limit
+exceeded (pynetdicom's answer over ``maximum_associations``)."""
+REJECT_CONGESTED = (0x02, 0x03, 0x01)
+"""A-ASSOCIATE-RJ: rejected transient, by the presentation service provider: temporary
+congestion (the data folder below its free-space floor)."""
 
 
 def receive_into(folder: Path) -> None:
@@ -331,7 +396,7 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
     ae = NodeAE(settings, db)
     ae.maximum_pdu_size = settings.node.max_pdu or DEFAULT_MAX_PDU
     ae.network_timeout = settings.node.network_timeout
-    ae.maximum_associations = 32
+    ae.maximum_associations = settings.node.max_associations
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None

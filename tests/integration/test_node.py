@@ -342,9 +342,14 @@ def test_a_sender_silent_in_the_middle_of_a_pdu_is_let_go(node: Node) -> None:
         server.shutdown()
 
 
-def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
+def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused before the sender sends a byte, as transient: the sender keeps the study and
+    retries later."""
     from dicomnode.testing.peers import free_port
 
+    caplog.set_level(logging.WARNING)
     floor = {
         "storage": node.settings.storage.model_copy(update={"min_free_mb": 10**9}),
         "node": node.settings.node.model_copy(update={"port": free_port()}),
@@ -355,14 +360,72 @@ def test_full_disk_refuses_with_a700_and_stores_nothing(node: Node) -> None:
         ae = AE(ae_title=SENDER)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", full.node.port, ae_title="DICOMNODE")
-        status = int(assoc.send_c_store(make_radiograph()).Status)
-        assoc.release()
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
     finally:
         server.shutdown()
+    assert "rejected (transient, temporary congestion)" in caplog.text
+    assert "the floor is 1000000000 MiB" in caplog.text
+    assert node.count(Association) == 0
+
+
+def test_a_disk_that_fills_during_an_association_refuses_with_a700_and_stores_nothing(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode.errors import StorageFullError
+    from dicomnode.receive import scp
+
+    calls: list[int] = []
+
+    def filling(*_: object) -> None:
+        calls.append(1)
+        if len(calls) > 1:  # the association was accepted; the first C-STORE finds it full
+            raise StorageFullError("only 1 MiB would be free; the floor is 500 MiB")
+
+    monkeypatch.setattr(scp, "ensure_free_space", filling)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    status = int(assoc.send_c_store(make_radiograph()).Status)
+    assoc.release()
     assert status == statuses.OUT_OF_RESOURCES
     assert node.count(Instance) == 0
     data = Path(node.settings.storage.data_dir)
     assert not [p for p in data.rglob("*") if p.is_file()]  # not even a temporary file
+
+
+def test_one_association_over_the_limit_is_rejected_for_now_and_named(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom rejects it (transient, local limit exceeded); the log says so, and not
+    that the caller is unknown."""
+    from dicomnode.testing.peers import free_port
+
+    caplog.set_level(logging.WARNING)
+    narrow = node.settings.model_copy(
+        update={
+            "node": node.settings.node.model_copy(
+                update={"port": free_port(), "max_associations": 1}
+            )
+        }
+    )
+    server = start_scp(narrow, node.db)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    try:
+        first = ae.associate("127.0.0.1", narrow.node.port, ae_title="DICOMNODE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", narrow.node.port, ae_title="DICOMNODE")
+        assert second.is_rejected
+        rejection = second.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        first.release()
+    finally:
+        server.shutdown()
+    assert "node.max_associations (1)" in caplog.text
+    assert "not a registered peer" not in caplog.text
 
 
 def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(
