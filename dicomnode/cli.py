@@ -262,7 +262,8 @@ def ae_list(config: ConfigOption = None) -> None:
 
 @app.command()
 def status(
-    config: ConfigOption = None, limit: Annotated[int, typer.Option(help="studies to show")] = 10
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="studies, and skipped instances, to show")] = 10,
 ) -> None:
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
     from dicomnode.status import render_status
@@ -378,7 +379,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="output folder for SC and SR files")],
     config: ConfigOption = None,
     models_dir: Annotated[Path | None, typer.Option("--models-dir")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: Annotated[str | None, typer.Option(help="workers.device: auto, cpu or cuda")] = None,
 ) -> None:
     """Run the node's pipeline on files (no network, no database): writes SC and SR files."""
     from dicomnode.offline import predict_files
@@ -413,6 +414,18 @@ def train(
         str | None,
         typer.Option("--fold", help="override the recipe's fold: an index, all, none or final"),
     ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", help="override the recipe's output_dir"),
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            help="override the recipe's model.version; its checkpoints go to a sub-folder "
+            "named VERSION (a new run refuses to write where its model's name and version are)",
+        ),
+    ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
     from dicomnode.models.card import load_card
@@ -420,7 +433,9 @@ def train(
     from dicomnode.training.train import train_from_config
 
     logs.configure()
-    out = train_from_config(config_file, resume=resume, fold=fold)
+    out = train_from_config(
+        config_file, resume=resume, fold=fold, output_dir=output_dir, version=version
+    )
     card = load_card(out)
     scalars, per_class = training_rows(card.metrics)
     over = "folds, mean ± sd" if "cross_validation" in card.metrics else "held-out fold"

@@ -3,8 +3,10 @@
 Precedence, lowest first: built-in defaults < YAML file < ``DICOMNODE_*``
 environment variables < CLI flags. Environment variables name nested keys
 with a double underscore (``DICOMNODE_NODE__PORT=11113``,
-``DICOMNODE_DATABASE__URL=postgresql+psycopg://...``); their values are read
-as YAML scalars or lists (``true``, ``2``, ``[PACS, ARCHIVE]``).
+``DICOMNODE_DATABASE__URL=postgresql+psycopg://...``); a value in brackets or
+braces is read as YAML (``[PACS, ARCHIVE]``), any other stays text until the
+settings convert it to the option's type (``true``, ``2``), so an AE title
+``NO`` stays text.
 
 Every option is documented once, here; ``config/dicomnode.yaml`` is the
 annotated example. A wrong key or value stops start-up with a
@@ -117,7 +119,10 @@ class StorageSettings(_Section):
         validate_default=True,
     )
     min_free_mb: int = Field(
-        500, ge=0, description="refuse C-STORE with 0xA700 below this free space"
+        500,
+        ge=0,
+        description="below this free space (MiB), associations are rejected as transient and "
+        "a C-STORE under way gets 0xA700",
     )
     retention_days: float = Field(
         30,

@@ -85,7 +85,9 @@ def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
 def check_disk(settings: Settings) -> Check:
     free, floor = free_mb(settings.storage.data_dir), settings.storage.min_free_mb
     detail = f"{free:,.0f} MB free in {settings.storage.data_dir} (floor {floor:,} MB)"
-    return Check("disk", free >= floor, detail + ("" if free >= floor else ": C-STORE refused"))
+    return Check(
+        "disk", free >= floor, detail + ("" if free >= floor else ": senders are turned away")
+    )
 
 
 def check_queue(session: Session, stalled_minutes: float, now: datetime | None = None) -> Check:

@@ -143,7 +143,7 @@ def _storage(session: Session, storage: StorageSettings) -> Table:
     free = free_mb(storage.data_dir) if storage.data_dir.exists() else float("nan")
     days = storage.retention_days
     table.add_row("data folder", str(storage.data_dir))
-    table.add_row("free", f"{free:,.0f} MB (C-STORE refused below {storage.min_free_mb:,} MB)")
+    table.add_row("free", f"{free:,.0f} MB (senders turned away below {storage.min_free_mb:,} MB)")
     table.add_row("images held", f"{held[0]:,} ({held[1] / 1e6:,.1f} MB as received)")
     table.add_row("images purged (headers kept)", f"{purged:,}")
     table.add_row(

@@ -319,12 +319,28 @@ def parse_config(raw: dict[str, Any], *, source: str = "training config") -> Tra
         ) from exc
 
 
-def load_config(path: Path, *, fold: str | int | None = None) -> TrainingConfig:
-    """Read and validate a training YAML file; ``fold`` replaces its ``fold`` when given."""
+def load_config(
+    path: Path,
+    *,
+    fold: str | int | None = None,
+    output_dir: Path | None = None,
+    version: str | None = None,
+) -> TrainingConfig:
+    """Read and validate a training YAML file; ``fold``, ``output_dir`` and ``version`` (the
+    model's) replace the recipe's when given, so a recipe whose model is shipped can be run
+    again beside it. A new ``version`` keeps its checkpoints in a sub-folder of that name."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
     if fold is not None:
         text = str(fold)
         raw["fold"] = int(text) if text.isdigit() else text
+    if output_dir is not None:
+        raw["output_dir"] = str(output_dir)
+    if version is not None:
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        raw["model"] = {**model, "version": version}
+        # its own checkpoints: a resume never continues the recipe's other version
+        checkpoints = raw.get("checkpoint_dir") or f"var/checkpoints/{model.get('name', '')}"
+        raw["checkpoint_dir"] = str(Path(str(checkpoints)) / version)
     return parse_config(raw, source=f"training config {path}")
 
 

@@ -78,13 +78,24 @@ EVAL_BATCH = 64
 
 
 def train_from_config(
-    config_path: Path, *, resume: bool = False, fold: str | int | None = None
+    config_path: Path,
+    *,
+    resume: bool = False,
+    fold: str | int | None = None,
+    output_dir: Path | None = None,
+    version: str | None = None,
 ) -> Path:
-    """Train as ``config_path`` says (``fold`` overrides its fold); return the model directory."""
-    recipe = load_config(config_path)
-    config = _one_fold_of_the_recipe(recipe, load_config(config_path, fold=fold))
+    """Train as ``config_path`` says (``fold``, ``output_dir`` and the model's ``version``
+    override the recipe's); return the model directory."""
+    recipe = load_config(config_path, output_dir=output_dir, version=version)
+    config = _one_fold_of_the_recipe(
+        recipe, load_config(config_path, fold=fold, output_dir=output_dir, version=version)
+    )
     if not (resume and _has_checkpoints(config)):
-        refuse_to_replace(config, _written_by(recipe, config))
+        written = _written_by(recipe, config)
+        if output_dir is not None and version is None:  # elsewhere, but the same model
+            written.append(load_config(config_path).output_dir)
+        refuse_to_replace(config, written)
     with torch_settings(config):
         prepared = prepare(config)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]

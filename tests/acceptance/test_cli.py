@@ -76,6 +76,28 @@ def test_bad_config_stops_with_the_key_named(tmp_path: Path) -> None:
     assert "workers.batch" in result.stderr
 
 
+def test_predict_takes_the_device_from_the_settings_unless_given(tmp_path: Path) -> None:
+    """A flag that is not given changes nothing: the environment's workers.device holds."""
+    image = write_dataset(make_radiograph(), tmp_path / "k.dcm")
+    args = ["predict", str(image), "--out", str(tmp_path / "o"), "--models-dir", str(tmp_path)]
+    env = {**os.environ, "COLUMNS": "250", "DICOMNODE_WORKERS__DEVICE": "tpu"}
+    run = [sys.executable, "-m", "dicomnode.cli"]
+    settings_only = subprocess.run(
+        [*run, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert settings_only.returncode == 2
+    assert "DICOMNODE_WORKERS__DEVICE" in settings_only.stderr
+    flag = subprocess.run(
+        [*run, *args, "--device", "cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "DICOMNODE_WORKERS__DEVICE" not in flag.stderr  # the flag overrides it
+
+
 def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -753,6 +753,14 @@ def test_a_new_run_does_not_replace_the_same_version_of_its_model(tmp_path: Path
     shutil.rmtree(tmp_path / "checkpoints")
     with pytest.raises(TrainingError, match="already: give the new run a new"):
         train_from_config(recipe, resume=True)
+    # The recipe of a shipped model runs again beside it, under another version, from the
+    # command line (`dicomnode train RECIPE --version V --output-dir DIR`).
+    with pytest.raises(TrainingError, match="already"):
+        train_from_config(recipe, output_dir=tmp_path / "again")  # the same name and version
+    again = train_from_config(recipe, output_dir=tmp_path / "again", version="98.0.0")
+    assert again == tmp_path / "again" and load_card(again).version == "98.0.0"
+    assert (tmp_path / "checkpoints" / "98.0.0" / "fold-0" / "last.pt").is_file()  # its own
+    assert load_card(directory).version != "98.0.0"  # the recipe's model is left as it was
     raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     raw["model"] = {**raw["model"], "version": "99.0.0"}
     recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
