@@ -336,7 +336,8 @@ def load_config(
     if output_dir is not None:
         raw["output_dir"] = str(output_dir)
     if version is not None:
-        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        given = raw.get("model")
+        model: dict[str, Any] = given if isinstance(given, dict) else {}
         raw["model"] = {**model, "version": version}
         # its own checkpoints: a resume never continues the recipe's other version
         checkpoints = raw.get("checkpoint_dir") or f"var/checkpoints/{model.get('name', '')}"
