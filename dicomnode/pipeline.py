@@ -29,7 +29,7 @@ from dicomnode.encode.render import UInt8Array, render_overlay
 from dicomnode.encode.sc import encode_sc, source_laterality
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
-from dicomnode.imaging.pixels import prepare_dataset
+from dicomnode.imaging.pixels import prepare_dataset, read_dicom
 from dicomnode.inference import Predictor
 from dicomnode.values import (
     CodedClass,
@@ -79,8 +79,8 @@ def header_of(dataset: pydicom.Dataset) -> pydicom.Dataset:
 def read_and_prepare(path: Path) -> Prepared:
     """Read an instance file and prepare its pixels; never raises for bad images."""
     try:
-        dataset = pydicom.dcmread(path)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        dataset = read_dicom(path)  # a file of another program may lack the preamble
+    except ImagingError as exc:
         return Prepared("", pydicom.Dataset(), None, error=f"cannot read {path.name}: {exc}")
     sop_uid = str(dataset.get("SOPInstanceUID", ""))
     try:

@@ -61,14 +61,22 @@ def _match_alias(text: str, aliases: dict[str, tuple[str, ...]]) -> BodyPart | N
     return None
 
 
+def not_a_radiograph(sop_class_uid: str, modality: str, rules: RoutingSettings) -> str:
+    """Why an instance is not analysed whatever its body part ("" when it may be)."""
+    if sop_class_uid not in RADIOGRAPH_SOP_CLASSES:
+        return f"not a radiograph SOP class ({UID(sop_class_uid).name})"
+    if modality not in rules.modalities:
+        return f"modality {modality or '(none)'} is not a radiograph modality"
+    return ""
+
+
 def route(
     sop_class_uid: str, modality: str, body_part: str, descriptions: str, rules: RoutingSettings
 ) -> Route:
     """Decide the body part from BodyPartExamined, else from the descriptions."""
-    if sop_class_uid not in RADIOGRAPH_SOP_CLASSES:
-        return Route(None, f"not a radiograph SOP class ({UID(sop_class_uid).name})")
-    if modality not in rules.modalities:
-        return Route(None, f"modality {modality or '(none)'} is not a radiograph modality")
+    not_analysed = not_a_radiograph(sop_class_uid, modality, rules)
+    if not_analysed:
+        return Route(None, not_analysed)
     if body_part:
         exact = next(
             (BodyPart(p) for p, words in rules.body_part_aliases.items() if body_part in words),

@@ -48,7 +48,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from dicomnode.errors import ImagingError, UnsupportedImageError
 from dicomnode.values import FloatArray, PreparedImage
 
-__all__ = ["prepare_dataset", "read_image_file"]
+__all__ = ["prepare_dataset", "read_dicom", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -422,12 +422,54 @@ def prepare_dataset(ds: Dataset, source: str = "") -> PreparedImage:
 # --------------------------------------------------------------------------- files
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` name or the ``DICM`` marker after the 128-byte preamble."""
-    if path.suffix.lower() == ".dcm":
-        return True
+PICTURE_SUFFIXES = frozenset({".png", ".webp", ".jpg", ".jpeg", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+"""Media Storage Directory Storage: a DICOMDIR, the index of a CD or folder export."""
+_DICOM_EVIDENCE = ("SOPClassUID", "PixelData", "Rows", "StudyInstanceUID")
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """The ``DICM`` marker after the 128-byte preamble (PS3.10)."""
     with path.open("rb") as handle:
         return handle.read(132)[128:] == b"DICM"
+
+
+def read_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM file, with or without the PS3.10 preamble and meta header.
+
+    A file without the ``DICM`` marker (an older or a bare-dataset export) is
+    read as a dataset when it has what an image has (a SOP Class UID, Pixel
+    Data, Rows or a Study Instance UID); anything else is not DICOM. A
+    DICOMDIR is named as such: it indexes images and holds none.
+
+    Raises
+    ------
+    ImagingError
+        Naming what the file is instead: empty, not DICOM, a DICOMDIR,
+        unreadable.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise ImagingError("an empty file (0 bytes)")
+        marked = has_dicom_marker(path)
+        dataset = pydicom.dcmread(path, force=not marked, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise ImagingError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    except OSError as exc:
+        raise ImagingError(f"the file cannot be read ({type(exc).__name__})") from exc
+    meta = getattr(dataset, "file_meta", None)
+    sop_class = str(dataset.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_DIRECTORY or "DirectoryRecordSequence" in dataset:
+        raise ImagingError("a DICOMDIR (the index of an export; it holds no image)")
+    if not marked and not any(keyword in dataset for keyword in _DICOM_EVIDENCE):
+        raise ImagingError("not a DICOM file (no DICM marker and no DICOM image attributes)")
+    return dataset
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM name (``.dcm``, ``.dicom``) or the ``DICM`` marker."""
+    return path.suffix.lower() in DICOM_SUFFIXES or has_dicom_marker(path)
 
 
 def _picture_pixels(image: Image.Image) -> FloatArray:
@@ -472,9 +514,10 @@ def _read_picture(path: Path) -> PreparedImage:
 def read_image_file(path: Path) -> PreparedImage:
     """Read a DICOM file or a PNG/WebP/JPEG/TIFF picture as a prepared image.
 
-    DICOM files (``.dcm`` or the ``DICM`` marker) go through
-    :func:`prepare_dataset`; pictures are read with Pillow as 8-bit or
-    16-bit grey and scaled to [0, 1].
+    DICOM files (a DICOM name, the ``DICM`` marker, or, for any other name
+    that is not a picture's, a dataset :func:`read_dicom` recognises: a
+    file named by its UID, ``IM0001``) go through :func:`prepare_dataset`;
+    pictures are read with Pillow as 8-bit or 16-bit grey and scaled to [0, 1].
 
     Parameters
     ----------
@@ -491,17 +534,24 @@ def read_image_file(path: Path) -> PreparedImage:
     UnsupportedImageError
         For images the node does not process.
     ImagingError
-        When the file cannot be read or decoded.
+        When the file cannot be read or decoded, saying what it is instead.
     """
     path = Path(path)
     try:
         is_dicom = _is_dicom_file(path)
     except OSError as exc:
         raise ImagingError(f"image file cannot be opened ({type(exc).__name__})") from exc
-    if not is_dicom:
+    if is_dicom:
+        return prepare_dataset(read_dicom(path), source=path.name)
+    if path.suffix.lower() in PICTURE_SUFFIXES:
         return _read_picture(path)
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise ImagingError(f"not a readable DICOM file ({type(exc).__name__})") from exc
-    return prepare_dataset(ds, source=path.name)
+    try:  # no suffix, or another one: a DICOM export's, else a picture's
+        dataset = read_dicom(path)
+    except ImagingError as not_dicom:
+        try:
+            return _read_picture(path)
+        except UnsupportedImageError:
+            raise
+        except ImagingError:
+            raise ImagingError(f"neither a picture nor DICOM: {not_dicom}") from not_dicom
+    return prepare_dataset(dataset, source=path.name)

@@ -1,9 +1,11 @@
 """Labelled image folders, a decode-once cache, and the augmenting dataset.
 
-Layout: ``<data_dir>/<class index>/<file>``. Each file is decoded once with
+Layout: ``<data_dir>/<class index>/<file>``, also in sub-folders of a class
+folder (a PACS export's ``PATIENT/STUDY/SERIES/``). Each file is decoded once with
 :func:`dicomnode.imaging.pixels.read_image_file` into one array file under
-``cache_dir`` (keyed by a hash of the file list, the file sizes and the cached
-shape), so later epochs, folds and runs never decode again. The array is
+``cache_dir`` (keyed by a hash of the folder, the file list, the files' sizes and
+modification times and the cached shape), so later epochs, folds and runs never
+decode again. The array is
 ``uint8`` when that holds the decoded pixels exactly (8-bit sources), else
 ``float32``. Images keep their size when every file of the folder has the same
 one; a folder of several sizes (a hospital's, say) is cached at the model input
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,23 +80,72 @@ def group_of(stem: str, pattern: str) -> str:
 
 
 def _class_files(folder: Path, root: Path) -> list[Path]:
-    """The image files of a class folder, sorted; other files are skipped with a warning.
+    """The image files of a class folder and its sub-folders, sorted; others skipped, named.
 
-    A file is an image by its suffix (:data:`IMAGE_SUFFIXES`; no suffix is a DICOM
-    export's); hidden files and folders are ignored. A file without a suffix that is
-    neither DICOM nor a picture (a ``README``) is named when the images are decoded.
+    A PACS export nests its files (``PATIENT/STUDY/SERIES/``) and names them by UID
+    or number. A file is taken by :func:`_may_be_an_image`; hidden files and folders
+    are ignored; DICOMDIRs, other files, links to folders (not followed) and broken
+    links are skipped with a warning that names them. A taken file that is neither
+    DICOM nor a picture (a ``README``) is named when the images are decoded.
     """
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if skipped:
+    files, links = _walk_files(folder)
+    skipped = [p for p in files if not _may_be_an_image(p)]
+    _warn_skipped(skipped, folder, root, "files that are not images (PNG, WebP, JPEG, DICOM)")
+    _warn_skipped(links, folder, root, "links to folders (not followed) or broken links")
+    return [p for p in files if p not in set(skipped)]
+
+
+def _walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Every file under ``folder`` (hidden ones aside), and the links not followed."""
+    files: list[Path] = []
+    links: list[Path] = []
+    for current, folders, names in os.walk(folder):
+        here = Path(current)
+        kept = [d for d in sorted(folders) if not d.startswith(".")]
+        links.extend(here / d for d in kept if (here / d).is_symlink())
+        folders[:] = [d for d in kept if not (here / d).is_symlink()]
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = here / name
+            (files if path.is_file() else links).append(path)
+    return sorted(files), sorted(links)
+
+
+NUMBERED_SUFFIX = re.compile(r"\.\d+")
+"""The last part of a name like ``1.2.826.0.1.3680043.8.498.17.320``: a UID, read as DICOM."""
+DICOM_EXPORT_SUFFIXES = frozenset({".ima"})
+"""Other suffixes of DICOM exports (Siemens ``.IMA``)."""
+
+
+def _may_be_an_image(path: Path) -> bool:
+    """Taken by its suffix (:data:`IMAGE_SUFFIXES`, a number, :data:`DICOM_EXPORT_SUFFIXES`)
+    or the ``DICM`` marker; never a ``DICOMDIR``."""
+    from dicomnode.imaging.pixels import has_dicom_marker
+
+    if path.name.upper() == "DICOMDIR":
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in DICOM_EXPORT_SUFFIXES:
+        return True
+    if NUMBERED_SUFFIX.fullmatch(suffix):
+        return True
+    try:
+        return has_dicom_marker(path)
+    except OSError:
+        return True  # unreadable: named with the reason when the images are decoded
+
+
+def _warn_skipped(paths: Sequence[Path], folder: Path, root: Path, what: str) -> None:
+    if paths:
         logger.warning(
-            "skipped %d files of %s whose suffix is not an image's (PNG, WebP, JPEG, DICOM): %s%s",
-            len(skipped),
+            "skipped %d %s under %s: %s%s",
+            len(paths),
+            what,
             _relative(folder, root),
-            "; ".join(_relative(p, root) for p in skipped[:MAX_LISTED]),
-            f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else "",
+            "; ".join(_relative(p, root) for p in paths[:MAX_LISTED]),
+            f"; and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else "",
         )
-    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 MASK_FOLDER = "masks"
@@ -166,6 +218,30 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
     return True
 
 
+def warn_if_one_patient_dominates(images: LabelledImages, folds: int) -> bool:
+    """Log a warning (and return True) when one patient holds more than a fold's share.
+
+    The fold that holds that patient is then larger than the others, and the
+    rest of the folds smaller: an anonymised export that gave every file the same
+    Patient ID (``ANONYMOUS``), or a file-name pattern that matched too little,
+    looks like this.
+    """
+    if folds < 2 or not len(images):
+        return False
+    largest = max(Counter(images.groups).values())
+    if largest <= len(images) / folds:
+        return False
+    logger.warning(
+        "one patient holds %d of the %d images, more than a fold's share (%d): the folds "
+        "cannot be balanced. An anonymised export that gives every file the same Patient ID, "
+        "or a group_pattern that matches too little of the file names, looks like this",
+        largest,
+        len(images),
+        len(images) // folds,
+    )
+    return True
+
+
 def scan_folder(
     data_dir: Path,
     num_classes: int,
@@ -209,11 +285,27 @@ def scan_folder(
         labels.extend([index] * len(files))
     if not paths:
         raise ConfigError(f"{data_dir} has no images in class folders 0..{num_classes - 1}")
-    groups = tuple(
-        patient_group(p) if group_by == "patient_id" else group_of(p.stem, group_pattern)
-        for p in paths
+    groups = (
+        _patient_groups(paths, data_dir)
+        if group_by == "patient_id"
+        else tuple(group_of(p.stem, group_pattern) for p in paths)
     )
     return LabelledImages(data_dir, tuple(paths), np.asarray(labels, dtype=np.int64), groups)
+
+
+def _patient_groups(paths: Sequence[Path], root: Path) -> tuple[str, ...]:
+    """Every file's :func:`patient_group`; one error names every file that has none."""
+    groups: list[str] = []
+    unusable: list[str] = []
+    for path in paths:
+        try:
+            groups.append(patient_group(path))
+        except ConfigError as exc:
+            unusable.append(str(exc).replace(str(path), _relative(path, root), 1))
+    if unusable:
+        purpose = "grouped by patient (group_by: patient_id)"
+        raise ConfigError(unusable_message(unusable, len(paths), root, purpose))
+    return tuple(groups)
 
 
 def _absent_class(folder: Path, index: int, *, every_class: bool) -> None:
@@ -231,15 +323,18 @@ def _absent_class(folder: Path, index: int, *, every_class: bool) -> None:
 
 
 def cache_key(images: LabelledImages, shape: tuple[int, int], resize: str | None = None) -> str:
-    """Hash of the relative file list, the file sizes, the cached shape and how images were fitted.
+    """Hash of the folder, its relative file list, the files' sizes and modification times,
+    the cached shape and how images were fitted: another folder, or a file changed in
+    place, is decoded again.
 
     ``resize`` is ``None`` when the images keep their native size (every
     recipe reading them shares the cache), else the mode that fitted them.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(images.root.resolve()).encode())
     for path in images.paths:
         relative = path.relative_to(images.root).as_posix()
-        digest.update(f"{relative}\0{path.stat().st_size}\n".encode())
+        stat = path.stat()
+        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     digest.update(f"shape={shape}".encode())
     if resize is not None:
         digest.update(f" resize={resize}".encode())
@@ -347,14 +442,16 @@ class PixelCache:
         return cls(np.load(_write_cache(images, cache_dir, key, shape, resize), mmap_mode="r"))
 
 
-def _unusable_message(unusable: list[str], total: int, root: Path) -> str:
+def unusable_message(
+    unusable: list[str],
+    total: int,
+    root: Path,
+    purpose: str = "used for training (fix or remove them; nothing was cached)",
+) -> str:
     """One error for every file of a folder that cannot be decoded (the first few named)."""
     shown = "; ".join(unusable[:MAX_LISTED])
     more = f"; and {len(unusable) - MAX_LISTED} more" if len(unusable) > MAX_LISTED else ""
-    return (
-        f"{len(unusable)} of {total} files in {root} cannot be used for training "
-        f"(fix or remove them; nothing was cached): {shown}{more}"
-    )
+    return f"{len(unusable)} of {total} files in {root} cannot be {purpose}: {shown}{more}"
 
 
 def _common_size(images: LabelledImages) -> tuple[int, int] | None:
@@ -379,10 +476,12 @@ def _header_size(path: Path) -> tuple[int, int] | None:
                 return (image.height, image.width)
         except (UnidentifiedImageError, OSError):
             return None
+    from dicomnode.imaging.pixels import read_dicom
+
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        header = read_dicom(path, stop_before_pixels=True)  # with or without the preamble
         return (int(header.Rows), int(header.Columns))
-    except (InvalidDicomError, OSError, AttributeError, TypeError, ValueError):
+    except (ImagingError, AttributeError, TypeError, ValueError):
         return None
 
 
@@ -404,7 +503,7 @@ def _write_cache(
             raise ConfigError(f"{path.name} has shape {pixels.shape}, the cache expects {shape}")
         stack[i] = pixels
     if unusable:
-        raise ConfigError(_unusable_message(unusable, len(images), images.root))
+        raise ConfigError(unusable_message(unusable, len(images), images.root))
     exact = all(_exact_uint8(stack[i]) for i in range(len(stack)))
     dtype = "uint8" if exact else "float32"
     data = np.rint(stack * 255.0).astype(np.uint8) if exact else stack

@@ -1,7 +1,7 @@
 """Evaluate a model directory against a labelled folder, exactly as the node computes.
 
 Every image is decoded with :func:`~dicomnode.imaging.pixels.read_image_file`
-(an unusable file is named in the error, by its path in the folder), turned into
+(every unusable file is named in one error, by its path in the folder), turned into
 a tensor with :func:`~dicomnode.inference.prepare_input` and
 classified with :meth:`~dicomnode.inference.Predictor.forward_probabilities`
 (the card's temperature included), so the figures are those of the node's own
@@ -46,11 +46,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicomnode.config import RoutingSettings
 from dicomnode.encode.render import SYNTHETIC_NOTICE
+from dicomnode.errors import ConfigError, ImagingError
+from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.inference import Predictor, prepare_input
 from dicomnode.models.card import ModelCard, load_card
+from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
-from dicomnode.training.data import LabelledImages, read_labelled, scan_folder
+from dicomnode.training.data import (
+    MAX_LISTED,
+    LabelledImages,
+    read_labelled,
+    scan_folder,
+    unusable_message,
+)
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -106,6 +116,7 @@ def evaluate_model(
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
+    warn_of_images_the_node_skips(images)
     probabilities = predict_folder(predictor, images)
     metrics = {
         "model": card.name,
@@ -128,15 +139,63 @@ def evaluate_model(
 
 
 def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array:
-    """(N, classes) probabilities for every file, in chunks, through the node's path."""
+    """(N, classes) probabilities for every file, in chunks, through the node's path.
+
+    Raises
+    ------
+    ConfigError
+        Naming every file that cannot be read (once one is found, the rest are
+        only decoded, to be named too), as training does.
+    """
     parts = [np.zeros((0, predictor.card.num_classes), dtype=np.float64)]
+    unusable: list[str] = []
     for start in range(0, len(images), CHUNK):
-        tensors = [
-            prepare_input(predictor.card, read_labelled(path, images.root).pixels)[0]
-            for path in images.paths[start : start + CHUNK]
-        ]
-        parts.append(predictor.forward_probabilities(torch.stack(tensors)))
+        tensors = []
+        for path in images.paths[start : start + CHUNK]:
+            try:
+                pixels = read_labelled(path, images.root).pixels
+            except ConfigError as exc:
+                unusable.append(str(exc))
+                continue
+            if not unusable:
+                tensors.append(prepare_input(predictor.card, pixels)[0])
+        if not unusable:
+            parts.append(predictor.forward_probabilities(torch.stack(tensors)))
+    if unusable:
+        purpose = "evaluated (fix or remove them)"
+        raise ConfigError(unusable_message(unusable, len(images), images.root, purpose))
     return np.concatenate(parts)
+
+
+def warn_of_images_the_node_skips(images: LabelledImages) -> list[str]:
+    """Warn about DICOM files the node would not analyse (the default routing's SOP
+    classes and modalities): their figures are the model's, not the node's. Returns
+    their paths relative to the folder."""
+    rules = RoutingSettings()
+    skipped: list[str] = []
+    for path in images.paths:
+        if path.suffix.lower() in PICTURE_SUFFIXES:
+            continue
+        try:
+            header = read_dicom(path, stop_before_pixels=True)
+        except ImagingError:
+            continue  # a picture, or named when it is decoded
+        reason = not_a_radiograph(
+            str(header.get("SOPClassUID", "")), str(header.get("Modality", "")).upper(), rules
+        )
+        if reason:
+            skipped.append(f"{path.relative_to(images.root).as_posix()} ({reason})")
+    if skipped:
+        logger.warning(
+            "%d of %d files are DICOM images the node does not analyse (routing.modalities "
+            "and the radiograph SOP classes, CR and DX): they are evaluated, but the node "
+            "would skip them: %s%s",
+            len(skipped),
+            len(images),
+            "; ".join(skipped[:MAX_LISTED]),
+            f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else "",
+        )
+    return skipped
 
 
 def prediction_header(num_classes: int) -> list[str]:

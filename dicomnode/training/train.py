@@ -54,6 +54,7 @@ from dicomnode.training.data import (
     PixelCache,
     scan_folder,
     warn_if_each_file_is_a_patient,
+    warn_if_one_patient_dominates,
 )
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.loss import make_loss
@@ -204,6 +205,7 @@ def prepare(config: TrainingConfig) -> Prepared:
             raise TrainingError(f"gradcam_layer: {exc}") from exc
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern, config.group_by)
     warn_if_each_file_is_a_patient(images, config.group_by)
+    warn_if_one_patient_dominates(images, config.folds)
     cache = PixelCache.build(
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )

@@ -328,7 +328,7 @@ def test_dicom_by_extension_and_by_preamble(tmp_path: Path) -> None:
 def test_unreadable_files(tmp_path: Path) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image")
-    with pytest.raises(ImagingError, match="not a readable picture"):
+    with pytest.raises(ImagingError, match="neither a picture nor DICOM"):
         read_image_file(junk)
     with pytest.raises(ImagingError):
         read_image_file(tmp_path / "missing.png")

@@ -602,7 +602,7 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     assert ", ".join(galleries) in summary
     # A file that is not an image is named in the error, by its place in the folder.
     (tmp_path / "data" / "1" / "9000999L.dcm").write_bytes(b"DICM" + bytes(200))
-    with pytest.raises(ConfigError, match=r"^1/9000999L\.dcm: the dataset has no Pixel Data"):
+    with pytest.raises(ConfigError, match=r"cannot be evaluated .*: 1/9000999L\.dcm: not a DICOM"):
         evaluate_model(directory, tmp_path / "data")
     (tmp_path / "data" / "1" / "9000999L.dcm").unlink()
     # A test set may lack a class (warned, left out of the figures); a stray folder is named.
@@ -726,7 +726,7 @@ def test_every_unusable_file_of_a_training_folder_is_named_and_nothing_is_cached
     assert message.startswith(f"2 of {total + 2} files in {data} cannot be used for training")
     assert (
         "0/0000900L.png: not a readable picture" in message
-        and "1/9000901R.dcm: the dataset has no Pixel Data" in message
+        and "1/9000901R.dcm: not a DICOM file" in message
     )
     assert not any((tmp_path / "cache").glob("*.npy"))
     # Without a folder (the localiser's crops) the whole path is named.
@@ -1282,10 +1282,10 @@ def test_a_labelled_folder_names_what_is_not_a_class_folder_or_an_image(
     (data / "1" / "notes.txt").write_text("grader's notes", encoding="utf-8")
     with caplog.at_level("WARNING", logger="dicomnode.training.data"):
         assert scan_folder(data, 2, DEFAULT_GROUP_PATTERN).paths == images.paths
-    assert "skipped 1 files of 1 whose suffix is not an image's" in caplog.text
+    assert "skipped 1 files that are not images (PNG, WebP, JPEG, DICOM) under 1" in caplog.text
     assert "1/notes.txt" in caplog.text
     (data / "1" / "README").write_text("grader's notes", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"1/README: not a readable picture .*move a README"):
+    with pytest.raises(ConfigError, match=r"1/README: neither a picture nor DICOM.*move a README"):
         PixelCache.build(scan_folder(data, 2, DEFAULT_GROUP_PATTERN), tmp_path / "cache", (32, 32))
     (data / "1" / "README").unlink()
     # Training needs every class; evaluation goes on without one, and says so.
