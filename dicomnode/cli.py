@@ -381,7 +381,11 @@ def predict(
     models_dir: Annotated[Path | None, typer.Option("--models-dir")] = None,
     device: Annotated[str | None, typer.Option(help="workers.device: auto, cpu or cuda")] = None,
 ) -> None:
-    """Run the node's pipeline on files (no network, no database): writes SC and SR files."""
+    """Run the node's pipeline on files (no network, no database): writes SC and SR files.
+
+    Exits 1 when an input could not be read or processed, so that a script sees it;
+    images that the node's routing skips (not a radiograph, no model) are not failures.
+    """
     from dicomnode.offline import predict_files
 
     overrides: dict[str, Any] = {}
@@ -389,9 +393,13 @@ def predict(
     _set(overrides, "workers.device", device)
     written = predict_files(settings(config, overrides), files, out)
     table = Table("input", "outcome", "output")
-    for line in written:
-        table.add_row(*line)
+    for row in written:
+        table.add_row(escape(row.input), escape(row.outcome), escape(row.output))
     console.print(table)
+    failed = sum(row.failed for row in written)
+    console.print(f"{failed} of {len(files)} input(s) failed")
+    if failed:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -4,91 +4,57 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 from PIL.PngImagePlugin import PngInfo
 
 from dicomnode import pipeline
 from dicomnode.config import Settings
-from dicomnode.encode.render import SYNTHETIC_NOTICE
+from dicomnode.encode.render import SYNTHETIC_NOTICE, UInt8Array
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, EncodeError, InferenceError
 from dicomnode.inference import Predictor
-from dicomnode.models.registry import ModelRegistry
+from dicomnode.models.card import ModelCard
+from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.studies import route
 from dicomnode.values import ModelIdentity
 
 log = logging.getLogger(__name__)
 
 
-def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tuple[str, str, str]]:
+@dataclass(frozen=True)
+class Row:
+    """One line of the ``predict`` table.
+
+    ``failed`` marks an input that could not be read or processed: a batch that a
+    hospital scripts must see it in the exit status, whereas an image the node's
+    routing skips on purpose (not a radiograph, no model for its body part) is a
+    normal outcome.
+    """
+
+    input: str
+    outcome: str
+    output: str = "-"
+    failed: bool = False
+
+
+def predict_files(settings: Settings, files: list[Path], out: Path) -> list[Row]:
     """Write an SC per usable image and an SR per (study, model) into ``out``.
 
-    Returns one (input, outcome, output) row per file and per SR.
+    Returns one row per file and per SR.
     """
     registry = ModelRegistry.load(settings.models.dir)
     predictors: dict[str, Predictor] = {}
-    rows: list[tuple[str, str, str]] = []
+    rows: list[Row] = []
     by_study: dict[tuple[str, str], list[SrImageItem]] = defaultdict(list)
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
-        prepared = pipeline.read_and_prepare(path)
-        if prepared.error or prepared.skip_reason:
-            rows.append((str(path), f"skipped: {prepared.error or prepared.skip_reason}", "-"))
-            continue
-        header = prepared.header
-        decision = route(
-            str(header.get("SOPClassUID", "")),
-            str(header.get("Modality", "")).upper(),
-            str(header.get("BodyPartExamined", "")).upper(),
-            " ".join(
-                str(header.get(k, ""))
-                for k in ("StudyDescription", "SeriesDescription", "ProtocolName")
-            ),
-            settings.routing,
-        )
-        loaded = registry.for_body_part(decision.body_part) if decision.body_part else None
-        if loaded is None:
-            rows.append(
-                (
-                    str(path),
-                    f"skipped: {decision.reason or 'no model for ' + str(decision.body_part)}",
-                    "-",
-                )
-            )
-            continue
-        key = f"{loaded.card.name}:{loaded.card.version}"
-        if key not in predictors:
-            predictors[key] = Predictor.load(
-                loaded.directory,
-                loaded.card,
-                settings.workers.device,
-                batch_size=settings.workers.batch_size,
-                heatmap_size=settings.results.overlay_max_size,
-            )
-        analysed = pipeline.analyse(predictors[key], [prepared])[0]
-        if analysed.result is None:
-            raise DicomNodeError(f"{path}: the model returned no result")
-        sc = pipeline.make_sc(
-            analysed,
-            uid_root=settings.node.uid_root,
-            max_size=settings.results.overlay_max_size,
-            jpeg_quality=settings.results.overlay_jpeg_quality,
-            institution_name=settings.node.institution_name,
-        )
-        target = out / f"SC_{sc.SOPInstanceUID}.dcm"
-        sc.save_as(target, enforce_file_format=True)
-        finding = analysed.result.findings[0]
-        rows.append(
-            (
-                str(path),
-                f"{finding.predicted.code_meaning} p={finding.probability:.2f}",
-                str(target),
-            )
-        )
-        by_study[(str(header.StudyInstanceUID), key)].append(
-            SrImageItem(source=header, sc=sc, result=analysed.result)
-        )
+        row, item = _predict_file(settings, registry, predictors, path, out)
+        rows.append(row)
+        if item is not None:
+            by_study[(str(item.source.StudyInstanceUID), _key(item.result.model))].append(item)
     for items in by_study.values():
         sr = pipeline.make_sr(
             items,
@@ -98,8 +64,113 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[tupl
         )
         target = out / f"SR_{sr.SOPInstanceUID}.dcm"
         sr.save_as(target, enforce_file_format=True)
-        rows.append((f"study {sr.StudyInstanceUID}", "structured report", str(target)))
+        rows.append(Row(f"study {sr.StudyInstanceUID}", "structured report", str(target)))
     return rows
+
+
+def _predict_file(
+    settings: Settings,
+    registry: ModelRegistry,
+    predictors: dict[str, Predictor],
+    path: Path,
+    out: Path,
+) -> tuple[Row, SrImageItem | None]:
+    """The row of one input and, when its SC was written, the SR item that cites it."""
+    if not path.is_file():
+        return _failed(path, _not_a_file(path)), None
+    prepared = pipeline.read_and_prepare(path)
+    loaded = _triage(settings, registry, path, prepared)
+    if isinstance(loaded, Row):
+        return loaded, None
+    key = _key(loaded.card)
+    if key not in predictors:
+        predictors[key] = Predictor.load(
+            loaded.directory,
+            loaded.card,
+            settings.workers.device,
+            batch_size=settings.workers.batch_size,
+            heatmap_size=settings.results.overlay_max_size,
+        )
+    try:
+        return _write_sc(settings, predictors[key], prepared, path, out)
+    except (InferenceError, EncodeError) as exc:
+        return _failed(path, str(exc)), None
+
+
+def _triage(
+    settings: Settings, registry: ModelRegistry, path: Path, prepared: pipeline.Prepared
+) -> LoadedCard | Row:
+    """The model to run on an input, or the row saying why it is not analysed.
+
+    The routing decides first, on the header: pixels that the node would never look
+    at (an SR, a chest film with no model) are skipped whether they decode or not. A
+    file not read as an instance at all (no SOP Class UID) fails.
+    """
+    if prepared.error and not prepared.header.get("SOPClassUID"):
+        return _failed(path, prepared.error)
+    loaded, reason = _model_for(settings, registry, prepared.header)
+    if loaded is None:
+        return Row(str(path), f"skipped: {reason}")
+    if prepared.error:
+        return _failed(path, prepared.error)
+    if prepared.skip_reason:
+        return Row(str(path), f"skipped: {prepared.skip_reason}")
+    return loaded
+
+
+def _not_a_file(path: Path) -> str:
+    """Say what a path given as an input file is instead (before any read fails on it)."""
+    if path.is_dir():
+        return "not a file (a directory)"
+    return "not a file (it does not exist)" if not path.exists() else "not a file"
+
+
+def _failed(path: Path, reason: str) -> Row:
+    return Row(str(path), f"failed: {reason}", failed=True)
+
+
+def _key(model: ModelCard | ModelIdentity) -> str:
+    return f"{model.name}:{model.version}"
+
+
+def _model_for(
+    settings: Settings, registry: ModelRegistry, header: pydicom.Dataset
+) -> tuple[LoadedCard | None, str]:
+    """The model that the node's routing gives an image, else why there is none."""
+    decision = route(
+        str(header.get("SOPClassUID", "")),
+        str(header.get("Modality", "")).upper(),
+        str(header.get("BodyPartExamined", "")).upper(),
+        " ".join(
+            str(header.get(k, ""))
+            for k in ("StudyDescription", "SeriesDescription", "ProtocolName")
+        ),
+        settings.routing,
+    )
+    loaded = registry.for_body_part(decision.body_part) if decision.body_part else None
+    return loaded, decision.reason or f"no model for {decision.body_part}"
+
+
+def _write_sc(
+    settings: Settings, predictor: Predictor, prepared: pipeline.Prepared, path: Path, out: Path
+) -> tuple[Row, SrImageItem]:
+    """Run the model on one prepared image and write its SC overlay into ``out``."""
+    analysed = pipeline.analyse(predictor, [prepared])[0]
+    if analysed.result is None:
+        raise InferenceError("the model returned no result")
+    sc = pipeline.make_sc(
+        analysed,
+        uid_root=settings.node.uid_root,
+        max_size=settings.results.overlay_max_size,
+        jpeg_quality=settings.results.overlay_jpeg_quality,
+        institution_name=settings.node.institution_name,
+    )
+    target = out / f"SC_{sc.SOPInstanceUID}.dcm"
+    sc.save_as(target, enforce_file_format=True)
+    finding = analysed.result.findings[0]
+    outcome = f"{finding.predicted.code_meaning} p={finding.probability:.2f}"
+    item = SrImageItem(source=prepared.header, sc=sc, result=analysed.result)
+    return Row(str(path), outcome, str(target)), item
 
 
 def explain_file(
@@ -117,8 +188,6 @@ def explain_file(
     """
     from PIL import Image
 
-    from dicomnode.encode.render import render_overlay
-    from dicomnode.imaging.pixels import read_image_file
     from dicomnode.models.card import load_card
 
     if method not in ("gradcam", "shap"):
@@ -129,12 +198,28 @@ def explain_file(
         from dicomnode.explain.shap_map import SHAP
 
         predictor = predictor.with_explainer(SHAP)
-    image = read_image_file(image_path)
-    result = predictor.predict([image])[0]
+    overlay, model = _overlay(predictor, image_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = _png_text(result.model)
-    Image.fromarray(render_overlay(image, result)).save(out, pnginfo=text)
-    return out, _describe(result.model)
+    Image.fromarray(overlay).save(out, pnginfo=_png_text(model))
+    return out, _describe(model)
+
+
+def _overlay(predictor: Predictor, image_path: Path) -> tuple[UInt8Array, ModelIdentity]:
+    """The explanation overlay of one image and the model that made it.
+
+    An error names the image by the path as given: the message otherwise does not say
+    which file it is about (``the dataset has no Pixel Data``), and the path is the
+    user's own text, not data read from the image.
+    """
+    from dicomnode.encode.render import render_overlay
+    from dicomnode.imaging.pixels import read_image_file
+
+    try:
+        image = read_image_file(image_path)
+        result = predictor.predict([image])[0]
+        return render_overlay(image, result), result.model
+    except DicomNodeError as exc:
+        raise type(exc)(f"{image_path}: {exc}") from exc
 
 
 def _describe(model: ModelIdentity) -> str:

@@ -12,8 +12,11 @@ renders in well under a second on one CPU core.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -296,8 +299,32 @@ def _draw_region(rgb: UInt8Array, finding: Finding, layout: _Layout) -> None:
 
 
 @lru_cache(maxsize=32)
-def _font(size: int) -> Font:
+def text_font(size: int) -> Font:
+    """The font of burned-in and figure text, ``size`` pixels high.
+
+    Pillow's built-in font covers ASCII only and draws accented letters (a model's class
+    names, a file name such as ``Müller_Jörg_Hand.dcm`` in a gallery caption) as boxes;
+    DejaVu Sans covers Latin-1 and beyond. matplotlib (which grad-cam requires) ships it;
+    without it, Pillow's font is still better than no text.
+    """
+    path = _dejavu_sans()
+    if path is not None:
+        with suppress(OSError):
+            return ImageFont.truetype(path, size)
     return ImageFont.load_default(size=size)
+
+
+def _dejavu_sans() -> Path | None:
+    """matplotlib's copy of DejaVu Sans, found without importing matplotlib.
+
+    Importing it would set up its configuration folder, which a service account may
+    not have; only the font file is wanted.
+    """
+    spec = find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return path if path.is_file() else None
 
 
 def _text_width(font: Font, text: str) -> int:
@@ -310,12 +337,12 @@ def _fitted_font(lines: tuple[str, ...], layout: _Layout) -> Font:
     size = layout.font_size
     available = layout.columns - 4 * layout.margin
     while size > 6:
-        font = _font(size)
+        font = text_font(size)
         widest = max(_text_width(font, line) for line in lines)
         if widest <= available:
             return font
         size = max(6, min(size - 1, int(size * available / widest)))
-    return _font(size)
+    return text_font(size)
 
 
 def _line_height(font: Font) -> int:
@@ -358,7 +385,7 @@ def _draw_banner(
 
 def _draw_scale_bar(rgb: UInt8Array, layout: _Layout) -> None:
     """Draw the vertical colour scale with its "high" and "low" labels, bottom right."""
-    font = _font(max(6, min(layout.font_size, layout.columns // 20)))
+    font = text_font(max(6, min(layout.font_size, layout.columns // 20)))
     label_height = _line_height(font)
     label_width = max(_text_width(font, "high"), _text_width(font, "low"))
     bar_width = max(4, layout.columns // 40)

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from dicomnode.encode.render import Font, text_font
 from dicomnode.training.metrics import (
     OTHER_FOLDS_EPOCH,
     Float64Array,
@@ -32,11 +33,10 @@ PALETTE = (
 )
 MARGIN = 60
 SIDE = 420
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
 def _font(size: int = 14) -> Font:
-    return ImageFont.load_default(size=size)
+    return text_font(size)  # the overlay's font: it draws accented file names
 
 
 def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:

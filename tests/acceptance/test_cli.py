@@ -68,6 +68,29 @@ def test_predict_writes_valid_sc_and_sr(tmp_path: Path) -> None:
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
 
 
+def test_predict_exits_1_when_an_input_cannot_be_read(tmp_path: Path) -> None:
+    """A scripted batch must see unreadable inputs; images the routing skips are not failures."""
+    make_tiny_model(tmp_path / "models" / "tiny-hand", name="tiny-hand", body_part="HAND")
+    hand = write_dataset(make_radiograph(body_part="HAND"), tmp_path / "hand.dcm")
+    chest = write_dataset(make_radiograph(body_part="CHEST"), tmp_path / "chest.dcm")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    common = ["--out", "out", "--models-dir", "models", "--device", "cpu"]
+    inputs = ["folder", "missing.dcm", "empty.dcm", "chest.dcm", "hand.dcm"]
+    broken = _cli("predict", *inputs, *common, cwd=tmp_path)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert "not a file (a directory)" in broken.stdout
+    assert "not a file (it does not exist)" in broken.stdout
+    assert "empty.dcm" in broken.stdout and "unknown body part" in broken.stdout
+    assert broken.stdout.count("failed:") == 3
+    assert broken.stdout.rstrip().splitlines()[-1] == "3 of 5 input(s) failed"
+    assert len(list((tmp_path / "out").glob("SC_*.dcm"))) == 1  # the readable hand still ran
+    skipped_only = _cli("predict", str(chest), str(hand), *common, cwd=tmp_path)
+    assert skipped_only.returncode == 0, skipped_only.stdout + skipped_only.stderr
+    assert skipped_only.stdout.rstrip().splitlines()[-1] == "0 of 2 input(s) failed"
+
+
 def test_bad_config_stops_with_the_key_named(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("workers: {count: 1, batch: 8}\n")
@@ -219,6 +242,18 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
     assert overlay.shape == (200, 160, 3)
     coloured = (overlay.max(axis=2).astype(int) - overlay.min(axis=2)) > 40
     assert coloured.mean() > 0.01  # heat colours are drawn over the grey image
+
+
+def test_explain_names_the_image_it_cannot_explain(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "m")
+    dataset = make_radiograph()
+    del dataset.PixelData
+    (tmp_path / "scans").mkdir()
+    write_dataset(dataset, tmp_path / "scans" / "no-pixels.dcm")
+    result = _cli("explain", "m", "scans/no-pixels.dcm", "--out", "e.png", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error: scans/no-pixels.dcm: " in result.stderr  # the path as typed
+    assert "Pixel Data" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_pointing_compares_explanations_on_a_phantom_folder(tmp_path: Path) -> None:
