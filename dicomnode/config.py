@@ -229,8 +229,8 @@ class ResultsSettings(_Section):
     overlay_max_size: int = Field(
         2048,
         ge=0,
-        description="longest side of the overlay, and of the heatmaps behind it, in pixels "
-        "(0: the original size)",
+        description="longest side of the radiograph in the overlay (its text band adds rows), "
+        "and of the heatmaps behind it, in pixels (0: the original size)",
     )
     overlay_jpeg_quality: int = Field(
         90,

@@ -347,7 +347,12 @@ class Predictor:
             },
         )
         return [
-            ImageResult(model=self.identity, classes=self.classes, findings=tuple(found))
+            ImageResult(
+                model=self.identity,
+                classes=self.classes,
+                findings=tuple(found),
+                not_assessed="" if found else NO_JOINT_FOUND,
+            )
             for found in findings
         ]
 
@@ -360,7 +365,7 @@ class Predictor:
             ]
         joints = self.localiser.locate_batch(images)
         return [
-            _View(i, crop_region(image.pixels, j.region), j.region, j.laterality, j.uncertain)
+            _View(i, crop_region(image.pixels, j.region), j.region, j.laterality, True, j.reasons)
             for i, (image, found) in enumerate(zip(images, joints, strict=True))
             for j in found
         ]
@@ -407,8 +412,14 @@ class Predictor:
             ),
             region=seen,
             laterality=view.laterality,
-            localisation_uncertain=view.uncertain,
+            localisation_uncertain=bool(view.uncertainty),
+            localised=view.localised,
+            uncertainty=view.uncertainty,
         )
+
+
+NO_JOINT_FOUND = "no knee joint found on the image: not graded"
+"""Why an image the localiser found no joint on has no finding."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -422,7 +433,8 @@ class _View:
     pixels: FloatArray
     region: Region
     laterality: str | None
-    uncertain: bool = False
+    localised: bool = False
+    uncertainty: tuple[str, ...] = ()
 
 
 def _visible(region: Region, rows: int, columns: int) -> Region:

@@ -12,7 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dicomnode import pipeline
 from dicomnode.config import Settings
-from dicomnode.encode.render import SYNTHETIC_NOTICE, UInt8Array
+from dicomnode.encode.render import SYNTHETIC_NOTICE, UInt8Array, result_lines
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import DicomNodeError, EncodeError, InferenceError
 from dicomnode.inference import Predictor
@@ -167,8 +167,8 @@ def _write_sc(
     )
     target = out / f"SC_{sc.SOPInstanceUID}.dcm"
     sc.save_as(target, enforce_file_format=True)
-    finding = analysed.result.findings[0]
-    outcome = f"{finding.predicted.code_meaning} p={finding.probability:.2f}"
+    side = prepared.image.laterality if prepared.image else None
+    outcome = "; ".join(result_lines(analysed.result, side))
     item = SrImageItem(source=prepared.header, sc=sc, result=analysed.result)
     return Row(str(path), outcome, str(target)), item
 

@@ -202,15 +202,24 @@ def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
             "region": [f.region.x0, f.region.y0, f.region.x1, f.region.y1],
             "laterality": f.laterality,
             "localisation_uncertain": f.localisation_uncertain,
+            "localised": f.localised,
+            "uncertainty": list(f.uncertainty),
         }
         for f in result.findings
     ]
 
 
 def result_from_json(
-    model: ModelIdentity, classes: tuple[CodedClass, ...], data: list[dict[str, Any]]
+    model: ModelIdentity,
+    classes: tuple[CodedClass, ...],
+    data: list[dict[str, Any]],
+    not_assessed: str = "",
 ) -> ImageResult:
-    """Rebuild an :class:`ImageResult` for the SR; heatmaps are empty (0 x 0)."""
+    """Rebuild an :class:`ImageResult` for the SR; heatmaps are empty (0 x 0).
+
+    A finding stored before ``localised`` was recorded reads as localised, as its SR
+    said then; ``not_assessed`` is kept beside the findings (``Result.reason``).
+    """
     empty = np.zeros((0, 0), dtype=np.float32)
     findings = tuple(
         Finding(
@@ -221,7 +230,9 @@ def result_from_json(
             region=Region(*(int(v) for v in item["region"])),
             laterality=item.get("laterality"),
             localisation_uncertain=bool(item.get("localisation_uncertain", False)),
+            localised=bool(item.get("localised", True)),
+            uncertainty=tuple(str(reason) for reason in item.get("uncertainty", ())),
         )
         for item in data
     )
-    return ImageResult(model=model, classes=classes, findings=findings)
+    return ImageResult(model, classes, findings, "" if findings else not_assessed)

@@ -84,6 +84,7 @@ class ModelIdentity:
     reader_note: str = ""
     explanation_method: str = "gradcam"
     body_parts: tuple[BodyPart, ...] = ()
+    intended_use: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,13 @@ class Finding:
     laterality:
         ``"L"``, ``"R"`` or ``None``.
     localisation_uncertain:
-        True when the region was found by a localiser with low confidence.
+        True when the region was found by a localiser that should not be trusted
+        on it (``uncertainty`` says why).
+    localised:
+        True when a localiser chose ``region``; False for a model that reads the
+        whole image (nothing was localised, so nothing is uncertain about it).
+    uncertainty:
+        Why the localisation is uncertain, short phrases for the overlay and SR.
     """
 
     predicted: CodedClass
@@ -147,10 +154,21 @@ class Finding:
     region: Region
     laterality: str | None = None
     localisation_uncertain: bool = False
+    localised: bool = False
+    uncertainty: tuple[str, ...] = ()
 
     @property
     def probability(self) -> float:
         return self.probabilities[self.predicted.index]
+
+    def runner_up(self, classes: tuple[CodedClass, ...]) -> tuple[CodedClass, float] | None:
+        """The class with the second-highest probability and that probability (``None``
+        for a one-class model)."""
+        others = [i for i in range(len(self.probabilities)) if i != self.predicted.index]
+        if not others:
+            return None
+        second = max(others, key=lambda i: self.probabilities[i])
+        return classes[second], self.probabilities[second]
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,3 +178,5 @@ class ImageResult:
     model: ModelIdentity
     classes: tuple[CodedClass, ...]
     findings: tuple[Finding, ...]
+    not_assessed: str = ""
+    """Why the image has no finding (``"no knee joint found"``); empty when it has some."""

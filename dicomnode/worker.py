@@ -397,7 +397,7 @@ class Worker:
                 sc=None
                 if output is None
                 else pydicom.dcmread(output.path, stop_before_pixels=True),
-                result=pipeline.result_from_json(model, classes, result.findings),
+                result=pipeline.result_from_json(model, classes, result.findings, result.reason),
             )
             for result, instance, output in rows
         ]
@@ -526,7 +526,7 @@ def _record_result(
             model_name=report.model_name,
             model_version=report.model_version,
             outcome="ok" if result else "skipped",
-            reason=item.prepared.skip_reason,
+            reason=result.not_assessed if result else item.prepared.skip_reason,
             findings=pipeline.findings_to_json(result) if result else [],
             created_at=utcnow(),
         )

@@ -76,6 +76,12 @@ VISUAL_EXPLANATION = _public(codes.DCM.VisualExplanation)
 GRADCAM = _public(codes.DCM.GradientWeightedClassActivation)
 """(130403, DCM, "Gradient-weighted class activation"): the explanation method."""
 
+NOT_ASSESSED = _private("NOTASSESSED", "Not assessed")
+"""Finding type of an image the model could not assess (no knee joint found on it)."""
+
+INTENDED_USE = _private("INTENDEDUSE", "Intended use")
+"""Text item stating what a model is for and what it was not validated on."""
+
 GRADCAM_PEAK = _private("GRADCAMPEAK", "Grad-CAM peak")
 """Point of maximal Grad-CAM activation in source pixel coordinates."""
 

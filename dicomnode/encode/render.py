@@ -2,11 +2,13 @@
 
 The overlay is the windowed radiograph in grey with each finding's Grad-CAM
 heatmap blended in the *turbo* colour map where the heat is significant, a
-rectangle around a localised region, a cross at the heat peak, a colour scale
-bar and a burned-in text banner that names the result and the algorithm.
+labelled rectangle around a localised region and a cross at the heat peak;
+above the image, in a band of its own, the text that names the result and the
+algorithm and a colour scale that says what the heat means. No text covers the
+anatomy: the band is added to the image, not drawn over it.
 
 Everything works on ``uint8``/``uint16`` arrays and only touches the pixels
-it changes (heat bounding box, banner, bar), so a 3000 x 3000 radiograph
+it changes (heat bounding box, boxes, band), so a 3000 x 3000 radiograph
 renders in well under a second on one CPU core.
 """
 
@@ -39,7 +41,9 @@ MAX_ALPHA = 0.6
 """Largest opacity of the colour map over the radiograph."""
 
 REVIEW_NOTICE = "AI result, requires review by a radiologist"
-SYNTHETIC_NOTICE = "DEMONSTRATION MODEL, synthetic training data"
+SYNTHETIC_NOTICE = "DEMONSTRATION MODEL, synthetic training data: not for diagnostic use"
+CLOSE_CALL = 0.15
+"""A runner-up class within this probability of the result is named beside it."""
 
 _TEXT: Colour = (255, 255, 255)
 _WARNING: Colour = (255, 170, 0)
@@ -117,7 +121,7 @@ class _Layout:
 
 
 def overlay_lines(result: ImageResult, laterality: str | None = None) -> tuple[str, ...]:
-    """Return the lines of text burned into the overlay, top to bottom.
+    """Return the lines of text burned into the overlay's band, top to bottom.
 
     Parameters
     ----------
@@ -129,11 +133,14 @@ def overlay_lines(result: ImageResult, laterality: str | None = None) -> tuple[s
     Returns
     -------
     tuple of str
-        One line per finding, then the model line, the review notice and,
-        for models trained on synthetic data only, :data:`SYNTHETIC_NOTICE`.
+        One line per finding (or why there is none), what the heat shows, the
+        model line, the review notice and, for models trained on synthetic data
+        only, :data:`SYNTHETIC_NOTICE`.
     """
     model = result.model
-    lines = [_finding_line(finding, laterality) for finding in result.findings]
+    lines = list(result_lines(result, laterality))
+    if not result.not_assessed:
+        lines.append(_heat_legend(result))
     lines.append(f"{model.name} {model.version} (sha256 {model.sha256[:12]})")
     lines.append(REVIEW_NOTICE)
     if model.synthetic_training_data:
@@ -141,18 +148,58 @@ def overlay_lines(result: ImageResult, laterality: str | None = None) -> tuple[s
     return tuple(lines)
 
 
-def _finding_line(finding: Finding, laterality: str | None) -> str:
-    side = finding.laterality or laterality
-    text = f"{finding.predicted.code_meaning}  p={finding.probability:.2f}"
-    if side:
-        text = f"{side} {text}"
+def result_lines(result: ImageResult, laterality: str | None = None) -> tuple[str, ...]:
+    """The result itself: one line per finding, or the one line saying why there is none."""
+    if result.not_assessed:
+        return (result.not_assessed[:1].upper() + result.not_assessed[1:],)
+    labels = region_labels(result, laterality)
+    return tuple(
+        _finding_line(finding, label, result)
+        for finding, label in zip(result.findings, labels, strict=True)
+    )
+
+
+def region_labels(result: ImageResult, laterality: str | None = None) -> tuple[str, ...]:
+    """The label of each finding on the overlay: its side (``R``, ``L``), else its number
+    among several (``1``, ``2``), else nothing; a localised box carries the same label."""
+    sides = [finding.laterality or laterality for finding in result.findings]
+    if all(sides) and len(set(sides)) == len(sides):
+        return tuple(str(side) for side in sides)
+    if len(sides) == 1:
+        return ("",)
+    return tuple(str(number) for number in range(1, len(sides) + 1))
+
+
+def percent(probability: float) -> str:
+    """A probability as a reader takes it in: ``71%``, never ``100%`` or ``0%`` unless exact."""
+    if probability >= 0.995 and probability < 1.0:
+        return ">99%"
+    if 0.0 < probability < 0.005:
+        return "<1%"
+    return f"{round(probability * 100)}%"
+
+
+def _finding_line(finding: Finding, label: str, result: ImageResult) -> str:
+    text = f"{finding.predicted.code_meaning}, probability {percent(finding.probability)}"
+    runner_up = finding.runner_up(result.classes)
+    if runner_up is not None and finding.probability - runner_up[1] < CLOSE_CALL:
+        text += f" (next: {runner_up[0].code_meaning} {percent(runner_up[1])})"
+    if label:
+        text = f"{label}: {text}"
     if finding.localisation_uncertain:
-        text = f"{text}, localisation uncertain"
+        why = f": {finding.uncertainty[0]}" if finding.uncertainty else ""
+        text = f"{text}; localisation uncertain{why}"
     return text
 
 
+def _heat_legend(result: ImageResult) -> str:
+    if len(result.findings) == 1:
+        return f"Colour: evidence for {result.findings[0].predicted.code_meaning}"
+    return "Colour: evidence for each box's result, each box scaled to its own peak"
+
+
 def render_overlay(image: PreparedImage, result: ImageResult, max_size: int = 0) -> UInt8Array:
-    """Render the explanation overlay of one image.
+    """Render the explanation overlay of one image, its text in a band above it.
 
     Parameters
     ----------
@@ -162,15 +209,15 @@ def render_overlay(image: PreparedImage, result: ImageResult, max_size: int = 0)
         The model's findings on ``image``; each heatmap has the image's shape
         or the overlay's (see :func:`fitted_result`).
     max_size:
-        The longest side of the overlay in pixels (0: the image's own size).
-        Overlays of 3000-pixel radiographs are 27 MB of RGB; a PACS viewer
-        shows them no better than at 2048 pixels.
+        The longest side of the image in the overlay, in pixels (0: the image's
+        own size). Overlays of 3000-pixel radiographs are 27 MB of RGB; a PACS
+        viewer shows them no better than at 2048 pixels.
 
     Returns
     -------
     numpy.ndarray
-        ``uint8`` array of shape (rows, columns, 3), RGB, with (rows, columns)
-        ``image.shape_within(max_size)``.
+        ``uint8`` array of shape (band + rows, columns, 3), RGB, with (rows,
+        columns) ``image.shape_within(max_size)`` and the text band on top.
 
     Raises
     ------
@@ -186,11 +233,11 @@ def render_overlay(image: PreparedImage, result: ImageResult, max_size: int = 0)
     if heat is not None:
         _blend_heat(rgb, heat)
     layout = _Layout.for_shape(*shape)
-    for finding in fitted.findings:
-        _draw_region(rgb, finding, layout)
-    _draw_scale_bar(rgb, layout)
-    _draw_banner(rgb, overlay_lines(result, image.laterality), result, layout)
-    return rgb
+    labels = region_labels(result, image.laterality)
+    for finding, label in zip(fitted.findings, labels, strict=True):
+        _draw_region(rgb, finding, label, layout)
+    band = _band(overlay_lines(result, image.laterality), result, layout)
+    return np.concatenate([band, rgb], axis=0)
 
 
 def heat_image(pixels: FloatArray, heat: FloatArray | None) -> UInt8Array:
@@ -286,12 +333,17 @@ def _draw_box(rgb: UInt8Array, box: tuple[int, int, int, int], colour: Colour, w
     rgb[y0:y1, max(x0, x1 - width) : x1] = colour
 
 
-def _draw_region(rgb: UInt8Array, finding: Finding, layout: _Layout) -> None:
-    """Outline a localised region and mark the heat peak with a cross."""
+def _draw_region(rgb: UInt8Array, finding: Finding, label: str, layout: _Layout) -> None:
+    """Outline a localised region, label it, and mark the heat peak with a cross (last,
+    so nothing hides it)."""
     region = finding.region
     whole = (region.x0, region.y0, region.x1, region.y1) == (0, 0, layout.columns, layout.rows)
     if not whole:
         _draw_box(rgb, (region.x0, region.y0, region.x1, region.y1), _REGION, layout.line_width)
+        if label:
+            font = text_font(layout.font_size)
+            origin = (max(0, region.x0), max(0, region.y0))
+            _draw_text_block(rgb, origin, [(label, _REGION)], font, layout.margin)
     column, row = round(finding.peak[0]), round(finding.peak[1])
     arm, half = 4 * layout.margin, max(1, layout.line_width) // 2 + 1
     _draw_box(rgb, (column - arm, row - half + 1, column + arm + 1, row + half), _PEAK, half)
@@ -332,17 +384,19 @@ def _text_width(font: Font, text: str) -> int:
     return int(right - left)
 
 
-def _fitted_font(lines: tuple[str, ...], layout: _Layout) -> Font:
-    """Return the largest font up to ``layout.font_size`` whose widest line fits the image."""
-    size = layout.font_size
-    available = layout.columns - 4 * layout.margin
-    while size > 6:
-        font = text_font(size)
-        widest = max(_text_width(font, line) for line in lines)
-        if widest <= available:
-            return font
-        size = max(6, min(size - 1, int(size * available / widest)))
-    return text_font(size)
+def _wrapped(text: str, font: Font, available: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``available`` pixels (a single
+    word wider than that stays whole)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and _text_width(font, candidate) > available:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    return [*lines, current]
 
 
 def _line_height(font: Font) -> int:
@@ -372,35 +426,61 @@ def _draw_text_block(
     rgb[y0:y1, x0:x1] = np.asarray(canvas)
 
 
-def _draw_banner(
-    rgb: UInt8Array, lines: tuple[str, ...], result: ImageResult, layout: _Layout
-) -> None:
-    """Write the result text in the top-left corner on a dark box."""
-    font = _fitted_font(lines, layout)
-    coloured = [(line, _TEXT) for line in lines]
+def _band(lines: tuple[str, ...], result: ImageResult, layout: _Layout) -> UInt8Array:
+    """The dark band above the image: the text lines, wrapped to its width at the layout's
+    font size (a narrow image gets more lines, not smaller letters), then the colour scale.
+
+    Warnings (no finding, synthetic training data) are drawn in orange.
+    """
+    font = text_font(layout.font_size)
+    height = _line_height(font)
+    colours = [_TEXT] * len(lines)
     if result.model.synthetic_training_data:
-        coloured[-1] = (lines[-1], _WARNING)
-    _draw_text_block(rgb, (layout.margin, layout.margin), coloured, font, layout.margin)
+        colours[-1] = _WARNING
+    if result.not_assessed:
+        colours[0] = _WARNING
+    available = layout.columns - 4 * layout.margin
+    coloured = [
+        (part, colour)
+        for line, colour in zip(lines, colours, strict=True)
+        for part in _wrapped(line, font, available)
+    ]
+    text_rows = 2 * layout.margin + height * len(coloured)
+    band = np.zeros((text_rows + height + layout.margin, layout.columns, 3), dtype=np.uint8)
+    canvas = Image.fromarray(band)
+    draw = ImageDraw.Draw(canvas)
+    for index, (text, colour) in enumerate(coloured):
+        _, top, _, _ = font.getbbox(text)
+        draw.text((2 * layout.margin, layout.margin + index * height - top), text, colour, font)
+    band = np.asarray(canvas).copy()
+    if result.findings:  # the scale says what the colours mean; without findings there are none
+        _draw_scale(band, font, (2 * layout.margin, text_rows), height, layout)
+    return band
 
 
-def _draw_scale_bar(rgb: UInt8Array, layout: _Layout) -> None:
-    """Draw the vertical colour scale with its "high" and "low" labels, bottom right."""
-    font = text_font(max(6, min(layout.font_size, layout.columns // 20)))
-    label_height = _line_height(font)
-    label_width = max(_text_width(font, "high"), _text_width(font, "low"))
-    bar_width = max(4, layout.columns // 40)
-    bar_height = max(16, layout.rows // 4)
-    right = layout.columns - layout.margin
-    bottom = layout.rows - layout.margin
-    box_width = max(bar_width, label_width) + 2 * layout.margin
-    x0 = max(0, right - box_width)
-    top = max(0, bottom - bar_height - 2 * label_height - 4 * layout.margin)
-    _draw_text_block(rgb, (x0, top), [("high", _TEXT)], font, layout.margin)
-    bar_top = top + label_height + 2 * layout.margin
-    levels = np.linspace(255, 0, bar_height).round().astype(np.uint8)
-    bar_x0 = x0 + (box_width - bar_width) // 2
-    rgb[bar_top : bar_top + bar_height, bar_x0 : bar_x0 + bar_width] = TURBO[levels][:, None, :]
-    _draw_text_block(rgb, (x0, bar_top + bar_height), [("low", _TEXT)], font, layout.margin)
+def _draw_scale(
+    band: UInt8Array, font: Font, origin: tuple[int, int], height: int, layout: _Layout
+) -> None:
+    """``low`` [turbo colours] ``high`` on one line of the band, from ``origin`` (x, y)."""
+    canvas = Image.fromarray(band)
+    draw = ImageDraw.Draw(canvas)
+    x, y = origin
+    gap = max(2, height // 3)
+    for word, left in (("low", x), ("high", None)):
+        _, top, _, _ = font.getbbox(word)
+        if left is None:
+            left = x + _text_width(font, "low") + 2 * gap + _scale_width(layout)
+        draw.text((left, y - top), word, _TEXT, font)
+    band[...] = np.asarray(canvas)
+    x0 = x + _text_width(font, "low") + gap
+    width = min(_scale_width(layout), max(0, band.shape[1] - x0))
+    levels = np.linspace(0, 255, width).round().astype(np.uint8)
+    bar_height = max(2, (height * 2) // 3)
+    band[y : y + bar_height, x0 : x0 + width] = TURBO[levels][None, :, :]
+
+
+def _scale_width(layout: _Layout) -> int:
+    return max(16, layout.columns // 4)
 
 
 def fitted_result(image: PreparedImage, result: ImageResult, max_size: int) -> ImageResult:

@@ -185,6 +185,7 @@ def encode_sc(
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
     _describe_capture(sc, source, model, manufacturer, software_version)
+    _image_laterality(sc, source, result)
     stamp_in_source_zone(sc, source)
     if jpeg_quality:
         compress_jpeg(sc, rgb, jpeg_quality)
@@ -234,6 +235,21 @@ def _overlay_prefix(source: pydicom.Dataset) -> str:
 def _laterality(source: pydicom.Dataset) -> LateralityValues | None:
     side = source_laterality(source)
     return None if side is None else LateralityValues(side)
+
+
+def _image_laterality(sc: pydicom.Dataset, source: pydicom.Dataset, result: ImageResult) -> None:
+    """An overlay whose series Laterality is empty (no one side) says what it shows in
+    Image Laterality: ``B`` when its findings are a right and a left knee, else the
+    source's ``B`` or ``U``. Then the Type 2C Laterality, which allows only R or L and
+    may not be sent beside Image Laterality, is left out (PS3.3 C.7.3.1)."""
+    if "Laterality" not in sc or sc.Laterality:
+        return  # one side (R or L), or not a paired body part
+    sides = {finding.laterality for finding in result.findings}
+    copied = str(source.get("ImageLaterality", "") or "").strip().upper()
+    shown = "B" if {"R", "L"} <= sides else copied if copied in ("B", "U") else ""
+    if shown:
+        sc.ImageLaterality = shown
+        del sc.Laterality
 
 
 def _is_paired(source: pydicom.Dataset) -> bool:

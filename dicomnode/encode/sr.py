@@ -322,27 +322,39 @@ def _finding_group(
         algorithm_id=algorithm,
         finding_sites=[_finding_site(item, finding.laterality)],
         measurements=_probabilities(item.result, finding),
-        qualitative_evaluations=[_localisation(finding)],
+        qualitative_evaluations=[_localisation(finding)] if finding.localised else None,
     )
     content = group[0].ContentSequence
+    if finding.uncertainty:
+        reasons = "; ".join(finding.uncertainty)
+        content.append(_comment(f"Localisation uncertain: {reasons}"))
     if item.sc is not None:
         content.append(_visual_explanation(item.sc))
     content.append(_peak(item.source, finding, item.result.model.explanation_method))
     return group
 
 
+def _comment(text: str) -> TextContentItem:
+    return TextContentItem(dn.COMMENT, text, RelationshipTypeValues.CONTAINS)
+
+
 def _image_group(
     item: SrImageItem, image_index: int, uid_root: str, algorithm: AlgorithmIdentification
 ) -> MeasurementsAndQualitativeEvaluations:
-    """Return the TID 1501 group of an image on which the model reported nothing."""
+    """Return the TID 1501 group of an image on which the model reported nothing: its
+    finding type is "Not assessed", and a comment says why (no knee joint found)."""
+    reason = item.result.not_assessed
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(uid_root, item, image_index, 0),
+        finding_type=dn.NOT_ASSESSED if reason else None,
         algorithm_id=algorithm,
         finding_sites=[_finding_site(item, None)],
         source_images=[
             SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
         ],
     )
+    if reason:
+        group[0].ContentSequence.append(_comment(reason[:1].upper() + reason[1:]))
     if item.sc is not None:
         group[0].ContentSequence.append(_visual_explanation(item.sc))
     return group
@@ -432,17 +444,13 @@ def _visual_explanation(sc: pydicom.Dataset) -> ImageContentItem:
 
 def _notices(models: list[ModelIdentity], not_analysed: int = 0) -> ContainerContentItem:
     """Return the report-level statements: review required, images not analysed,
-    demonstration model, model notes."""
+    demonstration model, model notes, each model's intended use."""
     container = ContainerContentItem(
         name=dn.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
-    notices = [TextContentItem(dn.COMMENT, REVIEW_NOTICE, RelationshipTypeValues.CONTAINS)]
+    notices = [_comment(REVIEW_NOTICE)]
     if not_analysed:
-        notices.append(
-            TextContentItem(
-                dn.COMMENT, not_analysed_notice(not_analysed), RelationshipTypeValues.CONTAINS
-            )
-        )
+        notices.append(_comment(not_analysed_notice(not_analysed)))
     for model in models:
         if model.synthetic_training_data:
             text = f"{SYNTHETIC_NOTICE} ({model.name} {model.version})"
@@ -451,7 +459,10 @@ def _notices(models: list[ModelIdentity], not_analysed: int = 0) -> ContainerCon
             )
         if model.reader_note:
             text = f"{model.name} {model.version}: {model.reader_note}"
-            notices.append(TextContentItem(dn.COMMENT, text, RelationshipTypeValues.CONTAINS))
+            notices.append(_comment(text))
+        if model.intended_use:
+            text = f"{model.name} {model.version}: {model.intended_use}"
+            notices.append(TextContentItem(dn.INTENDED_USE, text, RelationshipTypeValues.CONTAINS))
     container.ContentSequence = ContentSequence(notices)
     return container
 

@@ -357,6 +357,7 @@ def identity(card: ModelCard) -> ModelIdentity:
         reader_note=card.reader_note,
         explanation_method=card.gradcam.method,
         body_parts=card.body_parts,
+        intended_use=card.intended_use,
     )
 
 

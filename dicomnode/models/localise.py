@@ -26,9 +26,9 @@ Decoding
 * a joint is ``uncertain`` when its confidence (peak height) is below
   ``threshold`` (:data:`DEFAULT_THRESHOLD` unless the card says otherwise),
   when its square leaves the image, or when more than two candidates compete;
-* with no candidate at all, one uncertain joint of confidence 0 covering the
-  centred square of side ``min(rows, columns)`` is returned, so the node still
-  answers, flagged uncertain.
+* with no candidate at all, no joint is returned: the image is not graded,
+  and the node says that no knee joint was found (grading the centre of a
+  film that shows no knee would give a grade to nothing).
 
 Laterality
 ----------
@@ -113,15 +113,18 @@ class Joint:
     laterality:
         ``"R"``, ``"L"`` or ``None`` when it cannot be told.
     confidence:
-        Height of the heatmap peak, in [0, 1]; 0 for the fallback centre square.
+        Height of the heatmap peak, in [0, 1].
     uncertain:
         True when the localisation should not be trusted (see the module docstring).
+    reasons:
+        Why it should not, in short phrases (:func:`uncertainty_reasons`).
     """
 
     region: Region
     laterality: str | None
     confidence: float
     uncertain: bool
+    reasons: tuple[str, ...] = ()
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -352,23 +355,38 @@ def decode_joints(
         c for c in _candidates(maps, threshold * CANDIDATE_FRACTION) if _on_source(c, placement)
     ]
     if not candidates:
-        return (_fallback(image),)
+        return ()
     crowded = len(candidates) > MAX_JOINTS
     chosen = sorted(candidates[:MAX_JOINTS], key=lambda c: c.x)
     regions = [_source_square(c, placement) for c in chosen]
     sides = _lateralities(regions, image)
-    return tuple(
-        Joint(
-            region=region,
-            laterality=side,
-            confidence=c.confidence,
-            uncertain=crowded
-            or c.confidence < threshold
-            or _clipped(region, image)
-            or _contradicts_header(side, image, len(chosen)),
+    joints = []
+    for c, region, side in zip(chosen, regions, sides, strict=True):
+        reasons = uncertainty_reasons(
+            c.confidence,
+            threshold,
+            clipped=_clipped(region, image),
+            crowded=crowded,
+            against_header=_contradicts_header(side, image, len(chosen)),
         )
-        for c, region, side in zip(chosen, regions, sides, strict=True)
-    )
+        joints.append(Joint(region, side, c.confidence, bool(reasons), reasons))
+    return tuple(joints)
+
+
+def uncertainty_reasons(
+    confidence: float, threshold: float, *, clipped: bool, crowded: bool, against_header: bool
+) -> tuple[str, ...]:
+    """Why a joint's localisation should not be trusted, as the overlay and SR say it."""
+    reasons = []
+    if confidence < threshold:
+        reasons.append(f"weak joint signal ({confidence:.2f})")
+    if clipped:
+        reasons.append("box leaves the image")
+    if crowded:
+        reasons.append("more than two joint candidates")
+    if against_header:
+        reasons.append("side differs from the header's laterality")
+    return tuple(reasons)
 
 
 def _contradicts_header(side: str | None, image: PreparedImage, joints: int) -> bool:
@@ -446,12 +464,6 @@ def crop_region(pixels: FloatArray, region: Region) -> FloatArray:
 
 def _clipped(region: Region, image: PreparedImage) -> bool:
     return region.x0 < 0 or region.y0 < 0 or region.x1 > image.columns or region.y1 > image.rows
-
-
-def _fallback(image: PreparedImage) -> Joint:
-    """One uncertain joint covering the centred square of the image."""
-    region = square_region(image.columns / 2, image.rows / 2, min(image.rows, image.columns))
-    return Joint(region=region, laterality=image.laterality, confidence=0.0, uncertain=True)
 
 
 _OPPOSITE = {"R": "L", "L": "R"}

@@ -44,9 +44,15 @@ class InProcessNode:
 
     @classmethod
     def start(
-        cls, tmp_path: Path, database_url: str | None = None, overlay_max_size: int | None = None
+        cls,
+        tmp_path: Path,
+        database_url: str | None = None,
+        overlay_max_size: int | None = None,
+        *,
+        localiser: bool = False,
     ) -> InProcessNode:
-        """A node with a tiny 5-class knee model that sends results to its collector."""
+        """A node with a tiny 5-class knee model (with a knee localiser when ``localiser``)
+        that sends results to its collector."""
         collector = CollectingSCP(ae_title="PACS").start()
         sections: dict[str, dict[str, Any]] = {
             "node": {"port": free_port(), "host": LOOPBACK},
@@ -61,7 +67,7 @@ class InProcessNode:
         if database_url:
             sections["database"] = {"url": database_url}
         settings = make_settings(tmp_path, **sections)
-        make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5)
+        make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5, localiser=localiser)
         upgrade(settings.database.url)
         db = Database(settings.database.url)
         with db.session() as session:

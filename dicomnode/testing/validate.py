@@ -24,6 +24,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return errors
 
 
+def dciodvfy_warnings(path: Path) -> list[str]:
+    """The lines of ``dciodvfy`` output that warn, but for the node's own coding scheme
+    (``99DICOMNODE``, declared in every SR, which dciodvfy does not know)."""
+    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [line for line in lines if line.startswith("Warning") and "99DICOMNODE" not in line]
+
+
 def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
     """``dsrdump`` of a structured report (its return code says whether dcmtk could read it)."""
     return subprocess.run([str(DSRDUMP), str(path)], capture_output=True, text=True, timeout=60)

@@ -51,7 +51,7 @@ from dicomnode.encode.render import SYNTHETIC_NOTICE
 from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.inference import Predictor, prepare_input
-from dicomnode.models.card import ModelCard, load_card
+from dicomnode.models.card import CAM_METHOD_NAMES, ModelCard, load_card
 from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
@@ -301,6 +301,7 @@ def write_galleries(
     from dicomnode.encode.render import render_overlay
 
     written = []
+    method = CAM_METHOD_NAMES.get(predictor.card.gradcam.method, predictor.card.gradcam.method)
     for index, name in enumerate(names):
         members = np.flatnonzero(images.labels == index)
         chosen = members[np.argsort(-probabilities[members, index], kind="stable")]
@@ -312,7 +313,7 @@ def write_galleries(
             share = probabilities[i, predicted]
             caption = f"{images.paths[i].stem}: {names[predicted]} ({share:.2f})"
             tiles.append((Image.fromarray(render_overlay(image, result)), caption))
-        title = f"Grad-CAM, true class {index} {name}: highest p({name}) first"
+        title = f"{method}, true class {index} {name}: highest p({name}) first"
         path = directory / f"gradcam_{index}_{_file_safe(name)}.png"
         gallery_image(tiles, title).save(path)
         written.append(path)

@@ -40,9 +40,12 @@ def _font(size: int = 14) -> Font:
 
 
 def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (width, height), "white")
+    """A white figure at least ``width`` wide, and wide enough for its ``title``."""
+    font = _font(16)
+    left, _, right, _ = font.getbbox(title)
+    image = Image.new("RGB", (max(width, int(right - left) + 2 * MARGIN), height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((MARGIN, 15), title, fill="black", font=_font(16))
+    draw.text((MARGIN, 15), title, fill="black", font=font)
     return image, draw
 
 

@@ -87,7 +87,7 @@ def test_a_radiograph_larger_than_the_overlay_is_explained_at_the_overlays_size(
         assert small.send(image) == [statuses.SUCCESS]
         wait_for(lambda: len(small.collector.received) >= 2, 60, what="SC and SR")
         (sc,) = (d for d in small.collector.received if d.Modality == "OT")
-        assert (sc.Rows, sc.Columns) == (256, 200)
+        assert sc.Columns == 200 and sc.Rows > 256  # 256 rows of image, and the text band
         path = tmp_path / "sc.dcm"
         sc.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
@@ -202,6 +202,33 @@ def test_a_purged_study_still_gets_a_follow_up_sr(node: Node, tmp_path: Path) ->
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_a_knee_film_without_a_knee_joint_is_reported_as_not_graded(tmp_path: Path) -> None:
+    """The localiser finds no joint: no grade is made up; the SR and the overlay say why,
+    also after the report job has read the result back from the database."""
+    import numpy as np
+
+    node = InProcessNode.start(tmp_path, localiser=True)
+    try:
+        blank = make_radiograph(body_part="KNEE", picture=np.zeros((256, 320), np.float32))
+        assert node.send(blank) == [statuses.SUCCESS]
+        wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR")
+        sr = next(d for d in node.collector.received if d.Modality == "SR")
+        texts = [
+            str(item.TextValue)
+            for item in _content_items(sr.ContentSequence)
+            if "TextValue" in item
+        ]
+        assert "No knee joint found on the image: not graded" in texts
+        path = tmp_path / "sr.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        with node.db.session() as s:
+            (result,) = s.scalars(select(Result)).all()
+        assert (result.outcome, result.findings) == ("ok", [])
+    finally:
+        node.close()
 
 
 def test_unknown_body_part_is_skipped_with_a_reason(node: Node) -> None:

@@ -35,13 +35,15 @@ from dicomnode.encode.render import (
     SYNTHETIC_NOTICE,
     TURBO,
     heat_image,
+    percent,
+    region_labels,
 )
 from dicomnode.encode.sc import compress_jpeg, series_description
 from dicomnode.errors import EncodeError
 from dicomnode.pipeline import Analysed, Prepared
 from dicomnode.pipeline import make_sc as pipeline_make_sc
 from dicomnode.pipeline import make_sr as pipeline_make_sr
-from dicomnode.testing.validate import dciodvfy_errors
+from dicomnode.testing.validate import dciodvfy_errors, dciodvfy_warnings
 from dicomnode.values import (
     BodyPart,
     CodedClass,
@@ -162,6 +164,8 @@ def make_result(
         region=region,
         laterality=laterality,
         localisation_uncertain=uncertain,
+        localised=region != Region(0, 0, columns, rows),  # a region given: a localiser's
+        uncertainty=("weak joint signal (0.30)",) if uncertain else (),
     )
     model = ModelIdentity(
         name="knee-kl",
@@ -252,23 +256,30 @@ def items_named(sr: Dataset, concept: hd.sr.CodedConcept) -> list[Dataset]:
 def test_render_has_heat_colours_where_heat_is_high_and_grey_elsewhere() -> None:
     image, result = make_image(), make_result()
     rgb = render_overlay(image, result)
+    band = rgb.shape[0] - ROWS
     assert rgb.dtype == np.uint8
-    assert rgb.shape == (ROWS, COLUMNS, 3)
-    at_peak = rgb[PEAK[1] + 6, PEAK[0] + 6].astype(int)  # next to the peak cross
+    assert band > 0 and rgb.shape == (band + ROWS, COLUMNS, 3)
+    picture = rgb[band:]
+    at_peak = picture[PEAK[1] + 6, PEAK[0] + 6].astype(int)  # next to the peak cross
     assert at_peak.max() - at_peak.min() > 60
-    column, row = 20, ROWS // 2  # far from heat, banner and scale bar
+    column, row = 20, ROWS // 2  # far from heat
     grey = round(float(image.pixels[row, column]) * 255)
-    assert rgb[row, column].tolist() == [grey, grey, grey]
+    assert picture[row, column].tolist() == [grey, grey, grey]
 
 
-def test_render_burns_text_on_a_dark_banner() -> None:
-    image, result = make_image(), make_result()
+def test_render_writes_its_text_in_a_band_above_the_image_never_over_it() -> None:
+    """Burned-in text over the anatomy can hide a lesion, or the model's own peak."""
+    image, result = make_image(), make_result(synthetic=True)
     rgb = render_overlay(image, result)
-    banner = rgb[2:40, 2:150].astype(int)
-    bright = (banner.min(axis=2) > 200).sum()
-    dark = (banner.max(axis=2) < 60).sum()
-    assert bright > 50
-    assert dark > bright
+    band = rgb.shape[0] - ROWS
+    text = rgb[:band].astype(int)
+    bright = (text.min(axis=2) > 200).sum()
+    dark = (text.max(axis=2) < 60).sum()
+    assert bright > 50 and dark > bright
+    # Where the banner used to be drawn, the image is the image: grey, no text.
+    corner = rgb[band : band + 60, :150].astype(int)
+    expected = np.floor(image.pixels[:60, :150].astype(np.float64) * 255 + 0.5).astype(int)
+    assert np.array_equal(corner, np.repeat(expected[..., None], 3, axis=2))
 
 
 def test_render_synthetic_banner_only_for_synthetic_models() -> None:
@@ -281,17 +292,76 @@ def test_render_synthetic_banner_only_for_synthetic_models() -> None:
         return int(((r > 200) & (g > 120) & (g < 210) & (b < 60)).sum())
 
     assert SYNTHETIC_NOTICE in overlay_lines(make_result(synthetic=True))
+    assert "not for diagnostic use" in SYNTHETIC_NOTICE
     assert SYNTHETIC_NOTICE not in overlay_lines(make_result(synthetic=False))
-    assert orange(synthetic[: ROWS // 3]) > 20
-    assert orange(real[: ROWS // 3]) == 0
+    # (the colour scale has orange of its own: compare the two bands)
+    synthetic_band, real_band = synthetic[: synthetic.shape[0] - ROWS], real[: real.shape[0] - ROWS]
+    assert orange(synthetic_band) > orange(real_band) + 20
 
 
 def test_render_lines_name_finding_and_model() -> None:
-    result = make_result(uncertain=True)
+    result = make_result()
     lines = overlay_lines(result)
-    assert lines[0] == "R KL grade 2  p=0.80, localisation uncertain"
-    assert "knee-kl 1.0.0" in lines[1]
+    assert lines[0] == "R: KL grade 2, probability 80%"
+    assert lines[1] == "Colour: evidence for KL grade 2"  # what the heat shows
+    assert "knee-kl 1.0.0" in lines[2]
     assert "AI result, requires review by a radiologist" in lines
+
+
+def test_render_lines_name_a_close_runner_up_and_why_localisation_is_uncertain() -> None:
+    close = make_result(uncertain=True, region=Region(40, 60, 280, 240))
+    finding = close.findings[0]
+    probabilities = (0.05, 0.40, 0.42, 0.10, 0.03)
+    finding = replace(finding, probabilities=probabilities, uncertainty=("box leaves the image",))
+    close = replace(close, findings=(finding,))
+    assert overlay_lines(close)[0] == (
+        "R: KL grade 2, probability 42% (next: KL grade 1 40%); "
+        "localisation uncertain: box leaves the image"
+    )
+    assert [percent(p) for p in (0.9999986, 0.004, 0.0, 1.0, 0.715)] == [
+        ">99%",
+        "<1%",
+        "0%",
+        "100%",
+        "72%",
+    ]
+
+
+def test_two_knees_are_labelled_by_side_or_number_on_their_boxes_and_lines() -> None:
+    image = make_image()
+    left_box, right_box = Region(10, 60, 130, 180), Region(160, 60, 280, 180)
+    one = make_result(region=left_box, laterality="R", peak=(70, 120)).findings[0]
+    two = make_result(region=right_box, laterality="L", peak=(220, 120)).findings[0]
+    both = replace(make_result(), findings=(one, two))
+    lines = overlay_lines(both)
+    assert lines[0].startswith("R: KL grade 2") and lines[1].startswith("L: KL grade 2")
+    assert "each box scaled to its own peak" in lines[2]
+    unsided = replace(both, findings=(replace(one, laterality=None), replace(two, laterality=None)))
+    assert region_labels(unsided) == ("1", "2")
+    assert overlay_lines(unsided)[0].startswith("1: ")
+    rgb = render_overlay(image, both)
+    band = rgb.shape[0] - ROWS
+    top, left = band + left_box.y0 + 3, left_box.x0 + 3
+    label = rgb[top : top + 27, left : left + 27]
+    r, g, b = (label[..., i].astype(int) for i in range(3))
+    assert ((r > 150) & (g > 130) & (b < 60)).sum() > 10  # the side letter in the box's corner
+
+
+def test_an_image_without_a_finding_says_why_in_orange_without_heat_or_scale() -> None:
+    image = make_image()
+    result = replace(
+        make_result(synthetic=False),
+        findings=(),
+        not_assessed="no knee joint found on the image: not graded",
+    )
+    lines = overlay_lines(result)
+    assert lines[0] == "No knee joint found on the image: not graded"
+    assert not any(line.startswith("Colour") for line in lines)
+    rgb = render_overlay(image, result)
+    colours = {tuple(c) for c in TURBO.tolist()[1:-1]}
+    assert not any(tuple(pixel) in colours for row in rgb.tolist() for pixel in row)
+    r, g, b = (rgb[: rgb.shape[0] - ROWS, :, i].astype(int) for i in range(3))
+    assert ((r > 200) & (g > 120) & (g < 210) & (b < 60)).sum() > 20
 
 
 def test_render_outlines_localised_region_only() -> None:
@@ -299,21 +369,20 @@ def test_render_outlines_localised_region_only() -> None:
     yellow = [255, 230, 0]
     region = Region(40, 60, 280, 240)
     boxed = render_overlay(image, make_result(region=region))
-    assert boxed[150, region.x0].tolist() == yellow
+    assert boxed[boxed.shape[0] - ROWS + 150, region.x0].tolist() == yellow
     whole = render_overlay(image, make_result())
     assert not (whole == np.array(yellow, dtype=np.uint8)).all(axis=2).any()
 
 
-def test_render_draws_colour_scale_bar_high_on_top() -> None:
+def test_render_draws_the_colour_scale_in_the_band_low_to_high() -> None:
     rgb = render_overlay(make_image(), make_result())
+    band = rgb[: rgb.shape[0] - ROWS]
     colours = {tuple(c) for c in TURBO.tolist()}
-    right = rgb[:, COLUMNS - 40 :].tolist()
-    counts = [sum(tuple(row[x]) in colours for row in right) for x in range(40)]
-    column = int(np.argmax(counts))
-    assert counts[column] >= ROWS // 5
-    bar = [tuple(row[column]) for row in right if tuple(row[column]) in colours]
-    assert bar[0] == tuple(TURBO[255].tolist())
-    assert bar[-1] == tuple(TURBO[0].tolist())
+    counts = [sum(tuple(pixel) in colours for pixel in row) for row in band.tolist()]
+    row = band[int(np.argmax(counts))].tolist()
+    bar = [tuple(pixel) for pixel in row if tuple(pixel) in colours]
+    assert len(bar) >= COLUMNS // 5
+    assert bar[0] == tuple(TURBO[0].tolist()) and bar[-1] == tuple(TURBO[255].tolist())
 
 
 def test_heat_blend_is_the_weighted_mean_of_grey_and_colour() -> None:
@@ -351,7 +420,8 @@ def test_render_3000_square_keeps_its_size() -> None:
         rows=size, columns=size, peak=(1500, 1400), region=Region(500, 500, 2500, 2500)
     )
     rgb = render_overlay(image, result)
-    assert rgb.shape == (size, size, 3) and rgb.dtype == np.uint8
+    assert rgb.shape[1:] == (size, 3) and size < rgb.shape[0] < size * 1.2
+    assert rgb.dtype == np.uint8
 
 
 # Secondary Capture ---------------------------------------------------------
@@ -432,6 +502,59 @@ def test_sc_of_unknown_side_keeps_laterality_type_2c(
     back = pydicom.dcmread(path)
     assert back.get("Laterality", None) == laterality  # empty for a paired body part
     assert "PatientOrientation" in back
+    assert dciodvfy_errors(path) == []
+
+
+@needs_dicom3tools
+def test_sc_of_two_knees_says_both_sides_in_image_laterality(tmp_path: Path) -> None:
+    """Series Laterality allows R or L only; left empty for a bilateral film, dciodvfy warns."""
+    source = make_source(laterality=None, orientation=False, body_part="KNEE")
+    one = make_result(region=Region(10, 60, 130, 180), laterality="R").findings[0]
+    two = make_result(region=Region(160, 60, 280, 180), laterality="L").findings[0]
+    path = save(make_sc(source, replace(make_result(), findings=(one, two))), tmp_path / "sc.dcm")
+    back = pydicom.dcmread(path)
+    assert back.ImageLaterality == "B" and "Laterality" not in back
+    assert dciodvfy_errors(path) == [] and dciodvfy_warnings(path) == []
+
+
+@needs_dicom3tools
+@needs_dcmtk
+def test_sr_of_an_image_without_a_knee_says_not_assessed_and_why(tmp_path: Path) -> None:
+    source = make_source(laterality="L")
+    result = replace(
+        make_result(synthetic=False),
+        findings=(),
+        not_assessed="no knee joint found on the image: not graded",
+    )
+    sc = make_sc(source, result)
+    path = save(make_sr([SrImageItem(source=source, sc=sc, result=result)]), tmp_path / "sr.dcm")
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    assert report.get_planar_roi_measurement_groups() == []  # nothing graded, no region
+    (group,) = report.get_image_measurement_groups()
+    assert group.finding_type == dn.NOT_ASSESSED
+    back = pydicom.dcmread(path)
+    assert "No knee joint found on the image: not graded" in text_values(back)
+    assert items_named(back, dn.PROBABILITY) == []  # no grade, no probabilities
+    (finding,) = items_named(back, dn.FINDING)
+    assert finding.ConceptCodeSequence[0].CodeValue == "NOTASSESSED"
+    assert dciodvfy_errors(path) == []
+    dump(DSRDUMP, path)
+
+
+@needs_dicom3tools
+def test_sr_states_the_intended_use_and_leaves_localisation_out_of_whole_image_findings(
+    tmp_path: Path,
+) -> None:
+    source = make_source()
+    result = make_result()  # the whole image: nothing was localised
+    model = replace(result.model, intended_use="Decision support, not diagnosis.")
+    result = replace(result, model=model)
+    sr = make_sr([SrImageItem(source=source, sc=make_sc(source, result), result=result)])
+    path = save(sr, tmp_path / "sr.dcm")
+    (intended,) = items_named(pydicom.dcmread(path), dn.INTENDED_USE)
+    assert intended.TextValue == "knee-kl 1.0.0: Decision support, not diagnosis."
+    assert items_named(pydicom.dcmread(path), dn.LOCALISATION_UNCERTAIN) == []
     assert dciodvfy_errors(path) == []
 
 
@@ -530,6 +653,7 @@ def test_sr_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
     )
     (uncertain,) = group.get_qualitative_evaluations(name=dn.LOCALISATION_UNCERTAIN)
     assert uncertain.value == dn.YES
+    assert "Localisation uncertain: weak joint signal (0.30)" in text_values(back)
 
     (explanation,) = items_named(back, dn.VISUAL_EXPLANATION)
     assert explanation.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
@@ -832,14 +956,16 @@ def test_a_smaller_overlay_keeps_findings_in_place() -> None:
     assert fitted_result(image, replace(result, findings=(made,)), 1500).findings[0].heatmap is (
         f.heatmap
     )
-    rgb = render_overlay(image, result, 1500)
+    overlay = render_overlay(image, result, 1500)
+    band = overlay.shape[0] - 1500
+    rgb = overlay[band:]
     assert rgb.shape == (1500, 1200, 3)
     # The grey image is shrunk with its findings: black left, white right, heat at the peak.
     assert rgb[200, 100].tolist() == [0, 0, 0] and rgb[200, 1100].tolist() == [255, 255, 255]
     assert len(set(rgb[775, 625].tolist())) > 1  # coloured by the heat, not grey
     # Regions and peaks stay in original pixels; only the heatmap may come at the overlay's shape.
     np.testing.assert_array_equal(
-        rgb, render_overlay(image, replace(result, findings=(made,)), 1500)
+        overlay, render_overlay(image, replace(result, findings=(made,)), 1500)
     )
     with pytest.raises(EncodeError, match="overlay's shape"):
         render_overlay(image, replace(result, findings=(replace(finding, heatmap=heat[:-1]),)))

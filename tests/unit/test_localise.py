@@ -141,21 +141,23 @@ def test_prepared_dataset_carries_the_row_direction() -> None:
     assert prepare_dataset(ds).row_direction == ""
 
 
-def test_no_peak_gives_one_uncertain_centre_square() -> None:
-    (joint,) = _decode([], _image(300, 500, laterality="R"))
-    assert joint == Joint(Region(100, 0, 400, 300), "R", 0.0, True)
-    (weak,) = _decode([(32, 32, 0.2)], _image(300, 500))
-    assert weak.uncertain and weak.confidence == 0.0
+def test_no_peak_gives_no_joint() -> None:
+    """A film with no knee on it gets no grade (the centre square used to be graded)."""
+    assert _decode([], _image(300, 500, laterality="R")) == ()
+    assert _decode([(32, 32, 0.2)], _image(300, 500)) == ()  # below the candidate floor
 
 
 def test_peak_at_the_border_weak_peak_and_crowding_are_uncertain() -> None:
     image = _image(256, 256)
     (edge,) = _decode([(1, 32, 0.9)], image)
     assert edge.region.x0 < 0 and edge.uncertain
+    assert edge.reasons == ("box leaves the image",)
     (weak,) = _decode([(32, 32, 0.4)], image)
     assert weak.uncertain and weak.region.x0 >= 0
+    assert weak.reasons == ("weak joint signal (0.40)",)
     crowd = _decode([(10, 32, 0.9), (32, 32, 0.8), (54, 32, 0.7)], image)
     assert len(crowd) == 2 and all(j.uncertain for j in crowd)
+    assert all("more than two joint candidates" in j.reasons for j in crowd)
     assert [round(j.confidence, 3) for j in crowd] == [0.9, 0.8]
 
 
@@ -268,14 +270,18 @@ def test_predictor_gives_one_finding_per_joint(with_localiser: Predictor) -> Non
         PreparedImage(np.zeros((200, 300), dtype=np.float32), "R", "blank"),
     ]
     results = with_localiser.predict(images)
-    assert [len(r.findings) for r in results] == [2, 1, 1, 1]
+    assert [len(r.findings) for r in results] == [2, 1, 1, 0]
     bilateral = results[0].findings
     assert [f.laterality for f in bilateral] == ["R", "L"]
     assert not any(f.localisation_uncertain for f in bilateral)
     assert results[1].findings[0].laterality == "L"
     assert results[2].findings[0].localisation_uncertain  # its square leaves the image
-    assert results[3].findings[0].localisation_uncertain  # nothing found: centre square
-    assert results[3].findings[0].region == Region(50, 0, 250, 200)
+    assert results[2].findings[0].uncertainty == ("box leaves the image",)
+    assert all(f.localised for r in results for f in r.findings)
+    # Nothing found: not graded, and said so (grading the centre of a blank film gave a grade
+    # to nothing).
+    assert results[3].not_assessed == "no knee joint found on the image: not graded"
+    assert not results[0].not_assessed
     for image, result in zip(images, results, strict=True):
         for finding in result.findings:
             _check_finding_geometry(image, finding.region, finding.heatmap, finding.peak)
@@ -457,4 +463,5 @@ def test_trained_localiser_on_a_real_lower_leg_radiograph() -> None:
     image = prepare_dataset(dataset, "RG3_UNCR")
     joints = localiser.locate(image)
     print(f"\nRG3 (lower leg, no knee): {joints}")
-    assert joints and all(joint.uncertain for joint in joints)
+    # No joint found (then the image is not graded), or none reported as certain.
+    assert all(joint.uncertain for joint in joints)
