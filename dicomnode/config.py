@@ -99,8 +99,8 @@ class NodeSettings(_Section):
         32,
         ge=1,
         le=1024,
-        description="associations received at once; one more is rejected as transient "
-        "(local limit exceeded) and its sender retries later",
+        description="associations received at once on each listener (node.port, tls.port); "
+        "one more is rejected as transient (local limit exceeded) and its sender retries later",
     )
     institution_name: str = Field(
         "", max_length=64, description="written into result objects when set"

@@ -19,7 +19,7 @@ from dicomnode.inference import Predictor
 from dicomnode.models.card import ModelCard
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.studies import route
-from dicomnode.values import ModelIdentity
+from dicomnode.values import ImageResult, ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +198,16 @@ def explain_file(
         from dicomnode.explain.shap_map import SHAP
 
         predictor = predictor.with_explainer(SHAP)
-    overlay, model = _overlay(predictor, image_path)
+    overlay, result = _overlay(predictor, image_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay).save(out, pnginfo=_png_text(model))
-    return out, _describe(model)
+    Image.fromarray(overlay).save(out, pnginfo=_png_text(result.model))
+    if result.not_assessed:  # no map was made: say why, not which map
+        return out, f"{result.not_assessed} ({result.model.name} {result.model.version})"
+    return out, _describe(result.model)
 
 
-def _overlay(predictor: Predictor, image_path: Path) -> tuple[UInt8Array, ModelIdentity]:
-    """The explanation overlay of one image and the model that made it.
+def _overlay(predictor: Predictor, image_path: Path) -> tuple[UInt8Array, ImageResult]:
+    """The explanation overlay of one image and the result it shows.
 
     An error names the image by the path as given: the message otherwise does not say
     which file it is about (``the dataset has no Pixel Data``), and the path is the
@@ -217,7 +219,7 @@ def _overlay(predictor: Predictor, image_path: Path) -> tuple[UInt8Array, ModelI
     try:
         image = read_image_file(image_path)
         result = predictor.predict([image])[0]
-        return render_overlay(image, result), result.model
+        return render_overlay(image, result), result
     except DicomNodeError as exc:
         raise type(exc)(f"{image_path}: {exc}") from exc
 

@@ -2,10 +2,11 @@
 
 The overlay is the windowed radiograph in grey with each finding's Grad-CAM
 heatmap blended in the *turbo* colour map where the heat is significant, a
-labelled rectangle around a localised region and a cross at the heat peak;
-above the image, in a band of its own, the text that names the result and the
-algorithm and a colour scale that says what the heat means. No text covers the
-anatomy: the band is added to the image, not drawn over it.
+rectangle around a localised region, labelled just above it with its side or
+number, and a cross at the heat peak; above the image, in a band of its own,
+the text that names the result and the algorithm and a colour scale that says
+what the heat means. Apart from the box labels no text is drawn on the image:
+the band is added to it, not drawn over it.
 
 Everything works on ``uint8``/``uint16`` arrays and only touches the pixels
 it changes (heat bounding box, boxes, band), so a 3000 x 3000 radiograph
@@ -14,6 +15,7 @@ renders in well under a second on one CPU core.
 
 from __future__ import annotations
 
+import math
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -171,12 +173,14 @@ def region_labels(result: ImageResult, laterality: str | None = None) -> tuple[s
 
 
 def percent(probability: float) -> str:
-    """A probability as a reader takes it in: ``71%``, never ``100%`` or ``0%`` unless exact."""
-    if probability >= 0.995 and probability < 1.0:
+    """A probability as a reader takes it in: ``71%`` (halves rounded up), never ``100%``
+    or ``0%`` unless exact."""
+    value = math.floor(probability * 100 + 0.5)
+    if value >= 100 and probability < 1.0:
         return ">99%"
-    if 0.0 < probability < 0.005:
+    if value <= 0 and probability > 0.0:
         return "<1%"
-    return f"{round(probability * 100)}%"
+    return f"{value}%"
 
 
 def _finding_line(finding: Finding, label: str, result: ImageResult) -> str:
@@ -341,13 +345,21 @@ def _draw_region(rgb: UInt8Array, finding: Finding, label: str, layout: _Layout)
     if not whole:
         _draw_box(rgb, (region.x0, region.y0, region.x1, region.y1), _REGION, layout.line_width)
         if label:
-            font = text_font(layout.font_size)
-            origin = (max(0, region.x0), max(0, region.y0))
-            _draw_text_block(rgb, origin, [(label, _REGION)], font, layout.margin)
+            _draw_label(rgb, region, label, layout)
     column, row = round(finding.peak[0]), round(finding.peak[1])
     arm, half = 4 * layout.margin, max(1, layout.line_width) // 2 + 1
     _draw_box(rgb, (column - arm, row - half + 1, column + arm + 1, row + half), _PEAK, half)
     _draw_box(rgb, (column - half + 1, row - arm, column + half, row + arm + 1), _PEAK, half)
+
+
+def _draw_label(rgb: UInt8Array, region: Region, label: str, layout: _Layout) -> None:
+    """A box's label (its side or number, the only text on the image) just above its
+    top-left corner, or inside the corner where the image leaves no room above it."""
+    font = text_font(layout.font_size)
+    height = _line_height(font) + 2 * layout.margin
+    above = region.y0 - height
+    origin = (max(0, region.x0), above if above >= 0 else max(0, region.y0))
+    _draw_text_block(rgb, origin, [(label, _REGION)], font, layout.margin)
 
 
 @lru_cache(maxsize=32)

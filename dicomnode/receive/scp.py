@@ -226,6 +226,8 @@ class StoreHandlers:
             return
         calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        if _health_probe(address, calling_ae, self.settings.node):
+            return  # rejected quietly by the AE title check; `health` checks the disk itself
         if self._low_on_space(calling_ae, address):
             reject = REJECT_CONGESTED
         elif self._caller_rejected(calling_ae, address):
@@ -236,17 +238,23 @@ class StoreHandlers:
         assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
 
     def _low_on_space(self, calling_ae: str, address: str) -> bool:
+        """Below the free-space floor, or the free space cannot be read (a volume gone):
+        refuse, as the C-STORE would; raising here would let the association through."""
         try:
             ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
         except StorageFullError as exc:
-            log.error(
-                "association from AE %r at %s rejected (transient, temporary congestion): %s",
-                calling_ae,
-                address,
-                exc,
-            )
-            return True
-        return False
+            reason = str(exc)
+        except Exception as exc:
+            reason = f"the free space of {self.data_dir} cannot be read ({type(exc).__name__})"
+        else:
+            return False
+        log.error(
+            "association from AE %r at %s rejected (transient, temporary congestion): %s",
+            calling_ae,
+            address,
+            reason,
+        )
+        return True
 
     def _caller_rejected(self, calling_ae: str, address: str) -> bool:
         """A registered peer's AE title called from another address than the peer's host
@@ -285,7 +293,7 @@ class StoreHandlers:
         assoc = event.assoc
         requestor = assoc.requestor
         calling_ae = str(requestor.ae_title).strip()
-        if _health_probe(requestor, self.settings.node):
+        if _health_probe(str(requestor.address), calling_ae, self.settings.node):
             log.debug("health probe answered")  # `dicomnode health`, every 30 s in Docker
             return
         reject = _reject_reason(assoc)
@@ -329,12 +337,12 @@ class StoreHandlers:
         ]
 
 
-def _health_probe(requestor: Any, node: NodeSettings) -> bool:
+def _health_probe(address: str, calling_ae: str, node: NodeSettings) -> bool:
     """An association under the node's own AE title from the node's own address (the
     loopback, or the address it listens on): ``dicomnode health``."""
-    ip = ip_of(str(requestor.address))
+    ip = ip_of(address)
     own = ip is not None and (ip.is_loopback or ip == ip_of(node.host))
-    return own and str(requestor.ae_title).strip() == node.ae_title
+    return own and calling_ae.strip() == node.ae_title
 
 
 def _reject_reason(assoc: Any) -> tuple[int, int, int] | None:

@@ -92,7 +92,8 @@ def _class_files(folder: Path, root: Path) -> list[Path]:
     skipped = [p for p in files if not _may_be_an_image(p)]
     _warn_skipped(skipped, folder, root, "files that are not images (PNG, WebP, JPEG, DICOM)")
     _warn_skipped(links, folder, root, "links to folders (not followed) or broken links")
-    return [p for p in files if p not in set(skipped)]
+    left_out = set(skipped)
+    return [p for p in files if p not in left_out]
 
 
 def _walk_files(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -94,7 +94,7 @@ def train_from_config(
     )
     if not (resume and _has_checkpoints(config)):
         written = _written_by(recipe, config)
-        if output_dir is not None and version is None:  # elsewhere, but the same model
+        if output_dir is not None:  # elsewhere, but perhaps the recipe's model again
             written.append(load_config(config_path).output_dir)
         refuse_to_replace(config, written)
     with torch_settings(config):
@@ -144,7 +144,8 @@ def refuse_to_replace(config: TrainingConfig, directories: Sequence[Path]) -> No
         if (str(written.get("name")), str(written.get("version"))) == ours:
             raise TrainingError(
                 f"{directory} holds {ours[0]} {ours[1]} already: give the new run a new "
-                "model.version in the recipe (or another output_dir), or remove the directory"
+                "model.version (in the recipe, or `dicomnode train RECIPE --version V`), or "
+                "another output_dir, or remove the directory"
             )
 
 

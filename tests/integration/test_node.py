@@ -397,6 +397,30 @@ def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
     assert node.count(Association) == 0
 
 
+def test_a_free_space_check_that_fails_rejects_and_the_health_probe_stays_quiet(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A volume whose free space cannot be read refuses callers (pynetdicom lets an
+    association through when the handler raises, past the caller-host check too); the
+    health probe, rejected anyway, logs nothing while the disk is low."""
+    from dicomnode.health import check_scp
+    from dicomnode.receive import scp
+
+    def stale(*_: object) -> None:
+        raise OSError(116, "Stale file handle")
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(scp, "ensure_free_space", stale)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    assert "free space of" in caplog.text and "cannot be read (OSError)" in caplog.text
+    caplog.clear()
+    assert check_scp(node.settings).ok
+    assert caplog.text == ""
+
+
 def test_a_disk_that_fills_during_an_association_refuses_with_a700_and_stores_nothing(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:

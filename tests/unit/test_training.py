@@ -757,6 +757,9 @@ def test_a_new_run_does_not_replace_the_same_version_of_its_model(tmp_path: Path
     # command line (`dicomnode train RECIPE --version V --output-dir DIR`).
     with pytest.raises(TrainingError, match="already"):
         train_from_config(recipe, output_dir=tmp_path / "again")  # the same name and version
+    shipped = load_card(directory).version
+    with pytest.raises(TrainingError, match="already"):  # ... given explicitly too
+        train_from_config(recipe, output_dir=tmp_path / "again", version=shipped)
     again = train_from_config(recipe, output_dir=tmp_path / "again", version="98.0.0")
     assert again == tmp_path / "again" and load_card(again).version == "98.0.0"
     assert (tmp_path / "checkpoints" / "98.0.0" / "fold-0" / "last.pt").is_file()  # its own
