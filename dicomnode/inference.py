@@ -418,7 +418,7 @@ class Predictor:
         )
 
 
-NO_JOINT_FOUND = "no knee joint found on the image: not graded"
+NO_JOINT_FOUND = "No knee joint found on the image: not graded"
 """Why an image the localiser found no joint on has no finding."""
 
 

@@ -179,4 +179,5 @@ class ImageResult:
     classes: tuple[CodedClass, ...]
     findings: tuple[Finding, ...]
     not_assessed: str = ""
-    """Why the image has no finding (``"no knee joint found"``); empty when it has some."""
+    """Why the image has no finding, as a sentence the overlay and SR show ("No knee joint
+    found on the image: not graded"); empty when it has some."""

@@ -153,7 +153,7 @@ def overlay_lines(result: ImageResult, laterality: str | None = None) -> tuple[s
 def result_lines(result: ImageResult, laterality: str | None = None) -> tuple[str, ...]:
     """The result itself: one line per finding, or the one line saying why there is none."""
     if result.not_assessed:
-        return (result.not_assessed[:1].upper() + result.not_assessed[1:],)
+        return (result.not_assessed,)
     labels = region_labels(result, laterality)
     return tuple(
         _finding_line(finding, label, result)
@@ -464,31 +464,34 @@ def _band(lines: tuple[str, ...], result: ImageResult, layout: _Layout) -> UInt8
     for index, (text, colour) in enumerate(coloured):
         _, top, _, _ = font.getbbox(text)
         draw.text((2 * layout.margin, layout.margin + index * height - top), text, colour, font)
+    # the scale says what the colours mean; without findings there are none
+    origin = (2 * layout.margin, text_rows)
+    scale = _scale_words(draw, font, origin, height, layout) if result.findings else None
     band = np.asarray(canvas).copy()
-    if result.findings:  # the scale says what the colours mean; without findings there are none
-        _draw_scale(band, font, (2 * layout.margin, text_rows), height, layout)
+    if scale is not None:
+        x0, width = scale
+        levels = np.linspace(0, 255, width).round().astype(np.uint8)
+        band[text_rows : text_rows + max(2, (height * 2) // 3), x0 : x0 + width] = TURBO[levels]
     return band
 
 
-def _draw_scale(
-    band: UInt8Array, font: Font, origin: tuple[int, int], height: int, layout: _Layout
-) -> None:
-    """``low`` [turbo colours] ``high`` on one line of the band, from ``origin`` (x, y)."""
-    canvas = Image.fromarray(band)
-    draw = ImageDraw.Draw(canvas)
+def _scale_words(
+    draw: ImageDraw.ImageDraw,
+    font: Font,
+    origin: tuple[int, int],
+    height: int,
+    layout: _Layout,
+) -> tuple[int, int]:
+    """Write ``low`` and ``high`` on the scale's line from ``origin`` (x, y); return where
+    the colours go between them: (first column, width)."""
     x, y = origin
     gap = max(2, height // 3)
-    for word, left in (("low", x), ("high", None)):
-        _, top, _, _ = font.getbbox(word)
-        if left is None:
-            left = x + _text_width(font, "low") + 2 * gap + _scale_width(layout)
-        draw.text((left, y - top), word, _TEXT, font)
-    band[...] = np.asarray(canvas)
     x0 = x + _text_width(font, "low") + gap
-    width = min(_scale_width(layout), max(0, band.shape[1] - x0))
-    levels = np.linspace(0, 255, width).round().astype(np.uint8)
-    bar_height = max(2, (height * 2) // 3)
-    band[y : y + bar_height, x0 : x0 + width] = TURBO[levels][None, :, :]
+    width = max(0, min(_scale_width(layout), layout.columns - x0))
+    for word, left in (("low", x), ("high", x0 + width + gap)):
+        _, top, _, _ = font.getbbox(word)
+        draw.text((left, y - top), word, _TEXT, font)
+    return x0, width
 
 
 def _scale_width(layout: _Layout) -> int:

@@ -354,7 +354,7 @@ def _image_group(
         ],
     )
     if reason:
-        group[0].ContentSequence.append(_comment(reason[:1].upper() + reason[1:]))
+        group[0].ContentSequence.append(_comment(reason))
     if item.sc is not None:
         group[0].ContentSequence.append(_visual_explanation(item.sc))
     return group

@@ -347,7 +347,7 @@ def test_an_image_without_a_finding_says_why_in_orange_without_heat_or_scale() -
     result = replace(
         make_result(synthetic=False),
         findings=(),
-        not_assessed="no knee joint found on the image: not graded",
+        not_assessed="No knee joint found on the image: not graded",
     )
     lines = overlay_lines(result)
     assert lines[0] == "No knee joint found on the image: not graded"
@@ -519,7 +519,7 @@ def test_sr_of_an_image_without_a_knee_says_not_assessed_and_why(tmp_path: Path)
     result = replace(
         make_result(synthetic=False),
         findings=(),
-        not_assessed="no knee joint found on the image: not graded",
+        not_assessed="No knee joint found on the image: not graded",
     )
     sc = make_sc(source, result)
     path = save(make_sr([SrImageItem(source=source, sc=sc, result=result)]), tmp_path / "sr.dcm")

@@ -280,7 +280,7 @@ def test_predictor_gives_one_finding_per_joint(with_localiser: Predictor) -> Non
     assert all(f.localised for r in results for f in r.findings)
     # Nothing found: not graded, and said so (grading the centre of a blank film gave a grade
     # to nothing).
-    assert results[3].not_assessed == "no knee joint found on the image: not graded"
+    assert results[3].not_assessed == "No knee joint found on the image: not graded"
     assert not results[0].not_assessed
     for image, result in zip(images, results, strict=True):
         for finding in result.findings:
