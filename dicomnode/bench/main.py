@@ -19,7 +19,12 @@ from rich.table import Table
 
 from dicomnode.bench import run
 from dicomnode.bench.bare import bare_loop, model_limit
-from dicomnode.bench.data import make_studies
+from dicomnode.bench.data import (
+    KNEE_CROPS_VARIABLE,
+    knee_crops,
+    knee_pictures_available,
+    make_studies,
+)
 from dicomnode.config import Settings
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -59,6 +64,16 @@ def _model(options: BenchOptions, scratch: Path) -> tuple[Path, LoadedCard, str]
     return tiny, loaded, "tiny-knee (untrained; no knee model installed)"
 
 
+def _pictures() -> str:
+    """What the knee films show, as the run's record says it."""
+    if knee_pictures_available():
+        return f"one knee joint each, composed of real crops from {knee_crops()}"
+    return (
+        f"WARNING: no knee crops at {knee_crops()} (set {KNEE_CROPS_VARIABLE}): synthetic "
+        "pictures on which the localiser may find no joint, so the classifier may not run"
+    )
+
+
 def _machine() -> dict[str, Any]:
     import psutil
 
@@ -81,6 +96,8 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
     try:
         models_dir, loaded, model_name = _model(options, scratch)
         console.print(f"model: {model_name}; device: {options.device}; scratch: {scratch}")
+        pictures = _pictures()
+        console.print(f"knee films: {pictures}")
         figures: dict[str, Any] = {}
         console.print(f"receive: {options.instances} instances x {options.rounds} rounds, 1 sender")
         figures["receive_1"] = run.receive(
@@ -125,7 +142,7 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
             "time": datetime.now(UTC).isoformat(),
             "machine": _machine(),
             "versions": _versions(),
-            "settings": {**options.__dict__, "model": model_name},
+            "settings": {**options.__dict__, "model": model_name, "knee_films": pictures},
             "figures": figures,
         }
         path = _write(result, options.out_dir)
