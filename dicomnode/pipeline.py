@@ -43,7 +43,9 @@ from dicomnode.values import (
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "dicomnode"
-SC_SERIES_NUMBER = 9901
+SC_SERIES_NUMBERS = {"": 9901, "R": 9903, "L": 9904}
+"""The overlay series of a study, one per side (the source's laterality; "" for none), each
+with a number of its own, so a PACS lists them apart: 9901, then the SR's 9902, 9903, 9904."""
 SR_SERIES_NUMBER = 9902
 
 
@@ -126,19 +128,16 @@ def make_sc(
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
+    side = source_laterality(header) or ""
     sc = encode_sc(
         header,
         overlay_pixels(analysed, max_size) if pixels is None else pixels,
         result,
         series_uid=uids.sc_series_uid(
-            uid_root,
-            str(header.StudyInstanceUID),
-            model.name,
-            model.version,
-            source_laterality(header) or "",
+            uid_root, str(header.StudyInstanceUID), model.name, model.version, side
         ),
         sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
-        series_number=SC_SERIES_NUMBER,
+        series_number=SC_SERIES_NUMBERS[side],
         instance_number=_instance_number(header),
         manufacturer=MANUFACTURER,
         software_version=__version__,

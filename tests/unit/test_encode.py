@@ -984,17 +984,19 @@ def test_derived_uids_do_not_collide_when_parts_shift() -> None:
 
 
 def test_overlays_of_each_side_go_into_a_series_of_their_own() -> None:
-    """Laterality is a series attribute: a right and a left knee image get two SC series."""
+    """Laterality is a series attribute: a right and a left knee image get two SC series,
+    each with a number of its own (a PACS lists series by number)."""
     study = generate_uid()
     result = make_result(5)
-    series: dict[str, set[str]] = {}
-    for side in ("R", "L", "R"):
+    series: dict[str, set[tuple[str, int]]] = {}
+    for side in ("R", "L", "R", None):
         prepared = Prepared(
             generate_uid(), make_source(laterality=side, study_uid=study), make_image()
         )
         sc = pipeline_make_sc(Analysed(prepared, result), uid_root="1.2.826.0.1.3680043.10.1.")
-        series.setdefault(sc.SeriesInstanceUID, set()).add(sc.Laterality)
-    assert sorted(series.values(), key=str) == [{"L"}, {"R"}]
+        side_shown = str(sc.get("Laterality", "") or "")
+        series.setdefault(sc.SeriesInstanceUID, set()).add((side_shown, int(sc.SeriesNumber)))
+    assert sorted(series.values(), key=str) == [{("", 9901)}, {("L", 9904)}, {("R", 9903)}]
 
 
 # Non-conformant source headers ---------------------------------------------
