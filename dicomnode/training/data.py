@@ -140,13 +140,18 @@ def _may_be_an_image(path: Path) -> bool:
 def _warn_skipped(paths: Sequence[Path], folder: Path, root: Path, what: str) -> None:
     if paths:
         logger.warning(
-            "skipped %d %s under %s: %s%s",
+            "skipped %d %s under %s: %s",
             len(paths),
             what,
             _relative(folder, root),
-            "; ".join(_relative(p, root) for p in paths[:MAX_LISTED]),
-            f"; and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else "",
+            listed([_relative(p, root) for p in paths]),
         )
+
+
+def listed(items: Sequence[str]) -> str:
+    """The first :data:`MAX_LISTED` of ``items`` joined by ``; ``, and how many more."""
+    more = f"; and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return "; ".join(items[:MAX_LISTED]) + more
 
 
 MASK_FOLDER = "masks"
@@ -450,9 +455,7 @@ def unusable_message(
     purpose: str = "used for training (fix or remove them; nothing was cached)",
 ) -> str:
     """One error for every file of a folder that cannot be decoded (the first few named)."""
-    shown = "; ".join(unusable[:MAX_LISTED])
-    more = f"; and {len(unusable) - MAX_LISTED} more" if len(unusable) > MAX_LISTED else ""
-    return f"{len(unusable)} of {total} files in {root} cannot be {purpose}: {shown}{more}"
+    return f"{len(unusable)} of {total} files in {root} cannot be {purpose}: {listed(unusable)}"
 
 
 def _common_size(images: LabelledImages) -> tuple[int, int] | None:

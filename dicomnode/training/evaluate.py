@@ -55,8 +55,8 @@ from dicomnode.models.card import CAM_METHOD_NAMES, ModelCard, load_card
 from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
-    MAX_LISTED,
     LabelledImages,
+    listed,
     read_labelled,
     scan_folder,
     unusable_message,
@@ -189,11 +189,10 @@ def warn_of_images_the_node_skips(images: LabelledImages) -> list[str]:
         logger.warning(
             "%d of %d files are DICOM images the node does not analyse (routing.modalities "
             "and the radiograph SOP classes, CR and DX): they are evaluated, but the node "
-            "would skip them: %s%s",
+            "would skip them: %s",
             len(skipped),
             len(images),
-            "; ".join(skipped[:MAX_LISTED]),
-            f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else "",
+            listed(skipped),
         )
     return skipped
 
