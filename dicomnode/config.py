@@ -206,6 +206,12 @@ class TlsSettings(_Section):
     check_hostname: bool = Field(
         True, description="a peer's certificate must name the host it is reached at"
     )
+    peers_call_over_tls: bool = Field(
+        True,
+        description="a peer registered with tls: true may call only the TLS port: its "
+        "associations on the plain port are rejected (its images would cross the network "
+        "in the clear)",
+    )
 
     def missing(self) -> list[str]:
         """The files TLS needs that are not given or not there (``tls.KEY (path)``)."""

@@ -230,7 +230,7 @@ class StoreHandlers:
             return  # rejected quietly by the AE title check; `health` checks the disk itself
         if self._low_on_space(calling_ae, address):
             reject = REJECT_CONGESTED
-        elif self._caller_rejected(calling_ae, address):
+        elif self._caller_rejected(calling_ae, address, _over_tls(assoc)):
             reject = REJECT_CALLING_AE
         else:
             return
@@ -256,28 +256,45 @@ class StoreHandlers:
         )
         return True
 
-    def _caller_rejected(self, calling_ae: str, address: str) -> bool:
+    def _caller_rejected(self, calling_ae: str, address: str, over_tls: bool) -> bool:
         """A registered peer's AE title called from another address than the peer's host
-        (``node.check_caller_host``); unknown AE titles are left to the AE title check.
-        A check that cannot be made (the database unavailable) rejects too: pynetdicom
-        would let the association through when the handler raised."""
-        if not self.settings.node.check_caller_host:
+        (``node.check_caller_host``), or a peer registered with ``tls: true`` calling the
+        plain port (``tls.peers_call_over_tls``); unknown AE titles are left to the AE
+        title check. A check that cannot be made (the database unavailable) rejects too:
+        pynetdicom would let the association through when the handler raised."""
+        check_host = self.settings.node.check_caller_host
+        check_tls = self.settings.tls.peers_call_over_tls and not over_tls
+        if not (check_host or check_tls):
             return False
         try:
             with self.db.session() as session:
                 peer = peer_by_ae_title(session, calling_ae)
-            if peer is None or caller_matches(peer.host, address):
+            if peer is None:
                 return False
-            log.warning(
-                "association from AE %r at %s rejected: peer %s is registered at host %s. "
-                "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name may "
-                "resolve to several addresses), or behind NAT set node.check_caller_host: false",
-                calling_ae,
-                address,
-                peer.name,
-                peer.host,
-                peer.name,
-            )
+            if check_host and not caller_matches(peer.host, address):
+                log.warning(
+                    "association from AE %r at %s rejected: peer %s is registered at host %s. "
+                    "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name "
+                    "may resolve to several addresses), or behind NAT set "
+                    "node.check_caller_host: false",
+                    calling_ae,
+                    address,
+                    peer.name,
+                    peer.host,
+                    peer.name,
+                )
+            elif check_tls and peer.tls:
+                log.warning(
+                    "association from AE %r at %s rejected: peer %s is registered with tls: "
+                    "true and called the plain port; it must call the TLS port %d (or set "
+                    "tls.peers_call_over_tls: false)",
+                    calling_ae,
+                    address,
+                    peer.name,
+                    self.settings.tls.port,
+                )
+            else:
+                return False
         except Exception as exc:
             log.error(
                 "association from AE %r at %s rejected: its host could not be checked (%s)",
@@ -335,6 +352,11 @@ class StoreHandlers:
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_REQUESTED, self.on_requested),
         ]
+
+
+def _over_tls(assoc: Any) -> bool:
+    """True when ``assoc`` came in on the TLS listener."""
+    return isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
 
 
 def _health_probe(address: str, calling_ae: str, node: NodeSettings) -> bool:

@@ -76,15 +76,17 @@ def _store_over_tls(port: int, context: ssl.SSLContext | None) -> int | None:
 
 
 @contextmanager
-def _listening(settings: Settings, db: Database, pki: Pki) -> Iterator[Settings]:
+def _listening(
+    settings: Settings, db: Database, pki: Pki, *, tls_sender: bool = False, **tls: object
+) -> Iterator[Settings]:
     """The node's plain and TLS listeners, as `serve` starts them, with the sender MOD
-    registered; the settings they run with."""
+    registered (``tls: true`` when ``tls_sender``); the settings they run with."""
     from dicomnode.config import PeerSettings
     from dicomnode.peers import sync_config_peers
 
-    sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104)
+    sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104, tls=tls_sender)
     secured = _with_tls(
-        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port()
+        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port(), **tls
     )
     with db.session() as session:
         sync_config_peers(session, dict(secured.peers))
@@ -106,6 +108,23 @@ def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
         assert _store_over_tls(port, _sender_context(pki.ca_certificate, stranger.peer)) is None
         assert _store_over_tls(port, None) is None  # plain DICOM on the TLS port
         assert _store_over_tls(secured.node.port, None) == 0  # plain DICOM on node.port
+    with db.session() as session:
+        assert len(session.execute(select(Instance)).scalars().all()) == 2
+
+
+def test_a_peer_registered_for_tls_may_not_send_in_the_clear(
+    settings: Settings, db: Database, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer with tls: true that calls the plain port (a modality left on its old
+    settings) would put patient images on the network unencrypted: it is turned away,
+    and the log says which port it must call."""
+    trusted = _sender_context(pki.ca_certificate, pki.peer)
+    with _listening(settings, db, pki, tls_sender=True) as secured:
+        assert _store_over_tls(secured.node.port, None) is None
+        assert _store_over_tls(secured.tls.port, trusted) == 0
+    assert f"must call the TLS port {secured.tls.port}" in caplog.text
+    with _listening(settings, db, pki, tls_sender=True, peers_call_over_tls=False) as allowed:
+        assert _store_over_tls(allowed.node.port, None) == 0  # the site chose to allow it
     with db.session() as session:
         assert len(session.execute(select(Instance)).scalars().all()) == 2
 
