@@ -26,7 +26,7 @@ import pydicom
 from dicomnode import __version__, uids
 from dicomnode.encode.header import fit_character_set
 from dicomnode.encode.render import UInt8Array, render_overlay
-from dicomnode.encode.sc import encode_sc, source_laterality
+from dicomnode.encode.sc import encode_sc, overlay_side
 from dicomnode.encode.sr import SrImageItem, encode_sr
 from dicomnode.errors import ImagingError, UnsupportedImageError
 from dicomnode.imaging.pixels import prepare_dataset, read_dicom
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MANUFACTURER = "dicomnode"
 SC_SERIES_NUMBERS = {"": 9901, "R": 9903, "L": 9904}
-"""The overlay series of a study, one per side (the source's laterality; "" for none), each
+"""The overlay series of a study, one per side (:func:`overlay_side`; "" for none), each
 with a number of its own, so a PACS lists them apart: 9901, then the SR's 9902, 9903, 9904."""
 SR_SERIES_NUMBER = 9902
 
@@ -122,13 +122,14 @@ def make_sc(
     ``pixels``: the overlay when already rendered by :func:`overlay_pixels`;
     ``jpeg_quality``: JPEG Baseline quality of its pixel data (0: uncompressed).
     Its Instance Number is the source image's, so the overlays sort like the originals. The
-    overlays of a study go into one series per side (the source's laterality), so that the
-    series-level Laterality holds for every overlay in it.
+    overlays of a study go into one series per side (the source's laterality; none for a
+    film on which a right and a left knee were found), so that the series-level Laterality
+    holds for every overlay in it.
     """
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
     header, model = prepared.header, result.model
-    side = source_laterality(header) or ""
+    side = overlay_side(header, result) or ""
     sc = encode_sc(
         header,
         overlay_pixels(analysed, max_size) if pixels is None else pixels,

@@ -268,3 +268,53 @@ def _encodes(character: str, codec: str) -> bool:
     except (UnicodeError, LookupError, ValueError):
         return False
     return True
+
+
+_REQUEST_TYPE_2 = (
+    "ReferencedStudySequence",
+    "AccessionNumber",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+    "RequestedProcedureCodeSequence",
+)
+_REQUEST_COPIED = (
+    *_REQUEST_TYPE_2,
+    "IssuerOfAccessionNumberSequence",
+    "ReasonForTheRequestedProcedure",
+)
+
+
+def referenced_requests(sources: Iterable[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The Referenced Request Sequence items of a report on ``sources`` (PS3.3 C.17.2).
+
+    A report answers the orders its images were made for: one item per request in the
+    sources' Request Attributes Sequences, or, for a source without one, per Accession
+    Number. Each item holds the study and the Type 2 attributes, empty where the source
+    has no value, so a RIS files the report under its order. Sources without either give
+    no item: the report then answers no known request (the sequence is Type 1C).
+    """
+    items: list[pydicom.Dataset] = []
+    seen: set[tuple[str, str, str]] = set()
+    for source in map(conformant_header, sources):  # an Accession Number "A\B" is cleaned
+        requests = [conformant_header(r) for r in source.get("RequestAttributesSequence") or []]
+        if not requests and str(source.get("AccessionNumber") or "").strip():
+            requests = [pydicom.Dataset()]
+        for request in requests:
+            item = _request_item(source, request)
+            key = (item.StudyInstanceUID, str(item.AccessionNumber), str(item.RequestedProcedureID))
+            if key not in seen:
+                seen.add(key)
+                items.append(item)
+    return items
+
+
+def _request_item(source: pydicom.Dataset, request: pydicom.Dataset) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.StudyInstanceUID = request.get("StudyInstanceUID") or source.StudyInstanceUID
+    for keyword in _REQUEST_COPIED:
+        value = request.get(keyword) or source.get(keyword) or None
+        if value is not None or keyword in _REQUEST_TYPE_2:
+            setattr(item, keyword, copy.deepcopy(value))
+    return item

@@ -7,6 +7,7 @@ in the Source Image Sequence and declares its burned-in annotation.
 
 from __future__ import annotations
 
+import copy
 from contextlib import suppress
 from io import BytesIO
 
@@ -110,6 +111,15 @@ def source_laterality(source: pydicom.Dataset) -> str | None:
     return None
 
 
+def overlay_side(source: pydicom.Dataset, result: ImageResult) -> str | None:
+    """The one side an overlay of ``source`` shows: the source's (``"L"`` or ``"R"``),
+    unless the model found a right and a left knee on it (a bilateral film whose header
+    names one side), or ``None``. Its series and series Laterality hold for it."""
+    if {"R", "L"} <= {finding.laterality for finding in result.findings}:
+        return None
+    return source_laterality(source)
+
+
 def encode_sc(
     source: pydicom.Dataset,
     rgb: npt.NDArray[np.uint8],
@@ -161,6 +171,7 @@ def encode_sc(
     _check_rgb(rgb)
     source = conformant_header(source)
     model = result.model
+    side = overlay_side(source, result)
     try:
         sc = SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -173,10 +184,10 @@ def encode_sc(
             sop_instance_uid=sop_uid,
             instance_number=instance_number,
             manufacturer=manufacturer,
-            laterality=_laterality(source),
+            laterality=_laterality(side),
             patient_orientation=_PLACEHOLDER_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=series_description(_overlay_prefix(source), model),
+            series_description=series_description(_overlay_prefix(side), model),
             manufacturer_model_name=model.name[:_LONG_STRING],
             software_versions=software_version[:_LONG_STRING],
         )
@@ -226,14 +237,12 @@ def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
         raise EncodeError(f"overlay must be uint8 (rows, columns, 3), got {rgb.dtype} {rgb.shape}")
 
 
-def _overlay_prefix(source: pydicom.Dataset) -> str:
-    """ "AI overlay", with the side when the source names one (a series per side)."""
-    side = source_laterality(source)
+def _overlay_prefix(side: str | None) -> str:
+    """ "AI overlay", with the side when it shows one (a series per side)."""
     return "AI overlay" if side is None else f"AI overlay {side}"
 
 
-def _laterality(source: pydicom.Dataset) -> LateralityValues | None:
-    side = source_laterality(source)
+def _laterality(side: str | None) -> LateralityValues | None:
     return None if side is None else LateralityValues(side)
 
 
@@ -303,3 +312,5 @@ def _describe_capture(
     sc.SecondaryCaptureDeviceSoftwareVersions = software_version[:_LONG_STRING]
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
+    if source.get("RequestAttributesSequence"):  # the order the overlay answers, for the RIS
+        sc.RequestAttributesSequence = copy.deepcopy(source.RequestAttributesSequence)

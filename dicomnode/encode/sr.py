@@ -6,14 +6,16 @@ Document tree (one measurement group per finding)::
       Observation context: observer is a device, the algorithm (TID 1004)
       Procedure reported: Plain radiography
       Imaging Measurements
-        Measurement Group (TID 1410), one per finding
+        Measurement Group, one per finding: TID 1410 for a localised joint,
+        TID 1501 for a whole-image finding (hand, spine)
           Tracking Identifier / Tracking Unique Identifier
           Finding = <predicted class>
           Finding Site = <body part>, Laterality = <side>
           Algorithm Identification (TID 4019): name, version, weights sha256
           Probability = p {probability}, modifier Finding = <class>   (per class)
-          Localisation uncertain = Yes/No
-          Image Region = POLYLINE around the analysed region  -> source image
+          Localisation uncertain = Yes/No            (localised findings)
+          Image Region = POLYLINE around the joint   -> source image (TID 1410)
+          Source image for measurement group         -> source image (TID 1501)
           Visual explanation = the Secondary Capture overlay
           <method> peak = POINT  (Grad-CAM, HiResCAM, LayerCAM, SHAP) -> source image
       Qualitative Evaluations
@@ -62,7 +64,11 @@ from highdicom.sr import (
 from pydicom.uid import PYDICOM_ROOT_UID
 
 from dicomnode.encode import codes as dn
-from dicomnode.encode.header import conformant_header, stamp_in_source_zone
+from dicomnode.encode.header import (
+    conformant_header,
+    referenced_requests,
+    stamp_in_source_zone,
+)
 from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
 from dicomnode.encode.sc import series_description, source_laterality
 from dicomnode.errors import EncodeError
@@ -174,6 +180,7 @@ def encode_sr(
             is_final=False,
             is_verified=False,
             previous_versions=None if predecessor is None else [predecessor],
+            requested_procedures=referenced_requests(item.source for item in items) or None,
             coding_schemes=_coding_schemes(items),
             series_description=series_description("AI report", models[0]),
             software_versions=software_version,
@@ -313,17 +320,33 @@ def _finding_group(
     finding: Finding,
     tracking: TrackingIdentifier,
     algorithm: AlgorithmIdentification,
-) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """Return the TID 1410 group of one finding."""
-    group = PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_region=_region(item.source, finding),
-        finding_type=dn.class_concept(finding.predicted),
-        algorithm_id=algorithm,
-        finding_sites=[_finding_site(item, finding.laterality)],
-        measurements=_probabilities(item.result, finding),
-        qualitative_evaluations=[_localisation(finding)] if finding.localised else None,
-    )
+) -> _Group:
+    """Return the group of one finding: TID 1410 with the joint's box for a localised
+    finding, TID 1501 on the whole source image otherwise (a box around the image border
+    would claim a region nobody outlined)."""
+    finding_type = dn.class_concept(finding.predicted)
+    sites = [_finding_site(item, finding.laterality)]
+    measurements = _probabilities(item.result, finding)
+    group: _Group
+    if finding.localised:
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=_region(item.source, finding),
+            finding_type=finding_type,
+            algorithm_id=algorithm,
+            finding_sites=sites,
+            measurements=measurements,
+            qualitative_evaluations=[_localisation(finding)],
+        )
+    else:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=finding_type,
+            algorithm_id=algorithm,
+            finding_sites=sites,
+            measurements=measurements,
+            source_images=[_source(item)],
+        )
     content = group[0].ContentSequence
     if finding.uncertainty:
         reasons = "; ".join(finding.uncertainty)
@@ -332,6 +355,10 @@ def _finding_group(
         content.append(_visual_explanation(item.sc))
     content.append(_peak(item.source, finding, item.result.model.explanation_method))
     return group
+
+
+def _source(item: SrImageItem) -> SourceImageForMeasurementGroup:
+    return SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
 
 
 def _comment(text: str) -> TextContentItem:
@@ -349,9 +376,7 @@ def _image_group(
         finding_type=dn.NOT_ASSESSED if reason else None,
         algorithm_id=algorithm,
         finding_sites=[_finding_site(item, None)],
-        source_images=[
-            SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
-        ],
+        source_images=[_source(item)],
     )
     if reason:
         group[0].ContentSequence.append(_comment(reason))

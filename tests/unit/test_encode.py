@@ -554,6 +554,84 @@ def test_sr_states_the_intended_use_and_leaves_localisation_out_of_whole_image_f
 
 
 @needs_dicom3tools
+@needs_dcmtk
+def test_a_whole_image_finding_is_reported_on_the_image_not_on_a_box_around_its_border(
+    tmp_path: Path,
+) -> None:
+    """Hand and spine models grade the whole image: a TID 1410 box drawn round the border
+    would claim a region nobody outlined. Their findings are TID 1501 groups on the image."""
+    source = make_source(body_part="HAND")
+    result = make_result(2)  # the whole image: nothing was localised
+    path = save(
+        make_sr([SrImageItem(source=source, sc=make_sc(source, result), result=result)]),
+        tmp_path / "sr.dcm",
+    )
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    assert report.get_planar_roi_measurement_groups() == []
+    (group,) = report.get_image_measurement_groups()
+    assert group.finding_type == dn.class_concept(result.findings[0].predicted)
+    (image,) = group.source_images
+    assert image.referenced_sop_instance_uid == source.SOPInstanceUID
+    assert len(group.get_measurements(name=dn.PROBABILITY)) == 2
+    back = pydicom.dcmread(path)
+    assert [item.GraphicType for item in items_named(back, dn.peak_concept("layercam"))] == [
+        "POINT"
+    ]
+    assert not any(getattr(item, "GraphicType", "") == "POLYLINE" for item in _all_items(back))
+    assert dciodvfy_errors(path) == []
+    assert result.findings[0].predicted.code_meaning in dump(DSRDUMP, path)
+
+
+def _all_items(dataset: Dataset) -> Iterator[Dataset]:
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _all_items(item)
+
+
+@needs_dicom3tools
+def test_results_answer_the_order_of_their_images(tmp_path: Path) -> None:
+    """A RIS files a report under its order: the SR names the request in its Referenced
+    Request Sequence, and the overlay keeps the source's Request Attributes Sequence."""
+    source = make_source()
+    request = Dataset()
+    request.RequestedProcedureID = "RP-7"
+    request.AccessionNumber = "ACC-1"
+    request.RequestedProcedureDescription = "XR KNEE 2 VIEWS RIGHT"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID7", "99ORD", "XR knee"
+    request.RequestedProcedureCodeSequence = [code]
+    request.ScheduledProcedureStepID = "SPS-7"
+    source.RequestAttributesSequence = [request]
+    result = make_result()
+    sc = make_sc(source, result)
+    sr_path = save(make_sr([SrImageItem(source=source, sc=sc, result=result)]), tmp_path / "sr.dcm")
+    (item,) = pydicom.dcmread(sr_path).ReferencedRequestSequence
+    assert (item.StudyInstanceUID, item.AccessionNumber) == (source.StudyInstanceUID, "ACC-1")
+    assert (item.RequestedProcedureID, item.RequestedProcedureDescription) == (
+        "RP-7",
+        "XR KNEE 2 VIEWS RIGHT",
+    )
+    assert item.RequestedProcedureCodeSequence[0].CodeValue == "RPID7"
+    assert "PlacerOrderNumberImagingServiceRequest" in item  # Type 2: present, empty
+    assert dciodvfy_errors(sr_path) == []
+    sc_path = save(sc, tmp_path / "sc.dcm")
+    assert pydicom.dcmread(sc_path).RequestAttributesSequence[0].RequestedProcedureID == "RP-7"
+    assert dciodvfy_errors(sc_path) == []
+
+    # Without request attributes the Accession Number alone names the order; with
+    # neither, the report answers no known request and the sequence (Type 1C) is absent.
+    bare = make_source()
+    sr = make_sr([SrImageItem(source=bare, sc=None, result=result)])
+    (item,) = sr.ReferencedRequestSequence
+    assert (item.AccessionNumber, item.RequestedProcedureID) == ("ACC-1", None)
+    del bare.AccessionNumber
+    assert "ReferencedRequestSequence" not in make_sr(
+        [SrImageItem(source=bare, sc=None, result=result)]
+    )
+
+
+@needs_dicom3tools
 def test_sc_copies_the_whole_patient_and_study_modules(tmp_path: Path) -> None:
     """What a patient index matches on (issuer, other IDs) files the overlay with the image."""
     source = make_source()
@@ -690,7 +768,7 @@ def test_sr_of_two_images_without_overlay_for_one(tmp_path: Path) -> None:
     path = save(make_sr(items), tmp_path / "sr.dcm")
     report = hd.sr.srread(path).content
     assert isinstance(report, hd.sr.MeasurementReport)
-    groups = report.get_planar_roi_measurement_groups()
+    groups = report.get_image_measurement_groups()  # whole-image findings: TID 1501
     assert len(groups) == 2
     assert groups[1].finding_sites[0].laterality == dn.LATERALITY["L"]  # from ImageLaterality
     assert len(items_named(pydicom.dcmread(path), dn.VISUAL_EXPLANATION)) == 1
@@ -997,6 +1075,27 @@ def test_overlays_of_each_side_go_into_a_series_of_their_own() -> None:
         side_shown = str(sc.get("Laterality", "") or "")
         series.setdefault(sc.SeriesInstanceUID, set()).add((side_shown, int(sc.SeriesNumber)))
     assert sorted(series.values(), key=str) == [{("", 9901)}, {("L", 9904)}, {("R", 9903)}]
+
+
+@needs_dicom3tools
+def test_a_film_of_both_knees_labelled_with_one_side_is_not_filed_under_that_side(
+    tmp_path: Path,
+) -> None:
+    """A bilateral film whose header says R: its overlay shows a right and a left knee, so
+    it goes to the overlay series of no side (9901), not to the right knees' series."""
+    source = make_source(laterality="R")
+    one = make_result(region=Region(10, 60, 130, 180), laterality="R").findings[0]
+    two = make_result(region=Region(160, 60, 280, 180), laterality="L").findings[0]
+    result = replace(make_result(), findings=(one, two))
+    sc = pipeline_make_sc(
+        Analysed(Prepared(generate_uid(), source, make_image()), result),
+        uid_root="1.2.826.0.1.3680043.10.1.",
+    )
+    assert (int(sc.SeriesNumber), sc.ImageLaterality) == (9901, "B")
+    assert "Laterality" not in sc
+    assert not sc.SeriesDescription.startswith("AI overlay R")
+    path = save(sc, tmp_path / "sc.dcm")
+    assert dciodvfy_errors(path) == [] and dciodvfy_warnings(path) == []
 
 
 # Non-conformant source headers ---------------------------------------------
