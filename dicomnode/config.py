@@ -102,6 +102,14 @@ class NodeSettings(_Section):
         description="associations received at once on each listener (node.port, tls.port); "
         "one more is rejected as transient (local limit exceeded) and its sender retries later",
     )
+    max_waiting_per_address: int = Field(
+        8,
+        ge=0,
+        le=1024,
+        description="connections from one address that may wait at once to send their "
+        "association request (each has 10 s to send it); one more is closed at once, so one "
+        "host cannot take every slot of max_associations (0: no bound)",
+    )
     institution_name: str = Field(
         "", max_length=64, description="written into result objects when set"
     )

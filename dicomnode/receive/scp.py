@@ -72,6 +72,7 @@ class NodeAE(AE):
         super().__init__(ae_title=settings.node.ae_title)
         self._settings = settings
         self._db = db
+        self.max_waiting_per_address = settings.node.max_waiting_per_address
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:

@@ -8,9 +8,11 @@ loop that accepts connections, so one client that says nothing holds every other
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+import time
 from typing import Any
 
 from pynetdicom.association import Association
@@ -27,6 +29,15 @@ storage SOP class with a dozen transfer syntaxes each is under 100 kB."""
 READ_CHUNK = 1 << 20
 """The most bytes one read asks the socket for: a PDU's buffer grows with what arrives,
 not with what its header claims."""
+
+REQUEST_READ_CHUNK = 1 << 16
+"""The read size before an association is accepted: a stranger's header claiming a 1 MiB
+request reserves 64 KiB, not 1 MiB, per connection."""
+
+REQUEST_SECONDS = 10.0
+"""How long a connection has, from its first byte read, to send its whole association
+request. A sender sends it at once; one that trickles it a byte at a time would otherwise
+hold a slot of ``node.max_associations`` for as long as it liked."""
 
 
 class BoundedSocket(AssociationSocket):
@@ -61,18 +72,47 @@ class BoundedSocket(AssociationSocket):
     def _read(self, nr_bytes: int) -> bytearray:
         """pynetdicom's ``recv``: ``nr_bytes`` read, or fewer when the connection broke."""
         assert self.socket is not None
+        requesting = self.assoc.requestor.primitive is None  # the request not read yet
         received = bytearray()
-        chunk = bytearray(min(nr_bytes, READ_CHUNK))
+        chunk = bytearray(min(nr_bytes, REQUEST_READ_CHUNK if requesting else READ_CHUNK))
         view = memoryview(chunk)
         try:
             while len(received) < nr_bytes:
-                got = self.socket.recv_into(view, min(len(chunk), nr_bytes - len(received)))
+                if requesting:
+                    self._wait_until_request_deadline()
+                try:
+                    got = self.socket.recv_into(view, min(len(chunk), nr_bytes - len(received)))
+                except TimeoutError:
+                    if requesting:
+                        self._request_too_slow()
+                    raise
                 if not got:  # the connection broke: what was read, as pynetdicom returns it
                     break
                 received += view[:got]
         finally:
             view.release()
+            if requesting:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    self.socket.settimeout(self.assoc.network_timeout)
         return received
+
+    def _wait_until_request_deadline(self) -> None:
+        """Wait for the association request's next bytes only until its deadline
+        (:data:`REQUEST_SECONDS` from the first read); past it, close the connection."""
+        assert self.socket is not None
+        now = time.monotonic()
+        deadline: float = self.__dict__.setdefault("_request_deadline", now + REQUEST_SECONDS)
+        if now >= deadline:
+            self._request_too_slow()
+        self.socket.settimeout(min(deadline - now, self.assoc.network_timeout or REQUEST_SECONDS))
+
+    def _request_too_slow(self) -> None:
+        log.warning(
+            "connection from %s closed: no whole association request within %.0f s",
+            self.assoc.requestor.address,
+            REQUEST_SECONDS,
+        )
+        raise TimeoutError(f"no association request within {REQUEST_SECONDS:.0f} s")
 
 
 class BoundedRequestHandler(RequestHandler):
@@ -90,14 +130,54 @@ HANDSHAKE_SECONDS = 10.0
 """How long a connection to the TLS port has to complete its handshake."""
 
 
+WAITING_LOG_SECONDS = 60.0
+"""One log line a minute, at most, per address whose connections are closed as waiting."""
+
+
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
+    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop,
+    and a bound on the connections of one address that wait to send their request.
 
     pynetdicom wraps each accepted socket, handshake included, in the thread that
     accepts; one client that connects and sends nothing holds every other sender
     off the TLS port for as long as it stays. Here each connection's own thread
     shakes hands, with :data:`HANDSHAKE_SECONDS` to do it.
+
+    pynetdicom counts a connection against ``node.max_associations`` from the moment it
+    is accepted, before anything checks who is calling. A connection from an address
+    that already has ``node.max_waiting_per_address`` connections waiting to send their
+    association request is closed at once, so one host cannot take every slot.
     """
+
+    _logged: dict[str, float]
+
+    def verify_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> bool:
+        address = str(client_address[0])
+        limit = int(getattr(self.ae, "max_waiting_per_address", 0) or 0)
+        if not limit or self._waiting(address) < limit:
+            return True
+        logged = self.__dict__.setdefault("_logged", {})
+        now = time.monotonic()
+        if now - logged.get(address, -WAITING_LOG_SECONDS) >= WAITING_LOG_SECONDS:
+            logged[address] = now
+            log.warning(
+                "connections from %s closed at once: %d of its connections are waiting to "
+                "send their association request (node.max_waiting_per_address); said once "
+                "a minute",
+                address,
+                limit,
+            )
+        return False
+
+    def _waiting(self, address: str) -> int:
+        """Connections from ``address`` whose association request has not been read."""
+        return sum(
+            1
+            for assoc in self.active_associations
+            if assoc.requestor.primitive is None and str(assoc.requestor.address) == address
+        )
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

@@ -369,6 +369,77 @@ def test_a_sender_silent_in_the_middle_of_a_pdu_is_let_go(node: Node) -> None:
         server.shutdown()
 
 
+def test_a_caller_trickling_its_association_request_is_let_go(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A byte every half second never reached the network time-out, so the connection kept
+    a slot of node.max_associations for as long as it liked; now the whole request has
+    REQUEST_SECONDS (10 s; 1 s here) from its first byte."""
+    import socket
+    import struct
+
+    from dicomnode.receive import transport
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(transport, "REQUEST_SECONDS", 1.0)
+    with socket.create_connection(("127.0.0.1", node.settings.node.port)) as slow:
+        slow.sendall(struct.pack(">BBL", 0x01, 0, 1000))
+        started = time.monotonic()
+        with pytest.raises(OSError):  # closed by the node
+            while time.monotonic() - started < 10:
+                slow.sendall(b"\0")
+                time.sleep(0.25)
+        assert time.monotonic() - started < 5
+    assert "no whole association request within 1 s" in caplog.text
+    assert node.send(make_radiograph(body_part="HANDX")) == [statuses.SUCCESS]
+
+
+def test_one_address_cannot_hold_every_slot_with_connections_that_say_nothing(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom counts a connection against node.max_associations from its accept on:
+    33 silent connections from one host kept every sender out. At most
+    node.max_waiting_per_address of one address wait for their request; the rest are closed
+    at once, and senders from other addresses go on."""
+    import socket
+
+    from dicomnode.testing.peers import free_port
+
+    caplog.set_level(logging.WARNING)
+    bounded = node.settings.model_copy(
+        update={
+            "node": node.settings.node.model_copy(
+                update={"port": free_port(), "max_waiting_per_address": 2}
+            )
+        }
+    )
+    server = start_scp(bounded, node.db)
+    stranger = ("127.0.0.2", 0)
+    try:
+        held = [
+            socket.create_connection(("127.0.0.1", bounded.node.port), source_address=stranger)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 5
+        while len(server.active_associations) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(
+            ("127.0.0.1", bounded.node.port), source_address=stranger
+        ) as third:
+            third.settimeout(5)
+            assert third.recv(10) == b""  # closed at once
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", bounded.node.port, ae_title="DICOMNODE")
+        assert assoc.is_established  # a sender from another address is served
+        assoc.release()
+        for connection in held:
+            connection.close()
+    finally:
+        server.shutdown()
+    assert "connections from 127.0.0.2 closed at once: 2 of its connections" in caplog.text
+
+
 def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:

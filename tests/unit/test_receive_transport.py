@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from dicomnode.receive.callers import caller_matches
@@ -35,7 +37,8 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
 
     payload = os.urandom(3 << 20)
     ours, theirs = socket.socketpair()
-    reader = BoundedSocket.__new__(BoundedSocket)  # the socket alone; no association needed
+    reader = BoundedSocket.__new__(BoundedSocket)  # the socket, and an accepted request
+    reader._assoc = SimpleNamespace(requestor=SimpleNamespace(primitive=object()))
     reader.socket = ours
     sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
     sender.start()
