@@ -79,6 +79,26 @@ def make_folders_durably(folder: Path) -> None:
         _fsync_dir(new.parent)
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (``storage.umask`` 027: 0640).
+
+    Temporary files are made 0600 whatever the umask; a stored image or result is given
+    this mode, so a backup agent in the service account's group can read it as documented.
+    """
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o077)  # elsewhere: set and restored (briefly stricter, never looser)
+    os.umask(current)
+    return current
+
+
 def write_durably(path: Path, chunks: bytes | list[bytes]) -> int:
     """Write ``chunks`` to ``path`` atomically and durably; return the size written."""
     parts = [chunks] if isinstance(chunks, bytes) else chunks
@@ -87,6 +107,7 @@ def write_durably(path: Path, chunks: bytes | list[bytes]) -> int:
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             for part in parts:
                 handle.write(part)
             handle.flush()
@@ -117,6 +138,7 @@ def move_durably(source: Path, target: Path) -> None:
     """Rename an fsync-ed file into place and fsync the folder (copy when across volumes)."""
     make_folders_durably(target.parent)
     try:
+        os.chmod(source, file_mode())  # received into a 0600 temporary file
         os.replace(source, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV:

@@ -84,3 +84,41 @@ def test_a_stop_does_not_wait_for_an_idle_association(settings: Settings, db: Da
     assert time.monotonic() - started < 10  # not the 20 s drain
     time.sleep(0.5)
     assert assoc.is_aborted and not assoc.is_established
+
+
+def test_stored_images_and_results_are_readable_by_the_group_as_the_umask_says(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """Temporary files are 0600 whatever the umask: received images and written results
+    kept that mode, though `storage.umask` 027 promises 0640 (a backup agent in the group)."""
+    import os
+    import stat
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    from dicomnode.store.files import write_durably
+    from dicomnode.testing.images import make_radiograph
+    from dicomnode.testing.peers import LOOPBACK, free_port
+
+    os.umask(0o027)  # as the CLI sets it; the fixture restores the test process's mask
+    node = settings.node.model_copy(update={"port": free_port(), "allow_unknown_callers": True})
+    local = settings.model_copy(update={"node": node})
+    server = scp.start_scp(local, db)
+    try:
+        image = make_radiograph(body_part="HANDX")
+        sender = AE(ae_title="PACS")
+        sender.add_requested_context(image.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = sender.associate(LOOPBACK, node.port, ae_title=node.ae_title)
+        assert assoc.send_c_store(image).Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    (stored,) = (Path(local.storage.data_dir) / "instances").rglob("*.dcm")
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o640
+    written = tmp_path / "outputs" / "result.dcm"
+    write_durably(written, b"result")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o640
+    os.umask(0o077)
+    write_durably(written, b"result")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
