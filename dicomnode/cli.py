@@ -374,6 +374,47 @@ def purge(
 
 
 @app.command()
+def forget(
+    study: Annotated[list[str], typer.Argument(help="Study Instance UID(s)")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be deleted, change nothing")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete studies outright: their images, results and records (an erasure request, or
+    a study sent to the node by mistake). The PACS keeps its own copies."""
+    from dicomnode.retention import forget_study, remove_files
+
+    resolved = settings(config)
+    db = _database(resolved)
+    if not (dry_run or yes or typer.confirm(f"Delete {len(study)} study(ies) for good?")):
+        raise typer.Exit(1)
+    left: list[Path] = []
+    for study_uid in study:
+        with db.session() as session:
+            forgotten = forget_study(session, study_uid, dry_run=dry_run)
+        if not dry_run:
+            left += remove_files(Path(resolved.storage.data_dir), forgotten.files)
+            log.info(
+                "forgot study=%s: %d instance(s), %d output(s)",
+                study_uid,
+                forgotten.instances,
+                forgotten.outputs,
+            )
+        verb = "would delete" if dry_run else "deleted"
+        console.print(
+            f"{verb} study {study_uid}: {forgotten.instances} instance(s), "
+            f"{forgotten.outputs} result object(s), {len(forgotten.files)} file(s)"
+        )
+    if left:
+        err.print(f"[red]{len(left)} file(s) could not be deleted; remove them by hand:[/red]")
+        for path in left:
+            err.print(f"  {escape(str(path))}")
+        raise typer.Exit(1)
+
+
+@app.command()
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files")],
     out: Annotated[Path, typer.Option("--out", help="output folder for SC and SR files")],

@@ -21,6 +21,10 @@ SR of another system, a waveform: stored and skipped) loses its content the same
 of the study makes a new SR that references every earlier image and overlay;
 the SRs themselves are small and stay whole. Records stay too, so a re-sent
 instance is still acknowledged as already stored.
+
+A study can also be *forgotten* (:func:`forget_study`, ``dicomnode forget``): its files,
+results and records deleted outright, for a patient's erasure request or a study routed
+to the node by mistake.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from dicomnode.db.schema import Instance, Job, Output, Report
+from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
-from dicomnode.errors import StorageError
+from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
 from dicomnode.studies import OPEN
@@ -165,6 +169,7 @@ def purge_study(
 PAYLOAD_TAGS = frozenset(
     {
         0x00420011,  # Encapsulated Document (a PDF or CDA: a referral letter, a prior report)
+        0x00880200,  # Icon Image Sequence (a thumbnail of the image)
         0x0040A730,  # Content Sequence (a Structured Report's content)
         0x54000100,  # Waveform Sequence (an ECG)
         0x56000020,  # Spectroscopy Data
@@ -244,3 +249,91 @@ def purge_expired(
             saved / 1e6,
         )
     return PurgeSummary(tuple(purged), files, freed, dry_run)
+
+
+class StudyBusyError(DicomNodeError):
+    """The study has jobs queued or running: forget it once they are done, or stop the node."""
+
+
+@dataclass(frozen=True)
+class ForgottenStudy:
+    """What :func:`forget_study` deleted (or, dry, would delete)."""
+
+    study_uid: str
+    instances: int
+    outputs: int
+    files: tuple[Path, ...]
+    """The study's files: deleted after the records were (see :func:`remove_files`)."""
+    dry_run: bool
+
+
+def forget_study(session: Session, study_uid: str, *, dry_run: bool = False) -> ForgottenStudy:
+    """Delete the records of one study: its instances, rounds, results, outputs and jobs.
+
+    Refused (:class:`StudyBusyError`) while a job of it is queued, running or waiting to be
+    retried: a worker would write results for a study that is gone. Dead and finished jobs
+    go with it. The files are returned, to be removed once this transaction is committed
+    (a failed commit then leaves every file its records name)."""
+    reports = select(Report.id).where(Report.study_instance_uid == study_uid)
+    busy = session.execute(
+        select(func.count()).where(Job.report_id.in_(reports), Job.state.in_(PENDING))
+    ).scalar_one()
+    if busy:
+        raise StudyBusyError(
+            f"study {study_uid} has {busy} job(s) queued, running or waiting to be retried: "
+            "forget it once they are done (`dicomnode status`), or with the node stopped"
+        )
+    images = select(Instance.sop_instance_uid).where(Instance.study_instance_uid == study_uid)
+    paths = [
+        Path(p)
+        for p in session.execute(
+            select(Instance.path).where(Instance.study_instance_uid == study_uid)
+        ).scalars()
+    ]
+    outputs = [
+        Path(p)
+        for p in session.execute(select(Output.path).where(Output.report_id.in_(reports))).scalars()
+    ]
+    forgotten = ForgottenStudy(study_uid, len(paths), len(outputs), (*paths, *outputs), dry_run)
+    if dry_run:
+        return forgotten
+    session.execute(delete(Job).where(Job.report_id.in_(reports)))
+    session.execute(
+        delete(Result).where(
+            or_(Result.report_id.in_(reports), Result.sop_instance_uid.in_(images))
+        )
+    )
+    session.execute(delete(Output).where(Output.report_id.in_(reports)))
+    session.execute(delete(Instance).where(Instance.study_instance_uid == study_uid))
+    session.execute(delete(Report).where(Report.study_instance_uid == study_uid))
+    return forgotten
+
+
+def remove_files(data_dir: Path, files: tuple[Path, ...]) -> list[Path]:
+    """Delete ``files`` and the folders they leave empty under ``data_dir``; the files that
+    could not be deleted (to be removed by hand: they hold patient data)."""
+    left: list[Path] = []
+    for path in files:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            left.append(path)
+            continue
+        _remove_empty_folders(path.parent, data_dir)
+    return left
+
+
+def _remove_empty_folders(folder: Path, data_dir: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to the data folder's
+    ``instances/`` and ``outputs/`` (which stay)."""
+    stop = {
+        data_dir.resolve(),
+        (data_dir / "instances").resolve(),
+        (data_dir / "outputs").resolve(),
+    }
+    while folder.resolve() not in stop and folder.resolve().is_relative_to(data_dir.resolve()):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another series), or gone
+            return
+        folder = folder.parent

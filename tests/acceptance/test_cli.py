@@ -193,6 +193,25 @@ def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
     assert off.returncode == 0 and "retention is off" in off.stdout
 
 
+def test_forget_asks_first_and_says_what_it_deleted(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n")
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    asked = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "--config", str(config), "forget", "1.2.3"],
+        cwd=tmp_path,
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert asked.returncode == 1 and "Delete 1 study(ies) for good?" in asked.stdout
+    assert "deleted" not in asked.stdout
+    done = _cli("--config", str(config), "forget", "1.2.3", "--yes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "deleted study 1.2.3: 0 instance(s), 0 result object(s), 0 file(s)" in done.stdout
+
+
 def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
     card = make_tiny_model(tmp_path / "models" / "broken")
     weights = tmp_path / "models" / "broken" / card.weights.file

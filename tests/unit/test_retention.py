@@ -299,3 +299,70 @@ def test_a_discarded_analysis_skips_its_image_and_a_discarded_report_ends_its_ro
         )
         assert session.execute(select(Report.state)).scalar_one() == DISCARDED
     assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+
+
+def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: Path) -> None:
+    """An erasure request, or a study routed here by mistake: its images, overlays, SR and
+    every record of it go; another study stays whole."""
+    from dicomnode.db.schema import Result
+    from dicomnode.retention import forget_study, remove_files
+
+    study, image, sc, sr = _study(db, tmp_path / "data" / "instances" / "s1" / "x")
+    other, *kept = _study(db, tmp_path / "data" / "instances" / "s2")
+    with db.session() as session:
+        report = session.execute(select(Report).where(Report.study_instance_uid == study))
+        report_id = report.scalar_one().id
+        uid = str(pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID)
+        session.add(
+            Result(
+                sop_instance_uid=uid,
+                report_id=report_id,
+                model_name="m",
+                model_version="1",
+                outcome="done",
+                created_at=utcnow(),
+            )
+        )
+    with db.session() as session:
+        dry = forget_study(session, study, dry_run=True)
+    assert (dry.instances, dry.outputs, set(dry.files)) == (1, 2, {image, sc, sr})
+    assert image.exists()
+    with db.session() as session:
+        forgotten = forget_study(session, study)
+    assert remove_files(tmp_path / "data", forgotten.files) == []
+    assert not any(path.exists() for path in (image, sc, sr))
+    assert not (tmp_path / "data" / "instances" / "s1").exists()  # emptied folders go
+    assert (tmp_path / "data" / "instances").is_dir()
+    assert all(path.exists() for path in kept)
+    with db.session() as session:
+        for table in (Instance, Report, Output, Job, Result):
+            rows = session.execute(select(table)).scalars().all()
+            assert all(study not in str(vars(row)) for row in rows), table.__name__
+        studies = session.execute(select(Instance.study_instance_uid)).scalars().all()
+        assert studies == [other]
+
+
+def test_a_study_with_work_still_to_do_is_not_forgotten(db: Database, tmp_path: Path) -> None:
+    """A worker would write results for a study that is gone."""
+    from dicomnode.retention import StudyBusyError, forget_study
+
+    study, image, _, _ = _study(db, tmp_path, send_state=JobState.QUEUED)
+    with db.session() as session, pytest.raises(StudyBusyError, match="2 job"):
+        forget_study(session, study)
+    with db.session() as session:
+        assert session.execute(select(Instance.path)).scalar_one() == str(image)
+
+
+def test_a_purge_drops_the_thumbnail_of_an_image_too(db: Database, tmp_path: Path) -> None:
+    """Icon Image Sequence: the image in small, kept whole by a purge before."""
+    study, image, _, _ = _study(db, tmp_path)
+    dataset = pydicom.dcmread(image)
+    icon = pydicom.Dataset()
+    icon.Rows = icon.Columns = 64
+    icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+    icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+    icon.PixelData = b"\x01" * 64 * 64
+    dataset.IconImageSequence = [icon]
+    dataset.save_as(image)
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+    assert "IconImageSequence" not in pydicom.dcmread(image)
