@@ -219,6 +219,11 @@ class TlsSettings(_Section):
     check_hostname: bool = Field(
         True, description="a peer's certificate must name the host it is reached at"
     )
+    crl_file: Path | None = Field(
+        None,
+        description="certificate revocation lists (PEM), one for each CA of ca_certificates: "
+        "a revoked certificate is refused, a sender's or a peer's",
+    )
     peers_call_over_tls: bool = Field(
         True,
         description="a peer registered with tls: true may call only the TLS port: its "
@@ -233,11 +238,14 @@ class TlsSettings(_Section):
             "private_key": self.private_key,
             "ca_certificates": self.ca_certificates,
         }
-        return [
+        absent = [
             f"tls.{key}" + ("" if path is None else f" ({path}: no such file)")
             for key, path in files.items()
             if path is None or not path.is_file()
         ]
+        if self.crl_file is not None and not self.crl_file.is_file():
+            absent.append(f"tls.crl_file ({self.crl_file}: no such file)")
+        return absent
 
 
 class ResultsSettings(_Section):

@@ -2,7 +2,8 @@
 
 Both sides authenticate: the node shows its certificate (``tls.certificate``) and
 accepts only peers whose certificates ``tls.ca_certificates`` signed; a sender must
-show one too unless ``tls.require_client_certificate`` is off. TLS 1.2 at least.
+show one too unless ``tls.require_client_certificate`` is off. A certificate that
+``tls.crl_file`` revokes is refused. TLS 1.2 at least.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ def _context(tls: TlsSettings, purpose: ssl.Purpose) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(purpose, cafile=str(tls.ca_certificates))
         context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        if tls.crl_file is not None:
+            context.load_verify_locations(cafile=str(tls.crl_file))
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"cannot use the TLS files (tls.certificate {tls.certificate}, tls.private_key "
-            f"{tls.private_key}, tls.ca_certificates {tls.ca_certificates}): {exc}"
+            f"{tls.private_key}, tls.ca_certificates {tls.ca_certificates}, tls.crl_file "
+            f"{tls.crl_file}): {exc}"
         ) from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

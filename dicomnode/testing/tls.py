@@ -59,3 +59,21 @@ def _identity(folder: Path, name: str, ca: Path, ca_key: Path) -> Identity:
         cwd=folder,
     )  # fmt: skip
     return Identity(certificate, key)
+
+
+def revoke(folder: Path, ca_certificate: Path, revoked: Identity) -> Path:
+    """A certificate revocation list of the CA ``ca_certificate`` (made by :func:`make_pki`
+    in ``folder``) that revokes ``revoked``; its path."""
+    ca_key = ca_certificate.with_suffix(".key")
+    config = folder / "ca.cnf"
+    config.write_text(
+        "[ ca ]\ndefault_ca = CA_default\n[ CA_default ]\ndatabase = index.txt\n"
+        "crlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\n"
+    )
+    (folder / "index.txt").touch()
+    (folder / "crlnumber").write_text("01\n")
+    crl = folder / "revoked.crl.pem"
+    signing = ("-config", str(config), "-keyfile", str(ca_key), "-cert", str(ca_certificate))
+    _run("ca", *signing, "-revoke", str(revoked.certificate), cwd=folder)
+    _run("ca", *signing, "-gencrl", "-out", str(crl), cwd=folder)
+    return crl

@@ -129,6 +129,40 @@ def test_a_peer_registered_for_tls_may_not_send_in_the_clear(
         assert len(session.execute(select(Instance)).scalars().all()) == 2
 
 
+def test_a_revoked_certificate_is_refused_both_ways(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """A stolen or retired device's certificate stays valid until it expires unless the
+    node reads the CA's revocation list (tls.crl_file)."""
+    from dicomnode.testing.tls import revoke
+
+    pki = make_pki(tmp_path / "pki")
+    crl = revoke(tmp_path / "pki", pki.ca_certificate, pki.peer)
+    with _listening(settings, db, pki, crl_file=crl) as secured:
+        port = secured.tls.port
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.peer)) is None
+        assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.node)) == 0
+        revoked_pacs = CollectingSCP(
+            ae_title="PACS", ssl_context=_pacs_context(pki.peer, pki.ca_certificate)
+        ).start()
+        try:
+            peer = PeerInfo("PACS", "PACS", "127.0.0.1", revoked_pacs.port, tls=True)
+            result = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "r.dcm")
+            context = client_context(secured.tls)
+            (refused,) = send_files(peer, [result], calling_ae="DICOMNODE", timeout=5, tls=context)
+        finally:
+            revoked_pacs.stop()
+    assert not refused.ok and revoked_pacs.received == []
+
+
+def _pacs_context(identity: Identity, ca: Path) -> ssl.SSLContext:
+    """A TLS PACS's context: it shows ``identity`` and wants the node's certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    context.load_cert_chain(str(identity.certificate), str(identity.private_key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def test_a_silent_connection_does_not_hold_other_senders_off_the_tls_port(
     settings: Settings, db: Database, pki: Pki
 ) -> None:
@@ -150,17 +184,11 @@ def test_results_reach_a_tls_peer_whose_certificate_the_node_trusts(
     secured = _with_tls(settings, pki)
     result = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "result.dcm")
 
-    def pacs_context(identity: Identity, ca: Path) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-        context.load_cert_chain(str(identity.certificate), str(identity.private_key))
-        context.verify_mode = ssl.CERT_REQUIRED  # the PACS wants the node's certificate
-        return context
-
     trusted = CollectingSCP(
-        ae_title="PACS", ssl_context=pacs_context(pki.peer, pki.ca_certificate)
+        ae_title="PACS", ssl_context=_pacs_context(pki.peer, pki.ca_certificate)
     ).start()
     impostor = CollectingSCP(
-        ae_title="PACS", ssl_context=pacs_context(stranger.peer, pki.ca_certificate)
+        ae_title="PACS", ssl_context=_pacs_context(stranger.peer, pki.ca_certificate)
     ).start()
     node_tls = client_context(secured.tls)
     try:
