@@ -63,7 +63,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+"""A quoted value; a quote escaped inside it (Python's repr of ``O'BRIEN "JR"`` is
+``'O\\'BRIEN "JR"'``) does not end it."""
 _APOSTROPHE = re.compile(r"(?<=\w)(?<!\b[bBuUrR])'(?=\w)")
 """An apostrophe inside a word ("Patient's Name", "O'BRIEN"); not a string prefix's
 quote (``b'...'``, ``u'...'``), which opens a value."""

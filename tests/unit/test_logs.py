@@ -87,6 +87,11 @@ def test_redact_quoted_replaces_single_and_double_quoted_values() -> None:
         ("""The string "O'BRIEN^SEAN" is not valid""", 'The string "<redacted>" is not valid'),
         ("values 'DOE^JOHN' and 'DOE^JANE'", "values '<redacted>' and '<redacted>'"),
         ("raw b'Doe^John' or u'Doe'", "raw b'<redacted>' or u'<redacted>'"),
+        (
+            f"value {'O' + chr(39) + 'BRIEN ' + chr(34) + 'JR' + chr(34)!r} refused",
+            "value '<redacted>' refused",
+        ),  # Python's repr escapes the apostrophe
+        (r"path 'C:\\DOE\\' kept", "path '<redacted>' kept"),
     ],
 )
 def test_apostrophes_neither_open_nor_close_a_redacted_value(text: str, expected: str) -> None:
