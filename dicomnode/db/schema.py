@@ -8,7 +8,10 @@
 ``jobs``          the persistent queue (see :mod:`dicomnode.queue.jobs`).
 ``peers``         known application entities (editable at run time).
 
-No column ever holds patient names or IDs; the instance files keep them.
+No column is meant for patient names or IDs; the instance files keep them. One holds
+header free text: ``instances.descriptions`` (Study and Series Description, Protocol Name,
+read for routing), where a site may have typed anything; ``dicomnode forget`` deletes it
+with the study.
 """
 
 from __future__ import annotations
