@@ -31,6 +31,10 @@ class InvalidInstanceError(StorageError):
     """The received dataset is not a storable DICOM instance."""
 
 
+class IncompleteInstanceError(InvalidInstanceError):
+    """The received dataset ends before its last element does (it was cut short)."""
+
+
 class DatabaseError(DicomNodeError):
     """The database could not be used."""
 

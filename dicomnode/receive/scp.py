@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom import uid as uids
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -30,7 +29,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
 from dicomnode.db.session import Database, utcnow
-from dicomnode.errors import InvalidInstanceError, StorageError, StorageFullError
+from dicomnode.errors import (
+    IncompleteInstanceError,
+    InvalidInstanceError,
+    StorageError,
+    StorageFullError,
+)
 from dicomnode.peers import known_ae_titles, peer_by_ae_title
 from dicomnode.receive import statuses
 from dicomnode.receive.callers import caller_matches, ip_of
@@ -38,8 +42,11 @@ from dicomnode.receive.transport import BoundedRequestHandler, NodeServer
 from dicomnode.store.files import ensure_free_space
 from dicomnode.store.instances import (
     facts_from_dataset,
+    instance_file,
+    read_received,
     release_association,
     release_orphaned,
+    same_dataset,
     store_instance,
 )
 
@@ -153,9 +160,17 @@ class StoreHandlers:
         received = Path(event.dataset_path)  # written by pynetdicom as the data arrived
         ensure_free_space(self.data_dir, self.settings.storage.min_free_mb)
         try:
-            header = dcmread(received, stop_before_pixels=True)
+            header = read_received(received)
             transfer_syntax = str(event.context.transfer_syntax)
             facts = facts_from_dataset(header, transfer_syntax, str(request.AffectedSOPClassUID))
+        except IncompleteInstanceError as exc:
+            log.warning(
+                "C-STORE rejected (0xC000) from %s: %s (sop=%s); nothing stored",
+                calling_ae,
+                exc,
+                str(request.AffectedSOPInstanceUID).strip(),
+            )
+            return statuses.CANNOT_UNDERSTAND
         except InvalidInstanceError as exc:
             log.warning("C-STORE rejected (0xC001) from %s: %s", calling_ae, exc)
             return statuses.MISSING_UID
@@ -193,7 +208,23 @@ class StoreHandlers:
             calling_ae,
             " (duplicate, kept the first copy)" if outcome.duplicate else "",
         )
+        if outcome.duplicate:
+            self._warn_if_changed(facts.sop_uid, received)
         return statuses.SUCCESS
+
+    def _warn_if_changed(self, sop_uid: str, received: Path) -> None:
+        """A copy of a stored instance whose content differs: a correction sent under the
+        same SOP Instance UID (against the standard, but done). The first copy stays and is
+        what was analysed; say so, and how to have the correction analysed."""
+        with self.db.session() as session:
+            stored = instance_file(session, sop_uid)
+        if same_dataset(stored, received) is False:
+            log.warning(
+                "sop=%s was sent again with different content: the first copy is kept, and "
+                "its results stand. A corrected image needs a new SOP Instance UID; or run "
+                "`dicomnode forget STUDY_UID` and send the study again",
+                sop_uid,
+            )
 
     def on_closed(self, event: evt.Event) -> None:
         self._activity.pop(id(event.assoc), None)

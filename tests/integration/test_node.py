@@ -600,6 +600,58 @@ def test_corrupt_dataset_gets_a_failure_status_and_nothing_stored(
     assert node.count(Instance) == 0
 
 
+@pytest.mark.parametrize("encapsulated", [False, True])
+def test_a_dataset_cut_short_is_refused_and_a_whole_copy_is_then_stored(
+    node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture, encapsulated: bool
+) -> None:
+    """A truncated file sent as it is parsed as far as its pixel data, so it was stored and
+    acknowledged, failed every analysis, and the whole copy sent again was a duplicate."""
+    from pydicom.uid import RLELossless
+    from pynetdicom import _config
+
+    caplog.set_level(logging.WARNING)
+    image = make_radiograph(body_part="HANDX", rows=256, columns=256)
+    syntax = ExplicitVRLittleEndian
+    if encapsulated:
+        image.compress(RLELossless)
+        syntax = RLELossless
+    good = write_dataset(image, tmp_path / "good.dcm")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context(image.SOPClassUID, syntax)
+        assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+        refused = int(assoc.send_c_store(cut).Status)
+        stored = int(assoc.send_c_store(good).Status)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert (refused, stored) == (statuses.CANNOT_UNDERSTAND, statuses.SUCCESS)
+    assert "the dataset is incomplete" in caplog.text
+    assert "duplicate" not in caplog.text
+    assert node.count(Instance) == 1
+
+
+def test_a_copy_with_other_content_under_a_stored_uid_is_kept_out_and_named(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A correction sent under the old SOP Instance UID was acknowledged as a plain
+    duplicate: the results of the first image stood, and nothing said so."""
+    caplog.set_level(logging.INFO)
+    image = make_radiograph(body_part="HANDX", rows=128, columns=128)
+    assert node.send(image) == [statuses.SUCCESS]
+    assert node.send(image) == [statuses.SUCCESS]  # the same again: a plain duplicate
+    assert "different content" not in caplog.text
+    corrected = image.copy()
+    corrected.PixelData = bytes(len(image.PixelData))
+    assert node.send(corrected) == [statuses.SUCCESS]
+    assert f"sop={image.SOPInstanceUID} was sent again with different content" in caplog.text
+    assert "dicomnode forget STUDY_UID" in caplog.text
+    assert node.count(Instance) == 1
+
+
 def test_missing_study_uid_is_refused(node: Node) -> None:
     image = make_radiograph()
     del image.StudyInstanceUID
