@@ -94,7 +94,29 @@ def worker_main(settings: Settings, index: int) -> None:
     db = Database(settings.database.url)
     worker = Worker(settings, db, ModelRegistry.load(settings.models.dir))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    stop_with_parent(worker.stop)
     worker.run()
+
+
+def stop_with_parent(stop: threading.Event) -> None:
+    """Set ``stop`` when the process that started this one dies.
+
+    ``serve`` stops its workers when it is stopped; killed (SIGKILL, the OOM killer) it
+    cannot, and its workers went on as orphans: claiming jobs beside the next ``serve``'s
+    workers, with the old code and models, logging to the old run's log. A worker now
+    finishes its current job and exits once ``serve`` is gone.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of the sentinel pipe closes
+        if not stop.is_set():
+            log.error("the serve process is gone: this worker stops after its current job")
+            stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _apply_threads(settings: Settings) -> None:

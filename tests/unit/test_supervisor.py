@@ -4,6 +4,7 @@ does not spin; a failed scheduler round does not end the node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,52 @@ def test_the_start_up_line_names_absolute_paths_and_no_password() -> None:
     assert service._safe_url("postgresql+psycopg://u:secret@h:5432/db") == (
         "postgresql+psycopg://u:***@h:5432/db"
     )
+
+
+_PARENT = """
+import multiprocessing, sys, threading, time
+from pathlib import Path
+
+from dicomnode.service import stop_with_parent
+
+
+def child(flag: str) -> None:
+    stop = threading.Event()
+    stop_with_parent(stop)
+    Path(flag + ".started").touch()
+    stop.wait(60)
+    Path(flag + ".stopped").touch()
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("forkserver")
+    context.Process(target=child, args=(sys.argv[1],)).start()
+    time.sleep(120)
+"""
+
+
+def test_a_worker_stops_when_serve_is_killed(tmp_path: Path) -> None:
+    """serve killed with SIGKILL left its forkserver workers running as orphans, claiming
+    jobs beside the next serve's workers with the old code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    flag = str(tmp_path / "child")
+    parent = subprocess.Popen([sys.executable, str(script), flag])
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(flag + ".started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert Path(flag + ".started").exists(), "the child did not start"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while not Path(flag + ".stopped").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert Path(flag + ".stopped").exists(), "the child outlived its parent"
+    finally:
+        parent.kill()
