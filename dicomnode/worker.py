@@ -479,6 +479,11 @@ class Worker:
                 continue
             with self.db.session() as session:
                 recorded = q.complete(session, job.id, self.worker_id)
+                hurried = q.hurry_sends(session, peer.name)
+            if hurried:
+                log.info(
+                    "%s takes deliveries again: %d waiting send(s) are due now", peer.name, hurried
+                )
             log.info(
                 "sent sop=%s to %s (job %s)%s",
                 job.sop_instance_uid,

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicomnode.db.schema import Job, Output
+from dicomnode.db.schema import Job, Output, Report
 from dicomnode.db.session import utcnow
 from dicomnode.queue.retry import RetryPolicy
 
@@ -132,7 +132,9 @@ def due_since(moment: datetime) -> ColumnElement[bool]:
     ready now (a report's round analysed, an SR's overlays sent first). What
     :func:`claim` and :func:`next_group` select (with ``moment`` now), and what
     ``dicomnode health`` counts as waiting."""
-    return and_(_claimable(moment), _report_ready(), _overlays_sent_first())
+    return and_(
+        _claimable(moment), _report_ready(), _overlays_sent_first(), _earlier_rounds_sent_first()
+    )
 
 
 def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> int:
@@ -183,6 +185,54 @@ def _overlays_sent_first() -> ColumnElement[bool]:
         overlay.kind == "SC",
     )
     return or_(Job.kind != JobKind.SEND, ~is_sr, ~overlay_waiting)
+
+
+def _earlier_rounds_sent_first() -> ColumnElement[bool]:
+    """A study's SR is sent to a peer once no SR of an earlier round of the study (by the same
+    model) waits for that peer.
+
+    After an outage each send keeps its own backoff, so the SR of round 2, which supersedes
+    round 1's, could arrive first; a RIS that keeps the last SR it received would keep the
+    incomplete one. A dead earlier SR does not hold the later one back.
+    """
+    earlier_job, earlier_document, document = aliased(Job), aliased(Output), aliased(Output)
+    earlier_report, report = aliased(Report), aliased(Report)
+    is_sr = exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
+    earlier_waiting = exists().where(
+        earlier_job.kind == JobKind.SEND,
+        earlier_job.peer == Job.peer,
+        earlier_job.state.in_(PENDING),
+        earlier_document.sop_instance_uid == earlier_job.sop_instance_uid,
+        earlier_document.kind == "SR",
+        earlier_report.id == earlier_job.report_id,
+        report.id == Job.report_id,
+        earlier_report.study_instance_uid == report.study_instance_uid,
+        earlier_report.model_name == report.model_name,
+        earlier_report.sequence < report.sequence,
+    )
+    return or_(Job.kind != JobKind.SEND, ~is_sr, ~earlier_waiting)
+
+
+def hurry_sends(session: Session, peer: str) -> int:
+    """Sends to ``peer`` waiting out a backoff are due now: the peer just took a delivery.
+
+    After an outage each send waits its own backoff (up to ten minutes by default),
+    so results kept trickling in for minutes after the PACS was back
+    (``send.backoff_max_seconds``).
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.kind == JobKind.SEND,
+            Job.peer == peer,
+            Job.state == JobState.FAILED,
+            Job.run_after > now,
+        )
+        .values(run_after=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _report_ready() -> ColumnElement[bool]:

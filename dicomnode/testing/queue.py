@@ -10,14 +10,14 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 
 
-def add_report(db: Database, study_uid: str = "1.2") -> int:
-    """A pending report round of ``study_uid``; its id."""
+def add_report(db: Database, study_uid: str = "1.2", sequence: int = 1) -> int:
+    """A pending report round (number ``sequence``) of ``study_uid``; its id."""
     with db.session() as session:
         report = Report(
             study_instance_uid=study_uid,
             model_name="m",
             model_version="1",
-            sequence=1,
+            sequence=sequence,
             calling_ae="X",
             state="pending",
             created_at=utcnow(),

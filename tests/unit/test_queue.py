@@ -271,6 +271,79 @@ def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     assert sr.sop_instance_uid == "9.3"
 
 
+def _send_sr(db: Database, report_id: int, uid: str) -> None:
+    """The SR ``uid`` of report ``report_id``, and its send to PACS."""
+    from dicomnode.db.schema import Output
+
+    with db.session() as s:
+        s.add(
+            Output(
+                sop_instance_uid=uid,
+                series_instance_uid="9",
+                report_id=report_id,
+                kind="SR",
+                path=f"/x/{uid}.dcm",
+                created_at=utcnow(),
+            )
+        )
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(
+                    q.JobKind.SEND,
+                    f"{uid}>PACS",
+                    5,
+                    group_key="PACS",
+                    report_id=report_id,
+                    sop_instance_uid=uid,
+                    peer="PACS",
+                )
+            ],
+        )
+
+
+def test_a_later_rounds_sr_waits_for_the_earlier_rounds_sr(db: Database, clock: Clock) -> None:
+    """After an outage, round 2's SR (which supersedes round 1's) was sent first whenever its
+    backoff ran out first: a RIS keeping the last SR received kept the incomplete one."""
+    first, second = add_report(db, "1.2", 1), add_report(db, "1.2", 2)
+    other_study = add_report(db, "1.3", 2)
+    _send_sr(db, first, "8.1")
+    with db.session() as s:
+        (job,) = q.claim(s, q.JobKind.SEND, "w", 30)
+        q.fail(s, job, "w", "PACS down", RetryPolicy(5, 60, 600))  # waits a minute
+    _send_sr(db, second, "8.2")
+    _send_sr(db, other_study, "8.3")
+    with db.session() as s:
+        (due,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+        assert due.sop_instance_uid == "8.3"  # another study's SR is not held back
+        q.complete(s, due.id, "w")
+    clock.advance(61)
+    with db.session() as s:
+        (due,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert due.sop_instance_uid == "8.1"
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.SEND, "w", 30, limit=8) == []  # round 1 still in flight
+        q.complete(s, due.id, "w")
+    with db.session() as s:
+        (due,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert due.sop_instance_uid == "8.2"
+
+
+def test_a_delivery_makes_the_peers_waiting_sends_due(db: Database, clock: Clock) -> None:
+    """Each send kept its own backoff (up to ten minutes) after the PACS was back."""
+    _send_sr(db, add_report(db, "1.2"), "8.1")
+    _send_sr(db, add_report(db, "1.3"), "8.2")
+    with db.session() as s:
+        for job in q.claim(s, q.JobKind.SEND, "w", 30, limit=8):
+            q.fail(s, job, "w", "PACS down", RetryPolicy(5, 600, 600))
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.SEND, "w", 30, limit=8) == []
+        assert q.hurry_sends(s, "OTHER") == 0
+        assert q.hurry_sends(s, "PACS") == 2
+    with db.session() as s:
+        assert len(q.claim(s, q.JobKind.SEND, "w", 30, limit=8)) == 2
+
+
 def test_a_hung_workers_job_is_found_again_when_its_lease_runs_out(
     db: Database, clock: Clock
 ) -> None:
