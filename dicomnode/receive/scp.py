@@ -112,6 +112,7 @@ class StoreHandlers:
         self.receiver = receiver_name(settings)
         self._associations: dict[int, str] = {}
         self._activity: dict[int, float] = {}
+        self._stored: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def association_id(self, assoc: Any) -> str:
@@ -144,7 +145,11 @@ class StoreHandlers:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         association_id = self.association_id(event.assoc)
         try:
-            return self._store(event, calling_ae, association_id)
+            status = self._store(event, calling_ae, association_id)
+            if status == statuses.SUCCESS:
+                key = id(event.assoc)
+                self._stored[key] = self._stored.get(key, 0) + 1
+            return status
         except StorageFullError as exc:
             log.error("C-STORE refused (0xA700): %s", exc)
             return statuses.OUT_OF_RESOURCES
@@ -226,8 +231,39 @@ class StoreHandlers:
                 sop_uid,
             )
 
+    def on_accepted(self, event: evt.Event) -> None:
+        """One line per association, with the id its instances are recorded under."""
+        requestor = event.assoc.requestor
+        log.info(
+            "association %s from AE %r at %s:%s accepted",
+            self.association_id(event.assoc),
+            str(requestor.ae_title).strip(),
+            requestor.address,
+            requestor.port,
+        )
+
+    def on_released(self, event: evt.Event) -> None:
+        log.info(
+            "association %s released: %d instance(s) stored",
+            self.association_id(event.assoc),
+            self._stored.get(id(event.assoc), 0),
+        )
+
+    def on_aborted(self, event: evt.Event) -> None:
+        """The sender (or the network) broke the association off: what arrived is kept, and
+        the sender is expected to send the rest again (a follow-up report covers it)."""
+        log.warning(
+            "association %s from AE %r aborted after %d instance(s) stored: what arrived is "
+            "kept and reported once its study settles; images sent again make a follow-up "
+            "report",
+            self.association_id(event.assoc),
+            str(event.assoc.requestor.ae_title).strip(),
+            self._stored.get(id(event.assoc), 0),
+        )
+
     def on_closed(self, event: evt.Event) -> None:
         self._activity.pop(id(event.assoc), None)
+        self._stored.pop(id(event.assoc), None)
         with self._lock:
             association_id = self._associations.pop(id(event.assoc), None)
         if association_id is not None:
@@ -389,6 +425,9 @@ class StoreHandlers:
 
     def bindings(self) -> list[Any]:
         return [
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_CONN_CLOSE, self.on_closed),

@@ -652,6 +652,25 @@ def test_a_copy_with_other_content_under_a_stored_uid_is_kept_out_and_named(
     assert node.count(Instance) == 1
 
 
+def test_each_association_is_logged_and_an_abort_is_a_warning(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An aborted association was invisible: its study was reported as it was, with no line
+    saying that the sender broke off."""
+    caplog.set_level(logging.INFO)
+    images = [make_radiograph(body_part="HANDX", rows=64, columns=64) for _ in range(3)]
+    assoc = node.associate(*images)
+    assert all(int(assoc.send_c_store(image).Status) == 0 for image in images[:2])
+    assoc.abort()
+    wait_for(lambda: "aborted after 2 instance(s) stored" in caplog.text, timeout=10)
+    assert node.send(images[2]) == [statuses.SUCCESS]
+    wait_for(lambda: "released: 1 instance(s) stored" in caplog.text, timeout=10)
+    accepted = [r for r in caplog.records if r.getMessage().endswith(" accepted")]
+    assert len(accepted) == 2 and all(f"AE '{SENDER}'" in r.getMessage() for r in accepted)
+    aborted = [r for r in caplog.records if "aborted after" in r.getMessage()]
+    assert [r.levelno for r in aborted] == [logging.WARNING]
+
+
 def test_missing_study_uid_is_refused(node: Node) -> None:
     image = make_radiograph()
     del image.StudyInstanceUID
