@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -28,8 +29,19 @@ ae_app = typer.Typer(help="Known application entities (peers).", no_args_is_help
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(ae_app, name="ae")
 app.add_typer(db_app, name="db")
-console = Console()
-err = Console(stderr=True)
+PIPED_WIDTH = 250
+"""Columns of the output when it goes to a file or a pipe (``docker compose exec -T``, cron,
+a ticket) and COLUMNS is not set: Rich's 80 cut UIDs and reasons short."""
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+console = _console()
+err = _console(stderr=True)
 log = logging.getLogger("dicomnode.cli")
 
 DEFAULT_CONFIG = Path("config/dicomnode.yaml")
@@ -242,12 +254,14 @@ def ae_remove(name: str, config: ConfigOption = None) -> None:
 
 @ae_app.command("list")
 def ae_list(config: ConfigOption = None) -> None:
-    """List peers."""
-    from dicomnode.peers import list_peers
+    """List peers (the configuration file's as `serve` registers them, and those added)."""
+    from dicomnode.peers import list_peers, sync_config_peers
 
-    db = _database(settings(config))
+    resolved = settings(config)
+    db = _database(resolved)
     table = Table("name", "AE title", "host", "port", "TLS", "source")
     with db.session() as session:
+        sync_config_peers(session, dict(resolved.peers))  # before the first `serve` too
         for peer in list_peers(session):
             table.add_row(
                 peer.name,

@@ -452,14 +452,19 @@ KUBERNETES_SERVICE_LINK = re.compile(
 """The variables Kubernetes gives every pod for a Service named ``dicomnode`` (not settings)."""
 
 
+NOT_SETTINGS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "BENCH_KNEE_CROPS"})
+"""The node's own ``DICOMNODE_*`` variables that are not settings: the settings file, and
+the benchmark's knee crops (the bench's node inherits it)."""
+
+
 def dicomnode_variables(environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``DICOMNODE_*`` variables that are settings (not ``DICOMNODE_CONFIG``, and not the
-    service links Kubernetes adds for a Service named dicomnode)."""
+    """The ``DICOMNODE_*`` variables that are settings (not :data:`NOT_SETTINGS`, and not
+    the service links Kubernetes adds for a Service named dicomnode)."""
     return {
         name: raw
         for name, raw in environ.items()
         if name.startswith(ENV_PREFIX)
-        and name != ENV_PREFIX + "CONFIG"
+        and name not in NOT_SETTINGS
         and not KUBERNETES_SERVICE_LINK.fullmatch(name)
     }
 

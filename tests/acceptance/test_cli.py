@@ -212,6 +212,39 @@ def test_forget_asks_first_and_says_what_it_deleted(tmp_path: Path) -> None:
     assert "deleted study 1.2.3: 0 instance(s), 0 result object(s), 0 file(s)" in done.stdout
 
 
+def test_output_to_a_pipe_is_not_cut_to_80_columns(tmp_path: Path) -> None:
+    """`status > file` or `docker compose exec -T` cut UIDs to `1.2.826.0.1.3…`."""
+    environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    code = "from dicomnode.cli import console, err; print(console.width, err.width)"
+    piped = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120
+    )
+    assert piped.stdout.split() == ["250", "250"]
+    narrow = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**environ, "COLUMNS": "100"},
+        timeout=120,
+    )
+    assert narrow.stdout.split() == ["100", "100"]  # COLUMNS, when set, is the width
+
+
+def test_ae_list_shows_the_configuration_files_peers_before_the_first_serve(
+    tmp_path: Path,
+) -> None:
+    """`echo PACS` worked from the file while `ae list` showed no PACS until serve ran."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n"
+        "peers: {PACS: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}}\n"
+    )
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    listed = _cli("--config", str(config), "ae", "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "ORTHANC" in listed.stdout and "config" in listed.stdout
+
+
 def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
     card = make_tiny_model(tmp_path / "models" / "broken")
     weights = tmp_path / "models" / "broken" / card.weights.file

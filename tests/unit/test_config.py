@@ -175,6 +175,15 @@ def test_kubernetes_service_links_are_not_settings() -> None:
         load_settings(None, environ={"DICOMNODE_NODE_PORT": "11113"})  # a typo is still named
 
 
+def test_the_benchmarks_variable_is_not_a_setting() -> None:
+    """README names $DICOMNODE_BENCH_KNEE_CROPS: exported, it made every command refuse to
+    start (unknown key bench_knee_crops), the benchmark's own node included."""
+    from dicomnode.bench.data import KNEE_CROPS_VARIABLE
+
+    settings = load_settings(None, environ={KNEE_CROPS_VARIABLE: "/data/crops"})
+    assert settings.node.port == 11112
+
+
 def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("node: {port: 11112}\n")
