@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import case, exists, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.config import StorageSettings
@@ -27,13 +27,17 @@ def _studies(session: Session, limit: int) -> Table:
         .limit(limit)
     ).all()
     for study_uid, count, received in rows:
+        instance_state = _shown_state(
+            Instance.state, Job.sop_instance_uid == Instance.sop_instance_uid, JobKind.INFER
+        )
         states = session.execute(
-            select(Instance.state, func.count())
+            select(instance_state, func.count())
             .where(Instance.study_instance_uid == study_uid)
-            .group_by(Instance.state)
+            .group_by(instance_state)
         ).all()
+        report_state = _shown_state(Report.state, Job.report_id == Report.id, JobKind.REPORT)
         reports = session.execute(
-            select(Report.model_name, Report.sequence, Report.state).where(
+            select(Report.model_name, Report.sequence, report_state).where(
                 Report.study_instance_uid == study_uid
             )
         ).all()
@@ -45,6 +49,15 @@ def _studies(session: Session, limit: int) -> Table:
             ", ".join(f"{m}#{q}:{s}" for m, q, s in reports) or "-",
         )
     return table
+
+
+def _shown_state(
+    state: InstrumentedAttribute[str], of_it: ColumnElement[bool], kind: JobKind
+) -> ColumnElement[str]:
+    """``state``, or ``dead`` while the job of ``kind`` that would move it on is dead: an
+    image whose analysis died stays ``queued``, a round whose report died ``pending``."""
+    dead = exists().where(of_it, Job.kind == kind, Job.state == JobState.DEAD)
+    return case((dead, "dead"), else_=state)
 
 
 def _queue(session: Session) -> Table:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
+from sqlalchemy import update
 
+from dicomnode.db.schema import Job
 from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
@@ -74,3 +76,58 @@ def test_text_from_headers_and_errors_is_printed_as_it_is_never_as_markup(db: Da
     text = _render(db)
     assert "body part '[/]' is not routed to a model" in text
     assert "peer said [bold]no[/bold] [/]" in text
+
+
+def test_a_study_whose_analysis_or_report_died_shows_dead_not_waiting(db: Database) -> None:
+    """An image whose analysis died stayed `queued`, and a round whose report died
+    `pending`: the study looked as if it were still being worked on."""
+    from datetime import UTC, datetime
+
+    from dicomnode.db.schema import Association, Instance
+    from dicomnode.testing.queue import add_report
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    report_id = add_report(db, "1.2.3")
+    with db.session() as s:
+        s.add(Association(id="a1", calling_ae="MOD", started_at=now))
+        for uid in ("1.2.3.4", "1.2.3.5"):
+            s.add(
+                Instance(
+                    sop_instance_uid=uid,
+                    study_instance_uid="1.2.3",
+                    series_instance_uid="1.2.3.9",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"/x/{uid}.dcm",
+                    size=1,
+                    calling_ae="MOD",
+                    association_id="a1",
+                    received_at=now,
+                    state="queued",
+                    report_id=report_id,
+                )
+            )
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(
+                    q.JobKind.INFER, f"{uid}:m:1", 1, report_id=report_id, sop_instance_uid=uid
+                )
+                for uid in ("1.2.3.4", "1.2.3.5")
+            ]
+            + [q.JobSpec(q.JobKind.REPORT, "r", 1, report_id=report_id)],
+        )
+    with db.session() as s:
+        job = next(
+            j
+            for j in q.claim(s, q.JobKind.INFER, "w", 30, limit=8)
+            if j.sop_instance_uid == "1.2.3.4"
+        )
+        q.fail(s, job, "w", "cannot decode", RetryPolicy(1, 1, 1))
+    study = next(line for line in _render(db).splitlines() if "1.2.3 " in line)
+    assert "dead=1" in study and "queued=1" in study
+    assert "m#1:pending" in study
+    with db.session() as s:
+        s.execute(update(Job).where(Job.kind == q.JobKind.REPORT).values(state=q.JobState.DEAD))
+    study = next(line for line in _render(db).splitlines() if "1.2.3 " in line)
+    assert "m#1:dead" in study
