@@ -17,7 +17,10 @@ import json
 import logging
 import re
 import sys
+import time
 import traceback
+import warnings
+from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
@@ -84,11 +87,44 @@ def redact_quoted(text: str) -> str:
     return redacted.replace(_HELD, "'")
 
 
+_SAID: dict[str, float] = {}
+"""What libraries logged at WARNING and above lately (message: when): pydicom's
+``warn_and_log`` logs a message and warns it too, and the warning is then not said again."""
+_SAID_SECONDS = 5.0
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one log line (``warnings.formatwarning`` adds the source line below it,
+    which breaks one-line log parsing), unless a library has just logged the same text."""
+    text = str(message)
+    said = _SAID.get(text)
+    if said is not None and time.monotonic() - said < _SAID_SECONDS:
+        return
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%d)", category.__name__, text, Path(filename).name, lineno
+    )
+
+
+def _remember(record: logging.LogRecord, message: str) -> None:
+    if record.levelno >= logging.WARNING and record.name != "py.warnings":
+        if len(_SAID) > 256:
+            _SAID.clear()
+        _SAID[message] = time.monotonic()
+
+
 class RedactQuotedValues(logging.Filter):
     """Redact quoted values in library messages and in every traceback (see the module)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("dicomnode"):
+            _remember(record, record.getMessage())
             record.msg, record.args = redact_quoted(record.getMessage()), None
         elif isinstance(record.args, tuple) and any(
             isinstance(arg, BaseException) for arg in record.args
@@ -119,7 +155,8 @@ def configure(level: str = "INFO", json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
     handler.addFilter(RedactQuotedValues())
-    logging.captureWarnings(True)
+    logging.captureWarnings(True)  # keeps the original showwarning, for captureWarnings(False)
+    warnings.showwarning = _show_warning
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -129,6 +129,24 @@ def test_library_warnings_and_log_lines_are_redacted(
     assert "1965-01-01" not in err and "SMITH" not in err
 
 
+def test_a_library_warning_is_one_line_and_said_once(
+    captured: pytest.CaptureFixture[str],
+) -> None:
+    """pydicom logs a message and warns it too: each came out, the warning over three lines
+    (with its source line), which breaks one-line log parsing."""
+    logs.configure("INFO")
+    ds = pydicom.Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        ds.PatientBirthDate = "1965-01-01"
+        warnings.warn("a plain library warning", UserWarning, 1)
+    lines = captured.readouterr().err.strip().splitlines()
+    assert len([line for line in lines if "Invalid value for VR DA" in line]) == 1
+    (plain,) = [line for line in lines if "a plain library warning" in line]
+    assert "py.warnings: UserWarning: a plain library warning (test_logs.py:" in plain
+    assert len(lines) == 2
+
+
 def test_tracebacks_keep_their_frames_and_lose_quoted_values(
     captured: pytest.CaptureFixture[str],
 ) -> None:
