@@ -58,6 +58,9 @@ class Prepared:
     image: PreparedImage | None
     skip_reason: str = ""
     error: str = ""
+    lasting: bool = False
+    """The error comes from the file's own bytes (its pixel data cannot be decoded): the
+    same file fails the same way, so it is not retried."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +93,7 @@ def read_and_prepare(path: Path) -> Prepared:
     except UnsupportedImageError as exc:
         return Prepared(sop_uid, header_of(dataset), None, skip_reason=str(exc))
     except ImagingError as exc:
-        return Prepared(sop_uid, header_of(dataset), None, error=str(exc))
+        return Prepared(sop_uid, header_of(dataset), None, error=str(exc), lasting=True)
     return Prepared(sop_uid, header_of(dataset), image)
 
 

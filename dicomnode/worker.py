@@ -33,7 +33,14 @@ from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.encode.sr import SrImageItem
-from dicomnode.errors import ConfigError, DicomNodeError, ModelError, PeerError, StorageFullError
+from dicomnode.errors import (
+    ConfigError,
+    DicomNodeError,
+    EncodeError,
+    ModelError,
+    PeerError,
+    StorageFullError,
+)
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
@@ -165,6 +172,8 @@ class Worker:
                 self._postpone(job, str(exc))
             return
         reason = _reason(exc, jobs[0].kind, jobs)
+        if isinstance(exc, EncodeError):  # the same inputs encode the same way: not retried
+            policy = NO_RETRY
         for job in jobs:
             self._fail(job, reason, policy)
 
@@ -309,7 +318,8 @@ class Worker:
 
     def _finish_infer(self, job: q.ClaimedJob, item: pipeline.Analysed) -> None:
         if item.prepared.error:
-            self._fail(job, item.prepared.error, self.job_policy)
+            policy = NO_RETRY if item.prepared.lasting else self.job_policy
+            self._fail(job, item.prepared.error, policy)
             return
         output: tuple[pydicom.Dataset, Path] | None = None
         if item.result is not None:

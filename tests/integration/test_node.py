@@ -140,8 +140,7 @@ def test_duplicate_instance_is_stored_and_queued_once(node: Node) -> None:
 def test_a_study_whose_images_name_two_patients_gets_no_report(node: Node) -> None:
     """One SR copies one patient's details: images of two patients under one Study Instance
     UID (a clash, or a correction in the PACS half re-sent) get no SR, and the reason says
-    why without their names."""
-    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
+    why without their names. Not retried: the same images would clash the same way."""
     first = make_radiograph(body_part="KNEE", patient_name="Alpha^Anna", patient_id="PA-1")
     second = make_radiograph(
         body_part="KNEE",
@@ -156,6 +155,30 @@ def test_a_study_whose_images_name_two_patients_gets_no_report(node: Node) -> No
     assert "name different patients (PatientID, PatientName differ)" in error
     assert not any(name in error for name in ("Alpha", "Beta", "PA-1", "PB-2"))
     assert node.count(Job, kind="send") == 0 and node.collector.received == []
+    assert node.count(Job, kind="report", attempts=1) == 1
+
+
+def test_an_image_whose_pixel_data_cannot_be_decoded_dies_at_once(node: Node) -> None:
+    """It was retried with backoff (three attempts, three log lines) though the same bytes
+    decode the same way every time."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    image = make_radiograph(body_part="KNEE", rows=64, columns=64, bits_stored=8)
+    image.BitsAllocated, image.BitsStored, image.HighBit = 8, 8, 7
+    image.PixelData = encapsulate([b"\xff\xd8\xff\xe0not a jpeg\xff\xd9"])
+    image["PixelData"].VR = "OB"
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context(image.SOPClassUID, JPEGBaseline8Bit)
+    image.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert int(assoc.send_c_store(image).Status) == statuses.SUCCESS
+    assoc.release()
+    wait_for(lambda: node.count(Job, kind="infer", state="dead") == 1, 60, what="dead job")
+    assert node.count(Job, kind="infer", attempts=1) == 1
+    with node.db.session() as s:
+        error = s.execute(select(Job.last_error).where(Job.kind == "infer")).scalar_one()
+    assert "pixel data could not be decoded" in error
 
 
 def _follow_up(first: Dataset) -> Dataset:
