@@ -254,23 +254,24 @@ def ae_remove(name: str, config: ConfigOption = None) -> None:
 
 @ae_app.command("list")
 def ae_list(config: ConfigOption = None) -> None:
-    """List peers (the configuration file's as `serve` registers them, and those added)."""
-    from dicomnode.peers import list_peers, sync_config_peers
+    """List peers: those registered, and the configuration file's that `serve` has not
+    registered yet (nothing is written)."""
+    from dicomnode.peers import PeerInfo, list_peers
 
     resolved = settings(config)
     db = _database(resolved)
     table = Table("name", "AE title", "host", "port", "TLS", "source")
     with db.session() as session:
-        sync_config_peers(session, dict(resolved.peers))  # before the first `serve` too
-        for peer in list_peers(session):
-            table.add_row(
-                peer.name,
-                peer.ae_title,
-                peer.host,
-                str(peer.port),
-                "yes" if peer.tls else "no",
-                peer.source,
-            )
+        registered = list_peers(session)
+    names = {peer.name for peer in registered}
+    waiting = [
+        PeerInfo(name, p.ae_title, p.host, p.port, "config (registered when serve starts)", p.tls)
+        for name, p in resolved.peers.items()
+        if name not in names
+    ]
+    for peer in sorted([*registered, *waiting], key=lambda peer: peer.name):
+        tls = "yes" if peer.tls else "no"
+        table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), tls, peer.source)
     console.print(table)
 
 

@@ -112,8 +112,9 @@ class NodeSettings(_Section):
         ge=0,
         le=1024,
         description="connections from one address that may wait at once to send their "
-        "association request (each has 10 s to send it); one more is closed at once, so one "
-        "host cannot take every slot of max_associations (0: no bound)",
+        "association request (10 s from its first byte; a connection that sends nothing is "
+        "let go after pynetdicom's 30 s); one more is closed at once, so one host cannot take "
+        "every slot of max_associations (0: no bound)",
     )
     institution_name: str = Field(
         "", max_length=64, description="written into result objects when set"

@@ -66,9 +66,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"|\"[^\"\n]*\"")
 """A quoted value; a quote escaped inside it (Python's repr of ``O'BRIEN "JR"`` is
-``'O\\'BRIEN "JR"'``) does not end it."""
+``'O\\'BRIEN "JR"'``) does not end it, unless nothing else ends the value (a raw DICOM
+value ending in its separator, ``'DOE^JOHN\\'``)."""
 _APOSTROPHE = re.compile(r"(?<=\w)(?<!\b[bBuUrR])'(?=\w)")
 """An apostrophe inside a word ("Patient's Name", "O'BRIEN"); not a string prefix's
 quote (``b'...'``, ``u'...'``), which opens a value."""

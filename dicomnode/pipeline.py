@@ -93,7 +93,10 @@ def read_and_prepare(path: Path) -> Prepared:
     except UnsupportedImageError as exc:
         return Prepared(sop_uid, header_of(dataset), None, skip_reason=str(exc))
     except ImagingError as exc:
-        return Prepared(sop_uid, header_of(dataset), None, error=str(exc), lasting=True)
+        transient = isinstance(
+            exc.__cause__, (MemoryError, OSError)
+        )  # the worker's, not the file's
+        return Prepared(sop_uid, header_of(dataset), None, error=str(exc), lasting=not transient)
     return Prepared(sop_uid, header_of(dataset), image)
 
 

@@ -46,12 +46,11 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
+from dicomnode.store.instances import PURGED
 from dicomnode.studies import OPEN
 
 log = logging.getLogger(__name__)
 
-PURGED = "purged"
-"""State of an instance whose file holds its header only."""
 
 FINISHED = ("done", "skipped")
 """Instance states after which nothing more is done with the pixel data."""

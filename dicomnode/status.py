@@ -12,8 +12,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode.config import StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, dead_jobs
-from dicomnode.retention import PURGED
 from dicomnode.store.files import free_mb
+from dicomnode.store.instances import PURGED
 
 DEAD_HINT = "(`dicomnode retry` re-queues, `dicomnode discard` gives up)"
 

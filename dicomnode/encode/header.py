@@ -279,6 +279,7 @@ _REQUEST_TYPE_2 = (
     "RequestedProcedureDescription",
     "RequestedProcedureCodeSequence",
 )
+_ACCESSION = ("AccessionNumber", "IssuerOfAccessionNumberSequence")
 _REQUEST_COPIED = (
     *_REQUEST_TYPE_2,
     "IssuerOfAccessionNumberSequence",
@@ -290,31 +291,47 @@ def referenced_requests(sources: Iterable[pydicom.Dataset]) -> list[pydicom.Data
     """The Referenced Request Sequence items of a report on ``sources`` (PS3.3 C.17.2).
 
     A report answers the orders its images were made for: one item per request in the
-    sources' Request Attributes Sequences, or, for a source without one, per Accession
-    Number. Each item holds the study and the Type 2 attributes, empty where the source
-    has no value, so a RIS files the report under its order. Sources without either give
-    no item: the report then answers no known request (the sequence is Type 1C).
+    sources' Request Attributes Sequences, and one per Accession Number of a source without
+    them that no such request names already. Each item holds the study and the Type 2
+    attributes, empty where the source has no value, so a RIS files the report under its
+    order. Sources without either give no item: the report then answers no known request
+    (the sequence is Type 1C).
     """
+    cleaned = [conformant_header(source) for source in sources]  # "A\B" accession cleaned
     items: list[pydicom.Dataset] = []
-    seen: set[tuple[str, str, str]] = set()
-    for source in map(conformant_header, sources):  # an Accession Number "A\B" is cleaned
-        requests = [conformant_header(r) for r in source.get("RequestAttributesSequence") or []]
-        if not requests and str(source.get("AccessionNumber") or "").strip():
-            requests = [pydicom.Dataset()]
-        for request in requests:
-            item = _request_item(source, request)
-            key = (item.StudyInstanceUID, str(item.AccessionNumber), str(item.RequestedProcedureID))
-            if key not in seen:
-                seen.add(key)
-                items.append(item)
+    for source in cleaned:
+        for request in source.get("RequestAttributesSequence") or []:
+            _add_request(items, _request_item(source, conformant_header(request)))
+    for source in cleaned:
+        accession = str(source.get("AccessionNumber") or "").strip()
+        if accession and not any(str(i.AccessionNumber or "") == accession for i in items):
+            _add_request(items, _request_item(source, pydicom.Dataset()))
     return items
 
 
+def _add_request(items: list[pydicom.Dataset], item: pydicom.Dataset) -> None:
+    if _request_key(item) not in {_request_key(known) for known in items}:
+        items.append(item)
+
+
+def _request_key(item: pydicom.Dataset) -> tuple[str, str, str]:
+    return (
+        str(item.StudyInstanceUID),
+        str(item.AccessionNumber or ""),
+        str(item.RequestedProcedureID or ""),
+    )
+
+
 def _request_item(source: pydicom.Dataset, request: pydicom.Dataset) -> pydicom.Dataset:
+    """The item of one request: its own values; the source's Accession Number (and its
+    issuer) where the request names none, as most senders keep the accession at the top."""
     item = pydicom.Dataset()
     item.StudyInstanceUID = request.get("StudyInstanceUID") or source.StudyInstanceUID
+    own_accession = bool(str(request.get("AccessionNumber") or "").strip())
     for keyword in _REQUEST_COPIED:
-        value = request.get(keyword) or source.get(keyword) or None
+        value = request.get(keyword) or None
+        if value is None and not own_accession and keyword in _ACCESSION:
+            value = source.get(keyword) or None
         if value is not None or keyword in _REQUEST_TYPE_2:
             setattr(item, keyword, copy.deepcopy(value))
     return item

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
+from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import (
     IncompleteInstanceError,
@@ -41,12 +42,12 @@ from dicomnode.receive.callers import caller_matches, ip_of
 from dicomnode.receive.transport import BoundedRequestHandler, NodeServer
 from dicomnode.store.files import ensure_free_space
 from dicomnode.store.instances import (
+    PURGED,
     facts_from_dataset,
-    instance_file,
     read_received,
     release_association,
     release_orphaned,
-    same_dataset,
+    same_pixel_data,
     store_instance,
 )
 
@@ -112,7 +113,10 @@ class StoreHandlers:
         self.receiver = receiver_name(settings)
         self._associations: dict[int, str] = {}
         self._activity: dict[int, float] = {}
-        self._stored: dict[int, int] = {}
+        self._stored: dict[int, tuple[str, int]] = {}
+        """Per association from its acceptance to its release or abort: the id it is logged
+        under, and the instances stored over it (kept apart from the ids of
+        :meth:`association_id`, which its connection's close may drop first)."""
         self._lock = threading.Lock()
 
     def association_id(self, assoc: Any) -> str:
@@ -147,8 +151,7 @@ class StoreHandlers:
         try:
             status = self._store(event, calling_ae, association_id)
             if status == statuses.SUCCESS:
-                key = id(event.assoc)
-                self._stored[key] = self._stored.get(key, 0) + 1
+                self._count_stored(event.assoc)
             return status
         except StorageFullError as exc:
             log.error("C-STORE refused (0xA700): %s", exc)
@@ -218,14 +221,21 @@ class StoreHandlers:
         return statuses.SUCCESS
 
     def _warn_if_changed(self, sop_uid: str, received: Path) -> None:
-        """A copy of a stored instance whose content differs: a correction sent under the
-        same SOP Instance UID (against the standard, but done). The first copy stays and is
-        what was analysed; say so, and how to have the correction analysed."""
-        with self.db.session() as session:
-            stored = instance_file(session, sop_uid)
-        if same_dataset(stored, received) is False:
+        """A copy of a stored image with other pixel data: a correction sent under the same
+        SOP Instance UID (against the standard, but done). The first copy stays and is what
+        was analysed; say so, and how to have the correction analysed. Never fails the
+        C-STORE: the instance is stored."""
+        try:
+            with self.db.session() as session:
+                stored = session.get(Instance, sop_uid)
+                path = None if stored is None or stored.state == PURGED else Path(stored.path)
+            changed = path is not None and same_pixel_data(path, received) is False
+        except Exception as exc:
+            log.debug("sop=%s: the copies could not be compared (%s)", sop_uid, type(exc).__name__)
+            return
+        if changed:
             log.warning(
-                "sop=%s was sent again with different content: the first copy is kept, and "
+                "sop=%s was sent again with other pixel data: the first copy is kept, and "
                 "its results stand. A corrected image needs a new SOP Instance UID; or run "
                 "`dicomnode forget STUDY_UID` and send the study again",
                 sop_uid,
@@ -234,36 +244,47 @@ class StoreHandlers:
     def on_accepted(self, event: evt.Event) -> None:
         """One line per association, with the id its instances are recorded under."""
         requestor = event.assoc.requestor
+        association_id = self.association_id(event.assoc)
+        self._stored[id(event.assoc)] = (association_id, 0)
         log.info(
             "association %s from AE %r at %s:%s accepted",
-            self.association_id(event.assoc),
+            association_id,
             str(requestor.ae_title).strip(),
             requestor.address,
             requestor.port,
         )
 
+    def _count_stored(self, assoc: Any) -> None:
+        association_id, count = self._stored.get(id(assoc), (self.association_id(assoc), 0))
+        self._stored[id(assoc)] = (association_id, count + 1)
+
     def on_released(self, event: evt.Event) -> None:
-        log.info(
-            "association %s released: %d instance(s) stored",
-            self.association_id(event.assoc),
-            self._stored.get(id(event.assoc), 0),
-        )
+        association_id, count = self._stored.pop(id(event.assoc), ("?", 0))
+        log.info("association %s released: %d instance(s) stored", association_id, count)
 
     def on_aborted(self, event: evt.Event) -> None:
         """The sender (or the network) broke the association off: what arrived is kept, and
-        the sender is expected to send the rest again (a follow-up report covers it)."""
+        the sender is expected to send the rest again (a follow-up report covers it). The
+        node's own aborts (a silent sender timed out, a stop) are said at INFO."""
+        association_id, count = self._stored.pop(id(event.assoc), ("?", 0))
+        if getattr(event.assoc, "_sent_abort", False):
+            log.info(
+                "association %s aborted by the node (time-out or stop) after %d instance(s) stored",
+                association_id,
+                count,
+            )
+            return
         log.warning(
             "association %s from AE %r aborted after %d instance(s) stored: what arrived is "
             "kept and reported once its study settles; images sent again make a follow-up "
             "report",
-            self.association_id(event.assoc),
+            association_id,
             str(event.assoc.requestor.ae_title).strip(),
-            self._stored.get(id(event.assoc), 0),
+            count,
         )
 
     def on_closed(self, event: evt.Event) -> None:
-        self._activity.pop(id(event.assoc), None)
-        self._stored.pop(id(event.assoc), None)
+        self._activity.pop(id(event.assoc), None)  # _stored: popped when released or aborted
         with self._lock:
             association_id = self._associations.pop(id(event.assoc), None)
         if association_id is not None:
@@ -332,7 +353,8 @@ class StoreHandlers:
         title check. A check that cannot be made (the database unavailable) rejects too:
         pynetdicom would let the association through when the handler raised."""
         check_host = self.settings.node.check_caller_host
-        check_tls = self.settings.tls.peers_call_over_tls and not over_tls
+        tls = self.settings.tls  # without a TLS listener, tls: true is about sends only
+        check_tls = tls.peers_call_over_tls and bool(tls.port) and not over_tls
         if not (check_host or check_tls):
             return False
         try:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.datadict import keyword_for_tag
-from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
 from dicomnode.db.session import Database, utcnow
-from dicomnode.errors import IncompleteInstanceError, InvalidInstanceError
+from dicomnode.errors import InvalidInstanceError
 from dicomnode.store.files import (
     checked_uid,
     fsync_file,
@@ -26,8 +24,12 @@ from dicomnode.store.files import (
     move_durably,
     remove_quietly,
 )
+from dicomnode.store.pixels_span import pixel_data_span
 
 log = logging.getLogger(__name__)
+
+PURGED = "purged"
+"""State of an instance whose file holds its header only (:mod:`dicomnode.retention`)."""
 
 
 @dataclass(frozen=True)
@@ -44,38 +46,17 @@ class InstanceFacts:
     descriptions: str
 
 
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
 def read_received(path: Path) -> Dataset:
-    """The dataset of a received file, its large values (the pixel data) left on disk, once
-    checked to be whole.
-
-    A sender can deliver a dataset cut short (a truncated file sent as it is): its Pixel
-    Data declares more bytes than follow, or its fragments end before their delimiter. Read
-    up to the pixel data only, it parses, and would be stored and acknowledged, then fail
-    in every analysis, and a good copy sent again would be a duplicate of it. Raises
-    :class:`IncompleteInstanceError` naming the element and how much is missing.
-    """
+    """The header of a received file (read up to its pixel data), once its Pixel Data is
+    checked to be whole (:mod:`dicomnode.store.pixels_span`); raises
+    :class:`IncompleteInstanceError` naming what is missing."""
     size = path.stat().st_size
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = dcmread(path, defer_size=1024)
-    if any("End of file reached before delimiter" in str(w.message) for w in caught):
-        raise IncompleteInstanceError(
-            "the dataset is incomplete: an element of undefined length (encapsulated pixel "
-            "data or a sequence) ends before its delimiter"
+    with path.open("rb") as fp:
+        dataset = dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel data
+        transfer_syntax = (
+            str(dataset.file_meta.get("TransferSyntaxUID", "")) or ImplicitVRLittleEndian
         )
-    for tag in list(dataset.keys()):
-        element = dataset.get_item(tag, keep_deferred=True)
-        length = getattr(element, "length", 0) or 0
-        tell = getattr(element, "value_tell", None)
-        if tell is not None and length != _UNDEFINED_LENGTH and tell + length > size:
-            name = keyword_for_tag(tag) or str(tag)
-            raise IncompleteInstanceError(
-                f"the dataset is incomplete: {name} declares {length} bytes, "
-                f"{max(0, size - tell)} were received"
-            )
+        pixel_data_span(fp, size, transfer_syntax)
     return dataset
 
 
@@ -264,35 +245,42 @@ def instance_file(session: Session, sop_uid: str) -> Path:
     return Path(path)
 
 
-def same_dataset(stored: Path, received: Path) -> bool | None:
-    """True when two files of one SOP Instance UID hold the same dataset (byte for byte, the
-    file meta aside), False when they differ, None when it cannot be told (sent in another
-    transfer syntax, or a file that cannot be read)."""
+def same_pixel_data(stored: Path, received: Path) -> bool | None:
+    """True when two files of one SOP Instance UID hold the same pixel data (byte for
+    byte), False when it differs, None when it cannot be told: another transfer syntax (a
+    re-encoding of maybe the same image), no pixel data (not an image, or purged), or a
+    file that cannot be read. Headers are not compared: a PACS forwarding a study may
+    coerce IDs or add private elements, which is no correction of the image."""
     try:
-        starts = [_dataset_start(path) for path in (stored, received)]
-        if starts[0][1] != starts[1][1]:
-            return None  # another encoding of maybe the same image
-        sizes = [
-            path.stat().st_size - start
-            for path, (start, _) in zip((stored, received), starts, strict=True)
-        ]
-        if sizes[0] != sizes[1]:
-            return False
-        return _digest(stored, starts[0][0]) == _digest(received, starts[1][0])
-    except (OSError, ValueError, AttributeError):
+        spans = [_pixel_span(path) for path in (stored, received)]
+    except (OSError, ValueError, AttributeError, InvalidInstanceError):
         return None
+    if spans[0] is None or spans[1] is None or spans[0][0] != spans[1][0]:
+        return None
+    (_, first, end), (_, other_first, other_end) = spans[0], spans[1]
+    if end - first != other_end - other_first:
+        return False
+    return _digest(stored, first, end) == _digest(received, other_first, other_end)
 
 
-def _dataset_start(path: Path) -> tuple[int, str]:
-    """Where the dataset begins after the preamble and file meta, and its transfer syntax."""
-    meta = read_file_meta_info(path)
-    return 132 + 12 + int(meta.FileMetaInformationGroupLength), str(meta.TransferSyntaxUID)
+def _pixel_span(path: Path) -> tuple[str, int, int] | None:
+    """(transfer syntax, first, end) of ``path``'s Pixel Data, or None without one."""
+    with path.open("rb") as fp:
+        header = dcmread(fp, stop_before_pixels=True)
+        syntax = str(header.file_meta.get("TransferSyntaxUID", "")) or ImplicitVRLittleEndian
+        span = pixel_data_span(fp, path.stat().st_size, syntax)
+    return None if span is None else (syntax, *span)
 
 
-def _digest(path: Path, start: int) -> bytes:
+def _digest(path: Path, first: int, end: int) -> bytes:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        handle.seek(start)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        handle.seek(first)
+        left = end - first
+        while left > 0:
+            chunk = handle.read(min(left, 1 << 20))
+            if not chunk:
+                break
             digest.update(chunk)
+            left -= len(chunk)
     return digest.digest()

@@ -86,7 +86,7 @@ def _listening(
 
     sender = PeerSettings(ae_title="MOD", host=LOOPBACK, port=104, tls=tls_sender)
     secured = _with_tls(
-        settings.model_copy(update={"peers": {"MOD": sender}}), pki, port=free_port(), **tls
+        settings.model_copy(update={"peers": {"MOD": sender}}), pki, **{"port": free_port(), **tls}
     )
     with db.session() as session:
         sync_config_peers(session, dict(secured.peers))
@@ -125,8 +125,10 @@ def test_a_peer_registered_for_tls_may_not_send_in_the_clear(
     assert f"must call the TLS port {secured.tls.port}" in caplog.text
     with _listening(settings, db, pki, tls_sender=True, peers_call_over_tls=False) as allowed:
         assert _store_over_tls(allowed.node.port, None) == 0  # the site chose to allow it
+    with _listening(settings, db, pki, tls_sender=True, port=0) as plain_only:
+        assert _store_over_tls(plain_only.node.port, None) == 0  # no TLS port to call
     with db.session() as session:
-        assert len(session.execute(select(Instance)).scalars().all()) == 2
+        assert len(session.execute(select(Instance)).scalars().all()) == 3
 
 
 def test_a_revoked_certificate_is_refused_both_ways(

@@ -619,6 +619,11 @@ def test_results_answer_the_order_of_their_images(tmp_path: Path) -> None:
     assert pydicom.dcmread(sc_path).RequestAttributesSequence[0].RequestedProcedureID == "RP-7"
     assert dciodvfy_errors(sc_path) == []
 
+    # An image of the same order without request attributes adds no second item.
+    same_order = make_source(study_uid=source.StudyInstanceUID)
+    items = [SrImageItem(source=s, sc=None, result=result) for s in (source, same_order)]
+    assert len(make_sr(items).ReferencedRequestSequence) == 1
+
     # Without request attributes the Accession Number alone names the order; with
     # neither, the report answers no known request and the sequence (Type 1C) is absent.
     bare = make_source()

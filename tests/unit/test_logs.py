@@ -92,6 +92,7 @@ def test_redact_quoted_replaces_single_and_double_quoted_values() -> None:
             "value '<redacted>' refused",
         ),  # Python's repr escapes the apostrophe
         (r"path 'C:\\DOE\\' kept", "path '<redacted>' kept"),
+        (r"value 'DOE^JOHN\' for VR PN", "value '<redacted>' for VR PN"),  # a raw separator
     ],
 )
 def test_apostrophes_neither_open_nor_close_a_redacted_value(text: str, expected: str) -> None:

@@ -336,3 +336,23 @@ def test_unreadable_files(tmp_path: Path) -> None:
     fake.write_bytes(b"\x00" * 16)
     with pytest.raises(ImagingError):
         read_image_file(fake)
+
+
+@pytest.mark.parametrize(("raised", "lasting"), [(ValueError, True), (MemoryError, False)])
+def test_an_undecodable_image_is_not_retried_but_a_worker_short_of_memory_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: type[Exception], lasting: bool
+) -> None:
+    """Bytes that do not decode fail the same way every time; memory running out is the
+    worker's state, not the file's."""
+    from dicomnode import pipeline
+    from dicomnode.imaging import pixels
+    from dicomnode.testing.images import make_radiograph, write_dataset
+
+    path = write_dataset(make_radiograph(body_part="KNEE", rows=32, columns=32), tmp_path / "k.dcm")
+
+    def fails(*_: object, **__: object) -> None:
+        raise raised("decoder")
+
+    monkeypatch.setattr(pixels, "pixel_array", fails)
+    prepared = pipeline.read_and_prepare(path)
+    assert prepared.error and prepared.lasting is lasting

@@ -14,7 +14,8 @@ from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report
 from dicomnode.db.session import Database, utcnow
 from dicomnode.queue.jobs import JobKind, JobState
-from dicomnode.retention import PURGED, expired_studies, purge_expired, purge_study
+from dicomnode.retention import expired_studies, purge_expired, purge_study
+from dicomnode.store.instances import PURGED
 from dicomnode.testing.images import make_radiograph, write_dataset
 
 DAYS = 30.0
