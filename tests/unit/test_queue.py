@@ -229,36 +229,10 @@ def test_running_workers_lists_holders_of_running_jobs(db: Database) -> None:
 
 def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     """A PACS that routes on the SR finds every overlay it references already stored."""
-    from dicomnode.db.schema import Output
 
     report_id = add_report(db)
-    with db.session() as s:
-        for uid, kind in (("9.1", "SC"), ("9.2", "SC"), ("9.3", "SR")):
-            s.add(
-                Output(
-                    sop_instance_uid=uid,
-                    series_instance_uid="9",
-                    report_id=report_id,
-                    kind=kind,
-                    path=f"/x/{uid}.dcm",
-                    created_at=utcnow(),
-                )
-            )
-        q.enqueue(
-            s,
-            [
-                q.JobSpec(
-                    q.JobKind.SEND,
-                    f"{uid}>PACS",
-                    5,
-                    group_key="PACS",
-                    report_id=report_id,
-                    sop_instance_uid=uid,
-                    peer="PACS",
-                )
-                for uid in ("9.3", "9.1", "9.2")  # the SR first in the queue
-            ],
-        )
+    for uid, kind in (("9.3", "SR"), ("9.1", "SC"), ("9.2", "SC")):  # the SR first in the queue
+        _send_output(db, report_id, uid, kind)
     with db.session() as s:
         first = q.claim(s, q.JobKind.SEND, "w", 30, limit=8, group_key="PACS")
     assert sorted(j.sop_instance_uid or "" for j in first) == ["9.1", "9.2"]
@@ -271,8 +245,9 @@ def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
     assert sr.sop_instance_uid == "9.3"
 
 
-def _send_sr(db: Database, report_id: int, uid: str) -> None:
-    """The SR ``uid`` of report ``report_id``, and its send to PACS."""
+def _send_output(db: Database, report_id: int, uid: str, kind: str = "SR") -> None:
+    """The result object ``uid`` (an SR or an SC) of report ``report_id``, and its send to
+    PACS."""
     from dicomnode.db.schema import Output
 
     with db.session() as s:
@@ -281,7 +256,7 @@ def _send_sr(db: Database, report_id: int, uid: str) -> None:
                 sop_instance_uid=uid,
                 series_instance_uid="9",
                 report_id=report_id,
-                kind="SR",
+                kind=kind,
                 path=f"/x/{uid}.dcm",
                 created_at=utcnow(),
             )
@@ -307,12 +282,12 @@ def test_a_later_rounds_sr_waits_for_the_earlier_rounds_sr(db: Database, clock: 
     backoff ran out first: a RIS keeping the last SR received kept the incomplete one."""
     first, second = add_report(db, "1.2", 1), add_report(db, "1.2", 2)
     other_study = add_report(db, "1.3", 2)
-    _send_sr(db, first, "8.1")
+    _send_output(db, first, "8.1")
     with db.session() as s:
         (job,) = q.claim(s, q.JobKind.SEND, "w", 30)
         q.fail(s, job, "w", "PACS down", RetryPolicy(5, 60, 600))  # waits a minute
-    _send_sr(db, second, "8.2")
-    _send_sr(db, other_study, "8.3")
+    _send_output(db, second, "8.2")
+    _send_output(db, other_study, "8.3")
     with db.session() as s:
         (due,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
         assert due.sop_instance_uid == "8.3"  # another study's SR is not held back
@@ -331,8 +306,8 @@ def test_a_later_rounds_sr_waits_for_the_earlier_rounds_sr(db: Database, clock: 
 
 def test_a_delivery_makes_the_peers_waiting_sends_due(db: Database, clock: Clock) -> None:
     """Each send kept its own backoff (up to ten minutes) after the PACS was back."""
-    _send_sr(db, add_report(db, "1.2"), "8.1")
-    _send_sr(db, add_report(db, "1.3"), "8.2")
+    _send_output(db, add_report(db, "1.2"), "8.1")
+    _send_output(db, add_report(db, "1.3"), "8.2")
     with db.session() as s:
         for job in q.claim(s, q.JobKind.SEND, "w", 30, limit=8):
             q.fail(s, job, "w", "PACS down", RetryPolicy(5, 600, 600))
