@@ -127,14 +127,19 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
     return and_(Job.state.in_([JobState.QUEUED, JobState.FAILED]), Job.run_after <= now)
 
 
-def due_since(moment: datetime) -> ColumnElement[bool]:
-    """Jobs a worker could have claimed at ``moment`` and still could: due by then, and
-    ready now (a report's round analysed, an SR's overlays sent first). What
-    :func:`claim` and :func:`next_group` select (with ``moment`` now), and what
-    ``dicomnode health`` counts as waiting."""
-    return and_(
-        _claimable(moment), _report_ready(), _overlays_sent_first(), _earlier_rounds_sent_first()
-    )
+def due_since(moment: datetime, kind: JobKind | None = None) -> ColumnElement[bool]:
+    """Jobs (of ``kind``, when given) a worker could have claimed at ``moment`` and still
+    could: due by then, and ready now (a report's round analysed, an SR's overlays and
+    earlier rounds' SRs sent first). What :func:`claim` and :func:`next_group` select (with
+    ``moment`` now), and what ``dicomnode health`` counts as waiting. Given ``kind``, only
+    its own conditions are asked: each is a correlated subquery per candidate row, and
+    SQLite evaluates it even where the kind alone settles the answer."""
+    conditions = [_claimable(moment)]
+    if kind is None or kind == JobKind.REPORT:
+        conditions.append(_report_ready())
+    if kind is None or kind == JobKind.SEND:
+        conditions += [_overlays_sent_first(), _earlier_rounds_sent_first()]
+    return and_(*conditions)
 
 
 def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> int:
@@ -261,7 +266,8 @@ def claim(
     """
     expire_lost_leases(session, kind)
     now = utcnow()
-    due = select(Job.id).where(Job.kind == kind, due_since(now)).order_by(Job.run_after, Job.id)
+    due = select(Job.id).where(Job.kind == kind, due_since(now, kind))
+    due = due.order_by(Job.run_after, Job.id)
     if group_key is not None:
         due = due.where(Job.group_key == group_key)
     first_error = session.execute(
@@ -309,7 +315,7 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     now = utcnow()
     statement = (
         select(Job.group_key)
-        .where(Job.kind == kind, due_since(now))
+        .where(Job.kind == kind, due_since(now, kind))
         .order_by(Job.run_after, Job.id)
         .limit(1)
     )
