@@ -44,7 +44,10 @@ def pixel_data_span(fp: BinaryIO, size: int, transfer_syntax: str) -> tuple[int,
     if syntax.is_implicit_VR:
         (length,), first = struct.unpack(order + "L", head[4:8]), start + 8
     elif head[4:6] in _LONG_VRS:
-        (length,), first = struct.unpack(order + "L", fp.read(4)), start + 12
+        more = fp.read(4)
+        if len(more) < 4:
+            raise IncompleteInstanceError("the dataset is incomplete: it ends in its Pixel Data")
+        (length,), first = struct.unpack(order + "L", more), start + 12
     else:
         (length,), first = struct.unpack(order + "H", head[6:8]), start + 8
     if length != _UNDEFINED:
