@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ImplicitVRLittleEndian
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import or_, text, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
@@ -233,16 +233,6 @@ def release_orphaned(
             .values(released_at=utcnow())
         )
         return int(getattr(result, "rowcount", 0) or 0)
-
-
-def instance_file(session: Session, sop_uid: str) -> Path:
-    """The stored file of a received instance."""
-    path = session.execute(
-        select(Instance.path).where(Instance.sop_instance_uid == sop_uid)
-    ).scalar_one_or_none()
-    if path is None:
-        raise InvalidInstanceError(f"instance {sop_uid} is not recorded")
-    return Path(path)
 
 
 def same_pixel_data(stored: Path, received: Path) -> bool | None:
