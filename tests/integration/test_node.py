@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
+from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import utcnow
 from dicomnode.peers import PeerInfo, add_peer
@@ -45,6 +46,15 @@ def _algorithm_names(sr: Dataset) -> list[str]:
         and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == "DCM"
     }
     return sorted(names)
+
+
+def _on_a_port_of_its_own(node: Node, **fields: object) -> Settings:
+    """``node``'s settings with ``fields`` of its ``node`` section changed and a free port,
+    for a second SCP beside it."""
+    from dicomnode.testing.peers import free_port
+
+    changed = node.settings.node.model_copy(update={"port": free_port(), **fields})
+    return node.settings.model_copy(update={"node": changed})
 
 
 @pytest.fixture
@@ -321,15 +331,7 @@ def test_a_peers_ae_title_from_another_address_is_rejected(
     assert "node.check_caller_host" in caplog.text
     assert node.count(Association) == 0
 
-    from dicomnode.testing.peers import free_port
-
-    lenient = node.settings.model_copy(
-        update={
-            "node": node.settings.node.model_copy(
-                update={"port": free_port(), "check_caller_host": False}
-            )
-        }
-    )
+    lenient = _on_a_port_of_its_own(node, check_caller_host=False)
     server = start_scp(lenient, node.db)
     try:
         assoc = ae.associate("127.0.0.1", lenient.node.port, ae_title="DICOMNODE")
@@ -397,15 +399,7 @@ def test_a_sender_silent_in_the_middle_of_a_pdu_is_let_go(node: Node) -> None:
     import socket
     import struct
 
-    from dicomnode.testing.peers import free_port
-
-    quick = node.settings.model_copy(
-        update={
-            "node": node.settings.node.model_copy(
-                update={"port": free_port(), "network_timeout": 1.0}
-            )
-        }
-    )
+    quick = _on_a_port_of_its_own(node, network_timeout=1.0)
     server = start_scp(quick, node.db)
     try:
         with socket.create_connection(("127.0.0.1", quick.node.port)) as stalled:
@@ -452,16 +446,8 @@ def test_one_address_cannot_hold_every_slot_with_connections_that_say_nothing(
     at once, and senders from other addresses go on."""
     import socket
 
-    from dicomnode.testing.peers import free_port
-
     caplog.set_level(logging.WARNING)
-    bounded = node.settings.model_copy(
-        update={
-            "node": node.settings.node.model_copy(
-                update={"port": free_port(), "max_waiting_per_address": 2}
-            )
-        }
-    )
+    bounded = _on_a_port_of_its_own(node, max_waiting_per_address=2)
     server = start_scp(bounded, node.db)
     stranger = ("127.0.0.2", 0)
     try:
@@ -572,16 +558,9 @@ def test_one_association_over_the_limit_is_rejected_for_now_and_named(
 ) -> None:
     """pynetdicom rejects it (transient, local limit exceeded); the log says so, and not
     that the caller is unknown."""
-    from dicomnode.testing.peers import free_port
 
     caplog.set_level(logging.WARNING)
-    narrow = node.settings.model_copy(
-        update={
-            "node": node.settings.node.model_copy(
-                update={"port": free_port(), "max_associations": 1}
-            )
-        }
-    )
+    narrow = _on_a_port_of_its_own(node, max_associations=1)
     server = start_scp(narrow, node.db)
     ae = AE(ae_title=SENDER)
     ae.add_requested_context("1.2.840.10008.1.1")
