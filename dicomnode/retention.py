@@ -325,12 +325,10 @@ def remove_files(data_dir: Path, files: tuple[Path, ...]) -> list[Path]:
 def _remove_empty_folders(folder: Path, data_dir: Path) -> None:
     """Remove ``folder`` and its parents while they are empty, up to the data folder's
     ``instances/`` and ``outputs/`` (which stay)."""
-    stop = {
-        data_dir.resolve(),
-        (data_dir / "instances").resolve(),
-        (data_dir / "outputs").resolve(),
-    }
-    while folder.resolve() not in stop and folder.resolve().is_relative_to(data_dir.resolve()):
+    root = data_dir.resolve()
+    stop = {root, root / "instances", root / "outputs"}
+    folder = folder.resolve()
+    while folder not in stop and folder.is_relative_to(root):
         try:
             folder.rmdir()
         except OSError:  # not empty (another series), or gone

@@ -179,8 +179,7 @@ def _overlays_sent_first() -> ColumnElement[bool]:
     that died does not hold the SR back (the dead job is listed, and the SR says nothing
     of it that is wrong).
     """
-    overlay_job, overlay, document = aliased(Job), aliased(Output), aliased(Output)
-    is_sr = exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
+    overlay_job, overlay = aliased(Job), aliased(Output)
     overlay_waiting = exists().where(
         overlay_job.kind == JobKind.SEND,
         overlay_job.report_id == Job.report_id,
@@ -189,7 +188,7 @@ def _overlays_sent_first() -> ColumnElement[bool]:
         overlay.sop_instance_uid == overlay_job.sop_instance_uid,
         overlay.kind == "SC",
     )
-    return or_(Job.kind != JobKind.SEND, ~is_sr, ~overlay_waiting)
+    return or_(Job.kind != JobKind.SEND, ~_sends_an_sr(), ~overlay_waiting)
 
 
 def _earlier_rounds_sent_first() -> ColumnElement[bool]:
@@ -200,9 +199,8 @@ def _earlier_rounds_sent_first() -> ColumnElement[bool]:
     round 1's, could arrive first; a RIS that keeps the last SR it received would keep the
     incomplete one. A dead earlier SR does not hold the later one back.
     """
-    earlier_job, earlier_document, document = aliased(Job), aliased(Output), aliased(Output)
+    earlier_job, earlier_document = aliased(Job), aliased(Output)
     earlier_report, report = aliased(Report), aliased(Report)
-    is_sr = exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
     earlier_waiting = exists().where(
         earlier_job.kind == JobKind.SEND,
         earlier_job.peer == Job.peer,
@@ -215,7 +213,13 @@ def _earlier_rounds_sent_first() -> ColumnElement[bool]:
         earlier_report.model_name == report.model_name,
         earlier_report.sequence < report.sequence,
     )
-    return or_(Job.kind != JobKind.SEND, ~is_sr, ~earlier_waiting)
+    return or_(Job.kind != JobKind.SEND, ~_sends_an_sr(), ~earlier_waiting)
+
+
+def _sends_an_sr() -> ColumnElement[bool]:
+    """The job sends an SR (its object is an SR output)."""
+    document = aliased(Output)
+    return exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
 
 
 def hurry_sends(session: Session, peer: str) -> int:

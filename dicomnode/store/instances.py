@@ -50,14 +50,16 @@ def read_received(path: Path) -> Dataset:
     """The header of a received file (read up to its pixel data), once its Pixel Data is
     checked to be whole (:mod:`dicomnode.store.pixels_span`); raises
     :class:`IncompleteInstanceError` naming what is missing."""
-    size = path.stat().st_size
+    return _header_and_pixel_span(path)[0]
+
+
+def _header_and_pixel_span(path: Path) -> tuple[Dataset, str, tuple[int, int] | None]:
+    """The header of ``path``, its transfer syntax, and where its Pixel Data lies."""
     with path.open("rb") as fp:
-        dataset = dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel data
-        transfer_syntax = (
-            str(dataset.file_meta.get("TransferSyntaxUID", "")) or ImplicitVRLittleEndian
-        )
-        pixel_data_span(fp, size, transfer_syntax)
-    return dataset
+        header = dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel data
+        syntax = str(header.file_meta.get("TransferSyntaxUID", "")) or ImplicitVRLittleEndian
+        span = pixel_data_span(fp, path.stat().st_size, syntax)
+    return header, syntax, span
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -242,24 +244,17 @@ def same_pixel_data(stored: Path, received: Path) -> bool | None:
     file that cannot be read. Headers are not compared: a PACS forwarding a study may
     coerce IDs or add private elements, which is no correction of the image."""
     try:
-        spans = [_pixel_span(path) for path in (stored, received)]
+        (_, syntax, span), (_, other_syntax, other_span) = (
+            _header_and_pixel_span(path) for path in (stored, received)
+        )
     except (OSError, ValueError, AttributeError, InvalidInstanceError):
         return None
-    if spans[0] is None or spans[1] is None or spans[0][0] != spans[1][0]:
+    if span is None or other_span is None or syntax != other_syntax:
         return None
-    (_, first, end), (_, other_first, other_end) = spans[0], spans[1]
+    (first, end), (other_first, other_end) = span, other_span
     if end - first != other_end - other_first:
         return False
     return _digest(stored, first, end) == _digest(received, other_first, other_end)
-
-
-def _pixel_span(path: Path) -> tuple[str, int, int] | None:
-    """(transfer syntax, first, end) of ``path``'s Pixel Data, or None without one."""
-    with path.open("rb") as fp:
-        header = dcmread(fp, stop_before_pixels=True)
-        syntax = str(header.file_meta.get("TransferSyntaxUID", "")) or ImplicitVRLittleEndian
-        span = pixel_data_span(fp, path.stat().st_size, syntax)
-    return None if span is None else (syntax, *span)
 
 
 def _digest(path: Path, first: int, end: int) -> bytes:
