@@ -16,9 +16,9 @@ again and the culprit is found.
 
 A job is unique per ``(kind, dedupe_key)``; enqueueing it again is a no-op,
 so the same SOP Instance UID is never queued twice for one model version.
-Claiming is one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)``
-statement: atomic on SQLite (one writer at a time) and on PostgreSQL (rows
-locked by another claimer are skipped).
+Claiming is one ``WITH candidates AS MATERIALIZED (SELECT ... LIMIT n FOR UPDATE SKIP
+LOCKED) UPDATE ... WHERE id IN candidates`` statement: atomic on SQLite (one writer at a
+time) and on PostgreSQL (rows locked by another claimer are skipped).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import CTE, Select, and_, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -279,10 +279,9 @@ def claim(
     ).scalar_one_or_none()
     if first_error == LOST_LEASE:
         limit = 1
-    candidates = due.limit(limit).with_for_update(skip_locked=True)
     statement = (
         update(Job)
-        .where(Job.id.in_(candidates.scalar_subquery()), _claimable(now))
+        .where(Job.id.in_(select(_candidates(due.limit(limit)).c.id)), _claimable(now))
         .values(
             state=JobState.RUNNING,
             attempts=Job.attempts + 1,
@@ -307,6 +306,20 @@ def claim(
     return sorted(
         (ClaimedJob(r[0], JobKind(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows),
         key=lambda j: j.id,
+    )
+
+
+def _candidates(due: Select[int]) -> CTE:
+    """The due jobs' ids, locked (``FOR UPDATE SKIP LOCKED``) and computed once per claim.
+
+    ``MATERIALIZED`` matters on PostgreSQL: as a plain ``IN (subquery)`` the planner may run
+    the subquery again for every row the ``UPDATE`` changes, each run skipping the rows the
+    statement has just locked, so that a claim of ``limit`` jobs took every due job. SQLite
+    ignores row locks; one writer at a time makes its claim atomic."""
+    return (
+        due.with_for_update(skip_locked=True)
+        .cte("candidates")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
 
 

@@ -15,6 +15,8 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.testing.queue import add_report, claim_concurrently
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 
 @dataclass
 class Clock:
@@ -51,6 +53,21 @@ def test_enqueue_is_unique_per_key(db: Database) -> None:
     with db.session() as s:
         assert q.enqueue(s, [_spec("1.1"), _spec("1.3")]) == 1
         assert q.counts_by_state(s) == {("infer", "queued"): 3}
+
+
+def test_a_claim_takes_no_more_than_its_limit_oldest_first(db: Database) -> None:
+    """A worker's batch is what it asked for: more images than ``limit`` would outgrow the
+    memory a batch is sized for (PostgreSQL re-ran a ``LIMIT`` subquery per updated row
+    and handed out every due job)."""
+    with db.session() as s:
+        q.enqueue(s, [_spec(f"1.{i}") for i in range(10)])
+    with db.session() as s:
+        first = q.claim(s, q.JobKind.INFER, "w1", 600, limit=3)
+        one = q.claim(s, q.JobKind.INFER, "w2", 600, limit=1)
+        rest = q.claim(s, q.JobKind.INFER, "w3", 600, limit=100)
+    assert [j.sop_instance_uid for j in first] == ["1.0", "1.1", "1.2"]
+    assert [j.sop_instance_uid for j in one] == ["1.3"]
+    assert len(rest) == 6
 
 
 def test_claims_never_overlap_between_threads(db: Database) -> None:
