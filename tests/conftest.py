@@ -1,4 +1,5 @@
-"""Shared fixtures: a migrated SQLite database, settings, tiny models, radiographs."""
+"""Shared fixtures: a migrated database (SQLite; PostgreSQL too for tests marked
+``both_databases``), settings, tiny models, radiographs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ from dicomnode.db.migrate import upgrade
 from dicomnode.db.session import Database
 from dicomnode.testing.node import make_settings
 from dicomnode.testing.peers import pynetdicom_receive_globals_restored
+from dicomnode.testing.postgres import TempPostgres
+
+POSTGRES_MISSING = "the PostgreSQL server is not installed"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_databases`` that takes ``db`` runs on SQLite and on PostgreSQL."""
+    if "db" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_databases"):
+        postgres = pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(not TempPostgres.available(), reason=POSTGRES_MISSING),
+        )
+        metafunc.parametrize("db", ["sqlite", postgres], indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +49,39 @@ def _umask_restored() -> Iterator[None]:
         os.umask(mask)
 
 
+def _on_postgres(request: pytest.FixtureRequest) -> bool:
+    """The test runs in its PostgreSQL variant (``both_databases``)."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec is not None and callspec.params.get("db") == "postgresql"
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The node's settings under ``tmp_path``; their database is the test's ``db``."""
+    if _on_postgres(request):
+        url = request.getfixturevalue("postgres").url
+        return make_settings(tmp_path, database={"url": url})
     return make_settings(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TempPostgres]:
+    """One throwaway PostgreSQL server for the whole run, started when a test first asks."""
+    server = TempPostgres().start()  # stops what it started when a step fails
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def db(settings: Settings) -> Database:
-    upgrade(settings.database.url)
-    database = Database(settings.database.url)
-    yield database  # type: ignore[misc]
+def db(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Database]:
+    """The node's database: SQLite in the test's folder, or (parametrised by
+    ``both_databases``) the session's PostgreSQL server, emptied."""
+    if _on_postgres(request):
+        database = request.getfixturevalue("postgres").emptied_database()
+    else:
+        upgrade(settings.database.url)
+        database = Database(settings.database.url)
+    yield database
     database.dispose()

@@ -18,6 +18,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from dicomnode.db.migrate import upgrade
+from dicomnode.db.schema import Base
+from dicomnode.db.session import Database
 from dicomnode.testing.peers import LOOPBACK, free_port, wait_for_port
 
 SUPERUSER = "postgres"
@@ -112,6 +115,16 @@ class TempPostgres:
             SUPERUSER,
             "dicomnode",
         )
+
+    def emptied_database(self) -> Database:
+        """The server's database at the current schema, every table emptied (one server
+        serves many tests)."""
+        upgrade(self.url)
+        database = Database(self.url)
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        with database.engine.begin() as connection:
+            connection.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY")
+        return database
 
     def stop(self) -> None:
         """Stop the server if it runs and remove the folder (safe after a failed start)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.db.migrate import upgrade
 from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
@@ -23,24 +22,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[TempPostgres]:
-    server = TempPostgres().start()  # stops what it started when a step fails
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def pg(postgres: TempPostgres) -> Iterator[Database]:
-    upgrade(postgres.url)
-    db = Database(postgres.url)
+    db = postgres.emptied_database()
     assert db.is_postgres
-    with db.engine.begin() as connection:
-        connection.exec_driver_sql(
-            "TRUNCATE jobs, results, outputs, instances, reports, associations, peers"
-        )
     yield db
     db.dispose()
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
 from dicomnode.health import check_queue
 from dicomnode.queue import jobs as q
 from dicomnode.testing.queue import add_report
+
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
 
 def _age_every_job(db: Database, minutes: float) -> None:

@@ -17,6 +17,8 @@ from dicomnode.peers import (
     validate,
 )
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 
 @pytest.mark.parametrize(
     ("name", "ae_title"), [("P1", "PACS\n"), ("P1\n", "PACS"), ("P1", "A" * 17), ("P1", "A\\B")]

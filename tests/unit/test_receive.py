@@ -14,6 +14,8 @@ from dicomnode.db.session import Database
 from dicomnode.receive import scp
 from dicomnode.testing.peers import pynetdicom_receive_globals_restored
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 
 def test_the_end_of_an_association_is_recorded_after_transient_errors(
     settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch

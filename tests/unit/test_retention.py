@@ -18,6 +18,8 @@ from dicomnode.retention import expired_studies, purge_expired, purge_study
 from dicomnode.store.instances import PURGED
 from dicomnode.testing.images import make_radiograph, write_dataset
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 DAYS = 30.0
 LATER = timedelta(days=DAYS + 1)
 
@@ -220,7 +222,7 @@ def test_an_image_arriving_after_the_listing_saves_its_study(db: Database, tmp_p
                 column: getattr(follow_up, column)
                 for column in ("study_instance_uid", "series_instance_uid", "sop_class_uid")
             },
-            sop_instance_uid=f"{follow_up.sop_instance_uid}.9",
+            sop_instance_uid=pydicom.uid.generate_uid(),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
             path=str(tmp_path / "follow-up.dcm"),
             size=1,

@@ -16,6 +16,8 @@ from dicomnode.errors import ConfigError
 from dicomnode.peers import sync_config_peers
 from dicomnode.store.instances import release_all_open, release_orphaned
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 
 def test_the_schema_revision_must_be_this_versions(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'n.db'}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 from sqlalchemy import update
 
@@ -10,6 +11,8 @@ from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.status import render_status
+
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
 
 def _render(db: Database) -> str:

@@ -19,6 +19,8 @@ from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import make_settings
 from dicomnode.values import BodyPart
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 CR = "1.2.840.10008.5.1.4.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"

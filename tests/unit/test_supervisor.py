@@ -14,6 +14,8 @@ from dicomnode.db.session import Database
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.queue import jobs as q
 
+pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
+
 
 @dataclass
 class FakeProcess:
