@@ -69,7 +69,12 @@ class NodeSettings(_Section):
 
     ae_title: AeTitle = Field("DICOMNODE", description="our AE title")
     host: str = Field("0.0.0.0", description="address the SCP listens on")
-    port: int = Field(11112, ge=1, le=65535, description="port the SCP listens on")
+    port: int = Field(
+        11112,
+        ge=0,
+        le=65535,
+        description="port the SCP listens on for plain DICOM; 0 = none, DICOM TLS only (tls.port)",
+    )
     allow_unknown_callers: bool = Field(
         False, description="accept associations from calling AEs that are not registered peers"
     )
@@ -420,7 +425,17 @@ class Settings(_Section):
             raise ValueError(f"{users[0]} needs {', '.join(missing)}")
         if self.tls.port and self.tls.port == self.node.port:
             raise ValueError("tls.port must differ from node.port (plain DICOM listens there)")
+        if not self.node.port and not self.tls.port:
+            raise ValueError(
+                "node.port 0 (no plain DICOM listener) needs tls.port: the node would not listen"
+            )
         return self
+
+    @property
+    def scp_port(self) -> int:
+        """The port that names this node and that its health probe calls: ``node.port``, or
+        ``tls.port`` on a node that listens for DICOM TLS only (``node.port: 0``)."""
+        return self.node.port or self.tls.port
 
     @model_validator(mode="after")
     def _destinations_are_peers(self) -> Settings:

@@ -19,6 +19,7 @@ The checks are what a radiology IT engineer would look at:
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -31,8 +32,10 @@ from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
+from dicomnode.errors import ConfigError
 from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
+from dicomnode.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,16 @@ def check_database(settings: Settings) -> Check:
 
 def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
     """Ask the listener for an association as the node itself (a loopback call under the
-    node's own AE title, which the node rejects without a warning)."""
+    node's own AE title, which the node rejects without a warning). A node that listens for
+    DICOM TLS only is asked over TLS, showing its own certificate."""
     host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "") else settings.node.host
-    where = f"{host}:{settings.node.port}"
+    port = settings.scp_port
+    over_tls = not settings.node.port
+    where = f"{host}:{port}" + (" (DICOM TLS)" if over_tls else "")
+    try:
+        tls_args = (_probe_context(settings), host) if over_tls else None
+    except ConfigError as exc:
+        return Check("scp", False, f"{where} cannot be asked: {exc}")
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
@@ -69,7 +79,7 @@ def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
     level = library.level
     library.setLevel(logging.CRITICAL)  # the outcome is this check's line
     try:
-        assoc = ae.associate(host, settings.node.port, ae_title=settings.node.ae_title)
+        assoc = ae.associate(host, port, ae_title=settings.node.ae_title, tls_args=tls_args)
     except Exception as exc:  # an address that does not resolve, ...
         return Check("scp", False, f"{where} cannot be asked: {type(exc).__name__}: {exc}")
     finally:
@@ -79,7 +89,16 @@ def check_scp(settings: Settings, timeout: float = PROBE_SECONDS) -> Check:
         return Check("scp", True, f"{where} answers (association accepted)")
     if assoc.is_rejected:
         return Check("scp", True, f"{where} answers (the probe is rejected, as it should be)")
-    return Check("scp", False, f"{where} does not answer an association request")
+    hint = " or does not accept the node's own certificate" if over_tls else ""
+    return Check("scp", False, f"{where} does not answer an association request{hint}")
+
+
+def _probe_context(settings: Settings) -> ssl.SSLContext:
+    """The probe's TLS: the node's own certificate shown, the listener's verified against
+    ``tls.ca_certificates`` (not its host name: the probe calls its own listener)."""
+    context = client_context(settings.tls)
+    context.check_hostname = False
+    return context
 
 
 def check_disk(settings: Settings) -> Check:

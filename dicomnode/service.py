@@ -286,14 +286,16 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
 def start_listeners(
     settings: Settings, db: Database, handlers: StoreHandlers
 ) -> list[ThreadedAssociationServer]:
-    """The SCP on ``node.port``, and on ``tls.port`` over DICOM TLS when that is set."""
+    """The SCP on ``node.port`` (unless 0: DICOM TLS only), and on ``tls.port`` over DICOM
+    TLS when that is set."""
     tls = server_context(settings.tls) if settings.tls.port else None
-    servers = [_listen(settings, db, handlers, None, "node.port")]
+    servers = [_listen(settings, db, handlers, None, "node.port")] if settings.node.port else []
     if tls is not None:
         try:
             servers.append(_listen(settings, db, handlers, tls, "tls.port"))
         except ConfigError:
-            servers[0].shutdown()
+            for server in servers:
+                server.shutdown()
             raise
     return servers
 

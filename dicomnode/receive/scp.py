@@ -543,8 +543,9 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
 
 
 def receiver_name(settings: Settings) -> str:
-    """This receiving node among those sharing a database: ``host:port`` of its SCP."""
-    return f"{os.uname().nodename}:{settings.node.port}"
+    """This receiving node among those sharing a database: ``host:port`` of its SCP (its
+    TLS port on a node that listens for DICOM TLS only)."""
+    return f"{os.uname().nodename}:{settings.scp_port}"
 
 
 def start_scp(

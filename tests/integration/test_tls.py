@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -49,7 +50,8 @@ def _with_tls(settings: Settings, pki: Pki, **tls: object) -> Settings:
             **tls,
         }
     )
-    node = settings.node.model_copy(update={"port": free_port()})
+    plain_port = free_port() if settings.node.port else 0  # 0: DICOM TLS only
+    node = settings.node.model_copy(update={"port": plain_port})
     return settings.model_copy(update={"tls": section, "node": node})
 
 
@@ -129,6 +131,50 @@ def test_a_peer_registered_for_tls_may_not_send_in_the_clear(
         assert _store_over_tls(plain_only.node.port, None) == 0  # no TLS port to call
     with db.session() as session:
         assert len(session.execute(select(Instance)).scalars().all()) == 3
+
+
+def _listening_ports() -> set[int]:
+    """The TCP ports this process listens on."""
+    connections = psutil.Process().net_connections(kind="tcp")
+    return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+
+
+def test_a_node_may_listen_for_dicom_tls_only(
+    settings: Settings, db: Database, pki: Pki, stranger: Pki
+) -> None:
+    """``node.port: 0``: no plain listener at all (a site whose policy forbids DICOM in the
+    clear); the TLS port receives, names the node, and the health probe asks it over TLS."""
+    from dicomnode.health import check_scp
+
+    tls_only = settings.model_copy(update={"node": settings.node.model_copy(update={"port": 0})})
+    before = _listening_ports()
+    with _listening(tls_only, db, pki) as secured:
+        assert secured.node.port == 0 and secured.scp_port == secured.tls.port
+        assert _listening_ports() - before == {secured.tls.port}  # nothing listens in the clear
+        trusted = _sender_context(pki.ca_certificate, pki.peer)
+        assert _store_over_tls(secured.tls.port, trusted) == 0
+        probe = check_scp(secured)
+        assert probe.ok and f":{secured.tls.port} (DICOM TLS) answers" in probe.detail
+        assert scp.receiver_name(secured).endswith(f":{secured.tls.port}")
+        untrusted = secured.tls.model_copy(
+            update={
+                "certificate": stranger.node.certificate,
+                "private_key": stranger.node.private_key,
+            }
+        )
+        refused = check_scp(secured.model_copy(update={"tls": untrusted}))
+        assert not refused.ok and "does not accept the node's own certificate" in refused.detail
+    with db.session() as session:
+        assert len(session.execute(select(Instance)).scalars().all()) == 1
+
+
+def test_dicom_tls_only_needs_the_tls_port() -> None:
+    from dicomnode.config import load_settings
+
+    with pytest.raises(
+        ConfigError, match=r"node\.port 0 \(no plain DICOM listener\) needs tls\.port"
+    ):
+        load_settings(None, environ={}, overrides={"node": {"port": 0}})
 
 
 def test_a_revoked_certificate_is_refused_both_ways(
