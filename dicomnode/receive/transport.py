@@ -150,13 +150,16 @@ class NodeServer(ThreadedAssociationServer):
     """
 
     _logged: dict[str, float]
+    _accepted: dict[object, str]
 
     def verify_request(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
     ) -> bool:
         address = str(client_address[0])
         limit = int(getattr(self.ae, "max_waiting_per_address", 0) or 0)
+        accepted = self.__dict__.setdefault("_accepted", {})
         if not limit or self._waiting(address) < limit:
+            accepted[request] = address  # counted from its accept: a burst is bounded too
             return True
         logged = self.__dict__.setdefault("_logged", {})
         now = time.monotonic()
@@ -171,13 +174,22 @@ class NodeServer(ThreadedAssociationServer):
             )
         return False
 
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
+        self.__dict__.setdefault("_accepted", {}).pop(request, None)
+        super().shutdown_request(request)
+
     def _waiting(self, address: str) -> int:
-        """Connections from ``address`` whose association request has not been read."""
-        return sum(
+        """Connections from ``address`` whose association request has not been read: those
+        accepted and still open (:meth:`verify_request` counts each in the accepting
+        thread, before its own thread has started), less those whose request was read."""
+        accepted = self.__dict__.get("_accepted", {})
+        opened = sum(1 for owner in list(accepted.values()) if owner == address)
+        requested = sum(
             1
             for assoc in self.active_associations
-            if assoc.requestor.primitive is None and str(assoc.requestor.address) == address
+            if assoc.requestor.primitive is not None and str(assoc.requestor.address) == address
         )
+        return opened - requested
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

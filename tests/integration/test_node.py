@@ -475,6 +475,32 @@ def test_one_address_cannot_hold_every_slot_with_connections_that_say_nothing(
     assert "connections from 127.0.0.2 closed at once: 2 of its connections" in caplog.text
 
 
+def test_a_burst_of_connections_from_one_address_is_bounded_too(node: Node) -> None:
+    """Connections that arrive within milliseconds, before the threads of the first ones
+    have made their associations, count against node.max_waiting_per_address as well."""
+    import contextlib
+    import socket
+
+    bounded = _on_a_port_of_its_own(node, max_waiting_per_address=2)
+    server = start_scp(bounded, node.db)
+    stranger = ("127.0.0.2", 0)
+    burst = [
+        socket.create_connection(("127.0.0.1", bounded.node.port), source_address=stranger)
+        for _ in range(12)
+    ]
+    try:
+        closed = 0
+        for connection in burst:
+            connection.settimeout(1.5)
+            with contextlib.suppress(TimeoutError):  # open: waiting to send its request
+                closed += connection.recv(10) == b""
+        assert closed == 10
+    finally:
+        for connection in burst:
+            connection.close()
+        server.shutdown()
+
+
 def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
