@@ -290,6 +290,38 @@ def status(
             console.print(table)
 
 
+def _iso(value: object) -> str:
+    """JSON for what ``json`` cannot write: times in ISO 8601 (UTC), the rest as text."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+@app.command()
+def study(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object, for scripts")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """One study's path through the node: who sent which images when, what became of each,
+    the analysis rounds and findings, and where each result went (delivered, retrying and
+    why, or dead). Exit status 1 when the node holds no record of the study."""
+    from dataclasses import asdict
+
+    from dicomnode.history import class_names, render_history, study_history
+
+    resolved = settings(config)
+    db = _database(resolved)
+    with db.session() as session:
+        history = study_history(session, study_uid.strip(), class_names(Path(resolved.models.dir)))
+    if history is None:
+        err.print(f"the node holds no record of study {escape(study_uid)}")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(asdict(history), default=_iso, indent=1))
+        return
+    for table in render_history(history):
+        console.print(table)
+
+
 @app.command()
 def health(
     config: ConfigOption = None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -85,6 +87,59 @@ def test_study_comes_back_as_sc_and_sr(
     # patient data never reaches the log
     assert "Secret" not in caplog.text and "PID-7781" not in caplog.text
     assert image.SOPInstanceUID in caplog.text
+
+
+def test_a_studys_history_shows_who_sent_it_what_became_of_it_and_where_its_results_went(
+    node: Node, tmp_path: Path
+) -> None:
+    """``dicomnode study UID``: the answer to "did the AI get study X, where are its
+    results?", from the database, with UIDs and AE titles and no patient data."""
+    import json
+    import subprocess
+    import sys
+
+    from dicomnode.history import study_history
+
+    knee = make_radiograph(patient_name="Secret^Patient", body_part="KNEE")
+    chest = make_radiograph(body_part="CHEST", study_uid=str(knee.StudyInstanceUID))
+    assert node.send(knee, chest) == [statuses.SUCCESS, statuses.SUCCESS]
+    wait_for(lambda: node.count(Job, kind="send", state="done") == 2, 60, what="results sent")
+    with node.db.session() as session:
+        history = study_history(session, str(knee.StudyInstanceUID))
+        assert study_history(session, "1.2.3.4") is None
+    assert history is not None
+    (delivery,) = history.deliveries
+    assert (delivery.calling_ae, delivery.images) == (SENDER, 2) and delivery.released_at
+    states = {i.sop_instance_uid: (i.state, i.analysis.state) for i in history.images}
+    assert states[knee.SOPInstanceUID] == ("done", "done")
+    assert states[chest.SOPInstanceUID][0] == "skipped"
+    (round_,) = history.rounds
+    assert round_.model.startswith("tiny-knee ")
+    assert (round_.state, round_.report_job.state) == ("done", "done")
+    (conclusion,) = history.conclusions
+    assert conclusion.sop_instance_uid == knee.SOPInstanceUID
+    assert conclusion.findings and conclusion.findings[0].startswith("class ")  # no cards given
+    sent = sorted((s.kind, s.peer, s.sending.state) for s in history.sends)
+    assert sent == [("SC", "PACS", "done"), ("SR", "PACS", "done")]
+    received = {d.SOPInstanceUID for d in node.collector.received}
+    assert {s.output_uid for s in history.sends} == received
+
+    config = tmp_path / "c.yaml"
+    models = node.settings.models.dir
+    config.write_text(
+        f"database: {{url: '{node.settings.database.url}'}}\nmodels: {{dir: '{models}'}}\n"
+    )
+    command = [sys.executable, "-m", "dicomnode.cli", "--config", str(config), "study"]
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120)
+    as_json = run([*command, str(knee.StudyInstanceUID), "--json"])
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["sends"][0]["sending"]["state"] == "done"
+    shown = run([*command, str(knee.StudyInstanceUID)], env={**os.environ, "COLUMNS": "250"})
+    assert shown.returncode == 0 and "Results sent" in shown.stdout
+    assert conclusion.findings[0].replace("class ", "KL") in shown.stdout  # the card's names
+    assert str(knee.SOPInstanceUID) in shown.stdout and "Secret" not in shown.stdout
+    unknown = run([*command, "1.2.3.4"])
+    assert unknown.returncode == 1 and "holds no record of study 1.2.3.4" in unknown.stderr
 
 
 def test_a_radiograph_larger_than_the_overlay_is_explained_at_the_overlays_size(
