@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased
 
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database, lock_until_commit, utcnow
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
 from dicomnode.values import BodyPart
@@ -134,6 +134,15 @@ def _next_sequence(session: Session, study_uid: str, model_name: str) -> int:
     return int(current or 0) + 1
 
 
+def lock_study(session: Session, study_uid: str) -> None:
+    """Schedule the study in turn with every other node sharing the database, until the
+    transaction ends. On PostgreSQL two ``serve`` nodes routed the same new images at
+    once: both found no open round and opened one each (one failed on the unique round
+    number, or the images left the round that held their inference jobs, whose overlays
+    were then never sent); one also set a round back to pending after another's report."""
+    lock_until_commit(session, f"study {study_uid}")
+
+
 def _is_own_output(session: Session, sop_uid: str) -> bool:
     return session.get(Output, sop_uid) is not None
 
@@ -143,8 +152,10 @@ def queue_new_instances(
 ) -> list[int]:
     """Route the study's new instances into their models' open rounds and queue their inference.
 
-    Returns the ids of the rounds that got instances.
+    Returns the ids of the rounds that got instances. The study's scheduling takes turns
+    with that of other nodes sharing the database (:func:`lock_study`).
     """
+    lock_study(session, study_uid)
     instances = session.execute(
         select(Instance).where(
             Instance.study_instance_uid == study_uid, Instance.state == "received"
@@ -288,6 +299,7 @@ def _rejoin_open_round(session: Session, job: Job) -> None:
     instance = session.get(Instance, job.sop_instance_uid)
     if reported is None or instance is None or reported.state in (OPEN, PENDING):
         return  # its round's report has not been made yet: it waits for this job
+    lock_study(session, reported.study_instance_uid)
     report = _open_round_of(
         session,
         reported.study_instance_uid,
@@ -338,7 +350,11 @@ def _round_job(
 def close_round(session: Session, report_id: int, settings: Settings) -> None:
     """Queue the round's report job: no more instances join it."""
     report = session.get(Report, report_id)
-    if report is None or report.state != OPEN:
+    if report is None:
+        return
+    lock_study(session, report.study_instance_uid)
+    session.refresh(report)  # as it is once the lock is ours: another node may have closed it
+    if report.state != OPEN:
         return
     enqueue(session, [_round_job(report, JobKind.REPORT, f"report:{report.id}", settings)])
     report.state = PENDING

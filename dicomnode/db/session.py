@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,6 +70,17 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return engine
+
+
+def lock_until_commit(session: Session, key: str) -> None:
+    """Make the transactions that name ``key`` take turns, on every node sharing the
+    database, from here until this one commits or rolls back.
+
+    PostgreSQL: a transaction-level advisory lock on the key's hash (a second
+    transaction waits here, then reads what the first committed). SQLite: nothing to
+    do, its writers take turns already (``BEGIN IMMEDIATE``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
 
 
 class Database:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ImplicitVRLittleEndian
-from sqlalchemy import or_, text, update
+from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database, lock_until_commit, utcnow
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.store.files import (
     checked_uid,
@@ -162,8 +162,7 @@ def _lock_sop_uid(session: Session, sop_uid: str) -> None:
     commit would then remove the winner's file. A transaction-level advisory
     lock on the UID's hash makes the second wait and find the first's row.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:uid))"), {"uid": sop_uid})
+    lock_until_commit(session, sop_uid)
 
 
 def _record(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from threading import Event, Thread, current_thread
 
 import pytest
 from sqlalchemy import select
@@ -219,3 +220,69 @@ def test_a_new_model_versions_sr_replaces_no_sr_of_the_old_version(
         assert _predecessor(s, upgraded) is None
         previous = _predecessor(s, follow_up)
     assert previous is not None and previous.SOPInstanceUID == "1.2.9.2"
+
+
+def _paused_in_thread_b(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[Event, Event]:
+    """``studies.<name>`` waits, in the thread named B, until A has finished (or 2 s: A
+    cannot finish while B holds the study); returns (B is waiting, A has finished)."""
+    waiting, finished = Event(), Event()
+    original = getattr(studies, name)
+
+    def paused(*args: object) -> object:
+        if current_thread().name == "B":
+            waiting.set()
+            finished.wait(2)
+        return original(*args)
+
+    monkeypatch.setattr(studies, name, paused)
+    return waiting, finished
+
+
+def test_two_nodes_scheduling_one_study_at_once_open_one_round(
+    db: Database, settings: Settings, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``serve`` nodes on one database route the same new image at the same moment.
+    Node B has found no open round and is numbering a new one when node A tries to route
+    the image: A must wait for B (on PostgreSQL both opened a round, and the image left
+    the round that held its inference job, so its overlay was never sent)."""
+    _store(db, _association(db, released=True), "1.2.3.1.1", ago=100.0)
+    b_waiting, a_finished = _paused_in_thread_b(monkeypatch, "_next_sequence")
+    node_b = Thread(target=schedule_ready, args=(db, settings, registry), name="B")
+    node_b.start()
+    assert b_waiting.wait(30)
+    schedule_ready(db, settings, registry)  # node A
+    a_finished.set()
+    node_b.join(30)
+    with db.session() as session:
+        (round_id,) = session.execute(select(Report.id)).scalars().all()
+        instance = session.get(Instance, "1.2.3.1.1")
+        assert instance is not None and instance.report_id == round_id
+    assert _jobs(db) == [("infer", "1.2.3.1.1", round_id), ("report", None, round_id)]
+
+
+def test_a_round_another_node_closed_and_reported_is_not_set_back_to_pending(
+    db: Database, settings: Settings, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node B is closing a round when node A closes it too and a worker makes its report:
+    B must not set it back to pending afterwards (nothing would ever finish it)."""
+    _store(db, _association(db, released=True), "1.2.3.1.1", ago=100.0)
+    with db.session() as session:
+        (round_id,) = queue_new_instances(session, "1.2.3", settings, registry)
+
+    def close() -> None:
+        with db.session() as session:
+            studies.close_round(session, round_id, settings)
+
+    b_waiting, a_finished = _paused_in_thread_b(monkeypatch, "enqueue")
+    node_b = Thread(target=close, name="B")
+    node_b.start()
+    assert b_waiting.wait(30)
+    close()  # node A
+    with db.session() as session:  # the worker made the report
+        report = session.get(Report, round_id)
+        assert report is not None and report.state == "pending"
+        report.state = "done"
+    a_finished.set()
+    node_b.join(30)
+    with db.session() as session:
+        assert session.execute(select(Report.state)).scalar_one() == "done"
