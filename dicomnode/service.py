@@ -37,7 +37,7 @@ from dicomnode.db.session import Database
 from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import list_peers, sync_config_peers
-from dicomnode.queue.jobs import release_worker, running_workers
+from dicomnode.queue.jobs import release_worker, running_workers, worker_id_of
 from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_scp
 from dicomnode.retention import purge_expired
 from dicomnode.store.instances import release_all_open
@@ -185,8 +185,9 @@ class Supervisor:
 
     def _released(self, index: int, process: BaseProcess, now: float) -> float:
         """Release a dead worker's jobs and log it; the seconds to wait before its restart."""
+        assert process.pid is not None  # it was started
         with self.db.session() as session:
-            released = release_worker(session, f"{_hostname()}:{process.pid}")
+            released = release_worker(session, worker_id_of(process.pid))
         pause = RESTART_PAUSE if now - self.started_at[index] < QUICK_EXIT_SECONDS else 0.0
         log.warning(
             "worker-%s (pid %s) exited with %s; %d job(s) released; restarting in %s s",
@@ -217,7 +218,7 @@ class Supervisor:
 def _release_dead_local_workers(db: Database) -> None:
     """Jobs of this host's stopped workers become claimable now, not after their lease."""
 
-    prefix = f"{_hostname()}:"
+    prefix = worker_id_of(0).removesuffix("0")
     with db.session() as session:
         for worker_id in running_workers(session):
             pid = worker_id.removeprefix(prefix)
@@ -234,12 +235,6 @@ def _alive(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
-
-
-def _hostname() -> str:
-    import os
-
-    return os.uname().nodename
 
 
 def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = None) -> None:

@@ -105,7 +105,7 @@ class Worker:
         self.settings = settings
         self.db = db
         self.registry = registry
-        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        self.worker_id = worker_id or q.worker_id_of(os.getpid())
         self.stop = threading.Event()
         self._disk_full_logged = -DISK_FULL_PAUSE
         self._tls: ssl.SSLContext | None = None

@@ -23,6 +23,7 @@ time) and on PostgreSQL (rows locked by another claimer are skipped).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -121,6 +122,16 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
 
 LOST_LEASE = "the worker running this job stopped or lost its lease"
 """``last_error`` of a job whose worker died or stopped renewing its lease."""
+
+
+WORKER_HOST_CHARS = 56
+"""A worker id is ``host:pid`` in a column of 64 characters: the host name (Linux allows
+64) is cut to leave room for the largest pid (7 digits) and the colon."""
+
+
+def worker_id_of(pid: int) -> str:
+    """The queue's id of this host's worker process ``pid``."""
+    return f"{os.uname().nodename[:WORKER_HOST_CHARS]}:{pid}"
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:

@@ -366,3 +366,23 @@ def test_a_postponed_job_keeps_its_attempts_and_waits(db: Database) -> None:
         assert row is not None
         assert (row.state, row.attempts, row.last_error) == ("failed", 0, "disk full")
         assert q.claim(s, q.JobKind.INFER, "w", 30, 1) == []  # not before its delay
+
+
+def test_a_worker_on_a_host_with_a_long_name_gets_an_id_that_fits(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux allows host names of 64 characters; Job.worker_id holds 64 (PostgreSQL
+    refused the longer id, and the worker died at its first claim, again and again)."""
+    import os
+
+    long_name = "gpu-worker-01-radiology-inference-pool-a.hospital.example.org"
+    uname = os.uname()
+    fake = os.uname_result((uname.sysname, long_name, *tuple(uname)[2:]))
+    monkeypatch.setattr(os, "uname", lambda: fake)
+    worker = q.worker_id_of(4194304)  # the largest pid Linux gives
+    assert len(worker) <= 64 and worker.startswith(long_name[:56]) and worker.endswith(":4194304")
+    with db.session() as s:
+        q.enqueue(s, [_spec("1.1")])
+        (claimed,) = q.claim(s, q.JobKind.INFER, worker, 30)
+    with db.session() as s:
+        assert q.running_workers(s) == [worker] and q.complete(s, claimed.id, worker)

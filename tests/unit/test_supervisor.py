@@ -48,7 +48,6 @@ def supervisor(
 ) -> CountingSupervisor:
     made = CountingSupervisor(settings, db)
     monkeypatch.setattr("dicomnode.service.time.monotonic", lambda: made.clock)
-    monkeypatch.setattr(service, "_hostname", lambda: "host")
     return made
 
 
@@ -58,7 +57,7 @@ def test_a_worker_that_dies_at_once_is_restarted_after_a_pause(
     supervisor.start()
     with db.session() as s:
         q.enqueue(s, [q.JobSpec(q.JobKind.INFER, "1.1", 3, group_key="m:1")])
-        q.claim(s, q.JobKind.INFER, "host:1000", 600)
+        q.claim(s, q.JobKind.INFER, q.worker_id_of(1000), 600)
     supervisor.clock = 2.0
     supervisor.processes[0].alive = False  # type: ignore[attr-defined]
     supervisor.check()
