@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from dicomnode import pipeline
@@ -58,6 +59,8 @@ NO_RETRY = RetryPolicy(1, 0.0, 0.0)
 that repeats itself); `dicomnode retry` re-queues them once the cause is fixed."""
 
 SEND_BATCH = 32
+DATABASE_PAUSE = 5.0
+"""Seconds a worker waits after a database failure before it looks for work again."""
 MAX_BATCH_PIXELS = 10_000_000
 """Source pixels prepared and classified together: a sub-batch closes at the first image
 that reaches it (two 3000x3000 images per sub-batch)."""
@@ -118,9 +121,25 @@ class Worker:
 
     # -- loop ---------------------------------------------------------------
     def run(self) -> None:
+        """Step until stopped. A database that cannot be reached (restarting, a connection
+        dropped, a deadlock broken) pauses the worker, not ends it: its models stay loaded,
+        and a job it held runs again when its lease runs out."""
         log.info("worker %s started", self.worker_id)
         while not self.stop.is_set():
-            if not self.step():
+            try:
+                ran = self.step()
+            except (OperationalError, InterfaceError) as exc:
+                first_line = str(exc.orig or exc).strip().splitlines()[0:1]
+                log.warning(
+                    "worker %s: the database failed (%s: %s); trying again in %g s",
+                    self.worker_id,
+                    type(exc.orig or exc).__name__,
+                    first_line[0] if first_line else "",
+                    DATABASE_PAUSE,
+                )
+                self.stop.wait(DATABASE_PAUSE)
+                continue
+            if not ran:
                 self.stop.wait(self.settings.workers.poll_seconds)
         log.info("worker %s stopped", self.worker_id)
 

@@ -152,3 +152,36 @@ def test_a_worker_stops_when_serve_is_killed(tmp_path: Path) -> None:
         assert Path(flag + ".stopped").exists(), "the child outlived its parent"
     finally:
         parent.kill()
+
+
+def test_a_worker_waits_out_a_database_failure_instead_of_dying(
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PostgreSQL restart or a dropped connection used to end the worker process (a
+    restart 10 s later, its models loaded again); it now waits and goes on."""
+    from sqlalchemy.exc import OperationalError
+
+    from dicomnode import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "DATABASE_PAUSE", 0.01)
+    worker = worker_module.Worker(settings, db, ModelRegistry([]), worker_id="w")
+    steps: list[int] = []
+
+    def step() -> bool:
+        steps.append(1)
+        if len(steps) == 1:
+            dropped = ConnectionError("server closed the connection unexpectedly\nhint")
+            raise OperationalError("SELECT 1", {}, dropped)
+        worker.stop.set()
+        return True
+
+    monkeypatch.setattr(worker, "step", step)
+    worker.run()
+    assert len(steps) == 2
+    assert (
+        "the database failed (ConnectionError: server closed the connection unexpectedly); "
+        "trying again in 0.01 s"
+    ) in caplog.text
