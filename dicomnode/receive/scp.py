@@ -310,7 +310,7 @@ class StoreHandlers:
     def on_requested(self, event: evt.Event) -> None:
         """Refuse an association before anything is received when the data folder is
         below its free-space floor (transient: the sender retries later), then check a
-        registered caller's host (:meth:`_caller_rejected`)."""
+        registered caller (:meth:`_caller_refusal`)."""
         assoc = event.assoc
         if assoc.requestor.primitive is None:
             return
@@ -319,10 +319,10 @@ class StoreHandlers:
         if _health_probe(address, calling_ae, self.settings.node):
             return  # rejected quietly by the AE title check; `health` checks the disk itself
         if self._low_on_space(calling_ae, address):
-            reject = REJECT_CONGESTED
-        elif self._caller_rejected(calling_ae, address, _over_tls(assoc)):
-            reject = REJECT_CALLING_AE
+            reject: tuple[int, int, int] | None = REJECT_CONGESTED
         else:
+            reject = self._caller_refusal(calling_ae, address, _over_tls(assoc))
+        if reject is None:
             return
         assoc.acse.send_reject(*reject)
         assoc.kill()  # as pynetdicom's own rejections: the A-ASSOCIATE-RJ is sent first
@@ -346,54 +346,61 @@ class StoreHandlers:
         )
         return True
 
-    def _caller_rejected(self, calling_ae: str, address: str, over_tls: bool) -> bool:
-        """A registered peer's AE title called from another address than the peer's host
-        (``node.check_caller_host``), or a peer registered with ``tls: true`` calling the
-        plain port (``tls.peers_call_over_tls``); unknown AE titles are left to the AE
-        title check. A check that cannot be made (the database unavailable) rejects too:
-        pynetdicom would let the association through when the handler raised."""
+    def _caller_refusal(
+        self, calling_ae: str, address: str, over_tls: bool
+    ) -> tuple[int, int, int] | None:
+        """Why a caller is refused here, or ``None``: a registered peer's AE title called
+        from another address than the peer's host (``node.check_caller_host``), or a peer
+        registered with ``tls: true`` calling the plain port (``tls.peers_call_over_tls``);
+        unknown AE titles are left to the AE title check. When the database cannot be read
+        (PostgreSQL restarting) the refusal is transient, so that the sender keeps the
+        study and retries: a permanent "calling AE not recognised" may make a modality
+        give up, and pynetdicom would have left the caller without an answer when the AE
+        title check raised."""
         check_host = self.settings.node.check_caller_host
         tls = self.settings.tls  # without a TLS listener, tls: true is about sends only
         check_tls = tls.peers_call_over_tls and bool(tls.port) and not over_tls
-        if not (check_host or check_tls):
-            return False
+        if not (check_host or check_tls or not self.settings.node.allow_unknown_callers):
+            return None
         try:
             with self.db.session() as session:
                 peer = peer_by_ae_title(session, calling_ae)
-            if peer is None:
-                return False
-            if check_host and not caller_matches(peer.host, address):
-                log.warning(
-                    "association from AE %r at %s rejected: peer %s is registered at host %s. "
-                    "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name "
-                    "may resolve to several addresses), or behind NAT set "
-                    "node.check_caller_host: false",
-                    calling_ae,
-                    address,
-                    peer.name,
-                    peer.host,
-                    peer.name,
-                )
-            elif check_tls and peer.tls:
-                log.warning(
-                    "association from AE %r at %s rejected: peer %s is registered with tls: "
-                    "true and called the plain port; it must call the TLS port %d (or set "
-                    "tls.peers_call_over_tls: false)",
-                    calling_ae,
-                    address,
-                    peer.name,
-                    self.settings.tls.port,
-                )
-            else:
-                return False
         except Exception as exc:
             log.error(
-                "association from AE %r at %s rejected: its host could not be checked (%s)",
+                "association from AE %r at %s rejected (transient, temporary congestion): "
+                "the database cannot be read (%s); the sender retries later",
                 calling_ae,
                 address,
                 type(exc).__name__,
             )
-        return True
+            return REJECT_CONGESTED
+        if peer is None:
+            return None
+        if check_host and not caller_matches(peer.host, address):
+            log.warning(
+                "association from AE %r at %s rejected: peer %s is registered at host %s. "
+                "Correct its host (`dicomnode ae update %s --host ADDRESS`; a host name "
+                "may resolve to several addresses), or behind NAT set "
+                "node.check_caller_host: false",
+                calling_ae,
+                address,
+                peer.name,
+                peer.host,
+                peer.name,
+            )
+            return REJECT_CALLING_AE
+        if check_tls and peer.tls:
+            log.warning(
+                "association from AE %r at %s rejected: peer %s is registered with tls: "
+                "true and called the plain port; it must call the TLS port %d (or set "
+                "tls.peers_call_over_tls: false)",
+                calling_ae,
+                address,
+                peer.name,
+                self.settings.tls.port,
+            )
+            return REJECT_CALLING_AE
+        return None
 
     def on_rejected(self, event: evt.Event) -> None:
         """Say why pynetdicom rejected an association (the node's own rejections in

@@ -418,10 +418,16 @@ def test_a_connection_declaring_a_huge_pdu_is_closed_before_it_fills_memory(
     assert node.send(make_radiograph(body_part="HANDX")) == [statuses.SUCCESS]  # still serving
 
 
-def test_a_caller_whose_host_cannot_be_checked_is_rejected(
-    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("check_caller_host", [True, False])
+def test_a_caller_is_told_to_come_back_later_while_the_database_cannot_be_read(
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    check_caller_host: bool,
 ) -> None:
-    """pynetdicom lets an association through when the handler that checks it raises."""
+    """PostgreSQL restarting: a transient rejection (the sender keeps the study and
+    retries), not "calling AE not recognised" (a modality may give up) nor no answer at
+    all (pynetdicom's AE title check raised, with check_caller_host off)."""
     from dicomnode.receive import scp
 
     def unavailable(*_: object) -> None:
@@ -429,11 +435,19 @@ def test_a_caller_whose_host_cannot_be_checked_is_rejected(
 
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(scp, "peer_by_ae_title", unavailable)
-    ae = AE(ae_title=SENDER)
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
-    assert assoc.is_rejected
-    assert "its host could not be checked (OSError)" in caplog.text
+    checked = _on_a_port_of_its_own(node, check_caller_host=check_caller_host)
+    server = start_scp(checked, node.db)
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", checked.node.port, ae_title="DICOMNODE")
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+    finally:
+        server.shutdown()
+    assert "the database cannot be read (OSError); the sender retries later" in caplog.text
 
 
 def test_a_sender_that_fills_its_pdus_to_the_advertised_maximum_is_received(node: Node) -> None:
