@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import PEER_NAME_PATTERN, PeerSettings, checked_ae_title
 from dicomnode.db.schema import Peer
-from dicomnode.db.session import utcnow
+from dicomnode.db.session import lock_until_commit, utcnow
 from dicomnode.errors import PeerError
 
 
@@ -157,8 +157,10 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
     """Write the peers of the settings file into the database (config wins for those names).
 
     Peers that came from the file and are no longer in it are removed: they may not send
-    to the node any more.
+    to the node any more. Nodes that start at once take turns (on PostgreSQL both found a
+    peer missing, and the second start failed on its primary key).
     """
+    lock_until_commit(session, "peers from the settings file")
     session.execute(delete(Peer).where(Peer.source == "config", Peer.name.not_in(list(peers))))
     for name, settings in peers.items():
         row = session.get(Peer, name)

@@ -72,3 +72,38 @@ def test_serve_refuses_a_destination_that_is_no_peer(db: Database, settings: Set
         with pytest.raises(ConfigError, match="names PCAS, not a peer"):
             _check_destinations(s, mistyped)
         _check_destinations(s, settings)
+
+
+def test_nodes_starting_at_once_both_write_the_files_peers(db: Database) -> None:
+    """Two replicas of `serve` start together on a database without the file's peers (on
+    PostgreSQL the second failed on the peers' primary key and did not start)."""
+    from threading import Barrier, Thread
+
+    from dicomnode.db.schema import Peer
+
+    peers = {
+        f"PACS{i}": PeerSettings(ae_title=f"PACS{i}", host="127.0.0.1", port=104 + i)
+        for i in range(3)
+    }
+    failures: list[BaseException] = []
+    for _ in range(5):
+        with db.session() as session:
+            session.query(Peer).delete()
+        together = Barrier(2)
+
+        def start(together: Barrier = together) -> None:
+            together.wait()
+            try:
+                with db.session() as session:
+                    sync_config_peers(session, peers)
+            except BaseException as exc:
+                failures.append(exc)
+
+        nodes = [Thread(target=start) for _ in range(2)]
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.join(60)
+    assert failures == []
+    with db.session() as session:
+        assert sorted(p.name for p in session.query(Peer)) == ["PACS0", "PACS1", "PACS2"]
