@@ -63,8 +63,10 @@ def _header_and_pixel_span(path: Path) -> tuple[Dataset, str, tuple[int, int] | 
 
 
 def _text(ds: Dataset, keyword: str) -> str:
+    """The attribute's text, without NUL bytes (a broken sender's; PostgreSQL refuses them
+    in text, and the image would be refused again at every attempt)."""
     value = ds.get(keyword, "")
-    return str(value or "").strip()
+    return str(value or "").replace("\x00", " ").strip()
 
 
 def facts_from_dataset(

@@ -124,3 +124,23 @@ def test_stored_images_and_results_are_readable_by_the_group_as_the_umask_says(
     os.umask(0o077)
     write_durably(written, b"result")
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_a_header_holding_a_nul_byte_is_stored(settings: Settings, db: Database) -> None:
+    """A broken sender's NUL inside a description: PostgreSQL refuses NUL in text, so the
+    image was refused (0xA700) at every attempt; the text is kept with a space for it."""
+    from dicomnode.db.schema import Instance
+    from dicomnode.store.instances import facts_from_dataset, read_received, store_instance
+    from dicomnode.testing.images import make_radiograph, write_dataset
+
+    image = make_radiograph(body_part="KNEE")
+    image.SeriesDescription = "KNEE AP\x00LAT"
+    incoming = Path(settings.storage.data_dir) / "incoming"
+    incoming.mkdir(parents=True)
+    received = write_dataset(image, incoming / ".receiving")
+    facts = facts_from_dataset(read_received(received), str(image.file_meta.TransferSyntaxUID))
+    data = Path(settings.storage.data_dir)
+    store_instance(db, data, facts, received, calling_ae="MOD", association_id="a1")
+    with db.session() as session:
+        stored = session.get(Instance, str(image.SOPInstanceUID))
+        assert stored is not None and stored.descriptions == "KNEE AP LAT"
