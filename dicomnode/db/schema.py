@@ -20,6 +20,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -75,7 +76,8 @@ class Instance(Base):
     body_part: Mapped[str] = mapped_column(String(64), default="")
     descriptions: Mapped[str] = mapped_column(Text, default="")
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    """Bytes of the file as received (64-bit since revision 0004: files over 2 GiB)."""
     calling_ae: Mapped[str] = mapped_column(String(16))
     association_id: Mapped[str] = mapped_column(ForeignKey("associations.id"), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime)

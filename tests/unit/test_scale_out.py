@@ -24,7 +24,7 @@ def test_the_schema_revision_must_be_this_versions(tmp_path: Path) -> None:
     assert "no schema yet: run `dicomnode db upgrade`" in schema_problem(url)
     upgrade(url, "0001")
     older = schema_problem(url)
-    assert "schema is at revision 0001, this dicomnode needs 0003" in older
+    assert "schema is at revision 0001, this dicomnode needs 0004" in older
     assert "`dicomnode db upgrade`" in older
     upgrade(url)
     assert schema_problem(url) == ""
@@ -39,7 +39,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with db.session() as session:
         session.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     db.dispose()
-    assert "revision 0099 is newer than this dicomnode knows (its latest is 0003)" in (
+    assert "revision 0099 is newer than this dicomnode knows (its latest is 0004)" in (
         schema_problem(url)
     )
 
@@ -125,3 +125,28 @@ def test_only_the_receiving_node_writes_its_files_peers(
         service.serve(worker, with_scp=False)
     with db.session() as session:
         assert [p.name for p in session.execute(select(Peer)).scalars()] == ["PACS"]
+
+
+def test_a_file_over_2_gib_is_recorded(db: Database) -> None:
+    """PostgreSQL's integer stops at 2 GiB: a long multi-frame object was refused at every
+    attempt (revision 0004 records sizes in 64 bits)."""
+    from dicomnode.db.schema import Instance
+
+    _open(db, "a1", "host-a:11112")
+    with db.session() as session:
+        session.add(
+            Instance(
+                sop_instance_uid="1.2.3.4",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="/data/big.dcm",
+                size=2_200_000_000,
+                calling_ae="MOD",
+                association_id="a1",
+                received_at=utcnow(),
+            )
+        )
+    with db.session() as session:
+        assert session.execute(select(Instance.size)).scalar_one() == 2_200_000_000
