@@ -59,6 +59,18 @@ def _on_a_port_of_its_own(node: Node, **fields: object) -> Settings:
     return node.settings.model_copy(update={"node": changed})
 
 
+def _assert_told_to_come_back_later(port: int) -> None:
+    """An association request to ``port`` is rejected as transient, temporary congestion
+    (the sender keeps its study and retries)."""
+    ae = AE(ae_title=SENDER)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     started = InProcessNode.start(tmp_path)
@@ -438,13 +450,7 @@ def test_a_caller_is_told_to_come_back_later_while_the_database_cannot_be_read(
     checked = _on_a_port_of_its_own(node, check_caller_host=check_caller_host)
     server = start_scp(checked, node.db)
     try:
-        ae = AE(ae_title=SENDER)
-        ae.acse_timeout = ae.network_timeout = 10
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", checked.node.port, ae_title="DICOMNODE")
-        assert assoc.is_rejected
-        rejection = assoc.acceptor.primitive
-        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+        _assert_told_to_come_back_later(checked.node.port)
     finally:
         server.shutdown()
     assert "the database cannot be read (OSError); the sender retries later" in caplog.text
@@ -585,12 +591,7 @@ def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
     full = node.settings.model_copy(update=floor)
     server = start_scp(full, node.db)
     try:
-        ae = AE(ae_title=SENDER)
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", full.node.port, ae_title="DICOMNODE")
-        assert assoc.is_rejected
-        rejection = assoc.acceptor.primitive
-        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+        _assert_told_to_come_back_later(full.node.port)
     finally:
         server.shutdown()
     assert "rejected (transient, temporary congestion)" in caplog.text
