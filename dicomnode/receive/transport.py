@@ -134,6 +134,14 @@ WAITING_LOG_SECONDS = 60.0
 """One log line a minute, at most, per address whose connections are closed as waiting."""
 
 
+def _closed(request: Any) -> bool:
+    """The accepted connection's socket is closed (its association has ended)."""
+    try:
+        return bool(request.fileno() == -1)
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop,
     and a bound on the connections of one address that wait to send their request.
@@ -150,15 +158,16 @@ class NodeServer(ThreadedAssociationServer):
     """
 
     _logged: dict[str, float]
-    _accepted: dict[object, str]
 
     def verify_request(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
     ) -> bool:
         address = str(client_address[0])
         limit = int(getattr(self.ae, "max_waiting_per_address", 0) or 0)
-        accepted = self.__dict__.setdefault("_accepted", {})
-        if not limit or self._waiting(address) < limit:
+        if not limit:
+            return True
+        if self._waiting(address) < limit:
+            accepted = self.__dict__.setdefault("_accepted", {})
             accepted[request] = address  # counted from its accept: a burst is bounded too
             return True
         logged = self.__dict__.setdefault("_logged", {})
@@ -179,17 +188,24 @@ class NodeServer(ThreadedAssociationServer):
         super().shutdown_request(request)
 
     def _waiting(self, address: str) -> int:
-        """Connections from ``address`` whose association request has not been read: those
-        accepted and still open (:meth:`verify_request` counts each in the accepting
-        thread, before its own thread has started), less those whose request was read."""
-        accepted = self.__dict__.get("_accepted", {})
-        opened = sum(1 for owner in list(accepted.values()) if owner == address)
-        requested = sum(
+        """Connections from ``address`` that are open and whose association request has not
+        been read. Each is counted from its accept (:meth:`verify_request`, in the
+        accepting thread, before its own thread has started); one whose socket is closed
+        is forgotten (pynetdicom closes a finished association's socket itself, and calls
+        :meth:`shutdown_request` only when the association's thread failed)."""
+        accepted: dict[Any, str] = self.__dict__.setdefault("_accepted", {})
+        for request in [r for r in list(accepted) if _closed(r)]:
+            accepted.pop(request, None)
+        requested = {
+            id(assoc.dul.socket.socket)
+            for assoc in list(self.active_associations)
+            if assoc.requestor.primitive is not None and assoc.dul.socket is not None
+        }
+        return sum(
             1
-            for assoc in self.active_associations
-            if assoc.requestor.primitive is not None and str(assoc.requestor.address) == address
+            for request, owner in list(accepted.items())
+            if owner == address and id(request) not in requested
         )
-        return opened - requested
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

@@ -576,6 +576,28 @@ def test_a_burst_of_connections_from_one_address_is_bounded_too(node: Node) -> N
         server.shutdown()
 
 
+def test_associations_one_after_another_from_one_address_are_never_turned_away(
+    node: Node,
+) -> None:
+    """Finished associations no longer count as waiting ones (their count grew with each,
+    and from the third on, with a bound of 2, every connection of the address was closed
+    until the node restarted: a PACS, or the Docker health probe, locked out)."""
+    from dicomnode.health import check_scp
+
+    bounded = _on_a_port_of_its_own(node, max_waiting_per_address=2)
+    server = start_scp(bounded, node.db)
+    try:
+        for _ in range(6):
+            ae = AE(ae_title=SENDER)
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", bounded.node.port, ae_title="DICOMNODE")
+            assert assoc.is_established
+            assoc.release()
+            assert check_scp(bounded).ok  # rejected associations end too
+    finally:
+        server.shutdown()
+
+
 def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
