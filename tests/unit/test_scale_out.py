@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dicomnode.config import PeerSettings, Settings
 from dicomnode.db.migrate import schema_problem, upgrade
@@ -150,3 +150,53 @@ def test_a_file_over_2_gib_is_recorded(db: Database) -> None:
         )
     with db.session() as session:
         assert session.execute(select(Instance.size)).scalar_one() == 2_200_000_000
+
+
+def test_a_database_with_results_is_upgraded_to_this_versions_schema(tmp_path: Path) -> None:
+    """Every revision applies to a database that holds an analysed image (revision 0004's
+    first version dropped and copied the SQLite instances table, and SQLite's foreign keys
+    refused: no node that had ever analysed an image could be upgraded)."""
+    from dicomnode.db.schema import Instance, Report, Result
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0003")
+    old = Database(url)
+    with old.session() as session:
+        session.execute(
+            text(
+                "INSERT INTO associations (id, calling_ae, started_at) VALUES ('a1', 'MOD', "
+                "'2026-01-01 00:00:00');"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO reports (id, study_instance_uid, model_name, model_version, "
+                "sequence, calling_ae, state, created_at) VALUES (1, '1.2', 'm', '1', 1, "
+                "'MOD', 'done', '2026-01-01 00:00:00')"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, "
+                "series_instance_uid, sop_class_uid, transfer_syntax_uid, modality, "
+                "body_part, descriptions, path, size, calling_ae, association_id, "
+                "received_at, state, reason, report_id) VALUES ('1.2.3', '1.2', '1.2.1', "
+                "'1.2.840.10008.5.1.4.1.1.1.1', '1.2.840.10008.1.2.1', 'DX', 'KNEE', '', "
+                "'/data/1.dcm', 10, 'MOD', 'a1', '2026-01-01 00:00:00', 'done', '', 1)"
+            )
+        )
+        session.execute(
+            text(
+                "INSERT INTO results (sop_instance_uid, report_id, model_name, model_version, "
+                "outcome, reason, findings, created_at) VALUES ('1.2.3', 1, 'm', '1', 'ok', "
+                "'', '[]', '2026-01-01 00:00:00')"
+            )
+        )
+    old.dispose()
+    upgrade(url)
+    assert schema_problem(url) == ""
+    upgraded = Database(url)
+    with upgraded.session() as session:
+        assert session.get(Instance, "1.2.3") is not None
+        assert session.query(Result).count() == 1 and session.query(Report).count() == 1
+    upgraded.dispose()

@@ -6,7 +6,8 @@ Create Date: 2026-12-05 23:00:00
 
 A file over 2 GiB (a long multi-frame object) did not fit PostgreSQL's ``integer``: the
 C-STORE was refused as out of resources at every attempt. SQLite's integers are 64-bit
-already; batch mode copies its table with the new type all the same.
+already, and its table is left as it is: batch mode would copy and drop ``instances``,
+which the results reference, and SQLite's foreign keys refuse the drop.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ branch_labels = None
 depends_on = None
 
 
+def _on_postgresql() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("instances") as batch:
-        batch.alter_column("size", existing_type=sa.Integer(), type_=sa.BigInteger())
+    if _on_postgresql():
+        op.alter_column("instances", "size", existing_type=sa.Integer(), type_=sa.BigInteger())
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("instances") as batch:
-        batch.alter_column("size", existing_type=sa.BigInteger(), type_=sa.Integer())
+    if _on_postgresql():
+        op.alter_column("instances", "size", existing_type=sa.BigInteger(), type_=sa.Integer())
