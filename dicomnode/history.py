@@ -143,39 +143,63 @@ def study_history(
     session: Session, study_uid: str, names: ClassNames | None = None
 ) -> StudyHistory | None:
     """The study's history, or ``None`` when the node holds no record of it; findings name
-    their class where ``names`` knows the model."""
+    their class where ``names`` knows the model. A handful of queries, whatever the size
+    of the study: its jobs are read at once, by its rounds (an indexed column)."""
+    reports = (
+        session.execute(
+            select(Report)
+            .where(Report.study_instance_uid == study_uid)
+            .order_by(Report.created_at, Report.id)
+        )
+        .scalars()
+        .all()
+    )
+    jobs = _StudyJobs.read(session, [r.id for r in reports])
     instances = session.execute(
         select(Instance)
         .where(Instance.study_instance_uid == study_uid)
         .order_by(Instance.received_at, Instance.sop_instance_uid)
     ).scalars()
-    images = tuple(_image(session, instance) for instance in instances)
-    reports = session.execute(
-        select(Report)
-        .where(Report.study_instance_uid == study_uid)
-        .order_by(Report.created_at, Report.id)
-    ).scalars()
-    rounds = tuple(_round(session, report) for report in reports)
+    images = tuple(_image(instance, jobs) for instance in instances)
+    rounds = tuple(_round(report, jobs) for report in reports)
     if not images and not rounds:
         return None
-    report_ids = [r.report_id for r in rounds]
     return StudyHistory(
         study_uid,
         _deliveries(session, study_uid),
         images,
         rounds,
         _conclusions(session, rounds, names or {}),
-        _sends(session, report_ids),
+        _sends(session, [r.report_id for r in rounds], jobs),
     )
 
 
-def _job(session: Session, kind: JobKind, *where: Any) -> Job | None:
-    statement = select(Job).where(Job.kind == kind, *where).order_by(Job.id.desc()).limit(1)
-    return session.execute(statement).scalar_one_or_none()
+@dataclass(frozen=True)
+class _StudyJobs:
+    """The jobs of a study's rounds: each image's analysis (the latest), each round's
+    report, and each result object's sends."""
+
+    infer: dict[str, Job]
+    report: dict[int, Job]
+    send: dict[str, list[Job]]
+
+    @staticmethod
+    def read(session: Session, report_ids: list[int]) -> _StudyJobs:
+        jobs = _StudyJobs({}, {}, {})
+        rows = session.execute(
+            select(Job).where(Job.report_id.in_(report_ids)).order_by(Job.id)
+        ).scalars()
+        for job in rows:
+            if job.kind == JobKind.INFER and job.sop_instance_uid:
+                jobs.infer[job.sop_instance_uid] = job
+            elif job.kind == JobKind.REPORT and job.report_id is not None:
+                jobs.report[job.report_id] = job
+            elif job.kind == JobKind.SEND and job.sop_instance_uid:
+                jobs.send.setdefault(job.sop_instance_uid, []).append(job)
+        return jobs
 
 
-def _image(session: Session, instance: Instance) -> Image:
-    infer = _job(session, JobKind.INFER, Job.sop_instance_uid == instance.sop_instance_uid)
+def _image(instance: Instance, jobs: _StudyJobs) -> Image:
     return Image(
         instance.sop_instance_uid,
         instance.series_instance_uid,
@@ -185,11 +209,11 @@ def _image(session: Session, instance: Instance) -> Image:
         instance.association_id,
         instance.state,
         instance.reason,
-        JobLine.of(infer),
+        JobLine.of(jobs.infer.get(instance.sop_instance_uid)),
     )
 
 
-def _round(session: Session, report: Report) -> Round:
+def _round(report: Report, jobs: _StudyJobs) -> Round:
     return Round(
         report.id,
         f"{report.model_name} {report.model_version}",
@@ -197,7 +221,7 @@ def _round(session: Session, report: Report) -> Round:
         report.state,
         report.created_at,
         report.finished_at,
-        JobLine.of(_job(session, JobKind.REPORT, Job.report_id == report.id)),
+        JobLine.of(jobs.report.get(report.id)),
     )
 
 
@@ -249,7 +273,7 @@ def _finding(finding: dict[str, Any], classes: tuple[str, ...]) -> str:
     return said
 
 
-def _sends(session: Session, report_ids: list[int]) -> tuple[Send, ...]:
+def _sends(session: Session, report_ids: list[int], jobs: _StudyJobs) -> tuple[Send, ...]:
     outputs = session.execute(
         select(Output)
         .where(Output.report_id.in_(report_ids))
@@ -257,14 +281,10 @@ def _sends(session: Session, report_ids: list[int]) -> tuple[Send, ...]:
     ).scalars()
     sends: list[Send] = []
     for output in outputs:
-        jobs = session.execute(
-            select(Job)
-            .where(Job.kind == JobKind.SEND, Job.sop_instance_uid == output.sop_instance_uid)
-            .order_by(Job.peer)
-        ).scalars()
         common = (output.sop_instance_uid, output.kind, output.report_id)
         source = output.source_sop_instance_uid or "-"
-        lines = [Send(*common, source, job.peer or "-", JobLine.of(job)) for job in jobs]
+        sending = sorted(jobs.send.get(output.sop_instance_uid, []), key=lambda j: j.peer or "")
+        lines = [Send(*common, source, job.peer or "-", JobLine.of(job)) for job in sending]
         sends += lines or [Send(*common, source, "-", JobLine("not sent", "no destination"))]
     return tuple(sends)
 
