@@ -59,16 +59,20 @@ def _on_a_port_of_its_own(node: Node, **fields: object) -> Settings:
     return node.settings.model_copy(update={"node": changed})
 
 
-def _assert_told_to_come_back_later(port: int) -> None:
-    """An association request to ``port`` is rejected as transient, temporary congestion
-    (the sender keeps its study and retries)."""
-    ae = AE(ae_title=SENDER)
-    ae.acse_timeout = ae.network_timeout = 10
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_rejected
-    rejection = assoc.acceptor.primitive
-    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+def _assert_told_to_come_back_later(settings: Settings, node: Node) -> None:
+    """An SCP started with ``settings`` beside ``node`` rejects an association request as
+    transient, temporary congestion (the sender keeps its study and retries)."""
+    server = start_scp(settings, node.db)
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="DICOMNODE")
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture
@@ -448,11 +452,7 @@ def test_a_caller_is_told_to_come_back_later_while_the_database_cannot_be_read(
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(scp, "peer_by_ae_title", unavailable)
     checked = _on_a_port_of_its_own(node, check_caller_host=check_caller_host)
-    server = start_scp(checked, node.db)
-    try:
-        _assert_told_to_come_back_later(checked.node.port)
-    finally:
-        server.shutdown()
+    _assert_told_to_come_back_later(checked, node)
     assert "the database cannot be read (OSError); the sender retries later" in caplog.text
 
 
@@ -610,12 +610,7 @@ def test_a_node_below_its_free_space_floor_refuses_associations_for_now(
         "storage": node.settings.storage.model_copy(update={"min_free_mb": 10**9}),
         "node": node.settings.node.model_copy(update={"port": free_port()}),
     }
-    full = node.settings.model_copy(update=floor)
-    server = start_scp(full, node.db)
-    try:
-        _assert_told_to_come_back_later(full.node.port)
-    finally:
-        server.shutdown()
+    _assert_told_to_come_back_later(node.settings.model_copy(update=floor), node)
     assert "rejected (transient, temporary congestion)" in caplog.text
     assert "the floor is 1000000000 MiB" in caplog.text
     assert node.count(Association) == 0
