@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.schema import Job
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database, db_now
 from dicomnode.errors import ConfigError
 from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
@@ -111,7 +111,7 @@ def check_disk(settings: Settings) -> Check:
 
 def check_queue(session: Session, stalled_minutes: float, now: datetime | None = None) -> Check:
     """Failed when a job could have run ``stalled_minutes`` ago and no job moved since."""
-    now = now or utcnow()
+    now = now or db_now(session)
     since = now - timedelta(minutes=stalled_minutes)
     waiting = session.execute(
         select(func.count(), func.min(Job.run_after)).where(due_since(since))

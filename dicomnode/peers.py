@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import PEER_NAME_PATTERN, PeerSettings, checked_ae_title
 from dicomnode.db.schema import Peer
-from dicomnode.db.session import lock_until_commit, utcnow
+from dicomnode.db.session import db_now, lock_until_commit
 from dicomnode.errors import PeerError
 
 
@@ -104,7 +104,7 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
             port=peer.port,
             source=peer.source,
             tls=peer.tls,
-            updated_at=utcnow(),
+            updated_at=db_now(session),
         )
     )
 
@@ -139,7 +139,7 @@ def update_peer(
         new.port,
         "cli",
         new.tls,
-        utcnow(),
+        db_now(session),
     )
     return new
 
@@ -173,7 +173,7 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                     port=settings.port,
                     source="config",
                     tls=settings.tls,
-                    updated_at=utcnow(),
+                    updated_at=db_now(session),
                 )
             )
         else:
@@ -184,4 +184,4 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                 "config",
                 settings.tls,
             )
-            row.updated_at = utcnow()
+            row.updated_at = db_now(session)

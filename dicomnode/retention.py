@@ -42,7 +42,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database
 from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
@@ -223,7 +223,7 @@ def purge_expired(
     """Purge every finished study older than ``retention_days`` (0: keep everything)."""
     if retention_days <= 0:
         return PurgeSummary((), 0, 0, dry_run)
-    older_than = (now or utcnow()) - timedelta(days=retention_days)
+    older_than = (now or db.now()) - timedelta(days=retention_days)
     with db.session() as session:
         studies = expired_studies(session, older_than)
     files = freed = 0

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased
 
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report
-from dicomnode.db.session import Database, lock_until_commit, utcnow
+from dicomnode.db.session import Database, db_now, lock_until_commit
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
 from dicomnode.values import BodyPart
@@ -105,7 +105,7 @@ def ready_rounds(session: Session, settle_seconds: float) -> list[int]:
     A study with an instance that no pass has routed yet (one stored since
     this pass routed the new ones) keeps its rounds open until the next pass.
     """
-    cutoff = utcnow() - timedelta(seconds=settle_seconds)
+    cutoff = db_now(session) - timedelta(seconds=settle_seconds)
     unrouted = aliased(Instance)
     statement = (
         select(Report.id)
@@ -227,7 +227,7 @@ def _open_round_of(
         sequence=_next_sequence(session, study_uid, model_name),
         calling_ae=calling_ae,
         state=OPEN,
-        created_at=utcnow(),
+        created_at=db_now(session),
     )
     session.add(report)
     session.flush()
@@ -278,7 +278,7 @@ def discard_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) ->
     discarded report its round without a report, a discarded send its object undelivered.
     """
     dead = _dead_jobs(session, job_ids)
-    now = utcnow()
+    now = db_now(session)
     for job in dead:
         job.state, job.finished_at, job.updated_at = JobState.DISCARDED, now, now
         if job.kind == JobKind.INFER and job.sop_instance_uid is not None:

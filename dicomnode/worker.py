@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from dicomnode import pipeline
 from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database, db_now
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import (
     ConfigError,
@@ -562,7 +562,7 @@ def _record_result(
             outcome="ok" if result else "skipped",
             reason=result.not_assessed if result else item.prepared.skip_reason,
             findings=pipeline.findings_to_json(result) if result else [],
-            created_at=utcnow(),
+            created_at=db_now(session),
         )
     )
     instance = session.get(Instance, job.sop_instance_uid)
@@ -591,7 +591,7 @@ def _record_output(
             kind=kind,
             source_sop_instance_uid=source,
             path=str(path),
-            created_at=utcnow(),
+            created_at=db_now(session),
         )
     )
 
@@ -642,7 +642,7 @@ def _not_analysed(session: Session, report: Report) -> int:
 def _set_report_state(session: Session, report_id: int, state: str) -> None:
     report = session.get(Report, report_id)
     if report is not None:
-        report.state, report.finished_at = state, utcnow()
+        report.state, report.finished_at = state, db_now(session)
 
 
 def _reason(exc: Exception, kind: q.JobKind, jobs: Sequence[q.ClaimedJob]) -> str:

@@ -29,6 +29,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def db_now(session: Session) -> datetime:
+    """Now by the database's clock, naive UTC: the clock every host sharing the database reads.
+
+    Leases, retry times and the settle time compare timestamps that different hosts wrote;
+    with each host's own clock, a host a minute behind took leases that the others found
+    expired at once (its jobs ran twice). PostgreSQL: the server's ``clock_timestamp()``
+    (one query). SQLite: a file on this host, so this host's clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        moment = session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
+        assert isinstance(moment, datetime)
+        return moment
+    return utcnow()
+
+
 def _sqlite_file(url: str) -> Path | None:
     parsed = make_url(url)
     if (
@@ -106,6 +121,11 @@ class Database:
             raise
         finally:
             session.close()
+
+    def now(self) -> datetime:
+        """:func:`db_now` in a session of its own."""
+        with self.session() as session:
+            return db_now(session)
 
     def dispose(self) -> None:
         self.engine.dispose()

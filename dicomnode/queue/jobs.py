@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.db.schema import Job, Output, Report
-from dicomnode.db.session import utcnow
+from dicomnode.db.session import db_now
 from dicomnode.queue.retry import RetryPolicy
 
 
@@ -90,7 +90,7 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
     """Insert jobs that are not queued yet; return how many were new."""
     if not specs:
         return 0
-    now = utcnow()
+    now = db_now(session)
     rows = [
         {
             "kind": str(s.kind),
@@ -179,7 +179,7 @@ def expire_lost_leases(session: Session, kind: JobKind) -> int:
     Returns how many. Called before a worker looks for work (:func:`next_group`,
     :func:`claim`); the claim index (kind, state) keeps it cheap.
     """
-    now = utcnow()
+    now = db_now(session)
     return _end_leases(session, and_(Job.kind == kind, Job.lease_expires_at < now), now)
 
 
@@ -240,7 +240,7 @@ def hurry_sends(session: Session, peer: str) -> int:
     so results kept trickling in for minutes after the PACS was back
     (``send.backoff_max_seconds``).
     """
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(Job)
         .where(
@@ -280,7 +280,7 @@ def claim(
     its worker before, it is claimed alone.
     """
     expire_lost_leases(session, kind)
-    now = utcnow()
+    now = db_now(session)
     due = select(Job.id).where(Job.kind == kind, due_since(now, kind))
     due = due.order_by(Job.run_after, Job.id)
     if group_key is not None:
@@ -340,7 +340,7 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     Lost leases of ``kind`` are ended first, so that a job whose worker hung is found.
     """
     expire_lost_leases(session, kind)
-    now = utcnow()
+    now = db_now(session)
     statement = (
         select(Job.group_key)
         .where(Job.kind == kind, due_since(now, kind))
@@ -356,7 +356,7 @@ def heartbeat(
     """Extend the lease of jobs still held by ``worker_id``."""
     if not job_ids:
         return
-    now = utcnow()
+    now = db_now(session)
     session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.worker_id == worker_id, Job.state == JobState.RUNNING)
@@ -366,7 +366,7 @@ def heartbeat(
 
 def complete(session: Session, job_id: int, worker_id: str) -> bool:
     """Mark a job done; False when the lease was lost to another worker meanwhile."""
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
@@ -385,7 +385,7 @@ def fail(
     session: Session, job: ClaimedJob, worker_id: str, error: str, policy: RetryPolicy
 ) -> JobState:
     """Record a failed attempt: retry later with backoff, or ``dead`` when attempts are used up."""
-    now = utcnow()
+    now = db_now(session)
     dead = job.attempts >= job.max_attempts or policy.exhausted(job.attempts)
     state = JobState.DEAD if dead else JobState.FAILED
     values: dict[str, object] = {
@@ -408,7 +408,7 @@ def postpone(
     """Give a claimed job back without charging its attempt: it stopped for a reason of the
     node's (its disk is full, its worker is stopping), not of the job, and runs again after
     ``delay_seconds``."""
-    now = utcnow()
+    now = db_now(session)
     still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
     session.execute(
         update(Job)
@@ -426,7 +426,7 @@ def postpone(
 
 def release_worker(session: Session, worker_id: str) -> int:
     """The running jobs of a worker known dead fail at once (:data:`LOST_LEASE`), or die."""
-    return _end_leases(session, Job.worker_id == worker_id, utcnow())
+    return _end_leases(session, Job.worker_id == worker_id, db_now(session))
 
 
 def running_workers(session: Session) -> list[str]:
@@ -441,7 +441,7 @@ def requeue(
     states: Sequence[JobState] = (JobState.DEAD,),
 ) -> int:
     """Put dead (or given) jobs back in the queue with fresh attempts (``dicomnode retry``)."""
-    now = utcnow()
+    now = db_now(session)
     statement = update(Job).where(Job.state.in_(states))
     if job_ids:
         statement = statement.where(Job.id.in_(job_ids))

@@ -29,7 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
 from dicomnode.db.schema import Instance
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database
 from dicomnode.errors import (
     IncompleteInstanceError,
     InvalidInstanceError,
@@ -139,7 +139,7 @@ class StoreHandlers:
 
     def release_orphaned(self) -> int:
         """Record the end of this SCP's associations whose end could not be recorded."""
-        started_before = utcnow()
+        started_before = self.db.now()
         return release_orphaned(self.db, self.receiver, self.live_associations(), started_before)
 
     def on_echo(self, event: evt.Event) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
-from dicomnode.db.session import Database, lock_until_commit, utcnow
+from dicomnode.db.session import Database, db_now, lock_until_commit
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.store.files import (
     checked_uid,
@@ -113,7 +113,10 @@ def _ensure_association(
     if session.get(Association, association_id) is None:
         session.add(
             Association(
-                id=association_id, calling_ae=calling_ae, started_at=utcnow(), receiver=receiver
+                id=association_id,
+                calling_ae=calling_ae,
+                started_at=db_now(session),
+                receiver=receiver,
             )
         )
         session.flush()
@@ -147,7 +150,7 @@ def store_instance(
                 return StoreOutcome(facts.sop_uid, True, path)
             move_durably(received, path)
             _ensure_association(session, association_id, calling_ae, receiver)
-            session.add(_record(facts, path, size, calling_ae, association_id))
+            session.add(_record(facts, path, size, calling_ae, association_id, db_now(session)))
     except Exception:
         if not received.exists():
             remove_quietly(path)
@@ -168,7 +171,12 @@ def _lock_sop_uid(session: Session, sop_uid: str) -> None:
 
 
 def _record(
-    facts: InstanceFacts, path: Path, size: int, calling_ae: str, association_id: str
+    facts: InstanceFacts,
+    path: Path,
+    size: int,
+    calling_ae: str,
+    association_id: str,
+    received_at: datetime,
 ) -> Instance:
     return Instance(
         sop_instance_uid=facts.sop_uid,
@@ -183,7 +191,7 @@ def _record(
         size=size,
         calling_ae=calling_ae,
         association_id=association_id,
-        received_at=utcnow(),
+        received_at=received_at,
         state="received",
     )
 
@@ -194,7 +202,7 @@ def release_association(db: Database, association_id: str) -> None:
         session.execute(
             update(Association)
             .where(Association.id == association_id, Association.released_at.is_(None))
-            .values(released_at=utcnow())
+            .values(released_at=db_now(session))
         )
 
 
@@ -209,7 +217,7 @@ def release_all_open(db: Database, receiver: str) -> int:
                 Association.released_at.is_(None),
                 or_(Association.receiver == receiver, Association.receiver.is_(None)),
             )
-            .values(released_at=utcnow())
+            .values(released_at=db_now(session))
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
@@ -233,7 +241,7 @@ def release_orphaned(
                 Association.started_at < started_before,
                 Association.id.not_in(list(live)),
             )
-            .values(released_at=utcnow())
+            .values(released_at=db_now(session))
         )
         return int(getattr(result, "rowcount", 0) or 0)
 

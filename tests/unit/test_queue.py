@@ -24,7 +24,8 @@ class Clock:
 
     now: datetime
 
-    def __call__(self) -> datetime:
+    def __call__(self, session: object = None) -> datetime:
+        """Stands in for ``db_now(session)``: the same moment on SQLite and PostgreSQL."""
         return self.now
 
     def advance(self, seconds: float) -> None:
@@ -35,7 +36,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """Leases and back-offs expire when the test says so, however loaded the machine."""
     fake = Clock(utcnow())
-    monkeypatch.setattr(q, "utcnow", fake)
+    monkeypatch.setattr(q, "db_now", fake)
     return fake
 
 
@@ -208,8 +209,9 @@ def test_next_group_orders_by_due_time(db: Database) -> None:
         assert q.next_group(s, q.JobKind.SEND) == "ARCHIVE"
 
 
-def test_claim_uses_skip_locked_on_postgresql() -> None:
-    """The same claim statement compiles to FOR UPDATE SKIP LOCKED for PostgreSQL."""
+def test_claim_uses_skip_locked_on_postgresql(clock: Clock) -> None:
+    """The same claim statement compiles to FOR UPDATE SKIP LOCKED for PostgreSQL (the
+    recording session has no database: ``clock`` stands in for its clock)."""
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.orm import Session as OrmSession
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,11 +10,14 @@ from sqlalchemy import select, text
 
 from dicomnode.config import PeerSettings, Settings
 from dicomnode.db.migrate import schema_problem, upgrade
-from dicomnode.db.schema import Association, Peer
+from dicomnode.db.schema import Association, Job, Peer
 from dicomnode.db.session import Database, utcnow
 from dicomnode.errors import ConfigError
 from dicomnode.peers import sync_config_peers
+from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
 from dicomnode.store.instances import release_all_open, release_orphaned
+from dicomnode.testing.postgres import TempPostgres
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -200,3 +203,59 @@ def test_a_database_with_results_is_upgraded_to_this_versions_schema(tmp_path: P
         assert session.get(Instance, "1.2.3") is not None
         assert session.query(Result).count() == 1 and session.query(Report).count() == 1
     upgraded.dispose()
+
+
+def _skew_host_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """This host's clock runs ``seconds`` fast (slow when negative), for every module of the
+    node that reads it."""
+    import sys
+
+    from dicomnode.db import session as db_session
+
+    real = db_session.utcnow
+
+    def skewed() -> datetime:
+        return real() + timedelta(seconds=seconds)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dicomnode") and getattr(module, "utcnow", None) is real:
+            monkeypatch.setattr(module, "utcnow", skewed)
+
+
+@pytest.mark.skipif(not TempPostgres.available(), reason="the PostgreSQL server is not installed")
+def test_hosts_sharing_postgresql_keep_time_by_its_clock(
+    postgres: TempPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker host whose clock is 10 minutes slow takes a 60 s lease: another host must not
+    find it expired at once and run the job a second time. One 10 minutes fast fails a job
+    with a 30 s backoff: the job must not wait 10 minutes more. Both read the database's
+    clock (on SQLite, one host's file, there is only one clock)."""
+    db = postgres.emptied_database()
+    with db.session() as session:
+        q.enqueue(
+            session, [q.JobSpec(q.JobKind.INFER, "1.1", 3), q.JobSpec(q.JobKind.INFER, "1.2", 3)]
+        )
+    with monkeypatch.context() as slow_host:
+        _skew_host_clock(slow_host, -600)
+        with db.session() as session:
+            (held,) = q.claim(session, q.JobKind.INFER, "slow:1", lease_seconds=60)
+    with db.session() as session:  # another host, clock right
+        (other,) = q.claim(session, q.JobKind.INFER, "right:2", lease_seconds=60)
+        assert other.id != held.id
+        assert q.claim(session, q.JobKind.INFER, "right:2", lease_seconds=60) == []
+        assert session.get(Job, held.id).state == q.JobState.RUNNING
+    with monkeypatch.context() as fast_host:
+        _skew_host_clock(fast_host, 600)
+        with db.session() as session:
+            policy = RetryPolicy(max_attempts=3, initial_seconds=30, maximum_seconds=30)
+            q.fail(session, other, "right:2", "peer down", policy)
+    with db.session() as session:
+        due_in = session.execute(
+            text(
+                "SELECT EXTRACT(EPOCH FROM run_after - (clock_timestamp() AT TIME ZONE 'UTC'))"
+                " FROM jobs WHERE id = :id"
+            ),
+            {"id": other.id},
+        ).scalar_one()
+    assert 0 < float(due_in) <= 31
+    db.dispose()

@@ -143,7 +143,8 @@ def test_images_are_queued_at_once_and_the_round_closes_when_the_study_settles(
     _release(db, sending)
     assert schedule_ready(db, settings, registry) == []  # released, but not quiet long enough
     assert [job[2] for job in _jobs(db)] == [1, 1]
-    monkeypatch.setattr(studies, "utcnow", lambda: utcnow() + timedelta(seconds=settle + 1))
+    later = utcnow() + timedelta(seconds=settle + 1)
+    monkeypatch.setattr(studies, "db_now", lambda session: later)
     assert schedule_ready(db, settings, registry) == [1]
     assert _jobs(db)[-1] == ("report", None, 1)
     # An image after the round closed opens the next one (its SR supersedes the first).
