@@ -17,6 +17,7 @@ from dicomnode.queue.jobs import JobKind, JobState
 from dicomnode.retention import expired_studies, purge_expired, purge_study
 from dicomnode.store.instances import PURGED
 from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.rows import instance_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -103,17 +104,14 @@ def _instance(
     dataset: pydicom.Dataset, path: Path, association_id: str, state: str, **columns: object
 ) -> Instance:
     """The row of ``dataset`` stored at ``path``, received over ``association_id``."""
-    return Instance(
-        sop_instance_uid=str(dataset.SOPInstanceUID),
+    return instance_row(
+        str(dataset.SOPInstanceUID),
+        association_id,
         study_instance_uid=str(dataset.StudyInstanceUID),
         series_instance_uid=str(dataset.SeriesInstanceUID),
         sop_class_uid=str(dataset.SOPClassUID),
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
         path=str(path),
         size=path.stat().st_size,
-        calling_ae="MOD",
-        association_id=association_id,
-        received_at=utcnow(),
         state=state,
         **columns,
     )
@@ -217,18 +215,14 @@ def test_an_image_arriving_after_the_listing_saves_its_study(db: Database, tmp_p
         follow_up = session.execute(select(Instance)).scalar_one()
         session.expunge(follow_up)
     with db.session() as session:
-        arriving = Instance(
+        arriving = instance_row(
+            pydicom.uid.generate_uid(),
+            follow_up.association_id,
             **{
                 column: getattr(follow_up, column)
                 for column in ("study_instance_uid", "series_instance_uid", "sop_class_uid")
             },
-            sop_instance_uid=pydicom.uid.generate_uid(),
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
             path=str(tmp_path / "follow-up.dcm"),
-            size=1,
-            calling_ae="MOD",
-            association_id=follow_up.association_id,
-            received_at=utcnow(),
             state="received",
         )
         session.add(arriving)

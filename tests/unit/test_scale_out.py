@@ -18,6 +18,7 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.store.instances import release_all_open, release_orphaned
 from dicomnode.testing.postgres import TempPostgres
+from dicomnode.testing.rows import instance_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -137,20 +138,7 @@ def test_a_file_over_2_gib_is_recorded(db: Database) -> None:
 
     _open(db, "a1", "host-a:11112")
     with db.session() as session:
-        session.add(
-            Instance(
-                sop_instance_uid="1.2.3.4",
-                study_instance_uid="1.2.3",
-                series_instance_uid="1.2.3.1",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                path="/data/big.dcm",
-                size=2_200_000_000,
-                calling_ae="MOD",
-                association_id="a1",
-                received_at=utcnow(),
-            )
-        )
+        session.add(instance_row("1.2.3.4", "a1", size=2_200_000_000))
     with db.session() as session:
         assert session.execute(select(Instance.size)).scalar_one() == 2_200_000_000
 
@@ -243,7 +231,8 @@ def test_hosts_sharing_postgresql_keep_time_by_its_clock(
         (other,) = q.claim(session, q.JobKind.INFER, "right:2", lease_seconds=60)
         assert other.id != held.id
         assert q.claim(session, q.JobKind.INFER, "right:2", lease_seconds=60) == []
-        assert session.get(Job, held.id).state == q.JobState.RUNNING
+        running = session.get(Job, held.id)
+        assert running is not None and running.state == q.JobState.RUNNING
     with monkeypatch.context() as fast_host:
         _skew_host_clock(fast_host, 600)
         with db.session() as session:

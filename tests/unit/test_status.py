@@ -11,6 +11,7 @@ from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.status import render_status
+from dicomnode.testing.rows import instance_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -51,22 +52,15 @@ def test_text_from_headers_and_errors_is_printed_as_it_is_never_as_markup(db: Da
     rich must not read ``[/]`` or ``[bold]`` in them as markup (it raised, and hid status)."""
     from datetime import UTC, datetime
 
-    from dicomnode.db.schema import Association, Instance
+    from dicomnode.db.schema import Association
 
     now = datetime.now(UTC).replace(tzinfo=None)
     with db.session() as s:
         s.add(Association(id="a1", calling_ae="MOD", started_at=now))
         s.add(
-            Instance(
-                sop_instance_uid="1.2.3.4",
-                study_instance_uid="1.2.3",
-                series_instance_uid="1.2.3.5",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                path="/nowhere",
-                size=1,
-                calling_ae="MOD",
-                association_id="a1",
+            instance_row(
+                "1.2.3.4",
+                "a1",
                 received_at=now,
                 state="skipped",
                 reason="body part '[/]' is not routed to a model",
@@ -86,7 +80,7 @@ def test_a_study_whose_analysis_or_report_died_shows_dead_not_waiting(db: Databa
     `pending`: the study looked as if it were still being worked on."""
     from datetime import UTC, datetime
 
-    from dicomnode.db.schema import Association, Instance
+    from dicomnode.db.schema import Association
     from dicomnode.testing.queue import add_report
 
     now = datetime.now(UTC).replace(tzinfo=None)
@@ -94,22 +88,7 @@ def test_a_study_whose_analysis_or_report_died_shows_dead_not_waiting(db: Databa
     with db.session() as s:
         s.add(Association(id="a1", calling_ae="MOD", started_at=now))
         for uid in ("1.2.3.4", "1.2.3.5"):
-            s.add(
-                Instance(
-                    sop_instance_uid=uid,
-                    study_instance_uid="1.2.3",
-                    series_instance_uid="1.2.3.9",
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    path=f"/x/{uid}.dcm",
-                    size=1,
-                    calling_ae="MOD",
-                    association_id="a1",
-                    received_at=now,
-                    state="queued",
-                    report_id=report_id,
-                )
-            )
+            s.add(instance_row(uid, "a1", received_at=now, state="queued", report_id=report_id))
         q.enqueue(
             s,
             [

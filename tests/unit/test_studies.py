@@ -18,6 +18,7 @@ from dicomnode.models.registry import ModelRegistry
 from dicomnode.studies import OPEN, queue_new_instances, ready_rounds, route, schedule_ready
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import make_settings
+from dicomnode.testing.rows import instance_row
 from dicomnode.values import BodyPart
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
@@ -90,18 +91,11 @@ def _association(db: Database, released: bool) -> str:
 def _store(db: Database, association: str, sop: str, ago: float, body_part: str = "KNEE") -> None:
     with db.session() as session:
         session.add(
-            Instance(
-                sop_instance_uid=sop,
-                study_instance_uid="1.2.3",
-                series_instance_uid="1.2.3.1",
-                sop_class_uid=DX,
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
+            instance_row(
+                sop,
+                association,
                 modality="DX",
                 body_part=body_part,
-                path=f"/nowhere/{sop}.dcm",
-                size=1,
-                calling_ae="MOD",
-                association_id=association,
                 received_at=utcnow() - timedelta(seconds=ago),
             )
         )
