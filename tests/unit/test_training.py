@@ -309,6 +309,38 @@ def test_config_missing_weights_file_is_an_error(tmp_path: Path) -> None:
 RGB_32 = {"size": [32, 32], "channels": 3, "mean": [0.5], "std": [0.25]}
 
 
+def test_a_trained_model_directory_initialises_another_task(tmp_path: Path) -> None:
+    """Radiograph-domain initial weights (``config/training/pretrain/``): the weights file of
+    a model that ``dicomnode train`` wrote (here 3 classes) is the ``init_weights`` of a
+    recipe with other classes (here 2): the backbone comes over, frozen in ``feature`` mode,
+    and the head is new."""
+    first = train_from_config(
+        _smoke_config(
+            tmp_path / "first", architecture={"name": "resnet18", "params": {}}, input=RGB_32
+        )
+    )
+    raw = yaml.safe_load((tmp_path / "first" / "recipe.yaml").read_text(encoding="utf-8"))
+    raw["model"]["classes"] = raw["model"]["classes"][:2]
+    raw.update(
+        data_dir=str(write_tiny_dataset(tmp_path / "second-data", classes=2, patients=8, size=32)),
+        output_dir=str(tmp_path / "second"),
+        checkpoint_dir=str(tmp_path / "second-checkpoints"),
+        init_weights=str(first / "model.safetensors"),
+        mode="feature",
+    )
+    second_recipe = tmp_path / "second.yaml"
+    second_recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    second = train_from_config(second_recipe)
+    before, after = (
+        load_file(str(first / "model.safetensors")),
+        load_file(str(second / "model.safetensors")),
+    )
+    assert torch.equal(after["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    assert torch.equal(after["conv1.weight"], before["conv1.weight"])
+    assert before["fc.weight"].shape == (3, 512) and after["fc.weight"].shape == (2, 512)
+    assert load_card(second).recipe["init_weights"] == str(first / "model.safetensors")
+
+
 def _empty_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     """Point torch's hub cache and the Hugging Face cache at empty folders in ``tmp_path``."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
