@@ -173,13 +173,14 @@ def _end_leases(session: Session, held: ColumnElement[bool], now: datetime) -> i
     return sum(int(getattr(r, "rowcount", 0) or 0) for r in (dead, failed))
 
 
-def expire_lost_leases(session: Session, kind: JobKind) -> int:
-    """Jobs of ``kind`` whose lease ran out (their worker hung, or its host died) fail, or die.
+def expire_lost_leases(session: Session, kind: JobKind, now: datetime | None = None) -> int:
+    """Jobs of ``kind`` whose lease ran out by ``now`` (default: the database's now) fail,
+    or die: their worker hung, or its host died.
 
     Returns how many. Called before a worker looks for work (:func:`next_group`,
     :func:`claim`); the claim index (kind, state) keeps it cheap.
     """
-    now = db_now(session)
+    now = now or db_now(session)
     return _end_leases(session, and_(Job.kind == kind, Job.lease_expires_at < now), now)
 
 
@@ -279,8 +280,8 @@ def claim(
     Lost leases are ended first (:func:`expire_lost_leases`); when the first job due lost
     its worker before, it is claimed alone.
     """
-    expire_lost_leases(session, kind)
     now = db_now(session)
+    expire_lost_leases(session, kind, now)
     due = select(Job.id).where(Job.kind == kind, due_since(now, kind))
     due = due.order_by(Job.run_after, Job.id)
     if group_key is not None:
@@ -339,8 +340,8 @@ def next_group(session: Session, kind: JobKind) -> str | None:
 
     Lost leases of ``kind`` are ended first, so that a job whose worker hung is found.
     """
-    expire_lost_leases(session, kind)
     now = db_now(session)
+    expire_lost_leases(session, kind, now)
     statement = (
         select(Job.group_key)
         .where(Job.kind == kind, due_since(now, kind))

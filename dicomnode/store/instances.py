@@ -108,14 +108,14 @@ def already_stored(session: Session, sop_uid: str) -> bool:
 
 
 def _ensure_association(
-    session: Session, association_id: str, calling_ae: str, receiver: str | None
+    session: Session, association_id: str, calling_ae: str, receiver: str | None, now: datetime
 ) -> None:
     if session.get(Association, association_id) is None:
         session.add(
             Association(
                 id=association_id,
                 calling_ae=calling_ae,
-                started_at=db_now(session),
+                started_at=now,
                 receiver=receiver,
             )
         )
@@ -149,8 +149,9 @@ def store_instance(
             if already_stored(session, facts.sop_uid):
                 return StoreOutcome(facts.sop_uid, True, path)
             move_durably(received, path)
-            _ensure_association(session, association_id, calling_ae, receiver)
-            session.add(_record(facts, path, size, calling_ae, association_id, db_now(session)))
+            now = db_now(session)
+            _ensure_association(session, association_id, calling_ae, receiver, now)
+            session.add(_record(facts, path, size, calling_ae, association_id, now))
     except Exception:
         if not received.exists():
             remove_quietly(path)
