@@ -155,6 +155,7 @@ def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
     )
     assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
     server = pacs.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     try:
         refused = _cli("--config", str(config), "echo", "PACS", cwd=tmp_path)
         monkeypatch.setenv("DICOMNODE_NODE__AE_TITLE", "REGISTERED")
@@ -265,7 +266,7 @@ def test_invalid_model_card_refuses_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["gradcam", "shap"])
 def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     card = make_tiny_model(tmp_path / "m", num_classes=3)
     write_card(tmp_path / "m", card.model_copy(update={"reader_note": "Read the grade only."}))
@@ -286,6 +287,7 @@ def test_explain_writes_an_overlay_png(tmp_path: Path, method: str) -> None:
     assert result.returncode == 0, result.stderr
     shows = "SHAP (expected gradients), smoothed" if method == "shap" else "Grad-CAM at features"
     with Image.open(out) as png:
+        assert isinstance(png, PngImagePlugin.PngImageFile)
         assert png.text["Description"].startswith(f"{shows} of ")
         assert png.text["Warning"] == SYNTHETIC_NOTICE
         assert png.text["Comment"] == f"{card.name} {card.version}: Read the grade only."

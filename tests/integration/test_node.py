@@ -70,6 +70,7 @@ def _assert_told_to_come_back_later(settings: Settings, node: Node) -> None:
         assoc = ae.associate("127.0.0.1", settings.node.port, ae_title="DICOMNODE")
         assert assoc.is_rejected
         rejection = assoc.acceptor.primitive
+        assert rejection is not None
         assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 1)
     finally:
         server.shutdown()
@@ -683,6 +684,7 @@ def test_one_association_over_the_limit_is_rejected_for_now_and_named(
         second = ae.associate("127.0.0.1", narrow.node.port, ae_title="DICOMNODE")
         assert second.is_rejected
         rejection = second.acceptor.primitive
+        assert rejection is not None
         assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
         first.release()
     finally:
@@ -941,6 +943,7 @@ def test_results_wait_for_disk_space_without_using_up_attempts(
     full disk is postponed, uncharged; with space again the study completes."""
     from dicomnode import worker
     from dicomnode.errors import StorageFullError
+    from dicomnode.store import files
 
     def full(*_args: object, **_kwargs: object) -> None:
         raise StorageFullError("only 3 MiB would be free; the floor is 500 MiB")
@@ -952,7 +955,7 @@ def test_results_wait_for_disk_space_without_using_up_attempts(
     assert _infer_job(node) == ("queued", 0)
     monkeypatch.undo()
     writes: list[Path] = []
-    real_write = worker.write_durably
+    real_write = files.write_durably  # the function worker imported
 
     def full_once(path: Path, data: bytes) -> None:
         writes.append(path)
@@ -960,7 +963,7 @@ def test_results_wait_for_disk_space_without_using_up_attempts(
             raise StorageFullError("No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(worker, "write_durably", full_once)
+    monkeypatch.setattr("dicomnode.worker.write_durably", full_once)
     monkeypatch.setattr(worker, "DISK_FULL_PAUSE", 0.3)
     wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR after the full disk")
     with node.db.session() as s:
@@ -974,7 +977,7 @@ def test_a_stopping_worker_gives_back_the_jobs_it_has_not_analysed(
 ) -> None:
     """SIGTERM mid-batch: the worker stops after the image at hand; the others of its
     batch go back to the queue, their attempts not counted, and the next step runs them."""
-    from dicomnode import worker
+    from dicomnode import pipeline
     from dicomnode.studies import schedule_ready
 
     node.stop.set()  # drive the scheduler and the worker by hand
@@ -991,7 +994,7 @@ def test_a_stopping_worker_gives_back_the_jobs_it_has_not_analysed(
         30,
         what="two infer jobs",
     )
-    real = worker.pipeline.read_and_prepare
+    real = pipeline.read_and_prepare  # the module worker calls
     prepared: list[Path] = []
 
     def stop_after_the_first(path: Path) -> object:
@@ -999,7 +1002,7 @@ def test_a_stopping_worker_gives_back_the_jobs_it_has_not_analysed(
         node.worker.stop.set()  # SIGTERM arrives while the first image is read
         return real(path)
 
-    monkeypatch.setattr(worker.pipeline, "read_and_prepare", stop_after_the_first)
+    monkeypatch.setattr(pipeline, "read_and_prepare", stop_after_the_first)
     assert node.worker.step()
     assert len(prepared) == 1
     with node.db.session() as s:

@@ -120,6 +120,7 @@ def test_no_association_says_why(jpeg_overlay: Path) -> None:
     echo_only.add_supported_context(Verification)
     port = free_port()
     server = echo_only.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     try:
         peer = PeerInfo("ECHO", "ECHO", "127.0.0.1", port)
         (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=5)
@@ -141,6 +142,7 @@ def test_a_rejection_says_the_peers_reason(jpeg_overlay: Path) -> None:
     strict.require_calling_aet = ["KNOWN"]
     port = free_port()
     server = strict.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
     try:
         peer = PeerInfo("PACS", "PACS", "127.0.0.1", port)
         (delivery,) = send_files(peer, [jpeg_overlay], calling_ae="DICOMNODE", timeout=5)

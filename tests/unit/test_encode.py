@@ -836,6 +836,11 @@ def _lo_date(source: Dataset, value: str) -> None:
     _wrong_vr(source, 0x00080020, "LO", value)  # Study Date
 
 
+def _two_character_sets(source: Dataset) -> None:
+    source.SpecificCharacterSet = ["ISO_IR 100", "ISO_IR 192"]
+    source.PatientName = "Müller^Jürgen"
+
+
 @needs_dicom3tools
 @pytest.mark.parametrize(
     ("change", "expected"),
@@ -851,10 +856,7 @@ def _lo_date(source: Dataset, value: str) -> None:
         (lambda ds: _lo_date(ds, "20240314"), {"StudyDate": "20240314"}),
         (lambda ds: setattr(ds, "BodyPartExamined", ["KNEE", "LEG"]), {}),
         (
-            lambda ds: (
-                setattr(ds, "SpecificCharacterSet", ["ISO_IR 100", "ISO_IR 192"]),
-                setattr(ds, "PatientName", "Müller^Jürgen"),
-            ),
+            _two_character_sets,
             {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": "ISO_IR 192"},
         ),
         (

@@ -160,7 +160,7 @@ def test_files_that_are_not_images_say_what_they_are(tmp_path: Path) -> None:
     index.FileSetID = "EXPORT"
     index.DirectoryRecordSequence = pydicom.Sequence([])
     index.file_meta = pydicom.dataset.FileMetaDataset()
-    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.1.3.10")
     index.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     index.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     index.save_as(directory, enforce_file_format=True)

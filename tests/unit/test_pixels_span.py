@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from dicomnode.errors import IncompleteInstanceError
 from dicomnode.store.instances import read_received, same_pixel_data
@@ -17,7 +17,7 @@ def _file(tmp_path: Path, name: str, syntax: str | None = None) -> Path:
     if syntax == RLELossless:
         image.compress(RLELossless)
     elif syntax is not None:
-        image.file_meta.TransferSyntaxUID = syntax
+        image.file_meta.TransferSyntaxUID = UID(syntax)
     return write_dataset(image, tmp_path / name)
 
 

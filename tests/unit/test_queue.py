@@ -228,7 +228,8 @@ def test_claim_uses_skip_locked_on_postgresql(clock: Clock) -> None:
 
     class Recorder(OrmSession):
         def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            captured.append(str(statement.compile(dialect=postgresql.dialect())))
+            dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+            captured.append(str(statement.compile(dialect=dialect)))
             return NoRows()
 
     assert q.claim(Recorder(), q.JobKind.INFER, "w", 30, limit=4, group_key="m:1") == []

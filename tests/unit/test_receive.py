@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_the_end_of_an_association_is_recorded_after_transient_errors(
             raise OSError("database is locked")
 
     monkeypatch.setattr(scp, "release_association", flaky)
-    monkeypatch.setattr(scp.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)  # the module scp sleeps with
     scp.StoreHandlers(settings, db)._release("assoc-1")
     assert calls == ["assoc-1"] * 3
 
@@ -43,7 +44,7 @@ def test_an_end_that_cannot_be_recorded_is_logged(
         raise OSError("database is gone")
 
     monkeypatch.setattr(scp, "release_association", down)
-    monkeypatch.setattr(scp.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)  # the module scp sleeps with
     caplog.set_level(logging.ERROR)
     scp.StoreHandlers(settings, db)._release("assoc-2", attempts=3)
     assert "assoc-2: its end could not be recorded (OSError)" in caplog.text

@@ -38,9 +38,14 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
     payload = os.urandom(3 << 20)
     ours, theirs = socket.socketpair()
     reader = BoundedSocket.__new__(BoundedSocket)  # the socket, and an accepted request
-    reader._assoc = SimpleNamespace(requestor=SimpleNamespace(primitive=object()))
+    reader._assoc = SimpleNamespace(requestor=SimpleNamespace(primitive=object()))  # type: ignore[assignment]
     reader.socket = ours
-    sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
+
+    def send() -> None:
+        theirs.sendall(payload)
+        theirs.close()
+
+    sender = threading.Thread(target=send)
     sender.start()
     assert reader._read(len(payload)) == payload
     assert reader._read(100) == b""  # closed: nothing more
@@ -56,6 +61,7 @@ def test_a_pdu_is_read_whole_or_as_far_as_the_connection_lasted() -> None:
 
 def test_a_peer_host_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
+    import time
 
     from dicomnode.receive import callers
 
@@ -66,10 +72,10 @@ def test_a_peer_host_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch)
         calls.append(host)
         return real(host, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(callers.socket, "getaddrinfo", counting)
+    monkeypatch.setattr(socket, "getaddrinfo", counting)  # the module callers resolves with
     monkeypatch.setattr(callers, "_resolved", {})
     assert all(caller_matches("localhost", "127.0.0.1") for _ in range(5))
     assert calls == ["localhost"]
-    monkeypatch.setattr(callers.time, "monotonic", lambda: 1e12)  # a minute and more later
+    monkeypatch.setattr(time, "monotonic", lambda: 1e12)  # a minute and more later
     assert caller_matches("localhost", "127.0.0.1")
     assert calls == ["localhost", "localhost"]

@@ -121,8 +121,8 @@ def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
     architectures = set()
     for path in compared:
         config = load_config(path)
-        same = ("data_dir", "group_pattern", "group_by", "folds", "seed", "class_weights")
-        same += ("augment",)
+        same: tuple[str, ...] = ("data_dir", "group_pattern", "group_by", "folds", "seed")
+        same += ("class_weights", "augment")
         assert {k: getattr(config, k) for k in same} == {k: getattr(shipped, k) for k in same}
         assert config.fold == "all" and config.mode == "finetune"
         assert config.init_weights == "imagenet" and config.output_dir.parts[0] == "var"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from dicomnode.errors import ModelError, TrainingError
-from dicomnode.inference import Predictor, PreparedImage
+from dicomnode.inference import Predictor
 from dicomnode.models.card import ModelCard, load_card, write_card
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.revise import set_test_time_flip, trained_on_mirrors
+from dicomnode.values import PreparedImage
 
 VALIDATION = "grouped 5-fold cross-validation, out-of-fold predictions"
 
