@@ -50,7 +50,7 @@ from dicomnode.explain.gradcam import (
     shift_averaged,
 )
 from dicomnode.imaging.tensor import Placement, to_input, to_source_geometry
-from dicomnode.models.architectures import EnsembleNet, build_model, scorer, target_layer
+from dicomnode.models.architectures import EnsembleNet, build_model, place, scorer, target_layer
 from dicomnode.models.card import (
     MIRRORED_NETWORK_NOTE,
     GradCamSpec,
@@ -219,7 +219,7 @@ class Predictor:
         check_cam_layers(model, card.gradcam.target_layer)
         model.requires_grad_(False)
         model.eval()
-        model.to(target)
+        place(model, target)
         logger.info(
             "model loaded",
             extra={"model": card.name, "version": card.version, "device": str(target)},

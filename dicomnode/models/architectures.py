@@ -245,6 +245,21 @@ def build_model(
         raise ModelError(f"architecture {name!r}: bad params: {exc}") from exc
 
 
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device``; on the CPU, its 4-D weights to channels-last (NHWC).
+
+    oneDNN runs CPU convolutions faster on channels-last weights, and a convolution
+    whose weight is channels-last gives channels-last output, so inputs need no
+    conversion: the forward pass and Grad-CAM's backward pass of the shipped networks
+    take 10-25 % less time (README, "Channels-last networks on the CPU"). Outputs
+    agree with the contiguous layout to rounding (about 1e-5 in the logits).
+    """
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def target_layer(model: nn.Module, path: str) -> nn.Module:
     """The module at dotted ``path`` inside ``model`` (Grad-CAM target)."""
     try:

@@ -70,6 +70,7 @@ from torch import nn
 
 from dicomnode.errors import InferenceError, ModelError
 from dicomnode.imaging.tensor import Placement, to_input
+from dicomnode.models.architectures import place
 from dicomnode.values import FloatArray, PreparedImage, Region
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,7 @@ def _read_network(path: Path, sha256: str) -> LocaliserNet:
     except (SafetensorError, RuntimeError, ValueError) as exc:
         raise ModelError(f"localiser {path} does not fit its network: {exc}") from exc
     network.requires_grad_(False)
+    place(network, torch.device("cpu"))
     return network.eval()
 
 

@@ -310,6 +310,28 @@ def test_forward_probabilities_equal_predict(tiny: Predictor, images: list[Prepa
     assert tiny.forward_probabilities(torch.stack(tensors)[:0]).shape == (0, tiny.card.num_classes)
 
 
+@pytest.mark.parametrize("architecture", ["small_vgg", "efficientnet_lite0"])
+def test_on_the_cpu_the_network_runs_channels_last_with_the_same_outputs(
+    tmp_path: Path, images: list[PreparedImage], architecture: str
+) -> None:
+    """The node's CPU networks hold their convolution weights channels-last (faster in
+    oneDNN); probabilities and Grad-CAM maps are those of the contiguous layout."""
+    card = make_tiny_model(tmp_path, architecture=architecture, input_size=(96, 96))
+    predictor = Predictor.load(tmp_path, card, "cpu")
+    convolutions = [m for m in predictor.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+    assert not all(c.weight.is_contiguous() for c in convolutions)
+    contiguous = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in contiguous.modules() if isinstance(m, nn.Conv2d))
+    plain = Predictor(tmp_path, card, contiguous, torch.device("cpu"), 8, None)
+    fast, slow = predictor.predict(images), plain.predict(images)
+    for ours, theirs in zip(fast, slow, strict=True):
+        (a,), (b,) = ours.findings, theirs.findings
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+
+
 def test_no_hooks_or_gradients_are_left_behind(
     tiny: Predictor, images: list[PreparedImage]
 ) -> None:
