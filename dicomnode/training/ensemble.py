@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities
+from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities, place
 from dicomnode.models.card import (
     MEMBER_SEPARATOR,
     READER_NOTE_MAX,
@@ -331,7 +331,7 @@ def validate_ensemble(
         _, valid_idx = fold_indices(prepared, config.fold)
         held_out = fold_dataset(prepared, valid_idx, augment=False)
         logits, labels = predict_logits(
-            model.to(prepared.device), held_out, prepared.device, test_time_flip=test_time_flip
+            place(model, prepared.device), held_out, prepared.device, test_time_flip=test_time_flip
         )
     figures = classification_metrics(labels, softmax(logits))
     return {

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.inference import check_cam_layers
-from dicomnode.models.architectures import build_model, scorer
+from dicomnode.models.architectures import build_model, place, scorer
 from dicomnode.models.card import CARD_FILE
 from dicomnode.training.attention import CamSupervision, MaskLoss
 from dicomnode.training.config import TrainingConfig, load_config
@@ -380,7 +380,7 @@ def _fold_dir(config: TrainingConfig, fold: int | None) -> Path:
 
 def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
     config = prepared.config
-    model = new_model(config).to(prepared.device)
+    model = place(new_model(config), prepared.device)  # channels-last on the CPU: faster
     optimizer = make_optimizer(model, config)
     batches = len(train_idx) // config.batch_size if len(train_idx) > config.batch_size else 1
     steps = min(batches, config.max_steps_per_epoch or batches)
@@ -822,7 +822,7 @@ def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
     )
     model.load_state_dict(state)
     logits, labels = predict_logits(
-        model.to(prepared.device),
+        place(model, prepared.device),
         fold_dataset(prepared, valid_idx, augment=False),
         prepared.device,
         loader_workers(prepared.config, prepared.device),
