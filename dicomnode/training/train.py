@@ -28,9 +28,10 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ from dicomnode.training.state import FoldResult, LoopState, Prepared
 logger = logging.getLogger(__name__)
 
 EVAL_BATCH = 64
+
+PROGRESS_LOG_SECONDS = 120.0
+"""Where no progress bar is drawn (output to a file, a container's log), a training step's
+progress is logged at most this often instead."""
 
 
 # ----------------------------------------------------------------------------- public
@@ -530,6 +535,12 @@ def _train_steps(
     if prepared.config.mode == "feature" or prepared.config.freeze_batchnorm:
         _freeze_batchnorm(model)
     tally = _Tally()
+    log = _StepLog(
+        next(t.description for t in progress.tasks if t.id == task),
+        trainer.steps_per_epoch,
+        prepared.config.batch_size,
+        enabled=not progress.console.is_terminal,
+    )
     workers = loader_workers(prepared.config, device)
     source: Dataset[Any] = dataset if trainer.supervision is None else MaskedView(dataset)
     for batch in _batches(
@@ -550,7 +561,37 @@ def _train_steps(
         trainer.scheduler.step()
         tally.add_loss(float(loss.item()))
         progress.update(task, advance=1, status=tally.status())
+        log.step(tally.steps, tally.status())
     return tally.figures()
+
+
+@dataclass(eq=False)
+class _StepLog:
+    """The progress bar as log lines, for runs whose output is not a terminal."""
+
+    description: str
+    steps: int
+    batch_size: int
+    enabled: bool
+    started: float = field(default_factory=time.monotonic)
+    logged: float = field(default_factory=time.monotonic)
+
+    def step(self, done: int, status: str) -> None:
+        """Log step ``done`` when ``PROGRESS_LOG_SECONDS`` have passed since the last line."""
+        now = time.monotonic()
+        if not self.enabled or now - self.logged < PROGRESS_LOG_SECONDS or done >= self.steps:
+            return
+        self.logged = now
+        per_step = (now - self.started) / done
+        logger.info(
+            "%s: step %d/%d, %s, %.3f s per image, about %.0f min to the epoch's validation",
+            self.description,
+            done,
+            self.steps,
+            status,
+            per_step / self.batch_size,
+            per_step * (self.steps - done) / 60.0,
+        )
 
 
 @dataclass(eq=False)

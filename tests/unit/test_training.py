@@ -565,6 +565,36 @@ def test_training_writes_a_loadable_model_directory(tmp_path: Path) -> None:
     assert predictor.card.num_classes == 3
 
 
+def test_a_run_without_a_terminal_logs_its_steps_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Output to a file or a container log draws no progress bar: steps are logged instead
+    (at most every PROGRESS_LOG_SECONDS; here every step), with the loss and the pace."""
+    from rich.console import Console
+
+    from dicomnode.training import train
+
+    monkeypatch.setattr(train, "PROGRESS_LOG_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="dicomnode.training.train"):
+        train_from_config(_smoke_config(tmp_path))
+    steps = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
+    # 3 steps an epoch: the third is followed by the epoch's own line at once.
+    assert [m.split(",")[0] for m in steps] == [
+        "epoch 1/2: step 1/3",
+        "epoch 1/2: step 2/3",
+        "epoch 2/2: step 1/3",
+        "epoch 2/2: step 2/3",
+    ]
+    assert all(
+        re.search(r", loss \d+\.\d{4}, \d+\.\d{3} s per image, about \d+ min", m) for m in steps
+    )
+    caplog.clear()
+    monkeypatch.setattr(Console, "is_terminal", property(lambda _self: True))
+    with caplog.at_level("INFO", logger="dicomnode.training.train"):
+        train_from_config(_smoke_config(tmp_path / "again"))
+    assert not [r for r in caplog.records if ": step " in r.getMessage()]  # the bar shows it
+
+
 class _Interrupted(Exception):
     pass
 
