@@ -279,15 +279,24 @@ def ae_list(config: ConfigOption = None) -> None:
 def status(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="studies, and skipped instances, to show")] = 10,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object, for scripts and monitoring")
+    ] = False,
 ) -> None:
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
-    from dicomnode.status import render_status
+    from dataclasses import asdict
+
+    from dicomnode.status import node_status, render_status
 
     resolved = settings(config)
     db = _database(resolved)
     with db.session() as session:
-        for table in render_status(session, limit, resolved.storage):
-            console.print(table)
+        state = node_status(session, limit, resolved.storage)
+    if as_json:
+        typer.echo(json.dumps(asdict(state), default=_iso, indent=1))
+        return
+    for table in render_status(state):
+        console.print(table)
 
 
 def _iso(value: object) -> str:
@@ -331,17 +340,26 @@ def health(
     stalled_minutes: Annotated[
         float, typer.Option(help="a queue where nothing moved this long while jobs wait fails")
     ] = 10,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object, for scripts and monitoring")
+    ] = False,
 ) -> None:
     """Check the database, the DICOM listener, free space and that queued jobs are being run;
     exit status 1 when a check fails (for a container's health check or monitoring)."""
+    from dataclasses import asdict
+
     from dicomnode.health import run_checks
 
     checks = run_checks(settings(config), scp=scp, stalled_minutes=stalled_minutes)
-    for check in checks:
-        mark = "ok  " if check.ok else "FAIL"
-        line = f"{mark} {check.name}: {check.detail}"
-        console.print(line, soft_wrap=True, highlight=False, markup=False)
-    if not all(check.ok for check in checks):
+    healthy = all(check.ok for check in checks)
+    if as_json:
+        typer.echo(json.dumps({"ok": healthy, "checks": [asdict(c) for c in checks]}, indent=1))
+    else:
+        for check in checks:
+            mark = "ok  " if check.ok else "FAIL"
+            line = f"{mark} {check.name}: {check.detail}"
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+    if not healthy:
         raise typer.Exit(1)
 
 

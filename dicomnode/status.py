@@ -1,7 +1,16 @@
 """What ``dicomnode status`` shows: storage, recent studies, queue, destinations, dead jobs,
-skipped instances."""
+skipped instances.
+
+:func:`node_status` reads it into frozen values (``status --json`` writes them as they are,
+for scripts and monitoring); :func:`render_status` draws them as tables. Neither holds
+patient data: studies and images are named by their UIDs.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -18,37 +27,136 @@ from dicomnode.store.instances import PURGED
 DEAD_HINT = "(`dicomnode retry` re-queues, `dicomnode discard` gives up)"
 
 
-def _studies(session: Session, limit: int) -> Table:
-    table = Table("study", "instances", "received", "states", "reports", title="Recent studies")
+@dataclass(frozen=True)
+class ReportState:
+    """One analysis round's report of a study: its model, round number and state."""
+
+    model: str
+    sequence: int
+    state: str
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """A recent study: its images by state (``dead`` where their analysis died)."""
+
+    study_instance_uid: str
+    instances: int
+    last_received: datetime
+    instance_states: dict[str, int]
+    reports: tuple[ReportState, ...]
+
+
+@dataclass(frozen=True)
+class DestinationState:
+    """Result sends to one peer: waiting, retrying (the latest error), dead, last delivered."""
+
+    peer: str
+    waiting: int
+    retrying: int
+    next_attempt: datetime | None
+    last_error: str | None
+    dead: int
+    last_delivered: datetime | None
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    """A job that used up its attempts, with what it was for and why it died."""
+
+    id: int
+    kind: str
+    target: str
+    attempts: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SkippedInstance:
+    """A received image the node did not analyse, and why."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StorageState:
+    """The data folder: free space against the floor, what it holds, the retention."""
+
+    data_dir: Path
+    free_mb: float
+    min_free_mb: int
+    images_held: int
+    bytes_held: int
+    images_purged: int
+    retention_days: float
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Everything ``dicomnode status`` shows."""
+
+    storage: StorageState | None
+    studies: tuple[StudyState, ...]
+    jobs: dict[str, dict[str, int]]
+    destinations: tuple[DestinationState, ...]
+    dead_total: int
+    dead: tuple[DeadJob, ...]
+    skipped: tuple[SkippedInstance, ...]
+
+
+def node_status(
+    session: Session, limit: int = 10, storage: StorageSettings | None = None
+) -> NodeStatus:
+    """The node's state from the database (and the data folder, given ``storage``);
+    ``limit`` caps the studies and the skipped instances listed."""
+    jobs: dict[str, dict[str, int]] = {}
+    for (kind, state), count in sorted(counts_by_state(session).items()):
+        jobs.setdefault(kind, {})[state] = count
+    return NodeStatus(
+        storage=None if storage is None else _storage(session, storage),
+        studies=_studies(session, limit),
+        jobs=jobs,
+        destinations=_destinations(session),
+        dead_total=_count(session, (), JobState.DEAD),
+        dead=_dead(session),
+        skipped=_skipped(session, limit),
+    )
+
+
+def _studies(session: Session, limit: int) -> tuple[StudyState, ...]:
     rows = session.execute(
         select(Instance.study_instance_uid, func.count(), func.max(Instance.received_at))
         .group_by(Instance.study_instance_uid)
         .order_by(func.max(Instance.received_at).desc())
         .limit(limit)
     ).all()
-    for study_uid, count, received in rows:
-        instance_state = _shown_state(
-            Instance.state, Job.sop_instance_uid == Instance.sop_instance_uid, JobKind.INFER
+    return tuple(_study(session, uid, count, received) for uid, count, received in rows)
+
+
+def _study(session: Session, study_uid: str, count: int, received: datetime) -> StudyState:
+    instance_state = _shown_state(
+        Instance.state, Job.sop_instance_uid == Instance.sop_instance_uid, JobKind.INFER
+    )
+    states = session.execute(
+        select(instance_state, func.count())
+        .where(Instance.study_instance_uid == study_uid)
+        .group_by(instance_state)
+    ).all()
+    report_state = _shown_state(Report.state, Job.report_id == Report.id, JobKind.REPORT)
+    reports = session.execute(
+        select(Report.model_name, Report.sequence, report_state).where(
+            Report.study_instance_uid == study_uid
         )
-        states = session.execute(
-            select(instance_state, func.count())
-            .where(Instance.study_instance_uid == study_uid)
-            .group_by(instance_state)
-        ).all()
-        report_state = _shown_state(Report.state, Job.report_id == Report.id, JobKind.REPORT)
-        reports = session.execute(
-            select(Report.model_name, Report.sequence, report_state).where(
-                Report.study_instance_uid == study_uid
-            )
-        ).all()
-        table.add_row(
-            study_uid,
-            str(count),
-            f"{received:%Y-%m-%d %H:%M:%S}",
-            ", ".join(f"{s}={n}" for s, n in states),
-            ", ".join(f"{m}#{q}:{s}" for m, q, s in reports) or "-",
-        )
-    return table
+    ).all()
+    return StudyState(
+        study_uid,
+        int(count),
+        received,
+        {state: int(n) for state, n in states},
+        tuple(ReportState(m, int(q), s) for m, q, s in reports),
+    )
 
 
 def _shown_state(
@@ -60,14 +168,108 @@ def _shown_state(
     return case((dead, "dead"), else_=state)
 
 
-def _queue(session: Session) -> Table:
-    table = Table("kind", "state", "jobs", title="Jobs by state")
-    for (kind, state), count in sorted(counts_by_state(session).items()):
-        table.add_row(kind, state, str(count))
+def _destinations(session: Session) -> tuple[DestinationState, ...]:
+    send = Job.kind == JobKind.SEND
+    peers = session.execute(select(Job.peer).where(send).distinct().order_by(Job.peer)).scalars()
+    return tuple(_destination(session, peer) for peer in peers)
+
+
+def _destination(session: Session, peer: str | None) -> DestinationState:
+    mine = (Job.kind == JobKind.SEND, Job.peer == peer)
+    retrying = session.execute(
+        select(Job.run_after, Job.last_error)
+        .where(*mine, Job.state == JobState.FAILED)
+        .order_by(Job.updated_at.desc())
+        .limit(1)
+    ).first()
+    delivered = session.execute(
+        select(func.max(Job.finished_at)).where(*mine, Job.state == JobState.DONE)
+    ).scalar_one()
+    return DestinationState(
+        peer=peer or "-",
+        waiting=_count(session, mine, JobState.QUEUED, JobState.RUNNING),
+        retrying=_count(session, mine, JobState.FAILED),
+        next_attempt=retrying[0] if retrying else None,
+        last_error=retrying[1] if retrying else None,
+        dead=_count(session, mine, JobState.DEAD),
+        last_delivered=delivered,
+    )
+
+
+def _count(session: Session, where: tuple[ColumnElement[bool], ...], *states: JobState) -> int:
+    statement = select(func.count()).select_from(Job).where(*where, Job.state.in_(states))
+    return int(session.execute(statement).scalar_one())
+
+
+def _dead(session: Session) -> tuple[DeadJob, ...]:
+    shown = []
+    for job in dead_jobs(session):
+        target = job.sop_instance_uid or f"report {job.report_id}"
+        if job.peer:
+            target += f" -> {job.peer}"
+        shown.append(DeadJob(job.id, job.kind, target, job.attempts, job.last_error or ""))
+    return tuple(shown)
+
+
+def _skipped(session: Session, limit: int) -> tuple[SkippedInstance, ...]:
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.reason)
+        .where(Instance.state == "skipped")
+        .order_by(Instance.received_at.desc())
+        .limit(limit)
+    ).all()
+    return tuple(SkippedInstance(sop, study, reason or "") for sop, study, reason in rows)
+
+
+def _storage(session: Session, storage: StorageSettings) -> StorageState:
+    held = session.execute(
+        select(func.count(), func.coalesce(func.sum(Instance.size), 0)).where(
+            Instance.state != PURGED
+        )
+    ).one()
+    purged = session.execute(
+        select(func.count()).select_from(Instance).where(Instance.state == PURGED)
+    ).scalar_one()
+    return StorageState(
+        data_dir=storage.data_dir,
+        free_mb=free_mb(storage.data_dir),  # of its nearest existing parent if not made yet
+        min_free_mb=storage.min_free_mb,
+        images_held=int(held[0]),
+        bytes_held=int(held[1]),
+        images_purged=int(purged),
+        retention_days=storage.retention_days,
+    )
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None, missing: str = "-") -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}" if value is not None else missing
+
+
+def _studies_table(studies: tuple[StudyState, ...]) -> Table:
+    table = Table("study", "instances", "received", "states", "reports", title="Recent studies")
+    for study in studies:
+        table.add_row(
+            study.study_instance_uid,
+            str(study.instances),
+            _when(study.last_received),
+            ", ".join(f"{s}={n}" for s, n in study.instance_states.items()),
+            ", ".join(f"{r.model}#{r.sequence}:{r.state}" for r in study.reports) or "-",
+        )
     return table
 
 
-def _destinations(session: Session) -> Table:
+def _queue_table(jobs: dict[str, dict[str, int]]) -> Table:
+    table = Table("kind", "state", "jobs", title="Jobs by state")
+    for kind, states in jobs.items():
+        for state, count in states.items():
+            table.add_row(kind, state, str(count))
+    return table
+
+
+def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
     """Per destination: what waits, what is retrying and why, what died, the last delivery."""
     table = Table(
         "destination",
@@ -79,86 +281,48 @@ def _destinations(session: Session) -> Table:
         "last delivered",
         title="Destinations (result sends)",
     )
-    send = Job.kind == JobKind.SEND
-    peers = session.execute(select(Job.peer).where(send).distinct().order_by(Job.peer)).scalars()
-    for peer in peers:
-        mine = (send, Job.peer == peer)
-        retrying = session.execute(
-            select(Job.run_after, Job.last_error)
-            .where(*mine, Job.state == JobState.FAILED)
-            .order_by(Job.updated_at.desc())
-            .limit(1)
-        ).first()
-        delivered = session.execute(
-            select(func.max(Job.finished_at)).where(*mine, Job.state == JobState.DONE)
-        ).scalar_one()
+    for d in destinations:
         table.add_row(
-            peer or "-",
-            str(_count(session, mine, JobState.QUEUED, JobState.RUNNING)),
-            str(_count(session, mine, JobState.FAILED)),
-            f"{retrying[0]:%Y-%m-%d %H:%M:%S}" if retrying else "-",
-            Text(retrying[1]) if retrying else "-",
-            str(_count(session, mine, JobState.DEAD)),
-            f"{delivered:%Y-%m-%d %H:%M:%S}" if delivered else "never",
+            d.peer,
+            str(d.waiting),
+            str(d.retrying),
+            _when(d.next_attempt),
+            Text(d.last_error) if d.last_error is not None else "-",
+            str(d.dead),
+            _when(d.last_delivered, "never"),
         )
     return table
 
 
-def _count(session: Session, where: tuple[ColumnElement[bool], ...], *states: JobState) -> int:
-    statement = select(func.count()).select_from(Job).where(*where, Job.state.in_(states))
-    return int(session.execute(statement).scalar_one())
-
-
-def _dead(session: Session) -> Table:
-    table = Table(
-        "job",
-        "kind",
-        "target",
-        "attempts",
-        "reason",
-        title=f"Dead jobs {DEAD_HINT}",
-    )
-    total = _count(session, (), JobState.DEAD)
-    shown = dead_jobs(session)
-    if total > len(shown):
-        table.title = f"Dead jobs, the {len(shown)} latest of {total} {DEAD_HINT}"
-    for job in shown:
-        target = job.sop_instance_uid or f"report {job.report_id}"
-        if job.peer:
-            target += f" -> {job.peer}"
-        table.add_row(str(job.id), job.kind, target, str(job.attempts), Text(job.last_error))
+def _dead_table(dead: tuple[DeadJob, ...], total: int) -> Table:
+    title = f"Dead jobs {DEAD_HINT}"
+    if total > len(dead):
+        title = f"Dead jobs, the {len(dead)} latest of {total} {DEAD_HINT}"
+    table = Table("job", "kind", "target", "attempts", "reason", title=title)
+    for job in dead:
+        table.add_row(str(job.id), job.kind, job.target, str(job.attempts), Text(job.reason))
     return table
 
 
-def _skipped(session: Session, limit: int) -> Table:
+def _skipped_table(skipped: tuple[SkippedInstance, ...]) -> Table:
     table = Table("instance", "study", "reason", title="Skipped instances")
-    rows = session.execute(
-        select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.reason)
-        .where(Instance.state == "skipped")
-        .order_by(Instance.received_at.desc())
-        .limit(limit)
-    ).all()
-    for sop, study, reason in rows:
-        table.add_row(sop, study, Text(reason))  # header text: never read as markup
+    for item in skipped:
+        # header text: never read as markup
+        table.add_row(item.sop_instance_uid, item.study_instance_uid, Text(item.reason))
     return table
 
 
-def _storage(session: Session, storage: StorageSettings) -> Table:
+def _storage_table(storage: StorageState) -> Table:
     table = Table("what", "value", title="Storage")
-    held = session.execute(
-        select(func.count(), func.coalesce(func.sum(Instance.size), 0)).where(
-            Instance.state != PURGED
-        )
-    ).one()
-    purged = session.execute(
-        select(func.count()).select_from(Instance).where(Instance.state == PURGED)
-    ).scalar_one()
-    free = free_mb(storage.data_dir) if storage.data_dir.exists() else float("nan")
     days = storage.retention_days
     table.add_row("data folder", str(storage.data_dir))
-    table.add_row("free", f"{free:,.0f} MB (senders turned away below {storage.min_free_mb:,} MB)")
-    table.add_row("images held", f"{held[0]:,} ({held[1] / 1e6:,.1f} MB as received)")
-    table.add_row("images purged (headers kept)", f"{purged:,}")
+    table.add_row(
+        "free", f"{storage.free_mb:,.0f} MB (senders turned away below {storage.min_free_mb:,} MB)"
+    )
+    table.add_row(
+        "images held", f"{storage.images_held:,} ({storage.bytes_held / 1e6:,.1f} MB as received)"
+    )
+    table.add_row("images purged (headers kept)", f"{storage.images_purged:,}")
     table.add_row(
         "retention",
         f"{days:g} days after a study's newest image, once it is finished" if days else "off",
@@ -166,14 +330,13 @@ def _storage(session: Session, storage: StorageSettings) -> Table:
     return table
 
 
-def render_status(
-    session: Session, limit: int = 10, storage: StorageSettings | None = None
-) -> list[Table]:
+def render_status(status: NodeStatus) -> list[Table]:
+    """The status as the tables ``dicomnode status`` prints, storage first when known."""
     tables = [
-        _studies(session, limit),
-        _queue(session),
-        _destinations(session),
-        _dead(session),
-        _skipped(session, limit),
+        _studies_table(status.studies),
+        _queue_table(status.jobs),
+        _destinations_table(status.destinations),
+        _dead_table(status.dead, status.dead_total),
+        _skipped_table(status.skipped),
     ]
-    return tables if storage is None else [_storage(session, storage), *tables]
+    return tables if status.storage is None else [_storage_table(status.storage), *tables]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,6 +135,13 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     assert status.returncode == 0 and "Jobs by state" in status.stdout
     assert "images held" in status.stdout and "0 (0.0 MB as received)" in status.stdout
     assert "30 days after a study's newest image, once it is finished" in status.stdout
+    as_json = _cli("--config", str(config), "status", "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert (data["studies"], data["jobs"], data["dead_total"]) == ([], {}, 0)
+    storage = data["storage"]
+    assert (storage["images_held"], storage["retention_days"]) == (0, 30)
+    assert storage["free_mb"] > 0 and storage["min_free_mb"] > 0
 
 
 def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
@@ -483,5 +491,16 @@ def test_health_passes_on_a_working_node_and_fails_when_its_listener_is_gone(
     down = node.cli("health", check=False)
     assert down.returncode == 1
     assert "FAIL scp: 127.0.0.1:" in down.stdout and "does not answer" in down.stdout
+    as_json = node.cli("health", "--json", check=False)
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False
+    assert [(c["name"], c["ok"]) for c in report["checks"]] == [
+        ("database", True),
+        ("scp", False),
+        ("disk", True),
+        ("queue", True),
+    ]
+    assert "does not answer" in report["checks"][1]["detail"]
     worker_host = node.cli("health", "--no-scp", check=False)  # a worker host has no listener
     assert worker_host.returncode == 0 and "scp" not in worker_host.stdout

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from datetime import datetime
+
 import pytest
 from rich.console import Console
 from sqlalchemy import update
@@ -10,7 +14,7 @@ from dicomnode.db.schema import Job
 from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
-from dicomnode.status import render_status
+from dicomnode.status import node_status, render_status
 from dicomnode.testing.rows import instance_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
@@ -19,12 +23,14 @@ pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite
 def _render(db: Database) -> str:
     console = Console(width=250, record=True)
     with db.session() as s:
-        for table in render_status(s):
-            console.print(table)
+        state = node_status(s)
+    for table in render_status(state):
+        console.print(table)
     return console.export_text()
 
 
-def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Database) -> None:
+def _sends_retrying_and_dead(db: Database) -> None:
+    """Three sends to PACS (one failed, retrying) and one to ARCH, dead."""
     specs = [
         q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in range(3)
     ]
@@ -37,6 +43,10 @@ def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Databas
         q.fail(s, job, "w", "no association with PACS", RetryPolicy(5, 60, 600))
         (dead,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="ARCH")
         q.fail(s, dead, "w", "peer returned status 0xA700", RetryPolicy(1, 1, 1))
+
+
+def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Database) -> None:
+    _sends_retrying_and_dead(db)
     text = _render(db)
     assert "Destinations (result sends)" in text
     pacs = next(line for line in text.splitlines() if line.strip("│ ").startswith("PACS"))
@@ -45,6 +55,28 @@ def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Databas
     arch = next(line for line in text.splitlines() if line.strip("│ ").startswith("ARCH"))
     assert [cell.strip() for cell in arch.split("│")[1:4]] == ["ARCH", "0", "0"]
     assert "peer returned status 0xA700" in text  # in the dead jobs table
+
+
+def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
+    """`dicomnode status --json`: the same figures as numbers and ISO 8601 times."""
+    from dicomnode.cli import _iso
+
+    _sends_retrying_and_dead(db)
+    with db.session() as s:
+        state = node_status(s)
+    data = json.loads(json.dumps(asdict(state), default=_iso))
+    assert data["jobs"] == {"send": {"dead": 1, "failed": 1, "queued": 2}}
+    arch, pacs = data["destinations"]
+    assert (pacs["peer"], pacs["waiting"], pacs["retrying"], pacs["dead"]) == ("PACS", 2, 1, 0)
+    assert (arch["peer"], arch["waiting"], arch["retrying"], arch["dead"]) == ("ARCH", 0, 0, 1)
+    assert pacs["last_error"] == "no association with PACS" and pacs["last_delivered"] is None
+    assert datetime.fromisoformat(pacs["next_attempt"]) > datetime.fromisoformat("2026-01-01")
+    assert data["dead_total"] == 1
+    assert [(d["kind"], d["attempts"], d["reason"]) for d in data["dead"]] == [
+        ("send", 1, "peer returned status 0xA700")
+    ]
+    assert data["dead"][0]["target"].endswith(" -> ARCH")
+    assert data["studies"] == [] and data["skipped"] == [] and data["storage"] is None
 
 
 def test_text_from_headers_and_errors_is_printed_as_it_is_never_as_markup(db: Database) -> None:
