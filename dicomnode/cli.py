@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -300,7 +301,11 @@ def status(
 
 
 def _iso(value: object) -> str:
-    """JSON for what ``json`` cannot write: times in ISO 8601 (UTC), the rest as text."""
+    """JSON for what ``json`` cannot write: times in ISO 8601 with their UTC offset (the
+    database's times are UTC, held without a zone), the rest as text."""
+    if isinstance(value, datetime.datetime):
+        zoned = value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+        return zoned.isoformat()
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 

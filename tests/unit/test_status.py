@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from rich.console import Console
@@ -70,7 +70,8 @@ def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
     assert (pacs["peer"], pacs["waiting"], pacs["retrying"], pacs["dead"]) == ("PACS", 2, 1, 0)
     assert (arch["peer"], arch["waiting"], arch["retrying"], arch["dead"]) == ("ARCH", 0, 0, 1)
     assert pacs["last_error"] == "no association with PACS" and pacs["last_delivered"] is None
-    assert datetime.fromisoformat(pacs["next_attempt"]) > datetime.fromisoformat("2026-01-01")
+    next_attempt = datetime.fromisoformat(pacs["next_attempt"])  # UTC, and says so
+    assert next_attempt.utcoffset() == timedelta(0) and next_attempt > datetime.now(UTC)
     assert data["dead_total"] == 1
     assert [(d["kind"], d["attempts"], d["reason"]) for d in data["dead"]] == [
         ("send", 1, "peer returned status 0xA700")
