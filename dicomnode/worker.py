@@ -372,7 +372,10 @@ class Worker:
             with self.db.session() as session:
                 _set_report_state(session, job.report_id, "failed")
                 q.complete(session, job.id, self.worker_id)
-            log.warning("report %s: no image could be analysed; nothing to send", job.report_id)
+            log.warning(
+                "report %s: the analysis of every image died; nothing to send (dead jobs)",
+                job.report_id,
+            )
             return
         sr = pipeline.make_sr(
             items,
@@ -399,6 +402,9 @@ class Worker:
         )
 
     def _sr_items(self, session: Session, report: Report) -> list[SrImageItem]:
+        """The study's images that the model's rounds up to ``report``'s answered: analysed,
+        or skipped as unreadable by it (reported "Not assessed" with the reason), in the
+        order received. Images whose analysis died are counted apart (:func:`_not_analysed`)."""
         loaded = self._card_for(f"{report.model_name}:{report.model_version}")
         model, classes = loaded.identity, loaded.card.coded_classes()
         rows = session.execute(
@@ -416,7 +422,6 @@ class Worker:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
-                Result.outcome == "ok",
             )
             .order_by(Instance.received_at)
         ).all()
@@ -426,7 +431,12 @@ class Worker:
                 sc=None
                 if output is None
                 else pydicom.dcmread(output.path, stop_before_pixels=True),
-                result=pipeline.result_from_json(model, classes, result.findings, result.reason),
+                result=pipeline.result_from_json(
+                    model,
+                    classes,
+                    result.findings,
+                    result.reason if result.outcome == "ok" else not_analysed_reason(result.reason),
+                ),
             )
             for result, instance, output in rows
         ]
@@ -617,6 +627,12 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
         .limit(1)
     ).scalar_one_or_none()
     return None if row is None else pydicom.dcmread(row, stop_before_pixels=True)
+
+
+def not_analysed_reason(reason: str) -> str:
+    """The SR's comment on an image routed to the model that it could not read (a
+    multi-frame image, say): the image is reported "Not assessed" with this reason."""
+    return f"Not analysed: {reason}"
 
 
 def _not_analysed(session: Session, report: Report) -> int:

@@ -336,6 +336,37 @@ def test_a_knee_film_without_a_knee_joint_is_reported_as_not_graded(tmp_path: Pa
         node.close()
 
 
+def test_an_image_the_model_cannot_read_is_reported_not_assessed_with_the_reason(
+    node: Node, tmp_path: Path
+) -> None:
+    """A multi-frame knee image is routed to the model, which takes single frames: the SR
+    says so for that image beside the findings of the other, and a study of such images
+    alone still gets an SR, so that the reader is not left waiting for an AI result."""
+    single = make_radiograph(body_part="KNEE", seed=11)
+    multi = make_radiograph(body_part="KNEE", frames=2, seed=12, study_uid=single.StudyInstanceUID)
+    assert node.send(single, multi) == [statuses.SUCCESS] * 2
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR")
+    sr = next(d for d in node.collector.received if d.Modality == "SR")
+    assert [d.Modality for d in node.collector.received].count("OT") == 1  # one overlay
+    texts = [str(i.TextValue) for i in _content_items(sr.ContentSequence) if "TextValue" in i]
+    skipped = "Not analysed: multi-frame images are not supported (2 frames); send single frames"
+    assert skipped in texts
+    assert multi.SOPInstanceUID in str(sr) and single.SOPInstanceUID in str(sr)
+    assert sr.CompletionFlag == "COMPLETE"  # every image is accounted for
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    alone = make_radiograph(body_part="KNEE", frames=2, seed=13)
+    assert node.send(alone) == [statuses.SUCCESS]
+    wait_for(lambda: len(node.collector.received) >= 3, 60, what="the SR of the unreadable study")
+    sr = node.collector.received[-1]
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == alone.StudyInstanceUID
+    texts = [str(i.TextValue) for i in _content_items(sr.ContentSequence) if "TextValue" in i]
+    assert skipped in texts
+    with node.db.session() as s:
+        assert {r.state for r in s.scalars(select(Report))} == {"done"}
+
+
 def test_unknown_body_part_is_skipped_with_a_reason(node: Node) -> None:
     image = make_radiograph(body_part="CHEST")
     node.send(image)
