@@ -82,6 +82,12 @@ def _predict_file(
     loaded = _triage(settings, registry, path, prepared)
     if isinstance(loaded, Row):
         return loaded, None
+    if prepared.skip_reason:  # routed, and unreadable to the model: reported as such
+        reason = pipeline.not_analysed_reason(prepared.skip_reason)
+        result = ImageResult(loaded.identity, loaded.card.coded_classes(), (), reason)
+        return Row(str(path), f"skipped: {prepared.skip_reason}"), SrImageItem(
+            source=prepared.header, sc=None, result=result
+        )
     key = _key(loaded.card)
     if key not in predictors:
         predictors[key] = Predictor.load(
@@ -113,8 +119,6 @@ def _triage(
         return Row(str(path), f"skipped: {reason}")
     if prepared.error:
         return _failed(path, prepared.error)
-    if prepared.skip_reason:
-        return Row(str(path), f"skipped: {prepared.skip_reason}")
     return loaded
 
 

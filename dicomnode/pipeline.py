@@ -215,6 +215,12 @@ def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
     ]
 
 
+def not_analysed_reason(reason: str) -> str:
+    """The SR's comment on an image routed to a model that cannot read it (a multi-frame
+    image, say): the image is reported "Not assessed" with this reason."""
+    return f"Not analysed: {reason}"
+
+
 def result_from_json(
     model: ModelIdentity,
     classes: tuple[CodedClass, ...],

@@ -435,7 +435,9 @@ class Worker:
                     model,
                     classes,
                     result.findings,
-                    result.reason if result.outcome == "ok" else not_analysed_reason(result.reason),
+                    result.reason
+                    if result.outcome == "ok"
+                    else pipeline.not_analysed_reason(result.reason),
                 ),
             )
             for result, instance, output in rows
@@ -627,12 +629,6 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
         .limit(1)
     ).scalar_one_or_none()
     return None if row is None else pydicom.dcmread(row, stop_before_pixels=True)
-
-
-def not_analysed_reason(reason: str) -> str:
-    """The SR's comment on an image routed to the model that it could not read (a
-    multi-frame image, say): the image is reported "Not assessed" with this reason."""
-    return f"Not analysed: {reason}"
 
 
 def _not_analysed(session: Session, report: Report) -> int:

@@ -31,3 +31,42 @@ def test_a_model_error_fails_its_input_and_the_batch_goes_on(
     assert failed.failed and failed.outcome == "failed: the network's outputs are not finite"
     assert not skipped.failed and skipped.outcome.startswith("skipped: unknown body part")
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_an_image_the_model_cannot_read_is_in_the_sr_as_not_assessed(tmp_path: Path) -> None:
+    """As in the node: a multi-frame hand image routed to the hand model is skipped, and the
+    study's SR reports it "Not assessed" with the reason beside the other image's finding."""
+    import pydicom
+
+    from dicomnode.testing.validate import dciodvfy_errors, dsrdump
+
+    make_tiny_model(tmp_path / "models" / "tiny-hand", name="tiny-hand", body_part="HAND")
+    single = make_radiograph(body_part="HAND", seed=1)
+    multi = make_radiograph(body_part="HAND", frames=2, seed=2, study_uid=single.StudyInstanceUID)
+    files = [
+        write_dataset(single, tmp_path / "single.dcm"),
+        write_dataset(multi, tmp_path / "multi.dcm"),
+    ]
+    settings = Settings(models=ModelSettings(dir=tmp_path / "models"))
+    analysed, skipped, report = predict_files(settings, files, tmp_path / "out")
+    assert not analysed.failed and analysed.output.endswith(".dcm")
+    reason = "multi-frame images are not supported (2 frames); send single frames"
+    assert (skipped.failed, skipped.outcome, skipped.output) == (False, f"skipped: {reason}", "-")
+    assert report.outcome == "structured report"
+    sr = pydicom.dcmread(report.output)
+    assert multi.SOPInstanceUID in str(sr) and single.SOPInstanceUID in str(sr)
+    assert f"Not analysed: {reason}" in _texts(sr)
+    assert len(list((tmp_path / "out").iterdir())) == 2  # one SC, one SR
+    assert dciodvfy_errors(Path(report.output)) == []
+    dumped = dsrdump(Path(report.output))
+    assert dumped.returncode == 0 and "Not analysed" in dumped.stdout
+
+
+def _texts(dataset: object) -> list[str]:
+    """Every Text Value in an SR's content tree."""
+    found: list[str] = []
+    for item in getattr(dataset, "ContentSequence", []):
+        if "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += _texts(item)
+    return found
