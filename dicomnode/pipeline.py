@@ -215,6 +215,14 @@ def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
     ]
 
 
+ANALYSIS_FAILED = (
+    "Not analysed: the analysis failed at the node (a dead job); a new report follows if "
+    "it is retried"
+)
+"""The SR's comment on an image whose analysis failed for good. The job's error is
+technical text, possibly quoting header values: it stays in the node (`dicomnode status`)."""
+
+
 def not_analysed_reason(reason: str) -> str:
     """The SR's comment on an image routed to a model that cannot read it (a multi-frame
     image, say): the image is reported "Not assessed" with this reason."""

@@ -145,8 +145,8 @@ def encode_sr(
         and its device observers' UIDs.
     not_analysed:
         How many images of the study routed to the model could not be analysed
-        (their jobs failed for good). The document then says so and is flagged
-        PARTIAL instead of COMPLETE.
+        (their jobs failed for good; the caller lists them in ``items`` as "Not
+        assessed"). The document then says so and is flagged PARTIAL, not COMPLETE.
 
     Returns
     -------
@@ -496,8 +496,9 @@ def not_analysed_notice(count: int) -> str:
     """The statement of a report that leaves images out."""
     images = "image" if count == 1 else "images"
     return (
-        f"INCOMPLETE: {count} {images} of this study could not be analysed and are not in this "
-        "report (the node lists them as dead jobs; a later report follows if they are retried)."
+        f"INCOMPLETE: {count} {images} of this study could not be analysed; this report lists "
+        "them as Not assessed (the node lists them as dead jobs; a later report follows if they "
+        "are retried)."
     )
 
 

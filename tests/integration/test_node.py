@@ -933,7 +933,9 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
     partial.save_as(tmp_path / "partial.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "partial.dcm") == []
     assert any(t.startswith("INCOMPLETE: 1 image of this study") for t in _texts(partial))
-    assert second.SOPInstanceUID not in str(partial.CurrentRequestedProcedureEvidenceSequence)
+    assert pipeline.ANALYSIS_FAILED in _texts(partial)  # the image is named, Not assessed
+    assert second.SOPInstanceUID in str(partial.CurrentRequestedProcedureEvidenceSequence)
+    assert "injected" not in str(partial)  # the job's technical error stays in the node
 
     monkeypatch.setattr(pipeline, "make_sc", real)
     with node.db.session() as s:
@@ -946,6 +948,49 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
     assert first.SOPInstanceUID in evidence and second.SOPInstanceUID in evidence
     predecessor = complete.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == partial.SOPInstanceUID
+
+
+def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
+    node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The reader is not left waiting for an AI result that never comes: the SR names each
+    image "Not assessed" because the analysis failed, flagged PARTIAL, and no overlay."""
+    from dicomnode import pipeline
+    from dicomnode.errors import EncodeError
+    from dicomnode.studies import retry_dead_jobs
+
+    node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
+    real = pipeline.make_sc
+
+    def failing(analysed: pipeline.Analysed, **kwargs: object) -> Dataset:
+        raise EncodeError("cannot encode the Secondary Capture image: injected")
+
+    monkeypatch.setattr(pipeline, "make_sc", failing)
+    first = make_radiograph(body_part="KNEE", seed=21)
+    second = make_radiograph(body_part="KNEE", seed=22, study_uid=first.StudyInstanceUID)
+    assert node.send(first, second) == [statuses.SUCCESS] * 2
+    wait_for(lambda: _srs(node) == 1, 60, what="the SR of a study whose analyses died")
+    assert [d.Modality for d in node.collector.received] == ["SR"]
+    sr = node.collector.received[0]
+    assert sr.CompletionFlag == "PARTIAL"
+    texts = _texts(sr)
+    assert any(t.startswith("INCOMPLETE: 2 images of this study") for t in texts)
+    assert texts.count(pipeline.ANALYSIS_FAILED) == 2
+    evidence = str(sr.CurrentRequestedProcedureEvidenceSequence)
+    assert first.SOPInstanceUID in evidence and second.SOPInstanceUID in evidence
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    with node.db.session() as s:
+        assert {r.state for r in s.scalars(select(Report))} == {"done"}
+
+    monkeypatch.setattr(pipeline, "make_sc", real)
+    with node.db.session() as s:
+        assert retry_dead_jobs(s) == 2
+    wait_for(lambda: _srs(node) == 2, 60, what="the report after the retry")
+    complete = [d for d in node.collector.received if d.Modality == "SR"][-1]
+    assert complete.CompletionFlag == "COMPLETE"
+    assert pipeline.ANALYSIS_FAILED not in _texts(complete)
+    assert [d.Modality for d in node.collector.received].count("OT") == 2
 
 
 def _texts(sr: Dataset) -> list[str]:
