@@ -10,13 +10,14 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance
 from dicomnode.db.session import Database, db_now, lock_until_commit
-from dicomnode.errors import InvalidInstanceError
+from dicomnode.errors import IncompleteInstanceError, InvalidInstanceError
 from dicomnode.store.files import (
     checked_uid,
     fsync_file,
@@ -50,7 +51,26 @@ def read_received(path: Path) -> Dataset:
     """The header of a received file (read up to its pixel data), once its Pixel Data is
     checked to be whole (:mod:`dicomnode.store.pixels_span`); raises
     :class:`IncompleteInstanceError` naming what is missing."""
-    return _header_and_pixel_span(path)[0]
+    header, syntax, span = _header_and_pixel_span(path)
+    if span is not None and not UID(syntax).is_encapsulated:
+        _check_native_length(header, span[1] - span[0])
+    return header
+
+
+def _check_native_length(header: Dataset, length: int) -> None:
+    """Refuse native Pixel Data shorter than the image its header describes (rows, columns,
+    samples, frames, bits allocated): whole as an element, it still cannot be displayed or
+    analysed. A header too broken to say what it needs is left to the analysis to name."""
+    try:
+        needed = int(get_expected_length(header, unit="bytes"))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return
+    if length < needed:
+        raise IncompleteInstanceError(
+            f"the dataset is incomplete: its Pixel Data holds {length} bytes, its image "
+            f"({header.Rows} x {header.Columns}, {header.BitsAllocated} bits allocated) "
+            f"needs {needed}"
+        )
 
 
 def _header_and_pixel_span(path: Path) -> tuple[Dataset, str, tuple[int, int] | None]:

@@ -31,6 +31,19 @@ def test_a_whole_file_is_read_and_a_cut_one_refused(tmp_path: Path, syntax: str 
         read_received(cut)
 
 
+@pytest.mark.parametrize("frames", [1, 2])
+def test_native_pixel_data_shorter_than_its_image_is_refused(tmp_path: Path, frames: int) -> None:
+    """A whole element that holds half the image: it parses, and no viewer or model can use
+    it; refused at C-STORE so that the sender hears of it."""
+    image = make_radiograph(body_part="KNEE", rows=96, columns=80, frames=frames, seed=3)
+    assert read_received(write_dataset(image, tmp_path / "whole.dcm")).Rows == 96
+    image.PixelData = image.PixelData[: len(image.PixelData) // 2]
+    with pytest.raises(IncompleteInstanceError, match=r"holds \d+ bytes, its image .* needs"):
+        read_received(write_dataset(image, tmp_path / "short.dcm"))
+    image.Rows = 48  # the header now describes what was sent
+    assert read_received(write_dataset(image, tmp_path / "relabelled.dcm")).Rows == 48
+
+
 def test_bytes_after_the_pixel_data_are_no_reason_to_refuse(tmp_path: Path) -> None:
     """Padding after the pixel data (some modalities write it) is not a cut."""
     padded = _file(tmp_path, "padded.dcm")
