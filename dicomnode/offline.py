@@ -49,17 +49,21 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[Row]
     predictors: dict[str, Predictor] = {}
     rows: list[Row] = []
     by_study: dict[tuple[str, str], list[SrImageItem]] = defaultdict(list)
+    failed: dict[tuple[str, str], int] = defaultdict(int)
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         row, item = _predict_file(settings, registry, predictors, path, out)
         rows.append(row)
         if item is not None:
-            by_study[(str(item.source.StudyInstanceUID), _key(item.result.model))].append(item)
-    for items in by_study.values():
+            key = (str(item.source.StudyInstanceUID), _key(item.result.model))
+            by_study[key].append(item)
+            failed[key] += row.failed
+    for key, items in by_study.items():
         sr = pipeline.make_sr(
             items,
             uid_root=settings.node.uid_root,
             sequence=1,
+            not_analysed=failed[key],
             institution_name=settings.node.institution_name,
         )
         target = out / f"SR_{sr.SOPInstanceUID}.dcm"
@@ -75,13 +79,16 @@ def _predict_file(
     path: Path,
     out: Path,
 ) -> tuple[Row, SrImageItem | None]:
-    """The row of one input and, when its SC was written, the SR item that cites it."""
+    """The row of one input and, when its model was chosen, the SR item that cites it: its
+    finding, or "Not assessed" with why (unreadable to the model, or its analysis failed)."""
     if not path.is_file():
         return _failed(path, _not_a_file(path)), None
     prepared = pipeline.read_and_prepare(path)
     loaded = _triage(settings, registry, path, prepared)
     if isinstance(loaded, Row):
         return loaded, None
+    if prepared.error:  # routed to a model, its pixel data unreadable
+        return _failed(path, prepared.error), _analysis_failed(loaded, prepared)
     if prepared.skip_reason:  # routed, and unreadable to the model: reported as such
         reason = pipeline.not_analysed_reason(prepared.skip_reason)
         result = ImageResult(loaded.identity, loaded.card.coded_classes(), (), reason)
@@ -100,7 +107,18 @@ def _predict_file(
     try:
         return _write_sc(settings, predictors[key], prepared, path, out)
     except (InferenceError, EncodeError) as exc:
-        return _failed(path, str(exc)), None
+        return _failed(path, str(exc)), _analysis_failed(loaded, prepared)
+
+
+def _analysis_failed(loaded: LoadedCard, prepared: pipeline.Prepared) -> SrImageItem | None:
+    """The SR item of a routed image whose analysis failed, as the node reports a dead job;
+    none when its header lacks what the SR must cite (its study and instance)."""
+    header = prepared.header
+    if not (header.get("StudyInstanceUID") and header.get("SOPInstanceUID")):
+        return None
+    classes = loaded.card.coded_classes()
+    result = ImageResult(loaded.identity, classes, (), pipeline.ANALYSIS_FAILED)
+    return SrImageItem(source=header, sc=None, result=result)
 
 
 def _triage(
@@ -117,8 +135,6 @@ def _triage(
     loaded, reason = _model_for(settings, registry, prepared.header)
     if loaded is None:
         return Row(str(path), f"skipped: {reason}")
-    if prepared.error:
-        return _failed(path, prepared.error)
     return loaded
 
 

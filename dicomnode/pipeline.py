@@ -215,12 +215,10 @@ def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:
     ]
 
 
-ANALYSIS_FAILED = (
-    "Not analysed: the analysis failed at the node (a dead job); a new report follows if "
-    "it is retried"
-)
-"""The SR's comment on an image whose analysis failed for good. The job's error is
-technical text, possibly quoting header values: it stays in the node (`dicomnode status`)."""
+ANALYSIS_FAILED = "Not analysed: the analysis of this image failed"
+"""The SR's comment on an image whose analysis failed for good (the report is PARTIAL). The
+error is technical text, possibly quoting header values: it stays in the node's records
+(`dicomnode status`) or `dicomnode predict`'s table, never in the report."""
 
 
 def not_analysed_reason(reason: str) -> str:

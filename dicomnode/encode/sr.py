@@ -497,8 +497,7 @@ def not_analysed_notice(count: int) -> str:
     images = "image" if count == 1 else "images"
     return (
         f"INCOMPLETE: {count} {images} of this study could not be analysed; this report lists "
-        "them as Not assessed (the node lists them as dead jobs; a later report follows if they "
-        "are retried)."
+        "them as Not assessed. A later report follows if their analysis is retried."
     )
 
 
