@@ -24,7 +24,10 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.explain.gradcam import Explainer
 
 app = typer.Typer(
-    help="dicomnode: an AI node beside your PACS.", no_args_is_help=True, add_completion=False
+    help="dicomnode: an AI node beside your PACS.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
 )
 ae_app = typer.Typer(help="Known application entities (peers).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -315,9 +318,11 @@ def study(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object, for scripts")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """One study's path through the node: who sent which images when, what became of each,
-    the analysis rounds and findings, and where each result went (delivered, retrying and
-    why, or dead). Exit status 1 when the node holds no record of the study."""
+    """One study's path through the node, from who sent it to where its results went.
+
+    Who sent which images when, what became of each, the analysis rounds and findings, and
+    where each result went (delivered, retrying and why, or dead). Exit status 1 when the
+    node holds no record of the study."""
     from dataclasses import asdict
 
     from dicomnode.history import class_names, render_history, study_history
@@ -349,8 +354,9 @@ def health(
         bool, typer.Option("--json", help="one JSON object, for scripts and monitoring")
     ] = False,
 ) -> None:
-    """Check the database, the DICOM listener, free space and that queued jobs are being run;
-    exit status 1 when a check fails (for a container's health check or monitoring)."""
+    """Check the database, the DICOM listener, free space and that jobs are being run.
+
+    Exit status 1 when a check fails (for a container's health check or monitoring)."""
     from dataclasses import asdict
 
     from dicomnode.health import run_checks
@@ -594,7 +600,7 @@ def pretrained(
 @app.command("train-localiser")
 def train_localiser(
     data_dir: Annotated[
-        Path, typer.Argument(help="joint crops: DATA_DIR/<class>/<patient><L|R>.<ext>")
+        Path, typer.Argument(help="joint crops: `DATA_DIR/<class>/<patient><L|R>.<ext>`")
     ],
     out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
     steps: Annotated[int, typer.Option(help="optimiser steps (16 composites each)")] = 1000,
