@@ -27,6 +27,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from dicomnode.errors import EncodeError
+from dicomnode.imaging.pixels import MIN_SIDE
 from dicomnode.values import Finding, FloatArray, ImageResult, PreparedImage, Region
 
 UInt8Array = npt.NDArray[np.uint8]
@@ -256,7 +257,7 @@ def heat_image(pixels: FloatArray, heat: FloatArray | None) -> UInt8Array:
 
 
 def _check_image(image: PreparedImage) -> None:
-    if image.pixels.ndim != 2 or image.rows < 16 or image.columns < 16:
+    if image.pixels.ndim != 2 or min(image.rows, image.columns) < MIN_SIDE:
         raise EncodeError(f"cannot render pixels of shape {image.pixels.shape}")
 
 

@@ -78,6 +78,10 @@ class _Window:
 
 # --------------------------------------------------------------------------- checks
 
+MIN_SIDE = 16
+"""Rows and columns an image needs at least, to be analysed and drawn as an overlay (a
+header's icon or a sliver of a stitched image is no radiograph to grade)."""
+
 
 def _check_supported(ds: Dataset) -> str:
     """Reject what the node does not process; return the photometric interpretation."""
@@ -98,6 +102,12 @@ def _check_supported(ds: Dataset) -> str:
     allocated = int(ds.get("BitsAllocated") or 0)
     if allocated not in (8, 16):
         raise UnsupportedImageError(f"{allocated} bits allocated is not supported (8 or 16)")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if min(rows, columns) < MIN_SIDE:
+        raise UnsupportedImageError(
+            f"the image is {rows} x {columns} pixels, too small to analyse "
+            f"(at least {MIN_SIDE} each way)"
+        )
     return photometric
 
 

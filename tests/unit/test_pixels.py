@@ -202,11 +202,20 @@ def test_colour_becomes_luminance(photometric: str) -> None:
 
 
 def test_rgb_luminance_weights() -> None:
-    ds = make_radiograph(rows=4, columns=4, photometric="RGB", bits_stored=8)
-    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    ds = make_radiograph(rows=16, columns=16, photometric="RGB", bits_stored=8)
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 0
     ds.PixelData = rgb.tobytes()
     np.testing.assert_allclose(prepared(ds), 0.299, atol=1e-6)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(8, 8), (3, 4000), (4000, 15)])
+def test_an_image_too_small_to_analyse_is_unsupported(rows: int, columns: int) -> None:
+    """It failed later, drawing its overlay, so the node's job died instead of the image
+    being reported "Not assessed" with the reason."""
+    with pytest.raises(UnsupportedImageError, match=f"{rows} x {columns} pixels, too small"):
+        prepared(make_radiograph(rows=rows, columns=columns))
+    assert prepared(make_radiograph(rows=16, columns=4000)).shape == (16, 4000)
 
 
 def test_multi_frame_is_unsupported() -> None:
