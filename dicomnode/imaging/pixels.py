@@ -111,6 +111,19 @@ def _check_supported(ds: Dataset) -> str:
     return photometric
 
 
+BLANK_RANGE = 1 / 255
+"""Prepared pixels whose values span less than this (one displayed grey level) show nothing:
+a blank exposure, or a header whose rescale or window maps every pixel to one grey."""
+
+
+def _check_not_blank(pixels: FloatArray) -> None:
+    """Reject an image that shows nothing: a model would still grade it, at random."""
+    if float(np.ptp(pixels)) < BLANK_RANGE:
+        raise UnsupportedImageError(
+            "the image is blank: every pixel shows the same grey (after its rescale and window)"
+        )
+
+
 def _transfer_syntax(ds: Dataset) -> UID:
     """The dataset's transfer syntax, inferred from how it was read when meta is absent."""
     meta = getattr(ds, "file_meta", None)
@@ -421,6 +434,7 @@ def prepare_dataset(ds: Dataset, source: str = "") -> PreparedImage:
         prepared = _prepare_grey(ds, pixels, photometric)
     else:
         prepared = _prepare_colour(ds, pixels)
+    _check_not_blank(prepared)
     return PreparedImage(
         pixels=prepared,
         laterality=_laterality(ds),

@@ -114,7 +114,7 @@ def test_the_pixel_cache_is_not_reused_for_another_folder_or_a_changed_file(
     # A file changed in place, its size the same: decoded again.
     changed = images.paths[3]
     dataset = pydicom.dcmread(changed)
-    dataset.PixelData = bytes(len(dataset.PixelData))
+    dataset.PixelData = np.ascontiguousarray(dataset.pixel_array[::-1]).tobytes()  # upside down
     dataset.save_as(changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     again = PixelCache.build(images, cache, (32, 32))

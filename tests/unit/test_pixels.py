@@ -166,10 +166,11 @@ def test_invalid_window_falls_back_to_percentiles() -> None:
     np.testing.assert_allclose(prepared(ds), prepared(without_window()), atol=1e-6)
 
 
-def test_constant_image_gives_zeros() -> None:
+def test_constant_image_is_blank() -> None:
     ds = without_window()
     ds.PixelData = np.full((96, 80), 7, dtype=np.uint16).tobytes()
-    assert not prepared(ds).any()
+    with pytest.raises(UnsupportedImageError, match="blank"):
+        prepared(ds)
 
 
 @pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
@@ -205,8 +206,11 @@ def test_rgb_luminance_weights() -> None:
     ds = make_radiograph(rows=16, columns=16, photometric="RGB", bits_stored=8)
     rgb = np.zeros((16, 16, 3), dtype=np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 0
+    rgb[0, 0] = 0  # one black pixel: an all-red picture is blank
     ds.PixelData = rgb.tobytes()
-    np.testing.assert_allclose(prepared(ds), 0.299, atol=1e-6)
+    grey = prepared(ds)
+    assert grey[0, 0] == 0.0
+    np.testing.assert_allclose(grey[1:], 0.299, atol=1e-6)
 
 
 @pytest.mark.parametrize(("rows", "columns"), [(8, 8), (3, 4000), (4000, 15)])
@@ -216,6 +220,25 @@ def test_an_image_too_small_to_analyse_is_unsupported(rows: int, columns: int) -
     with pytest.raises(UnsupportedImageError, match=f"{rows} x {columns} pixels, too small"):
         prepared(make_radiograph(rows=rows, columns=columns))
     assert prepared(make_radiograph(rows=16, columns=4000)).shape == (16, 4000)
+
+
+def test_a_blank_image_is_unsupported() -> None:
+    """A model grades a blank image too (hand-ra: "Normal, probability 50%"): the reader
+    is told it was not assessed, and why."""
+    blank = make_radiograph(**SMALL)
+    blank.PixelData = bytes(len(blank.PixelData))
+    with pytest.raises(UnsupportedImageError, match="blank"):
+        prepared(blank)
+    saturated = make_radiograph(**SMALL)
+    saturated.WindowCenter, saturated.WindowWidth = -10_000, 10  # every pixel above the window
+    with pytest.raises(UnsupportedImageError, match="blank"):
+        prepared(saturated)
+    faint = make_radiograph(**SMALL)
+    values = np.zeros((faint.Rows, faint.Columns), dtype=np.uint16)
+    values[0, 0] = 4095  # one bright pixel is something to see
+    faint.PixelData = values.tobytes()
+    del faint.WindowCenter, faint.WindowWidth
+    assert prepared(faint).max() == 1.0
 
 
 def test_multi_frame_is_unsupported() -> None:
