@@ -40,9 +40,11 @@ RADIOGRAPH_SOP_CLASSES = frozenset(
     {
         "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
         "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
-        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
     }
 )
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+"""Digital X-Ray Image Storage - For Processing: the detector's raw image, before the
+processing that makes it readable. The models learnt from images as radiologists read them."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def _match_alias(text: str, aliases: dict[str, tuple[str, ...]]) -> BodyPart | N
 
 def not_a_radiograph(sop_class_uid: str, modality: str, rules: RoutingSettings) -> str:
     """Why an instance is not analysed whatever its body part ("" when it may be)."""
+    if sop_class_uid == DX_FOR_PROCESSING:
+        return (
+            "a DX For Processing image (raw detector data, not for reading); "
+            "the node analyses the For Presentation image"
+        )
     if sop_class_uid not in RADIOGRAPH_SOP_CLASSES:
         return f"not a radiograph SOP class ({UID(sop_class_uid).name})"
     if modality not in rules.modalities:

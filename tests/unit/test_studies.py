@@ -60,6 +60,13 @@ def test_unknown_body_part_and_modality_and_sop_class_give_reasons() -> None:
     assert "not a radiograph SOP class" in route(CT, "CT", "KNEE", "", RULES).reason
 
 
+def test_a_dx_for_processing_image_is_not_analysed_its_for_presentation_twin_is() -> None:
+    """The raw detector image looks nothing like the images the models learnt from."""
+    raw = route("1.2.840.10008.5.1.4.1.1.1.1.1", "DX", "KNEE", "", RULES)
+    assert raw.body_part is None and "For Processing" in raw.reason
+    assert route(DX, "DX", "KNEE", "", RULES).body_part is BodyPart.KNEE
+
+
 def test_rules_are_configurable() -> None:
     rules = RoutingSettings(modalities=("CR",), body_part_aliases={"KNEE": ("KNIE",)})
     assert route(CR, "CR", "KNIE", "", rules).body_part is BodyPart.KNEE
