@@ -922,7 +922,6 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
     node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from dicomnode import pipeline
-    from dicomnode.studies import retry_dead_jobs
 
     real = pipeline.make_sc
     first, second = _study_of_two_with_one_failing(node, monkeypatch, failing=1)
@@ -937,12 +936,7 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
     assert second.SOPInstanceUID in str(partial.CurrentRequestedProcedureEvidenceSequence)
     assert "injected" not in str(partial)  # the job's technical error stays in the node
 
-    monkeypatch.setattr(pipeline, "make_sc", real)
-    with node.db.session() as s:
-        assert retry_dead_jobs(s) == 1
-    wait_for(lambda: _srs(node) == 2, 60, what="the report after the retry")
-    complete = [d for d in node.collector.received if d.Modality == "SR"][-1]
-    assert complete.CompletionFlag == "COMPLETE"
+    complete = _report_after_retry(node, monkeypatch, real, dead=1)
     assert not any("INCOMPLETE" in t for t in _texts(complete))
     evidence = str(complete.CurrentRequestedProcedureEvidenceSequence)
     assert first.SOPInstanceUID in evidence and second.SOPInstanceUID in evidence
@@ -957,7 +951,6 @@ def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
     image "Not assessed" because the analysis failed, flagged PARTIAL, and no overlay."""
     from dicomnode import pipeline
     from dicomnode.errors import EncodeError
-    from dicomnode.studies import retry_dead_jobs
 
     node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
     real = pipeline.make_sc
@@ -983,14 +976,26 @@ def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
     with node.db.session() as s:
         assert {r.state for r in s.scalars(select(Report))} == {"done"}
 
-    monkeypatch.setattr(pipeline, "make_sc", real)
+    complete = _report_after_retry(node, monkeypatch, real, dead=2)
+    assert pipeline.ANALYSIS_FAILED not in _texts(complete)
+    assert [d.Modality for d in node.collector.received].count("OT") == 2
+
+
+def _report_after_retry(
+    node: Node, monkeypatch: pytest.MonkeyPatch, make_sc: object, dead: int
+) -> Dataset:
+    """Mend the overlay encoder and retry the ``dead`` analyses: the second round's SR,
+    which is COMPLETE."""
+    from dicomnode import pipeline
+    from dicomnode.studies import retry_dead_jobs
+
+    monkeypatch.setattr(pipeline, "make_sc", make_sc)
     with node.db.session() as s:
-        assert retry_dead_jobs(s) == 2
+        assert retry_dead_jobs(s) == dead
     wait_for(lambda: _srs(node) == 2, 60, what="the report after the retry")
     complete = [d for d in node.collector.received if d.Modality == "SR"][-1]
     assert complete.CompletionFlag == "COMPLETE"
-    assert pipeline.ANALYSIS_FAILED not in _texts(complete)
-    assert [d.Modality for d in node.collector.received].count("OT") == 2
+    return complete
 
 
 def _texts(sr: Dataset) -> list[str]:
