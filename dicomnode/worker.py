@@ -25,7 +25,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -365,15 +365,15 @@ class Worker:
         with self.db.session() as session:
             report = session.get(Report, job.report_id)
             assert report is not None
-            items = self._sr_items(session, report)
+            dead = _dead_instances(session, report)
+            items = self._sr_items(session, report, dead)
             predecessor = _predecessor(session, report)
-            not_analysed = _not_analysed(session, report)
         sr = pipeline.make_sr(
             items,
             uid_root=self.settings.node.uid_root,
             sequence=report.sequence,
             predecessor=predecessor,
-            not_analysed=not_analysed,
+            not_analysed=len(dead),
             institution_name=self.settings.node.institution_name,
         )
         path = self._write_output(sr)
@@ -392,12 +392,13 @@ class Worker:
             queued,
         )
 
-    def _sr_items(self, session: Session, report: Report) -> list[SrImageItem]:
+    def _sr_items(
+        self, session: Session, report: Report, dead: Sequence[Instance]
+    ) -> list[SrImageItem]:
         """The study's images that the model's rounds up to ``report``'s answered: analysed,
         or skipped as unreadable by it (reported "Not assessed" with the reason), in the
-        order received; then those whose analysis died (:func:`_dead_instances`), "Not
-        assessed" as :data:`pipeline.ANALYSIS_FAILED`. Those are also counted
-        (:func:`_not_analysed`): the report is flagged PARTIAL and says so."""
+        order received; then ``dead``, those whose analysis died (:func:`_dead_instances`),
+        "Not assessed" as :data:`pipeline.ANALYSIS_FAILED` (the report is then PARTIAL)."""
         loaded = self._card_for(f"{report.model_name}:{report.model_version}")
         model, classes = loaded.identity, loaded.card.coded_classes()
         rows = session.execute(
@@ -440,7 +441,7 @@ class Worker:
                 sc=None,
                 result=pipeline.result_from_json(model, classes, [], pipeline.ANALYSIS_FAILED),
             )
-            for instance in _dead_instances(session, report)
+            for instance in dead
         ]
 
     def _destinations(self, session: Session, report: Report) -> list[str]:
@@ -631,39 +632,25 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
     return None if row is None else pydicom.dcmread(row, stop_before_pixels=True)
 
 
-def _dead_infer_jobs(report: Report) -> Select[Job]:
-    """The dead inference jobs of the study's rounds up to ``report``'s (same model version)."""
-    return (
-        select(Job)
-        .join(Report, Report.id == Job.report_id)
-        .where(
-            Job.kind == q.JobKind.INFER,
-            Job.state == q.JobState.DEAD,
-            Report.study_instance_uid == report.study_instance_uid,
-            Report.model_name == report.model_name,
-            Report.model_version == report.model_version,
-            Report.sequence <= report.sequence,
-        )
-    )
-
-
 def _dead_instances(session: Session, report: Report) -> list[Instance]:
-    """The images whose analysis died (:func:`_dead_infer_jobs`), in the order received."""
-    dead = _dead_infer_jobs(report).subquery()
+    """The images of the study's rounds up to ``report``'s (same model version) whose
+    inference job is dead, in the order received."""
     return list(
         session.execute(
             select(Instance)
-            .join(dead, dead.c.sop_instance_uid == Instance.sop_instance_uid)
+            .join(Job, Job.sop_instance_uid == Instance.sop_instance_uid)
+            .join(Report, Report.id == Job.report_id)
+            .where(
+                Job.kind == q.JobKind.INFER,
+                Job.state == q.JobState.DEAD,
+                Report.study_instance_uid == report.study_instance_uid,
+                Report.model_name == report.model_name,
+                Report.model_version == report.model_version,
+                Report.sequence <= report.sequence,
+            )
             .order_by(Instance.received_at)
         ).scalars()
     )
-
-
-def _not_analysed(session: Session, report: Report) -> int:
-    """How many images of the study (rounds up to ``report``'s) have a dead inference job:
-    the report lists them "Not assessed", flags itself PARTIAL and says so."""
-    dead = _dead_infer_jobs(report).subquery()
-    return int(session.execute(select(func.count()).select_from(dead)).scalar_one())
 
 
 def _set_report_state(session: Session, report_id: int, state: str) -> None:
