@@ -316,8 +316,8 @@ def test_a_knee_film_without_a_knee_joint_is_reported_as_not_graded(tmp_path: Pa
 
     node = InProcessNode.start(tmp_path, localiser=True)
     try:
-        blank = make_radiograph(body_part="KNEE", picture=np.zeros((256, 320), np.float32))
-        assert node.send(blank) == [statuses.SUCCESS]
+        ramp = np.tile(np.linspace(0.0, 0.03, 320, dtype=np.float32), (256, 1))  # dark, no joint
+        assert node.send(make_radiograph(body_part="KNEE", picture=ramp)) == [statuses.SUCCESS]
         wait_for(lambda: len(node.collector.received) >= 2, 60, what="SC and SR")
         sr = next(d for d in node.collector.received if d.Modality == "SR")
         texts = [
