@@ -91,9 +91,8 @@ def _predict_file(
         return _failed(path, prepared.error), _analysis_failed(loaded, prepared)
     if prepared.skip_reason:  # routed, and unreadable to the model: reported as such
         reason = pipeline.not_analysed_reason(prepared.skip_reason)
-        result = ImageResult(loaded.identity, loaded.card.coded_classes(), (), reason)
-        return Row(str(path), f"skipped: {prepared.skip_reason}"), SrImageItem(
-            source=prepared.header, sc=None, result=result
+        return Row(str(path), f"skipped: {prepared.skip_reason}"), _not_assessed(
+            loaded, prepared.header, reason
         )
     key = _key(loaded.card)
     if key not in predictors:
@@ -116,8 +115,12 @@ def _analysis_failed(loaded: LoadedCard, prepared: pipeline.Prepared) -> SrImage
     header = prepared.header
     if not (header.get("StudyInstanceUID") and header.get("SOPInstanceUID")):
         return None
-    classes = loaded.card.coded_classes()
-    result = ImageResult(loaded.identity, classes, (), pipeline.ANALYSIS_FAILED)
+    return _not_assessed(loaded, header, pipeline.ANALYSIS_FAILED)
+
+
+def _not_assessed(loaded: LoadedCard, header: pydicom.Dataset, comment: str) -> SrImageItem:
+    """The SR item of an image its model did not assess, with the comment saying why."""
+    result = ImageResult(loaded.identity, loaded.card.coded_classes(), (), comment)
     return SrImageItem(source=header, sc=None, result=result)
 
 
