@@ -384,11 +384,12 @@ class Worker:
             _set_report_state(session, report.id, "done")
             q.complete(session, job.id, self.worker_id)
         log.info(
-            "report %s study=%s round=%s: SR %s, %d sends queued",
+            "report %s study=%s round=%s: SR %s %s, %d sends queued",
             report.id,
             report.study_instance_uid,
             report.sequence,
             sr.SOPInstanceUID,
+            f"PARTIAL ({len(dead)} image(s) not analysed)" if dead else "COMPLETE",
             queued,
         )
 

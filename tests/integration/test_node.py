@@ -945,13 +945,15 @@ def test_a_report_that_leaves_an_image_out_says_so_and_a_retry_sends_a_complete_
 
 
 def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
-    node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    node: Node, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The reader is not left waiting for an AI result that never comes: the SR names each
-    image "Not assessed" because the analysis failed, flagged PARTIAL, and no overlay."""
+    image "Not assessed" because the analysis failed, flagged PARTIAL, and no overlay. The
+    node's log says so too."""
     from dicomnode import pipeline
     from dicomnode.errors import EncodeError
 
+    caplog.set_level(logging.INFO, logger="dicomnode.worker")
     node.worker.job_policy = RetryPolicy(1, 0.1, 0.1)
     real = pipeline.make_sc
 
@@ -975,9 +977,11 @@ def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     with node.db.session() as s:
         assert {r.state for r in s.scalars(select(Report))} == {"done"}
+    assert f"SR {sr.SOPInstanceUID} PARTIAL (2 image(s) not analysed)" in caplog.text
 
     complete = _report_after_retry(node, monkeypatch, real, dead=2)
     assert pipeline.ANALYSIS_FAILED not in _texts(complete)
+    assert f"SR {complete.SOPInstanceUID} COMPLETE" in caplog.text
     assert [d.Modality for d in node.collector.received].count("OT") == 2
 
 
