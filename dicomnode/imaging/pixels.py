@@ -102,6 +102,7 @@ def _check_supported(ds: Dataset) -> str:
     allocated = int(ds.get("BitsAllocated") or 0)
     if allocated not in (8, 16):
         raise UnsupportedImageError(f"{allocated} bits allocated is not supported (8 or 16)")
+    _check_bits_stored(ds, allocated)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if min(rows, columns) < MIN_SIDE:
         raise UnsupportedImageError(
@@ -109,6 +110,22 @@ def _check_supported(ds: Dataset) -> str:
             f"(at least {MIN_SIDE} each way)"
         )
     return photometric
+
+
+def _check_bits_stored(ds: Dataset, allocated: int) -> None:
+    """Bits Stored must fit in Bits Allocated, with High Bit its top bit (PS3.5 8.1.1, as
+    radiograph IODs require): another layout cannot be read as the header says."""
+    stored = int(ds.get("BitsStored") or 0)
+    if not 1 <= stored <= allocated:
+        raise UnsupportedImageError(
+            f"the header is inconsistent: {stored} bits stored in {allocated} bits allocated"
+        )
+    high = ds.get("HighBit")
+    if high is not None and int(high) != stored - 1:
+        raise UnsupportedImageError(
+            f"High Bit {int(high)} with {stored} bits stored is not supported "
+            f"(the node reads High Bit = Bits Stored - 1)"
+        )
 
 
 BLANK_RANGE = 1 / 255

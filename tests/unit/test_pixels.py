@@ -166,13 +166,6 @@ def test_invalid_window_falls_back_to_percentiles() -> None:
     np.testing.assert_allclose(prepared(ds), prepared(without_window()), atol=1e-6)
 
 
-def test_constant_image_is_blank() -> None:
-    ds = without_window()
-    ds.PixelData = np.full((96, 80), 7, dtype=np.uint16).tobytes()
-    with pytest.raises(UnsupportedImageError, match="blank"):
-        prepared(ds)
-
-
 @pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
 def test_bit_depths_agree(bits: int) -> None:
     np.testing.assert_allclose(prepared(bits_stored=bits), prepared(bits_stored=16), atol=0.0025)
@@ -229,6 +222,10 @@ def test_a_blank_image_is_unsupported() -> None:
     blank.PixelData = bytes(len(blank.PixelData))
     with pytest.raises(UnsupportedImageError, match="blank"):
         prepared(blank)
+    constant = without_window()  # no window either: the percentile window has no span
+    constant.PixelData = np.full((96, 80), 7, dtype=np.uint16).tobytes()
+    with pytest.raises(UnsupportedImageError, match="blank"):
+        prepared(constant)
     saturated = make_radiograph(**SMALL)
     saturated.WindowCenter, saturated.WindowWidth = -10_000, 10  # every pixel above the window
     with pytest.raises(UnsupportedImageError, match="blank"):
@@ -239,6 +236,29 @@ def test_a_blank_image_is_unsupported() -> None:
     faint.PixelData = values.tobytes()
     del faint.WindowCenter, faint.WindowWidth
     assert prepared(faint).max() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("stored", "high", "reason"),
+    [
+        (20, 19, "20 bits stored in 16 bits allocated"),
+        (0, None, "0 bits stored in 16 bits allocated"),
+        (12, 15, "High Bit 15 with 12 bits stored"),
+    ],
+)
+def test_bits_stored_that_do_not_fit_are_unsupported(
+    stored: int, high: int | None, reason: str
+) -> None:
+    """Bits Stored 20 in 16 allocated failed at decoding, a dead job named only "the
+    analysis failed"; the reader is now told what is wrong with the image."""
+    ds = make_radiograph(**SMALL)
+    ds.BitsStored = stored
+    if high is None:
+        del ds.HighBit
+    else:
+        ds.HighBit = high
+    with pytest.raises(UnsupportedImageError, match=reason):
+        prepared(ds)
 
 
 def test_multi_frame_is_unsupported() -> None:
