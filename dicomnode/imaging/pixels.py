@@ -89,6 +89,11 @@ def _check_supported(ds: Dataset) -> str:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImageError("float pixel data is not a radiograph")
         raise ImagingError("the dataset has no Pixel Data")
+    if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
+        raise UnsupportedImageError(
+            "Presentation Intent Type FOR PROCESSING (raw detector data, not for reading); "
+            "the node analyses the For Presentation image"
+        )
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise UnsupportedImageError(

@@ -261,6 +261,15 @@ def test_bits_stored_that_do_not_fit_are_unsupported(
         prepared(ds)
 
 
+def test_an_image_whose_presentation_intent_is_for_processing_is_unsupported() -> None:
+    """Routing skips the DX For Processing SOP class; a For Presentation object whose header
+    still says FOR PROCESSING holds raw detector data too."""
+    ds = make_radiograph(**SMALL)
+    ds.PresentationIntentType = "FOR PROCESSING"
+    with pytest.raises(UnsupportedImageError, match="FOR PROCESSING"):
+        prepared(ds)
+
+
 def test_multi_frame_is_unsupported() -> None:
     with pytest.raises(UnsupportedImageError, match="multi-frame"):
         prepared(frames=3)
