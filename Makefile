@@ -8,11 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql openssl
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql openssl systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= config/dicomnode.yaml
 
-.PHONY: run test test-slow lint typecheck check bench system-deps venv db-upgrade clean constraints
+.PHONY: run test test-slow lint typecheck check bench system-deps venv db-upgrade clean constraints \
+	service-files install-service
 
 # The node: dicomnode with the PostgreSQL driver. Debian's Python makes venvs only with the
 # python3.11-venv package; a venv left without pip by an earlier failed attempt is made again.
@@ -50,6 +51,41 @@ test: system-deps $(TEST_STAMP)
 
 test-slow: system-deps $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The node as a systemd service (config/systemd/), run from this checkout by the system user
+# dicomnode: settings in $(ETC_DIR)/dicomnode.yaml (made once from config/dicomnode.yaml, then
+# the administrator's), data in $(STATE_DIR), `dicomnode` in $(ADMIN_BIN) for the admin
+# commands. Run as root; the folders can be changed (the tests render into a temporary one).
+UNIT_DIR ?= /etc/systemd/system
+ETC_DIR ?= /etc/dicomnode
+STATE_DIR ?= /var/lib/dicomnode
+ADMIN_BIN ?= /usr/local/bin
+SERVICE_USER ?= dicomnode
+RENDER = sed -e 's|@PREFIX@|$(CURDIR)|g' -e 's|@USER@|$(SERVICE_USER)|g' -e 's|@ETC@|$(ETC_DIR)|g' -e 's|@STATE@|$(STATE_DIR)|g'
+
+service-files:
+	mkdir -p $(UNIT_DIR) $(ETC_DIR) $(ADMIN_BIN)
+	$(RENDER) config/systemd/dicomnode.service > $(UNIT_DIR)/dicomnode.service
+	$(RENDER) config/systemd/dicomnode-admin.sh > $(ADMIN_BIN)/dicomnode
+	chmod 0755 $(ADMIN_BIN)/dicomnode
+	@if [ -e $(ETC_DIR)/dicomnode.yaml ]; then echo "kept $(ETC_DIR)/dicomnode.yaml"; else \
+		sed -e 's|^  data_dir: var/data |  data_dir: $(STATE_DIR)/data |' \
+			-e 's|"sqlite:///var/dicomnode.db"|"sqlite:///$(STATE_DIR)/dicomnode.db"|' \
+			-e 's|^  dir: models |  dir: $(CURDIR)/models |' \
+			config/dicomnode.yaml > $(ETC_DIR)/dicomnode.yaml.new \
+		&& chmod 0640 $(ETC_DIR)/dicomnode.yaml.new \
+		&& mv $(ETC_DIR)/dicomnode.yaml.new $(ETC_DIR)/dicomnode.yaml \
+		&& echo "wrote $(ETC_DIR)/dicomnode.yaml"; fi
+
+install-service: $(STAMP)
+	id -u $(SERVICE_USER) >/dev/null 2>&1 || useradd --system --user-group \
+		--home-dir $(STATE_DIR) --no-create-home --shell /usr/sbin/nologin $(SERVICE_USER)
+	$(MAKE) --no-print-directory service-files
+	chgrp $(SERVICE_USER) $(ETC_DIR)/dicomnode.yaml
+	install -d -o $(SERVICE_USER) -g $(SERVICE_USER) -m 0750 $(STATE_DIR)
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "next: edit $(ETC_DIR)/dicomnode.yaml (AE title, node.uid_root, peers), then"
+	@echo "      systemctl enable --now dicomnode; journalctl -u dicomnode -f; dicomnode status"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check dicomnode tests

@@ -1,0 +1,12 @@
+#!/bin/sh
+# `dicomnode` for the service's administrator (installed as /usr/local/bin/dicomnode by
+# `make install-service`): the checkout's dicomnode, run as the service user with the
+# service's settings, so that `sudo dicomnode status` or `sudo dicomnode ae add ...` see the
+# service's database and files.
+set -e
+export DICOMNODE_CONFIG="${DICOMNODE_CONFIG:-@ETC@/dicomnode.yaml}"
+cd "@STATE@"
+if [ "$(id -un)" = "@USER@" ]; then
+    exec "@PREFIX@/.venv/bin/dicomnode" "$@"
+fi
+exec runuser -u "@USER@" -- "@PREFIX@/.venv/bin/dicomnode" "$@"

@@ -1,0 +1,144 @@
+"""The node as a systemd service (config/systemd/): `make service-files` renders the unit, the
+settings and the admin wrapper; the unit verifies, and its own commands run the node from the
+settings it was given, with its data in the state folder."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import load_settings
+from dicomnode.testing.peers import free_port, wait_for_port
+
+pytestmark = pytest.mark.acceptance
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    unit: Path
+    settings: Path
+    state: Path
+    wrapper: Path
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    """The service files rendered into a temporary folder, for the user running the tests
+    (so that the wrapper runs the node directly, as it does for the service user)."""
+    base = tmp_path_factory.mktemp("service")
+    folders = {"UNIT_DIR": "units", "ETC_DIR": "etc", "STATE_DIR": "state", "ADMIN_BIN": "bin"}
+    settings = [f"{name}={base / folder}" for name, folder in folders.items()]
+    settings.append(f"SERVICE_USER={getpass.getuser()}")
+    subprocess.run(
+        ["make", "-s", "--no-print-directory", "service-files", *settings],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    (base / "state").mkdir()
+    return Rendered(
+        base / "units" / "dicomnode.service",
+        base / "etc" / "dicomnode.yaml",
+        base / "state",
+        base / "bin" / "dicomnode",
+    )
+
+
+def _service_section(unit: Path) -> dict[str, list[str]]:
+    """The [Service] section's settings, each key with its values in order."""
+    section, values = "", dict[str, list[str]]()
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def _unit_environment(service: dict[str, list[str]]) -> dict[str, str]:
+    """The test's environment without DICOMNODE_* variables, plus the unit's Environment=."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    for assignment in service.get("Environment", []):
+        for word in shlex.split(assignment):
+            name, value = word.split("=", 1)
+            env[name] = value
+    return env
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_the_rendered_unit_verifies_without_a_word(rendered: Rendered) -> None:
+    """`systemd-analyze verify` fails on a missing executable and warns (exit 0) on an
+    unknown key or a bad value: either would be printed."""
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(rendered.unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    assert re.search(r"@[A-Z]+@", rendered.unit.read_text()) is None  # every folder filled in
+
+
+def test_the_service_settings_put_the_data_in_the_state_folder(rendered: Rendered) -> None:
+    """The settings file is the example configuration with its three relative paths made
+    absolute: the data and the database in the state folder, the checkout's models."""
+    service = load_settings(rendered.settings, environ={})
+    example = load_settings(ROOT / "config" / "dicomnode.yaml", environ={})
+    assert service.storage.data_dir == rendered.state / "data"
+    assert service.database.url == f"sqlite:///{rendered.state}/dicomnode.db"
+    assert service.models.dir == ROOT / "models"
+    moved = {"storage", "database", "models"}
+    assert service.model_dump(exclude=moved) == example.model_dump(exclude=moved)
+    assert oct(rendered.settings.stat().st_mode & 0o777) == "0o640"  # it may hold a password
+
+
+def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered) -> None:
+    """ExecStartPre makes the database in the state folder; ExecStart serves; the admin
+    wrapper reads the same node; KillSignal stops it cleanly within TimeoutStopSec."""
+    service = _service_section(rendered.unit)
+    env = _unit_environment(service)
+    port = free_port()
+    env |= {"DICOMNODE_NODE__PORT": str(port), "DICOMNODE_WORKERS__COUNT": "1"}
+    cwd = service["WorkingDirectory"][0]
+    assert Path(cwd) == rendered.state
+    (pre,) = service["ExecStartPre"]
+    subprocess.run(shlex.split(pre), cwd=cwd, env=env, check=True, timeout=120)
+    assert (rendered.state / "dicomnode.db").is_file()
+
+    (start,) = service["ExecStart"]
+    log = rendered.state / "serve.log"
+    with log.open("wb") as out:
+        node = subprocess.Popen(
+            shlex.split(start), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_port(port, timeout=120)
+        health = subprocess.run(
+            [str(rendered.wrapper), "health"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert str(port) in health.stdout
+        status = subprocess.run(
+            [str(rendered.wrapper), "status"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert status.returncode == 0, status.stderr
+    finally:
+        kill = getattr(signal, service["KillSignal"][0])
+        node.send_signal(kill)
+        returncode = node.wait(timeout=float(service["TimeoutStopSec"][0]))
+    assert returncode == 0, log.read_text()[-2000:]
+    assert (rendered.state / "data").is_dir()
