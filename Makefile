@@ -80,6 +80,9 @@ service-files:
 install-service: $(STAMP)
 	id -u $(SERVICE_USER) >/dev/null 2>&1 || useradd --system --user-group \
 		--home-dir $(STATE_DIR) --no-create-home --shell /usr/sbin/nologin $(SERVICE_USER)
+	runuser -u $(SERVICE_USER) -- $(CURDIR)/$(BIN)/python -c 'import dicomnode' || { echo "the user \
+	$(SERVICE_USER) cannot run $(CURDIR)/$(BIN)/python: its Python (see .venv/pyvenv.cfg) must be \
+	readable by other users, e.g. Debian's python3.11, not one under /root"; exit 1; }
 	$(MAKE) --no-print-directory service-files
 	chgrp $(SERVICE_USER) $(ETC_DIR)/dicomnode.yaml
 	install -d -o $(SERVICE_USER) -g $(SERVICE_USER) -m 0750 $(STATE_DIR)
