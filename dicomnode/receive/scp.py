@@ -66,6 +66,9 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     uids.JPEG2000Lossless,
     uids.JPEG2000,
     uids.RLELossless,
+    uids.HTJ2KLossless,
+    uids.HTJ2KLosslessRPCL,
+    uids.HTJ2K,
 )
 """Transfer syntaxes accepted for every storage SOP class."""
 

@@ -43,14 +43,17 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels.processing import convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -89,12 +92,14 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "j2k-lossless": JPEG2000Lossless,
     "j2k-lossy": JPEG2000,
     "rle": RLELossless,
+    "htj2k-lossless": HTJ2KLossless,
+    "htj2k-lossy": HTJ2K,
 }
 """Short names of the transfer syntaxes :func:`compress_copy` writes, to their UIDs."""
 
 LOSSLESS: frozenset[str] = frozenset(
     {"implicit", "explicit", "deflate", "jpeg-lossless-sv1", "jpeg-ls-lossless"}
-    | {"j2k-lossless", "rle"}
+    | {"j2k-lossless", "rle", "htj2k-lossless"}
 )
 """The names in :data:`TRANSFER_SYNTAXES` whose pixels decode bit-identical."""
 
@@ -591,6 +596,28 @@ def _encode_jpeg_ls_lossy(ds: Dataset) -> None:
     _mark_lossy(ds, original, "ISO_14495_1")
 
 
+def _htj2k(reversible: bool) -> Callable[[Dataset], None]:
+    """High-Throughput JPEG 2000 (PS3.5 A.4.11): pydicom decodes it but has no encoder, so
+    the codestream is made by OpenJPH through imagecodecs (a test dependency). Reversible is
+    lossless, the SOP Instance UID kept; irreversible (OpenJPH's default quantisation) is
+    lossy and marked so."""
+
+    def encode(ds: Dataset) -> None:
+        import imagecodecs
+
+        if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
+            raise ValueError("htj2k copies are made of single-frame grey images only")
+        original = len(ds.PixelData)
+        codestream = imagecodecs.htj2k_encode(ds.pixel_array, reversible=reversible)
+        ds.PixelData = encapsulate([bytes(codestream)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = HTJ2KLossless if reversible else HTJ2K
+        if not reversible:
+            _mark_lossy(ds, original, "ISO_15444_15")
+
+    return encode
+
+
 def _lossless(uid: str, plugin: str = "") -> Callable[[Dataset], None]:
     """A lossless pydicom encoder; the SOP Instance UID stays (same pixels)."""
 
@@ -618,8 +645,11 @@ _PYDICOM_ENCODERS: dict[str, Callable[[Dataset], None]] = {
     "j2k-lossless": _lossless(JPEG2000Lossless, "pylibjpeg"),
     "j2k-lossy": _encode_j2k_lossy,
     "rle": _lossless(RLELossless),
+    "htj2k-lossless": _htj2k(reversible=True),
+    "htj2k-lossy": _htj2k(reversible=False),
 }
-"""pydicom encoders: J2K always, the others only when dcmtk is not installed."""
+"""pydicom encoders (HTJ2K: imagecodecs'): J2K and HTJ2K always, the others only when dcmtk
+is not installed."""
 
 
 def _run_pydicom(syntax: str, src: Path, dst: Path) -> None:
@@ -654,8 +684,10 @@ def compress_copy(src: Path, dst: Path, syntax: str) -> Path:
         the JPEG-LS names ``dcmcjpls`` (``+el``; ``+en`` near-lossless,
         NEAR 2); ``rle`` ``dcmcrle``. ``j2k-lossless`` and ``j2k-lossy``
         (compression ratio 10) use pydicom with the pylibjpeg-openjpeg
-        encoder. Without dcmtk, pydicom writes every syntax except the JPEG
-        (ISO 10918) ones. Lossy copies get a new SOP Instance UID and Lossy
+        encoder; ``htj2k-lossless`` and ``htj2k-lossy`` (High-Throughput
+        JPEG 2000, grey single-frame images) imagecodecs' OpenJPH encoder.
+        Without dcmtk, pydicom writes every syntax except the JPEG (ISO 10918)
+        ones. Lossy copies get a new SOP Instance UID and Lossy
         Image Compression ``01``; see the module notes on bit depths.
 
     Returns
