@@ -252,7 +252,7 @@ def ae_remove(name: str, config: ConfigOption = None) -> None:
     resolved = settings(config)
     db = _database(resolved)
     with db.session() as session:
-        remove_peer(session, name, resolved.results.destinations)
+        remove_peer(session, name, resolved.results.receiving_peers())
     console.print(f"removed peer {name}")
 
 

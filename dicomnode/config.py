@@ -259,6 +259,20 @@ class ResultsSettings(_Section):
         (),
         description="peers that receive results; empty: the calling AE when it is a known peer",
     )
+    routes: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description=(
+            "per model (its card's name): the peers that receive its results instead of "
+            "`destinations`; an empty list sends them nowhere (they stay in the data folder: "
+            "a model run in shadow mode)"
+        ),
+    )
+
+    def receiving_peers(self) -> tuple[str, ...]:
+        """Every peer named as a receiver of results, in `destinations` or in `routes`."""
+        named = [*self.destinations, *(peer for peers in self.routes.values() for peer in peers)]
+        return tuple(dict.fromkeys(named))
+
     overlay_max_size: int = Field(
         2048,
         ge=0,

@@ -149,7 +149,9 @@ def remove_peer(session: Session, name: str, destinations: Sequence[str] = ()) -
     get_peer(session, name)
     _check_not_from_config(session, name, "remove")
     if name in destinations:
-        raise PeerError(f"peer {name!r} is a result destination (results.destinations)")
+        raise PeerError(
+            f"peer {name!r} is a result destination (results.destinations or results.routes)"
+        )
     session.execute(delete(Peer).where(Peer.name == name))
 
 

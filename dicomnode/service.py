@@ -251,6 +251,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
             sync_config_peers(session, dict(settings.peers))
         _check_destinations(session, settings, with_scp)
     registry = load_registry(settings)
+    _check_routes(settings, registry)
     _release_dead_local_workers(db)
     stop = threading.Event()
     _install_signals(stop)
@@ -357,16 +358,29 @@ def _safe_url(url: str) -> str:
 
 
 def _check_destinations(session: Session, settings: Settings, with_scp: bool = True) -> None:
-    """Refuse to start when a result destination is not a peer: its results would die."""
+    """Refuse to start when a result destination (``results.destinations`` or a route) is
+    not a peer: its results would die."""
     known = {peer.name for peer in list_peers(session)}
-    unknown = [name for name in settings.results.destinations if name not in known]
+    unknown = [name for name in settings.results.receiving_peers() if name not in known]
     if unknown:
         how = "add one with `dicomnode ae add`"
         if not with_scp:
             how += ", or start the receiving node (`dicomnode serve`), which registers its file's"
         raise ConfigError(
-            f"results.destinations names {', '.join(unknown)}, not a peer "
+            f"results.destinations or results.routes names {', '.join(unknown)}, not a peer "
             f"(peers: {', '.join(sorted(known)) or 'none'}; {how})"
+        )
+
+
+def _check_routes(settings: Settings, registry: ModelRegistry) -> None:
+    """Refuse to start when ``results.routes`` names a model that is not loaded: a mistyped
+    name would send that model's results to ``results.destinations`` instead."""
+    loaded = {entry.card.name for entry in registry.cards}
+    unknown = sorted(set(settings.results.routes) - loaded)
+    if unknown:
+        raise ConfigError(
+            f"results.routes names {', '.join(unknown)}, not a model in "
+            f"{settings.models.dir} (models: {', '.join(sorted(loaded)) or 'none'})"
         )
 
 

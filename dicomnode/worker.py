@@ -446,6 +446,11 @@ class Worker:
         ]
 
     def _destinations(self, session: Session, report: Report) -> list[str]:
+        """The model's route (``results.routes``), else ``results.destinations``, else the
+        caller when it is a known peer."""
+        routed = self.settings.results.routes.get(report.model_name)
+        if routed is not None:
+            return list(routed)
         configured = list(self.settings.results.destinations)
         if configured:
             return configured
@@ -454,6 +459,14 @@ class Worker:
 
     def _queue_sends(self, session: Session, report: Report) -> int:
         destinations = self._destinations(session, report)
+        if not destinations and report.model_name in self.settings.results.routes:
+            log.info(
+                "report %s: results.routes sends %s's results nowhere; they are kept in the "
+                "data folder",
+                report.id,
+                report.model_name,
+            )
+            return 0
         if not destinations:
             log.warning(
                 "report %s: no destination (results.destinations is empty, caller %r is not a "

@@ -985,6 +985,52 @@ def test_a_study_whose_every_analysis_died_gets_an_sr_that_says_so(
     assert [d.Modality for d in node.collector.received].count("OT") == 2
 
 
+def test_a_models_route_sends_its_results_to_its_peers_and_an_empty_one_keeps_them(
+    node: Node,
+) -> None:
+    """``results.routes``: the model's results go to its route's peers instead of
+    ``results.destinations``; an empty route (a model run in shadow mode) sends them nowhere,
+    and they stay in the data folder."""
+    archive = CollectingSCP(ae_title="ARCHIVE").start()
+    try:
+        with node.db.session() as s:
+            add_peer(s, PeerInfo("ARCHIVE", "ARCHIVE", "127.0.0.1", archive.port))
+        _route(node, {"tiny-knee": ("ARCHIVE",)})
+        assert node.send(make_radiograph(body_part="KNEE", seed=31)) == [statuses.SUCCESS]
+        wait_for(lambda: len(archive.received) == 2, 60, what="the SC and SR at ARCHIVE")
+        assert sorted(d.Modality for d in archive.received) == ["OT", "SR"]
+
+        _route(node, {"tiny-knee": ()})
+        shadow = make_radiograph(body_part="KNEE", seed=32)
+        assert node.send(shadow) == [statuses.SUCCESS]
+        wait_for(
+            lambda: (
+                node.count(Report, study_instance_uid=shadow.StudyInstanceUID, state="done") == 1
+            ),
+            60,
+            what="the shadow study's report",
+        )
+        with node.db.session() as s:
+            kept = s.scalars(
+                select(Output.path)
+                .join(Report, Report.id == Output.report_id)
+                .where(Report.study_instance_uid == shadow.StudyInstanceUID)
+            ).all()
+        assert len(kept) == 2 and all(Path(path).is_file() for path in kept)
+        time.sleep(1.0)  # a send queued by mistake would be under way by now
+        assert node.count(Job, kind="send") == 2  # the routed study's two, none for the shadow
+        assert len(archive.received) == 2
+        assert node.collector.received == []  # results.destinations got nothing
+    finally:
+        archive.stop()
+
+
+def _route(node: Node, routes: dict[str, tuple[str, ...]]) -> None:
+    """Give ``node``'s worker these ``results.routes``."""
+    results = node.worker.settings.results.model_copy(update={"routes": routes})
+    node.worker.settings = node.worker.settings.model_copy(update={"results": results})
+
+
 def _report_after_retry(
     node: Node, monkeypatch: pytest.MonkeyPatch, make_sc: object, dead: int
 ) -> Dataset:

@@ -86,6 +86,20 @@ def test_environment_lists_are_yaml_and_flags_text(tmp_path: Path) -> None:
     assert settings.routing.modalities == ("DX",)
 
 
+def test_routes_come_as_a_whole_mapping_and_their_peers_count_as_receivers() -> None:
+    """Model names hold hyphens, which no shell variable name can: a route is given in
+    ``DICOMNODE_RESULTS__ROUTES`` as a mapping."""
+    settings = load_settings(
+        None,
+        environ={
+            "DICOMNODE_RESULTS__DESTINATIONS": "[PACS]",
+            "DICOMNODE_RESULTS__ROUTES": "{knee-kl: [PACS, ORTHO], hand-ra: []}",
+        },
+    )
+    assert settings.results.routes == {"knee-kl": ("PACS", "ORTHO"), "hand-ra": ()}
+    assert settings.results.receiving_peers() == ("PACS", "ORTHO")
+
+
 @pytest.mark.parametrize("title", ["NO", "1234", "ON", "0.5"])
 def test_an_ae_title_from_the_environment_stays_text(title: str) -> None:
     settings = load_settings(

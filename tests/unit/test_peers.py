@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dicomnode.config import PeerSettings, Settings
@@ -67,11 +69,43 @@ def test_serve_refuses_a_destination_that_is_no_peer(db: Database, settings: Set
 
     results = settings.results.model_copy(update={"destinations": ("PCAS",)})
     mistyped = settings.model_copy(update={"results": results})
+    routed = settings.results.model_copy(update={"routes": {"knee-kl": ("PACS", "ORHTO")}})
+    mistyped_route = settings.model_copy(update={"results": routed})
     with db.session() as s:
         add_peer(s, PeerInfo("PACS", "ORTHANC", "127.0.0.1", 4242))
         with pytest.raises(ConfigError, match="names PCAS, not a peer"):
             _check_destinations(s, mistyped)
+        with pytest.raises(ConfigError, match="names ORHTO, not a peer"):
+            _check_destinations(s, mistyped_route)
         _check_destinations(s, settings)
+
+
+def test_serve_refuses_a_route_for_a_model_it_does_not_have(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A mistyped model name would send that model's results to results.destinations."""
+    from dicomnode.models.registry import ModelRegistry
+    from dicomnode.service import _check_routes
+    from dicomnode.testing.models import make_tiny_model
+
+    make_tiny_model(tmp_path / "models" / "knee", num_classes=5)
+    registry = ModelRegistry.load(tmp_path / "models")
+
+    def routed(routes: dict[str, tuple[str, ...]]) -> Settings:
+        results = settings.results.model_copy(update={"routes": routes})
+        return settings.model_copy(update={"results": results})
+
+    with pytest.raises(ConfigError, match=r"names knee-kl, not a model .*models: tiny-knee"):
+        _check_routes(routed({"knee-kl": ("PACS",)}), registry)
+    _check_routes(routed({"tiny-knee": ()}), registry)
+
+
+def test_a_peer_that_a_route_names_cannot_be_removed(db: Database, settings: Settings) -> None:
+    results = settings.results.model_copy(update={"routes": {"knee-kl": ("ARCHIVE",)}})
+    with db.session() as s:
+        add_peer(s, PeerInfo("ARCHIVE", "ARCH", "127.0.0.2", 104))
+        with pytest.raises(PeerError, match=r"results\.routes"):
+            remove_peer(s, "ARCHIVE", results.receiving_peers())
 
 
 def test_nodes_starting_at_once_both_write_the_files_peers(db: Database) -> None:
