@@ -529,6 +529,23 @@ def db_upgrade(config: ConfigOption = None) -> None:
     console.print("database is at the current schema")
 
 
+@db_app.command("backup")
+def db_backup(
+    target: Annotated[Path, typer.Argument(metavar="FILE", help="the new backup file")],
+    config: ConfigOption = None,
+) -> None:
+    """Copy the SQLite database to a new file, consistently, while the node runs (restore:
+    stop the node, put the copy in the database's place, start it). PostgreSQL: `pg_dump`."""
+    from dicomnode.db.backup import backup_database
+
+    resolved = settings(config)
+    done = backup_database(resolved.database.url, target)
+    console.print(
+        f"backed up {done.source} to {done.target}: {done.size_bytes / 1e6:.1f} MB, "
+        f"schema revision {done.schema_revision}, integrity ok"
+    )
+
+
 @app.command()
 def train(
     config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="training recipe")],

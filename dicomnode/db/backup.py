@@ -1,0 +1,110 @@
+"""A consistent copy of the node's SQLite database, taken while the node runs
+(``dicomnode db backup``).
+
+SQLite's online backup API copies the database page by page under its own locking, so the
+copy is one consistent state even while the node writes (a copy of the file with ``cp`` can
+catch a write half done, and misses what is still in the ``-wal`` file). The copy is written
+beside its target, checked with ``PRAGMA integrity_check``, made a single self-contained file
+(rollback journal, no WAL), flushed, then renamed into place: a backup that exists is whole.
+PostgreSQL has its own tool for this, ``pg_dump``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from dicomnode.db.session import SQLITE_BUSY_TIMEOUT_MS
+from dicomnode.errors import DatabaseError
+
+
+@dataclass(frozen=True)
+class Backup:
+    """What :func:`backup_database` wrote."""
+
+    source: Path
+    target: Path
+    size_bytes: int
+    schema_revision: str
+
+
+def backup_database(url: str, target: Path) -> Backup:
+    """Copy the SQLite database at ``url`` to the new file ``target``; raises
+    :class:`DatabaseError` for PostgreSQL (use ``pg_dump``), a missing database, an existing
+    ``target``, or a copy that fails its integrity check (nothing is left at ``target``)."""
+    source = _sqlite_database(url)
+    if target.exists():
+        raise DatabaseError(f"{target} exists: a backup never overwrites a file, name a new one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        revision = _copy(source, partial)
+        size = _flush_into_place(partial, target)
+    except OSError as exc:
+        raise DatabaseError(f"cannot write the backup {target}: {exc.strerror}") from exc
+    finally:
+        _remove(partial)
+    return Backup(source, target, size, revision)
+
+
+def _sqlite_database(url: str) -> Path:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        raise DatabaseError(
+            f"the database is {parsed.get_backend_name()}: back it up with its own tool, "
+            f"e.g. `pg_dump --format=custom --file=dicomnode.dump {parsed.database or ''}`"
+        )
+    if not parsed.database or parsed.database == ":memory:":
+        raise DatabaseError("the database is in memory: there is nothing to back up")
+    source = Path(parsed.database)
+    if not source.is_file():
+        raise DatabaseError(f"no database at {source} (run `dicomnode db upgrade` first)")
+    return source
+
+
+def _copy(source: Path, partial: Path) -> str:
+    """Copy ``source`` into ``partial`` with the backup API; its schema revision."""
+    _remove(partial)
+    timeout = SQLITE_BUSY_TIMEOUT_MS / 1000
+    try:
+        with (
+            closing(sqlite3.connect(source, timeout=timeout)) as src,
+            closing(sqlite3.connect(partial, timeout=timeout)) as dst,
+        ):
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one file, without a -wal beside it
+            (verdict,) = dst.execute("PRAGMA integrity_check").fetchone()
+            revision = dst.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"the backup of {source} failed: {exc}") from exc
+    if verdict != "ok":
+        raise DatabaseError(f"the copy of {source} failed its integrity check: {verdict}")
+    return str(revision[0]) if revision else "(none)"
+
+
+def _flush_into_place(partial: Path, target: Path) -> int:
+    """Flush ``partial`` to disk, rename it to ``target`` and flush the folder; its size."""
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    os.replace(partial, target)
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return size
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
