@@ -267,12 +267,6 @@ class ResultsSettings(_Section):
             "a model run in shadow mode)"
         ),
     )
-
-    def receiving_peers(self) -> tuple[str, ...]:
-        """Every peer named as a receiver of results, in `destinations` or in `routes`."""
-        named = [*self.destinations, *(peer for peers in self.routes.values() for peer in peers)]
-        return tuple(dict.fromkeys(named))
-
     overlay_max_size: int = Field(
         2048,
         ge=0,
@@ -288,6 +282,11 @@ class ResultsSettings(_Section):
             "0: uncompressed. Sent uncompressed to a peer that does not accept JPEG Baseline"
         ),
     )
+
+    def receiving_peers(self) -> tuple[str, ...]:
+        """Every peer named as a receiver of results, in `destinations` or in `routes`."""
+        named = [*self.destinations, *(peer for peers in self.routes.values() for peer in peers)]
+        return tuple(dict.fromkeys(named))
 
 
 class StudySettings(_Section):

@@ -24,6 +24,7 @@ from dicomnode.db.schema import Association, Instance, Job, Output, Report, Resu
 from dicomnode.errors import DicomNodeError
 from dicomnode.models.card import CARD_FILE, load_card
 from dicomnode.queue.jobs import JobKind, JobState
+from dicomnode.studies import KEPT
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Image:
     state: str
     reason: str
     analysis: JobLine
+
+
+KEPT_HERE = JobLine("not sent", "kept here: results.routes sends this model's results nowhere")
+"""A result of a shadow-mode round (:data:`dicomnode.studies.KEPT`)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def study_history(
         images,
         rounds,
         _conclusions(session, rounds, names or {}),
-        _sends(session, [r.report_id for r in rounds], jobs),
+        _sends(session, rounds, jobs),
     )
 
 
@@ -273,10 +278,11 @@ def _finding(finding: dict[str, Any], classes: tuple[str, ...]) -> str:
     return said
 
 
-def _sends(session: Session, report_ids: list[int], jobs: _StudyJobs) -> tuple[Send, ...]:
+def _sends(session: Session, rounds: tuple[Round, ...], jobs: _StudyJobs) -> tuple[Send, ...]:
+    kept = {r.report_id for r in rounds if r.state == KEPT}
     outputs = session.execute(
         select(Output)
-        .where(Output.report_id.in_(report_ids))
+        .where(Output.report_id.in_([r.report_id for r in rounds]))
         .order_by(Output.report_id, Output.kind, Output.created_at, Output.sop_instance_uid)
     ).scalars()
     sends: list[Send] = []
@@ -285,7 +291,8 @@ def _sends(session: Session, report_ids: list[int], jobs: _StudyJobs) -> tuple[S
         source = output.source_sop_instance_uid or "-"
         sending = sorted(jobs.send.get(output.sop_instance_uid, []), key=lambda j: j.peer or "")
         lines = [Send(*common, source, job.peer or "-", JobLine.of(job)) for job in sending]
-        sends += lines or [Send(*common, source, "-", JobLine("not sent", "no destination"))]
+        unsent = KEPT_HERE if output.report_id in kept else JobLine("not sent", "no destination")
+        sends += lines or [Send(*common, source, "-", unsent)]
     return tuple(sends)
 
 

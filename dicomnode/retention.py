@@ -47,7 +47,7 @@ from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
 from dicomnode.store.instances import PURGED
-from dicomnode.studies import OPEN
+from dicomnode.studies import KEPT, OPEN
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ def _settled(session: Session, study_uid: str) -> bool:
     ).scalar_one():
         return False
     sent = aliased(Job)
+    to_deliver = reports.where(Report.state != KEPT)  # a shadow-mode round's stay here
     undelivered = exists().where(
-        Output.report_id.in_(reports),
+        Output.report_id.in_(to_deliver),
         ~exists().where(
             and_(
                 sent.kind == JobKind.SEND,

@@ -276,6 +276,11 @@ def _dead_jobs(session: Session, job_ids: Sequence[int] | None) -> list[Job]:
 DISCARDED = "discarded"
 """State of a round whose report job was discarded (no report will be made)."""
 
+KEPT = "kept"
+"""State of a finished round whose model's route sends its results nowhere (an empty
+``results.routes`` entry: shadow mode). They are kept in the data folder and purged with
+their study, as delivered results are."""
+
 
 def discard_dead_jobs(session: Session, job_ids: Sequence[int] | None = None) -> int:
     """Give up dead jobs (all, or those of ``job_ids``); how many (``dicomnode discard``).

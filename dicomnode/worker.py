@@ -50,6 +50,7 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.send.scu import send_files
 from dicomnode.store.files import ensure_free_space, output_path, write_durably
+from dicomnode.studies import KEPT
 from dicomnode.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -381,7 +382,7 @@ class Worker:
             _record_output(session, sr, path, report.id, "SR", None)
             session.flush()
             queued = self._queue_sends(session, report)
-            _set_report_state(session, report.id, "done")
+            _set_report_state(session, report.id, KEPT if self._kept_here(report) else "done")
             q.complete(session, job.id, self.worker_id)
         log.info(
             "report %s study=%s round=%s: SR %s %s, %d sends queued",
@@ -457,9 +458,12 @@ class Worker:
         caller = peer_by_ae_title(session, report.calling_ae)
         return [] if caller is None else [caller.name]
 
+    def _kept_here(self, report: Report) -> bool:
+        """The report's model has an empty route: its results are sent nowhere."""
+        return self.settings.results.routes.get(report.model_name) == ()
+
     def _queue_sends(self, session: Session, report: Report) -> int:
-        destinations = self._destinations(session, report)
-        if not destinations and report.model_name in self.settings.results.routes:
+        if self._kept_here(report):
             log.info(
                 "report %s: results.routes sends %s's results nowhere; they are kept in the "
                 "data folder",
@@ -467,6 +471,7 @@ class Worker:
                 report.model_name,
             )
             return 0
+        destinations = self._destinations(session, report)
         if not destinations:
             log.warning(
                 "report %s: no destination (results.destinations is empty, caller %r is not a "

@@ -989,8 +989,11 @@ def test_a_models_route_sends_its_results_to_its_peers_and_an_empty_one_keeps_th
     node: Node,
 ) -> None:
     """``results.routes``: the model's results go to its route's peers instead of
-    ``results.destinations``; an empty route (a model run in shadow mode) sends them nowhere,
-    and they stay in the data folder."""
+    ``results.destinations``; an empty route (a model run in shadow mode) sends them nowhere:
+    they stay in the data folder, `dicomnode study` says so, and retention purges the study
+    (test_retention: results that found no destination keep theirs)."""
+    from dicomnode.history import KEPT_HERE, study_history
+
     archive = CollectingSCP(ae_title="ARCHIVE").start()
     try:
         with node.db.session() as s:
@@ -1005,7 +1008,7 @@ def test_a_models_route_sends_its_results_to_its_peers_and_an_empty_one_keeps_th
         assert node.send(shadow) == [statuses.SUCCESS]
         wait_for(
             lambda: (
-                node.count(Report, study_instance_uid=shadow.StudyInstanceUID, state="done") == 1
+                node.count(Report, study_instance_uid=shadow.StudyInstanceUID, state="kept") == 1
             ),
             60,
             what="the shadow study's report",
@@ -1021,6 +1024,14 @@ def test_a_models_route_sends_its_results_to_its_peers_and_an_empty_one_keeps_th
         assert node.count(Job, kind="send") == 2  # the routed study's two, none for the shadow
         assert len(archive.received) == 2
         assert node.collector.received == []  # results.destinations got nothing
+        with node.db.session() as s:
+            history = study_history(s, shadow.StudyInstanceUID)
+        assert history is not None
+        assert [send.sending for send in history.sends] == [KEPT_HERE, KEPT_HERE]
+
+        later = utcnow() + timedelta(days=node.settings.storage.retention_days + 1)
+        purged = purge_expired(node.db, node.settings.storage.retention_days, now=later)
+        assert str(shadow.StudyInstanceUID) in purged.studies
     finally:
         archive.stop()
 

@@ -200,6 +200,18 @@ def test_unfinished_or_undelivered_studies_are_kept(
     assert _has_pixels(image) and _has_pixels(sc)
 
 
+def test_a_shadow_mode_study_is_purged_though_its_results_were_never_sent(
+    db: Database, tmp_path: Path
+) -> None:
+    """A round whose model's route sends its results nowhere ends ``kept``: nothing is
+    waiting to be delivered, unlike a round that found no destination ("never-sent" above)."""
+    from dicomnode.studies import KEPT
+
+    study, image, sc, _ = _study(db, tmp_path, report_state=KEPT, send_state=None)
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+    assert not _has_pixels(image) and not _has_pixels(sc)
+
+
 def test_retention_zero_keeps_everything(db: Database, tmp_path: Path, settings: Settings) -> None:
     assert settings.storage.retention_days == DAYS  # the default
     _, image, _, _ = _study(db, tmp_path)
