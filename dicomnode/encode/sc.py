@@ -18,6 +18,7 @@ from highdicom import LateralityValues
 from highdicom.sc import SCImage
 from PIL import Image
 from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicomnode.encode.header import conformant_header, stamp_in_source_zone
@@ -197,6 +198,7 @@ def encode_sc(
         raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
     _describe_capture(sc, source, model, manufacturer, software_version)
     _image_laterality(sc, source, result)
+    _carry_lossy_history(sc, source)
     stamp_in_source_zone(sc, source)
     if jpeg_quality:
         compress_jpeg(sc, rgb, jpeg_quality)
@@ -226,10 +228,43 @@ def compress_jpeg(sc: pydicom.Dataset, rgb: npt.NDArray[np.uint8], quality: int)
     sc["PixelData"].VR = "OB"
     sc.PhotometricInterpretation = "YBR_FULL_422"
     sc.PlanarConfiguration = 0
+    earlier_ratios, earlier_methods = _lossy_history(sc)
     sc.LossyImageCompression = "01"
-    sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(frame):.2f}"
-    sc.LossyImageCompressionMethod = "ISO_10918_1"
+    sc.LossyImageCompressionRatio = [*earlier_ratios, f"{rgb.nbytes / len(frame):.2f}"]
+    sc.LossyImageCompressionMethod = [*earlier_methods, "ISO_10918_1"]
     sc.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+
+
+def _carry_lossy_history(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """An overlay of an image that was once lossy compressed is flagged so too, with the
+    source's ratios and methods (PS3.3 C.7.6.1.1.5: once 01, never reset): a reader sees
+    that what the overlay shows went through a lossy step before the node."""
+    if str(source.get("LossyImageCompression", "")).strip() != "01":
+        return
+    sc.LossyImageCompression = "01"
+    ratios, methods = _lossy_history(source)
+    if ratios:
+        sc.LossyImageCompressionRatio = ratios
+        sc.LossyImageCompressionMethod = methods
+
+
+def _lossy_history(ds: pydicom.Dataset) -> tuple[list[str], list[str]]:
+    """The dataset's lossy compressions, ratio and method in step ([] when they are missing
+    or do not pair up: a history that cannot be read is not carried)."""
+    ratios = [str(r) for r in _values(ds.get("LossyImageCompressionRatio"))]
+    methods = [str(m) for m in _values(ds.get("LossyImageCompressionMethod"))]
+    if not ratios or len(ratios) != len(methods):
+        return [], []
+    return ratios, methods
+
+
+def _values(value: object) -> list[object]:
+    """An attribute's value as a list of its values (pydicom gives one value bare)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return list(value)
+    return [value]
 
 
 def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:

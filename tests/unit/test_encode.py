@@ -488,6 +488,32 @@ def test_jpeg_sc_is_flagged_lossy_valid_and_close_to_the_overlay(tmp_path: Path)
 
 
 @needs_dicom3tools
+@pytest.mark.parametrize("jpeg_quality", [0, 90])
+def test_an_overlay_of_a_lossy_source_is_flagged_lossy_with_its_history(
+    tmp_path: Path, jpeg_quality: int
+) -> None:
+    """PS3.3 C.7.6.1.1.5: once 01, never reset. The overlay of a JPEG 2000 lossy radiograph
+    said nothing of it when written uncompressed, and only its own JPEG step otherwise."""
+    result = make_result(5, synthetic=False)
+    lossless = make_sc(make_source(), result, jpeg_quality=jpeg_quality)
+    assert ("LossyImageCompression" in lossless) == bool(jpeg_quality)
+    source = make_source()
+    source.LossyImageCompression = "01"
+    source.LossyImageCompressionRatio = "10"
+    source.LossyImageCompressionMethod = "ISO_15444_1"
+    back = pydicom.dcmread(save(make_sc(source, result, jpeg_quality), tmp_path / "sc.dcm"))
+    assert back.LossyImageCompression == "01"
+    if jpeg_quality:
+        assert list(back.LossyImageCompressionMethod) == ["ISO_15444_1", "ISO_10918_1"]
+        assert float(back.LossyImageCompressionRatio[0]) == 10.0
+        assert float(back.LossyImageCompressionRatio[1]) > 5
+    else:
+        assert back.LossyImageCompressionMethod == "ISO_15444_1"
+        assert float(back.LossyImageCompressionRatio) == 10.0
+    assert dciodvfy_errors(tmp_path / "sc.dcm") == []
+
+
+@needs_dicom3tools
 @pytest.mark.parametrize(("body_part", "laterality"), [("KNEE", ""), ("SPINE", None)])
 def test_sc_of_unknown_side_keeps_laterality_type_2c(
     tmp_path: Path, body_part: str, laterality: str | None
