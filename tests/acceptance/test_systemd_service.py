@@ -32,11 +32,9 @@ class Rendered:
     wrapper: Path
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
-    """The service files rendered into a temporary folder, for the user running the tests
-    (so that the wrapper runs the node directly, as it does for the service user)."""
-    base = tmp_path_factory.mktemp("service")
+def _render(base: Path) -> Rendered:
+    """`make service-files` into ``base``, for the user running the tests (so that the
+    wrapper runs the node directly, as it does for the service user)."""
     folders = {"UNIT_DIR": "units", "ETC_DIR": "etc", "STATE_DIR": "state", "ADMIN_BIN": "bin"}
     settings = [f"{name}={base / folder}" for name, folder in folders.items()]
     settings.append(f"SERVICE_USER={getpass.getuser()}")
@@ -47,13 +45,18 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
         capture_output=True,
         timeout=60,
     )
-    (base / "state").mkdir()
+    (base / "state").mkdir(exist_ok=True)
     return Rendered(
         base / "units" / "dicomnode.service",
         base / "etc" / "dicomnode.yaml",
         base / "state",
         base / "bin" / "dicomnode",
     )
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    return _render(tmp_path_factory.mktemp("service"))
 
 
 def _service_section(unit: Path) -> dict[str, list[str]]:
@@ -104,6 +107,16 @@ def test_the_service_settings_put_the_data_in_the_state_folder(rendered: Rendere
     moved = {"storage", "database", "models"}
     assert service.model_dump(exclude=moved) == example.model_dump(exclude=moved)
     assert oct(rendered.settings.stat().st_mode & 0o777) == "0o640"  # it may hold a password
+
+
+def test_installing_again_keeps_the_administrators_settings(tmp_path: Path) -> None:
+    first = _render(tmp_path)
+    edited = first.settings.read_text().replace("ae_title: DICOMNODE", "ae_title: AI_NODE_7")
+    first.settings.write_text(edited)
+    first.unit.write_text("stale")
+    again = _render(tmp_path)
+    assert again.settings.read_text() == edited
+    assert again.unit.read_text().startswith("# dicomnode as a systemd service")  # renewed
 
 
 def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered) -> None:
