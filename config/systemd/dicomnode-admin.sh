@@ -5,8 +5,13 @@
 # service's database and files.
 set -e
 export DICOMNODE_CONFIG="${DICOMNODE_CONFIG:-@ETC@/dicomnode.yaml}"
-cd "@STATE@"
 if [ "$(id -un)" = "@USER@" ]; then
+    cd "@STATE@"
     exec "@PREFIX@/.venv/bin/dicomnode" "$@"
 fi
+if [ "$(id -u)" != 0 ]; then
+    echo "dicomnode: run it with sudo (it runs as the service user @USER@)" >&2
+    exit 1
+fi
+cd "@STATE@"
 exec runuser -u "@USER@" -- "@PREFIX@/.venv/bin/dicomnode" "$@"
