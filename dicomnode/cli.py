@@ -295,7 +295,7 @@ def status(
     resolved = settings(config)
     db = _database(resolved)
     with db.session() as session:
-        state = node_status(session, limit, resolved.storage)
+        state = node_status(session, limit, resolved.storage, resolved.results)
     if as_json:
         typer.echo(json.dumps(asdict(state), default=_iso, indent=1))
         return

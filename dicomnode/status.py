@@ -1,5 +1,5 @@
-"""What ``dicomnode status`` shows: storage, recent studies, queue, destinations, dead jobs,
-skipped instances.
+"""What ``dicomnode status`` shows: storage, recent studies, queue, destinations, where each
+model's results go, dead jobs, skipped instances.
 
 :func:`node_status` reads it into frozen values (``status --json`` writes them as they are,
 for scripts and monitoring); :func:`render_status` draws them as tables. Neither holds
@@ -18,7 +18,7 @@ from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicomnode.config import StorageSettings
+from dicomnode.config import ResultsSettings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
@@ -58,6 +58,22 @@ class DestinationState:
     last_error: str | None
     dead: int
     last_delivered: datetime | None
+
+
+OTHER_MODELS = "*"
+"""The model of the :class:`RouteState` that every model without a route of its own follows."""
+
+
+@dataclass(frozen=True)
+class RouteState:
+    """Where one model's results go: ``rule`` ``route`` (its ``results.routes`` peers),
+    ``shadow`` (an empty route: kept here), ``destinations`` (``results.destinations``) or
+    ``caller`` (the calling AE, when it is a known peer). Model :data:`OTHER_MODELS`: the
+    rule of every model without a route."""
+
+    model: str
+    peers: tuple[str, ...]
+    rule: str
 
 
 @dataclass(frozen=True)
@@ -101,16 +117,21 @@ class NodeStatus:
     studies: tuple[StudyState, ...]
     jobs: dict[str, dict[str, int]]
     destinations: tuple[DestinationState, ...]
+    routing: tuple[RouteState, ...]
     dead_total: int
     dead: tuple[DeadJob, ...]
     skipped: tuple[SkippedInstance, ...]
 
 
 def node_status(
-    session: Session, limit: int = 10, storage: StorageSettings | None = None
+    session: Session,
+    limit: int = 10,
+    storage: StorageSettings | None = None,
+    results: ResultsSettings | None = None,
 ) -> NodeStatus:
-    """The node's state from the database (and the data folder, given ``storage``);
-    ``limit`` caps the studies and the skipped instances listed."""
+    """The node's state from the database (and the data folder, given ``storage``; the
+    routing of results, given ``results``); ``limit`` caps the studies and the skipped
+    instances listed."""
     jobs: dict[str, dict[str, int]] = {}
     for (kind, state), count in sorted(counts_by_state(session).items()):
         jobs.setdefault(kind, {})[state] = count
@@ -119,6 +140,7 @@ def node_status(
         studies=_studies(session, limit),
         jobs=jobs,
         destinations=_destinations(session),
+        routing=() if results is None else routing(results),
         dead_total=_count(session, (), JobState.DEAD),
         dead=_dead(session),
         skipped=_skipped(session, limit),
@@ -194,6 +216,16 @@ def _destination(session: Session, peer: str | None) -> DestinationState:
         dead=_count(session, mine, JobState.DEAD),
         last_delivered=delivered,
     )
+
+
+def routing(results: ResultsSettings) -> tuple[RouteState, ...]:
+    """Each routed model's rule, then the rule of every other model."""
+    routed = tuple(
+        RouteState(model, tuple(peers), "route" if peers else "shadow")
+        for model, peers in sorted(results.routes.items())
+    )
+    others = results.destinations
+    return (*routed, RouteState(OTHER_MODELS, others, "destinations" if others else "caller"))
 
 
 def _count(session: Session, where: tuple[ColumnElement[bool], ...], *states: JobState) -> int:
@@ -294,6 +326,27 @@ def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
     return table
 
 
+ROUTE_WORDS = {
+    "shadow": "none: kept here (shadow mode)",
+    "caller": "the calling AE, when it is a known peer",
+}
+
+
+def _routing_table(routes: tuple[RouteState, ...]) -> Table:
+    """Where each model's results go (``results.routes``, ``results.destinations``)."""
+    table = Table("model", "results go to", "set by", title="Where results go")
+    setting = {
+        "route": "results.routes",
+        "shadow": "results.routes",
+        "destinations": "results.destinations",
+        "caller": "results.destinations is empty",
+    }
+    for r in routes:
+        model = "every other model" if r.model == OTHER_MODELS else r.model
+        table.add_row(model, ROUTE_WORDS.get(r.rule, ", ".join(r.peers)), setting[r.rule])
+    return table
+
+
 def _dead_table(dead: tuple[DeadJob, ...], total: int) -> Table:
     title = f"Dead jobs {DEAD_HINT}"
     if total > len(dead):
@@ -336,6 +389,7 @@ def render_status(status: NodeStatus) -> list[Table]:
         _studies_table(status.studies),
         _queue_table(status.jobs),
         _destinations_table(status.destinations),
+        *([_routing_table(status.routing)] if status.routing else []),
         _dead_table(status.dead, status.dead_total),
         _skipped_table(status.skipped),
     ]

@@ -80,6 +80,40 @@ def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
     assert data["studies"] == [] and data["skipped"] == [] and data["storage"] is None
 
 
+def test_where_each_models_results_go(db: Database) -> None:
+    """The routes as `serve` applies them: a route, shadow mode, and every other model."""
+    from dicomnode.config import ResultsSettings
+    from dicomnode.status import RouteState
+
+    routed = ResultsSettings(
+        destinations=("PACS",), routes={"knee-kl": ("PACS", "ORTHO"), "hand-ra": ()}
+    )
+    with db.session() as s:
+        state = node_status(s, results=routed)
+        bare = node_status(s, results=ResultsSettings())
+    assert state.routing == (
+        RouteState("hand-ra", (), "shadow"),
+        RouteState("knee-kl", ("PACS", "ORTHO"), "route"),
+        RouteState("*", ("PACS",), "destinations"),
+    )
+    assert bare.routing == (RouteState("*", (), "caller"),)
+    console = Console(width=250, record=True)
+    for table in render_status(state):
+        console.print(table)
+    lines = console.export_text().splitlines()
+
+    def row(model: str) -> list[str]:
+        line = next(line for line in lines if line.strip("│ ").startswith(model))
+        return [cell.strip() for cell in line.split("│")[1:4]]
+
+    assert row("hand-ra") == ["hand-ra", "none: kept here (shadow mode)", "results.routes"]
+    assert row("knee-kl") == ["knee-kl", "PACS, ORTHO", "results.routes"]
+    assert row("every other model") == ["every other model", "PACS", "results.destinations"]
+    assert json.loads(json.dumps(asdict(bare)))["routing"] == [
+        {"model": "*", "peers": [], "rule": "caller"}
+    ]
+
+
 def test_text_from_headers_and_errors_is_printed_as_it_is_never_as_markup(db: Database) -> None:
     """A skip reason quotes the header's Body Part Examined, and job errors quote peers:
     rich must not read ``[/]`` or ``[bold]`` in them as markup (it raised, and hid status)."""
