@@ -65,7 +65,8 @@ RENDER = sed -e 's|@PREFIX@|$(CURDIR)|g' -e 's|@USER@|$(SERVICE_USER)|g' -e 's|@
 
 service-files:
 	mkdir -p $(UNIT_DIR) $(ETC_DIR) $(ADMIN_BIN)
-	$(RENDER) config/systemd/dicomnode.service > $(UNIT_DIR)/dicomnode.service
+	for unit in dicomnode.service dicomnode-backup.service dicomnode-backup.timer; do \
+		$(RENDER) config/systemd/$$unit > $(UNIT_DIR)/$$unit || exit 1; done
 	$(RENDER) config/systemd/dicomnode-admin.sh > $(ADMIN_BIN)/dicomnode
 	chmod 0755 $(ADMIN_BIN)/dicomnode
 	@if [ -e $(ETC_DIR)/dicomnode.yaml ]; then echo "kept $(ETC_DIR)/dicomnode.yaml"; else \
@@ -89,6 +90,7 @@ install-service: $(STAMP)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "next: edit $(ETC_DIR)/dicomnode.yaml (AE title, node.uid_root, peers), then"
 	@echo "      systemctl enable --now dicomnode; journalctl -u dicomnode -f; dicomnode status"
+	@echo "      nightly database backups: systemctl enable --now dicomnode-backup.timer"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check dicomnode tests

@@ -531,19 +531,36 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 @db_app.command("backup")
 def db_backup(
-    target: Annotated[Path, typer.Argument(metavar="FILE", help="the new backup file")],
+    target: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE|FOLDER",
+            help="the new backup file, or a folder to write dicomnode-<UTC time>.db into",
+        ),
+    ],
+    keep: Annotated[
+        int | None,
+        typer.Option(help="into a folder: then keep only the newest N of its backups"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Copy the SQLite database to a new file, consistently, while the node runs (restore:
     stop the node, put the copy in the database's place, start it). PostgreSQL: `pg_dump`."""
-    from dicomnode.db.backup import backup_database
+    from dicomnode.db.backup import backup_database, backup_into
 
     resolved = settings(config)
-    done = backup_database(resolved.database.url, target)
+    if target.is_dir():
+        done, deleted = backup_into(resolved.database.url, target, keep)
+    elif keep is not None:
+        raise ConfigError(f"--keep needs a folder to back up into; {target} is not one")
+    else:
+        done, deleted = backup_database(resolved.database.url, target), []
     console.print(
         f"backed up {done.source} to {done.target}: {done.size_bytes / 1e6:.1f} MB, "
         f"schema revision {done.schema_revision}, integrity ok"
     )
+    for path in deleted:
+        console.print(f"deleted the older backup {path.name} (--keep {keep})")
 
 
 @app.command()

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -51,6 +53,27 @@ def backup_database(url: str, target: Path) -> Backup:
     finally:
         _remove(partial)
     return Backup(source, target, size, revision)
+
+
+BACKUP_NAME = re.compile(r"dicomnode-\d{8}T\d{12}Z\.db")
+"""The names :func:`backup_into` gives, and the only files its ``keep`` deletes."""
+
+
+def backup_into(url: str, folder: Path, keep: int | None = None) -> tuple[Backup, list[Path]]:
+    """Back up into ``folder`` as ``dicomnode-<UTC time>.db``; with ``keep``, then delete the
+    folder's older backups beyond the newest ``keep`` (only files named so). Returns the
+    backup and the files deleted."""
+    if keep is not None and keep < 1:
+        raise DatabaseError(f"--keep {keep}: keep at least the backup just taken (1)")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    done = backup_database(url, folder / f"dicomnode-{stamp}.db")
+    if keep is None:
+        return done, []
+    ours = sorted(p for p in folder.iterdir() if BACKUP_NAME.fullmatch(p.name) and p.is_file())
+    old = ours[:-keep]
+    for path in old:
+        _remove(path)
+    return done, old
 
 
 def _sqlite_database(url: str) -> Path:

@@ -22,6 +22,7 @@ from dicomnode.testing.peers import free_port, wait_for_port
 pytestmark = pytest.mark.acceptance
 
 ROOT = Path(__file__).resolve().parents[2]
+UNITS = ("dicomnode.service", "dicomnode-backup.service", "dicomnode-backup.timer")
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,16 @@ def _unit_environment(service: dict[str, list[str]]) -> dict[str, str]:
 def test_the_rendered_unit_verifies_without_a_word(rendered: Rendered) -> None:
     """`systemd-analyze verify` fails on a missing executable and warns (exit 0) on an
     unknown key or a bad value: either would be printed."""
+    units = [rendered.unit.with_name(name) for name in UNITS]
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(rendered.unit)],
+        ["systemd-analyze", "verify", *map(str, units)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
-    assert re.search(r"@[A-Z]+@", rendered.unit.read_text()) is None  # every folder filled in
+    for unit in units:  # every folder filled in
+        assert re.search(r"@[A-Z]+@", unit.read_text()) is None, unit.name
 
 
 def test_the_service_settings_put_the_data_in_the_state_folder(rendered: Rendered) -> None:
@@ -155,3 +158,16 @@ def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered
         returncode = node.wait(timeout=float(service["TimeoutStopSec"][0]))
     assert returncode == 0, log.read_text()[-2000:]
     assert (rendered.state / "data").is_dir()
+
+
+def test_the_backup_units_command_copies_the_database(rendered: Rendered) -> None:
+    """dicomnode-backup.service's own lines, on a database made by the node's ExecStartPre."""
+    node = _service_section(rendered.unit)
+    backup = _service_section(rendered.unit.with_name("dicomnode-backup.service"))
+    env = _unit_environment(backup)
+    cwd = backup["WorkingDirectory"][0]
+    subprocess.run(shlex.split(node["ExecStartPre"][0]), cwd=cwd, env=env, check=True, timeout=120)
+    for line in [*backup["ExecStartPre"], *backup["ExecStart"]]:
+        subprocess.run(shlex.split(line), cwd=cwd, env=env, check=True, timeout=120)
+    (copy,) = (rendered.state / "backups").glob("dicomnode-*.db")
+    assert copy.stat().st_size > 0

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import Settings
-from dicomnode.db.backup import backup_database
+from dicomnode.db.backup import backup_database, backup_into
 from dicomnode.db.migrate import alembic_config
 from dicomnode.db.schema import Peer
 from dicomnode.db.session import Database
@@ -97,3 +97,40 @@ def test_the_command_writes_the_copy_with_the_nodes_umask(
     assert oct(os.stat(target).st_mode & 0o777) == "0o640"
     again = CliRunner().invoke(app, ["--config", str(config), "db", "backup", str(target)])
     assert isinstance(again.exception, DatabaseError)  # main() prints it as one line, exit 2
+
+
+def test_backups_into_a_folder_keep_the_newest_and_nothing_else_is_deleted(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """What the nightly timer runs: `db backup FOLDER --keep N`."""
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    mine = [folder / "before-the-upgrade.db", folder / "dicomnode-manual.db"]
+    for path in mine:
+        path.write_bytes(b"an administrator's own copy")
+    taken = [backup_into(settings.database.url, folder, keep=2)[0].target for _ in range(3)]
+    done, deleted = backup_into(settings.database.url, folder, keep=2)
+    assert deleted == [taken[1]]  # taken[0] went at the third run
+    assert sorted(folder.iterdir()) == sorted([*mine, taken[2], done.target])
+    assert all(path.read_bytes() == b"an administrator's own copy" for path in mine)
+    with pytest.raises(DatabaseError, match="keep at least"):
+        backup_into(settings.database.url, folder, keep=0)
+
+
+def test_keep_needs_a_folder(settings: Settings, db: Database, tmp_path: Path) -> None:
+    from dicomnode.errors import ConfigError
+
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": settings.database.url}}))
+    result = CliRunner().invoke(
+        app, ["--config", str(config), "db", "backup", str(tmp_path / "one.db"), "--keep", "3"]
+    )
+    assert isinstance(result.exception, ConfigError)
+    assert not (tmp_path / "one.db").exists()
+    into = CliRunner().invoke(
+        app,
+        ["--config", str(config), "db", "backup", str(tmp_path), "--keep", "3"],
+        env={"COLUMNS": "200"},
+    )
+    assert into.exit_code == 0, into.output
+    assert len(list(tmp_path.glob("dicomnode-*Z.db"))) == 1
