@@ -36,6 +36,7 @@ from dicomnode.db import migrate
 from dicomnode.db.session import Database
 from dicomnode.errors import ConfigError, DatabaseError
 from dicomnode.models.registry import ModelRegistry
+from dicomnode.notify import Watchdog, notify
 from dicomnode.peers import list_peers, sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers, worker_id_of
 from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_scp
@@ -267,12 +268,16 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     supervisor.start()
     if handlers is not None:
         _start_housekeeping(db, settings, stop, handlers)
+    notify("READY=1")
+    watchdog = Watchdog()
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
+            watchdog.ping()
             if not _tick(db, settings, registry, supervisor, with_scp=with_scp):
                 stop.wait(ERROR_PAUSE)
     finally:
         log.info("stopping")
+        notify("STOPPING=1")
         if handlers is not None:
             stop_receiving(servers, handlers)
         supervisor.stop()

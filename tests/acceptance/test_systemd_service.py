@@ -10,14 +10,17 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dicomnode.config import load_settings
-from dicomnode.testing.peers import free_port, wait_for_port
+from dicomnode.testing.peers import free_port, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -122,13 +125,59 @@ def test_installing_again_keeps_the_administrators_settings(tmp_path: Path) -> N
     assert again.unit.read_text().startswith("# dicomnode as a systemd service")  # renewed
 
 
-def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered) -> None:
-    """ExecStartPre makes the database in the state folder; ExecStart serves; the admin
-    wrapper reads the same node; KillSignal stops it cleanly within TimeoutStopSec."""
+class NotifySocket:
+    """systemd's end of ``Type=notify``: a datagram socket, read in a thread; each message
+    with whether the node's port accepted a connection when it arrived."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.path = str(folder / "notify")
+        self.port = port
+        self.messages: list[tuple[str, bool]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self._sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append((message, self._listening()))
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def said(self, message: str) -> int:
+        return sum(1 for m, _ in self.messages if m == message)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+def test_the_units_commands_run_the_node_and_sigterm_stops_it(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """ExecStartPre makes the database in the state folder; ExecStart serves and, as
+    ``Type=notify`` asks, says READY once its port accepts, pings the watchdog and says
+    STOPPING; the admin wrapper reads the same node; KillSignal stops it cleanly within
+    TimeoutStopSec."""
     service = _service_section(rendered.unit)
+    assert service["Type"] == ["notify"]
     env = _unit_environment(service)
     port = free_port()
     env |= {"DICOMNODE_NODE__PORT": str(port), "DICOMNODE_WORKERS__COUNT": "1"}
+    systemd = NotifySocket(tmp_path, port)
+    env |= {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "1000000"}  # a ping each 0.5 s
     cwd = service["WorkingDirectory"][0]
     assert Path(cwd) == rendered.state
     (pre,) = service["ExecStartPre"]
@@ -142,7 +191,8 @@ def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered
             shlex.split(start), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        wait_for_port(port, timeout=120)
+        wait_for(lambda: systemd.said("READY=1") == 1, 120, what="READY=1")
+        assert systemd.messages[0] == ("READY=1", True)  # its port accepted by then
         health = subprocess.run(
             [str(rendered.wrapper), "health"], env=env, capture_output=True, text=True, timeout=120
         )
@@ -152,11 +202,15 @@ def test_the_units_commands_run_the_node_and_sigterm_stops_it(rendered: Rendered
             [str(rendered.wrapper), "status"], env=env, capture_output=True, text=True, timeout=120
         )
         assert status.returncode == 0, status.stderr
+        wait_for(lambda: systemd.said("WATCHDOG=1") >= 2, 30, what="two watchdog pings")
     finally:
         kill = getattr(signal, service["KillSignal"][0])
         node.send_signal(kill)
         returncode = node.wait(timeout=float(service["TimeoutStopSec"][0]))
+        time.sleep(0.5)
+        systemd.close()
     assert returncode == 0, log.read_text()[-2000:]
+    assert systemd.said("STOPPING=1") == 1
     assert (rendered.state / "data").is_dir()
 
 
