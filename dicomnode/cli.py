@@ -546,7 +546,7 @@ def db_backup(
 ) -> None:
     """Copy the SQLite database to a new file, consistently, while the node runs (restore:
     stop the node, put the copy in the database's place, start it). PostgreSQL: `pg_dump`."""
-    from dicomnode.db.backup import backup_database, backup_into
+    from dicomnode.store.backup import backup_database, backup_into
 
     resolved = settings(config)
     if target.is_dir():

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import Settings
-from dicomnode.db.backup import backup_database, backup_into
 from dicomnode.db.migrate import alembic_config
 from dicomnode.db.schema import Peer
 from dicomnode.db.session import Database
 from dicomnode.errors import DatabaseError
 from dicomnode.peers import PeerInfo, add_peer
+from dicomnode.store.backup import backup_database, backup_into
 
 
 def _peers(path: Path) -> int:

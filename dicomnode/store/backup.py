@@ -11,8 +11,6 @@ PostgreSQL has its own tool for this, ``pg_dump``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sqlite3
 from contextlib import closing
@@ -24,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from dicomnode.db.session import SQLITE_BUSY_TIMEOUT_MS
 from dicomnode.errors import DatabaseError
+from dicomnode.store.files import fsync_file, move_durably, remove_quietly
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ class Backup:
 def backup_database(url: str, target: Path) -> Backup:
     """Copy the SQLite database at ``url`` to the new file ``target``; raises
     :class:`DatabaseError` for PostgreSQL (use ``pg_dump``), a missing database, an existing
-    ``target``, or a copy that fails its integrity check (nothing is left at ``target``)."""
+    ``target``, or a copy that fails its integrity check, and :class:`StorageError` when the
+    copy cannot be flushed or moved into place (nothing is left at ``target``)."""
     source = _sqlite_database(url)
     if target.exists():
         raise DatabaseError(f"{target} exists: a backup never overwrites a file, name a new one")
@@ -47,11 +47,10 @@ def backup_database(url: str, target: Path) -> Backup:
     partial = target.with_name(f".{target.name}.partial")
     try:
         revision = _copy(source, partial)
-        size = _flush_into_place(partial, target)
-    except OSError as exc:
-        raise DatabaseError(f"cannot write the backup {target}: {exc.strerror}") from exc
+        size = fsync_file(partial)
+        move_durably(partial, target)
     finally:
-        _remove(partial)
+        remove_quietly(partial)
     return Backup(source, target, size, revision)
 
 
@@ -72,7 +71,7 @@ def backup_into(url: str, folder: Path, keep: int | None = None) -> tuple[Backup
     ours = sorted(p for p in folder.iterdir() if BACKUP_NAME.fullmatch(p.name) and p.is_file())
     old = ours[:-keep]
     for path in old:
-        _remove(path)
+        remove_quietly(path)
     return done, old
 
 
@@ -93,7 +92,7 @@ def _sqlite_database(url: str) -> Path:
 
 def _copy(source: Path, partial: Path) -> str:
     """Copy ``source`` into ``partial`` with the backup API; its schema revision."""
-    _remove(partial)
+    remove_quietly(partial)
     timeout = SQLITE_BUSY_TIMEOUT_MS / 1000
     try:
         with (
@@ -109,25 +108,3 @@ def _copy(source: Path, partial: Path) -> str:
     if verdict != "ok":
         raise DatabaseError(f"the copy of {source} failed its integrity check: {verdict}")
     return str(revision[0]) if revision else "(none)"
-
-
-def _flush_into_place(partial: Path, target: Path) -> int:
-    """Flush ``partial`` to disk, rename it to ``target`` and flush the folder; its size."""
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    os.replace(partial, target)
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return size
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
