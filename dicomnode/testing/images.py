@@ -54,6 +54,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -93,13 +94,14 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "j2k-lossy": JPEG2000,
     "rle": RLELossless,
     "htj2k-lossless": HTJ2KLossless,
+    "htj2k-rpcl": HTJ2KLosslessRPCL,
     "htj2k-lossy": HTJ2K,
 }
 """Short names of the transfer syntaxes :func:`compress_copy` writes, to their UIDs."""
 
 LOSSLESS: frozenset[str] = frozenset(
     {"implicit", "explicit", "deflate", "jpeg-lossless-sv1", "jpeg-ls-lossless"}
-    | {"j2k-lossless", "rle", "htj2k-lossless"}
+    | {"j2k-lossless", "rle", "htj2k-lossless", "htj2k-rpcl"}
 )
 """The names in :data:`TRANSFER_SYNTAXES` whose pixels decode bit-identical."""
 
@@ -596,11 +598,12 @@ def _encode_jpeg_ls_lossy(ds: Dataset) -> None:
     _mark_lossy(ds, original, "ISO_14495_1")
 
 
-def _htj2k(reversible: bool) -> Callable[[Dataset], None]:
+def _htj2k(reversible: bool, rpcl: bool = False) -> Callable[[Dataset], None]:
     """High-Throughput JPEG 2000 (PS3.5 A.4.11): pydicom decodes it but has no encoder, so
     the codestream is made by OpenJPH through imagecodecs (a test dependency). Reversible is
     lossless, the SOP Instance UID kept; irreversible (OpenJPH's default quantisation) is
-    lossy and marked so."""
+    lossy and marked so. ``rpcl``: the lossless RPCL profile (PS3.5 A.4.12), RPCL
+    progression with a TLM marker segment and one tile-part per resolution."""
 
     def encode(ds: Dataset) -> None:
         import imagecodecs
@@ -608,14 +611,34 @@ def _htj2k(reversible: bool) -> Callable[[Dataset], None]:
         if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
             raise ValueError("htj2k copies are made of single-frame grey images only")
         original = len(ds.PixelData)
-        codestream = imagecodecs.htj2k_encode(ds.pixel_array, reversible=reversible)
-        ds.PixelData = encapsulate([bytes(codestream)])
+        options = {"tlm": True, "tilepart": True} if rpcl else {}
+        codestream = bytes(
+            imagecodecs.htj2k_encode(ds.pixel_array, reversible=reversible, **options)
+        )
+        if rpcl and _progression_order(codestream) != _RPCL:
+            raise RuntimeError("the HTJ2K encoder did not write RPCL progression order")
+        ds.PixelData = encapsulate([codestream])
         ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = HTJ2KLossless if reversible else HTJ2K
+        ds.file_meta.TransferSyntaxUID = (
+            HTJ2KLosslessRPCL if rpcl else HTJ2KLossless if reversible else HTJ2K
+        )
         if not reversible:
             _mark_lossy(ds, original, "ISO_15444_15")
 
     return encode
+
+
+_RPCL = 2
+"""The RPCL progression order's code in a JPEG 2000 COD marker segment (ISO 15444-1 A.6.1)."""
+
+
+def _progression_order(codestream: bytes) -> int:
+    """The progression order that a codestream's COD marker segment names: the byte after
+    the marker (FF52), its length (2 bytes) and its coding style (1 byte)."""
+    at = codestream.find(b"\xff\x52")
+    if at < 0:
+        raise ValueError("the codestream has no COD marker segment")
+    return codestream[at + 5]
 
 
 def _lossless(uid: str, plugin: str = "") -> Callable[[Dataset], None]:
@@ -646,6 +669,7 @@ _PYDICOM_ENCODERS: dict[str, Callable[[Dataset], None]] = {
     "j2k-lossy": _encode_j2k_lossy,
     "rle": _lossless(RLELossless),
     "htj2k-lossless": _htj2k(reversible=True),
+    "htj2k-rpcl": _htj2k(reversible=True, rpcl=True),
     "htj2k-lossy": _htj2k(reversible=False),
 }
 """pydicom encoders (HTJ2K: imagecodecs'): J2K and HTJ2K always, the others only when dcmtk
@@ -684,8 +708,9 @@ def compress_copy(src: Path, dst: Path, syntax: str) -> Path:
         the JPEG-LS names ``dcmcjpls`` (``+el``; ``+en`` near-lossless,
         NEAR 2); ``rle`` ``dcmcrle``. ``j2k-lossless`` and ``j2k-lossy``
         (compression ratio 10) use pydicom with the pylibjpeg-openjpeg
-        encoder; ``htj2k-lossless`` and ``htj2k-lossy`` (High-Throughput
-        JPEG 2000, grey single-frame images) imagecodecs' OpenJPH encoder.
+        encoder; ``htj2k-lossless``, ``htj2k-rpcl`` (lossless, RPCL profile)
+        and ``htj2k-lossy`` (High-Throughput JPEG 2000, grey single-frame
+        images) imagecodecs' OpenJPH encoder.
         Without dcmtk, pydicom writes every syntax except the JPEG (ISO 10918)
         ones. Lossy copies get a new SOP Instance UID and Lossy
         Image Compression ``01``; see the module notes on bit depths.
