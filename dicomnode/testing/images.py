@@ -611,9 +611,14 @@ def _htj2k(reversible: bool, rpcl: bool = False) -> Callable[[Dataset], None]:
         if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
             raise ValueError("htj2k copies are made of single-frame grey images only")
         original = len(ds.PixelData)
-        options = {"tlm": True, "tilepart": True} if rpcl else {}
+        by_resolution = imagecodecs.HTJ2K.TILEPART.RESOLUTIONS
         codestream = bytes(
-            imagecodecs.htj2k_encode(ds.pixel_array, reversible=reversible, **options)
+            imagecodecs.htj2k_encode(
+                ds.pixel_array,
+                reversible=reversible,
+                tlm=rpcl or None,
+                tilepart=by_resolution if rpcl else None,
+            )
         )
         if rpcl and _progression_order(codestream) != _RPCL:
             raise RuntimeError("the HTJ2K encoder did not write RPCL progression order")
