@@ -375,6 +375,36 @@ def health(
 
 
 @app.command()
+def metrics(
+    config: ConfigOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write to this file (replaced whole: node_exporter's textfile *.prom)"),
+    ] = None,
+) -> None:
+    """Print the node's Prometheus metrics (what `serve` answers at /metrics with metrics.port).
+
+    Exit status 1 when the database cannot be read (the text then says dicomnode_database_up 0)."""
+    from dicomnode.db.session import Database
+    from dicomnode.metrics import exposition
+
+    resolved = settings(config)
+    database = Database(resolved.database.url)  # unchecked: a database that is down is a figure
+    try:
+        text, database_up = exposition(database, resolved)
+    finally:
+        database.dispose()
+    if out is None:
+        sys.stdout.buffer.write(text)
+    else:
+        partial = out.with_name(f".{out.name}.partial")  # not *.prom: node_exporter skips it
+        partial.write_bytes(text)
+        os.replace(partial, out)
+    if not database_up:
+        raise typer.Exit(1)
+
+
+@app.command()
 def retry(
     job: Annotated[
         list[int] | None, typer.Option("--job", help="job id (repeatable); default: all dead jobs")

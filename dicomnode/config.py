@@ -388,6 +388,16 @@ class LoggingSettings(_Section):
     json_format: bool = Field(False, alias="json", description="one JSON object per log line")
 
 
+class MetricsSettings(_Section):
+    port: int = Field(
+        0, ge=0, le=65535, description="`serve` answers GET /metrics here (Prometheus), 0 = off"
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="address of the metrics listener (0.0.0.0 for a monitoring host elsewhere)",
+    )
+
+
 class Settings(_Section):
     """All of dicomnode's settings."""
 
@@ -403,6 +413,7 @@ class Settings(_Section):
     models: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()
     tls: TlsSettings = TlsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("peers")
     @classmethod

@@ -35,6 +35,7 @@ from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
 from dicomnode.errors import ConfigError, DatabaseError
+from dicomnode.metrics import start_metrics_server
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.notify import Watchdog, notify
 from dicomnode.peers import list_peers, sync_config_peers
@@ -264,6 +265,12 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
         if reopened:
             log.info("%d association(s) left open by the previous run are closed", reopened)
         servers = start_listeners(settings, db, handlers)
+    try:
+        metrics = start_metrics_server(db, settings)
+    except ConfigError:  # its port is taken: stop listening before saying so
+        for server in servers:
+            server.shutdown()
+        raise
     supervisor = Supervisor(settings, db, settings.workers.count if workers is None else workers)
     supervisor.start()
     if handlers is not None:
@@ -281,6 +288,8 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
         if handlers is not None:
             stop_receiving(servers, handlers)
         supervisor.stop()
+        if metrics is not None:
+            metrics.stop()
         db.dispose()
 
 

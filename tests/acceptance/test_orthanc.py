@@ -6,16 +6,18 @@ import os
 import signal
 import sqlite3
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import NodeProcess, orthanc_and_node, stop_processes
-from dicomnode.testing.peers import Orthanc, wait_for
+from dicomnode.testing.peers import Orthanc, free_port, wait_for
 from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
 pytestmark = [
@@ -35,7 +37,8 @@ def models(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, models: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
-    orthanc, node = orthanc_and_node(tmp_path, models)
+    """Orthanc and a started node, its Prometheus metrics on (``metrics.port``)."""
+    orthanc, node = orthanc_and_node(tmp_path, models, extra={"metrics": {"port": free_port()}})
     try:
         node.start()
         yield orthanc, node
@@ -97,6 +100,25 @@ def test_orthanc_study_gets_sc_and_sr_back(
     status = node.cli("status").stdout
     assert "done" in status
     _assert_private(node)
+    _assert_metrics(node)
+
+
+def _assert_metrics(node: NodeProcess) -> None:
+    """``GET /metrics`` on ``metrics.port`` counts the round trip, without patient data."""
+    url = f"http://127.0.0.1:{node.config['metrics']['port']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        text = answer.read().decode()
+    figures = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert figures[("dicomnode_database_up", ())] == 1
+    assert figures[("dicomnode_jobs", (("kind", "infer"), ("state", "done")))] == 1
+    assert figures[("dicomnode_reports", (("model", "tiny-knee"), ("state", "done")))] == 1
+    assert figures[("dicomnode_sends", (("peer", "PACS"), ("state", "done")))] == 2  # SC, SR
+    assert figures[("process_resident_memory_bytes", ())] > 0  # the node's own process
+    assert "Private" not in text and "P-99321" not in text
 
 
 def _assert_private(node: NodeProcess) -> None:

@@ -1,0 +1,262 @@
+"""Prometheus metrics: the node's state, read from its database at each scrape.
+
+With ``metrics.port`` set, ``serve`` answers ``GET /metrics`` on ``metrics.host`` (loopback by
+default) in Prometheus' text format; ``dicomnode metrics`` prints the same text, or writes it
+for node_exporter's textfile collector (``--out``). A scrape reads the database, so the figures
+are those of the whole node (every receiving host and worker that shares the database), except
+the data folder's free space and the process figures, which are this host's and this process'.
+
+What a radiology IT engineer alerts on: jobs dead (``dicomnode_jobs{state="dead"}``), work
+waiting too long (``dicomnode_jobs_oldest_due_age_seconds``), a destination that stopped
+taking results (``dicomnode_sends`` retrying, ``dicomnode_destination_last_delivery_timestamp_
+seconds``), no images or reports for too long, and the disk. No patient data: job kinds and
+states, model names, AE titles, counts and times.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicomnode import __version__
+from dicomnode.config import MetricsSettings, Settings
+from dicomnode.db.schema import Instance, Job, Report
+from dicomnode.db.session import Database, db_now
+from dicomnode.errors import ConfigError
+from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
+from dicomnode.store.files import free_mb
+from dicomnode.store.instances import PURGED
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+class NodeCollector(Collector):
+    """The node's figures from its database (and this host's data folder), at each scrape.
+
+    When the database cannot be read, only ``dicomnode_database_up 0`` and the build and
+    disk figures are given (and a warning logged), so an alert on the database fires instead
+    of every other figure vanishing."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.database_up = False
+        """Whether the latest scrape read the database."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge("dicomnode_build_info", "the running version", 1, version=__version__)
+        yield from _storage_free(self.settings)
+        try:
+            with self.db.session() as session:
+                figures = list(_from_database(session))
+        except Exception as exc:  # any driver error means the same: the database is down
+            log.warning("metrics: the database cannot be read (%s)", type(exc).__name__)
+            log.debug("metrics: the database's error", exc_info=True)
+            self.database_up = False
+            yield _gauge("dicomnode_database_up", "1 when the database answers", 0)
+            return
+        self.database_up = True
+        yield _gauge("dicomnode_database_up", "1 when the database answers", 1)
+        yield from figures
+
+
+def registry(node: NodeCollector) -> CollectorRegistry:
+    """The node's figures, with this process' (memory, CPU, open files) and Python's."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(node)
+    ProcessCollector(registry=collectors)
+    PlatformCollector(registry=collectors)
+    return collectors
+
+
+def exposition(db: Database, settings: Settings) -> tuple[bytes, bool]:
+    """The metrics in Prometheus' text format (what ``GET /metrics`` answers), and whether
+    the database could be read for them."""
+    node = NodeCollector(db, settings)
+    text = generate_latest(registry(node))
+    return text, node.database_up
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP, in a daemon thread, until :meth:`stop`."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self.server, self.thread = server, thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(db: Database, settings: Settings) -> MetricsServer | None:
+    """Serve the metrics on ``metrics.host``:``metrics.port``; None when the port is 0."""
+    wanted: MetricsSettings = settings.metrics
+    if not wanted.port:
+        return None
+    try:
+        server, thread = start_http_server(
+            wanted.port, wanted.host, registry(NodeCollector(db, settings))
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {wanted.host}:{wanted.port}: {exc.strerror} "
+            "(is another program using this port? change metrics.port)"
+        ) from exc
+    log.info("metrics at http://%s:%d/metrics", wanted.host, server.server_address[1])
+    return MetricsServer(server, thread)
+
+
+# --- the figures ------------------------------------------------------------------------------
+
+
+def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _labelled(
+    name: str, documentation: str, labels: list[str], rows: Iterable[tuple[tuple[str, ...], float]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for values, value in rows:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _epoch(moment: datetime | None) -> float:
+    """Seconds since 1970 of a database time (UTC, held without a zone); 0 for never."""
+    if moment is None:
+        return 0.0
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _storage_free(settings: Settings) -> Iterator[Metric]:
+    storage = settings.storage
+    yield _gauge(
+        "dicomnode_storage_free_bytes",
+        "free space of the data folder's file system on this host",
+        free_mb(storage.data_dir) * MB,
+    )
+    yield _gauge(
+        "dicomnode_storage_min_free_bytes",
+        "storage.min_free_mb: below it C-STORE is refused (0xA700)",
+        storage.min_free_mb * MB,
+    )
+
+
+def _from_database(session: Session) -> Iterator[Metric]:
+    yield from _jobs(session)
+    yield from _images(session)
+    yield from _reports(session)
+    yield from _sends(session)
+
+
+def _jobs(session: Session) -> Iterator[Metric]:
+    counts = counts_by_state(session)
+    yield _labelled(
+        "dicomnode_jobs",
+        "jobs by kind (infer, report, send) and state",
+        ["kind", "state"],
+        (((k, s), counts.get((k, s), 0)) for k in JobKind for s in JobState),
+    )
+    now = db_now(session)
+    yield _labelled(
+        "dicomnode_jobs_oldest_due_age_seconds",
+        "how long the oldest job that a worker could run now has waited (0: none waits)",
+        ["kind"],
+        (((kind,), _oldest_due_age(session, kind, now)) for kind in JobKind),
+    )
+
+
+def _oldest_due_age(session: Session, kind: JobKind, now: datetime) -> float:
+    oldest = session.execute(
+        select(func.min(Job.run_after)).where(Job.kind == kind, due_since(now, kind))
+    ).scalar_one()
+    return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+
+
+def _images(session: Session) -> Iterator[Metric]:
+    rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+    yield _labelled(
+        "dicomnode_images",
+        "images recorded, by state (purged: deleted by retention, the record kept)",
+        ["state"],
+        (((state,), int(count)) for state, count in rows),
+    )
+    held, last = session.execute(
+        select(
+            func.coalesce(func.sum(Instance.size).filter(Instance.state != PURGED), 0),
+            func.max(Instance.received_at),
+        )
+    ).one()
+    yield _gauge("dicomnode_stored_bytes", "bytes of received images held", int(held))
+    yield _gauge(
+        "dicomnode_last_image_received_timestamp_seconds",
+        "when the latest image was received (0: never)",
+        _epoch(last),
+    )
+
+
+def _reports(session: Session) -> Iterator[Metric]:
+    rows = session.execute(
+        select(Report.model_name, Report.state, func.count()).group_by(
+            Report.model_name, Report.state
+        )
+    ).all()
+    yield _labelled(
+        "dicomnode_reports",
+        "analysis rounds (one SR each) by model and state",
+        ["model", "state"],
+        (((model, state), int(count)) for model, state, count in rows),
+    )
+    finished = session.execute(
+        select(Report.model_name, func.max(Report.finished_at)).group_by(Report.model_name)
+    ).all()
+    yield _labelled(
+        "dicomnode_last_report_timestamp_seconds",
+        "when the model's latest round was reported (0: never)",
+        ["model"],
+        (((model,), _epoch(when)) for model, when in finished),
+    )
+
+
+def _sends(session: Session) -> Iterator[Metric]:
+    send = Job.kind == JobKind.SEND
+    rows = session.execute(
+        select(Job.peer, Job.state, func.count()).where(send).group_by(Job.peer, Job.state)
+    ).all()
+    yield _labelled(
+        "dicomnode_sends",
+        "result sends by destination (AE title name) and state (done: delivered)",
+        ["peer", "state"],
+        (((peer or "-", state), int(count)) for peer, state, count in rows),
+    )
+    delivered = session.execute(
+        select(Job.peer, func.max(Job.finished_at))
+        .where(send, Job.state == JobState.DONE)
+        .group_by(Job.peer)
+    ).all()
+    yield _labelled(
+        "dicomnode_destination_last_delivery_timestamp_seconds",
+        "when the destination last took a result",
+        ["peer"],
+        (((peer or "-",), _epoch(when)) for peer, when in delivered),
+    )

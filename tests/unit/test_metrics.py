@@ -1,0 +1,197 @@
+"""Prometheus metrics (`metrics.port`, `dicomnode metrics`): the database's figures as the
+queue, the images, the rounds and the destinations hold them; the database down is a figure."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import MetricsSettings, Settings
+from dicomnode.db.schema import Association, Job, Report
+from dicomnode.db.session import Database, db_now, utcnow
+from dicomnode.errors import ConfigError
+from dicomnode.metrics import exposition, start_metrics_server
+from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
+from dicomnode.testing.node import make_settings
+from dicomnode.testing.peers import LOOPBACK, free_port
+from dicomnode.testing.rows import instance_row
+
+Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _figures(text: bytes | str) -> Figures:
+    """Each sample by its name and sorted labels, as Prometheus would parse the text."""
+    decoded = text.decode() if isinstance(text, bytes) else text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(decoded)
+        for sample in family.samples
+    }
+
+
+def _fill(db: Database) -> None:
+    """Three images (one purged, 5 bytes held), a done round of knee-kl, two infer jobs (one
+    due for five minutes), sends: PACS done, PACS retrying, ARCH dead."""
+    with db.session() as s:
+        s.add(Association(id="a1", calling_ae="MOD", receiver="n", started_at=utcnow()))
+        s.flush()
+        s.add_all(
+            [
+                instance_row("1.1", "a1", size=2, state="done"),
+                instance_row("1.2", "a1", size=3, state="skipped"),
+                instance_row("1.3", "a1", size=7, state="purged"),
+                Report(
+                    study_instance_uid="1.2.3",
+                    model_name="knee-kl",
+                    model_version="2",
+                    sequence=1,
+                    calling_ae="MOD",
+                    state="done",
+                    created_at=utcnow(),
+                    finished_at=utcnow(),
+                ),
+            ]
+        )
+    infer = [q.JobSpec(q.JobKind.INFER, f"infer:{i}", 3, group_key="m") for i in range(2)]
+    sends = [
+        q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in (1, 2)
+    ]
+    with db.session() as s:
+        q.enqueue(
+            s,
+            [*infer, *sends, q.JobSpec(q.JobKind.SEND, "3>ARCH", 1, group_key="ARCH", peer="ARCH")],
+        )
+    with db.session() as s:
+        first, second = q.claim(s, q.JobKind.SEND, "w", 30, limit=2, group_key="PACS")
+        q.complete(s, first.id, "w")
+        q.fail(s, second, "w", "no association", RetryPolicy(5, 60, 600))
+        (dead,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="ARCH")
+        q.fail(s, dead, "w", "0xA900", RetryPolicy(1, 1, 1))
+        early = db_now(s) - timedelta(minutes=5)
+        s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(run_after=early))
+
+
+@pytest.mark.both_databases
+def test_figures_are_the_databases(db: Database, settings: Settings) -> None:
+    _fill(db)
+    text, database_up = exposition(db, settings)
+    figures = _figures(text)
+    assert database_up and figures[("dicomnode_database_up", ())] == 1
+
+    def job(kind: str, state: str) -> float:
+        return figures[("dicomnode_jobs", (("kind", kind), ("state", state)))]
+
+    assert (job("infer", "queued"), job("send", "done"), job("send", "failed")) == (2, 1, 1)
+    assert (job("send", "dead"), job("report", "queued")) == (1, 0)  # every series, zeros too
+    due = figures[("dicomnode_jobs_oldest_due_age_seconds", (("kind", "infer"),))]
+    assert 299 <= due < 400
+    assert figures[("dicomnode_jobs_oldest_due_age_seconds", (("kind", "report"),))] == 0
+
+    def images(state: str) -> float:
+        return figures[("dicomnode_images", (("state", state),))]
+
+    assert (images("done"), images("skipped"), images("purged")) == (1, 1, 1)
+    assert figures[("dicomnode_stored_bytes", ())] == 5  # the purged image's 7 are gone
+    assert figures[("dicomnode_reports", (("model", "knee-kl"), ("state", "done")))] == 1
+
+    def sends(peer: str, state: str) -> float:
+        return figures[("dicomnode_sends", (("peer", peer), ("state", state)))]
+
+    assert (sends("PACS", "done"), sends("PACS", "failed"), sends("ARCH", "dead")) == (1, 1, 1)
+    now = utcnow().timestamp()
+    for name, labels in (
+        ("dicomnode_destination_last_delivery_timestamp_seconds", (("peer", "PACS"),)),
+        ("dicomnode_last_report_timestamp_seconds", (("model", "knee-kl"),)),
+        ("dicomnode_last_image_received_timestamp_seconds", ()),
+    ):
+        assert abs(figures[(name, labels)] - now) < 120, name  # UTC, not local time
+    assert ("dicomnode_destination_last_delivery_timestamp_seconds", (("peer", "ARCH"),)) not in (
+        figures
+    )
+    assert figures[("dicomnode_storage_min_free_bytes", ())] == settings.storage.min_free_mb * 2**20
+
+
+def test_a_database_that_is_down_is_a_figure(tmp_path: Path) -> None:
+    """No table to read: ``dicomnode_database_up 0``, the disk still measured, no queue
+    figures (rather than zeros that look healthy)."""
+    settings = make_settings(tmp_path)  # its database was never made
+    db = Database(settings.database.url)
+    try:
+        text, database_up = exposition(db, settings)
+    finally:
+        db.dispose()
+    figures = _figures(text)
+    assert not database_up and figures[("dicomnode_database_up", ())] == 0
+    assert figures[("dicomnode_storage_free_bytes", ())] > 0
+    assert not any(name == "dicomnode_jobs" for name, _ in figures)
+
+
+def test_serves_get_metrics_until_stopped(db: Database, settings: Settings) -> None:
+    _fill(db)
+    port = free_port()
+    server = start_metrics_server(
+        db, settings.model_copy(update={"metrics": MetricsSettings(port=port)})
+    )
+    assert server is not None and server.port == port
+    url = f"http://{LOOPBACK}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            assert answer.status == 200
+            assert answer.headers["Content-Type"].startswith("text/plain")
+            figures = _figures(answer.read())
+    finally:
+        server.stop()
+    assert figures[("dicomnode_sends", (("peer", "ARCH"), ("state", "dead")))] == 1
+    assert figures[("process_resident_memory_bytes", ())] > 0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
+
+
+def test_port_zero_is_off_and_a_taken_port_is_a_clear_error(
+    db: Database, settings: Settings
+) -> None:
+    assert start_metrics_server(db, settings) is None  # metrics.port 0, the default
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = settings.model_copy(update={"metrics": MetricsSettings(port=port)})
+        with pytest.raises(ConfigError, match=rf"metrics on 127\.0\.0\.1:{port}.*metrics\.port"):
+            start_metrics_server(db, busy)
+
+
+def test_cli_writes_a_textfile_and_fails_when_the_database_is_down(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """``dicomnode metrics --out FILE`` for node_exporter's textfile collector: the file is
+    replaced whole (no partial file left beside it); exit status 1 with the database down."""
+    _fill(db)
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"storage: {{data_dir: {settings.storage.data_dir}}}\n"
+        f"database: {{url: '{settings.database.url}'}}\n"
+    )
+    out = tmp_path / "prom" / "dicomnode.prom"
+    out.parent.mkdir()
+    out.write_text("stale\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["metrics", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        _figures(out.read_text())[("dicomnode_sends", (("peer", "PACS"), ("state", "done")))] == 1
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dicomnode.prom"]
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/none/x.db'}}\n")
+    down = runner.invoke(app, ["metrics", "--config", str(config)])
+    assert down.exit_code == 1
+    assert _figures(down.stdout)[("dicomnode_database_up", ())] == 0
