@@ -117,6 +117,8 @@ def _assert_metrics(node: NodeProcess) -> None:
     assert figures[("dicomnode_jobs", (("kind", "infer"), ("state", "done")))] == 1
     assert figures[("dicomnode_reports", (("model", "tiny-knee"), ("state", "done")))] == 1
     assert figures[("dicomnode_sends", (("peer", "PACS"), ("state", "done")))] == 2  # SC, SR
+    assert figures[("dicomnode_turnaround_last_hour_rounds", ())] == 1
+    assert 0 < figures[("dicomnode_turnaround_last_hour_seconds", (("quantile", "1"),))] < 120
     assert figures[("process_resident_memory_bytes", ())] > 0  # the node's own process
     assert "Private" not in text and "P-99321" not in text
 
