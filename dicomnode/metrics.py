@@ -16,10 +16,9 @@ states, model names, AE titles, counts and times.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -34,7 +33,8 @@ from dicomnode.config import MetricsSettings, Settings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.db.session import Database, db_now
 from dicomnode.errors import ConfigError
-from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, due_since
+from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
+from dicomnode.status import turnaround
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
 
@@ -240,73 +240,25 @@ def _reports(session: Session) -> Iterator[Metric]:
     )
 
 
-TURNAROUND_WINDOW = timedelta(hours=1)
-"""The rounds whose SR was made this recently make the turnaround figures."""
-
-QUANTILES = (0.5, 0.95, 1.0)
-
-
 def _turnaround(session: Session) -> Iterator[Metric]:
-    """From a round's last image received to its last result delivered (to every
-    destination; a round kept here, or with nowhere to go: to its SR made), over the rounds
-    reported in the last hour and delivered: the time a radiologist waits for the AI."""
-    seconds = sorted(_turnarounds(session, db_now(session) - TURNAROUND_WINDOW))
+    """The time a radiologist waits for the AI (:func:`dicomnode.status.turnaround`)."""
+    state = turnaround(session)
     yield _labelled(
         "dicomnode_turnaround_last_hour_seconds",
         "from a round's last image received to its results delivered, over the last hour's "
         "rounds (quantile 1: the longest)",
         ["quantile"],
-        (((f"{q:g}",), _quantile(seconds, q)) for q in QUANTILES),
+        (
+            (("0.5",), state.median_seconds),
+            (("0.95",), state.p95_seconds),
+            (("1",), state.longest_seconds),
+        ),
     )
     yield _gauge(
         "dicomnode_turnaround_last_hour_rounds",
         "rounds reported in the last hour and delivered (what the turnaround is of)",
-        len(seconds),
+        state.rounds,
     )
-
-
-def _turnarounds(session: Session, since: datetime) -> list[float]:
-    finished = dict(
-        session.execute(
-            select(Report.id, Report.finished_at).where(Report.finished_at >= since)
-        ).all()
-    )
-    if not finished:
-        return []
-    last_image = dict(
-        session.execute(
-            select(Instance.report_id, func.max(Instance.received_at))
-            .where(Instance.report_id.in_(finished))
-            .group_by(Instance.report_id)
-        ).all()
-    )
-    sends = {
-        report_id: (delivered, waiting)
-        for report_id, delivered, waiting in session.execute(
-            select(
-                Job.report_id,
-                func.max(Job.finished_at).filter(Job.state == JobState.DONE),
-                func.count().filter(Job.state.in_(PENDING)),
-            )
-            .where(Job.kind == JobKind.SEND, Job.report_id.in_(finished))
-            .group_by(Job.report_id)
-        ).all()
-    }
-    spans = []
-    for report_id, made in finished.items():
-        delivered, waiting = sends.get(report_id, (made, 0))
-        received = last_image.get(report_id)
-        if waiting or received is None or delivered is None or made is None:
-            continue  # results still on their way (or a round without images: none)
-        spans.append(max(0.0, (delivered - received).total_seconds()))
-    return spans
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """The ``q`` quantile of ``ordered`` (the nearest rank; 0 when empty)."""
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _sends(session: Session) -> Iterator[Metric]:

@@ -8,8 +8,9 @@ patient data: studies and images are named by their UIDs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from rich.table import Table
@@ -20,7 +21,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.config import ResultsSettings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
-from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, dead_jobs
+from dicomnode.db.session import db_now
+from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
 
@@ -110,6 +112,18 @@ class StorageState:
 
 
 @dataclass(frozen=True)
+class TurnaroundState:
+    """The time a radiologist waits for the AI: from a round's last image received to its
+    last result delivered to every destination (a round kept here, or with nowhere to go: to
+    its SR made), over the rounds reported in the last hour and delivered."""
+
+    rounds: int
+    median_seconds: float
+    p95_seconds: float
+    longest_seconds: float
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """Everything ``dicomnode status`` shows."""
 
@@ -121,6 +135,7 @@ class NodeStatus:
     dead_total: int
     dead: tuple[DeadJob, ...]
     skipped: tuple[SkippedInstance, ...]
+    turnaround: TurnaroundState
 
 
 def node_status(
@@ -144,6 +159,7 @@ def node_status(
         dead_total=_count(session, (), JobState.DEAD),
         dead=_dead(session),
         skipped=_skipped(session, limit),
+        turnaround=turnaround(session),
     )
 
 
@@ -226,6 +242,62 @@ def routing(results: ResultsSettings) -> tuple[RouteState, ...]:
     )
     others = results.destinations
     return (*routed, RouteState(OTHER_MODELS, others, "destinations" if others else "caller"))
+
+
+TURNAROUND_WINDOW = timedelta(hours=1)
+"""The rounds whose SR was made this recently make the turnaround figures."""
+
+
+def turnaround(session: Session) -> TurnaroundState:
+    """The last hour's rounds' turnaround (:class:`TurnaroundState`)."""
+    seconds = sorted(_turnarounds(session, db_now(session) - TURNAROUND_WINDOW))
+    return TurnaroundState(
+        len(seconds), _quantile(seconds, 0.5), _quantile(seconds, 0.95), _quantile(seconds, 1)
+    )
+
+
+def _turnarounds(session: Session, since: datetime) -> list[float]:
+    finished = dict(
+        session.execute(
+            select(Report.id, Report.finished_at).where(Report.finished_at >= since)
+        ).all()
+    )
+    if not finished:
+        return []
+    last_image = dict(
+        session.execute(
+            select(Instance.report_id, func.max(Instance.received_at))
+            .where(Instance.report_id.in_(finished))
+            .group_by(Instance.report_id)
+        ).all()
+    )
+    sends = {
+        report_id: (delivered, waiting)
+        for report_id, delivered, waiting in session.execute(
+            select(
+                Job.report_id,
+                func.max(Job.finished_at).filter(Job.state == JobState.DONE),
+                func.count().filter(Job.state.in_(PENDING)),
+            )
+            .where(Job.kind == JobKind.SEND, Job.report_id.in_(finished))
+            .group_by(Job.report_id)
+        ).all()
+    }
+    spans = []
+    for report_id, made in finished.items():
+        delivered, waiting = sends.get(report_id, (made, 0))
+        received = last_image.get(report_id)
+        if waiting or received is None or delivered is None or made is None:
+            continue  # results still on their way (or a round without images: none)
+        spans.append(max(0.0, (delivered - received).total_seconds()))
+    return spans
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of ``ordered`` (the nearest rank; 0 when empty)."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _count(session: Session, where: tuple[ColumnElement[bool], ...], *states: JobState) -> int:
@@ -383,11 +455,26 @@ def _storage_table(storage: StorageState) -> Table:
     return table
 
 
+def _turnaround_table(state: TurnaroundState) -> Table:
+    table = Table("rounds", "median", "95%", "longest", title="Turnaround, last hour")
+    if not state.rounds:
+        table.add_row("0", "-", "-", "-")
+        table.caption = "none reported and delivered"
+        return table
+    table.add_row(
+        str(state.rounds),
+        *(f"{s:,.1f} s" for s in (state.median_seconds, state.p95_seconds, state.longest_seconds)),
+    )
+    table.caption = "from a round's last image received to its last result delivered"
+    return table
+
+
 def render_status(status: NodeStatus) -> list[Table]:
     """The status as the tables ``dicomnode status`` prints, storage first when known."""
     tables = [
         _studies_table(status.studies),
         _queue_table(status.jobs),
+        _turnaround_table(status.turnaround),
         _destinations_table(status.destinations),
         *([_routing_table(status.routing)] if status.routing else []),
         _dead_table(status.dead, status.dead_total),

@@ -4,10 +4,14 @@ about."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from dicomnode.db.schema import Instance
-from dicomnode.db.session import utcnow
+from sqlalchemy import update
+
+from dicomnode.db.schema import Association, Instance, Job, Report
+from dicomnode.db.session import Database, utcnow
+from dicomnode.queue import jobs as q
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -29,3 +33,37 @@ def instance_row(sop_instance_uid: str, association_id: str, **columns: Any) -> 
     }
     values.update(columns)
     return Instance(sop_instance_uid=sop_instance_uid, association_id=association_id, **values)
+
+
+def round_row(db: Database, key: str, *, image_at: datetime, made_at: datetime) -> int:
+    """A done round (of knee-kl, study ``1.2.<key>``) of one image received at ``image_at``
+    over association ``a1`` (made if missing), its SR made at ``made_at``; the round's id."""
+    with db.session() as s:
+        if s.get(Association, "a1") is None:
+            s.add(Association(id="a1", calling_ae="MOD", receiver="n", started_at=image_at))
+        report = Report(
+            study_instance_uid=f"1.2.{key}",
+            model_name="knee-kl",
+            model_version="2",
+            sequence=1,
+            calling_ae="MOD",
+            state="done",
+            created_at=image_at,
+            finished_at=made_at,
+        )
+        s.add(report)
+        s.flush()
+        s.add(instance_row(f"1.9.{key}", "a1", report_id=report.id, received_at=image_at))
+        return report.id
+
+
+def send_row(db: Database, round_id: int, key: str, *, done_at: datetime | None) -> None:
+    """A send (to PACS) of one of the round's results: delivered at ``done_at``, or queued."""
+    with db.session() as s:
+        q.enqueue(s, [q.JobSpec(q.JobKind.SEND, key, 5, report_id=round_id, peer="PACS")])
+        if done_at is not None:
+            s.execute(
+                update(Job)
+                .where(Job.dedupe_key == key)
+                .values(state=q.JobState.DONE, finished_at=done_at)
+            )

@@ -11,11 +11,11 @@ from rich.console import Console
 from sqlalchemy import update
 
 from dicomnode.db.schema import Job
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, db_now
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
-from dicomnode.status import node_status, render_status
-from dicomnode.testing.rows import instance_row
+from dicomnode.status import TurnaroundState, node_status, render_status, turnaround
+from dicomnode.testing.rows import instance_row, round_row, send_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -78,6 +78,12 @@ def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
     ]
     assert data["dead"][0]["target"].endswith(" -> ARCH")
     assert data["studies"] == [] and data["skipped"] == [] and data["storage"] is None
+    assert data["turnaround"] == {
+        "rounds": 0,
+        "median_seconds": 0,
+        "p95_seconds": 0,
+        "longest_seconds": 0,
+    }
 
 
 def test_where_each_models_results_go(db: Database) -> None:
@@ -180,3 +186,31 @@ def test_a_study_whose_analysis_or_report_died_shows_dead_not_waiting(db: Databa
         s.execute(update(Job).where(Job.kind == q.JobKind.REPORT).values(state=q.JobState.DEAD))
     study = next(line for line in _render(db).splitlines() if "1.2.3 " in line)
     assert "m#1:dead" in study
+
+
+def test_turnaround_is_from_the_last_image_to_the_last_delivery(db: Database) -> None:
+    """Over the last hour's rounds: delivered 40 s after the image; kept here (no sends),
+    its SR made 10 s after; one whose SR is still to be sent and one of two hours ago are
+    left out."""
+    with db.session() as s:
+        now = db_now(s)
+    t = now - timedelta(minutes=10)
+    delivered = round_row(db, "1", image_at=t, made_at=t + timedelta(seconds=30))
+    send_row(db, delivered, "sc>PACS", done_at=t + timedelta(seconds=35))
+    send_row(db, delivered, "sr>PACS", done_at=t + timedelta(seconds=40))
+    round_row(db, "2", image_at=t, made_at=t + timedelta(seconds=10))
+    sending = round_row(db, "3", image_at=t, made_at=t + timedelta(seconds=5))
+    send_row(db, sending, "sc3>PACS", done_at=t + timedelta(seconds=6))  # its SR not yet
+    send_row(db, sending, "sr3>PACS", done_at=None)
+    old = now - timedelta(hours=2)
+    send_row(db, round_row(db, "4", image_at=old, made_at=old), "sr4>PACS", done_at=old)
+    with db.session() as s:
+        assert turnaround(s) == TurnaroundState(2, 10, 40, 40)
+    row = next(line for line in _render(db).splitlines() if "40.0 s" in line)
+    assert [cell.strip() for cell in row.split("│")[1:5]] == ["2", "10.0 s", "40.0 s", "40.0 s"]
+
+
+def test_turnaround_of_no_round_says_so(db: Database) -> None:
+    with db.session() as s:
+        assert turnaround(s) == TurnaroundState(0, 0, 0, 0)
+    assert "none reported and delivered" in _render(db)
