@@ -4,14 +4,15 @@ about."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import update
 
 from dicomnode.db.schema import Association, Instance, Job, Report
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.queue import jobs as q
+from dicomnode.queue.retry import RetryPolicy
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 EXPLICIT_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -67,3 +68,46 @@ def send_row(db: Database, round_id: int, key: str, *, done_at: datetime | None)
                 .where(Job.dedupe_key == key)
                 .values(state=q.JobState.DONE, finished_at=done_at)
             )
+
+
+def fill_known_state(db: Database) -> None:
+    """A node's database in a known state (tests of status figures and alerts): three
+    images (one purged, 5 bytes held), a done round of knee-kl, two infer jobs (one due for
+    five minutes), sends: PACS done, PACS retrying, ARCH dead."""
+    with db.session() as s:
+        s.add(Association(id="a1", calling_ae="MOD", receiver="n", started_at=utcnow()))
+        s.flush()
+        s.add_all(
+            [
+                instance_row("1.1", "a1", size=2, state="done"),
+                instance_row("1.2", "a1", size=3, state="skipped"),
+                instance_row("1.3", "a1", size=7, state="purged"),
+                Report(
+                    study_instance_uid="1.2.3",
+                    model_name="knee-kl",
+                    model_version="2",
+                    sequence=1,
+                    calling_ae="MOD",
+                    state="done",
+                    created_at=utcnow(),
+                    finished_at=utcnow(),
+                ),
+            ]
+        )
+    infer = [q.JobSpec(q.JobKind.INFER, f"infer:{i}", 3, group_key="m") for i in range(2)]
+    sends = [
+        q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in (1, 2)
+    ]
+    with db.session() as s:
+        q.enqueue(
+            s,
+            [*infer, *sends, q.JobSpec(q.JobKind.SEND, "3>ARCH", 1, group_key="ARCH", peer="ARCH")],
+        )
+    with db.session() as s:
+        first, second = q.claim(s, q.JobKind.SEND, "w", 30, limit=2, group_key="PACS")
+        q.complete(s, first.id, "w")
+        q.fail(s, second, "w", "no association", RetryPolicy(5, 60, 600))
+        (dead,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="ARCH")
+        q.fail(s, dead, "w", "0xA900", RetryPolicy(1, 1, 1))
+        early = db_now(s) - timedelta(minutes=5)
+        s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(run_after=early))

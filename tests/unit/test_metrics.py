@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import MetricsSettings, Settings
-from dicomnode.db.schema import Association, Job, Report
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.errors import ConfigError
 from dicomnode.metrics import exposition, start_metrics_server
-from dicomnode.queue import jobs as q
-from dicomnode.queue.retry import RetryPolicy
 from dicomnode.testing.node import make_settings
 from dicomnode.testing.peers import LOOPBACK, free_port
-from dicomnode.testing.rows import instance_row, round_row, send_row
+from dicomnode.testing.rows import fill_known_state, round_row, send_row
 
 Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -39,51 +35,9 @@ def _figures(text: bytes | str) -> Figures:
     }
 
 
-def _fill(db: Database) -> None:
-    """Three images (one purged, 5 bytes held), a done round of knee-kl, two infer jobs (one
-    due for five minutes), sends: PACS done, PACS retrying, ARCH dead."""
-    with db.session() as s:
-        s.add(Association(id="a1", calling_ae="MOD", receiver="n", started_at=utcnow()))
-        s.flush()
-        s.add_all(
-            [
-                instance_row("1.1", "a1", size=2, state="done"),
-                instance_row("1.2", "a1", size=3, state="skipped"),
-                instance_row("1.3", "a1", size=7, state="purged"),
-                Report(
-                    study_instance_uid="1.2.3",
-                    model_name="knee-kl",
-                    model_version="2",
-                    sequence=1,
-                    calling_ae="MOD",
-                    state="done",
-                    created_at=utcnow(),
-                    finished_at=utcnow(),
-                ),
-            ]
-        )
-    infer = [q.JobSpec(q.JobKind.INFER, f"infer:{i}", 3, group_key="m") for i in range(2)]
-    sends = [
-        q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in (1, 2)
-    ]
-    with db.session() as s:
-        q.enqueue(
-            s,
-            [*infer, *sends, q.JobSpec(q.JobKind.SEND, "3>ARCH", 1, group_key="ARCH", peer="ARCH")],
-        )
-    with db.session() as s:
-        first, second = q.claim(s, q.JobKind.SEND, "w", 30, limit=2, group_key="PACS")
-        q.complete(s, first.id, "w")
-        q.fail(s, second, "w", "no association", RetryPolicy(5, 60, 600))
-        (dead,) = q.claim(s, q.JobKind.SEND, "w", 30, group_key="ARCH")
-        q.fail(s, dead, "w", "0xA900", RetryPolicy(1, 1, 1))
-        early = db_now(s) - timedelta(minutes=5)
-        s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(run_after=early))
-
-
 @pytest.mark.both_databases
 def test_figures_are_the_databases(db: Database, settings: Settings) -> None:
-    _fill(db)
+    fill_known_state(db)
     text, database_up = exposition(db, settings)
     figures = _figures(text)
     assert database_up and figures[("dicomnode_database_up", ())] == 1
@@ -137,7 +91,7 @@ def test_a_database_that_is_down_is_a_figure(tmp_path: Path) -> None:
 
 
 def test_serves_get_metrics_until_stopped(db: Database, settings: Settings) -> None:
-    _fill(db)
+    fill_known_state(db)
     port = free_port()
     server = start_metrics_server(
         db, settings.model_copy(update={"metrics": MetricsSettings(port=port)})
@@ -175,7 +129,7 @@ def test_cli_writes_a_textfile_and_fails_when_the_database_is_down(
 ) -> None:
     """``dicomnode metrics --out FILE`` for node_exporter's textfile collector: the file is
     replaced whole (no partial file left beside it); exit status 1 with the database down."""
-    _fill(db)
+    fill_known_state(db)
     config = tmp_path / "node.yaml"
     config.write_text(
         f"storage: {{data_dir: {settings.storage.data_dir}}}\n"
