@@ -294,7 +294,7 @@ def status(
 
     resolved = settings(config)
     db = _database(resolved)
-    with db.session() as session:
+    with db.reading() as session:
         state = node_status(session, limit, resolved.storage, resolved.results)
     if as_json:
         typer.echo(json.dumps(asdict(state), default=_iso, indent=1))
@@ -329,7 +329,7 @@ def study(
 
     resolved = settings(config)
     db = _database(resolved)
-    with db.session() as session:
+    with db.reading() as session:
         history = study_history(session, study_uid.strip(), class_names(Path(resolved.models.dir)))
     if history is None:
         err.print(f"the node holds no record of study {escape(study_uid)}")

@@ -60,7 +60,7 @@ class NodeCollector(Collector):
         yield _gauge("dicomnode_build_info", "the running version", 1, version=__version__)
         yield from _storage_free(self.settings)
         try:
-            with self.db.session() as session:
+            with self.db.reading() as session:
                 figures = list(_from_database(session))
         except Exception as exc:  # any driver error means the same: the database is down
             log.warning("metrics: the database cannot be read (%s)", type(exc).__name__)

@@ -23,6 +23,9 @@ from dicomnode.errors import DatabaseError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+READ_ONLY = "dicomnode_read_only"
+"""The execution option of :meth:`Database.reading`'s connections (SQLite: a plain ``BEGIN``)."""
+
 
 def utcnow() -> datetime:
     """Naive UTC now (the database stores naive UTC timestamps)."""
@@ -68,7 +71,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        reading = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -105,6 +109,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
 
     @property
     def is_postgres(self) -> bool:
@@ -120,6 +127,18 @@ class Database:
             session.rollback()
             raise
         finally:
+            session.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session that only reads (``status``, metrics scrapes): on SQLite it takes no
+        write lock (a plain ``BEGIN``: WAL readers neither wait for writers nor hold them
+        up), so a slow read never delays a C-STORE's commit. It is rolled back at the end."""
+        session = self._readers()
+        try:
+            yield session
+        finally:
+            session.rollback()
             session.close()
 
     def now(self) -> datetime:

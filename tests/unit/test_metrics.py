@@ -4,6 +4,7 @@ queue, the images, the rounds and the destinations hold them; the database down 
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import MetricsSettings, Settings
+from dicomnode.db.schema import Association, Job
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.errors import ConfigError
 from dicomnode.metrics import exposition, start_metrics_server
@@ -166,3 +169,21 @@ def test_turnaround_figures_are_the_status_ones(db: Database, settings: Settings
 
     assert figures[("dicomnode_turnaround_last_hour_rounds", ())] == 3
     assert (quantile("0.5"), quantile("0.95"), quantile("1")) == (30, 45, 45)
+
+
+def test_a_scrape_neither_waits_for_nor_holds_up_a_writer(db: Database, settings: Settings) -> None:
+    """SQLite: a scrape reads without the write lock (WAL), so a C-STORE's commit that
+    holds it does not make the scrape wait its busy timeout (30 s) and fail, and a writer
+    can start while a scrape reads."""
+    fill_known_state(db)
+    with db.session() as writing:  # BEGIN IMMEDIATE: the write lock, held until the end
+        writing.add(Association(id="a2", calling_ae="MOD", receiver="n", started_at=utcnow()))
+        writing.flush()
+        started = time.monotonic()
+        text, database_up = exposition(db, settings)
+        assert database_up and time.monotonic() - started < 10
+    assert _figures(text)[("dicomnode_images", (("state", "done"),))] == 1
+    with db.reading() as reading:
+        reading.execute(select(func.count()).select_from(Job)).scalar_one()
+        with db.session() as writer:  # would wait 30 s behind a reader holding the lock
+            writer.add(Association(id="a3", calling_ae="MOD", receiver="n", started_at=utcnow()))
