@@ -22,6 +22,7 @@ checkpoint whose images or folds differ from the run's.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -416,21 +417,61 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     trainer = _make_trainer(prepared, train_idx)
     directory = _fold_dir(config, fold)
     folds = folds_record(prepared)
-    state = _restore(directory, trainer, prepared.device, folds) if resume else LoopState()
-    if resume and state.epoch:
-        # A recipe resumed with more epochs or patience goes on from where it stopped.
-        state.finished = _stops(state, config)
-    if not resume and directory.exists():
-        for stale in ("last.pt", "best.pt"):
-            (directory / stale).unlink(missing_ok=True)
-    train_set = fold_dataset(prepared, train_idx, augment=True)
-    valid_set = fold_dataset(prepared, valid_idx, augment=False)
-    _log_fold_start(fold, train_idx, valid_idx, state)
-    with _progress() as progress, trainer.supervision or nullcontext():
-        while not state.finished:
-            improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
-            _save_checkpoint(directory, trainer, state, best=improved, folds=folds)
+    with fold_lock(directory):
+        state = _restore(directory, trainer, prepared.device, folds) if resume else LoopState()
+        if resume and state.epoch:
+            # A recipe resumed with more epochs or patience goes on from where it stopped.
+            state.finished = _stops(state, config)
+        if not resume and directory.exists():
+            for stale in ("last.pt", "best.pt"):
+                (directory / stale).unlink(missing_ok=True)
+        train_set = fold_dataset(prepared, train_idx, augment=True)
+        valid_set = fold_dataset(prepared, valid_idx, augment=False)
+        _log_fold_start(fold, train_idx, valid_idx, state)
+        with _progress() as progress, trainer.supervision or nullcontext():
+            while not state.finished:
+                improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
+                _save_checkpoint(directory, trainer, state, best=improved, folds=folds)
     return _result_from_checkpoint(prepared, fold)
+
+
+LOCK_FILE = ".lock"
+"""In a fold's checkpoint folder: held (``flock``) by the run training that fold."""
+
+
+@contextmanager
+def fold_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory`` (a fold's checkpoints) for this process while it trains there.
+
+    Two runs on one fold's checkpoints (``--fold 4`` beside ``--fold final``, which resumes
+    every fold first; the same command started twice) would overwrite each other's epochs;
+    the second is refused instead, naming the first's process. The lock ends with the
+    process, so a killed run leaves nothing to clean up.
+
+    Raises
+    ------
+    TrainingError
+        If another process holds it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILE).open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise TrainingError(
+                f"{directory} is being trained by {holder}: wait for that run to end (a "
+                "`--fold final` run resumes every fold, so start it after the folds' runs)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _log_fold_start(

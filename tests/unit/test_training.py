@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -624,6 +625,18 @@ def test_resume_continues_from_the_last_checkpoint(
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert load_card(directory).metrics["epochs_run"] == 3
     assert export_from_checkpoints(recipe) == directory
+
+
+def test_a_fold_in_training_is_not_trained_by_a_second_run(tmp_path: Path) -> None:
+    """A second run on a fold's checkpoints (``--fold final`` beside ``--fold 4``, or the same
+    command twice) is refused, naming the run that holds them; once it ends, it goes."""
+    recipe = _smoke_config(tmp_path, epochs=1)
+    with train_module.fold_lock(tmp_path / "checkpoints" / "fold-0"):  # the "other" run
+        with pytest.raises(TrainingError, match=rf"being trained by process {os.getpid()}"):
+            train_from_config(recipe)
+        assert not (tmp_path / "checkpoints" / "fold-0" / "last.pt").exists()
+    directory = train_from_config(recipe)
+    assert load_card(directory).metrics["epochs_run"] == 1
 
 
 def _spy(function: Any, seen: list[int]) -> Any:
