@@ -135,6 +135,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("kind", "dedupe_key"),
         Index("ix_jobs_claim", "kind", "state", "run_after"),
+        Index("ix_jobs_peer", "kind", "peer", "state", "finished_at"),  # status, metrics
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
