@@ -1033,6 +1033,9 @@ def bench(
     burst_images: Annotated[int, typer.Option(help="images per burst study")] = 4,
     pacs_studies: Annotated[int, typer.Option(help="studies timed through Orthanc (0: skip)")] = 10,
     soak: Annotated[int, typer.Option(help="small images for the memory soak (0: skip)")] = 1000,
+    records: Annotated[
+        int, typer.Option(help="jobs in the database for the status and metrics read (0: skip)")
+    ] = 700_000,
     models_dir: Annotated[Path, typer.Option("--models-dir")] = Path("models"),
     out: Annotated[Path, typer.Option("--out", help="folder for the JSON result")] = Path(
         "var/bench"
@@ -1051,6 +1054,7 @@ def bench(
         burst_images=burst_images,
         pacs_studies=pacs_studies,
         soak_images=soak,
+        records_jobs=records,
         models_dir=models_dir,
         out_dir=out,
         device=device,

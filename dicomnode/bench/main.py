@@ -25,6 +25,7 @@ from dicomnode.bench.data import (
     knee_pictures_available,
     make_studies,
 )
+from dicomnode.bench.records import records
 from dicomnode.config import Settings
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -43,6 +44,7 @@ class BenchOptions:
     burst_images: int = 4
     pacs_studies: int = 10
     soak_images: int = 1000
+    records_jobs: int = 700_000
     models_dir: Path = Path("models")
     out_dir: Path = Path("var/bench")
     work_dir: Path | None = None
@@ -121,6 +123,9 @@ def run_bench(options: BenchOptions, console: Console) -> Path:
             figures["soak"] = run.soak(
                 scratch, models_dir, options.soak_images, min(100, options.soak_images)
             )
+        if options.records_jobs:
+            console.print(f"records: status and a metrics scrape over {options.records_jobs} jobs")
+            figures["records"] = records(scratch, options.records_jobs)
         # The bare loop's images/s is measured on half the burst's studies (same sizes, in turn).
         bare_studies = max(1, options.burst_studies // 2)
         bare_data = make_studies(scratch / "bare-data", bare_studies, options.burst_images)
@@ -231,5 +236,12 @@ def table(figures: dict[str, Any]) -> Table:
             f"RSS after {k['checkpoint']} / {k['images']} images, MB (growth)",
             f"{k['rss_at_checkpoint_mb']:.0f} / {k['rss_at_end_mb']:.0f} ({k['growth']:+.1%})",
             "<= +10%",
+        )
+    if "records" in figures:
+        r = figures["records"]
+        out.add_row(
+            f"status / metrics scrape with {r['jobs']:,} jobs (SQLite), s",
+            f"{r['status_seconds']:.2f} / {r['metrics_seconds']:.2f}",
+            "<= 1.0",
         )
     return out

@@ -25,6 +25,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         burst_images=1,
         pacs_studies=1,
         soak_images=3,
+        records_jobs=2000,
         models_dir=tmp_path / "no-models",
         out_dir=tmp_path / "bench",
         work_dir=tmp_path,
@@ -41,6 +42,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         "burst",
         "bare",
         "model_limit",
+        "records",
     }
     assert len(figures["pacs"]["sr_seconds"]) == 1
     assert figures["receive_1"]["files_per_s"]["dicomnode"] > 0
@@ -50,5 +52,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert 0 < startup["port"] <= startup["workers"]
     roles = {name.rsplit(" ", 1)[0] for name in figures["burst"]["peak_rss_mb_by_process"]}
     assert {"main", "fork server", "worker"} <= roles
+    records = figures["records"]
+    assert records["jobs"] == 2000 and records["status_seconds"] > 0
+    assert records["metrics_seconds"] > 0
     assert "untrained" in result["settings"]["model"]
     assert result["versions"]["torch"].startswith("2.14.1")

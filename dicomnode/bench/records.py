@@ -1,0 +1,82 @@
+"""How long ``dicomnode status`` and a metrics scrape take once the database holds years of
+records: the node keeps every job's row (a study's history), so these reads must stay quick as
+the jobs table grows (about 700,000 rows a year at a busy site: 500 images a day, each with its
+analysis, a share of a report and three sends)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+
+from dicomnode.db.migrate import upgrade
+from dicomnode.db.schema import Job
+from dicomnode.db.session import Database, utcnow
+from dicomnode.metrics import exposition
+from dicomnode.status import node_status
+from dicomnode.testing.node import make_settings
+
+KINDS = ("infer", "report", "send", "send", "send")
+"""The mix of a busy site's jobs: per image its analysis, a report, three sends."""
+
+BATCH = 50_000
+
+
+def records(scratch: Path, jobs: int) -> dict[str, Any]:
+    """Seconds of one ``status`` read and one metrics scrape (each the second of two, the
+    first warming the caches) on a SQLite database of ``jobs`` finished jobs."""
+    settings = make_settings(scratch / "records")
+    upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    try:
+        _fill(db, jobs)
+
+        def status() -> None:
+            with db.reading() as session:
+                node_status(session, 10, settings.storage, settings.results)
+
+        return {
+            "jobs": jobs,
+            "status_seconds": _second_of_two(status),
+            "metrics_seconds": _second_of_two(lambda: exposition(db, settings)),
+        }
+    finally:
+        db.dispose()
+
+
+def _fill(db: Database, jobs: int) -> None:
+    now = utcnow()
+    for start in range(0, jobs, BATCH):
+        rows = [_row(i, jobs, now) for i in range(start, min(jobs, start + BATCH))]
+        with db.session() as session:
+            session.execute(insert(Job), rows)
+
+
+def _row(i: int, jobs: int, now: Any) -> dict[str, Any]:
+    kind = KINDS[i % len(KINDS)]
+    at = now - timedelta(seconds=jobs - i)
+    return {
+        "kind": kind,
+        "dedupe_key": f"bench:{i}",
+        "state": "done",
+        "group_key": "PACS" if kind == "send" else "knee-kl:2",
+        "peer": "PACS" if kind == "send" else None,
+        "attempts": 1,
+        "max_attempts": 3,
+        "run_after": at,
+        "last_error": "",
+        "created_at": at,
+        "updated_at": at,
+        "finished_at": at,
+    }
+
+
+def _second_of_two(action: Callable[[], object]) -> float:
+    action()
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
