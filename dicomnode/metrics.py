@@ -245,8 +245,8 @@ def _turnaround(session: Session) -> Iterator[Metric]:
     state = turnaround(session)
     yield _labelled(
         "dicomnode_turnaround_last_hour_seconds",
-        "from a round's last image received to its results delivered, over the last hour's "
-        "rounds (quantile 1: the longest)",
+        "from a round's last image received to its results delivered, over the rounds whose "
+        "results arrived in the last hour (quantile 1: the longest)",
         ["quantile"],
         (
             (("0.5",), state.median_seconds),
@@ -256,7 +256,7 @@ def _turnaround(session: Session) -> Iterator[Metric]:
     )
     yield _gauge(
         "dicomnode_turnaround_last_hour_rounds",
-        "rounds reported in the last hour and delivered (what the turnaround is of)",
+        "rounds whose results arrived in the last hour (what the turnaround is of)",
         state.rounds,
     )
 

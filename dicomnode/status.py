@@ -115,7 +115,7 @@ class StorageState:
 class TurnaroundState:
     """The time a radiologist waits for the AI: from a round's last image received to its
     last result delivered to every destination (a round kept here, or with nowhere to go: to
-    its SR made), over the rounds reported in the last hour and delivered."""
+    its SR made), over the rounds whose results arrived in the last hour."""
 
     rounds: int
     median_seconds: float
@@ -245,7 +245,7 @@ def routing(results: ResultsSettings) -> tuple[RouteState, ...]:
 
 
 TURNAROUND_WINDOW = timedelta(hours=1)
-"""The rounds whose SR was made this recently make the turnaround figures."""
+"""The rounds whose results arrived this recently make the turnaround figures."""
 
 
 def turnaround(session: Session) -> TurnaroundState:
@@ -257,17 +257,18 @@ def turnaround(session: Session) -> TurnaroundState:
 
 
 def _turnarounds(session: Session, since: datetime) -> list[float]:
-    finished = dict(
-        session.execute(
-            select(Report.id, Report.finished_at).where(Report.finished_at >= since)
-        ).all()
-    )
-    if not finished:
+    """The turnaround of each round whose last result was delivered (or, with no sends, whose
+    SR was made) since ``since``: a round held up by a PACS outage counts when it arrives."""
+    rounds = _rounds_ended_since(session, since)
+    if not rounds:
         return []
+    made = dict(
+        session.execute(select(Report.id, Report.finished_at).where(Report.id.in_(rounds))).all()
+    )
     last_image = dict(
         session.execute(
             select(Instance.report_id, func.max(Instance.received_at))
-            .where(Instance.report_id.in_(finished))
+            .where(Instance.report_id.in_(rounds))
             .group_by(Instance.report_id)
         ).all()
     )
@@ -279,18 +280,29 @@ def _turnarounds(session: Session, since: datetime) -> list[float]:
                 func.max(Job.finished_at).filter(Job.state == JobState.DONE),
                 func.count().filter(Job.state.in_(PENDING)),
             )
-            .where(Job.kind == JobKind.SEND, Job.report_id.in_(finished))
+            .where(Job.kind == JobKind.SEND, Job.report_id.in_(rounds))
             .group_by(Job.report_id)
         ).all()
     }
     spans = []
-    for report_id, made in finished.items():
-        delivered, waiting = sends.get(report_id, (made, 0))
+    for report_id in rounds:
+        ended, waiting = sends.get(report_id, (made.get(report_id), 0))
         received = last_image.get(report_id)
-        if waiting or received is None or delivered is None or made is None:
-            continue  # results still on their way (or a round without images: none)
-        spans.append(max(0.0, (delivered - received).total_seconds()))
+        if waiting or received is None or ended is None or ended < since:
+            continue  # results still on their way, ended earlier, or a round without images
+        spans.append(max(0.0, (ended - received).total_seconds()))
     return spans
+
+
+def _rounds_ended_since(session: Session, since: datetime) -> set[int]:
+    """Rounds with an SR made, or a result delivered, since ``since``."""
+    reported = session.execute(select(Report.id).where(Report.finished_at >= since)).scalars()
+    delivered = session.execute(
+        select(Job.report_id)
+        .where(Job.kind == JobKind.SEND, Job.state == JobState.DONE, Job.finished_at >= since)
+        .distinct()
+    ).scalars()
+    return {*reported, *(r for r in delivered if r is not None)}
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -459,7 +471,7 @@ def _turnaround_table(state: TurnaroundState) -> Table:
     table = Table("rounds", "median", "95%", "longest", title="Turnaround, last hour")
     if not state.rounds:
         table.add_row("0", "-", "-", "-")
-        table.caption = "none reported and delivered"
+        table.caption = "no results arrived"
         return table
     table.add_row(
         str(state.rounds),

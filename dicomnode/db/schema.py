@@ -136,6 +136,7 @@ class Job(Base):
         UniqueConstraint("kind", "dedupe_key"),
         Index("ix_jobs_claim", "kind", "state", "run_after"),
         Index("ix_jobs_peer", "kind", "peer", "state", "finished_at"),  # status, metrics
+        Index("ix_jobs_finished", "kind", "state", "finished_at"),  # the last hour's turnaround
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -189,9 +189,10 @@ def test_a_study_whose_analysis_or_report_died_shows_dead_not_waiting(db: Databa
 
 
 def test_turnaround_is_from_the_last_image_to_the_last_delivery(db: Database) -> None:
-    """Over the last hour's rounds: delivered 40 s after the image; kept here (no sends),
-    its SR made 10 s after; one whose SR is still to be sent and one of two hours ago are
-    left out."""
+    """Over the rounds whose results arrived in the last hour: delivered 40 s after the
+    image; kept here (no sends), its SR made 10 s after; reported 70 minutes ago but held up
+    by a PACS outage, delivered 5 minutes ago (65 minutes). Left out: one whose SR is still
+    to be sent, and one delivered two hours ago."""
     with db.session() as s:
         now = db_now(s)
     t = now - timedelta(minutes=10)
@@ -204,13 +205,17 @@ def test_turnaround_is_from_the_last_image_to_the_last_delivery(db: Database) ->
     send_row(db, sending, "sr3>PACS", done_at=None)
     old = now - timedelta(hours=2)
     send_row(db, round_row(db, "4", image_at=old, made_at=old), "sr4>PACS", done_at=old)
+    outage = now - timedelta(minutes=70)
+    held_up = round_row(db, "5", image_at=outage, made_at=outage + timedelta(seconds=9))
+    send_row(db, held_up, "sr5>PACS", done_at=now - timedelta(minutes=5))
     with db.session() as s:
-        assert turnaround(s) == TurnaroundState(2, 10, 40, 40)
+        assert turnaround(s) == TurnaroundState(3, 40, 3900, 3900)
     row = next(line for line in _render(db).splitlines() if "40.0 s" in line)
-    assert [cell.strip() for cell in row.split("│")[1:5]] == ["2", "10.0 s", "40.0 s", "40.0 s"]
+    cells = [cell.strip() for cell in row.split("│")[1:5]]
+    assert cells == ["3", "40.0 s", "3,900.0 s", "3,900.0 s"]
 
 
 def test_turnaround_of_no_round_says_so(db: Database) -> None:
     with db.session() as s:
         assert turnaround(s) == TurnaroundState(0, 0, 0, 0)
-    assert "none reported and delivered" in _render(db)
+    assert "no results arrived" in _render(db)
