@@ -5,6 +5,7 @@ about."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
@@ -111,3 +112,17 @@ def fill_known_state(db: Database) -> None:
         q.fail(s, dead, "w", "0xA900", RetryPolicy(1, 1, 1))
         early = db_now(s) - timedelta(minutes=5)
         s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(run_after=early))
+
+
+def metrics_without_a_database(tmp_path: Path) -> tuple[bytes, bool]:
+    """The metrics text of a node under ``tmp_path`` whose database was never made (as one
+    that is down), and whether the scrape read a database (it did not)."""
+    from dicomnode.metrics import exposition
+    from dicomnode.testing.node import make_settings
+
+    settings = make_settings(tmp_path)
+    db = Database(settings.database.url)
+    try:
+        return exposition(db, settings)
+    finally:
+        db.dispose()

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dicomnode.config import Settings
 from dicomnode.db.session import Database
 from dicomnode.metrics import exposition
-from dicomnode.testing.rows import fill_known_state
+from dicomnode.testing.rows import fill_known_state, metrics_without_a_database
 
 RULES = Path(__file__).parents[2] / "config" / "prometheus" / "dicomnode-alerts.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -133,14 +133,7 @@ def test_rules_fire_on_the_nodes_own_series(
 
 
 def test_database_down_fires_its_alert(tmp_path: Path) -> None:
-    from dicomnode.testing.node import make_settings
-
-    settings = make_settings(tmp_path)  # its database was never made
-    db = Database(settings.database.url)
-    try:
-        text, database_up = exposition(db, settings)
-    finally:
-        db.dispose()
+    text, database_up = metrics_without_a_database(tmp_path)
     assert not database_up
     down = {
         "exp_labels": {

@@ -21,9 +21,13 @@ from dicomnode.db.schema import Association, Job
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.errors import ConfigError
 from dicomnode.metrics import exposition, start_metrics_server
-from dicomnode.testing.node import make_settings
 from dicomnode.testing.peers import LOOPBACK, free_port
-from dicomnode.testing.rows import fill_known_state, round_row, send_row
+from dicomnode.testing.rows import (
+    fill_known_state,
+    metrics_without_a_database,
+    round_row,
+    send_row,
+)
 
 Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -81,12 +85,7 @@ def test_figures_are_the_databases(db: Database, settings: Settings) -> None:
 def test_a_database_that_is_down_is_a_figure(tmp_path: Path) -> None:
     """No table to read: ``dicomnode_database_up 0``, the disk still measured, no queue
     figures (rather than zeros that look healthy)."""
-    settings = make_settings(tmp_path)  # its database was never made
-    db = Database(settings.database.url)
-    try:
-        text, database_up = exposition(db, settings)
-    finally:
-        db.dispose()
+    text, database_up = metrics_without_a_database(tmp_path)
     figures = _figures(text)
     assert not database_up and figures[("dicomnode_database_up", ())] == 0
     assert figures[("dicomnode_storage_free_bytes", ())] > 0
