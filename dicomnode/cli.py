@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -16,11 +17,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicomnode import __version__, logs
-from dicomnode.config import DEFAULT_UMASK, Settings, load_settings
+from dicomnode.config import DEFAULT_UMASK, Settings, StorageSettings, load_settings
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
 if TYPE_CHECKING:  # the network code loads torch: imported where a command needs it
+    from dicomnode.db.session import Database
     from dicomnode.explain.gradcam import Explainer
 
 app = typer.Typer(
@@ -461,7 +463,8 @@ def purge(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Delete the pixel data of finished, delivered studies older than the retention period."""
+    """Delete the pixel data of finished, delivered studies older than the retention period,
+    and (with storage.records_days) forget purged studies older than that."""
     from dicomnode.retention import purge_expired
 
     resolved = settings(config)
@@ -469,7 +472,8 @@ def purge(
     if days <= 0:
         console.print("retention is off (0 days): nothing is purged")
         return
-    summary = purge_expired(_database(resolved), days, dry_run=dry_run)
+    db = _database(resolved)
+    summary = purge_expired(db, days, dry_run=dry_run)
     verb = "would purge" if dry_run else "purged"
     console.print(
         f"{verb} {len(summary.studies)} study(ies) older than {days:g} days: "
@@ -477,6 +481,35 @@ def purge(
     )
     for study_uid in summary.studies:
         console.print(f"  {study_uid}")
+    _forget_expired_records(db, resolved.storage, dry_run)
+
+
+def _forget_expired_records(db: Database, storage: StorageSettings, dry_run: bool) -> None:
+    """The records part of ``purge``: what ``storage.records_days`` forgets."""
+    from dicomnode.retention import forget_expired
+
+    if storage.records_days <= 0:
+        console.print("records are kept for good (storage.records_days is 0)")
+        return
+    summary = forget_expired(db, storage.records_days, storage.data_dir, dry_run=dry_run)
+    verb = "would forget" if dry_run else "forgot"
+    console.print(
+        f"{verb} {len(summary.studies)} purged study(ies) older than "
+        f"{storage.records_days:g} days: {summary.files} file(s), and "
+        f"{summary.associations} association record(s) that delivered nothing still held"
+    )
+    for study_uid in summary.studies:
+        console.print(f"  {study_uid}")
+    _fail_on_left(summary.left)
+
+
+def _fail_on_left(left: Sequence[Path]) -> None:
+    """Name the files a deletion left (they hold patient data) and exit 1; nothing if none."""
+    if left:
+        err.print(f"[red]{len(left)} file(s) could not be deleted; remove them by hand:[/red]")
+        for path in left:
+            err.print(f"  {escape(str(path))}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -513,11 +546,7 @@ def forget(
             f"{verb} study {study_uid}: {forgotten.instances} instance(s), "
             f"{forgotten.outputs} result object(s), {len(forgotten.files)} file(s)"
         )
-    if left:
-        err.print(f"[red]{len(left)} file(s) could not be deleted; remove them by hand:[/red]")
-        for path in left:
-            err.print(f"  {escape(str(path))}")
-        raise typer.Exit(1)
+    _fail_on_left(left)
 
 
 @app.command()

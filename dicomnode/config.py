@@ -149,6 +149,13 @@ class StorageSettings(_Section):
         description="days after which the pixel data of finished, delivered studies are deleted "
         "(headers and records stay); 0 keeps everything",
     )
+    records_days: float = Field(
+        0,
+        ge=0,
+        description="days after which a purged study is forgotten: its headers, SRs and every "
+        "record of it deleted (`dicomnode study` no longer knows it; sent again, it is "
+        "analysed as new); 0 keeps the records for good. At least retention_days",
+    )
 
     umask: str = Field(
         DEFAULT_UMASK,
@@ -178,6 +185,17 @@ class StorageSettings(_Section):
                 '6 or 7 (e.g. "027" or "077")'
             )
         return value
+
+    @model_validator(mode="after")
+    def _records_outlive_pixels(self) -> StorageSettings:
+        if self.records_days and not self.retention_days:
+            raise ValueError("records_days needs retention_days: only purged studies are forgotten")
+        if self.records_days and self.records_days < self.retention_days:
+            raise ValueError(
+                f"records_days ({self.records_days:g}) must be at least retention_days "
+                f"({self.retention_days:g}): a study's pixel data go first, then its records"
+            )
+        return self
 
     @field_validator("data_dir")
     @classmethod

@@ -24,7 +24,10 @@ instance is still acknowledged as already stored.
 
 A study can also be *forgotten* (:func:`forget_study`, ``dicomnode forget``): its files,
 results and records deleted outright, for a patient's erasure request or a study routed
-to the node by mistake.
+to the node by mistake. With ``storage.records_days`` set (off by default: a hospital
+chooses how long the node's history of a study is kept), a purged study whose newest image
+arrived longer ago than that is forgotten too (:func:`forget_expired`), with the records of
+associations that delivered nothing still held, so the tables stop growing.
 """
 
 from __future__ import annotations
@@ -38,16 +41,18 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql import ColumnElement
 
-from dicomnode.db.schema import Instance, Job, Output, Report, Result
+from dicomnode.config import StorageSettings
+from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database
 from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
 from dicomnode.store.files import write_durably
 from dicomnode.store.instances import PURGED
-from dicomnode.studies import KEPT, OPEN
+from dicomnode.studies import KEPT, OPEN, lock_study
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +256,16 @@ def purge_expired(
     return PurgeSummary(tuple(purged), files, freed, dry_run)
 
 
+def apply_retention(db: Database, storage: StorageSettings) -> None:
+    """What the node does hourly: purge the pixel data of expired studies
+    (``storage.retention_days``), then forget the purged studies whose records expired
+    (``storage.records_days``); each part off at 0."""
+    if storage.retention_days > 0:
+        purge_expired(db, storage.retention_days)
+    if storage.records_days > 0:
+        forget_expired(db, storage.records_days, storage.data_dir)
+
+
 class StudyBusyError(DicomNodeError):
     """The study has jobs queued or running: forget it once they are done, or stop the node."""
 
@@ -267,13 +282,17 @@ class ForgottenStudy:
     dry_run: bool
 
 
-def forget_study(session: Session, study_uid: str, *, dry_run: bool = False) -> ForgottenStudy:
+def forget_study(
+    session: Session, study_uid: str, *, dry_run: bool = False, purged_only: bool = False
+) -> ForgottenStudy:
     """Delete the records of one study: its instances, rounds, results, outputs and jobs.
 
     Refused (:class:`StudyBusyError`) while a job of it is queued, running or waiting to be
     retried: a worker would write results for a study that is gone. Dead and finished jobs
     go with it. The files are returned, to be removed once this transaction is committed
-    (a failed commit then leaves every file its records name)."""
+    (a failed commit then leaves every file its records name). ``purged_only``: instances
+    in another state than purged stay (one received while the study is forgotten, which
+    opens a round of its own)."""
     reports = select(Report.id).where(Report.study_instance_uid == study_uid)
     busy = session.execute(
         select(func.count()).where(Job.report_id.in_(reports), Job.state.in_(PENDING))
@@ -283,13 +302,11 @@ def forget_study(session: Session, study_uid: str, *, dry_run: bool = False) -> 
             f"study {study_uid} has {busy} job(s) queued, running or waiting to be retried: "
             "forget it once they are done (`dicomnode status`), or with the node stopped"
         )
-    images = select(Instance.sop_instance_uid).where(Instance.study_instance_uid == study_uid)
-    paths = [
-        Path(p)
-        for p in session.execute(
-            select(Instance.path).where(Instance.study_instance_uid == study_uid)
-        ).scalars()
-    ]
+    of_study: ColumnElement[bool] = Instance.study_instance_uid == study_uid
+    if purged_only:
+        of_study = and_(of_study, Instance.state == PURGED)
+    images = select(Instance.sop_instance_uid).where(of_study)
+    paths = [Path(p) for p in session.execute(select(Instance.path).where(of_study)).scalars()]
     outputs = [
         Path(p)
         for p in session.execute(select(Output.path).where(Output.report_id.in_(reports))).scalars()
@@ -304,9 +321,122 @@ def forget_study(session: Session, study_uid: str, *, dry_run: bool = False) -> 
         )
     )
     session.execute(delete(Output).where(Output.report_id.in_(reports)))
-    session.execute(delete(Instance).where(Instance.study_instance_uid == study_uid))
+    if purged_only:  # an instance that stays leaves its (deleted) round
+        session.execute(
+            update(Instance)
+            .where(Instance.study_instance_uid == study_uid, Instance.state != PURGED)
+            .values(report_id=None)
+        )
+    session.execute(delete(Instance).where(of_study))
     session.execute(delete(Report).where(Report.study_instance_uid == study_uid))
     return forgotten
+
+
+@dataclass(frozen=True)
+class ForgetSummary:
+    """What :func:`forget_expired` did (or, dry, would do)."""
+
+    studies: tuple[str, ...]
+    files: int
+    associations: int
+    """Records of associations that no remaining image came over."""
+    left: tuple[Path, ...]
+    """Files that could not be deleted (they hold patient data: remove them by hand)."""
+    dry_run: bool
+
+
+def _records_expired(older_than: datetime) -> ColumnElement[bool]:
+    """Every instance of the study is purged, and the newest arrived before ``older_than``
+    (for a HAVING over the study's instances)."""
+    return and_(
+        func.max(Instance.received_at) < older_than,
+        func.count().filter(Instance.state != PURGED) == 0,
+    )
+
+
+def expired_records(session: Session, older_than: datetime) -> list[str]:
+    """Purged studies whose newest image arrived before ``older_than``."""
+    statement = (
+        select(Instance.study_instance_uid)
+        .group_by(Instance.study_instance_uid)
+        .having(_records_expired(older_than))
+    )
+    return list(session.execute(statement).scalars())
+
+
+def _forget_if_expired(
+    session: Session, study_uid: str, older_than: datetime, dry_run: bool
+) -> ForgottenStudy | None:
+    """Forget one study whose records expired, checked again in this transaction (taking
+    turns with the study's scheduling): ``None`` when an image arrived since, or a round or
+    send of it is not finished."""
+    lock_study(session, study_uid)
+    still = session.execute(
+        select(Instance.study_instance_uid)
+        .where(Instance.study_instance_uid == study_uid)
+        .group_by(Instance.study_instance_uid)
+        .having(_records_expired(older_than))
+    ).first()
+    if still is None or not _settled(session, study_uid):
+        return None
+    try:
+        return forget_study(session, study_uid, dry_run=dry_run, purged_only=True)
+    except StudyBusyError:  # a dead job retried since
+        return None
+
+
+def forget_expired(
+    db: Database,
+    records_days: float,
+    data_dir: Path,
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> ForgetSummary:
+    """Forget every purged study whose newest image arrived more than ``records_days`` ago
+    (0: keep every record), and the associations that no remaining image came over."""
+    if records_days <= 0:
+        return ForgetSummary((), 0, 0, (), dry_run)
+    older_than = (now or db.now()) - timedelta(days=records_days)
+    with db.reading() as session:
+        candidates = expired_records(session, older_than)
+    forgotten: list[str] = []
+    files = 0
+    left: list[Path] = []
+    for study_uid in candidates:
+        with db.session() as session:
+            outcome = _forget_if_expired(session, study_uid, older_than, dry_run)
+        if outcome is None:
+            continue
+        forgotten.append(study_uid)
+        files += len(outcome.files)
+        if not dry_run:
+            left += remove_files(data_dir, outcome.files)
+        log.info(
+            "%s the records of study=%s: %d instance(s), %d result object(s)",
+            "would forget" if dry_run else "forgot",
+            study_uid,
+            outcome.instances,
+            outcome.outputs,
+        )
+    with db.session() as session:
+        associations = _forget_associations(session, older_than, dry_run)
+    for path in left:
+        log.error("cannot delete %s: remove it by hand", path.name)
+    return ForgetSummary(tuple(forgotten), files, associations, tuple(left), dry_run)
+
+
+def _forget_associations(session: Session, older_than: datetime, dry_run: bool) -> int:
+    """Delete (or count) the associations ended before ``older_than`` that no instance
+    record names (their images forgotten, or none stored: a C-ECHO, a rejected copy)."""
+    unused = and_(
+        Association.released_at < older_than,
+        ~exists().where(Instance.association_id == Association.id),
+    )
+    if dry_run:
+        return int(session.execute(select(func.count()).where(unused)).scalar_one())
+    result = session.execute(delete(Association).where(unused))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def remove_files(data_dir: Path, files: tuple[Path, ...]) -> list[Path]:

@@ -41,7 +41,7 @@ from dicomnode.notify import Watchdog, notify
 from dicomnode.peers import list_peers, sync_config_peers
 from dicomnode.queue.jobs import release_worker, running_workers, worker_id_of
 from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_scp
-from dicomnode.retention import purge_expired
+from dicomnode.retention import apply_retention
 from dicomnode.store.instances import release_all_open
 from dicomnode.studies import schedule_ready
 from dicomnode.tls import server_context
@@ -426,7 +426,8 @@ def _start_housekeeping(
 ) -> None:
     """In a thread of its own: every :data:`ORPHAN_INTERVAL`, close the associations whose
     end could not be recorded; now and every :data:`PURGE_INTERVAL`, remove the partial
-    files of aborted transfers and purge expired studies (when retention is on)."""
+    files of aborted transfers, purge expired studies (when retention is on) and forget
+    purged studies whose records expired (``storage.records_days``)."""
     days = settings.storage.retention_days
     if days <= 0:
         log.info("retention: off (storage.retention_days is 0); nothing is purged")
@@ -436,8 +437,7 @@ def _start_housekeeping(
         removed = remove_stale_incoming(incoming, STALE_INCOMING_SECONDS)
         if removed:
             log.info("removed %d partial file(s) of aborted transfers", removed)
-        if days > 0:
-            purge_expired(db, days)
+        apply_retention(db, settings.storage)
 
     def loop() -> None:
         next_purge = 0.0

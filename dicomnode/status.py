@@ -109,6 +109,7 @@ class StorageState:
     bytes_held: int
     images_purged: int
     retention_days: float
+    records_days: float
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,7 @@ def _storage(session: Session, storage: StorageSettings) -> StorageState:
         bytes_held=int(held[1]),
         images_purged=int(purged),
         retention_days=storage.retention_days,
+        records_days=storage.records_days,
     )
 
 
@@ -463,6 +465,13 @@ def _storage_table(storage: StorageState) -> Table:
     table.add_row(
         "retention",
         f"{days:g} days after a study's newest image, once it is finished" if days else "off",
+    )
+    records = storage.records_days
+    table.add_row(
+        "records",
+        f"a purged study is forgotten {records:g} days after its newest image"
+        if records
+        else "kept for good",
     )
     return table
 

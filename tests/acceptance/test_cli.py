@@ -135,12 +135,17 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
     assert status.returncode == 0 and "Jobs by state" in status.stdout
     assert "images held" in status.stdout and "0 (0.0 MB as received)" in status.stdout
     assert "30 days after a study's newest image, once it is finished" in status.stdout
+    assert "kept for good" in status.stdout
     as_json = _cli("--config", str(config), "status", "--json", cwd=tmp_path)
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     assert (data["studies"], data["jobs"], data["dead_total"]) == ([], {}, 0)
     storage = data["storage"]
-    assert (storage["images_held"], storage["retention_days"]) == (0, 30)
+    assert (storage["images_held"], storage["retention_days"], storage["records_days"]) == (
+        0,
+        30,
+        0,
+    )
     assert storage["free_mb"] > 0 and storage["min_free_mb"] > 0
 
 
@@ -198,8 +203,15 @@ def test_purge_reports_what_it_would_delete(tmp_path: Path) -> None:
     dry = _cli("--config", str(config), "purge", "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "would purge 0 study(ies) older than 14 days: 0 file(s), 0.0 MB" in dry.stdout
+    assert "records are kept for good (storage.records_days is 0)" in dry.stdout
     off = _cli("--config", str(config), "purge", "--older-than-days", "0", cwd=tmp_path)
     assert off.returncode == 0 and "retention is off" in off.stdout
+    config.write_text(
+        config.read_text().replace("retention_days: 14", "retention_days: 14, records_days: 365")
+    )
+    records = _cli("--config", str(config), "purge", "--dry-run", cwd=tmp_path)
+    assert records.returncode == 0, records.stderr
+    assert "would forget 0 purged study(ies) older than 365 days: 0 file(s)" in records.stdout
 
 
 def test_forget_asks_first_and_says_what_it_deleted(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
         ("storage: {umask: '022'}", "other local users must not read or write patient data"),
         ("storage: {umask: '000'}", "storage.umask"),
         ("storage: {umask: 027}", 'write the umask in quotes, e.g. umask: "027"'),
+        ("storage: {records_days: 10}", "records_days (10) must be at least retention_days (30)"),
+        ("storage: {retention_days: 0, records_days: 400}", "records_days needs retention_days"),
         ("routing: {body_part_aliases: {FOOT: [FOOT]}}", "routing.body_part_aliases"),
         ("database: {url: 'mysql://x'}", "database.url"),
     ],

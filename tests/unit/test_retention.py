@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report
@@ -375,3 +375,151 @@ def test_a_purge_drops_the_thumbnail_of_an_image_too(db: Database, tmp_path: Pat
     dataset.save_as(image)
     assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
     assert "IconImageSequence" not in pydicom.dcmread(image)
+
+
+RECORDS_DAYS = 365.0
+A_YEAR_ON = timedelta(days=RECORDS_DAYS + 1)
+
+
+def _records(db: Database, study: str) -> dict[str, int]:
+    """How many rows of each table name ``study`` (its instances, rounds, outputs, jobs)."""
+    from dicomnode.db.schema import Result
+
+    with db.session() as session:
+        reports = select(Report.id).where(Report.study_instance_uid == study)
+        return {
+            "instances": len(
+                session.execute(select(Instance).where(Instance.study_instance_uid == study)).all()
+            ),
+            "reports": len(session.execute(reports).all()),
+            "outputs": len(
+                session.execute(select(Output).where(Output.report_id.in_(reports))).all()
+            ),
+            "jobs": len(session.execute(select(Job).where(Job.report_id.in_(reports))).all()),
+            "results": len(
+                session.execute(select(Result).where(Result.report_id.in_(reports))).all()
+            ),
+        }
+
+
+def test_a_purged_study_is_forgotten_after_records_days(db: Database, tmp_path: Path) -> None:
+    """`storage.records_days`: a purged study's headers, SR and records go a year on; a
+    study purged later stays, and so do the association records its images name."""
+    from dicomnode.retention import forget_expired
+
+    data = tmp_path / "data"
+    study, image, sc, sr = _study(db, data / "instances" / "old")
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+    young, *young_files = _study(db, data / "instances" / "young")  # not purged
+    assert forget_expired(db, RECORDS_DAYS, data, now=utcnow() + LATER).studies == ()
+    dry = forget_expired(db, RECORDS_DAYS, data, now=utcnow() + A_YEAR_ON, dry_run=True)
+    assert (dry.studies, dry.files, dry.associations) == ((study,), 3, 0)
+    assert image.exists() and _records(db, study)["instances"] == 1
+    done = forget_expired(db, RECORDS_DAYS, data, now=utcnow() + A_YEAR_ON)
+    assert (done.studies, done.files, done.left) == ((study,), 3, ())
+    assert not any(path.exists() for path in (image, sc, sr))
+    assert not (data / "instances" / "old").exists()
+    assert set(_records(db, study).values()) == {0}
+    assert _records(db, young) == {
+        "instances": 1,
+        "reports": 1,
+        "outputs": 2,
+        "jobs": 2,
+        "results": 0,
+    }
+    assert all(path.exists() for path in young_files)
+    with db.session() as session:  # the forgotten study's association went with it
+        assert len(session.execute(select(Association)).all()) == 1
+
+
+@pytest.mark.parametrize("dead_send", [True, False], ids=["dead-send", "purge-failed"])
+def test_a_study_that_is_not_purged_keeps_its_records(
+    db: Database, tmp_path: Path, dead_send: bool
+) -> None:
+    """A dead send keeps the study's pixels (it waits for `dicomnode retry`), and its records;
+    so does a finished study that no purge stripped (its file could not be read)."""
+    from dicomnode.retention import forget_expired
+
+    study, image, _, _ = _study(
+        db, tmp_path, send_state=JobState.DEAD if dead_send else JobState.DONE
+    )
+    ages = utcnow() + A_YEAR_ON
+    if dead_send:
+        assert purge_expired(db, DAYS, now=ages).studies == ()
+    assert forget_expired(db, RECORDS_DAYS, tmp_path, now=ages).studies == ()
+    assert image.exists() and _records(db, study)["jobs"] == 2
+
+
+def test_an_image_arriving_while_its_study_is_forgotten_stays(db: Database, tmp_path: Path) -> None:
+    """On PostgreSQL an image of the study may be stored between the check and the delete:
+    only purged instances go, the new one stays (out of the deleted round) to be routed."""
+    from dicomnode.retention import forget_study
+
+    study, image, _, _ = _study(db, tmp_path)
+    assert purge_expired(db, DAYS, now=utcnow() + LATER).studies == (study,)
+    arrived = make_radiograph(study_uid=study)
+    path = write_dataset(arrived, tmp_path / "arrived.dcm")
+    with db.session() as session:
+        association_id = session.execute(select(Association.id)).scalar_one()
+        session.add(_instance(arrived, path, association_id, "received"))
+    with db.session() as session:
+        forgotten = forget_study(session, study, purged_only=True)
+    assert image in forgotten.files and path not in forgotten.files
+    with db.session() as session:
+        left = session.execute(select(Instance)).scalar_one()
+        assert (left.sop_instance_uid, left.state) == (arrived.SOPInstanceUID, "received")
+        assert session.execute(select(Report)).first() is None
+
+
+def test_association_records_that_name_no_image_go_after_records_days(
+    db: Database, tmp_path: Path
+) -> None:
+    """A C-ECHO, or copies all rejected: nothing else would ever delete their records."""
+    from dicomnode.retention import forget_expired
+
+    _study(db, tmp_path)  # its association names its image: stays
+    with db.session() as session:
+        for days_ago in (400, 10):
+            ended = utcnow() - timedelta(days=days_ago)
+            session.add(
+                Association(
+                    id=f"echo-{days_ago}", calling_ae="MOD", started_at=ended, released_at=ended
+                )
+            )
+    summary = forget_expired(db, RECORDS_DAYS, tmp_path)
+    assert (summary.studies, summary.associations) == ((), 1)
+    with db.session() as session:
+        ids = set(session.execute(select(Association.id)).scalars())
+    assert "echo-400" not in ids and "echo-10" in ids and len(ids) == 2
+
+
+def test_records_days_zero_keeps_every_record(db: Database, tmp_path: Path) -> None:
+    from dicomnode.retention import forget_expired
+
+    study, image, _, _ = _study(db, tmp_path)
+    purge_expired(db, DAYS, now=utcnow() + LATER)
+    assert forget_expired(db, 0, tmp_path, now=utcnow() + A_YEAR_ON * 10).studies == ()
+    assert image.exists() and _records(db, study)["instances"] == 1
+
+
+@pytest.mark.parametrize("records_days", [RECORDS_DAYS, 0.0], ids=["records-days", "kept"])
+def test_the_hourly_pass_purges_then_forgets(
+    db: Database, tmp_path: Path, records_days: float
+) -> None:
+    """What `serve` runs hourly: a study received 400 days ago is purged and, with
+    `storage.records_days` 365, forgotten in the same pass; with 0 it keeps its records."""
+    from dicomnode.config import StorageSettings
+    from dicomnode.retention import apply_retention
+
+    study, image, sc, sr = _study(db, tmp_path)
+    with db.session() as session:
+        session.execute(update(Instance).values(received_at=utcnow() - timedelta(days=400)))
+    storage = StorageSettings(data_dir=tmp_path, retention_days=DAYS, records_days=records_days)
+    apply_retention(db, storage)
+    if records_days:
+        assert not any(path.exists() for path in (image, sc, sr))
+        assert set(_records(db, study).values()) == {0}
+    else:
+        assert not _has_pixels(image) and sr.exists()
+        with db.session() as session:
+            assert session.execute(select(Instance.state)).scalar_one() == PURGED
