@@ -1,7 +1,9 @@
 """The shipped alerting rules (`config/prometheus/dicomnode-alerts.yml`) are valid for
 Prometheus (`promtool check rules`) and fire on the series the node really exposes: the
 input of `promtool test rules` is the node's own `/metrics` text, read from a database in a
-known state (a dead send, a destination retrying, work waiting five minutes)."""
+known state (a dead send, a destination retrying, work waiting five minutes). Every query of
+the shipped Grafana dashboard (`config/grafana/dicomnode-dashboard.json`) is valid PromQL
+and gives data on those series."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dicomnode.metrics import exposition
 from dicomnode.testing.rows import fill_known_state, metrics_without_a_database
 
 RULES = Path(__file__).parents[2] / "config" / "prometheus" / "dicomnode-alerts.yml"
+DASHBOARD = Path(__file__).parents[2] / "config" / "grafana" / "dicomnode-dashboard.json"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 TARGET = {"job": "dicomnode", "instance": "node:9464"}
 FREE = 50 * 2**30
@@ -34,12 +37,12 @@ pytestmark = [
 
 
 def _series(text: bytes, minutes: int) -> list[dict[str, str]]:
-    """Every ``dicomnode_*`` sample of ``text`` as a promtool input series, constant for
-    ``minutes``, labelled as a scrape of :data:`TARGET` labels it; and ``up`` 1."""
+    """Every ``dicomnode_*`` and ``process_*`` sample of ``text`` as a promtool input series,
+    constant for ``minutes``, labelled as a scrape of :data:`TARGET` labels it; and ``up`` 1."""
     series = [{"series": _selector("up", {}), "values": f"1x{minutes}"}]
     for family in text_string_to_metric_families(text.decode()):
         for sample in family.samples:
-            if not sample.name.startswith("dicomnode_"):
+            if not sample.name.startswith(("dicomnode_", "process_")):
                 continue
             value = FREE if sample.name == "dicomnode_storage_free_bytes" else sample.value
             series.append(
@@ -65,9 +68,11 @@ def _fires(alert: str, summary: str, **labels: str) -> dict[str, Any]:
     }
 
 
-def _promtool_test(tmp_path: Path, series: list[dict[str, str]], checks: list[Any]) -> None:
+def _promtool_test(
+    tmp_path: Path, series: list[dict[str, str]], checks: list[Any], rules: Path = RULES
+) -> None:
     test = {
-        "rule_files": [str(RULES)],
+        "rule_files": [str(rules)],
         "evaluation_interval": "1m",
         "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": checks}],
     }
@@ -153,4 +158,62 @@ def test_database_down_fires_its_alert(tmp_path: Path) -> None:
             {"eval_time": "5m", "alertname": "DicomnodeDatabaseDown", "exp_alerts": [down]},
             {"eval_time": "5m", "alertname": "DicomnodeDeadJobs", "exp_alerts": []},
         ],
+    )
+
+
+def _dashboard_queries() -> dict[str, str]:
+    """Each target of each panel of the dashboard, by ``<panel id><refId>``, with the
+    dashboard's variables as Grafana fills them for the job ``dicomnode`` and every instance."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert (
+                panel["datasource"]
+                == target["datasource"]
+                == {
+                    "type": "prometheus",
+                    "uid": "${datasource}",
+                }
+            )
+            expr = target["expr"].replace("$job", TARGET["job"]).replace("$instance", ".*")
+            assert "$" not in expr, expr
+            queries[f"{panel['id']}{target['refId']}"] = expr
+    return queries
+
+
+def test_every_dashboard_query_gives_data_on_the_nodes_own_series(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """Each query becomes a rule that fires when the query has no result (``absent``):
+    promtool checks them as PromQL, then none may fire on the node's own series."""
+    queries = _dashboard_queries()
+    assert len(queries) >= 15
+    rules = tmp_path / "dashboard-queries.yml"
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "dashboard",
+                        "rules": [
+                            {"alert": f"Empty{key}", "expr": f"absent({expr})"}
+                            for key, expr in queries.items()
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    fill_known_state(db)
+    text, _ = exposition(db, settings)
+    _promtool_test(
+        tmp_path,
+        _series(text, 90),
+        [{"eval_time": "70m", "alertname": f"Empty{key}", "exp_alerts": []} for key in queries],
+        rules=rules,
     )
