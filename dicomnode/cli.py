@@ -432,6 +432,50 @@ def _warn_not_dead(job_ids: list[int] | None, count: int) -> None:
 
 
 @app.command()
+def resend(
+    study: Annotated[list[str], typer.Argument(help="Study Instance UID(s)")],
+    to: Annotated[str, typer.Option("--to", help="the peer (its name, as `ae list` shows)")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="say what would be sent, change nothing")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send a study's results (overlays and SRs) to a peer again: the PACS lost them, or a
+    new archive should hold them. Exit status 1 when a study could not be."""
+    from dicomnode.send.resend import ResendRefusedError, resend_study
+
+    resolved = settings(config)
+    db = _database(resolved)
+    refused = 0
+    for study_uid in study:
+        try:
+            with db.session() as session:
+                resent = resend_study(
+                    session,
+                    study_uid,
+                    to,
+                    max_attempts=resolved.send.max_attempts,
+                    dry_run=dry_run,
+                )
+        except ResendRefusedError as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]")
+            refused += 1
+            continue
+        verb = "would queue" if dry_run else "queued"
+        notes = [f"{resent.on_their_way} on their way already"] if resent.on_their_way else []
+        if resent.kept_rounds:
+            notes.append(f"{resent.kept_rounds} round(s) kept here (shadow mode) not sent")
+        console.print(
+            f"{verb} {resent.queued} result object(s) of study {study_uid} to {resent.peer}"
+            + (f" ({'; '.join(notes)})" if notes else "")
+        )
+        if not dry_run:
+            log.info("resend of study=%s to %s: %d object(s)", study_uid, to, resent.queued)
+    if refused:
+        raise typer.Exit(1)
+
+
+@app.command()
 def discard(
     job: Annotated[list[int] | None, typer.Option("--job", help="dead job id (repeatable)")] = None,
     all_dead: Annotated[

@@ -115,6 +115,8 @@ class Send:
     source_uid: str
     peer: str
     sending: JobLine
+    resend: bool = False
+    """Sent again by ``dicomnode resend`` (the first sending is listed too)."""
 
 
 @dataclass(frozen=True)
@@ -289,8 +291,13 @@ def _sends(session: Session, rounds: tuple[Round, ...], jobs: _StudyJobs) -> tup
     for output in outputs:
         common = (output.sop_instance_uid, output.kind, output.report_id)
         source = output.source_sop_instance_uid or "-"
-        sending = sorted(jobs.send.get(output.sop_instance_uid, []), key=lambda j: j.peer or "")
-        lines = [Send(*common, source, job.peer or "-", JobLine.of(job)) for job in sending]
+        sending = sorted(
+            jobs.send.get(output.sop_instance_uid, []), key=lambda j: (j.peer or "", j.id)
+        )
+        lines = [
+            Send(*common, source, job.peer or "-", JobLine.of(job), bool(job.resend))
+            for job in sending
+        ]
         unsent = KEPT_HERE if output.report_id in kept else JobLine("not sent", "no destination")
         sends += lines or [Send(*common, source, "-", unsent)]
     return tuple(sends)
@@ -350,4 +357,5 @@ def _conclusion_row(c: Conclusion) -> tuple[str, ...]:
 
 
 def _send_row(s: Send) -> tuple[str, ...]:
-    return (s.output_uid, s.kind, str(s.report_id), s.peer, s.sending.text)
+    peer = f"{s.peer} (resent)" if s.resend else s.peer
+    return (s.output_uid, s.kind, str(s.report_id), peer, s.sending.text)

@@ -281,7 +281,7 @@ def _turnarounds(session: Session, since: datetime) -> list[float]:
                 func.max(Job.finished_at).filter(Job.state == JobState.DONE),
                 func.count().filter(Job.state.in_(PENDING)),
             )
-            .where(Job.kind == JobKind.SEND, Job.report_id.in_(rounds))
+            .where(Job.kind == JobKind.SEND, Job.report_id.in_(rounds), ~Job.resend)
             .group_by(Job.report_id)
         ).all()
     }
@@ -300,7 +300,12 @@ def _rounds_ended_since(session: Session, since: datetime) -> set[int]:
     reported = session.execute(select(Report.id).where(Report.finished_at >= since)).scalars()
     delivered = session.execute(
         select(Job.report_id)
-        .where(Job.kind == JobKind.SEND, Job.state == JobState.DONE, Job.finished_at >= since)
+        .where(
+            Job.kind == JobKind.SEND,
+            Job.state == JobState.DONE,
+            Job.finished_at >= since,
+            ~Job.resend,  # `dicomnode resend`: not the round's first delivery
+        )
         .distinct()
     ).scalars()
     return {*reported, *(r for r in delivered if r is not None)}

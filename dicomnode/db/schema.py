@@ -158,4 +158,7 @@ class Job(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    resend: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """A send queued by ``dicomnode resend``, not by the round's report (revision 0006): left
+    out of the turnaround, whose end is the round's first delivery."""
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -70,6 +70,8 @@ class JobSpec:
     report_id: int | None = None
     sop_instance_uid: str | None = None
     peer: str | None = None
+    resend: bool = False
+    """Queued by ``dicomnode resend`` (a delivery made again, left out of the turnaround)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
             "report_id": s.report_id,
             "sop_instance_uid": s.sop_instance_uid,
             "peer": s.peer,
+            "resend": s.resend,
             "attempts": 0,
             "max_attempts": s.max_attempts,
             "run_after": now,

@@ -516,3 +516,16 @@ def test_health_passes_on_a_working_node_and_fails_when_its_listener_is_gone(
     assert "does not answer" in report["checks"][1]["detail"]
     worker_host = node.cli("health", "--no-scp", check=False)  # a worker host has no listener
     assert worker_host.returncode == 0 and "scp" not in worker_host.stdout
+
+
+def test_resend_names_what_it_cannot_send(tmp_path: Path) -> None:
+    """An unknown study: exit status 1 and why; an unknown peer: the known ones are named."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n")
+    assert _cli("--config", str(config), "db", "upgrade", cwd=tmp_path).returncode == 0
+    add = ("ae", "add", "PACS", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "11113")
+    assert _cli("--config", str(config), *add, cwd=tmp_path).returncode == 0
+    unknown = _cli("--config", str(config), "resend", "1.2.3", "--to", "PACS", cwd=tmp_path)
+    assert unknown.returncode == 1 and "holds no record of study 1.2.3" in unknown.stderr
+    nowhere = _cli("--config", str(config), "resend", "1.2.3", "--to", "ARCH", cwd=tmp_path)
+    assert nowhere.returncode == 2 and "ARCH" in nowhere.stderr, nowhere.stderr

@@ -14,7 +14,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
@@ -307,6 +307,55 @@ def test_a_purged_study_still_gets_a_follow_up_sr(node: Node, tmp_path: Path) ->
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_resend_delivers_a_studys_results_again_without_touching_the_turnaround(
+    node: Node,
+) -> None:
+    """`dicomnode resend`: the PACS lost a study's results; they go again, overlay before SR,
+    as new sends marked resend beside the first ones, which the history keeps. The
+    turnaround counts the round once, ended at its first delivery; a purged study is refused."""
+    from dicomnode.history import study_history
+    from dicomnode.send.resend import ResendRefusedError, resend_study
+    from dicomnode.status import turnaround
+
+    first = make_radiograph(body_part="KNEE", seed=1)
+    study = str(first.StudyInstanceUID)
+    node.send(first)
+    wait_for(lambda: node.count(Job, kind="send", state="done") == 2, 60, what="first delivery")
+    with node.db.session() as session:
+        dry = resend_study(session, study, "PACS", max_attempts=5, dry_run=True)
+    assert (dry.queued, node.count(Job, kind="send")) == (2, 2)
+    with node.db.session() as session:
+        once = resend_study(session, study, "PACS", max_attempts=5)
+        again = resend_study(session, study, "PACS", max_attempts=5)  # still on their way
+    assert (once.queued, again.queued, again.on_their_way) == (2, 0, 2)
+    wait_for(lambda: node.count(Job, kind="send", state="done") == 4, 60, what="second delivery")
+    received = [str(d.Modality) for d in node.collector.received]
+    assert received[2:] == ["OT", "SR"]  # the overlay again, then the SR that references it
+    assert [d.SOPInstanceUID for d in node.collector.received[2:]] == [
+        d.SOPInstanceUID for d in node.collector.received[:2]
+    ]
+    with node.db.reading() as session:
+        first_delivery = session.execute(
+            select(func.max(Job.finished_at)).where(Job.kind == "send", ~Job.resend)
+        ).scalar_one()
+        received_at = session.execute(select(Instance.received_at)).scalar_one()
+        state = turnaround(session)
+        history = study_history(session, study, {})
+    assert state.rounds == 1
+    assert state.longest_seconds == (first_delivery - received_at).total_seconds()
+    assert history is not None
+    assert sorted((s.kind, s.resend, s.sending.state) for s in history.sends) == [
+        ("SC", False, "done"),
+        ("SC", True, "done"),
+        ("SR", False, "done"),
+        ("SR", True, "done"),
+    ]
+    later = utcnow() + timedelta(days=node.settings.storage.retention_days + 1)
+    assert purge_expired(node.db, node.settings.storage.retention_days, now=later).studies
+    with node.db.session() as session, pytest.raises(ResendRefusedError, match="purged"):
+        resend_study(session, study, "PACS", max_attempts=5)
 
 
 def test_a_knee_film_without_a_knee_joint_is_reported_as_not_graded(tmp_path: Path) -> None:
