@@ -203,6 +203,12 @@ def ae_add(
     host: Annotated[str, typer.Option(help="host name or address")],
     port: Annotated[int, typer.Option(help="port")],
     tls: Annotated[bool, typer.Option("--tls", help="send to it over DICOM TLS")] = False,
+    commitment: Annotated[
+        bool,
+        typer.Option(
+            "--commitment", help="ask it to commit to keeping the results delivered to it"
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Register a peer (a running node accepts it at once)."""
@@ -212,8 +218,13 @@ def ae_add(
     _check_tls_files(resolved, tls)
     db = _database(resolved)
     with db.session() as session:
-        add_peer(session, PeerInfo(name, ae_title, host, port, tls=tls))
-    console.print(f"added peer {name}: {ae_title}@{host}:{port}{' (TLS)' if tls else ''}")
+        add_peer(session, PeerInfo(name, ae_title, host, port, tls=tls, commitment=commitment))
+    console.print(f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(tls, commitment)}")
+
+
+def _peer_notes(tls: bool, commitment: bool) -> str:
+    notes = [n for n, on in (("TLS", tls), ("storage commitment", commitment)) if on]
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def _check_tls_files(resolved: Settings, tls: bool | None) -> None:
@@ -232,6 +243,10 @@ def ae_update(
     tls: Annotated[
         bool | None, typer.Option("--tls/--no-tls", help="send over DICOM TLS, or not")
     ] = None,
+    commitment: Annotated[
+        bool | None,
+        typer.Option("--commitment/--no-commitment", help="ask for storage commitment, or not"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a peer."""
@@ -241,8 +256,16 @@ def ae_update(
     _check_tls_files(resolved, tls)
     db = _database(resolved)
     with db.session() as session:
-        new = update_peer(session, name, ae_title=ae_title, host=host, port=port, tls=tls)
-    suffix = " (TLS)" if new.tls else ""
+        new = update_peer(
+            session,
+            name,
+            ae_title=ae_title,
+            host=host,
+            port=port,
+            tls=tls,
+            commitment=commitment,
+        )
+    suffix = _peer_notes(new.tls, new.commitment)
     console.print(f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}")
 
 
@@ -266,18 +289,28 @@ def ae_list(config: ConfigOption = None) -> None:
 
     resolved = settings(config)
     db = _database(resolved)
-    table = Table("name", "AE title", "host", "port", "TLS", "source")
+    table = Table("name", "AE title", "host", "port", "TLS", "commitment", "source")
     with db.session() as session:
         registered = list_peers(session)
     names = {peer.name for peer in registered}
     waiting = [
-        PeerInfo(name, p.ae_title, p.host, p.port, "config (registered when serve starts)", p.tls)
+        PeerInfo(
+            name,
+            p.ae_title,
+            p.host,
+            p.port,
+            "config (registered when serve starts)",
+            p.tls,
+            p.commitment,
+        )
         for name, p in resolved.peers.items()
         if name not in names
     ]
     for peer in sorted([*registered, *waiting], key=lambda peer: peer.name):
-        tls = "yes" if peer.tls else "no"
-        table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), tls, peer.source)
+        tls, commits = ("yes" if on else "no" for on in (peer.tls, peer.commitment))
+        table.add_row(
+            peer.name, peer.ae_title, peer.host, str(peer.port), tls, commits, peer.source
+        )
     console.print(table)
 
 

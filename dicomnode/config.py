@@ -225,6 +225,11 @@ class PeerSettings(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     tls: bool = Field(False, description="results are sent to it over DICOM TLS (see tls)")
+    commitment: bool = Field(
+        False,
+        description="after results are delivered to it, ask it to commit to keeping them "
+        "(Storage Commitment Push Model); its pixel data are purged only once it has",
+    )
 
 
 class TlsSettings(_Section):
@@ -349,6 +354,12 @@ class SendSettings(_Section):
         gt=0,
         description="wait for a C-STORE response (a PACS that archives before it answers "
         "may take long for a large uncompressed overlay)",
+    )
+    commitment_timeout_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="how long a peer marked commitment may take to report its storage "
+        "commitment before it is asked again (send.max_attempts requests in all)",
     )
 
 

@@ -295,12 +295,21 @@ def _sends(session: Session, rounds: tuple[Round, ...], jobs: _StudyJobs) -> tup
             jobs.send.get(output.sop_instance_uid, []), key=lambda j: (j.peer or "", j.id)
         )
         lines = [
-            Send(*common, source, job.peer or "-", JobLine.of(job), bool(job.resend))
+            Send(*common, source, job.peer or "-", _sending(job), bool(job.resend))
             for job in sending
         ]
         unsent = KEPT_HERE if output.report_id in kept else JobLine("not sent", "no destination")
         sends += lines or [Send(*common, source, "-", unsent)]
     return tuple(sends)
+
+
+def _sending(job: Job) -> JobLine:
+    """A send's line, with when its peer committed to keeping the object (storage
+    commitment)."""
+    line = JobLine.of(job)
+    if job.committed_at is None:
+        return line
+    return JobLine(line.state, f"{line.detail}, committed {_when(job.committed_at)}".lstrip(", "))
 
 
 def _when(moment: datetime | None) -> str:

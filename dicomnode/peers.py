@@ -28,6 +28,8 @@ class PeerInfo:
     port: int
     source: str = "cli"
     tls: bool = False
+    commitment: bool = False
+    """Delivered results are followed by a storage commitment request (N-ACTION)."""
 
 
 def validate(peer: PeerInfo) -> PeerInfo:
@@ -46,7 +48,9 @@ def validate(peer: PeerInfo) -> PeerInfo:
 
 
 def _info(row: Peer) -> PeerInfo:
-    return PeerInfo(row.name, row.ae_title, row.host, row.port, row.source, bool(row.tls))
+    return PeerInfo(
+        row.name, row.ae_title, row.host, row.port, row.source, bool(row.tls), bool(row.commitment)
+    )
 
 
 def list_peers(session: Session) -> list[PeerInfo]:
@@ -104,6 +108,7 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
             port=peer.port,
             source=peer.source,
             tls=peer.tls,
+            commitment=peer.commitment,
             updated_at=db_now(session),
         )
     )
@@ -117,6 +122,7 @@ def update_peer(
     host: str | None = None,
     port: int | None = None,
     tls: bool | None = None,
+    commitment: bool | None = None,
 ) -> PeerInfo:
     current = get_peer(session, name)
     _check_not_from_config(session, name, "change")
@@ -128,6 +134,7 @@ def update_peer(
             port or current.port,
             "cli",
             current.tls if tls is None else tls,
+            current.commitment if commitment is None else commitment,
         )
     )
     _check_unique_ae_title(session, new)
@@ -141,6 +148,7 @@ def update_peer(
         new.tls,
         db_now(session),
     )
+    row.commitment = new.commitment
     return new
 
 
@@ -175,6 +183,7 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                     port=settings.port,
                     source="config",
                     tls=settings.tls,
+                    commitment=settings.commitment,
                     updated_at=db_now(session),
                 )
             )
@@ -186,4 +195,5 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                 "config",
                 settings.tls,
             )
+            row.commitment = settings.commitment
             row.updated_at = db_now(session)

@@ -35,3 +35,9 @@ def sr_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
 
 def sr_instance_uid(root: str, study_uid: str, model: str, version: str, sequence: int) -> str:
     return derived_uid(root, "sr", study_uid, model, version, str(sequence))
+
+
+def transaction_uid(root: str) -> str:
+    """A storage commitment request's Transaction UID: new for each request, never derived
+    (a request made again, or for the same objects later, is another transaction)."""
+    return str(generate_uid(prefix=root))

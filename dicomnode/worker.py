@@ -25,6 +25,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pynetdicom import evt
 from sqlalchemy import delete, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -45,13 +46,22 @@ from dicomnode.errors import (
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
-from dicomnode.peers import get_peer, peer_by_ae_title
+from dicomnode.peers import PeerInfo, get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
+from dicomnode.send.commitment import (
+    queue_commitment,
+    record_request,
+    references,
+    request_commitment,
+    take_report,
+    uncommitted,
+)
 from dicomnode.send.scu import send_files
 from dicomnode.store.files import ensure_free_space, output_path, write_durably
 from dicomnode.studies import KEPT
 from dicomnode.tls import client_context
+from dicomnode.uids import transaction_uid
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +158,8 @@ class Worker:
         """Run at most one job batch of each kind; True when anything ran."""
         ran = self._infer_step()
         ran = self._report_step() or ran
-        return self._send_step() or ran
+        ran = self._send_step() or ran
+        return self._commit_step() or ran
 
     # -- leases -------------------------------------------------------------
     def _claim(self, kind: q.JobKind, limit: int) -> list[q.ClaimedJob]:
@@ -537,10 +548,15 @@ class Worker:
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:
                 self._fail(job, delivery.reason, self.send_policy if delivery.retry else NO_RETRY)
+                self._ask_commitment(peer, job)  # the last pending send may have died
                 continue
             with self.db.session() as session:
                 recorded = q.complete(session, job.id, self.worker_id)
                 hurried = q.hurry_sends(session, peer.name)
+                if peer.commitment and job.report_id is not None:
+                    queue_commitment(
+                        session, job.report_id, peer.name, self.settings.send.max_attempts
+                    )
             if hurried:
                 log.info(
                     "%s takes deliveries again: %d waiting send(s) are due now", peer.name, hurried
@@ -552,6 +568,76 @@ class Worker:
                 job.id,
                 "" if recorded else ", but its lease was lost meanwhile: it may be sent again",
             )
+
+    def _ask_commitment(self, peer: PeerInfo, job: q.ClaimedJob) -> None:
+        """Queue the round's commit job to a peer marked ``commitment`` once none of its sends
+        is pending (also when the last one died: what was delivered is committed)."""
+        if peer.commitment and job.report_id is not None:
+            with self.db.session() as session:
+                queue_commitment(session, job.report_id, peer.name, self.settings.send.max_attempts)
+
+    # -- storage commitment -------------------------------------------------
+    def _commit_step(self) -> bool:
+        return self._run(q.JobKind.COMMIT, 1, self._commit, self.send_policy)
+
+    def _commit(self, jobs: Sequence[q.ClaimedJob]) -> None:
+        """Ask the peer to commit to the round's delivered objects (:mod:`..send.commitment`)."""
+        (job,) = jobs
+        if job.attempts > job.max_attempts:  # every request went unanswered
+            self._fail(
+                job,
+                f"no storage commitment report from {job.peer} after {job.max_attempts} requests",
+                NO_RETRY,
+            )
+            return
+        with self.db.session() as session:
+            peer = get_peer(session, job.peer or "")
+            objects = uncommitted(session, job.report_id or 0, peer.name)
+        if not objects:  # committed meanwhile (a late report), or nothing delivered
+            with self.db.session() as session:
+                q.complete(session, job.id, self.worker_id)
+            return
+        refs = references(objects)
+        transaction = transaction_uid(self.settings.node.uid_root)
+        with self.db.session() as session:
+            record_request(session, transaction, job.id)
+        asked = request_commitment(
+            peer,
+            transaction,
+            refs,
+            calling_ae=self.settings.node.ae_title,
+            timeout=self.settings.send.timeout_seconds,
+            tls=self._tls_context() if peer.tls else None,
+            on_report=self._on_report,
+        )
+        if not asked.ok:
+            self._fail(job, asked.reason, self.send_policy if asked.retry else NO_RETRY)
+            return
+        with self.db.session() as session:
+            session.get(Job, job.id, with_for_update=True)  # in turn with the report's record
+            if not uncommitted(session, job.report_id or 0, peer.name):  # it came already
+                q.complete(session, job.id, self.worker_id)
+            else:
+                q.await_answer(
+                    session,
+                    job,
+                    self.worker_id,
+                    f"waiting for {peer.name}'s storage commitment report (transaction "
+                    f"{transaction}, {len(refs)} object(s))",
+                    self.settings.send.commitment_timeout_seconds,
+                )
+        log.info(
+            "asked %s to commit %d object(s) of report %s (job %s, transaction %s)",
+            peer.name,
+            len(refs),
+            job.report_id,
+            job.id,
+            transaction,
+        )
+
+    def _on_report(self, event: evt.Event) -> tuple[int, None]:
+        """A storage commitment report sent back on the request's own association."""
+        return take_report(self.db, event)
 
 
 def _instance(session: Session, job: q.ClaimedJob) -> Instance:

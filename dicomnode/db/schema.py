@@ -50,6 +50,8 @@ class Peer(Base):
     source: Mapped[str] = mapped_column(String(16), default="cli")
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    commitment: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Results delivered to it are followed by a storage commitment request (revision 0007)."""
     """Results are sent to it over DICOM TLS (revision 0003)."""
 
 
@@ -158,7 +160,21 @@ class Job(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     resend: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """A send queued by ``dicomnode resend``, not by the round's report (revision 0006): left
     out of the turnaround, whose end is the round's first delivery."""
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    """A delivered send whose peer then committed to keep the object (storage commitment,
+    revision 0007)."""
+
+
+class CommitmentRequest(Base):
+    """A storage commitment request (N-ACTION) made by a commit job, until its report comes
+    (revision 0007): the report names its transaction only."""
+
+    __tablename__ = "commitment_requests"
+
+    transaction_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime)

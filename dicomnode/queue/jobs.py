@@ -54,6 +54,8 @@ class JobKind(StrEnum):
     INFER = "infer"
     REPORT = "report"
     SEND = "send"
+    COMMIT = "commit"
+    """A storage commitment request to a peer, for a round's objects delivered to it."""
 
 
 PENDING = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
@@ -424,6 +426,26 @@ def postpone(
             updated_at=now,
             lease_expires_at=None,
             run_after=now + timedelta(seconds=delay_seconds),
+        )
+    )
+
+
+def await_answer(
+    session: Session, job: ClaimedJob, worker_id: str, note: str, seconds: float
+) -> None:
+    """The job asked a peer, which answers later: it waits ``seconds`` (state ``failed``, its
+    attempt counted) and runs again unless the answer finishes it first."""
+    now = db_now(session)
+    still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
+    session.execute(
+        update(Job)
+        .where(*still_ours)
+        .values(
+            state=JobState.FAILED,
+            last_error=note[:2000],
+            updated_at=now,
+            lease_expires_at=None,
+            run_after=now + timedelta(seconds=seconds),
         )
     )
 

@@ -24,7 +24,10 @@ from typing import Any, cast
 from pydicom import uid as uids
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
@@ -40,6 +43,7 @@ from dicomnode.peers import known_ae_titles, peer_by_ae_title
 from dicomnode.receive import statuses
 from dicomnode.receive.callers import caller_matches, ip_of
 from dicomnode.receive.transport import BoundedRequestHandler, NodeServer
+from dicomnode.send.commitment import take_report
 from dicomnode.store.files import ensure_free_space
 from dicomnode.store.instances import (
     PURGED,
@@ -147,6 +151,10 @@ class StoreHandlers:
 
     def on_echo(self, event: evt.Event) -> int:
         return statuses.SUCCESS
+
+    def on_event_report(self, event: evt.Event) -> tuple[int, None]:
+        """A peer's storage commitment report (N-EVENT-REPORT), on an association of its own."""
+        return take_report(self.db, event)
 
     def on_store(self, event: evt.Event) -> int:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -462,6 +470,7 @@ class StoreHandlers:
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_N_EVENT_REPORT, self.on_event_report),
             (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_DATA_RECV, self.on_data),
             (evt.EVT_REJECTED, self.on_rejected),
@@ -546,6 +555,8 @@ def build_ae(settings: Settings, db: Database) -> NodeAE:
     ae.maximum_associations = settings.node.max_associations
     ae.require_called_aet = settings.node.check_called_ae
     ae.add_supported_context(Verification)
+    # a peer reporting its storage commitment acts as the SOP class' SCP: either role is taken
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))

@@ -50,14 +50,21 @@ class InProcessNode:
         overlay_max_size: int | None = None,
         *,
         localiser: bool = False,
+        commitment: bool = False,
     ) -> InProcessNode:
         """A node with a tiny 5-class knee model (with a knee localiser when ``localiser``)
-        that sends results to its collector."""
+        that sends results to its collector (asking it for storage commitment when
+        ``commitment``)."""
         collector = CollectingSCP(ae_title="PACS").start()
         sections: dict[str, dict[str, Any]] = {
             "node": {"port": free_port(), "host": LOOPBACK},
             "peers": {
-                "PACS": {"ae_title": "PACS", "host": LOOPBACK, "port": collector.port},
+                "PACS": {
+                    "ae_title": "PACS",
+                    "host": LOOPBACK,
+                    "port": collector.port,
+                    "commitment": commitment,
+                },
                 "MOD": {"ae_title": SENDER, "host": LOOPBACK, "port": 1},
             },
             "results": {"destinations": ["PACS"]},

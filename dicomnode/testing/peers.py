@@ -31,7 +31,10 @@ from pynetdicom import (
     dimse_messages,
     evt,
 )
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 LOOPBACK = "127.0.0.1"
 
@@ -94,6 +97,9 @@ class CollectingSCP:
     ssl_context: Any = None
     """A server-side ``ssl.SSLContext``: the collector then listens over DICOM TLS."""
     received: list[Dataset] = field(default_factory=list)
+    commitment_requests: list[Dataset] = field(default_factory=list)
+    """The Action Information of each storage commitment request (N-ACTION) received; the
+    collector accepts them and reports nothing: a test reports as the PACS would."""
     arrivals: list[float] = field(default_factory=list)
     """``time.monotonic()`` of each received dataset, in the order of ``received``."""
     _server: Any = None
@@ -108,9 +114,15 @@ class CollectingSCP:
                 self.arrivals.append(time.monotonic())
         return self.status
 
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        with self._lock:
+            self.commitment_requests.append(event.action_information)  # type: ignore[attr-defined]
+        return 0x0000, None
+
     def start(self) -> CollectingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(StorageCommitmentPushModel)
         syntaxes = [*DEFAULT_TRANSFER_SYNTAXES, *([JPEGBaseline8Bit] if self.accept_jpeg else [])]
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
@@ -118,7 +130,7 @@ class CollectingSCP:
         self._server = ae.start_server(
             (LOOPBACK, self.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action)],
             ssl_context=self.ssl_context,
         )
         return self

@@ -336,3 +336,48 @@ def test_orthanc_and_the_node_speak_dicom_tls_both_ways(tmp_path: Path, models: 
             node.stop()
     finally:
         orthanc.stop()
+
+
+def _commitment(node: NodeProcess) -> tuple[list[tuple[str, str]], list[str | None]]:
+    """(state, last error) of the commit jobs, and each send's committed_at."""
+    with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
+        commits = connection.execute(
+            "SELECT state, last_error FROM jobs WHERE kind = 'commit'"
+        ).fetchall()
+        sends = connection.execute("SELECT committed_at FROM jobs WHERE kind = 'send'").fetchall()
+    return [(str(s), str(e)) for s, e in commits], [c for (c,) in sends]
+
+
+def test_orthanc_commits_to_the_results_it_received(tmp_path: Path, models: Path) -> None:
+    """Storage commitment: with PACS marked `commitment`, the node asks Orthanc (N-ACTION) to
+    commit to the SC and SR it delivered; Orthanc reports on an association of its own
+    (N-EVENT-REPORT) to the node's SCP, and both sends are marked committed."""
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)})
+    orthanc.start()
+    try:
+        pacs = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+        node = NodeProcess.create(
+            tmp_path / "node",
+            models,
+            peers={},
+            destinations=["PACS"],
+            extra={"peers": {"PACS": {**pacs, "commitment": True}}},
+            port=node_port,
+        )
+        node.start()
+        try:
+            source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
+            study_id = orthanc.upload(source)["ParentStudy"]
+            orthanc.send_study("dicomnode", study_id)
+            _wait_for_results(orthanc, study_id, "SC and SR in Orthanc's study")
+            wait_for(lambda: _commitment(node)[0] == [("done", "")], 60, what="commit job done")
+            committed = _commitment(node)[1]
+            assert len(committed) == 2 and all(committed), committed
+            assert "storage commitment report" in node.log()
+            peers = node.cli("ae", "list").stdout
+            assert "PACS" in peers and "yes" in peers
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -343,7 +344,7 @@ def test_resend_delivers_a_studys_results_again_without_touching_the_turnaround(
         received_at = session.execute(select(Instance.received_at)).scalar_one()
         state = turnaround(session)
         history = study_history(session, study, {})
-    assert state.rounds == 1
+    assert state.rounds == 1 and first_delivery is not None
     assert state.longest_seconds == (first_delivery - received_at).total_seconds()
     assert history is not None
     assert sorted((s.kind, s.resend, s.sending.state) for s in history.sends) == [
@@ -356,6 +357,100 @@ def test_resend_delivers_a_studys_results_again_without_touching_the_turnaround(
     assert purge_expired(node.db, node.settings.storage.retention_days, now=later).studies
     with node.db.session() as session, pytest.raises(ResendRefusedError, match="purged"):
         resend_study(session, study, "PACS", max_attempts=5)
+
+
+def _report_commitment(node: Node, request: Dataset, failed: dict[str, int] | None = None) -> int:
+    """Report on ``request`` to the node's SCP as the PACS does (N-EVENT-REPORT on an
+    association of its own): every object committed but those ``failed`` (their reasons);
+    the node's status."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        StorageCommitmentPushModelInstance,
+    )
+
+    failed = failed or {}
+    info = Dataset()
+    info.TransactionUID = request.TransactionUID
+    committed, failures = [], []
+    for item in request.ReferencedSOPSequence:
+        if item.ReferencedSOPInstanceUID in failed:
+            item.FailureReason = failed[item.ReferencedSOPInstanceUID]
+            failures.append(item)
+        else:
+            committed.append(item)
+    if committed:
+        info.ReferencedSOPSequence = committed
+    if failures:
+        info.FailedSOPSequence = failures
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_event_report(
+            info,
+            2 if failures else 1,
+            StorageCommitmentPushModel,
+            StorageCommitmentPushModelInstance,
+        )
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_storage_commitment_sends_again_what_the_pacs_did_not_commit(tmp_path: Path) -> None:
+    from dicomnode.history import study_history
+
+    """The node asks the PACS to commit to a round's SC and SR once both are delivered; the
+    PACS reports the SC failed: it is sent again, and committed on a second request; the
+    commit job is done once every object is committed. A report of an unknown transaction
+    is answered and changes nothing."""
+    node = InProcessNode.start(tmp_path, commitment=True)
+    try:
+        image = make_radiograph(body_part="KNEE")
+        node.send(image)
+        wait_for(lambda: len(node.collector.commitment_requests) == 1, 60, what="N-ACTION")
+        request = node.collector.commitment_requests[0]
+        delivered = {str(d.SOPInstanceUID): str(d.SOPClassUID) for d in node.collector.received}
+        asked = {
+            str(i.ReferencedSOPInstanceUID): str(i.ReferencedSOPClassUID)
+            for i in request.ReferencedSOPSequence
+        }
+        assert asked == delivered and len(asked) == 2
+        wait_for(lambda: node.count(Job, kind="commit", state="failed") == 1, 30, what="waiting")
+        with node.db.reading() as session:
+            note, due = session.execute(
+                select(Job.last_error, Job.run_after).where(Job.kind == "commit")
+            ).one()
+        assert "waiting for PACS's storage commitment report" in note
+        assert (due - utcnow()).total_seconds() > 3000  # the hour's time-out
+        sc = next(d for d in node.collector.received if d.Modality == "OT")
+        unknown = copy.deepcopy(request)
+        unknown.TransactionUID = "1.2.3.4.5"
+        assert _report_commitment(node, unknown) == 0
+        assert node.count(Job, kind="commit", state="failed") == 1
+        assert _report_commitment(node, request, {str(sc.SOPInstanceUID): 0x0110}) == 0
+        wait_for(lambda: len(node.collector.received) == 3, 60, what="the SC sent again")
+        assert node.collector.received[2].SOPInstanceUID == sc.SOPInstanceUID
+        wait_for(lambda: len(node.collector.commitment_requests) == 2, 60, what="2nd N-ACTION")
+        second = node.collector.commitment_requests[1]
+        assert [i.ReferencedSOPInstanceUID for i in second.ReferencedSOPSequence] == [
+            sc.SOPInstanceUID
+        ]
+        assert second.TransactionUID != request.TransactionUID
+        assert _report_commitment(node, second) == 0
+        wait_for(lambda: node.count(Job, kind="commit", state="done") == 1, 30, what="done")
+        with node.db.reading() as session:
+            committed = (
+                session.execute(select(Job.committed_at).where(Job.kind == "send")).scalars().all()
+            )
+        assert len(committed) == 2 and all(committed)
+        with node.db.reading() as session:
+            history = study_history(session, str(image.StudyInstanceUID), {})
+        assert history is not None
+        assert [", committed " in s.sending.detail for s in history.sends] == [True, True]
+    finally:
+        node.close()
 
 
 def test_a_knee_film_without_a_knee_joint_is_reported_as_not_graded(tmp_path: Path) -> None:
