@@ -414,20 +414,7 @@ def postpone(
     """Give a claimed job back without charging its attempt: it stopped for a reason of the
     node's (its disk is full, its worker is stopping), not of the job, and runs again after
     ``delay_seconds``."""
-    now = db_now(session)
-    still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
-    session.execute(
-        update(Job)
-        .where(*still_ours)
-        .values(
-            state=JobState.FAILED,
-            attempts=Job.attempts - 1,
-            last_error=error[:2000],
-            updated_at=now,
-            lease_expires_at=None,
-            run_after=now + timedelta(seconds=delay_seconds),
-        )
-    )
+    _wait(session, job, worker_id, error, delay_seconds, charged=False)
 
 
 def await_answer(
@@ -435,6 +422,20 @@ def await_answer(
 ) -> None:
     """The job asked a peer, which answers later: it waits ``seconds`` (state ``failed``, its
     attempt counted) and runs again unless the answer finishes it first."""
+    _wait(session, job, worker_id, note, seconds, charged=True)
+
+
+def _wait(
+    session: Session,
+    job: ClaimedJob,
+    worker_id: str,
+    note: str,
+    seconds: float,
+    *,
+    charged: bool,
+) -> None:
+    """A claimed job of ``worker_id`` waits ``seconds`` (state ``failed``, ``note`` its last
+    error), its attempt counted or not."""
     now = db_now(session)
     still_ours = (Job.id == job.id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
     session.execute(
@@ -442,6 +443,7 @@ def await_answer(
         .where(*still_ours)
         .values(
             state=JobState.FAILED,
+            attempts=Job.attempts if charged else Job.attempts - 1,
             last_error=note[:2000],
             updated_at=now,
             lease_expires_at=None,

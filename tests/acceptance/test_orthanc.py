@@ -66,6 +66,14 @@ def _wait_for_results(orthanc: Orthanc, study_id: str, what: str) -> None:
     )
 
 
+def _round_trip(orthanc: Orthanc, tmp_path: Path, what: str) -> None:
+    """A knee radiograph uploaded to Orthanc and sent to the node, until its results are back."""
+    source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
+    study_id = orthanc.upload(source)["ParentStudy"]
+    orthanc.send_study("dicomnode", study_id)
+    _wait_for_results(orthanc, study_id, what)
+
+
 def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
     with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
         row = connection.execute("SELECT state, attempts FROM jobs WHERE kind = 'infer'").fetchone()
@@ -326,10 +334,7 @@ def test_orthanc_and_the_node_speak_dicom_tls_both_ways(tmp_path: Path, models: 
         )
         node.start()
         try:
-            source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
-            study_id = orthanc.upload(source)["ParentStudy"]
-            orthanc.send_study("dicomnode", study_id)
-            _wait_for_results(orthanc, study_id, "the results in Orthanc, over TLS")
+            _round_trip(orthanc, tmp_path, "the results in Orthanc, over TLS")
             assert f"on 127.0.0.1:{node_tls_port} (DICOM TLS)" in node.log()
             assert "stored sop=" in node.log()
         finally:
@@ -367,10 +372,7 @@ def test_orthanc_commits_to_the_results_it_received(tmp_path: Path, models: Path
         )
         node.start()
         try:
-            source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
-            study_id = orthanc.upload(source)["ParentStudy"]
-            orthanc.send_study("dicomnode", study_id)
-            _wait_for_results(orthanc, study_id, "SC and SR in Orthanc's study")
+            _round_trip(orthanc, tmp_path, "SC and SR in Orthanc's study")
             wait_for(lambda: _commitment(node)[0] == [("done", "")], 60, what="commit job done")
             committed = _commitment(node)[1]
             assert len(committed) == 2 and all(committed), committed
