@@ -50,6 +50,7 @@ from dicomnode.peers import PeerInfo, get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.send.commitment import (
+    drop_request,
     queue_commitment,
     record_request,
     references,
@@ -548,15 +549,13 @@ class Worker:
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:
                 self._fail(job, delivery.reason, self.send_policy if delivery.retry else NO_RETRY)
-                self._ask_commitment(peer, job)  # the last pending send may have died
+                with self.db.session() as session:  # the last pending send may have died
+                    self._ask_commitment(session, peer, job)
                 continue
             with self.db.session() as session:
                 recorded = q.complete(session, job.id, self.worker_id)
                 hurried = q.hurry_sends(session, peer.name)
-                if peer.commitment and job.report_id is not None:
-                    queue_commitment(
-                        session, job.report_id, peer.name, self.settings.send.max_attempts
-                    )
+                self._ask_commitment(session, peer, job)  # in turn: no purge in between
             if hurried:
                 log.info(
                     "%s takes deliveries again: %d waiting send(s) are due now", peer.name, hurried
@@ -569,12 +568,11 @@ class Worker:
                 "" if recorded else ", but its lease was lost meanwhile: it may be sent again",
             )
 
-    def _ask_commitment(self, peer: PeerInfo, job: q.ClaimedJob) -> None:
+    def _ask_commitment(self, session: Session, peer: PeerInfo, job: q.ClaimedJob) -> None:
         """Queue the round's commit job to a peer marked ``commitment`` once none of its sends
         is pending (also when the last one died: what was delivered is committed)."""
         if peer.commitment and job.report_id is not None:
-            with self.db.session() as session:
-                queue_commitment(session, job.report_id, peer.name, self.settings.send.max_attempts)
+            queue_commitment(session, job.report_id, peer.name, self.settings.send.max_attempts)
 
     # -- storage commitment -------------------------------------------------
     def _commit_step(self) -> bool:
@@ -611,6 +609,8 @@ class Worker:
             on_report=self._on_report,
         )
         if not asked.ok:
+            with self.db.session() as session:  # no report can come for it
+                drop_request(session, transaction)
             self._fail(job, asked.reason, self.send_policy if asked.retry else NO_RETRY)
             return
         with self.db.session() as session:

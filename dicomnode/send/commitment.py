@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
 )
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import CommitmentRequest, Job, Output
@@ -149,6 +149,13 @@ def record_request(session: Session, transaction_uid: str, job_id: int) -> None:
         CommitmentRequest(
             transaction_uid=transaction_uid, job_id=job_id, requested_at=db_now(session)
         )
+    )
+
+
+def drop_request(session: Session, transaction_uid: str) -> None:
+    """Forget a request the peer did not take (no association, a refusal)."""
+    session.execute(
+        delete(CommitmentRequest).where(CommitmentRequest.transaction_uid == transaction_uid)
     )
 
 

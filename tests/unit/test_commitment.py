@@ -153,3 +153,30 @@ def test_a_round_without_deliveries_asks_nothing(db: Database, tmp_path: Path) -
     with db.session() as session:
         assert not queue_commitment(session, report_id, "PACS", 5)
     assert _commit_jobs(db) == []
+
+
+def test_a_request_the_peer_did_not_take_is_retried_and_leaves_no_transaction(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """No association (the PACS is down): the commit job retries with the send back-off, and
+    the transaction it named is dropped (no report can come for it)."""
+    from dicomnode.db.schema import CommitmentRequest
+    from dicomnode.peers import PeerInfo, add_peer
+    from dicomnode.testing.images import make_radiograph, write_dataset
+    from dicomnode.testing.peers import free_port
+    from dicomnode.worker import Worker
+
+    report_id = _round_with_sends(db, (q.JobState.DONE,))
+    overlay = write_dataset(make_radiograph(rows=16, columns=16), tmp_path / "sc.dcm")
+    with db.session() as session:
+        session.execute(update(Output).values(path=str(overlay)))
+        add_peer(session, PeerInfo("PACS", "PACS", "127.0.0.1", free_port(), commitment=True))
+        queue_commitment(session, report_id, "PACS", 5)
+    worker = Worker(settings, db, ModelRegistry([]), worker_id="w")
+    assert worker.step()
+    with db.session() as session:
+        state, error = session.execute(
+            select(Job.state, Job.last_error).where(Job.kind == "commit")
+        ).one()
+        assert session.execute(select(CommitmentRequest)).first() is None
+    assert state == "failed" and error.startswith("no association with PACS")
