@@ -30,7 +30,7 @@ pytestmark = pytest.mark.both_databases
 
 def _round_with_sends(db: Database, states: tuple[q.JobState, ...]) -> int:
     """A done round with one output per state, each sent to PACS and left in that state."""
-    report_id = round_row(db, "7", image_at=utcnow(), made_at=utcnow())
+    report_id = round_row(db, "3", image_at=utcnow(), made_at=utcnow())  # study 1.2.3
     with db.session() as session:
         for n, state in enumerate(states):
             uid = f"2.25.{n + 1}"
@@ -180,3 +180,22 @@ def test_a_request_the_peer_did_not_take_is_retried_and_leaves_no_transaction(
         ).one()
         assert session.execute(select(CommitmentRequest)).first() is None
     assert state == "failed" and error.startswith("no association with PACS")
+
+
+def test_a_forgotten_study_takes_its_commitment_requests_along(db: Database) -> None:
+    """`dicomnode forget` (or storage.records_days) deletes the study's jobs: the requests of
+    its commit jobs go with them (a late report is then not this node's)."""
+    from dicomnode.db.schema import CommitmentRequest
+    from dicomnode.retention import forget_study
+
+    report_id = _round_with_sends(db, (q.JobState.DONE,))
+    with db.session() as session:
+        queue_commitment(session, report_id, "PACS", 5)
+        job_id = session.execute(select(Job.id).where(Job.kind == "commit")).scalar_one()
+        session.execute(update(Job).where(Job.id == job_id).values(state=q.JobState.DONE))
+        record_request(session, "2.25.100", job_id)
+    with db.session() as session:
+        forget_study(session, "1.2.3")
+    with db.session() as session:
+        assert session.execute(select(CommitmentRequest)).first() is None
+        assert record_report(session, Answer("2.25.100", ("2.25.1",), {})) is None
