@@ -55,7 +55,15 @@ def round_row(db: Database, key: str, *, image_at: datetime, made_at: datetime) 
         )
         s.add(report)
         s.flush()
-        s.add(instance_row(f"1.9.{key}", "a1", report_id=report.id, received_at=image_at))
+        s.add(
+            instance_row(
+                f"1.9.{key}",
+                "a1",
+                study_instance_uid=f"1.2.{key}",
+                report_id=report.id,
+                received_at=image_at,
+            )
+        )
         return report.id
 
 

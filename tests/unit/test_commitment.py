@@ -30,7 +30,7 @@ pytestmark = pytest.mark.both_databases
 
 def _round_with_sends(db: Database, states: tuple[q.JobState, ...]) -> int:
     """A done round with one output per state, each sent to PACS and left in that state."""
-    report_id = round_row(db, "3", image_at=utcnow(), made_at=utcnow())  # study 1.2.3
+    report_id = round_row(db, "7", image_at=utcnow(), made_at=utcnow())  # study 1.2.7
     with db.session() as session:
         for n, state in enumerate(states):
             uid = f"2.25.{n + 1}"
@@ -195,7 +195,7 @@ def test_a_forgotten_study_takes_its_commitment_requests_along(db: Database) -> 
         session.execute(update(Job).where(Job.id == job_id).values(state=q.JobState.DONE))
         record_request(session, "2.25.100", job_id)
     with db.session() as session:
-        forget_study(session, "1.2.3")
+        forget_study(session, "1.2.7")
     with db.session() as session:
         assert session.execute(select(CommitmentRequest)).first() is None
         assert record_report(session, Answer("2.25.100", ("2.25.1",), {})) is None
