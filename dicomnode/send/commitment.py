@@ -9,12 +9,15 @@ job. The peer answers later, as a rule on an association of its own to the node'
 too):
 
 * the objects it commits are marked ``committed_at`` on their sends;
-* those it could not commit (Failed SOP Sequence, with a reason) are sent again: their sends
-  are queued afresh, and once delivered a new request follows;
+* those it could not commit (Failed SOP Sequence) are sent again when the reason may pass
+  (a processing failure, the object missing: :data:`SEND_AGAIN`), and once delivered a new
+  request follows; for any other reason the send dies, saying why (``dicomnode retry`` once
+  the PACS is mended, or ``discard``);
 * the commit job is done when every delivered object is committed.
 
 A peer that does not answer within ``send.commitment_timeout_seconds`` is asked again (a new
-transaction), up to ``send.max_attempts`` requests; then the job is dead, and the study is not
+transaction), up to ``send.max_attempts`` requests for the round, counting those after objects
+were sent again; then the job is dead, and the study is not
 purged until ``dicomnode retry`` or ``dicomnode discard``: retention waits for the commit jobs
 as for every job of a round.
 """
@@ -50,6 +53,10 @@ ALL_COMMITTED, SOME_FAILED = 1, 2
 """N-EVENT-REPORT Event Type IDs: every object committed; some could not be."""
 SUCCESS, NO_SUCH_EVENT_TYPE = 0x0000, 0x0113
 """N-EVENT-REPORT response statuses."""
+SEND_AGAIN = frozenset({0x0110, 0x0112})
+"""Failure Reasons after which the object is sent again: a processing failure, and no such
+object (the PACS lost it). The others (0x0119 class/instance conflict, 0x0122 SOP class not
+supported, 0x0131 duplicate transaction, …) would fail again: the send dies, saying why."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class Recorded:
     job_id: int
     committed: int
     sent_again: int
+    refused: int
+    """Objects the peer will not commit as they are (their sends now dead)."""
     job_done: bool
 
 
@@ -139,7 +148,9 @@ def queue_commitment(session: Session, report_id: int, peer: str, max_attempts: 
     if job.state in PENDING:
         return False
     now = db_now(session)
-    job.state, job.attempts, job.run_after, job.updated_at = JobState.QUEUED, 0, now, now
+    # attempts are kept: requests for the round, however often its objects are sent again,
+    # stay within max_attempts (a PACS failing an object for ever is not asked for ever)
+    job.state, job.run_after, job.updated_at = JobState.QUEUED, now, now
     job.finished_at, job.last_error = None, ""
     return True
 
@@ -180,30 +191,40 @@ def record_report(session: Session, answer: Answer) -> Recorded | None:
         .values(committed_at=now)
         .execution_options(synchronize_session=False)
     )
-    again = 0
+    again = refused = 0
     for sop_uid, reason in answer.failed.items():
+        if reason in SEND_AGAIN:
+            values: dict[str, object] = {
+                "state": JobState.QUEUED,
+                "attempts": 0,
+                "run_after": now,
+                "finished_at": None,
+                "last_error": f"{job.peer} did not commit it (failure reason 0x{reason:04X}): "
+                "sent again",
+            }
+        else:
+            values = {
+                "state": JobState.DEAD,
+                "finished_at": now,
+                "last_error": f"{job.peer} refuses to commit it (failure reason "
+                f"0x{reason:04X}): `dicomnode retry` once mended there, or `dicomnode discard`",
+            }
         result = session.execute(
             update(Job)
             .where(*ours, Job.sop_instance_uid == sop_uid)
-            .values(
-                state=JobState.QUEUED,
-                attempts=0,
-                run_after=now,
-                updated_at=now,
-                finished_at=None,
-                committed_at=None,
-                last_error=f"{job.peer} did not commit it (failure reason 0x{reason:04X}): "
-                "sent again",
-            )
+            .values(updated_at=now, committed_at=None, **values)
             .execution_options(synchronize_session=False)
         )
-        again += int(getattr(result, "rowcount", 0) or 0)
+        count = int(getattr(result, "rowcount", 0) or 0)
+        again, refused = (
+            (again + count, refused) if reason in SEND_AGAIN else (again, refused + count)
+        )
     session.delete(request)
     done = not uncommitted(session, job.report_id, job.peer) and job.state != JobState.RUNNING
     if done:
         job.state, job.finished_at, job.updated_at, job.last_error = JobState.DONE, now, now, ""
         job.lease_expires_at = None
-    return Recorded(job.id, int(getattr(committed, "rowcount", 0) or 0), again, done)
+    return Recorded(job.id, int(getattr(committed, "rowcount", 0) or 0), again, refused, done)
 
 
 def take_report(db: Database, event: evt.Event) -> tuple[int, None]:
@@ -226,11 +247,13 @@ def take_report(db: Database, event: evt.Event) -> tuple[int, None]:
         )
         return SUCCESS, None
     log.info(
-        "storage commitment report (transaction %s, job %s): %d committed, %d sent again%s",
+        "storage commitment report (transaction %s, job %s): %d committed, %d sent again, "
+        "%d refused%s",
         answer.transaction_uid,
         recorded.job_id,
         recorded.committed,
         recorded.sent_again,
+        recorded.refused,
         ", every delivered object committed" if recorded.job_done else "",
     )
     return SUCCESS, None

@@ -72,7 +72,7 @@ def test_a_commit_job_waits_for_every_send_of_the_round(db: Database) -> None:
 
 
 def test_a_report_marks_what_is_committed_and_sends_the_failed_again(db: Database) -> None:
-    report_id = _round_with_sends(db, (q.JobState.DONE, q.JobState.DONE))
+    report_id = _round_with_sends(db, (q.JobState.DONE, q.JobState.DONE, q.JobState.DONE))
     with db.session() as session:
         queue_commitment(session, report_id, "PACS", 5)
         job_id = session.execute(select(Job.id).where(Job.kind == "commit")).scalar_one()
@@ -80,10 +80,13 @@ def test_a_report_marks_what_is_committed_and_sends_the_failed_again(db: Databas
         record_request(session, "2.25.100", job_id)
     with db.session() as session:
         assert record_report(session, Answer("2.25.999", ("2.25.1",), {})) is None
-        recorded = record_report(session, Answer("2.25.100", ("2.25.1",), {"2.25.2": 0x0112}))
+        recorded = record_report(
+            session, Answer("2.25.100", ("2.25.1",), {"2.25.2": 0x0112, "2.25.3": 0x0122})
+        )
     assert recorded is not None
     # nothing delivered is left uncommitted: done until the object sent again is delivered
-    assert (recorded.committed, recorded.sent_again, recorded.job_done) == (1, 1, True)
+    assert (recorded.committed, recorded.sent_again, recorded.refused) == (1, 1, 1)
+    assert recorded.job_done
     assert _commit_jobs(db) == [("done", 0)]
     with db.session() as session:
         sends = {
@@ -100,19 +103,26 @@ def test_a_report_marks_what_is_committed_and_sends_the_failed_again(db: Databas
         False,
         "PACS did not commit it (failure reason 0x0112): sent again",
     )
+    assert sends["2.25.3"] == (  # SOP class not supported: sending it again would fail again
+        "dead",
+        False,
+        "PACS refuses to commit it (failure reason 0x0122): `dicomnode retry` once mended "
+        "there, or `dicomnode discard`",
+    )
     with db.session() as session:  # delivered again: the commit job is asked again
         session.execute(
             update(Job).where(Job.sop_instance_uid == "2.25.2").values(state=q.JobState.DONE)
         )
+        session.execute(update(Job).where(Job.id == job_id).values(attempts=3))
         assert queue_commitment(session, report_id, "PACS", 5)
         record_request(session, "2.25.101", job_id)
-    assert _commit_jobs(db) == [("queued", 0)]
+    assert _commit_jobs(db) == [("queued", 3)]  # its requests stay counted: bounded
     with db.session() as session:
         session.execute(update(Job).where(Job.id == job_id).values(state=q.JobState.FAILED))
     with db.session() as session:
         done = record_report(session, Answer("2.25.101", ("2.25.2",), {}))
     assert done is not None and done.job_done
-    assert _commit_jobs(db) == [("done", 0)]
+    assert _commit_jobs(db) == [("done", 3)]
 
 
 def test_a_peer_that_never_reports_leaves_the_commit_job_dead(
