@@ -50,6 +50,30 @@ def _round_with_sends(db: Database, states: tuple[q.JobState, ...]) -> int:
     return report_id
 
 
+def _asked(db: Database, states: tuple[q.JobState, ...], job_state: q.JobState) -> tuple[int, int]:
+    """A round whose sends are in ``states``, its commit job queued, then in ``job_state``,
+    having made request ``2.25.100``; (round id, commit job id)."""
+    report_id = _round_with_sends(db, states)
+    with db.session() as session:
+        queue_commitment(session, report_id, "PACS", 5)
+        job_id = session.execute(select(Job.id).where(Job.kind == "commit")).scalar_one()
+        session.execute(update(Job).where(Job.id == job_id).values(state=job_state))
+        record_request(session, "2.25.100", job_id)
+    return report_id, job_id
+
+
+def _after_a_step(db: Database, settings: Settings) -> tuple[str, str]:
+    """A worker's step; then the commit job's state and last error."""
+    from dicomnode.worker import Worker
+
+    assert Worker(settings, db, ModelRegistry([]), worker_id="w").step()
+    with db.session() as session:
+        state, error = session.execute(
+            select(Job.state, Job.last_error).where(Job.kind == "commit")
+        ).one()
+    return str(state), str(error)
+
+
 def _commit_jobs(db: Database) -> list[tuple[str, int]]:
     with db.session() as session:
         return [
@@ -72,12 +96,8 @@ def test_a_commit_job_waits_for_every_send_of_the_round(db: Database) -> None:
 
 
 def test_a_report_marks_what_is_committed_and_sends_the_failed_again(db: Database) -> None:
-    report_id = _round_with_sends(db, (q.JobState.DONE, q.JobState.DONE, q.JobState.DONE))
-    with db.session() as session:
-        queue_commitment(session, report_id, "PACS", 5)
-        job_id = session.execute(select(Job.id).where(Job.kind == "commit")).scalar_one()
-        session.execute(update(Job).where(Job.id == job_id).values(state=q.JobState.FAILED))
-        record_request(session, "2.25.100", job_id)
+    delivered = (q.JobState.DONE,) * 3
+    report_id, job_id = _asked(db, delivered, q.JobState.FAILED)  # waiting for the report
     with db.session() as session:
         assert record_report(session, Answer("2.25.999", ("2.25.1",), {})) is None
         recorded = record_report(
@@ -130,19 +150,14 @@ def test_a_peer_that_never_reports_leaves_the_commit_job_dead(
 ) -> None:
     """Each request unanswered for send.commitment_timeout_seconds is made again; after
     send.max_attempts requests the job dies, saying so (the study is not purged)."""
-    from dicomnode.worker import Worker
-
     report_id = _round_with_sends(db, (q.JobState.DONE,))
     with db.session() as session:
         queue_commitment(session, report_id, "PACS", 2)
         session.execute(update(Job).where(Job.kind == "commit").values(attempts=2))
-    worker = Worker(settings, db, ModelRegistry([]), worker_id="w")
-    assert worker.step()
-    with db.session() as session:
-        state, error = session.execute(
-            select(Job.state, Job.last_error).where(Job.kind == "commit")
-        ).one()
-    assert (state, error) == ("dead", "no storage commitment report from PACS after 2 requests")
+    assert _after_a_step(db, settings) == (
+        "dead",
+        "no storage commitment report from PACS after 2 requests",
+    )
 
 
 def test_the_report_names_committed_and_failed_objects() -> None:
@@ -174,7 +189,6 @@ def test_a_request_the_peer_did_not_take_is_retried_and_leaves_no_transaction(
     from dicomnode.peers import PeerInfo, add_peer
     from dicomnode.testing.images import make_radiograph, write_dataset
     from dicomnode.testing.peers import free_port
-    from dicomnode.worker import Worker
 
     report_id = _round_with_sends(db, (q.JobState.DONE,))
     overlay = write_dataset(make_radiograph(rows=16, columns=16), tmp_path / "sc.dcm")
@@ -182,14 +196,10 @@ def test_a_request_the_peer_did_not_take_is_retried_and_leaves_no_transaction(
         session.execute(update(Output).values(path=str(overlay)))
         add_peer(session, PeerInfo("PACS", "PACS", "127.0.0.1", free_port(), commitment=True))
         queue_commitment(session, report_id, "PACS", 5)
-    worker = Worker(settings, db, ModelRegistry([]), worker_id="w")
-    assert worker.step()
-    with db.session() as session:
-        state, error = session.execute(
-            select(Job.state, Job.last_error).where(Job.kind == "commit")
-        ).one()
-        assert session.execute(select(CommitmentRequest)).first() is None
+    state, error = _after_a_step(db, settings)
     assert state == "failed" and error.startswith("no association with PACS")
+    with db.session() as session:
+        assert session.execute(select(CommitmentRequest)).first() is None
 
 
 def test_a_forgotten_study_takes_its_commitment_requests_along(db: Database) -> None:
@@ -198,12 +208,7 @@ def test_a_forgotten_study_takes_its_commitment_requests_along(db: Database) -> 
     from dicomnode.db.schema import CommitmentRequest
     from dicomnode.retention import forget_study
 
-    report_id = _round_with_sends(db, (q.JobState.DONE,))
-    with db.session() as session:
-        queue_commitment(session, report_id, "PACS", 5)
-        job_id = session.execute(select(Job.id).where(Job.kind == "commit")).scalar_one()
-        session.execute(update(Job).where(Job.id == job_id).values(state=q.JobState.DONE))
-        record_request(session, "2.25.100", job_id)
+    _asked(db, (q.JobState.DONE,), q.JobState.DONE)
     with db.session() as session:
         forget_study(session, "1.2.7")
     with db.session() as session:
