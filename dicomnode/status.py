@@ -60,6 +60,8 @@ class DestinationState:
     last_error: str | None
     dead: int
     last_delivered: datetime | None
+    awaiting_commitment: int = 0
+    """Rounds whose storage commitment the peer is asked for and has not reported yet."""
 
 
 OTHER_MODELS = "*"
@@ -232,6 +234,9 @@ def _destination(session: Session, peer: str | None) -> DestinationState:
         last_error=retrying[1] if retrying else None,
         dead=_count(session, mine, JobState.DEAD),
         last_delivered=delivered,
+        awaiting_commitment=_count(
+            session, (Job.kind == JobKind.COMMIT, Job.peer == peer), *PENDING
+        ),
     )
 
 
@@ -393,7 +398,8 @@ def _queue_table(jobs: dict[str, dict[str, int]]) -> Table:
 
 
 def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
-    """Per destination: what waits, what is retrying and why, what died, the last delivery."""
+    """Per destination: what waits, what is retrying and why, what died, the last delivery,
+    the rounds whose storage commitment it has not reported yet."""
     table = Table(
         "destination",
         "waiting",
@@ -402,6 +408,7 @@ def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
         "last error",
         "dead",
         "last delivered",
+        "awaiting commitment",
         title="Destinations (result sends)",
     )
     for d in destinations:
@@ -413,6 +420,7 @@ def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
             Text(d.last_error) if d.last_error is not None else "-",
             str(d.dead),
             _when(d.last_delivered, "never"),
+            f"{d.awaiting_commitment} round(s)" if d.awaiting_commitment else "-",
         )
     return table
 

@@ -57,6 +57,27 @@ def test_destinations_show_waiting_retrying_with_the_reason_and_dead(db: Databas
     assert "peer returned status 0xA700" in text  # in the dead jobs table
 
 
+def test_a_destination_shows_the_rounds_awaiting_its_storage_commitment(db: Database) -> None:
+    """A commit job queued or waiting for the report counts; a done one does not."""
+    _sends_retrying_and_dead(db)
+    with db.session() as s:
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(q.JobKind.COMMIT, f"commit:{n}>PACS", 5, group_key="PACS", peer="PACS")
+                for n in range(3)
+            ],
+        )
+        s.execute(
+            update(Job).where(Job.dedupe_key == "commit:2>PACS").values(state=q.JobState.DONE)
+        )
+    with db.session() as s:
+        state = node_status(s)
+    assert {d.peer: d.awaiting_commitment for d in state.destinations} == {"ARCH": 0, "PACS": 2}
+    pacs = next(line for line in _render(db).splitlines() if line.strip("│ ").startswith("PACS"))
+    assert pacs.split("│")[-2].strip() == "2 round(s)"
+
+
 def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
     """`dicomnode status --json`: the same figures as numbers and ISO 8601 times."""
     from dicomnode.cli import _iso
