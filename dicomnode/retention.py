@@ -354,13 +354,15 @@ def _records_expired(older_than: datetime) -> ColumnElement[bool]:
     )
 
 
-def expired_records(session: Session, older_than: datetime) -> list[str]:
-    """Purged studies whose newest image arrived before ``older_than``."""
-    statement = (
-        select(Instance.study_instance_uid)
-        .group_by(Instance.study_instance_uid)
-        .having(_records_expired(older_than))
-    )
+def expired_records(
+    session: Session, older_than: datetime, study_uid: str | None = None
+) -> list[str]:
+    """Purged studies (of them, ``study_uid`` when given) whose newest image arrived before
+    ``older_than``."""
+    statement = select(Instance.study_instance_uid)
+    if study_uid is not None:
+        statement = statement.where(Instance.study_instance_uid == study_uid)
+    statement = statement.group_by(Instance.study_instance_uid).having(_records_expired(older_than))
     return list(session.execute(statement).scalars())
 
 
@@ -371,13 +373,7 @@ def _forget_if_expired(
     turns with the study's scheduling): ``None`` when an image arrived since, or a round or
     send of it is not finished."""
     lock_study(session, study_uid)
-    still = session.execute(
-        select(Instance.study_instance_uid)
-        .where(Instance.study_instance_uid == study_uid)
-        .group_by(Instance.study_instance_uid)
-        .having(_records_expired(older_than))
-    ).first()
-    if still is None or not _settled(session, study_uid):
+    if not expired_records(session, older_than, study_uid) or not _settled(session, study_uid):
         return None
     try:
         return forget_study(session, study_uid, dry_run=dry_run, purged_only=True)
