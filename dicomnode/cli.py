@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -17,11 +18,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicomnode import __version__, logs
-from dicomnode.config import DEFAULT_UMASK, Settings, StorageSettings, load_settings
+from dicomnode.config import DEFAULT_UMASK, Settings, load_settings
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
 if TYPE_CHECKING:  # the network code loads torch: imported where a command needs it
+    from dicomnode.audit.trail import AuditTrail
     from dicomnode.db.session import Database
     from dicomnode.explain.gradcam import Explainer
 
@@ -219,7 +221,9 @@ def ae_add(
     db = _database(resolved)
     with db.session() as session:
         add_peer(session, PeerInfo(name, ae_title, host, port, tls=tls, commitment=commitment))
-    console.print(f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(tls, commitment)}")
+    said = f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(tls, commitment)}"
+    _audit_peers(resolved, said)
+    console.print(said)
 
 
 def _peer_notes(tls: bool, commitment: bool) -> str:
@@ -266,7 +270,9 @@ def ae_update(
             commitment=commitment,
         )
     suffix = _peer_notes(new.tls, new.commitment)
-    console.print(f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}")
+    said = f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}"
+    _audit_peers(resolved, said)
+    console.print(said)
 
 
 @ae_app.command("remove")
@@ -278,7 +284,29 @@ def ae_remove(name: str, config: ConfigOption = None) -> None:
     db = _database(resolved)
     with db.session() as session:
         remove_peer(session, name, resolved.results.receiving_peers())
+    _audit_peers(resolved, f"removed peer {name}")
     console.print(f"removed peer {name}")
+
+
+def _audit_peers(resolved: Settings, change: str) -> None:
+    """A Security Alert (Network Configuration) for a peer changed, written before the
+    command ends."""
+    from dicomnode.audit.events import peers_changed
+
+    with _audit_trail(resolved) as audit:
+        audit.record(peers_changed(resolved.node.ae_title, change=change))
+
+
+@contextlib.contextmanager
+def _audit_trail(resolved: Settings) -> Iterator[AuditTrail]:
+    """The audit trail of one command, its messages written (up to 5 s) before it ends."""
+    from dicomnode.audit.trail import AuditTrail
+
+    audit = AuditTrail.from_settings(resolved)
+    try:
+        yield audit
+    finally:
+        audit.close()
 
 
 @ae_app.command("list")
@@ -550,7 +578,8 @@ def purge(
         console.print("retention is off (0 days): nothing is purged")
         return
     db = _database(resolved)
-    summary = purge_expired(db, days, dry_run=dry_run)
+    with _audit_trail(resolved) as audit:
+        summary = purge_expired(db, days, dry_run=dry_run, audit=audit)
     verb = "would purge" if dry_run else "purged"
     console.print(
         f"{verb} {len(summary.studies)} study(ies) older than {days:g} days: "
@@ -558,17 +587,21 @@ def purge(
     )
     for study_uid in summary.studies:
         console.print(f"  {study_uid}")
-    _forget_expired_records(db, resolved.storage, dry_run)
+    _forget_expired_records(db, resolved, dry_run)
 
 
-def _forget_expired_records(db: Database, storage: StorageSettings, dry_run: bool) -> None:
+def _forget_expired_records(db: Database, resolved: Settings, dry_run: bool) -> None:
     """The records part of ``purge``: what ``storage.records_days`` forgets."""
     from dicomnode.retention import forget_expired
 
+    storage = resolved.storage
     if storage.records_days <= 0:
         console.print("records are kept for good (storage.records_days is 0)")
         return
-    summary = forget_expired(db, storage.records_days, storage.data_dir, dry_run=dry_run)
+    with _audit_trail(resolved) as audit:
+        summary = forget_expired(
+            db, storage.records_days, storage.data_dir, dry_run=dry_run, audit=audit
+        )
     verb = "would forget" if dry_run else "forgot"
     console.print(
         f"{verb} {len(summary.studies)} purged study(ies) older than "
@@ -600,30 +633,42 @@ def forget(
 ) -> None:
     """Delete studies outright: their images, results and records (an erasure request, or
     a study sent to the node by mistake). The PACS keeps its own copies."""
-    from dicomnode.retention import forget_study, remove_files
-
     resolved = settings(config)
     db = _database(resolved)
     if not (dry_run or yes or typer.confirm(f"Delete {len(study)} study(ies) for good?")):
         raise typer.Exit(1)
     left: list[Path] = []
-    for study_uid in study:
-        with db.session() as session:
-            forgotten = forget_study(session, study_uid, dry_run=dry_run)
-        if not dry_run:
-            left += remove_files(Path(resolved.storage.data_dir), forgotten.files)
-            log.info(
-                "forgot study=%s: %d instance(s), %d output(s)",
-                study_uid,
-                forgotten.instances,
-                forgotten.outputs,
-            )
-        verb = "would delete" if dry_run else "deleted"
-        console.print(
-            f"{verb} study {study_uid}: {forgotten.instances} instance(s), "
-            f"{forgotten.outputs} result object(s), {len(forgotten.files)} file(s)"
-        )
+    with _audit_trail(resolved) as audit:
+        for study_uid in study:
+            left += _forget_one(db, resolved, audit, study_uid, dry_run)
     _fail_on_left(left)
+
+
+def _forget_one(
+    db: Database, resolved: Settings, audit: AuditTrail, study_uid: str, dry_run: bool
+) -> list[Path]:
+    """Forget one study (``forget``); the files that could not be deleted."""
+    from dicomnode.audit.objects import record_deleted
+    from dicomnode.retention import FORGET_REASON, forget_study, remove_files
+
+    left: list[Path] = []
+    with db.session() as session:
+        forgotten = forget_study(session, study_uid, dry_run=dry_run)
+    if not dry_run:
+        record_deleted(audit, forgotten.files, by_operator=True, reason=FORGET_REASON)
+        left = remove_files(Path(resolved.storage.data_dir), forgotten.files)
+        log.info(
+            "forgot study=%s: %d instance(s), %d output(s)",
+            study_uid,
+            forgotten.instances,
+            forgotten.outputs,
+        )
+    verb = "would delete" if dry_run else "deleted"
+    console.print(
+        f"{verb} study {study_uid}: {forgotten.instances} instance(s), "
+        f"{forgotten.outputs} result object(s), {len(forgotten.files)} file(s)"
+    )
+    return left
 
 
 @app.command()

@@ -427,6 +427,48 @@ class MetricsSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    """The audit trail (IHE ATNA): DICOM audit messages (PS3.15 A.5) to an audit record
+    repository over syslog, or to a file. Audit messages name the patient (Patient ID) by
+    design, as the standard asks: the repository is the place for it, never the log."""
+
+    transport: Literal["off", "udp", "tcp", "tls", "file"] = Field(
+        "off",
+        description="off; udp (RFC 5426), tcp or tls (RFC 5425, with the node's tls.* "
+        "certificate shown and the repository's verified) to audit.host:audit.port; or file "
+        "(one syslog line per message appended to audit.file)",
+    )
+    host: str = Field("", description="the audit record repository's host (udp, tcp, tls)")
+    port: int = Field(
+        0, ge=0, le=65535, description="its port; 0: 514 for udp and tcp, 6514 for tls"
+    )
+    file: Path | None = Field(None, description="the file of transport: file")
+    source_id: str = Field(
+        "", description="AuditSourceID of every message; empty: the node's AE title"
+    )
+    enterprise_site_id: str = Field(
+        "", description="AuditEnterpriseSiteID (the hospital), left out when empty"
+    )
+    queue_size: int = Field(
+        10000,
+        ge=10,
+        description="messages held while the repository cannot be reached; beyond it the "
+        "oldest is dropped, and the log says how many",
+    )
+
+    @model_validator(mode="after")
+    def _destination_given(self) -> AuditSettings:
+        if self.transport == "file" and self.file is None:
+            raise ValueError("audit.transport file needs audit.file")
+        if self.transport in ("udp", "tcp", "tls") and not self.host:
+            raise ValueError(f"audit.transport {self.transport} needs audit.host")
+        return self
+
+    @property
+    def repository_port(self) -> int:
+        return self.port or (6514 if self.transport == "tls" else 514)
+
+
 class Settings(_Section):
     """All of dicomnode's settings."""
 
@@ -443,6 +485,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     tls: TlsSettings = TlsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("peers")
     @classmethod
@@ -469,10 +512,13 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _tls_has_its_files(self) -> Settings:
-        """A TLS listener, or a peer reached over TLS, needs the certificate files."""
+        """A TLS listener, a peer reached over TLS, or an audit repository reached over TLS
+        needs the certificate files."""
         users = [f"peers.{name}.tls" for name, peer in self.peers.items() if peer.tls]
         if self.tls.port:
             users.insert(0, "tls.port")
+        if self.audit.transport == "tls":
+            users.append("audit.transport tls")
         missing = self.tls.missing() if users else []
         if missing:
             raise ValueError(f"{users[0]} needs {', '.join(missing)}")

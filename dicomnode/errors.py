@@ -73,3 +73,7 @@ class TrainingError(DicomNodeError):
 
 class PeerError(DicomNodeError):
     """A peer (application entity) is unknown or invalid."""
+
+
+class AuditError(DicomNodeError):
+    """An audit message could not be written to the audit record repository."""

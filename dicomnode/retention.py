@@ -45,6 +45,8 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import ColumnElement
 
+from dicomnode.audit.objects import record_deleted
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import StorageSettings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database
@@ -224,7 +226,12 @@ def _strip_pixels(path: Path, dry_run: bool) -> int:
 
 
 def purge_expired(
-    db: Database, retention_days: float, *, now: datetime | None = None, dry_run: bool = False
+    db: Database,
+    retention_days: float,
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    audit: AuditTrail | None = None,
 ) -> PurgeSummary:
     """Purge every finished study older than ``retention_days`` (0: keep everything)."""
     if retention_days <= 0:
@@ -245,6 +252,8 @@ def purge_expired(
             continue
         count, saved = outcome
         purged.append(study_uid)
+        if audit is not None and not dry_run:
+            _audit_purged(db, audit, study_uid)
         files, freed = files + count, freed + saved
         log.info(
             "%s study=%s: %d file(s), %.1f MB",
@@ -256,14 +265,30 @@ def purge_expired(
     return PurgeSummary(tuple(purged), files, freed, dry_run)
 
 
-def apply_retention(db: Database, storage: StorageSettings) -> None:
+def _audit_purged(db: Database, audit: AuditTrail, study_uid: str) -> None:
+    """DICOM Study Deleted for a purged study (its headers say whose it is)."""
+    with db.reading() as session:
+        paths = session.execute(
+            select(Instance.path).where(
+                Instance.study_instance_uid == study_uid, Instance.state == PURGED
+            )
+        ).scalars()
+        files = [Path(path) for path in paths]
+    record_deleted(audit, files, by_operator=False, reason=PURGE_REASON)
+
+
+PURGE_REASON = "pixel data deleted after storage.retention_days (headers kept)"
+FORGET_REASON = "study forgotten: its files and records deleted"
+
+
+def apply_retention(db: Database, storage: StorageSettings, audit: AuditTrail) -> None:
     """What the node does hourly: purge the pixel data of expired studies
     (``storage.retention_days``), then forget the purged studies whose records expired
     (``storage.records_days``); each part off at 0."""
     if storage.retention_days > 0:
-        purge_expired(db, storage.retention_days)
+        purge_expired(db, storage.retention_days, audit=audit)
     if storage.records_days > 0:
-        forget_expired(db, storage.records_days, storage.data_dir)
+        forget_expired(db, storage.records_days, storage.data_dir, audit=audit)
 
 
 class StudyBusyError(DicomNodeError):
@@ -388,6 +413,7 @@ def forget_expired(
     *,
     now: datetime | None = None,
     dry_run: bool = False,
+    audit: AuditTrail | None = None,
 ) -> ForgetSummary:
     """Forget every purged study whose newest image arrived more than ``records_days`` ago
     (0: keep every record), and the associations that no remaining image came over."""
@@ -407,6 +433,8 @@ def forget_expired(
         forgotten.append(study_uid)
         files += len(outcome.files)
         if not dry_run:
+            if audit is not None:
+                record_deleted(audit, outcome.files, by_operator=False, reason=FORGET_REASON)
             left += remove_files(data_dir, outcome.files)
         log.info(
             "%s the records of study=%s: %d instance(s), %d result object(s)",

@@ -31,6 +31,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session
 
 from dicomnode import logs
+from dicomnode.audit.events import application_activity
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
@@ -97,7 +99,10 @@ def worker_main(settings: Settings, index: int) -> None:
     worker = Worker(settings, db, ModelRegistry.load(settings.models.dir))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
     stop_with_parent(worker.stop)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        worker.audit.close()
 
 
 def stop_with_parent(stop: threading.Event) -> None:
@@ -257,10 +262,11 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     _release_dead_local_workers(db)
     stop = threading.Event()
     _install_signals(stop)
+    audit = AuditTrail.from_settings(settings)
     servers: list[ThreadedAssociationServer] = []
     handlers = None
     if with_scp:
-        handlers = StoreHandlers(settings, db)
+        handlers = StoreHandlers(settings, db, audit)
         reopened = release_all_open(db, handlers.receiver)
         if reopened:
             log.info("%d association(s) left open by the previous run are closed", reopened)
@@ -276,6 +282,7 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
     if handlers is not None:
         _start_housekeeping(db, settings, stop, handlers)
     notify("READY=1")
+    audit.record(application_activity(settings.node.ae_title, started=True))
     watchdog = Watchdog()
     try:
         while not stop.wait(SCHEDULER_INTERVAL):
@@ -291,6 +298,8 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
         if metrics is not None:
             metrics.stop()
         db.dispose()
+        audit.record(application_activity(settings.node.ae_title, started=False))
+        audit.close()
 
 
 def start_listeners(
@@ -437,7 +446,7 @@ def _start_housekeeping(
         removed = remove_stale_incoming(incoming, STALE_INCOMING_SECONDS)
         if removed:
             log.info("removed %d partial file(s) of aborted transfers", removed)
-        apply_retention(db, settings.storage)
+        apply_retention(db, settings.storage, handlers.audit)
 
     def loop() -> None:
         next_purge = 0.0

@@ -31,6 +31,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from dicomnode import pipeline
+from dicomnode.audit.objects import record_sent
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, db_now
@@ -116,10 +118,12 @@ class Worker:
         db: Database,
         registry: ModelRegistry,
         worker_id: str | None = None,
+        audit: AuditTrail | None = None,
     ):
         self.settings = settings
         self.db = db
         self.registry = registry
+        self.audit = audit or AuditTrail.from_settings(settings)
         self.worker_id = worker_id or q.worker_id_of(os.getpid())
         self.stop = threading.Event()
         self._disk_full_logged = -DISK_FULL_PAUSE
@@ -546,6 +550,8 @@ class Worker:
             response_timeout=self.settings.send.response_timeout_seconds,
             tls=self._tls_context() if peer.tls else None,
         )
+        outcomes = {d.path: "" if d.ok else d.reason or "not delivered" for d in deliveries}
+        record_sent(self.audit, peer.ae_title, peer.host, outcomes)
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:
                 self._fail(job, delivery.reason, self.send_policy if delivery.retry else NO_RETRY)

@@ -30,6 +30,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomnode.audit.events import caller_refused
+from dicomnode.audit.objects import ReceivedStudies
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
 from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
@@ -113,9 +116,11 @@ class NodeAE(AE):
 class StoreHandlers:
     """Event handlers bound to their dependencies (no globals)."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, audit: AuditTrail | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.audit = audit or AuditTrail.off()
+        self.received = ReceivedStudies(self.audit)
         self.data_dir = Path(settings.storage.data_dir)
         self.receiver = receiver_name(settings)
         self._associations: dict[int, str] = {}
@@ -229,6 +234,8 @@ class StoreHandlers:
         )
         if outcome.duplicate:
             self._warn_if_changed(facts.sop_uid, received)
+        patient_id = str(header.get("PatientID", "") or "")
+        self.received.stored(id(event.assoc), facts.study_uid, patient_id, facts.sop_class_uid)
         return statuses.SUCCESS
 
     def _warn_if_changed(self, sop_uid: str, received: Path) -> None:
@@ -271,6 +278,7 @@ class StoreHandlers:
 
     def on_released(self, event: evt.Event) -> None:
         association_id, count = self._stored.pop(id(event.assoc), ("?", 0))
+        self._audit_received(event.assoc, aborted=False)
         log.info("association %s released: %d instance(s) stored", association_id, count)
 
     def on_aborted(self, event: evt.Event) -> None:
@@ -278,6 +286,7 @@ class StoreHandlers:
         the sender is expected to send the rest again (a follow-up report covers it). The
         node's own aborts (a silent sender timed out, a stop) are said at INFO."""
         association_id, count = self._stored.pop(id(event.assoc), ("?", 0))
+        self._audit_received(event.assoc, aborted=True)
         if getattr(event.assoc, "_sent_abort", False):
             log.info(
                 "association %s aborted by the node (time-out or stop) after %d instance(s) stored",
@@ -292,6 +301,22 @@ class StoreHandlers:
             association_id,
             str(event.assoc.requestor.ae_title).strip(),
             count,
+        )
+
+    def _audit_received(self, assoc: Any, aborted: bool) -> None:
+        requestor = assoc.requestor
+        caller_ae = str(requestor.ae_title).strip()
+        self.received.ended(id(assoc), caller_ae, str(requestor.address), aborted)
+
+    def _refused(self, calling_ae: str, address: str, reason: str) -> None:
+        """A Security Alert (Node Authentication) for a caller refused for who it is."""
+        self.audit.record(
+            caller_refused(
+                self.settings.node.ae_title,
+                caller_ae=calling_ae,
+                caller_address=address,
+                reason=reason,
+            )
         )
 
     def on_closed(self, event: evt.Event) -> None:
@@ -399,6 +424,7 @@ class StoreHandlers:
                 peer.host,
                 peer.name,
             )
+            self._refused(calling_ae, address, f"not from the host of peer {peer.name}")
             return REJECT_CALLING_AE
         if check_tls and peer.tls:
             log.warning(
@@ -410,6 +436,7 @@ class StoreHandlers:
                 peer.name,
                 self.settings.tls.port,
             )
+            self._refused(calling_ae, address, f"plain DICOM from peer {peer.name}, a TLS peer")
             return REJECT_CALLING_AE
         return None
 
@@ -434,6 +461,7 @@ class StoreHandlers:
                 shlex.quote(calling_ae),  # the caller chose it: quoted for a shell
                 requestor.address,
             )
+            self._refused(calling_ae, str(requestor.address), "calling AE title not recognised")
         elif reject == REJECT_CALLED_AE:
             log.warning(
                 "association from AE %r at %s:%s rejected: it called AE %r, not this node's "

@@ -17,12 +17,13 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from sqlalchemy import func, select
 
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings
 from dicomnode.db.migrate import upgrade
 from dicomnode.db.session import Database
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
-from dicomnode.receive.scp import start_scp
+from dicomnode.receive.scp import StoreHandlers, start_scp
 from dicomnode.studies import schedule_ready
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import make_settings
@@ -51,10 +52,11 @@ class InProcessNode:
         *,
         localiser: bool = False,
         commitment: bool = False,
+        audit_file: Path | None = None,
     ) -> InProcessNode:
         """A node with a tiny 5-class knee model (with a knee localiser when ``localiser``)
         that sends results to its collector (asking it for storage commitment when
-        ``commitment``)."""
+        ``commitment``), writing its audit trail to ``audit_file`` when given."""
         collector = CollectingSCP(ae_title="PACS").start()
         sections: dict[str, dict[str, Any]] = {
             "node": {"port": free_port(), "host": LOOPBACK},
@@ -73,6 +75,8 @@ class InProcessNode:
             sections["results"]["overlay_max_size"] = overlay_max_size
         if database_url:
             sections["database"] = {"url": database_url}
+        if audit_file is not None:
+            sections["audit"] = {"transport": "file", "file": str(audit_file)}
         settings = make_settings(tmp_path, **sections)
         make_tiny_model(Path(settings.models.dir) / "tiny-knee", num_classes=5, localiser=localiser)
         upgrade(settings.database.url)
@@ -80,8 +84,10 @@ class InProcessNode:
         with db.session() as session:
             sync_config_peers(session, dict(settings.peers))
         registry = ModelRegistry.load(settings.models.dir)
-        worker = Worker(settings, db, registry, worker_id="test-worker")
-        node = cls(settings, db, collector, worker, start_scp(settings, db))
+        audit = AuditTrail.from_settings(settings)
+        worker = Worker(settings, db, registry, worker_id="test-worker", audit=audit)
+        server = start_scp(settings, db, StoreHandlers(settings, db, audit))
+        node = cls(settings, db, collector, worker, server)
         node.thread = threading.Thread(target=node._loop, args=(registry,), daemon=True)
         node.thread.start()
         return node
@@ -99,6 +105,7 @@ class InProcessNode:
         self.server.shutdown()
         self.collector.stop()
         self.db.dispose()
+        self.worker.audit.close()
 
     def associate(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> Association:
         """An established association that can C-STORE ``datasets`` (release it when done)."""

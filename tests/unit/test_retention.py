@@ -35,11 +35,11 @@ def _study(
 ) -> tuple[str, Path, Path, Path]:
     """One image analysed into a round with an SC and an SR; (study, image, SC, SR paths)."""
     source = make_radiograph(body_part="KNEE")
-    overlay = make_radiograph(rows=64, columns=64)  # stands in for the SC: a file with pixels
     study = str(source.StudyInstanceUID)
+    overlay = make_radiograph(rows=64, columns=64, study_uid=study)  # stands in for the SC
     image = write_dataset(source, data / f"{uuid.uuid4()}.dcm")
     sc = write_dataset(overlay, data / f"{uuid.uuid4()}.dcm")
-    sr_dataset = make_radiograph(rows=16, columns=16)
+    sr_dataset = make_radiograph(rows=16, columns=16, study_uid=study)
     del sr_dataset.PixelData
     sr = write_dataset(sr_dataset, data / f"{uuid.uuid4()}.dcm")
     with db.session() as session:
@@ -508,14 +508,25 @@ def test_the_hourly_pass_purges_then_forgets(
 ) -> None:
     """What `serve` runs hourly: a study received 400 days ago is purged and, with
     `storage.records_days` 365, forgotten in the same pass; with 0 it keeps its records."""
+    from dicomnode.audit.messages import AuditSource
+    from dicomnode.audit.syslog import FileTransport
+    from dicomnode.audit.trail import AuditTrail
     from dicomnode.config import StorageSettings
-    from dicomnode.retention import apply_retention
+    from dicomnode.retention import FORGET_REASON, PURGE_REASON, apply_retention
+    from dicomnode.testing.audit import read_audit_file
 
     study, image, sc, sr = _study(db, tmp_path)
     with db.session() as session:
         session.execute(update(Instance).values(received_at=utcnow() - timedelta(days=400)))
     storage = StorageSettings(data_dir=tmp_path, retention_days=DAYS, records_days=records_days)
-    apply_retention(db, storage)
+    audit_file = tmp_path / "audit.log"
+    audit = AuditTrail(FileTransport(audit_file), AuditSource("NODE"), "DICOMNODE", 100)
+    apply_retention(db, storage, audit)
+    assert audit.close()
+    deleted = read_audit_file(audit_file)  # DICOM Study Deleted, by the node
+    assert [r.study_uids for r in deleted] == [[study]] * (2 if records_days else 1)
+    reasons = [r.identification.findtext("EventOutcomeDescription") for r in deleted]
+    assert reasons == [PURGE_REASON, FORGET_REASON][: len(deleted)]
     if records_days:
         assert not any(path.exists() for path in (image, sc, sr))
         assert set(_records(db, study).values()) == {0}

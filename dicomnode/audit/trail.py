@@ -1,0 +1,165 @@
+"""The audit trail: events recorded at once, written by a thread of their own.
+
+A repository that is down never holds up the node: :meth:`AuditTrail.record` only queues.
+The thread writes the queue in order, and while the repository cannot be reached it tries
+again (1 s, doubling up to a minute), holding up to ``audit.queue_size`` messages; beyond
+that the oldest is dropped and the log says how many. The log names the repository and
+the error, never the message (it names a patient).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+from datetime import UTC, datetime
+
+from dicomnode.audit.messages import AuditEvent, AuditSource, to_xml
+from dicomnode.audit.syslog import (
+    FileTransport,
+    StreamTransport,
+    Transport,
+    UdpTransport,
+    syslog_message,
+)
+from dicomnode.config import Settings
+from dicomnode.errors import AuditError
+
+log = logging.getLogger(__name__)
+
+FIRST_PAUSE = 1.0
+LONGEST_PAUSE = 60.0
+
+
+class AuditTrail:
+    """Records :class:`AuditEvent` values; :meth:`off` records nothing."""
+
+    def __init__(
+        self, transport: Transport | None, source: AuditSource, ae_title: str, capacity: int
+    ) -> None:
+        self.transport = transport
+        self.source = source
+        self.ae_title = ae_title
+        self.hostname = socket.gethostname()
+        self._queue: deque[tuple[AuditEvent, datetime]] = deque()
+        self._capacity = capacity
+        self._dropped = 0
+        self._busy = False
+        self._closing = False
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def off(cls) -> AuditTrail:
+        return cls(None, AuditSource("-"), "-", 1)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuditTrail:
+        audit = settings.audit
+        source = AuditSource(audit.source_id or settings.node.ae_title, audit.enterprise_site_id)
+        return cls(_transport(settings), source, settings.node.ae_title, audit.queue_size)
+
+    @property
+    def on(self) -> bool:
+        return self.transport is not None
+
+    def record(self, event: AuditEvent) -> None:
+        """Queue ``event``, stamped with the time now; never blocks, never raises."""
+        if self.transport is None:
+            return
+        with self._wake:
+            if len(self._queue) >= self._capacity:
+                self._queue.popleft()
+                self._dropped += 1
+            self._queue.append((event, datetime.now(UTC).astimezone()))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._write_all, name="audit-trail", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Write what is queued (up to ``timeout`` seconds), then stop; True when all was
+        written. The log says how many messages were left unwritten."""
+        if self.transport is None:
+            return True
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            written = self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
+            left = len(self._queue)
+        if not written:
+            log.error("audit trail: %d message(s) could not be written before the stop", left)
+        self.transport.close()
+        return written
+
+    def _write_all(self) -> None:
+        pause = FIRST_PAUSE
+        failing = False
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: bool(self._queue) or self._closing)
+                if not self._queue:
+                    return
+                event, when = self._queue[0]
+                self._busy = True
+                self._say_dropped()
+            try:
+                self._write(event, when)
+            except AuditError as exc:
+                if not failing:
+                    log.error(
+                        "audit trail: the repository cannot be reached (%s); "
+                        "messages are held and sent again",
+                        exc,
+                    )
+                failing = True
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()
+                    self._wake.wait(pause)
+                pause = min(pause * 2, LONGEST_PAUSE)
+                continue
+            if failing:
+                log.warning("audit trail: the repository takes messages again")
+            failing, pause = False, FIRST_PAUSE
+            with self._wake:
+                if self._queue and self._queue[0][0] is event:
+                    self._queue.popleft()
+                self._busy = False
+                self._wake.notify_all()
+
+    def _say_dropped(self) -> None:
+        if self._dropped:
+            log.error(
+                "audit trail: %d message(s) dropped, the oldest first: more than audit.queue_size "
+                "(%d) waited for the repository",
+                self._dropped,
+                self._capacity,
+            )
+            self._dropped = 0
+
+    def _write(self, event: AuditEvent, when: datetime) -> None:
+        assert self.transport is not None
+        xml = to_xml(event, self.source, when)
+        message = syslog_message(xml, when=when, hostname=self.hostname, failed=event.failed)
+        self.transport.send(message)
+
+
+def _transport(settings: Settings) -> Transport | None:
+    audit = settings.audit
+    if audit.transport == "off":
+        return None
+    if audit.transport == "file":
+        assert audit.file is not None
+        return FileTransport(audit.file)
+    if audit.transport == "udp":
+        return UdpTransport(audit.host, audit.repository_port)
+    context = None
+    if audit.transport == "tls":
+        from dicomnode.tls import client_context
+
+        context = client_context(settings.tls)
+    return StreamTransport(audit.host, audit.repository_port, context)
