@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from datetime import UTC, datetime
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FIRST_PAUSE = 1.0
 LONGEST_PAUSE = 60.0
+CLOSING_PAUSE = 0.2
 
 
 class AuditTrail:
@@ -48,6 +50,9 @@ class AuditTrail:
         self._busy = False
         self._closing = False
         self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        """Set by :meth:`close`: pauses after a failure are short, until ``_give_up_at``."""
+        self._give_up_at = float("inf")
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -63,6 +68,12 @@ class AuditTrail:
     @property
     def on(self) -> bool:
         return self.transport is not None
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer thread runs (it ends once closed and the queue is written, or
+        the close's time-out passed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def record(self, event: AuditEvent) -> None:
         """Queue ``event``, stamped with the time now; never blocks, never raises."""
@@ -85,6 +96,8 @@ class AuditTrail:
         written. The log says how many messages were left unwritten."""
         if self.transport is None:
             return True
+        self._give_up_at = time.monotonic() + timeout
+        self._stopping.set()
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -119,7 +132,10 @@ class AuditTrail:
                 with self._wake:
                     self._busy = False
                     self._wake.notify_all()
-                    self._wake.wait(pause)
+                if self._stopping.wait(pause):  # closing: try again shortly, until its time-out
+                    if time.monotonic() > self._give_up_at:
+                        return
+                    time.sleep(CLOSING_PAUSE)
                 pause = min(pause * 2, LONGEST_PAUSE)
                 continue
             if failing:

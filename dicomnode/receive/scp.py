@@ -321,6 +321,7 @@ class StoreHandlers:
 
     def on_closed(self, event: evt.Event) -> None:
         self._activity.pop(id(event.assoc), None)  # _stored: popped when released or aborted
+        self._audit_received(event.assoc, aborted=True)  # ended with neither: a failure
         with self._lock:
             association_id = self._associations.pop(id(event.assoc), None)
         if association_id is not None:

@@ -229,6 +229,7 @@ def test_a_full_queue_drops_the_oldest_and_says_how_many(
         trail.record(peers_changed("DICOMNODE", change=f"change {index}"))
     assert not trail.close(timeout=1.5)
     assert "could not be written before the stop" in caplog.text
+    wait_for(lambda: not trail.writing, 5, what="the writer to give up")
     assert "5 message(s) dropped" in caplog.text
 
 
