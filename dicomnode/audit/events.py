@@ -169,7 +169,11 @@ def caller_refused(
         outcome_description=reason,
         participants=(
             node_participant(ae_title, ROLE_APPLICATION, requestor=True),
-            Participant(user_id=caller_ae, ae_titles=(caller_ae,), address=caller_address),
+            Participant(  # an unknown caller (a failed TLS handshake): named by its address
+                user_id=caller_ae or caller_address,
+                ae_titles=(caller_ae,) if caller_ae else (),
+                address=caller_address,
+            ),
         ),
     )
 

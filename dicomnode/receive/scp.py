@@ -92,6 +92,9 @@ class NodeAE(AE):
         self._settings = settings
         self._db = db
         self.max_waiting_per_address = settings.node.max_waiting_per_address
+        self.audit = AuditTrail.off()
+        """Where :class:`~dicomnode.receive.transport.NodeServer` records failed TLS
+        handshakes (the handlers' trail, set by :func:`start_scp`)."""
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -610,6 +613,7 @@ def start_scp(
     receive_into(Path(settings.storage.data_dir) / "incoming")
     ae = build_ae(settings, db)
     handlers = handlers or StoreHandlers(settings, db)
+    ae.audit = handlers.audit
     port = settings.node.port if tls is None else settings.tls.port
     server = ae.start_server(
         (settings.node.host, port),

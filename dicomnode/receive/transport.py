@@ -18,6 +18,8 @@ from typing import Any
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicomnode.audit.events import caller_refused
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import MAX_PDU_CEILING
 
 log = logging.getLogger(__name__)
@@ -226,7 +228,17 @@ class NodeServer(ThreadedAssociationServer):
                 request.do_handshake()
             except (OSError, ValueError) as exc:
                 log.warning("TLS handshake from %s failed: %s", client_address, exc)
+                self._audit_handshake(str(client_address[0]), exc)
                 self.shutdown_request(request)
                 return
             request.settimeout(self.ae.network_timeout)
         super().process_request_thread(request, client_address)
+
+    def _audit_handshake(self, address: str, exc: Exception) -> None:
+        """A Security Alert (Node Authentication) for a failed TLS handshake."""
+        audit: AuditTrail | None = getattr(self.ae, "audit", None)
+        if audit is not None:
+            reason = f"TLS handshake failed: {exc}"
+            audit.record(
+                caller_refused(audit.ae_title, caller_ae="", caller_address=address, reason=reason)
+            )

@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
+from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings
 from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
@@ -22,6 +23,7 @@ from dicomnode.peers import PeerInfo
 from dicomnode.receive import scp
 from dicomnode.send.scu import echo, send_files
 from dicomnode.service import start_listeners, stop_receiving
+from dicomnode.testing.audit import read_audit_file
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.peers import LOOPBACK, CollectingSCP, free_port
 from dicomnode.testing.tls import OPENSSL, Identity, Pki, make_pki
@@ -79,10 +81,17 @@ def _store_over_tls(port: int, context: ssl.SSLContext | None) -> int | None:
 
 @contextmanager
 def _listening(
-    settings: Settings, db: Database, pki: Pki, *, tls_sender: bool = False, **tls: object
+    settings: Settings,
+    db: Database,
+    pki: Pki,
+    *,
+    tls_sender: bool = False,
+    audit_file: Path | None = None,
+    **tls: object,
 ) -> Iterator[Settings]:
     """The node's plain and TLS listeners, as `serve` starts them, with the sender MOD
-    registered (``tls: true`` when ``tls_sender``); the settings they run with."""
+    registered (``tls: true`` when ``tls_sender``), auditing to ``audit_file`` when given;
+    the settings they run with."""
     from dicomnode.config import PeerSettings
     from dicomnode.peers import sync_config_peers
 
@@ -90,20 +99,25 @@ def _listening(
     secured = _with_tls(
         settings.model_copy(update={"peers": {"MOD": sender}}), pki, **{"port": free_port(), **tls}
     )
+    if audit_file is not None:
+        audit = secured.audit.model_copy(update={"transport": "file", "file": audit_file})
+        secured = secured.model_copy(update={"audit": audit})
     with db.session() as session:
         sync_config_peers(session, dict(secured.peers))
-    handlers = scp.StoreHandlers(secured, db)
+    handlers = scp.StoreHandlers(secured, db, AuditTrail.from_settings(secured))
     servers = start_listeners(secured, db, handlers)
     try:
         yield secured
     finally:
         stop_receiving(servers, handlers, drain_seconds=5)
+        handlers.audit.close()
 
 
 def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
-    settings: Settings, db: Database, pki: Pki, stranger: Pki
+    settings: Settings, db: Database, pki: Pki, stranger: Pki, tmp_path: Path
 ) -> None:
-    with _listening(settings, db, pki) as secured:
+    audit_file = tmp_path / "audit.log"
+    with _listening(settings, db, pki, audit_file=audit_file) as secured:
         port = secured.tls.port
         assert _store_over_tls(port, _sender_context(pki.ca_certificate, pki.peer)) == 0
         assert _store_over_tls(port, _sender_context(pki.ca_certificate, None)) is None
@@ -112,6 +126,17 @@ def test_the_tls_listener_takes_only_senders_with_a_trusted_certificate(
         assert _store_over_tls(secured.node.port, None) == 0  # plain DICOM on node.port
     with db.session() as session:
         assert len(session.execute(select(Instance)).scalars().all()) == 2
+    # the audit trail: each refused handshake a Node Authentication failure, by address
+    records = read_audit_file(audit_file)
+    refused = [r for r in records if r.event_type == "110126"]
+    assert len(refused) == 3
+    for record in refused:
+        assert record.identification.get("EventOutcomeIndicator") == "4"
+        description = record.identification.findtext("EventOutcomeDescription") or ""
+        assert description.startswith("TLS handshake failed")
+        assert record.participants()[1].get("UserID") == LOOPBACK
+    received = [r for r in records if r.event_id == "110104"]
+    assert [r.participants()[0].get("UserID") for r in received] == ["MOD", "MOD"]
 
 
 def test_a_peer_registered_for_tls_may_not_send_in_the_clear(
