@@ -195,8 +195,11 @@ def _study(root: ET.Element, study: StudyObject) -> None:
         },
     )
     _coded(element, "ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID)
-    for sop_class, count in sorted(study.sop_classes.items()):
-        ET.SubElement(element, "SOPClass", {"UID": sop_class, "NumberOfInstances": str(count)})
+    if study.sop_classes:
+        description = ET.SubElement(element, "ParticipantObjectDescription")
+        for sop_class, count in sorted(study.sop_classes.items()):
+            attributes = {"UID": sop_class, "NumberOfInstances": str(count)}
+            ET.SubElement(description, "SOPClass", attributes)
 
 
 def count_by_class(sop_classes: Iterable[str]) -> dict[str, int]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import socket
 import socketserver
@@ -59,6 +60,15 @@ class SyslogRecord:
             if o.get("ParticipantObjectTypeCode") == type_code
         ]
 
+    def sop_classes(self) -> dict[str, int]:
+        """Instances per SOP Class UID over the message's studies."""
+        counts: dict[str, int] = {}
+        for study in self.objects("2"):
+            for sop_class in study.findall("ParticipantObjectDescription/SOPClass"):
+                uid = sop_class.get("UID", "")
+                counts[uid] = counts.get(uid, 0) + int(sop_class.get("NumberOfInstances", "0"))
+        return counts
+
     @property
     def patient_ids(self) -> list[str]:
         return [o.get("ParticipantObjectID", "") for o in self.objects("1")]
@@ -68,8 +78,38 @@ class SyslogRecord:
         return [o.get("ParticipantObjectID", "") for o in self.objects("2")]
 
 
+SCHEMA = Path(__file__).with_name("dicom-audit-message.rnc")
+
+
+@functools.cache
+def _schema() -> Any:
+    import lxml.etree
+    import rnc2rng
+
+    rng = rnc2rng.dumps(rnc2rng.loads(SCHEMA.read_text()))
+    return lxml.etree.RelaxNG(lxml.etree.fromstring(rng.encode()))
+
+
+def schema_errors(xml: bytes) -> list[str]:
+    """Where ``xml`` breaks the DICOM audit message schema (:data:`SCHEMA`, PS3.15 A.5.1)."""
+    import lxml.etree
+
+    schema = _schema()
+    if schema.validate(lxml.etree.fromstring(xml)):
+        return []
+    return [str(error) for error in schema.error_log]
+
+
+def _message(xml: bytes) -> ET.Element:
+    """The parsed message, which must validate against the schema."""
+    errors = schema_errors(xml)
+    assert not errors, f"the audit message breaks the DICOM schema: {errors}"
+    return ET.fromstring(xml)
+
+
 def parse_syslog(data: bytes) -> SyslogRecord:
-    """One RFC 5424 message of the node's audit trail; AssertionError when it is not one."""
+    """One RFC 5424 message of the node's audit trail, its XML valid by the DICOM audit
+    message schema; AssertionError when it is not one."""
     match = HEADER.match(data)
     assert match, f"not an RFC 5424 message: {data[:80]!r}"
     body = data[match.end() :]
@@ -77,7 +117,7 @@ def parse_syslog(data: bytes) -> SyslogRecord:
     priority, timestamp, hostname, app_name, procid, msgid = (
         g.decode("ascii") for g in match.groups()
     )
-    message = ET.fromstring(body[len(BOM) :])
+    message = _message(body[len(BOM) :])
     return SyslogRecord(int(priority), timestamp, hostname, app_name, procid, msgid, message)
 
 
@@ -222,7 +262,7 @@ class Rsyslog:
                     app_name=app.decode("ascii"),
                     procid=procid.decode("ascii"),
                     msgid=msgid.decode("ascii"),
-                    message=ET.fromstring(xml),
+                    message=_message(xml),
                 )
             )
         return records

@@ -25,11 +25,10 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
 def _sent_classes(records: list[SyslogRecord]) -> set[str]:
     return {
-        sop_class.get("UID", "")
+        uid
         for record in records
         if record.event_id == "110104" and record.identification.get("EventActionCode") == "R"
-        for study in record.objects("2")
-        for sop_class in study.findall("SOPClass")
+        for uid in record.sop_classes()
     }
 
 

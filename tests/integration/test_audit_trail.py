@@ -32,10 +32,8 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 def _counts(records: list[SyslogRecord]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in records:
-        for study in record.objects("2"):
-            for sop_class in study.findall("SOPClass"):
-                uid = sop_class.get("UID", "")
-                counts[uid] = counts.get(uid, 0) + int(sop_class.get("NumberOfInstances", "0"))
+        for uid, count in record.sop_classes().items():
+            counts[uid] = counts.get(uid, 0) + count
     return counts
 
 

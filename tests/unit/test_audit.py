@@ -80,8 +80,7 @@ def test_a_received_study_is_a_dicom_instances_transferred_message_naming_both_s
     (study,) = record.objects("2")
     assert study.get("ParticipantObjectID") == "1.2.3.4"
     assert study.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"  # type: ignore[union-attr]
-    counts = {c.get("UID"): c.get("NumberOfInstances") for c in study.findall("SOPClass")}
-    assert counts == {DX: "2", CR: "1"}
+    assert record.sop_classes() == {DX: 2, CR: 1}
     assert record.patient_ids == ["PID-1"]
     (patient,) = record.objects("1")
     assert patient.get("ParticipantObjectTypeCodeRole") == "1"
