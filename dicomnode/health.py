@@ -10,6 +10,9 @@ The checks are what a radiology IT engineer would look at:
               probe, which calls with the node's own AE title from the node's own
               address, quietly: an answer is enough);
 ``disk``      free space above ``storage.min_free_mb`` (below it C-STORE is refused);
+``audit``     with ``audit.transport`` set: the audit record repository accepts a connection
+              (TCP, TLS with a handshake), the audit file can be written (UDP: the host
+              resolves);
 ``queue``     jobs that could run are not left waiting while no job moved for
               ``stalled_minutes`` (workers dead, stuck, or none running for this database);
               "could run" as a worker claims (a report waits for its round, an SR for its
@@ -32,7 +35,7 @@ from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, db_now
-from dicomnode.errors import ConfigError
+from dicomnode.errors import AuditError, ConfigError
 from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
 from dicomnode.tls import client_context
@@ -109,6 +112,18 @@ def check_disk(settings: Settings) -> Check:
     )
 
 
+def check_audit(settings: Settings) -> Check:
+    """The audit trail's destination can be written to now."""
+    from dicomnode.audit.trail import AuditTrail
+
+    try:
+        transport = AuditTrail.from_settings(settings).transport
+        assert transport is not None
+        return Check("audit", True, transport.probe())
+    except (AuditError, ConfigError) as exc:
+        return Check("audit", False, f"{exc}: audit messages wait in memory (audit.queue_size)")
+
+
 def check_queue(session: Session, stalled_minutes: float, now: datetime | None = None) -> Check:
     """Failed when a job could have run ``stalled_minutes`` ago and no job moved since."""
     now = now or db_now(session)
@@ -139,6 +154,8 @@ def run_checks(settings: Settings, *, scp: bool = True, stalled_minutes: float =
     if scp:
         checks.append(check_scp(settings))
     checks.append(check_disk(settings))
+    if settings.audit.transport != "off":
+        checks.append(check_audit(settings))
     if checks[0].ok:
         db = Database(settings.database.url)
         try:

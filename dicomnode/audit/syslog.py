@@ -44,6 +44,10 @@ class Transport(Protocol):
 
     def send(self, message: bytes) -> None: ...
 
+    def probe(self) -> str:
+        """Whether messages could be written now: what was found, or AuditError."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -62,6 +66,14 @@ class UdpTransport:
         except OSError as exc:
             self.close()
             raise AuditError(f"udp://{self.address[0]}:{self.address[1]}: {exc}") from exc
+
+    def probe(self) -> str:
+        """Only the address can be checked: nothing answers a datagram."""
+        try:
+            socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise AuditError(f"udp://{self.address[0]}:{self.address[1]}: {exc}") from exc
+        return f"udp://{self.address[0]}:{self.address[1]} resolves (UDP has no answer to check)"
 
     def close(self) -> None:
         if self._socket is not None:
@@ -92,6 +104,14 @@ class StreamTransport:
         except (OSError, ssl.SSLError) as exc:
             self.close()
             raise AuditError(f"{self.url}: {exc}") from exc
+
+    def probe(self) -> str:
+        """Connect (and shake hands over TLS), then close."""
+        try:
+            self._connect().close()
+        except (OSError, ssl.SSLError) as exc:
+            raise AuditError(f"{self.url}: {exc}") from exc
+        return f"{self.url} accepts a connection" + (" (TLS)" if self.context else "")
 
     def _connect(self) -> socket.socket:
         raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -143,6 +163,15 @@ class FileTransport:
                 os.close(fd)
         except OSError as exc:
             raise AuditError(f"audit file {self.path}: {exc}") from exc
+
+    def probe(self) -> str:
+        folder = self.path.parent
+        writable = (
+            os.access(self.path, os.W_OK) if self.path.exists() else os.access(folder, os.W_OK)
+        )
+        if not writable:
+            raise AuditError(f"audit file {self.path} cannot be written")
+        return f"{self.path} can be written"
 
     def close(self) -> None:
         pass

@@ -313,3 +313,28 @@ def _fake_tls(tmp_path: Path) -> dict[str, str]:
         path.write_text("x")
         files[key] = str(path)
     return files
+
+
+def test_health_checks_the_audit_destination(tmp_path: Path) -> None:
+    from dicomnode.health import check_audit, run_checks
+
+    repository = SyslogRepository().start()
+    try:
+        up = make_settings(
+            tmp_path, audit={"transport": "tcp", "host": LOOPBACK, "port": repository.port}
+        )
+        check = check_audit(up)
+        assert (
+            check.ok and check.detail == f"tcp://{LOOPBACK}:{repository.port} accepts a connection"
+        )
+    finally:
+        repository.stop()
+    down = check_audit(up)
+    assert not down.ok and "audit.queue_size" in down.detail
+    writable = make_settings(tmp_path, audit={"transport": "file", "file": str(tmp_path / "a.log")})
+    assert check_audit(writable).ok
+    nowhere = {"transport": "file", "file": str(tmp_path / "no-such-folder" / "a.log")}
+    assert not check_audit(make_settings(tmp_path, audit=nowhere)).ok
+    names = [c.name for c in run_checks(make_settings(tmp_path), scp=False)]
+    assert "audit" not in names  # off: not checked
+    assert "audit" in [c.name for c in run_checks(writable, scp=False)]
