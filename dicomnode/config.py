@@ -449,6 +449,11 @@ class AuditSettings(_Section):
     enterprise_site_id: str = Field(
         "", description="AuditEnterpriseSiteID (the hospital), left out when empty"
     )
+    spool_dir: Path | None = Field(
+        None,
+        description="where each message waits on disk until the repository has it (one "
+        "folder per host under it); empty: <storage.data_dir>/audit-spool",
+    )
     queue_size: int = Field(
         10000,
         ge=10,

@@ -15,8 +15,10 @@ import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dicomnode.audit.messages import AuditEvent, AuditSource, to_xml
+from dicomnode.audit.spool import Spool
 from dicomnode.audit.syslog import (
     FileTransport,
     StreamTransport,
@@ -38,13 +40,19 @@ class AuditTrail:
     """Records :class:`AuditEvent` values; :meth:`off` records nothing."""
 
     def __init__(
-        self, transport: Transport | None, source: AuditSource, ae_title: str, capacity: int
+        self,
+        transport: Transport | None,
+        source: AuditSource,
+        ae_title: str,
+        capacity: int,
+        spool: Spool | None = None,
     ) -> None:
         self.transport = transport
         self.source = source
         self.ae_title = ae_title
         self.hostname = socket.gethostname()
-        self._queue: deque[tuple[AuditEvent, datetime]] = deque()
+        self.spool = spool
+        self._queue: deque[tuple[bytes, Path | None]] = deque()
         self._capacity = capacity
         self._dropped = 0
         self._busy = False
@@ -54,6 +62,12 @@ class AuditTrail:
         """Set by :meth:`close`: pauses after a failure are short, until ``_give_up_at``."""
         self._give_up_at = float("inf")
         self._thread: threading.Thread | None = None
+        if spool is not None and transport is not None:
+            left = spool.adopt()
+            if left:
+                with self._wake:
+                    self._queue.extend((message, path) for path, message in left)
+                    self._start_writer()
 
     @classmethod
     def off(cls) -> AuditTrail:
@@ -63,7 +77,10 @@ class AuditTrail:
     def from_settings(cls, settings: Settings) -> AuditTrail:
         audit = settings.audit
         source = AuditSource(audit.source_id or settings.node.ae_title, audit.enterprise_site_id)
-        return cls(_transport(settings), source, settings.node.ae_title, audit.queue_size)
+        transport = _transport(settings)
+        folder = audit.spool_dir or Path(settings.storage.data_dir) / "audit-spool"
+        spool = Spool(folder / socket.gethostname()) if transport is not None else None
+        return cls(transport, source, settings.node.ae_title, audit.queue_size, spool)
 
     @property
     def on(self) -> bool:
@@ -76,20 +93,26 @@ class AuditTrail:
         return self._thread is not None and self._thread.is_alive()
 
     def record(self, event: AuditEvent) -> None:
-        """Queue ``event``, stamped with the time now; never blocks, never raises."""
+        """Queue ``event``, stamped with the time now, and keep it in the spool until it is
+        written; never waits for the repository."""
         if self.transport is None:
             return
+        when = datetime.now(UTC).astimezone()
+        xml = to_xml(event, self.source, when)
+        message = syslog_message(xml, when=when, hostname=self.hostname, failed=event.failed)
+        path = self.spool.keep(message) if self.spool is not None else None
         with self._wake:
             if len(self._queue) >= self._capacity:
-                self._queue.popleft()
+                self._queue.popleft()  # its spool file stays: written by the next start
                 self._dropped += 1
-            self._queue.append((event, datetime.now(UTC).astimezone()))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._write_all, name="audit-trail", daemon=True
-                )
-                self._thread.start()
+            self._queue.append((message, path))
+            self._start_writer()
             self._wake.notify()
+
+    def _start_writer(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_all, name="audit-trail", daemon=True)
+            self._thread.start()
 
     def close(self, timeout: float = 5.0) -> bool:
         """Write what is queued (up to ``timeout`` seconds), then stop; True when all was
@@ -109,6 +132,7 @@ class AuditTrail:
         return written
 
     def _write_all(self) -> None:
+        assert self.transport is not None
         pause = FIRST_PAUSE
         failing = False
         while True:
@@ -116,11 +140,11 @@ class AuditTrail:
                 self._wake.wait_for(lambda: bool(self._queue) or self._closing)
                 if not self._queue:
                     return
-                event, when = self._queue[0]
+                message, path = self._queue[0]
                 self._busy = True
                 self._say_dropped()
             try:
-                self._write(event, when)
+                self.transport.send(message)
             except AuditError as exc:
                 if not failing:
                     log.error(
@@ -141,8 +165,10 @@ class AuditTrail:
             if failing:
                 log.warning("audit trail: the repository takes messages again")
             failing, pause = False, FIRST_PAUSE
+            if path is not None and self.spool is not None:
+                self.spool.done(path)
             with self._wake:
-                if self._queue and self._queue[0][0] is event:
+                if self._queue and self._queue[0][0] is message:
                     self._queue.popleft()
                 self._busy = False
                 self._wake.notify_all()
@@ -150,18 +176,13 @@ class AuditTrail:
     def _say_dropped(self) -> None:
         if self._dropped:
             log.error(
-                "audit trail: %d message(s) dropped, the oldest first: more than audit.queue_size "
-                "(%d) waited for the repository",
+                "audit trail: %d message(s) dropped from memory, the oldest first: more than "
+                "audit.queue_size (%d) waited for the repository (those in the spool are sent "
+                "by the next start)",
                 self._dropped,
                 self._capacity,
             )
             self._dropped = 0
-
-    def _write(self, event: AuditEvent, when: datetime) -> None:
-        assert self.transport is not None
-        xml = to_xml(event, self.source, when)
-        message = syslog_message(xml, when=when, hostname=self.hostname, failed=event.failed)
-        self.transport.send(message)
 
 
 def _transport(settings: Settings) -> Transport | None:

@@ -338,3 +338,53 @@ def test_health_checks_the_audit_destination(tmp_path: Path) -> None:
     names = [c.name for c in run_checks(make_settings(tmp_path), scp=False)]
     assert "audit" not in names  # off: not checked
     assert "audit" in [c.name for c in run_checks(writable, scp=False)]
+
+
+CRASHING = """
+import sys, time
+from pathlib import Path
+from dicomnode.audit.events import peers_changed
+from dicomnode.audit.trail import AuditTrail
+from dicomnode.testing.node import make_settings
+
+audit = {"transport": "tcp", "host": "127.0.0.1", "port": int(sys.argv[2])}
+trail = AuditTrail.from_settings(make_settings(Path(sys.argv[1]), audit=audit))
+for index in range(3):
+    trail.record(peers_changed("DICOMNODE", change=f"before the crash {index}"))
+print("recorded", flush=True)
+time.sleep(600)
+"""
+
+
+def test_messages_of_a_process_that_crashed_while_the_repository_was_down_are_sent_later(
+    tmp_path: Path,
+) -> None:
+    """The spool: a node killed (SIGKILL, power cut) while the repository is down loses no
+    message; the next trail on the host sends them first, in order, then its own."""
+    import subprocess
+    import sys
+
+    port = free_port()  # nothing listens: the repository is down
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASHING, str(tmp_path), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "recorded"
+    finally:
+        child.kill()
+        child.wait()
+    spool = tmp_path / "data" / "audit-spool" / socket.gethostname()
+    assert len(list(spool.glob("*.msg"))) == 3
+    repository = _repository_on(port)
+    try:
+        trail = _trail(tmp_path, transport="tcp", host=LOOPBACK, port=port)
+        trail.record(peers_changed("DICOMNODE", change="after the restart"))
+        assert trail.close(timeout=10)
+        wait_for(lambda: len(repository.records) == 4, 10, what="four messages")
+        changes = [r.identification.findtext("EventOutcomeDescription") for r in repository.records]
+    finally:
+        repository.stop()
+    assert changes == [*(f"before the crash {i}" for i in range(3)), "after the restart"]
+    assert list(spool.glob("*.msg")) == []  # each deleted once written
