@@ -252,7 +252,7 @@ def purge_expired(
             continue
         count, saved = outcome
         purged.append(study_uid)
-        if audit is not None and not dry_run:
+        if audit is not None and audit.on and not dry_run:
             _audit_purged(db, audit, study_uid)
         files, freed = files + count, freed + saved
         log.info(
