@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from wsgiref.simple_server import WSGIServer
@@ -59,6 +60,7 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield _gauge("dicomnode_build_info", "the running version", 1, version=__version__)
         yield from _storage_free(self.settings)
+        yield from _audit_spool(self.settings)
         try:
             with self.db.reading() as session:
                 figures = list(_from_database(session))
@@ -160,6 +162,25 @@ def _storage_free(settings: Settings) -> Iterator[Metric]:
         "dicomnode_storage_min_free_bytes",
         "storage.min_free_mb: below it C-STORE is refused (0xA700)",
         storage.min_free_mb * MB,
+    )
+
+
+def _audit_spool(settings: Settings) -> Iterator[Metric]:
+    """With the audit trail on: this host's messages waiting for the repository."""
+    if settings.audit.transport == "off":
+        return
+    from dicomnode.audit.spool import spool_of
+
+    count, oldest = spool_of(settings).waiting()
+    yield _gauge(
+        "dicomnode_audit_spooled_messages",
+        "audit messages of this host waiting in the spool for the audit record repository",
+        count,
+    )
+    yield _gauge(
+        "dicomnode_audit_oldest_spooled_age_seconds",
+        "how long the oldest of them has waited (0: none waits)",
+        0.0 if oldest is None else max(0.0, time.time() - oldest),
     )
 
 

@@ -13,12 +13,22 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
+
+from dicomnode.config import Settings
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".msg"
+
+
+def spool_of(settings: Settings) -> Spool:
+    """This host's spool: ``audit.spool_dir``, or ``<storage.data_dir>/audit-spool``, then
+    a folder named after the host."""
+    folder = settings.audit.spool_dir or Path(settings.storage.data_dir) / "audit-spool"
+    return Spool(folder / socket.gethostname())
 
 
 class Spool:
@@ -76,6 +86,19 @@ class Spool:
                 "audit spool: %d message(s) left by a stopped process are sent first", len(adopted)
             )
         return adopted
+
+    def waiting(self) -> tuple[int, float | None]:
+        """Messages in the spool (every process of the host), and when the oldest was
+        recorded (seconds since the epoch; ``None`` when there is none)."""
+        if not self.folder.is_dir():
+            return 0, None
+        stamps = []
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            try:
+                stamps.append(int(path.stem.split("-")[0]) / 1e9)
+            except ValueError:
+                continue
+        return len(stamps), min(stamps, default=None)
 
     def _take(self, path: Path) -> Path | None:
         """``path`` renamed to this process's name when its writer is gone, else ``None``."""

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomnode.audit.messages import AuditEvent, AuditSource, to_xml
-from dicomnode.audit.spool import Spool
+from dicomnode.audit.spool import Spool, spool_of
 from dicomnode.audit.syslog import (
     FileTransport,
     StreamTransport,
@@ -78,8 +78,7 @@ class AuditTrail:
         audit = settings.audit
         source = AuditSource(audit.source_id or settings.node.ae_title, audit.enterprise_site_id)
         transport = _transport(settings)
-        folder = audit.spool_dir or Path(settings.storage.data_dir) / "audit-spool"
-        spool = Spool(folder / socket.gethostname()) if transport is not None else None
+        spool = spool_of(settings) if transport is not None else None
         return cls(transport, source, settings.node.ae_title, audit.queue_size, spool)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def test_rules_are_valid() -> None:
         [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_rules_fire_on_the_nodes_own_series(
@@ -131,10 +132,39 @@ def test_rules_fire_on_the_nodes_own_series(
                     "DicomnodeWorkWaiting",  # five minutes, under the rule's ten
                     "DicomnodeDiskLow",
                     "DicomnodeSlowTurnaround",
+                    "DicomnodeAuditBacklog",  # the audit trail is off: no such series
                 )
             ),
         ],
     )
+
+
+def test_an_audit_backlog_fires_its_alert(db: Database, settings: Settings, tmp_path: Path) -> None:
+    """A message an hour old in the spool (the repository down since): the alert fires;
+    with the spool empty it stays quiet."""
+    from dicomnode.audit.spool import spool_of
+    from dicomnode.config import AuditSettings
+    from dicomnode.testing.peers import LOOPBACK, free_port
+
+    audit = AuditSettings(transport="tcp", host=LOOPBACK, port=free_port())
+    on = settings.model_copy(update={"audit": audit})
+    quiet, _ = exposition(db, on)
+    spool = spool_of(on)
+    spool.folder.mkdir(parents=True)
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    (spool.folder / f"{an_hour_ago:020d}-1-000000000.msg").write_bytes(b"<14>1 ...")
+    waiting, _ = exposition(db, on)
+    assert b"dicomnode_audit_spooled_messages 1.0" in waiting
+    summary = (
+        "dicomnode's audit messages have waited 15 minutes or more for the audit record repository"
+    )
+    check = {"eval_time": "10m", "alertname": "DicomnodeAuditBacklog"}
+    _promtool_test(
+        tmp_path,
+        _series(waiting, 30),
+        [{**check, "exp_alerts": [_fires("DicomnodeAuditBacklog", summary)]}],
+    )
+    _promtool_test(tmp_path, _series(quiet, 30), [{**check, "exp_alerts": []}])
 
 
 def test_database_down_fires_its_alert(tmp_path: Path) -> None:
