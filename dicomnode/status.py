@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rich.table import Table
@@ -19,7 +19,7 @@ from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from dicomnode.config import ResultsSettings, StorageSettings
+from dicomnode.config import ResultsSettings, Settings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.db.session import db_now
 from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
@@ -115,6 +115,31 @@ class StorageState:
 
 
 @dataclass(frozen=True)
+class AuditState:
+    """The audit trail: where its messages go, and this host's waiting in the spool."""
+
+    destination: str
+    """``off``, ``udp|tcp|tls://HOST:PORT``, or ``file PATH``."""
+    waiting: int
+    oldest_waiting_since: datetime | None
+
+
+def audit_state(settings: Settings) -> AuditState:
+    from dicomnode.audit.spool import spool_of
+
+    audit = settings.audit
+    if audit.transport == "off":
+        return AuditState("off", 0, None)
+    if audit.transport == "file":
+        destination = f"file {audit.file}"
+    else:
+        destination = f"{audit.transport}://{audit.host}:{audit.repository_port}"
+    waiting, oldest = spool_of(settings).waiting()
+    since = None if oldest is None else datetime.fromtimestamp(oldest, UTC).replace(tzinfo=None)
+    return AuditState(destination, waiting, since)
+
+
+@dataclass(frozen=True)
 class TurnaroundState:
     """The time a radiologist waits for the AI: from a round's last image received to its
     last result delivered to every destination (a round kept here, or with nowhere to go: to
@@ -139,6 +164,7 @@ class NodeStatus:
     dead: tuple[DeadJob, ...]
     skipped: tuple[SkippedInstance, ...]
     turnaround: TurnaroundState
+    audit: AuditState | None = None
 
 
 def node_status(
@@ -146,6 +172,7 @@ def node_status(
     limit: int = 10,
     storage: StorageSettings | None = None,
     results: ResultsSettings | None = None,
+    audit: AuditState | None = None,
 ) -> NodeStatus:
     """The node's state from the database (and the data folder, given ``storage``; the
     routing of results, given ``results``); ``limit`` caps the studies and the skipped
@@ -163,6 +190,7 @@ def node_status(
         dead=_dead(session),
         skipped=_skipped(session, limit),
         turnaround=turnaround(session),
+        audit=audit,
     )
 
 
@@ -514,4 +542,16 @@ def render_status(status: NodeStatus) -> list[Table]:
         _dead_table(status.dead, status.dead_total),
         _skipped_table(status.skipped),
     ]
+    if status.audit is not None:
+        tables.append(_audit_table(status.audit))
     return tables if status.storage is None else [_storage_table(status.storage), *tables]
+
+
+def _audit_table(audit: AuditState) -> Table:
+    table = Table("what", "value", title="Audit trail (IHE ATNA)")
+    table.add_row("messages go to", audit.destination)
+    if audit.destination != "off":
+        oldest = audit.oldest_waiting_since
+        since = "" if oldest is None else f", the oldest since {_when(oldest)} UTC"
+        table.add_row("waiting in this host's spool", f"{audit.waiting:,}{since}")
+    return table

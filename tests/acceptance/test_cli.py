@@ -147,6 +147,7 @@ def test_serve_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: 
         0,
     )
     assert storage["free_mb"] > 0 and storage["min_free_mb"] > 0
+    assert data["audit"] == {"destination": "off", "waiting": 0, "oldest_waiting_since": None}
 
 
 def test_echo_gives_the_peers_status_or_its_reason_to_refuse(

@@ -3,6 +3,7 @@ results sent, purged, forgotten, peers changed; patient IDs in the trail, never 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicomnode.audit.spool import spool_of
 from dicomnode.audit.trail import AuditTrail
+from dicomnode.config import load_settings
 from dicomnode.db.schema import Job
 from dicomnode.db.session import utcnow
 from dicomnode.receive import statuses
@@ -154,6 +157,18 @@ def test_admin_commands_write_their_changes_to_the_trail(tmp_path: Path) -> None
     assert person.get("UserIsRequestor") == "true" and node.get("UserIsRequestor") == "false"
     assert not _cli(config, "forget", study_uid, "--yes").returncode  # nothing left: no message
     assert len(_action(read_audit_file(audit_file), "110105", "D")) == 1
+    # `status` says where the trail goes and what waits in this host's spool
+    spool = spool_of(load_settings(config, environ={}))
+    assert json.loads(_cli(config, "status", "--json").stdout)["audit"] == {
+        "destination": f"file {audit_file}",
+        "waiting": 0,
+        "oldest_waiting_since": None,
+    }
+    stamp = 1_765_000_000 * 10**9  # 2025-12-06 05:46:40 UTC; pid 1 lives: never adopted
+    (spool.folder / f"{stamp:020d}-1-000000000.msg").write_bytes(b"<85>1 ...")
+    status = _cli(config, "status")
+    assert "Audit trail (IHE ATNA)" in status.stdout
+    assert "1, the oldest since 2025-12-06 05:46:40 UTC" in status.stdout
 
 
 def test_an_audit_trail_that_is_off_writes_nothing(tmp_path: Path) -> None:
