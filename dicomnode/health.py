@@ -114,10 +114,10 @@ def check_disk(settings: Settings) -> Check:
 
 def check_audit(settings: Settings) -> Check:
     """The audit trail's destination can be written to now."""
-    from dicomnode.audit.trail import AuditTrail
+    from dicomnode.audit.trail import transport_of
 
-    try:
-        transport = AuditTrail.from_settings(settings).transport
+    try:  # the transport alone: a trail would adopt the spool of a stopped node
+        transport = transport_of(settings)
         assert transport is not None
         return Check("audit", True, transport.probe())
     except (AuditError, ConfigError) as exc:

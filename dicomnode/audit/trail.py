@@ -77,7 +77,7 @@ class AuditTrail:
     def from_settings(cls, settings: Settings) -> AuditTrail:
         audit = settings.audit
         source = AuditSource(audit.source_id or settings.node.ae_title, audit.enterprise_site_id)
-        transport = _transport(settings)
+        transport = transport_of(settings)
         spool = spool_of(settings) if transport is not None else None
         return cls(transport, source, settings.node.ae_title, audit.queue_size, spool)
 
@@ -184,7 +184,8 @@ class AuditTrail:
             self._dropped = 0
 
 
-def _transport(settings: Settings) -> Transport | None:
+def transport_of(settings: Settings) -> Transport | None:
+    """The transport ``audit.*`` names (``None``: off); nothing is connected yet."""
     audit = settings.audit
     if audit.transport == "off":
         return None

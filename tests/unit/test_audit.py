@@ -22,6 +22,7 @@ from dicomnode.audit.events import (
 )
 from dicomnode.audit.messages import AuditSource, StudyObject, to_xml
 from dicomnode.audit.objects import record_sent, studies_in
+from dicomnode.audit.spool import spool_of
 from dicomnode.audit.syslog import StreamTransport, UdpTransport, syslog_message
 from dicomnode.audit.trail import AuditTrail
 from dicomnode.errors import AuditError, ConfigError
@@ -316,6 +317,8 @@ def _fake_tls(tmp_path: Path) -> dict[str, str]:
 
 
 def test_health_checks_the_audit_destination(tmp_path: Path) -> None:
+    import subprocess
+
     from dicomnode.health import check_audit, run_checks
 
     repository = SyslogRepository().start()
@@ -331,6 +334,14 @@ def test_health_checks_the_audit_destination(tmp_path: Path) -> None:
         repository.stop()
     down = check_audit(up)
     assert not down.ok and "audit.queue_size" in down.detail
+    # a stopped node's message in the spool stays for the node: health takes nothing
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    left = spool_of(up).folder / f"{time.time_ns():020d}-{dead_pid.pid}-000000000.msg"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"<85>1 ...")
+    check_audit(up)
+    assert left.exists()
     writable = make_settings(tmp_path, audit={"transport": "file", "file": str(tmp_path / "a.log")})
     assert check_audit(writable).ok
     nowhere = {"transport": "file", "file": str(tmp_path / "no-such-folder" / "a.log")}
