@@ -461,6 +461,12 @@ class AuditSettings(_Section):
         "oldest is dropped, and the log says how many",
     )
 
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: object) -> object:
+        """``transport: off`` unquoted is YAML's false: it means off."""
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _destination_given(self) -> AuditSettings:
         if self.transport == "file" and self.file is None:

@@ -25,6 +25,7 @@ from dicomnode.audit.objects import record_sent, studies_in
 from dicomnode.audit.spool import spool_of
 from dicomnode.audit.syslog import StreamTransport, UdpTransport, syslog_message
 from dicomnode.audit.trail import AuditTrail
+from dicomnode.config import load_settings
 from dicomnode.errors import AuditError, ConfigError
 from dicomnode.testing.audit import (
     SyslogRecord,
@@ -305,6 +306,9 @@ def test_settings_name_what_a_transport_needs(tmp_path: Path) -> None:
         == 514
     )
     assert not AuditTrail.from_settings(make_settings(tmp_path)).on  # off by default
+    config = tmp_path / "unquoted.yaml"
+    config.write_text("audit: {transport: off}\n")  # YAML reads an unquoted off as false
+    assert load_settings(config, environ={}).audit.transport == "off"
 
 
 def _fake_tls(tmp_path: Path) -> dict[str, str]:
