@@ -38,7 +38,8 @@ ROLE_DESTINATION = Code("110152", "Destination Role ID")
 ROLE_SOURCE = Code("110153", "Source Role ID")
 STUDY_INSTANCE_UID = Code("110180", "Study Instance UID")
 PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
-APPLICATION_SERVER = Code("4", "Application Server process tier in a multi-tier system")
+APPLICATION_SERVER = "4"
+"""AuditSourceTypeCode: an application server process (PS3.15 A.5.1.2.1)."""
 
 XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 """On the message's one line (syslog and the audit file take one line per message)."""
@@ -126,7 +127,8 @@ def to_xml(event: AuditEvent, source: AuditSource, when: datetime) -> bytes:
             AuditEnterpriseSiteID=source.enterprise_site_id, AuditSourceID=source.source_id
         ),
     )
-    _coded(audit_source, "AuditSourceTypeCode", APPLICATION_SERVER)
+    # one of the schema's own values, bare (a code system would say whose code it is)
+    ET.SubElement(audit_source, "AuditSourceTypeCode", {"csd-code": APPLICATION_SERVER})
     for study in event.studies:
         _study(root, study)
     if event.patient_id is not None:

@@ -79,6 +79,8 @@ def test_a_received_study_is_a_dicom_instances_transferred_message_naming_both_s
     audit_source = record.message.find("AuditSourceIdentification")
     assert audit_source is not None and audit_source.get("AuditSourceID") == "DICOMNODE"
     assert audit_source.get("AuditEnterpriseSiteID") == "HOSPITAL"
+    type_code = audit_source.find("AuditSourceTypeCode")
+    assert type_code is not None and type_code.attrib == {"csd-code": "4"}
     (study,) = record.objects("2")
     assert study.get("ParticipantObjectID") == "1.2.3.4"
     assert study.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"  # type: ignore[union-attr]
