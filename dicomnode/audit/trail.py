@@ -157,6 +157,8 @@ class AuditTrail:
                     self._wake.notify_all()
                 if self._stopping.wait(pause):  # closing: try again shortly, until its time-out
                     if time.monotonic() > self._give_up_at:
+                        with self._wake:
+                            self._say_dropped()  # the last count too
                         return
                     time.sleep(CLOSING_PAUSE)
                 pause = min(pause * 2, LONGEST_PAUSE)
