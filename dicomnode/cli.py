@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.audit.trail import AuditTrail
     from dicomnode.db.session import Database
     from dicomnode.explain.gradcam import Explainer
+    from dicomnode.send.resend import Resent
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.",
@@ -505,37 +506,52 @@ def resend(
 ) -> None:
     """Send a study's results (overlays and SRs) to a peer again: the PACS lost them, or a
     new archive should hold them. Exit status 1 when a study could not be."""
-    from dicomnode.send.resend import ResendRefusedError, resend_study
+    from dicomnode.send.resend import ResendRefusedError
 
     resolved = settings(config)
     db = _database(resolved)
     refused = 0
-    for study_uid in study:
-        try:
-            with db.session() as session:
-                resent = resend_study(
-                    session,
-                    study_uid,
-                    to,
-                    max_attempts=resolved.send.max_attempts,
-                    dry_run=dry_run,
-                )
-        except ResendRefusedError as exc:
-            err.print(f"[red]{escape(str(exc))}[/red]")
-            refused += 1
-            continue
-        verb = "would queue" if dry_run else "queued"
-        notes = [f"{resent.on_their_way} on their way already"] if resent.on_their_way else []
-        if resent.kept_rounds:
-            notes.append(f"{resent.kept_rounds} round(s) kept here (shadow mode) not sent")
-        console.print(
-            f"{verb} {resent.queued} result object(s) of study {study_uid} to {resent.peer}"
-            + (f" ({'; '.join(notes)})" if notes else "")
-        )
-        if not dry_run:
-            log.info("resend of study=%s to %s: %d object(s)", study_uid, to, resent.queued)
+    with _audit_trail(resolved) as audit:
+        for study_uid in study:
+            try:
+                resent = _resend_one(db, resolved, audit, study_uid, to, dry_run)
+            except ResendRefusedError as exc:
+                err.print(f"[red]{escape(str(exc))}[/red]")
+                refused += 1
+                continue
+            _say_resent(resent, study_uid)
     if refused:
         raise typer.Exit(1)
+
+
+def _resend_one(
+    db: Database, resolved: Settings, audit: AuditTrail, study_uid: str, to: str, dry_run: bool
+) -> Resent:
+    """Queue one study's results to ``to`` again, audited as ordered by the operator."""
+    from dicomnode.audit.objects import record_ordered
+    from dicomnode.peers import get_peer
+    from dicomnode.send.resend import resend_study
+
+    with db.session() as session:
+        resent = resend_study(
+            session, study_uid, to, max_attempts=resolved.send.max_attempts, dry_run=dry_run
+        )
+        peer = get_peer(session, resent.peer)
+    if not dry_run and resent.queued:
+        record_ordered(audit, peer.ae_title, peer.host, resent.paths)
+        log.info("resend of study=%s to %s: %d object(s)", study_uid, to, resent.queued)
+    return resent
+
+
+def _say_resent(resent: Resent, study_uid: str) -> None:
+    verb = "would queue" if resent.dry_run else "queued"
+    notes = [f"{resent.on_their_way} on their way already"] if resent.on_their_way else []
+    if resent.kept_rounds:
+        notes.append(f"{resent.kept_rounds} round(s) kept here (shadow mode) not sent")
+    console.print(
+        f"{verb} {resent.queued} result object(s) of study {study_uid} to {resent.peer}"
+        + (f" ({'; '.join(notes)})" if notes else "")
+    )
 
 
 @app.command()

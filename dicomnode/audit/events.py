@@ -14,6 +14,7 @@ from dicomnode.audit.messages import (
     APPLICATION_ACTIVITY,
     APPLICATION_START,
     APPLICATION_STOP,
+    BEGIN_TRANSFERRING,
     INSTANCES_TRANSFERRED,
     MINOR_FAILURE,
     NETWORK_CONFIGURATION,
@@ -117,6 +118,27 @@ def instances_sent(
         study=study,
         patient_id=patient_id,
         failure=failure,
+    )
+
+
+def transfer_ordered(
+    ae_title: str, *, peer_ae: str, peer_host: str, study: StudyObject, patient_id: str
+) -> AuditEvent:
+    """An operator had a study's results sent to a peer (``dicomnode resend``): Begin
+    Transferring DICOM Instances, the operator its requestor. The sends themselves are
+    audited as they happen (:func:`instances_sent`)."""
+    return AuditEvent(
+        event=BEGIN_TRANSFERRING,
+        action="E",
+        participants=(
+            operator(),
+            node_participant(ae_title, ROLE_SOURCE),
+            Participant(
+                user_id=peer_ae, role=ROLE_DESTINATION, ae_titles=(peer_ae,), address=peer_host
+            ),
+        ),
+        studies=(study,),
+        patient_id=patient_id,
     )
 
 

@@ -25,6 +25,7 @@ class Code:
 
 
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
+BEGIN_TRANSFERRING = Code("110102", "Begin Transferring DICOM Instances")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "Security Alert")

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pydicom
 
-from dicomnode.audit.events import instances_received, instances_sent, study_deleted
+from dicomnode.audit.events import (
+    instances_received,
+    instances_sent,
+    study_deleted,
+    transfer_ordered,
+)
 from dicomnode.audit.messages import StudyObject, count_by_class
 from dicomnode.audit.trail import AuditTrail
 
@@ -66,6 +71,22 @@ def record_deleted(
                 patient_id=found.patient_id,
                 by_operator=by_operator,
                 reason=reason,
+            )
+        )
+
+
+def record_ordered(audit: AuditTrail, peer_ae: str, peer_host: str, paths: Iterable[Path]) -> None:
+    """Begin Transferring DICOM Instances for each study of ``paths`` an operator had sent."""
+    if not audit.on:
+        return
+    for found in studies_in(paths):
+        audit.record(
+            transfer_ordered(
+                audit.ae_title,
+                peer_ae=peer_ae,
+                peer_host=peer_host,
+                study=found.study,
+                patient_id=found.patient_id,
             )
         )
 

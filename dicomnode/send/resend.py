@@ -17,6 +17,7 @@ retrying is not queued twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
@@ -46,6 +47,8 @@ class Resent:
     kept_rounds: int
     """Rounds kept here (shadow mode), not sent."""
     dry_run: bool
+    paths: tuple[Path, ...] = ()
+    """The files of the objects queued (or, dry, that would be)."""
 
 
 def resend_study(
@@ -64,7 +67,7 @@ def resend_study(
         .order_by(Output.report_id, Output.kind)
     ).scalars()
     stamp = db_now(session).strftime("%Y%m%dT%H%M%S.%f")
-    specs, waiting = [], 0
+    specs, waiting, paths = [], 0, []
     for output in outputs:
         if _on_its_way(session, output.sop_instance_uid, peer):
             waiting += 1
@@ -81,8 +84,9 @@ def resend_study(
                 resend=True,
             )
         )
+        paths.append(Path(output.path))
     queued = len(specs) if dry_run else enqueue(session, specs)
-    return Resent(study_uid, peer, queued, waiting, kept, dry_run)
+    return Resent(study_uid, peer, queued, waiting, kept, dry_run, tuple(paths))
 
 
 def _check_sendable(session: Session, study_uid: str) -> None:

@@ -171,6 +171,27 @@ def test_admin_commands_write_their_changes_to_the_trail(tmp_path: Path) -> None
     assert "1, the oldest since 2025-12-06 05:46:40 UTC" in status.stdout
 
 
+def test_a_resend_is_audited_as_ordered_by_the_operator(tmp_path: Path) -> None:
+    """`dicomnode resend`: Begin Transferring DICOM Instances, the operator its requestor,
+    the peer its destination (the sends are audited by the worker as they happen)."""
+    audit_file = tmp_path / "audit.log"
+    config, study_uid = _config(tmp_path, audit_file, "PID-RESEND-4")
+    dry = _cli(config, "resend", study_uid, "--to", "PACS", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not read_audit_file(audit_file)  # a dry run orders nothing
+    resent = _cli(config, "resend", study_uid, "--to", "PACS")
+    assert resent.returncode == 0, resent.stderr
+    assert "queued 2 result object(s)" in resent.stdout
+    (ordered,) = [r for r in read_audit_file(audit_file) if r.event_id == "110102"]
+    person, node, peer = ordered.participants()
+    assert person.get("UserIsRequestor") == "true"
+    assert node.get("AlternativeUserID") == "AETITLES=DICOMNODE"
+    assert (peer.get("UserID"), peer.get("NetworkAccessPointID")) == ("PACS", LOOPBACK)
+    assert ordered.study_uids == [study_uid] and ordered.patient_ids == ["PID-RESEND-4"]
+    assert ordered.sop_classes() == {SC: 1, COMPREHENSIVE_SR: 1}
+    assert "PID-RESEND-4" not in resent.stdout + resent.stderr
+
+
 def test_an_audit_trail_that_is_off_writes_nothing(tmp_path: Path) -> None:
     node = InProcessNode.start(tmp_path)
     try:
