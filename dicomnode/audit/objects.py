@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from dicomnode.audit.events import (
     study_deleted,
     transfer_ordered,
 )
-from dicomnode.audit.messages import StudyObject, count_by_class
+from dicomnode.audit.messages import AuditEvent, StudyObject, count_by_class
 from dicomnode.audit.trail import AuditTrail
 
 log = logging.getLogger(__name__)
@@ -57,38 +57,46 @@ def studies_in(paths: Iterable[Path]) -> list[StudyFiles]:
     ]
 
 
+def record_each(
+    audit: AuditTrail, paths: Iterable[Path], event_of: Callable[[StudyFiles], AuditEvent]
+) -> None:
+    """Record ``event_of`` each study of ``paths`` (their headers read only when the trail
+    is on)."""
+    if audit.on:
+        for found in studies_in(paths):
+            audit.record(event_of(found))
+
+
 def record_deleted(
     audit: AuditTrail, paths: Iterable[Path], *, by_operator: bool, reason: str
 ) -> None:
     """DICOM Study Deleted for each study of ``paths`` (read before they are deleted)."""
-    if not audit.on:
-        return
-    for found in studies_in(paths):
-        audit.record(
-            study_deleted(
-                audit.ae_title,
-                study=found.study,
-                patient_id=found.patient_id,
-                by_operator=by_operator,
-                reason=reason,
-            )
-        )
+    record_each(
+        audit,
+        paths,
+        lambda found: study_deleted(
+            audit.ae_title,
+            study=found.study,
+            patient_id=found.patient_id,
+            by_operator=by_operator,
+            reason=reason,
+        ),
+    )
 
 
 def record_ordered(audit: AuditTrail, peer_ae: str, peer_host: str, paths: Iterable[Path]) -> None:
     """Begin Transferring DICOM Instances for each study of ``paths`` an operator had sent."""
-    if not audit.on:
-        return
-    for found in studies_in(paths):
-        audit.record(
-            transfer_ordered(
-                audit.ae_title,
-                peer_ae=peer_ae,
-                peer_host=peer_host,
-                study=found.study,
-                patient_id=found.patient_id,
-            )
-        )
+    record_each(
+        audit,
+        paths,
+        lambda found: transfer_ordered(
+            audit.ae_title,
+            peer_ae=peer_ae,
+            peer_host=peer_host,
+            study=found.study,
+            patient_id=found.patient_id,
+        ),
+    )
 
 
 class ReceivedStudies:
@@ -131,18 +139,16 @@ def record_sent(
     """DICOM Instances Transferred for each study of files sent to a peer over one
     association (``outcomes``: each file's failure, empty when delivered); a study with a
     file not delivered is a minor failure saying how many and why."""
-    if not audit.on:
-        return
-    for found in studies_in(outcomes):
+
+    def sent(found: StudyFiles) -> AuditEvent:
         failures = [outcomes[path] for path in found.paths if outcomes[path]]
-        failure = f"{len(failures)} not delivered: {failures[0]}" if failures else ""
-        audit.record(
-            instances_sent(
-                audit.ae_title,
-                peer_ae=peer_ae,
-                peer_host=peer_host,
-                study=found.study,
-                patient_id=found.patient_id,
-                failure=failure,
-            )
+        return instances_sent(
+            audit.ae_title,
+            peer_ae=peer_ae,
+            peer_host=peer_host,
+            study=found.study,
+            patient_id=found.patient_id,
+            failure=f"{len(failures)} not delivered: {failures[0]}" if failures else "",
         )
+
+    record_each(audit, outcomes, sent)
