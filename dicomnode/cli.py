@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicomnode import __version__, logs
-from dicomnode.config import DEFAULT_UMASK, Settings, load_settings
+from dicomnode.config import DEFAULT_UMASK, Settings, StorageSettings, load_settings
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.models.card import MAX_CAM_SHIFT, GradCamSpec
 
@@ -596,30 +596,30 @@ def purge(
         console.print("retention is off (0 days): nothing is purged")
         return
     db = _database(resolved)
-    with _audit_trail(resolved) as audit:
+    with _audit_trail(resolved) as audit:  # one trail: purged and forgotten studies
         summary = purge_expired(db, days, dry_run=dry_run, audit=audit)
-    verb = "would purge" if dry_run else "purged"
-    console.print(
-        f"{verb} {len(summary.studies)} study(ies) older than {days:g} days: "
-        f"{summary.files} file(s), {summary.bytes_freed / 1e6:.1f} MB"
-    )
-    for study_uid in summary.studies:
-        console.print(f"  {study_uid}")
-    _forget_expired_records(db, resolved, dry_run)
+        verb = "would purge" if dry_run else "purged"
+        console.print(
+            f"{verb} {len(summary.studies)} study(ies) older than {days:g} days: "
+            f"{summary.files} file(s), {summary.bytes_freed / 1e6:.1f} MB"
+        )
+        for study_uid in summary.studies:
+            console.print(f"  {study_uid}")
+        _forget_expired_records(db, resolved.storage, audit, dry_run)
 
 
-def _forget_expired_records(db: Database, resolved: Settings, dry_run: bool) -> None:
+def _forget_expired_records(
+    db: Database, storage: StorageSettings, audit: AuditTrail, dry_run: bool
+) -> None:
     """The records part of ``purge``: what ``storage.records_days`` forgets."""
     from dicomnode.retention import forget_expired
 
-    storage = resolved.storage
     if storage.records_days <= 0:
         console.print("records are kept for good (storage.records_days is 0)")
         return
-    with _audit_trail(resolved) as audit:
-        summary = forget_expired(
-            db, storage.records_days, storage.data_dir, dry_run=dry_run, audit=audit
-        )
+    summary = forget_expired(
+        db, storage.records_days, storage.data_dir, dry_run=dry_run, audit=audit
+    )
     verb = "would forget" if dry_run else "forgot"
     console.print(
         f"{verb} {len(summary.studies)} purged study(ies) older than "

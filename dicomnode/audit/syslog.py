@@ -56,6 +56,10 @@ class UdpTransport:
         self.address = (host, port)
         self._socket: socket.socket | None = None
 
+    @property
+    def url(self) -> str:
+        return f"udp://{self.address[0]}:{self.address[1]}"
+
     def send(self, message: bytes) -> None:
         try:
             if self._socket is None:
@@ -65,15 +69,15 @@ class UdpTransport:
             self._socket.send(message)
         except OSError as exc:
             self.close()
-            raise AuditError(f"udp://{self.address[0]}:{self.address[1]}: {exc}") from exc
+            raise AuditError(f"{self.url}: {exc}") from exc
 
     def probe(self) -> str:
         """Only the address can be checked: nothing answers a datagram."""
         try:
             socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)
         except OSError as exc:
-            raise AuditError(f"udp://{self.address[0]}:{self.address[1]}: {exc}") from exc
-        return f"udp://{self.address[0]}:{self.address[1]} resolves (UDP has no answer to check)"
+            raise AuditError(f"{self.url}: {exc}") from exc
+        return f"{self.url} resolves (UDP has no answer to check)"
 
     def close(self) -> None:
         if self._socket is not None:
