@@ -306,6 +306,15 @@ class ResultsSettings(_Section):
         ),
     )
 
+    presentation_state: bool = Field(
+        False,
+        description=(
+            "also send a Grayscale Softcopy Presentation State per image: the result drawn "
+            "over the original as graphics the viewer can switch off (text, boxes, the heat "
+            "map's outline and peak), beside the overlay and the SR"
+        ),
+    )
+
     def receiving_peers(self) -> tuple[str, ...]:
         """Every peer named as a receiver of results, in `destinations` or in `routes`."""
         named = [*self.destinations, *(peer for peers in self.routes.values() for peer in peers)]

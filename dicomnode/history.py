@@ -107,7 +107,7 @@ class Conclusion:
 
 @dataclass(frozen=True)
 class Send:
-    """A result object (SC or SR) and its sending to one peer."""
+    """A result object (SC, PR or SR) and its sending to one peer."""
 
     output_uid: str
     kind: str

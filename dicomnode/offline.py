@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -38,12 +38,18 @@ class Row:
     outcome: str
     output: str = "-"
     failed: bool = False
+    extra: tuple[Row, ...] = ()
+    """Rows of further objects made from the same input (its presentation state)."""
+
+    def without_extra(self) -> Row:
+        return replace(self, extra=())
 
 
 def predict_files(settings: Settings, files: list[Path], out: Path) -> list[Row]:
-    """Write an SC per usable image and an SR per (study, model) into ``out``.
+    """Write an SC per usable image (and its presentation state with
+    ``results.presentation_state``) and an SR per (study, model) into ``out``.
 
-    Returns one row per file and per SR.
+    Returns one row per file, per presentation state and per SR.
     """
     registry = ModelRegistry.load(settings.models.dir)
     predictors: dict[str, Predictor] = {}
@@ -53,7 +59,8 @@ def predict_files(settings: Settings, files: list[Path], out: Path) -> list[Row]
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         row, item = _predict_file(settings, registry, predictors, path, out)
-        rows.append(row)
+        rows.append(row.without_extra())
+        rows.extend(row.extra)
         if item is not None:
             key = (str(item.source.StudyInstanceUID), _key(item.result.model))
             by_study[key].append(item)
@@ -193,7 +200,25 @@ def _write_sc(
     side = prepared.image.laterality if prepared.image else None
     outcome = "; ".join(result_lines(analysed.result, side))
     item = SrImageItem(source=prepared.header, sc=sc, result=analysed.result)
-    return Row(str(path), outcome, str(target)), item
+    extra = _write_pr(settings, analysed, path, out)
+    return Row(str(path), outcome, str(target), extra=extra), item
+
+
+def _write_pr(
+    settings: Settings, analysed: pipeline.Analysed, path: Path, out: Path
+) -> tuple[Row, ...]:
+    """The image's presentation state written into ``out`` (``results.presentation_state``),
+    as a row of its own; none for a colour image."""
+    if not (settings.results.presentation_state and pipeline.wants_pr(analysed)):
+        return ()
+    pr = pipeline.make_pr(
+        analysed,
+        uid_root=settings.node.uid_root,
+        institution_name=settings.node.institution_name,
+    )
+    target = out / f"PR_{pr.SOPInstanceUID}.dcm"
+    pr.save_as(target, enforce_file_format=True)
+    return (Row(str(path), "presentation state", str(target)),)
 
 
 def explain_file(

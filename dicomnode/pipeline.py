@@ -5,6 +5,7 @@
     instance file --read--> dataset --prepare--> PreparedImage
         --Predictor.predict--> ImageResult (probabilities + Grad-CAM)
         --render_overlay + encode_sc--> Secondary Capture (per image)
+        --encode_pr--> Grayscale Softcopy Presentation State (per image, optional)
     all results of a study round --encode_sr--> TID 1500 SR (per study)
 
 The worker (:mod:`dicomnode.worker`) wraps these steps in queue jobs with
@@ -25,6 +26,7 @@ import pydicom
 
 from dicomnode import __version__, uids
 from dicomnode.encode.header import fit_character_set
+from dicomnode.encode.pr import encode_pr, presentation_state_applies
 from dicomnode.encode.render import UInt8Array, render_overlay
 from dicomnode.encode.sc import encode_sc, overlay_side
 from dicomnode.encode.sr import SrImageItem, encode_sr
@@ -47,6 +49,8 @@ SC_SERIES_NUMBERS = {"": 9901, "R": 9903, "L": 9904}
 """The overlay series of a study, one per side (:func:`overlay_side`; "" for none), each
 with a number of its own, so a PACS lists them apart: 9901, then the SR's 9902, 9903, 9904."""
 SR_SERIES_NUMBER = 9902
+PR_SERIES_NUMBERS = {"": 9905, "R": 9906, "L": 9907}
+"""The presentation state series of a study, one per side as the overlays'."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,6 +155,35 @@ def make_sc(
         jpeg_quality=jpeg_quality,
     )
     return fit_character_set(_with_institution(sc, institution_name))
+
+
+def make_pr(analysed: Analysed, *, uid_root: str, institution_name: str = "") -> pydicom.Dataset:
+    """The presentation state that draws the result of one analysed image over the original
+    (``results.presentation_state``); its Instance Number is the source image's."""
+    prepared, result = analysed.prepared, analysed.result
+    assert prepared.image is not None and result is not None
+    header, model = prepared.header, result.model
+    side = overlay_side(header, result) or ""
+    pr = encode_pr(
+        header,
+        result,
+        (prepared.image.rows, prepared.image.columns),
+        series_uid=uids.pr_series_uid(
+            uid_root, str(header.StudyInstanceUID), model.name, model.version, side
+        ),
+        sop_uid=uids.pr_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
+        series_number=PR_SERIES_NUMBERS[side],
+        instance_number=_instance_number(header),
+        manufacturer=MANUFACTURER,
+        software_version=__version__,
+    )
+    return fit_character_set(_with_institution(pr, institution_name))
+
+
+def wants_pr(analysed: Analysed) -> bool:
+    """A presentation state can be drawn over the image: it was analysed and is grey-scale
+    (a colour image, rare among radiographs, gets the overlay alone)."""
+    return analysed.result is not None and presentation_state_applies(analysed.prepared.header)
 
 
 def _with_institution(dataset: pydicom.Dataset, name: str) -> pydicom.Dataset:

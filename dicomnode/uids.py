@@ -29,6 +29,15 @@ def sc_instance_uid(
     return derived_uid(root, "sc", source_sop_uid, model, version, str(region))
 
 
+def pr_series_uid(root: str, study_uid: str, model: str, version: str, side: str = "") -> str:
+    """One presentation state series per study, model version and side, as the overlays'."""
+    return derived_uid(root, "pr-series", study_uid, model, version, side)
+
+
+def pr_instance_uid(root: str, source_sop_uid: str, model: str, version: str) -> str:
+    return derived_uid(root, "pr", source_sop_uid, model, version)
+
+
 def sr_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
     return derived_uid(root, "sr-series", study_uid, model, version)
 

@@ -357,7 +357,7 @@ class Worker:
             policy = NO_RETRY if item.prepared.lasting else self.job_policy
             self._fail(job, item.prepared.error, policy)
             return
-        output: tuple[pydicom.Dataset, Path] | None = None
+        outputs: list[tuple[str, pydicom.Dataset, Path]] = []
         if item.result is not None:
             sc = pipeline.make_sc(
                 item,
@@ -366,12 +366,33 @@ class Worker:
                 jpeg_quality=self.settings.results.overlay_jpeg_quality,
                 institution_name=self.settings.node.institution_name,
             )
-            output = (sc, self._write_output(sc))
+            outputs.append(("SC", sc, self._write_output(sc)))
+            outputs += self._presentation_state(job, item)
         with self.db.session() as session:
-            _record_result(session, job, item, output)
+            _record_result(session, job, item, outputs)
             q.complete(session, job.id, self.worker_id)
         outcome = "skipped: " + item.prepared.skip_reason if item.result is None else "done"
         log.info("infer job %s sop=%s %s", job.id, job.sop_instance_uid, outcome)
+
+    def _presentation_state(
+        self, job: q.ClaimedJob, item: pipeline.Analysed
+    ) -> list[tuple[str, pydicom.Dataset, Path]]:
+        """The image's presentation state (``results.presentation_state``), written. One that
+        cannot be made is logged and left out: the overlay and the SR still go."""
+        if not (self.settings.results.presentation_state and pipeline.wants_pr(item)):
+            return []
+        try:
+            pr = pipeline.make_pr(
+                item,
+                uid_root=self.settings.node.uid_root,
+                institution_name=self.settings.node.institution_name,
+            )
+        except EncodeError as exc:
+            log.error(
+                "infer job %s sop=%s: no presentation state: %s", job.id, job.sop_instance_uid, exc
+            )
+            return []
+        return [("PR", pr, self._write_output(pr))]
 
     # -- report -------------------------------------------------------------
     def _report_step(self) -> bool:
@@ -664,7 +685,7 @@ def _record_result(
     session: Session,
     job: q.ClaimedJob,
     item: pipeline.Analysed,
-    output: tuple[pydicom.Dataset, Path] | None,
+    outputs: Sequence[tuple[str, pydicom.Dataset, Path]],
 ) -> None:
     assert job.report_id is not None and job.sop_instance_uid is not None
     report = session.get(Report, job.report_id)
@@ -693,9 +714,8 @@ def _record_result(
     if instance is not None:
         instance.state = "done" if result else "skipped"
         instance.reason = item.prepared.skip_reason
-    if output is not None:
-        sc, path = output
-        _record_output(session, sc, path, report.id, "SC", job.sop_instance_uid)
+    for kind, dataset, path in outputs:
+        _record_output(session, dataset, path, report.id, kind, job.sop_instance_uid)
 
 
 def _record_output(

@@ -28,7 +28,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dicomnode.errors import EncodeError
 from dicomnode.imaging.pixels import MIN_SIDE
-from dicomnode.values import Finding, FloatArray, ImageResult, PreparedImage, Region
+from dicomnode.values import (
+    Finding,
+    FloatArray,
+    ImageResult,
+    ModelIdentity,
+    PreparedImage,
+    Region,
+)
 
 UInt8Array = npt.NDArray[np.uint8]
 Colour = tuple[int, int, int]
@@ -144,11 +151,16 @@ def overlay_lines(result: ImageResult, laterality: str | None = None) -> tuple[s
     lines = list(result_lines(result, laterality))
     if not result.not_assessed:
         lines.append(_heat_legend(result))
-    lines.append(f"{model.name} {model.version} (sha256 {model.sha256[:12]})")
+    lines.append(model_line(model))
     lines.append(REVIEW_NOTICE)
     if model.synthetic_training_data:
         lines.append(SYNTHETIC_NOTICE)
     return tuple(lines)
+
+
+def model_line(model: ModelIdentity) -> str:
+    """The line that names the algorithm: name, version and the start of its weights' hash."""
+    return f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
 
 
 def result_lines(result: ImageResult, laterality: str | None = None) -> tuple[str, ...]:

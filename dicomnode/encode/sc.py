@@ -296,7 +296,9 @@ def _image_laterality(sc: pydicom.Dataset, source: pydicom.Dataset, result: Imag
         del sc.Laterality
 
 
-def _is_paired(source: pydicom.Dataset) -> bool:
+def is_paired(source: pydicom.Dataset) -> bool:
+    """The source's Body Part Examined is a paired structure (General Series Laterality is
+    then Type 2C present, empty when the side is unknown)."""
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
     return body_part in _PAIRED_BODY_PARTS
 
@@ -334,7 +336,7 @@ def _describe_capture(
     placeholder that this replaces.
     """
     sc.PatientOrientation = source.get("PatientOrientation")
-    if "Laterality" not in sc and _is_paired(source):
+    if "Laterality" not in sc and is_paired(source):
         sc.Laterality = None  # Type 2C: present, empty, when the side is unknown
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

@@ -190,11 +190,12 @@ def expire_lost_leases(session: Session, kind: JobKind, now: datetime | None = N
 
 
 def _overlays_sent_first() -> ColumnElement[bool]:
-    """A report's SR is sent to a peer once none of the report's overlays waits for that peer.
+    """A report's SR is sent to a peer once none of the report's overlays (nor presentation
+    states) waits for that peer.
 
-    A PACS that files or routes on the SR then finds every image it references. An overlay
-    that died does not hold the SR back (the dead job is listed, and the SR says nothing
-    of it that is wrong).
+    A PACS that files or routes on the SR then finds every image it references, and every
+    annotation of them. An overlay that died does not hold the SR back (the dead job is
+    listed, and the SR says nothing of it that is wrong).
     """
     overlay_job, overlay = aliased(Job), aliased(Output)
     overlay_waiting = exists().where(
@@ -203,7 +204,7 @@ def _overlays_sent_first() -> ColumnElement[bool]:
         overlay_job.peer == Job.peer,
         overlay_job.state.in_(PENDING),
         overlay.sop_instance_uid == overlay_job.sop_instance_uid,
-        overlay.kind == "SC",
+        overlay.kind != "SR",
     )
     return or_(Job.kind != JobKind.SEND, ~_sends_an_sr(), ~overlay_waiting)
 

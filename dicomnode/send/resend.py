@@ -2,10 +2,11 @@
 
 The PACS lost them (restored from a backup older than the delivery), or a peer was added
 that should hold them (a new archive). Every result object of the study's reported rounds
-(each overlay SC and SR, superseded SRs too) gets a new send job to the peer, marked
-``resend``: the first deliveries stay in the study's history, and the turnaround, which
-ends at a round's first delivery, leaves these out. The usual order holds: a round's SR
-after its overlays, a later round's SR after the earlier ones.
+(each overlay SC, presentation state and SR, superseded SRs too) gets a new send job to the
+peer, marked ``resend``: the first deliveries stay in the study's history, and the
+turnaround, which ends at a round's first delivery, leaves these out. The usual order holds:
+a round's SR after its overlays and presentation states, a later round's SR after the
+earlier ones.
 
 Refused for a study the node does not know, for one whose pixel data were purged (its
 overlays are headers now: sending them would be sending broken images), and to a peer that

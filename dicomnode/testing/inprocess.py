@@ -53,10 +53,12 @@ class InProcessNode:
         localiser: bool = False,
         commitment: bool = False,
         audit_file: Path | None = None,
+        presentation_state: bool = False,
     ) -> InProcessNode:
         """A node with a tiny 5-class knee model (with a knee localiser when ``localiser``)
         that sends results to its collector (asking it for storage commitment when
-        ``commitment``), writing its audit trail to ``audit_file`` when given."""
+        ``commitment``; a presentation state per image too when ``presentation_state``),
+        writing its audit trail to ``audit_file`` when given."""
         collector = CollectingSCP(ae_title="PACS").start()
         sections: dict[str, dict[str, Any]] = {
             "node": {"port": free_port(), "host": LOOPBACK},
@@ -69,7 +71,7 @@ class InProcessNode:
                 },
                 "MOD": {"ae_title": SENDER, "host": LOOPBACK, "port": 1},
             },
-            "results": {"destinations": ["PACS"]},
+            "results": {"destinations": ["PACS"], "presentation_state": presentation_state},
         }
         if overlay_max_size is not None:
             sections["results"]["overlay_max_size"] = overlay_max_size

@@ -27,6 +27,7 @@ pytestmark = [
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture
@@ -66,12 +67,28 @@ def _wait_for_results(orthanc: Orthanc, study_id: str, what: str) -> None:
     )
 
 
-def _round_trip(orthanc: Orthanc, tmp_path: Path, what: str) -> None:
-    """A knee radiograph uploaded to Orthanc and sent to the node, until its results are back."""
+def _round_trip(orthanc: Orthanc, tmp_path: Path, what: str) -> str:
+    """A knee radiograph uploaded to Orthanc and sent to the node, until its results are back;
+    Orthanc's ID of the study."""
     source = write_dataset(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
-    study_id = orthanc.upload(source)["ParentStudy"]
+    study_id: str = orthanc.upload(source)["ParentStudy"]
     orthanc.send_study("dicomnode", study_id)
     _wait_for_results(orthanc, study_id, what)
+    return study_id
+
+
+def _assert_presentation_state(orthanc: Orthanc, study_id: str, tmp_path: Path) -> None:
+    """Orthanc's study holds one presentation state, referencing the study's radiograph."""
+    instances = [
+        orthanc.instance_tags(i["ID"]) | {"ID": i["ID"]} for i in orthanc.study_instances(study_id)
+    ]
+    (state,) = [t for t in instances if t.get("SOPClassUID") == GSPS_CLASS]
+    (original,) = [t for t in instances if t.get("Modality") == "DX"]
+    path = orthanc.download(state["ID"], tmp_path / "pr.dcm")
+    pr = pydicom.dcmread(path)
+    referenced = pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == original["SOPInstanceUID"]
+    assert dciodvfy_errors(path) == []
 
 
 def _infer_job(node: NodeProcess) -> tuple[str, int] | None:
@@ -355,8 +372,10 @@ def _commitment(node: NodeProcess) -> tuple[list[tuple[str, str]], list[str | No
 
 def test_orthanc_commits_to_the_results_it_received(tmp_path: Path, models: Path) -> None:
     """Storage commitment: with PACS marked `commitment`, the node asks Orthanc (N-ACTION) to
-    commit to the SC and SR it delivered; Orthanc reports on an association of its own
-    (N-EVENT-REPORT) to the node's SCP, and both sends are marked committed."""
+    commit to the SC, presentation state (``results.presentation_state``) and SR it
+    delivered; Orthanc reports on an association of its own (N-EVENT-REPORT) to the node's
+    SCP, and the three sends are marked committed. Orthanc files the presentation state
+    with the original, which it references, and it validates."""
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", node_port)})
     orthanc.start()
@@ -367,15 +386,19 @@ def test_orthanc_commits_to_the_results_it_received(tmp_path: Path, models: Path
             models,
             peers={},
             destinations=["PACS"],
-            extra={"peers": {"PACS": {**pacs, "commitment": True}}},
+            extra={
+                "peers": {"PACS": {**pacs, "commitment": True}},
+                "results": {"presentation_state": True},
+            },
             port=node_port,
         )
         node.start()
         try:
-            _round_trip(orthanc, tmp_path, "SC and SR in Orthanc's study")
+            study_id = _round_trip(orthanc, tmp_path, "SC and SR in Orthanc's study")
             wait_for(lambda: _commitment(node)[0] == [("done", "")], 60, what="commit job done")
             committed = _commitment(node)[1]
-            assert len(committed) == 2 and all(committed), committed
+            assert len(committed) == 3 and all(committed), committed
+            _assert_presentation_state(orthanc, study_id, tmp_path)
             assert "storage commitment report" in node.log()
             peers = node.cli("ae", "list").stdout
             assert "PACS" in peers and "yes" in peers

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -179,6 +180,53 @@ def test_a_radiograph_larger_than_the_overlay_is_explained_at_the_overlays_size(
         assert small.worker.predictor(key).heatmap_size == 256
     finally:
         small.close()
+
+
+def test_a_presentation_state_draws_the_result_over_the_original_in_the_pacs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``results.presentation_state``: beside the overlay and the SR, the PACS gets a GSPS
+    referencing the original image, with the result as text and the heat map's outline in
+    the original's pixel coordinates; the SR comes last; ``resend`` sends it again too."""
+    from dicomnode.send.resend import resend_study
+
+    pr_node = InProcessNode.start(tmp_path, presentation_state=True)
+    try:
+        caplog.set_level(logging.INFO)
+        image = make_radiograph(
+            rows=320, columns=280, body_part="KNEE", patient_id="PID-5521", seed=41
+        )
+        assert pr_node.send(image) == [statuses.SUCCESS]
+        wait_for(lambda: len(pr_node.collector.received) >= 3, 60, what="SC, PR and SR")
+        modalities = [str(d.Modality) for d in pr_node.collector.received]
+        assert sorted(modalities) == ["OT", "PR", "SR"] and modalities[-1] == "SR"
+        (pr,) = (d for d in pr_node.collector.received if d.Modality == "PR")
+        (referenced,) = pr.ReferencedSeriesSequence[0].ReferencedImageSequence
+        assert referenced.ReferencedSOPInstanceUID == image.SOPInstanceUID
+        assert (pr.StudyInstanceUID, pr.PatientID) == (image.StudyInstanceUID, "PID-5521")
+        texts = [
+            str(t.UnformattedTextValue)
+            for a in pr.GraphicAnnotationSequence
+            for t in a.get("TextObjectSequence", [])
+        ]
+        assert any(t.startswith("tiny-knee ") for t in texts)
+        evidence = [a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "AI EVIDENCE"]
+        points = np.concatenate(
+            [np.reshape(g.GraphicData, (-1, 2)) for g in evidence[0].GraphicObjectSequence]
+        )
+        assert points[:, 0].max() <= 280 and points[:, 1].max() <= 320 and points.min() >= 0
+        path = tmp_path / "pr.dcm"
+        pr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        with pr_node.db.session() as s:
+            kinds = sorted(s.scalars(select(Output.kind)).all())
+            assert kinds == ["PR", "SC", "SR"]
+            resent = resend_study(s, str(image.StudyInstanceUID), "PACS", max_attempts=3)
+        assert resent.queued == 3
+        wait_for(lambda: len(pr_node.collector.received) >= 6, 60, what="the three again")
+        assert "PID-5521" not in caplog.text
+    finally:
+        pr_node.close()
 
 
 def test_inference_runs_while_the_study_arrives_and_the_sr_waits_for_it(node: Node) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -25,7 +26,14 @@ from pydicom.uid import (
 )
 
 from dicomnode import uids
-from dicomnode.encode import SrImageItem, encode_sc, encode_sr, overlay_lines, render_overlay
+from dicomnode.encode import (
+    SrImageItem,
+    encode_pr,
+    encode_sc,
+    encode_sr,
+    overlay_lines,
+    render_overlay,
+)
 from dicomnode.encode import codes as dn
 from dicomnode.encode.header import conformant_header
 from dicomnode.encode.render import (
@@ -197,6 +205,19 @@ def make_sc(source: Dataset, result: ImageResult, jpeg_quality: int = 0) -> Data
         instance_number=1,
         software_version="0.1.0",
         jpeg_quality=jpeg_quality,
+    )
+
+
+def make_pr(source: Dataset, result: ImageResult) -> Dataset:
+    return encode_pr(
+        source,
+        result,
+        (ROWS, COLUMNS),
+        series_uid="1.2.3.4.905",
+        sop_uid="1.2.3.4.905.1",
+        series_number=905,
+        instance_number=2,
+        software_version="0.1.0",
     )
 
 
@@ -808,13 +829,15 @@ def test_sr_of_two_images_without_overlay_for_one(tmp_path: Path) -> None:
 
 
 def _results_read_back(source: Dataset, tmp_path: Path) -> list[tuple[Path, Dataset]]:
-    """The SC and SR of ``source`` (saved and read back first, as the node reads it), each
-    saved as ``sc.dcm`` / ``sr.dcm`` and read back."""
+    """The SC, SR and presentation state of ``source`` (saved and read back first, as the
+    node reads it), each saved as ``sc.dcm`` / ``sr.dcm`` / ``pr.dcm`` and read back."""
     stored = pydicom.dcmread(save(source, tmp_path / "source.dcm"))
     result = make_result()
     sc = make_sc(stored, result)
     sr = make_sr([SrImageItem(source=stored, sc=sc, result=result)])
+    pr = make_pr(stored, result)
     paths = [save(sc, tmp_path / "sc.dcm"), save(sr, tmp_path / "sr.dcm")]
+    paths.append(save(pr, tmp_path / "pr.dcm"))
     return [(path, pydicom.dcmread(path)) for path in paths]
 
 
@@ -1243,3 +1266,190 @@ def test_the_nodes_institution_is_named_in_both_results(tmp_path: Path) -> None:
         assert dciodvfy_errors(save(made, tmp_path / f"{name}.dcm")) == []
     plain = pipeline_make_sc(Analysed(prepared, result), uid_root="1.2.3.")
     assert "InstitutionName" not in plain
+
+
+# Grayscale Softcopy Presentation State --------------------------------------
+
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+def _inside(points: npt.NDArray[np.float64], x: float, y: float) -> bool:
+    """Whether (x, y) lies inside the closed polyline ``points`` (ray casting)."""
+    inside = False
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
+
+
+def _layer(pr: Dataset, name: str) -> Dataset:
+    annotations: list[Dataset] = list(pr.GraphicAnnotationSequence)
+    return next(a for a in annotations if a.GraphicLayer == name)
+
+
+def _texts_of(pr: Dataset, units: str | None = None) -> list[str]:
+    return [
+        str(t.UnformattedTextValue)
+        for a in pr.GraphicAnnotationSequence
+        for t in a.get("TextObjectSequence", [])
+        if units is None or t.BoundingBoxAnnotationUnits == units
+    ]
+
+
+def _polylines(annotation: Dataset) -> list[npt.NDArray[np.float64]]:
+    return [
+        np.asarray(g.GraphicData, dtype=np.float64).reshape(-1, 2)
+        for g in annotation.get("GraphicObjectSequence", [])
+        if g.GraphicType == "POLYLINE"
+    ]
+
+
+@needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize(
+    ("photometric", "synthetic", "shape"),
+    [("MONOCHROME2", True, "IDENTITY"), ("MONOCHROME1", False, "INVERSE")],
+)
+def test_pr_draws_the_result_over_the_original_and_keeps_its_grey_scale(
+    tmp_path: Path, photometric: str, synthetic: bool, shape: str
+) -> None:
+    """The presentation state references the original, keeps its window and how it is shown
+    (a MONOCHROME1 image stays white-bone with an INVERSE presentation LUT), names the model
+    and says what a reader must know, and validates."""
+    source = make_source()
+    source.PhotometricInterpretation = photometric
+    source.WindowCenter, source.WindowWidth = 1800, 3000
+    result = make_result(5, synthetic=synthetic)
+    path = save(make_pr(source, result), tmp_path / "pr.dcm")
+    back = pydicom.dcmread(path)
+
+    assert (back.SOPClassUID, back.Modality) == (GSPS, "PR")
+    assert (back.SeriesInstanceUID, back.SOPInstanceUID) == ("1.2.3.4.905", "1.2.3.4.905.1")
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber"):
+        assert back[keyword].value == source[keyword].value
+    referenced = back.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    assert referenced.ReferencedImageSequence[0].ReferencedSOPInstanceUID == (source.SOPInstanceUID)
+    assert back.PresentationLUTShape == shape
+    voi = back.SoftcopyVOILUTSequence[0]
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (1800.0, 3000.0)
+    assert back.ContentLabel == "KNEE_KL"
+    label = " [synthetic training data]" if synthetic else ""
+    assert (
+        back.SeriesDescription
+        == back.ContentDescription
+        == "AI annotations R knee-kl 1.0.0" + label
+    )
+    assert (back.Laterality, back.BodyPartExamined) == ("R", "KNEE")
+    assert [layer.GraphicLayer for layer in back.GraphicLayerSequence] == [
+        "AI RESULT",
+        "AI EVIDENCE",
+    ]
+
+    texts = _texts_of(back, "DISPLAY")
+    assert texts[0] == overlay_lines(result)[0]  # the finding first, as on the overlay
+    assert "knee-kl 1.0.0 (sha256 0123456789ab)" in texts
+    assert "AI result, requires review by a radiologist" in texts
+    assert (SYNTHETIC_NOTICE in texts) is synthetic
+    assert dciodvfy_errors(path) == [] and dciodvfy_warnings(path) == []
+    dump(DCMDUMP, path)
+
+
+def test_pr_outlines_the_heat_around_its_peak_at_the_images_own_scale() -> None:
+    """The heat map is made at the overlay's size (here half the image's): its outline and
+    the peak cross are drawn in the original's pixel coordinates, around the peak and away
+    from the cold corner."""
+    full = make_result(2)
+    half = make_heatmap(Region(0, 0, COLUMNS // 2, ROWS // 2), (100, 55), ROWS // 2, COLUMNS // 2)
+    result = replace(full, findings=(replace(full.findings[0], heatmap=half),))
+    evidence = _layer(make_pr(make_source(), result), "AI EVIDENCE")
+    outline, *crosses = _polylines(evidence)
+    assert len(outline) > 8 and np.array_equal(outline[0], outline[-1])  # closed
+    assert _inside(outline, *PEAK) and not _inside(outline, 5.0, 5.0)
+    assert outline[:, 0].min() >= 0 and outline[:, 0].max() <= COLUMNS
+    assert outline[:, 1].min() >= 0 and outline[:, 1].max() <= ROWS
+    # where the Gaussian heat (sigma = rows / 12) falls to half its peak, about 1.18 sigma out
+    radius = np.hypot(outline[:, 0] - PEAK[0], outline[:, 1] - PEAK[1])
+    assert abs(float(np.median(radius)) - 1.18 * ROWS / 12) < 3
+    assert len(crosses) == 2
+    centre = (crosses[0].mean(axis=0) + crosses[1].mean(axis=0)) / 2
+    assert np.allclose(centre, PEAK, atol=0.01)
+
+
+def test_heat_outlines_are_closed_also_where_the_heat_touches_the_border() -> None:
+    from dicomnode.encode.pr import heat_outlines
+
+    heat = np.zeros((40, 50), dtype=np.float32)
+    heat[:, :10] = 1.0  # a hot band along the left edge
+    (outline,) = heat_outlines(heat, 400, 500)
+    assert np.array_equal(outline[0], outline[-1])
+    assert outline[:, 0].min() == 0.0 and 90 <= outline[:, 0].max() <= 110
+    assert heat_outlines(np.zeros((40, 50), dtype=np.float32), 400, 500) == []
+
+
+@needs_dicom3tools
+def test_pr_frames_each_knee_and_labels_it_with_its_side_and_grade(tmp_path: Path) -> None:
+    source = make_source(laterality="R")
+    boxes = (Region(10, 60, 130, 180), Region(160, 60, 280, 180))
+    one = make_result(region=boxes[0], laterality="R", peak=(70, 120)).findings[0]
+    two = make_result(region=boxes[1], laterality="L", peak=(220, 120)).findings[0]
+    result = replace(make_result(), findings=(one, two))
+    pr = make_pr(source, result)
+    labels = _texts_of(pr, "PIXEL")
+    assert [label[:3] for label in labels] == ["R: ", "L: "]
+    assert all("KL grade 2, probability 80%" in label for label in labels)
+    frames = _polylines(_layer(pr, "AI RESULT"))
+    assert [(f[:, 0].min(), f[:, 1].min(), f[:, 0].max(), f[:, 1].max()) for f in frames] == [
+        (b.x0, b.y0, b.x1, b.y1) for b in boxes
+    ]
+    corner = _texts_of(pr, "DISPLAY")
+    assert not any(text.startswith(("R: ", "L: ")) for text in corner)  # on the boxes instead
+    assert corner[0].startswith("Outline: evidence for each box's result")
+    label_box = next(
+        t
+        for t in _layer(pr, "AI RESULT").TextObjectSequence
+        if t.BoundingBoxAnnotationUnits == "PIXEL"
+    )
+    assert label_box.BoundingBoxBottomRightHandCorner[1] == boxes[0].y0  # just above its box
+    assert "Laterality" in pr and not pr.Laterality  # both sides: no side, as the overlay
+    assert dciodvfy_errors(save(pr, tmp_path / "pr.dcm")) == []
+
+
+def test_pr_of_an_image_without_a_finding_says_why_and_draws_no_evidence() -> None:
+    reason = "No knee joint found on the image: not graded"
+    result = replace(make_result(), findings=(), not_assessed=reason)
+    pr = make_pr(make_source(), result)
+    assert [a.GraphicLayer for a in pr.GraphicAnnotationSequence] == ["AI RESULT"]
+    texts = _texts_of(pr)
+    assert texts[0] == reason and not any(t.startswith("Outline") for t in texts)
+
+
+def test_presentation_states_of_each_side_go_into_a_series_of_their_own() -> None:
+    from dicomnode.pipeline import make_pr as pipeline_make_pr
+
+    study = generate_uid()
+    result = make_result(5)
+    series: dict[str, set[tuple[str, int]]] = {}
+    for side in ("R", "L", "R", None):
+        source = make_source(laterality=side, study_uid=study)
+        analysed = Analysed(Prepared(str(source.SOPInstanceUID), source, make_image()), result)
+        pr = pipeline_make_pr(analysed, uid_root="1.2.826.0.1.3680043.10.1.")
+        again = pipeline_make_pr(analysed, uid_root="1.2.826.0.1.3680043.10.1.")
+        assert again.SOPInstanceUID == pr.SOPInstanceUID  # made again: the same object
+        assert pr.InstanceNumber == source.InstanceNumber
+        side_shown = str(pr.get("Laterality") or "")
+        series.setdefault(pr.SeriesInstanceUID, set()).add((side_shown, int(pr.SeriesNumber)))
+    assert sorted(series.values(), key=str) == [{("", 9905)}, {("L", 9907)}, {("R", 9906)}]
+
+
+def test_a_colour_image_gets_no_grey_scale_presentation_state() -> None:
+    from dicomnode.encode.pr import presentation_state_applies
+    from dicomnode.pipeline import wants_pr
+
+    source = make_source()
+    source.SamplesPerPixel, source.PhotometricInterpretation = 3, "RGB"
+    assert not presentation_state_applies(source)
+    assert not wants_pr(Analysed(Prepared(generate_uid(), source, make_image()), make_result()))
+    assert wants_pr(Analysed(Prepared(generate_uid(), make_source(), make_image()), make_result()))
+    with pytest.raises(EncodeError, match="MONOCHROME"):
+        make_pr(source, make_result())

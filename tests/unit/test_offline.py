@@ -104,3 +104,30 @@ def _texts(dataset: object) -> list[str]:
             found.append(str(item.TextValue))
         found += _texts(item)
     return found
+
+
+def test_predict_writes_a_presentation_state_per_image_when_the_settings_ask(
+    tmp_path: Path,
+) -> None:
+    """``results.presentation_state``: ``predict`` writes what the node would send, a GSPS
+    per image beside its SC (a row of its own), and nothing of the kind without it."""
+    from dicomnode.config import ResultsSettings
+
+    make_tiny_model(tmp_path / "models" / "tiny-hand", name="tiny-hand", body_part="HAND")
+    hand = make_radiograph(body_part="HAND", photometric="MONOCHROME1", seed=3)
+    files = [write_dataset(hand, tmp_path / "hand.dcm")]
+    models = ModelSettings(dir=tmp_path / "models")
+    on = Settings(models=models, results=ResultsSettings(presentation_state=True))
+    image, state, report = predict_files(on, files, tmp_path / "on")
+    assert (image.input, state.input) == (str(files[0]), str(files[0]))
+    assert state.outcome == "presentation state" and not state.failed
+    pr = pydicom.dcmread(state.output)
+    assert (pr.Modality, pr.PresentationLUTShape) == ("PR", "INVERSE")
+    assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
+        hand.SOPInstanceUID
+    )
+    assert dciodvfy_errors(Path(state.output)) == []
+    assert report.outcome == "structured report"
+    off = predict_files(Settings(models=models), files, tmp_path / "off")
+    assert [row.outcome for row in off][1:] == ["structured report"]
+    assert not list((tmp_path / "off").glob("PR_*"))

@@ -247,26 +247,31 @@ def test_running_workers_lists_holders_of_running_jobs(db: Database) -> None:
         assert sorted(q.running_workers(s)) == ["host:1", "host:2"]
 
 
-def test_a_reports_sr_is_sent_after_its_overlays(db: Database) -> None:
-    """A PACS that routes on the SR finds every overlay it references already stored."""
+def test_a_reports_sr_is_sent_after_its_overlays_and_presentation_states(db: Database) -> None:
+    """A PACS that routes on the SR finds every overlay (and presentation state) of its
+    images already stored."""
 
     report_id = add_report(db)
-    for uid, kind in (("9.3", "SR"), ("9.1", "SC"), ("9.2", "SC")):  # the SR first in the queue
+    queued = (("9.3", "SR"), ("9.1", "SC"), ("9.2", "SC"), ("9.4", "PR"))  # the SR first
+    for uid, kind in queued:
         _send_output(db, report_id, uid, kind)
     with db.session() as s:
         first = q.claim(s, q.JobKind.SEND, "w", 30, limit=8, group_key="PACS")
-    assert sorted(j.sop_instance_uid or "" for j in first) == ["9.1", "9.2"]
+    assert sorted(j.sop_instance_uid or "" for j in first) == ["9.1", "9.2", "9.4"]
     with db.session() as s:
-        assert q.claim(s, q.JobKind.SEND, "w2", 30, limit=8) == []  # SCs still in flight
+        assert q.claim(s, q.JobKind.SEND, "w2", 30, limit=8) == []  # SCs, PR still in flight
         q.complete(s, first[0].id, "w")
         q.fail(s, first[1], "w", "refused", RetryPolicy(1, 1, 1))  # one overlay died
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.SEND, "w2", 30, limit=8) == []  # the PR still in flight
+        q.complete(s, first[2].id, "w")
     with db.session() as s:
         (sr,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
     assert sr.sop_instance_uid == "9.3"
 
 
 def _send_output(db: Database, report_id: int, uid: str, kind: str = "SR") -> None:
-    """The result object ``uid`` (an SR or an SC) of report ``report_id``, and its send to
+    """The result object ``uid`` (an SR, SC or PR) of report ``report_id``, and its send to
     PACS."""
     from dicomnode.db.schema import Output
 
