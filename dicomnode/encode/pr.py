@@ -58,6 +58,7 @@ from dicomnode.encode.sc import (
     source_laterality,
 )
 from dicomnode.errors import EncodeError
+from dicomnode.imaging.pixels import shown_inverted
 from dicomnode.values import Finding, FloatArray, ImageResult, Region
 
 OUTLINE_LEVEL = HEAT_FULL
@@ -87,10 +88,13 @@ Points = npt.NDArray[np.float64]
 
 
 def presentation_state_applies(source: pydicom.Dataset) -> bool:
-    """A grey-scale presentation state fits the source: one sample per pixel."""
-    return int(source.get("SamplesPerPixel", 1) or 1) == 1 and str(
-        source.get("PhotometricInterpretation", "MONOCHROME2")
-    ).startswith("MONOCHROME")
+    """A grey-scale presentation state fits the source: one sample per pixel, MONOCHROME."""
+    try:
+        samples = int(source.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):  # written in another VR: not a header to draw on
+        return False
+    photometric = str(source.get("PhotometricInterpretation", "MONOCHROME2"))
+    return samples == 1 and photometric.startswith("MONOCHROME")
 
 
 def encode_pr(
@@ -204,13 +208,13 @@ def content_label(model_name: str) -> str:
 
 
 def _presentation_lut_shape(source: pydicom.Dataset) -> PresentationLUTShapeValues:
-    """The source's own Presentation LUT Shape, else INVERSE for MONOCHROME1 (whose low
-    values are white) and IDENTITY otherwise: the image looks as it does without the state."""
-    shape = str(source.get("PresentationLUTShape", "") or "").strip().upper()
-    if shape in ("IDENTITY", "INVERSE"):
-        return PresentationLUTShapeValues(shape)
-    inverse = str(source.PhotometricInterpretation) == "MONOCHROME1"
-    return PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
+    """INVERSE where the node shows the image inverted (MONOCHROME1, whose low values are
+    white, or a Presentation LUT Shape INVERSE), else IDENTITY: with the state applied the
+    image looks as it does without it, and as on the overlay."""
+    photometric = str(source.get("PhotometricInterpretation", ""))
+    if shown_inverted(source, photometric):
+        return PresentationLUTShapeValues.INVERSE
+    return PresentationLUTShapeValues.IDENTITY
 
 
 def _annotation(

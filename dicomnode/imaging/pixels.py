@@ -354,8 +354,9 @@ def _robust_window(values: Float64Array, counts: npt.NDArray[np.int64]) -> Float
     return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
-def _inverted(ds: Dataset, photometric: str) -> bool:
-    """MONOCHROME1 or Presentation LUT Shape INVERSE: invert once."""
+def shown_inverted(ds: Dataset, photometric: str) -> bool:
+    """MONOCHROME1 or Presentation LUT Shape INVERSE: invert once (the node's display, and
+    the Presentation LUT Shape of its presentation states)."""
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
@@ -376,7 +377,7 @@ def _voi(ds: Dataset, values: npt.NDArray[Any], index: IntArray) -> Float64Array
 def _grey_table(ds: Dataset, photometric: str, index: IntArray, domain: IntArray) -> FloatArray:
     """Display value in [0, 1] of every stored value (Modality, VOI, presentation)."""
     display = _voi(ds, _modality_values(domain, ds), index)
-    if _inverted(ds, photometric):
+    if shown_inverted(ds, photometric):
         display = 1.0 - display
     table: FloatArray = display.astype(np.float32)
     return table

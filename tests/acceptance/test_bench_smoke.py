@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from dicomnode.bench.bare import PR_STAGE
 from dicomnode.bench.main import BenchOptions, run_bench
 
 pytestmark = [
@@ -48,6 +49,9 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert figures["receive_1"]["files_per_s"]["dicomnode"] > 0
     assert len(figures["turnaround"]["sr_seconds"]) == 2
     assert figures["burst"]["images"] == 2 and figures["burst"]["peak_rss_mb"] > 0
+    stages = figures["bare"]["stage_seconds_per_image"]
+    assert {"overlay", "sc encoding", "sr encoding", PR_STAGE} <= set(stages)
+    assert all(seconds > 0 for seconds in stages.values())
     startup = figures["burst"]["startup_seconds"]  # the burst began once the workers ran
     assert 0 < startup["port"] <= startup["workers"]
     roles = {name.rsplit(" ", 1)[0] for name in figures["burst"]["peak_rss_mb_by_process"]}

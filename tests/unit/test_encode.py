@@ -1307,17 +1307,24 @@ def _polylines(annotation: Dataset) -> list[npt.NDArray[np.float64]]:
 @needs_dicom3tools
 @needs_dcmtk
 @pytest.mark.parametrize(
-    ("photometric", "synthetic", "shape"),
-    [("MONOCHROME2", True, "IDENTITY"), ("MONOCHROME1", False, "INVERSE")],
+    ("photometric", "source_shape", "synthetic", "shape"),
+    [
+        ("MONOCHROME2", None, True, "IDENTITY"),
+        ("MONOCHROME1", None, False, "INVERSE"),
+        ("MONOCHROME1", "INVERSE", False, "INVERSE"),  # as DX asks of MONOCHROME1
+        ("MONOCHROME2", "INVERSE", False, "INVERSE"),
+    ],
 )
 def test_pr_draws_the_result_over_the_original_and_keeps_its_grey_scale(
-    tmp_path: Path, photometric: str, synthetic: bool, shape: str
+    tmp_path: Path, photometric: str, source_shape: str | None, synthetic: bool, shape: str
 ) -> None:
-    """The presentation state references the original, keeps its window and how it is shown
-    (a MONOCHROME1 image stays white-bone with an INVERSE presentation LUT), names the model
-    and says what a reader must know, and validates."""
+    """The presentation state references the original, keeps its window and how the node
+    shows it (inverted once for MONOCHROME1 or a Presentation LUT Shape INVERSE: white
+    bone either way), names the model and says what a reader must know, and validates."""
     source = make_source()
     source.PhotometricInterpretation = photometric
+    if source_shape is not None:
+        source.PresentationLUTShape = source_shape
     source.WindowCenter, source.WindowWidth = 1800, 3000
     result = make_result(5, synthetic=synthetic)
     path = save(make_pr(source, result), tmp_path / "pr.dcm")
