@@ -168,6 +168,7 @@ def make_pr(analysed: Analysed, *, uid_root: str, institution_name: str = "") ->
         header,
         result,
         (prepared.image.rows, prepared.image.columns),
+        own_window=prepared.image.own_window,
         series_uid=uids.pr_series_uid(
             uid_root, str(header.StudyInstanceUID), model.name, model.version, side
         ),

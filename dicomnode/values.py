@@ -23,6 +23,15 @@ class BodyPart(StrEnum):
     SPINE = "SPINE"
 
 
+@dataclass(frozen=True)
+class OwnWindow:
+    """A window the node chose for an image (LINEAR_EXACT, PS3.3 C.11.2.1.3.2): modality
+    values from ``center - width / 2`` to ``center + width / 2`` span black to white."""
+
+    center: float
+    width: float
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedImage:
     """A radiograph ready for display and for a model.
@@ -43,12 +52,17 @@ class PreparedImage:
         first value of Patient Orientation (``"L"`` on an AP or PA film in the
         standard display, ``"R"`` when it is shown mirrored); ``""`` when the
         header does not say.
+    own_window:
+        The window the node chose itself because the header has no usable one
+        (its 0.5-99.5 % percentiles of modality values); ``None`` when the
+        header's window or VOI LUT was used, or for a colour image.
     """
 
     pixels: FloatArray
     laterality: str | None = None
     source: str = ""
     row_direction: str = ""
+    own_window: OwnWindow | None = None
 
     @property
     def rows(self) -> int:

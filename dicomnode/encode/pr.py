@@ -29,7 +29,11 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from contourpy import LineType, contour_generator
-from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
+from highdicom import (
+    PresentationLUTShapeValues,
+    PresentationLUTTransformation,
+    VOILUTFunctionValues,
+)
 from highdicom.color import CIELabColor
 from highdicom.pr import (
     AnnotationUnitsValues,
@@ -38,6 +42,7 @@ from highdicom.pr import (
     GraphicObject,
     GraphicTypeValues,
     GrayscaleSoftcopyPresentationState,
+    SoftcopyVOILUTTransformation,
     TextJustificationValues,
     TextObject,
 )
@@ -59,7 +64,7 @@ from dicomnode.encode.sc import (
 )
 from dicomnode.errors import EncodeError
 from dicomnode.imaging.pixels import shown_inverted
-from dicomnode.values import Finding, FloatArray, ImageResult, Region
+from dicomnode.values import Finding, FloatArray, ImageResult, OwnWindow, Region
 
 OUTLINE_LEVEL = HEAT_FULL
 """The outline is drawn where a finding's heat map reaches this share of its peak."""
@@ -102,6 +107,7 @@ def encode_pr(
     result: ImageResult,
     image_size: tuple[int, int],
     *,
+    own_window: OwnWindow | None = None,
     series_uid: str,
     sop_uid: str,
     series_number: int,
@@ -122,6 +128,10 @@ def encode_pr(
     image_size:
         (rows, columns) of the decoded image, which the graphics are placed on (and the
         state's Displayed Area spans, whatever the header's Rows and Columns say).
+    own_window:
+        The window the node chose itself for an image whose header has none it could use
+        (:attr:`PreparedImage.own_window`): the state carries it, so that the image looks
+        as on the overlay. Otherwise the header's window or VOI LUT is carried.
     series_uid, sop_uid, series_number, instance_number:
         The presentation state's own identity.
     manufacturer, software_version:
@@ -161,6 +171,7 @@ def encode_pr(
             content_description=series_description(_prefix(source, result), model),
             graphic_annotations=[a for a in annotations if a is not None],
             graphic_layers=[_RESULT, _EVIDENCE],
+            voi_lut_transformations=_voi(own_window),
             presentation_lut_transformation=PresentationLUTTransformation(
                 presentation_lut_shape=_presentation_lut_shape(source)
             ),
@@ -215,6 +226,20 @@ def _presentation_lut_shape(source: pydicom.Dataset) -> PresentationLUTShapeValu
     if shown_inverted(source, photometric):
         return PresentationLUTShapeValues.INVERSE
     return PresentationLUTShapeValues.IDENTITY
+
+
+def _voi(own_window: OwnWindow | None) -> list[SoftcopyVOILUTTransformation] | None:
+    """The node's own window as the state's VOI (None: highdicom copies the source's)."""
+    if own_window is None:
+        return None
+    return [
+        SoftcopyVOILUTTransformation(
+            window_center=own_window.center,
+            window_width=own_window.width,
+            window_explanation="dicomnode: 0.5-99.5 % of the image's values",
+            voi_lut_function=VOILUTFunctionValues.LINEAR_EXACT,
+        )
+    ]
 
 
 def _annotation(

@@ -46,7 +46,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.errors import ImagingError, UnsupportedImageError
-from dicomnode.values import FloatArray, PreparedImage
+from dicomnode.values import FloatArray, OwnWindow, PreparedImage
 
 __all__ = ["prepare_dataset", "read_dicom", "read_image_file"]
 
@@ -342,16 +342,20 @@ def _percentile(values: Float64Array, counts: npt.NDArray[np.int64], q: float) -
     return float(at_low + (at_high - at_low) * (position - low))
 
 
-def _robust_window(values: Float64Array, counts: npt.NDArray[np.int64]) -> Float64Array:
-    """Map the 0.5-99.5 % percentile range of the image's modality values onto [0, 1]."""
+def _robust_window(
+    values: Float64Array, counts: npt.NDArray[np.int64]
+) -> tuple[Float64Array, OwnWindow | None]:
+    """Map the 0.5-99.5 % percentile range of the image's modality values onto [0, 1]; and
+    that mapping as a window (None for an image of one value, shown black)."""
     low = _percentile(values, counts, LOW_PERCENTILE)
     high = _percentile(values, counts, HIGH_PERCENTILE)
     if high <= low:
         present = values[counts > 0]
         low, high = float(present.min()), float(present.max())
     if high <= low:
-        return np.zeros_like(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+        return np.zeros_like(values), None
+    window = OwnWindow((low + high) / 2, high - low)
+    return np.clip((values - low) / (high - low), 0.0, 1.0), window
 
 
 def shown_inverted(ds: Dataset, photometric: str) -> bool:
@@ -361,39 +365,47 @@ def shown_inverted(ds: Dataset, photometric: str) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
-def _voi(ds: Dataset, values: npt.NDArray[Any], index: IntArray) -> Float64Array:
-    """VOI LUT Sequence, else window, else robust percentile window, into [0, 1]."""
+def _voi(
+    ds: Dataset, values: npt.NDArray[Any], index: IntArray
+) -> tuple[Float64Array, OwnWindow | None]:
+    """VOI LUT Sequence, else window, else robust percentile window, into [0, 1]; and the
+    window the node chose itself when the header had none it could use."""
     if _has_voi_lut(ds):
         display = _apply_voi_lut_sequence(values, ds)
         if display is not None:
-            return display
+            return display, None
     window = _window(ds)
     if window is not None:
-        return _apply_window(values.astype(np.float64), window)
+        return _apply_window(values.astype(np.float64), window), None
     counts = _histogram(index, values.size)
     return _robust_window(values.astype(np.float64), counts)
 
 
-def _grey_table(ds: Dataset, photometric: str, index: IntArray, domain: IntArray) -> FloatArray:
-    """Display value in [0, 1] of every stored value (Modality, VOI, presentation)."""
-    display = _voi(ds, _modality_values(domain, ds), index)
+def _grey_table(
+    ds: Dataset, photometric: str, index: IntArray, domain: IntArray
+) -> tuple[FloatArray, OwnWindow | None]:
+    """Display value in [0, 1] of every stored value (Modality, VOI, presentation), and the
+    node's own window (:func:`_voi`)."""
+    display, own = _voi(ds, _modality_values(domain, ds), index)
     if shown_inverted(ds, photometric):
         display = 1.0 - display
     table: FloatArray = display.astype(np.float32)
-    return table
+    return table, own
 
 
 # --------------------------------------------------------------------------- images
 
 
-def _prepare_grey(ds: Dataset, pixels: npt.NDArray[Any], photometric: str) -> FloatArray:
+def _prepare_grey(
+    ds: Dataset, pixels: npt.NDArray[Any], photometric: str
+) -> tuple[FloatArray, OwnWindow | None]:
     if pixels.ndim != 2 or pixels.dtype.kind not in "iu":
         raise UnsupportedImageError(f"unexpected decoded pixel shape {pixels.shape}")
     pixels = _clear_unused_bits(pixels, int(ds.BitsStored))
     index = _table_index(pixels)
-    table = _grey_table(ds, photometric, index, _stored_domain(pixels.dtype))
+    table, own = _grey_table(ds, photometric, index, _stored_domain(pixels.dtype))
     result: FloatArray = table[index]
-    return result
+    return result, own
 
 
 def _prepare_colour(ds: Dataset, pixels: npt.NDArray[Any]) -> FloatArray:
@@ -453,8 +465,9 @@ def prepare_dataset(ds: Dataset, source: str = "") -> PreparedImage:
     """
     photometric = _check_supported(ds)
     pixels = _decode(ds)
+    own: OwnWindow | None = None
     if photometric in MONOCHROME:
-        prepared = _prepare_grey(ds, pixels, photometric)
+        prepared, own = _prepare_grey(ds, pixels, photometric)
     else:
         prepared = _prepare_colour(ds, pixels)
     _check_not_blank(prepared)
@@ -463,6 +476,7 @@ def prepare_dataset(ds: Dataset, source: str = "") -> PreparedImage:
         laterality=_laterality(ds),
         source=source or str(ds.get("SOPInstanceUID", "")),
         row_direction=_row_direction(ds),
+        own_window=own,
     )
 
 

@@ -1460,3 +1460,37 @@ def test_a_colour_image_gets_no_grey_scale_presentation_state() -> None:
     assert wants_pr(Analysed(Prepared(generate_uid(), make_source(), make_image()), make_result()))
     with pytest.raises(EncodeError, match="MONOCHROME"):
         make_pr(source, make_result())
+
+
+@needs_dicom3tools
+def test_pr_of_an_image_without_a_window_carries_the_window_the_node_chose(
+    tmp_path: Path,
+) -> None:
+    """A header with no window (nor VOI LUT): the node shows the 0.5-99.5 % percentiles of
+    its values; the state carries that window, so that the image looks as on the overlay.
+    One with a window keeps it."""
+    from pydicom.pixels import apply_modality_lut
+
+    from dicomnode.pipeline import make_pr as pipeline_make_pr
+    from dicomnode.pipeline import read_and_prepare
+    from dicomnode.testing.images import make_radiograph, write_dataset
+
+    image = make_radiograph(rows=256, columns=300, seed=5)
+    del image.WindowCenter, image.WindowWidth  # as many CR headers come
+    bare = write_dataset(image, tmp_path / "bare.dcm")
+    prepared = read_and_prepare(bare)
+    assert prepared.image is not None and prepared.image.own_window is not None
+    pr = pipeline_make_pr(Analysed(prepared, make_result()), uid_root="1.2.3.")
+    voi = pr.SoftcopyVOILUTSequence[0]
+    assert voi.VOILUTFunction == "LINEAR_EXACT"
+    values = apply_modality_lut(pydicom.dcmread(bare).pixel_array, pydicom.dcmread(bare))
+    shown = np.clip((values - float(voi.WindowCenter)) / float(voi.WindowWidth) + 0.5, 0, 1)
+    assert np.abs(shown - prepared.image.pixels).max() < 1e-3  # as the node shows it
+    assert dciodvfy_errors(save(pr, tmp_path / "pr.dcm")) == []
+
+    windowed = make_radiograph(rows=256, columns=300, seed=5, window=(1500.0, 2500.0))
+    prepared = read_and_prepare(write_dataset(windowed, tmp_path / "windowed.dcm"))
+    assert prepared.image is not None and prepared.image.own_window is None
+    pr = pipeline_make_pr(Analysed(prepared, make_result()), uid_root="1.2.3.")
+    voi = pr.SoftcopyVOILUTSequence[0]
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (1500.0, 2500.0)
