@@ -1469,7 +1469,7 @@ def test_pr_of_an_image_without_a_window_carries_the_window_the_node_chose(
     """A header with no window (nor VOI LUT): the node shows the 0.5-99.5 % percentiles of
     its values; the state carries that window, so that the image looks as on the overlay.
     One with a window keeps it."""
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels.processing import apply_modality_lut
 
     from dicomnode.pipeline import make_pr as pipeline_make_pr
     from dicomnode.pipeline import read_and_prepare
