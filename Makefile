@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql openssl systemd prometheus rsyslog
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl systemd prometheus rsyslog
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= config/dicomnode.yaml
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.audit.trail import AuditTrail
     from dicomnode.db.session import Database
     from dicomnode.explain.gradcam import Explainer
+    from dicomnode.peers import PeerInfo
     from dicomnode.send.resend import Resent
 
 app = typer.Typer(
@@ -212,6 +213,10 @@ def ae_add(
             "--commitment", help="ask it to commit to keeping the results delivered to it"
         ),
     ] = False,
+    dicomweb: Annotated[str, typer.Option("--dicomweb", help=DICOMWEB_HELP)] = "",
+    dicomweb_auth_file: Annotated[
+        str, typer.Option("--dicomweb-auth-file", help=DICOMWEB_AUTH_HELP)
+    ] = "",
     config: ConfigOption = None,
 ) -> None:
     """Register a peer (a running node accepts it at once)."""
@@ -220,15 +225,40 @@ def ae_add(
     resolved = settings(config)
     _check_tls_files(resolved, tls)
     db = _database(resolved)
+    peer = PeerInfo(
+        name,
+        ae_title,
+        host,
+        port,
+        tls=tls,
+        commitment=commitment,
+        dicomweb=dicomweb,
+        dicomweb_auth_file=dicomweb_auth_file,
+    )
     with db.session() as session:
-        add_peer(session, PeerInfo(name, ae_title, host, port, tls=tls, commitment=commitment))
-    said = f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(tls, commitment)}"
+        add_peer(session, peer)
+    said = f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(peer)}"
     _audit_peers(resolved, said)
     console.print(said)
 
 
-def _peer_notes(tls: bool, commitment: bool) -> str:
-    notes = [n for n, on in (("TLS", tls), ("storage commitment", commitment)) if on]
+DICOMWEB_HELP = (
+    "base URL of its DICOMweb service (https://host/dicom-web): results go by STOW-RS "
+    "instead of C-STORE"
+)
+DICOMWEB_AUTH_HELP = (
+    "a file holding the Authorization header value of its DICOMweb service (Bearer <token> "
+    "or Basic <base64>), read at each send"
+)
+
+
+def _peer_notes(peer: PeerInfo) -> str:
+    shown = (
+        ("TLS", peer.tls),
+        ("storage commitment", peer.commitment),
+        (f"results by STOW-RS to {peer.dicomweb}", bool(peer.dicomweb)),
+    )
+    notes = [note for note, on in shown if on]
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -252,6 +282,12 @@ def ae_update(
         bool | None,
         typer.Option("--commitment/--no-commitment", help="ask for storage commitment, or not"),
     ] = None,
+    dicomweb: Annotated[
+        str | None, typer.Option("--dicomweb", help=DICOMWEB_HELP + ' ("": C-STORE again)')
+    ] = None,
+    dicomweb_auth_file: Annotated[
+        str | None, typer.Option("--dicomweb-auth-file", help=DICOMWEB_AUTH_HELP)
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a peer."""
@@ -269,8 +305,10 @@ def ae_update(
             port=port,
             tls=tls,
             commitment=commitment,
+            dicomweb=dicomweb,
+            dicomweb_auth_file=dicomweb_auth_file,
         )
-    suffix = _peer_notes(new.tls, new.commitment)
+    suffix = _peer_notes(new)
     said = f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}"
     _audit_peers(resolved, said)
     console.print(said)
@@ -318,7 +356,7 @@ def ae_list(config: ConfigOption = None) -> None:
 
     resolved = settings(config)
     db = _database(resolved)
-    table = Table("name", "AE title", "host", "port", "TLS", "commitment", "source")
+    table = Table("name", "AE title", "host", "port", "TLS", "commitment", "results by", "source")
     with db.session() as session:
         registered = list_peers(session)
     names = {peer.name for peer in registered}
@@ -331,14 +369,17 @@ def ae_list(config: ConfigOption = None) -> None:
             "config (registered when serve starts)",
             p.tls,
             p.commitment,
+            p.dicomweb,
+            p.dicomweb_auth_file,
         )
         for name, p in resolved.peers.items()
         if name not in names
     ]
     for peer in sorted([*registered, *waiting], key=lambda peer: peer.name):
         tls, commits = ("yes" if on else "no" for on in (peer.tls, peer.commitment))
+        by = f"STOW-RS {peer.dicomweb}" if peer.dicomweb else "C-STORE"
         table.add_row(
-            peer.name, peer.ae_title, peer.host, str(peer.port), tls, commits, peer.source
+            peer.name, peer.ae_title, peer.host, str(peer.port), tls, commits, by, peer.source
         )
     console.print(table)
 

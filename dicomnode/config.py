@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -50,6 +51,35 @@ def checked_ae_title(value: str) -> str:
 
 
 AeTitle = Annotated[str, AfterValidator(checked_ae_title)]
+
+
+def check_dicomweb(url: str, auth_file: str, commitment: bool) -> None:
+    """A peer's DICOMweb settings, or ValueError saying what is wrong: the base URL is
+    http(s)://host[:port][/path], without credentials (they go in the auth file, never in
+    the database or the logs), query or fragment; an auth file needs a URL; storage
+    commitment (a DIMSE service) needs results sent by C-STORE."""
+    if not url:
+        if auth_file:
+            raise ValueError("dicomweb_auth_file needs a dicomweb URL")
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"dicomweb {url!r} must be an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the dicomweb URL must not hold credentials: use dicomweb_auth_file")
+    if parts.query or parts.fragment:
+        raise ValueError("the dicomweb URL must be the service's base URL, without ? or #")
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number, or out of range)
+    except ValueError as exc:
+        raise ValueError(f"dicomweb URL: {exc}") from None
+    if commitment:
+        raise ValueError(
+            "commitment (Storage Commitment, a DIMSE service) needs results sent by C-STORE; "
+            "this peer receives them by DICOMweb"
+        )
+
+
 UID_ROOT_PATTERN = r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$"
 
 
@@ -230,6 +260,21 @@ class PeerSettings(_Section):
         description="after results are delivered to it, ask it to commit to keeping them "
         "(Storage Commitment Push Model); its pixel data are purged only once it has",
     )
+    dicomweb: str = Field(
+        "",
+        description="base URL of its DICOMweb service (https://pacs.example/dicom-web): results "
+        "go to it by STOW-RS instead of C-STORE; empty: C-STORE",
+    )
+    dicomweb_auth_file: str = Field(
+        "",
+        description="a file holding the HTTP Authorization header value of its DICOMweb "
+        "service (`Bearer <token>` or `Basic <base64 of user:password>`), read at each send",
+    )
+
+    @model_validator(mode="after")
+    def _dicomweb(self) -> PeerSettings:
+        check_dicomweb(self.dicomweb, self.dicomweb_auth_file, self.commitment)
+        return self
 
 
 class TlsSettings(_Section):

@@ -10,11 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from dicomnode.config import PEER_NAME_PATTERN, PeerSettings, checked_ae_title
+from dicomnode.config import (
+    PEER_NAME_PATTERN,
+    PeerSettings,
+    check_dicomweb,
+    checked_ae_title,
+)
 from dicomnode.db.schema import Peer
 from dicomnode.db.session import db_now, lock_until_commit
 from dicomnode.errors import PeerError
@@ -30,6 +36,10 @@ class PeerInfo:
     tls: bool = False
     commitment: bool = False
     """Delivered results are followed by a storage commitment request (N-ACTION)."""
+    dicomweb: str = ""
+    """Base URL of its DICOMweb service: results go to it by STOW-RS (empty: C-STORE)."""
+    dicomweb_auth_file: str = ""
+    """The file holding the HTTP Authorization header value of its DICOMweb service."""
 
 
 def validate(peer: PeerInfo) -> PeerInfo:
@@ -44,13 +54,34 @@ def validate(peer: PeerInfo) -> PeerInfo:
         raise PeerError("host must not be empty")
     if not 1 <= peer.port <= 65535:
         raise PeerError(f"port {peer.port} must be 1-65535")
+    _validate_dicomweb(peer)
     return peer
+
+
+def _validate_dicomweb(peer: PeerInfo) -> None:
+    try:
+        check_dicomweb(peer.dicomweb, peer.dicomweb_auth_file, peer.commitment)
+    except ValueError as exc:
+        raise PeerError(str(exc)) from None
 
 
 def _info(row: Peer) -> PeerInfo:
     return PeerInfo(
-        row.name, row.ae_title, row.host, row.port, row.source, bool(row.tls), bool(row.commitment)
+        row.name,
+        row.ae_title,
+        row.host,
+        row.port,
+        row.source,
+        bool(row.tls),
+        bool(row.commitment),
+        row.dicomweb or "",
+        row.dicomweb_auth_file or "",
     )
+
+
+def destination_host(peer: PeerInfo) -> str:
+    """Where results to ``peer`` go: its DICOMweb service's host, else its DICOM host."""
+    return (urlsplit(peer.dicomweb).hostname or peer.host) if peer.dicomweb else peer.host
 
 
 def list_peers(session: Session) -> list[PeerInfo]:
@@ -109,6 +140,8 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
             source=peer.source,
             tls=peer.tls,
             commitment=peer.commitment,
+            dicomweb=peer.dicomweb,
+            dicomweb_auth_file=peer.dicomweb_auth_file,
             updated_at=db_now(session),
         )
     )
@@ -123,7 +156,11 @@ def update_peer(
     port: int | None = None,
     tls: bool | None = None,
     commitment: bool | None = None,
+    dicomweb: str | None = None,
+    dicomweb_auth_file: str | None = None,
 ) -> PeerInfo:
+    """Change the given fields of a peer added with the CLI (``dicomweb=""`` sends its
+    results by C-STORE again)."""
     current = get_peer(session, name)
     _check_not_from_config(session, name, "change")
     new = validate(
@@ -135,6 +172,8 @@ def update_peer(
             "cli",
             current.tls if tls is None else tls,
             current.commitment if commitment is None else commitment,
+            current.dicomweb if dicomweb is None else dicomweb,
+            current.dicomweb_auth_file if dicomweb_auth_file is None else dicomweb_auth_file,
         )
     )
     _check_unique_ae_title(session, new)
@@ -149,6 +188,7 @@ def update_peer(
         db_now(session),
     )
     row.commitment = new.commitment
+    row.dicomweb, row.dicomweb_auth_file = new.dicomweb, new.dicomweb_auth_file
     return new
 
 
@@ -184,6 +224,8 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                     source="config",
                     tls=settings.tls,
                     commitment=settings.commitment,
+                    dicomweb=settings.dicomweb,
+                    dicomweb_auth_file=settings.dicomweb_auth_file,
                     updated_at=db_now(session),
                 )
             )
@@ -196,4 +238,5 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
                 settings.tls,
             )
             row.commitment = settings.commitment
+            row.dicomweb, row.dicomweb_auth_file = settings.dicomweb, settings.dicomweb_auth_file
             row.updated_at = db_now(session)

@@ -48,3 +48,24 @@ def _context(tls: TlsSettings, purpose: ssl.Purpose) -> ssl.SSLContext:
         ) from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def https_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The context of a send to a peer's https DICOMweb service: its certificate verified
+    against ``tls.ca_certificates`` when given (else the system's certificate authorities),
+    its host name unless ``tls.check_hostname`` is off, and the node's certificate shown
+    when the node has one (a service that asks for it)."""
+    try:
+        cafile = str(tls.ca_certificates) if tls.ca_certificates else None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+        if tls.certificate and tls.private_key:
+            context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot use the TLS files for https (tls.certificate {tls.certificate}, "
+            f"tls.private_key {tls.private_key}, tls.ca_certificates {tls.ca_certificates}): "
+            f"{exc}"
+        ) from exc
+    context.check_hostname = tls.check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

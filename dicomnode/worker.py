@@ -48,7 +48,7 @@ from dicomnode.errors import (
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
 from dicomnode.models.registry import LoadedCard, ModelRegistry
-from dicomnode.peers import PeerInfo, get_peer, peer_by_ae_title
+from dicomnode.peers import PeerInfo, destination_host, get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.send.commitment import (
@@ -60,10 +60,11 @@ from dicomnode.send.commitment import (
     take_report,
     uncommitted,
 )
-from dicomnode.send.scu import send_files
+from dicomnode.send.scu import Delivery, send_files
+from dicomnode.send.stow import stow_files
 from dicomnode.store.files import ensure_free_space, output_path, write_durably
 from dicomnode.studies import KEPT
-from dicomnode.tls import client_context
+from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Worker:
         self.stop = threading.Event()
         self._disk_full_logged = -DISK_FULL_PAUSE
         self._tls: ssl.SSLContext | None = None
+        self._https: ssl.SSLContext | None = None
         self._predictors: dict[str, Predictor] = {}
         w, s = settings.workers, settings.send
         self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
@@ -563,16 +565,9 @@ class Worker:
             for job in jobs:
                 self._fail(job, error, NO_RETRY)
             return
-        deliveries = send_files(
-            peer,
-            paths,
-            calling_ae=self.settings.node.ae_title,
-            timeout=self.settings.send.timeout_seconds,
-            response_timeout=self.settings.send.response_timeout_seconds,
-            tls=self._tls_context() if peer.tls else None,
-        )
+        deliveries = self._deliver(peer, paths)
         outcomes = {d.path: "" if d.ok else d.reason or "not delivered" for d in deliveries}
-        record_sent(self.audit, peer.ae_title, peer.host, outcomes)
+        record_sent(self.audit, peer.ae_title, destination_host(peer), outcomes)
         for job, delivery in zip(jobs, deliveries, strict=True):
             if not delivery.ok:
                 self._fail(job, delivery.reason, self.send_policy if delivery.retry else NO_RETRY)
@@ -594,6 +589,38 @@ class Worker:
                 job.id,
                 "" if recorded else ", but its lease was lost meanwhile: it may be sent again",
             )
+
+    def _deliver(self, peer: PeerInfo, paths: list[Path]) -> list[Delivery]:
+        """C-STORE ``paths`` to ``peer`` over one association, or STOW-RS them to its
+        DICOMweb service in one request."""
+        send = self.settings.send
+        timeout = max(send.timeout_seconds, send.response_timeout_seconds)
+        if peer.dicomweb:
+            https = peer.dicomweb.startswith("https:")
+            context = self._https_context() if https else None
+            if https and context is None:
+                reason = "the node's TLS files cannot be used for https (see the log)"
+                return [Delivery(p, False, None, reason, retry=False) for p in paths]
+            return stow_files(peer, paths, timeout=timeout, context=context)
+        return send_files(
+            peer,
+            paths,
+            calling_ae=self.settings.node.ae_title,
+            timeout=send.timeout_seconds,
+            response_timeout=send.response_timeout_seconds,
+            tls=self._tls_context() if peer.tls else None,
+        )
+
+    def _https_context(self) -> ssl.SSLContext | None:
+        """The context of sends to https DICOMweb services (made once); None, logged, when the
+        node's TLS files are unusable (those sends then fail for good, saying why)."""
+        if self._https is None:
+            try:
+                self._https = https_context(self.settings.tls)
+            except ConfigError as exc:
+                log.error("sends to https DICOMweb services fail: %s", exc)
+                return None
+        return self._https
 
     def _ask_commitment(self, session: Session, peer: PeerInfo, job: q.ClaimedJob) -> None:
         """Queue the round's commit job to a peer marked ``commitment`` once none of its sends

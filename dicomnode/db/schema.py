@@ -52,7 +52,10 @@ class Peer(Base):
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     commitment: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """Results delivered to it are followed by a storage commitment request (revision 0007)."""
-    """Results are sent to it over DICOM TLS (revision 0003)."""
+    dicomweb: Mapped[str] = mapped_column(String(1024), default="", server_default="")
+    """Base URL of its DICOMweb service: results go by STOW-RS (revision 0008)."""
+    dicomweb_auth_file: Mapped[str] = mapped_column(String(1024), default="", server_default="")
+    """The file holding its DICOMweb Authorization header value (revision 0008)."""
 
 
 class Association(Base):

@@ -215,11 +215,12 @@ def _send_one(assoc: Association, path: Path, kind: _Kind) -> Delivery:
     code = getattr(status, "Status", None)
     if code is None:
         return Delivery(path, False, None, "no response (time-out or abort)")
-    return _delivery(path, int(code))
+    return status_delivery(path, int(code))
 
 
-def _delivery(path: Path, code: int) -> Delivery:
-    """What a C-STORE response status means for the file (see the module docstring)."""
+def status_delivery(path: Path, code: int, reason: str = "") -> Delivery:
+    """What a C-STORE response status (or a STOW-RS Failure Reason, the same codes) means
+    for the file (see the module docstring); ``reason``: the failure's text."""
     category = code_to_category(code)
     if category == STATUS_SUCCESS:
         return Delivery(path, True, code)
@@ -227,7 +228,7 @@ def _delivery(path: Path, code: int) -> Delivery:
         log.warning("%s: stored by the peer with status 0x%04X", path.name, code)
         return Delivery(path, True, code)
     retry = code >> 8 == 0xA7 or code == PROCESSING_FAILURE
-    return Delivery(path, False, code, f"peer returned status 0x{code:04X}", retry)
+    return Delivery(path, False, code, reason or f"peer returned status 0x{code:04X}", retry)
 
 
 def _accepts_class(assoc: Association, kind: _Kind) -> bool:

@@ -7,6 +7,7 @@ with a generated configuration on free loopback ports.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,8 @@ class Orthanc:
     """A real Orthanc server (Debian package ``orthanc``) on free loopback ports."""
 
     BINARY = "/usr/sbin/Orthanc"
+    DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    """The DICOMweb plugin (Debian package ``orthanc-dicomweb``)."""
 
     def __init__(
         self,
@@ -157,8 +160,14 @@ class Orthanc:
         ae_title: str = "ORTHANC",
         modalities: dict[str, tuple[str, int]] | None = None,
         extra: dict[str, Any] | None = None,
+        dicomweb: bool = False,
+        user: tuple[str, str] | None = None,
     ):
         self.workdir = workdir
+        self.dicomweb = dicomweb
+        """Load the DICOMweb plugin: STOW-RS at :attr:`dicomweb_url` ``/studies``."""
+        self.user = user
+        """HTTP basic authentication on: this user (name, password) only, the helpers too."""
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -171,8 +180,20 @@ class Orthanc:
     def available() -> bool:
         return Path(Orthanc.BINARY).exists() or shutil.which("Orthanc") is not None
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}/dicom-web"
+
+    @property
+    def authorization(self) -> str:
+        """The HTTP Authorization header value of :attr:`user` ("" without one)."""
+        if self.user is None:
+            return ""
+        return "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
+
     def config(self) -> dict[str, Any]:
         storage = self.workdir / "storage"
+        plugins = [str(Orthanc.DICOMWEB_PLUGIN)] if self.dicomweb else []
         return {
             "Name": "dicomnode-test",
             "StorageDirectory": str(storage),
@@ -181,12 +202,14 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.user is not None,
+            "RegisteredUsers": dict([self.user]) if self.user else {},
             "HttpServerEnabled": True,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
-            "Plugins": [],
+            "Plugins": plugins,
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 60,
             "LogExportedResources": False,
             "DicomScpTimeout": 30,
@@ -239,6 +262,8 @@ class Orthanc:
         request = urllib.request.Request(
             f"http://{LOOPBACK}:{self.http_port}{path}", data=body, method=method
         )
+        if self.user is not None:
+            request.add_header("Authorization", self.authorization)
         with urllib.request.urlopen(request, timeout=60) as response:
             data: bytes = response.read()
             return data
@@ -249,6 +274,10 @@ class Orthanc:
     def post(self, path: str, body: bytes | str) -> Any:
         raw = body.encode() if isinstance(body, str) else body
         return json.loads(self._request("POST", path, raw) or b"null")
+
+    def metadata(self, instance_id: str, name: str) -> str:
+        """An instance's metadata item (``Origin``: ``DicomProtocol``, ``RestApi``, ...)."""
+        return self._request("GET", f"/instances/{instance_id}/metadata/{name}").decode()
 
     def upload(self, path: Path) -> dict[str, Any]:
         result: dict[str, Any] = self.post("/instances", path.read_bytes())
@@ -271,3 +300,135 @@ class Orthanc:
     def download(self, instance_id: str, target: Path) -> Path:
         target.write_bytes(self._request("GET", f"/instances/{instance_id}/file"))
         return target
+
+
+@dataclass
+class StowService:
+    """A DICOMweb STOW-RS service on loopback (``POST /dicom-web/studies``) that keeps every
+    instance it is sent, with the request's headers, and answers as :attr:`answer` says.
+
+    ``answer(instances)`` returns (HTTP status, the DICOM JSON body or None); the default
+    stores everything (200, every instance in the Referenced SOP Sequence). Requests with
+    another ``Authorization`` header than :attr:`authorization` (when set) get 401.
+    """
+
+    authorization: str = ""
+    answer: Callable[[list[Dataset]], tuple[int, dict[str, Any] | None]] | None = None
+    ssl_context: Any = None
+    """A server-side ``ssl.SSLContext``: the service then speaks https."""
+    port: int = field(default_factory=free_port)
+    received: list[Dataset] = field(default_factory=list)
+    requests: list[dict[str, str]] = field(default_factory=list)
+    """The headers of each request, in order."""
+    _server: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{LOOPBACK}:{self.port}/dicom-web"
+
+    def start(self) -> StowService:
+        from http.server import ThreadingHTTPServer
+
+        server = ThreadingHTTPServer((LOOPBACK, self.port), _stow_handler(self))
+        if self.ssl_context is not None:
+            server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def take(self, instances: list[Dataset], headers: dict[str, str]) -> tuple[int, bytes]:
+        """Record one request and what it sent; the answer's status and body."""
+        with self._lock:
+            self.requests.append(headers)
+        if self.authorization and headers.get("Authorization") != self.authorization:
+            return 401, b""
+        status, body = (self.answer or stored_all)(instances)
+        if 200 <= status < 300:
+            stored = {uid for uid in _referenced(body)} if body is not None else None
+            with self._lock:
+                self.received.extend(
+                    i for i in instances if stored is None or str(i.SOPInstanceUID) in stored
+                )
+        return status, b"" if body is None else json.dumps(body).encode()
+
+
+def stored_all(instances: list[Dataset]) -> tuple[int, dict[str, Any]]:
+    """A STOW-RS answer that every instance was stored (200, Referenced SOP Sequence)."""
+    return 200, stow_response(stored=instances)
+
+
+def stow_response(
+    *,
+    stored: Sequence[Dataset] = (),
+    failed: Sequence[tuple[Dataset, int]] = (),
+) -> dict[str, Any]:
+    """A Store Instances Response (DICOM JSON): ``stored``, and ``failed`` with reasons."""
+    response = Dataset()
+    response.ReferencedSOPSequence = [_reference(i) for i in stored]
+    items = []
+    for instance, reason in failed:
+        item = _reference(instance)
+        item.FailureReason = reason
+        items.append(item)
+    response.FailedSOPSequence = items
+    result: dict[str, Any] = response.to_json_dict()
+    return result
+
+
+def _reference(instance: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = instance.SOPClassUID
+    item.ReferencedSOPInstanceUID = instance.SOPInstanceUID
+    return item
+
+
+def _referenced(body: dict[str, Any]) -> list[str]:
+    items = body.get("00081199", {}).get("Value", [])
+    return [str(item.get("00081155", {}).get("Value", [""])[0]) for item in items]
+
+
+def _stow_handler(service: StowService) -> type:
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            if self.path.rstrip("/") != "/dicom-web/studies":
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            instances = _parts(self.headers.get("Content-Type", ""), body)
+            status, answer = service.take(instances, dict(self.headers.items()))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+def _parts(content_type: str, body: bytes) -> list[Dataset]:
+    """The ``application/dicom`` parts of a ``multipart/related`` body, read."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip().strip('"')
+    instances: list[Dataset] = []
+    for part in body.split(f"--{boundary}".encode())[1:]:
+        if part.startswith(b"--"):
+            break
+        _, _, payload = part.partition(b"\r\n\r\n")
+        instances.append(dcmread(BytesIO(payload.removesuffix(b"\r\n"))))
+    return instances

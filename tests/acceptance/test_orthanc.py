@@ -406,3 +406,60 @@ def test_orthanc_commits_to_the_results_it_received(tmp_path: Path, models: Path
             node.stop()
     finally:
         orthanc.stop()
+
+
+@pytest.mark.skipif(
+    not Orthanc.DICOMWEB_PLUGIN.exists(), reason="Debian package orthanc-dicomweb is not installed"
+)
+def test_orthanc_takes_the_results_by_stow_rs_with_basic_authentication(
+    tmp_path: Path, models: Path
+) -> None:
+    """A PACS that takes results by DICOMweb: Orthanc with its DICOMweb plugin and HTTP basic
+    authentication on. It sends the study by C-STORE; the node sends the SC and SR back by
+    STOW-RS to /dicom-web/studies with the credentials of the peer's auth file, which no
+    log line shows; both land in the study and validate."""
+    node_port = free_port()
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        modalities={"dicomnode": ("DICOMNODE", node_port)},
+        dicomweb=True,
+        user=("dicomnode", "stow-pass-7731"),
+    )
+    orthanc.start()
+    try:
+        auth = tmp_path / "orthanc.auth"
+        auth.write_text(orthanc.authorization + "\n")
+        auth.chmod(0o600)
+        pacs = {
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "dicomweb": orthanc.dicomweb_url,
+            "dicomweb_auth_file": str(auth),
+        }
+        node = NodeProcess.create(
+            tmp_path / "node",
+            models,
+            peers={},
+            destinations=["PACS"],
+            extra={"peers": {"PACS": pacs}},
+            port=node_port,
+        )
+        node.start()
+        try:
+            study_id = _round_trip(orthanc, tmp_path, "SC and SR in Orthanc, by STOW-RS")
+            for instance in orthanc.study_instances(study_id):
+                tags = orthanc.instance_tags(instance["ID"])
+                if tags["SOPClassUID"] in (SC_CLASS, SR_CLASS):
+                    # stored through the DICOMweb plugin, not by C-STORE ("DicomProtocol")
+                    assert orthanc.metadata(instance["ID"], "Origin") == "Plugins"
+                    path = orthanc.download(instance["ID"], tmp_path / "result.dcm")
+                    assert dciodvfy_errors(path) == []
+            log = node.log()
+            assert "answered HTTP" not in log  # delivered at the first attempt
+            assert "stow-pass-7731" not in log and orthanc.authorization not in log
+            assert f"STOW-RS {orthanc.dicomweb_url}" in node.cli("ae", "list").stdout
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()

@@ -1228,6 +1228,45 @@ def test_a_models_route_sends_its_results_to_its_peers_and_an_empty_one_keeps_th
         archive.stop()
 
 
+def test_a_dicomweb_peer_gets_the_results_by_stow_rs_and_a_refusal_is_retried(
+    node: Node, tmp_path: Path
+) -> None:
+    """A peer with a ``dicomweb`` URL: the round's SC and SR go to its service by STOW-RS
+    (the SR after the SC), with the token of its auth file; while the service refuses the
+    token (401), the sends wait and are retried, and deliver once the token is renewed;
+    nothing goes by C-STORE."""
+    from dicomnode.history import study_history
+    from dicomnode.testing.peers import StowService
+
+    auth = tmp_path / "web.auth"
+    auth.write_text("Bearer old\n")
+    service = StowService(authorization="Bearer new").start()
+    try:
+        with node.db.session() as s:
+            web = PeerInfo(
+                "WEB", "WEBPACS", "127.0.0.1", 1, dicomweb=service.url, dicomweb_auth_file=str(auth)
+            )
+            add_peer(s, web)
+        _route(node, {"tiny-knee": ("WEB",)})
+        image = make_radiograph(body_part="KNEE", seed=51)
+        assert node.send(image) == [statuses.SUCCESS]
+        wait_for(lambda: node.count(Job, kind="send", state="failed") >= 1, 60, what="a 401")
+        with node.db.session() as s:
+            errors = s.scalars(select(Job.last_error).where(Job.kind == "send")).all()
+        assert any("HTTP 401" in (e or "") for e in errors) and service.received == []
+        auth.write_text("Bearer new\n")
+        wait_for(lambda: len(service.received) == 2, 60, what="the SC and SR by STOW-RS")
+        assert [d.Modality for d in service.received] == ["OT", "SR"]
+        assert all(d.StudyInstanceUID == image.StudyInstanceUID for d in service.received)
+        wait_for(lambda: node.count(Job, kind="send", state="done") == 2, 30, what="sends done")
+        with node.db.session() as s:
+            history = study_history(s, str(image.StudyInstanceUID))
+        assert history is not None and {send.peer for send in history.sends} == {"WEB"}
+        assert node.collector.received == []  # nothing by C-STORE
+    finally:
+        service.stop()
+
+
 def _route(node: Node, routes: dict[str, tuple[str, ...]]) -> None:
     """Give ``node``'s worker these ``results.routes``."""
     results = node.worker.settings.results.model_copy(update={"routes": routes})
