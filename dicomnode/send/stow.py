@@ -35,7 +35,7 @@ import ssl
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
 from io import BytesIO
@@ -47,6 +47,10 @@ from dicomnode.peers import PeerInfo
 from dicomnode.send.scu import Delivery, status_delivery
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 << 20
+"""Files per request add up to at most this (uncompressed overlays are 12 MB at 2048 px: a
+batch of 32 in one body would hold 400 MB in a worker's memory)."""
 
 RETRIED_HTTP = frozenset({401, 403, 404, 408, 429})
 """HTTP statuses below 500 that waiting (or the administrator) may mend."""
@@ -68,18 +72,37 @@ def stow_files(
     timeout: float,
     context: ssl.SSLContext | None = None,
 ) -> list[Delivery]:
-    """STOW-RS ``paths`` to ``peer``'s DICOMweb service in one request; one
-    :class:`Delivery` each, in order. ``timeout`` bounds connecting and each wait for the
-    service (its answer included); ``context``: the TLS context of an https URL."""
-    readable = {p: _read(p) for p in paths}
-    files = [f for f in readable.values() if isinstance(f, _File)]
-    sent: dict[Path, Delivery] = {}
-    if files:
-        sent = _post(peer, files, timeout, context)
-    return [
-        sent[p] if isinstance(f, _File) else Delivery(p, False, None, f, retry=False)
-        for p, f in readable.items()
-    ]
+    """STOW-RS ``paths`` to ``peer``'s DICOMweb service, in requests of at most
+    :data:`MAX_REQUEST_BYTES` (a larger file alone); one :class:`Delivery` each, in order.
+    ``timeout`` bounds connecting and each wait for the service (its answer included);
+    ``context``: the TLS context of an https URL."""
+    deliveries: dict[Path, Delivery] = {}
+    for chunk in _chunks(paths):
+        readable = {p: _read(p) for p in chunk}  # only one request's files in memory
+        files = [f for f in readable.values() if isinstance(f, _File)]
+        sent = _post(peer, files, timeout, context) if files else {}
+        for path, file in readable.items():
+            failed = Delivery(path, False, None, str(file), retry=False)
+            deliveries[path] = sent[path] if isinstance(file, _File) else failed
+    return [deliveries[p] for p in paths]
+
+
+def _chunks(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """``paths`` in order, in runs whose files add up to at most :data:`MAX_REQUEST_BYTES`."""
+    chunk: list[Path] = []
+    size = 0
+    for path in paths:
+        try:
+            length = path.stat().st_size
+        except OSError:
+            length = 0  # read (and failed) with its run
+        if chunk and size + length > MAX_REQUEST_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(path)
+        size += length
+    if chunk:
+        yield chunk
 
 
 def studies_url(peer: PeerInfo) -> str:

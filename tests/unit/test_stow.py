@@ -187,3 +187,17 @@ def test_a_dicomweb_peers_results_go_to_its_services_host() -> None:
         "web.pacs.example"
     )
     assert destination_host(PeerInfo("P", "PACS", "pacs.example", 104)) == "pacs.example"
+
+
+def test_a_batch_larger_than_a_request_goes_in_several_in_order(
+    service: StowService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode.send import stow
+
+    files = _files(tmp_path, 5)
+    monkeypatch.setattr(stow, "MAX_REQUEST_BYTES", 2 * files[0].stat().st_size + 1)
+    deliveries = stow_files(_peer(service.url), files, timeout=10)
+    assert all(d.ok for d in deliveries) and [d.path for d in deliveries] == files
+    assert len(service.requests) == 3  # 2 + 2 + 1
+    sent = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    assert [str(d.SOPInstanceUID) for d in service.received] == sent
