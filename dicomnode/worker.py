@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
+from typing import Literal
 
 import pydicom
 from pynetdicom import evt
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session
 from dicomnode import pipeline
 from dicomnode.audit.objects import record_sent
 from dicomnode.audit.trail import AuditTrail
-from dicomnode.config import Settings
+from dicomnode.config import Settings, TlsSettings
 from dicomnode.db.schema import Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, db_now
 from dicomnode.encode.sr import SrImageItem
@@ -74,6 +75,11 @@ NO_RETRY = RetryPolicy(1, 0.0, 0.0)
 that repeats itself); `dicomnode retry` re-queues them once the cause is fixed."""
 
 SEND_BATCH = 32
+CONTEXTS: dict[str, tuple[Callable[[TlsSettings], ssl.SSLContext], str]] = {
+    "tls": (client_context, "TLS peers"),
+    "https": (https_context, "https DICOMweb services"),
+}
+"""The TLS contexts of sends: how each is made from ``tls.*``, and what its sends go to."""
 DATABASE_PAUSE = 5.0
 """Seconds a worker waits after a database failure before it looks for work again."""
 MAX_BATCH_PIXELS = 10_000_000
@@ -128,8 +134,7 @@ class Worker:
         self.worker_id = worker_id or q.worker_id_of(os.getpid())
         self.stop = threading.Event()
         self._disk_full_logged = -DISK_FULL_PAUSE
-        self._tls: ssl.SSLContext | None = None
-        self._https: ssl.SSLContext | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
         self._predictors: dict[str, Predictor] = {}
         w, s = settings.workers, settings.send
         self.job_policy = RetryPolicy(w.max_attempts, 2.0, 60.0)
@@ -538,16 +543,18 @@ class Worker:
         return q.enqueue(session, specs)
 
     # -- send ---------------------------------------------------------------
-    def _tls_context(self) -> ssl.SSLContext | None:
-        """The context of sends to TLS peers (made once); None, logged, when the node's TLS
-        files are missing or unusable (those sends then fail for good, saying why)."""
-        if self._tls is None:
+    def _context(self, kind: Literal["tls", "https"]) -> ssl.SSLContext | None:
+        """The context of sends to DICOM TLS peers, or to https DICOMweb services (each made
+        once); None, logged, when the node's TLS files are missing or unusable (those sends
+        then fail for good, saying why)."""
+        if kind not in self._contexts:
+            make, what = CONTEXTS[kind]
             try:
-                self._tls = client_context(self.settings.tls)
+                self._contexts[kind] = make(self.settings.tls)
             except ConfigError as exc:
-                log.error("sends to TLS peers fail: %s", exc)
+                log.error("sends to %s fail: %s", what, exc)
                 return None
-        return self._tls
+        return self._contexts[kind]
 
     def _send_step(self) -> bool:
         return self._run(q.JobKind.SEND, SEND_BATCH, self._send, self.send_policy)
@@ -597,7 +604,7 @@ class Worker:
         timeout = max(send.timeout_seconds, send.response_timeout_seconds)
         if peer.dicomweb:
             https = peer.dicomweb.startswith("https:")
-            context = self._https_context() if https else None
+            context = self._context("https") if https else None
             if https and context is None:
                 reason = "the node's TLS files cannot be used for https (see the log)"
                 return [Delivery(p, False, None, reason, retry=False) for p in paths]
@@ -608,19 +615,8 @@ class Worker:
             calling_ae=self.settings.node.ae_title,
             timeout=send.timeout_seconds,
             response_timeout=send.response_timeout_seconds,
-            tls=self._tls_context() if peer.tls else None,
+            tls=self._context("tls") if peer.tls else None,
         )
-
-    def _https_context(self) -> ssl.SSLContext | None:
-        """The context of sends to https DICOMweb services (made once); None, logged, when the
-        node's TLS files are unusable (those sends then fail for good, saying why)."""
-        if self._https is None:
-            try:
-                self._https = https_context(self.settings.tls)
-            except ConfigError as exc:
-                log.error("sends to https DICOMweb services fail: %s", exc)
-                return None
-        return self._https
 
     def _ask_commitment(self, session: Session, peer: PeerInfo, job: q.ClaimedJob) -> None:
         """Queue the round's commit job to a peer marked ``commitment`` once none of its sends
@@ -659,7 +655,7 @@ class Worker:
             refs,
             calling_ae=self.settings.node.ae_title,
             timeout=self.settings.send.timeout_seconds,
-            tls=self._tls_context() if peer.tls else None,
+            tls=self._context("tls") if peer.tls else None,
             on_report=self._on_report,
         )
         if not asked.ok:
