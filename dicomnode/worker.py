@@ -599,7 +599,7 @@ class Worker:
 
     def _deliver(self, peer: PeerInfo, paths: list[Path]) -> list[Delivery]:
         """C-STORE ``paths`` to ``peer`` over one association, or STOW-RS them to its
-        DICOMweb service in one request."""
+        DICOMweb service (:func:`stow_files`: requests of at most 64 MiB)."""
         send = self.settings.send
         timeout = max(send.timeout_seconds, send.response_timeout_seconds)
         if peer.dicomweb:
