@@ -199,18 +199,23 @@ def _write_sc(
     sc.save_as(target, enforce_file_format=True)
     side = prepared.image.laterality if prepared.image else None
     outcome = "; ".join(result_lines(analysed.result, side))
-    item = SrImageItem(source=prepared.header, sc=sc, result=analysed.result)
-    extra = _write_pr(settings, analysed, path, out)
+    written = _write_pr(settings, analysed, out)
+    pr, extra = (None, ()) if written is None else (written[0], (_pr_row(path, written[1]),))
+    item = SrImageItem(source=prepared.header, sc=sc, result=analysed.result, pr=pr)
     return Row(str(path), outcome, str(target), extra=extra), item
 
 
+def _pr_row(source: Path, written: Path) -> Row:
+    return Row(str(source), "presentation state", str(written))
+
+
 def _write_pr(
-    settings: Settings, analysed: pipeline.Analysed, path: Path, out: Path
-) -> tuple[Row, ...]:
-    """The image's presentation state written into ``out`` (``results.presentation_state``),
-    as a row of its own; none for a colour image."""
+    settings: Settings, analysed: pipeline.Analysed, out: Path
+) -> tuple[pydicom.Dataset, Path] | None:
+    """The image's presentation state (``results.presentation_state``) and where it was
+    written into ``out``; none for a colour image."""
     if not (settings.results.presentation_state and pipeline.wants_pr(analysed)):
-        return ()
+        return None
     pr = pipeline.make_pr(
         analysed,
         uid_root=settings.node.uid_root,
@@ -218,7 +223,7 @@ def _write_pr(
     )
     target = out / f"PR_{pr.SOPInstanceUID}.dcm"
     pr.save_as(target, enforce_file_format=True)
-    return (Row(str(path), "presentation state", str(target)),)
+    return pr, target
 
 
 def explain_file(

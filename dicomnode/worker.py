@@ -29,7 +29,8 @@ import pydicom
 from pynetdicom import evt
 from sqlalchemy import delete, select
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode import pipeline
 from dicomnode.audit.objects import record_sent
@@ -447,16 +448,13 @@ class Worker:
         "Not assessed" as :data:`pipeline.ANALYSIS_FAILED` (the report is then PARTIAL)."""
         loaded = self._card_for(f"{report.model_name}:{report.model_version}")
         model, classes = loaded.identity, loaded.card.coded_classes()
+        sc, pr = aliased(Output), aliased(Output)
         rows = session.execute(
-            select(Result, Instance, Output)
+            select(Result, Instance, sc.path, pr.path)
             .join(Instance, Instance.sop_instance_uid == Result.sop_instance_uid)
             .join(Report, Report.id == Result.report_id)
-            .outerjoin(
-                Output,
-                (Output.source_sop_instance_uid == Result.sop_instance_uid)
-                & (Output.kind == "SC")
-                & (Output.report_id == Result.report_id),
-            )
+            .outerjoin(sc, _made_for(sc, "SC"))
+            .outerjoin(pr, _made_for(pr, "PR"))
             .where(
                 Report.study_instance_uid == report.study_instance_uid,
                 Report.model_name == report.model_name,
@@ -468,9 +466,8 @@ class Worker:
         return [
             SrImageItem(
                 source=pydicom.dcmread(instance.path, stop_before_pixels=True),
-                sc=None
-                if output is None
-                else pydicom.dcmread(output.path, stop_before_pixels=True),
+                sc=_header(sc_path),
+                pr=_header(pr_path),
                 result=pipeline.result_from_json(
                     model,
                     classes,
@@ -480,7 +477,7 @@ class Worker:
                     else pipeline.not_analysed_reason(result.reason),
                 ),
             )
-            for result, instance, output in rows
+            for result, instance, sc_path, pr_path in rows
         ] + [
             SrImageItem(
                 source=pydicom.dcmread(instance.path, stop_before_pixels=True),
@@ -702,6 +699,20 @@ def _output(session: Session, job: q.ClaimedJob) -> Output:
     if row is None:
         raise DicomNodeError(f"job {job.id}: output {job.sop_instance_uid} is not recorded")
     return row
+
+
+def _made_for(output: type[Output], kind: str) -> ColumnElement[bool]:
+    """``output`` is the ``kind`` object (SC, PR) made for a result's image in its round."""
+    return (
+        (output.source_sop_instance_uid == Result.sop_instance_uid)
+        & (output.kind == kind)
+        & (output.report_id == Result.report_id)
+    )
+
+
+def _header(path: str | None) -> pydicom.Dataset | None:
+    """A result object's header (None where none was made)."""
+    return None if path is None else pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def _record_result(

@@ -383,9 +383,10 @@ def _area(points: Points) -> float:
 
 
 def _cross(peak: tuple[float, float], rows: int, columns: int) -> list[Points]:
-    """Two strokes crossing at the heat peak, clipped to the image."""
+    """Two strokes crossing at the heat peak (the centre of its pixel, as the SR's peak),
+    clipped to the image."""
     arm = max(3.0, min(rows, columns) / 60)
-    x, y = peak
+    x, y = peak[0] + 0.5, peak[1] + 0.5
     horizontal = [[max(0.0, x - arm), y], [min(columns, x + arm), y]]
     vertical = [[x, max(0.0, y - arm)], [x, min(rows, y + arm)]]
     return [np.array(horizontal, dtype=np.float64), np.array(vertical, dtype=np.float64)]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -76,6 +77,7 @@ from dicomnode.uids import derived_uid
 from dicomnode.values import Finding, ImageResult, ModelIdentity
 
 _Group = PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+_Reference = TypeVar("_Reference", SourceImageForMeasurementGroup, SourceImageForRegion)
 
 _PATIENT_STUDY_KEYWORDS = (
     "PatientID",
@@ -102,11 +104,15 @@ class SrImageItem:
         was made; referenced as the finding's "Visual explanation".
     result:
         What the model said about the image.
+    pr:
+        The presentation state drawn for it (``results.presentation_state``), or ``None``;
+        each reference to the source image names it as the state to display it with.
     """
 
     source: pydicom.Dataset
     sc: pydicom.Dataset | None
     result: ImageResult
+    pr: pydicom.Dataset | None = None
 
 
 def encode_sr(
@@ -331,7 +337,7 @@ def _finding_group(
     if finding.localised:
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
-            referenced_region=_region(item.source, finding),
+            referenced_region=_region(item, finding),
             finding_type=finding_type,
             algorithm_id=algorithm,
             finding_sites=sites,
@@ -358,7 +364,19 @@ def _finding_group(
 
 
 def _source(item: SrImageItem) -> SourceImageForMeasurementGroup:
-    return SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
+    source = SourceImageForMeasurementGroup(item.source.SOPClassUID, item.source.SOPInstanceUID)
+    return _shown_with(source, item.pr)
+
+
+def _shown_with(reference: _Reference, pr: pydicom.Dataset | None) -> _Reference:
+    """``reference`` to the source image naming ``pr`` as the presentation state to display
+    it with (Image Reference Macro, PS3.3 Table 10-3: the nested Referenced SOP Sequence)."""
+    if pr is not None:
+        state = pydicom.Dataset()
+        state.ReferencedSOPClassUID = pr.SOPClassUID
+        state.ReferencedSOPInstanceUID = pr.SOPInstanceUID
+        reference.ReferencedSOPSequence[0].ReferencedSOPSequence = [state]
+    return reference
 
 
 def _comment(text: str) -> TextContentItem:
@@ -389,14 +407,14 @@ def _source_for_region(source: pydicom.Dataset) -> SourceImageForRegion:
     return SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
 
 
-def _region(source: pydicom.Dataset, finding: Finding) -> ImageRegion:
+def _region(item: SrImageItem, finding: Finding) -> ImageRegion:
     """Return the closed POLYLINE around the region the model saw."""
     r = finding.region
     corners = [(r.x0, r.y0), (r.x1, r.y0), (r.x1, r.y1), (r.x0, r.y1), (r.x0, r.y0)]
     return ImageRegion(
         graphic_type="POLYLINE",
         graphic_data=np.array(corners, dtype=np.float64),
-        source_image=_source_for_region(source),
+        source_image=_shown_with(_source_for_region(item.source), item.pr),
     )
 
 
@@ -502,10 +520,12 @@ def not_analysed_notice(count: int) -> str:
 
 
 def _evidence(items: Sequence[SrImageItem]) -> list[pydicom.Dataset]:
-    """The sources and overlays; the first cleaned and completed for patient/study copying."""
+    """The sources, overlays and presentation states; the first cleaned and completed for
+    patient/study copying."""
     evidence = [conformant_header(items[0].source, _PATIENT_STUDY_KEYWORDS)]
     seen = {items[0].source.SOPInstanceUID}
-    for dataset in [item.source for item in items] + [item.sc for item in items if item.sc]:
+    made = [made for item in items for made in (item.sc, item.pr) if made is not None]
+    for dataset in [item.source for item in items] + made:
         if dataset.SOPInstanceUID not in seen:
             seen.add(dataset.SOPInstanceUID)
             evidence.append(dataset)

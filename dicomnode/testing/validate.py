@@ -32,6 +32,9 @@ def dciodvfy_warnings(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Warning") and "99DICOMNODE" not in line]
 
 
-def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
-    """``dsrdump`` of a structured report (its return code says whether dcmtk could read it)."""
-    return subprocess.run([str(DSRDUMP), str(path)], capture_output=True, text=True, timeout=60)
+def dsrdump(path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``dsrdump`` of a structured report (its return code says whether dcmtk could read it);
+    ``options`` such as ``+Pu`` (print the referenced objects' UIDs)."""
+    return subprocess.run(
+        [str(DSRDUMP), *options, str(path)], capture_output=True, text=True, timeout=60
+    )

@@ -40,6 +40,16 @@ def _content_items(items: Sequence[Dataset]) -> Iterator[Dataset]:
         yield from _content_items(item.get("ContentSequence", []))
 
 
+def _states_shown_with(sr: Dataset) -> dict[str, str]:
+    """The presentation state each image the SR references is to be displayed with."""
+    return {
+        str(reference.ReferencedSOPInstanceUID): str(state.ReferencedSOPInstanceUID)
+        for item in _content_items(sr.ContentSequence)
+        for reference in item.get("ReferencedSOPSequence", [])
+        for state in reference.get("ReferencedSOPSequence", [])
+    }
+
+
 def _algorithm_names(sr: Dataset) -> list[str]:
     """The distinct values of the SR's Algorithm Name items, (111001, DCM)."""
     names = {
@@ -187,7 +197,8 @@ def test_a_presentation_state_draws_the_result_over_the_original_in_the_pacs(
 ) -> None:
     """``results.presentation_state``: beside the overlay and the SR, the PACS gets a GSPS
     referencing the original image, with the result as text and the heat map's outline in
-    the original's pixel coordinates; the SR comes last; ``resend`` sends it again too."""
+    the original's pixel coordinates; the SR comes last and names it as the state to display
+    the image with; ``resend`` sends it again too."""
     from dicomnode.send.resend import resend_study
 
     pr_node = InProcessNode.start(tmp_path, presentation_state=True)
@@ -218,6 +229,8 @@ def test_a_presentation_state_draws_the_result_over_the_original_in_the_pacs(
         path = tmp_path / "pr.dcm"
         pr.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+        (sr,) = (d for d in pr_node.collector.received if d.Modality == "SR")
+        assert _states_shown_with(sr) == {image.SOPInstanceUID: pr.SOPInstanceUID}
         with pr_node.db.session() as s:
             kinds = sorted(s.scalars(select(Output.kind)).all())
             assert kinds == ["PR", "SC", "SR"]

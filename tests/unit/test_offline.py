@@ -128,6 +128,8 @@ def test_predict_writes_a_presentation_state_per_image_when_the_settings_ask(
     )
     assert dciodvfy_errors(Path(state.output)) == []
     assert report.outcome == "structured report"
+    run = dsrdump(Path(report.output), "+Pu")
+    assert f'(GSPS,"{pr.SOPInstanceUID}")' in run.stdout  # the SR names it, as the node's
     off = predict_files(Settings(models=models), files, tmp_path / "off")
     assert [row.outcome for row in off][1:] == ["structured report"]
     assert not list((tmp_path / "off").glob("PR_*"))
