@@ -24,8 +24,10 @@ in memory and sent uncompressed (the stored file does not change).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,14 +172,32 @@ def _send_all(
 def _associate(
     ae: AE, peer: PeerInfo, rejection: _Rejection, tls: ssl.SSLContext | None
 ) -> Association:
-    """Request an association with ``peer`` (over TLS when it is reached so)."""
-    return ae.associate(
+    """Request an association with ``peer`` (over TLS when it is reached so), its socket
+    sending at once (:func:`_without_delay`)."""
+    assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_ACSE_RECV, rejection)],
         tls_args=(tls, peer.host) if peer.tls and tls is not None else None,
     )
+    if assoc.is_established:
+        _without_delay(assoc)
+    return assoc
+
+
+def _without_delay(assoc: Association) -> None:
+    """Turn Nagle's algorithm off on the association's socket (``TCP_NODELAY``).
+
+    Each C-STORE ends in a small PDU that otherwise waits for the peer's delayed
+    acknowledgement: to Orthanc on loopback, 64 results went at 14-15 files/s with it and
+    20 files/s without it (README, Performance). pynetdicom does not
+    set it; a socket that refuses the option is used as it is.
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _accepts(assoc: Association, kind: _Kind) -> bool:

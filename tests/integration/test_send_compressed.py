@@ -164,3 +164,29 @@ def test_a_response_may_take_longer_than_the_connection_timeout() -> None:
     assert (ae.acse_timeout, ae.connection_timeout) == (30, 30)
     assert (ae.dimse_timeout, ae.network_timeout) == (120, 120)  # silence while it archives
     assert _ae("DICOMNODE", [], 30, 0).dimse_timeout == 30  # never shorter than the rest
+
+
+def test_a_results_association_sends_without_waiting_for_acknowledgements() -> None:
+    """The SCU's socket has Nagle's algorithm off (TCP_NODELAY): each C-STORE's last PDU
+    leaves at once instead of waiting for the peer's delayed acknowledgement."""
+    import socket
+
+    from pynetdicom import AE
+
+    from dicomnode.send import scu
+
+    peer_scp = CollectingSCP(ae_title="DEST").start()
+    try:
+        peer = PeerInfo("DEST", "DEST", "127.0.0.1", peer_scp.port)
+        ae = AE(ae_title="DICOMNODE")
+        ae.add_requested_context(SecondaryCaptureImageStorage)
+        assoc = scu._associate(ae, peer, scu._Rejection(), None)
+        try:
+            assert assoc.is_established
+            assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+            sock = assoc.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            assoc.release()
+    finally:
+        peer_scp.stop()
