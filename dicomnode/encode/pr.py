@@ -152,6 +152,7 @@ def encode_pr(
     rows, columns = image_size
     source = _sized(conformant_header(source), rows, columns)
     model = result.model
+    description = series_description(_prefix(source, result), model)
     try:
         annotations = [
             _annotation(source, _RESULT, *_result_graphics(result, source, rows, columns)),
@@ -168,14 +169,14 @@ def encode_pr(
             software_versions=software_version[:64],
             device_serial_number="",
             content_label=content_label(model.name),
-            content_description=series_description(_prefix(source, result), model),
+            content_description=description,
             graphic_annotations=[a for a in annotations if a is not None],
             graphic_layers=[_RESULT, _EVIDENCE],
             voi_lut_transformations=_voi(own_window),
             presentation_lut_transformation=PresentationLUTTransformation(
                 presentation_lut_shape=_presentation_lut_shape(source)
             ),
-            series_description=series_description(_prefix(source, result), model),
+            series_description=description,
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the presentation state: {exc}") from exc
