@@ -1,8 +1,11 @@
-"""Real peers on loopback for tests and the benchmark: free ports, a collecting SCP, Orthanc.
+"""Real peers on loopback for tests and the benchmark: free ports, a collecting SCP, a
+STOW-RS service, Orthanc.
 
 Nothing here is a mock: :class:`CollectingSCP` is a pynetdicom Storage SCP that
-keeps what it receives, :class:`Orthanc` runs the Debian ``Orthanc`` binary
-with a generated configuration on free loopback ports.
+keeps what it receives, :class:`StowService` an HTTP server that reads STOW-RS
+requests as DICOM and answers as a test tells it, :class:`Orthanc` runs the Debian
+``Orthanc`` binary (and its DICOMweb plugin) with a generated configuration on free
+loopback ports.
 """
 
 from __future__ import annotations
