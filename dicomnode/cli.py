@@ -162,7 +162,8 @@ def worker(
 
 @app.command()
 def echo(peer: str, config: ConfigOption = None) -> None:
-    """C-ECHO a known peer (as the configuration file declares it, else as registered)."""
+    """C-ECHO a known peer (as the configuration file declares it, else as registered); a
+    DICOMweb peer's service is asked for one study too (QIDO-RS, with its token)."""
     from dicomnode.peers import PeerInfo, get_peer
     from dicomnode.send.scu import echo as c_echo
     from dicomnode.tls import client_context
@@ -171,7 +172,14 @@ def echo(peer: str, config: ConfigOption = None) -> None:
     if peer in resolved.peers:
         declared = resolved.peers[peer]
         info = PeerInfo(
-            peer, declared.ae_title, declared.host, declared.port, "config", declared.tls
+            peer,
+            declared.ae_title,
+            declared.host,
+            declared.port,
+            "config",
+            declared.tls,
+            dicomweb=declared.dicomweb,
+            dicomweb_auth_file=declared.dicomweb_auth_file,
         )
     else:
         with _database(resolved).session() as session:
@@ -183,12 +191,32 @@ def echo(peer: str, config: ConfigOption = None) -> None:
         tls=client_context(resolved.tls) if info.tls else None,
     )
     where = f"{peer} ({info.ae_title}@{info.host}:{info.port}{', TLS' if info.tls else ''})"
+    failed = answer.status != 0
     if answer.status is None:
         err.print(f"[red]{escape(f'C-ECHO {where}: {answer.reason}')}[/red]")
+    else:
+        console.print(f"C-ECHO {where}: status 0x{answer.status:04X}")
+    if info.dicomweb:
+        failed = not _dicomweb_answers(resolved, info) or failed
+    if failed:
         raise typer.Exit(1)
-    console.print(f"C-ECHO {where}: status 0x{answer.status:04X}")
-    if answer.status != 0:
-        raise typer.Exit(1)
+
+
+def _dicomweb_answers(resolved: Settings, peer: PeerInfo) -> bool:
+    """Whether the peer's DICOMweb service answers a QIDO-RS request with 2xx (said either
+    way): its URL, the token of its auth file and its certificate work."""
+    from dicomnode.send.stow import check_service, studies_url
+    from dicomnode.tls import https_context
+
+    https = peer.dicomweb.startswith("https:")
+    context = https_context(resolved.tls) if https else None
+    status, reason = check_service(peer, timeout=resolved.send.timeout_seconds, context=context)
+    said = f"DICOMweb {studies_url(peer)}: " + (reason if status is None else f"HTTP {status}")
+    if status is None or not 200 <= status < 300:
+        err.print(f"[red]{escape(said)}[/red]")
+        return False
+    console.print(said)
+    return True
 
 
 def _database(resolved: Settings):  # type: ignore[no-untyped-def]

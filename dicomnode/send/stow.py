@@ -105,6 +105,33 @@ def _chunks(paths: Sequence[Path]) -> Iterator[list[Path]]:
         yield chunk
 
 
+def check_service(
+    peer: PeerInfo, *, timeout: float, context: ssl.SSLContext | None = None
+) -> tuple[int | None, str]:
+    """Ask the peer's DICOMweb service for one study (QIDO-RS ``GET {base}/studies?limit=1``)
+    with its Authorization, storing nothing: the HTTP status, or None and why no answer
+    came. ``dicomnode echo`` says whether the URL, the token and the certificate work."""
+    try:
+        authorization = _authorization(peer)
+    except OSError as exc:
+        return None, f"cannot read dicomweb_auth_file: {exc.strerror}"
+    request = urllib.request.Request(
+        studies_url(peer) + "?limit=1",
+        headers={
+            "Accept": _DICOM_JSON,
+            **({"Authorization": authorization} if authorization else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return int(response.status), ""
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), ""
+    except (urllib.error.URLError, HTTPException, OSError) as exc:
+        return None, str(getattr(exc, "reason", None) or exc)
+
+
 def studies_url(peer: PeerInfo) -> str:
     """The STOW-RS resource of the peer's DICOMweb service."""
     return peer.dicomweb.rstrip("/") + "/studies"

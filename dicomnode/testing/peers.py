@@ -415,6 +415,20 @@ def _stow_handler(service: StowService) -> type:
             self.end_headers()
             self.wfile.write(answer)
 
+        def do_GET(self) -> None:  # QIDO-RS: no study here, or 401 without the token
+            wanted = service.authorization
+            if wanted and self.headers.get("Authorization") != wanted:
+                self.send_error(401)
+                return
+            if self.path.split("?")[0].rstrip("/") != "/dicom-web/studies":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
         def log_message(self, format: str, *args: Any) -> None:
             return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import sqlite3
@@ -417,7 +418,8 @@ def test_orthanc_takes_the_results_by_stow_rs_with_basic_authentication(
     """A PACS that takes results by DICOMweb: Orthanc with its DICOMweb plugin and HTTP basic
     authentication on. It sends the study by C-STORE; the node sends the SC and SR back by
     STOW-RS to /dicom-web/studies with the credentials of the peer's auth file, which no
-    log line shows; both land in the study and validate."""
+    log line shows; both land in the study and validate. ``dicomnode echo`` checks the
+    service with the token too, and says when Orthanc refuses a wrong one."""
     node_port = free_port()
     orthanc = Orthanc(
         tmp_path / "orthanc",
@@ -459,6 +461,11 @@ def test_orthanc_takes_the_results_by_stow_rs_with_basic_authentication(
             assert "answered HTTP" not in log  # delivered at the first attempt
             assert "stow-pass-7731" not in log and orthanc.authorization not in log
             assert f"STOW-RS {orthanc.dicomweb_url}" in node.cli("ae", "list").stdout
+            echoed = node.cli("echo", "PACS").stdout  # C-ECHO, and a QIDO-RS with the token
+            assert f"DICOMweb {orthanc.dicomweb_url}/studies: HTTP 200" in echoed
+            auth.write_text("Basic " + base64.b64encode(b"dicomnode:wrong").decode())
+            refused = node.cli("echo", "PACS", check=False)
+            assert refused.returncode == 1 and "HTTP 401" in refused.stderr
         finally:
             node.stop()
     finally:

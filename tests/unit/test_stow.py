@@ -201,3 +201,22 @@ def test_a_batch_larger_than_a_request_goes_in_several_in_order(
     assert len(service.requests) == 3  # 2 + 2 + 1
     sent = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
     assert [str(d.SOPInstanceUID) for d in service.received] == sent
+
+
+def test_the_service_check_says_whether_the_url_and_token_work(
+    service: StowService, tmp_path: Path
+) -> None:
+    """``dicomnode echo``'s DICOMweb half: one QIDO-RS request, nothing stored."""
+    from dicomnode.send.stow import check_service
+
+    service.authorization = TOKEN
+    auth = tmp_path / "pacs.auth"
+    auth.write_text(TOKEN)
+    assert check_service(_peer(service.url, str(auth)), timeout=10) == (200, "")
+    auth.write_text("Bearer wrong")
+    assert check_service(_peer(service.url, str(auth)), timeout=10) == (401, "")
+    assert check_service(_peer(service.url + "/nothing-here", str(auth)), timeout=10)[0] == 401
+    gone = _peer(f"http://127.0.0.1:{free_port()}/dicom-web")
+    status, reason = check_service(gone, timeout=5)
+    assert status is None and "refused" in reason.lower()
+    assert service.received == []
