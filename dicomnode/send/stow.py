@@ -111,25 +111,39 @@ def check_service(
     """Ask the peer's DICOMweb service for one study (QIDO-RS ``GET {base}/studies?limit=1``)
     with its Authorization, storing nothing: the HTTP status, or None and why no answer
     came. ``dicomnode echo`` says whether the URL, the token and the certificate work."""
+    answer = _exchange(peer, studies_url(peer) + "?limit=1", timeout, context)
+    return (None, answer) if isinstance(answer, str) else (answer[0], "")
+
+
+def _exchange(
+    peer: PeerInfo,
+    url: str,
+    timeout: float,
+    context: ssl.SSLContext | None,
+    body: bytes | None = None,
+    content_type: str = "",
+) -> tuple[int, bytes] | str:
+    """One request to the peer's service (a POST when ``body`` is given), with its
+    Authorization and ``Accept: application/dicom+json``: the HTTP status and the answer's
+    body, or why no answer came (the auth file unreadable, no connection, a time-out)."""
     try:
         authorization = _authorization(peer)
     except OSError as exc:
-        return None, f"cannot read dicomweb_auth_file: {exc.strerror}"
-    request = urllib.request.Request(
-        studies_url(peer) + "?limit=1",
-        headers={
-            "Accept": _DICOM_JSON,
-            **({"Authorization": authorization} if authorization else {}),
-        },
-    )
+        return f"cannot read dicomweb_auth_file of {peer.name}: {exc.strerror}"
+    headers = {"Accept": _DICOM_JSON}
+    if authorization:
+        headers["Authorization"] = authorization
+    if content_type:
+        headers["Content-Type"] = content_type
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return int(response.status), ""
+            return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         with exc:
-            return int(exc.code), ""
+            return int(exc.code), exc.read()
     except (urllib.error.URLError, HTTPException, OSError) as exc:
-        return None, str(getattr(exc, "reason", None) or exc)
+        return str(getattr(exc, "reason", None) or exc)
 
 
 def studies_url(peer: PeerInfo) -> str:
@@ -150,34 +164,20 @@ def _read(path: Path) -> _File | str:
 def _post(
     peer: PeerInfo, files: Sequence[_File], timeout: float, context: ssl.SSLContext | None
 ) -> dict[Path, Delivery]:
-    def everyone(reason: str, retry: bool) -> dict[Path, Delivery]:
-        return {f.path: Delivery(f.path, False, None, reason, retry) for f in files}
-
-    try:
-        authorization = _authorization(peer)
-    except OSError as exc:
-        return everyone(f"cannot read dicomweb_auth_file of {peer.name}: {exc.strerror}", True)
     boundary = uuid.uuid4().hex
-    request = urllib.request.Request(
+    answer = _exchange(
+        peer,
         studies_url(peer),
-        data=_multipart(files, boundary),
-        method="POST",
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": _DICOM_JSON,
-            **({"Authorization": authorization} if authorization else {}),
-        },
+        timeout,
+        context,
+        body=_multipart(files, boundary),
+        content_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
     )
     where = f"{peer.name} ({studies_url(peer)})"
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return _answered(files, int(response.status), response.read(), where)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return _answered(files, int(exc.code), exc.read(), where)
-    except (urllib.error.URLError, HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        return everyone(f"STOW-RS to {where} failed: {reason}", True)
+    if isinstance(answer, str):
+        reason = f"STOW-RS to {where} failed: {answer}"
+        return {f.path: Delivery(f.path, False, None, reason, retry=True) for f in files}
+    return _answered(files, *answer, where)
 
 
 def _authorization(peer: PeerInfo) -> str:
