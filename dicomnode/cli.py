@@ -170,32 +170,26 @@ def echo(peer: str, config: ConfigOption = None) -> None:
 
     resolved = settings(config)
     if peer in resolved.peers:
-        declared = resolved.peers[peer]
-        info = PeerInfo(
-            peer,
-            declared.ae_title,
-            declared.host,
-            declared.port,
-            "config",
-            declared.tls,
-            dicomweb=declared.dicomweb,
-            dicomweb_auth_file=declared.dicomweb_auth_file,
-        )
+        info = PeerInfo.from_settings(peer, resolved.peers[peer])
     else:
         with _database(resolved).session() as session:
             info = get_peer(session, peer)
-    answer = c_echo(
-        info,
-        calling_ae=resolved.node.ae_title,
-        timeout=resolved.send.timeout_seconds,
-        tls=client_context(resolved.tls) if info.tls else None,
-    )
-    where = f"{peer} ({info.ae_title}@{info.host}:{info.port}{', TLS' if info.tls else ''})"
-    failed = answer.status != 0
-    if answer.status is None:
-        err.print(f"[red]{escape(f'C-ECHO {where}: {answer.reason}')}[/red]")
+    failed = False
+    if info.port:
+        answer = c_echo(
+            info,
+            calling_ae=resolved.node.ae_title,
+            timeout=resolved.send.timeout_seconds,
+            tls=client_context(resolved.tls) if info.tls else None,
+        )
+        where = f"{peer} ({info.address}{', TLS' if info.tls else ''})"
+        failed = answer.status != 0
+        if answer.status is None:
+            err.print(f"[red]{escape(f'C-ECHO {where}: {answer.reason}')}[/red]")
+        else:
+            console.print(f"C-ECHO {where}: status 0x{answer.status:04X}")
     else:
-        console.print(f"C-ECHO {where}: status 0x{answer.status:04X}")
+        console.print(f"{peer} has no DICOM port: no C-ECHO (its results go by DICOMweb)")
     if info.dicomweb:
         failed = not _dicomweb_answers(resolved, info) or failed
     if failed:
@@ -232,8 +226,16 @@ def _database(resolved: Settings):  # type: ignore[no-untyped-def]
 def ae_add(
     name: str,
     ae_title: Annotated[str, typer.Option("--ae-title", help="the peer's AE title")],
-    host: Annotated[str, typer.Option(help="host name or address")],
-    port: Annotated[int, typer.Option(help="port")],
+    host: Annotated[
+        str,
+        typer.Option(
+            help="host name or address (of its DICOM port, and the one it may call from); "
+            "may be left out for a DICOMweb-only peer"
+        ),
+    ] = "",
+    port: Annotated[
+        int, typer.Option(help="its DICOM port; left out or 0: none (a DICOMweb-only peer)")
+    ] = 0,
     tls: Annotated[bool, typer.Option("--tls", help="send to it over DICOM TLS")] = False,
     commitment: Annotated[
         bool,
@@ -265,7 +267,7 @@ def ae_add(
     )
     with db.session() as session:
         add_peer(session, peer)
-    said = f"added peer {name}: {ae_title}@{host}:{port}{_peer_notes(peer)}"
+    said = f"added peer {name}: {peer.address}{_peer_notes(peer)}"
     _audit_peers(resolved, said)
     console.print(said)
 
@@ -301,8 +303,10 @@ def _check_tls_files(resolved: Settings, tls: bool | None) -> None:
 def ae_update(
     name: str,
     ae_title: Annotated[str | None, typer.Option("--ae-title")] = None,
-    host: Annotated[str | None, typer.Option()] = None,
-    port: Annotated[int | None, typer.Option()] = None,
+    host: Annotated[str | None, typer.Option(help='host name or address ("": none)')] = None,
+    port: Annotated[
+        int | None, typer.Option(help="its DICOM port (0: none, for a DICOMweb-only peer)")
+    ] = None,
     tls: Annotated[
         bool | None, typer.Option("--tls/--no-tls", help="send over DICOM TLS, or not")
     ] = None,
@@ -337,7 +341,7 @@ def ae_update(
             dicomweb_auth_file=dicomweb_auth_file,
         )
     suffix = _peer_notes(new)
-    said = f"updated peer {name}: {new.ae_title}@{new.host}:{new.port}{suffix}"
+    said = f"updated peer {name}: {new.address}{suffix}"
     _audit_peers(resolved, said)
     console.print(said)
 
@@ -389,25 +393,16 @@ def ae_list(config: ConfigOption = None) -> None:
         registered = list_peers(session)
     names = {peer.name for peer in registered}
     waiting = [
-        PeerInfo(
-            name,
-            p.ae_title,
-            p.host,
-            p.port,
-            "config (registered when serve starts)",
-            p.tls,
-            p.commitment,
-            p.dicomweb,
-            p.dicomweb_auth_file,
-        )
+        PeerInfo.from_settings(name, p, "config (registered when serve starts)")
         for name, p in resolved.peers.items()
         if name not in names
     ]
     for peer in sorted([*registered, *waiting], key=lambda peer: peer.name):
         tls, commits = ("yes" if on else "no" for on in (peer.tls, peer.commitment))
         by = f"STOW-RS {peer.dicomweb}" if peer.dicomweb else "C-STORE"
+        port = str(peer.port) if peer.port else "none"
         table.add_row(
-            peer.name, peer.ae_title, peer.host, str(peer.port), tls, commits, by, peer.source
+            peer.name, peer.ae_title, peer.host or "-", port, tls, commits, by, peer.source
         )
     console.print(table)
 
@@ -598,7 +593,7 @@ def _resend_one(
 ) -> Resent:
     """Queue one study's results to ``to`` again, audited as ordered by the operator."""
     from dicomnode.audit.objects import record_ordered
-    from dicomnode.peers import get_peer
+    from dicomnode.peers import destination_host, get_peer
     from dicomnode.send.resend import resend_study
 
     with db.session() as session:
@@ -607,7 +602,7 @@ def _resend_one(
         )
         peer = get_peer(session, resent.peer)
     if not dry_run and resent.queued:
-        record_ordered(audit, peer.ae_title, peer.host, resent.paths)
+        record_ordered(audit, peer.ae_title, destination_host(peer), resent.paths)
         log.info("resend of study=%s to %s: %d object(s)", study_uid, to, resent.queued)
     return resent
 

@@ -80,6 +80,22 @@ def check_dicomweb(url: str, auth_file: str, commitment: bool) -> None:
         )
 
 
+def check_address(host: str, port: int, dicomweb: str) -> None:
+    """A peer's DICOM address, or ValueError saying what is wrong. A peer has a host and a
+    port, except one whose results go by DICOMweb: it may have no DICOM port (``port: 0``,
+    a STOW-RS-only archive), and then no host either (it cannot call the node: a registered
+    AE title is accepted only from its host)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} must be 1-65535")
+    if port == 0 and not dicomweb:
+        raise ValueError(
+            "port must be 1-65535: a peer without a DICOM port (port 0) needs a dicomweb URL "
+            "for its results"
+        )
+    if port and not host.strip():
+        raise ValueError("host must not be empty: it is where the peer's DICOM port is")
+
+
 UID_ROOT_PATTERN = r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$"
 
 
@@ -252,8 +268,18 @@ class PeerSettings(_Section):
     """A remote application entity."""
 
     ae_title: AeTitle
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
+    host: str = Field(
+        "",
+        description="its host name or address: where its DICOM port is, and the only address "
+        "it may call the node from (node.check_caller_host); may be empty for a DICOMweb-only "
+        "peer",
+    )
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="its DICOM port; 0: none (a peer whose results go by DICOMweb only)",
+    )
     tls: bool = Field(False, description="results are sent to it over DICOM TLS (see tls)")
     commitment: bool = Field(
         False,
@@ -273,6 +299,7 @@ class PeerSettings(_Section):
 
     @model_validator(mode="after")
     def _dicomweb(self) -> PeerSettings:
+        check_address(self.host, self.port, self.dicomweb)
         check_dicomweb(self.dicomweb, self.dicomweb_auth_file, self.commitment)
         return self
 

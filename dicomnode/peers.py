@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from dicomnode.config import (
     PEER_NAME_PATTERN,
     PeerSettings,
+    check_address,
     check_dicomweb,
     checked_ae_title,
 )
@@ -41,6 +42,28 @@ class PeerInfo:
     dicomweb_auth_file: str = ""
     """The file holding the HTTP Authorization header value of its DICOMweb service."""
 
+    @classmethod
+    def from_settings(cls, name: str, settings: PeerSettings, source: str = "config") -> PeerInfo:
+        """The peer the settings file declares as ``name``."""
+        return cls(
+            name,
+            settings.ae_title,
+            settings.host,
+            settings.port,
+            source,
+            settings.tls,
+            settings.commitment,
+            settings.dicomweb,
+            settings.dicomweb_auth_file,
+        )
+
+    @property
+    def address(self) -> str:
+        """``AE@host:port`` for messages; a peer without a DICOM port says so."""
+        if not self.port:
+            return f"{self.ae_title} (no DICOM port{'' if self.host else ', no host'})"
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
 
 def validate(peer: PeerInfo) -> PeerInfo:
     """Raise :class:`PeerError` naming the field that is wrong."""
@@ -50,19 +73,12 @@ def validate(peer: PeerInfo) -> PeerInfo:
         checked_ae_title(peer.ae_title)
     except ValueError as exc:
         raise PeerError(str(exc)) from None
-    if not peer.host.strip():
-        raise PeerError("host must not be empty")
-    if not 1 <= peer.port <= 65535:
-        raise PeerError(f"port {peer.port} must be 1-65535")
-    _validate_dicomweb(peer)
-    return peer
-
-
-def _validate_dicomweb(peer: PeerInfo) -> None:
     try:
+        check_address(peer.host, peer.port, peer.dicomweb)
         check_dicomweb(peer.dicomweb, peer.dicomweb_auth_file, peer.commitment)
     except ValueError as exc:
         raise PeerError(str(exc)) from None
+    return peer
 
 
 def _info(row: Peer) -> PeerInfo:
@@ -131,20 +147,16 @@ def add_peer(session: Session, peer: PeerInfo) -> None:
     if session.get(Peer, peer.name) is not None:
         raise PeerError(f"peer {peer.name!r} exists; use `dicomnode ae update`")
     _check_unique_ae_title(session, peer)
-    session.add(
-        Peer(
-            name=peer.name,
-            ae_title=peer.ae_title,
-            host=peer.host,
-            port=peer.port,
-            source=peer.source,
-            tls=peer.tls,
-            commitment=peer.commitment,
-            dicomweb=peer.dicomweb,
-            dicomweb_auth_file=peer.dicomweb_auth_file,
-            updated_at=db_now(session),
-        )
-    )
+    session.add(_written(session, Peer(name=peer.name), peer))
+
+
+def _written(session: Session, row: Peer, peer: PeerInfo) -> Peer:
+    """``row`` holding ``peer`` (all but its name), stamped now."""
+    row.ae_title, row.host, row.port, row.source = peer.ae_title, peer.host, peer.port, peer.source
+    row.tls, row.commitment = peer.tls, peer.commitment
+    row.dicomweb, row.dicomweb_auth_file = peer.dicomweb, peer.dicomweb_auth_file
+    row.updated_at = db_now(session)
+    return row
 
 
 def update_peer(
@@ -167,8 +179,8 @@ def update_peer(
         PeerInfo(
             name,
             ae_title or current.ae_title,
-            host or current.host,
-            port or current.port,
+            current.host if host is None else host,
+            current.port if port is None else port,
             "cli",
             current.tls if tls is None else tls,
             current.commitment if commitment is None else commitment,
@@ -179,16 +191,7 @@ def update_peer(
     _check_unique_ae_title(session, new)
     row = session.get(Peer, name)
     assert row is not None
-    row.ae_title, row.host, row.port, row.source, row.tls, row.updated_at = (
-        new.ae_title,
-        new.host,
-        new.port,
-        "cli",
-        new.tls,
-        db_now(session),
-    )
-    row.commitment = new.commitment
-    row.dicomweb, row.dicomweb_auth_file = new.dicomweb, new.dicomweb_auth_file
+    _written(session, row, new)
     return new
 
 
@@ -214,29 +217,6 @@ def sync_config_peers(session: Session, peers: dict[str, PeerSettings]) -> None:
     session.execute(delete(Peer).where(Peer.source == "config", Peer.name.not_in(list(peers))))
     for name, settings in peers.items():
         row = session.get(Peer, name)
+        written = _written(session, row or Peer(name=name), PeerInfo.from_settings(name, settings))
         if row is None:
-            session.add(
-                Peer(
-                    name=name,
-                    ae_title=settings.ae_title,
-                    host=settings.host,
-                    port=settings.port,
-                    source="config",
-                    tls=settings.tls,
-                    commitment=settings.commitment,
-                    dicomweb=settings.dicomweb,
-                    dicomweb_auth_file=settings.dicomweb_auth_file,
-                    updated_at=db_now(session),
-                )
-            )
-        else:
-            row.ae_title, row.host, row.port, row.source, row.tls = (
-                settings.ae_title,
-                settings.host,
-                settings.port,
-                "config",
-                settings.tls,
-            )
-            row.commitment = settings.commitment
-            row.dicomweb, row.dicomweb_auth_file = settings.dicomweb, settings.dicomweb_auth_file
-            row.updated_at = db_now(session)
+            session.add(written)

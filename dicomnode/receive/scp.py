@@ -425,7 +425,7 @@ class StoreHandlers:
                 calling_ae,
                 address,
                 peer.name,
-                peer.host,
+                peer.host or "none (a DICOMweb-only peer)",
                 peer.name,
             )
             self._refused(calling_ae, address, f"not from the host of peer {peer.name}")

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from dicomnode.config import Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import utcnow
-from dicomnode.peers import PeerInfo, add_peer
+from dicomnode.peers import PeerInfo, add_peer, update_peer
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.receive import statuses
 from dicomnode.receive.scp import start_scp
@@ -647,6 +647,25 @@ def test_a_peers_ae_title_from_another_address_is_rejected(
         assoc.release()
     finally:
         server.shutdown()
+
+
+def test_a_dicomweb_only_peers_ae_title_calls_from_nowhere(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer registered without a host (its results go by DICOMweb) has no address to call
+    from: its AE title is refused, and the log says how to give it one."""
+    caplog.set_level(logging.WARNING)
+    with node.db.session() as s:
+        add_peer(s, PeerInfo("VNA", "VNA", "", 0, dicomweb="https://vna.example/dicom-web"))
+    ae = AE(ae_title="VNA")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    assert "registered at host none (a DICOMweb-only peer)" in caplog.text
+    assert "dicomnode ae update VNA --host ADDRESS" in caplog.text
+    with node.db.session() as s:
+        update_peer(s, "VNA", host="127.0.0.1")
+    assert node.send(make_radiograph(body_part="HANDX"), calling_ae="VNA") == [statuses.SUCCESS]
 
 
 def test_a_connection_declaring_a_huge_pdu_is_closed_before_it_fills_memory(

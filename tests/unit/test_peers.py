@@ -141,3 +141,52 @@ def test_nodes_starting_at_once_both_write_the_files_peers(db: Database) -> None
     assert failures == []
     with db.session() as session:
         assert sorted(p.name for p in session.query(Peer)) == ["PACS0", "PACS1", "PACS2"]
+
+
+def test_a_dicomweb_only_peer_needs_no_dicom_address(db: Database) -> None:
+    """A STOW-RS-only archive (a cloud or VNA service) has no DICOM port, and need not have
+    a host: the settings file and the CLI take it without inventing one."""
+    url = "https://vna.example/dicom-web"
+    declared = PeerSettings(ae_title="VNA", dicomweb=url)
+    assert (declared.host, declared.port) == ("", 0)
+    assert PeerInfo.from_settings("VNA", declared).address == "VNA (no DICOM port, no host)"
+    with db.session() as s:
+        sync_config_peers(s, {"VNA": declared})
+        add_peer(s, PeerInfo("CLOUD", "CLOUD", "", 0, dicomweb=url))
+        add_peer(s, PeerInfo("ROUTER", "ROUTER", "10.0.0.5", 0, dicomweb=url))  # calls us
+    with db.session() as s:
+        peers = {p.name: p for p in list_peers(s)}
+        assert (peers["VNA"].host, peers["VNA"].port, peers["VNA"].source) == ("", 0, "config")
+        assert peers["ROUTER"].address == "ROUTER (no DICOM port)"
+        # back to C-STORE, it needs an address again; given one, it is a plain peer
+        with pytest.raises(PeerError, match="needs a dicomweb URL"):
+            update_peer(s, "CLOUD", dicomweb="")
+        with pytest.raises(PeerError, match="host must not be empty"):
+            update_peer(s, "CLOUD", dicomweb="", port=104)
+        plain = update_peer(s, "CLOUD", dicomweb="", host="10.0.0.6", port=104)
+        assert plain.address == "CLOUD@10.0.0.6:104"
+        assert update_peer(s, "ROUTER", host="").host == ""  # "" clears it
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"host": "127.0.0.1"}, "port must be 1-65535: a peer without a DICOM port"),
+        ({"port": 104}, "host must not be empty"),
+        ({"host": " ", "port": 104, "dicomweb": "https://vna/dicom-web"}, "host must not be"),
+    ],
+)
+def test_a_dicom_peer_needs_host_and_port(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PeerSettings.model_validate({"ae_title": "PACS", **fields})
+    info = PeerInfo(
+        "PACS",
+        "PACS",
+        str(fields.get("host", "")),
+        int(str(fields.get("port", 0))),
+        dicomweb=str(fields.get("dicomweb", "")),
+    )
+    with pytest.raises(PeerError, match=message):
+        validate(info)
+    with pytest.raises(PeerError, match="port 70000 must be 1-65535"):
+        validate(PeerInfo("PACS", "PACS", "127.0.0.1", 70000))
