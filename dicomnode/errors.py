@@ -67,6 +67,10 @@ class SendError(DicomNodeError):
     """A result object could not be delivered to a peer."""
 
 
+class AuthorizationError(SendError):
+    """The Authorization for a peer's DICOMweb service could not be obtained."""
+
+
 class TrainingError(DicomNodeError):
     """Training or evaluation failed."""
 

@@ -17,8 +17,9 @@ waiting may mend it:
 - 401, 403, 404, 408, 429, 5xx, no connection or a time-out: retried. A wrong token or
   URL is the administrator's to mend, and the sends go once it is.
 
-The Authorization header value is read from the peer's ``dicomweb_auth_file`` at each send
-(a token renewed in place is used at once); it never reaches the log. HTTPS verifies the
+The Authorization header value comes from the peer's ``dicomweb_auth_file``, read at each
+send (a token renewed in place is used at once), or from the OAuth 2.0 client that file
+describes (:mod:`dicomnode.send.oauth`); it never reaches the log. HTTPS verifies the
 service's certificate against ``tls.ca_certificates`` (else the system's certificate
 authorities) and shows the node's ``tls.certificate`` when there is one.
 
@@ -43,7 +44,9 @@ from pathlib import Path
 
 import pydicom
 
+from dicomnode.errors import AuthorizationError
 from dicomnode.peers import PeerInfo
+from dicomnode.send import oauth
 from dicomnode.send.scu import Delivery, status_delivery
 
 log = logging.getLogger(__name__)
@@ -127,9 +130,13 @@ def _exchange(
     Authorization and ``Accept: application/dicom+json``: the HTTP status and the answer's
     body, or why no answer came (the auth file unreadable, no connection, a time-out)."""
     try:
-        authorization = _authorization(peer)
+        authorization = oauth.authorization(
+            peer.dicomweb_auth_file, timeout=timeout, context=context
+        )
     except OSError as exc:
         return f"cannot read dicomweb_auth_file of {peer.name}: {exc.strerror}"
+    except AuthorizationError as exc:
+        return f"no Authorization for {peer.name}: {exc}"
     headers = {"Accept": _DICOM_JSON}
     if authorization:
         headers["Authorization"] = authorization
@@ -140,6 +147,8 @@ def _exchange(
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:  # a token of its OAuth client is asked for again next time
+            oauth.forget(peer.dicomweb_auth_file)
         with exc:
             return int(exc.code), exc.read()
     except (urllib.error.URLError, HTTPException, OSError) as exc:
@@ -178,14 +187,6 @@ def _post(
         reason = f"STOW-RS to {where} failed: {answer}"
         return {f.path: Delivery(f.path, False, None, reason, retry=True) for f in files}
     return _answered(files, *answer, where)
-
-
-def _authorization(peer: PeerInfo) -> str:
-    """The peer's Authorization header value (its file's first line), or "" without one."""
-    if not peer.dicomweb_auth_file:
-        return ""
-    text = Path(peer.dicomweb_auth_file).read_text(encoding="utf-8")
-    return text.strip().splitlines()[0].strip() if text.strip() else ""
 
 
 def _multipart(files: Iterable[_File], boundary: str) -> bytes:

@@ -3,7 +3,8 @@ STOW-RS service, Orthanc.
 
 Nothing here is a mock: :class:`CollectingSCP` is a pynetdicom Storage SCP that
 keeps what it receives, :class:`StowService` an HTTP server that reads STOW-RS
-requests as DICOM and answers as a test tells it, :class:`Orthanc` runs the Debian
+requests as DICOM and answers as a test tells it, :class:`TokenService` an OAuth 2.0
+token endpoint that issues its tokens, :class:`Orthanc` runs the Debian
 ``Orthanc`` binary (and its DICOMweb plugin) with a generated configuration on free
 loopback ports.
 """
@@ -332,20 +333,12 @@ class StowService:
         return f"{scheme}://{LOOPBACK}:{self.port}/dicom-web"
 
     def start(self) -> StowService:
-        from http.server import ThreadingHTTPServer
-
-        server = ThreadingHTTPServer((LOOPBACK, self.port), _stow_handler(self))
-        if self.ssl_context is not None:
-            server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self._server = server
+        self._server = _http_server(self.port, _stow_handler(self), self.ssl_context)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        _stop_http_server(self._server)
+        self._server = None
 
     def take(self, instances: list[Dataset], headers: dict[str, str]) -> tuple[int, bytes]:
         """Record one request and what it sent; the answer's status and body."""
@@ -361,6 +354,108 @@ class StowService:
                     i for i in instances if stored is None or str(i.SOPInstanceUID) in stored
                 )
         return status, b"" if body is None else json.dumps(body).encode()
+
+
+@dataclass
+class TokenService:
+    """An OAuth 2.0 token endpoint on loopback (``POST /token``, the client credentials
+    grant of RFC 6749 4.4) for one client, as Keycloak or Entra ID answer it.
+
+    The client authenticates by HTTP Basic or in the form (either is taken); a wrong
+    one gets 401 ``invalid_client``. Each grant issues a new token (``token-1``,
+    ``token-2``, ...) that lives ``expires_in`` seconds (None: the answer has no
+    ``expires_in``); :attr:`stow`, when set, then takes that token alone, as a service
+    that checks the authorisation server's tokens would.
+    """
+
+    client_id: str = "dicomnode"
+    client_secret: str = "s3cret:&=+"
+    expires_in: int | None = 300
+    stow: StowService | None = None
+    port: int = field(default_factory=free_port)
+    issued: list[str] = field(default_factory=list)
+    requests: list[dict[str, str]] = field(default_factory=list)
+    """Each request's form fields, and its Authorization header under ``Authorization``."""
+    _server: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/token"
+
+    def start(self) -> TokenService:
+        self._server = _http_server(self.port, _token_handler(self), None)
+        return self
+
+    def stop(self) -> None:
+        _stop_http_server(self._server)
+        self._server = None
+
+    def grant(self, form: dict[str, str], authorization: str) -> tuple[int, dict[str, Any]]:
+        """Answer one token request: the HTTP status and the JSON body."""
+        with self._lock:
+            self.requests.append({**form, "Authorization": authorization})
+        client = (form.get("client_id", ""), form.get("client_secret", ""))
+        if authorization.startswith("Basic "):
+            from urllib.parse import unquote_plus
+
+            pair = base64.b64decode(authorization[6:]).decode()
+            client = tuple(unquote_plus(part) for part in pair.split(":", 1))  # type: ignore[assignment]
+        if client != (self.client_id, self.client_secret):
+            return 401, {"error": "invalid_client", "error_description": "Invalid client"}
+        if form.get("grant_type") != "client_credentials":
+            return 400, {"error": "unsupported_grant_type"}
+        with self._lock:
+            token = f"token-{len(self.issued) + 1}"
+            self.issued.append(token)
+        if self.stow is not None:
+            self.stow.authorization = f"Bearer {token}"
+        answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if self.expires_in is not None:
+            answer["expires_in"] = self.expires_in
+        return 200, answer
+
+
+def _token_handler(service: TokenService) -> type:
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qsl
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            if self.path != "/token":
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            form = dict(parse_qsl(body.decode("ascii")))
+            status, answer = service.grant(form, self.headers.get("Authorization", ""))
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+def _http_server(port: int, handler: type, ssl_context: Any) -> Any:
+    """A threaded HTTP(S) server of ``handler`` on loopback ``port``, serving."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer((LOOPBACK, port), handler)
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _stop_http_server(server: Any) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def stored_all(instances: list[Dataset]) -> tuple[int, dict[str, Any]]:

@@ -183,6 +183,46 @@ def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
     assert f"C-ECHO PACS (PACS@127.0.0.1:{port}): status 0x0000" in answered.stdout
 
 
+def test_a_dicomweb_only_peer_behind_oauth_is_added_listed_and_echoed(tmp_path: Path) -> None:
+    """An archive reached by STOW-RS alone, its tokens from an OAuth 2.0 client: `ae add`
+    needs no DICOM address, `ae list` shows none, and `echo` skips the C-ECHO and asks the
+    service for one study with a token it got (the secret in no output)."""
+    from dicomnode.testing.peers import StowService, TokenService
+
+    archive = StowService(authorization="Bearer none-yet").start()
+    sso = TokenService(stow=archive).start()
+    client = tmp_path / "vna-client.json"
+    client.write_text(
+        json.dumps(
+            {"token_url": sso.url, "client_id": sso.client_id, "client_secret": sso.client_secret}
+        )
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n")
+    run = ("--config", str(config))
+    assert _cli(*run, "db", "upgrade", cwd=tmp_path).returncode == 0
+    try:
+        no_url = _cli(*run, "ae", "add", "VNA", "--ae-title", "VNA", cwd=tmp_path)
+        web = ("--dicomweb", archive.url, "--dicomweb-auth-file", str(client))
+        added = _cli(*run, "ae", "add", "VNA", "--ae-title", "VNA", *web, cwd=tmp_path)
+        listed = _cli(*run, "ae", "list", cwd=tmp_path)
+        echoed = _cli(*run, "echo", "VNA", cwd=tmp_path)
+    finally:
+        sso.stop()
+        archive.stop()
+    assert no_url.returncode != 0 and "needs a dicomweb URL" in no_url.stderr
+    assert added.returncode == 0, added.stderr
+    assert "added peer VNA: VNA (no DICOM port, no host)" in added.stdout
+    row = next(line for line in listed.stdout.splitlines() if "VNA" in line)
+    assert "none" in row and f"STOW-RS {archive.url}" in row
+    assert echoed.returncode == 0, echoed.stderr
+    assert "VNA has no DICOM port: no C-ECHO" in echoed.stdout
+    assert f"DICOMweb {archive.url}/studies: HTTP 200" in echoed.stdout
+    assert sso.issued == ["token-1"]  # the 200 needed it: the archive takes that token alone
+    for said in (added, listed, echoed):
+        assert sso.client_secret not in said.stdout + said.stderr
+
+
 def test_discard_needs_job_ids_or_all_dead(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/n.db'}}\n")

@@ -1,0 +1,217 @@
+"""The Authorization header of a peer's DICOMweb service, from its ``dicomweb_auth_file``.
+
+The file holds one of two things:
+
+- the header value itself, on its first line: ``Bearer <token>`` or ``Basic <base64>``
+  (renewed in place by whoever issues it: read at each request);
+- an OAuth 2.0 client, as a JSON object, for a service behind an authorisation server
+  (Keycloak in front of dcm4chee-arc, Microsoft Entra ID in front of a cloud DICOM service)::
+
+      {"token_url": "https://sso.example/realms/pacs/protocol/openid-connect/token",
+       "client_id": "dicomnode", "client_secret": "…",
+       "scope": "", "audience": "", "client_auth": "basic"}
+
+  The node asks ``token_url`` for an access token with the client credentials grant
+  (RFC 6749 section 4.4): ``grant_type=client_credentials`` and ``scope`` / ``audience``
+  when given; the client authenticates by HTTP Basic (``client_auth: basic``, the
+  RFC's default) or in the form (``post``). It sends ``Bearer <access_token>`` until a
+  minute before the token expires (``expires_in``; a token without one until the service
+  refuses it), then asks again. A 401 from the service drops the token, so the next attempt
+  asks for a fresh one.
+
+The secret and the tokens never reach a log line or an error message; what the token
+endpoint says about a refusal (its ``error`` and ``error_description``) does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from typing import Literal
+
+from dicomnode.errors import AuthorizationError
+
+RENEW_BEFORE_SECONDS = 60.0
+"""A token is renewed this long before it expires (half its lifetime when that is shorter)."""
+
+_FIELDS = frozenset({"token_url", "client_id", "client_secret", "scope", "audience", "client_auth"})
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """An OAuth 2.0 client of the client credentials grant."""
+
+    token_url: str
+    client_id: str
+    client_secret: str
+    scope: str = ""
+    audience: str = ""
+    client_auth: Literal["basic", "post"] = "basic"
+
+    def __repr__(self) -> str:  # never the secret
+        return f"ClientCredentials(token_url={self.token_url!r}, client_id={self.client_id!r})"
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    renew_at: float
+    """``time.monotonic()`` after which a new token is asked for."""
+
+
+_tokens: dict[ClientCredentials, _Token] = {}
+_lock = threading.Lock()
+
+
+def authorization(auth_file: str, *, timeout: float, context: ssl.SSLContext | None = None) -> str:
+    """The Authorization header value ``auth_file`` gives ("" for no file): its first line,
+    or a Bearer token of the OAuth client it describes (asked for when none is held or it
+    is about to expire). Raises OSError for an unreadable file and
+    :class:`AuthorizationError` for a malformed one or a token that cannot be had."""
+    if not auth_file:
+        return ""
+    held = read_auth_file(auth_file)
+    if isinstance(held, str):
+        return held
+    with _lock:
+        token = _tokens.get(held)
+    if token is None or time.monotonic() >= token.renew_at:
+        token = _request_token(held, timeout, context)
+        with _lock:
+            _tokens[held] = token
+    return f"Bearer {token.value}"
+
+
+def forget(auth_file: str) -> None:
+    """Drop the token held for ``auth_file``'s client (the service refused it: 401)."""
+    try:
+        held = read_auth_file(auth_file) if auth_file else ""
+    except (OSError, AuthorizationError):
+        return
+    if isinstance(held, ClientCredentials):
+        with _lock:
+            _tokens.pop(held, None)
+
+
+def read_auth_file(path: str) -> str | ClientCredentials:
+    """The header value on the file's first line ("" for an empty file), or the OAuth client
+    its JSON object describes."""
+    text = Path(path).read_text(encoding="utf-8").strip()
+    if not text.startswith("{"):
+        return text.splitlines()[0].strip() if text else ""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AuthorizationError(
+            f"{path}: not a JSON object ({exc.msg}, line {exc.lineno})"
+        ) from None
+    return _client(fields, path)
+
+
+def _client(fields: object, path: str) -> ClientCredentials:
+    """The OAuth client of a parsed auth file, or AuthorizationError naming what is wrong."""
+    if not isinstance(fields, dict):
+        raise AuthorizationError(f"{path}: not a JSON object")
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise AuthorizationError(
+            f"{path}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_FIELDS))})"
+        )
+    for name in _FIELDS:
+        if not isinstance(fields.get(name, ""), str):
+            raise AuthorizationError(f"{path}: {name} must be a string")
+    missing = [n for n in ("token_url", "client_id", "client_secret") if not fields.get(n)]
+    if missing:
+        raise AuthorizationError(f"{path}: an OAuth client needs {', '.join(missing)}")
+    url = urllib.parse.urlsplit(fields["token_url"])
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise AuthorizationError(f"{path}: token_url must be an http:// or https:// URL")
+    said = fields.get("client_auth") or "basic"
+    if said not in ("basic", "post"):
+        raise AuthorizationError(f"{path}: client_auth must be basic or post")
+    client_auth: Literal["basic", "post"] = "post" if said == "post" else "basic"
+    return ClientCredentials(
+        fields["token_url"],
+        fields["client_id"],
+        fields["client_secret"],
+        fields.get("scope", ""),
+        fields.get("audience", ""),
+        client_auth,
+    )
+
+
+def _request_token(
+    client: ClientCredentials, timeout: float, context: ssl.SSLContext | None
+) -> _Token:
+    """Ask the token endpoint for an access token (client credentials grant)."""
+    form = {"grant_type": "client_credentials"}
+    form.update({k: v for k, v in (("scope", client.scope), ("audience", client.audience)) if v})
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    if client.client_auth == "basic":  # RFC 6749 2.3.1: each part form-encoded first
+        pair = f"{_encoded(client.client_id)}:{_encoded(client.client_secret)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    else:
+        form.update(client_id=client.client_id, client_secret=client.client_secret)
+    body = urllib.parse.urlencode(form).encode("ascii")
+    request = urllib.request.Request(client.token_url, data=body, headers=headers)
+    https = client.token_url.startswith("https:")
+    where = f"OAuth token endpoint {client.token_url}"
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(
+            request, timeout=timeout, context=context if https else None
+        ) as response:
+            answer = response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            raise AuthorizationError(f"{where}: HTTP {exc.code}{_refusal(exc.read())}") from None
+    except (urllib.error.URLError, HTTPException, OSError) as exc:
+        raise AuthorizationError(f"{where}: {getattr(exc, 'reason', None) or exc}") from None
+    return _token(answer, started, where)
+
+
+def _encoded(text: str) -> str:
+    return urllib.parse.quote_plus(text, safe="")
+
+
+def _refusal(body: bytes) -> str:
+    """`` (error: description)`` from an OAuth error response (RFC 6749 5.2), else ""."""
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(fields, dict) or not isinstance(fields.get("error"), str):
+        return ""
+    description = fields.get("error_description")
+    said = fields["error"] + (f": {description}" if isinstance(description, str) else "")
+    return f" ({said[:200]})"
+
+
+def _token(body: bytes, asked_at: float, where: str) -> _Token:
+    """The access token of a token response (RFC 6749 5.1), renewed before ``expires_in``."""
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise AuthorizationError(f"{where}: the answer is not JSON") from None
+    value = fields.get("access_token") if isinstance(fields, dict) else None
+    if not isinstance(value, str) or not value:
+        raise AuthorizationError(f"{where}: the answer holds no access_token")
+    kind = str(fields.get("token_type", ""))
+    if kind.lower() != "bearer":
+        raise AuthorizationError(f"{where}: token_type {kind!r}, not Bearer")
+    lifetime = fields.get("expires_in")
+    if isinstance(lifetime, str) and lifetime.isdigit():
+        lifetime = int(lifetime)
+    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+        return _Token(value, math.inf)  # until the service refuses it
+    return _Token(value, asked_at + lifetime - min(RENEW_BEFORE_SECONDS, lifetime / 2))
