@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydicom import Dataset
 from pydicom.uid import JPEGBaseline8Bit
@@ -307,7 +307,43 @@ class Orthanc:
 
 
 @dataclass
-class StowService:
+class _HttpService:
+    """An HTTP server on a loopback port, serving from :meth:`start` to :meth:`stop`."""
+
+    ssl_context: Any = None
+    """A server-side ``ssl.SSLContext``: the service then speaks https."""
+    port: int = field(default_factory=free_port)
+    _server: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def origin(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{LOOPBACK}:{self.port}"
+
+    def handler(self) -> type:
+        """The request handler class of the service."""
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        from http.server import ThreadingHTTPServer
+
+        server = ThreadingHTTPServer((LOOPBACK, self.port), self.handler())
+        if self.ssl_context is not None:
+            server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@dataclass
+class StowService(_HttpService):
     """A DICOMweb STOW-RS service on loopback (``POST /dicom-web/studies``) that keeps every
     instance it is sent, with the request's headers, and answers as :attr:`answer` says.
 
@@ -318,27 +354,16 @@ class StowService:
 
     authorization: str = ""
     answer: Callable[[list[Dataset]], tuple[int, dict[str, Any] | None]] | None = None
-    ssl_context: Any = None
-    """A server-side ``ssl.SSLContext``: the service then speaks https."""
-    port: int = field(default_factory=free_port)
     received: list[Dataset] = field(default_factory=list)
     requests: list[dict[str, str]] = field(default_factory=list)
     """The headers of each request, in order."""
-    _server: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://{LOOPBACK}:{self.port}/dicom-web"
+        return f"{self.origin}/dicom-web"
 
-    def start(self) -> StowService:
-        self._server = _http_server(self.port, _stow_handler(self), self.ssl_context)
-        return self
-
-    def stop(self) -> None:
-        _stop_http_server(self._server)
-        self._server = None
+    def handler(self) -> type:
+        return _stow_handler(self)
 
     def take(self, instances: list[Dataset], headers: dict[str, str]) -> tuple[int, bytes]:
         """Record one request and what it sent; the answer's status and body."""
@@ -357,7 +382,7 @@ class StowService:
 
 
 @dataclass
-class TokenService:
+class TokenService(_HttpService):
     """An OAuth 2.0 token endpoint on loopback (``POST /token``, the client credentials
     grant of RFC 6749 4.4) for one client, as Keycloak or Entra ID answer it.
 
@@ -372,24 +397,16 @@ class TokenService:
     client_secret: str = "s3cret:&=+"
     expires_in: int | None = 300
     stow: StowService | None = None
-    port: int = field(default_factory=free_port)
     issued: list[str] = field(default_factory=list)
     requests: list[dict[str, str]] = field(default_factory=list)
     """Each request's form fields, and its Authorization header under ``Authorization``."""
-    _server: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/token"
+        return f"{self.origin}/token"
 
-    def start(self) -> TokenService:
-        self._server = _http_server(self.port, _token_handler(self), None)
-        return self
-
-    def stop(self) -> None:
-        _stop_http_server(self._server)
-        self._server = None
+    def handler(self) -> type:
+        return _token_handler(self)
 
     def grant(self, form: dict[str, str], authorization: str) -> tuple[int, dict[str, Any]]:
         """Answer one token request: the HTTP status and the JSON body."""
@@ -439,23 +456,6 @@ def _token_handler(service: TokenService) -> type:
             return
 
     return Handler
-
-
-def _http_server(port: int, handler: type, ssl_context: Any) -> Any:
-    """A threaded HTTP(S) server of ``handler`` on loopback ``port``, serving."""
-    from http.server import ThreadingHTTPServer
-
-    server = ThreadingHTTPServer((LOOPBACK, port), handler)
-    if ssl_context is not None:
-        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def _stop_http_server(server: Any) -> None:
-    if server is not None:
-        server.shutdown()
-        server.server_close()
 
 
 def stored_all(instances: list[Dataset]) -> tuple[int, dict[str, Any]]:

@@ -657,10 +657,8 @@ def test_a_dicomweb_only_peers_ae_title_calls_from_nowhere(
     caplog.set_level(logging.WARNING)
     with node.db.session() as s:
         add_peer(s, PeerInfo("VNA", "VNA", "", 0, dicomweb="https://vna.example/dicom-web"))
-    ae = AE(ae_title="VNA")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
-    assert assoc.is_rejected
+    with pytest.raises(AssertionError, match="association was not accepted"):
+        node.send(make_radiograph(body_part="HANDX"), calling_ae="VNA")
     assert "registered at host none (a DICOMweb-only peer)" in caplog.text
     assert "dicomnode ae update VNA --host ADDRESS" in caplog.text
     with node.db.session() as s:
