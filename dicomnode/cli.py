@@ -206,6 +206,12 @@ def _dicomweb_answers(resolved: Settings, peer: PeerInfo) -> bool:
     context = https_context(resolved.tls) if https else None
     status, reason = check_service(peer, timeout=resolved.send.timeout_seconds, context=context)
     said = f"DICOMweb {studies_url(peer)}: " + (reason if status is None else f"HTTP {status}")
+    if status == 405:  # a STOW-RS-only service: the URL answers, it takes no query
+        console.print(
+            f"{said}: the service takes no QIDO-RS query, so its token and its STOW-RS "
+            "answer are first checked by a send (`dicomnode status` shows it)"
+        )
+        return True
     if status is None or not 200 <= status < 300:
         err.print(f"[red]{escape(said)}[/red]")
         return False

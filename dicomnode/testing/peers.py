@@ -354,6 +354,8 @@ class StowService(_HttpService):
 
     authorization: str = ""
     answer: Callable[[list[Dataset]], tuple[int, dict[str, Any] | None]] | None = None
+    qido: bool = True
+    """Whether it answers QIDO-RS queries (False: 405, as a STOW-RS-only service)."""
     received: list[Dataset] = field(default_factory=list)
     requests: list[dict[str, str]] = field(default_factory=list)
     """The headers of each request, in order."""
@@ -511,6 +513,9 @@ def _stow_handler(service: StowService) -> type:
             self.wfile.write(answer)
 
         def do_GET(self) -> None:  # QIDO-RS: no study here, or 401 without the token
+            if not service.qido:
+                self.send_error(405)
+                return
             wanted = service.authorization
             if wanted and self.headers.get("Authorization") != wanted:
                 self.send_error(401)

@@ -186,7 +186,8 @@ def test_echo_gives_the_peers_status_or_its_reason_to_refuse(
 def test_a_dicomweb_only_peer_behind_oauth_is_added_listed_and_echoed(tmp_path: Path) -> None:
     """An archive reached by STOW-RS alone, its tokens from an OAuth 2.0 client: `ae add`
     needs no DICOM address, `ae list` shows none, and `echo` skips the C-ECHO and asks the
-    service for one study with a token it got (the secret in no output)."""
+    service for one study with a token it got (the secret in no output); a service that
+    takes no query (405) passes, saying so."""
     from dicomnode.testing.peers import StowService, TokenService
 
     archive = StowService(authorization="Bearer none-yet").start()
@@ -207,6 +208,8 @@ def test_a_dicomweb_only_peer_behind_oauth_is_added_listed_and_echoed(tmp_path: 
         added = _cli(*run, "ae", "add", "VNA", "--ae-title", "VNA", *web, cwd=tmp_path)
         listed = _cli(*run, "ae", "list", cwd=tmp_path)
         echoed = _cli(*run, "echo", "VNA", cwd=tmp_path)
+        archive.qido = False
+        stow_only = _cli(*run, "echo", "VNA", cwd=tmp_path)
     finally:
         sso.stop()
         archive.stop()
@@ -218,7 +221,11 @@ def test_a_dicomweb_only_peer_behind_oauth_is_added_listed_and_echoed(tmp_path: 
     assert echoed.returncode == 0, echoed.stderr
     assert "VNA has no DICOM port: no C-ECHO" in echoed.stdout
     assert f"DICOMweb {archive.url}/studies: HTTP 200" in echoed.stdout
-    assert sso.issued == ["token-1"]  # the 200 needed it: the archive takes that token alone
+    # one token per echo (a process of its own); the 200 needed it: the archive takes the
+    # token last issued alone
+    assert sso.issued == ["token-1", "token-2"]
+    assert stow_only.returncode == 0, stow_only.stderr  # 405: it answers, and takes no query
+    assert "HTTP 405: the service takes no QIDO-RS query" in stow_only.stdout
     for said in (added, listed, echoed):
         assert sso.client_secret not in said.stdout + said.stderr
 
