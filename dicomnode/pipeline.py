@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -38,6 +38,7 @@ from dicomnode.values import (
     Finding,
     ImageResult,
     ModelIdentity,
+    Placement,
     PreparedImage,
     Region,
 )
@@ -136,22 +137,13 @@ def make_sc(
     film on which a right and a left knee were found), so that the series-level Laterality
     holds for every overlay in it.
     """
-    prepared, result = analysed.prepared, analysed.result
-    assert prepared.image is not None and result is not None
-    header, model = prepared.header, result.model
-    side = overlay_side(header, result) or ""
+    result = analysed.result
+    assert result is not None
     sc = encode_sc(
-        header,
+        analysed.prepared.header,
         overlay_pixels(analysed, max_size) if pixels is None else pixels,
         result,
-        series_uid=uids.sc_series_uid(
-            uid_root, str(header.StudyInstanceUID), model.name, model.version, side
-        ),
-        sop_uid=uids.sc_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
-        series_number=SC_SERIES_NUMBERS[side],
-        instance_number=_instance_number(header),
-        manufacturer=MANUFACTURER,
-        software_version=__version__,
+        _placement(analysed, "sc", uid_root),
         jpeg_quality=jpeg_quality,
     )
     return fit_character_set(_with_institution(sc, institution_name))
@@ -162,23 +154,38 @@ def make_pr(analysed: Analysed, *, uid_root: str, institution_name: str = "") ->
     (``results.presentation_state``); its Instance Number is the source image's."""
     prepared, result = analysed.prepared, analysed.result
     assert prepared.image is not None and result is not None
-    header, model = prepared.header, result.model
-    side = overlay_side(header, result) or ""
     pr = encode_pr(
-        header,
+        prepared.header,
         result,
         (prepared.image.rows, prepared.image.columns),
+        _placement(analysed, "pr", uid_root),
         own_window=prepared.image.own_window,
-        series_uid=uids.pr_series_uid(
-            uid_root, str(header.StudyInstanceUID), model.name, model.version, side
-        ),
-        sop_uid=uids.pr_instance_uid(uid_root, prepared.sop_uid, model.name, model.version),
-        series_number=PR_SERIES_NUMBERS[side],
-        instance_number=_instance_number(header),
-        manufacturer=MANUFACTURER,
-        software_version=__version__,
     )
     return fit_character_set(_with_institution(pr, institution_name))
+
+
+def _placement(analysed: Analysed, kind: Literal["sc", "pr"], uid_root: str) -> Placement:
+    """Where the overlay (``sc``) or presentation state (``pr``) of one analysed image goes:
+    the series of its study, model version and side, the Instance Number of its source (so
+    that they sort like the originals), UIDs derived from these."""
+    prepared, result = analysed.prepared, analysed.result
+    assert result is not None
+    header, model = prepared.header, result.model
+    side = overlay_side(header, result) or ""
+    series_uid, sop_uid, numbers = (
+        (uids.sc_series_uid, uids.sc_instance_uid, SC_SERIES_NUMBERS)
+        if kind == "sc"
+        else (uids.pr_series_uid, uids.pr_instance_uid, PR_SERIES_NUMBERS)
+    )
+    study_uid = str(header.StudyInstanceUID)
+    return Placement(
+        series_uid=series_uid(uid_root, study_uid, model.name, model.version, side),
+        sop_uid=sop_uid(uid_root, prepared.sop_uid, model.name, model.version),
+        series_number=numbers[side],
+        instance_number=_instance_number(header),
+        software_version=__version__,
+        manufacturer=MANUFACTURER,
+    )
 
 
 def wants_pr(analysed: Analysed) -> bool:
@@ -217,14 +224,17 @@ def make_sr(
     first = items[0]
     study_uid = str(first.source.StudyInstanceUID)
     model = first.result.model
-    sr = encode_sr(
-        items,
+    placement = Placement(
         series_uid=uids.sr_series_uid(uid_root, study_uid, model.name, model.version),
         sop_uid=uids.sr_instance_uid(uid_root, study_uid, model.name, model.version, sequence),
         series_number=SR_SERIES_NUMBER,
         instance_number=sequence,
-        manufacturer=MANUFACTURER,
         software_version=__version__,
+        manufacturer=MANUFACTURER,
+    )
+    sr = encode_sr(
+        items,
+        placement,
         predecessor=predecessor,
         uid_root=uid_root,
         not_analysed=not_analysed,

@@ -86,6 +86,20 @@ class PreparedImage:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a result object sits in its study, and what made it: its series and SOP
+    Instance UIDs and numbers, and the node (General Equipment module; the SR's algorithm
+    manufacturer too)."""
+
+    series_uid: str
+    sop_uid: str
+    series_number: int
+    instance_number: int
+    software_version: str
+    manufacturer: str = "dicomnode"
+
+
+@dataclass(frozen=True)
 class ModelIdentity:
     """What every output says about the algorithm that produced it."""
 

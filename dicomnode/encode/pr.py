@@ -64,7 +64,7 @@ from dicomnode.encode.sc import (
 )
 from dicomnode.errors import EncodeError
 from dicomnode.imaging.pixels import shown_inverted
-from dicomnode.values import Finding, FloatArray, ImageResult, OwnWindow, Region
+from dicomnode.values import Finding, FloatArray, ImageResult, OwnWindow, Placement, Region
 
 OUTLINE_LEVEL = HEAT_FULL
 """The outline is drawn where a finding's heat map reaches this share of its peak."""
@@ -106,14 +106,9 @@ def encode_pr(
     source: pydicom.Dataset,
     result: ImageResult,
     image_size: tuple[int, int],
+    placement: Placement,
     *,
     own_window: OwnWindow | None = None,
-    series_uid: str,
-    sop_uid: str,
-    series_number: int,
-    instance_number: int,
-    manufacturer: str = "dicomnode",
-    software_version: str,
 ) -> pydicom.Dataset:
     """Encode the result of one image as a presentation state referencing it.
 
@@ -128,14 +123,13 @@ def encode_pr(
     image_size:
         (rows, columns) of the decoded image, which the graphics are placed on (and the
         state's Displayed Area spans, whatever the header's Rows and Columns say).
+    placement:
+        The presentation state's own series and SOP Instance UIDs and numbers, and the
+        node (General Equipment module).
     own_window:
         The window the node chose itself for an image whose header has none it could use
         (:attr:`PreparedImage.own_window`): the state carries it, so that the image looks
         as on the overlay. Otherwise the header's window or VOI LUT is carried.
-    series_uid, sop_uid, series_number, instance_number:
-        The presentation state's own identity.
-    manufacturer, software_version:
-        The node (General Equipment module).
 
     Returns
     -------
@@ -160,13 +154,13 @@ def encode_pr(
         ]
         pr = GrayscaleSoftcopyPresentationState(
             referenced_images=[source],
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
+            series_instance_uid=placement.series_uid,
+            series_number=placement.series_number,
+            sop_instance_uid=placement.sop_uid,
+            instance_number=placement.instance_number,
+            manufacturer=placement.manufacturer,
             manufacturer_model_name=model.name[:64],
-            software_versions=software_version[:64],
+            software_versions=placement.software_version[:64],
             device_serial_number="",
             content_label=content_label(model.name),
             content_description=description,

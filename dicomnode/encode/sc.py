@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicomnode.encode.header import conformant_header, stamp_in_source_zone
 from dicomnode.errors import EncodeError
-from dicomnode.values import ImageResult, ModelIdentity
+from dicomnode.values import ImageResult, ModelIdentity, Placement
 
 _LONG_STRING = 64
 _PLACEHOLDER_ORIENTATION = ("L", "F")
@@ -125,13 +125,8 @@ def encode_sc(
     source: pydicom.Dataset,
     rgb: npt.NDArray[np.uint8],
     result: ImageResult,
+    placement: Placement,
     *,
-    series_uid: str,
-    sop_uid: str,
-    series_number: int,
-    instance_number: int,
-    manufacturer: str = "dicomnode",
-    software_version: str,
     jpeg_quality: int = 0,
 ) -> pydicom.Dataset:
     """Encode the overlay of one image as a Secondary Capture Image.
@@ -146,14 +141,9 @@ def encode_sc(
         :func:`dicomnode.encode.render.render_overlay`.
     result:
         The result the overlay shows; names the model.
-    series_uid, sop_uid:
-        Series and SOP Instance UIDs of the new image.
-    series_number, instance_number:
-        Series and Instance Numbers of the new image.
-    manufacturer:
-        Manufacturer of the node (General and SC Equipment modules).
-    software_version:
-        Version of the node software.
+    placement:
+        The new image's series and SOP Instance UIDs and numbers, and the node that made
+        it (General and SC Equipment modules).
     jpeg_quality:
         1-100: the pixel data as JPEG Baseline (lossy, YBR_FULL_422, flagged
         in Lossy Image Compression); 0: uncompressed Explicit VR Little Endian.
@@ -180,23 +170,23 @@ def encode_sc(
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
+            series_instance_uid=placement.series_uid,
+            series_number=placement.series_number,
+            sop_instance_uid=placement.sop_uid,
+            instance_number=placement.instance_number,
+            manufacturer=placement.manufacturer,
             laterality=_laterality(side),
             patient_orientation=_PLACEHOLDER_ORIENTATION,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=series_description(_overlay_prefix(side), model),
             manufacturer_model_name=model.name[:_LONG_STRING],
-            software_versions=software_version[:_LONG_STRING],
+            software_versions=placement.software_version[:_LONG_STRING],
         )
         _reference_source(sc, source)
         _copy_patient_and_study(sc, source)
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Secondary Capture image: {exc}") from exc
-    _describe_capture(sc, source, model, manufacturer, software_version)
+    _describe_capture(sc, source, model, placement)
     _image_laterality(sc, source, result)
     _carry_lossy_history(sc, source)
     stamp_in_source_zone(sc, source)
@@ -326,8 +316,7 @@ def _describe_capture(
     sc: pydicom.Dataset,
     source: pydicom.Dataset,
     model: ModelIdentity,
-    manufacturer: str,
-    software_version: str,
+    placement: Placement,
 ) -> None:
     """Set what distinguishes a workstation overlay from a plain digitised image.
 
@@ -344,9 +333,9 @@ def _describe_capture(
         f"{model.explanation} overlay by {model.name} {model.version} "
         f"(weights sha256 {model.sha256})"
     )
-    sc.SecondaryCaptureDeviceManufacturer = manufacturer[:_LONG_STRING]
+    sc.SecondaryCaptureDeviceManufacturer = placement.manufacturer[:_LONG_STRING]
     sc.SecondaryCaptureDeviceManufacturerModelName = model.name[:_LONG_STRING]
-    sc.SecondaryCaptureDeviceSoftwareVersions = software_version[:_LONG_STRING]
+    sc.SecondaryCaptureDeviceSoftwareVersions = placement.software_version[:_LONG_STRING]
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
     if source.get("RequestAttributesSequence"):  # the order the overlay answers, for the RIS

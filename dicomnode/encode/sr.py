@@ -74,7 +74,7 @@ from dicomnode.encode.render import REVIEW_NOTICE, SYNTHETIC_NOTICE
 from dicomnode.encode.sc import series_description, source_laterality
 from dicomnode.errors import EncodeError
 from dicomnode.uids import derived_uid
-from dicomnode.values import Finding, ImageResult, ModelIdentity
+from dicomnode.values import Finding, ImageResult, ModelIdentity, Placement
 
 _Group = PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
 _Reference = TypeVar("_Reference", SourceImageForMeasurementGroup, SourceImageForRegion)
@@ -117,13 +117,8 @@ class SrImageItem:
 
 def encode_sr(
     items: Sequence[SrImageItem],
+    placement: Placement,
     *,
-    series_uid: str,
-    sop_uid: str,
-    series_number: int,
-    instance_number: int,
-    manufacturer: str,
-    software_version: str,
     predecessor: pydicom.Dataset | None = None,
     uid_root: str = PYDICOM_ROOT_UID,
     not_analysed: int = 0,
@@ -134,14 +129,9 @@ def encode_sr(
     ----------
     items:
         The analysed images, all of one study; report order follows them.
-    series_uid, sop_uid:
-        Series and SOP Instance UIDs of the new document.
-    series_number, instance_number:
-        Series and Instance Numbers of the new document.
-    manufacturer:
-        Manufacturer of the node; also the algorithm's manufacturer.
-    software_version:
-        Version of the node software.
+    placement:
+        The new document's series and SOP Instance UIDs and numbers, and the node that
+        made it (its manufacturer is also the algorithm's).
     predecessor:
         An earlier SR this one replaces; listed in the Predecessor Documents
         Sequence.
@@ -167,6 +157,7 @@ def encode_sr(
     """
     _check_items(items)
     models = _distinct_models(items)
+    manufacturer = placement.manufacturer
     try:
         report = MeasurementReport(
             observation_context=_observation_context(models, manufacturer, uid_root),
@@ -177,10 +168,10 @@ def encode_sr(
         sr = ComprehensiveSR(
             evidence=_evidence(items),
             content=report[0],
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
+            series_instance_uid=placement.series_uid,
+            series_number=placement.series_number,
+            sop_instance_uid=placement.sop_uid,
+            instance_number=placement.instance_number,
             manufacturer=manufacturer,
             is_complete=not_analysed == 0,
             is_final=False,
@@ -189,7 +180,7 @@ def encode_sr(
             requested_procedures=referenced_requests(item.source for item in items) or None,
             coding_schemes=_coding_schemes(items),
             series_description=series_description("AI report", models[0]),
-            software_versions=software_version,
+            software_versions=placement.software_version,
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode the Structured Report: {exc}") from exc

@@ -58,6 +58,7 @@ from dicomnode.values import (
     Finding,
     ImageResult,
     ModelIdentity,
+    Placement,
     PreparedImage,
     Region,
 )
@@ -199,11 +200,7 @@ def make_sc(source: Dataset, result: ImageResult, jpeg_quality: int = 0) -> Data
         source,
         rgb,
         result,
-        series_uid=generate_uid(),
-        sop_uid=generate_uid(),
-        series_number=901,
-        instance_number=1,
-        software_version="0.1.0",
+        Placement(generate_uid(), generate_uid(), 901, 1, "0.1.0"),
         jpeg_quality=jpeg_quality,
     )
 
@@ -213,11 +210,7 @@ def make_pr(source: Dataset, result: ImageResult) -> Dataset:
         source,
         result,
         (ROWS, COLUMNS),
-        series_uid="1.2.3.4.905",
-        sop_uid="1.2.3.4.905.1",
-        series_number=905,
-        instance_number=2,
-        software_version="0.1.0",
+        Placement("1.2.3.4.905", "1.2.3.4.905.1", 905, 2, "0.1.0"),
     )
 
 
@@ -226,12 +219,7 @@ def make_sr(
 ) -> Dataset:
     return encode_sr(
         items,
-        series_uid=generate_uid(),
-        sop_uid=generate_uid(),
-        series_number=902,
-        instance_number=1,
-        manufacturer="dicomnode",
-        software_version="0.1.0",
+        Placement(generate_uid(), generate_uid(), 902, 1, "0.1.0"),
         predecessor=predecessor,
         uid_root=uid_root,
     )
@@ -454,11 +442,7 @@ def test_sc_round_trip(tmp_path: Path, classes: int, synthetic: bool) -> None:
         source,
         rgb,
         result,
-        series_uid="1.2.3.4.901",
-        sop_uid="1.2.3.4.901.1",
-        series_number=901,
-        instance_number=3,
-        software_version="0.1.0",
+        Placement("1.2.3.4.901", "1.2.3.4.901.1", 901, 3, "0.1.0"),
     )
     path = save(sc, tmp_path / "sc.dcm")
 
@@ -716,11 +700,7 @@ def test_sc_rejects_non_rgb() -> None:
             make_source(),
             np.zeros((ROWS, COLUMNS), dtype=np.uint8),
             make_result(),
-            series_uid=generate_uid(),
-            sop_uid=generate_uid(),
-            series_number=1,
-            instance_number=1,
-            software_version="0.1.0",
+            Placement(generate_uid(), generate_uid(), 1, 1, "0.1.0"),
         )
 
 
