@@ -473,6 +473,13 @@ class RoutingSettings(_Section):
         },
         description="BodyPartExamined values and description keywords per body part",
     )
+    rejection_notes: bool = Field(
+        True,
+        description="act on rejection notes (IHE IOCM: a Key Object Selection titled Rejected "
+        "for Quality Reasons, Rejected for Patient Safety Reasons, Incorrect Modality Worklist "
+        "Entry or Data Retention Policy Expired): the images it lists are analysed no more, "
+        "left out of the study's report, and what the node made of them is rejected in turn",
+    )
 
     @field_validator("body_part_aliases")
     @classmethod

@@ -21,9 +21,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
+from dicomnode.encode.codes import REJECTION_TITLES
 from dicomnode.errors import DicomNodeError
 from dicomnode.models.card import CARD_FILE, load_card
 from dicomnode.queue.jobs import JobKind, JobState
+from dicomnode.rejections import rejected_codes
 from dicomnode.studies import KEPT
 
 
@@ -167,7 +169,8 @@ def study_history(
         .where(Instance.study_instance_uid == study_uid)
         .order_by(Instance.received_at, Instance.sop_instance_uid)
     ).scalars()
-    images = tuple(_image(instance, jobs) for instance in instances)
+    rejected = rejected_codes(session, study_uid)
+    images = tuple(_image(instance, jobs, rejected) for instance in instances)
     rounds = tuple(_round(report, jobs) for report in reports)
     if not images and not rounds:
         return None
@@ -206,7 +209,11 @@ class _StudyJobs:
         return jobs
 
 
-def _image(instance: Instance, jobs: _StudyJobs) -> Image:
+def _image(instance: Instance, jobs: _StudyJobs, rejected: dict[str, str]) -> Image:
+    """One image; one that a rejection note withdrew says so (its state, then the title)."""
+    code = rejected.get(instance.sop_instance_uid)
+    state = instance.state if code is None else f"{instance.state}, rejected"
+    reason = instance.reason or ("" if code is None else str(REJECTION_TITLES[code].meaning))
     return Image(
         instance.sop_instance_uid,
         instance.series_instance_uid,
@@ -214,8 +221,8 @@ def _image(instance: Instance, jobs: _StudyJobs) -> Image:
         instance.body_part,
         instance.received_at,
         instance.association_id,
-        instance.state,
-        instance.reason,
+        state,
+        reason,
         JobLine.of(jobs.infer.get(instance.sop_instance_uid)),
     )
 

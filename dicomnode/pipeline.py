@@ -26,6 +26,7 @@ import pydicom
 
 from dicomnode import __version__, uids
 from dicomnode.encode.header import fit_character_set
+from dicomnode.encode.ko import encode_ko
 from dicomnode.encode.pr import encode_pr, presentation_state_applies
 from dicomnode.encode.render import UInt8Array, render_overlay
 from dicomnode.encode.sc import encode_sc, overlay_side
@@ -52,6 +53,8 @@ with a number of its own, so a PACS lists them apart: 9901, then the SR's 9902, 
 SR_SERIES_NUMBER = 9902
 PR_SERIES_NUMBERS = {"": 9905, "R": 9906, "L": 9907}
 """The presentation state series of a study, one per side as the overlays'."""
+KO_SERIES_NUMBER = 9908
+"""The series of the node's rejection notes (the results it withdrew)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +243,38 @@ def make_sr(
         not_analysed=not_analysed,
     )
     return fit_character_set(_with_institution(sr, institution_name))
+
+
+def make_ko(
+    objects: Sequence[pydicom.Dataset],
+    code: str,
+    model: ModelIdentity,
+    *,
+    uid_root: str,
+    sequence: int,
+    note_uids: Sequence[str],
+    institution_name: str = "",
+) -> pydicom.Dataset:
+    """The node's rejection note of round ``sequence`` of a study's report: it withdraws
+    ``objects`` (its result objects of that study and model) under the title of DCM
+    ``code``, because the rejection notes ``note_uids`` withdrew their images."""
+    study_uid = str(objects[0].StudyInstanceUID)
+    placement = Placement(
+        series_uid=uids.ko_series_uid(uid_root, study_uid, model.name, model.version),
+        sop_uid=uids.ko_instance_uid(
+            uid_root, study_uid, model.name, model.version, sequence, code
+        ),
+        series_number=KO_SERIES_NUMBER,
+        instance_number=sequence,
+        software_version=__version__,
+        manufacturer=MANUFACTURER,
+    )
+    why = (
+        f"AI results of {model.name} {model.version} withdrawn by {MANUFACTURER}: the images "
+        f"they were made from were rejected by rejection note {', '.join(note_uids)}"
+    )
+    ko = encode_ko(objects, code, placement, model, uid_root=uid_root, description=why)
+    return fit_character_set(_with_institution(ko, institution_name))
 
 
 def findings_to_json(result: ImageResult) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ from sqlalchemy.sql import ColumnElement
 from dicomnode.audit.objects import record_deleted
 from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import StorageSettings
-from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
+from dicomnode.db.schema import Association, Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import Database
 from dicomnode.errors import DicomNodeError, StorageError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState
@@ -346,6 +346,10 @@ def forget_study(
         )
     )
     session.execute(delete(Output).where(Output.report_id.in_(reports)))
+    rejections = Rejection.study_instance_uid == study_uid
+    if purged_only:
+        rejections = and_(rejections, Rejection.sop_instance_uid.in_(images))
+    session.execute(delete(Rejection).where(rejections))
     if purged_only:  # an instance that stays leaves its (deleted) round
         session.execute(
             update(Instance)

@@ -27,6 +27,7 @@ from dicomnode.db.schema import Association, Instance, Job, Output, Report
 from dicomnode.db.session import Database, db_now, lock_until_commit
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
+from dicomnode.rejections import is_rejected, read_rejection_note, record_rejection
 from dicomnode.values import BodyPart
 
 log = logging.getLogger(__name__)
@@ -163,11 +164,15 @@ def queue_new_instances(
     with that of other nodes sharing the database (:func:`lock_study`).
     """
     lock_study(session, study_uid)
-    instances = session.execute(
-        select(Instance).where(
-            Instance.study_instance_uid == study_uid, Instance.state == "received"
-        )
-    ).scalars()
+    instances = list(
+        session.execute(
+            select(Instance).where(
+                Instance.study_instance_uid == study_uid, Instance.state == "received"
+            )
+        ).scalars()
+    )
+    if settings.routing.rejection_notes:
+        instances = [i for i in instances if not _took_rejection_note(session, i, settings)]
     by_model: dict[str, list[Instance]] = defaultdict(list)
     cards: dict[str, LoadedCard] = {}
     for instance in instances:
@@ -186,11 +191,69 @@ def queue_new_instances(
     ]
 
 
+def _took_rejection_note(session: Session, instance: Instance, settings: Settings) -> bool:
+    """Whether ``instance`` is a rejection note (IHE IOCM), which is then carried out: the
+    images it lists are withdrawn (:func:`dicomnode.rejections.record_rejection`), and each
+    model version that reported on one of them reports again (a round closed at once, unless
+    one is open or waiting: its report leaves them out too). The note is skipped, its reason
+    saying what it did."""
+    note = read_rejection_note(instance)
+    if note is None:
+        return False
+    held, reported = record_rejection(session, note)
+    again = [r for r in reported if _report_again(session, r, settings)]
+    instance.state = "skipped"
+    instance.reason = (
+        f"rejection note ({note.meaning}): rejects {len(note.instances)} instance(s), "
+        f"{held} of them held here; {len(again)} report(s) made again"
+    )[:500]
+    log.info(
+        "rejection note sop=%s study=%s: %s",
+        note.sop_uid,
+        instance.study_instance_uid,
+        instance.reason,
+    )
+    return True
+
+
+def _report_again(session: Session, reported: Report, settings: Settings) -> bool:
+    """Close a new round of ``reported``'s study and model version at once, so that its
+    report leaves the rejected images out and rejects what named them; not when a round of
+    it is open (its report, made later, does it). Rounds report in turn
+    (:func:`dicomnode.queue.jobs.due_since`), so a report running now is followed."""
+    lock_study(session, reported.study_instance_uid)
+    is_open = session.execute(
+        select(Report.id).where(
+            Report.study_instance_uid == reported.study_instance_uid,
+            Report.model_name == reported.model_name,
+            Report.model_version == reported.model_version,
+            Report.state == OPEN,
+        )
+    ).first()
+    if is_open is not None:
+        return False
+    close_round(session, _round_after(session, reported).id, settings)
+    return True
+
+
+def _round_after(session: Session, reported: Report) -> Report:
+    """The open round of ``reported``'s study and model version (a new one when none is)."""
+    return _open_round_of(
+        session,
+        reported.study_instance_uid,
+        reported.model_name,
+        reported.model_version,
+        reported.calling_ae,
+    )
+
+
 def _decide(
     session: Session, instance: Instance, settings: Settings, registry: ModelRegistry
 ) -> LoadedCard | str:
     if _is_own_output(session, instance.sop_instance_uid):
         return "a result object of this node"
+    if is_rejected(session, instance.sop_instance_uid):
+        return "rejected by a rejection note that came before it"
     decision = route(
         instance.sop_class_uid,
         instance.modality,
@@ -312,13 +375,7 @@ def _rejoin_open_round(session: Session, job: Job) -> None:
     if reported is None or instance is None or reported.state in (OPEN, PENDING):
         return  # its round's report has not been made yet: it waits for this job
     lock_study(session, reported.study_instance_uid)
-    report = _open_round_of(
-        session,
-        reported.study_instance_uid,
-        reported.model_name,
-        reported.model_version,
-        reported.calling_ae,
-    )
+    report = _round_after(session, reported)
     job.report_id = instance.report_id = report.id
     instance.state = "queued"
     log.info("job %s re-queued into round %s (report %s)", job.id, report.sequence, report.id)

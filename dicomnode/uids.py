@@ -46,6 +46,18 @@ def sr_instance_uid(root: str, study_uid: str, model: str, version: str, sequenc
     return derived_uid(root, "sr", study_uid, model, version, str(sequence))
 
 
+def ko_series_uid(root: str, study_uid: str, model: str, version: str) -> str:
+    """The series of the node's rejection notes of a study and model version."""
+    return derived_uid(root, "ko-series", study_uid, model, version)
+
+
+def ko_instance_uid(
+    root: str, study_uid: str, model: str, version: str, sequence: int, code: str
+) -> str:
+    """The rejection note (of title ``code``) made by a round of a study's report."""
+    return derived_uid(root, "ko", study_uid, model, version, str(sequence), code)
+
+
 def transaction_uid(root: str) -> str:
     """A storage commitment request's Transaction UID: new for each request, never derived
     (a request made again, or for the same objects later, is another transaction)."""

@@ -21,13 +21,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Literal
 
 import pydicom
 from pynetdicom import evt
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -36,7 +37,7 @@ from dicomnode import pipeline
 from dicomnode.audit.objects import record_sent
 from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings, TlsSettings
-from dicomnode.db.schema import Instance, Job, Output, Report, Result
+from dicomnode.db.schema import Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import Database, db_now
 from dicomnode.encode.sr import SrImageItem
 from dicomnode.errors import (
@@ -53,6 +54,7 @@ from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.peers import PeerInfo, destination_host, get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
+from dicomnode.rejections import listed_in
 from dicomnode.send.commitment import (
     drop_request,
     queue_commitment,
@@ -407,6 +409,8 @@ class Worker:
         return self._run(q.JobKind.REPORT, 1, lambda jobs: self._report(jobs[0]), self.job_policy)
 
     def _report(self, job: q.ClaimedJob) -> None:
+        """The round's SR (of the study's images that are not rejected; none when every one
+        is), after the rejection notes of what the node made from rejected images."""
         assert job.report_id is not None
         with self.db.session() as session:
             report = session.get(Report, job.report_id)
@@ -414,30 +418,61 @@ class Worker:
             dead = _dead_instances(session, report)
             items = self._sr_items(session, report, dead)
             predecessor = _predecessor(session, report)
-        sr = pipeline.make_sr(
-            items,
-            uid_root=self.settings.node.uid_root,
-            sequence=report.sequence,
-            predecessor=predecessor,
-            not_analysed=len(dead),
-            institution_name=self.settings.node.institution_name,
-        )
-        path = self._write_output(sr)
+            withdrawals = _withdrawals(session, report)
+        written = [
+            ("KO", self._write_output(ko)) for ko in self._rejection_notes(report, withdrawals)
+        ]
+        sr = None
+        if items:
+            sr = pipeline.make_sr(
+                items,
+                uid_root=self.settings.node.uid_root,
+                sequence=report.sequence,
+                predecessor=predecessor,
+                not_analysed=len(dead),
+                institution_name=self.settings.node.institution_name,
+            )
+            written.append(("SR", self._write_output(sr)))
         with self.db.session() as session:
-            _record_output(session, sr, path, report.id, "SR", None)
+            for kind, path in written:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                _record_output(session, header, path, report.id, kind, None)
             session.flush()
             queued = self._queue_sends(session, report)
             _set_report_state(session, report.id, KEPT if self._kept_here(report) else "done")
             q.complete(session, job.id, self.worker_id)
         log.info(
-            "report %s study=%s round=%s: SR %s %s, %d sends queued",
+            "report %s study=%s round=%s: %s, %d rejection note(s), %d sends queued",
             report.id,
             report.study_instance_uid,
             report.sequence,
-            sr.SOPInstanceUID,
-            f"PARTIAL ({len(dead)} image(s) not analysed)" if dead else "COMPLETE",
+            "no SR (every image of the study was rejected)"
+            if sr is None
+            else f"SR {sr.SOPInstanceUID} "
+            + (f"PARTIAL ({len(dead)} image(s) not analysed)" if dead else "COMPLETE"),
+            len(written) - (sr is not None),
             queued,
         )
+
+    def _rejection_notes(
+        self, report: Report, withdrawals: Sequence[Withdrawal]
+    ) -> list[pydicom.Dataset]:
+        """The node's rejection notes of ``report``'s round: one per title."""
+        if not withdrawals:
+            return []
+        model = self._card_for(f"{report.model_name}:{report.model_version}").identity
+        return [
+            pipeline.make_ko(
+                [pydicom.dcmread(path, stop_before_pixels=True) for path in w.paths],
+                w.code,
+                model,
+                uid_root=self.settings.node.uid_root,
+                sequence=report.sequence,
+                note_uids=w.note_uids,
+                institution_name=self.settings.node.institution_name,
+            )
+            for w in withdrawals
+        ]
 
     def _sr_items(
         self, session: Session, report: Report, dead: Sequence[Instance]
@@ -460,6 +495,7 @@ class Worker:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
+                _not_rejected(),
             )
             .order_by(Instance.received_at)
         ).all()
@@ -522,7 +558,9 @@ class Worker:
             )
             return 0
         outputs = session.execute(
-            select(Output).where(Output.report_id == report.id).order_by(Output.kind)
+            select(Output)
+            .where(Output.report_id == report.id, ~_made_from_rejected(Output))
+            .order_by(Output.kind)
         ).scalars()
         specs = [
             q.JobSpec(
@@ -812,10 +850,75 @@ def _dead_instances(session: Session, report: Report) -> list[Instance]:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
+                _not_rejected(),
             )
             .order_by(Instance.received_at)
         ).scalars()
     )
+
+
+def _not_rejected() -> ColumnElement[bool]:
+    """The row's :class:`Instance` is not rejected by a rejection note."""
+    return ~exists().where(Rejection.sop_instance_uid == Instance.sop_instance_uid)
+
+
+def _made_from_rejected(output: type[Output]) -> ColumnElement[bool]:
+    """``output`` was made from an image that a rejection note rejected (its overlay or
+    presentation state)."""
+    return exists().where(Rejection.sop_instance_uid == output.source_sop_instance_uid)
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """Result objects that the node rejects in turn, under one title."""
+
+    code: str
+    paths: tuple[str, ...]
+    """The files of the result objects."""
+    note_uids: tuple[str, ...]
+    """The rejection notes received that rejected their images."""
+
+
+def _withdrawals(session: Session, report: Report) -> list[Withdrawal]:
+    """What earlier rounds of ``report``'s study (same model) made from images now rejected,
+    and did not reject yet: their overlays and presentation states, and their SRs that name
+    a rejected image; grouped by the title of the note that rejected the image."""
+    rejected = {
+        str(uid): (str(code), str(note))
+        for uid, code, note in session.execute(
+            select(
+                Rejection.sop_instance_uid, Rejection.code, Rejection.note_sop_instance_uid
+            ).where(Rejection.study_instance_uid == report.study_instance_uid)
+        )
+    }
+    if not rejected:
+        return []
+    earlier = list(
+        session.execute(
+            select(Output)
+            .join(Report, Report.id == Output.report_id)
+            .where(
+                Report.study_instance_uid == report.study_instance_uid,
+                Report.model_name == report.model_name,
+                Report.sequence < report.sequence,
+            )
+            .order_by(Report.sequence, Output.kind, Output.sop_instance_uid)
+        ).scalars()
+    )
+    done = {uid for o in earlier if o.kind == "KO" for uid in listed_in(o.path)}
+    groups: dict[str, tuple[list[str], dict[str, None]]] = {}
+    for output in earlier:
+        if output.kind == "KO" or output.sop_instance_uid in done:
+            continue
+        sources = (
+            listed_in(output.path) if output.kind == "SR" else [output.source_sop_instance_uid]
+        )
+        why = next((rejected[s] for s in sources if s in rejected), None)
+        if why is not None:
+            paths, notes = groups.setdefault(why[0], ([], {}))
+            paths.append(output.path)
+            notes[why[1]] = None
+    return [Withdrawal(code, tuple(p), tuple(n)) for code, (p, n) in groups.items()]
 
 
 def _set_report_state(session: Session, report_id: int, state: str) -> None:

@@ -93,6 +93,22 @@ class Instance(Base):
     )
 
 
+class Rejection(Base):
+    """An instance that a rejection note (IHE IOCM: a Key Object Selection document titled
+    "Rejected for Quality Reasons", "Rejected for Patient Safety Reasons", ...) withdrew
+    (revision 0009): it is analysed no more, reports leave it out, and what the node made
+    from it is rejected in turn."""
+
+    __tablename__ = "rejections"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    code: Mapped[str] = mapped_column(String(16))
+    """The rejection note's title: a DCM code value (113001, 113037, 113038 or 113039)."""
+    note_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    rejected_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Report(Base):
     __tablename__ = "reports"
     __table_args__ = (UniqueConstraint("study_instance_uid", "model_name", "sequence"),)

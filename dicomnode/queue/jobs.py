@@ -206,38 +206,51 @@ def _overlays_sent_first() -> ColumnElement[bool]:
         overlay.sop_instance_uid == overlay_job.sop_instance_uid,
         overlay.kind != "SR",
     )
-    return or_(Job.kind != JobKind.SEND, ~_sends_an_sr(), ~overlay_waiting)
+    return or_(Job.kind != JobKind.SEND, ~_sends("SR"), ~overlay_waiting)
 
 
 def _earlier_rounds_sent_first() -> ColumnElement[bool]:
     """A study's SR is sent to a peer once no SR of an earlier round of the study (by the same
-    model) waits for that peer.
+    model) waits for that peer; its rejection note (KO) once nothing of an earlier round does.
 
     After an outage each send keeps its own backoff, so the SR of round 2, which supersedes
     round 1's, could arrive first; a RIS that keeps the last SR it received would keep the
-    incomplete one. A dead earlier SR does not hold the later one back.
+    incomplete one. A rejection note rejects objects of earlier rounds: an archive should
+    have them before it is told to hide them. A dead earlier send does not hold a later one
+    back.
     """
+    sr_waits = _earlier_round_waiting(("SR",))
+    ko_waits = _earlier_round_waiting(None)
+    return or_(
+        Job.kind != JobKind.SEND,
+        and_(~_sends("SR"), ~_sends("KO")),
+        and_(_sends("SR"), ~sr_waits),
+        and_(_sends("KO"), ~ko_waits),
+    )
+
+
+def _earlier_round_waiting(kinds: tuple[str, ...] | None) -> ColumnElement[bool]:
+    """A send to the job's peer of an object (of ``kinds``, None: any) of an earlier round of
+    the job's study and model waits."""
     earlier_job, earlier_document = aliased(Job), aliased(Output)
-    earlier_report, report = aliased(Report), aliased(Report)
-    earlier_waiting = exists().where(
+    conditions = [
         earlier_job.kind == JobKind.SEND,
         earlier_job.peer == Job.peer,
         earlier_job.state.in_(PENDING),
-        earlier_document.sop_instance_uid == earlier_job.sop_instance_uid,
-        earlier_document.kind == "SR",
-        earlier_report.id == earlier_job.report_id,
-        report.id == Job.report_id,
-        earlier_report.study_instance_uid == report.study_instance_uid,
-        earlier_report.model_name == report.model_name,
-        earlier_report.sequence < report.sequence,
-    )
-    return or_(Job.kind != JobKind.SEND, ~_sends_an_sr(), ~earlier_waiting)
+        *_of_an_earlier_round(earlier_job),
+    ]
+    if kinds is not None:
+        conditions += [
+            earlier_document.sop_instance_uid == earlier_job.sop_instance_uid,
+            earlier_document.kind.in_(kinds),
+        ]
+    return exists().where(*conditions)
 
 
-def _sends_an_sr() -> ColumnElement[bool]:
-    """The job sends an SR (its object is an SR output)."""
+def _sends(kind: str) -> ColumnElement[bool]:
+    """The job sends an object of ``kind`` (SR, KO: its object is such an output)."""
     document = aliased(Output)
-    return exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == "SR")
+    return exists().where(document.sop_instance_uid == Job.sop_instance_uid, document.kind == kind)
 
 
 def hurry_sends(session: Session, peer: str) -> int:
@@ -263,14 +276,33 @@ def hurry_sends(session: Session, peer: str) -> int:
 
 
 def _report_ready() -> ColumnElement[bool]:
-    """A report job waits until none of its round's inference jobs is pending."""
-    infer = aliased(Job)
+    """A report job waits until none of its round's inference jobs is pending, nor the report
+    job of an earlier round of its study and model: rounds report in turn, so that a round's
+    SR and rejection note see what the earlier rounds made."""
+    infer, earlier_job = aliased(Job), aliased(Job)
     pending = exists().where(
         infer.report_id == Job.report_id,
         infer.kind == JobKind.INFER,
         infer.state.in_(PENDING),
     )
-    return or_(Job.kind != JobKind.REPORT, ~pending)
+    earlier_pending = exists().where(
+        earlier_job.kind == JobKind.REPORT,
+        earlier_job.state.in_(PENDING),
+        *_of_an_earlier_round(earlier_job),
+    )
+    return or_(Job.kind != JobKind.REPORT, and_(~pending, ~earlier_pending))
+
+
+def _of_an_earlier_round(earlier_job: type[Job]) -> list[ColumnElement[bool]]:
+    """``earlier_job`` belongs to an earlier round of the job's study and model."""
+    earlier_report, report = aliased(Report), aliased(Report)
+    return [
+        earlier_report.id == earlier_job.report_id,
+        report.id == Job.report_id,
+        earlier_report.study_instance_uid == report.study_instance_uid,
+        earlier_report.model_name == report.model_name,
+        earlier_report.sequence < report.sequence,
+    ]
 
 
 def claim(

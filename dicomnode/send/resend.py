@@ -6,7 +6,8 @@ that should hold them (a new archive). Every result object of the study's report
 peer, marked ``resend``: the first deliveries stay in the study's history, and the
 turnaround, which ends at a round's first delivery, leaves these out. The usual order holds:
 a round's SR after its overlays and presentation states, a later round's SR after the
-earlier ones.
+earlier ones. What the node withdrew after a rejection note (IHE IOCM) is not sent again;
+its own rejection notes are.
 
 Refused for a study the node does not know, for one whose pixel data were purged (its
 overlays are headers now: sending them would be sending broken images), and to a peer that
@@ -28,6 +29,7 @@ from dicomnode.db.session import db_now
 from dicomnode.errors import DicomNodeError
 from dicomnode.peers import get_peer
 from dicomnode.queue.jobs import PENDING, JobKind, JobSpec, enqueue
+from dicomnode.rejections import withdrawn
 from dicomnode.store.instances import PURGED
 from dicomnode.studies import KEPT
 
@@ -69,7 +71,10 @@ def resend_study(
     ).scalars()
     stamp = db_now(session).strftime("%Y%m%dT%H%M%S.%f")
     specs, waiting, paths = [], 0, []
+    gone = withdrawn(session, study_uid)
     for output in outputs:
+        if output.sop_instance_uid in gone:  # rejected by the node (its notes go again)
+            continue
         if _on_its_way(session, output.sop_instance_uid, peer):
             waiting += 1
             continue

@@ -534,6 +534,30 @@ def make_radiograph(
     return ds
 
 
+def make_rejection_note(rejected: list[Dataset], code: str = "113001") -> Dataset:
+    """A PACS's rejection note (IHE IOCM): a Key Object Selection document titled by DCM
+    ``code`` (113001 Rejected for Quality Reasons, 113037 Rejected for Patient Safety
+    Reasons, ...) listing ``rejected``, in their study; as highdicom writes one."""
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+    from pydicom.sr.coding import Code
+
+    from dicomnode.encode.codes import REJECTION_TITLES
+
+    title = REJECTION_TITLES.get(code) or Code(code, "DCM", "Of Interest")
+    content = KeyObjectSelection(document_title=title, referenced_objects=rejected)
+    note = KeyObjectSelectionDocument(
+        evidence=rejected,
+        content=content,
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="PACS",
+    )
+    note.file_meta = _file_meta(str(note.SOPClassUID), str(note.SOPInstanceUID))
+    return note
+
+
 def write_dataset(ds: Dataset, path: Path) -> Path:
     """Save ``ds`` as a DICOM file (preamble and file meta) and return ``path``."""
     path = Path(path)

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from dicomnode.audit.trail import AuditTrail
 from dicomnode.config import Settings
 from dicomnode.db.migrate import upgrade
+from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.peers import sync_config_peers
@@ -126,6 +127,14 @@ class InProcessNode:
         codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
         assoc.release()
         return codes
+
+    def instance(self, sop_uid: object) -> Instance:
+        """The database's record of a received instance (detached: read its fields)."""
+        with self.db.session() as session:
+            row = session.get(Instance, str(sop_uid))
+            assert row is not None, f"instance {sop_uid} is not recorded"
+            session.expunge(row)
+            return row
 
     def count(self, model: type, **where: object) -> int:
         """Rows of ``model`` matching ``where`` (column=value)."""

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.images import make_radiograph, make_rejection_note, write_dataset
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.node import NodeProcess, orthanc_and_node, stop_processes
 from dicomnode.testing.peers import Orthanc, free_port, wait_for
@@ -127,6 +127,50 @@ def test_orthanc_study_gets_sc_and_sr_back(
     assert "done" in status
     _assert_private(node)
     _assert_metrics(node)
+
+
+def test_a_rejection_note_forwarded_by_orthanc_withdraws_the_results(
+    pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
+) -> None:
+    """IHE IOCM with a real PACS: the rejection note of an image, stored in Orthanc and sent
+    on with its study, makes the node reject its overlay and SR; Orthanc takes the node's
+    note, which validates."""
+    orthanc, node = pacs_and_node
+    image = make_radiograph(body_part="KNEE")
+    study_id: str = orthanc.upload(write_dataset(image, tmp_path / "knee.dcm"))["ParentStudy"]
+    orthanc.send_study("dicomnode", study_id)
+    _wait_for_results(orthanc, study_id, "SC and SR in Orthanc's study")
+    made = {
+        orthanc.instance_tags(i["ID"])["SOPInstanceUID"]
+        for i in orthanc.study_instances(study_id)
+        if orthanc.instance_tags(i["ID"])["SOPClassUID"] in (SC_CLASS, SR_CLASS)
+    }
+    note = write_dataset(make_rejection_note([image], "113037"), tmp_path / "note.dcm")
+    orthanc.upload(note)
+    orthanc.send_study("dicomnode", study_id)  # the image and the results again, and the note
+
+    def nodes_note() -> list[dict[str, object]]:
+        return [
+            {"ID": i["ID"]} | orthanc.instance_tags(i["ID"])
+            for i in orthanc.study_instances(study_id)
+            if orthanc.instance_tags(i["ID"]).get("SeriesNumber") == "9908"
+        ]
+
+    wait_for(lambda: len(nodes_note()) == 1, 120, interval=0.5, what="the node's note")
+    (ko,) = nodes_note()
+    path = orthanc.download(str(ko["ID"]), tmp_path / "ko.dcm")
+    assert dciodvfy_errors(path) == []
+    answer = pydicom.dcmread(path)
+    assert answer.ConceptNameCodeSequence[0].CodeValue == "113037"
+    listed = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in answer.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert listed == made  # the overlay and the SR; the study has no image left to report
+    assert _classes(orthanc, study_id).count(SR_CLASS) == 1
+    shown = node.cli("study", str(image.StudyInstanceUID)).stdout
+    assert "done, rejected" in shown and "rejects 1 instance(s), 1 of them held here" in shown
 
 
 def _assert_metrics(node: NodeProcess) -> None:

@@ -1522,3 +1522,19 @@ def replace_uid(dataset: Dataset | None, uid: str) -> Dataset:
     assert dataset is not None
     dataset.SOPInstanceUID = uid
     return dataset
+
+
+def test_a_rejection_note_needs_objects_and_a_rejection_title() -> None:
+    from dicomnode.encode.ko import encode_ko
+
+    placement = Placement("1.2.3.4.908", "1.2.3.4.908.1", 9908, 1, "0.1.0")
+    model = make_result().model
+    with pytest.raises(EncodeError, match="at least one object"):
+        encode_ko([], "113001", placement, model, uid_root="1.2.3.", description="why")
+    with pytest.raises(EncodeError, match="113000 is not the title of a rejection note"):
+        encode_ko([make_source()], "113000", placement, model, uid_root="1.2.3.", description="why")
+    note = encode_ko(
+        [make_source()], "113039", placement, model, uid_root="1.2.3.", description="x" * 2000
+    )
+    assert note.ConceptNameCodeSequence[0].CodeMeaning == "Data Retention Policy Expired"
+    assert (note.Modality, note.SeriesNumber) == ("KO", 9908)

@@ -394,3 +394,49 @@ def test_a_worker_on_a_host_with_a_long_name_gets_an_id_that_fits(
         (claimed,) = q.claim(s, q.JobKind.INFER, worker, 30)
     with db.session() as s:
         assert q.running_workers(s) == [worker] and q.complete(s, claimed.id, worker)
+
+
+def test_rounds_report_in_turn(db: Database) -> None:
+    """Round 2's report (made again after a rejection note, say) waits for round 1's, so that
+    it sees the SR round 1 made and can reject it."""
+    first, second = add_report(db, "1.2", 1), add_report(db, "1.2", 2)
+    other_study = add_report(db, "1.3", 2)
+    with db.session() as s:
+        q.enqueue(
+            s,
+            [
+                q.JobSpec(q.JobKind.REPORT, f"report:{r}", 3, report_id=r)
+                for r in (second, other_study, first)
+            ],
+        )
+    with db.session() as s:
+        claimed = q.claim(s, q.JobKind.REPORT, "w", 30, limit=8)
+    assert sorted(j.report_id or 0 for j in claimed) == sorted([first, other_study])
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.REPORT, "w", 30, limit=8) == []  # round 1 still running
+        q.complete(s, next(j.id for j in claimed if j.report_id == first), "w")
+    with db.session() as s:
+        (due,) = q.claim(s, q.JobKind.REPORT, "w", 30, limit=8)
+    assert due.report_id == second
+
+
+def test_the_nodes_rejection_note_waits_for_every_earlier_send(db: Database) -> None:
+    """An archive should hold the objects before it is told to hide them."""
+    first, second = add_report(db, "1.2", 1), add_report(db, "1.2", 2)
+    _send_output(db, first, "7.1", "SC")
+    _send_output(db, second, "7.2", "KO")
+    _send_output(db, second, "7.3", "SR")
+    with db.session() as s:
+        (overlay,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert overlay.sop_instance_uid == "7.1"  # neither the note nor the SR after it
+    with db.session() as s:
+        q.complete(s, overlay.id, "w")
+    with db.session() as s:
+        (note,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert note.sop_instance_uid == "7.2"
+    with db.session() as s:
+        assert q.claim(s, q.JobKind.SEND, "w", 30, limit=8) == []  # the SR after its note
+        q.complete(s, note.id, "w")
+    with db.session() as s:
+        (sr,) = q.claim(s, q.JobKind.SEND, "w", 30, limit=8)
+    assert sr.sop_instance_uid == "7.3"

@@ -1,0 +1,144 @@
+"""Rejection notes (IHE IOCM) through the in-process node: the PACS withdraws images with a
+Key Object Selection, and the node leaves them out of its report and rejects what it made of
+them, with a note of the same title, which an archive supporting IOCM hides as it hid the
+images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from dicomnode.db.schema import Instance, Job, Rejection
+from dicomnode.history import study_history
+from dicomnode.receive import statuses
+from dicomnode.send.resend import resend_study
+from dicomnode.testing.images import make_radiograph, make_rejection_note
+from dicomnode.testing.inprocess import InProcessNode as Node
+from dicomnode.testing.peers import wait_for
+from dicomnode.testing.validate import dciodvfy_errors
+
+SC, SR, KO = "OT", "SR", "KO"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    started = Node.start(tmp_path)
+    yield started
+    started.close()
+
+
+def _received(node: Node, modality: str) -> list[Dataset]:
+    return [d for d in node.collector.received if d.Modality == modality]
+
+
+def _listed(note: Dataset) -> set[str]:
+    return {
+        str(item.ReferencedSOPInstanceUID)
+        for study in note.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def _valid(dataset: Dataset, tmp_path: Path) -> bool:
+    path = tmp_path / f"{dataset.SOPInstanceUID}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return dciodvfy_errors(path) == []
+
+
+def _study(count: int) -> list[Dataset]:
+    first = make_radiograph(body_part="KNEE", seed=1)
+    return [first] + [
+        make_radiograph(body_part="KNEE", seed=1 + i, study_uid=first.StudyInstanceUID)
+        for i in range(1, count)
+    ]
+
+
+def test_a_rejected_image_leaves_the_report_and_its_results_are_rejected_in_turn(
+    node: Node, tmp_path: Path
+) -> None:
+    kept, wrong = _study(2)
+    assert node.send(kept, wrong) == [statuses.SUCCESS] * 2
+    wait_for(lambda: len(node.collector.received) >= 3, 60, what="two overlays and the SR")
+    (first_sr,) = _received(node, SR)
+    overlay_of = {
+        str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID): sc for sc in _received(node, SC)
+    }
+
+    # the technologist rejects the image of the wrong patient
+    note = make_rejection_note([wrong], "113037")
+    assert node.send(note) == [statuses.SUCCESS]
+    wait_for(lambda: len(node.collector.received) >= 5, 60, what="the node's note and a new SR")
+    (ko,) = _received(node, KO)
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113037"  # the title it was given
+    assert _listed(ko) == {overlay_of[wrong.SOPInstanceUID].SOPInstanceUID, first_sr.SOPInstanceUID}
+    assert ko.SeriesDescription.startswith("AI rejection note tiny-knee")
+    assert _valid(ko, tmp_path)
+    second_sr = _received(node, SR)[-1]
+    assert str(kept.SOPInstanceUID) in str(second_sr)
+    assert str(wrong.SOPInstanceUID) not in str(second_sr)
+    predecessor = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert [d.Modality for d in node.collector.received][-2:] == [KO, SR]  # the note first
+    stored_note = node.instance(note.SOPInstanceUID)
+    assert stored_note.state == "skipped"
+    assert "Rejected for Patient Safety Reasons" in stored_note.reason
+    assert "rejects 1 instance(s), 1 of them held here; 1 report(s) made again" in (
+        stored_note.reason
+    )
+
+    # the last image is rejected too: its results go, and no empty SR is made
+    assert node.send(make_rejection_note([kept], "113001")) == [statuses.SUCCESS]
+    wait_for(lambda: len(_received(node, KO)) == 2, 60, what="the second note")
+    last = _received(node, KO)[-1]
+    assert last.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert _listed(last) == {
+        overlay_of[kept.SOPInstanceUID].SOPInstanceUID,
+        second_sr.SOPInstanceUID,
+    }
+    wait_for(lambda: node.count(Job, kind="send", state="done") == 6, 30, what="sends done")
+    assert len(_received(node, SR)) == 2
+    assert node.count(Rejection) == 2
+    assert node.count(Job, kind="infer") == 2  # nothing analysed again
+    with node.db.session() as session:  # a resend sends what stands: the node's two notes
+        again = resend_study(
+            session, str(kept.StudyInstanceUID), "PACS", max_attempts=3, dry_run=True
+        )
+        history = study_history(session, str(kept.StudyInstanceUID))  # `dicomnode study`
+    assert sorted(pydicom.dcmread(p).Modality for p in again.paths) == [KO, KO]
+    assert history is not None
+    shown = {i.sop_instance_uid: (i.state, i.reason) for i in history.images}
+    assert shown[wrong.SOPInstanceUID] == ("done, rejected", "Rejected for Patient Safety Reasons")
+    assert shown[kept.SOPInstanceUID] == ("done, rejected", "Rejected for Quality Reasons")
+
+
+def test_an_image_rejected_before_it_arrives_is_not_analysed(node: Node) -> None:
+    kept, wrong = _study(2)
+    note = make_rejection_note([wrong], "113001")
+    assert node.send(note) == [statuses.SUCCESS]
+    wait_for(lambda: node.count(Instance, state="skipped") == 1, 30, what="the note carried out")
+    said = node.instance(note.SOPInstanceUID).reason
+    assert "rejects 1 instance(s), 0 of them held here; 0 report(s) made again" in said
+    assert node.count(Rejection) == 1  # recorded, though the node holds none of it yet
+    assert node.send(kept, wrong) == [statuses.SUCCESS] * 2
+    wait_for(lambda: len(_received(node, SR)) == 1, 60, what="the SR")
+    (sr,) = _received(node, SR)
+    assert str(wrong.SOPInstanceUID) not in str(sr)
+    assert "came before it" in node.instance(wrong.SOPInstanceUID).reason
+    assert node.count(Job, kind="infer") == 1
+    assert _received(node, KO) == []
+
+
+def test_a_key_object_selection_of_another_title_changes_nothing(node: Node) -> None:
+    (image,) = _study(1)
+    node.send(image)
+    wait_for(lambda: len(node.collector.received) >= 2, 60, what="overlay and SR")
+    key_images = make_rejection_note([image], "113000")  # "Of Interest": a radiologist's pick
+    assert node.send(key_images) == [statuses.SUCCESS]
+    wait_for(lambda: node.instance(key_images.SOPInstanceUID).state == "skipped", 30, what="routed")
+    assert "not a radiograph SOP class" in node.instance(key_images.SOPInstanceUID).reason
+    assert node.count(Rejection) == 0 and node.count(Job, kind="report") == 1
