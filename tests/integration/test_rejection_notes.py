@@ -19,7 +19,7 @@ from dicomnode.send.resend import resend_study
 from dicomnode.testing.images import make_radiograph, make_rejection_note
 from dicomnode.testing.inprocess import InProcessNode as Node
 from dicomnode.testing.peers import wait_for
-from dicomnode.testing.validate import dciodvfy_errors
+from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
 SC, SR, KO = "OT", "SR", "KO"
 
@@ -45,9 +45,12 @@ def _listed(note: Dataset) -> set[str]:
 
 
 def _valid(dataset: Dataset, tmp_path: Path) -> bool:
+    """dciodvfy finds no error in it, and dcmtk reads its document tree, titled as it is."""
     path = tmp_path / f"{dataset.SOPInstanceUID}.dcm"
     dataset.save_as(path, enforce_file_format=True)
-    return dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    title = str(dataset.ConceptNameCodeSequence[0].CodeMeaning)
+    return dciodvfy_errors(path) == [] and dump.returncode == 0 and title in dump.stdout
 
 
 def _study(count: int) -> list[Dataset]:
@@ -95,7 +98,7 @@ def test_a_rejected_image_leaves_the_report_and_its_results_are_rejected_in_turn
     assert node.send(make_rejection_note([kept], "113001")) == [statuses.SUCCESS]
     wait_for(lambda: len(_received(node, KO)) == 2, 60, what="the second note")
     last = _received(node, KO)[-1]
-    assert last.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert last.ConceptNameCodeSequence[0].CodeValue == "113001" and _valid(last, tmp_path)
     assert _listed(last) == {
         overlay_of[kept.SOPInstanceUID].SOPInstanceUID,
         second_sr.SOPInstanceUID,
