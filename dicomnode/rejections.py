@@ -6,8 +6,8 @@ store a Key Object Selection document titled with the reason, listing the reject
 and send it on to the systems that had them. When the node routes such a note
 (:func:`read_rejection_note`, from :func:`dicomnode.studies.queue_new_instances`):
 
-- every listed instance the node holds is recorded (table ``rejections``); an inference still
-  waiting for it is discarded, and an instance that arrives after its note is not analysed;
+- every instance it lists is recorded (table ``rejections``): an inference still waiting for
+  it is discarded, and one that arrives after its note is not analysed;
 - each model version whose report already named one of them gets a new round of the study,
   closed at once. Its report (:mod:`dicomnode.worker`) leaves the rejected images out (and makes
   no SR when none is left) and rejects, with a note of the same title, the overlays and
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -120,7 +121,7 @@ def record_rejection(session: Session, note: RejectionNote) -> tuple[int, list[R
     return len(held), _reported_rounds(session, held)
 
 
-def _withdraw(session: Session, instance: Instance, note: RejectionNote, now: object) -> None:
+def _withdraw(session: Session, instance: Instance, note: RejectionNote, now: datetime) -> None:
     """No inference for a rejected instance: a waiting job is discarded (one running ends
     as it will; the report leaves its result out)."""
     reason = f"rejected ({note.meaning}) by rejection note {note.sop_uid}"

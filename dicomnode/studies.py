@@ -195,8 +195,8 @@ def _took_rejection_note(session: Session, instance: Instance, settings: Setting
     """Whether ``instance`` is a rejection note (IHE IOCM), which is then carried out: the
     images it lists are withdrawn (:func:`dicomnode.rejections.record_rejection`), and each
     model version that reported on one of them reports again (a round closed at once, unless
-    one is open or waiting: its report leaves them out too). The note is skipped, its reason
-    saying what it did."""
+    one is open: its report leaves them out too). The note is skipped, its reason saying what
+    it did."""
     note = read_rejection_note(instance)
     if note is None:
         return False

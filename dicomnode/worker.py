@@ -881,8 +881,10 @@ class Withdrawal:
 
 def _withdrawals(session: Session, report: Report) -> list[Withdrawal]:
     """What earlier rounds of ``report``'s study (same model) made from images now rejected,
-    and did not reject yet: their overlays and presentation states, and their SRs that name
-    a rejected image; grouped by the title of the note that rejected the image."""
+    sent (or began to send), and did not reject yet: their overlays and presentation states,
+    and their SRs that name a rejected image; grouped by the title of the note that rejected
+    the image. (An overlay of an image rejected before its round's report was never sent, nor
+    were a shadow-mode round's results: no peer has them to hide.)"""
     rejected = {
         str(uid): (str(code), str(note))
         for uid, code, note in session.execute(
@@ -901,6 +903,9 @@ def _withdrawals(session: Session, report: Report) -> list[Withdrawal]:
                 Report.study_instance_uid == report.study_instance_uid,
                 Report.model_name == report.model_name,
                 Report.sequence < report.sequence,
+                exists().where(
+                    Job.kind == q.JobKind.SEND, Job.sop_instance_uid == Output.sop_instance_uid
+                ),
             )
             .order_by(Report.sequence, Output.kind, Output.sop_instance_uid)
         ).scalars()
