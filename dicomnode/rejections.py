@@ -146,23 +146,23 @@ def _withdraw(session: Session, instance: Instance, note: RejectionNote, now: da
 
 
 def _reported_rounds(session: Session, sop_uids: list[str]) -> list[Report]:
-    """The latest reported round of each study and model version whose results include one
-    of ``sop_uids``, or whose report is being made now (a round whose report has not
-    started leaves them out by itself)."""
+    """The latest reported round of each study and model version that named one of
+    ``sop_uids`` (its result, or its analysis that died: "Not assessed"), or whose report is
+    being made now (a round whose report has not started leaves them out by itself)."""
     if not sop_uids:
         return []
     reporting = exists().where(
         Job.report_id == Report.id, Job.kind == JobKind.REPORT, Job.state == JobState.RUNNING
     )
+    reported = (Report.state != "open", or_(Report.state != "pending", reporting))
+    analysed = select(Result.report_id).where(Result.sop_instance_uid.in_(sop_uids))
+    died = select(Job.report_id).where(
+        Job.kind == JobKind.INFER,
+        Job.state == JobState.DEAD,
+        Job.sop_instance_uid.in_(sop_uids),
+    )
     rounds = session.execute(
-        select(Report)
-        .join(Result, Result.report_id == Report.id)
-        .where(
-            Result.sop_instance_uid.in_(sop_uids),
-            Report.state != "open",
-            or_(Report.state != "pending", reporting),
-        )
-        .distinct()
+        select(Report).where(or_(Report.id.in_(analysed), Report.id.in_(died)), *reported)
     ).scalars()
     latest: dict[tuple[str, str, str], Report] = {}
     for report in rounds:

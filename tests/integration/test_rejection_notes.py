@@ -145,3 +145,38 @@ def test_a_key_object_selection_of_another_title_changes_nothing(node: Node) -> 
     wait_for(lambda: node.instance(key_images.SOPInstanceUID).state == "skipped", 30, what="routed")
     assert "not a radiograph SOP class" in node.instance(key_images.SOPInstanceUID).reason
     assert node.count(Rejection) == 0 and node.count(Job, kind="report") == 1
+
+
+def test_an_image_that_failed_and_is_then_rejected_leaves_the_partial_report(
+    node: Node, tmp_path: Path
+) -> None:
+    """The SR listed the image as "Not assessed" (its analysis died): once it is rejected, a
+    new SR without it, COMPLETE, and the first SR rejected."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    from pynetdicom import AE
+
+    (kept,) = _study(1)
+    broken = make_radiograph(
+        body_part="KNEE", rows=64, columns=64, bits_stored=8, study_uid=kept.StudyInstanceUID
+    )
+    broken.BitsAllocated, broken.BitsStored, broken.HighBit = 8, 8, 7
+    broken.PixelData = encapsulate([b"\xff\xd8\xff\xe0not a jpeg\xff\xd9"])
+    broken["PixelData"].VR = "OB"
+    broken.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(broken.SOPClassUID, JPEGBaseline8Bit)
+    ae.add_requested_context(kept.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="DICOMNODE")
+    assert [int(assoc.send_c_store(d).Status) for d in (kept, broken)] == [statuses.SUCCESS] * 2
+    assoc.release()
+    wait_for(lambda: len(_received(node, SR)) == 1, 60, what="the PARTIAL SR")
+    (partial,) = _received(node, SR)
+    assert partial.CompletionFlag == "PARTIAL"
+    assert node.send(make_rejection_note([broken], "113001")) == [statuses.SUCCESS]
+    wait_for(lambda: len(_received(node, SR)) == 2, 60, what="the SR made again")
+    (ko,) = _received(node, KO)
+    assert _listed(ko) == {partial.SOPInstanceUID} and _valid(ko, tmp_path)
+    complete = _received(node, SR)[-1]
+    assert complete.CompletionFlag == "COMPLETE"
+    assert str(broken.SOPInstanceUID) not in str(complete)
