@@ -26,12 +26,13 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode import __version__
 from dicomnode.config import MetricsSettings, Settings
-from dicomnode.db.schema import Instance, Job, Report
+from dicomnode.db.schema import Instance, Job, Output, Rejection, Report
 from dicomnode.db.session import Database, db_now
 from dicomnode.errors import ConfigError
 from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
@@ -188,6 +189,7 @@ def _from_database(session: Session) -> Iterator[Metric]:
     yield from _jobs(session)
     yield from _images(session)
     yield from _reports(session)
+    yield from _rejections(session)
     yield from _turnaround(session)
     yield from _sends(session)
 
@@ -259,6 +261,38 @@ def _reports(session: Session) -> Iterator[Metric]:
         ["model"],
         (((model,), _epoch(when)) for model, when in finished),
     )
+
+
+def _rejections(session: Session) -> Iterator[Metric]:
+    """What rejection notes (IHE IOCM) withdrew: images, by the note's title; and the node's
+    own results, by model (a reader hid an AI result in the PACS: worth watching)."""
+    rows = session.execute(
+        select(Rejection.code, func.count()).where(~_is_a_result()).group_by(Rejection.code)
+    ).all()
+    yield _labelled(
+        "dicomnode_rejected_images",
+        "images that a rejection note withdrew, by its title (DCM code: 113001 quality, "
+        "113037 patient safety, 113038 worklist entry, 113039 retention)",
+        ["code"],
+        (((code,), int(count)) for code, count in rows),
+    )
+    rows = session.execute(
+        select(Report.model_name, func.count())
+        .select_from(Rejection)
+        .join(Output, Output.sop_instance_uid == Rejection.sop_instance_uid)
+        .join(Report, Report.id == Output.report_id)
+        .group_by(Report.model_name)
+    ).all()
+    yield _labelled(
+        "dicomnode_rejected_results",
+        "the node's result objects that a rejection note from the PACS withdrew, by model",
+        ["model"],
+        (((model,), int(count)) for model, count in rows),
+    )
+
+
+def _is_a_result() -> ColumnElement[bool]:
+    return exists().where(Output.sop_instance_uid == Rejection.sop_instance_uid)
 
 
 def _turnaround(session: Session) -> Iterator[Metric]:

@@ -186,3 +186,44 @@ def test_a_scrape_neither_waits_for_nor_holds_up_a_writer(db: Database, settings
         reading.execute(select(func.count()).select_from(Job)).scalar_one()
         with db.session() as writer:  # would wait 30 s behind a reader holding the lock
             writer.add(Association(id="a3", calling_ae="MOD", receiver="n", started_at=utcnow()))
+
+
+@pytest.mark.both_databases
+def test_rejections_are_counted_by_title_and_the_nodes_own_results_by_model(
+    db: Database, settings: Settings
+) -> None:
+    """A reader who hides an AI result in the PACS sends the node a rejection note that lists
+    it: a figure worth watching beside the images withdrawn."""
+    from dicomnode.db.schema import Output, Rejection
+
+    made = round_row(db, "7", image_at=utcnow(), made_at=utcnow())
+    with db.session() as s:
+        s.add(
+            Output(
+                sop_instance_uid="9.1",
+                series_instance_uid="9",
+                report_id=made,
+                kind="SR",
+                path="/results/9.1.dcm",
+                created_at=utcnow(),
+            )
+        )
+        for uid, code in (
+            ("1.1", "113037"),
+            ("1.2", "113037"),
+            ("1.3", "113001"),
+            ("9.1", "113001"),
+        ):
+            s.add(
+                Rejection(
+                    sop_instance_uid=uid,
+                    study_instance_uid="1.2.7",
+                    code=code,
+                    note_sop_instance_uid="8.1",
+                    rejected_at=utcnow(),
+                )
+            )
+    figures = _figures(exposition(db, settings)[0])
+    assert figures[("dicomnode_rejected_images", (("code", "113037"),))] == 2
+    assert figures[("dicomnode_rejected_images", (("code", "113001"),))] == 1  # not the SR
+    assert figures[("dicomnode_rejected_results", (("model", "knee-kl"),))] == 1
