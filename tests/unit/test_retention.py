@@ -313,7 +313,7 @@ def test_a_discarded_analysis_skips_its_image_and_a_discarded_report_ends_its_ro
 def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: Path) -> None:
     """An erasure request, or a study routed here by mistake: its images, overlays, SR and
     every record of it go; another study stays whole."""
-    from dicomnode.db.schema import Result
+    from dicomnode.db.schema import Rejection, Result
     from dicomnode.retention import forget_study, remove_files
 
     study, image, sc, sr = _study(db, tmp_path / "data" / "instances" / "s1" / "x")
@@ -332,6 +332,15 @@ def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: 
                 created_at=utcnow(),
             )
         )
+        session.add(  # a rejection note withdrew it
+            Rejection(
+                sop_instance_uid=uid,
+                study_instance_uid=study,
+                code="113037",
+                note_sop_instance_uid="8.1",
+                rejected_at=utcnow(),
+            )
+        )
     with db.session() as session:
         dry = forget_study(session, study, dry_run=True)
     assert (dry.instances, dry.outputs, set(dry.files)) == (1, 2, {image, sc, sr})
@@ -344,7 +353,7 @@ def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: 
     assert (tmp_path / "data" / "instances").is_dir()
     assert all(path.exists() for path in kept)
     with db.session() as session:
-        for table in (Instance, Report, Output, Job, Result):
+        for table in (Instance, Report, Output, Job, Result, Rejection):
             rows = session.execute(select(table)).scalars().all()
             assert all(study not in str(vars(row)) for row in rows), table.__name__
         studies = session.execute(select(Instance.study_instance_uid)).scalars().all()
