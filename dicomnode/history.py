@@ -21,12 +21,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
-from dicomnode.encode.codes import REJECTION_TITLES
 from dicomnode.errors import DicomNodeError
 from dicomnode.models.card import CARD_FILE, load_card
 from dicomnode.queue.jobs import JobKind, JobState
 from dicomnode.rejections import rejected_codes
 from dicomnode.studies import KEPT
+from dicomnode.values import REJECTION_TITLES
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _image(instance: Instance, jobs: _StudyJobs, rejected: dict[str, str]) -> Im
     """One image; one that a rejection note withdrew says so (its state, then the title)."""
     code = rejected.get(instance.sop_instance_uid)
     state = instance.state if code is None else f"{instance.state}, rejected"
-    reason = instance.reason or ("" if code is None else str(REJECTION_TITLES[code].meaning))
+    reason = instance.reason or ("" if code is None else REJECTION_TITLES[code])
     return Image(
         instance.sop_instance_uid,
         instance.series_instance_uid,

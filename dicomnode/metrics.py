@@ -39,6 +39,7 @@ from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
 from dicomnode.status import turnaround
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
+from dicomnode.values import REJECTION_TITLES
 
 log = logging.getLogger(__name__)
 
@@ -266,28 +267,34 @@ def _reports(session: Session) -> Iterator[Metric]:
 def _rejections(session: Session) -> Iterator[Metric]:
     """What rejection notes (IHE IOCM) withdrew: images, by the note's title; and the node's
     own results, by model (a reader hid an AI result in the PACS: worth watching)."""
-    rows = session.execute(
-        select(Rejection.code, func.count()).where(~_is_a_result()).group_by(Rejection.code)
-    ).all()
+    images = dict(
+        session.execute(
+            select(Rejection.code, func.count()).where(~_is_a_result()).group_by(Rejection.code)
+        ).all()
+    )
     yield _labelled(
         "dicomnode_rejected_images",
         "images that a rejection note withdrew, by its title (DCM code: 113001 quality, "
         "113037 patient safety, 113038 worklist entry, 113039 retention)",
         ["code"],
-        (((code,), int(count)) for code, count in rows),
+        (((code,), int(images.get(code, 0))) for code in sorted({*REJECTION_TITLES, *images})),
     )
-    rows = session.execute(
-        select(Report.model_name, func.count())
-        .select_from(Rejection)
-        .join(Output, Output.sop_instance_uid == Rejection.sop_instance_uid)
-        .join(Report, Report.id == Output.report_id)
-        .group_by(Report.model_name)
-    ).all()
+    results = dict(
+        session.execute(
+            select(Report.model_name, func.count())
+            .select_from(Rejection)
+            .join(Output, Output.sop_instance_uid == Rejection.sop_instance_uid)
+            .join(Report, Report.id == Output.report_id)
+            .group_by(Report.model_name)
+        ).all()
+    )
+    models = session.execute(select(Report.model_name).distinct()).scalars()
     yield _labelled(
         "dicomnode_rejected_results",
-        "the node's result objects that a rejection note from the PACS withdrew, by model",
+        "the node's result objects that a rejection note from the PACS withdrew, by model "
+        "(every model that reported, zero too)",
         ["model"],
-        (((model,), int(count)) for model, count in rows),
+        (((model,), int(results.get(model, 0))) for model in sorted(set(models))),
     )
 
 

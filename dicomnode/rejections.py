@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.schema import Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import db_now
-from dicomnode.encode.codes import REJECTION_TITLES
 from dicomnode.queue.jobs import JobKind, JobState
+from dicomnode.values import REJECTION_TITLES
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RejectionNote:
 
     @property
     def meaning(self) -> str:
-        return str(REJECTION_TITLES[self.code].meaning)
+        return REJECTION_TITLES[self.code]
 
 
 def read_rejection_note(instance: Instance) -> RejectionNote | None:

@@ -23,6 +23,16 @@ class BodyPart(StrEnum):
     SPINE = "SPINE"
 
 
+REJECTION_TITLES: dict[str, str] = {
+    "113001": "Rejected for Quality Reasons",
+    "113037": "Rejected for Patient Safety Reasons",
+    "113038": "Incorrect Modality Worklist Entry",
+    "113039": "Data Retention Policy Expired",
+}
+"""The Document Titles (DCM code value: meaning) that make a Key Object Selection a rejection
+note (IHE IOCM), the received ones and the node's own."""
+
+
 @dataclass(frozen=True)
 class OwnWindow:
     """A window the node chose for an image (LINEAR_EXACT, PS3.3 C.11.2.1.3.2): modality

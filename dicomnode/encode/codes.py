@@ -1,4 +1,4 @@
-"""Coded concepts used in the node's Structured Reports and rejection notes.
+"""Coded concepts used in the node's Structured Reports.
 
 Public concepts come from :data:`pydicom.sr.codedict.codes` (DCM, SCT, UCUM).
 Concepts that no public terminology provides live in the private coding scheme
@@ -21,18 +21,6 @@ from dicomnode.values import BodyPart, CodedClass
 
 PRIVATE_SCHEME = "99DICOMNODE"
 """Coding scheme designator of the node's own concepts."""
-
-REJECTION_TITLES: dict[str, Code] = {
-    str(code.value): code
-    for code in (
-        codes.DCM.RejectedForQualityReasons,
-        codes.DCM.RejectedForPatientSafetyReasons,
-        codes.DCM.IncorrectModalityWorklistEntry,
-        codes.DCM.DataRetentionPolicyExpired,
-    )
-}
-"""The Document Titles (DCM code values) that make a Key Object Selection a rejection note
-(IHE IOCM), the received ones and the node's own."""
 
 PRIVATE_SCHEME_IDENTIFICATION = CodingSchemeIdentificationItem(
     designator=PRIVATE_SCHEME,

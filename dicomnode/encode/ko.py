@@ -14,12 +14,12 @@ import pydicom
 from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
-from dicomnode.encode.codes import REJECTION_TITLES
 from dicomnode.encode.sc import series_description
 from dicomnode.errors import EncodeError
 from dicomnode.uids import derived_uid
-from dicomnode.values import ModelIdentity, Placement
+from dicomnode.values import REJECTION_TITLES, ModelIdentity, Placement
 
 
 def encode_ko(
@@ -33,7 +33,7 @@ def encode_ko(
 ) -> pydicom.Dataset:
     """Encode a rejection note listing ``objects`` (headers of the node's result objects, all
     of one study) under the title of DCM ``code`` (a key of
-    :data:`~dicomnode.rejections.REJECTION_TITLES`).
+    :data:`~dicomnode.values.REJECTION_TITLES`).
 
     ``model``: the model whose results they are (the series description names it);
     ``description``: the Key Object Description (why; at most 1024 characters).
@@ -55,7 +55,7 @@ def encode_ko(
     )
     try:
         content = KeyObjectSelection(
-            document_title=REJECTION_TITLES[code],
+            document_title=Code(code, "DCM", REJECTION_TITLES[code]),
             referenced_objects=list(objects),
             observer_device_context=observer,
             description=description[:1024],

@@ -541,9 +541,9 @@ def make_rejection_note(rejected: list[Dataset], code: str = "113001") -> Datase
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from pydicom.sr.coding import Code
 
-    from dicomnode.encode.codes import REJECTION_TITLES
+    from dicomnode.values import REJECTION_TITLES
 
-    title = REJECTION_TITLES.get(code) or Code(code, "DCM", "Of Interest")
+    title = Code(code, "DCM", REJECTION_TITLES.get(code, "Of Interest"))
     content = KeyObjectSelection(document_title=title, referenced_objects=rejected)
     note = KeyObjectSelectionDocument(
         evidence=rejected,

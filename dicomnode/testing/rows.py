@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from dicomnode.db.schema import Association, Instance, Job, Report
+from dicomnode.db.schema import Association, Instance, Job, Output, Rejection, Report
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
@@ -35,6 +35,31 @@ def instance_row(sop_instance_uid: str, association_id: str, **columns: Any) -> 
     }
     values.update(columns)
     return Instance(sop_instance_uid=sop_instance_uid, association_id=association_id, **values)
+
+
+def output_row(uid: str, report_id: int, kind: str = "SC", source: str | None = None) -> Output:
+    """The row of the node's result object ``uid`` (an SC, PR, SR or KO) of round
+    ``report_id``, made from image ``source``, its file at ``/results/<uid>.dcm``."""
+    return Output(
+        sop_instance_uid=uid,
+        series_instance_uid="9",
+        report_id=report_id,
+        kind=kind,
+        source_sop_instance_uid=source,
+        path=f"/results/{uid}.dcm",
+        created_at=utcnow(),
+    )
+
+
+def rejection_row(uid: str, study_uid: str, code: str = "113001", note: str = "8.1") -> Rejection:
+    """The record that rejection note ``note`` (titled ``code``) rejected ``uid``."""
+    return Rejection(
+        sop_instance_uid=uid,
+        study_instance_uid=study_uid,
+        code=code,
+        note_sop_instance_uid=note,
+        rejected_at=utcnow(),
+    )
 
 
 def round_row(db: Database, key: str, *, image_at: datetime, made_at: datetime) -> int:

@@ -25,6 +25,8 @@ from dicomnode.testing.peers import LOOPBACK, free_port
 from dicomnode.testing.rows import (
     fill_known_state,
     metrics_without_a_database,
+    output_row,
+    rejection_row,
     round_row,
     send_row,
 )
@@ -194,36 +196,14 @@ def test_rejections_are_counted_by_title_and_the_nodes_own_results_by_model(
 ) -> None:
     """A reader who hides an AI result in the PACS sends the node a rejection note that lists
     it: a figure worth watching beside the images withdrawn."""
-    from dicomnode.db.schema import Output, Rejection
-
     made = round_row(db, "7", image_at=utcnow(), made_at=utcnow())
     with db.session() as s:
-        s.add(
-            Output(
-                sop_instance_uid="9.1",
-                series_instance_uid="9",
-                report_id=made,
-                kind="SR",
-                path="/results/9.1.dcm",
-                created_at=utcnow(),
-            )
-        )
-        for uid, code in (
-            ("1.1", "113037"),
-            ("1.2", "113037"),
-            ("1.3", "113001"),
-            ("9.1", "113001"),
-        ):
-            s.add(
-                Rejection(
-                    sop_instance_uid=uid,
-                    study_instance_uid="1.2.7",
-                    code=code,
-                    note_sop_instance_uid="8.1",
-                    rejected_at=utcnow(),
-                )
-            )
+        s.add(output_row("9.1", made, "SR"))
+        for uid, code in (("1.1", "113037"), ("1.2", "113037"), ("1.3", "113001")):
+            s.add(rejection_row(uid, "1.2.7", code))
+        s.add(rejection_row("9.1", "1.2.7", "113001"))  # the node's SR, hidden by a reader
     figures = _figures(exposition(db, settings)[0])
     assert figures[("dicomnode_rejected_images", (("code", "113037"),))] == 2
     assert figures[("dicomnode_rejected_images", (("code", "113001"),))] == 1  # not the SR
     assert figures[("dicomnode_rejected_results", (("model", "knee-kl"),))] == 1
+    assert figures[("dicomnode_rejected_images", (("code", "113039"),))] == 0  # zeros too

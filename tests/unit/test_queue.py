@@ -14,6 +14,7 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.testing.queue import add_report, claim_concurrently
+from dicomnode.testing.rows import output_row
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -273,19 +274,8 @@ def test_a_reports_sr_is_sent_after_its_overlays_and_presentation_states(db: Dat
 def _send_output(db: Database, report_id: int, uid: str, kind: str = "SR") -> None:
     """The result object ``uid`` (an SR, SC or PR) of report ``report_id``, and its send to
     PACS."""
-    from dicomnode.db.schema import Output
-
     with db.session() as s:
-        s.add(
-            Output(
-                sop_instance_uid=uid,
-                series_instance_uid="9",
-                report_id=report_id,
-                kind=kind,
-                path=f"/x/{uid}.dcm",
-                created_at=utcnow(),
-            )
-        )
+        s.add(output_row(uid, report_id, kind))
         q.enqueue(
             s,
             [

@@ -315,6 +315,7 @@ def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: 
     every record of it go; another study stays whole."""
     from dicomnode.db.schema import Rejection, Result
     from dicomnode.retention import forget_study, remove_files
+    from dicomnode.testing.rows import rejection_row
 
     study, image, sc, sr = _study(db, tmp_path / "data" / "instances" / "s1" / "x")
     other, *kept = _study(db, tmp_path / "data" / "instances" / "s2")
@@ -332,15 +333,7 @@ def test_a_forgotten_study_leaves_no_file_and_no_record(db: Database, tmp_path: 
                 created_at=utcnow(),
             )
         )
-        session.add(  # a rejection note withdrew it
-            Rejection(
-                sop_instance_uid=uid,
-                study_instance_uid=study,
-                code="113037",
-                note_sop_instance_uid="8.1",
-                rejected_at=utcnow(),
-            )
-        )
+        session.add(rejection_row(uid, study, "113037"))  # a rejection note withdrew it
     with db.session() as session:
         dry = forget_study(session, study, dry_run=True)
     assert (dry.instances, dry.outputs, set(dry.files)) == (1, 2, {image, sc, sr})

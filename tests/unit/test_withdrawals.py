@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from dicomnode.db.schema import Output, Rejection, Report
-from dicomnode.db.session import Database, utcnow
+from dicomnode.db.schema import Report
+from dicomnode.db.session import Database
 from dicomnode.queue import jobs as q
 from dicomnode.testing.queue import add_report
+from dicomnode.testing.rows import output_row, rejection_row
 from dicomnode.worker import _withdrawals
 
 pytestmark = pytest.mark.both_databases
@@ -16,32 +17,14 @@ pytestmark = pytest.mark.both_databases
 
 def _output(db: Database, report_id: int, uid: str, source: str, *, sent: bool) -> None:
     with db.session() as s:
-        s.add(
-            Output(
-                sop_instance_uid=uid,
-                series_instance_uid="9",
-                report_id=report_id,
-                kind="SC",
-                source_sop_instance_uid=source,
-                path=f"/results/{uid}.dcm",
-                created_at=utcnow(),
-            )
-        )
+        s.add(output_row(uid, report_id, "SC", source))
         if sent:
             q.enqueue(s, [q.JobSpec(q.JobKind.SEND, f"{uid}>PACS", 5, sop_instance_uid=uid)])
 
 
 def _reject(db: Database, uid: str, code: str, note: str) -> None:
     with db.session() as s:
-        s.add(
-            Rejection(
-                sop_instance_uid=uid,
-                study_instance_uid="1.2",
-                code=code,
-                note_sop_instance_uid=note,
-                rejected_at=utcnow(),
-            )
-        )
+        s.add(rejection_row(uid, "1.2", code, note))
 
 
 def test_only_what_was_sent_is_withdrawn_under_the_title_that_rejected_its_image(
