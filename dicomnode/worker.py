@@ -419,9 +419,7 @@ class Worker:
             items = self._sr_items(session, report, dead)
             predecessor = _predecessor(session, report)
             withdrawals = _withdrawals(session, report)
-        written = [
-            ("KO", self._write_output(ko)) for ko in self._rejection_notes(report, withdrawals)
-        ]
+        made = [("KO", ko) for ko in self._rejection_notes(report, withdrawals)]
         sr = None
         if items:
             sr = pipeline.make_sr(
@@ -432,11 +430,11 @@ class Worker:
                 not_analysed=len(dead),
                 institution_name=self.settings.node.institution_name,
             )
-            written.append(("SR", self._write_output(sr)))
+            made.append(("SR", sr))
+        written = [(kind, dataset, self._write_output(dataset)) for kind, dataset in made]
         with self.db.session() as session:
-            for kind, path in written:
-                header = pydicom.dcmread(path, stop_before_pixels=True)
-                _record_output(session, header, path, report.id, kind, None)
+            for kind, dataset, path in written:
+                _record_output(session, dataset, path, report.id, kind, None)
             session.flush()
             queued = self._queue_sends(session, report)
             _set_report_state(session, report.id, KEPT if self._kept_here(report) else "done")
