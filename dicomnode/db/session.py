@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.dml import Insert
 
 from dicomnode.errors import DatabaseError
 
@@ -45,6 +48,16 @@ def db_now(session: Session) -> datetime:
         assert isinstance(moment, datetime)
         return moment
     return utcnow()
+
+
+def insert_new(
+    session: Session, table: type[DeclarativeBase], rows: list[dict[str, Any]], keys: list[str]
+) -> Insert:
+    """An INSERT of ``rows`` that skips each row whose ``keys`` another row holds already
+    (``ON CONFLICT DO NOTHING``: SQLite and PostgreSQL), so that nodes sharing the database
+    may insert the same row at once."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return insert(table).values(rows).on_conflict_do_nothing(index_elements=keys)
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -30,13 +30,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import CTE, Select, and_, exists, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.db.schema import Job, Output, Report
-from dicomnode.db.session import db_now
+from dicomnode.db.session import db_now, insert_new
 from dicomnode.queue.retry import RetryPolicy
 
 
@@ -114,14 +112,7 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
         }
         for s in specs
     ]
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    statement = (
-        insert(Job)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["kind", "dedupe_key"])
-        .returning(Job.id)
-    )
+    statement = insert_new(session, Job, rows, ["kind", "dedupe_key"]).returning(Job.id)
     return len(session.execute(statement).all())
 
 
