@@ -414,6 +414,51 @@ def ae_list(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def models(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list, for scripts")] = False,
+) -> None:
+    """The model versions installed (models.dir) and those that reported here before: body
+    parts, training data, weights checksum, and the analysis rounds each opened. A version
+    no longer installed can still report its studies again (a rejection note): the node kept
+    its card."""
+    from dataclasses import asdict
+
+    from dicomnode.cards import model_versions
+    from dicomnode.service import load_registry
+
+    resolved = settings(config)
+    registry = load_registry(resolved)
+    with _database(resolved).reading() as session:
+        versions = model_versions(session, registry)
+    if as_json:
+        typer.echo(json.dumps([asdict(v) for v in versions], default=_iso, indent=1))
+        return
+    table = Table(
+        "name",
+        "version",
+        "body parts",
+        "installed",
+        "training data",
+        "weights",
+        "rounds",
+        "last round (UTC)",
+    )
+    for v in versions:
+        table.add_row(
+            v.name,
+            v.version,
+            ", ".join(v.body_parts) or "-",
+            escape(v.installed) or "no (card kept)",
+            "synthetic" if v.synthetic_training_data else "real",
+            v.sha256[:12],
+            str(v.rounds),
+            v.last_round.strftime("%Y-%m-%d %H:%M") if v.last_round else "-",
+        )
+    console.print(table)
+
+
+@app.command()
 def status(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="studies, and skipped instances, to show")] = 10,
@@ -461,12 +506,14 @@ def study(
     node holds no record of the study."""
     from dataclasses import asdict
 
+    from dicomnode.cards import kept_class_names
     from dicomnode.history import class_names, render_history, study_history
 
     resolved = settings(config)
     db = _database(resolved)
     with db.reading() as session:
-        history = study_history(session, study_uid.strip(), class_names(Path(resolved.models.dir)))
+        names = kept_class_names(session) | class_names(Path(resolved.models.dir))
+        history = study_history(session, study_uid.strip(), names)
     if history is None:
         err.print(f"the node holds no record of study {escape(study_uid)}")
         raise typer.Exit(1)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from dicomnode import logs
 from dicomnode.audit.events import application_activity
 from dicomnode.audit.trail import AuditTrail
+from dicomnode.cards import changed_weights
 from dicomnode.config import Settings
 from dicomnode.db import migrate
 from dicomnode.db.session import Database
@@ -45,7 +46,7 @@ from dicomnode.queue.jobs import release_worker, running_workers, worker_id_of
 from dicomnode.receive.scp import StoreHandlers, remove_stale_incoming, start_scp
 from dicomnode.retention import apply_retention
 from dicomnode.store.instances import release_all_open
-from dicomnode.studies import schedule_ready
+from dicomnode.studies import route_again_after_update, schedule_ready
 from dicomnode.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,17 @@ def serve(settings: Settings, *, with_scp: bool = True, workers: int | None = No
         _check_destinations(session, settings, with_scp)
     registry = load_registry(settings)
     _check_routes(settings, registry)
+    with db.reading() as session:
+        for line in changed_weights(session, registry):
+            log.warning(line)
     _release_dead_local_workers(db)
+    if with_scp:
+        with db.session() as session:
+            moved = route_again_after_update(session, registry)
+        if moved:
+            log.info(
+                "%d image(s) waiting for a model version no longer installed: routed again", moved
+            )
     stop = threading.Event()
     _install_signals(stop)
     audit = AuditTrail.from_settings(settings)

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydicom.uid import UID
-from sqlalchemy import exists, func, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
+from dicomnode.cards import keep_card
 from dicomnode.config import RoutingSettings, Settings
-from dicomnode.db.schema import Association, Instance, Job, Output, Report
+from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, db_now, lock_until_commit
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
@@ -272,8 +273,11 @@ def _decide(
 def _open_round(
     session: Session, study_uid: str, loaded: LoadedCard, members: list[Instance]
 ) -> Report:
-    """The study's open round for this model (and version), or a new one."""
+    """The study's open round for this model (and version), or a new one; the card is kept
+    (:func:`dicomnode.cards.keep_card`), so the study can be reported again by this version
+    after it left ``models/``."""
     card = loaded.card
+    keep_card(session, card)
     return _open_round_of(session, study_uid, card.name, card.version, members[0].calling_ae)
 
 
@@ -379,6 +383,74 @@ def _rejoin_open_round(session: Session, job: Job) -> None:
     job.report_id = instance.report_id = report.id
     instance.state = "queued"
     log.info("job %s re-queued into round %s (report %s)", job.id, report.sequence, report.id)
+
+
+def route_again_after_update(session: Session, registry: ModelRegistry) -> int:
+    """Route again the images waiting for a model version that is no longer installed (the
+    node restarted after a model update); how many.
+
+    Each such inference job (queued, or failed and waiting to try again; not running, and
+    not dead: a dead one was reported "Not assessed", and ``dicomnode retry`` of it counts as
+    waiting at the next start) is deleted and its image received again, so the next
+    scheduler pass routes it to the version that serves its body part now. A round left with
+    no image and no result is deleted with its report job; one that keeps analysed images
+    reports them as before, with its version's kept card (:mod:`dicomnode.cards`).
+
+    Run by ``serve`` at start-up only: hosts sharing the database with other ``models/``
+    (a rolling update) would otherwise route the same images back and forth."""
+    installed = [f"{c.card.name}:{c.card.version}" for c in registry.cards]
+    waiting = (
+        session.execute(
+            select(Job).where(
+                Job.kind == JobKind.INFER,
+                Job.state.in_((JobState.QUEUED, JobState.FAILED)),
+                Job.group_key.not_in(installed),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    rounds = {job.report_id for job in waiting if job.report_id is not None}
+    for job in waiting:
+        instance = session.get(Instance, job.sop_instance_uid)
+        if instance is not None:
+            lock_study(session, instance.study_instance_uid)
+            instance.state, instance.report_id, instance.reason = "received", None, ""
+        log.info(
+            "job %s sop=%s: model %s is no longer installed; routed again",
+            job.id,
+            job.sop_instance_uid,
+            job.group_key,
+        )
+        session.delete(job)
+    session.flush()
+    for report_id in rounds:
+        _delete_if_empty(session, report_id)
+    return len(waiting)
+
+
+def _delete_if_empty(session: Session, report_id: int) -> None:
+    """Delete the round ``report_id`` and its report job when no image and no result is in it."""
+    held = session.execute(
+        select(
+            exists().where(Instance.report_id == report_id)
+            | exists().where(Result.report_id == report_id)
+            | exists().where(Output.report_id == report_id)
+        )
+    ).scalar_one()
+    if held:
+        return
+    session.execute(delete(Job).where(Job.report_id == report_id))
+    report = session.get(Report, report_id)
+    if report is not None:
+        log.info(
+            "round %s of study=%s model=%s %s: empty, deleted",
+            report.sequence,
+            report.study_instance_uid,
+            report.model_name,
+            report.model_version,
+        )
+        session.delete(report)
 
 
 def _queue_inference(

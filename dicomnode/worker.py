@@ -36,6 +36,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode import pipeline
 from dicomnode.audit.objects import record_sent
 from dicomnode.audit.trail import AuditTrail
+from dicomnode.cards import card_for_report
 from dicomnode.config import Settings, TlsSettings
 from dicomnode.db.schema import Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import Database, db_now
@@ -50,6 +51,7 @@ from dicomnode.errors import (
 )
 from dicomnode.inference import Predictor
 from dicomnode.logs import redact_quoted
+from dicomnode.models.card import ModelCard, identity
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.peers import PeerInfo, destination_host, get_peer, peer_by_ae_title
 from dicomnode.queue import jobs as q
@@ -70,6 +72,7 @@ from dicomnode.store.files import ensure_free_space, output_path, write_durably
 from dicomnode.studies import KEPT
 from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
+from dicomnode.values import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -415,11 +418,12 @@ class Worker:
         with self.db.session() as session:
             report = session.get(Report, job.report_id)
             assert report is not None
+            card = card_for_report(session, self.registry, report.model_name, report.model_version)
             dead = _dead_instances(session, report)
-            items = self._sr_items(session, report, dead)
+            items = self._sr_items(session, report, card, dead)
             predecessor = _predecessor(session, report)
             withdrawals = _withdrawals(session, report)
-        made = [("KO", ko) for ko in self._rejection_notes(report, withdrawals)]
+        made = [("KO", ko) for ko in self._rejection_notes(report, identity(card), withdrawals)]
         sr = None
         if items:
             sr = pipeline.make_sr(
@@ -453,12 +457,9 @@ class Worker:
         )
 
     def _rejection_notes(
-        self, report: Report, withdrawals: Sequence[Withdrawal]
+        self, report: Report, model: ModelIdentity, withdrawals: Sequence[Withdrawal]
     ) -> list[pydicom.Dataset]:
         """The node's rejection notes of ``report``'s round: one per title."""
-        if not withdrawals:
-            return []
-        model = self._card_for(f"{report.model_name}:{report.model_version}").identity
         return [
             pipeline.make_ko(
                 [pydicom.dcmread(path, stop_before_pixels=True) for path in w.paths],
@@ -473,14 +474,13 @@ class Worker:
         ]
 
     def _sr_items(
-        self, session: Session, report: Report, dead: Sequence[Instance]
+        self, session: Session, report: Report, card: ModelCard, dead: Sequence[Instance]
     ) -> list[SrImageItem]:
         """The study's images that the model's rounds up to ``report``'s answered: analysed,
         or skipped as unreadable by it (reported "Not assessed" with the reason), in the
         order received; then ``dead``, those whose analysis died (:func:`_dead_instances`),
         "Not assessed" as :data:`pipeline.ANALYSIS_FAILED` (the report is then PARTIAL)."""
-        loaded = self._card_for(f"{report.model_name}:{report.model_version}")
-        model, classes = loaded.identity, loaded.card.coded_classes()
+        model, classes = identity(card), card.coded_classes()
         sc, pr = aliased(Output), aliased(Output)
         rows = session.execute(
             select(Result, Instance, sc.path, pr.path)

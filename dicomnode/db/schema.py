@@ -7,6 +7,7 @@
 ``outputs``       result objects written by the node (SC and SR files).
 ``jobs``          the persistent queue (see :mod:`dicomnode.queue.jobs`).
 ``peers``         known application entities (editable at run time).
+``model_cards``   the card of every model version the node opened a round with.
 
 No column is meant for patient names or IDs; the instance files keep them. One holds
 header free text: ``instances.descriptions`` (Study and Series Description, Protocol Name,
@@ -107,6 +108,22 @@ class Rejection(Base):
     """The rejection note's title: a DCM code value (113001, 113037, 113038 or 113039)."""
     note_sop_instance_uid: Mapped[str] = mapped_column(UID)
     rejected_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ModelCardRecord(Base):
+    """The card of a model version the node opened a round with (revision 0010), as JSON:
+    a study is reported again (a rejection note, weeks later) by the version that reported it,
+    whose SR and rejection notes name it as the earlier SR did, also after that version left
+    ``models/``."""
+
+    __tablename__ = "model_cards"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    """Its weights' checksum, as its outputs state it."""
+    card: Mapped[str] = mapped_column(Text)
+    first_used_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Report(Base):

@@ -41,6 +41,7 @@ class InProcessNode:
     collector: CollectingSCP
     worker: Worker
     server: Any
+    registry: ModelRegistry
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -90,16 +91,22 @@ class InProcessNode:
         audit = AuditTrail.from_settings(settings)
         worker = Worker(settings, db, registry, worker_id="test-worker", audit=audit)
         server = start_scp(settings, db, StoreHandlers(settings, db, audit))
-        node = cls(settings, db, collector, worker, server)
-        node.thread = threading.Thread(target=node._loop, args=(registry,), daemon=True)
+        node = cls(settings, db, collector, worker, server, registry)
+        node.thread = threading.Thread(target=node._loop, daemon=True)
         node.thread.start()
         return node
 
-    def _loop(self, registry: ModelRegistry) -> None:
+    def _loop(self) -> None:
         while not self.stop.is_set():
-            schedule_ready(self.db, self.settings, registry)
+            schedule_ready(self.db, self.settings, self.registry)
             if not self.worker.step():
                 self.stop.wait(0.05)
+
+    def reload_models(self) -> None:
+        """Load ``models.dir`` again, as a restart after a model update does (the scheduler
+        and the worker take the new registry at their next step)."""
+        registry = ModelRegistry.load(self.settings.models.dir)
+        self.registry = self.worker.registry = registry
 
     def close(self) -> None:
         self.stop.set()

@@ -5,6 +5,7 @@ images."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dicomnode.receive import statuses
 from dicomnode.send.resend import resend_study
 from dicomnode.testing.images import make_radiograph, make_rejection_note
 from dicomnode.testing.inprocess import InProcessNode as Node
+from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.peers import wait_for
 from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 
@@ -51,6 +53,19 @@ def _valid(dataset: Dataset, tmp_path: Path) -> bool:
     dump = dsrdump(path)
     title = str(dataset.ConceptNameCodeSequence[0].CodeMeaning)
     return dciodvfy_errors(path) == [] and dump.returncode == 0 and title in dump.stdout
+
+
+def _versions(sr: Dataset) -> set[str]:
+    """The Algorithm Version (TID 4019, DCM 111003) of every item of the SR's content tree."""
+    found, items = set(), list(sr.ContentSequence)
+    while items:
+        item = items.pop()
+        items += list(item.get("ContentSequence", []))
+        if item.get("ConceptNameCodeSequence") and item.ConceptNameCodeSequence[0].CodeValue == (
+            "111003"
+        ):
+            found.add(str(item.TextValue))
+    return found
 
 
 def _study(count: int) -> list[Dataset]:
@@ -180,3 +195,34 @@ def test_an_image_that_failed_and_is_then_rejected_leaves_the_partial_report(
     complete = _received(node, SR)[-1]
     assert complete.CompletionFlag == "COMPLETE"
     assert str(broken.SOPInstanceUID) not in str(complete)
+
+
+def test_a_study_is_reported_again_by_the_version_that_reported_it_after_an_update(
+    node: Node, tmp_path: Path
+) -> None:
+    """The model is updated between the report and the rejection note: the study is reported
+    again by the version that reported it, whose card the node kept, not left unanswered."""
+    kept, wrong = _study(2)
+    assert node.send(kept, wrong) == [statuses.SUCCESS] * 2
+    wait_for(lambda: len(node.collector.received) >= 3, 60, what="two overlays and the SR")
+    (first_sr,) = _received(node, SR)
+    assert _versions(first_sr) == {"0.0.1"}
+    models = Path(node.settings.models.dir)
+    shutil.rmtree(models / "tiny-knee")  # 0.0.1 leaves models/, 0.0.2 takes its place
+    make_tiny_model(models / "tiny-knee-2", version="0.0.2", num_classes=5, seed=3)
+    node.reload_models()
+
+    assert node.send(make_rejection_note([wrong], "113037")) == [statuses.SUCCESS]
+    wait_for(lambda: len(_received(node, SR)) == 2, 60, what="the SR made again")
+    (ko,) = _received(node, KO)
+    assert ko.SeriesDescription.startswith("AI rejection note tiny-knee 0.0.1")
+    assert first_sr.SOPInstanceUID in _listed(ko) and _valid(ko, tmp_path)
+    second_sr = _received(node, SR)[-1]
+    assert _versions(second_sr) == {"0.0.1"}  # as the SR it supersedes
+    assert str(wrong.SOPInstanceUID) not in str(second_sr)
+    assert node.count(Job, kind="report", state="dead") == 0
+
+    late = make_radiograph(body_part="KNEE", seed=9, study_uid=kept.StudyInstanceUID)
+    assert node.send(late) == [statuses.SUCCESS]  # a new image: the version installed now
+    wait_for(lambda: len(_received(node, SR)) == 3, 60, what="the new version's SR")
+    assert _versions(_received(node, SR)[-1]) == {"0.0.2"}

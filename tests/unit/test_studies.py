@@ -288,3 +288,56 @@ def test_a_round_another_node_closed_and_reported_is_not_set_back_to_pending(
     node_b.join(30)
     with db.session() as session:
         assert session.execute(select(Report.state)).scalar_one() == "done"
+
+
+def test_images_waiting_for_a_removed_version_go_to_the_version_installed_now(
+    db: Database, settings: Settings, registry: ModelRegistry
+) -> None:
+    """A restart after a model update: images still waiting for the version that left
+    models/ are routed to the one installed now; what was analysed stays in its round."""
+    sending = _association(db, released=True)
+    _store(db, sending, "1.2.3.1.1", ago=0.0)  # waits
+    _store(db, sending, "1.2.3.1.2", ago=0.0)  # being analysed
+    with db.session() as session:
+        session.add(
+            instance_row(
+                "1.2.4.1.1", sending, study_instance_uid="1.2.4", modality="DX", body_part="KNEE"
+            )
+        )  # waits, alone in its study
+    schedule_ready(db, settings, registry)
+    with db.session() as session:
+        queued = {j.sop_instance_uid: j for j in session.execute(select(Job)).scalars()}
+        queued["1.2.3.1.2"].state = "running"
+        queued["1.2.3.1.1"].state = "failed"  # tried once, waits to try again
+    models = Path(settings.models.dir)
+    for card in models.iterdir():
+        for file in card.iterdir():
+            file.unlink()
+        card.rmdir()
+    make_tiny_model(models / "tiny-knee-2", num_classes=5, version="0.0.2")
+    updated = ModelRegistry.load(models)
+
+    with db.session() as session:
+        assert studies.route_again_after_update(session, updated) == 2
+    with db.session() as session:
+        rounds = {r.study_instance_uid: r.model_version for r in session.scalars(select(Report))}
+        assert rounds == {"1.2.3": "0.0.1"}  # the other study's round was left empty: deleted
+        kept = session.scalars(select(Job)).all()
+        assert [(j.sop_instance_uid, j.group_key) for j in kept] == [
+            ("1.2.3.1.2", "tiny-knee:0.0.1")
+        ]
+    schedule_ready(db, settings, updated)
+    with db.session() as session:
+        jobs = {
+            j.sop_instance_uid: j.group_key
+            for j in session.scalars(select(Job).where(Job.kind == "infer"))
+        }
+        states = dict(session.execute(select(Instance.sop_instance_uid, Instance.state)).all())
+    assert jobs == {
+        "1.2.3.1.1": "tiny-knee:0.0.2",
+        "1.2.3.1.2": "tiny-knee:0.0.1",
+        "1.2.4.1.1": "tiny-knee:0.0.2",
+    }
+    assert set(states.values()) == {"queued"}
+    with db.session() as session:  # nothing is waiting for a removed version: a no-op
+        assert studies.route_again_after_update(session, updated) == 0
