@@ -613,6 +613,82 @@ def _warn_not_dead(job_ids: list[int] | None, count: int) -> None:
 
 
 @app.command()
+def withdraw(
+    study: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Study Instance UID(s); none: every study that --model --version reported"
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="only this model's results")] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="only this version's results")
+    ] = None,
+    title: Annotated[
+        str,
+        typer.Option(
+            "--title",
+            help="the note's title: quality (113001), safety (113037), worklist (113038) "
+            "or retention (113039)",
+        ),
+    ] = "quality",
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason", help="why, for the note's Key Object Description (it goes to the PACS)"
+        ),
+    ] = "",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be withdrawn, change nothing")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Withdraw the node's results of studies from the PACS (a model version recalled, a
+    study outside its model's intended use): a rejection note (IHE IOCM) lists the overlays,
+    presentation states and SRs sent, and goes where they went; an archive that supports
+    IOCM hides them. Without a study: every study that --model --version reported (a
+    recall). Exit status 1 when nothing could be withdrawn."""
+    from dicomnode.withdraw import TITLES, WithdrawError, targets
+    from dicomnode.withdraw import withdraw as withdraw_results
+
+    if title not in TITLES:
+        raise typer.BadParameter(f"use one of {', '.join(TITLES)}", param_hint="--title")
+    if not study and not (model and version):
+        raise typer.BadParameter(
+            "name the studies, or --model and --version to withdraw every study they reported",
+            param_hint="STUDY",
+        )
+    resolved = settings(config)
+    db = _database(resolved)
+    with db.session() as session:
+        found = targets(session, study or [], model, version)
+        if not found:
+            err.print("nothing to withdraw: no result of these studies was sent")
+            raise typer.Exit(1)
+        table = Table("study", "model", "result objects sent", "state")
+        for t in found:
+            state = "being analysed: withdraw once reported" if t.busy else "to withdraw"
+            table.add_row(
+                t.study_instance_uid, f"{t.model_name} {t.model_version}", str(t.sent), state
+            )
+        console.print(table)
+        if dry_run:
+            return
+        if not (yes or typer.confirm(f"Withdraw the results of {len(found)} study(ies)?")):
+            raise typer.Exit(1)
+        try:
+            rounds = withdraw_results(session, found, TITLES[title], reason, resolved)
+        except WithdrawError as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from None
+    console.print(
+        f"{len(rounds)} withdrawal(s) queued: the node sends each rejection note once its "
+        "earlier sends are done (`dicomnode study` shows them)"
+    )
+
+
+@app.command()
 def resend(
     study: Annotated[list[str], typer.Argument(help="Study Instance UID(s)")],
     to: Annotated[str, typer.Option("--to", help="the peer (its name, as `ae list` shows)")],

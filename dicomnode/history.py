@@ -94,6 +94,9 @@ class Round:
     created_at: datetime
     finished_at: datetime | None
     report_job: JobLine
+    withdrawal: str = ""
+    """The title of its rejection note when the round withdrew the results sent before it
+    (``dicomnode withdraw``)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ def _round(report: Report, jobs: _StudyJobs) -> Round:
         report.created_at,
         report.finished_at,
         JobLine.of(jobs.report.get(report.id)),
+        REJECTION_TITLES.get(report.withdrawal_code, ""),
     )
 
 
@@ -364,7 +368,8 @@ def _image_row(i: Image) -> tuple[str, ...]:
 
 def _round_row(r: Round) -> tuple[str, ...]:
     created = _when(r.created_at)
-    return (str(r.report_id), r.model, str(r.sequence), r.state, created, r.report_job.text)
+    state = r.state + (f", withdrawal: {r.withdrawal}" if r.withdrawal else "")
+    return (str(r.report_id), r.model, str(r.sequence), state, created, r.report_job.text)
 
 
 def _conclusion_row(c: Conclusion) -> tuple[str, ...]:

@@ -252,12 +252,13 @@ def make_ko(
     *,
     uid_root: str,
     sequence: int,
-    note_uids: Sequence[str],
+    why: str,
     institution_name: str = "",
 ) -> pydicom.Dataset:
     """The node's rejection note of round ``sequence`` of a study's report: it withdraws
     ``objects`` (its result objects of that study and model) under the title of DCM
-    ``code``, because the rejection notes ``note_uids`` withdrew their images."""
+    ``code``; ``why`` ends its Key Object Description (the rejection notes that withdrew
+    their images, or an administrator's withdrawal)."""
     study_uid = str(objects[0].StudyInstanceUID)
     placement = Placement(
         series_uid=uids.ko_series_uid(uid_root, study_uid, model.name, model.version),
@@ -269,11 +270,8 @@ def make_ko(
         software_version=__version__,
         manufacturer=MANUFACTURER,
     )
-    why = (
-        f"AI results of {model.name} {model.version} withdrawn by {MANUFACTURER}: the images "
-        f"they were made from were rejected by rejection note {', '.join(note_uids)}"
-    )
-    ko = encode_ko(objects, code, placement, model, uid_root=uid_root, description=why)
+    description = f"AI results of {model.name} {model.version} withdrawn by {MANUFACTURER}: {why}"
+    ko = encode_ko(objects, code, placement, model, uid_root=uid_root, description=description)
     return fit_character_set(_with_institution(ko, institution_name))
 
 

@@ -233,8 +233,16 @@ def _report_again(session: Session, reported: Report, settings: Settings) -> boo
     ).first()
     if is_open is not None:
         return False
-    close_round(session, _round_after(session, reported).id, settings)
+    close_new_round(session, reported, settings)
     return True
+
+
+def close_new_round(session: Session, reported: Report, settings: Settings) -> Report:
+    """A new round of ``reported``'s study and model version, closed at once (its report job
+    queued): one that reports again what the earlier rounds reported."""
+    report = _round_after(session, reported)
+    close_round(session, report.id, settings)
+    return report
 
 
 def _round_after(session: Session, reported: Report) -> Report:

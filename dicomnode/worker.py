@@ -73,6 +73,7 @@ from dicomnode.studies import KEPT
 from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
 from dicomnode.values import ModelIdentity
+from dicomnode.withdraw import last_withdrawal, sent_results
 
 log = logging.getLogger(__name__)
 
@@ -419,10 +420,14 @@ class Worker:
             report = session.get(Report, job.report_id)
             assert report is not None
             card = card_for_report(session, self.registry, report.model_name, report.model_version)
-            dead = _dead_instances(session, report)
-            items = self._sr_items(session, report, card, dead)
-            predecessor = _predecessor(session, report)
-            withdrawals = _withdrawals(session, report)
+            if report.withdrawal_code:  # `dicomnode withdraw`: the note, and no SR
+                dead, items, predecessor = [], [], None
+                withdrawals = _withdrawal_of_everything(session, report)
+            else:
+                dead = _dead_instances(session, report)
+                items = self._sr_items(session, report, card, dead)
+                predecessor = _predecessor(session, report)
+                withdrawals = _withdrawals(session, report)
         made = [("KO", ko) for ko in self._rejection_notes(report, identity(card), withdrawals)]
         sr = None
         if items:
@@ -448,7 +453,7 @@ class Worker:
             report.id,
             report.study_instance_uid,
             report.sequence,
-            "no SR (every image of the study was rejected)"
+            ("no SR (a withdrawal)" if report.withdrawal_code else "no SR (every image rejected)")
             if sr is None
             else f"SR {sr.SOPInstanceUID} "
             + (f"PARTIAL ({len(dead)} image(s) not analysed)" if dead else "COMPLETE"),
@@ -467,7 +472,7 @@ class Worker:
                 model,
                 uid_root=self.settings.node.uid_root,
                 sequence=report.sequence,
-                note_uids=w.note_uids,
+                why=w.why,
                 institution_name=self.settings.node.institution_name,
             )
             for w in withdrawals
@@ -493,6 +498,7 @@ class Worker:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
+                Report.sequence > last_withdrawal(session, report),
                 _not_rejected(),
             )
             .order_by(Instance.received_at)
@@ -571,7 +577,7 @@ class Worker:
                 peer=peer,
             )
             for o in outputs
-            for peer in destinations
+            for peer in _peers_of(session, o, destinations)
         ]
         return q.enqueue(session, specs)
 
@@ -810,12 +816,30 @@ def _record_output(
     )
 
 
+def _peers_of(session: Session, output: Output, destinations: Sequence[str]) -> list[str]:
+    """Where ``output`` goes: the round's destinations; a rejection note also to every peer
+    that was sent one of the objects it lists (a ``dicomnode resend`` to another archive),
+    which holds them too."""
+    if output.kind != "KO":
+        return list(destinations)
+    sent_to = session.execute(
+        select(Job.peer)
+        .where(
+            Job.kind == q.JobKind.SEND,
+            Job.sop_instance_uid.in_(listed_in(output.path)),
+            Job.peer.is_not(None),
+        )
+        .distinct()
+    ).scalars()
+    return list(dict.fromkeys([*destinations, *(p for p in sent_to if p)]))
+
+
 def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
     """The SR of the round before ``report``'s, of the same model version.
 
     An SR of another version is not replaced: the new version's document lists only
     its own results, so calling it the successor would make the old findings look
-    withdrawn.
+    withdrawn. Nor is one before a withdrawal (``dicomnode withdraw``): it was withdrawn.
     """
     row = session.execute(
         select(Output.path)
@@ -825,6 +849,7 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
             Report.model_name == report.model_name,
             Report.model_version == report.model_version,
             Report.sequence < report.sequence,
+            Report.sequence > last_withdrawal(session, report),
             Output.kind == "SR",
         )
         .order_by(Report.sequence.desc())
@@ -848,6 +873,7 @@ def _dead_instances(session: Session, report: Report) -> list[Instance]:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
+                Report.sequence > last_withdrawal(session, report),
                 _not_rejected(),
             )
             .order_by(Instance.received_at)
@@ -873,8 +899,29 @@ class Withdrawal:
     code: str
     paths: tuple[str, ...]
     """The files of the result objects."""
-    note_uids: tuple[str, ...]
+    note_uids: tuple[str, ...] = ()
     """The rejection notes received that rejected their images."""
+    note: str = ""
+    """An administrator's words, for a withdrawal (``dicomnode withdraw``)."""
+
+    @property
+    def why(self) -> str:
+        """Why they are withdrawn, for the note's Key Object Description."""
+        if self.note_uids:
+            return "the images they were made from were rejected by rejection note " + ", ".join(
+                self.note_uids
+            )
+        return "at the site's request" + (f": {self.note}" if self.note else "")
+
+
+def _withdrawal_of_everything(session: Session, report: Report) -> list[Withdrawal]:
+    """A withdrawal round's note: every result object of the earlier rounds of its study and
+    model version that was sent and not withdrawn yet (:func:`dicomnode.withdraw.sent_results`),
+    under the title the administrator chose."""
+    paths = tuple(o.path for o in sent_results(session, report))
+    if not paths:
+        return []
+    return [Withdrawal(report.withdrawal_code, paths, note=report.withdrawal_note)]
 
 
 def _withdrawals(session: Session, report: Report) -> list[Withdrawal]:

@@ -139,6 +139,11 @@ class Report(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    withdrawal_code: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    """Set on a round that withdraws the study's results (``dicomnode withdraw``, revision
+    0011): the DCM code of its rejection note's title; its report is that note, no SR."""
+    withdrawal_note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """The administrator's words on why, for the note's Key Object Description."""
 
 
 class Result(Base):

@@ -17,11 +17,13 @@ from dicomnode.db.schema import Instance, Job, Rejection
 from dicomnode.history import study_history
 from dicomnode.receive import statuses
 from dicomnode.send.resend import resend_study
+from dicomnode.studies import schedule_ready
 from dicomnode.testing.images import make_radiograph, make_rejection_note
 from dicomnode.testing.inprocess import InProcessNode as Node
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.testing.peers import wait_for
 from dicomnode.testing.validate import dciodvfy_errors, dsrdump
+from dicomnode.withdraw import WithdrawError, targets, withdraw
 
 SC, SR, KO = "OT", "SR", "KO"
 
@@ -226,3 +228,61 @@ def test_a_study_is_reported_again_by_the_version_that_reported_it_after_an_upda
     assert node.send(late) == [statuses.SUCCESS]  # a new image: the version installed now
     wait_for(lambda: len(_received(node, SR)) == 3, 60, what="the new version's SR")
     assert _versions(_received(node, SR)[-1]) == {"0.0.2"}
+
+
+def test_an_administrator_withdraws_a_studys_results_and_later_images_report_afresh(
+    node: Node, tmp_path: Path
+) -> None:
+    """`dicomnode withdraw`: a rejection note of everything sent, no SR; a later image of the
+    study gets an SR of its own, which supersedes nothing withdrawn."""
+    first, second = _study(2)
+    assert node.send(first, second) == [statuses.SUCCESS] * 2
+    wait_for(lambda: len(node.collector.received) >= 3, 60, what="two overlays and the SR")
+    sent = {str(d.SOPInstanceUID) for d in node.collector.received}
+    study_uid = str(first.StudyInstanceUID)
+    with node.db.session() as session:
+        (target,) = targets(session, [study_uid])
+        assert (target.model_version, target.sent, target.busy) == ("0.0.1", 3, False)
+        withdraw(session, [target], "113001", "outside the intended use", node.settings)
+
+    wait_for(lambda: len(_received(node, KO)) == 1, 60, what="the node's rejection note")
+    (ko,) = _received(node, KO)
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113001" and _listed(ko) == sent
+    (said,) = [
+        str(i.TextValue)
+        for i in ko.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == "113012"  # Key Object Description
+    ]
+    assert said.endswith("withdrawn by dicomnode: at the site's request: outside the intended use")
+    assert _valid(ko, tmp_path)
+    wait_for(lambda: node.count(Job, kind="report", state="done") == 2, 30, what="reported")
+    assert len(_received(node, SR)) == 1  # no SR of what was withdrawn
+    with node.db.session() as session:
+        history = study_history(session, study_uid)
+        again = resend_study(session, study_uid, "PACS", max_attempts=3, dry_run=True)
+        assert targets(session, [study_uid]) == []  # nothing left to withdraw
+    assert history is not None
+    assert history.rounds[-1].withdrawal == "Rejected for Quality Reasons"
+    assert [pydicom.dcmread(p).Modality for p in again.paths] == [KO]
+
+    late = make_radiograph(body_part="KNEE", seed=11, study_uid=first.StudyInstanceUID)
+    assert node.send(late) == [statuses.SUCCESS]
+    wait_for(lambda: len(_received(node, SR)) == 2, 60, what="the later image's SR")
+    fresh = _received(node, SR)[-1]
+    assert str(late.SOPInstanceUID) in str(fresh)
+    assert str(first.SOPInstanceUID) not in str(fresh)
+    assert "PredecessorDocumentsSequence" not in fresh  # what it would supersede is withdrawn
+
+
+def test_a_study_being_analysed_is_not_withdrawn(node: Node) -> None:
+    (image,) = _study(1)
+    node.stop.set()  # the scheduler and worker stop: the study stays in its open round
+    assert node.thread is not None
+    node.thread.join(30)
+    assert node.send(image) == [statuses.SUCCESS]
+    schedule_ready(node.db, node.settings, node.registry)
+    with node.db.session() as session:
+        (target,) = targets(session, [str(image.StudyInstanceUID)])
+        assert target.busy and target.sent == 0
+        with pytest.raises(WithdrawError, match="being analysed"):
+            withdraw(session, [target], "113001", "", node.settings)

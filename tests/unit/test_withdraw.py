@@ -1,0 +1,161 @@
+"""`dicomnode withdraw`: what a withdrawal lists (by study and model version, only what was
+sent), when it is refused, the rounds it closes, and where its note goes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import Settings
+from dicomnode.db.schema import Job, Output, Report
+from dicomnode.db.session import Database, utcnow
+from dicomnode.queue import jobs as q
+from dicomnode.testing.images import make_radiograph, make_rejection_note
+from dicomnode.testing.rows import output_row
+from dicomnode.withdraw import WithdrawError, last_withdrawal, targets, withdraw
+from dicomnode.worker import _peers_of
+
+pytestmark = pytest.mark.both_databases
+
+
+def _round(db: Database, study: str, version: str, sequence: int = 1, state: str = "done") -> int:
+    with db.session() as s:
+        report = Report(
+            study_instance_uid=study,
+            model_name="knee-kl",
+            model_version=version,
+            sequence=sequence,
+            calling_ae="MOD",
+            state=state,
+            created_at=utcnow(),
+        )
+        s.add(report)
+        s.flush()
+        return report.id
+
+
+def _sent(db: Database, report_id: int, uid: str, kind: str = "SC", peer: str = "PACS") -> None:
+    with db.session() as s:
+        if s.get(Output, uid) is None:
+            s.add(output_row(uid, report_id, kind))
+        spec = q.JobSpec(q.JobKind.SEND, f"{uid}>{peer}", 5, sop_instance_uid=uid, peer=peer)
+        q.enqueue(s, [spec])
+
+
+def _report_job(db: Database, report_id: int, state: str) -> None:
+    with db.session() as s:
+        q.enqueue(s, [q.JobSpec(q.JobKind.REPORT, f"report:{report_id}", 5, report_id=report_id)])
+        job = s.execute(select(Job).where(Job.report_id == report_id)).scalar_one()
+        job.state = state
+
+
+def test_a_recall_lists_every_study_the_version_sent_results_of(
+    db: Database, settings: Settings
+) -> None:
+    first = _round(db, "1.2.1", "2")
+    _sent(db, first, "5.1")
+    _sent(db, first, "5.2", kind="SR")
+    _sent(db, _round(db, "1.2.2", "2"), "5.3")
+    _sent(db, _round(db, "1.2.3", "3"), "5.4")  # another version
+    _round(db, "1.2.4", "2")  # nothing sent (kept here, or no destination)
+    with db.session() as s:
+        found = targets(s, [], "knee-kl", "2")
+        assert [(t.study_instance_uid, t.sent, t.busy) for t in found] == [
+            ("1.2.1", 2, False),
+            ("1.2.2", 1, False),
+        ]
+        assert [t.model_version for t in targets(s, ["1.2.3"])] == ["3"]
+        made = withdraw(s, found, "113037", "field safety notice 7", settings)
+    with db.session() as s:
+        rounds = [s.get(Report, i) for i in made]
+        jobs = s.execute(select(Job.report_id).where(Job.kind == "report")).scalars().all()
+        assert [(r.study_instance_uid, r.sequence, r.state) for r in rounds if r] == [
+            ("1.2.1", 2, "pending"),
+            ("1.2.2", 2, "pending"),
+        ]
+        assert {(r.withdrawal_code, r.withdrawal_note) for r in rounds if r} == {
+            ("113037", "field safety notice 7")
+        }
+        assert sorted(j for j in jobs if j) == sorted(made)  # the worker reports each: a note
+    later = _round(db, "1.2.1", "2", sequence=3)
+    with db.session() as s:
+        report = s.get(Report, later)
+        assert report is not None and last_withdrawal(s, report) == 2
+
+
+def test_a_study_being_analysed_or_with_nothing_sent_is_refused(
+    db: Database, settings: Settings
+) -> None:
+    _round(db, "1.2.1", "2", state="open")
+    waiting = _round(db, "1.2.2", "2", state="pending")
+    _report_job(db, waiting, "queued")
+    dead = _round(db, "1.2.3", "2", state="pending")  # its report died: nothing holds it
+    _report_job(db, dead, "dead")
+    _sent(db, _round(db, "1.2.3", "2", sequence=2), "5.1")
+    with db.session() as s:
+        found = {t.study_instance_uid: t for t in targets(s, [], "knee-kl", "2")}
+        assert {k: t.busy for k, t in found.items()} == {
+            "1.2.1": True,
+            "1.2.2": True,
+            "1.2.3": False,
+        }
+        with pytest.raises(WithdrawError, match="2 study"):
+            withdraw(s, list(found.values()), "113001", "", settings)
+        with pytest.raises(WithdrawError, match="not the title"):
+            withdraw(s, [found["1.2.3"]], "113000", "", settings)
+        assert withdraw(s, [found["1.2.3"]], "113001", "", settings)
+    with db.session() as s:
+        assert targets(s, ["1.2.9"]) == []
+
+
+def test_a_rejection_note_goes_to_every_peer_that_was_sent_what_it_lists(
+    db: Database, tmp_path: Path
+) -> None:
+    overlay = make_radiograph(body_part="KNEE", seed=2)
+    note = make_rejection_note([overlay], "113001")
+    path = tmp_path / "ko.dcm"
+    note.save_as(path, enforce_file_format=True)
+    report = _round(db, "1.2.1", "2")
+    _sent(db, report, str(overlay.SOPInstanceUID))
+    _sent(db, report, str(overlay.SOPInstanceUID), peer="ARCHIVE")  # a resend
+    with db.session() as s:
+        ko = output_row(str(note.SOPInstanceUID), report, "KO")
+        ko.path = str(path)
+        sc = output_row("5.9", report, "SC")
+        assert _peers_of(s, ko, ["PACS"]) == ["PACS", "ARCHIVE"]
+        assert _peers_of(s, sc, ["PACS"]) == ["PACS"]
+
+
+def test_the_command_lists_refuses_and_withdraws(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    _sent(db, _round(db, "1.2.1", "2"), "5.1")
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "storage": {"data_dir": str(settings.storage.data_dir)},
+                "database": {"url": settings.database.url},
+            }
+        ),
+        encoding="utf-8",
+    )
+    run = CliRunner().invoke
+    base = ["withdraw", "--config", str(config)]
+    assert run(app, base).exit_code == 2  # neither studies nor --model --version
+    assert run(app, [*base, "1.2.1", "--title", "bad"]).exit_code == 2
+    assert run(app, [*base, "1.2.9", "--yes"]).exit_code == 1  # nothing sent there
+    listed = run(app, [*base, "--model", "knee-kl", "--version", "2", "--dry-run"])
+    assert listed.exit_code == 0 and "1.2.1" in listed.stdout and "to withdraw" in listed.stdout
+    with db.session() as s:
+        assert s.execute(select(Report).where(Report.withdrawal_code != "")).first() is None
+    done = run(app, [*base, "1.2.1", "--title", "safety", "--reason", "wrong model", "--yes"])
+    assert done.exit_code == 0, done.output
+    with db.session() as s:
+        (code,) = s.execute(select(Report.withdrawal_code).where(Report.sequence == 2)).one()
+    assert code == "113037"
