@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, select, true
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -31,7 +31,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.queue.jobs import PENDING as WAITING
 from dicomnode.queue.jobs import JobKind
 from dicomnode.rejections import withdrawn
-from dicomnode.studies import KEPT, OPEN, PENDING, close_new_round
+from dicomnode.studies import OPEN, PENDING, close_new_round
 from dicomnode.values import REJECTION_TITLES
 
 log = logging.getLogger(__name__)
@@ -161,21 +161,42 @@ def sent_results(
     """The result objects (overlays, presentation states, SRs) of the rounds of ``report``'s
     study and model version before it (and its own, with ``include_own_round``) that were
     sent, or are being sent, to a peer and that no rejection note of the node lists yet;
-    by round. A shadow-mode round's results were never sent."""
+    by round."""
+    done = withdrawn(session, report.study_instance_uid)
+    return [
+        o
+        for o in sent_earlier(
+            session, report, same_version=True, include_own_round=include_own_round
+        )
+        if o.kind != "KO" and o.sop_instance_uid not in done
+    ]
+
+
+def sent_earlier(
+    session: Session,
+    report: Report,
+    *,
+    same_version: bool,
+    include_own_round: bool = False,
+) -> list[Output]:
+    """Every object (rejection notes too) of the rounds of ``report``'s study and model
+    before it (of its version only, with ``same_version``; its own round too, with
+    ``include_own_round``) that was sent, or is being sent, to a peer; by round, kind and
+    UID. A shadow-mode round's results were never sent."""
     bound = (
         Report.sequence <= report.sequence
         if include_own_round
         else Report.sequence < report.sequence
     )
-    earlier = list(
+    version = Report.model_version == report.model_version if same_version else true()
+    return list(
         session.execute(
             select(Output)
             .join(Report, Report.id == Output.report_id)
             .where(
                 Report.study_instance_uid == report.study_instance_uid,
                 Report.model_name == report.model_name,
-                Report.model_version == report.model_version,
-                Report.state != KEPT,
+                version,
                 bound,
                 exists().where(
                     Job.kind == JobKind.SEND, Job.sop_instance_uid == Output.sop_instance_uid
@@ -184,8 +205,6 @@ def sent_results(
             .order_by(Report.sequence, Output.kind, Output.sop_instance_uid)
         ).scalars()
     )
-    done = withdrawn(session, report.study_instance_uid)
-    return [o for o in earlier if o.kind != "KO" and o.sop_instance_uid not in done]
 
 
 def last_withdrawal(session: Session, report: Report) -> int:

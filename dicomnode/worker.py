@@ -73,7 +73,7 @@ from dicomnode.studies import KEPT
 from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
 from dicomnode.values import ModelIdentity
-from dicomnode.withdraw import last_withdrawal, sent_results
+from dicomnode.withdraw import last_withdrawal, sent_earlier, sent_results
 
 log = logging.getLogger(__name__)
 
@@ -940,21 +940,7 @@ def _withdrawals(session: Session, report: Report) -> list[Withdrawal]:
     }
     if not rejected:
         return []
-    earlier = list(
-        session.execute(
-            select(Output)
-            .join(Report, Report.id == Output.report_id)
-            .where(
-                Report.study_instance_uid == report.study_instance_uid,
-                Report.model_name == report.model_name,
-                Report.sequence < report.sequence,
-                exists().where(
-                    Job.kind == q.JobKind.SEND, Job.sop_instance_uid == Output.sop_instance_uid
-                ),
-            )
-            .order_by(Report.sequence, Output.kind, Output.sop_instance_uid)
-        ).scalars()
-    )
+    earlier = sent_earlier(session, report, same_version=False)
     done = {uid for o in earlier if o.kind == "KO" for uid in listed_in(o.path)}
     groups: dict[str, tuple[list[str], dict[str, None]]] = {}
     for output in earlier:
