@@ -843,7 +843,8 @@ def forget(
     config: ConfigOption = None,
 ) -> None:
     """Delete studies outright: their images, results and records (an erasure request, or
-    a study sent to the node by mistake). The PACS keeps its own copies."""
+    a study sent to the node by mistake). The PACS keeps its own copies, of the node's
+    results too: `dicomnode withdraw` them first to have them hidden there."""
     resolved = settings(config)
     db = _database(resolved)
     if not (dry_run or yes or typer.confirm(f"Delete {len(study)} study(ies) for good?")):

@@ -480,6 +480,35 @@ class RoutingSettings(_Section):
         "Entry or Data Retention Policy Expired): the images it lists are analysed no more, "
         "left out of the study's report, and what the node made of them is rejected in turn",
     )
+    urgent_callers: tuple[str, ...] = Field(
+        (),
+        description="AE titles whose images are analysed, reported and sent before every "
+        "other's (an emergency department's modalities)",
+    )
+    background_callers: tuple[str, ...] = Field(
+        (),
+        description="AE titles whose images wait for every other's (a PACS prefetching priors "
+        "or migrating an archive)",
+    )
+    store_priority: bool = Field(
+        True,
+        description="honour the Priority of the sender's C-STORE request: HIGH before MEDIUM, "
+        "LOW after (urgent_callers and background_callers come first)",
+    )
+
+    @model_validator(mode="after")
+    def _one_priority_per_caller(self) -> RoutingSettings:
+        both = sorted(set(self.urgent_callers) & set(self.background_callers))
+        if both:
+            raise ValueError(
+                f"AE title(s) {', '.join(both)} are in both urgent_callers and background_callers"
+            )
+        return self
+
+    @field_validator("urgent_callers", "background_callers")
+    @classmethod
+    def _titles(cls, titles: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(t.strip() for t in titles)
 
     @field_validator("body_part_aliases")
     @classmethod

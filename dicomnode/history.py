@@ -26,7 +26,7 @@ from dicomnode.models.card import CARD_FILE, load_card
 from dicomnode.queue.jobs import JobKind, JobState
 from dicomnode.rejections import rejected_codes
 from dicomnode.studies import KEPT
-from dicomnode.values import REJECTION_TITLES
+from dicomnode.values import REJECTION_TITLES, Priority
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class Image:
     state: str
     reason: str
     analysis: JobLine
+    priority: str = Priority.MEDIUM.name.lower()
+    """Of its analysis, report and sends: high (urgent), medium or low (background)."""
 
 
 KEPT_HERE = JobLine("not sent", "kept here: results.routes sends this model's results nowhere")
@@ -227,6 +229,7 @@ def _image(instance: Instance, jobs: _StudyJobs, rejected: dict[str, str]) -> Im
         state,
         reason,
         JobLine.of(jobs.infer.get(instance.sop_instance_uid)),
+        Priority(instance.priority).name.lower(),
     )
 
 
@@ -363,7 +366,8 @@ def _delivery_row(d: Delivery) -> tuple[str, ...]:
 def _image_row(i: Image) -> tuple[str, ...]:
     state = i.state + (f": {i.reason}" if i.reason else "")
     received = _when(i.received_at)
-    return (i.sop_instance_uid, i.modality, i.body_part, received, state, i.analysis.text)
+    analysis = i.analysis.text + ("" if i.priority == "medium" else f" ({i.priority} priority)")
+    return (i.sop_instance_uid, i.modality, i.body_part, received, state, analysis)
 
 
 def _round_row(r: Round) -> tuple[str, ...]:

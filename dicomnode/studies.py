@@ -29,7 +29,7 @@ from dicomnode.db.session import Database, db_now, lock_until_commit
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
 from dicomnode.rejections import is_rejected, read_rejection_note, record_rejection
-from dicomnode.values import BodyPart
+from dicomnode.values import BodyPart, Priority
 
 log = logging.getLogger(__name__)
 
@@ -483,9 +483,15 @@ def _group(report: Report) -> str:
 
 
 def _round_job(
-    report: Report, kind: JobKind, key: str, settings: Settings, image: Instance | None = None
+    report: Report,
+    kind: JobKind,
+    key: str,
+    settings: Settings,
+    image: Instance | None = None,
+    priority: int = Priority.MEDIUM,
 ) -> JobSpec:
-    """A job of the round (an image's inference, or its report), grouped by model."""
+    """A job of the round (an image's inference, of the image's priority; or its report, of
+    ``priority``), grouped by model."""
     return JobSpec(
         kind,
         key,
@@ -493,7 +499,17 @@ def _round_job(
         group_key=_group(report),
         report_id=report.id,
         sop_instance_uid=None if image is None else image.sop_instance_uid,
+        priority=priority if image is None else image.priority,
     )
+
+
+def round_priority(session: Session, report_id: int) -> int:
+    """The priority of a round's report and of its results' sends: its most urgent image's
+    (medium for a round without images, one that reports again after a rejection note)."""
+    found = session.execute(
+        select(func.max(Instance.priority)).where(Instance.report_id == report_id)
+    ).scalar_one_or_none()
+    return Priority.MEDIUM if found is None else int(found)
 
 
 def close_round(session: Session, report_id: int, settings: Settings) -> None:
@@ -505,7 +521,11 @@ def close_round(session: Session, report_id: int, settings: Settings) -> None:
     session.refresh(report)  # as it is once the lock is ours: another node may have closed it
     if report.state != OPEN:
         return
-    enqueue(session, [_round_job(report, JobKind.REPORT, f"report:{report.id}", settings)])
+    priority = round_priority(session, report.id)
+    enqueue(
+        session,
+        [_round_job(report, JobKind.REPORT, f"report:{report.id}", settings, priority=priority)],
+    )
     report.state = PENDING
     images = session.execute(
         select(func.count()).select_from(Instance).where(Instance.report_id == report.id)

@@ -7,7 +7,7 @@ as read-only. ``eq=False`` keeps numpy arrays out of generated comparisons.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,21 @@ class BodyPart(StrEnum):
     HAND = "HAND"
     KNEE = "KNEE"
     SPINE = "SPINE"
+
+
+class Priority(IntEnum):
+    """In which order waiting work is done: an image's analysis, its study's report and the
+    sends of its results; higher first, then the order they became due."""
+
+    LOW = 0
+    """A sender's background work (priors prefetched, an archive migrated)."""
+    MEDIUM = 1
+    HIGH = 2
+    """An urgent study (an emergency department's modality, a C-STORE sent HIGH)."""
+
+
+STORE_PRIORITY = {0x0000: Priority.MEDIUM, 0x0001: Priority.HIGH, 0x0002: Priority.LOW}
+"""The C-STORE request's Priority (0000,0700) and the priority it gives."""
 
 
 REJECTION_TITLES: dict[str, str] = {

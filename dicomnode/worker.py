@@ -69,7 +69,7 @@ from dicomnode.send.commitment import (
 from dicomnode.send.scu import Delivery, send_files
 from dicomnode.send.stow import stow_files
 from dicomnode.store.files import ensure_free_space, output_path, write_durably
-from dicomnode.studies import KEPT
+from dicomnode.studies import KEPT, round_priority
 from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
 from dicomnode.values import ModelIdentity
@@ -566,6 +566,7 @@ class Worker:
             .where(Output.report_id == report.id, ~_made_from_rejected(Output))
             .order_by(Output.kind)
         ).scalars()
+        priority = round_priority(session, report.id)
         specs = [
             q.JobSpec(
                 q.JobKind.SEND,
@@ -575,6 +576,7 @@ class Worker:
                 report_id=report.id,
                 sop_instance_uid=o.sop_instance_uid,
                 peer=peer,
+                priority=priority,
             )
             for o in outputs
             for peer in _peers_of(session, o, destinations)

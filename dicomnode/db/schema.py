@@ -92,6 +92,9 @@ class Instance(Base):
     report_id: Mapped[int | None] = mapped_column(
         ForeignKey("reports.id"), nullable=True, index=True
     )
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """:class:`~dicomnode.values.Priority` of its analysis (revision 0012): from its sender's
+    C-STORE Priority and ``routing.urgent_callers`` / ``background_callers``."""
 
 
 class Rejection(Base):
@@ -194,6 +197,9 @@ class Job(Base):
     peer: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """:class:`~dicomnode.values.Priority`: due jobs of a kind are claimed highest first
+    (revision 0012)."""
     run_after: Mapped[datetime] = mapped_column(DateTime)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

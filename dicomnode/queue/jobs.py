@@ -36,6 +36,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode.db.schema import Job, Output, Report
 from dicomnode.db.session import db_now, insert_new
 from dicomnode.queue.retry import RetryPolicy
+from dicomnode.values import Priority
 
 
 class JobState(StrEnum):
@@ -72,6 +73,8 @@ class JobSpec:
     peer: str | None = None
     resend: bool = False
     """Queued by ``dicomnode resend`` (a delivery made again, left out of the turnaround)."""
+    priority: int = Priority.MEDIUM
+    """Due jobs of a kind are claimed highest :class:`~dicomnode.values.Priority` first."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ def enqueue(session: Session, specs: Sequence[JobSpec]) -> int:
             "sop_instance_uid": s.sop_instance_uid,
             "peer": s.peer,
             "resend": s.resend,
+            "priority": int(s.priority),
             "attempts": 0,
             "max_attempts": s.max_attempts,
             "run_after": now,
@@ -296,6 +300,11 @@ def _of_an_earlier_round(earlier_job: type[Job]) -> list[ColumnElement[bool]]:
     ]
 
 
+CLAIM_ORDER = (Job.priority.desc(), Job.run_after, Job.id)
+"""The order due jobs of a kind are claimed in: highest priority first, then the one due
+longest (then the oldest)."""
+
+
 def claim(
     session: Session,
     kind: JobKind,
@@ -312,7 +321,7 @@ def claim(
     now = db_now(session)
     expire_lost_leases(session, kind, now)
     due = select(Job.id).where(Job.kind == kind, due_since(now, kind))
-    due = due.order_by(Job.run_after, Job.id)
+    due = due.order_by(*CLAIM_ORDER)
     if group_key is not None:
         due = due.where(Job.group_key == group_key)
     first_error = session.execute(
@@ -374,7 +383,7 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     statement = (
         select(Job.group_key)
         .where(Job.kind == kind, due_since(now, kind))
-        .order_by(Job.run_after, Job.id)
+        .order_by(*CLAIM_ORDER)
         .limit(1)
     )
     return session.execute(statement).scalar_one_or_none()

@@ -33,7 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.audit.events import caller_refused
 from dicomnode.audit.objects import ReceivedStudies
 from dicomnode.audit.trail import AuditTrail
-from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, Settings
+from dicomnode.config import DEFAULT_MAX_PDU, NodeSettings, RoutingSettings, Settings
 from dicomnode.db.schema import Instance
 from dicomnode.db.session import Database
 from dicomnode.errors import (
@@ -57,6 +57,7 @@ from dicomnode.store.instances import (
     same_pixel_data,
     store_instance,
 )
+from dicomnode.values import STORE_PRIORITY, Priority
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class StoreHandlers:
             calling_ae=calling_ae,
             association_id=association_id,
             receiver=self.receiver,
+            priority=priority_of(self.settings.routing, calling_ae, request.Priority),
         )
         log.info(
             "stored sop=%s study=%s from=%s%s",
@@ -513,6 +515,19 @@ class StoreHandlers:
 def _over_tls(assoc: Any) -> bool:
     """True when ``assoc`` came in on the TLS listener."""
     return isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
+
+
+def priority_of(routing: RoutingSettings, calling_ae: str, store_priority: object) -> Priority:
+    """The priority of an image's analysis: HIGH from ``routing.urgent_callers``, LOW from
+    ``routing.background_callers``, else the C-STORE request's Priority (with
+    ``routing.store_priority``; an unknown value is MEDIUM)."""
+    if calling_ae in routing.urgent_callers:
+        return Priority.HIGH
+    if calling_ae in routing.background_callers:
+        return Priority.LOW
+    if not routing.store_priority or not isinstance(store_priority, int):
+        return Priority.MEDIUM
+    return STORE_PRIORITY.get(store_priority, Priority.MEDIUM)
 
 
 def _health_probe(address: str, calling_ae: str, node: NodeSettings) -> bool:

@@ -26,6 +26,7 @@ from dicomnode.store.files import (
     remove_quietly,
 )
 from dicomnode.store.pixels_span import pixel_data_span
+from dicomnode.values import Priority
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def store_instance(
     calling_ae: str,
     association_id: str,
     receiver: str | None = None,
+    priority: int = Priority.MEDIUM,
 ) -> StoreOutcome:
     """Move the received file into place durably and record it, in one transaction.
 
@@ -171,7 +173,9 @@ def store_instance(
             move_durably(received, path)
             now = db_now(session)
             _ensure_association(session, association_id, calling_ae, receiver, now)
-            session.add(_record(facts, path, size, calling_ae, association_id, now))
+            row = _record(facts, path, size, calling_ae, association_id, now)
+            row.priority = int(priority)
+            session.add(row)
     except Exception:
         if not received.exists():
             remove_quietly(path)

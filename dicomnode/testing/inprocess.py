@@ -92,9 +92,21 @@ class InProcessNode:
         worker = Worker(settings, db, registry, worker_id="test-worker", audit=audit)
         server = start_scp(settings, db, StoreHandlers(settings, db, audit))
         node = cls(settings, db, collector, worker, server, registry)
-        node.thread = threading.Thread(target=node._loop, daemon=True)
-        node.thread.start()
+        node.resume()
         return node
+
+    def pause(self) -> None:
+        """Stop the scheduler and the worker (the SCP goes on receiving): a backlog builds."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+            self.thread = None
+
+    def resume(self) -> None:
+        """Start the scheduler and the worker (again)."""
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -109,9 +121,7 @@ class InProcessNode:
         self.registry = self.worker.registry = registry
 
     def close(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(30)
+        self.pause()
         self.server.shutdown()
         self.collector.stop()
         self.db.dispose()
@@ -128,10 +138,13 @@ class InProcessNode:
         assert assoc.is_established, "association was not accepted"
         return assoc
 
-    def send(self, *datasets: pydicom.Dataset, calling_ae: str = SENDER) -> list[int]:
-        """C-STORE ``datasets`` over one association; the statuses."""
+    def send(
+        self, *datasets: pydicom.Dataset, calling_ae: str = SENDER, priority: int = 0
+    ) -> list[int]:
+        """C-STORE ``datasets`` over one association (request Priority ``priority``: 0
+        MEDIUM, 1 HIGH, 2 LOW); the statuses."""
         assoc = self.associate(*datasets, calling_ae=calling_ae)
-        codes = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        codes = [int(assoc.send_c_store(ds, priority=priority).Status) for ds in datasets]
         assoc.release()
         return codes
 

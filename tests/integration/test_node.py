@@ -1383,9 +1383,7 @@ def test_a_stopping_worker_gives_back_the_jobs_it_has_not_analysed(
     from dicomnode import pipeline
     from dicomnode.studies import schedule_ready
 
-    node.stop.set()  # drive the scheduler and the worker by hand
-    assert node.thread is not None
-    node.thread.join(30)
+    node.pause()  # drive the scheduler and the worker by hand
     first = make_radiograph(body_part="KNEE")
     second = make_radiograph(body_part="KNEE", study_uid=first.StudyInstanceUID)
     assert node.send(first, second) == [statuses.SUCCESS] * 2

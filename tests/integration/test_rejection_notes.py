@@ -276,9 +276,7 @@ def test_an_administrator_withdraws_a_studys_results_and_later_images_report_afr
 
 def test_a_study_being_analysed_is_not_withdrawn(node: Node) -> None:
     (image,) = _study(1)
-    node.stop.set()  # the scheduler and worker stop: the study stays in its open round
-    assert node.thread is not None
-    node.thread.join(30)
+    node.pause()  # the scheduler and worker stop: the study stays in its open round
     assert node.send(image) == [statuses.SUCCESS]
     schedule_ready(node.db, node.settings, node.registry)
     with node.db.session() as session:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,6 +15,7 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.testing.queue import add_report, claim_concurrently
 from dicomnode.testing.rows import output_row
+from dicomnode.values import Priority
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -70,6 +71,20 @@ def test_a_claim_takes_no_more_than_its_limit_oldest_first(db: Database) -> None
     assert [j.sop_instance_uid for j in first] == ["1.0", "1.1", "1.2"]
     assert [j.sop_instance_uid for j in one] == ["1.3"]
     assert len(rest) == 6
+
+
+def test_urgent_jobs_are_claimed_first_and_background_ones_last(db: Database, clock: Clock) -> None:
+    """Higher priority first; within one, the job due longest (a retried job keeps its turn)."""
+    order = [("1.1", Priority.LOW), ("1.2", Priority.MEDIUM), ("1.3", Priority.HIGH)]
+    order += [("1.4", Priority.MEDIUM), ("1.5", Priority.HIGH)]
+    for key, priority in order:
+        with db.session() as s:
+            q.enqueue(s, [replace(_spec(key), priority=priority, group_key=f"m:{key}")])
+        clock.advance(1)
+    with db.session() as s:
+        assert q.next_group(s, q.JobKind.INFER) == "m:1.3"  # a worker batches the urgent model
+        claimed = [q.claim(s, q.JobKind.INFER, "w", 600)[0].sop_instance_uid for _ in order]
+    assert claimed == ["1.3", "1.5", "1.2", "1.4", "1.1"]
 
 
 def test_claims_never_overlap_between_threads(db: Database) -> None:

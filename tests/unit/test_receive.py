@@ -145,3 +145,21 @@ def test_a_header_holding_a_nul_byte_is_stored(settings: Settings, db: Database)
     with db.session() as session:
         stored = session.get(Instance, str(image.SOPInstanceUID))
         assert stored is not None and stored.descriptions == "KNEE AP LAT"
+
+
+def test_the_priority_of_an_image_comes_from_its_caller_then_its_c_store_request() -> None:
+    from dicomnode.config import RoutingSettings
+    from dicomnode.values import Priority
+
+    routing = RoutingSettings(urgent_callers=("ED_DR1 ",), background_callers=("PREFETCH",))
+    assert scp.priority_of(routing, "ED_DR1", 0x0002) is Priority.HIGH  # the caller wins
+    assert scp.priority_of(routing, "PREFETCH", 0x0001) is Priority.LOW
+    assert scp.priority_of(routing, "CR1", 0x0001) is Priority.HIGH
+    assert scp.priority_of(routing, "CR1", 0x0002) is Priority.LOW
+    assert scp.priority_of(routing, "CR1", 0x0000) is Priority.MEDIUM
+    assert scp.priority_of(routing, "CR1", 7) is Priority.MEDIUM  # not a Priority value
+    assert scp.priority_of(routing, "CR1", None) is Priority.MEDIUM
+    ignoring = RoutingSettings(store_priority=False)
+    assert scp.priority_of(ignoring, "CR1", 0x0001) is Priority.MEDIUM
+    with pytest.raises(ValueError, match="ED_DR1 are in both"):
+        RoutingSettings(urgent_callers=("ED_DR1",), background_callers=("ED_DR1",))

@@ -341,3 +341,38 @@ def test_images_waiting_for_a_removed_version_go_to_the_version_installed_now(
     assert set(states.values()) == {"queued"}
     with db.session() as session:  # nothing is waiting for a removed version: a no-op
         assert studies.route_again_after_update(session, updated) == 0
+
+
+def test_an_urgent_image_makes_its_rounds_report_urgent(
+    db: Database, settings: Settings, registry: ModelRegistry
+) -> None:
+    """The report (and the sends after it) take the priority of the round's most urgent image;
+    the other images keep their own."""
+    sending = _association(db, released=True)
+    with db.session() as session:
+        for sop, priority in (("1.2.3.1.1", 1), ("1.2.3.1.2", 2), ("1.2.4.1.1", 0)):
+            study = sop.rsplit(".", 2)[0]
+            session.add(
+                instance_row(
+                    sop,
+                    sending,
+                    study_instance_uid=study,
+                    modality="DX",
+                    body_part="KNEE",
+                    priority=priority,
+                    received_at=utcnow() - timedelta(hours=1),
+                )
+            )
+    schedule_ready(db, settings, registry)
+    with db.session() as session:
+        jobs = session.execute(
+            select(Job.kind, Job.sop_instance_uid, Job.priority, Report.study_instance_uid)
+            .join(Report, Report.id == Job.report_id)
+            .order_by(Job.id)
+        ).all()
+    assert {(k, sop, p) for k, sop, p, _ in jobs if k == "infer"} == {
+        ("infer", "1.2.3.1.1", 1),
+        ("infer", "1.2.3.1.2", 2),
+        ("infer", "1.2.4.1.1", 0),
+    }
+    assert {(study, p) for k, _, p, study in jobs if k == "report"} == {("1.2.3", 2), ("1.2.4", 0)}
