@@ -17,8 +17,10 @@ from dicomnode.db.migrate import upgrade
 from dicomnode.db.schema import Job
 from dicomnode.db.session import Database, utcnow
 from dicomnode.metrics import exposition
+from dicomnode.queue import jobs as q
 from dicomnode.status import node_status
 from dicomnode.testing.node import make_settings
+from dicomnode.values import Priority
 
 KINDS = ("infer", "report", "send", "send", "send")
 """The mix of a busy site's jobs: per image its analysis, a report, three sends."""
@@ -28,7 +30,9 @@ BATCH = 50_000
 
 def records(scratch: Path, jobs: int) -> dict[str, Any]:
     """Seconds of one ``status`` read and one metrics scrape (each the second of two, the
-    first warming the caches) on a SQLite database of ``jobs`` finished jobs."""
+    first warming the caches) on a SQLite database of ``jobs`` finished jobs; then, with a
+    backlog of a quarter as many analyses due (one in a hundred urgent), the median
+    milliseconds of a worker's claim of a batch of 8 (:func:`claim_ms`)."""
     settings = make_settings(scratch / "records")
     upgrade(settings.database.url)
     db = Database(settings.database.url)
@@ -39,11 +43,13 @@ def records(scratch: Path, jobs: int) -> dict[str, Any]:
             with db.reading() as session:
                 node_status(session, 10, settings.storage, settings.results)
 
-        return {
+        figures = {
             "jobs": jobs,
             "status_seconds": _second_of_two(status),
             "metrics_seconds": _second_of_two(lambda: exposition(db, settings)),
         }
+        _fill_backlog(db, jobs // 4)
+        return {**figures, "backlog": jobs // 4, "claim_ms": claim_ms(db)}
     finally:
         db.dispose()
 
@@ -54,6 +60,41 @@ def _fill(db: Database, jobs: int) -> None:
         rows = [_row(i, jobs, now) for i in range(start, min(jobs, start + BATCH))]
         with db.session() as session:
             session.execute(insert(Job), rows)
+
+
+def _fill_backlog(db: Database, due: int) -> None:
+    """``due`` analyses waiting (queued an hour ago and since), one in a hundred urgent."""
+    now = utcnow()
+    for start in range(0, due, BATCH):
+        rows = []
+        for i in range(start, min(due, start + BATCH)):
+            at = now - timedelta(seconds=3600 * (due - i) / due)
+            row = _row(i, due, at)
+            row.update(
+                kind="infer",
+                dedupe_key=f"backlog:{i}",
+                state="queued",
+                attempts=0,
+                finished_at=None,
+                priority=Priority.HIGH if i % 100 == 50 else Priority.MEDIUM,
+            )
+            row["run_after"] = row["created_at"] = row["updated_at"] = at
+            rows.append(row)
+        with db.session() as session:
+            session.execute(insert(Job), rows)
+
+
+def claim_ms(db: Database, claims: int = 21) -> float:
+    """The median milliseconds of ``claims`` claims of 8 analyses, as a worker makes them
+    (the group of the first due job, then its batch: urgent ones first)."""
+    took = []
+    for _ in range(claims):
+        started = time.perf_counter()
+        with db.session() as session:
+            group = q.next_group(session, q.JobKind.INFER)
+            q.claim(session, q.JobKind.INFER, "bench", 600, 8, group)
+        took.append(time.perf_counter() - started)
+    return 1000.0 * sorted(took)[len(took) // 2]
 
 
 def _row(i: int, jobs: int, now: Any) -> dict[str, Any]:

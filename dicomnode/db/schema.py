@@ -181,6 +181,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("kind", "dedupe_key"),
         Index("ix_jobs_claim", "kind", "state", "run_after"),
+        Index("ix_jobs_priority", "kind", "state", "priority", "run_after"),  # claims
         Index("ix_jobs_peer", "kind", "peer", "state", "finished_at"),  # status, metrics
         Index("ix_jobs_finished", "kind", "state", "finished_at"),  # the last hour's turnaround
     )

@@ -300,9 +300,24 @@ def _of_an_earlier_round(earlier_job: type[Job]) -> list[ColumnElement[bool]]:
     ]
 
 
-CLAIM_ORDER = (Job.priority.desc(), Job.run_after, Job.id)
-"""The order due jobs of a kind are claimed in: highest priority first, then the one due
-longest (then the oldest)."""
+def _due(
+    session: Session, kind: JobKind, now: datetime, group_key: str | None = None
+) -> Select[int] | None:
+    """The due jobs of ``kind`` (of one group, if given) at the highest priority that has
+    any, the one due longest first (then the oldest); None when no job is due.
+
+    One level at a time, not ``ORDER BY priority DESC, run_after``: with the claimable states
+    an ``IN`` of two, no index gives that order, and sorting a backlog of 180,000 due jobs
+    took a claim from 12 to 260 ms on SQLite. Per level, ``ix_jobs_priority`` finds the
+    level's jobs and ``run_after`` orders them as before."""
+    base = select(Job.id).where(Job.kind == kind, due_since(now, kind))
+    if group_key is not None:
+        base = base.where(Job.group_key == group_key)
+    for level in sorted(Priority, reverse=True):
+        at_level = base.where(Job.priority == level)
+        if session.execute(at_level.limit(1)).first() is not None:
+            return at_level.order_by(Job.run_after, Job.id)
+    return None
 
 
 def claim(
@@ -320,10 +335,9 @@ def claim(
     """
     now = db_now(session)
     expire_lost_leases(session, kind, now)
-    due = select(Job.id).where(Job.kind == kind, due_since(now, kind))
-    due = due.order_by(*CLAIM_ORDER)
-    if group_key is not None:
-        due = due.where(Job.group_key == group_key)
+    due = _due(session, kind, now, group_key)
+    if due is None:
+        return []
     first_error = session.execute(
         due.with_only_columns(Job.last_error).limit(1)
     ).scalar_one_or_none()
@@ -380,13 +394,10 @@ def next_group(session: Session, kind: JobKind) -> str | None:
     """
     now = db_now(session)
     expire_lost_leases(session, kind, now)
-    statement = (
-        select(Job.group_key)
-        .where(Job.kind == kind, due_since(now, kind))
-        .order_by(*CLAIM_ORDER)
-        .limit(1)
-    )
-    return session.execute(statement).scalar_one_or_none()
+    due = _due(session, kind, now)
+    if due is None:
+        return None
+    return session.execute(due.with_only_columns(Job.group_key).limit(1)).scalar_one_or_none()
 
 
 def heartbeat(

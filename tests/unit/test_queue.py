@@ -239,6 +239,9 @@ def test_claim_uses_skip_locked_on_postgresql(clock: Clock) -> None:
         def scalar_one_or_none(self) -> None:
             return None
 
+        def first(self) -> tuple[int]:  # a job is due at the first priority asked
+            return (1,)
+
         def all(self) -> list[object]:
             return []
 

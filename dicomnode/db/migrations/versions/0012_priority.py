@@ -27,9 +27,11 @@ def upgrade() -> None:
             batch.add_column(
                 sa.Column("priority", sa.Integer(), nullable=False, server_default="1")
             )
+    op.create_index("ix_jobs_priority", "jobs", ["kind", "state", "priority", "run_after"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_priority", table_name="jobs")
     for table in ("jobs", "instances"):
         with op.batch_alter_table(table) as batch:
             batch.drop_column("priority")
