@@ -661,23 +661,23 @@ def withdraw(
         )
     resolved = settings(config)
     db = _database(resolved)
-    with db.session() as session:
+    with db.reading() as session:  # no write lock while the administrator reads the list
         found = targets(session, study or [], model, version)
-        if not found:
-            err.print("nothing to withdraw: no result of these studies was sent")
-            raise typer.Exit(1)
-        table = Table("study", "model", "result objects sent", "state")
-        for t in found:
-            state = "being analysed: withdraw once reported" if t.busy else "to withdraw"
-            table.add_row(
-                t.study_instance_uid, f"{t.model_name} {t.model_version}", str(t.sent), state
-            )
-        console.print(table)
-        if dry_run:
-            return
-        if not (yes or typer.confirm(f"Withdraw the results of {len(found)} study(ies)?")):
-            raise typer.Exit(1)
-        try:
+    if not found:
+        err.print("nothing to withdraw: no result of these studies was sent")
+        raise typer.Exit(1)
+    table = Table("study", "model", "result objects sent", "state")
+    for t in found:
+        state = "being analysed: withdraw once reported" if t.busy else "to withdraw"
+        table.add_row(t.study_instance_uid, f"{t.model_name} {t.model_version}", str(t.sent), state)
+    console.print(table)
+    if dry_run:
+        return
+    if not (yes or typer.confirm(f"Withdraw the results of {len(found)} study(ies)?")):
+        raise typer.Exit(1)
+    with db.session() as session:
+        try:  # what holds now: a round may have opened while the question was asked
+            found = targets(session, study or [], model, version)
             rounds = withdraw_results(session, found, TITLES[title], reason, resolved)
         except WithdrawError as exc:
             err.print(f"[red]{escape(str(exc))}[/red]")

@@ -394,8 +394,12 @@ def _rejoin_open_round(session: Session, job: Job) -> None:
 
 
 def route_again_after_update(session: Session, registry: ModelRegistry) -> int:
-    """Route again the images waiting for a model version that is no longer installed (the
-    node restarted after a model update); how many.
+    """Route again the images waiting for a version of an installed model that is no longer
+    installed (the node restarted after a model update); how many.
+
+    Only a model whose name is installed in another version counts as updated: the jobs of a
+    model missing altogether (a ``models.dir`` misconfigured) are left as they are, not
+    routed to "no model for this body part" and skipped for good.
 
     Each such inference job (queued, or failed and waiting to try again; not running, and
     not dead: a dead one was reported "Not assessed", and ``dicomnode retry`` of it counts as
@@ -407,17 +411,18 @@ def route_again_after_update(session: Session, registry: ModelRegistry) -> int:
     Run by ``serve`` at start-up only: hosts sharing the database with other ``models/``
     (a rolling update) would otherwise route the same images back and forth."""
     installed = [f"{c.card.name}:{c.card.version}" for c in registry.cards]
-    waiting = (
-        session.execute(
+    names = {c.card.name for c in registry.cards}
+    waiting = [
+        job
+        for job in session.execute(
             select(Job).where(
                 Job.kind == JobKind.INFER,
                 Job.state.in_((JobState.QUEUED, JobState.FAILED)),
                 Job.group_key.not_in(installed),
             )
-        )
-        .scalars()
-        .all()
-    )
+        ).scalars()
+        if job.group_key.partition(":")[0] in names
+    ]
     rounds = {job.report_id for job in waiting if job.report_id is not None}
     for job in waiting:
         instance = session.get(Instance, job.sop_instance_uid)

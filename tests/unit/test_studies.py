@@ -341,6 +341,9 @@ def test_images_waiting_for_a_removed_version_go_to_the_version_installed_now(
     assert set(states.values()) == {"queued"}
     with db.session() as session:  # nothing is waiting for a removed version: a no-op
         assert studies.route_again_after_update(session, updated) == 0
+        assert studies.route_again_after_update(session, ModelRegistry()) == 0  # none installed
+    with db.session() as session:
+        assert len(session.scalars(select(Job).where(Job.kind == "infer")).all()) == 3
 
 
 def test_an_urgent_image_makes_its_rounds_report_urgent(
