@@ -39,7 +39,7 @@ from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
 from dicomnode.status import turnaround
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
-from dicomnode.values import REJECTION_TITLES
+from dicomnode.values import REJECTION_TITLES, Priority
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +210,23 @@ def _jobs(session: Session) -> Iterator[Metric]:
         ["kind"],
         (((kind,), _oldest_due_age(session, kind, now)) for kind in JobKind),
     )
+    yield _labelled(
+        "dicomnode_jobs_oldest_urgent_due_age_seconds",
+        "how long the oldest urgent job (priority high: routing.urgent_callers, C-STORE "
+        "Priority HIGH) that a worker could run now has waited (0: none waits)",
+        ["kind"],
+        (((kind,), _oldest_due_age(session, kind, now, Priority.HIGH)) for kind in JobKind),
+    )
 
 
-def _oldest_due_age(session: Session, kind: JobKind, now: datetime) -> float:
-    oldest = session.execute(
-        select(func.min(Job.run_after)).where(Job.kind == kind, due_since(now, kind))
-    ).scalar_one()
+def _oldest_due_age(
+    session: Session, kind: JobKind, now: datetime, priority: Priority | None = None
+) -> float:
+    """Seconds the oldest due job of ``kind`` (of ``priority``, when given) has waited."""
+    due = select(func.min(Job.run_after)).where(Job.kind == kind, due_since(now, kind))
+    if priority is not None:
+        due = due.where(Job.priority == priority)
+    oldest = session.execute(due).scalar_one()
     return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
 
 

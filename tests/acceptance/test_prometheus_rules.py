@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
 from dicomnode.config import Settings
+from dicomnode.db.schema import Job
 from dicomnode.db.session import Database
 from dicomnode.metrics import exposition
 from dicomnode.testing.rows import fill_known_state, metrics_without_a_database
@@ -90,7 +92,7 @@ def test_rules_are_valid() -> None:
         [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_rules_fire_on_the_nodes_own_series(
@@ -130,12 +132,40 @@ def test_rules_fire_on_the_nodes_own_series(
                     "DicomnodeDown",
                     "DicomnodeDatabaseDown",
                     "DicomnodeWorkWaiting",  # five minutes, under the rule's ten
+                    "DicomnodeUrgentWorkWaiting",  # the waiting work is routine
                     "DicomnodeDiskLow",
                     "DicomnodeSlowTurnaround",
                     "DicomnodeAuditBacklog",  # the audit trail is off: no such series
                 )
             ),
         ],
+    )
+
+
+def test_an_urgent_study_waiting_fires_its_alert(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """The analysis due for five minutes is urgent: over the rule's two minutes, it fires."""
+    fill_known_state(db)
+    with db.session() as s:
+        s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(priority=2))
+    text, _ = exposition(db, settings)
+    series = _series(text, 30)
+    (urgent,) = [
+        s
+        for s in series
+        if s["series"].startswith("dicomnode_jobs_oldest_urgent_due_age_seconds")
+        and 'kind="infer"' in s["series"]
+    ]
+    assert 299 <= float(urgent["values"].split("x")[0]) < 400  # the node's own figure
+    urgent["values"] = "300x30"  # whole seconds, for the summary promtool compares
+    fires = _fires(
+        "DicomnodeUrgentWorkWaiting", "dicomnode urgent infer work has waited 5m 0s", kind="infer"
+    )
+    _promtool_test(
+        tmp_path,
+        series,
+        [{"eval_time": "10m", "alertname": "DicomnodeUrgentWorkWaiting", "exp_alerts": [fires]}],
     )
 
 

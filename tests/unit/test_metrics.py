@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
@@ -59,6 +59,11 @@ def test_figures_are_the_databases(db: Database, settings: Settings) -> None:
     due = figures[("dicomnode_jobs_oldest_due_age_seconds", (("kind", "infer"),))]
     assert 299 <= due < 400
     assert figures[("dicomnode_jobs_oldest_due_age_seconds", (("kind", "report"),))] == 0
+    urgent = ("dicomnode_jobs_oldest_urgent_due_age_seconds", (("kind", "infer"),))
+    assert figures[urgent] == 0  # the waiting analyses are routine
+    with db.session() as s:
+        s.execute(update(Job).where(Job.dedupe_key == "infer:0").values(priority=2))
+    assert 299 <= _figures(exposition(db, settings)[0])[urgent] < 400
 
     def images(state: str) -> float:
         return figures[("dicomnode_images", (("state", state),))]
