@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +16,9 @@ from dicomnode.db.session import Database
 from dicomnode.testing.node import make_settings
 from dicomnode.testing.peers import pynetdicom_receive_globals_restored
 from dicomnode.testing.postgres import TempPostgres
+
+if TYPE_CHECKING:
+    from dicomnode.testing.inprocess import InProcessNode
 
 POSTGRES_MISSING = "the PostgreSQL server is not installed"
 
@@ -85,3 +89,13 @@ def db(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Database]
         database = Database(settings.database.url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[InProcessNode]:
+    """The whole node in this process (SQLite, a tiny knee model, a collecting PACS)."""
+    from dicomnode.testing.inprocess import InProcessNode
+
+    started = InProcessNode.start(tmp_path)
+    yield started
+    started.close()

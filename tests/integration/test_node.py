@@ -88,13 +88,6 @@ def _assert_told_to_come_back_later(settings: Settings, node: Node) -> None:
         server.shutdown()
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    started = InProcessNode.start(tmp_path)
-    yield started
-    started.close()
-
-
 def test_study_comes_back_as_sc_and_sr(
     node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,10 +5,6 @@ one from ``routing.background_callers`` waits for every other."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from dicomnode.history import study_history
 from dicomnode.receive import statuses
@@ -18,13 +14,6 @@ from dicomnode.testing.peers import wait_for
 
 HIGH, LOW = 1, 2
 """C-STORE request Priority values (MEDIUM is 0)."""
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    started = Node.start(tmp_path)
-    yield started
-    started.close()
 
 
 def test_an_urgent_study_is_reported_before_the_backlog_and_a_background_one_after(

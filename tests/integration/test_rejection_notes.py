@@ -6,7 +6,6 @@ images."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -26,13 +25,6 @@ from dicomnode.testing.validate import dciodvfy_errors, dsrdump
 from dicomnode.withdraw import WithdrawError, targets, withdraw
 
 SC, SR, KO = "OT", "SR", "KO"
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    started = Node.start(tmp_path)
-    yield started
-    started.close()
 
 
 def _received(node: Node, modality: str) -> list[Dataset]:
