@@ -9,7 +9,7 @@ patient data: studies and images are named by their UIDs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from dicomnode.db.session import db_now
 from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
+from dicomnode.values import Priority
 
 DEAD_HINT = "(`dicomnode retry` re-queues, `dicomnode discard` gives up)"
 
@@ -165,6 +166,8 @@ class NodeStatus:
     skipped: tuple[SkippedInstance, ...]
     turnaround: TurnaroundState
     audit: AuditState | None = None
+    urgent_waiting: dict[str, int] = field(default_factory=dict)
+    """Urgent jobs (priority high) queued or waiting to be tried again, by kind."""
 
 
 def node_status(
@@ -191,7 +194,17 @@ def node_status(
         skipped=_skipped(session, limit),
         turnaround=turnaround(session),
         audit=audit,
+        urgent_waiting=_urgent_waiting(session),
     )
+
+
+def _urgent_waiting(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.kind, func.count())
+        .where(Job.priority == Priority.HIGH, Job.state.in_((JobState.QUEUED, JobState.FAILED)))
+        .group_by(Job.kind)
+    ).all()
+    return {str(kind): int(count) for kind, count in rows}
 
 
 def _studies(session: Session, limit: int) -> tuple[StudyState, ...]:
@@ -425,6 +438,13 @@ def _queue_table(jobs: dict[str, dict[str, int]]) -> Table:
     return table
 
 
+def _urgent_table(urgent: dict[str, int]) -> Table:
+    table = Table("kind", "jobs", title="Urgent work waiting (claimed first)", min_width=40)
+    for kind, count in sorted(urgent.items()):
+        table.add_row(kind, str(count))
+    return table
+
+
 def _destinations_table(destinations: tuple[DestinationState, ...]) -> Table:
     """Per destination: what waits, what is retrying and why, what died, the last delivery,
     the rounds whose storage commitment it has not reported yet."""
@@ -536,6 +556,7 @@ def render_status(status: NodeStatus) -> list[Table]:
     tables = [
         _studies_table(status.studies),
         _queue_table(status.jobs),
+        *([_urgent_table(status.urgent_waiting)] if status.urgent_waiting else []),
         _turnaround_table(status.turnaround),
         _destinations_table(status.destinations),
         *([_routing_table(status.routing)] if status.routing else []),

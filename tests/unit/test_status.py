@@ -16,6 +16,7 @@ from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
 from dicomnode.status import TurnaroundState, node_status, render_status, turnaround
 from dicomnode.testing.rows import instance_row, round_row, send_row
+from dicomnode.values import Priority
 
 pytestmark = pytest.mark.both_databases  # every test taking `db` runs on SQLite and PostgreSQL
 
@@ -105,6 +106,31 @@ def test_status_as_json_holds_what_the_tables_show(db: Database) -> None:
         "p95_seconds": 0,
         "longest_seconds": 0,
     }
+
+
+def test_urgent_work_waiting_is_counted_by_kind_and_shown_only_when_there_is_some(
+    db: Database,
+) -> None:
+    _sends_retrying_and_dead(db)  # routine work: no table of urgent work
+    assert "Urgent work waiting" not in _render(db)
+    with db.session() as s:
+        assert node_status(s).urgent_waiting == {}
+        urgent = [
+            q.JobSpec(q.JobKind.INFER, f"infer:{n}", 3, group_key="m:1", priority=Priority.HIGH)
+            for n in range(3)
+        ]
+        q.enqueue(s, urgent)
+        s.execute(update(Job).where(Job.dedupe_key == "infer:2").values(state=q.JobState.DONE))
+        s.execute(
+            update(Job).where(Job.dedupe_key == "0>PACS").values(priority=Priority.HIGH)
+        )  # a failed send of an urgent study, waiting to be tried again
+    with db.session() as s:
+        assert node_status(s).urgent_waiting == {"infer": 2, "send": 1}
+    shown = _render(db)
+    assert "Urgent work waiting (claimed first)" in shown
+    table = shown.split("Urgent work waiting (claimed first)")[1]
+    infer = next(line for line in table.splitlines() if line.strip("│ ").startswith("infer "))
+    assert [cell.strip() for cell in infer.split("│")[1:3]] == ["infer", "2"]
 
 
 def test_where_each_models_results_go(db: Database) -> None:
