@@ -26,6 +26,7 @@ from dicomnode.cards import keep_card
 from dicomnode.config import RoutingSettings, Settings
 from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, db_now, lock_until_commit
+from dicomnode.models.card import ModelCard
 from dicomnode.models.registry import LoadedCard, ModelRegistry
 from dicomnode.queue.jobs import JobKind, JobSpec, JobState, enqueue, requeue
 from dicomnode.rejections import is_rejected, read_rejection_note, record_rejection
@@ -281,17 +282,23 @@ def _decide(
 def _open_round(
     session: Session, study_uid: str, loaded: LoadedCard, members: list[Instance]
 ) -> Report:
-    """The study's open round for this model (and version), or a new one; the card is kept
-    (:func:`dicomnode.cards.keep_card`), so the study can be reported again by this version
-    after it left ``models/``."""
+    """The study's open round for this model (and version), or a new one, whose opening keeps
+    the card (:func:`dicomnode.cards.keep_card`): the study can be reported again by this
+    version after it left ``models/``."""
     card = loaded.card
-    keep_card(session, card)
-    return _open_round_of(session, study_uid, card.name, card.version, members[0].calling_ae)
+    return _open_round_of(session, study_uid, card.name, card.version, members[0].calling_ae, card)
 
 
 def _open_round_of(
-    session: Session, study_uid: str, model_name: str, model_version: str, calling_ae: str
+    session: Session,
+    study_uid: str,
+    model_name: str,
+    model_version: str,
+    calling_ae: str,
+    card: ModelCard | None = None,
 ) -> Report:
+    """The open round of the study and model version, or a new one (``card`` kept then; a
+    round that reports again comes from a version whose first round kept it)."""
     report = session.execute(
         select(Report).where(
             Report.study_instance_uid == study_uid,
@@ -313,6 +320,8 @@ def _open_round_of(
     )
     session.add(report)
     session.flush()
+    if card is not None:
+        keep_card(session, card)
     log.info(
         "round opened study=%s model=%s round=%s report=%s",
         study_uid,
