@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.explain.gradcam import Explainer
     from dicomnode.peers import PeerInfo
     from dicomnode.send.resend import Resent
+    from dicomnode.withdraw import Withdrawn
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.",
@@ -678,14 +679,25 @@ def withdraw(
     with db.session() as session:
         try:  # what holds now: a round may have opened while the question was asked
             found = targets(session, study or [], model, version)
-            rounds = withdraw_results(session, found, TITLES[title], reason, resolved)
+            made = withdraw_results(session, found, TITLES[title], reason, resolved)
         except WithdrawError as exc:
             err.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from None
+    _audit_withdrawn(resolved, made)
     console.print(
-        f"{len(rounds)} withdrawal(s) queued: the node sends each rejection note once its "
+        f"{len(made)} withdrawal(s) queued: the node sends each rejection note once its "
         "earlier sends are done (`dicomnode study` shows them)"
     )
+
+
+def _audit_withdrawn(resolved: Settings, made: list[Withdrawn]) -> None:
+    """The audit trail's record of an operator's withdrawal, one message per study and model
+    version (written once the withdrawal is committed)."""
+    from dicomnode.audit.objects import record_withdrawn
+
+    with _audit_trail(resolved) as audit:
+        for withdrawn in made:
+            record_withdrawn(audit, map(Path, withdrawn.paths), withdrawn.description)
 
 
 @app.command()

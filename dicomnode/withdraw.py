@@ -62,6 +62,18 @@ class Target:
     """A round of it is open or its report is waiting: withdraw once it is reported."""
 
 
+@dataclass(frozen=True)
+class Withdrawn:
+    """A withdrawal round closed for one :class:`Target`, and the files of what it lists."""
+
+    round_id: int
+    target: Target
+    paths: tuple[str, ...]
+    """The result objects' files (their headers name the patient for the audit trail)."""
+    description: str
+    """What was withdrawn and why, in a line (the audit trail's outcome description)."""
+
+
 def targets(
     session: Session,
     study_uids: Sequence[str],
@@ -108,9 +120,9 @@ def _busy(session: Session, report: Report) -> bool:
 
 def withdraw(
     session: Session, chosen: Sequence[Target], code: str, note: str, settings: Settings
-) -> list[int]:
+) -> list[Withdrawn]:
     """Close a withdrawal round for each of ``chosen`` (its report makes the rejection note of
-    title DCM ``code``, ``note`` its administrator's words); the rounds' ids.
+    title DCM ``code``, ``note`` its administrator's words).
 
     Raises
     ------
@@ -140,9 +152,12 @@ def withdraw(
             .order_by(Report.sequence.desc())
             .limit(1)
         ).scalar_one()
+        listed = sent_results(session, last, include_own_round=True)
         report = close_new_round(session, last, settings)
         report.withdrawal_code, report.withdrawal_note = code, note[:1024]
-        made.append(report.id)
+        said = f"{target.model_name} {target.model_version} results withdrawn, "
+        said += REJECTION_TITLES[code] + (f": {note}" if note else "")
+        made.append(Withdrawn(report.id, target, tuple(o.path for o in listed), said))
         log.info(
             "withdrawal round %s of study=%s model=%s %s: %d result object(s), %s",
             report.sequence,

@@ -15,6 +15,7 @@ from dicomnode.audit.messages import (
     APPLICATION_START,
     APPLICATION_STOP,
     BEGIN_TRANSFERRING,
+    INSTANCES_ACCESSED,
     INSTANCES_TRANSFERRED,
     MINOR_FAILURE,
     NETWORK_CONFIGURATION,
@@ -173,6 +174,23 @@ def study_deleted(
         action="D",
         outcome_description=reason,
         participants=participants,
+        studies=(study,),
+        patient_id=patient_id,
+    )
+
+
+def results_withdrawn(
+    ae_title: str, *, study: StudyObject, patient_id: str, description: str
+) -> AuditEvent:
+    """An operator withdrew the node's results of a study from the PACS (``dicomnode
+    withdraw``): DICOM Instances Accessed, action Delete, the operator its requestor, the
+    study's withdrawn objects counted per SOP class. The rejection note that withdraws them is
+    audited as it is sent (:func:`instances_sent`)."""
+    return AuditEvent(
+        event=INSTANCES_ACCESSED,
+        action="D",
+        outcome_description=description,
+        participants=(operator(), node_participant(ae_title, ROLE_APPLICATION)),
         studies=(study,),
         patient_id=patient_id,
     )

@@ -1,7 +1,8 @@
 """DICOM audit messages (PS3.15 A.5): frozen values, and their XML.
 
 The node writes the messages of IHE ATNA that concern it: Application Activity (start,
-stop), DICOM Instances Transferred (an image received, a result sent), DICOM Study Deleted
+stop), DICOM Instances Transferred (an image received, a result sent), Begin Transferring
+(``resend``), DICOM Instances Accessed (results withdrawn: ``withdraw``), DICOM Study Deleted
 (retention, ``forget``) and Security Alert (a caller refused, peers changed). One message
 names one patient, as A.5.3 asks; a study's instances are counted per SOP class.
 """
@@ -26,6 +27,7 @@ class Code:
 
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 BEGIN_TRANSFERRING = Code("110102", "Begin Transferring DICOM Instances")
+INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "Security Alert")

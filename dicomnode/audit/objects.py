@@ -14,6 +14,7 @@ import pydicom
 from dicomnode.audit.events import (
     instances_received,
     instances_sent,
+    results_withdrawn,
     study_deleted,
     transfer_ordered,
 )
@@ -95,6 +96,21 @@ def record_ordered(audit: AuditTrail, peer_ae: str, peer_host: str, paths: Itera
             peer_host=peer_host,
             study=found.study,
             patient_id=found.patient_id,
+        ),
+    )
+
+
+def record_withdrawn(audit: AuditTrail, paths: Iterable[Path], description: str) -> None:
+    """DICOM Instances Accessed (delete) for each study of the result objects ``paths`` an
+    operator withdrew."""
+    record_each(
+        audit,
+        paths,
+        lambda found: results_withdrawn(
+            audit.ae_title,
+            study=found.study,
+            patient_id=found.patient_id,
+            description=description,
         ),
     )
 

@@ -192,6 +192,31 @@ def test_a_resend_is_audited_as_ordered_by_the_operator(tmp_path: Path) -> None:
     assert "PID-RESEND-4" not in resent.stdout + resent.stderr
 
 
+def test_a_withdrawal_is_audited_as_the_operators_deletion_of_the_results(
+    tmp_path: Path,
+) -> None:
+    """`dicomnode withdraw`: DICOM Instances Accessed, action Delete, the operator its
+    requestor, the withdrawn overlay and SR counted, what and why in its description."""
+    audit_file = tmp_path / "audit.log"
+    config, study_uid = _config(tmp_path, audit_file, "PID-WITHDRAW-5")
+    dry = _cli(config, "withdraw", study_uid, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not read_audit_file(audit_file)  # a dry run withdraws nothing
+    done = _cli(config, "withdraw", study_uid, "--yes", "--reason", "child's knee")
+    assert done.returncode == 0, done.stderr
+    (withdrawn,) = _action(read_audit_file(audit_file), "110103", "D")
+    person, node = withdrawn.participants()
+    assert person.get("UserIsRequestor") == "true" and node.get("UserIsRequestor") == "false"
+    assert node.get("AlternativeUserID") == "AETITLES=DICOMNODE"
+    assert withdrawn.study_uids == [study_uid] and withdrawn.patient_ids == ["PID-WITHDRAW-5"]
+    assert withdrawn.sop_classes() == {SC: 1, COMPREHENSIVE_SR: 1}
+    said = withdrawn.identification.findtext("EventOutcomeDescription") or ""
+    assert said.endswith("results withdrawn, Rejected for Quality Reasons: child's knee"), said
+    assert "PID-WITHDRAW-5" not in done.stdout + done.stderr
+    assert _cli(config, "withdraw", study_uid, "--yes").returncode == 1  # nothing left
+    assert len(_action(read_audit_file(audit_file), "110103", "D")) == 1
+
+
 def test_an_audit_trail_that_is_off_writes_nothing(tmp_path: Path) -> None:
     node = InProcessNode.start(tmp_path)
     try:

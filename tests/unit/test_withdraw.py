@@ -72,7 +72,7 @@ def test_a_recall_lists_every_study_the_version_sent_results_of(
         assert [t.model_version for t in targets(s, ["1.2.3"])] == ["3"]
         made = withdraw(s, found, "113037", "field safety notice 7", settings)
     with db.session() as s:
-        rounds = [s.get(Report, i) for i in made]
+        rounds = [s.get(Report, w.round_id) for w in made]
         jobs = s.execute(select(Job.report_id).where(Job.kind == "report")).scalars().all()
         assert [(r.study_instance_uid, r.sequence, r.state) for r in rounds if r] == [
             ("1.2.1", 2, "pending"),
@@ -81,7 +81,13 @@ def test_a_recall_lists_every_study_the_version_sent_results_of(
         assert {(r.withdrawal_code, r.withdrawal_note) for r in rounds if r} == {
             ("113037", "field safety notice 7")
         }
-        assert sorted(j for j in jobs if j) == sorted(made)  # the worker reports each: a note
+        # the worker reports each: a note
+        assert sorted(j for j in jobs if j) == sorted(w.round_id for w in made)
+    said = "knee-kl 2 results withdrawn, Rejected for Patient Safety Reasons: field safety notice 7"
+    assert [(w.paths, w.description) for w in made] == [
+        (("/results/5.1.dcm", "/results/5.2.dcm"), said),
+        (("/results/5.3.dcm",), said),
+    ]
     later = _round(db, "1.2.1", "2", sequence=3)
     with db.session() as s:
         report = s.get(Report, later)
