@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.explain.gradcam import Explainer
     from dicomnode.peers import PeerInfo
     from dicomnode.send.resend import Resent
-    from dicomnode.withdraw import Withdrawn
+    from dicomnode.withdraw import Target, Withdrawn
 
 app = typer.Typer(
     help="dicomnode: an AI node beside your PACS.",
@@ -56,6 +56,8 @@ err = _console(stderr=True)
 log = logging.getLogger("dicomnode.cli")
 
 DEFAULT_CONFIG = Path("config/dicomnode.yaml")
+LISTED = 50
+"""Rows a command lists before it counts the rest (a recall names thousands of studies)."""
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
@@ -650,8 +652,7 @@ def withdraw(
     presentation states and SRs sent, and goes where they went; an archive that supports
     IOCM hides them. Without a study: every study that --model --version reported (a
     recall). Exit status 1 when nothing could be withdrawn."""
-    from dicomnode.withdraw import TITLES, WithdrawError, targets
-    from dicomnode.withdraw import withdraw as withdraw_results
+    from dicomnode.withdraw import TITLES, WithdrawError, targets, withdraw_in_batches
 
     if title not in TITLES:
         raise typer.BadParameter(f"use one of {', '.join(TITLES)}", param_hint="--title")
@@ -667,37 +668,53 @@ def withdraw(
     if not found:
         err.print("nothing to withdraw: no result of these studies was sent")
         raise typer.Exit(1)
-    table = Table("study", "model", "result objects sent", "state")
-    for t in found:
-        state = "being analysed: withdraw once reported" if t.busy else "to withdraw"
-        table.add_row(t.study_instance_uid, f"{t.model_name} {t.model_version}", str(t.sent), state)
-    console.print(table)
+    _list_targets(found)
     if dry_run:
         return
     if not (yes or typer.confirm(f"Withdraw the results of {len(found)} study(ies)?")):
         raise typer.Exit(1)
-    with db.session() as session:
-        try:  # what holds now: a round may have opened while the question was asked
-            found = targets(session, study or [], model, version)
-            made = withdraw_results(session, found, TITLES[title], reason, resolved)
+    with _audit_trail(resolved) as audit:
+        try:
+            done = withdraw_in_batches(
+                db, found, TITLES[title], reason, resolved, lambda made: _audit(audit, made)
+            )
         except WithdrawError as exc:
             err.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from None
-    _audit_withdrawn(resolved, made)
     console.print(
-        f"{len(made)} withdrawal(s) queued: the node sends each rejection note once its "
+        f"{len(done.made)} withdrawal(s) queued: the node sends each rejection note once its "
         "earlier sends are done (`dicomnode study` shows them)"
     )
+    if done.late:
+        err.print(
+            f"[yellow]{len(done.late)} study(ies) began an analysis meanwhile, e.g. "
+            f"{done.late[0]}: run the command again once they are reported[/yellow]"
+        )
+        raise typer.Exit(1)
 
 
-def _audit_withdrawn(resolved: Settings, made: list[Withdrawn]) -> None:
+def _list_targets(found: list[Target]) -> None:
+    """The table of what a withdrawal lists (the first 50 rows, then a count)."""
+    table = Table("study", "model", "result objects sent", "state")
+    for t in found[:LISTED]:
+        state = "being analysed: withdraw once reported" if t.busy else "to withdraw"
+        table.add_row(t.study_instance_uid, f"{t.model_name} {t.model_version}", str(t.sent), state)
+    console.print(table)
+    if len(found) > LISTED:
+        busy = sum(t.busy for t in found)
+        console.print(
+            f"… and {len(found) - LISTED} more: {len(found)} study(ies) and model versions, "
+            f"{sum(t.sent for t in found)} result objects, {busy} being analysed"
+        )
+
+
+def _audit(audit: AuditTrail, made: list[Withdrawn]) -> None:
     """The audit trail's record of an operator's withdrawal, one message per study and model
-    version (written once the withdrawal is committed)."""
+    version (written once each batch is committed)."""
     from dicomnode.audit.objects import record_withdrawn
 
-    with _audit_trail(resolved) as audit:
-        for withdrawn in made:
-            record_withdrawn(audit, map(Path, withdrawn.paths), withdrawn.description)
+    for withdrawn in made:
+        record_withdrawn(audit, map(Path, withdrawn.target.paths), withdrawn.description)
 
 
 @app.command()

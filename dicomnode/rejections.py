@@ -24,10 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from sqlalchemy import exists, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, exists, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from dicomnode.db.schema import Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import db_now
@@ -196,17 +198,21 @@ def listed_in(path: str) -> list[str]:
     return [uid for _, uid in listed(document)]
 
 
-def withdrawn(session: Session, study_uid: str) -> set[str]:
-    """The node's result objects of the study that its own rejection notes withdrew, and
-    those made from a rejected image (never sent)."""
+def withdrawn(session: Session, studies: str | Select[Any]) -> set[str]:
+    """The node's result objects of the study (a UID, or a query of study UIDs) that its own
+    rejection notes withdrew, and those made from a rejected image (never sent)."""
+
+    def of_studies(column: InstrumentedAttribute[str]) -> ColumnElement[bool]:
+        return column == studies if isinstance(studies, str) else column.in_(studies)
+
     notes = session.execute(
         select(Output.path)
         .join(Report, Report.id == Output.report_id)
-        .where(Report.study_instance_uid == study_uid, Output.kind == "KO")
+        .where(of_studies(Report.study_instance_uid), Output.kind == "KO")
     ).scalars()
     made_from_rejected = session.execute(
         select(Output.sop_instance_uid)
         .join(Rejection, Rejection.sop_instance_uid == Output.source_sop_instance_uid)
-        .where(Rejection.study_instance_uid == study_uid)
+        .where(of_studies(Rejection.study_instance_uid))
     ).scalars()
     return {uid for path in notes for uid in listed_in(path)} | set(made_from_rejected)

@@ -73,7 +73,7 @@ from dicomnode.studies import KEPT, round_priority
 from dicomnode.tls import client_context, https_context
 from dicomnode.uids import transaction_uid
 from dicomnode.values import ModelIdentity
-from dicomnode.withdraw import last_withdrawal, sent_earlier, sent_results
+from dicomnode.withdraw import after_last_withdrawal, sent_earlier, sent_results
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ class Worker:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
-                Report.sequence > last_withdrawal(session, report),
+                after_last_withdrawal(report),
                 _not_rejected(),
             )
             .order_by(Instance.received_at)
@@ -851,7 +851,7 @@ def _predecessor(session: Session, report: Report) -> pydicom.Dataset | None:
             Report.model_name == report.model_name,
             Report.model_version == report.model_version,
             Report.sequence < report.sequence,
-            Report.sequence > last_withdrawal(session, report),
+            after_last_withdrawal(report),
             Output.kind == "SR",
         )
         .order_by(Report.sequence.desc())
@@ -875,7 +875,7 @@ def _dead_instances(session: Session, report: Report) -> list[Instance]:
                 Report.model_name == report.model_name,
                 Report.model_version == report.model_version,
                 Report.sequence <= report.sequence,
-                Report.sequence > last_withdrawal(session, report),
+                after_last_withdrawal(report),
                 _not_rejected(),
             )
             .order_by(Instance.received_at)

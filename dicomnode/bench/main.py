@@ -249,4 +249,9 @@ def table(figures: dict[str, Any]) -> Table:
             f"{r['claim_ms']:.0f}",
             "<= 100",
         )
+        out.add_row(
+            f"a result object's sends found by its UID among {r['jobs']:,} jobs (SQLite), ms",
+            f"{r['lookup_ms']:.1f}",
+            "<= 10",
+        )
     return out

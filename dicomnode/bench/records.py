@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from dicomnode.db.migrate import upgrade
 from dicomnode.db.schema import Job
@@ -32,7 +32,8 @@ def records(scratch: Path, jobs: int) -> dict[str, Any]:
     """Seconds of one ``status`` read and one metrics scrape (each the second of two, the
     first warming the caches) on a SQLite database of ``jobs`` finished jobs; then, with a
     backlog of a quarter as many analyses due (one in a hundred urgent), the median
-    milliseconds of a worker's claim of a batch of 8 (:func:`claim_ms`)."""
+    milliseconds of a worker's claim of a batch of 8 (:func:`claim_ms`) and of a look-up of
+    a result object's sends by its SOP Instance UID (:func:`lookup_ms`)."""
     settings = make_settings(scratch / "records")
     upgrade(settings.database.url)
     db = Database(settings.database.url)
@@ -48,6 +49,7 @@ def records(scratch: Path, jobs: int) -> dict[str, Any]:
             "status_seconds": _second_of_two(status),
             "metrics_seconds": _second_of_two(lambda: exposition(db, settings)),
         }
+        figures["lookup_ms"] = lookup_ms(db, jobs)
         _fill_backlog(db, jobs // 4)
         return {**figures, "backlog": jobs // 4, "claim_ms": claim_ms(db)}
     finally:
@@ -97,6 +99,27 @@ def claim_ms(db: Database, claims: int = 21) -> float:
     return 1000.0 * sorted(took)[len(took) // 2]
 
 
+def lookup_ms(db: Database, jobs: int, lookups: int = 21) -> float:
+    """The median milliseconds of finding a result object's send jobs by its SOP Instance UID
+    (was it sent, and where: ``withdraw``, rejection notes, storage commitment)."""
+    sends = [i for i in range(0, jobs, max(1, jobs // lookups)) if KINDS[i % len(KINDS)] == "send"]
+    took = []
+    for i in sends or [0]:
+        started = time.perf_counter()
+        with db.reading() as session:
+            session.execute(
+                select(Job.peer).where(
+                    Job.sop_instance_uid == _object_uid(i), Job.kind == q.JobKind.SEND
+                )
+            ).all()
+        took.append(time.perf_counter() - started)
+    return 1000.0 * sorted(took)[len(took) // 2]
+
+
+def _object_uid(i: int) -> str:
+    return f"1.2.826.0.1.3680043.10.1.{i}"
+
+
 def _row(i: int, jobs: int, now: Any) -> dict[str, Any]:
     kind = KINDS[i % len(KINDS)]
     at = now - timedelta(seconds=jobs - i)
@@ -106,6 +129,7 @@ def _row(i: int, jobs: int, now: Any) -> dict[str, Any]:
         "state": "done",
         "group_key": "PACS" if kind == "send" else "knee-kl:2",
         "peer": "PACS" if kind == "send" else None,
+        "sop_instance_uid": _object_uid(i),
         "attempts": 1,
         "max_attempts": 3,
         "run_after": at,

@@ -184,6 +184,7 @@ class Job(Base):
         Index("ix_jobs_priority", "kind", "state", "priority", "run_after"),  # claims
         Index("ix_jobs_peer", "kind", "peer", "state", "finished_at"),  # status, metrics
         Index("ix_jobs_finished", "kind", "state", "finished_at"),  # the last hour's turnaround
+        Index("ix_jobs_instance", "sop_instance_uid", "kind"),  # an object's jobs (0013)
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

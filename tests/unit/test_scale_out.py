@@ -28,7 +28,7 @@ def test_the_schema_revision_must_be_this_versions(tmp_path: Path) -> None:
     assert "no schema yet: run `dicomnode db upgrade`" in schema_problem(url)
     upgrade(url, "0001")
     older = schema_problem(url)
-    assert "schema is at revision 0001, this dicomnode needs 0012" in older
+    assert "schema is at revision 0001, this dicomnode needs 0013" in older
     assert "`dicomnode db upgrade`" in older
     upgrade(url)
     assert schema_problem(url) == ""
@@ -43,7 +43,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with db.session() as session:
         session.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     db.dispose()
-    assert "revision 0099 is newer than this dicomnode knows (its latest is 0012)" in (
+    assert "revision 0099 is newer than this dicomnode knows (its latest is 0013)" in (
         schema_problem(url)
     )
 

@@ -4,10 +4,11 @@ sent), when it is refused, the rounds it closes, and where its note goes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
@@ -17,7 +18,14 @@ from dicomnode.db.session import Database, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.testing.images import make_radiograph, make_rejection_note
 from dicomnode.testing.rows import output_row
-from dicomnode.withdraw import WithdrawError, last_withdrawal, targets, withdraw
+from dicomnode.withdraw import (
+    WithdrawError,
+    Withdrawn,
+    last_withdrawal,
+    targets,
+    withdraw,
+    withdraw_in_batches,
+)
 from dicomnode.worker import _peers_of
 
 pytestmark = pytest.mark.both_databases
@@ -84,14 +92,19 @@ def test_a_recall_lists_every_study_the_version_sent_results_of(
         # the worker reports each: a note
         assert sorted(j for j in jobs if j) == sorted(w.round_id for w in made)
     said = "knee-kl 2 results withdrawn, Rejected for Patient Safety Reasons: field safety notice 7"
-    assert [(w.paths, w.description) for w in made] == [
+    assert [(w.target.paths, w.description) for w in made] == [
         (("/results/5.1.dcm", "/results/5.2.dcm"), said),
         (("/results/5.3.dcm",), said),
     ]
+    with db.session() as s:  # their notes are not made yet: what they list is not again
+        assert targets(s, [], "knee-kl", "2") == []
     later = _round(db, "1.2.1", "2", sequence=3)
+    _sent(db, later, "5.5")  # an image after the withdrawal: its own result is listed
     with db.session() as s:
         report = s.get(Report, later)
         assert report is not None and last_withdrawal(s, report) == 2
+        (again,) = targets(s, ["1.2.1"])
+        assert again.paths == ("/results/5.5.dcm",) and again.last_round == later
 
 
 def test_a_study_being_analysed_or_with_nothing_sent_is_refused(
@@ -135,6 +148,45 @@ def test_a_rejection_note_goes_to_every_peer_that_was_sent_what_it_lists(
         sc = output_row("5.9", report, "SC")
         assert _peers_of(s, ko, ["PACS"]) == ["PACS", "ARCHIVE"]
         assert _peers_of(s, sc, ["PACS"]) == ["PACS"]
+
+
+def test_a_recall_is_withdrawn_in_batches_and_leaves_out_a_study_that_became_busy(
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch committed by itself (the audit trail hears of it then); a study whose
+    analysis began after the list was read is left out and named, the rest withdrawn; the
+    recall ordered again goes on with it alone."""
+    monkeypatch.setattr("dicomnode.withdraw.BATCH", 2)
+    for i in range(5):
+        _sent(db, _round(db, f"1.2.{i}", "2"), f"5.{i}")
+    _sent(db, _round(db, "1.2.0", "3", sequence=2), "6.0")  # another version of a listed study
+    with db.reading() as s:
+        listed = targets(s, [], "knee-kl", "2")
+    assert len(listed) == 5 and not any(t.busy for t in listed)
+    batches: list[list[str]] = []
+
+    def committed(made: list[Withdrawn]) -> None:
+        batches.append([w.target.study_instance_uid for w in made])
+        if len(batches) == 1:  # an image of study 1.2.4 arrives while the recall runs
+            _round(db, "1.2.4", "2", sequence=2, state="open")
+
+    done = withdraw_in_batches(db, listed, "113037", "notice 9", settings, committed)
+    assert batches == [["1.2.0", "1.2.1"], ["1.2.2", "1.2.3"], []]
+    assert done.late == ("1.2.4",) and len(done.made) == 4
+    with db.session() as s:
+        versions = s.execute(
+            select(Report.model_version).where(Report.withdrawal_code != "")
+        ).scalars()
+        assert set(versions) == {"2"}  # 1.2.0's version 3 was not in the recall
+        (waiting,) = targets(s, [], "knee-kl", "2")  # a withdrawal waiting for its note is
+        assert waiting.study_instance_uid == "1.2.4" and waiting.busy  # no analysis
+        s.execute(update(Report).where(Report.state == "open").values(state="done"))
+    with db.reading() as s:
+        listed = targets(s, [], "knee-kl", "2")
+    again = withdraw_in_batches(db, listed, "113037", "notice 9", settings)
+    assert [w.target.study_instance_uid for w in again.made] == ["1.2.4"] and not again.late
+    with pytest.raises(WithdrawError, match="nothing was sent"):
+        withdraw_in_batches(db, [replace(again.made[0].target, paths=())], "113037", "", settings)
 
 
 def test_the_command_lists_refuses_and_withdraws(
