@@ -190,7 +190,7 @@ def test_a_recall_is_withdrawn_in_batches_and_leaves_out_a_study_that_became_bus
 
 
 def test_the_command_lists_refuses_and_withdraws(
-    db: Database, settings: Settings, tmp_path: Path
+    db: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _sent(db, _round(db, "1.2.1", "2"), "5.1")
     config = tmp_path / "node.yaml"
@@ -210,6 +210,12 @@ def test_the_command_lists_refuses_and_withdraws(
     assert run(app, [*base, "1.2.9", "--yes"]).exit_code == 1  # nothing sent there
     listed = run(app, [*base, "--model", "knee-kl", "--version", "2", "--dry-run"])
     assert listed.exit_code == 0 and "1.2.1" in listed.stdout and "to withdraw" in listed.stdout
+    monkeypatch.setattr("dicomnode.cli.LISTED", 0)  # a recall of thousands: a count
+    counted = run(app, [*base, "--model", "knee-kl", "--version", "2", "--dry-run"])
+    assert "1.2.1" not in counted.stdout
+    assert "and 1 more: 1 study(ies) and model versions, 1 result objects, 0 being analysed" in (
+        counted.stdout
+    )
     with db.session() as s:
         assert s.execute(select(Report).where(Report.withdrawal_code != "")).first() is None
     done = run(app, [*base, "1.2.1", "--title", "safety", "--reason", "wrong model", "--yes"])
