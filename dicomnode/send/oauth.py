@@ -1,6 +1,6 @@
 """The Authorization header of a peer's DICOMweb service, from its ``dicomweb_auth_file``.
 
-The file holds one of two things:
+The file holds one of three things:
 
 - the header value itself, on its first line: ``Bearer <token>`` or ``Basic <base64>``
   (renewed in place by whoever issues it: read at each request);
@@ -17,10 +17,16 @@ The file holds one of two things:
   RFC's default) or in the form (``post``). It sends ``Bearer <access_token>`` until a
   minute before the token expires (``expires_in``; a token without one until the service
   refuses it), then asks again. A 401 from the service drops the token, so the next attempt
-  asks for a fresh one.
+  asks for a fresh one;
+- a Google Cloud service account key, the JSON file the console gives (``"type":
+  "service_account"``), for a Cloud Healthcare API DICOM store: the node signs a JWT with
+  the key (RS256, its ``private_key_id`` as ``kid``; issuer ``client_email``, audience
+  ``token_uri``, ``scope`` cloud-platform unless the file adds a ``scope`` field, one hour)
+  and trades it at ``token_uri`` for an access token (the JWT bearer grant, RFC 7523 2.1),
+  used and renewed as above.
 
-The secret and the tokens never reach a log line or an error message; what the token
-endpoint says about a refusal (its ``error`` and ``error_description``) does.
+The secret, the private key and the tokens never reach a log line or an error message; what
+the token endpoint says about a refusal (its ``error`` and ``error_description``) does.
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ RENEW_BEFORE_SECONDS = 60.0
 
 _FIELDS = frozenset({"token_url", "client_id", "client_secret", "scope", "audience", "client_auth"})
 
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+"""The scope asked for with a service account key that names none (the Cloud Healthcare API
+takes it, as ``gcloud`` does)."""
+ASSERTION_SECONDS = 3600
+"""The lifetime of a signed assertion (Google accepts at most an hour)."""
+
 
 @dataclass(frozen=True)
 class ClientCredentials:
@@ -63,13 +76,32 @@ class ClientCredentials:
 
 
 @dataclass(frozen=True)
+class ServiceAccount:
+    """A Google Cloud service account key: the JWT bearer grant (RFC 7523)."""
+
+    token_url: str
+    client_email: str
+    private_key: str
+    """PEM, as the key file holds it."""
+    key_id: str = ""
+    scope: str = GOOGLE_SCOPE
+
+    def __repr__(self) -> str:  # never the key
+        return f"ServiceAccount(token_url={self.token_url!r}, client_email={self.client_email!r})"
+
+
+Client = ClientCredentials | ServiceAccount
+"""An OAuth 2.0 client the node asks tokens for."""
+
+
+@dataclass(frozen=True)
 class _Token:
     value: str
     renew_at: float
     """``time.monotonic()`` after which a new token is asked for."""
 
 
-_tokens: dict[ClientCredentials, _Token] = {}
+_tokens: dict[Client, _Token] = {}
 _lock = threading.Lock()
 
 
@@ -98,12 +130,12 @@ def forget(auth_file: str) -> None:
         held = read_auth_file(auth_file) if auth_file else ""
     except (OSError, AuthorizationError):
         return
-    if isinstance(held, ClientCredentials):
+    if not isinstance(held, str):
         with _lock:
             _tokens.pop(held, None)
 
 
-def read_auth_file(path: str) -> str | ClientCredentials:
+def read_auth_file(path: str) -> str | Client:
     """The header value on the file's first line ("" for an empty file), or the OAuth client
     its JSON object describes."""
     text = Path(path).read_text(encoding="utf-8").strip()
@@ -115,13 +147,44 @@ def read_auth_file(path: str) -> str | ClientCredentials:
         raise AuthorizationError(
             f"{path}: not a JSON object ({exc.msg}, line {exc.lineno})"
         ) from None
+    if not isinstance(fields, dict):
+        raise AuthorizationError(f"{path}: not a JSON object")
+    if fields.get("type") == "service_account":
+        return _service_account(fields, path)
     return _client(fields, path)
 
 
-def _client(fields: object, path: str) -> ClientCredentials:
+def _service_account(fields: dict[str, object], path: str) -> ServiceAccount:
+    """The service account of a Google key file, or AuthorizationError naming what is
+    wrong (never the key)."""
+    missing = [
+        name
+        for name in ("client_email", "private_key", "token_uri")
+        if not isinstance(fields.get(name), str) or not fields[name]
+    ]
+    if missing:
+        raise AuthorizationError(f"{path}: a service account key needs {', '.join(missing)}")
+    values = {name: str(fields.get(name) or "") for name in fields}
+    _check_url(values["token_uri"], "token_uri", path)
+    if "PRIVATE KEY-----" not in values["private_key"]:
+        raise AuthorizationError(f"{path}: private_key is not a PEM private key")
+    return ServiceAccount(
+        values["token_uri"],
+        values["client_email"],
+        values["private_key"],
+        values.get("private_key_id", ""),
+        values.get("scope") or GOOGLE_SCOPE,
+    )
+
+
+def _check_url(url: str, name: str, path: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AuthorizationError(f"{path}: {name} must be an http:// or https:// URL")
+
+
+def _client(fields: dict[str, object], path: str) -> ClientCredentials:
     """The OAuth client of a parsed auth file, or AuthorizationError naming what is wrong."""
-    if not isinstance(fields, dict):
-        raise AuthorizationError(f"{path}: not a JSON object")
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
         raise AuthorizationError(
@@ -133,35 +196,28 @@ def _client(fields: object, path: str) -> ClientCredentials:
     missing = [n for n in ("token_url", "client_id", "client_secret") if not fields.get(n)]
     if missing:
         raise AuthorizationError(f"{path}: an OAuth client needs {', '.join(missing)}")
-    url = urllib.parse.urlsplit(fields["token_url"])
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise AuthorizationError(f"{path}: token_url must be an http:// or https:// URL")
+    _check_url(str(fields["token_url"]), "token_url", path)
     said = fields.get("client_auth") or "basic"
     if said not in ("basic", "post"):
         raise AuthorizationError(f"{path}: client_auth must be basic or post")
     client_auth: Literal["basic", "post"] = "post" if said == "post" else "basic"
     return ClientCredentials(
-        fields["token_url"],
-        fields["client_id"],
-        fields["client_secret"],
-        fields.get("scope", ""),
-        fields.get("audience", ""),
+        str(fields["token_url"]),
+        str(fields["client_id"]),
+        str(fields["client_secret"]),
+        str(fields.get("scope", "")),
+        str(fields.get("audience", "")),
         client_auth,
     )
 
 
-def _request_token(
-    client: ClientCredentials, timeout: float, context: ssl.SSLContext | None
-) -> _Token:
-    """Ask the token endpoint for an access token (client credentials grant)."""
-    form = {"grant_type": "client_credentials"}
-    form.update({k: v for k, v in (("scope", client.scope), ("audience", client.audience)) if v})
+def _request_token(client: Client, timeout: float, context: ssl.SSLContext | None) -> _Token:
+    """Ask the token endpoint for an access token (client credentials or JWT bearer grant)."""
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-    if client.client_auth == "basic":  # RFC 6749 2.3.1: each part form-encoded first
-        pair = f"{_encoded(client.client_id)}:{_encoded(client.client_secret)}"
-        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    if isinstance(client, ServiceAccount):
+        form = {"grant_type": JWT_BEARER, "assertion": _assertion(client)}
     else:
-        form.update(client_id=client.client_id, client_secret=client.client_secret)
+        form = _client_credentials(client, headers)
     body = urllib.parse.urlencode(form).encode("ascii")
     request = urllib.request.Request(client.token_url, data=body, headers=headers)
     https = client.token_url.startswith("https:")
@@ -178,6 +234,41 @@ def _request_token(
     except (urllib.error.URLError, HTTPException, OSError) as exc:
         raise AuthorizationError(f"{where}: {getattr(exc, 'reason', None) or exc}") from None
     return _token(answer, started, where)
+
+
+def _client_credentials(client: ClientCredentials, headers: dict[str, str]) -> dict[str, str]:
+    """The form of a client credentials grant (the client's Basic header put in
+    ``headers``)."""
+    form = {"grant_type": "client_credentials"}
+    form.update({k: v for k, v in (("scope", client.scope), ("audience", client.audience)) if v})
+    if client.client_auth == "basic":  # RFC 6749 2.3.1: each part form-encoded first
+        pair = f"{_encoded(client.client_id)}:{_encoded(client.client_secret)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    else:
+        form.update(client_id=client.client_id, client_secret=client.client_secret)
+    return form
+
+
+def _assertion(account: ServiceAccount) -> str:
+    """The service account's signed JWT (RFC 7523 2.1), valid for an hour from now."""
+    import jwt
+
+    now = int(time.time())
+    claims = {
+        "iss": account.client_email,
+        "scope": account.scope,
+        "aud": account.token_url,
+        "iat": now,
+        "exp": now + ASSERTION_SECONDS,
+    }
+    headers = {"kid": account.key_id} if account.key_id else None
+    try:
+        return jwt.encode(claims, account.private_key, algorithm="RS256", headers=headers)
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:  # a key that is no RSA key
+        raise AuthorizationError(
+            f"the private key of service account {account.client_email} cannot sign "
+            f"({type(exc).__name__})"
+        ) from None
 
 
 def _encoded(text: str) -> str:

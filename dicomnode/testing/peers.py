@@ -397,6 +397,9 @@ class TokenService(_HttpService):
 
     client_id: str = "dicomnode"
     client_secret: str = "s3cret:&=+"
+    service_account: tuple[str, str] | None = None
+    """``(client_email, public key PEM)`` of a service account whose signed assertions it
+    takes (the JWT bearer grant of RFC 7523, as Google's token endpoint)."""
     expires_in: int | None = 300
     stow: StowService | None = None
     issued: list[str] = field(default_factory=list)
@@ -414,6 +417,11 @@ class TokenService(_HttpService):
         """Answer one token request: the HTTP status and the JSON body."""
         with self._lock:
             self.requests.append({**form, "Authorization": authorization})
+        if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            refused = self._assertion_refused(form.get("assertion", ""))
+            if refused:
+                return 400, {"error": "invalid_grant", "error_description": refused}
+            return self._issue()
         client = (form.get("client_id", ""), form.get("client_secret", ""))
         if authorization.startswith("Basic "):
             from urllib.parse import unquote_plus
@@ -424,6 +432,27 @@ class TokenService(_HttpService):
             return 401, {"error": "invalid_client", "error_description": "Invalid client"}
         if form.get("grant_type") != "client_credentials":
             return 400, {"error": "unsupported_grant_type"}
+        return self._issue()
+
+    def _assertion_refused(self, assertion: str) -> str:
+        """Why a JWT bearer assertion is refused ("" when it is taken): signed by the
+        account's key (RS256), issued by its email, for this endpoint, a scope, an hour."""
+        import jwt
+
+        if self.service_account is None:
+            return "no service account here"
+        email, public_key = self.service_account
+        try:
+            claims = jwt.decode(
+                assertion, public_key, algorithms=["RS256"], audience=self.url, issuer=email
+            )
+        except jwt.PyJWTError as exc:
+            return f"Invalid JWT: {exc}"
+        if not claims.get("scope") or claims["exp"] - claims["iat"] > 3600:
+            return "Invalid JWT: no scope, or longer than an hour"
+        return ""
+
+    def _issue(self) -> tuple[int, dict[str, Any]]:
         with self._lock:
             token = f"token-{len(self.issued) + 1}"
             self.issued.append(token)

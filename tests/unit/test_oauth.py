@@ -21,7 +21,7 @@ import pytest
 
 from dicomnode.errors import AuthorizationError
 from dicomnode.peers import PeerInfo
-from dicomnode.send.oauth import ClientCredentials, read_auth_file
+from dicomnode.send.oauth import ClientCredentials, ServiceAccount, read_auth_file
 from dicomnode.send.stow import check_service, stow_files
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.peers import StowService, TokenService, free_port
@@ -191,3 +191,115 @@ def test_a_header_file_is_its_first_line_and_a_client_never_shows_its_secret(
     credentials = read_auth_file(str(client))
     assert isinstance(credentials, ClientCredentials) and credentials.client_secret == "XYZ"
     assert "XYZ" not in repr(credentials) and "XYZ" not in str(credentials)
+
+
+def _key_pair() -> tuple[str, str]:
+    """A fresh RSA key (PEM, PKCS #8 as Google's key files hold it) and its public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+def _key_file(tmp_path: Path, token_uri: str, private_key: str, **fields: str) -> Path:
+    """A service account key file as the Google Cloud console gives it."""
+    path = tmp_path / f"key-{len(list(tmp_path.glob('key-*')))}.json"
+    key = {
+        "type": "service_account",
+        "project_id": "hospital-imaging",
+        "private_key_id": "0a1b2c3d",
+        "private_key": private_key,
+        "client_email": "dicomnode@hospital-imaging.iam.gserviceaccount.com",
+        "client_id": "1234567890",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": token_uri,
+        "universe_domain": "googleapis.com",
+        **fields,
+    }
+    path.write_text(json.dumps(key, indent=2))
+    return path
+
+
+def test_a_service_account_key_signs_an_assertion_traded_for_a_token(
+    archive: StowService, sso: TokenService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Cloud Healthcare API DICOM store: the key file of a Google service account; the
+    node signs a JWT (RFC 7523) that the token endpoint verifies with the public key."""
+    import jwt
+
+    caplog.set_level(logging.DEBUG)
+    private, public = _key_pair()
+    email = "dicomnode@hospital-imaging.iam.gserviceaccount.com"
+    sso.service_account = (email, public)
+    peer = _peer(archive, _key_file(tmp_path, sso.url, private))
+    for seed in range(2):
+        (sent,) = stow_files(peer, [_file(tmp_path, seed)], timeout=10)
+        assert sent.ok, sent.reason
+    assert sso.issued == ["token-1"]  # asked for once, used until it nears its end
+    assert [h["Authorization"] for h in archive.requests] == ["Bearer token-1"] * 2
+    (asked,) = sso.requests
+    assert asked["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert asked["Authorization"] == "" and "client_secret" not in asked
+    assert jwt.get_unverified_header(asked["assertion"])["kid"] == "0a1b2c3d"
+    claims = jwt.decode(asked["assertion"], public, algorithms=["RS256"], audience=sso.url)
+    assert claims["iss"] == email and claims["exp"] - claims["iat"] == 3600
+    assert claims["scope"] == "https://www.googleapis.com/auth/cloud-platform"
+    assert private.splitlines()[1] not in caplog.text and "token-" not in caplog.text
+    account = read_auth_file(str(_key_file(tmp_path, sso.url, private, scope="healthcare")))
+    assert isinstance(account, ServiceAccount) and account.scope == "healthcare"
+    assert private.splitlines()[1] not in repr(account)
+
+
+def test_an_assertion_signed_by_another_key_is_refused_saying_why(
+    archive: StowService, sso: TokenService, tmp_path: Path
+) -> None:
+    sso.service_account = ("dicomnode@hospital-imaging.iam.gserviceaccount.com", _key_pair()[1])
+    other, _ = _key_pair()  # a key file of the account, since rotated: its key was deleted
+    (refused,) = stow_files(
+        _peer(archive, _key_file(tmp_path, sso.url, other)), [_file(tmp_path, 0)], timeout=10
+    )
+    assert not refused.ok and refused.retry
+    assert "HTTP 400 (invalid_grant: Invalid JWT: Signature verification failed)" in (
+        refused.reason
+    )
+    assert other.splitlines()[1] not in refused.reason and archive.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"client_email": ""}, "a service account key needs client_email"),
+        ({"token_uri": "ftp://oauth2/token"}, "token_uri must be an http:// or https:// URL"),
+        ({"private_key": "not a key"}, "private_key is not a PEM private key"),
+    ],
+)
+def test_a_malformed_service_account_key_says_what_is_wrong(
+    tmp_path: Path, fields: dict[str, str], error: str
+) -> None:
+    path = _key_file(tmp_path, "https://oauth2.googleapis.com/token", "-----BEGIN PRIVATE KEY-----")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    with pytest.raises(AuthorizationError, match=re.escape(error)):
+        read_auth_file(str(path))
+
+
+def test_a_key_that_cannot_sign_is_a_clear_error(
+    archive: StowService, sso: TokenService, tmp_path: Path
+) -> None:
+    broken = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
+    (refused,) = stow_files(
+        _peer(archive, _key_file(tmp_path, sso.url, broken)), [_file(tmp_path, 0)], timeout=10
+    )
+    assert not refused.ok and sso.requests == []
+    assert "the private key of service account dicomnode@hospital-imaging" in refused.reason
+    assert "cannot sign" in refused.reason
