@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import case, exists, func, select
+from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -319,16 +319,18 @@ def _turnarounds(session: Session, since: datetime) -> list[float]:
             .group_by(Instance.report_id)
         ).all()
     )
+    sent = and_(Job.kind == JobKind.SEND, ~Job.resend)
     sends = {
         report_id: (delivered, waiting)
         for report_id, delivered, waiting in session.execute(
             select(
                 Job.report_id,
-                func.max(Job.finished_at).filter(Job.state == JobState.DONE),
-                func.count().filter(Job.state.in_(PENDING)),
+                func.max(Job.finished_at).filter(sent, Job.state == JobState.DONE),
+                func.count().filter(sent, Job.state.in_(PENDING)),
             )
-            .where(Job.kind == JobKind.SEND, Job.report_id.in_(rounds), ~Job.resend)
+            .where(Job.report_id.in_(rounds))  # by its index alone, not all sends by kind
             .group_by(Job.report_id)
+            .having(func.count().filter(sent) > 0)
         ).all()
     }
     spans = []

@@ -240,9 +240,14 @@ def table(figures: dict[str, Any]) -> Table:
     if "records" in figures:
         r = figures["records"]
         out.add_row(
-            f"status / metrics scrape with {r['jobs']:,} jobs (SQLite), s",
+            f"status / metrics scrape with {r['jobs']:,} jobs, {r['images']:,} images (SQLite), s",
             f"{r['status_seconds']:.2f} / {r['metrics_seconds']:.2f}",
             "<= 1.0",
+        )
+        out.add_row(
+            "a scheduler pass's look for ready rounds among them (write lock held), ms",
+            f"{r['ready_ms']:.1f}",
+            "<= 10",
         )
         out.add_row(
             f"a worker's claim of 8 with {r['backlog']:,} analyses due (SQLite), ms",

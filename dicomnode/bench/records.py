@@ -1,7 +1,8 @@
-"""How long ``dicomnode status`` and a metrics scrape take once the database holds years of
-records: the node keeps every job's row (a study's history), so these reads must stay quick as
-the jobs table grows (about 700,000 rows a year at a busy site: 500 images a day, each with its
-analysis, a share of a report and three sends)."""
+"""How long ``dicomnode status``, a metrics scrape and a scheduler pass take once the database
+holds years of records: the node keeps every job's row (a study's history), so these reads must
+stay quick as the tables grow (about 700,000 jobs a year at a busy site: 500 images a day, each
+with its analysis, a share of a report and three sends; and with them 140,000 images, 70,000
+rounds, their results and 210,000 result objects)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from dicomnode.db.migrate import upgrade
-from dicomnode.db.schema import Job
+from dicomnode.db.schema import Association, Instance, Job, Output, Report, Result
 from dicomnode.db.session import Database, utcnow
 from dicomnode.metrics import exposition
 from dicomnode.queue import jobs as q
 from dicomnode.status import node_status
+from dicomnode.studies import ready_rounds
 from dicomnode.testing.node import make_settings
 from dicomnode.values import Priority
 
@@ -26,6 +28,7 @@ KINDS = ("infer", "report", "send", "send", "send")
 """The mix of a busy site's jobs: per image its analysis, a report, three sends."""
 
 BATCH = 50_000
+UID_ROOT = "1.2.826.0.1.3680043.10"
 
 
 def records(scratch: Path, jobs: int) -> dict[str, Any]:
@@ -39,15 +42,22 @@ def records(scratch: Path, jobs: int) -> dict[str, Any]:
     db = Database(settings.database.url)
     try:
         _fill(db, jobs)
+        _fill_records(db, jobs // len(KINDS))
 
         def status() -> None:
             with db.reading() as session:
                 node_status(session, 10, settings.storage, settings.results)
 
+        def scheduler_pass() -> None:
+            with db.session() as session:  # as the scheduler: SQLite's write lock held
+                ready_rounds(session, settings.study.settle_seconds)
+
         figures = {
             "jobs": jobs,
+            "images": jobs // len(KINDS),
             "status_seconds": _second_of_two(status),
             "metrics_seconds": _second_of_two(lambda: exposition(db, settings)),
+            "ready_ms": 1000.0 * _second_of_two(scheduler_pass),
         }
         figures["lookup_ms"] = lookup_ms(db, jobs)
         _fill_backlog(db, jobs // 4)
@@ -62,6 +72,91 @@ def _fill(db: Database, jobs: int) -> None:
         rows = [_row(i, jobs, now) for i in range(start, min(jobs, start + BATCH))]
         with db.session() as session:
             session.execute(insert(Job), rows)
+
+
+def _fill_records(db: Database, images: int) -> None:
+    """The records that go with the jobs: ``images`` images received (two a study, fifty an
+    association; all but the last week's purged), each study's round reported, a result per
+    image, an overlay per image and an SR per round."""
+    now = utcnow()
+    for start in range(0, images, BATCH):
+        stop = min(images, start + BATCH)
+        at = [now - timedelta(seconds=(images - i) * 180) for i in range(start, stop)]
+        rows = list(zip(range(start, stop), at, strict=True))
+        with db.session() as session:
+            session.execute(
+                insert(Association),
+                [_association(i, when) for i, when in rows if i % 50 == 0 or i == start],
+            )
+            session.execute(insert(Report), [_report(i, when) for i, when in rows if i % 2 == 0])
+            session.execute(insert(Instance), [_instance(i, when, now) for i, when in rows])
+            session.execute(insert(Result), [_result(i, when) for i, when in rows])
+            session.execute(insert(Output), [_output(i, "SC", when) for i, when in rows])
+            session.execute(
+                insert(Output), [_output(i, "SR", when) for i, when in rows if i % 2 == 0]
+            )
+
+
+def _association(i: int, at: Any) -> dict[str, Any]:
+    return {"id": f"bench-{i // 50}", "calling_ae": "MOD", "started_at": at, "released_at": at}
+
+
+def _report(i: int, at: Any) -> dict[str, Any]:
+    return {
+        "id": i // 2 + 1,
+        "study_instance_uid": f"{UID_ROOT}.2.{i // 2}",
+        "model_name": "knee-kl",
+        "model_version": "2.0.2",
+        "sequence": 1,
+        "calling_ae": "MOD",
+        "state": "done",
+        "created_at": at,
+        "finished_at": at,
+    }
+
+
+def _instance(i: int, at: Any, now: Any) -> dict[str, Any]:
+    recent = now - at < timedelta(days=7)
+    return {
+        "sop_instance_uid": f"{UID_ROOT}.3.{i}",
+        "study_instance_uid": f"{UID_ROOT}.2.{i // 2}",
+        "series_instance_uid": f"{UID_ROOT}.4.{i // 2}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "modality": "DX",
+        "body_part": "KNEE",
+        "path": f"/data/{i}.dcm",
+        "size": 8_000_000 if recent else 4_000,
+        "calling_ae": "MOD",
+        "association_id": f"bench-{i // 50}",
+        "received_at": at,
+        "state": "done" if recent else "purged",
+        "report_id": i // 2 + 1,
+    }
+
+
+def _result(i: int, at: Any) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": f"{UID_ROOT}.3.{i}",
+        "report_id": i // 2 + 1,
+        "model_name": "knee-kl",
+        "model_version": "2.0.2",
+        "outcome": "ok",
+        "findings": [{"class": i % 5, "probability": 0.6}],
+        "created_at": at,
+    }
+
+
+def _output(i: int, kind: str, at: Any) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": f"{UID_ROOT}.5.{kind}.{i}",
+        "series_instance_uid": f"{UID_ROOT}.6.{i // 2}",
+        "report_id": i // 2 + 1,
+        "kind": kind,
+        "source_sop_instance_uid": f"{UID_ROOT}.3.{i}" if kind == "SC" else None,
+        "path": f"/results/{kind}/{i}.dcm",
+        "created_at": at,
+    }
 
 
 def _fill_backlog(db: Database, due: int) -> None:
@@ -117,7 +212,7 @@ def lookup_ms(db: Database, jobs: int, lookups: int = 21) -> float:
 
 
 def _object_uid(i: int) -> str:
-    return f"1.2.826.0.1.3680043.10.1.{i}"
+    return f"{UID_ROOT}.1.{i}"
 
 
 def _row(i: int, jobs: int, now: Any) -> dict[str, Any]:

@@ -131,7 +131,11 @@ class ModelCardRecord(Base):
 
 class Report(Base):
     __tablename__ = "reports"
-    __table_args__ = (UniqueConstraint("study_instance_uid", "model_name", "sequence"),)
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "model_name", "sequence"),
+        Index("ix_reports_state", "state"),  # the scheduler's open rounds (0013)
+        Index("ix_reports_finished", "finished_at"),  # the last hour's turnaround (0013)
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
@@ -171,7 +175,9 @@ class Output(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
-    source_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    """The image it was made from (an overlay's, a presentation state's; indexed since 0013:
+    what a rejected image's results are)."""
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 

@@ -60,5 +60,6 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert records["jobs"] == 2000 and records["status_seconds"] > 0
     assert records["metrics_seconds"] > 0
     assert records["backlog"] == 500 and records["claim_ms"] > 0 and records["lookup_ms"] > 0
+    assert records["images"] == 400 and records["ready_ms"] > 0
     assert "untrained" in result["settings"]["model"]
     assert result["versions"]["torch"].startswith("2.14.1")

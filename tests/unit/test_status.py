@@ -246,7 +246,10 @@ def test_turnaround_is_from_the_last_image_to_the_last_delivery(db: Database) ->
     delivered = round_row(db, "1", image_at=t, made_at=t + timedelta(seconds=30))
     send_row(db, delivered, "sc>PACS", done_at=t + timedelta(seconds=35))
     send_row(db, delivered, "sr>PACS", done_at=t + timedelta(seconds=40))
-    round_row(db, "2", image_at=t, made_at=t + timedelta(seconds=10))
+    kept = round_row(db, "2", image_at=t, made_at=t + timedelta(seconds=10))
+    with db.session() as s:  # its analysis and report jobs: no send among them
+        q.enqueue(s, [q.JobSpec(q.JobKind.REPORT, "report:kept", 1, report_id=kept)])
+        s.execute(update(Job).where(Job.report_id == kept).values(state=q.JobState.DONE))
     sending = round_row(db, "3", image_at=t, made_at=t + timedelta(seconds=5))
     send_row(db, sending, "sc3>PACS", done_at=t + timedelta(seconds=6))  # its SR not yet
     send_row(db, sending, "sr3>PACS", done_at=None)
