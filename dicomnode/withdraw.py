@@ -9,10 +9,14 @@ supports IOCM hides them by.
 
 Each study and model version whose results were sent gets a round closed at once, marked as
 a withdrawal (``reports.withdrawal_code``). Its report (:mod:`dicomnode.worker`) is the
-note: every result object of the earlier rounds of that version sent (or being sent) and not
-withdrawn yet, and no SR; the note goes to the round's destinations and to every peer that
-was sent one of them. Later rounds of the study and version (an image that comes after)
-report only what came after the withdrawal.
+note: every result object of the rounds of that version since its last withdrawal sent (or
+being sent) and not withdrawn yet, and no SR; the note goes to the round's destinations and
+to every peer that was sent one of them. Later rounds of the study and version (an image
+that comes after) report only what came after the withdrawal.
+
+A recall lists its studies in a few queries (:func:`targets`) and withdraws them
+:data:`BATCH` a transaction (:func:`withdraw_in_batches`), so that the write lock is never
+held long; ordered again after a failure, it goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -250,13 +254,15 @@ def withdraw_in_batches(
         If ``listed`` has a busy target or nothing sent, or ``code`` is no title (nothing is
         withdrawn then).
     """
+    if code not in REJECTION_TITLES:
+        raise WithdrawError(f"{code} is not the title of a rejection note")
     _refuse_busy(listed)
     if not any(t.sent for t in listed):
         raise WithdrawError("nothing was sent that could be withdrawn")
     keys = {(t.study_instance_uid, t.model_name, t.model_version) for t in listed}
     studies = sorted({t.study_instance_uid for t in listed})
     made: list[Withdrawn] = []
-    late: list[str] = []
+    late: dict[str, None] = {}
     for start in range(0, len(studies), BATCH):
         with db.session() as session:
             now = [
@@ -264,7 +270,7 @@ def withdraw_in_batches(
                 for t in targets(session, studies[start : start + BATCH])
                 if (t.study_instance_uid, t.model_name, t.model_version) in keys
             ]
-            late += [t.study_instance_uid for t in now if t.busy]
+            late.update((t.study_instance_uid, None) for t in now if t.busy)
             chosen = [t for t in now if t.sent and not t.busy]
             batch = withdraw(session, chosen, code, note, settings) if chosen else []
         made += batch
@@ -279,7 +285,7 @@ def sent_results(session: Session, report: Report) -> list[Output]:
     done = withdrawn(session, report.study_instance_uid)
     return [
         o
-        for o in sent_earlier(session, report, same_version=True, after=after_last_withdrawal)
+        for o in sent_earlier(session, report, same_version=True, since_withdrawal=True)
         if o.kind != "KO" and o.sop_instance_uid not in done
     ]
 
@@ -289,12 +295,12 @@ def sent_earlier(
     report: Report,
     *,
     same_version: bool,
-    after: Callable[[Report], ColumnElement[bool]] | None = None,
+    since_withdrawal: bool = False,
 ) -> list[Output]:
     """Every object (rejection notes too) of the rounds of ``report``'s study and model
-    before it (of its version only, with ``same_version``; those ``after`` keeps only) that
-    was sent, or is being sent, to a peer; by round, kind and UID. A shadow-mode round's
-    results were never sent."""
+    before it (of its version only, with ``same_version``; only those after the version's
+    last withdrawal, with ``since_withdrawal``) that was sent, or is being sent, to a peer;
+    by round, kind and UID. A shadow-mode round's results were never sent."""
     version = Report.model_version == report.model_version if same_version else true()
     return list(
         session.execute(
@@ -305,7 +311,7 @@ def sent_earlier(
                 Report.model_name == report.model_name,
                 version,
                 Report.sequence < report.sequence,
-                true() if after is None else after(report),
+                after_last_withdrawal(report) if since_withdrawal else true(),
                 _was_sent(),
             )
             .order_by(Report.sequence, Output.kind, Output.sop_instance_uid)
