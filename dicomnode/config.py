@@ -325,6 +325,12 @@ class TlsSettings(_Section):
         description="certificate revocation lists (PEM), one for each CA of ca_certificates: "
         "a revoked certificate is refused, a sender's or a peer's",
     )
+    expiry_warning_days: int = Field(
+        30,
+        ge=1,
+        description="`dicomnode health` warns this many days before a certificate of "
+        "certificate or ca_certificates expires, or the revocation list of crl_file is due",
+    )
     peers_call_over_tls: bool = Field(
         True,
         description="a peer registered with tls: true may call only the TLS port: its "

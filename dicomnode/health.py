@@ -10,6 +10,8 @@ The checks are what a radiology IT engineer would look at:
               probe, which calls with the node's own AE title from the node's own
               address, quietly: an answer is enough);
 ``disk``      free space above ``storage.min_free_mb`` (below it C-STORE is refused);
+``tls``       with TLS files given: no certificate of them has expired, nor a revocation list
+              come due (a warning in the detail ``tls.expiry_warning_days`` before);
 ``audit``     with ``audit.transport`` set: the audit record repository accepts a connection
               (TCP, TLS with a handshake), the audit file can be written (UDP: the host
               resolves);
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -38,7 +40,7 @@ from dicomnode.db.session import Database, db_now
 from dicomnode.errors import AuditError, ConfigError
 from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
-from dicomnode.tls import client_context
+from dicomnode.tls import client_context, expiries, has_files
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,39 @@ def check_disk(settings: Settings) -> Check:
     )
 
 
+def check_certificates(settings: Settings, now: datetime | None = None) -> Check:
+    """Failed when a certificate of the TLS files has expired or a
+    revocation list is past due; its detail names the soonest to end, with a warning when it
+    ends within ``tls.expiry_warning_days``."""
+    now = now or datetime.now(UTC)
+    try:
+        found = expiries(settings.tls)
+    except ConfigError as exc:
+        return Check("tls", False, str(exc))
+    if not found:
+        return Check("tls", True, "no certificate to expire")
+    ended = [e for e in found if e.ends <= now]
+    if ended:
+        first = ended[0]
+        consequence = (
+            "every certificate its CA signed is refused until a new list is there"
+            if first.setting == "tls.crl_file"
+            else "TLS senders and peers refuse it"
+        )
+        return Check(
+            "tls",
+            False,
+            f"{first.what} ended {first.ends:%Y-%m-%d %H:%M} UTC: {consequence}"
+            + (f" ({len(ended) - 1} more ended)" if len(ended) > 1 else ""),
+        )
+    soonest = found[0]
+    days = (soonest.ends - now).total_seconds() / 86400
+    detail = f"the soonest to end: {soonest.what}, {soonest.ends:%Y-%m-%d} ({days:.0f} days)"
+    if days < settings.tls.expiry_warning_days:
+        detail = f"WARNING: renew it: {detail}"
+    return Check("tls", True, detail)
+
+
 def check_audit(settings: Settings) -> Check:
     """The audit trail's destination can be written to now."""
     from dicomnode.audit.trail import transport_of
@@ -154,6 +189,8 @@ def run_checks(settings: Settings, *, scp: bool = True, stalled_minutes: float =
     if scp:
         checks.append(check_scp(settings))
     checks.append(check_disk(settings))
+    if has_files(settings.tls):
+        checks.append(check_certificates(settings))
     if settings.audit.transport != "off":
         checks.append(check_audit(settings))
     if checks[0].ok:

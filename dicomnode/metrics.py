@@ -63,6 +63,7 @@ class NodeCollector(Collector):
         yield _gauge("dicomnode_build_info", "the running version", 1, version=__version__)
         yield from _storage_free(self.settings)
         yield from _audit_spool(self.settings)
+        yield from _tls_expiries(self.settings)
         try:
             with self.db.reading() as session:
                 figures = list(_from_database(session))
@@ -183,6 +184,27 @@ def _audit_spool(settings: Settings) -> Iterator[Metric]:
         "dicomnode_audit_oldest_spooled_age_seconds",
         "how long the oldest of them has waited (0: none waits)",
         0.0 if oldest is None else max(0.0, time.time() - oldest),
+    )
+
+
+def _tls_expiries(settings: Settings) -> Iterator[Metric]:
+    """When each certificate of the TLS files expires and each revocation list is due (a
+    file that cannot be read is left out, and logged: ``dicomnode health`` says why)."""
+    from dicomnode.tls import expiries, has_files
+
+    if not has_files(settings.tls):
+        return
+    try:
+        found = expiries(settings.tls)
+    except ConfigError as exc:
+        log.warning("metrics: %s", exc)
+        return
+    yield _labelled(
+        "dicomnode_tls_expiry_timestamp_seconds",
+        "when a certificate of the TLS files expires (its notAfter), or a revocation list is "
+        "due (its nextUpdate), as a Unix time",
+        ["setting", "subject"],
+        (((e.setting, e.subject), e.ends.timestamp()) for e in found),
     )
 
 

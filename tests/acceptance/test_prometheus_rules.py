@@ -92,7 +92,7 @@ def test_rules_are_valid() -> None:
         [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_rules_fire_on_the_nodes_own_series(
@@ -136,6 +136,7 @@ def test_rules_fire_on_the_nodes_own_series(
                     "DicomnodeDiskLow",
                     "DicomnodeSlowTurnaround",
                     "DicomnodeAuditBacklog",  # the audit trail is off: no such series
+                    "DicomnodeCertificateEndsSoon",  # no TLS files: no such series
                 )
             ),
         ],
@@ -195,6 +196,43 @@ def test_an_audit_backlog_fires_its_alert(db: Database, settings: Settings, tmp_
         [{**check, "exp_alerts": [_fires("DicomnodeAuditBacklog", summary)]}],
     )
     _promtool_test(tmp_path, _series(quiet, 30), [{**check, "exp_alerts": []}])
+
+
+def test_a_certificate_that_ends_soon_fires_its_alert(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """The node's own series of its TLS files: each certificate's end as a Unix time. In
+    promtool's clock (time() counts from 0) the node's certificate ends after 20 days, the
+    CA's after 60: the first fires, the second not."""
+    from dicomnode.testing.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = settings.tls.model_copy(
+        update={
+            "certificate": pki.node.certificate,
+            "private_key": pki.node.private_key,
+            "ca_certificates": pki.ca_certificate,
+        }
+    )
+    text, _ = exposition(db, settings.model_copy(update={"tls": tls}))
+    series = [s for s in _series(text, 90) if "tls_expiry" in s["series"]]
+    by_subject = {s["series"].split("subject=")[1].rstrip("}"): s for s in series}
+    assert set(by_subject) == {'"CN=test test CA"', '"CN=test-node"'}
+    ca, node = by_subject['"CN=test test CA"'], by_subject['"CN=test-node"']
+    ends = float(node["values"].split("x")[0])  # two days on, to the six digits kept
+    assert abs(ends - time.time() - 2 * 86400) < 6000
+    node["values"], ca["values"] = f"{20 * 86400}x90", f"{60 * 86400}x90"
+    fires = _fires(
+        "DicomnodeCertificateEndsSoon",
+        "tls.certificate of dicomnode (CN=test-node) ends in 19d 22h 30m 0s",
+        setting="tls.certificate",
+        subject="CN=test-node",
+    )
+    _promtool_test(
+        tmp_path,
+        series,
+        [{"eval_time": "90m", "alertname": "DicomnodeCertificateEndsSoon", "exp_alerts": [fires]}],
+    )
 
 
 def test_database_down_fires_its_alert(tmp_path: Path) -> None:

@@ -302,3 +302,28 @@ def test_tls_needs_its_files(settings: Settings, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="cannot use the TLS files"):
         client_context(broken)
+
+
+def test_a_revocation_list_past_due_refuses_every_certificate_and_health_says_so(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """The failure the health check and the metric warn of: once the CRL's nextUpdate has
+    passed, OpenSSL refuses every certificate of its CA ("CRL has expired"), a good one too."""
+    from datetime import UTC, datetime, timedelta
+
+    from dicomnode.health import check_certificates
+    from dicomnode.testing.tls import issue_crl, revoke
+
+    pki = make_pki(tmp_path / "pki")
+    due = datetime.now(UTC) - timedelta(hours=1)
+    crl = revoke(tmp_path / "pki", pki.ca_certificate, pki.peer, due=due)
+    good = _sender_context(pki.ca_certificate, pki.node)
+    with _listening(settings, db, pki, crl_file=crl) as secured:
+        assert _store_over_tls(secured.tls.port, good) is None
+        check = check_certificates(secured)
+    assert not check.ok
+    assert check.detail.startswith("tls.crl_file: the revocation list of CN=test test CA ended")
+    assert "every certificate its CA signed is refused" in check.detail
+    fresh = issue_crl(tmp_path / "pki", pki.ca_certificate)  # the CA's next list
+    with _listening(settings, db, pki, crl_file=fresh) as secured:
+        assert _store_over_tls(secured.tls.port, good) == 0
