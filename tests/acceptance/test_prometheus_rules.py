@@ -198,12 +198,8 @@ def test_an_audit_backlog_fires_its_alert(db: Database, settings: Settings, tmp_
     _promtool_test(tmp_path, _series(quiet, 30), [{**check, "exp_alerts": []}])
 
 
-def test_a_certificate_that_ends_soon_fires_its_alert(
-    db: Database, settings: Settings, tmp_path: Path
-) -> None:
-    """The node's own series of its TLS files: each certificate's end as a Unix time. In
-    promtool's clock (time() counts from 0) the node's certificate ends after 20 days, the
-    CA's after 60: the first fires, the second not."""
+def _with_tls_files(settings: Settings, tmp_path: Path) -> Settings:
+    """``settings`` with the node's certificate, key and CA of a throwaway PKI."""
     from dicomnode.testing.tls import make_pki
 
     pki = make_pki(tmp_path / "pki")
@@ -214,7 +210,16 @@ def test_a_certificate_that_ends_soon_fires_its_alert(
             "ca_certificates": pki.ca_certificate,
         }
     )
-    text, _ = exposition(db, settings.model_copy(update={"tls": tls}))
+    return settings.model_copy(update={"tls": tls})
+
+
+def test_a_certificate_that_ends_soon_fires_its_alert(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    """The node's own series of its TLS files: each certificate's end as a Unix time. In
+    promtool's clock (time() counts from 0) the node's certificate ends after 20 days, the
+    CA's after 60: the first fires, the second not."""
+    text, _ = exposition(db, _with_tls_files(settings, tmp_path))
     series = [s for s in _series(text, 90) if "tls_expiry" in s["series"]]
     by_subject = {s["series"].split("subject=")[1].rstrip("}"): s for s in series}
     assert set(by_subject) == {'"CN=test test CA"', '"CN=test-node"'}
@@ -308,7 +313,7 @@ def test_every_dashboard_query_gives_data_on_the_nodes_own_series(
     )
     assert check.returncode == 0, check.stdout + check.stderr
     fill_known_state(db)
-    text, _ = exposition(db, settings)
+    text, _ = exposition(db, _with_tls_files(settings, tmp_path))  # the certificates' panel
     _promtool_test(
         tmp_path,
         _series(text, 90),
