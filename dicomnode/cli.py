@@ -472,13 +472,18 @@ def status(
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
     from dataclasses import asdict
 
-    from dicomnode.status import audit_state, node_status, render_status
+    from dicomnode.status import audit_state, node_status, render_status, tls_state
 
     resolved = settings(config)
     db = _database(resolved)
     with db.reading() as session:
         state = node_status(
-            session, limit, resolved.storage, resolved.results, audit_state(resolved)
+            session,
+            limit,
+            resolved.storage,
+            resolved.results,
+            audit_state(resolved),
+            tls_state(resolved),
         )
     if as_json:
         typer.echo(json.dumps(asdict(state), default=_iso, indent=1))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import and_, case, exists, func, select
@@ -22,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode.config import ResultsSettings, Settings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.db.session import db_now
+from dicomnode.errors import ConfigError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
@@ -141,6 +143,43 @@ def audit_state(settings: Settings) -> AuditState:
 
 
 @dataclass(frozen=True)
+class CertificateState:
+    """A certificate of the TLS files and when it ends, or a revocation list and when it is
+    due (:class:`dicomnode.tls.Expiry`)."""
+
+    setting: str
+    subject: str
+    ends: datetime
+    """UTC (naive, as the other times here)."""
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """The TLS files' certificates and revocation lists, soonest to end first; or why they
+    cannot be read."""
+
+    files: tuple[CertificateState, ...]
+    problem: str = ""
+    warning_days: int = 30
+
+
+def tls_state(settings: Settings) -> TlsState | None:
+    """None when no TLS file is given."""
+    from dicomnode.tls import expiries, has_files
+
+    if not has_files(settings.tls):
+        return None
+    try:
+        found = expiries(settings.tls)
+    except ConfigError as exc:
+        return TlsState((), str(exc), settings.tls.expiry_warning_days)
+    files = tuple(
+        CertificateState(e.setting, e.subject, e.ends.replace(tzinfo=None)) for e in found
+    )
+    return TlsState(files, "", settings.tls.expiry_warning_days)
+
+
+@dataclass(frozen=True)
 class TurnaroundState:
     """The time a radiologist waits for the AI: from a round's last image received to its
     last result delivered to every destination (a round kept here, or with nowhere to go: to
@@ -168,6 +207,7 @@ class NodeStatus:
     audit: AuditState | None = None
     urgent_waiting: dict[str, int] = field(default_factory=dict)
     """Urgent jobs (priority high) queued or waiting to be tried again, by kind."""
+    tls: TlsState | None = None
 
 
 def node_status(
@@ -176,6 +216,7 @@ def node_status(
     storage: StorageSettings | None = None,
     results: ResultsSettings | None = None,
     audit: AuditState | None = None,
+    tls: TlsState | None = None,
 ) -> NodeStatus:
     """The node's state from the database (and the data folder, given ``storage``; the
     routing of results, given ``results``); ``limit`` caps the studies and the skipped
@@ -195,6 +236,7 @@ def node_status(
         turnaround=turnaround(session),
         audit=audit,
         urgent_waiting=_urgent_waiting(session),
+        tls=tls,
     )
 
 
@@ -567,7 +609,26 @@ def render_status(status: NodeStatus) -> list[Table]:
     ]
     if status.audit is not None:
         tables.append(_audit_table(status.audit))
+    if status.tls is not None:
+        tables.append(_tls_table(status.tls, datetime.now(UTC).replace(tzinfo=None)))
     return tables if status.storage is None else [_storage_table(status.storage), *tables]
+
+
+def _tls_table(tls: TlsState, now: datetime) -> Table:
+    table = Table("file", "subject", "ends (UTC)", "left", title="TLS certificates and lists")
+    if tls.problem:
+        table.add_row("[red]cannot be read[/red]", escape(tls.problem), "", "")
+    for item in tls.files:
+        days = (item.ends - now).total_seconds() / 86400
+        left = (
+            "[red]ended[/red]"
+            if days <= 0
+            else f"[yellow]{days:.0f} days: renew it[/yellow]"
+            if days < tls.warning_days
+            else f"{days:.0f} days"
+        )
+        table.add_row(item.setting, escape(item.subject), _when(item.ends), left)
+    return table
 
 
 def _audit_table(audit: AuditState) -> Table:

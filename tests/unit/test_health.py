@@ -150,3 +150,33 @@ def test_the_metrics_give_each_certificates_end_and_the_lists_next_update(
         assert float(line.rsplit(" ", 1)[1]) == value
     assert sum(x.startswith("dicomnode_tls_expiry_timestamp_seconds{") for x in lines) == 3
     assert b"dicomnode_tls_expiry" not in exposition(db, settings)[0]  # no TLS files: none
+
+
+def test_status_lists_each_certificate_and_the_time_left(
+    db: Database, settings: Settings, tmp_path: Path
+) -> None:
+    from rich.console import Console
+
+    from dicomnode.status import node_status, render_status, tls_state
+
+    pki = make_pki(tmp_path / "pki")
+    assert tls_state(settings) is None  # no TLS files: no table
+    state = tls_state(_tls(settings, pki))
+    assert state is not None and not state.problem
+    assert {(f.setting, f.subject) for f in state.files} == {
+        ("tls.certificate", "CN=test-node"),
+        ("tls.ca_certificates", "CN=test test CA"),
+    }
+    with db.reading() as session:
+        tables = render_status(node_status(session, tls=state))
+    console = Console(width=200, record=True)
+    console.print(tables[-1])
+    text = console.export_text()
+    assert "TLS certificates and lists" in text and "CN=test-node" in text
+    assert "2 days: renew it" in text or "1 days: renew it" in text
+    broken = tmp_path / "broken.pem"
+    broken.write_text("no certificate")
+    assert (
+        "no PEM certificate"
+        in (tls_state(_tls(settings, pki, certificate=broken)) or state).problem
+    )
