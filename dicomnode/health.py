@@ -114,10 +114,18 @@ def check_disk(settings: Settings) -> Check:
     )
 
 
+CONSEQUENCES = {
+    "tls.certificate": "TLS senders and peers refuse it",
+    "tls.ca_certificates": "the senders and peers whose certificates it signed are refused",
+    "tls.crl_file": "every certificate its CA signed is refused until a new list is there",
+}
+"""What follows once a certificate of each TLS file has ended (a list: is past due)."""
+
+
 def check_certificates(settings: Settings, now: datetime | None = None) -> Check:
-    """Failed when a certificate of the TLS files has expired or a
-    revocation list is past due; its detail names the soonest to end, with a warning when it
-    ends within ``tls.expiry_warning_days``."""
+    """Failed when a certificate of the TLS files has expired or a revocation list is past
+    due; its detail names the soonest to end, with a warning when it ends within
+    ``tls.expiry_warning_days``."""
     now = now or datetime.now(UTC)
     try:
         found = expiries(settings.tls)
@@ -128,15 +136,10 @@ def check_certificates(settings: Settings, now: datetime | None = None) -> Check
     ended = [e for e in found if e.ends <= now]
     if ended:
         first = ended[0]
-        consequence = (
-            "every certificate its CA signed is refused until a new list is there"
-            if first.setting == "tls.crl_file"
-            else "TLS senders and peers refuse it"
-        )
         return Check(
             "tls",
             False,
-            f"{first.what} ended {first.ends:%Y-%m-%d %H:%M} UTC: {consequence}"
+            f"{first.what} ended {first.ends:%Y-%m-%d %H:%M} UTC: {CONSEQUENCES[first.setting]}"
             + (f" ({len(ended) - 1} more ended)" if len(ended) > 1 else ""),
         )
     soonest = found[0]

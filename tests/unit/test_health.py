@@ -114,6 +114,10 @@ def test_an_old_certificate_beside_its_successor_is_no_alarm_and_a_bad_file_is(
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(old.certificate.read_bytes() + pki.ca_certificate.read_bytes())
     assert check_certificates(_tls(settings, pki, ca_certificates=bundle)).ok
+    alone = check_certificates(_tls(settings, pki, ca_certificates=old.certificate))
+    assert not alone.ok and alone.detail.endswith(
+        "the senders and peers whose certificates it signed are refused"
+    )
     leaf = expired_identity(
         tmp_path, pki.ca_certificate, "test-old-node", ended=datetime.now(UTC) - timedelta(days=1)
     )
