@@ -315,10 +315,10 @@ def _rejections(session: Session) -> Iterator[Metric]:
     results = dict(
         session.execute(
             select(Report.model_name, func.count())
-            .select_from(Rejection)
-            .join(Output, Output.sop_instance_uid == Rejection.sop_instance_uid)
+            .select_from(Output)
             .join(Report, Report.id == Output.report_id)
-            .group_by(Report.model_name)
+            .where(Output.sop_instance_uid.in_(select(Rejection.sop_instance_uid)))
+            .group_by(Report.model_name)  # by the few rejections, not every result object
         ).all()
     )
     models = session.execute(select(Report.model_name).distinct()).scalars()

@@ -86,7 +86,7 @@ def _fill_records(db: Database, images: int) -> None:
         with db.session() as session:
             session.execute(
                 insert(Association),
-                [_association(i, when) for i, when in rows if i % 50 == 0 or i == start],
+                [_association(i, when) for i, when in rows if i % 50 == 0],
             )
             session.execute(insert(Report), [_report(i, when) for i, when in rows if i % 2 == 0])
             session.execute(insert(Instance), [_instance(i, when, now) for i, when in rows])
