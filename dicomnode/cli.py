@@ -472,7 +472,8 @@ def status(
     """Recent studies, job counts by state, dead jobs and skipped instances with reasons."""
     from dataclasses import asdict
 
-    from dicomnode.status import audit_state, node_status, render_status, tls_state
+    from dicomnode.status import audit_state, node_status, render_status
+    from dicomnode.tls import tls_state
 
     resolved = settings(config)
     db = _database(resolved)
@@ -483,7 +484,7 @@ def status(
             resolved.storage,
             resolved.results,
             audit_state(resolved),
-            tls_state(resolved),
+            tls_state(resolved.tls),
         )
     if as_json:
         typer.echo(json.dumps(asdict(state), default=_iso, indent=1))
@@ -699,7 +700,7 @@ def withdraw(
 
 
 def _list_targets(found: list[Target]) -> None:
-    """The table of what a withdrawal lists (the first 50 rows, then a count)."""
+    """The table of what a withdrawal lists (the first :data:`LISTED` rows, then a count)."""
     table = Table("study", "model", "result objects sent", "state")
     for t in found[:LISTED]:
         state = "being analysed: withdraw once reported" if t.busy else "to withdraw"

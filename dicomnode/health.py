@@ -40,7 +40,7 @@ from dicomnode.db.session import Database, db_now
 from dicomnode.errors import AuditError, ConfigError
 from dicomnode.queue.jobs import due_since
 from dicomnode.store.files import free_mb
-from dicomnode.tls import client_context, expiries, has_files
+from dicomnode.tls import client_context, has_files, tls_state
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,13 @@ def check_certificates(settings: Settings, now: datetime | None = None) -> Check
     due; its detail names the soonest to end, with a warning when it ends within
     ``tls.expiry_warning_days``."""
     now = now or datetime.now(UTC)
-    try:
-        found = expiries(settings.tls)
-    except ConfigError as exc:
-        return Check("tls", False, str(exc))
-    if not found:
+    state = tls_state(settings.tls)
+    if state is None or not (state.files or state.problem):
         return Check("tls", True, "no certificate to expire")
-    ended = [e for e in found if e.ends <= now]
+    if state.problem:
+        return Check("tls", False, state.problem)
+    found = state.files
+    ended = [e for e in found if e.days_left(now) <= 0]
     if ended:
         first = ended[0]
         return Check(
@@ -143,9 +143,9 @@ def check_certificates(settings: Settings, now: datetime | None = None) -> Check
             + (f" ({len(ended) - 1} more ended)" if len(ended) > 1 else ""),
         )
     soonest = found[0]
-    days = (soonest.ends - now).total_seconds() / 86400
+    days = soonest.days_left(now)
     detail = f"the soonest to end: {soonest.what}, {soonest.ends:%Y-%m-%d} ({days:.0f} days)"
-    if days < settings.tls.expiry_warning_days:
+    if days < state.warning_days:
         detail = f"WARNING: renew it: {detail}"
     return Check("tls", True, detail)
 

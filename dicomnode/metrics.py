@@ -190,21 +190,20 @@ def _audit_spool(settings: Settings) -> Iterator[Metric]:
 def _tls_expiries(settings: Settings) -> Iterator[Metric]:
     """When each certificate of the TLS files expires and each revocation list is due (a
     file that cannot be read is left out, and logged: ``dicomnode health`` says why)."""
-    from dicomnode.tls import expiries, has_files
+    from dicomnode.tls import tls_state
 
-    if not has_files(settings.tls):
+    state = tls_state(settings.tls)
+    if state is None:
         return
-    try:
-        found = expiries(settings.tls)
-    except ConfigError as exc:
-        log.warning("metrics: %s", exc)
+    if state.problem:
+        log.warning("metrics: %s", state.problem)
         return
     yield _labelled(
         "dicomnode_tls_expiry_timestamp_seconds",
         "when a certificate of the TLS files expires (its notAfter), or a revocation list is "
         "due (its nextUpdate), as a Unix time",
         ["setting", "subject"],
-        (((e.setting, e.subject), e.ends.timestamp()) for e in found),
+        (((e.setting, e.subject), e.ends.timestamp()) for e in state.files),
     )
 
 

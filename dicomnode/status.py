@@ -23,10 +23,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode.config import ResultsSettings, Settings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.db.session import db_now
-from dicomnode.errors import ConfigError
 from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
+from dicomnode.tls import TlsState
 from dicomnode.values import Priority
 
 DEAD_HINT = "(`dicomnode retry` re-queues, `dicomnode discard` gives up)"
@@ -140,43 +140,6 @@ def audit_state(settings: Settings) -> AuditState:
     waiting, oldest = spool_of(settings).waiting()
     since = None if oldest is None else datetime.fromtimestamp(oldest, UTC).replace(tzinfo=None)
     return AuditState(destination, waiting, since)
-
-
-@dataclass(frozen=True)
-class CertificateState:
-    """A certificate of the TLS files and when it ends, or a revocation list and when it is
-    due (:class:`dicomnode.tls.Expiry`)."""
-
-    setting: str
-    subject: str
-    ends: datetime
-    """UTC (naive, as the other times here)."""
-
-
-@dataclass(frozen=True)
-class TlsState:
-    """The TLS files' certificates and revocation lists, soonest to end first; or why they
-    cannot be read."""
-
-    files: tuple[CertificateState, ...]
-    problem: str = ""
-    warning_days: int = 30
-
-
-def tls_state(settings: Settings) -> TlsState | None:
-    """None when no TLS file is given."""
-    from dicomnode.tls import expiries, has_files
-
-    if not has_files(settings.tls):
-        return None
-    try:
-        found = expiries(settings.tls)
-    except ConfigError as exc:
-        return TlsState((), str(exc), settings.tls.expiry_warning_days)
-    files = tuple(
-        CertificateState(e.setting, e.subject, e.ends.replace(tzinfo=None)) for e in found
-    )
-    return TlsState(files, "", settings.tls.expiry_warning_days)
 
 
 @dataclass(frozen=True)
@@ -610,7 +573,7 @@ def render_status(status: NodeStatus) -> list[Table]:
     if status.audit is not None:
         tables.append(_audit_table(status.audit))
     if status.tls is not None:
-        tables.append(_tls_table(status.tls, datetime.now(UTC).replace(tzinfo=None)))
+        tables.append(_tls_table(status.tls, datetime.now(UTC)))
     return tables if status.storage is None else [_storage_table(status.storage), *tables]
 
 
@@ -619,7 +582,7 @@ def _tls_table(tls: TlsState, now: datetime) -> Table:
     if tls.problem:
         table.add_row("[red]cannot be read[/red]", escape(tls.problem), "", "")
     for item in tls.files:
-        days = (item.ends - now).total_seconds() / 86400
+        days = item.days_left(now)
         left = (
             "[red]ended[/red]"
             if days <= 0

@@ -42,6 +42,32 @@ class Expiry:
         kind = "the revocation list of" if self.setting == "tls.crl_file" else "the certificate"
         return f"{self.setting}: {kind} {self.subject}"
 
+    def days_left(self, now: datetime) -> float:
+        """Days from ``now`` (UTC) to its end (0 or less: it has ended)."""
+        return (self.ends - now).total_seconds() / 86400
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """The TLS files' certificates and revocation lists, soonest to end first; or why they
+    cannot be read (``health``, ``status`` and the metrics read them with :func:`tls_state`)."""
+
+    files: tuple[Expiry, ...]
+    problem: str = ""
+    warning_days: int = 30
+    """``tls.expiry_warning_days``: one that ends sooner is to be renewed."""
+
+
+def tls_state(tls: TlsSettings) -> TlsState | None:
+    """The :func:`expiries` of the TLS files, or the problem reading them; None when no TLS
+    file is given."""
+    if not has_files(tls):
+        return None
+    try:
+        return TlsState(tuple(expiries(tls)), "", tls.expiry_warning_days)
+    except ConfigError as exc:
+        return TlsState((), str(exc), tls.expiry_warning_days)
+
 
 def has_files(tls: TlsSettings) -> bool:
     """Whether any TLS file is given (the listener's, TLS peers', https peers')."""

@@ -165,11 +165,12 @@ def test_status_lists_each_certificate_and_the_time_left(
 ) -> None:
     from rich.console import Console
 
-    from dicomnode.status import node_status, render_status, tls_state
+    from dicomnode.status import node_status, render_status
+    from dicomnode.tls import tls_state
 
     pki = make_pki(tmp_path / "pki")
-    assert tls_state(settings) is None  # no TLS files: no table
-    state = tls_state(_tls(settings, pki))
+    assert tls_state(settings.tls) is None  # no TLS files: no table
+    state = tls_state(_tls(settings, pki).tls)
     assert state is not None and not state.problem
     assert {(f.setting, f.subject) for f in state.files} == {
         ("tls.certificate", "CN=test-node"),
@@ -186,5 +187,5 @@ def test_status_lists_each_certificate_and_the_time_left(
     broken.write_text("no certificate")
     assert (
         "no PEM certificate"
-        in (tls_state(_tls(settings, pki, certificate=broken)) or state).problem
+        in (tls_state(_tls(settings, pki, certificate=broken).tls) or state).problem
     )
