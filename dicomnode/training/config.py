@@ -171,6 +171,12 @@ class TrainingConfig(_Frozen):
         classes are not balanced twice).
     notes:
         Free text kept in the card's recipe (for example a change made on resume).
+    checkpoint_minutes:
+        Within an epoch, save the epoch so far (``partial.pt`` beside ``last.pt``) after
+        the step that ends this many minutes since the last checkpoint (default 10; 0:
+        after every step; null: only at epochs' ends). ``--resume`` goes on from that
+        step, exactly as the run would have: an epoch of hours on a CPU is not lost to
+        a machine shut down.
     gradcam_layer:
         The Grad-CAM target layer written into the card (a dotted module path,
         or several joined by ``+`` whose maps are averaged); default: the
@@ -233,6 +239,7 @@ class TrainingConfig(_Frozen):
     patience: int = Field(default=5, ge=1)
     output_dir: Path
     checkpoint_dir: Path | None = None
+    checkpoint_minutes: float | None = Field(default=10.0, ge=0)
     cache_dir: Path = Path("var/cache")
     num_threads: int | None = Field(default=None, ge=1)
     loader_workers: int | None = Field(default=None, ge=0)

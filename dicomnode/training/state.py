@@ -1,4 +1,5 @@
-"""The values a training run passes between its stages: prepared data, a fold's loop, its result."""
+"""The values a training run passes between its stages: prepared data, a fold's trainer and loop,
+its result."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from dicomnode.training.attention import CamSupervision
 from dicomnode.training.config import TrainingConfig
 from dicomnode.training.data import IntArray, LabelledImages, PixelCache
 from dicomnode.training.masks import LesionMasks
@@ -24,6 +27,18 @@ class Prepared:
     assignment: IntArray
     device: torch.device
     masks: LesionMasks | None = None
+
+
+@dataclass(eq=False)
+class Trainer:
+    """The model, optimiser, schedule and loss of one fold."""
+
+    model: nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss: nn.Module
+    steps_per_epoch: int
+    supervision: CamSupervision | None = None
 
 
 @dataclass(eq=False)

@@ -13,17 +13,15 @@ continues an interrupted run, and hands the kept weights to
 :func:`export_from_checkpoints` writes that directory from the best epoch
 saved so far, so a long run can be stopped and shipped at any epoch.
 
-Checkpoints live in ``<checkpoints>/fold-<k>/``: ``last.pt`` (model, optimiser,
-scheduler, epoch, best score, RNG state, and the images and folds it was trained on:
-:func:`folds_record`) and ``best.pt`` (the best weights). ``--resume`` refuses a
+Checkpoints live in ``<checkpoints>/fold-<k>/`` (:mod:`dicomnode.training.checkpoints`):
+after every epoch, and every ``checkpoint_minutes`` within one. ``--resume`` refuses a
 checkpoint whose images or folds differ from the run's.
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
-import hashlib
+import itertools
 import json
 import logging
 import math
@@ -48,6 +46,22 @@ from dicomnode.inference import check_cam_layers
 from dicomnode.models.architectures import build_model, place, scorer
 from dicomnode.models.card import CARD_FILE
 from dicomnode.training.attention import CamSupervision, MaskLoss
+from dicomnode.training.checkpoints import (
+    BEST_FILE,
+    FOLDS_KEY,
+    LAST_FILE,
+    Midway,
+    MidwaySaver,
+    check_same_folds,
+    fold_dir,
+    fold_lock,
+    folds_record,
+    forget,
+    has_checkpoint,
+    midway_saver,
+    restore,
+    save_epoch,
+)
 from dicomnode.training.config import TrainingConfig, load_config
 from dicomnode.training.data import (
     ImageDataset,
@@ -70,7 +84,7 @@ from dicomnode.training.metrics import (
 from dicomnode.training.network import classifier_head, new_model
 from dicomnode.training.output import write_final_directory, write_model_directory
 from dicomnode.training.pretrained import checked_initial_weights
-from dicomnode.training.state import FoldResult, LoopState, Prepared
+from dicomnode.training.state import FoldResult, LoopState, Prepared, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +129,7 @@ def train_from_config(
 def _has_checkpoints(config: TrainingConfig) -> bool:
     """Whether a run of ``config`` has left a checkpoint to resume from."""
     runs = [*_folds_to_run(config), None] if config.fold == "final" else _folds_to_run(config)
-    return any((_fold_dir(config, fold) / "last.pt").is_file() for fold in runs)
+    return any(has_checkpoint(fold_dir(config, fold)) for fold in runs)
 
 
 def _written_by(recipe: TrainingConfig, config: TrainingConfig) -> list[Path]:
@@ -368,22 +382,6 @@ def class_weights(config: TrainingConfig, labels: IntArray) -> torch.Tensor | No
 # ----------------------------------------------------------------------------- one fold
 
 
-@dataclass(eq=False)
-class Trainer:
-    """The model, optimiser, schedule and loss of one fold."""
-
-    model: nn.Module
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss: nn.Module
-    steps_per_epoch: int
-    supervision: CamSupervision | None = None
-
-
-def _fold_dir(config: TrainingConfig, fold: int | None) -> Path:
-    return config.checkpoints / ("all-data" if fold is None else f"fold-{fold}")
-
-
 def _make_trainer(prepared: Prepared, train_idx: IntArray) -> Trainer:
     config = prepared.config
     model = place(new_model(config), prepared.device)  # channels-last on the CPU: faster
@@ -415,63 +413,28 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
     _seed_everything(config.seed + (fold or 0))
     train_idx, valid_idx = fold_indices(prepared, fold)
     trainer = _make_trainer(prepared, train_idx)
-    directory = _fold_dir(config, fold)
+    directory = fold_dir(config, fold)
     folds = folds_record(prepared)
     with fold_lock(directory):
-        state = _restore(directory, trainer, prepared.device, folds) if resume else LoopState()
+        state, midway = LoopState(), None
+        if resume:
+            state, midway = restore(directory, trainer, prepared.device, folds, config.batch_size)
         if resume and state.epoch:
             # A recipe resumed with more epochs or patience goes on from where it stopped.
             state.finished = _stops(state, config)
-        if not resume and directory.exists():
-            for stale in ("last.pt", "best.pt"):
-                (directory / stale).unlink(missing_ok=True)
+        if not resume:
+            forget(directory)
         train_set = fold_dataset(prepared, train_idx, augment=True)
         valid_set = fold_dataset(prepared, valid_idx, augment=False)
         _log_fold_start(fold, train_idx, valid_idx, state)
+        saver = midway_saver(config, directory, folds)
         with _progress() as progress, trainer.supervision or nullcontext():
             while not state.finished:
-                improved = _run_epoch(prepared, trainer, train_set, valid_set, state, progress)
-                _save_checkpoint(directory, trainer, state, best=improved, folds=folds)
+                epoch = _Epoch(state, progress, saver, midway)
+                improved = _run_epoch(prepared, trainer, train_set, valid_set, epoch)
+                save_epoch(directory, trainer, state, best=improved, folds=folds)
+                midway = None
     return _result_from_checkpoint(prepared, fold)
-
-
-LOCK_FILE = ".lock"
-"""In a fold's checkpoint folder: held (``flock``) by the run training that fold."""
-
-
-@contextmanager
-def fold_lock(directory: Path) -> Iterator[None]:
-    """Hold ``directory`` (a fold's checkpoints) for this process while it trains there.
-
-    Two runs on one fold's checkpoints (``--fold 4`` beside ``--fold final``, which resumes
-    every fold first; the same command started twice) would overwrite each other's epochs;
-    the second is refused instead, naming the first's process. The lock ends with the
-    process, so a killed run leaves nothing to clean up.
-
-    Raises
-    ------
-    TrainingError
-        If another process holds it.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / LOCK_FILE).open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise TrainingError(
-                f"{directory} is being trained by {holder}: wait for that run to end (a "
-                "`--fold final` run resumes every fold, so start it after the folds' runs)"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _log_fold_start(
@@ -497,20 +460,42 @@ def _progress() -> Progress:
 
 
 def _batches(
-    dataset: Dataset[Any], batch_size: int, order: list[int], limit: int, workers: int
+    dataset: Dataset[Any],
+    batch_size: int,
+    order: list[int],
+    steps: tuple[int, int],
+    workers: int,
 ) -> Iterator[list[torch.Tensor]]:
+    """Batches ``steps[0]`` to ``steps[1]`` (exclusive) of an epoch of ``order``.
+
+    The loader starts here, not at the first batch: it draws its seed from torch's
+    generator now, so that a resumed epoch can put the generator back after it.
+    """
+    skip, limit = steps
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=order,
+        sampler=order[skip * batch_size :],
         num_workers=workers,
         pin_memory=workers > 0 and torch.cuda.is_available(),
         drop_last=len(order) > batch_size,
     )
-    for step, batch in enumerate(loader):
-        if step >= limit:
-            return
-        yield batch
+    return itertools.islice(iter(loader), max(limit - skip, 0))
+
+
+@dataclass(frozen=True, eq=False)
+class _Epoch:
+    """An epoch's loop state, progress display, within-epoch checkpoints, and where it
+    resumes (None: at its start)."""
+
+    state: LoopState
+    progress: Progress
+    saver: MidwaySaver
+    midway: Midway | None
+
+    @property
+    def first_step(self) -> int:
+        return 0 if self.midway is None else self.midway.step
 
 
 def _run_epoch(
@@ -518,21 +503,22 @@ def _run_epoch(
     trainer: Trainer,
     train_set: ImageDataset,
     valid_set: ImageDataset,
-    state: LoopState,
-    progress: Progress,
+    epoch: _Epoch,
 ) -> bool:
     """One epoch of training then validation; True when it is the best so far."""
-    config = prepared.config
-    epoch = state.epoch
-    train_set.set_epoch(epoch)
-    order = epoch_order(config, train_set.labels[list(train_set.indices)], epoch)
+    config, state, progress = prepared.config, epoch.state, epoch.progress
+    train_set.set_epoch(state.epoch)
+    order = epoch_order(config, train_set.labels[list(train_set.indices)], state.epoch)
     task = progress.add_task(
-        f"epoch {epoch + 1}/{config.epochs}", total=trainer.steps_per_epoch, status=""
+        f"epoch {state.epoch + 1}/{config.epochs}",
+        total=trainer.steps_per_epoch,
+        completed=epoch.first_step,
+        status="",
     )
     started = datetime.datetime.now(datetime.UTC)
     record: dict[str, Any] = {
-        "epoch": epoch + 1,
-        **_train_steps(prepared, trainer, train_set, order, progress, task),
+        "epoch": state.epoch + 1,
+        **_train_steps(prepared, trainer, train_set, order, epoch, task),
     }
     if len(valid_set):
         logits, labels = predict_logits(
@@ -567,26 +553,35 @@ def _train_steps(
     trainer: Trainer,
     dataset: ImageDataset,
     order: list[int],
-    progress: Progress,
+    epoch: _Epoch,
     task: Any,
 ) -> dict[str, float]:
-    """One epoch's steps; the mean loss (and, with mask supervision, its term and hit share)."""
-    model, device = trainer.model, prepared.device
+    """One epoch's steps (from where it stopped, when resumed within it); the mean loss (and,
+    with mask supervision, its term and hit share)."""
+    model, device, progress = trainer.model, prepared.device, epoch.progress
     model.train()
     if prepared.config.mode == "feature" or prepared.config.freeze_batchnorm:
         _freeze_batchnorm(model)
-    tally = _Tally()
+    tally = _Tally() if epoch.midway is None else _Tally.from_sums(epoch.midway.sums)
     log = _StepLog(
         next(t.description for t in progress.tasks if t.id == task),
         trainer.steps_per_epoch,
         prepared.config.batch_size,
         enabled=not progress.console.is_terminal,
+        first=epoch.first_step,
     )
     workers = loader_workers(prepared.config, device)
     source: Dataset[Any] = dataset if trainer.supervision is None else MaskedView(dataset)
-    for batch in _batches(
-        source, prepared.config.batch_size, order, trainer.steps_per_epoch, workers
-    ):
+    batches = _batches(
+        source,
+        prepared.config.batch_size,
+        order,
+        (epoch.first_step, trainer.steps_per_epoch),
+        workers,
+    )
+    if epoch.midway is not None:
+        epoch.midway.restore_rng()  # as it was after the step saved, the loader's seed drawn
+    for batch in batches:
         trainer.optimizer.zero_grad(set_to_none=True)
         inputs = batch[0].to(device, non_blocking=True)
         labels = batch[1].to(device, non_blocking=True)
@@ -603,6 +598,7 @@ def _train_steps(
         tally.add_loss(float(loss.item()))
         progress.update(task, advance=1, status=tally.status())
         log.step(tally.steps, tally.status())
+        epoch.saver.after_step(trainer, epoch.state, tally.steps, tally.sums())
     return tally.figures()
 
 
@@ -614,6 +610,8 @@ class _StepLog:
     steps: int
     batch_size: int
     enabled: bool
+    first: int = 0
+    """The steps done before this process (a resumed epoch)."""
     started: float = field(default_factory=time.monotonic)
     logged: float = field(default_factory=time.monotonic)
 
@@ -623,7 +621,7 @@ class _StepLog:
         if not self.enabled or now - self.logged < PROGRESS_LOG_SECONDS or done >= self.steps:
             return
         self.logged = now
-        per_step = (now - self.started) / done
+        per_step = (now - self.started) / max(done - self.first, 1)
         logger.info(
             "%s: step %d/%d, %s, %.3f s per image, about %.0f min to the epoch's validation",
             self.description,
@@ -645,6 +643,18 @@ class _Tally:
     mask_steps: int = 0
     masked: int = 0
     hits: int = 0
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, float]) -> _Tally:
+        """The sums of :meth:`sums`, saved within an epoch."""
+        tally = cls()
+        for name, value in sums.items():
+            kind = type(getattr(tally, name))
+            setattr(tally, name, kind(value))
+        return tally
+
+    def sums(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.__dict__.items()}
 
     def add_loss(self, value: float) -> None:
         self.loss, self.steps = self.loss + value, self.steps + 1
@@ -744,147 +754,10 @@ def predict_logits(
     return logits, torch.cat(labels).numpy().astype(np.int64)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-FOLDS_KEY = "folds"
-"""The key of ``last.pt`` that holds :func:`folds_record` (absent from older checkpoints)."""
-
-
-def folds_record(prepared: Prepared) -> dict[str, Any]:
-    """The images and folds of a run: a sha256 of (relative path, fold) per image, sorted
-    by path, with the image count and fold sizes to say what changed."""
-    images = prepared.images
-    rows = sorted(
-        (path.relative_to(images.root).as_posix(), int(fold))
-        for path, fold in zip(images.paths, prepared.assignment, strict=True)
-    )
-    digest = hashlib.sha256()
-    for relative, fold in rows:
-        digest.update(f"{relative}\0{fold}\n".encode())
-    sizes = np.bincount(prepared.assignment, minlength=prepared.config.folds)
-    return {"sha256": digest.hexdigest(), "images": len(rows), "fold_sizes": sizes.tolist()}
-
-
-def check_same_folds(saved: Any, current: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint trained on other images or folds; warn when it does not say.
-
-    Raises
-    ------
-    TrainingError
-        When ``saved`` (the checkpoint's :func:`folds_record`) differs from ``current``.
-    """
-    if not isinstance(saved, dict):
-        logger.warning(
-            "%s does not record its images and folds (written before checkpoints did): "
-            "resuming without checking that they are this run's",
-            path,
-        )
-        return
-    if saved.get("sha256") == current["sha256"]:
-        return
-    raise TrainingError(
-        f"{path} was trained on other images or folds than this run's: then "
-        f"{_describe_folds(saved)}, now {_describe_folds(current)} (images added, removed or "
-        "renamed in data_dir, or folds, seed, group_pattern or group_by changed). Restore "
-        "them to resume, or start a new run with a new model.version (and checkpoint_dir)"
-    )
-
-
-def _describe_folds(record: dict[str, Any]) -> str:
-    sizes = "/".join(str(n) for n in record.get("fold_sizes", []))
-    return f"{record.get('images', '?')} images in folds of {sizes or '?'}"
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _save_checkpoint(
-    directory: Path,
-    trainer: Trainer,
-    state: LoopState,
-    *,
-    best: bool,
-    folds: dict[str, Any] | None = None,
-) -> None:
-    """``best.pt`` when this epoch is the best so far, then ``last.pt`` (every epoch).
-
-    ``folds`` (:func:`folds_record`) is kept in ``last.pt`` for ``--resume`` to check.
-    """
-    if best:
-        _atomic_save(
-            {"model": _cpu_state(trainer.model), "epoch": state.epoch}, directory / "best.pt"
-        )
-    payload = {
-        "model": _cpu_state(trainer.model),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "loop": state.__dict__,
-        "rng": torch.get_rng_state(),
-    }
-    if folds is not None:
-        payload[FOLDS_KEY] = folds
-    if torch.cuda.is_available():  # dropout masks on the GPU draw from its own generator
-        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    _atomic_save(payload, directory / "last.pt")
-
-
-def _restore(
-    directory: Path, trainer: Trainer, device: torch.device, folds: dict[str, Any]
-) -> LoopState:
-    """Load ``last.pt`` into ``trainer``; a fresh state when there is none.
-
-    Raises
-    ------
-    TrainingError
-        When ``last.pt`` was trained on other images or folds than ``folds``.
-    """
-    path = directory / "last.pt"
-    if not path.is_file():
-        logger.info("no checkpoint at %s: starting from epoch 1", path)
-        return LoopState()
-    payload = torch.load(path, map_location=device, weights_only=False)
-    check_same_folds(payload.get(FOLDS_KEY), folds, path)
-    recipe_lrs = [float(group["initial_lr"]) for group in trainer.optimizer.param_groups]
-    trainer.model.load_state_dict(payload["model"])
-    trainer.optimizer.load_state_dict(payload["optimizer"])
-    trainer.scheduler.load_state_dict(payload["scheduler"])
-    _follow_recipe_schedule(trainer.scheduler, recipe_lrs)
-    torch.set_rng_state(payload["rng"].cpu())  # saved on CPU; map_location may move it
-    if "cuda_rng" in payload and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([saved.cpu() for saved in payload["cuda_rng"]])
-    state = LoopState(**payload["loop"])
-    logger.info("resumed from %s after epoch %d; learning rates %s", path, state.epoch, recipe_lrs)
-    return state
-
-
-def _follow_recipe_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lrs: list[float]) -> None:
-    """Continue with the recipe's current learning rates and epochs (they may have been changed).
-
-    The scheduler's step count comes from the checkpoint; its base rates and
-    the shape of the schedule come from the recipe being resumed.
-    """
-    scheduler.base_lrs = list(lrs)
-    step = scheduler.last_epoch
-    for group, lr, factor in zip(
-        scheduler.optimizer.param_groups, lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # type: ignore[attr-defined]
-
-
 def _result_from_checkpoint(prepared: Prepared, fold: int | None) -> FoldResult:
     """The kept weights of ``fold`` (best or last) with their validation logits, afresh."""
-    directory = _fold_dir(prepared.config, fold)
-    best, last = directory / "best.pt", directory / "last.pt"
+    directory = fold_dir(prepared.config, fold)
+    best, last = directory / BEST_FILE, directory / LAST_FILE
     if not best.is_file() or not last.is_file():
         raise TrainingError(f"no finished epoch in {directory}: nothing to export")
     kept = last if prepared.config.keep == "last" else best

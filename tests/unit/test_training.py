@@ -27,6 +27,7 @@ from dicomnode.inference import Predictor
 from dicomnode.models.architectures import TIMM_NAMES
 from dicomnode.models.card import InputSpec, PreprocessingSpec, load_card, write_card
 from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.training import checkpoints
 from dicomnode.training import train as train_module
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, load_config, parse_config
 from dicomnode.training.data import (
@@ -604,17 +605,17 @@ def test_resume_continues_from_the_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe = _smoke_config(tmp_path, epochs=3)
-    original = train_module._save_checkpoint
+    original = checkpoints.save_epoch
 
     def save_then_stop(directory: Path, trainer: Any, state: Any, **kwargs: Any) -> None:
         original(directory, trainer, state, **kwargs)
         if state.epoch == 2:
             raise _Interrupted
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_module, "save_epoch", save_then_stop)
     with pytest.raises(_Interrupted):
         train_from_config(recipe)
-    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    monkeypatch.setattr(train_module, "save_epoch", original)
     resumed_epochs: list[int] = []
     monkeypatch.setattr(
         train_module, "_advance_state", _spy(train_module._advance_state, resumed_epochs)
@@ -627,11 +628,110 @@ def test_resume_continues_from_the_last_checkpoint(
     assert export_from_checkpoints(recipe) == directory
 
 
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_a_run_stopped_within_an_epoch_resumes_at_the_step_it_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``checkpoint_minutes``: an epoch saved after each step (0), the run killed after step 2
+    of epoch 2, resumed: it goes on at step 3 and ends with the weights of a run never
+    stopped (dropout and all: the generator is put back after the loader's draw)."""
+    settings = {"epochs": 2, "max_steps_per_epoch": 4, "checkpoint_minutes": 0, "keep": "last"}
+    whole = train_from_config(_smoke_config(tmp_path / "whole", **settings))
+    recipe = _smoke_config(tmp_path / "stopped", **settings)
+    original = checkpoints.MidwaySaver.after_step
+
+    def save_then_stop(saver: Any, trainer: Any, state: Any, step: int, sums: Any) -> bool:
+        saved = original(saver, trainer, state, step, sums)
+        if state.epoch == 1 and step == 2:
+            raise _Interrupted
+        return saved
+
+    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", save_then_stop)
+    with pytest.raises(_Interrupted):
+        train_from_config(recipe)
+    fold = tmp_path / "stopped" / "checkpoints" / "fold-0"
+    assert (fold / checkpoints.PARTIAL_FILE).is_file()
+    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", original)
+    steps: list[tuple[int, int]] = []
+    batches = train_module._batches
+
+    def spy(*args: Any) -> Any:
+        steps.append(args[3])
+        return batches(*args)
+
+    monkeypatch.setattr(train_module, "_batches", spy)
+    with caplog.at_level("INFO", logger="dicomnode.training.checkpoints"):
+        resumed = train_from_config(recipe, resume=True)
+    assert steps == [(2, 4)]  # epoch 2 from its third step, and nothing else trained again
+    assert "within epoch 2, after step 2 of 4" in caplog.text
+    assert not (fold / checkpoints.PARTIAL_FILE).exists()  # the epoch's last.pt replaced it
+    expected, found = _weights(whole), _weights(resumed)
+    assert expected.keys() == found.keys()
+    assert all(torch.equal(expected[name], found[name]) for name in expected)
+    history = json.loads((resumed / "metrics.json").read_text(encoding="utf-8"))["history"]
+    whole_history = json.loads((whole / "metrics.json").read_text(encoding="utf-8"))["history"]
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in whole_history]
+
+
+def test_a_partial_epoch_of_another_cut_or_an_earlier_epoch_is_not_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``partial.pt`` cut into other steps (the batch size changed) starts the epoch again,
+    with a warning; one older than ``last.pt`` is ignored; null writes none."""
+    recipe = _smoke_config(tmp_path, epochs=1, max_steps_per_epoch=4, checkpoint_minutes=0)
+    fold = tmp_path / "checkpoints" / "fold-0"
+    original = checkpoints.MidwaySaver.after_step
+
+    def save_then_stop(saver: Any, trainer: Any, state: Any, step: int, sums: Any) -> bool:
+        original(saver, trainer, state, step, sums)
+        raise _Interrupted
+
+    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", save_then_stop)
+    with pytest.raises(_Interrupted):
+        train_from_config(recipe)
+    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", original)
+    smaller = _smoke_config(
+        tmp_path, epochs=1, max_steps_per_epoch=4, checkpoint_minutes=None, batch_size=4
+    )
+    steps: list[tuple[int, int]] = []
+    batches = train_module._batches
+
+    def spy(*args: Any) -> Any:
+        steps.append(args[3])
+        return batches(*args)
+
+    monkeypatch.setattr(train_module, "_batches", spy)
+    with caplog.at_level("WARNING", logger="dicomnode.training.checkpoints"):
+        train_from_config(smaller, resume=True)
+    assert steps == [(0, 4)]
+    assert "cut into 4 steps of 8 images, this recipe's epoch into 4 of 4" in caplog.text
+    assert not (fold / checkpoints.PARTIAL_FILE).exists()
+    # A partial.pt left from before the epoch that last.pt ends (a crash between the two
+    # writes) is of an earlier epoch.
+    payload = torch.load(fold / checkpoints.LAST_FILE, weights_only=False)
+    stale = {**payload, "loop": {**payload["loop"], "epoch": 0}, "step": 1, "sums": {}}
+    torch.save({**stale, "steps_per_epoch": 4, "batch_size": 4}, fold / checkpoints.PARTIAL_FILE)
+    caplog.clear()
+    state, midway = checkpoints.restore(
+        fold,
+        train_module._make_trainer(train_module.prepare(load_config(smaller)), np.arange(16)),
+        torch.device("cpu"),
+        payload[checkpoints.FOLDS_KEY],
+        4,
+    )
+    assert (state.epoch, midway) == (1, None)
+    assert "of an earlier epoch than last.pt" in caplog.text
+    assert checkpoints.midway_saver(load_config(smaller), fold, {}).every is None
+
+
 def test_a_fold_in_training_is_not_trained_by_a_second_run(tmp_path: Path) -> None:
     """A second run on a fold's checkpoints (``--fold final`` beside ``--fold 4``, or the same
     command twice) is refused, naming the run that holds them; once it ends, it goes."""
     recipe = _smoke_config(tmp_path, epochs=1)
-    with train_module.fold_lock(tmp_path / "checkpoints" / "fold-0"):  # the "other" run
+    with checkpoints.fold_lock(tmp_path / "checkpoints" / "fold-0"):  # the "other" run
         with pytest.raises(TrainingError, match=rf"being trained by process {os.getpid()}"):
             train_from_config(recipe)
         assert not (tmp_path / "checkpoints" / "fold-0" / "last.pt").exists()
@@ -916,7 +1016,7 @@ def test_resume_follows_the_recipe_learning_rate(tmp_path: Path) -> None:
     fresh = train_module.make_optimizer(new_model(lower), lower)
     resumed = train_module.make_scheduler(fresh, lower, steps_per_epoch=5)
     resumed.load_state_dict(saved)
-    train_module._follow_recipe_schedule(resumed, [0.001] * len(fresh.param_groups))
+    checkpoints.follow_recipe_schedule(resumed, [0.001] * len(fresh.param_groups))
     expected = 0.001 * resumed.lr_lambdas[0](7)
     assert [g["lr"] for g in fresh.param_groups] == pytest.approx(
         [expected] * len(fresh.param_groups)
@@ -1297,7 +1397,7 @@ def test_resume_refuses_a_checkpoint_of_other_images_or_folds(
     recipe = _smoke_config(tmp_path, epochs=1)
     train_from_config(recipe)
     last = tmp_path / "checkpoints" / "fold-0" / "last.pt"
-    recorded = torch.load(last, weights_only=False)[train_module.FOLDS_KEY]
+    recorded = torch.load(last, weights_only=False)[checkpoints.FOLDS_KEY]
     assert recorded["images"] == 48 and len(recorded["sha256"]) == 64
     added = tmp_path / "data" / "0" / "9000777L.png"
     shutil.copy(next((tmp_path / "data" / "0").glob("*.png")), added)
@@ -1307,7 +1407,7 @@ def test_resume_refuses_a_checkpoint_of_other_images_or_folds(
     train_from_config(recipe, resume=True)  # the same images and folds: resumed
     # A checkpoint written before checkpoints recorded their folds resumes, with a warning.
     payload = torch.load(last, weights_only=False)
-    del payload[train_module.FOLDS_KEY]
+    del payload[checkpoints.FOLDS_KEY]
     torch.save(payload, last)
     with caplog.at_level("WARNING", logger="dicomnode.training.train"):
         train_from_config(recipe, resume=True)
