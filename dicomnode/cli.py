@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.explain.gradcam import Explainer
     from dicomnode.peers import PeerInfo
     from dicomnode.send.resend import Resent
+    from dicomnode.training.labelled import Export, LabelSheet, Matched
     from dicomnode.withdraw import Target, Withdrawn
 
 app = typer.Typer(
@@ -1203,6 +1204,78 @@ def evaluate(
         )
         table.add_row("peaks within 1 / 2 / 5 % of the image side of the lesion", _within(game))
     console.print(table)
+
+
+@app.command("label-export")
+def label_export(
+    export_dir: Annotated[
+        Path, typer.Argument(metavar="EXPORT_DIR", help="a PACS export (nested DICOM files)")
+    ],
+    sheet: Annotated[
+        Path,
+        typer.Argument(
+            metavar="LABELS.csv",
+            help="a label column of class indices and one key column: accession_number, "
+            "study_instance_uid, series_instance_uid, sop_instance_uid or path; optionally "
+            "laterality (R or L)",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the training folder to make (new)")],
+    copy: Annotated[
+        bool, typer.Option("--copy", help="copy the files (default: hard links)")
+    ] = False,
+    pictures: Annotated[
+        bool,
+        typer.Option("--pictures", help="take PNG, WebP and JPEG files too (a sheet by path)"),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="match and count, write nothing")
+    ] = False,
+) -> None:
+    """Make a training folder (`DATA/<class>/`) from a PACS export and a label sheet.
+
+    Exit status 1 when a row of the sheet matched no image or an image matched rows of
+    different labels (left out); what matched is written all the same.
+    """
+    from dicomnode.training.labelled import match, read_export, read_sheet, write_folder
+
+    logs.configure("WARNING")
+    labels = read_sheet(sheet)
+    export = read_export(export_dir, pictures=pictures)
+    matched = match(labels, export)
+    _say_matched(labels, export, matched, sheet)
+    if not dry_run:
+        written = write_folder(matched, export_dir, out, "copy" if copy else "link")
+        console.print(
+            f"{written} images {'copied' if copy else 'linked'} into {escape(str(out))}; "
+            f"train with data_dir: {escape(str(out))} and group_by: patient_id (the files "
+            "are named by the export, not by patient)"
+        )
+    if matched.rows_unmatched or matched.ambiguous:
+        raise typer.Exit(1)
+
+
+def _say_matched(labels: LabelSheet, export: Export, matched: Matched, sheet: Path) -> None:
+    from dicomnode.training.data import listed
+
+    table = Table("class", "images")
+    for index, count in enumerate(matched.per_class(labels.classes)):
+        table.add_row(str(index), str(count))
+    console.print(table)
+    for kind, count in export.left_out:
+        console.print(f"left out: {count} × {kind}")
+    if matched.files_unmatched:
+        console.print(f"{matched.files_unmatched} image(s) of the export matched no row")
+    if matched.ambiguous:
+        console.print(
+            f"[red]{len(matched.ambiguous)} image(s) matched rows of different labels[/red] "
+            "(a row for the study and one for its side?): left out"
+        )
+    if matched.rows_unmatched:
+        lines = listed([str(n) for n in matched.rows_unmatched])
+        console.print(
+            f"[red]rows that matched no image:[/red] lines {lines} of {escape(str(sheet))}"
+        )
 
 
 def _within(game: dict[str, Any]) -> str:

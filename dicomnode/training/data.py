@@ -83,20 +83,20 @@ def _class_files(folder: Path, root: Path) -> list[Path]:
     """The image files of a class folder and its sub-folders, sorted; others skipped, named.
 
     A PACS export nests its files (``PATIENT/STUDY/SERIES/``) and names them by UID
-    or number. A file is taken by :func:`_may_be_an_image`; hidden files and folders
+    or number. A file is taken by :func:`may_be_an_image`; hidden files and folders
     are ignored; DICOMDIRs, other files, links to folders (not followed) and broken
     links are skipped with a warning that names them. A taken file that is neither
     DICOM nor a picture (a ``README``) is named when the images are decoded.
     """
-    files, links = _walk_files(folder)
-    skipped = [p for p in files if not _may_be_an_image(p)]
+    files, links = walk_files(folder)
+    skipped = [p for p in files if not may_be_an_image(p)]
     _warn_skipped(skipped, folder, root, "files that are not images (PNG, WebP, JPEG, DICOM)")
     _warn_skipped(links, folder, root, "links to folders (not followed) or broken links")
     left_out = set(skipped)
     return [p for p in files if p not in left_out]
 
 
-def _walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """Every file under ``folder`` (hidden ones aside), and the links not followed."""
     files: list[Path] = []
     links: list[Path] = []
@@ -119,7 +119,7 @@ DICOM_EXPORT_SUFFIXES = frozenset({".ima"})
 """Other suffixes of DICOM exports (Siemens ``.IMA``)."""
 
 
-def _may_be_an_image(path: Path) -> bool:
+def may_be_an_image(path: Path) -> bool:
     """Taken by its suffix (:data:`IMAGE_SUFFIXES`, a number, :data:`DICOM_EXPORT_SUFFIXES`)
     or the ``DICM`` marker; never a ``DICOMDIR``."""
     from dicomnode.imaging.pixels import has_dicom_marker

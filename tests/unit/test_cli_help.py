@@ -30,3 +30,4 @@ def test_a_commands_description_flows_as_one_paragraph(command: str, sentence: s
 
 def test_text_in_angle_brackets_is_printed_not_taken_for_markup() -> None:
     assert "DATA_DIR/<class>/<patient><L|R>.<ext>" in _help("train-localiser")
+    assert "a training folder (DATA/<class>/) from a PACS export" in _help("label-export")

@@ -1,0 +1,314 @@
+"""A training folder from a PACS export and a label sheet (``dicomnode label-export``).
+
+A hospital's labels rarely come as class folders. A radiologist grades studies in a
+spreadsheet by accession number; the PACS exports the studies as nested DICOM files named
+by UID. :func:`read_sheet` reads the sheet (CSV: a ``label`` column of class indices and
+one key column: ``accession_number``, ``study_instance_uid``, ``series_instance_uid``,
+``sop_instance_uid`` or ``path``, relative to the export; optionally ``laterality``, R or
+L, for a label of one side), :func:`read_export` the export's headers, :func:`match` pairs
+them, and :func:`write_folder` links (or copies) each matched image into
+``DATA/<label>/`` under its path in the export, the layout ``dicomnode train`` reads.
+
+Only what the node analyses is taken: CR and DX For Presentation images of the default
+routing's modalities. A study's export also holds what the node must not learn from
+(its own Secondary Capture overlays and SRs, a For Processing image, a scanned request),
+all under the study's accession number; they are counted by kind and left out. Nothing
+read from a header (an accession number, a Patient ID) is printed or logged: rows are
+named by their line in the sheet, files by their count.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dicomnode.config import RoutingSettings
+from dicomnode.errors import ConfigError, ImagingError
+from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
+from dicomnode.studies import not_a_radiograph
+from dicomnode.training.data import may_be_an_image, walk_files
+
+KEY_TAGS = {
+    "accession_number": "AccessionNumber",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+}
+"""The sheet's key columns read from each file's header (``path`` is the file's own)."""
+PATH_KEY = "path"
+KEYS = (*KEY_TAGS, PATH_KEY)
+SIDES = frozenset({"R", "L"})
+
+Transfer = Literal["link", "copy"]
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of the sheet: its line (1 = the header), key, class index and side."""
+
+    line: int
+    key: str
+    label: int
+    laterality: str = ""
+
+
+@dataclass(frozen=True)
+class LabelSheet:
+    """The sheet's key column and rows."""
+
+    key: str
+    rows: tuple[LabelRow, ...]
+
+    @property
+    def classes(self) -> int:
+        return max(row.label for row in self.rows) + 1
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    """An image of the export: its path relative to the export, its keys and side."""
+
+    path: str
+    keys: tuple[tuple[str, str], ...]
+    laterality: str = ""
+
+    def key(self, column: str) -> str:
+        return self.path if column == PATH_KEY else dict(self.keys).get(column, "")
+
+
+@dataclass(frozen=True)
+class Export:
+    """The images of an export that may be trained on, and what was left out, by kind."""
+
+    files: tuple[ExportFile, ...]
+    left_out: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Matched:
+    """The sheet matched to the export: the images to write with their labels, the rows that
+    matched no image (by line), the images that matched none, and those two rows of
+    different labels claim (by path)."""
+
+    images: tuple[tuple[ExportFile, int], ...]
+    rows_unmatched: tuple[int, ...]
+    files_unmatched: int
+    ambiguous: tuple[str, ...]
+
+    def per_class(self, classes: int) -> list[int]:
+        counts = Counter(label for _, label in self.images)
+        return [counts.get(c, 0) for c in range(classes)]
+
+
+# ----------------------------------------------------------------------------- the sheet
+
+
+def read_sheet(path: Path) -> LabelSheet:
+    """Read a label sheet (comma- or semicolon-separated, as spreadsheets save CSV).
+
+    Raises
+    ------
+    ConfigError
+        When it has no ``label`` column, not exactly one key column, a label that is not a
+        class index, a row without a key, a side other than R or L, or one key (and side)
+        given two labels; each naming the lines.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the label sheet {path}: {exc}") from exc
+    lines = text.splitlines()
+    if not lines:
+        raise ConfigError(f"{path} is empty: it needs a header row")
+    delimiter = ";" if lines[0].count(";") > lines[0].count(",") else ","
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    columns = [c.strip().lower() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    key = _key_column(columns, path)
+    rows = tuple(_rows(reader, key, path))
+    if not rows:
+        raise ConfigError(f"{path} has a header but no rows")
+    _refuse_conflicts(rows, path)
+    return LabelSheet(key, rows)
+
+
+def _key_column(columns: Sequence[str], path: Path) -> str:
+    if "label" not in columns:
+        raise ConfigError(f"{path} has no 'label' column (its columns: {', '.join(columns)})")
+    keys = [c for c in columns if c in KEYS]
+    if len(keys) != 1:
+        raise ConfigError(
+            f"{path} needs exactly one key column of {', '.join(KEYS)}; it has "
+            f"{', '.join(keys) or 'none'}"
+        )
+    return keys[0]
+
+
+def _rows(reader: csv.DictReader[str], key: str, path: Path) -> list[LabelRow]:
+    rows: list[LabelRow] = []
+    problems: list[str] = []
+    for raw in reader:
+        number = reader.line_num  # the file's line: blank lines count, as an editor shows
+        value = (raw.get(key) or "").strip()
+        label = (raw.get("label") or "").strip()
+        side = (raw.get("laterality") or "").strip().upper()
+        if not value and not label:
+            continue  # a row of empty cells
+        if not value:
+            problems.append(f"line {number}: no {key}")
+        elif not label.isdigit():
+            problems.append(f"line {number}: label {label!r} is not a class index (0, 1, …)")
+        elif side and side not in SIDES:
+            problems.append(f"line {number}: laterality {side!r} is not R or L")
+        else:
+            rows.append(LabelRow(number, _normal(key, value), int(label), side))
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems[:10]) + _more(problems, 10))
+    return rows
+
+
+def _normal(key: str, value: str) -> str:
+    return Path(value.replace("\\", "/")).as_posix() if key == PATH_KEY else value
+
+
+def _refuse_conflicts(rows: Sequence[LabelRow], path: Path) -> None:
+    labels: dict[tuple[str, str], dict[int, int]] = {}
+    for row in rows:
+        labels.setdefault((row.key, row.laterality), {}).setdefault(row.label, row.line)
+    conflicts = [
+        " and ".join(f"line {line}" for line in sorted(found.values()))
+        for found in labels.values()
+        if len(found) > 1
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"{path}: one key given different labels on "
+            + "; ".join(conflicts[:10])
+            + _more(conflicts, 10)
+        )
+
+
+def _more(items: Sequence[str], shown: int) -> str:
+    return f"; and {len(items) - shown} more" if len(items) > shown else ""
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+def read_export(root: Path, *, pictures: bool) -> Export:
+    """The images under ``root`` that the node would analyse, with their keys.
+
+    ``pictures``: PNG, WebP and JPEG files are taken too (a sheet keyed by ``path``);
+    else they are left out, having no header to match.
+    """
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a folder")
+    files, _ = walk_files(root)
+    taken: list[ExportFile] = []
+    left_out: Counter[str] = Counter()
+    rules = RoutingSettings()
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        if not may_be_an_image(path):
+            left_out["not an image (a DICOMDIR, a text file)"] += 1
+        elif path.suffix.lower() in PICTURE_SUFFIXES:
+            if pictures:
+                taken.append(ExportFile(relative, ()))
+            else:
+                left_out["a picture (PNG, WebP, JPEG): no header to match"] += 1
+        else:
+            found = _dicom_file(path, relative, rules)
+            if isinstance(found, str):
+                left_out[found] += 1
+            else:
+                taken.append(found)
+    return Export(tuple(taken), tuple(sorted(left_out.items())))
+
+
+def _dicom_file(path: Path, relative: str, rules: RoutingSettings) -> ExportFile | str:
+    """The file's keys, or why it is left out."""
+    try:
+        header = read_dicom(path, stop_before_pixels=True)
+    except ImagingError:
+        return "not DICOM, or unreadable"
+    sop_class = str(header.get("SOPClassUID", ""))
+    reason = not_a_radiograph(sop_class, str(header.get("Modality", "")).upper(), rules)
+    if reason:
+        return reason
+    keys = tuple((column, _text(header.get(tag))) for column, tag in KEY_TAGS.items())
+    side = (_text(header.get("ImageLaterality")) or _text(header.get("Laterality"))).upper()
+    return ExportFile(relative, keys, side if side in SIDES else "")
+
+
+def _text(value: object) -> str:
+    return str(value or "").strip()
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def match(sheet: LabelSheet, export: Export) -> Matched:
+    """Each image's label: the row of its key (and side, when the row gives one)."""
+    by_key: dict[str, list[LabelRow]] = {}
+    for row in sheet.rows:
+        by_key.setdefault(row.key, []).append(row)
+    images: list[tuple[ExportFile, int]] = []
+    used: set[int] = set()
+    ambiguous: list[str] = []
+    unmatched = 0
+    for file in export.files:
+        rows = [
+            row
+            for row in by_key.get(file.key(sheet.key), [])
+            if not row.laterality or row.laterality == file.laterality
+        ]
+        labels = {row.label for row in rows}
+        used.update(row.line for row in rows)
+        if not rows:
+            unmatched += 1
+        elif len(labels) > 1:
+            ambiguous.append(file.path)
+        else:
+            images.append((file, labels.pop()))
+    lines = tuple(row.line for row in sheet.rows if row.line not in used)
+    return Matched(tuple(images), lines, unmatched, tuple(ambiguous))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_folder(matched: Matched, export_root: Path, out: Path, transfer: Transfer) -> int:
+    """Put each matched image in ``out/<label>/<its path in the export>``; the count.
+
+    ``link`` makes hard links (no copy; a copy where ``out`` is on another file system).
+
+    Raises
+    ------
+    ConfigError
+        When ``out`` exists and is not an empty folder.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not empty: give a new folder")
+    for file, label in matched.images:
+        target = out / str(label) / file.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _transfer(export_root / file.path, target, transfer)
+    return len(matched.images)
+
+
+def _transfer(source: Path, target: Path, transfer: Transfer) -> None:
+    if transfer == "link":
+        try:
+            os.link(source, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+    shutil.copy2(source, target)
