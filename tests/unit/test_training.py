@@ -632,6 +632,37 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def _stop_within_an_epoch(
+    monkeypatch: pytest.MonkeyPatch, recipe: Path, stop: tuple[int, int] | None = None
+) -> None:
+    """Run ``recipe`` until its checkpoint after step ``stop[1]`` of the epoch after
+    ``stop[0]`` finished epochs (None: the first), then raise as a killed run would stop."""
+    original = checkpoints.MidwaySaver.after_step
+
+    def save_then_stop(saver: Any, trainer: Any, state: Any, step: int, sums: Any) -> bool:
+        saved = original(saver, trainer, state, step, sums)
+        if stop is None or (state.epoch, step) == stop:
+            raise _Interrupted
+        return saved
+
+    with monkeypatch.context() as patch, pytest.raises(_Interrupted):
+        patch.setattr(checkpoints.MidwaySaver, "after_step", save_then_stop)
+        train_from_config(recipe)
+
+
+def _spy_on_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (first, end) steps of each epoch trained from here on."""
+    steps: list[tuple[int, int]] = []
+    batches = train_module._batches
+
+    def spy(*args: Any) -> Any:
+        steps.append(args[3])
+        return batches(*args)
+
+    monkeypatch.setattr(train_module, "_batches", spy)
+    return steps
+
+
 def test_a_run_stopped_within_an_epoch_resumes_at_the_step_it_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -641,28 +672,10 @@ def test_a_run_stopped_within_an_epoch_resumes_at_the_step_it_saved(
     settings = {"epochs": 2, "max_steps_per_epoch": 4, "checkpoint_minutes": 0, "keep": "last"}
     whole = train_from_config(_smoke_config(tmp_path / "whole", **settings))
     recipe = _smoke_config(tmp_path / "stopped", **settings)
-    original = checkpoints.MidwaySaver.after_step
-
-    def save_then_stop(saver: Any, trainer: Any, state: Any, step: int, sums: Any) -> bool:
-        saved = original(saver, trainer, state, step, sums)
-        if state.epoch == 1 and step == 2:
-            raise _Interrupted
-        return saved
-
-    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", save_then_stop)
-    with pytest.raises(_Interrupted):
-        train_from_config(recipe)
+    _stop_within_an_epoch(monkeypatch, recipe, (1, 2))
     fold = tmp_path / "stopped" / "checkpoints" / "fold-0"
     assert (fold / checkpoints.PARTIAL_FILE).is_file()
-    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", original)
-    steps: list[tuple[int, int]] = []
-    batches = train_module._batches
-
-    def spy(*args: Any) -> Any:
-        steps.append(args[3])
-        return batches(*args)
-
-    monkeypatch.setattr(train_module, "_batches", spy)
+    steps = _spy_on_steps(monkeypatch)
     with caplog.at_level("INFO", logger="dicomnode.training.checkpoints"):
         resumed = train_from_config(recipe, resume=True)
     assert steps == [(2, 4)]  # epoch 2 from its third step, and nothing else trained again
@@ -683,27 +696,11 @@ def test_a_partial_epoch_of_another_cut_or_an_earlier_epoch_is_not_resumed(
     with a warning; one older than ``last.pt`` is ignored; null writes none."""
     recipe = _smoke_config(tmp_path, epochs=1, max_steps_per_epoch=4, checkpoint_minutes=0)
     fold = tmp_path / "checkpoints" / "fold-0"
-    original = checkpoints.MidwaySaver.after_step
-
-    def save_then_stop(saver: Any, trainer: Any, state: Any, step: int, sums: Any) -> bool:
-        original(saver, trainer, state, step, sums)
-        raise _Interrupted
-
-    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", save_then_stop)
-    with pytest.raises(_Interrupted):
-        train_from_config(recipe)
-    monkeypatch.setattr(checkpoints.MidwaySaver, "after_step", original)
+    _stop_within_an_epoch(monkeypatch, recipe)
     smaller = _smoke_config(
         tmp_path, epochs=1, max_steps_per_epoch=4, checkpoint_minutes=None, batch_size=4
     )
-    steps: list[tuple[int, int]] = []
-    batches = train_module._batches
-
-    def spy(*args: Any) -> Any:
-        steps.append(args[3])
-        return batches(*args)
-
-    monkeypatch.setattr(train_module, "_batches", spy)
+    steps = _spy_on_steps(monkeypatch)
     with caplog.at_level("WARNING", logger="dicomnode.training.checkpoints"):
         train_from_config(smaller, resume=True)
     assert steps == [(0, 4)]
