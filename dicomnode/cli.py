@@ -1247,7 +1247,8 @@ def label_export(
     if not dry_run:
         written = write_folder(matched, export_dir, out, "copy" if copy else "link")
         console.print(
-            f"{written} images {'copied' if copy else 'linked'} into {escape(str(out))}; "
+            f"{written} image{'' if written == 1 else 's'} {'copied' if copy else 'linked'} "
+            f"into {escape(str(out))}; "
             f"train with data_dir: {escape(str(out))} and group_by: patient_id (the files "
             "are named by the export, not by patient)"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import shutil
 import socket
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +305,13 @@ class Orthanc:
 
     def download(self, instance_id: str, target: Path) -> Path:
         target.write_bytes(self._request("GET", f"/instances/{instance_id}/file"))
+        return target
+
+    def export_study(self, study_id: str, target: Path) -> Path:
+        """The study as Orthanc exports it (its ZIP archive, unpacked into ``target``)."""
+        archive = self._request("GET", f"/studies/{study_id}/archive")
+        with zipfile.ZipFile(io.BytesIO(archive)) as unpacked:
+            unpacked.extractall(target)
         return target
 
 

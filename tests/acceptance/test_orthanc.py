@@ -127,6 +127,25 @@ def test_orthanc_study_gets_sc_and_sr_back(
     assert "done" in status
     _assert_private(node)
     _assert_metrics(node)
+    _assert_a_labelled_export(orthanc, study_id, tmp_path, node)
+
+
+def _assert_a_labelled_export(
+    orthanc: Orthanc, study_id: str, tmp_path: Path, node: NodeProcess
+) -> None:
+    """Orthanc's export of the study (its ZIP), graded by accession number, makes a training
+    folder of the radiograph alone: the node's own SC, presentation state and SR in the same
+    study are left out."""
+    export = orthanc.export_study(study_id, tmp_path / "export")
+    sheet = tmp_path / "grades.csv"
+    sheet.write_text("accession_number,label\nACC0001,3\n", encoding="utf-8")
+    made = node.cli("label-export", str(export), str(sheet), "--out", str(tmp_path / "data"))
+    assert "1 image linked into" in made.stdout
+    assert "Secondary Capture Image Storage" in made.stdout
+    assert "Comprehensive SR Storage" in made.stdout
+    (taken,) = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert taken.relative_to(tmp_path / "data").parts[0] == "3"
+    assert pydicom.dcmread(taken).Modality == "DX"
 
 
 def test_a_rejection_note_forwarded_by_orthanc_withdraws_the_results(
