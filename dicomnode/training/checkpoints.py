@@ -223,6 +223,11 @@ def save_epoch(
     (directory / PARTIAL_FILE).unlink(missing_ok=True)
 
 
+def clock() -> float:
+    """Seconds on a clock that only goes forward (what ``checkpoint_minutes`` counts)."""
+    return time.monotonic()
+
+
 @dataclass(eq=False)
 class MidwaySaver:
     """Writes ``partial.pt`` after a step when ``every`` seconds have passed since the last
@@ -232,13 +237,13 @@ class MidwaySaver:
     folds: dict[str, Any]
     batch_size: int
     every: float | None
-    saved: float = field(default_factory=time.monotonic)
+    saved: float = field(default_factory=lambda: clock())
 
     def after_step(
         self, trainer: Trainer, state: LoopState, step: int, sums: dict[str, float]
     ) -> bool:
         """Save the epoch so far (``step`` steps done) if it is time; True when saved."""
-        if self.every is None or time.monotonic() - self.saved < self.every:
+        if self.every is None or clock() - self.saved < self.every:
             return False
         payload = _training_payload(trainer, state, self.folds)
         payload.update(
@@ -248,8 +253,12 @@ class MidwaySaver:
             batch_size=self.batch_size,
         )
         _atomic_save(payload, self.directory / PARTIAL_FILE)
-        self.saved = time.monotonic()
+        self.saved = clock()
         return True
+
+    def restart_clock(self) -> None:
+        """Count from now: an epoch's checkpoint was written."""
+        self.saved = clock()
 
 
 def midway_saver(config: TrainingConfig, directory: Path, folds: dict[str, Any]) -> MidwaySaver:

@@ -433,6 +433,7 @@ def train_fold(prepared: Prepared, fold: int | None, *, resume: bool) -> FoldRes
                 epoch = _Epoch(state, progress, saver, midway)
                 improved = _run_epoch(prepared, trainer, train_set, valid_set, epoch)
                 save_epoch(directory, trainer, state, best=improved, folds=folds)
+                saver.restart_clock()
                 midway = None
     return _result_from_checkpoint(prepared, fold)
 

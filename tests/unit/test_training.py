@@ -689,6 +689,30 @@ def test_a_run_stopped_within_an_epoch_resumes_at_the_step_it_saved(
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in whole_history]
 
 
+def test_the_epoch_so_far_is_saved_when_the_minutes_since_the_last_checkpoint_are_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoints, "clock", lambda: clock[0])
+    saved: list[int] = []
+    monkeypatch.setattr(
+        checkpoints, "_atomic_save", lambda payload, _path: saved.append(payload["step"])
+    )
+    recipe = load_config(_smoke_config(tmp_path, checkpoint_minutes=1))
+    saver = checkpoints.midway_saver(recipe, tmp_path, {})
+    trainer = train_module._make_trainer(train_module.prepare(recipe), np.arange(16))
+    for step, now in enumerate((1030.0, 1061.0, 1090.0, 1125.0), start=1):
+        clock[0] = now
+        saver.after_step(trainer, LoopState(), step, {})
+    assert saved == [2, 4]  # a minute after the start, then a minute after that save
+    clock[0] = 1200.0
+    saver.restart_clock()  # an epoch's last.pt
+    clock[0] = 1250.0
+    assert not saver.after_step(trainer, LoopState(), 1, {})
+    clock[0] = 1261.0
+    assert saver.after_step(trainer, LoopState(), 2, {}) and saved == [2, 4, 2]
+
+
 def test_a_partial_epoch_of_another_cut_or_an_earlier_epoch_is_not_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
