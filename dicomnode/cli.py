@@ -1231,6 +1231,15 @@ def label_export(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="match and count, write nothing")
     ] = False,
+    joints: Annotated[
+        Path | None,
+        typer.Option(
+            "--joints",
+            metavar="MODEL_DIR",
+            help="crop each knee joint with this model's localiser (a knee model, such as "
+            "models/knee-kl), labelled by the row of its side",
+        ),
+    ] = None,
 ) -> None:
     """Make a training folder (`DATA/<class>/`) from a PACS export and a label sheet.
 
@@ -1240,11 +1249,24 @@ def label_export(
     from dicomnode.training.labelled import match, read_export, read_sheet, write_folder
 
     logs.configure("WARNING")
+    if joints is not None and pictures:
+        raise typer.BadParameter("joint crops need DICOM films", param_hint="--pictures")
     labels = read_sheet(sheet)
     export = read_export(export_dir, pictures=pictures)
-    matched = match(labels, export)
+    if joints is not None:
+        matched = _crop_joints(labels, export, export_dir, joints, None if dry_run else out)
+    else:
+        matched = match(labels, export)
     _say_matched(labels, export, matched, sheet)
-    if not dry_run:
+    if joints is not None and not dry_run:
+        from dicomnode.training.joint_crops import CROP_GROUP_PATTERN
+
+        console.print(
+            f"{len(matched.images)} joint crops written into {escape(str(out))}; train with "
+            f"data_dir: {escape(str(out))} and group_pattern: '{CROP_GROUP_PATTERN}' (the "
+            "names begin with the hash of the Patient ID)"
+        )
+    elif not dry_run:
         written = write_folder(matched, export_dir, out, "copy" if copy else "link")
         console.print(
             f"{written} image{'' if written == 1 else 's'} {'copied' if copy else 'linked'} "
@@ -1256,6 +1278,22 @@ def label_export(
         raise typer.Exit(1)
 
 
+def _crop_joints(
+    labels: LabelSheet, export: Export, root: Path, model_dir: Path, out: Path | None
+) -> Matched:
+    """The joints of the films, cropped into ``out`` (nothing written when None)."""
+    from dicomnode.training.joint_crops import crop_joints, model_localiser, png_writer
+    from dicomnode.training.labelled import refuse_full, write_manifest
+
+    localiser = model_localiser(model_dir)
+    if out is None:
+        return crop_joints(labels, export, root, localiser, lambda _image, _pixels: None)
+    refuse_full(out)
+    matched = crop_joints(labels, export, root, localiser, png_writer(out))
+    write_manifest(matched, out)
+    return matched
+
+
 def _say_matched(labels: LabelSheet, export: Export, matched: Matched, sheet: Path) -> None:
     from dicomnode.training.data import listed
 
@@ -1263,7 +1301,7 @@ def _say_matched(labels: LabelSheet, export: Export, matched: Matched, sheet: Pa
     for index, count in enumerate(matched.per_class(labels.classes)):
         table.add_row(str(index), str(count))
     console.print(table)
-    for kind, count in export.left_out:
+    for kind, count in (*export.left_out, *matched.left_out):
         console.print(f"left out: {count} × {kind}")
     if matched.files_unmatched:
         console.print(f"{matched.files_unmatched} image(s) of the export matched no row")

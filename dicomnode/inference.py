@@ -211,7 +211,7 @@ class Predictor:
             card's sha256 or do not fit the network (the message names the
             keys), or the Grad-CAM layer does not exist.
         """
-        localiser = _load_localiser(directory, card)
+        localiser = load_localiser(directory, card)
         target = resolve_device(device)
         spec = card.architecture
         model = build_model(spec.name, card.input.channels, card.num_classes, spec.params)
@@ -533,7 +533,7 @@ def explain_batch(
     return shift_averaged(explain, batch, spec.shift, max_images)
 
 
-def _load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:
+def load_localiser(directory: Path, card: ModelCard) -> KneeLocaliser | None:
     """The card's knee localiser (sha256 checked), ``None`` when the card has none."""
     if card.preprocessing.localiser == "none":
         return None

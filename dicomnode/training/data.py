@@ -198,7 +198,12 @@ def patient_group(path: Path) -> str:
         raise ConfigError(f"{path}: not a DICOM file ({exc})") from exc
     if not patient:
         raise ConfigError(f"{path}: no DICOM Patient ID (not DICOM, or its header has none)")
-    return "patient-" + hashlib.sha256(patient.encode("utf-8")).hexdigest()[:16]
+    return hashed(patient)
+
+
+def hashed(patient_id: str) -> str:
+    """The group of a Patient ID: ``patient-`` and 16 hex digits of its sha256."""
+    return "patient-" + hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:16]
 
 
 SINGLETON_WARNING = 20

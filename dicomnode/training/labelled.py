@@ -27,13 +27,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from dicomnode.config import RoutingSettings
 from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.studies import not_a_radiograph
-from dicomnode.training.data import may_be_an_image, walk_files
+from dicomnode.training.data import hashed, may_be_an_image, walk_files
+
+if TYPE_CHECKING:  # the localiser's module loads torch
+    from dicomnode.models.localise import Joint
 
 KEY_TAGS = {
     "accession_number": "AccessionNumber",
@@ -73,11 +76,13 @@ class LabelSheet:
 
 @dataclass(frozen=True)
 class ExportFile:
-    """An image of the export: its path relative to the export, its keys and side."""
+    """An image of the export: its path relative to the export, its keys, side and patient
+    (:func:`~dicomnode.training.data.patient_group`'s hash of the Patient ID; "" if none)."""
 
     path: str
     keys: tuple[tuple[str, str], ...]
     laterality: str = ""
+    patient: str = ""
 
     def key(self, column: str) -> str:
         return self.path if column == PATH_KEY else dict(self.keys).get(column, "")
@@ -92,18 +97,31 @@ class Export:
 
 
 @dataclass(frozen=True)
-class Matched:
-    """The sheet matched to the export: the images to write with their labels, the rows that
-    matched no image (by line), the images that matched none, and those two rows of
-    different labels claim (by path)."""
+class Labelled:
+    """An image (or one knee joint of it) to write: its label, the sheet line that gave it,
+    and its name under ``<out>/<label>/``."""
 
-    images: tuple[tuple[ExportFile, int], ...]
+    file: ExportFile
+    label: int
+    line: int
+    name: str
+    joint: Joint | None = None
+
+
+@dataclass(frozen=True)
+class Matched:
+    """The sheet matched to the export: the images to write, the rows that matched no image
+    (by line), the images that matched none, those two rows of different labels claim (by
+    path), and what else was left out (joints, by reason)."""
+
+    images: tuple[Labelled, ...]
     rows_unmatched: tuple[int, ...]
     files_unmatched: int
-    ambiguous: tuple[str, ...]
+    ambiguous: tuple[str, ...] = ()
+    left_out: tuple[tuple[str, int], ...] = ()
 
     def per_class(self, classes: int) -> list[int]:
-        counts = Counter(label for _, label in self.images)
+        counts = Counter(image.label for image in self.images)
         return [counts.get(c, 0) for c in range(classes)]
 
 
@@ -244,7 +262,8 @@ def _dicom_file(path: Path, relative: str, rules: RoutingSettings) -> ExportFile
         return reason
     keys = tuple((column, _text(header.get(tag))) for column, tag in KEY_TAGS.items())
     side = (_text(header.get("ImageLaterality")) or _text(header.get("Laterality"))).upper()
-    return ExportFile(relative, keys, side if side in SIDES else "")
+    patient = _text(header.get("PatientID"))
+    return ExportFile(relative, keys, side if side in SIDES else "", patient and hashed(patient))
 
 
 def _text(value: object) -> str:
@@ -254,12 +273,18 @@ def _text(value: object) -> str:
 # ----------------------------------------------------------------------------- matching
 
 
-def match(sheet: LabelSheet, export: Export) -> Matched:
-    """Each image's label: the row of its key (and side, when the row gives one)."""
+def rows_by_key(sheet: LabelSheet) -> dict[str, list[LabelRow]]:
+    """The sheet's rows of each key."""
     by_key: dict[str, list[LabelRow]] = {}
     for row in sheet.rows:
         by_key.setdefault(row.key, []).append(row)
-    images: list[tuple[ExportFile, int]] = []
+    return by_key
+
+
+def match(sheet: LabelSheet, export: Export) -> Matched:
+    """Each image's label: the row of its key (and side, when the row gives one)."""
+    by_key = rows_by_key(sheet)
+    images: list[Labelled] = []
     used: set[int] = set()
     ambiguous: list[str] = []
     unmatched = 0
@@ -276,18 +301,27 @@ def match(sheet: LabelSheet, export: Export) -> Matched:
         elif len(labels) > 1:
             ambiguous.append(file.path)
         else:
-            images.append((file, labels.pop()))
-    lines = tuple(row.line for row in sheet.rows if row.line not in used)
-    return Matched(tuple(images), lines, unmatched, tuple(ambiguous))
+            images.append(Labelled(file, labels.pop(), min(r.line for r in rows), file.path))
+    return Matched(tuple(images), unused_lines(sheet, used), unmatched, tuple(ambiguous))
+
+
+def unused_lines(sheet: LabelSheet, used: set[int]) -> tuple[int, ...]:
+    """The lines of the rows that gave no image."""
+    return tuple(row.line for row in sheet.rows if row.line not in used)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_folder(matched: Matched, export_root: Path, out: Path, transfer: Transfer) -> int:
-    """Put each matched image in ``out/<label>/<its path in the export>``; the count.
+MANIFEST = "label-export.csv"
+"""In the folder made: one row per image written, what it is and where it came from."""
+MANIFEST_COLUMNS = (
+    "file", "label", "sheet_line", "source", "side", "x0", "y0", "x1", "y1", "confidence",
+)  # fmt: skip
 
-    ``link`` makes hard links (no copy; a copy where ``out`` is on another file system).
+
+def refuse_full(out: Path) -> None:
+    """Refuse to write into a folder that holds anything.
 
     Raises
     ------
@@ -296,11 +330,45 @@ def write_folder(matched: Matched, export_root: Path, out: Path, transfer: Trans
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not empty: give a new folder")
-    for file, label in matched.images:
-        target = out / str(label) / file.path
+
+
+def write_folder(matched: Matched, export_root: Path, out: Path, transfer: Transfer) -> int:
+    """Put each matched image in ``out/<label>/<its path in the export>``, and the
+    :data:`MANIFEST`; the count.
+
+    ``link`` makes hard links (no copy; a copy where ``out`` is on another file system).
+
+    Raises
+    ------
+    ConfigError
+        When ``out`` exists and is not an empty folder.
+    """
+    refuse_full(out)
+    for image in matched.images:
+        target = out / str(image.label) / image.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        _transfer(export_root / file.path, target, transfer)
+        _transfer(export_root / image.file.path, target, transfer)
+    write_manifest(matched, out)
     return len(matched.images)
+
+
+def write_manifest(matched: Matched, out: Path) -> Path:
+    """:data:`MANIFEST` in ``out``: each image's file, label, sheet line and source (for a
+    joint crop also its side, box in the source's pixels and the localiser's confidence)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for image in matched.images:
+            joint = image.joint
+            where: list[object] = ["", "", "", "", "", ""]
+            if joint is not None:
+                box = joint.region
+                side = joint.laterality or ""
+                where = [side, box.x0, box.y0, box.x1, box.y1, f"{joint.confidence:.3f}"]
+            file = f"{image.label}/{image.name}"
+            writer.writerow([file, image.label, image.line, image.file.path, *where])
+    return out / MANIFEST
 
 
 def _transfer(source: Path, target: Path, transfer: Transfer) -> None:

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydicom.uid import UID, generate_uid
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, ModelError
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.training.data import scan_folder
-from dicomnode.training.labelled import match, read_export, read_sheet, write_folder
+from dicomnode.training.labelled import (
+    MANIFEST,
+    match,
+    read_export,
+    read_sheet,
+    write_folder,
+    write_manifest,
+)
+from dicomnode.values import FloatArray
+
+ROOT = Path(__file__).parents[2]
+KNEE_CROPS = ROOT.parent / "shared" / "data" / "knee-kl224-train"
 
 SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
 DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -27,11 +41,13 @@ def _image(
     modality: str = "DX",
     sop_class: UID | None = None,
     seed: int = 0,
+    picture: FloatArray | None = None,
 ) -> Path:
     """One file of a PACS export: ``PATIENT/STUDY/SERIES/<SOP Instance UID>``, no suffix."""
     ds = make_radiograph(
         rows=64, columns=48, laterality=laterality, modality=modality, seed=seed,
         patient_id=patient, study_uid=f"1.2.826.0.1.3680043.8.498.{sum(map(ord, accession))}",
+        picture=picture,
     )  # fmt: skip
     ds.AccessionNumber = accession
     if sop_class is not None:
@@ -85,7 +101,7 @@ def test_an_export_and_a_sheet_by_accession_and_side_make_the_class_folders(
     assert matched.rows_unmatched == (6,)  # ACC9, line 6 (line 1 is the header)
     assert matched.files_unmatched == 1  # ACC3
     assert not matched.ambiguous
-    sides = {label: file.laterality for file, label in matched.images}
+    sides = {image.label: image.file.laterality for image in matched.images}
     assert sides == {2: "R", 3: "L", 0: ""}
 
     out = tmp_path / "data"
@@ -104,7 +120,7 @@ def test_a_row_for_the_study_and_one_for_a_side_leave_that_image_out(
     sheet = read_sheet(_sheet(tmp_path, "accession_number,label,laterality\nACC1,2,\nACC1,3,L\n"))
     matched = match(sheet, read_export(export, pictures=False))
     assert len(matched.ambiguous) == 1 and matched.ambiguous[0].startswith("PAT-A/ACC1/")
-    assert [(file.laterality, label) for file, label in matched.images] == [("R", 2)]
+    assert [(image.file.laterality, image.label) for image in matched.images] == [("R", 2)]
 
 
 @pytest.mark.parametrize(
@@ -162,11 +178,89 @@ def test_the_command_names_rows_by_line_and_never_prints_a_header_value(
     assert "3 images linked into" in result.output
     for private in ("ACC-MISSING", "PAT-A", "PAT-B"):
         assert private not in result.output
-    assert sorted(p.parent.parent.parent.parent.name for p in out.rglob("*") if p.is_file()) == [
-        "0", "1", "1",
+    written = [p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST]
+    assert sorted(p.relative_to(out).parts[0] for p in written) == ["0", "1", "1"]
+    with (out / MANIFEST).open(encoding="utf-8") as handle:
+        manifest = list(csv.DictReader(handle))
+    assert sorted((row["label"], row["sheet_line"]) for row in manifest) == [
+        ("0", "3"), ("1", "2"), ("1", "2"),
     ]  # fmt: skip
+    assert all(
+        (out / row["file"]).is_file() and (export / row["source"]).is_file() for row in manifest
+    )
     dry = CliRunner().invoke(
         app,
         ["label-export", str(export), str(sheet), "--out", str(tmp_path / "dry"), "--dry-run"],
     )
     assert dry.exit_code == 1 and not (tmp_path / "dry").exists()
+
+
+def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
+    tmp_path: Path,
+) -> None:
+    """``--joints``: films composed of held-out real knee crops, two knees on ACC1 and ACC3,
+    one (a right knee) on ACC2; the sheet grades ACC1 per side, ACC2 as a whole and only
+    the left knee of ACC3. Each graded joint becomes a crop of the node's pixels around it,
+    named by the patient's hash, in its grade's folder; the others are counted."""
+    if not KNEE_CROPS.is_dir():
+        pytest.skip(f"the knee crops are not at {KNEE_CROPS}")
+    from dicomnode.training.joint_crops import (
+        CROP_GROUP_PATTERN,
+        crop_joints,
+        model_localiser,
+        png_writer,
+    )
+    from dicomnode.training.localiser import compose, crop_files, load_bank
+
+    bank = load_bank(crop_files(KNEE_CROPS, holdout=True)[:40])
+    rng = np.random.default_rng(7)
+    root = tmp_path / "export"
+    truths: dict[str, tuple[tuple[float, float], ...]] = {}
+    for accession, patient, count, laterality in (
+        ("ACC1", "PAT-A", 2, None), ("ACC2", "PAT-B", 1, "R"), ("ACC3", "PAT-A", 2, None),
+    ):  # fmt: skip
+        film = compose(bank, rng, joints=count)
+        path = _image(root, accession, patient, laterality=laterality, picture=film.pixels)
+        truths[path.relative_to(root).as_posix()] = film.centres
+    sheet = read_sheet(
+        _sheet(
+            tmp_path,
+            "accession_number,label,laterality\nACC1,2,R\nACC1,4,L\nACC2,1,\nACC3,3,L\n",
+        )
+    )
+    out = tmp_path / "crops"
+    matched = crop_joints(
+        sheet,
+        read_export(root, pictures=False),
+        root,
+        model_localiser(ROOT / "models" / "knee-kl"),
+        png_writer(out),
+    )
+    write_manifest(matched, out)
+    assert matched.per_class(5) == [0, 1, 1, 1, 1]
+    assert dict(matched.left_out) == {
+        "a joint whose side has no row (a row of the film grades it only alone)": 1
+    }
+    assert not matched.rows_unmatched
+    named = {(image.label, image.name[-5:]) for image in matched.images}
+    assert named == {(2, "R.png"), (4, "L.png"), (1, "R.png"), (3, "L.png")}
+    with (out / MANIFEST).open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:  # each box is centred on a knee of its film, and the crop is that box
+        x = (int(row["x0"]) + int(row["x1"])) / 2
+        y = (int(row["y0"]) + int(row["y1"])) / 2
+        side = int(row["x1"]) - int(row["x0"])
+        assert min(np.hypot(x - cx, y - cy) for cx, cy in truths[row["source"]]) < 0.15 * side
+        with Image.open(out / row["file"]) as crop:
+            assert crop.size == (side, side) and crop.mode == "L"
+    images = scan_folder(out, 5, CROP_GROUP_PATTERN, every_class=False)
+    assert len(images) == 4 and len(set(images.groups)) == 2  # PAT-A's three knees: one group
+    command = ["label-export", str(root), str(tmp_path / "labels.csv"), "--out", str(out)]
+    dry = CliRunner().invoke(
+        app, [*command, "--joints", str(ROOT / "models" / "knee-kl"), "--dry-run"]
+    )
+    assert dry.exit_code == 0, dry.output
+    assert "left out: 1 × a joint whose side has no row" in " ".join(dry.output.split())
+    refused = CliRunner().invoke(app, [*command, "--joints", str(ROOT / "models" / "hand-ra")])
+    assert isinstance(refused.exception, ModelError)  # main() prints it, exit status 2
+    assert "has no knee localiser" in str(refused.exception)
