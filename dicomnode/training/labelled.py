@@ -33,7 +33,7 @@ from dicomnode.config import RoutingSettings
 from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.studies import not_a_radiograph
-from dicomnode.training.data import hashed, may_be_an_image, walk_files
+from dicomnode.training.data import hashed, listed, may_be_an_image, walk_files
 
 if TYPE_CHECKING:  # the localiser's module loads torch
     from dicomnode.models.localise import Joint
@@ -188,7 +188,7 @@ def _rows(reader: csv.DictReader[str], key: str, path: Path) -> list[LabelRow]:
         else:
             rows.append(LabelRow(number, _normal(key, value), int(label), side))
     if problems:
-        raise ConfigError(f"{path}: " + "; ".join(problems[:10]) + _more(problems, 10))
+        raise ConfigError(f"{path}: {listed(problems)}")
     return rows
 
 
@@ -206,15 +206,7 @@ def _refuse_conflicts(rows: Sequence[LabelRow], path: Path) -> None:
         if len(found) > 1
     ]
     if conflicts:
-        raise ConfigError(
-            f"{path}: one key given different labels on "
-            + "; ".join(conflicts[:10])
-            + _more(conflicts, 10)
-        )
-
-
-def _more(items: Sequence[str], shown: int) -> str:
-    return f"; and {len(items) - shown} more" if len(items) > shown else ""
+        raise ConfigError(f"{path}: one key given different labels on {listed(conflicts)}")
 
 
 # ----------------------------------------------------------------------------- the export
