@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the network code loads torch: imported where a command need
     from dicomnode.explain.gradcam import Explainer
     from dicomnode.peers import PeerInfo
     from dicomnode.send.resend import Resent
-    from dicomnode.training.labelled import Export, LabelSheet, Matched
+    from dicomnode.training.labelled import Export, LabelSheet, Matched, Shown
     from dicomnode.withdraw import Target, Withdrawn
 
 app = typer.Typer(
@@ -1252,7 +1252,7 @@ def label_export(
     if joints is not None and pictures:
         raise typer.BadParameter("joint crops need DICOM films", param_hint="--pictures")
     labels = read_sheet(sheet)
-    export = read_export(export_dir, pictures=pictures)
+    export = read_export(export_dir, pictures=pictures, shown=_bar("reading the headers"))
     if joints is not None:
         matched = _crop_joints(labels, export, export_dir, joints, None if dry_run else out)
     else:
@@ -1286,12 +1286,23 @@ def _crop_joints(
     from dicomnode.training.labelled import refuse_full, write_manifest
 
     localiser = model_localiser(model_dir)
+    shown = _bar("finding the joints")
     if out is None:
-        return crop_joints(labels, export, root, localiser, lambda _image, _pixels: None)
+        return crop_joints(labels, export, root, localiser, lambda _i, _p: None, shown)
     refuse_full(out)
-    matched = crop_joints(labels, export, root, localiser, png_writer(out))
+    matched = crop_joints(labels, export, root, localiser, png_writer(out), shown)
     write_manifest(matched, out)
     return matched
+
+
+def _bar(description: str) -> Shown:
+    """A progress bar over a long loop (on the terminal only; it leaves no line behind)."""
+    from rich.progress import track
+
+    def shown(items: Sequence[Any]) -> Iterable[Any]:
+        return track(items, description=description, console=err, transient=True)
+
+    return shown
 
 
 def _say_matched(labels: LabelSheet, export: Export, matched: Matched, sheet: Path) -> None:

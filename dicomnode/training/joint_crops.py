@@ -35,6 +35,7 @@ from dicomnode.training.labelled import (
     LabelRow,
     LabelSheet,
     Matched,
+    Shown,
     rows_by_key,
     unused_lines,
 )
@@ -66,16 +67,21 @@ def model_localiser(model_dir: Path) -> KneeLocaliser:
 
 
 def crop_joints(
-    sheet: LabelSheet, export: Export, root: Path, localiser: KneeLocaliser, keep: Keep
+    sheet: LabelSheet,
+    export: Export,
+    root: Path,
+    localiser: KneeLocaliser,
+    keep: Keep,
+    shown: Shown = iter,
 ) -> Matched:
     """Each joint of each film the sheet names, with its side's label, given to ``keep``
-    with its crop; what matched and what did not."""
+    with its crop; what matched and what did not (``shown``: see :data:`Shown`)."""
     by_key = rows_by_key(sheet)
     images: list[Labelled] = []
     used: set[int] = set()
     left_out: Counter[str] = Counter()
     unmatched = 0
-    for file in export.files:
+    for file in shown(export.files):
         rows = by_key.get(file.key(sheet.key), [])
         if not rows:
             unmatched += 1

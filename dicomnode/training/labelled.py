@@ -24,10 +24,10 @@ import errno
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dicomnode.config import RoutingSettings
 from dicomnode.errors import ConfigError, ImagingError
@@ -50,6 +50,8 @@ KEYS = (*KEY_TAGS, PATH_KEY)
 SIDES = frozenset({"R", "L"})
 
 Transfer = Literal["link", "copy"]
+Shown = Callable[[Sequence[Any]], Iterable[Any]]
+"""What a long loop goes through its items with: ``iter``, or a progress bar's ``track``."""
 
 
 @dataclass(frozen=True)
@@ -212,11 +214,12 @@ def _refuse_conflicts(rows: Sequence[LabelRow], path: Path) -> None:
 # ----------------------------------------------------------------------------- the export
 
 
-def read_export(root: Path, *, pictures: bool) -> Export:
+def read_export(root: Path, *, pictures: bool, shown: Shown = iter) -> Export:
     """The images under ``root`` that the node would analyse, with their keys.
 
     ``pictures``: PNG, WebP and JPEG files are taken too (a sheet keyed by ``path``);
-    else they are left out, having no header to match.
+    else they are left out, having no header to match. ``shown`` wraps the files as they
+    are read (a progress bar).
     """
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder")
@@ -224,7 +227,7 @@ def read_export(root: Path, *, pictures: bool) -> Export:
     taken: list[ExportFile] = []
     left_out: Counter[str] = Counter()
     rules = RoutingSettings()
-    for path in files:
+    for path in shown(files):
         relative = path.relative_to(root).as_posix()
         if not may_be_an_image(path):
             left_out["not an image (a DICOMDIR, a text file)"] += 1
