@@ -143,7 +143,7 @@ def _assert_a_labelled_export(
     assert "1 image linked into" in made.stdout
     assert "Secondary Capture Image Storage" in made.stdout
     assert "Comprehensive SR Storage" in made.stdout
-    (taken,) = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    (taken,) = [p for p in (tmp_path / "data").glob("*/**/*") if p.is_file()]
     assert taken.relative_to(tmp_path / "data").parts[0] == "3"
     assert pydicom.dcmread(taken).Modality == "DX"
 
