@@ -147,6 +147,22 @@ def test_compared_knee_recipes_share_the_shipped_recipes_folds() -> None:
     )
 
 
+def test_the_site_knee_recipe_trains_label_exports_crops_from_the_shipped_weights() -> None:
+    """``config/training/site/knee-kl-films.yaml``: the crops ``label-export --joints`` writes
+    (its names' patient part), the shipped model's weights, input and grades."""
+    from dicomnode.training.joint_crops import CROP_GROUP_PATTERN
+
+    site = load_config(ROOT / "config" / "training" / "site" / "knee-kl-films.yaml")
+    card = load_card(ROOT / "models" / "knee-kl")
+    assert site.group_pattern == CROP_GROUP_PATTERN and site.group_by == "filename"
+    assert (ROOT / site.init_weights) == ROOT / "models" / "knee-kl" / card.weights.file
+    assert site.input == card.input and site.preprocessing.resize == card.preprocessing.resize
+    assert site.preprocessing.localiser == "none"  # crops; the localiser is attached after
+    assert [c.name for c in site.model.classes] == [c.name for c in card.classes]
+    assert site.model.name != card.name and not site.model.synthetic_training_data
+    assert site.test_time_flip and site.augment.horizontal_flip
+
+
 def test_compared_hand_recipes_share_the_shipped_recipes_folds() -> None:
     base = load_config(ROOT / "config" / "training" / "hand-ra-base.yaml")
     compared = sorted((ROOT / "config" / "training" / "hand-compare").glob("*.yaml"))
