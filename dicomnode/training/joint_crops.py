@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dicomnode.errors import ModelError
+from dicomnode.errors import ImagingError, ModelError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.models.card import load_card
 from dicomnode.models.localise import Joint, KneeLocaliser, crop_region
@@ -86,7 +86,11 @@ def crop_joints(
         if not rows:
             unmatched += 1
             continue
-        image = read_image_file(root / file.path)
+        try:
+            image = read_image_file(root / file.path)
+        except ImagingError as exc:  # its header was read; its pixels are not usable
+            left_out[f"a film whose pixels cannot be used ({str(exc).split(' (')[0]})"] += 1
+            continue
         joints = localiser.locate(image)
         if not joints:
             left_out["a film on which no knee joint was found"] += 1

@@ -222,10 +222,12 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
         film = compose(bank, rng, joints=count)
         path = _image(root, accession, patient, laterality=laterality, picture=film.pixels)
         truths[path.relative_to(root).as_posix()] = film.centres
+    broken = _image(root, "ACC4", "PAT-C", laterality="R")  # a film whose pixels are cut short
+    broken.write_bytes(broken.read_bytes()[:-2000])
     sheet = read_sheet(
         _sheet(
             tmp_path,
-            "accession_number,label,laterality\nACC1,2,R\nACC1,4,L\nACC2,1,\nACC3,3,L\n",
+            "accession_number,label,laterality\nACC1,2,R\nACC1,4,L\nACC2,1,\nACC3,3,L\nACC4,0,R\n",
         )
     )
     out = tmp_path / "crops"
@@ -238,10 +240,10 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
     )
     write_manifest(matched, out)
     assert matched.per_class(5) == [0, 1, 1, 1, 1]
-    assert dict(matched.left_out) == {
-        "a joint whose side has no row (a row of the film grades it only alone)": 1
-    }
-    assert not matched.rows_unmatched
+    broken_film, unsided = matched.left_out  # sorted by kind
+    assert unsided == ("a joint whose side has no row (a row of the film grades it only alone)", 1)
+    assert broken_film[0].startswith("a film whose pixels cannot be used") and broken_film[1] == 1
+    assert matched.rows_unmatched == (6,)  # ACC4's row: its film was left out
     named = {(image.label, image.name[-5:]) for image in matched.images}
     assert named == {(2, "R.png"), (4, "L.png"), (1, "R.png"), (3, "L.png")}
     with (out / MANIFEST).open(encoding="utf-8") as handle:
@@ -259,7 +261,8 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
     dry = CliRunner().invoke(
         app, [*command, "--joints", str(ROOT / "models" / "knee-kl"), "--dry-run"]
     )
-    assert dry.exit_code == 0, dry.output
+    assert dry.exit_code == 1, dry.output  # ACC4's row: no joint of its film was taken
+    assert "lines 6 of" in dry.output
     assert "left out: 1 × a joint whose side has no row" in " ".join(dry.output.split())
     refused = CliRunner().invoke(app, [*command, "--joints", str(ROOT / "models" / "hand-ra")])
     assert isinstance(refused.exception, ModelError)  # main() prints it, exit status 2
