@@ -226,6 +226,7 @@ def read_export(root: Path, *, pictures: bool, shown: Shown = iter) -> Export:
     files, _ = walk_files(root)
     taken: list[ExportFile] = []
     left_out: Counter[str] = Counter()
+    seen: set[str] = set()
     rules = RoutingSettings()
     for path in shown(files):
         relative = path.relative_to(root).as_posix()
@@ -240,7 +241,10 @@ def read_export(root: Path, *, pictures: bool, shown: Shown = iter) -> Export:
             found = _dicom_file(path, relative, rules)
             if isinstance(found, str):
                 left_out[found] += 1
+            elif found.key("sop_instance_uid") in seen:
+                left_out["a second copy of an image (its SOP Instance UID taken already)"] += 1
             else:
+                seen.add(found.key("sop_instance_uid"))
                 taken.append(found)
     return Export(tuple(taken), tuple(sorted(left_out.items())))
 

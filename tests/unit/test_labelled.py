@@ -61,15 +61,19 @@ def _image(
 @pytest.fixture
 def export(tmp_path: Path) -> Path:
     """Study ACC1: the right and left knee (DX), the node's own overlay (SC) and a For
-    Processing image; ACC2: a CR image; ACC3: a DX image the sheet does not grade; a text
-    file and a DICOMDIR."""
+    Processing image; ACC2: a CR image, exported twice; ACC3: a DX image the sheet does not
+    grade; a text file and a DICOMDIR."""
     root = tmp_path / "export"
     _image(root, "ACC1", "PAT-A", laterality="R", seed=1)
     _image(root, "ACC1", "PAT-A", laterality="L", seed=2)
     _image(root, "ACC1", "PAT-A", sop_class=SECONDARY_CAPTURE, seed=3)
     _image(root, "ACC1", "PAT-A", sop_class=DX_FOR_PROCESSING, seed=4)
-    _image(root, "ACC2", "PAT-B", modality="CR", laterality=None, seed=5)
     _image(root, "ACC3", "PAT-C", seed=6)
+    copy = root / "PAT-B" / "again" / "IM0001"  # the CR exported twice
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(
+        _image(root, "ACC2", "PAT-B", modality="CR", laterality=None, seed=5).read_bytes()
+    )
     (root / "README.txt").write_text("exported by the PACS\n", encoding="utf-8")
     (root / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
     return root
@@ -96,6 +100,7 @@ def test_an_export_and_a_sheet_by_accession_and_side_make_the_class_folders(
     assert left_out["not a radiograph SOP class (Secondary Capture Image Storage)"] == 1
     assert sum(n for kind, n in left_out.items() if "For Processing" in kind) == 1
     assert left_out["not an image (a DICOMDIR, a text file)"] == 2
+    assert left_out["a second copy of an image (its SOP Instance UID taken already)"] == 1
     matched = match(sheet, found)
     assert matched.per_class(4) == [1, 0, 1, 1]
     assert matched.rows_unmatched == (6,)  # ACC9, line 6 (line 1 is the header)
