@@ -1254,7 +1254,11 @@ def label_export(
     labels = read_sheet(sheet)
     export = read_export(export_dir, pictures=pictures, shown=_bar("reading the headers"))
     if joints is not None:
-        matched = _crop_joints(labels, export, export_dir, joints, None if dry_run else out)
+        from dicomnode.training.joint_crops import write_joint_crops
+
+        matched = write_joint_crops(
+            labels, export, joints, None if dry_run else out, _bar("finding the joints")
+        )
     else:
         matched = match(labels, export)
     _say_matched(labels, export, matched, sheet)
@@ -1276,23 +1280,6 @@ def label_export(
         )
     if matched.rows_unmatched or matched.ambiguous:
         raise typer.Exit(1)
-
-
-def _crop_joints(
-    labels: LabelSheet, export: Export, root: Path, model_dir: Path, out: Path | None
-) -> Matched:
-    """The joints of the films, cropped into ``out`` (nothing written when None)."""
-    from dicomnode.training.joint_crops import crop_joints, model_localiser, png_writer
-    from dicomnode.training.labelled import refuse_full, write_manifest
-
-    localiser = model_localiser(model_dir)
-    shown = _bar("finding the joints")
-    if out is None:
-        return crop_joints(labels, export, root, localiser, lambda _i, _p: None, shown)
-    refuse_full(out)
-    matched = crop_joints(labels, export, root, localiser, png_writer(out), shown)
-    write_manifest(matched, out)
-    return matched
 
 
 def _bar(description: str) -> Shown:

@@ -36,8 +36,10 @@ from dicomnode.training.labelled import (
     LabelSheet,
     Matched,
     Shown,
+    refuse_full,
     rows_by_key,
     unused_lines,
+    write_manifest,
 )
 from dicomnode.values import FloatArray
 
@@ -69,7 +71,6 @@ def model_localiser(model_dir: Path) -> KneeLocaliser:
 def crop_joints(
     sheet: LabelSheet,
     export: Export,
-    root: Path,
     localiser: KneeLocaliser,
     keep: Keep,
     shown: Shown = iter,
@@ -87,7 +88,7 @@ def crop_joints(
             unmatched += 1
             continue
         try:
-            image = read_image_file(root / file.path)
+            image = read_image_file(export.root / file.path)
         except ImagingError as exc:  # its header was read; its pixels are not usable
             left_out[f"a film whose pixels cannot be used ({str(exc).split(' (')[0]})"] += 1
             continue
@@ -127,6 +128,28 @@ def _row_of(joint: Joint, rows: list[LabelRow], joints: int) -> tuple[LabelRow |
     if whole and joints == 1:
         return whole[0], ""
     return None, "a joint whose side has no row (a row of the film grades it only alone)"
+
+
+def write_joint_crops(
+    sheet: LabelSheet, export: Export, model_dir: Path, out: Path | None, shown: Shown = iter
+) -> Matched:
+    """The joints of the films of ``export``, found by the localiser of the model in
+    ``model_dir``, cropped into ``out`` with the manifest (None: counted, nothing written).
+
+    Raises
+    ------
+    ConfigError
+        When ``out`` holds anything.
+    ModelError
+        When the model has no knee localiser.
+    """
+    localiser = model_localiser(model_dir)
+    if out is None:
+        return crop_joints(sheet, export, localiser, lambda _image, _pixels: None, shown)
+    refuse_full(out)
+    matched = crop_joints(sheet, export, localiser, png_writer(out), shown)
+    write_manifest(matched, out)
+    return matched
 
 
 def png_writer(out: Path) -> Keep:

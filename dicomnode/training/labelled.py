@@ -92,8 +92,10 @@ class ExportFile:
 
 @dataclass(frozen=True)
 class Export:
-    """The images of an export that may be trained on, and what was left out, by kind."""
+    """The images of the export in ``root`` that may be trained on, and what was left out,
+    by kind."""
 
+    root: Path
     files: tuple[ExportFile, ...]
     left_out: tuple[tuple[str, int], ...]
 
@@ -246,7 +248,7 @@ def read_export(root: Path, *, pictures: bool, shown: Shown = iter) -> Export:
             else:
                 seen.add(found.key("sop_instance_uid"))
                 taken.append(found)
-    return Export(tuple(taken), tuple(sorted(left_out.items())))
+    return Export(root, tuple(taken), tuple(sorted(left_out.items())))
 
 
 def _dicom_file(path: Path, relative: str, rules: RoutingSettings) -> ExportFile | str:

@@ -239,7 +239,6 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
     matched = crop_joints(
         sheet,
         read_export(root, pictures=False),
-        root,
         model_localiser(ROOT / "models" / "knee-kl"),
         png_writer(out),
     )
