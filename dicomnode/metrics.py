@@ -35,6 +35,7 @@ from dicomnode.config import MetricsSettings, Settings
 from dicomnode.db.schema import Instance, Job, Output, Rejection, Report
 from dicomnode.db.session import Database, db_now
 from dicomnode.errors import ConfigError
+from dicomnode.findings import last_day
 from dicomnode.queue.jobs import JobKind, JobState, counts_by_state, due_since
 from dicomnode.status import turnaround
 from dicomnode.store.files import free_mb
@@ -213,6 +214,7 @@ def _from_database(session: Session) -> Iterator[Metric]:
     yield from _reports(session)
     yield from _rejections(session)
     yield from _turnaround(session)
+    yield from _findings(session)
     yield from _sends(session)
 
 
@@ -352,6 +354,31 @@ def _turnaround(session: Session) -> Iterator[Metric]:
         "dicomnode_turnaround_last_hour_rounds",
         "rounds whose results arrived in the last hour (what the turnaround is of)",
         state.rounds,
+    )
+
+
+def _findings(session: Session) -> Iterator[Metric]:
+    """What each model version found in the rounds reported in the last day
+    (:mod:`dicomnode.findings`)."""
+    found = last_day(session, db_now(session))
+    yield _labelled(
+        "dicomnode_findings_last_day",
+        "findings (one per image, or per knee joint) of the rounds reported in the last 24 h, "
+        "by model version and class (every class of the card, zeros too)",
+        ["model", "version", "class"],
+        (((m.model, m.version, name), count) for m in found for name, count in m.classes),
+    )
+    yield _labelled(
+        "dicomnode_findings_uncertain_last_day",
+        "of those findings, the ones whose localisation the SR flags as uncertain",
+        ["model", "version"],
+        (((m.model, m.version), m.uncertain) for m in found),
+    )
+    yield _labelled(
+        "dicomnode_images_not_assessed_last_day",
+        "images of those rounds that their model could not assess (not assessed in the SR)",
+        ["model", "version"],
+        (((m.model, m.version), m.not_assessed) for m in found),
     )
 
 

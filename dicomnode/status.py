@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from dicomnode.config import ResultsSettings, Settings, StorageSettings
 from dicomnode.db.schema import Instance, Job, Report
 from dicomnode.db.session import db_now
+from dicomnode.findings import ModelFindings, last_day
 from dicomnode.queue.jobs import PENDING, JobKind, JobState, counts_by_state, dead_jobs
 from dicomnode.store.files import free_mb
 from dicomnode.store.instances import PURGED
@@ -169,6 +170,7 @@ class NodeStatus:
     turnaround: TurnaroundState
     audit: AuditState | None = None
     urgent_waiting: dict[str, int] = field(default_factory=dict)
+    findings: tuple[ModelFindings, ...] = ()
     """Urgent jobs (priority high) queued or waiting to be tried again, by kind."""
     tls: TlsState | None = None
 
@@ -200,6 +202,7 @@ def node_status(
         audit=audit,
         urgent_waiting=_urgent_waiting(session),
         tls=tls,
+        findings=last_day(session, db_now(session)),
     )
 
 
@@ -558,6 +561,24 @@ def _turnaround_table(state: TurnaroundState) -> Table:
     return table
 
 
+def _findings_table(found: tuple[ModelFindings, ...]) -> Table:
+    table = Table(
+        "model", "findings by class", "localisation uncertain", "not assessed",
+        title="What the models found, last 24 h",
+    )  # fmt: skip
+    for m in found:
+        classes = ", ".join(f"{name} {count}" for name, count in m.classes)
+        share = f" ({m.uncertain / m.findings:.0%})" if m.findings else ""
+        table.add_row(
+            f"{m.model} {m.version}", escape(classes), f"{m.uncertain}{share}", str(m.not_assessed)
+        )
+    if not found:
+        table.caption = "no round reported"
+    else:
+        table.caption = "rounds reported in the last 24 h; a finding is an image or a knee joint"
+    return table
+
+
 def render_status(status: NodeStatus) -> list[Table]:
     """The status as the tables ``dicomnode status`` prints, storage first when known."""
     tables = [
@@ -565,6 +586,7 @@ def render_status(status: NodeStatus) -> list[Table]:
         _queue_table(status.jobs),
         *([_urgent_table(status.urgent_waiting)] if status.urgent_waiting else []),
         _turnaround_table(status.turnaround),
+        _findings_table(status.findings),
         _destinations_table(status.destinations),
         *([_routing_table(status.routing)] if status.routing else []),
         _dead_table(status.dead, status.dead_total),

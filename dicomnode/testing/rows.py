@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from dicomnode.db.schema import Association, Instance, Job, Output, Rejection, Report
+from dicomnode.db.schema import Association, Instance, Job, Output, Rejection, Report, Result
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.queue import jobs as q
 from dicomnode.queue.retry import RetryPolicy
@@ -35,6 +35,22 @@ def instance_row(sop_instance_uid: str, association_id: str, **columns: Any) -> 
     }
     values.update(columns)
     return Instance(sop_instance_uid=sop_instance_uid, association_id=association_id, **values)
+
+
+def result_row(
+    uid: str, report_id: int, model: str, version: str, *found: tuple[int, bool]
+) -> Result:
+    """The result of image ``uid`` in round ``report_id``: its findings (class, localisation
+    uncertain), or none: not assessed."""
+    return Result(
+        sop_instance_uid=uid,
+        report_id=report_id,
+        model_name=model,
+        model_version=version,
+        outcome="ok" if found else "skipped",
+        findings=[{"predicted": c, "localisation_uncertain": u} for c, u in found],
+        created_at=utcnow(),
+    )
 
 
 def output_row(uid: str, report_id: int, kind: str = "SC", source: str | None = None) -> Output:
@@ -106,28 +122,31 @@ def send_row(db: Database, round_id: int, key: str, *, done_at: datetime | None)
 
 def fill_known_state(db: Database) -> None:
     """A node's database in a known state (tests of status figures and alerts): three
-    images (one purged, 5 bytes held), a done round of knee-kl, two infer jobs (one due for
-    five minutes), sends: PACS done, PACS retrying, ARCH dead."""
+    images (one purged, 5 bytes held), a done round of knee-kl (its image graded KL2), two
+    infer jobs (one due for five minutes), sends: PACS done, PACS retrying, ARCH dead."""
     with db.session() as s:
         s.add(Association(id="a1", calling_ae="MOD", receiver="n", started_at=utcnow()))
         s.flush()
+        report = Report(
+            study_instance_uid="1.2.3",
+            model_name="knee-kl",
+            model_version="2",
+            sequence=1,
+            calling_ae="MOD",
+            state="done",
+            created_at=utcnow(),
+            finished_at=utcnow(),
+        )
         s.add_all(
             [
                 instance_row("1.1", "a1", size=2, state="done"),
                 instance_row("1.2", "a1", size=3, state="skipped"),
                 instance_row("1.3", "a1", size=7, state="purged"),
-                Report(
-                    study_instance_uid="1.2.3",
-                    model_name="knee-kl",
-                    model_version="2",
-                    sequence=1,
-                    calling_ae="MOD",
-                    state="done",
-                    created_at=utcnow(),
-                    finished_at=utcnow(),
-                ),
+                report,
             ]
         )
+        s.flush()
+        s.add(result_row("1.1", report.id, "knee-kl", "2", (2, False)))
     infer = [q.JobSpec(q.JobKind.INFER, f"infer:{i}", 3, group_key="m") for i in range(2)]
     sends = [
         q.JobSpec(q.JobKind.SEND, f"{i}>PACS", 5, group_key="PACS", peer="PACS") for i in (1, 2)

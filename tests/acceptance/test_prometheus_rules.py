@@ -21,9 +21,15 @@ from sqlalchemy import update
 
 from dicomnode.config import Settings
 from dicomnode.db.schema import Job
-from dicomnode.db.session import Database
+from dicomnode.db.session import Database, utcnow
 from dicomnode.metrics import exposition
-from dicomnode.testing.rows import fill_known_state, metrics_without_a_database
+from dicomnode.testing.rows import (
+    fill_known_state,
+    instance_row,
+    metrics_without_a_database,
+    result_row,
+    round_row,
+)
 
 RULES = Path(__file__).parents[2] / "config" / "prometheus" / "dicomnode-alerts.yml"
 DASHBOARD = Path(__file__).parents[2] / "config" / "grafana" / "dicomnode-dashboard.json"
@@ -92,7 +98,7 @@ def test_rules_are_valid() -> None:
         [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_rules_fire_on_the_nodes_own_series(
@@ -196,6 +202,39 @@ def test_an_audit_backlog_fires_its_alert(db: Database, settings: Settings, tmp_
         [{**check, "exp_alerts": [_fires("DicomnodeAuditBacklog", summary)]}],
     )
     _promtool_test(tmp_path, _series(quiet, 30), [{**check, "exp_alerts": []}])
+
+
+@pytest.mark.parametrize(("uncertain", "fires"), [(8, True), (2, False)])
+def test_a_model_often_unsure_of_the_joint_fires_its_alert(
+    db: Database, settings: Settings, tmp_path: Path, uncertain: int, fires: bool
+) -> None:
+    """24 knee joints graded in the last day: 8 of them localised with doubt (a third) fire
+    the alert, 2 do not."""
+    made = round_row(db, "5", image_at=utcnow(), made_at=utcnow())
+    with db.session() as s:
+        uids = [f"1.7.{i}" for i in range(24)]
+        s.add_all(instance_row(uid, "a1", report_id=made) for uid in uids)
+        s.flush()
+        s.add_all(
+            result_row(uid, made, "knee-kl", "2", (i % 5, i < uncertain))
+            for i, uid in enumerate(uids)
+        )
+    text, _ = exposition(db, settings)
+    alerts = []
+    if fires:
+        summary = "knee-kl was unsure where the joint is in 33.33% of the last day's findings"
+        alerts = [_fires("DicomnodeLocalisationOftenUncertain", summary, model="knee-kl")]
+    _promtool_test(
+        tmp_path,
+        _series(text, 90),
+        [
+            {
+                "eval_time": "70m",
+                "alertname": "DicomnodeLocalisationOftenUncertain",
+                "exp_alerts": alerts,
+            }
+        ],
+    )
 
 
 def _with_tls_files(settings: Settings, tmp_path: Path) -> Settings:

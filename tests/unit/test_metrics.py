@@ -15,22 +15,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
+from dicomnode.cards import keep_card
 from dicomnode.cli import app
 from dicomnode.config import MetricsSettings, Settings
 from dicomnode.db.schema import Association, Job
 from dicomnode.db.session import Database, db_now, utcnow
 from dicomnode.errors import ConfigError
 from dicomnode.metrics import exposition, start_metrics_server
+from dicomnode.models.card import load_card
+from dicomnode.status import node_status
 from dicomnode.testing.peers import LOOPBACK, free_port
 from dicomnode.testing.rows import (
     fill_known_state,
+    instance_row,
     metrics_without_a_database,
     output_row,
     rejection_row,
+    result_row,
     round_row,
     send_row,
 )
 
+ROOT = Path(__file__).parents[2]
 Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -212,3 +218,46 @@ def test_rejections_are_counted_by_title_and_the_nodes_own_results_by_model(
     assert figures[("dicomnode_rejected_images", (("code", "113001"),))] == 1  # not the SR
     assert figures[("dicomnode_rejected_results", (("model", "knee-kl"),))] == 1
     assert figures[("dicomnode_rejected_images", (("code", "113039"),))] == 0  # zeros too
+
+
+@pytest.mark.both_databases
+def test_what_the_models_found_in_the_last_day(db: Database, settings: Settings) -> None:
+    """The last day's rounds: knee-kl 2 (its card kept, so its classes are named) graded a
+    bilateral film KL2 and KL4 (that joint's localisation uncertain), another film KL2, and
+    could not assess a third image; a model without a kept card is named by class index.
+    A round reported two days ago does not count."""
+    card = load_card(ROOT / "models" / "knee-kl").model_copy(update={"version": "2"})
+    with db.session() as s:
+        keep_card(s, card)
+    today = round_row(db, "1", image_at=utcnow(), made_at=utcnow())
+    earlier = utcnow() - timedelta(days=2)
+    old = round_row(db, "2", image_at=earlier, made_at=earlier)
+    with db.session() as s:
+        s.add_all([instance_row(uid, "a1", report_id=today) for uid in ("1.8.1", "1.8.2")])
+        s.flush()
+        s.add_all(
+            [
+                result_row("1.9.1", today, "knee-kl", "2", (2, False), (4, True)),
+                result_row("1.8.1", today, "knee-kl", "2", (2, False)),
+                result_row("1.8.2", today, "knee-kl", "2"),
+                result_row("1.9.2", old, "knee-kl", "2", (0, False)),
+                result_row("1.8.1", today, "hand-ra", "9", (1, False)),
+            ]
+        )
+    figures = _figures(exposition(db, settings)[0])
+
+    def found(model: str, version: str, name: str) -> float:
+        labels = (("class", name), ("model", model), ("version", version))
+        return figures[("dicomnode_findings_last_day", labels)]
+
+    knee = [found("knee-kl", "2", f"KL{grade}") for grade in range(5)]
+    assert knee == [0, 0, 2, 0, 1]  # every class, zeros too; not the round of two days ago
+    assert found("hand-ra", "9", "1") == 1
+    per_version = (("model", "knee-kl"), ("version", "2"))
+    assert figures[("dicomnode_findings_uncertain_last_day", per_version)] == 1
+    assert figures[("dicomnode_images_not_assessed_last_day", per_version)] == 1
+    with db.reading() as s:
+        status = node_status(s)
+    (hand, knee_row) = status.findings
+    assert (knee_row.findings, knee_row.uncertain, knee_row.not_assessed) == (3, 1, 1)
+    assert hand.classes == (("1", 1),)  # no card kept: the classes it found, by index
