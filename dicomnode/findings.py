@@ -61,7 +61,10 @@ def last_day(session: Session, now: datetime) -> tuple[ModelFindings, ...]:
         if outcome != "ok":
             not_assessed[key] += 1
         for finding in findings or []:
-            counts[int(str(finding["predicted"]))] += 1
+            index = finding.get("predicted")
+            if not isinstance(index, int):
+                continue  # not a finding as the worker writes them (pipeline.findings_to_json)
+            counts[index] += 1
             uncertain[key] += bool(finding.get("localisation_uncertain"))
     names = kept_class_names(session)
     return tuple(

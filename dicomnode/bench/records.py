@@ -142,7 +142,7 @@ def _result(i: int, at: Any) -> dict[str, Any]:
         "model_name": "knee-kl",
         "model_version": "2.0.2",
         "outcome": "ok",
-        "findings": [{"class": i % 5, "probability": 0.6}],
+        "findings": [{"predicted": i % 5, "localisation_uncertain": i % 7 == 0}],
         "created_at": at,
     }
 

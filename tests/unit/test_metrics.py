@@ -244,6 +244,9 @@ def test_what_the_models_found_in_the_last_day(db: Database, settings: Settings)
                 result_row("1.8.1", today, "hand-ra", "9", (1, False)),
             ]
         )
+        odd = result_row("1.8.2", today, "hand-ra", "9", (0, False))
+        odd.findings = [{"class": 0}]  # not as the worker writes findings: left out
+        s.add(odd)
     figures = _figures(exposition(db, settings)[0])
 
     def found(model: str, version: str, name: str) -> float:
