@@ -221,12 +221,18 @@ def _assert_private(node: NodeProcess) -> None:
     assert exposed == {}
 
 
+def _running_worker(node: NodeProcess) -> int:
+    """The pid of the worker holding the inference job (``host:pid``, queue.worker_id_of)."""
+    with sqlite3.connect(node.workdir / "dicomnode.db", timeout=30) as connection:
+        (worker,) = connection.execute("SELECT worker_id FROM jobs WHERE kind = 'infer'").fetchone()
+    return int(str(worker).rsplit(":", 1)[1])
+
+
 def test_worker_killed_mid_job_finishes_once_after_restart(
     pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path
 ) -> None:
     orthanc, node = pacs_and_node
     wait_for(lambda: bool(node.worker_pids()), 60, what="the worker process")
-    first = node.worker_pids()[0]
     # A large image keeps the worker busy long enough to be killed mid-job.
     source = write_dataset(
         make_radiograph(body_part="KNEE", rows=3000, columns=2500), tmp_path / "k.dcm"
@@ -239,6 +245,8 @@ def test_worker_killed_mid_job_finishes_once_after_restart(
         interval=0.01,
         what="the inference job running",
     )
+    first = _running_worker(node)  # the process that holds the job, by its queue id
+    assert first in node.worker_pids()
     os.kill(first, signal.SIGKILL)
     _wait_for_results(orthanc, study_id, "results after the restart")
     classes = _classes(orthanc, study_id)
