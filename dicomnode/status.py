@@ -170,9 +170,10 @@ class NodeStatus:
     turnaround: TurnaroundState
     audit: AuditState | None = None
     urgent_waiting: dict[str, int] = field(default_factory=dict)
-    findings: tuple[ModelFindings, ...] = ()
     """Urgent jobs (priority high) queued or waiting to be tried again, by kind."""
     tls: TlsState | None = None
+    findings: tuple[ModelFindings, ...] = ()
+    """What each model version found in the rounds reported in the last 24 hours."""
 
 
 def node_status(
