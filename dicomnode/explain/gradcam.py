@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -411,6 +412,20 @@ def _clean(raw: FloatArray) -> FloatArray:
     return result
 
 
+def _in_geometry(cams: FloatArray, size: Sequence[int]) -> FloatArray:
+    """Maps (N, h, w) of a member's own input brought to the ensemble input's (H, W):
+    both inputs frame the same pixels, so a bilinear resize puts each map in place."""
+    if tuple(cams.shape[-2:]) == tuple(size):
+        return cams
+    resized = F.interpolate(
+        torch.from_numpy(cams)[:, None],
+        size=(int(size[0]), int(size[1])),
+        mode="bilinear",
+        align_corners=False,
+    )
+    return _clean(resized[:, 0].numpy())
+
+
 def ensemble_grad_cam(
     model: EnsembleNet,
     layer_paths: Sequence[str],
@@ -422,7 +437,8 @@ def ensemble_grad_cam(
 
     The ensemble's predicted class ``c`` of each image comes from one forward
     pass of every member. Each member ``m`` then gets its own map (``method``)
-    for ``c`` at ``layer_paths[m]`` (a path inside the member), and the ensemble's
+    for ``c`` at ``layer_paths[m]`` (a path inside the member; on the member's own
+    input when members take several, the map then resized onto the ensemble's), and the ensemble's
     map is the mean of the members' maps weighted by each member's share of the
     ensemble's probability of ``c``: ``s_m = w[m, c] p_m[c] / sum_k w[k, c] p_k[c]``,
     scaled so its maximum is 1 (all zero when no member has positive evidence).
@@ -447,8 +463,11 @@ def ensemble_grad_cam(
     contribution = weights[:, index] * member_probs[:, rows, index]  # (members, N)
     shares = (contribution / contribution.sum(dim=0).clamp_min(1e-12)).numpy()
     total: FloatArray | None = None
-    for member, path, share in zip(members, layer_paths, shares, strict=True):
-        cams = grad_cam(member, path, inputs, chosen, method).cams * share[:, None, None]
+    for number, (member, path, share) in enumerate(zip(members, layer_paths, shares, strict=True)):
+        with torch.no_grad():
+            seen = model.member_input(number, inputs)
+        cams = grad_cam(member, path, seen, chosen, method).cams
+        cams = _in_geometry(cams, inputs.shape[-2:]) * share[:, None, None]
         total = cams if total is None else total + cams
     assert total is not None
     logits = torch.log(fused.clamp_min(1e-12))

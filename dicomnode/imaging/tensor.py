@@ -58,8 +58,8 @@ def _tensor(array: FloatArray) -> torch.Tensor:
     return torch.from_numpy(contiguous)[None, None]
 
 
-def _resize(array: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """Resize a (1, 1, H, W) float tensor with antialiasing when shrinking."""
+def resize_images(array: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Resize an (N, C, H, W) float tensor with antialiasing when shrinking (bilinear)."""
     shrinking = rows < array.shape[-2] or columns < array.shape[-1]
     return F.interpolate(
         array, size=(rows, columns), mode="bilinear", align_corners=False, antialias=shrinking
@@ -86,13 +86,15 @@ def to_input(
         inner_rows, inner_cols = max(1, round(rows * scale)), max(1, round(columns * scale))
         top, left = (height - inner_rows) // 2, (width - inner_cols) // 2
         canvas = torch.zeros((1, 1, height, width), dtype=torch.float32)
-        canvas[..., top : top + inner_rows, left : left + inner_cols] = _resize(
+        canvas[..., top : top + inner_rows, left : left + inner_cols] = resize_images(
             source, inner_rows, inner_cols
         )
         placement = Placement(rows, columns, top, left, inner_rows, inner_cols)
         fitted = canvas
     else:
-        fitted = _resize(source, height, width) if (rows, columns) != (height, width) else source
+        fitted = (
+            resize_images(source, height, width) if (rows, columns) != (height, width) else source
+        )
         placement = Placement(rows, columns, 0, 0, height, width)
     image = fitted[0].expand(channels, height, width)
     mean_t = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)

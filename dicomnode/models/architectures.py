@@ -13,9 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from dicomnode.errors import ModelError
+from dicomnode.imaging.tensor import resize_images
+from dicomnode.models.card import InputSpec
+from dicomnode.validation import describe_validation_error
 
 Builder = Callable[[int, int, dict[str, Any]], nn.Module]
 
@@ -92,8 +96,37 @@ def scorer(network: nn.Module, test_time_flip: bool) -> nn.Module:
     return MirrorMean(network) if test_time_flip else network
 
 
+class MemberInput(nn.Module):
+    """What one member of an ensemble of several inputs sees.
+
+    Such an ensemble's input is the prepared grey image in [0, 1] (one channel,
+    not normalised) at the largest member size; each member gets it resized to
+    its own ``size`` (bilinear, antialiased when shrinking, as
+    :func:`~dicomnode.imaging.tensor.to_input` resizes), repeated to its
+    ``channels`` and normalised with its ``mean`` and ``std``. A member of the
+    ensemble's own size sees exactly the numbers it sees served alone; a smaller
+    one sees the image resized twice (source to the ensemble's size, then to its
+    own), which is close but not equal (README, "Ensembles").
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        self.size = (int(spec.size[0]), int(spec.size[1]))
+        self.channels = int(spec.channels)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x[:, :1]
+        if tuple(grey.shape[-2:]) != self.size:
+            grey = resize_images(grey, *self.size)
+        mean = self.get_buffer("mean").reshape(1, -1, 1, 1)
+        std = self.get_buffer("std").reshape(1, -1, 1, 1)
+        return (grey.expand(-1, self.channels, -1, -1) - mean) / std
+
+
 class EnsembleNet(nn.Module):
-    """Members that share one input, fused by per-class weights.
+    """Members fused by per-class weights.
 
     ``class_weights`` (members, classes) holds each member's weight for each
     class, each column summing to 1; ``temperatures`` each member's
@@ -102,20 +135,41 @@ class EnsembleNet(nn.Module):
     ``q_c = sum_m w[m, c] * p_m[c]``, normalised so the classes sum to 1.
     :meth:`forward` returns ``log q``: a softmax of it (temperature 1) gives
     ``q`` back, so the node runs an ensemble as it runs any network.
+
+    ``inputs``: for members that do not share one input, one
+    :class:`MemberInput` each (they hold no weights); ``None`` when every
+    member takes the ensemble's input as it is.
     """
 
-    def __init__(self, members: list[nn.Module], num_classes: int) -> None:
+    def __init__(
+        self,
+        members: list[nn.Module],
+        num_classes: int,
+        inputs: list[MemberInput] | None = None,
+    ) -> None:
         super().__init__()
+        if inputs is not None and len(inputs) != len(members):
+            raise ModelError(f"an ensemble of {len(members)} members got {len(inputs)} inputs")
         self.members = nn.ModuleList(members)
+        self.inputs = nn.ModuleList(inputs) if inputs is not None else None
         uniform = torch.full((len(members), num_classes), 1.0 / len(members))
         self.register_buffer("class_weights", uniform)
         self.register_buffer("temperatures", torch.ones(len(members)))
 
+    def member_input(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The input member ``index`` sees for the ensemble's input ``x``."""
+        if self.inputs is None:
+            return x
+        adapted: torch.Tensor = self.inputs[index](x)
+        return adapted
+
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """``p`` of shape (members, N, classes)."""
         temperatures = self._buffer("temperatures")
-        pairs = zip(self.members, temperatures, strict=True)
-        return torch.stack([torch.softmax(member(x) / t, dim=1) for member, t in pairs])
+        pairs = enumerate(zip(self.members, temperatures, strict=True))
+        return torch.stack(
+            [torch.softmax(member(self.member_input(m, x)) / t, dim=1) for m, (member, t) in pairs]
+        )
 
     def _buffer(self, name: str) -> torch.Tensor:
         buffer = self.get_buffer(name)
@@ -133,15 +187,41 @@ class EnsembleNet(nn.Module):
         return torch.log(self.fuse(self.member_probabilities(x)).clamp_min(1e-12))
 
 
+MEMBER_INPUT = "input"
+"""The key of an ensemble member's own input in the card's ``architecture.params.members``
+(present on every member, or on none: then they share the card's ``input``)."""
+
+
 def _ensemble(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Module:
     specs = params.get("members")
     if not isinstance(specs, list) or len(specs) < 2:
         raise ModelError("architecture ensemble needs params.members: a list of two or more")
+    own = [spec.get(MEMBER_INPUT) for spec in specs]
+    if any(o is None for o in own) and any(o is not None for o in own):
+        raise ModelError(
+            f"architecture ensemble: give params.members[].{MEMBER_INPUT} for every member or none"
+        )
+    inputs = None if own[0] is None else [MemberInput(_member_input(o)) for o in own]
     members = [
-        build_model(str(spec["name"]), in_chans, num_classes, dict(spec.get("params") or {}))
-        for spec in specs
+        build_model(
+            str(spec["name"]),
+            in_chans if inputs is None else inputs[m].channels,
+            num_classes,
+            dict(spec.get("params") or {}),
+        )
+        for m, spec in enumerate(specs)
     ]
-    return EnsembleNet(members, num_classes)
+    return EnsembleNet(members, num_classes, inputs)
+
+
+def _member_input(raw: Any) -> InputSpec:
+    try:
+        return InputSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(
+            f"architecture ensemble: a member's {MEMBER_INPUT}: "
+            + describe_validation_error(exc, MEMBER_INPUT)
+        ) from exc
 
 
 def _torchvision(name: str) -> Builder:

@@ -1,7 +1,8 @@
 """Ensembles of trained model directories: one model directory the node runs.
 
 ``dicomnode ensemble OUT MEMBER_DIR... --method average|accuracy|f1`` combines
-members that share classes, input and preprocessing (and localiser, if any):
+members that share classes and preprocessing (and localiser, if any); their inputs
+may differ (size, channels, normalisation: :func:`ensemble_input`):
 
 * ``average``: every member weighs the same for every class;
 * ``accuracy``: member ``m`` weighs ``acc[m, c]`` for class ``c``, its
@@ -39,12 +40,19 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import ENSEMBLE, build_model, fuse_probabilities, place
+from dicomnode.models.architectures import (
+    ENSEMBLE,
+    MEMBER_INPUT,
+    build_model,
+    fuse_probabilities,
+    place,
+)
 from dicomnode.models.card import (
     MEMBER_SEPARATOR,
     READER_NOTE_MAX,
     ArchitectureSpec,
     GradCamSpec,
+    InputSpec,
     ModelCard,
     WeightsSpec,
     load_card,
@@ -114,20 +122,20 @@ def load_members(directories: list[Path]) -> list[Member]:
     first = members[0].card
     for member in members[1:]:
         card = member.card
-        for what in (
-            "classes",
-            "input",
-            "preprocessing",
-            "body_parts",
-            "localiser",
-            "test_time_flip",
-        ):
+        for what in ("classes", "preprocessing", "body_parts", "localiser", "test_time_flip"):
             if getattr(card, what) != getattr(first, what):
                 raise TrainingError(
                     f"member {member.directory} differs from {members[0].directory} in {what}: "
-                    "ensemble members must share classes, input, preprocessing, body parts, "
+                    "ensemble members must share classes, preprocessing, body parts, "
                     "localiser and test-time flip"
                 )
+        if first.preprocessing.resize == "letterbox" and not _same_shape(card.input, first.input):
+            raise TrainingError(
+                f"member {member.directory} takes {_size(card.input)} input, "
+                f"{members[0].directory} {_size(first.input)}: letterboxed members of "
+                "different input sizes must share the aspect ratio (their images would "
+                "be padded differently)"
+            )
         if (card.gradcam.method, card.gradcam.shift) != (first.gradcam.method, first.gradcam.shift):
             raise TrainingError(
                 f"member {member.directory} explains with {card.gradcam.description}, "
@@ -137,6 +145,63 @@ def load_members(directories: list[Path]) -> list[Member]:
         if card.architecture.name == ENSEMBLE:
             raise TrainingError(f"member {member.directory} is itself an ensemble")
     return members
+
+
+def _size(spec: InputSpec) -> str:
+    return f"{spec.size[0]}x{spec.size[1]}"
+
+
+def _same_shape(a: InputSpec, b: InputSpec) -> bool:
+    return a.size[0] * b.size[1] == a.size[1] * b.size[0]
+
+
+SHARED_INPUT_MEAN = (0.0,)
+SHARED_INPUT_STD = (1.0,)
+
+
+def ensemble_input(cards: list[ModelCard]) -> tuple[InputSpec, tuple[InputSpec, ...] | None]:
+    """The ensemble's input, and each member's own when they differ (else ``None``).
+
+    Members that share one input take it as it is. Otherwise the ensemble's
+    input is the grey image in [0, 1] (one channel, mean 0, std 1) at the
+    largest height and width among the members, and each member resizes and
+    normalises it as its card says (:class:`~dicomnode.models.architectures.MemberInput`).
+    """
+    inputs = tuple(card.input for card in cards)
+    if all(spec == inputs[0] for spec in inputs[1:]):
+        return inputs[0], None
+    size = (max(s.size[0] for s in inputs), max(s.size[1] for s in inputs))
+    shared = InputSpec(size=size, channels=1, mean=SHARED_INPUT_MEAN, std=SHARED_INPUT_STD)
+    return shared, inputs
+
+
+def ensemble_architecture(cards: list[ModelCard]) -> tuple[ArchitectureSpec, InputSpec]:
+    """The ensemble card's ``architecture`` (its members, with their own inputs when these
+    differ) and ``input``."""
+    shared, own = ensemble_input(cards)
+    members: list[dict[str, Any]] = []
+    for index, card in enumerate(cards):
+        entry: dict[str, Any] = {
+            "name": card.architecture.name,
+            "params": dict(card.architecture.params),
+        }
+        if own is not None:
+            entry[MEMBER_INPUT] = own[index].model_dump(mode="json")
+        members.append(entry)
+    return ArchitectureSpec(name=ENSEMBLE, params={"members": members}), shared
+
+
+def _say_how_inputs_are_shared(cards: list[ModelCard], shared: InputSpec) -> None:
+    sizes = sorted({_size(card.input) for card in cards})
+    if all(card.input == shared for card in cards):
+        return
+    logger.warning(
+        "the members take %s inputs: the ensemble takes the grey image at %s and each member "
+        "resizes and normalises it as its card says (a smaller member sees the image resized "
+        "twice); score the ensemble as it is served (--validate-on, or dicomnode evaluate)",
+        " and ".join(sizes) if len(sizes) > 1 else f"{sizes[0]} (differently normalised)",
+        _size(shared),
+    )
 
 
 def ensemble_state(
@@ -186,17 +251,11 @@ def build_ensemble(
     cards = [m.card for m in members]
     note = reader_note(cards)
     weights = ensemble_weights(cards, method)
-    architecture = ArchitectureSpec(
-        name=ENSEMBLE,
-        params={
-            "members": [
-                {"name": c.architecture.name, "params": dict(c.architecture.params)} for c in cards
-            ]
-        },
-    )
+    architecture, shared_input = ensemble_architecture(cards)
+    _say_how_inputs_are_shared(cards, shared_input)
     state = ensemble_state(members, weights, half=half)
     first = cards[0]
-    model = build_model(ENSEMBLE, first.input.channels, first.num_classes, architecture.params)
+    model = build_model(ENSEMBLE, shared_input.channels, first.num_classes, architecture.params)
     model.load_state_dict(state, strict=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights_path = write_weights(output_dir / WEIGHTS_FILE, state, f"{name} {version}")
@@ -212,7 +271,11 @@ def build_ensemble(
                 "ensemble; score it on an independent folder with dicomnode evaluate"
             )
         metrics["held_out"] = validate_ensemble(
-            model, validate_on, validate_fold, test_time_flip=first.test_time_flip
+            model,
+            validate_on,
+            validate_fold,
+            test_time_flip=first.test_time_flip,
+            input_spec=shared_input,
         )
     _copy_localiser(members[0], output_dir)
     card = _card(
@@ -225,6 +288,7 @@ def build_ensemble(
         method,
         recipe,
         note,
+        shared_input,
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     write_card(output_dir, card)
@@ -318,10 +382,14 @@ def validate_ensemble(
     fold: int | None = None,
     *,
     test_time_flip: bool = False,
+    input_spec: InputSpec | None = None,
 ) -> dict[str, Any]:
     """The ensemble's figures on held-out fold ``fold`` (default: the recipe's) of ``recipe``,
-    each image and its mirror averaged when the ensemble flips at test time."""
+    each image and its mirror averaged when the ensemble flips at test time; ``input_spec``:
+    the ensemble's input, when it is not the recipe's (members of several inputs)."""
     config = load_config(recipe, fold=fold)
+    if input_spec is not None and input_spec != config.input:
+        config = config.model_copy(update={"input": input_spec})
     if not isinstance(config.fold, int):
         raise TrainingError(
             f"recipe {recipe} has fold: {config.fold}; name the held-out fold (--validate-fold K)"
@@ -389,9 +457,10 @@ def _card(
     method: Method,
     members_recipe: dict[str, Any] | None,
     note: str,
+    shared_input: InputSpec,
 ) -> ModelCard:
     """The ensemble's card; ``members_recipe``: see :func:`folds_recipe`; ``note``: see
-    :func:`reader_note`."""
+    :func:`reader_note`; ``shared_input``: see :func:`ensemble_input`."""
     first = members[0].card
     listed = _listed(members, members_recipe)
     recipe: dict[str, Any] = {
@@ -407,7 +476,7 @@ def _card(
         description=f"Ensemble ({method}-weighted) of {listed}. {first.description}".strip(),
         body_parts=first.body_parts,
         architecture=architecture,
-        input=first.input,
+        input=shared_input,
         preprocessing=first.preprocessing,
         classes=first.classes,
         gradcam=GradCamSpec(
@@ -488,7 +557,9 @@ def score_out_of_fold(
     the members must have run the same grouped folds on the same images.
     The weights come from the members' cross-validated figures over the same
     images, so the result is slightly optimistic (said in ``validation``).
-    Members may differ in input size (this scores; it builds no model).
+    Members may differ in input size; the node's ensemble of such members only
+    approximates these figures (a smaller member sees the image resized twice:
+    :class:`~dicomnode.models.architectures.MemberInput`).
     """
     members = [Member(d, load_card(d)) for d in directories]
     if len(members) < 2:

@@ -70,6 +70,37 @@ def test_predict_writes_valid_sc_and_sr(tmp_path: Path) -> None:
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
 
 
+def test_an_ensemble_of_members_of_several_inputs_writes_valid_sc_and_sr(tmp_path: Path) -> None:
+    """The study's ensembles mix input sizes (Xception 299 px, ResNet50 224 px): the node
+    serves such an ensemble as one model."""
+    make_tiny_model(tmp_path / "members" / "large", name="knee-large", body_part="KNEE")
+    make_tiny_model(
+        tmp_path / "members" / "small",
+        name="knee-small",
+        body_part="KNEE",
+        input_size=(40, 40),
+        channels=1,
+        seed=1,
+    )
+    members = ["members/large", "members/small"]
+    built = _cli(
+        "ensemble", "models/knee-mixed", *members, "--method", "average", "--name", "knee-mixed",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    said = " ".join((built.stdout + built.stderr).split())
+    assert "the members take 40x40 and 64x64 inputs" in said and "resized twice" in said
+    image = write_dataset(make_radiograph(body_part="KNEE", seed=3), tmp_path / "knee.dcm")
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--models-dir", "models", "--device", "cpu"]
+    result = _cli("predict", str(image), *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (sc,), (sr,) = sorted(out.glob("SC_*.dcm")), sorted(out.glob("SR_*.dcm"))
+    assert dciodvfy_errors(sc) == [] and dciodvfy_errors(sr) == []
+    dump = dsrdump(sr)
+    assert dump.returncode == 0 and "knee-mixed" in dump.stdout
+
+
 def test_predict_exits_1_when_an_input_cannot_be_read(tmp_path: Path) -> None:
     """A scripted batch must see unreadable inputs; images the routing skips are not failures."""
     make_tiny_model(tmp_path / "models" / "tiny-hand", name="tiny-hand", body_part="HAND")

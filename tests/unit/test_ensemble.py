@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dicomnode.errors import TrainingError
+from dicomnode.errors import ModelError, TrainingError
 from dicomnode.explain.gradcam import ensemble_grad_cam, grad_cam
 from dicomnode.inference import Predictor, explain_batch, prepare_input
-from dicomnode.models.architectures import EnsembleNet
+from dicomnode.models.architectures import EnsembleNet, build_model
 from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -77,11 +77,14 @@ def test_weighting_by_figures_a_card_lacks_is_refused(tmp_path: Path) -> None:
     np.testing.assert_allclose(ensemble_weights(bare, "average"), np.full((2, 2), 0.5))
 
 
-def test_members_that_do_not_share_classes_or_input_are_refused(tmp_path: Path) -> None:
+def test_members_that_do_not_share_classes_or_preprocessing_are_refused(tmp_path: Path) -> None:
     a = _member(tmp_path / "a", 0, [1, 1], [1, 1])
-    b = _member(tmp_path / "b", 1, [1, 1], [1, 1], input_size=(32, 32))
-    with pytest.raises(TrainingError, match=r"differs .* in input"):
+    b = _member(tmp_path / "b", 1, [1, 1], [1, 1], resize="letterbox")
+    with pytest.raises(TrainingError, match=r"differs .* in preprocessing"):
         build_ensemble([a, b], tmp_path / "out", method="f1", name="e", version="1")
+    three = _member(tmp_path / "three", 3, [1, 1], [1, 1], num_classes=3)
+    with pytest.raises(TrainingError, match=r"differs .* in classes"):
+        build_ensemble([a, three], tmp_path / "out", method="f1", name="e", version="1")
     with pytest.raises(TrainingError, match="two or more"):
         build_ensemble([a], tmp_path / "out", method="f1", name="e", version="1")
     c = _member(tmp_path / "c", 2, [1, 1], [1, 1])
@@ -275,3 +278,139 @@ def test_an_ensemble_says_what_its_members_say_to_readers(tmp_path: Path) -> Non
     with pytest.raises(TrainingError, match="1239 characters, more than a card's 1024"):
         build_ensemble(directories, tmp_path / "f", method="average", name="f", version="1")
     assert not (tmp_path / "f").exists()  # refused before anything is written
+
+
+# ------------------------------------------------------------------ members of several inputs
+
+
+def _smooth_image(seed: int) -> PreparedImage:
+    """A film-like image: smooth shapes, no pixel noise (resizing it twice changes little)."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:120, 0:100].astype(np.float32)
+    pixels = np.full((120, 100), 0.2, dtype=np.float32)
+    for _ in range(3):
+        y, x, r = rng.uniform(20, 100), rng.uniform(20, 80), rng.uniform(8, 20)
+        pixels += 0.5 * np.exp(-((rows - y) ** 2 + (columns - x) ** 2) / (2 * r * r))
+    return PreparedImage(np.clip(pixels, 0, 1), "L", f"smooth-{seed}")
+
+
+@pytest.fixture(scope="module")
+def mixed_members(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 64 px three-channel member and a 40 px one-channel member of its own normalisation."""
+    root = tmp_path_factory.mktemp("mixed")
+    large = _member(root / "large", 10, [0.9, 0.3], [0.8, 0.4])
+    small = _member(root / "small", 11, [0.3, 0.9], [0.4, 0.8], input_size=(40, 40), channels=1)
+    card = load_card(small)
+    own = card.input.model_copy(update={"mean": (0.3,), "std": (0.2,)})
+    write_card(small, card.model_copy(update={"input": own}))
+    return [large, small]
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(mixed_members: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mixed-models") / "mixed-ensemble"
+    return build_ensemble(mixed_members, out, method="f1", name="mixed-ensemble", version="1")
+
+
+def test_members_of_several_inputs_each_see_their_own(
+    mixed_members: list[Path], mixed_dir: Path
+) -> None:
+    card = load_card(mixed_dir)
+    assert card.input.size == (64, 64) and card.input.channels == 1
+    assert (card.input.mean, card.input.std) == ((0.0,), (1.0,))
+    own = [m["input"] for m in card.architecture.params["members"]]
+    assert [o["size"] for o in own] == [[64, 64], [40, 40]]
+    assert own[1]["mean"] == [0.3] and own[1]["std"] == [0.2]
+    ensemble = Predictor.load(mixed_dir, card)
+    model = ensemble.model
+    assert isinstance(model, EnsembleNet)
+    alone = [Predictor.load(m, load_card(m)) for m in mixed_members]
+    images = [_smooth_image(s) for s in range(4)]
+    batch = torch.stack([prepare_input(card, i.pixels)[0] for i in images])
+    own_inputs = [torch.stack([prepare_input(p.card, i.pixels)[0] for i in images]) for p in alone]
+    with torch.no_grad():
+        seen = [model.member_input(m, batch) for m in range(2)]
+    # The member of the ensemble's size sees what it sees served alone (its
+    # normalisation and three channels included) ...
+    torch.testing.assert_close(seen[0], own_inputs[0], atol=1e-6, rtol=0)
+    # ... the smaller one its own size, channels and normalisation, the image resized
+    # twice (120x100 -> 64 -> 40 instead of 120x100 -> 40): close, not equal.
+    assert seen[1].shape == own_inputs[1].shape == (4, 1, 40, 40)
+    difference = (seen[1] - own_inputs[1]).abs() * 0.2  # back in pixel units
+    assert 0 < float(difference.max()) < 0.03
+    # Each member's probabilities are its own on what it sees; the ensemble fuses them.
+    member_probs = np.stack(
+        [alone[m].forward_probabilities(seen[m].contiguous()) for m in range(2)]
+    )
+    weights = ensemble_weights(_cards(mixed_members), "f1")
+    mixed = (weights[:, None, :] * member_probs).sum(axis=0)
+    expected = mixed / mixed.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ensemble.forward_probabilities(batch), expected, atol=1e-5)
+    served_alone = np.stack(
+        [p.forward_probabilities(x) for p, x in zip(alone, own_inputs, strict=True)]
+    )
+    np.testing.assert_allclose(member_probs, served_alone, atol=0.02)
+
+
+def test_an_ensemble_of_several_inputs_maps_each_member_in_place(mixed_dir: Path) -> None:
+    ensemble = Predictor.load(mixed_dir, load_card(mixed_dir))
+    model = ensemble.model
+    assert isinstance(model, EnsembleNet)
+    images = [_smooth_image(s) for s in range(3)]
+    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
+    cams = explain_batch(model, ensemble.card.gradcam, batch)
+    assert cams.cams.shape == (3, 64, 64)
+    with torch.no_grad():
+        member_probs = model.member_probabilities(batch).numpy()
+    weights = model.weights_cpu().numpy()
+    layers = ensemble.card.gradcam.target_layer.split(",")
+    expected = np.zeros_like(cams.cams)
+    for n, c in enumerate(cams.classes):
+        shares = weights[:, c] * member_probs[:, n, c]
+        for m, member in enumerate(model.members):
+            with torch.no_grad():
+                seen = model.member_input(m, batch[n : n + 1])
+            own = grad_cam(member, layers[m], seen, [c]).cams  # (1, h, w) in its own size
+            assert own.shape[1:] == seen.shape[-2:]
+            in_place = torch.nn.functional.interpolate(
+                torch.from_numpy(own)[:, None], size=(64, 64), mode="bilinear"
+            )[0, 0].numpy()
+            expected[n] += shares[m] / shares.sum() * in_place
+        if expected[n].max() > 0:
+            expected[n] /= expected[n].max()
+    np.testing.assert_allclose(cams.cams, expected, atol=1e-5)
+    for image, result in zip(images, ensemble.predict(images), strict=True):
+        (finding,) = result.findings
+        assert finding.heatmap.shape == image.pixels.shape
+
+
+def test_the_node_serves_an_ensemble_of_several_inputs(mixed_dir: Path) -> None:
+    registry = ModelRegistry.load(mixed_dir.parent)
+    loaded = registry.for_body_part("KNEE")
+    assert loaded is not None and loaded.card.name == "mixed-ensemble"
+    (result,) = Predictor.load(loaded.directory, loaded.card).predict([_smooth_image(7)])
+    (finding,) = result.findings
+    assert sum(finding.probabilities) == pytest.approx(1.0)
+    assert finding.heatmap.shape == (120, 100) and finding.heatmap.max() == pytest.approx(1.0)
+
+
+def test_letterboxed_members_of_several_inputs_must_share_the_aspect_ratio(tmp_path: Path) -> None:
+    a = _member(tmp_path / "a", 0, [1, 1], [1, 1], resize="letterbox")
+    square = _member(tmp_path / "b", 1, [1, 1], [1, 1], resize="letterbox", input_size=(48, 48))
+    wide = _member(tmp_path / "c", 2, [1, 1], [1, 1], resize="letterbox", input_size=(48, 64))
+    out = build_ensemble([a, square], tmp_path / "ok", method="average", name="e", version="1")
+    assert load_card(out).input.size == (64, 64)
+    with pytest.raises(TrainingError, match=r"48x64 input, .* 64x64: letterboxed members"):
+        build_ensemble([a, wide], tmp_path / "no", method="average", name="e", version="1")
+
+
+def test_an_ensemble_card_gives_every_member_its_input_or_none(mixed_dir: Path) -> None:
+    card = load_card(mixed_dir)
+    members = [dict(m) for m in card.architecture.params["members"]]
+    del members[1]["input"]
+    with pytest.raises(ModelError, match="every member or none"):
+        build_model("ensemble", 1, 2, {"members": members})
+    members = [dict(m) for m in card.architecture.params["members"]]
+    members[1]["input"] = {**members[1]["input"], "std": [0.0]}
+    with pytest.raises(ModelError, match=r"a member's input: .*std values must be positive"):
+        build_model("ensemble", 1, 2, {"members": members})

@@ -37,7 +37,7 @@ from dicomnode.training.data import (
     read_labelled,
     scan_folder,
 )
-from dicomnode.training.ensemble import build_ensemble
+from dicomnode.training.ensemble import build_ensemble, validate_ensemble
 from dicomnode.training.evaluate import about_model, evaluate_model
 from dicomnode.training.folds import assign_folds
 from dicomnode.training.metrics import (
@@ -1185,6 +1185,30 @@ def test_an_ensemble_of_the_folds_records_their_recipe_and_cross_validation(
     _set_recipe(folds[1], epochs=2)
     other = build_ensemble(folds, tmp_path / "other", method="average", name="e", version="1")
     assert "members_recipe" not in load_card(other).recipe
+
+
+def test_an_ensemble_of_several_inputs_is_scored_on_a_held_out_fold_in_its_own_input(
+    tmp_path: Path,
+) -> None:
+    """Members of 32 px (one channel) and 24 px (three, their own normalisation), one fold of
+    one recipe held out: the ensemble sees that fold as the node would show it."""
+    recipe = _smoke_config(tmp_path / "a", epochs=1)
+    small_input = {"size": [24, 24], "channels": 3, "mean": [0.4], "std": [0.3]}
+    small_recipe = _smoke_config(tmp_path / "b", epochs=1, input=small_input)
+    members = [train_from_config(recipe), train_from_config(small_recipe)]
+    out = build_ensemble(
+        members, tmp_path / "ens", method="average", name="e", version="1", validate_on=recipe
+    )
+    card = load_card(out)
+    assert card.input == InputSpec(size=(32, 32), channels=1, mean=(0.0,), std=(1.0,))
+    held_out = card.metrics["held_out"]
+    assert held_out["n"] == load_card(members[0]).metrics["n"]
+    # The other member's recipe holds out the same fold of the same images at another
+    # input: given the ensemble's input, it scores the ensemble to the same figures.
+    model = Predictor.load(out, card).model
+    again = validate_ensemble(model, small_recipe, input_spec=card.input)
+    for key in ("n", "balanced_accuracy", "expected_calibration_error", "auc_macro"):
+        assert again[key] == pytest.approx(held_out[key], abs=1e-9), key
 
 
 def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
