@@ -521,12 +521,20 @@ def explain_batch(
     (batched up to ``max_images`` images per pass, see
     :func:`~dicomnode.explain.gradcam.shift_averaged`); with ``mirror`` (a card's
     ``test_time_flip``) the images and their mirrors, averaged, in passes of up to
-    ``max_images`` images (:func:`~dicomnode.explain.gradcam.mirror_averaged`)."""
+    ``max_images`` images (:func:`~dicomnode.explain.gradcam.mirror_averaged`; of an
+    ensemble, each member's own input and its mirror, before the members are fused)."""
     paths = cam_layers(model, spec.target_layer)
 
+    if isinstance(model, EnsembleNet):  # each member mirrors its own input
+
+        def members_pass(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
+            return ensemble_grad_cam(
+                model, paths, inputs, spec.method, classes, mirror=mirror, max_images=max_images
+            )
+
+        return shift_averaged(members_pass, batch, spec.shift, max_images)
+
     def one_pass(inputs: torch.Tensor, classes: Sequence[int] | None) -> CamBatch:
-        if isinstance(model, EnsembleNet):
-            return ensemble_grad_cam(model, paths, inputs, spec.method, classes)
         return grad_cam(model, paths[0], inputs, classes, spec.method)
 
     explain = mirror_averaged(one_pass, max_images) if mirror else one_pass

@@ -412,6 +412,24 @@ def _clean(raw: FloatArray) -> FloatArray:
     return result
 
 
+def _member_cams(
+    member: nn.Module,
+    path: str,
+    inputs: torch.Tensor,
+    classes: Sequence[int],
+    method: CamMethod,
+    mirror: bool,
+    max_images: int | None,
+) -> FloatArray:
+    """One member's maps for ``classes``: of its input, or mirror-averaged."""
+
+    def one_pass(batch: torch.Tensor, asked: Sequence[int] | None) -> CamBatch:
+        return grad_cam(member, path, batch, asked, method)
+
+    explain = mirror_averaged(one_pass, max_images) if mirror else one_pass
+    return explain(inputs, classes).cams
+
+
 def _in_geometry(cams: FloatArray, size: Sequence[int]) -> FloatArray:
     """Maps (N, h, w) of a member's own input brought to the ensemble input's (H, W):
     both inputs frame the same pixels, so a bilinear resize puts each map in place."""
@@ -432,6 +450,9 @@ def ensemble_grad_cam(
     inputs: torch.Tensor,
     method: CamMethod = "gradcam",
     classes: Sequence[int] | None = None,
+    *,
+    mirror: bool = False,
+    max_images: int | None = None,
 ) -> CamBatch:
     """Class activation maps of an :class:`~dicomnode.models.architectures.EnsembleNet`.
 
@@ -444,6 +465,10 @@ def ensemble_grad_cam(
     scaled so its maximum is 1 (all zero when no member has positive evidence).
     The returned logits are ``log q`` (see ``EnsembleNet``). ``classes``, when
     given, replaces the predicted classes as the ones the maps explain.
+
+    With ``mirror`` (a card's ``test_time_flip``) each member classifies its input and its
+    mirror (:class:`~dicomnode.models.architectures.MirroredEnsemble`), and each member's
+    map is its :func:`mirror_averaged` map for ``c`` (passes of up to ``max_images``).
     """
     members = model.members
     if len(members) != len(layer_paths):
@@ -451,7 +476,7 @@ def ensemble_grad_cam(
             f"an ensemble Grad-CAM needs one target layer per member, got {len(layer_paths)}"
         )
     with torch.inference_mode():
-        on_device = model.member_probabilities(inputs)
+        on_device = model.member_probabilities(inputs, mirror)
         fused = model.fuse(on_device).to("cpu", torch.float32)
     member_probs = on_device.to("cpu", torch.float32)
     weights = model.weights_cpu()
@@ -466,7 +491,7 @@ def ensemble_grad_cam(
     for number, (member, path, share) in enumerate(zip(members, layer_paths, shares, strict=True)):
         with torch.no_grad():
             seen = model.member_input(number, inputs)
-        cams = grad_cam(member, path, seen, chosen, method).cams
+        cams = _member_cams(member, path, seen, chosen, method, mirror, max_images)
         cams = _in_geometry(cams, inputs.shape[-2:]) * share[:, None, None]
         total = cams if total is None else total + cams
     assert total is not None

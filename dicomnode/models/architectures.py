@@ -92,8 +92,13 @@ class MirrorMean(nn.Module):
 
 
 def scorer(network: nn.Module, test_time_flip: bool) -> nn.Module:
-    """``network``, or :class:`MirrorMean` of it when the card flips at test time."""
-    return MirrorMean(network) if test_time_flip else network
+    """``network``, or when the card flips at test time :class:`MirrorMean` of it (of each
+    member, for an ensemble: :class:`MirroredEnsemble`)."""
+    if not test_time_flip:
+        return network
+    if isinstance(network, EnsembleNet):
+        return MirroredEnsemble(network)
+    return MirrorMean(network)
 
 
 class MemberInput(nn.Module):
@@ -163,12 +168,25 @@ class EnsembleNet(nn.Module):
         adapted: torch.Tensor = self.inputs[index](x)
         return adapted
 
-    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """``p`` of shape (members, N, classes)."""
+    def member_logits(self, index: int, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        """Member ``index``'s logits for the ensemble's input ``x``; with ``mirror``, the mean
+        of its logits for its input and for that input's left-right mirror (as
+        :class:`MirrorMean` gives the member served alone)."""
+        member = self.members[index]
+        seen = self.member_input(index, x)
+        logits: torch.Tensor = member(seen)
+        if mirror:
+            logits = (logits + member(torch.flip(seen, dims=[-1]))) / 2
+        return logits
+
+    def member_probabilities(self, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        """``p`` of shape (members, N, classes); ``mirror``: see :meth:`member_logits`."""
         temperatures = self._buffer("temperatures")
-        pairs = enumerate(zip(self.members, temperatures, strict=True))
         return torch.stack(
-            [torch.softmax(member(self.member_input(m, x)) / t, dim=1) for m, (member, t) in pairs]
+            [
+                torch.softmax(self.member_logits(m, x, mirror) / t, dim=1)
+                for m, t in enumerate(temperatures)
+            ]
         )
 
     def _buffer(self, name: str) -> torch.Tensor:
@@ -183,8 +201,24 @@ class EnsembleNet(nn.Module):
         """Ensemble probabilities (N, classes) from member probabilities."""
         return fuse_probabilities(self._buffer("class_weights"), member_probs)
 
+    def forward(self, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        return torch.log(self.fuse(self.member_probabilities(x, mirror)).clamp_min(1e-12))
+
+
+class MirroredEnsemble(nn.Module):
+    """An ensemble whose card flips at test time: each member's logits are the mean of its
+    logits for the input and for its mirror (each member as it is served alone), then the
+    members are fused. That is what ``dicomnode ensemble-cv`` scores from the members'
+    out-of-fold predictions; a mirror mean of the fused ``log q`` would not be.
+    """
+
+    def __init__(self, ensemble: EnsembleNet) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.fuse(self.member_probabilities(x)).clamp_min(1e-12))
+        logits: torch.Tensor = self.ensemble(x, mirror=True)
+        return logits
 
 
 MEMBER_INPUT = "input"

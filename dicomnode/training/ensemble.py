@@ -192,14 +192,21 @@ def ensemble_architecture(cards: list[ModelCard]) -> tuple[ArchitectureSpec, Inp
 
 
 def _say_how_inputs_are_shared(cards: list[ModelCard], shared: InputSpec) -> None:
-    sizes = sorted({_size(card.input) for card in cards})
     if all(card.input == shared for card in cards):
+        return
+    sizes = sorted({_size(card.input) for card in cards})
+    if len(sizes) == 1:
+        logger.warning(
+            "the members take %s inputs, differently normalised: the ensemble takes the grey "
+            "image and each member normalises it as its card says",
+            sizes[0],
+        )
         return
     logger.warning(
         "the members take %s inputs: the ensemble takes the grey image at %s and each member "
         "resizes and normalises it as its card says (a smaller member sees the image resized "
         "twice); score the ensemble as it is served (--validate-on, or dicomnode evaluate)",
-        " and ".join(sizes) if len(sizes) > 1 else f"{sizes[0]} (differently normalised)",
+        " and ".join(sizes),
         _size(shared),
     )
 

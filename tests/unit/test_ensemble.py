@@ -13,7 +13,13 @@ from safetensors.torch import load_file
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.explain.gradcam import ensemble_grad_cam, grad_cam
 from dicomnode.inference import Predictor, explain_batch, prepare_input
-from dicomnode.models.architectures import EnsembleNet, build_model
+from dicomnode.models.architectures import (
+    EnsembleNet,
+    MirrorMean,
+    build_model,
+    fuse_probabilities,
+    scorer,
+)
 from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
@@ -414,3 +420,75 @@ def test_an_ensemble_card_gives_every_member_its_input_or_none(mixed_dir: Path) 
     members[1]["input"] = {**members[1]["input"], "std": [0.0]}
     with pytest.raises(ModelError, match=r"a member's input: .*std values must be positive"):
         build_model("ensemble", 1, 2, {"members": members})
+
+
+def test_a_flip_ensemble_fuses_what_each_member_gives_served_alone(tmp_path: Path) -> None:
+    """Each member averages its own logits over the input and its mirror, as it does served
+    alone and as ``ensemble-cv`` scores it; then the members are fused."""
+    directories = []
+    for seed in range(2):
+        directory = _member(tmp_path / f"m{seed}", seed, [0.7, 0.3], [0.6, 0.5], temperature=1.5)
+        card = load_card(directory)
+        update = {"test_time_flip": True}
+        write_card(directory, card.model_copy(update=update))
+        directories.append(directory)
+    out = build_ensemble(directories, tmp_path / "e", method="average", name="e", version="1")
+    ensemble = Predictor.load(out, load_card(out))
+    assert ensemble.card.test_time_flip
+    alone = [Predictor.load(d, load_card(d)) for d in directories]
+    images = [_image(s) for s in range(6)]
+    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
+    expected = np.mean([p.forward_probabilities(batch) for p in alone], axis=0)
+    np.testing.assert_allclose(ensemble.forward_probabilities(batch), expected, atol=1e-5)
+    results = ensemble.predict(images)
+    for result, row in zip(results, expected, strict=True):
+        np.testing.assert_allclose(result.findings[0].probabilities, row, atol=1e-5)
+    # The map: each member's mirror-averaged map for the ensemble's class, share-weighted.
+    model = ensemble.model
+    assert isinstance(model, EnsembleNet)
+    cams = explain_batch(model, ensemble.card.gradcam, batch, mirror=True)
+    assert cams.classes == tuple(int(c) for c in expected.argmax(axis=1))
+    with torch.no_grad():
+        member_probs = model.member_probabilities(batch, mirror=True).numpy()
+    np.testing.assert_allclose(member_probs.mean(axis=0), expected, atol=1e-5)
+    layers = ensemble.card.gradcam.target_layer.split(",")
+    for n, c in enumerate(cams.classes):
+        shares = member_probs[:, n, c] / member_probs[:, n, c].sum()
+        total = np.zeros_like(cams.cams[n])
+        for m, member in enumerate(model.members):
+            one = batch[n : n + 1]
+            plain = grad_cam(member, layers[m], one, [c]).cams[0]
+            mirrored = grad_cam(member, layers[m], torch.flip(one, dims=[-1]), [c]).cams[0]
+            both = plain + mirrored[:, ::-1]
+            total += shares[m] * both / max(float(both.max()), 1e-30)
+        assert total.max() > 0
+        np.testing.assert_allclose(cams.cams[n], total / total.max(), atol=1e-5)
+
+
+def test_a_flip_ensemble_mirrors_each_member_before_the_fusion() -> None:
+    """Members that see position (a linear layer on the pixels): the mean of each member's
+    logits over the image and its mirror, fused, is not the mirror mean of the fused ``log q``."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 3) for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(20)
+    members = [torch.nn.Sequential(torch.nn.Flatten(), layer) for layer in layers]
+    ensemble = EnsembleNet(list(members), 3)
+    weights = torch.tensor([[0.7, 0.2, 0.5], [0.3, 0.8, 0.5]])
+    temperatures = (1.0, 2.0)
+    ensemble.get_buffer("class_weights").copy_(weights)
+    ensemble.get_buffer("temperatures").copy_(torch.tensor(temperatures))
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        alone = torch.stack(
+            [
+                torch.softmax(MirrorMean(m)(x) / t, dim=1)
+                for m, t in zip(members, temperatures, strict=True)
+            ]
+        )
+        expected = fuse_probabilities(weights, alone)
+        served = torch.softmax(scorer(ensemble, test_time_flip=True)(x), dim=1)
+        fused_then_mirrored = torch.softmax(MirrorMean(ensemble)(x), dim=1)
+    torch.testing.assert_close(served, expected, atol=1e-6, rtol=0)
+    assert float((fused_then_mirrored - expected).abs().max()) > 0.01
