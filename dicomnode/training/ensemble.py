@@ -584,11 +584,19 @@ def score_out_of_fold(
         classification_metrics(first.labels[first.folds == k], fused[first.folds == k])
         for k in np.unique(first.folds)
     ]
+    validation = (
+        f"out-of-fold predictions of {len(np.unique(first.folds))} grouped folds, fused; "
+        "weights from the members' figures on the same images (optimistic)"
+    )
+    sizes = {m.card.input.size for m in members}
+    if len(sizes) > 1:
+        validation += (
+            "; the members take inputs of several sizes: the node's ensemble of them shows a "
+            "smaller member the image resized twice, so it only approximates these figures "
+            "(score it as served: dicomnode ensemble --validate-on, or dicomnode evaluate)"
+        )
     return {
-        "validation": (
-            f"out-of-fold predictions of {len(np.unique(first.folds))} grouped folds, fused; "
-            "weights from the members' figures on the same images (optimistic)"
-        ),
+        "validation": validation,
         "method": method,
         "members": [f"{m.card.name} {m.card.version}" for m in members],
         "class_weights": weights.tolist(),

@@ -236,6 +236,17 @@ def test_out_of_fold_scoring_fuses_as_the_node_does(members: list[Path], tmp_pat
     assert set(figures["cross_validation"]["balanced_accuracy"]) == {"mean", "sd"}
 
 
+def test_out_of_fold_scoring_of_several_input_sizes_says_the_node_approximates_it(
+    mixed_members: list[Path], members: list[Path], tmp_path: Path
+) -> None:
+    rows = [("a.png", 0, 0, [0.9, 0.1]), ("b.png", 1, 1, [0.2, 0.8])]
+    tables = [_oof_table(tmp_path / f"{i}.csv", rows) for i in range(2)]
+    mixed = score_out_of_fold(mixed_members, "average", tables)
+    assert "only approximates these figures" in mixed["validation"]
+    same = score_out_of_fold(members[:2], "average", tables)
+    assert "approximates" not in same["validation"]
+
+
 def test_out_of_fold_tables_must_cover_the_same_images(members: list[Path], tmp_path: Path) -> None:
     one = _oof_table(tmp_path / "1.csv", [("a.png", 0, 0, [0.9, 0.1]), ("b.png", 1, 1, [0.2, 0.8])])
     other = _oof_table(
