@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dicomnode.errors import ModelError, TrainingError
@@ -20,7 +21,7 @@ from dicomnode.models.architectures import (
     fuse_probabilities,
     scorer,
 )
-from dicomnode.models.card import GradCamSpec, ModelCard, load_card, write_card
+from dicomnode.models.card import GradCamSpec, InputSpec, ModelCard, load_card, write_card
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.ensemble import build_ensemble, ensemble_weights, score_out_of_fold
@@ -503,3 +504,33 @@ def test_a_flip_ensemble_mirrors_each_member_before_the_fusion() -> None:
         fused_then_mirrored = torch.softmax(MirrorMean(ensemble)(x), dim=1)
     torch.testing.assert_close(served, expected, atol=1e-6, rtol=0)
     assert float((fused_then_mirrored - expected).abs().max()) > 0.01
+
+
+@pytest.mark.slow
+def test_the_reference_studys_ensemble_of_three_inputs_is_served(tmp_path: Path) -> None:
+    """Xception and InceptionResNetV2 (299 px) with ResNet50 (224 px, ImageNet normalisation),
+    each carded with its knee-compare recipe's input (random weights: no ImageNet files here)."""
+    recipes = Path(__file__).resolve().parents[2] / "config" / "training" / "knee-compare"
+    directories = []
+    for recipe in ("xception", "resnet50", "inception-resnet-v2"):
+        raw = yaml.safe_load((recipes / f"{recipe}-finetune.yaml").read_text(encoding="utf-8"))
+        spec = InputSpec.model_validate(raw["input"])
+        name = raw["architecture"]["name"]
+        directory = tmp_path / recipe
+        card = make_tiny_model(
+            directory, name=recipe, architecture=name, input_size=spec.size, channels=3, seed=5
+        )
+        gradcam = GradCamSpec(target_layer=raw["gradcam_layer"])
+        write_card(directory, card.model_copy(update={"input": spec, "gradcam": gradcam}))
+        directories.append(directory)
+    out = build_ensemble(directories, tmp_path / "study", method="average", name="s", version="1")
+    card = load_card(out)
+    assert card.input.size == (299, 299)
+    own = [m["input"]["size"] for m in card.architecture.params["members"]]
+    assert own == [[299, 299], [224, 224], [299, 299]]
+    ensemble = Predictor.load(out, card)
+    (result,) = ensemble.predict([_smooth_image(1)])
+    (finding,) = result.findings
+    assert sum(finding.probabilities) == pytest.approx(1.0)
+    assert finding.heatmap.shape == (120, 100)
+    assert finding.heatmap[int(finding.peak[1]), int(finding.peak[0])] == finding.heatmap.max()
