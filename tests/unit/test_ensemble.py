@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dicomnode.errors import ModelError, TrainingError
-from dicomnode.explain.gradcam import ensemble_grad_cam, grad_cam
+from dicomnode.explain.gradcam import CamBatch, ensemble_grad_cam, grad_cam
 from dicomnode.inference import Predictor, explain_batch, prepare_input
 from dicomnode.models.architectures import (
     EnsembleNet,
@@ -150,35 +151,60 @@ def test_fused_probabilities_follow_the_documented_formula(
         assert finding.predicted.index == int(row.argmax())
 
 
+def _share_weighted_maps(
+    model: EnsembleNet, layers: Sequence[str], batch: torch.Tensor, classes: Sequence[int]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The documented ensemble map, member by member: each member's map for the class, of
+    what it sees, brought to the batch's size, weighted by its share of ``q_c``, then
+    scaled to a peak of 1."""
+    with torch.no_grad():
+        member_probs = model.member_probabilities(batch).numpy()
+    weights = model.weights_cpu().numpy()
+    size = (int(batch.shape[-2]), int(batch.shape[-1]))
+    expected = np.zeros((batch.shape[0], *size), dtype=np.float32)
+    for n, c in enumerate(classes):
+        shares = weights[:, c] * member_probs[:, n, c]
+        for m, member in enumerate(model.members):
+            with torch.no_grad():
+                seen = model.member_input(m, batch[n : n + 1])
+            own = grad_cam(member, layers[m], seen, [c]).cams
+            assert own.shape[1:] == seen.shape[-2:]  # in the member's own input
+            in_place = torch.nn.functional.interpolate(
+                torch.from_numpy(own)[:, None], size=size, mode="bilinear"
+            )[0, 0].numpy()
+            expected[n] += shares[m] / shares.sum() * in_place
+        if expected[n].max() > 0:
+            expected[n] /= expected[n].max()
+    return expected
+
+
+def _maps_as_documented(
+    directory: Path, images: list[PreparedImage]
+) -> tuple[EnsembleNet, torch.Tensor, CamBatch, list[str]]:
+    """The ensemble's maps of ``images`` are :func:`_share_weighted_maps`, and its findings'
+    heatmaps lie on the images; returns the network, the batch, the maps and the layers."""
+    ensemble = Predictor.load(directory, load_card(directory))
+    model = ensemble.model
+    assert isinstance(model, EnsembleNet)
+    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
+    cams = explain_batch(model, ensemble.card.gradcam, batch)
+    layers = ensemble.card.gradcam.target_layer.split(",")
+    expected = _share_weighted_maps(model, layers, batch, cams.classes)
+    np.testing.assert_allclose(cams.cams, expected, atol=1e-5)
+    for image, result in zip(images, ensemble.predict(images), strict=True):
+        (finding,) = result.findings
+        assert finding.heatmap.shape == image.pixels.shape
+    return model, batch, cams, layers
+
+
 def test_ensemble_map_is_the_share_weighted_mean_of_member_maps(
     members: list[Path], ensemble_dir: Path
 ) -> None:
-    ensemble = Predictor.load(ensemble_dir, load_card(ensemble_dir))
-    model = ensemble.model
-    assert isinstance(model, EnsembleNet)
     images = [_image(s) for s in range(3)]
-    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
-    cams = explain_batch(model, ensemble.card.gradcam, batch)
-    with torch.no_grad():
-        member_probs = model.member_probabilities(batch).numpy()
+    model, batch, cams, layers = _maps_as_documented(ensemble_dir, images)
     chosen = list(cams.classes)
-    weights = model.weights_cpu().numpy()
-    layers = ensemble.card.gradcam.target_layer.split(",")
-    expected = np.zeros_like(cams.cams)
-    for n, c in enumerate(chosen):
-        shares = weights[:, c] * member_probs[:, n, c]
-        shares = shares / shares.sum()
-        for m, member in enumerate(model.members):
-            expected[n] += shares[m] * grad_cam(member, layers[m], batch[n : n + 1], [c]).cams[0]
-        if expected[n].max() > 0:
-            expected[n] /= expected[n].max()
-    np.testing.assert_allclose(cams.cams, expected, atol=1e-5)
-    results = ensemble.predict(images)
-    for image, result in zip(images, results, strict=True):
-        (finding,) = result.findings
-        assert finding.heatmap.shape == image.pixels.shape
     # Shift averaging: every shifted copy explains the class the unshifted pass chose.
-    shifted_spec = ensemble.card.gradcam.model_copy(update={"shift": 2})
+    shifted_spec = load_card(ensemble_dir).gradcam.model_copy(update={"shift": 2})
     shifted = explain_batch(model, shifted_spec, batch)
     assert shifted.classes == cams.classes and torch.equal(shifted.logits, cams.logits)
     assert not np.allclose(shifted.cams, cams.cams, atol=1e-3)
@@ -371,35 +397,8 @@ def test_members_of_several_inputs_each_see_their_own(
 
 
 def test_an_ensemble_of_several_inputs_maps_each_member_in_place(mixed_dir: Path) -> None:
-    ensemble = Predictor.load(mixed_dir, load_card(mixed_dir))
-    model = ensemble.model
-    assert isinstance(model, EnsembleNet)
-    images = [_smooth_image(s) for s in range(3)]
-    batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
-    cams = explain_batch(model, ensemble.card.gradcam, batch)
+    _, _, cams, _ = _maps_as_documented(mixed_dir, [_smooth_image(s) for s in range(3)])
     assert cams.cams.shape == (3, 64, 64)
-    with torch.no_grad():
-        member_probs = model.member_probabilities(batch).numpy()
-    weights = model.weights_cpu().numpy()
-    layers = ensemble.card.gradcam.target_layer.split(",")
-    expected = np.zeros_like(cams.cams)
-    for n, c in enumerate(cams.classes):
-        shares = weights[:, c] * member_probs[:, n, c]
-        for m, member in enumerate(model.members):
-            with torch.no_grad():
-                seen = model.member_input(m, batch[n : n + 1])
-            own = grad_cam(member, layers[m], seen, [c]).cams  # (1, h, w) in its own size
-            assert own.shape[1:] == seen.shape[-2:]
-            in_place = torch.nn.functional.interpolate(
-                torch.from_numpy(own)[:, None], size=(64, 64), mode="bilinear"
-            )[0, 0].numpy()
-            expected[n] += shares[m] / shares.sum() * in_place
-        if expected[n].max() > 0:
-            expected[n] /= expected[n].max()
-    np.testing.assert_allclose(cams.cams, expected, atol=1e-5)
-    for image, result in zip(images, ensemble.predict(images), strict=True):
-        (finding,) = result.findings
-        assert finding.heatmap.shape == image.pixels.shape
 
 
 def test_the_node_serves_an_ensemble_of_several_inputs(mixed_dir: Path) -> None:
