@@ -122,7 +122,7 @@ class MemberInput(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grey = x[:, :1]
+        grey = x[:, :1].float()  # resized in float32 whatever the autocast (bfloat16 on a GPU)
         if tuple(grey.shape[-2:]) != self.size:
             grey = resize_images(grey, *self.size)
         mean = self.get_buffer("mean").reshape(1, -1, 1, 1)
