@@ -289,14 +289,19 @@ def restore(
     TrainingError
         When the checkpoint was trained on other images or folds than ``folds``.
     """
-    last = _load(directory / LAST_FILE, device, folds)
-    partial = _load(directory / PARTIAL_FILE, device, folds)
-    payload, midway = last, None
+    # Both files are first read lazily (their tensors mapped, not read), then the one
+    # resumed from is read in full: the other's weights and optimiser state never are.
+    last = _load(directory / LAST_FILE, folds)
+    partial = _load(directory / PARTIAL_FILE, folds)
+    chosen = LAST_FILE
     if partial is not None and _continues(partial, last, trainer, batch_size):
-        payload, midway = partial, _midway(partial)
-    if payload is None:
+        chosen = PARTIAL_FILE
+    elif last is None:
         logger.info("no checkpoint in %s: starting from epoch 1", directory)
         return LoopState(), None
+    payload = _load(directory / chosen, folds, device)
+    assert payload is not None  # it was there a moment ago: read above
+    midway = _midway(payload) if chosen == PARTIAL_FILE else None
     recipe_lrs = [float(group["initial_lr"]) for group in trainer.optimizer.param_groups]
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
@@ -323,10 +328,19 @@ def restore(
     return state, midway
 
 
-def _load(path: Path, device: torch.device, folds: dict[str, Any]) -> dict[str, Any] | None:
+def _load(
+    path: Path, folds: dict[str, Any], device: torch.device | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None when there is none): read onto ``device``, or without
+    ``device`` lazily (tensors memory-mapped on the CPU, read only when used)."""
     if not path.is_file():
         return None
-    payload: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
+    if device is None:
+        payload: dict[str, Any] = torch.load(
+            path, map_location="cpu", mmap=True, weights_only=False
+        )
+    else:
+        payload = torch.load(path, map_location=device, weights_only=False)
     check_same_folds(payload.get(FOLDS_KEY), folds, path)
     return payload
 
