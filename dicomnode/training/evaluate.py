@@ -51,6 +51,7 @@ from dicomnode.encode.render import SYNTHETIC_NOTICE
 from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.inference import Predictor, prepare_input
+from dicomnode.models.architectures import ENSEMBLE, MEMBER_INPUT
 from dicomnode.models.card import CAM_METHOD_NAMES, ModelCard, load_card
 from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
@@ -267,10 +268,13 @@ def about_model(card: ModelCard) -> list[str]:
             "Each image is classified whole, as a training crop; the model's "
             f"{card.preprocessing.localiser} localiser is not run (it is tested on its own).",
         ]
+    if card.architecture.name == ENSEMBLE:
+        lines += ["", ensemble_line(card)]
     if card.test_time_flip:
+        by = " (by each member, before the fusion)" if card.architecture.name == ENSEMBLE else ""
         lines += [
             "",
-            "Each image and its left-right mirror are classified and their logits averaged "
+            f"Each image and its left-right mirror are classified and their logits averaged{by} "
             "(the card's `test_time_flip`), as the node does.",
         ]
     stated = {label: card.metrics.get(key) for key, label in CARD_FIGURES.items()}
@@ -285,6 +289,27 @@ def about_model(card: ModelCard) -> list[str]:
     if card.reader_note:
         lines += ["", f"The card's note to readers: {card.reader_note}"]
     return lines
+
+
+def ensemble_line(card: ModelCard) -> str:
+    """An ensemble card's members (name, version, input size) and how they are fused."""
+    recorded = card.metrics.get("ensemble", {})
+    members = recorded.get("members") or []
+    specs = card.architecture.params.get("members") or []
+    named = [f"{m.get('name', '?')} {m.get('version', '?')}" for m in members] or [
+        str(spec.get("name", "?")) for spec in specs
+    ]
+    sizes = [spec.get(MEMBER_INPUT, {}).get("size") for spec in specs]
+    if all(sizes) and len(sizes) == len(named):
+        named = [f"{n} ({s[0]}x{s[1]})" for n, s in zip(named, sizes, strict=True)]
+        own = (
+            "; each member resizes and normalises the image as its own card says (a smaller "
+            "member sees it resized twice)"
+        )
+    else:
+        own = ""
+    method = recorded.get("method", "per-class")
+    return f"An ensemble ({method}-weighted) of {len(named)} members: {', '.join(named)}{own}."
 
 
 def write_galleries(

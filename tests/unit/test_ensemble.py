@@ -26,6 +26,7 @@ from dicomnode.models.card import GradCamSpec, InputSpec, ModelCard, load_card, 
 from dicomnode.models.registry import ModelRegistry
 from dicomnode.testing.models import make_tiny_model
 from dicomnode.training.ensemble import build_ensemble, ensemble_weights, score_out_of_fold
+from dicomnode.training.evaluate import about_model
 from dicomnode.values import PreparedImage
 
 F1 = ([0.8, 0.2], [0.2, 0.6], [0.0, 0.2])
@@ -401,6 +402,19 @@ def test_an_ensemble_of_several_inputs_maps_each_member_in_place(mixed_dir: Path
     assert cams.cams.shape == (3, 64, 64)
 
 
+def test_an_evaluation_summary_names_the_members_and_their_inputs(
+    mixed_dir: Path, ensemble_dir: Path
+) -> None:
+    about = " ".join(" ".join(about_model(load_card(mixed_dir))).split())
+    assert (
+        "An ensemble (f1-weighted) of 2 members: member-10 0.0.1 (64x64), member-11 0.0.1 "
+        "(40x40); each member resizes and normalises the image as its own card says"
+    ) in about
+    shared = " ".join(about_model(load_card(ensemble_dir)))
+    assert "of 3 members: member-0 0.0.1, member-1 0.0.1, member-2 0.0.1." in shared
+    assert "resizes" not in shared
+
+
 def test_the_node_serves_an_ensemble_of_several_inputs(mixed_dir: Path) -> None:
     registry = ModelRegistry.load(mixed_dir.parent)
     loaded = registry.for_body_part("KNEE")
@@ -446,6 +460,7 @@ def test_a_flip_ensemble_fuses_what_each_member_gives_served_alone(tmp_path: Pat
     out = build_ensemble(directories, tmp_path / "e", method="average", name="e", version="1")
     ensemble = Predictor.load(out, load_card(out))
     assert ensemble.card.test_time_flip
+    assert "averaged (by each member, before the fusion)" in " ".join(about_model(ensemble.card))
     alone = [Predictor.load(d, load_card(d)) for d in directories]
     images = [_image(s) for s in range(6)]
     batch = torch.stack([prepare_input(ensemble.card, i.pixels)[0] for i in images])
