@@ -111,7 +111,7 @@ class MemberInput(nn.Module):
     ``channels`` and normalised with its ``mean`` and ``std``. A member of the
     ensemble's own size sees exactly the numbers it sees served alone; a smaller
     one sees the image resized twice (source to the ensemble's size, then to its
-    own), which is close but not equal (README, "Ensembles").
+    own), which is close but not equal (README, "Members may take different inputs").
     """
 
     def __init__(self, spec: InputSpec) -> None:
