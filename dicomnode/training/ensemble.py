@@ -59,7 +59,7 @@ from dicomnode.models.card import (
     sha256_of,
     write_card,
 )
-from dicomnode.training.config import load_config, recorded_recipe
+from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
 from dicomnode.training.metrics import (
     Float64Array,
     classification_metrics,
@@ -277,6 +277,7 @@ def build_ensemble(
                 f"{len(members) - 1} of them, so no fold of {validate_on} is held out from the "
                 "ensemble; score it on an independent folder with dicomnode evaluate"
             )
+        check_held_out(members, load_config(validate_on, fold=validate_fold))
         metrics["held_out"] = validate_ensemble(
             model,
             validate_on,
@@ -381,6 +382,44 @@ def folds_metrics(members: list[Member], validation: str) -> dict[str, Any]:
         ],
         "cross_validation": summarise_folds(per_fold),
     }
+
+
+SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by")
+"""What decides which images a recipe's fold ``k`` holds (with its data folder)."""
+
+
+def check_held_out(members: list[Member], config: TrainingConfig) -> None:
+    """Refuse to score an ensemble on a fold that one of its members trained on.
+
+    A member trained on ``config``'s data folder must have held out that very fold of the
+    same split (folds, seed, grouping); a member trained elsewhere is not checked.
+
+    Raises
+    ------
+    TrainingError
+        Naming the member, the fold it held out and the fold asked for.
+    """
+    target = Path(config.data_dir).resolve()
+    for member in members:
+        recipe = member.card.recipe
+        if not recipe.get("data_dir") or Path(str(recipe["data_dir"])).resolve() != target:
+            continue
+        held_out = member.card.metrics.get("fold")
+        if held_out != config.fold:
+            raise TrainingError(
+                f"member {member.directory} was trained on {config.data_dir} with "
+                f"{'fold ' + str(held_out) if isinstance(held_out, int) else 'no fold'} held out: "
+                f"fold {config.fold} is among its training images; score the ensemble on the fold "
+                "its members held out, or evaluate it on an independent folder"
+            )
+        recorded = recorded_recipe(recipe, member.card.trained)
+        for key in SPLIT_KEYS:
+            if key in recorded and recorded[key] != getattr(config, key):
+                raise TrainingError(
+                    f"member {member.directory} split {config.data_dir} with {key} "
+                    f"{recorded[key]!r}, the recipe {getattr(config, key)!r}: its held-out fold "
+                    f"{held_out} is not the recipe's"
+                )
 
 
 def validate_ensemble(

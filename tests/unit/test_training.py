@@ -1210,6 +1210,19 @@ def test_an_ensemble_of_several_inputs_is_scored_on_a_held_out_fold_in_its_own_i
     for key in ("n", "balanced_accuracy", "expected_calibration_error", "auc_macro"):
         assert again[key] == pytest.approx(held_out[key], abs=1e-9), key
 
+    # Not on a fold the members trained on, nor on another split's fold 0.
+    def scored_on(fold: int) -> Path:
+        return build_ensemble(
+            members, tmp_path / "no", method="average", name="e", version="1",
+            validate_on=recipe, validate_fold=fold,
+        )  # fmt: skip
+
+    with pytest.raises(TrainingError, match=r"fold 0 held out: fold 1 is among its training"):
+        scored_on(1)
+    _set_recipe(members[0], seed=7)
+    with pytest.raises(TrainingError, match=r"with seed 7, the recipe 0: its held-out fold 0"):
+        scored_on(0)
+
 
 def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
     tmp_path: Path,
