@@ -493,14 +493,7 @@ class Worker:
             .join(Report, Report.id == Result.report_id)
             .outerjoin(sc, _made_for(sc, "SC"))
             .outerjoin(pr, _made_for(pr, "PR"))
-            .where(
-                Report.study_instance_uid == report.study_instance_uid,
-                Report.model_name == report.model_name,
-                Report.model_version == report.model_version,
-                Report.sequence <= report.sequence,
-                after_last_withdrawal(report),
-                _not_rejected(),
-            )
+            .where(*_rounds_reported_by(report))
             .order_by(Instance.received_at)
         ).all()
         return [
@@ -871,15 +864,23 @@ def _dead_instances(session: Session, report: Report) -> list[Instance]:
             .where(
                 Job.kind == q.JobKind.INFER,
                 Job.state == q.JobState.DEAD,
-                Report.study_instance_uid == report.study_instance_uid,
-                Report.model_name == report.model_name,
-                Report.model_version == report.model_version,
-                Report.sequence <= report.sequence,
-                after_last_withdrawal(report),
-                _not_rejected(),
+                *_rounds_reported_by(report),
             )
             .order_by(Instance.received_at)
         ).scalars()
+    )
+
+
+def _rounds_reported_by(report: Report) -> tuple[ColumnElement[bool], ...]:
+    """The rounds whose images ``report`` reports: its study's rounds of the same model
+    version up to its own, since the last withdrawal, their images not rejected."""
+    return (
+        Report.study_instance_uid == report.study_instance_uid,
+        Report.model_name == report.model_name,
+        Report.model_version == report.model_version,
+        Report.sequence <= report.sequence,
+        after_last_withdrawal(report),
+        _not_rejected(),
     )
 
 
