@@ -1118,7 +1118,12 @@ def ensemble(
         typer.Option("--half", help="store the member weights as float16 (half the file size)"),
     ] = False,
 ) -> None:
-    """Combine trained model directories into one ensemble model directory."""
+    """Combine trained model directories into one ensemble model directory.
+
+    The members share classes, body parts and preprocessing; their input sizes and
+    normalisations may differ (each member resizes and normalises the ensemble's input as
+    its own card says).
+    """
     from dicomnode.training.ensemble import METHODS, build_ensemble
 
     logs.configure()

@@ -21,6 +21,7 @@ def _help(*command: str) -> str:
     [
         ("predict", "so that a script sees it; images that the node's routing skips"),
         ("study", "where each result went (delivered, retrying and why, or dead)"),
+        ("ensemble", "their input sizes and normalisations may differ (each member resizes"),
     ],
 )
 def test_a_commands_description_flows_as_one_paragraph(command: str, sentence: str) -> None:
