@@ -18,7 +18,7 @@ from torch import nn
 
 from dicomnode.errors import ModelError
 from dicomnode.imaging.tensor import resize_images
-from dicomnode.models.card import InputSpec
+from dicomnode.models.card import ENSEMBLE, MEMBER_INPUT, InputSpec
 from dicomnode.validation import describe_validation_error
 
 Builder = Callable[[int, int, dict[str, Any]], nn.Module]
@@ -221,11 +221,6 @@ class MirroredEnsemble(nn.Module):
         return logits
 
 
-MEMBER_INPUT = "input"
-"""The key of an ensemble member's own input in the card's ``architecture.params.members``
-(present on every member, or on none: then they share the card's ``input``)."""
-
-
 def _ensemble(in_chans: int, num_classes: int, params: dict[str, Any]) -> nn.Module:
     specs = params.get("members")
     if not isinstance(specs, list) or len(specs) < 2:
@@ -336,9 +331,6 @@ DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "xception": "act4",
     "inception_resnet_v2": "conv2d_7b",
 }
-
-ENSEMBLE = "ensemble"
-"""An ensemble card's ``gradcam.target_layer`` lists its members' layers, comma-separated."""
 
 TRAINABLE = tuple(sorted(set(BUILDERS) - {ENSEMBLE}))
 """Architectures a training recipe may name (an ensemble is built from trained members)."""

@@ -222,6 +222,16 @@ class LocaliserSpec(_Frozen):
     threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
+ENSEMBLE = "ensemble"
+"""The architecture of an ensemble card: ``architecture.params.members`` lists its members
+(name, params, and maybe their own input); ``gradcam.target_layer`` their layers,
+comma-separated."""
+
+MEMBER_INPUT = "input"
+"""The key of an ensemble member's own input in the card's ``architecture.params.members``
+(present on every member, or on none: then they share the card's ``input``)."""
+
+
 class EnsembleMember(_Frozen):
     """A member of an ensemble card: a sibling model directory and its per-class weights."""
 
@@ -290,6 +300,20 @@ class ModelCard(_Frozen):
             )
         if not wanted and self.localiser is not None:
             raise ValueError("a localiser block needs preprocessing.localiser: knee")
+        return self
+
+    @model_validator(mode="after")
+    def _members_own_inputs_take_raw_grey(self) -> ModelCard:
+        members = self.architecture.params.get("members")
+        if self.architecture.name != ENSEMBLE or not isinstance(members, list):
+            return self
+        if any(isinstance(m, dict) and MEMBER_INPUT in m for m in members) and (
+            set(self.input.mean) != {0.0} or set(self.input.std) != {1.0}
+        ):
+            raise ValueError(
+                "an ensemble whose members give their own input takes the grey image as it is: "
+                "input.mean [0.0] and input.std [1.0] (each member normalises it itself)"
+            )
         return self
 
     @property

@@ -40,14 +40,10 @@ import torch
 from safetensors.torch import load_file
 
 from dicomnode.errors import TrainingError
-from dicomnode.models.architectures import (
+from dicomnode.models.architectures import build_model, fuse_probabilities, place
+from dicomnode.models.card import (
     ENSEMBLE,
     MEMBER_INPUT,
-    build_model,
-    fuse_probabilities,
-    place,
-)
-from dicomnode.models.card import (
     MEMBER_SEPARATOR,
     READER_NOTE_MAX,
     ArchitectureSpec,

@@ -51,8 +51,7 @@ from dicomnode.encode.render import SYNTHETIC_NOTICE
 from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.pixels import PICTURE_SUFFIXES, read_dicom
 from dicomnode.inference import Predictor, prepare_input
-from dicomnode.models.architectures import ENSEMBLE, MEMBER_INPUT
-from dicomnode.models.card import CAM_METHOD_NAMES, ModelCard, load_card
+from dicomnode.models.card import CAM_METHOD_NAMES, ENSEMBLE, MEMBER_INPUT, ModelCard, load_card
 from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (

@@ -435,7 +435,9 @@ def test_letterboxed_members_of_several_inputs_must_share_the_aspect_ratio(tmp_p
         build_ensemble([a, wide], tmp_path / "no", method="average", name="e", version="1")
 
 
-def test_an_ensemble_card_gives_every_member_its_input_or_none(mixed_dir: Path) -> None:
+def test_an_ensemble_card_gives_every_member_its_input_or_none(
+    mixed_dir: Path, tmp_path: Path
+) -> None:
     card = load_card(mixed_dir)
     members = [dict(m) for m in card.architecture.params["members"]]
     del members[1]["input"]
@@ -445,6 +447,17 @@ def test_an_ensemble_card_gives_every_member_its_input_or_none(mixed_dir: Path) 
     members[1]["input"] = {**members[1]["input"], "std": [0.0]}
     with pytest.raises(ModelError, match=r"a member's input: .*std values must be positive"):
         build_model("ensemble", 1, 2, {"members": members})
+    # The members normalise the ensemble's input themselves: a card normalising it too is
+    # refused (the members would see numbers they were not trained on).
+    text = (mixed_dir / "model.yaml").read_text(encoding="utf-8")
+    normalised = text.replace(
+        "  mean:\n  - 0.0\n  std:\n  - 1.0", "  mean:\n  - 0.5\n  std:\n  - 0.5"
+    )
+    assert normalised != text
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.yaml").write_text(normalised, encoding="utf-8")
+    with pytest.raises(ModelError, match=r"takes the grey image as it is: input.mean \[0.0\]"):
+        load_card(tmp_path / "m", verify=False)
 
 
 def test_a_flip_ensemble_fuses_what_each_member_gives_served_alone(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from dicomnode.models.architectures import ENSEMBLE
-from dicomnode.models.card import MEMBER_SEPARATOR, ModelCard, load_card
+from dicomnode.models.card import ENSEMBLE, MEMBER_SEPARATOR, ModelCard, load_card
 from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
