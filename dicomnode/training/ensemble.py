@@ -256,6 +256,9 @@ def build_ensemble(
     weights = ensemble_weights(cards, method)
     architecture, shared_input = ensemble_architecture(cards)
     _say_how_inputs_are_shared(cards, shared_input)
+    recipe = folds_recipe(members)
+    if validate_on is not None:  # refused before anything is written
+        check_held_out(members, recipe, load_config(validate_on, fold=validate_fold))
     state = ensemble_state(members, weights, half=half)
     first = cards[0]
     model = build_model(ENSEMBLE, shared_input.channels, first.num_classes, architecture.params)
@@ -263,17 +266,9 @@ def build_ensemble(
     output_dir.mkdir(parents=True, exist_ok=True)
     weights_path = write_weights(output_dir / WEIGHTS_FILE, state, f"{name} {version}")
     metrics = _metrics(members, weights, method, "float16" if half else "float32")
-    recipe = folds_recipe(members)
     if recipe is not None:
         metrics.update(_folds_metrics(members))
     if validate_on is not None:
-        if recipe is not None:
-            raise TrainingError(
-                "the members are the fold models of one cross-validation: every fold trained "
-                f"{len(members) - 1} of them, so no fold of {validate_on} is held out from the "
-                "ensemble; score it on an independent folder with dicomnode evaluate"
-            )
-        check_held_out(members, load_config(validate_on, fold=validate_fold))
         metrics["held_out"] = validate_ensemble(
             model,
             validate_on,
@@ -384,17 +379,30 @@ SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by")
 """What decides which images a recipe's fold ``k`` holds (with its data folder)."""
 
 
-def check_held_out(members: list[Member], config: TrainingConfig) -> None:
+def check_held_out(
+    members: list[Member], members_recipe: dict[str, Any] | None, config: TrainingConfig
+) -> None:
     """Refuse to score an ensemble on a fold that one of its members trained on.
 
-    A member trained on ``config``'s data folder must have held out that very fold of the
-    same split (folds, seed, grouping); a member trained elsewhere is not checked.
+    The fold models of one cross-validation (``members_recipe``, see :func:`folds_recipe`)
+    have no such fold. Otherwise a member trained on ``config``'s data folder must have
+    held out that very fold of the same split (folds, seed, grouping); a member trained
+    elsewhere is not checked. A recipe that names no fold is left to
+    :func:`validate_ensemble` to refuse.
 
     Raises
     ------
     TrainingError
         Naming the member, the fold it held out and the fold asked for.
     """
+    if members_recipe is not None:
+        raise TrainingError(
+            "the members are the fold models of one cross-validation: every fold trained "
+            f"{len(members) - 1} of them, so no fold of {config.data_dir} is held out from the "
+            "ensemble; score it on an independent folder with dicomnode evaluate"
+        )
+    if not isinstance(config.fold, int):
+        return
     target = Path(config.data_dir).resolve()
     for member in members:
         recipe = member.card.recipe

@@ -1222,6 +1222,7 @@ def test_an_ensemble_of_several_inputs_is_scored_on_a_held_out_fold_in_its_own_i
     _set_recipe(members[0], seed=7)
     with pytest.raises(TrainingError, match=r"with seed 7, the recipe 0: its held-out fold 0"):
         scored_on(0)
+    assert not (tmp_path / "no").exists()  # refused before anything is written
 
 
 def test_a_fold_model_records_its_recipe_cross_validation_under_a_new_version(
