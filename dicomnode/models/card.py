@@ -231,6 +231,11 @@ MEMBER_INPUT = "input"
 """The key of an ensemble member's own input in the card's ``architecture.params.members``
 (present on every member, or on none: then they share the card's ``input``)."""
 
+RAW_GREY_MEAN = (0.0,)
+RAW_GREY_STD = (1.0,)
+"""The ``input`` normalisation of an ensemble whose members give their own input: none (the
+grey image in [0, 1] as it is; each member normalises it itself)."""
+
 
 class EnsembleMember(_Frozen):
     """A member of an ensemble card: a sibling model directory and its per-class weights."""
@@ -308,7 +313,7 @@ class ModelCard(_Frozen):
         if self.architecture.name != ENSEMBLE or not isinstance(members, list):
             return self
         if any(isinstance(m, dict) and MEMBER_INPUT in m for m in members) and (
-            set(self.input.mean) != {0.0} or set(self.input.std) != {1.0}
+            set(self.input.mean) != set(RAW_GREY_MEAN) or set(self.input.std) != set(RAW_GREY_STD)
         ):
             raise ValueError(
                 "an ensemble whose members give their own input takes the grey image as it is: "

@@ -45,6 +45,8 @@ from dicomnode.models.card import (
     ENSEMBLE,
     MEMBER_INPUT,
     MEMBER_SEPARATOR,
+    RAW_GREY_MEAN,
+    RAW_GREY_STD,
     READER_NOTE_MAX,
     ArchitectureSpec,
     GradCamSpec,
@@ -151,10 +153,6 @@ def _same_shape(a: InputSpec, b: InputSpec) -> bool:
     return a.size[0] * b.size[1] == a.size[1] * b.size[0]
 
 
-SHARED_INPUT_MEAN = (0.0,)
-SHARED_INPUT_STD = (1.0,)
-
-
 def ensemble_input(cards: list[ModelCard]) -> tuple[InputSpec, tuple[InputSpec, ...] | None]:
     """The ensemble's input, and each member's own when they differ (else ``None``).
 
@@ -167,7 +165,7 @@ def ensemble_input(cards: list[ModelCard]) -> tuple[InputSpec, tuple[InputSpec, 
     if all(spec == inputs[0] for spec in inputs[1:]):
         return inputs[0], None
     size = (max(s.size[0] for s in inputs), max(s.size[1] for s in inputs))
-    shared = InputSpec(size=size, channels=1, mean=SHARED_INPUT_MEAN, std=SHARED_INPUT_STD)
+    shared = InputSpec(size=size, channels=1, mean=RAW_GREY_MEAN, std=RAW_GREY_STD)
     return shared, inputs
 
 
