@@ -1014,6 +1014,15 @@ def train(
             "named VERSION (a new run refuses to write where its model's name and version are)",
         ),
     ] = None,
+    init_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--init-weights",
+            help="override the recipe's init_weights: to cross-validate a staged recipe, start "
+            "fold K from the previous stage's fold-K model (refused when the weights trained on "
+            "a fold this run holds out)",
+        ),
+    ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
     from dicomnode.models.card import load_card
@@ -1022,7 +1031,12 @@ def train(
 
     logs.configure()
     out = train_from_config(
-        config_file, resume=resume, fold=fold, output_dir=output_dir, version=version
+        config_file,
+        resume=resume,
+        fold=fold,
+        output_dir=output_dir,
+        version=version,
+        init_weights=init_weights,
     )
     card = load_card(out)
     scalars, per_class = training_rows(card.metrics)
@@ -1209,6 +1223,8 @@ def evaluate(
         )
         table.add_row("peaks within 1 / 2 / 5 % of the image side of the lesion", _within(game))
     console.print(table)
+    if "training_images" in metrics:
+        console.print(f"[bold yellow]{metrics['training_images']}[/]")
 
 
 @app.command("label-export")

@@ -105,6 +105,17 @@ class MaskSupervisionConfig(_Frozen):
     sharpness: float = Field(default=20.0, gt=0, le=1000)
 
 
+class InitialWeights(_Frozen):
+    """What a run's ``init_weights`` file was, read from the card beside it by ``dicomnode train``:
+    the model's name and version, the weights' sha256 and the fold that model held out (None:
+    it held out none). Recorded in the trained card's recipe as ``init_weights_from``."""
+
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    fold: int | None = None
+
+
 class ModelInfo(_Frozen):
     """What the model card says about the trained model."""
 
@@ -147,6 +158,11 @@ class TrainingConfig(_Frozen):
     mode:
         ``scratch`` (all layers, random init), ``feature`` (frozen backbone,
         new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
+    init_weights_from:
+        Written by ``dicomnode train``, not by hand: when ``init_weights`` is a
+        model directory's weights file, that model's name, version, sha256 and
+        held-out fold, read from its card (a run is refused when those weights
+        trained on a fold it holds out: :mod:`dicomnode.training.lineage`).
     fold:
         The fold held out for validation, ``all`` (full cross-validation),
         ``none`` (train on everything; no validation figures) or ``final``
@@ -218,6 +234,7 @@ class TrainingConfig(_Frozen):
     architecture: ArchitectureConfig
     mode: Literal["scratch", "feature", "finetune"] = "finetune"
     init_weights: str = "none"
+    init_weights_from: InitialWeights | None = None
     backbone_lr_factor: float = Field(default=0.1, gt=0, le=1)
     input: InputSpec = InputSpec()
     preprocessing: PreprocessingSpec = PreprocessingSpec()
@@ -332,11 +349,16 @@ def load_config(
     fold: str | int | None = None,
     output_dir: Path | None = None,
     version: str | None = None,
+    init_weights: str | None = None,
 ) -> TrainingConfig:
-    """Read and validate a training YAML file; ``fold``, ``output_dir`` and ``version`` (the
-    model's) replace the recipe's when given, so a recipe whose model is shipped can be run
-    again beside it. A new ``version`` keeps its checkpoints in a sub-folder of that name."""
+    """Read and validate a training YAML file; ``fold``, ``output_dir``, ``version`` (the
+    model's) and ``init_weights`` replace the recipe's when given, so a recipe whose model is
+    shipped can be run again beside it, and each fold of a staged recipe can start from the
+    previous stage's model of that fold. A new ``version`` keeps its checkpoints in a
+    sub-folder of that name."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
+    if init_weights is not None:
+        raw["init_weights"] = init_weights
     if fold is not None:
         text = str(fold)
         raw["fold"] = int(text) if text.isdigit() else text
@@ -361,6 +383,7 @@ def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]
     """A card's recorded ``recipe`` with the keys added since it was written, as they were then.
 
     ``group_by`` was always ``filename``, ``test_time_flip`` off and ``sampling`` ``shuffle``;
+    ``init_weights_from`` was not recorded (None);
     ``smoothing_weights`` was ``per_term``
     before :data:`LOSS_FIXED` (``trained`` is the card's ISO date) and ``per_sample``
     since. Where the two losses agree (no label smoothing, or no class weights)
@@ -370,6 +393,7 @@ def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]
     out.setdefault("group_by", "filename")
     out.setdefault("test_time_flip", False)
     out.setdefault("sampling", "shuffle")
+    out.setdefault("init_weights_from", None)
     if "smoothing_weights" not in out:
         out["smoothing_weights"] = "per_term" if trained < LOSS_FIXED else "per_sample"
     if not out.get("label_smoothing") or out.get("class_weights") == "none":

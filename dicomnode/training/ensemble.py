@@ -58,6 +58,7 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
+from dicomnode.training.lineage import is_weights_file, saw_fold
 from dicomnode.training.metrics import (
     Float64Array,
     classification_metrics,
@@ -320,34 +321,69 @@ PER_MEMBER = ("notes", "precision")
 """Recipe keys in which the folds of one recipe may differ: free text, and the arithmetic of
 the training steps (a fold trained on a GPU and one on a CPU, both in bfloat16 autocast)."""
 
+RUN_KEYS = (
+    "fold",
+    "output_dir",
+    "checkpoint_dir",
+    "checkpoint_minutes",
+    "cache_dir",
+    "num_threads",
+    "loader_workers",
+)
+"""Recipe keys that set up a run, not what it trains: left out when fold models are compared
+(with the model's version: a fold trained later beside a shipped model has a version of its
+own)."""
+
 
 def folds_recipe(members: list[Member]) -> dict[str, Any] | None:
     """The members' common recipe when they are the folds of one cross-validation, else None.
 
     That is: every member card records a recipe, the recipes agree apart from
-    ``fold``, ``output_dir`` and :data:`PER_MEMBER`, and each member was
-    validated on a different fold. A :data:`PER_MEMBER` key the members
-    disagree on is recorded once per member (``notes_per_member``, ...).
+    :data:`RUN_KEYS`, the model's version and :data:`PER_MEMBER`, and each member was
+    validated on a different fold. A :data:`PER_MEMBER` key the members disagree on is
+    recorded once per member (``notes_per_member``, ...). The folds of a staged recipe
+    start from weights files of their own (``init_weights_per_member``): each from a model
+    that held out its fold, where the card records it (``init_weights_from``).
     """
     folds = [m.card.metrics.get("fold") for m in members]
     if any(not isinstance(f, int) for f in folds) or len(set(folds)) != len(folds):
         return None
     if any(not m.card.recipe for m in members):
         return None
-    ignored = ("fold", "output_dir", *PER_MEMBER)
     recorded = [recorded_recipe(m.card.recipe, m.card.trained) for m in members]
-    recipes = [{k: v for k, v in r.items() if k not in ignored} for r in recorded]
+    per_member = [*PER_MEMBER, *_own_initial_weights(recorded, folds)]
+    ignored = (*RUN_KEYS, *per_member)
+    recipes = [{k: _unversioned(k, v) for k, v in r.items() if k not in ignored} for r in recorded]
     if any(r != recipes[0] for r in recipes[1:]):
         return None
     common: dict[str, Any] = {**recipes[0], "folds_in_ensemble": folds}
-    for key in PER_MEMBER:
-        values = [m.card.recipe.get(key) for m in members]
+    for key in per_member:
+        values = [r.get(key) for r in recorded]
         if all(v == values[0] for v in values):
             if values[0] is not None:
                 common[key] = values[0]
         else:
             common[f"{key}_per_member"] = values
     return common
+
+
+def _own_initial_weights(recorded: list[dict[str, Any]], folds: list[Any]) -> tuple[str, ...]:
+    """``init_weights`` and ``init_weights_from`` as per-member keys, when each fold started
+    from a weights file and none from a model that held out another fold; else nothing."""
+    if not all(is_weights_file(str(r.get("init_weights", "none"))) for r in recorded):
+        return ()
+    for recipe, fold in zip(recorded, folds, strict=True):
+        start = recipe.get("init_weights_from")
+        if isinstance(start, dict) and start.get("fold") != fold:
+            return ()  # compared as usual, so the recipes differ
+    return ("init_weights", "init_weights_from")
+
+
+def _unversioned(key: str, value: Any) -> Any:
+    """The recipe's ``model`` without its version; any other value as it is."""
+    if key == "model" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "version"}
+    return value
 
 
 def _folds_metrics(members: list[Member]) -> dict[str, Any]:
@@ -371,10 +407,6 @@ def folds_metrics(members: list[Member], validation: str) -> dict[str, Any]:
         ],
         "cross_validation": summarise_folds(per_fold),
     }
-
-
-SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by")
-"""What decides which images a recipe's fold ``k`` holds (with its data folder)."""
 
 
 def check_held_out(
@@ -401,27 +433,13 @@ def check_held_out(
         )
     if not isinstance(config.fold, int):
         return
-    target = Path(config.data_dir).resolve()
     for member in members:
-        recipe = member.card.recipe
-        if not recipe.get("data_dir") or Path(str(recipe["data_dir"])).resolve() != target:
-            continue
-        held_out = member.card.metrics.get("fold")
-        if held_out != config.fold:
+        why = saw_fold(member.card, config, config.fold)
+        if why is not None:
             raise TrainingError(
-                f"member {member.directory} was trained on {config.data_dir} with "
-                f"{'fold ' + str(held_out) if isinstance(held_out, int) else 'no fold'} held out: "
-                f"fold {config.fold} is among its training images; score the ensemble on the fold "
-                "its members held out, or evaluate it on an independent folder"
+                f"member {member.directory} {why}; score the ensemble on the fold its members "
+                "held out, or evaluate it on an independent folder"
             )
-        recorded = recorded_recipe(recipe, member.card.trained)
-        for key in SPLIT_KEYS:
-            if key in recorded and recorded[key] != getattr(config, key):
-                raise TrainingError(
-                    f"member {member.directory} split {config.data_dir} with {key} "
-                    f"{recorded[key]!r}, the recipe {getattr(config, key)!r}: its held-out fold "
-                    f"{held_out} is not the recipe's"
-                )
 
 
 def validate_ensemble(

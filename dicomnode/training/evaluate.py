@@ -61,6 +61,7 @@ from dicomnode.training.data import (
     scan_folder,
     unusable_message,
 )
+from dicomnode.training.lineage import trained_on_folder
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -111,18 +112,23 @@ def evaluate_model(
     -------
     dict
         The figures of :func:`~dicomnode.training.metrics.classification_metrics`
-        plus ``model``, ``version``, ``sha256`` and ``data_dir``.
+        plus ``model``, ``version``, ``sha256`` and ``data_dir``, and ``training_images``
+        when the model's recipe trained on ``data_dir`` (the figures are then optimistic).
     """
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
+    seen = trained_on_folder(card, data_dir)
+    if seen:
+        logger.warning("%s", seen)
     probabilities = predict_folder(predictor, images)
     metrics = {
         "model": card.name,
         "version": card.version,
         "sha256": card.weights.sha256,
         "data_dir": str(data_dir),
+        **({"training_images": seen} if seen else {}),
         **classification_metrics(images.labels, probabilities),
     }
     if predictions is not None:

@@ -10,7 +10,9 @@ version. The weights and the explanation stay as they are.
 
 The models must be folds of one recipe, each a different fold
 (:func:`~dicomnode.training.ensemble.folds_recipe`): the same data, folds,
-seed and training settings.
+seed and training settings. The folds of a staged recipe start each from the previous
+stage's model of the same fold (``dicomnode train RECIPE --fold K --init-weights ...``);
+the record lists what each started from (``init_weights_per_fold``).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def record_cross_validation(
     if recipe is None:
         raise TrainingError(
             f"{', '.join(str(m.directory) for m in members)} are not the models of different "
-            "folds of one recipe (each card's recipe must agree apart from fold, output_dir, "
-            "notes and precision)"
+            "folds of one recipe (each card's recipe must agree apart from the fold, the run's "
+            "folders and threads, the model's version, notes and precision, and init_weights "
+            "where each fold started from a model that held out that fold)"
         )
     folds = recipe["folds_in_ensemble"]
     validation = (
@@ -60,6 +63,8 @@ def record_cross_validation(
         f"{card.metrics.get('fold')}"
     )
     record = {**folds_metrics(members, validation), "folds": folds}
+    if "init_weights_per_member" in recipe:  # a staged recipe: each fold from its own stage
+        record["init_weights_per_fold"] = recipe["init_weights_per_member"]
     metrics = {**card.metrics, RECORD: record}
     return write_revision(model_dir, card, version, note, metrics=metrics)
 

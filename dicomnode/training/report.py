@@ -204,6 +204,7 @@ def summary_markdown(
         *about,
         "",
         f"Data: `{metrics['data_dir']}` ({metrics['n']} images).",
+        *(["", f"**{metrics['training_images']}.**"] if metrics.get("training_images") else []),
         "",
         "| figure | value |",
         "|---|---|",

@@ -16,6 +16,7 @@ from typing import Any
 
 from dicomnode.errors import TrainingError
 from dicomnode.models.card import ModelCard, check_new_version, load_card, write_revision
+from dicomnode.training.lineage import trained_recipe
 
 
 def set_test_time_flip(model_dir: Path, on: bool, version: str, note: str = "") -> Path:
@@ -50,24 +51,15 @@ def set_test_time_flip(model_dir: Path, on: bool, version: str, note: str = "") 
 def trained_on_mirrors(recipe: dict[str, Any]) -> bool:
     """Whether a card's recorded recipe (an ensemble's: its members') trained with left-right
     flips."""
-    augment = _trained(recipe).get("augment")
+    augment = trained_recipe(recipe).get("augment")
     if not isinstance(augment, dict):
         return False
     return bool(augment.get("enabled", True)) and bool(augment.get("horizontal_flip", False))
 
 
-def _trained(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe that trained the weights: an ensemble card's ``members_recipe`` (recorded
-    when the members are folds of one recipe), else the card's own."""
-    if "ensemble" in recipe:
-        members = recipe.get("members_recipe")
-        return members if isinstance(members, dict) else {}
-    return recipe
-
-
 def _validation(card: ModelCard, on: bool, version: str) -> str:
     """The card's validation text with a sentence on how its figures relate to the flip."""
-    validated = bool(_trained(card.recipe).get("test_time_flip", False))
+    validated = bool(trained_recipe(card.recipe).get("test_time_flip", False))
     state = "with" if on else "without"
     sentence = f"Served {state} the test-time flip since version {version}"
     if validated == on:

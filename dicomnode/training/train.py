@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ from dicomnode.training.data import (
     warn_if_one_patient_dominates,
 )
 from dicomnode.training.folds import assign_folds, split
+from dicomnode.training.lineage import check_initial_weights
 from dicomnode.training.loss import make_loss
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import (
@@ -105,13 +107,23 @@ def train_from_config(
     fold: str | int | None = None,
     output_dir: Path | None = None,
     version: str | None = None,
+    init_weights: str | None = None,
 ) -> Path:
-    """Train as ``config_path`` says (``fold``, ``output_dir`` and the model's ``version``
-    override the recipe's); return the model directory."""
-    recipe = load_config(config_path, output_dir=output_dir, version=version)
-    config = _one_fold_of_the_recipe(
-        recipe, load_config(config_path, fold=fold, output_dir=output_dir, version=version)
+    """Train as ``config_path`` says (``fold``, ``output_dir``, the model's ``version`` and
+    ``init_weights`` override the recipe's); return the model directory.
+
+    Raises
+    ------
+    TrainingError
+        Among others, when ``init_weights`` trained on a fold this run holds out
+        (:func:`~dicomnode.training.lineage.check_initial_weights`).
+    """
+    read = partial(
+        load_config, config_path, output_dir=output_dir, version=version, init_weights=init_weights
     )
+    recipe = read()
+    config = _one_fold_of_the_recipe(recipe, read(fold=fold))
+    config = config.model_copy(update={"init_weights_from": check_initial_weights(config)})
     if not (resume and _has_checkpoints(config)):
         written = _written_by(recipe, config)
         if output_dir is not None:  # elsewhere, but perhaps the recipe's model again
@@ -184,6 +196,7 @@ def _one_fold_of_the_recipe(recipe: TrainingConfig, config: TrainingConfig) -> T
 def export_from_checkpoints(config_path: Path) -> Path:
     """Write the model directory from the best epoch saved so far of each fold (no training)."""
     config = load_config(config_path)
+    config = config.model_copy(update={"init_weights_from": check_initial_weights(config)})
     with torch_settings(config):
         prepared = prepare(config)
         results = [_result_from_checkpoint(prepared, fold) for fold in _folds_to_run(config)]

@@ -1,0 +1,170 @@
+"""A staged recipe's cross-validation: each fold starts from the previous stage's model of that
+fold, never from weights that trained on the fold it holds out (dicomnode.training.lineage)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.errors import TrainingError
+from dicomnode.models.card import load_card, sha256_of, write_card
+from dicomnode.training.ensemble import build_ensemble
+from dicomnode.training.evaluate import evaluate_model
+from dicomnode.training.recipe_cv import RECORD, record_cross_validation
+from dicomnode.training.tiny import write_tiny_dataset
+from dicomnode.training.train import train_from_config
+
+SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
+WEIGHTS = "model.safetensors"
+
+
+def _recipe(tmp_path: Path, data: Path, stage: str, **overrides: Any) -> Path:
+    """The tiny-smoke recipe on ``data``, writing under ``tmp_path/stage``: 3 folds, 1 epoch."""
+    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    raw.update(
+        data_dir=str(data),
+        output_dir=str(tmp_path / stage / "model"),
+        checkpoint_dir=str(tmp_path / stage / "checkpoints"),
+        cache_dir=str(tmp_path / "cache"),
+        folds=3,
+        epochs=1,
+        **overrides,
+    )
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the data folder, stage 1 trained on all 3 folds: ``model/fold-K``)."""
+    tmp_path = tmp_path_factory.mktemp("lineage")
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=9, size=32)
+    return data, train_from_config(_recipe(tmp_path, data, "one", fold="all"))
+
+
+def _stage_two(tmp_path: Path, data: Path, stage_one: Path, **overrides: Any) -> Path:
+    """Stage 2: fine-tune from stage 1's fold-0 model (as a shipped recipe names it)."""
+    init = str(stage_one / "fold-0" / WEIGHTS)
+    return _recipe(tmp_path, data, "two", mode="finetune", init_weights=init, **overrides)
+
+
+def test_a_fold_starts_only_from_weights_that_held_it_out(
+    tmp_path: Path, stage_one: tuple[Path, Path]
+) -> None:
+    data, one = stage_one
+    recipe = _stage_two(tmp_path, data, one)
+    # The recipe's own start (fold 0's stage 1) trained on fold 1: a fold-1 run is refused
+    # before anything is written, naming both folds.
+    with pytest.raises(TrainingError, match=r"fold 0 held out: fold 1 is among its training"):
+        train_from_config(recipe, fold="1")
+    assert not (tmp_path / "two").exists()
+    # From stage 1's own fold-1 model it trains, and the card says what it started from.
+    start = one / "fold-1" / WEIGHTS
+    out = train_from_config(recipe, fold="1", init_weights=str(start))
+    card = load_card(out)
+    assert out == tmp_path / "two" / "model" / "fold-1"
+    assert card.metrics["fold"] == 1 and card.recipe["init_weights"] == str(start)
+    first = load_card(one / "fold-1")
+    assert card.recipe["init_weights_from"] == {
+        "name": first.name,
+        "version": first.version,
+        "sha256": sha256_of(start),
+        "fold": 1,
+    }
+    # A run of every fold cannot start from one fold's model.
+    with pytest.raises(TrainingError, match=r"fold 1 held out: fold 0 is among its training"):
+        train_from_config(recipe, fold="all", init_weights=str(start), output_dir=tmp_path / "x")
+
+
+def test_weights_of_another_split_or_another_folder(
+    tmp_path: Path, stage_one: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    data, one = stage_one
+    # Another split of the same folder (seed): its fold 1 holds other images.
+    recipe = _stage_two(tmp_path, data, one, seed=5)
+    with pytest.raises(TrainingError, match=r"with seed 0, the recipe 5: its held-out fold 1"):
+        train_from_config(recipe, fold="1", init_weights=str(one / "fold-1" / WEIGHTS))
+    # A model of another folder (pretraining on other images) is not the split's business.
+    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32)
+    elsewhere = train_from_config(_recipe(tmp_path, other, "elsewhere"))
+    out = train_from_config(
+        _stage_two(tmp_path, data, one), fold="2", init_weights=str(elsewhere / WEIGHTS)
+    )
+    assert load_card(out).recipe["init_weights_from"]["fold"] == 0
+    # Weights without their card cannot be checked: the run goes on and says so.
+    loose = tmp_path / "loose.safetensors"
+    shutil.copyfile(one / "fold-0" / WEIGHTS, loose)
+    with caplog.at_level("WARNING", logger="dicomnode.training.lineage"):
+        out = train_from_config(
+            _stage_two(tmp_path, data, one), fold="1", init_weights=str(loose), version="0.0.9"
+        )
+    assert "has no model card beside it" in caplog.text
+    assert load_card(out).recipe["init_weights_from"] is None
+    # Nor can weights that are not the ones their card describes.
+    caplog.clear()
+    changed = tmp_path / "changed"
+    shutil.copytree(one / "fold-1", changed)
+    shutil.copyfile(one / "fold-0" / WEIGHTS, changed / WEIGHTS)
+    with caplog.at_level("WARNING", logger="dicomnode.training.lineage"):
+        out = train_from_config(
+            _stage_two(tmp_path, data, one), fold="1", init_weights=str(changed / WEIGHTS),
+            version="0.0.10",
+        )  # fmt: skip
+    assert "has no model card beside it" in caplog.text
+
+
+def test_a_staged_recipe_records_its_cross_validation(
+    tmp_path: Path, stage_one: tuple[Path, Path]
+) -> None:
+    """Stage 2's folds, each from stage 1's model of that fold, trained through the CLI (two
+    later under a version of their own), are the folds of one recipe for record-cv."""
+    data, one = stage_one
+    recipe = _stage_two(tmp_path, data, one)
+    runner = CliRunner()
+    folds = []
+    # The recipe's fold 0 first (a shipped model), the others later beside it under a version
+    # of their own (the recipe's is taken).
+    for fold, version in ((0, []), (1, ["--version", "0.0.2"]), (2, ["--version", "0.0.2"])):
+        start = str(one / f"fold-{fold}" / WEIGHTS)
+        args = ["train", str(recipe), "--fold", str(fold), "--init-weights", start, *version]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        folds.append(tmp_path / "two" / "model" / ("" if fold == 0 else f"fold-{fold}"))
+    assert load_card(folds[2]).version == "0.0.2"
+    record_cross_validation(folds[0], folds[1:], "9.9.9")
+    record = load_card(folds[0]).metrics[RECORD]
+    assert record["folds"] == [0, 1, 2]
+    assert record["init_weights_per_fold"] == [str(one / f"fold-{k}" / WEIGHTS) for k in range(3)]
+    # A fold whose card says it started from a model of another fold is not one of them.
+    card = load_card(folds[2])
+    wrong = {**card.recipe["init_weights_from"], "fold": 1}
+    recipe_now = {**card.recipe, "init_weights_from": wrong}
+    write_card(folds[2], card.model_copy(update={"recipe": recipe_now}))
+    with pytest.raises(TrainingError, match="not the models of different folds"):
+        record_cross_validation(folds[0], folds[1:], "9.9.10")
+
+
+def test_evaluate_says_when_the_model_trained_on_the_folder(
+    tmp_path: Path, stage_one: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, one = stage_one
+    monkeypatch.chdir(data.parent)  # the folder named another way: the same folder
+    figures = evaluate_model(one / "fold-1", Path(data.name))
+    assert figures["training_images"].startswith(
+        "tiny-smoke 0.0.1 was trained on every image but fold 1 (of 3) of data: figures on this "
+        "folder are optimistic"
+    )
+    # The ensemble of the fold models has seen every image of it.
+    folds = [one / f"fold-{k}" for k in range(3)]
+    ensemble = build_ensemble(folds, tmp_path / "ens", method="average", name="e", version="1")
+    assert "was trained on every image of" in evaluate_model(ensemble, data)["training_images"]
+    # Another folder is not the model's business.
+    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32)
+    assert "training_images" not in evaluate_model(one / "fold-1", other)
