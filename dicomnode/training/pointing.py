@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,12 @@ from dicomnode.explain.gradcam import Explainer
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
+from dicomnode.training.lineage import trained_on_folder
 from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("id", "lesion", "hit", "peak_column", "peak_row", "miss_distance")
 GALLERY_MISSES = 8
@@ -113,9 +117,19 @@ def compare_explanations(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """The pointing game of each candidate explanation (``None``: the card's own)."""
-    predictor = Predictor.load(model_dir, load_card(model_dir), device)
+    predictor = _predictor(model_dir, data_dir, device)
     images = read_masked_images(data_dir, limit)
     return [_game(_explained(predictor, candidate), images) for candidate in candidates]
+
+
+def _predictor(model_dir: Path, data_dir: Path, device: str) -> Predictor:
+    """The model, with a warning when its recipe trained on ``data_dir`` (a map trained to
+    point at these very masks scores high on them)."""
+    card = load_card(model_dir)
+    seen = trained_on_folder(card, data_dir)
+    if seen:
+        logger.warning("%s", seen)
+    return Predictor.load(model_dir, card, device)
 
 
 def _explained(predictor: Predictor, candidate: GradCamSpec | Explainer | None) -> Predictor:
@@ -135,7 +149,7 @@ def pointing_report(
     ``pointing_game.csv`` (:data:`IMAGE_COLUMNS`, one row per image) and
     ``pointing_misses.png`` (see the module notes); returns the game.
     """
-    predictor = Predictor.load(model_dir, load_card(model_dir), device)
+    predictor = _predictor(model_dir, data_dir, device)
     images = read_masked_images(data_dir)
     game = _game(predictor, images)
     directory.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,24 @@ def test_pointing_report_writes_figures_rows_and_the_misses(tmp_path: Path) -> N
         assert gallery.width == max(tiles * (256 + 10) + 10, 2 * 60 + 200)
 
 
+def test_the_pointing_game_on_the_models_own_training_folder_is_said_to_be_optimistic(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_phantom_folder(tmp_path / "spine", body_part="SPINE", count=4, seed=5, size=64)
+    model = tmp_path / "m"
+    make_tiny_model(model, body_part="SPINE", num_classes=2, channels=1)
+    with caplog.at_level("WARNING", logger="dicomnode.training.pointing"):
+        pointing_game(model, data)
+    assert "optimistic" not in caplog.text  # a card without a recipe: nothing known
+    card = load_card(model)
+    write_card(model, card.model_copy(update={"recipe": {"data_dir": str(data), "folds": 5}}))
+    with caplog.at_level("WARNING", logger="dicomnode.training.pointing"):
+        pointing_report(model, data, tmp_path / "report")
+    assert f"was trained on every image of {data}: figures on this folder are optimistic" in (
+        caplog.text
+    )
+
+
 def test_close_up_holds_the_mask_and_the_peak_with_a_margin() -> None:
     mask = np.zeros((100, 120), dtype=bool)
     mask[40:50, 60:70] = True
