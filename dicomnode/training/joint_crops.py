@@ -9,7 +9,7 @@ the film is mirrored), and takes each joint whose side has a row: the row of tha
 on a film of one joint, a row without a side. A joint the localiser is unsure of (the reasons
 the SR gives), or one without a side (a lateral or turned film), is left out and counted.
 
-Each crop is written as an 8-bit PNG, ``<patient>_<SOP Instance UID>_<side>.png`` under
+Each crop is written as a 16-bit grey PNG, ``<patient>_<SOP Instance UID>_<side>.png`` under
 ``<out>/<label>/``, where ``<patient>`` is the hash of the Patient ID that
 ``group_by: patient_id`` uses: ``group_pattern: ^(?P<group>patient-[0-9a-f]+)_`` keeps a
 patient's films and knees in one fold. The pixels are the node's (its window, its
@@ -152,13 +152,18 @@ def write_joint_crops(
     return matched
 
 
+CROP_LEVELS = 65535
+"""The crops' grey levels (16-bit PNG): a film's 10 to 16 stored bits, windowed, lose nothing
+a model could see (8 bits would round the node's pixels to steps of 1/255)."""
+
+
 def png_writer(out: Path) -> Keep:
-    """Write each crop as an 8-bit grey PNG under ``out/<label>/``."""
+    """Write each crop as a 16-bit grey PNG under ``out/<label>/``."""
 
     def write(image: Labelled, pixels: FloatArray) -> None:
         target = out / str(image.label) / image.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        grey = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+        grey = np.rint(np.clip(pixels, 0.0, 1.0) * CROP_LEVELS).astype(np.uint16)
         Image.fromarray(grey).save(target)
 
     return write

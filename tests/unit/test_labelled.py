@@ -23,7 +23,7 @@ from dicomnode.training.labelled import (
     write_folder,
     write_manifest,
 )
-from dicomnode.values import FloatArray
+from dicomnode.values import FloatArray, Region
 
 ROOT = Path(__file__).parents[2]
 KNEE_CROPS = ROOT.parent / "shared" / "data" / "knee-kl224-train"
@@ -209,8 +209,11 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
     named by the patient's hash, in its grade's folder; the others are counted."""
     if not KNEE_CROPS.is_dir():
         pytest.skip(f"the knee crops are not at {KNEE_CROPS}")
+    from dicomnode.imaging.pixels import read_image_file
+    from dicomnode.models.localise import crop_region
     from dicomnode.training.joint_crops import (
         CROP_GROUP_PATTERN,
+        CROP_LEVELS,
         crop_joints,
         model_localiser,
         png_writer,
@@ -258,7 +261,13 @@ def test_each_knee_joint_of_the_films_is_cropped_and_labelled_by_its_sides_row(
         side = int(row["x1"]) - int(row["x0"])
         assert min(np.hypot(x - cx, y - cy) for cx, cy in truths[row["source"]]) < 0.15 * side
         with Image.open(out / row["file"]) as crop:
-            assert crop.size == (side, side) and crop.mode == "L"
+            assert crop.size == (side, side) and crop.mode == "I;16"
+        # The crop holds the node's pixels of the box, to a step of 1/65535.
+        source = read_image_file(root / row["source"]).pixels
+        box = Region(*(int(row[k]) for k in ("x0", "y0", "x1", "y1")))
+        held = read_image_file(out / row["file"]).pixels
+        assert np.abs(held - crop_region(source, box)).max() <= 0.5 / CROP_LEVELS + 1e-6
+        assert len(np.unique(held)) > 256  # more grey levels than 8 bits hold
     images = scan_folder(out, 5, CROP_GROUP_PATTERN, every_class=False)
     assert len(images) == 4 and len(set(images.groups)) == 2  # PAT-A's three knees: one group
     command = ["label-export", str(root), str(tmp_path / "labels.csv"), "--out", str(out)]
