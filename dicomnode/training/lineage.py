@@ -106,6 +106,11 @@ def validated_folds(config: TrainingConfig) -> list[int]:
     return []
 
 
+def checked_start(config: TrainingConfig) -> TrainingConfig:
+    """``config`` with ``init_weights_from`` filled in by :func:`check_initial_weights`."""
+    return config.model_copy(update={"init_weights_from": check_initial_weights(config)})
+
+
 def check_initial_weights(config: TrainingConfig) -> InitialWeights | None:
     """Refuse ``init_weights`` that trained on a fold this run holds out; what its card says.
 

@@ -74,7 +74,7 @@ from dicomnode.training.data import (
     warn_if_one_patient_dominates,
 )
 from dicomnode.training.folds import assign_folds, split
-from dicomnode.training.lineage import check_initial_weights
+from dicomnode.training.lineage import checked_start
 from dicomnode.training.loss import make_loss
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import (
@@ -116,14 +116,14 @@ def train_from_config(
     ------
     TrainingError
         Among others, when ``init_weights`` trained on a fold this run holds out
-        (:func:`~dicomnode.training.lineage.check_initial_weights`).
+        (:func:`~dicomnode.training.lineage.checked_start`).
     """
     read = partial(
         load_config, config_path, output_dir=output_dir, version=version, init_weights=init_weights
     )
     recipe = read()
     config = _one_fold_of_the_recipe(recipe, read(fold=fold))
-    config = config.model_copy(update={"init_weights_from": check_initial_weights(config)})
+    config = checked_start(config)
     if not (resume and _has_checkpoints(config)):
         written = _written_by(recipe, config)
         if output_dir is not None:  # elsewhere, but perhaps the recipe's model again
@@ -196,7 +196,7 @@ def _one_fold_of_the_recipe(recipe: TrainingConfig, config: TrainingConfig) -> T
 def export_from_checkpoints(config_path: Path) -> Path:
     """Write the model directory from the best epoch saved so far of each fold (no training)."""
     config = load_config(config_path)
-    config = config.model_copy(update={"init_weights_from": check_initial_weights(config)})
+    config = checked_start(config)
     with torch_settings(config):
         prepared = prepare(config)
         results = [_result_from_checkpoint(prepared, fold) for fold in _folds_to_run(config)]
