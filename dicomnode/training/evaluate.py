@@ -61,7 +61,7 @@ from dicomnode.training.data import (
     scan_folder,
     unusable_message,
 )
-from dicomnode.training.lineage import trained_on_folder
+from dicomnode.training.lineage import warn_if_trained_on
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -119,9 +119,7 @@ def evaluate_model(
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    seen = trained_on_folder(card, data_dir)
-    if seen:
-        logger.warning("%s", seen)
+    seen = warn_if_trained_on(card, data_dir)
     probabilities = predict_folder(predictor, images)
     metrics = {
         "model": card.name,

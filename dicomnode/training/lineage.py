@@ -60,6 +60,14 @@ def trained_on_folder(card: ModelCard, data_dir: Path) -> str:
     )
 
 
+def warn_if_trained_on(card: ModelCard, data_dir: Path) -> str:
+    """:func:`trained_on_folder`, logged as a warning when it says anything."""
+    seen = trained_on_folder(card, data_dir)
+    if seen:
+        logger.warning("%s", seen)
+    return seen
+
+
 def _trained_on(recipe: dict[str, Any], data_dir: Path) -> bool:
     """Whether a recorded recipe's data folder is ``data_dir`` (relative paths: from here)."""
     trained = recipe.get("data_dir")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +44,10 @@ from dicomnode.explain.gradcam import Explainer
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import read_labelled
-from dicomnode.training.lineage import trained_on_folder
+from dicomnode.training.lineage import warn_if_trained_on
 from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
-
-logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("id", "lesion", "hit", "peak_column", "peak_row", "miss_distance")
 GALLERY_MISSES = 8
@@ -126,9 +123,7 @@ def _predictor(model_dir: Path, data_dir: Path, device: str) -> Predictor:
     """The model, with a warning when its recipe trained on ``data_dir`` (a map trained to
     point at these very masks scores high on them)."""
     card = load_card(model_dir)
-    seen = trained_on_folder(card, data_dir)
-    if seen:
-        logger.warning("%s", seen)
+    warn_if_trained_on(card, data_dir)
     return Predictor.load(model_dir, card, device)
 
 

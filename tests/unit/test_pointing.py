@@ -98,12 +98,12 @@ def test_the_pointing_game_on_the_models_own_training_folder_is_said_to_be_optim
     data = write_phantom_folder(tmp_path / "spine", body_part="SPINE", count=4, seed=5, size=64)
     model = tmp_path / "m"
     make_tiny_model(model, body_part="SPINE", num_classes=2, channels=1)
-    with caplog.at_level("WARNING", logger="dicomnode.training.pointing"):
+    with caplog.at_level("WARNING", logger="dicomnode.training.lineage"):
         pointing_game(model, data)
     assert "optimistic" not in caplog.text  # a card without a recipe: nothing known
     card = load_card(model)
     write_card(model, card.model_copy(update={"recipe": {"data_dir": str(data), "folds": 5}}))
-    with caplog.at_level("WARNING", logger="dicomnode.training.pointing"):
+    with caplog.at_level("WARNING", logger="dicomnode.training.lineage"):
         pointing_report(model, data, tmp_path / "report")
     assert f"was trained on every image of {data}: figures on this folder are optimistic" in (
         caplog.text
