@@ -107,12 +107,14 @@ class MaskSupervisionConfig(_Frozen):
 
 class InitialWeights(_Frozen):
     """What a run's ``init_weights`` file was, read from the card beside it by ``dicomnode train``:
-    the model's name and version, the weights' sha256 and the fold that model held out (None:
-    it held out none). Recorded in the trained card's recipe as ``init_weights_from``."""
+    the model's name and version, the weights' sha256, the data folder that model was trained
+    on (None: its card names none) and the fold of it that model held out (None: none).
+    Recorded in the trained card's recipe as ``init_weights_from``."""
 
     name: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data_dir: str | None = None
     fold: int | None = None
 
 
@@ -160,8 +162,8 @@ class TrainingConfig(_Frozen):
         new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
     init_weights_from:
         Written by ``dicomnode train``, not by hand: when ``init_weights`` is a
-        model directory's weights file, that model's name, version, sha256 and
-        held-out fold, read from its card (a run is refused when those weights
+        model directory's weights file, that model's name, version, sha256, data
+        folder and held-out fold, read from its card (a run is refused when those weights
         trained on a fold it holds out: :mod:`dicomnode.training.lineage`).
     fold:
         The fold held out for validation, ``all`` (full cross-validation),

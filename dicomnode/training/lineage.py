@@ -43,20 +43,26 @@ def trained_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def trained_on_folder(card: ModelCard, data_dir: Path) -> str:
-    """What the weights of ``card`` have seen of ``data_dir``: "" when their recipe names
-    another folder (or none), else a sentence for figures measured on it."""
+    """What the weights of ``card`` have seen of ``data_dir``: "" when neither their recipe nor
+    the model they started from (``init_weights_from``) names it, else a sentence for figures
+    measured on it."""
     recipe = trained_recipe(card.recipe)
-    if not _trained_on(recipe, data_dir):
-        return ""
-    fold = card.metrics.get("fold")
-    if isinstance(fold, int):
-        seen = f"every image but fold {fold} (of {recipe.get('folds', '?')})"
+    start = recipe.get("init_weights_from")
+    if _trained_on(recipe, data_dir):
+        fold = card.metrics.get("fold")
+        whose = f"{card.name} {card.version} was trained on"
+    elif isinstance(start, dict) and _trained_on(start, data_dir):
+        fold = start.get("fold")
+        whose = (
+            f"{card.name} {card.version} started from {start.get('name')} "
+            f"{start.get('version')}, which was trained on"
+        )
     else:
-        seen = "every image"
+        return ""
+    seen = f"every image but fold {fold}" if isinstance(fold, int) else "every image"
     return (
-        f"{card.name} {card.version} was trained on {seen} of {data_dir}: figures on this folder "
-        "are optimistic; its held-out figures are in its card, else score it on images it has "
-        "not seen"
+        f"{whose} {seen} of {data_dir}: figures on this folder are optimistic; score it on "
+        "images it has not seen (its held-out figures are in its card)"
     )
 
 
@@ -152,10 +158,12 @@ def check_initial_weights(config: TrainingConfig) -> InitialWeights | None:
                 "--fold K --init-weights DIR/fold-K/model.safetensors)"
             )
     held_out = card.metrics.get("fold")
+    data = trained_recipe(card.recipe).get("data_dir")
     return InitialWeights(
         name=card.name,
         version=card.version,
         sha256=card.weights.sha256,
+        data_dir=str(data) if data else None,
         fold=held_out if isinstance(held_out, int) else None,
     )
 

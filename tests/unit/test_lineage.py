@@ -76,6 +76,7 @@ def test_a_fold_starts_only_from_weights_that_held_it_out(
         "name": first.name,
         "version": first.version,
         "sha256": sha256_of(start),
+        "data_dir": str(data),
         "fold": 1,
     }
     # A run of every fold cannot start from one fold's model.
@@ -97,7 +98,13 @@ def test_weights_of_another_split_or_another_folder(
     out = train_from_config(
         _stage_two(tmp_path, data, one), fold="2", init_weights=str(elsewhere / WEIGHTS)
     )
-    assert load_card(out).recipe["init_weights_from"]["fold"] == 0
+    begun = load_card(out).recipe["init_weights_from"]
+    assert (begun["fold"], begun["data_dir"]) == (0, str(other))
+    # Scored on that other folder, its figures are said to be optimistic too.
+    assert evaluate_model(out, other)["training_images"].startswith(
+        "tiny-smoke 0.0.1 started from tiny-smoke 0.0.1, which was trained on every image but "
+        "fold 0 of"
+    )
     # Weights without their card cannot be checked: the run goes on and says so.
     loose = tmp_path / "loose.safetensors"
     shutil.copyfile(one / "fold-0" / WEIGHTS, loose)
@@ -158,7 +165,7 @@ def test_evaluate_says_when_the_model_trained_on_the_folder(
     monkeypatch.chdir(data.parent)  # the folder named another way: the same folder
     figures = evaluate_model(one / "fold-1", Path(data.name))
     assert figures["training_images"].startswith(
-        "tiny-smoke 0.0.1 was trained on every image but fold 1 (of 3) of data: figures on this "
+        "tiny-smoke 0.0.1 was trained on every image but fold 1 of data: figures on this "
         "folder are optimistic"
     )
     # The ensemble of the fold models has seen every image of it.

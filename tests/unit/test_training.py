@@ -798,7 +798,7 @@ def test_evaluation_csv_has_exactly_the_stated_columns(tmp_path: Path) -> None:
     assert ", ".join(galleries) in summary
     # Its own training folder: the figures say they are optimistic.
     assert figures["training_images"].startswith(
-        f"tiny-smoke {card.version} was trained on every image but fold 0 (of 4) of "
+        f"tiny-smoke {card.version} was trained on every image but fold 0 of "
     )
     assert f"**{figures['training_images']}.**" in summary
     # A file that is not an image is named in the error, by its place in the folder.
