@@ -56,15 +56,17 @@ def record_cross_validation(
             "where each fold started from a model that held out that fold)"
         )
     folds = recipe["folds_in_ensemble"]
+    starts = recipe.get("init_weights_per_member")  # a staged recipe: each fold its own start
     validation = (
         f"folds {', '.join(str(f) for f in folds)} of {recipe.get('folds', '?')} of this model's "
         "patient-grouped cross-validation, each fold's model trained by the same recipe and "
-        "scored on its own held-out fold; this model is the model of fold "
-        f"{card.metrics.get('fold')}"
+        "scored on its own held-out fold"
+        + (", each from the weights of its own fold (init_weights_per_fold)" if starts else "")
+        + f"; this model is the model of fold {card.metrics.get('fold')}"
     )
     record = {**folds_metrics(members, validation), "folds": folds}
-    if "init_weights_per_member" in recipe:  # a staged recipe: each fold from its own stage
-        record["init_weights_per_fold"] = recipe["init_weights_per_member"]
+    if starts:
+        record["init_weights_per_fold"] = starts
     metrics = {**card.metrics, RECORD: record}
     return write_revision(model_dir, card, version, note, metrics=metrics)
 

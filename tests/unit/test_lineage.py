@@ -148,6 +148,7 @@ def test_a_staged_recipe_records_its_cross_validation(
     record_cross_validation(folds[0], folds[1:], "9.9.9")
     record = load_card(folds[0]).metrics[RECORD]
     assert record["folds"] == [0, 1, 2]
+    assert "each from the weights of its own fold (init_weights_per_fold)" in record["validation"]
     assert record["init_weights_per_fold"] == [str(one / f"fold-{k}" / WEIGHTS) for k in range(3)]
     # A fold whose card says it started from a model of another fold is not one of them.
     card = load_card(folds[2])
