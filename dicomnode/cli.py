@@ -1023,6 +1023,16 @@ def train(
             "a fold this run holds out)",
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="override the recipe's num_threads (CPU threads)"),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision", help="override the recipe's precision: auto, float32 or bfloat16"
+        ),
+    ] = None,
 ) -> None:
     """Train a model from a recipe; writes a model directory the node can serve."""
     from dicomnode.models.card import load_card
@@ -1037,6 +1047,8 @@ def train(
         output_dir=output_dir,
         version=version,
         init_weights=init_weights,
+        threads=threads,
+        precision=precision,
     )
     card = load_card(out)
     scalars, per_class = training_rows(card.metrics)
@@ -1195,6 +1207,14 @@ def evaluate(
     report: Annotated[
         Path | None, typer.Option("--report", help="folder for the evaluation report")
     ] = None,
+    unseen_only: Annotated[
+        bool,
+        typer.Option(
+            "--unseen-only",
+            help="leave out the images whose pixels the model trained on (its "
+            "training-images.json; `dicomnode fingerprint` writes one for an older model)",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model directory on a folder of class subfolders (0/, 1/, ...)."""
     from dicomnode.training.evaluate import evaluate_model
@@ -1204,16 +1224,18 @@ def evaluate(
     from dicomnode.training.masks import has_masks
     from dicomnode.training.pointing import pointing_game, pointing_report
 
-    metrics = evaluate_model(model_dir, data_dir, predictions=predictions, report=report)
+    metrics = evaluate_model(
+        model_dir, data_dir, predictions=predictions, report=report, unseen_only=unseen_only
+    )
     table = Table("metric", "value")
     for key, value in metrics.items():
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4f}")
     if has_masks(data_dir):
         game = (
-            pointing_game(model_dir, data_dir)
+            pointing_game(model_dir, data_dir, unseen_only=unseen_only)
             if report is None
-            else pointing_report(model_dir, data_dir, report)
+            else pointing_report(model_dir, data_dir, report, unseen_only=unseen_only)
         )
         share = f"{game['pointing_game']:.3f} ({game['hits']}/{game['abnormal_images']})"
         table.add_row(f"pointing game ({game['explanation']} peak inside the lesion mask)", share)
@@ -1225,6 +1247,26 @@ def evaluate(
     console.print(table)
     if "training_images" in metrics:
         console.print(f"[bold yellow]{metrics['training_images']}[/]")
+
+
+@app.command()
+def fingerprint(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="the training folder, when not where the recipe says"),
+    ] = None,
+) -> None:
+    """List the images a model trained on by their pixels (training-images.json), for a
+    model trained before training wrote the list: from its card's recipe and folder."""
+    from dicomnode.training.fingerprint import TRAINING_IMAGES_FILE, fingerprint_model
+
+    logs.configure()
+    listed = fingerprint_model(model_dir, data_dir)
+    console.print(
+        f"{model_dir / TRAINING_IMAGES_FILE}: {len(listed.trained_on)} images trained on, "
+        f"{len(listed.held_out - listed.trained_on)} held out (by their pixels)"
+    )
 
 
 @app.command("label-export")

@@ -352,15 +352,23 @@ def load_config(
     output_dir: Path | None = None,
     version: str | None = None,
     init_weights: str | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
 ) -> TrainingConfig:
     """Read and validate a training YAML file; ``fold``, ``output_dir``, ``version`` (the
     model's) and ``init_weights`` replace the recipe's when given, so a recipe whose model is
     shipped can be run again beside it, and each fold of a staged recipe can start from the
     previous stage's model of that fold. A new ``version`` keeps its checkpoints in a
-    sub-folder of that name."""
+    sub-folder of that name. ``threads`` and ``precision`` replace ``num_threads`` and
+    ``precision``: how this machine runs the recipe (folds run side by side on a small
+    CPU, bfloat16 on one that has it), which record-cv does not hold against a fold."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
     if init_weights is not None:
         raw["init_weights"] = init_weights
+    if threads is not None:
+        raw["num_threads"] = threads
+    if precision is not None:
+        raw["precision"] = precision
     if fold is not None:
         text = str(fold)
         raw["fold"] = int(text) if text.isdigit() else text

@@ -5,7 +5,9 @@ folder (a PACS export's ``PATIENT/STUDY/SERIES/``). Each file is decoded once wi
 :func:`dicomnode.imaging.pixels.read_image_file` into one array file under
 ``cache_dir`` (keyed by a hash of the folder, the file list, the files' sizes and
 modification times and the cached shape), so later epochs, folds and runs never
-decode again. The array is
+decode again; the :func:`pixel_digest` of every decoded image is kept beside it
+(``digests-<key>.json``, :func:`image_digests`), for the list of the images a model
+trained on (:mod:`dicomnode.training.fingerprint`). The array is
 ``uint8`` when that holds the decoded pixels exactly (8-bit sources), else
 ``float32``. Images keep their size when every file of the folder has the same
 one; a folder of several sizes (a hospital's, say) is cached at the model input
@@ -65,6 +67,16 @@ class LabelledImages:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
+        """The images at ``indices``, in that order."""
+        index = np.asarray(indices, dtype=np.int64)
+        return LabelledImages(
+            self.root,
+            tuple(self.paths[i] for i in indices),
+            self.labels[index],
+            tuple(self.groups[i] for i in indices),
+        )
 
     def class_counts(self, num_classes: int) -> IntArray:
         counts: IntArray = np.bincount(self.labels, minlength=num_classes).astype(np.int64)
@@ -333,23 +345,83 @@ def _absent_class(folder: Path, index: int, *, every_class: bool) -> None:
     )
 
 
-def cache_key(images: LabelledImages, shape: tuple[int, int], resize: str | None = None) -> str:
+def cache_key(
+    images: LabelledImages, shape: tuple[int, int] | None = None, resize: str | None = None
+) -> str:
     """Hash of the folder, its relative file list, the files' sizes and modification times,
     the cached shape and how images were fitted: another folder, or a file changed in
     place, is decoded again.
 
-    ``resize`` is ``None`` when the images keep their native size (every
-    recipe reading them shares the cache), else the mode that fitted them.
+    ``shape`` is ``None`` for what does not depend on it (the pixel digests); ``resize``
+    is ``None`` when the images keep their native size (every recipe reading them shares
+    the cache), else the mode that fitted them.
     """
     digest = hashlib.sha256(str(images.root.resolve()).encode())
     for path in images.paths:
         relative = path.relative_to(images.root).as_posix()
         stat = path.stat()
         digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    digest.update(f"shape={shape}".encode())
+    if shape is not None:
+        digest.update(f"shape={shape}".encode())
     if resize is not None:
         digest.update(f" resize={resize}".encode())
     return digest.hexdigest()[:24]
+
+
+PIXEL_DIGEST = (
+    "sha256 of the decoded pixels (rows and columns, then every pixel rounded to 1/65535 "
+    "as little-endian uint16), first 16 hex digits"
+)
+"""What :func:`pixel_digest` hashes: the same image is the same digest whatever file holds
+it (a copy, another name, a lossless re-encoding, a PNG export of the node's pixels)."""
+
+
+def pixel_digest(pixels: FloatArray) -> str:
+    """The :data:`PIXEL_DIGEST` of decoded [0, 1] pixels."""
+    levels = np.rint(np.clip(pixels, 0.0, 1.0) * 65535.0).astype("<u2")
+    digest = hashlib.sha256(f"{levels.shape[0]}x{levels.shape[1]}\n".encode())
+    digest.update(levels.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def image_digests(
+    images: LabelledImages,
+    cache_dir: Path | None = None,
+    purpose: str = "hashed (fix or remove them)",
+) -> tuple[str, ...]:
+    """:func:`pixel_digest` of every file of ``images``, in order; kept in ``cache_dir``
+    (``digests-<key>.json``, written with the pixel cache) so a folder is decoded once.
+
+    Raises
+    ------
+    ConfigError
+        Naming every file that cannot be decoded (they "cannot be ``purpose``").
+    """
+    path = None if cache_dir is None else cache_dir / f"digests-{cache_key(images)}.json"
+    if path is not None and path.is_file():
+        return tuple(json.loads(path.read_text(encoding="utf-8"))["digests"])
+    logger.info("hashing the pixels of %d images", len(images))
+    digests: list[str] = []
+    unusable: list[str] = []
+    for file in images.paths:
+        try:
+            digests.append(pixel_digest(_decode(file, images.root)))
+        except ConfigError as exc:
+            unusable.append(str(exc))
+    if unusable:
+        raise ConfigError(unusable_message(unusable, len(images), images.root, purpose))
+    if path is not None:
+        _write_digests(path, digests)
+    return tuple(digests)
+
+
+def _write_digests(path: Path, digests: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(
+        json.dumps({"digest": PIXEL_DIGEST, "digests": list(digests)}), encoding="utf-8"
+    )
+    temporary.replace(path)
 
 
 MAX_LISTED = 10
@@ -497,17 +569,21 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 def _write_cache(
     images: LabelledImages, cache_dir: Path, key: str, shape: tuple[int, int], resize: str
 ) -> Path:
-    """Decode every file into ``float32`` then keep ``uint8`` when that is exact."""
+    """Decode every file into ``float32`` then keep ``uint8`` when that is exact; keep the
+    decoded images' :func:`pixel_digest` beside it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("decoding %d images into the pixel cache", len(images))
     stack = np.empty((len(images), *shape), dtype=np.float32)
     unusable: list[str] = []
+    digests: list[str] = []
     for i, path in enumerate(images.paths):
         try:
-            pixels = _fit(_decode(path, images.root), shape, resize)
+            decoded = _decode(path, images.root)
         except ConfigError as exc:
             unusable.append(str(exc))
             continue
+        digests.append(pixel_digest(decoded))
+        pixels = _fit(decoded, shape, resize)
         if pixels.shape != shape:
             raise ConfigError(f"{path.name} has shape {pixels.shape}, the cache expects {shape}")
         stack[i] = pixels
@@ -520,6 +596,7 @@ def _write_cache(
     temporary = final.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(temporary, data)
     temporary.replace(final)
+    _write_digests(cache_dir / f"digests-{cache_key(images)}.json", digests)
     (cache_dir / f"pixels-{key}.json").write_text(
         json.dumps(
             {"root": str(images.root), "count": len(images), "shape": list(shape), "dtype": dtype}

@@ -58,6 +58,12 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
+from dicomnode.training.fingerprint import (
+    TRAINING_IMAGES_FILE,
+    joined,
+    read_training_images,
+    write_training_images,
+)
 from dicomnode.training.lineage import is_weights_file, saw_fold
 from dicomnode.training.metrics import (
     Float64Array,
@@ -289,6 +295,7 @@ def build_ensemble(
         shared_input,
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _write_training_images(members, output_dir)
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
     return output_dir
@@ -495,6 +502,22 @@ def reader_note(cards: list[ModelCard]) -> str:
             f"card's {READER_NOTE_MAX}: shorten them in the members' model.yaml"
         )
     return joined
+
+
+def _write_training_images(members: list[Member], output_dir: Path) -> None:
+    """Every member's training images (:mod:`~dicomnode.training.fingerprint`), or none
+    when a member's are unknown (the old file, if any, removed: it would be another
+    model's)."""
+    images = joined(read_training_images(m.directory) for m in members)
+    if images is not None:
+        write_training_images(output_dir, images)
+        return
+    (output_dir / TRAINING_IMAGES_FILE).unlink(missing_ok=True)
+    logger.warning(
+        "a member has no %s: the ensemble cannot list the images it trained on, so "
+        "evaluate cannot recognise them by their pixels (dicomnode fingerprint MEMBER_DIR)",
+        TRAINING_IMAGES_FILE,
+    )
 
 
 def _copy_localiser(first: Member, output_dir: Path) -> None:

@@ -56,12 +56,13 @@ from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
     LabelledImages,
+    image_digests,
     listed,
     read_labelled,
     scan_folder,
     unusable_message,
 )
-from dicomnode.training.lineage import warn_if_trained_on
+from dicomnode.training.fingerprint import Seen, against_training_images
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -81,6 +82,8 @@ CARD_FIGURES = {
 }
 """The figures of a card's ``metrics`` that a summary repeats, for comparison."""
 GALLERY_PER_CLASS = 4
+UNUSABLE = "evaluated (fix or remove them)"
+"""What the error naming a folder's unreadable files says they cannot be."""
 
 
 def evaluate_model(
@@ -90,6 +93,7 @@ def evaluate_model(
     predictions: Path | None = None,
     report: Path | None = None,
     device: str = "auto",
+    unseen_only: bool = False,
 ) -> dict[str, Any]:
     """Classify every image of ``data_dir/<class index>/`` with the model in ``model_dir``.
 
@@ -107,26 +111,33 @@ def evaluate_model(
         A directory for ``metrics.json``, the figures and ``summary.md``, or None.
     device:
         ``cpu``, ``cuda`` or ``auto``.
+    unseen_only:
+        Leave out the images whose pixels the model trained on (its directory's
+        ``training-images.json``, :mod:`~dicomnode.training.fingerprint`).
 
     Returns
     -------
     dict
         The figures of :func:`~dicomnode.training.metrics.classification_metrics`
-        plus ``model``, ``version``, ``sha256`` and ``data_dir``, and ``training_images``
-        when the model's recipe trained on ``data_dir`` (the figures are then optimistic).
+        plus ``model``, ``version``, ``sha256`` and ``data_dir``; ``training_images``, a
+        warning, when the model trained on images scored (by their pixels when its
+        directory lists them, else when its recipe's folder is ``data_dir``: the figures
+        are then optimistic); ``training_overlap`` (images scored, trained on, held out,
+        whether those trained on were left out) when the directory lists them.
     """
     card = load_card(model_dir)
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    seen = warn_if_trained_on(card, data_dir)
+    images, seen = scored_images(model_dir, card, images, unseen_only=unseen_only)
     probabilities = predict_folder(predictor, images)
     metrics = {
         "model": card.name,
         "version": card.version,
         "sha256": card.weights.sha256,
         "data_dir": str(data_dir),
-        **({"training_images": seen} if seen else {}),
+        **({"training_images": seen.warning} if seen.warning else {}),
+        **({"training_overlap": seen.overlap.to_json()} if seen.overlap else {}),
         **classification_metrics(images.labels, probabilities),
     }
     if predictions is not None:
@@ -140,6 +151,23 @@ def evaluate_model(
         write_summary(report, card, metrics, names, [path.name for path in galleries])
     logger.info("evaluated %s on %d images", card.name, len(images))
     return metrics
+
+
+def scored_images(
+    model_dir: Path, card: ModelCard, images: LabelledImages, *, unseen_only: bool
+) -> tuple[LabelledImages, Seen]:
+    """The images to score (without those the model trained on, ``unseen_only``) and what
+    it has seen of them (:func:`~dicomnode.training.fingerprint.against_training_images`)."""
+    seen = against_training_images(
+        model_dir,
+        card,
+        images.root,
+        lambda: image_digests(images, purpose=UNUSABLE),
+        unseen_only=unseen_only,
+    )
+    if not unseen_only:
+        return images, seen
+    return images.subset(seen.kept), seen
 
 
 def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array:
@@ -166,8 +194,7 @@ def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array
         if not unusable:
             parts.append(predictor.forward_probabilities(torch.stack(tensors)))
     if unusable:
-        purpose = "evaluated (fix or remove them)"
-        raise ConfigError(unusable_message(unusable, len(images), images.root, purpose))
+        raise ConfigError(unusable_message(unusable, len(images), images.root, UNUSABLE))
     return np.concatenate(parts)
 
 

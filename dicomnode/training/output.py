@@ -1,5 +1,8 @@
 """The model directory a training run writes: weights, ``metrics.json``, the card, out-of-fold CSV.
 
+Beside the card, ``training-images.json`` lists the images the weights trained on and those
+they held out, by their pixels (:mod:`~dicomnode.training.fingerprint`).
+
 ``write_model_directory`` serves ``fold: <k>``, ``all`` and ``none``;
 ``write_final_directory`` serves ``fold: final`` (all-data weights, the
 cross-validation's pooled out-of-fold figures). The card is written last, so a
@@ -29,7 +32,14 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.config import TrainingConfig
-from dicomnode.training.data import IntArray
+from dicomnode.training.data import IntArray, image_digests
+from dicomnode.training.fingerprint import (
+    TrainingImages,
+    at_training,
+    of_fold,
+    read_training_images,
+    write_training_images,
+)
 from dicomnode.training.folds import split
 from dicomnode.training.metrics import (
     OTHER_FOLDS_EPOCH,
@@ -163,12 +173,12 @@ def write_model_directory(prepared: Prepared, results: list[FoldResult]) -> Path
         write_out_of_fold(prepared, results, fit_temperature(*pooled_out_of_fold(results)))
         for result in results:
             _write_one(
-                config,
+                prepared,
                 config.output_dir / f"fold-{result.fold}",
                 result,
                 summarise(config, [result]),
             )
-    return _write_one(config, config.output_dir, results[0], metrics)
+    return _write_one(prepared, config.output_dir, results[0], metrics)
 
 
 def pooled_out_of_fold(results: list[FoldResult]) -> tuple[Float64Array, IntArray]:
@@ -230,19 +240,33 @@ def write_final_directory(prepared: Prepared, results: list[FoldResult], final: 
         "history": final.loop.history,
     }
     write_out_of_fold(prepared, results, temperature)
-    return _write_one(config, config.output_dir, final, metrics)
+    return _write_one(prepared, config.output_dir, final, metrics)
 
 
 def _write_one(
-    config: TrainingConfig, directory: Path, result: FoldResult, metrics: dict[str, Any]
+    prepared: Prepared, directory: Path, result: FoldResult, metrics: dict[str, Any]
 ) -> Path:
+    config = prepared.config
     directory.mkdir(parents=True, exist_ok=True)
     label = f"{config.model.name} {config.model.version}"
     weights = write_weights(directory / WEIGHTS_FILE, result.state, label)
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_training_images(directory, training_images(prepared, result.fold))
     write_card(directory, build_card(config, metrics, sha256_of(weights)))
     logger.info("wrote model directory %s", directory)
     return directory
+
+
+def training_images(prepared: Prepared, fold: int | None) -> TrainingImages:
+    """The pixel digests of the images the run that held out ``fold`` trained on (with its
+    start's, when it began from a model directory that lists them) and held out."""
+    config = prepared.config
+    digests = image_digests(prepared.images, config.cache_dir)
+    own = of_fold(digests, prepared.assignment, fold, config.data_dir, at_training())
+    start = None
+    if config.init_weights_from is not None:
+        start = read_training_images(Path(config.init_weights).parent)
+    return own if start is None else own.joined(start)
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor], label: str) -> Path:

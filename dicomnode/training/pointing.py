@@ -43,8 +43,8 @@ from dicomnode.encode.render import heat_image
 from dicomnode.explain.gradcam import Explainer
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
-from dicomnode.training.data import read_labelled
-from dicomnode.training.lineage import warn_if_trained_on
+from dicomnode.training.data import pixel_digest, read_labelled
+from dicomnode.training.fingerprint import against_training_images
 from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
@@ -95,13 +95,17 @@ def pointing_game(
     device: str = "cpu",
     gradcam: GradCamSpec | None = None,
     limit: int | None = None,
+    unseen_only: bool = False,
 ) -> dict[str, Any]:
     """Share of abnormal images whose map peak lies inside their lesion mask.
 
     ``gradcam`` replaces the card's explanation (method and layers) for this
-    run; ``limit`` scores only the first abnormal images.
+    run; ``limit`` scores only the first abnormal images; ``unseen_only`` leaves out
+    the images the model trained on (its ``training-images.json``).
     """
-    (result,) = compare_explanations(model_dir, data_dir, [gradcam], device=device, limit=limit)
+    (result,) = compare_explanations(
+        model_dir, data_dir, [gradcam], device=device, limit=limit, unseen_only=unseen_only
+    )
     return result
 
 
@@ -112,19 +116,35 @@ def compare_explanations(
     *,
     device: str = "cpu",
     limit: int | None = None,
+    unseen_only: bool = False,
 ) -> list[dict[str, Any]]:
     """The pointing game of each candidate explanation (``None``: the card's own)."""
-    predictor = _predictor(model_dir, data_dir, device)
     images = read_masked_images(data_dir, limit)
+    predictor, images = _predictor(model_dir, data_dir, images, device, unseen_only)
     return [_game(_explained(predictor, candidate), images) for candidate in candidates]
 
 
-def _predictor(model_dir: Path, data_dir: Path, device: str) -> Predictor:
-    """The model, with a warning when its recipe trained on ``data_dir`` (a map trained to
-    point at these very masks scores high on them)."""
+def _predictor(
+    model_dir: Path,
+    data_dir: Path,
+    images: list[MaskedImage],
+    device: str,
+    unseen_only: bool = False,
+) -> tuple[Predictor, list[MaskedImage]]:
+    """The model and the images to score, with a warning when it trained on some of them
+    (by their pixels, or by the folder when its directory does not list them): a map
+    trained to point at these very masks scores high on them. ``unseen_only`` leaves
+    those out."""
     card = load_card(model_dir)
-    warn_if_trained_on(card, data_dir)
-    return Predictor.load(model_dir, card, device)
+    seen = against_training_images(
+        model_dir,
+        card,
+        data_dir,
+        lambda: [pixel_digest(item.image.pixels) for item in images],
+        unseen_only=unseen_only,
+    )
+    kept = [images[i] for i in seen.kept] if unseen_only else images
+    return Predictor.load(model_dir, card, device), kept
 
 
 def _explained(predictor: Predictor, candidate: GradCamSpec | Explainer | None) -> Predictor:
@@ -136,7 +156,12 @@ def _explained(predictor: Predictor, candidate: GradCamSpec | Explainer | None) 
 
 
 def pointing_report(
-    model_dir: Path, data_dir: Path, directory: Path, *, device: str = "cpu"
+    model_dir: Path,
+    data_dir: Path,
+    directory: Path,
+    *,
+    device: str = "cpu",
+    unseen_only: bool = False,
 ) -> dict[str, Any]:
     """Play the card's pointing game and write it into the report ``directory``.
 
@@ -144,8 +169,8 @@ def pointing_report(
     ``pointing_game.csv`` (:data:`IMAGE_COLUMNS`, one row per image) and
     ``pointing_misses.png`` (see the module notes); returns the game.
     """
-    predictor = _predictor(model_dir, data_dir, device)
     images = read_masked_images(data_dir)
+    predictor, images = _predictor(model_dir, data_dir, images, device, unseen_only)
     game = _game(predictor, images)
     directory.mkdir(parents=True, exist_ok=True)
     figures = {k: v for k, v in game.items() if k != "images"}

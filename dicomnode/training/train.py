@@ -108,9 +108,12 @@ def train_from_config(
     output_dir: Path | None = None,
     version: str | None = None,
     init_weights: str | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
 ) -> Path:
-    """Train as ``config_path`` says (``fold``, ``output_dir``, the model's ``version`` and
-    ``init_weights`` override the recipe's); return the model directory.
+    """Train as ``config_path`` says (``fold``, ``output_dir``, the model's ``version``,
+    ``init_weights``, ``threads`` and ``precision`` override the recipe's); return the model
+    directory.
 
     Raises
     ------
@@ -119,7 +122,13 @@ def train_from_config(
         (:func:`~dicomnode.training.lineage.checked_start`).
     """
     read = partial(
-        load_config, config_path, output_dir=output_dir, version=version, init_weights=init_weights
+        load_config,
+        config_path,
+        output_dir=output_dir,
+        version=version,
+        init_weights=init_weights,
+        threads=threads,
+        precision=precision,
     )
     recipe = read()
     config = _one_fold_of_the_recipe(recipe, read(fold=fold))

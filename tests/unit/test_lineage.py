@@ -16,6 +16,7 @@ from dicomnode.errors import TrainingError
 from dicomnode.models.card import load_card, sha256_of, write_card
 from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
+from dicomnode.training.fingerprint import TRAINING_IMAGES_FILE
 from dicomnode.training.recipe_cv import RECORD, record_cross_validation
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import train_from_config
@@ -93,14 +94,24 @@ def test_weights_of_another_split_or_another_folder(
     with pytest.raises(TrainingError, match=r"with seed 0, the recipe 5: its held-out fold 1"):
         train_from_config(recipe, fold="1", init_weights=str(one / "fold-1" / WEIGHTS))
     # A model of another folder (pretraining on other images) is not the split's business.
-    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32)
+    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32, seed=1)
     elsewhere = train_from_config(_recipe(tmp_path, other, "elsewhere"))
     out = train_from_config(
         _stage_two(tmp_path, data, one), fold="2", init_weights=str(elsewhere / WEIGHTS)
     )
     begun = load_card(out).recipe["init_weights_from"]
     assert (begun["fold"], begun["data_dir"]) == (0, str(other))
-    # Scored on that other folder, its figures are said to be optimistic too.
+    # Scored on that other folder, its figures are said to be optimistic too: by the pixels
+    # of the 36 images its start trained on (folds 1 and 2 of 3)...
+    figures = evaluate_model(out, other)
+    assert figures["training_overlap"] == {
+        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": False
+    }  # fmt: skip
+    assert figures["training_images"].startswith(
+        "36 of the 54 images scored have the same pixels as images tiny-smoke 0.0.1 trained on"
+    )
+    # ... or, without its list of training images, by the folder its start trained on.
+    (out / TRAINING_IMAGES_FILE).unlink()
     assert evaluate_model(out, other)["training_images"].startswith(
         "tiny-smoke 0.0.1 started from tiny-smoke 0.0.1, which was trained on every image but "
         "fold 0 of"
@@ -138,13 +149,18 @@ def test_a_staged_recipe_records_its_cross_validation(
     folds = []
     # The recipe's fold 0 first (a shipped model), the others later beside it under a version
     # of their own (the recipe's is taken).
-    for fold, version in ((0, []), (1, ["--version", "0.0.2"]), (2, ["--version", "0.0.2"])):
+    # Fold 2 as a small CPU runs it beside another: one thread, bfloat16 (the run's settings).
+    run = ["--threads", "1", "--precision", "bfloat16"]
+    for fold, version in ((0, []), (1, ["--version", "0.0.2"]), (2, ["--version", "0.0.2", *run])):
         start = str(one / f"fold-{fold}" / WEIGHTS)
         args = ["train", str(recipe), "--fold", str(fold), "--init-weights", start, *version]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         folds.append(tmp_path / "two" / "model" / ("" if fold == 0 else f"fold-{fold}"))
-    assert load_card(folds[2]).version == "0.0.2"
+    third = load_card(folds[2])
+    assert third.version == "0.0.2"
+    assert (third.recipe["num_threads"], third.recipe["precision"]) == (1, "bfloat16")
+    assert load_card(folds[1]).recipe["precision"] != "bfloat16"
     record_cross_validation(folds[0], folds[1:], "9.9.9")
     record = load_card(folds[0]).metrics[RECORD]
     assert record["folds"] == [0, 1, 2]
@@ -163,16 +179,28 @@ def test_evaluate_says_when_the_model_trained_on_the_folder(
     tmp_path: Path, stage_one: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, one = stage_one
+    # By the folder's path when the model directory does not list its training images.
+    listless = tmp_path / "listless"
+    shutil.copytree(one / "fold-1", listless)
+    (listless / TRAINING_IMAGES_FILE).unlink()
     monkeypatch.chdir(data.parent)  # the folder named another way: the same folder
-    figures = evaluate_model(one / "fold-1", Path(data.name))
+    figures = evaluate_model(listless, Path(data.name))
     assert figures["training_images"].startswith(
         "tiny-smoke 0.0.1 was trained on every image but fold 1 of data: figures on this "
         "folder are optimistic"
     )
-    # The ensemble of the fold models has seen every image of it.
+    assert "training_overlap" not in figures
+    # The ensemble of the fold models has seen every image of it (its members' lists joined).
     folds = [one / f"fold-{k}" for k in range(3)]
     ensemble = build_ensemble(folds, tmp_path / "ens", method="average", name="e", version="1")
+    assert evaluate_model(ensemble, data)["training_overlap"]["trained_on"] == 54
+    build_ensemble(
+        [folds[0], listless, folds[2]], tmp_path / "ens", method="average", name="e", version="2"
+    )
+    assert not (tmp_path / "ens" / TRAINING_IMAGES_FILE).exists()  # one member's unknown
     assert "was trained on every image of" in evaluate_model(ensemble, data)["training_images"]
     # Another folder is not the model's business.
-    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32)
-    assert "training_images" not in evaluate_model(one / "fold-1", other)
+    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32, seed=1)
+    figures = evaluate_model(one / "fold-1", other)
+    assert "training_images" not in figures
+    assert figures["training_overlap"]["trained_on"] == 0

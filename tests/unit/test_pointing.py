@@ -15,6 +15,8 @@ from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, load_card, write_card
 from dicomnode.testing.models import make_tiny_model
+from dicomnode.training.data import pixel_digest
+from dicomnode.training.fingerprint import TrainingImages, write_training_images
 from dicomnode.training.masks import has_masks
 from dicomnode.training.phantoms.dataset import write_phantom_folder
 from dicomnode.training.pointing import (
@@ -158,3 +160,27 @@ def test_set_explanation_changes_the_card_not_the_weights(tmp_path: Path) -> Non
     assert predictor.identity.explanation == (
         "LayerCAM at features.0+features.1, mean of 13 copies shifted up to 2 px"
     )
+
+
+def test_the_pointing_game_knows_training_images_by_their_pixels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the model's list of training images, those among the abnormal images are counted
+    (a warning) or, ``unseen_only``, left out of the game."""
+    data = write_phantom_folder(tmp_path / "spine", body_part="SPINE", count=8, seed=3, size=64)
+    model = tmp_path / "m"
+    make_tiny_model(model, body_part="SPINE", num_classes=2, channels=1)
+    with (data / "phantoms.csv").open() as handle:
+        abnormal = [r for r in csv.DictReader(handle) if r["mask"]]
+    seen = [
+        pixel_digest(read_image_file(data / r["label"] / f"{r['id']}.png").pixels)
+        for r in abnormal[:2]
+    ]
+    write_training_images(model, TrainingImages(frozenset(seen), frozenset(), str(data), "test"))
+    with caplog.at_level("WARNING", logger="dicomnode.training.fingerprint"):
+        whole = pointing_game(model, data)
+    assert whole["abnormal_images"] == len(abnormal)
+    assert f"2 of the {len(abnormal)} images scored have the same pixels" in caplog.text
+    unseen = pointing_game(model, data, unseen_only=True)
+    assert unseen["abnormal_images"] == len(abnormal) - 2
+    assert [r["id"] for r in unseen["images"]] == [r["id"] for r in abnormal[2:]]

@@ -1,0 +1,319 @@
+"""Which images a model trained on, by their pixels: ``training-images.json`` beside its card.
+
+:mod:`~dicomnode.training.lineage` knows a model's training folder by its path, so a copy
+of the folder, a test folder that shares some images with it, or the same pictures
+exported again under other names pass unnoticed, and a model scored on its own training
+images looks better than it is. Each model directory that training writes therefore holds
+the :data:`~dicomnode.training.data.PIXEL_DIGEST` of every image it trained on and of every
+image it held out (:class:`TrainingImages`); ``dicomnode evaluate`` hashes the images it
+scores the same way and says how many the model trained on (:class:`Overlap`), or leaves
+them out (``--unseen-only``).
+
+What counts as trained on: the images of every fold but the held-out one (all of them
+for ``fold: final`` and ``none``); for an ensemble, those of any member; for a model
+fine-tuned from another model directory (``init_weights``), also its start's.
+``dicomnode fingerprint MODEL_DIR`` writes the file afresh for a model trained before it
+existed, from the card's recipe, once the folder's split is checked against the card.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomnode.errors import ModelError, TrainingError
+from dicomnode.models.card import ENSEMBLE, ModelCard, load_card
+from dicomnode.training.config import DEFAULT_GROUP_PATTERN, recorded_recipe
+from dicomnode.training.data import PIXEL_DIGEST, IntArray, image_digests, scan_folder
+from dicomnode.training.folds import assign_folds, split
+from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
+
+logger = logging.getLogger(__name__)
+
+TRAINING_IMAGES_FILE = "training-images.json"
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """The pixel digests of the images a model trained on and of those it held out."""
+
+    trained_on: frozenset[str]
+    held_out: frozenset[str]
+    data_dir: str
+    made: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": PIXEL_DIGEST,
+            "data_dir": self.data_dir,
+            "made": self.made,
+            "trained_on": sorted(self.trained_on),
+            "held_out": sorted(self.held_out - self.trained_on),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingImages:
+        if data.get("digest") != PIXEL_DIGEST:
+            kind = data.get("digest")
+            raise ModelError(f"{TRAINING_IMAGES_FILE}: digests of another kind: {kind!r}")
+        return cls(
+            trained_on=frozenset(data["trained_on"]),
+            held_out=frozenset(data["held_out"]),
+            data_dir=str(data["data_dir"]),
+            made=str(data["made"]),
+        )
+
+    def joined(self, other: TrainingImages) -> TrainingImages:
+        """What a model made of both has trained on (an image one trained on is not held out)."""
+        trained = self.trained_on | other.trained_on
+        folders = sorted({*self.data_dir.split("; "), *other.data_dir.split("; ")})
+        held = (self.held_out | other.held_out) - trained
+        return TrainingImages(trained, held, "; ".join(folders), self.made)
+
+
+def of_fold(
+    digests: Sequence[str], assignment: IntArray, fold: int | None, data_dir: Path, made: str
+) -> TrainingImages:
+    """The images a run that held out ``fold`` (``None``: none) trained on and held out."""
+    if fold is None:
+        return TrainingImages(frozenset(digests), frozenset(), str(data_dir), made)
+    train, held = split(assignment, fold)
+    trained = frozenset(digests[i] for i in train)
+    kept = frozenset(digests[i] for i in held)
+    duplicated = kept & trained
+    if duplicated:
+        logger.warning(
+            "%d images held out in fold %d have the same pixels as images trained on (the same "
+            "image filed for two patients?): figures on them are optimistic",
+            len(duplicated),
+            fold,
+        )
+    return TrainingImages(trained, kept, str(data_dir), made)
+
+
+def at_training() -> str:
+    return f"at training, {datetime.date.today().isoformat()}"
+
+
+def write_training_images(directory: Path, images: TrainingImages) -> Path:
+    path = directory / TRAINING_IMAGES_FILE
+    path.write_text(json.dumps(images.to_json(), indent=0), encoding="utf-8")
+    return path
+
+
+def read_training_images(directory: Path) -> TrainingImages | None:
+    """The model directory's :class:`TrainingImages`, or ``None`` when it has none.
+
+    Raises
+    ------
+    ModelError
+        When the file is there but cannot be read.
+    """
+    path = directory / TRAINING_IMAGES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TrainingImages.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: not a list of training images ({exc})") from exc
+
+
+def joined(parts: Iterable[TrainingImages | None]) -> TrainingImages | None:
+    """Every part joined, or ``None`` when any is unknown (an ensemble's members)."""
+    known = list(parts)
+    if not known or any(part is None for part in known):
+        return None
+    first, *rest = [part for part in known if part is not None]
+    for part in rest:
+        first = first.joined(part)
+    return first
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """How many of the images scored a model trained on, or held out, by their pixels."""
+
+    images: int
+    trained_on: int
+    held_out: int
+    left_out: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "trained_on": self.trained_on,
+            "held_out": self.held_out,
+            "trained_on_left_out": self.left_out,
+        }
+
+    def sentence(self, card: ModelCard) -> str:
+        """A warning when the model trained on images scored, else ""."""
+        if not self.trained_on:
+            return ""
+        who = f"{card.name} {card.version}"
+        if self.left_out:
+            return (
+                f"{self.trained_on} of the {self.images} images have the same pixels as images "
+                f"{who} trained on and were left out (--unseen-only): the figures are on the "
+                f"other {self.images - self.trained_on}"
+            )
+        return (
+            f"{self.trained_on} of the {self.images} images scored have the same pixels as "
+            f"images {who} trained on: figures on them are optimistic (--unseen-only scores "
+            f"the other {self.images - self.trained_on})"
+        )
+
+
+def overlap(model: TrainingImages, digests: Sequence[str]) -> Overlap:
+    trained = sum(digest in model.trained_on for digest in digests)
+    held = sum(digest in model.held_out and digest not in model.trained_on for digest in digests)
+    return Overlap(len(digests), trained, held)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Which images to score (``kept``, indices), the warning ("" when none) and the overlap
+    with the model's training images (``None`` when its directory does not list them)."""
+
+    kept: tuple[int, ...]
+    warning: str
+    overlap: Overlap | None
+
+
+def against_training_images(
+    model_dir: Path,
+    card: ModelCard,
+    data_dir: Path,
+    digests: Callable[[], Sequence[str]],
+    *,
+    unseen_only: bool = False,
+) -> Seen:
+    """What the model in ``model_dir`` has seen of the images of ``data_dir``, warned about:
+    by their pixels (``digests``, computed only then) when the directory lists its training
+    images, else by the folder's path (:func:`~dicomnode.training.lineage.trained_on_folder`).
+    With ``unseen_only`` the images it trained on are left out.
+
+    Raises
+    ------
+    TrainingError
+        With ``unseen_only``, when the directory lists no training images or nothing is left.
+    """
+    listed = read_training_images(model_dir)
+    if listed is None:
+        if unseen_only:
+            raise TrainingError(
+                f"{model_dir} has no {TRAINING_IMAGES_FILE}: the images it trained on are not "
+                f"known (dicomnode fingerprint {model_dir} lists them from its card's recipe)"
+            )
+        return Seen((), warn_if_trained_on(card, data_dir), None)
+    hashed = digests()
+    found = replace(overlap(listed, hashed), left_out=unseen_only)
+    kept = tuple(i for i, d in enumerate(hashed) if not unseen_only or d not in listed.trained_on)
+    if not kept and hashed:
+        raise TrainingError(
+            f"{card.name} {card.version} trained on every one of the {len(hashed)} images of "
+            f"{data_dir} (the same pixels): nothing is left to score"
+        )
+    warning = found.sentence(card)
+    if warning:
+        logger.warning("%s", warning)
+    return Seen(kept, warning, found)
+
+
+def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> TrainingImages:
+    """Write ``training-images.json`` for a model trained before training wrote it; return
+    what it lists.
+
+    The card's recipe (an ensemble's ``members_recipe``) names the folder (``data_dir``
+    replaces it: a copy elsewhere) and its split; the held-out folds are the card's
+    (``metrics.fold``, or each member's in ``per_fold``; none for ``fold: final`` and
+    ``none``). The split is first checked against the card: each held-out fold's images
+    per class must be the row sums of its recorded confusion matrix. The images of a model
+    it started from (``init_weights``) are not added (training adds them).
+
+    Raises
+    ------
+    TrainingError
+        When the card does not say how it was trained, or the folder's split is not the
+        one the card recorded.
+    """
+    card = load_card(model_dir, verify=False)
+    recipe = trained_recipe(card.recipe)
+    if not recipe.get("data_dir"):
+        raise TrainingError(f"{model_dir}: its card does not say which recipe trained it")
+    recorded = recorded_recipe(recipe, card.trained)
+    folder = data_dir or Path(str(recorded["data_dir"]))
+    images = scan_folder(
+        folder,
+        card.num_classes,
+        str(recorded.get("group_pattern", DEFAULT_GROUP_PATTERN)),
+        str(recorded["group_by"]),
+    )
+    assignment = assign_folds(
+        images.labels, images.groups, int(recorded["folds"]), int(recorded["seed"])
+    )
+    expected = _held_out_counts(card)
+    _check_split(images.labels, assignment, expected, card.num_classes, folder)
+    digests = image_digests(images)
+    when = datetime.date.today().isoformat()
+    made = (
+        f"afterwards, {when}, by dicomnode fingerprint from {folder} with the card's recipe "
+        "(its split checked against the card's confusion matrices)"
+    )
+    held_out: list[int | None] = [k for k in expected if k is not None] or [None]
+    parts = [of_fold(digests, assignment, k, folder, made) for k in held_out]
+    listed = parts[0]
+    for part in parts[1:]:
+        listed = listed.joined(part)
+    write_training_images(model_dir, listed)
+    logger.info(
+        "%s: %d images trained on, %d held out", model_dir, len(listed.trained_on),
+        len(listed.held_out - listed.trained_on),
+    )  # fmt: skip
+    return listed
+
+
+def _held_out_counts(card: ModelCard) -> dict[int | None, list[int]]:
+    """Images per class of each held-out fold, from the card's confusion matrices (key
+    ``None``: every image, the pooled out-of-fold figures of ``fold: final``)."""
+    metrics = card.metrics
+    entries = metrics.get("per_fold") if card.architecture.name == ENSEMBLE else None
+    if entries is None:
+        fold = metrics.get("fold")
+        entries = [{**metrics, "fold": fold if isinstance(fold, int) else None}]
+    counts = {
+        entry.get("fold"): [int(sum(row)) for row in entry["confusion_matrix"]]
+        for entry in entries
+        if isinstance(entry, dict) and "confusion_matrix" in entry
+    }
+    if not counts:
+        raise TrainingError(
+            f"{card.name} {card.version}: its card records no confusion matrix to check the "
+            "folder's split against"
+        )
+    return counts
+
+
+def _check_split(
+    labels: IntArray,
+    assignment: IntArray,
+    expected: dict[int | None, list[int]],
+    num_classes: int,
+    folder: Path,
+) -> None:
+    for fold, counts in expected.items():
+        chosen = labels if fold is None else labels[assignment == fold]
+        found = np.bincount(chosen, minlength=num_classes).tolist()
+        if found != counts:
+            which = "the folder" if fold is None else f"fold {fold}"
+            raise TrainingError(
+                f"{folder} is not the folder the card was trained on: {which} holds {found} "
+                f"images per class, the card's confusion matrix {counts}"
+            )

@@ -1,0 +1,230 @@
+"""The images a model trained on, known by their pixels (dicomnode.training.fingerprint): copies
+under other names are recognised, --unseen-only leaves them out, and `dicomnode fingerprint`
+lists them for a model trained before training did."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.errors import TrainingError
+from dicomnode.training.config import DEFAULT_GROUP_PATTERN
+from dicomnode.training.data import image_digests, pixel_digest, read_labelled, scan_folder
+from dicomnode.training.ensemble import build_ensemble
+from dicomnode.training.evaluate import evaluate_model
+from dicomnode.training.fingerprint import (
+    TRAINING_IMAGES_FILE,
+    fingerprint_model,
+    of_fold,
+    read_training_images,
+)
+from dicomnode.training.folds import assign_folds
+from dicomnode.training.tiny import write_tiny_dataset
+from dicomnode.training.train import train_from_config
+
+SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
+FOLDS, SEED = 3, 0
+
+
+def _recipe(tmp_path: Path, data: Path, **overrides: Any) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    raw.update(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "model"),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        cache_dir=str(tmp_path / "cache"),
+        folds=FOLDS,
+        seed=SEED,
+        epochs=1,
+        **overrides,
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the data folder, its 3 fold models ``model/fold-K`` trained by one run)."""
+    tmp_path = tmp_path_factory.mktemp("fingerprint")
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=9, size=32)
+    return data, train_from_config(_recipe(tmp_path, data, fold="all"))
+
+
+def _folds_of(data: Path) -> tuple[list[Path], list[str], np.ndarray[Any, Any]]:
+    """Every file of ``data``, its digest computed here, and its fold in the recipe's split."""
+    images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
+    digests = [pixel_digest(read_labelled(path).pixels) for path in images.paths]
+    return list(images.paths), digests, assign_folds(images.labels, images.groups, FOLDS, SEED)
+
+
+def test_the_digest_is_the_images_not_the_files(tmp_path: Path) -> None:
+    data = write_tiny_dataset(tmp_path / "data", classes=2, patients=2, size=16)
+    first = sorted((data / "0").iterdir())[0]
+    pixels = np.asarray(Image.open(first))
+    # The same picture under another name, and re-encoded as a 16-bit PNG: the same image.
+    copy = tmp_path / "copy" / "0" / "renamed.png"
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(first, copy)
+    wide = tmp_path / "copy" / "0" / "wide.png"
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(wide)
+    assert Image.open(wide).mode.startswith("I")  # really 16-bit
+    # One grey level changed in one pixel: another image.
+    changed = pixels.copy()
+    changed[0, 0] ^= 1
+    Image.fromarray(changed).save(tmp_path / "copy" / "0" / "changed.png")
+    digest = {p.name: pixel_digest(read_labelled(p).pixels) for p in (first, copy, wide)}
+    assert len(set(digest.values())) == 1 and len(digest[first.name]) == 16
+    folder = scan_folder(tmp_path / "copy", 2, DEFAULT_GROUP_PATTERN, every_class=False)
+    listed = image_digests(folder)
+    assert sorted(listed).count(digest[first.name]) == 2 and len(set(listed)) == 2
+
+
+def test_training_lists_what_each_fold_trained_on_and_held_out(
+    trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    data, model = trained
+    _, digests, fold_of = _folds_of(data)
+    for fold in range(FOLDS):
+        listed = read_training_images(model / f"fold-{fold}")
+        assert listed is not None and listed.made.startswith("at training, ")
+        assert listed.trained_on == {d for d, k in zip(digests, fold_of, strict=True) if k != fold}
+        assert listed.held_out == {d for d, k in zip(digests, fold_of, strict=True) if k == fold}
+        assert listed.data_dir == str(data)
+    # The top directory is fold 0's weights, so it lists fold 0's images.
+    assert read_training_images(model) == read_training_images(model / "fold-0")
+    # The digests were kept with the pixel cache: hashing the folder again decodes nothing.
+    with caplog.at_level("INFO", logger="dicomnode.training.data"):
+        images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
+        assert list(image_digests(images, model.parent / "cache")) == digests
+    assert "hashing the pixels" not in caplog.text
+
+
+def test_an_image_filed_twice_across_folds_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assignment = np.asarray([0, 0, 1, 1, 2], dtype=np.int64)
+    with caplog.at_level("WARNING", logger="dicomnode.training.fingerprint"):
+        listed = of_fold(["a", "b", "c", "a", "e"], assignment, 0, tmp_path, "now")
+    assert "1 images held out in fold 0 have the same pixels as images trained on" in caplog.text
+    assert listed.to_json()["held_out"] == ["b"]  # "a" is among the images trained on
+
+
+def _mixed_folder(tmp_path: Path, data: Path) -> tuple[Path, dict[str, int]]:
+    """A test folder of fold 1's training images renamed, its held-out images and new ones."""
+    paths, _, fold_of = _folds_of(data)
+    mixed = tmp_path / "mixed"
+    new = write_tiny_dataset(tmp_path / "new", classes=3, patients=1, size=32, seed=7)
+    counts = {"trained": 0, "held": 0, "new": 0}
+    for index, (path, fold) in enumerate(zip(paths, fold_of, strict=True)):
+        if index % 3:  # every third image
+            continue
+        kind = "held" if fold == 1 else "trained"
+        target = mixed / path.parent.name / f"{9100000 + index}{'LR'[index % 2]}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        counts[kind] += 1
+    for path in sorted(new.rglob("*.png")):
+        shutil.copyfile(path, mixed / path.parent.name / f"new-{path.name}")
+        counts["new"] += 1
+    return mixed, counts
+
+
+def test_evaluate_recognises_training_images_under_other_names(
+    tmp_path: Path, trained: tuple[Path, Path]
+) -> None:
+    data, model = trained
+    mixed, counts = _mixed_folder(tmp_path, data)
+    total = sum(counts.values())
+    figures = evaluate_model(model / "fold-1", mixed)
+    assert figures["training_overlap"] == {
+        "images": total,
+        "trained_on": counts["trained"],
+        "held_out": counts["held"],
+        "trained_on_left_out": False,
+    }
+    assert figures["training_images"].startswith(
+        f"{counts['trained']} of the {total} images scored have the same pixels as images "
+        "tiny-smoke 0.0.1 trained on"
+    )
+    # --unseen-only scores the others, and says what it left out.
+    out = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(model / "fold-1"), str(mixed), "--unseen-only", "--predictions", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    with out.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == counts["held"] + counts["new"]
+    _, digests, fold_of = _folds_of(data)
+    trained_on = {d for d, k in zip(digests, fold_of, strict=True) if k != 1}
+    kept = [pixel_digest(read_labelled(Path(row["path"])).pixels) for row in rows]
+    assert not trained_on & set(kept)
+    assert sum(not Path(row["path"]).name.startswith("new-") for row in rows) == counts["held"]
+    assert "were left out (--unseen-only)" in " ".join(result.output.split())
+
+
+def test_unseen_only_needs_the_list_and_something_left(
+    tmp_path: Path, trained: tuple[Path, Path]
+) -> None:
+    data, model = trained
+    ensemble = build_ensemble(
+        [model / f"fold-{k}" for k in range(FOLDS)], tmp_path / "ens", method="average",
+        name="e", version="1",
+    )  # fmt: skip
+    with pytest.raises(TrainingError, match="trained on every one of the 54 images"):
+        evaluate_model(ensemble, data, unseen_only=True)
+    (ensemble / TRAINING_IMAGES_FILE).unlink()
+    with pytest.raises(TrainingError, match=r"has no training-images.json.*dicomnode fingerprint"):
+        evaluate_model(ensemble, data, unseen_only=True)
+
+
+def test_fingerprint_lists_an_older_models_images_from_its_recipe(
+    tmp_path: Path, trained: tuple[Path, Path]
+) -> None:
+    data, model = trained
+    older = tmp_path / "older"
+    shutil.copytree(model / "fold-2", older)
+    at_training = read_training_images(older)
+    (older / TRAINING_IMAGES_FILE).unlink()
+    runner = CliRunner()
+    result = runner.invoke(app, ["fingerprint", str(older)])
+    assert result.exit_code == 0, result.output
+    assert "36 images trained on, 18 held out" in " ".join(result.output.split())
+    listed = read_training_images(older)
+    assert listed is not None and at_training is not None
+    assert (listed.trained_on, listed.held_out) == (at_training.trained_on, at_training.held_out)
+    assert listed.made.startswith("afterwards, ")
+    # An ensemble of the folds: every image trained on by some member.
+    ensemble = build_ensemble(
+        [model / f"fold-{k}" for k in range(FOLDS)], tmp_path / "ens", method="average",
+        name="e", version="1",
+    )  # fmt: skip
+    (ensemble / TRAINING_IMAGES_FILE).unlink()
+    result = runner.invoke(app, ["fingerprint", str(ensemble)])
+    assert result.exit_code == 0, result.output
+    assert "54 images trained on, 0 held out" in " ".join(result.output.split())
+    # A copy of the folder elsewhere is named with --data-dir; a folder that is not the one
+    # the card was trained on (an image gone) is refused, naming the fold that differs.
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    result = runner.invoke(app, ["fingerprint", str(older), "--data-dir", str(copy)])
+    assert result.exit_code == 0, result.output
+    paths, _, fold_of = _folds_of(data)
+    gone = next(p for p, k in zip(paths, fold_of, strict=True) if k == 2)
+    (copy / gone.relative_to(data)).unlink()
+    with pytest.raises(TrainingError, match="is not the folder the card was trained on"):
+        fingerprint_model(older, copy)
+    written = json.loads((older / TRAINING_IMAGES_FILE).read_text(encoding="utf-8"))
+    assert len(written["trained_on"]) == 36  # the refused run left the list as it was
