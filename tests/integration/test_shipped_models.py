@@ -11,6 +11,7 @@ from PIL import Image
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
 from dicomnode.models.registry import LoadedCard, ModelRegistry
+from dicomnode.training.fingerprint import read_training_images
 from dicomnode.values import BodyPart, PreparedImage
 
 ROOT = Path(__file__).parents[2]
@@ -39,6 +40,8 @@ def test_every_shipped_card_validates_and_its_weights_match() -> None:
         card = loaded.card
         assert card.intended_use and card.training_data
         assert (loaded.directory / card.weights.file).stat().st_size < 50 * 1024 * 1024
+        listed = read_training_images(loaded.directory)  # the images it trained on, by pixels
+        assert listed is not None and len(listed.trained_on) >= 1600, card.name
         if card.synthetic_training_data:
             assert (
                 "synthetic" in card.training_data.lower() or "phantom" in card.training_data.lower()
@@ -96,7 +99,12 @@ def test_knee_crops_are_evaluated_whole_as_in_training(tmp_path: Path) -> None:
             crops.append(path)
             (folder / str(grade) / path.name).symlink_to(path)
     predictions = tmp_path / "predictions.csv"
-    evaluate_model(loaded.directory, folder, predictions=predictions, report=tmp_path / "report")
+    figures = evaluate_model(
+        loaded.directory, folder, predictions=predictions, report=tmp_path / "report"
+    )
+    # Its own training images, recognised by their pixels: the figures say so.
+    assert figures["training_overlap"]["trained_on"] == len(crops) == 10
+    assert figures["training_images"].startswith("10 of the 10 images scored have the same pixels")
     rows = np.loadtxt(predictions, delimiter=",", skiprows=1, usecols=range(3, 8))
     predictor = Predictor.load(loaded.directory, loaded.card, "cpu")
     whole = predictor.without_localiser()
