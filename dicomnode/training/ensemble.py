@@ -60,8 +60,10 @@ from dicomnode.models.card import (
 from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
 from dicomnode.training.fingerprint import (
     TRAINING_IMAGES_FILE,
+    fold_digests,
     joined,
     read_training_images,
+    refuse_seen_folds,
     write_training_images,
 )
 from dicomnode.training.lineage import is_weights_file, saw_fold
@@ -295,7 +297,7 @@ def build_ensemble(
         shared_input,
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    _write_training_images(members, output_dir)
+    _write_training_images(members, output_dir, card.weights.sha256)
     write_card(output_dir, card)
     logger.info("wrote ensemble %s of %d members", output_dir, len(members))
     return output_dir
@@ -423,9 +425,10 @@ def check_held_out(
 
     The fold models of one cross-validation (``members_recipe``, see :func:`folds_recipe`)
     have no such fold. Otherwise a member trained on ``config``'s data folder must have
-    held out that very fold of the same split (folds, seed, grouping); a member trained
-    elsewhere is not checked. A recipe that names no fold is left to
-    :func:`validate_ensemble` to refuse.
+    held out that very fold of the same split (folds, seed, grouping); and no member whose
+    directory lists its training images (:mod:`~dicomnode.training.fingerprint`) may have
+    trained on an image of that fold, whatever folder held it. A recipe that names no fold
+    is left to :func:`validate_ensemble` to refuse.
 
     Raises
     ------
@@ -447,6 +450,13 @@ def check_held_out(
                 f"member {member.directory} {why}; score the ensemble on the fold its members "
                 "held out, or evaluate it on an independent folder"
             )
+    listed = [(m.directory, read_training_images(m.directory)) for m in members]
+    if any(images is not None for _, images in listed):  # by the pixels too: copies, stages
+        digests, assignment = fold_digests(config)
+        for directory, images in listed:
+            if images is not None:
+                whose = f"member {directory}"
+                refuse_seen_folds(images, digests, assignment, [config.fold], whose)
 
 
 def validate_ensemble(
@@ -504,13 +514,13 @@ def reader_note(cards: list[ModelCard]) -> str:
     return joined
 
 
-def _write_training_images(members: list[Member], output_dir: Path) -> None:
+def _write_training_images(members: list[Member], output_dir: Path, sha256: str) -> None:
     """Every member's training images (:mod:`~dicomnode.training.fingerprint`), or none
     when a member's are unknown (the old file, if any, removed: it would be another
     model's)."""
     images = joined(read_training_images(m.directory) for m in members)
     if images is not None:
-        write_training_images(output_dir, images)
+        write_training_images(output_dir, images, sha256)
         return
     (output_dir / TRAINING_IMAGES_FILE).unlink(missing_ok=True)
     logger.warning(

@@ -11,9 +11,15 @@ them out (``--unseen-only``).
 
 What counts as trained on: the images of every fold but the held-out one (all of them
 for ``fold: final`` and ``none``); for an ensemble, those of any member; for a model
-fine-tuned from another model directory (``init_weights``), also its start's.
-``dicomnode fingerprint MODEL_DIR`` writes the file afresh for a model trained before it
+fine-tuned from another model directory (``init_weights``), also its start's. The file
+names the sha256 of the weights it describes: a list left behind by replaced weights is not
+used. ``dicomnode fingerprint MODEL_DIR`` writes the file afresh for a model trained before it
 existed, from the card's recipe, once the folder's split is checked against the card.
+
+The same lists guard cross-validation by content (:func:`refuse_seen_folds`): a training run
+refuses to start from weights that trained on an image of the fold it holds out, and
+``dicomnode ensemble --validate-on`` refuses a member that trained on one, whatever folder
+held the image (the folder checks of :mod:`~dicomnode.training.lineage` see only paths).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.models.card import ENSEMBLE, ModelCard, load_card
-from dicomnode.training.config import DEFAULT_GROUP_PATTERN, recorded_recipe
+from dicomnode.training.config import DEFAULT_GROUP_PATTERN, TrainingConfig, recorded_recipe
 from dicomnode.training.data import PIXEL_DIGEST, IntArray, image_digests, scan_folder
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
@@ -102,14 +108,18 @@ def at_training() -> str:
     return f"at training, {datetime.date.today().isoformat()}"
 
 
-def write_training_images(directory: Path, images: TrainingImages) -> Path:
+def write_training_images(directory: Path, images: TrainingImages, weights_sha256: str) -> Path:
+    """Write the list of the weights whose sha256 is ``weights_sha256`` into ``directory``."""
     path = directory / TRAINING_IMAGES_FILE
-    path.write_text(json.dumps(images.to_json(), indent=0), encoding="utf-8")
+    data = {"weights_sha256": weights_sha256, **images.to_json()}
+    path.write_text(json.dumps(data, indent=0), encoding="utf-8")
     return path
 
 
 def read_training_images(directory: Path) -> TrainingImages | None:
-    """The model directory's :class:`TrainingImages`, or ``None`` when it has none.
+    """The :class:`TrainingImages` of the weights of the card in ``directory``, or ``None``
+    when it has no list, or a list of other weights (warned about: the weights were
+    replaced and the list was not).
 
     Raises
     ------
@@ -120,9 +130,19 @@ def read_training_images(directory: Path) -> TrainingImages | None:
     if not path.is_file():
         return None
     try:
-        return TrainingImages.from_json(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        listed = TrainingImages.from_json(data)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: not a list of training images ({exc})") from exc
+    weights = load_card(directory, verify=False).weights.sha256
+    if data.get("weights_sha256") != weights:
+        logger.warning(
+            "%s lists the training images of other weights (sha256 %s, the card's %s): "
+            "not used (dicomnode fingerprint %s lists those of the card's weights)",
+            path, data.get("weights_sha256"), weights, directory,
+        )  # fmt: skip
+        return None
+    return listed
 
 
 def joined(parts: Iterable[TrainingImages | None]) -> TrainingImages | None:
@@ -272,7 +292,7 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     listed = parts[0]
     for part in parts[1:]:
         listed = listed.joined(part)
-    write_training_images(model_dir, listed)
+    write_training_images(model_dir, listed, card.weights.sha256)
     logger.info(
         "%s: %d images trained on, %d held out", model_dir, len(listed.trained_on),
         len(listed.held_out - listed.trained_on),
@@ -317,3 +337,37 @@ def _check_split(
                 f"{folder} is not the folder the card was trained on: {which} holds {found} "
                 f"images per class, the card's confusion matrix {counts}"
             )
+
+
+def refuse_seen_folds(
+    listed: TrainingImages,
+    digests: Sequence[str],
+    assignment: IntArray,
+    folds: Sequence[int],
+    whose: str,
+) -> None:
+    """Refuse weights (``whose``) that trained on an image of a fold a run holds out, by
+    the images' pixels: a copy of the folder, or a chain of stages, that the folder check
+    of :mod:`~dicomnode.training.lineage` cannot see.
+
+    Raises
+    ------
+    TrainingError
+        Naming the weights, the fold and how many of its images they trained on.
+    """
+    for fold in folds:
+        held = {digests[int(i)] for i in np.flatnonzero(assignment == fold)}
+        seen = held & listed.trained_on
+        if seen:
+            raise TrainingError(
+                f"{whose} trained on {len(seen)} of the {len(held)} images of fold {fold} "
+                f"(the same pixels, from {listed.data_dir}): its figures on that fold would be "
+                "optimistic; start from weights that held those images out"
+            )
+
+
+def fold_digests(config: TrainingConfig) -> tuple[tuple[str, ...], IntArray]:
+    """The pixel digests of ``config``'s folder and the fold of each image in its split."""
+    images = scan_folder(config.data_dir, config.num_classes, config.group_pattern, config.group_by)
+    assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
+    return image_digests(images, config.cache_dir), assignment

@@ -251,8 +251,9 @@ def _write_one(
     label = f"{config.model.name} {config.model.version}"
     weights = write_weights(directory / WEIGHTS_FILE, result.state, label)
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    write_training_images(directory, training_images(prepared, result.fold))
-    write_card(directory, build_card(config, metrics, sha256_of(weights)))
+    sha256 = sha256_of(weights)
+    write_training_images(directory, training_images(prepared, result.fold), sha256)
+    write_card(directory, build_card(config, metrics, sha256))
     logger.info("wrote model directory %s", directory)
     return directory
 

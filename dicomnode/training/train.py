@@ -69,12 +69,14 @@ from dicomnode.training.data import (
     IntArray,
     MaskedView,
     PixelCache,
+    image_digests,
     scan_folder,
     warn_if_each_file_is_a_patient,
     warn_if_one_patient_dominates,
 )
+from dicomnode.training.fingerprint import read_training_images, refuse_seen_folds
 from dicomnode.training.folds import assign_folds, split
-from dicomnode.training.lineage import checked_start
+from dicomnode.training.lineage import checked_start, validated_folds
 from dicomnode.training.loss import make_loss
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import (
@@ -140,11 +142,35 @@ def train_from_config(
         refuse_to_replace(config, written)
     with torch_settings(config):
         prepared = prepare(config)
+        check_start_images(prepared)
         results = [train_fold(prepared, fold, resume=resume) for fold in _folds_to_run(config)]
         if config.fold == "final":
             final = train_fold(final_run(prepared, results), None, resume=resume)
             return write_final_directory(prepared, results, final)
         return write_model_directory(prepared, results)
+
+
+def check_start_images(prepared: Prepared) -> None:
+    """Refuse a start (``init_weights``) whose model directory lists, among the images it
+    trained on, an image of a fold this run holds out (by its pixels: a copy of the folder,
+    or an earlier stage, that :func:`~dicomnode.training.lineage.checked_start` cannot see).
+
+    Raises
+    ------
+    TrainingError
+        See :func:`~dicomnode.training.fingerprint.refuse_seen_folds`.
+    """
+    config = prepared.config
+    start = config.init_weights_from
+    folds = validated_folds(config)
+    if start is None or not folds:
+        return
+    listed = read_training_images(Path(config.init_weights).parent)
+    if listed is None:
+        return
+    digests = image_digests(prepared.images, config.cache_dir)
+    whose = f"init_weights {config.init_weights} ({start.name} {start.version})"
+    refuse_seen_folds(listed, digests, prepared.assignment, folds, whose)
 
 
 def _has_checkpoints(config: TrainingConfig) -> bool:

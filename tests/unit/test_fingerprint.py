@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydicom.uid import RLELossless, generate_uid
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.errors import TrainingError
+from dicomnode.models.card import load_card
+from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import image_digests, pixel_digest, read_labelled, scan_folder
 from dicomnode.training.ensemble import build_ensemble
@@ -49,6 +52,7 @@ def _recipe(tmp_path: Path, data: Path, **overrides: Any) -> Path:
         **overrides,
     )
     path = tmp_path / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
 
@@ -190,6 +194,22 @@ def test_unseen_only_needs_the_list_and_something_left(
         evaluate_model(ensemble, data, unseen_only=True)
 
 
+def test_a_list_of_other_weights_is_not_used(
+    tmp_path: Path, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """New weights in a directory whose list was left behind: the list is not theirs."""
+    _, model = trained
+    replaced = tmp_path / "replaced"
+    shutil.copytree(model / "fold-1", replaced)
+    for name in ("model.safetensors", "model.yaml"):
+        shutil.copyfile(model / "fold-2" / name, replaced / name)
+    with caplog.at_level("WARNING", logger="dicomnode.training.fingerprint"):
+        assert read_training_images(replaced) is None
+    assert "lists the training images of other weights" in caplog.text
+    shutil.copyfile(model / "fold-2" / TRAINING_IMAGES_FILE, replaced / TRAINING_IMAGES_FILE)
+    assert read_training_images(replaced) == read_training_images(model / "fold-2")
+
+
 def test_fingerprint_lists_an_older_models_images_from_its_recipe(
     tmp_path: Path, trained: tuple[Path, Path]
 ) -> None:
@@ -228,3 +248,54 @@ def test_fingerprint_lists_an_older_models_images_from_its_recipe(
         fingerprint_model(older, copy)
     written = json.loads((older / TRAINING_IMAGES_FILE).read_text(encoding="utf-8"))
     assert len(written["trained_on"]) == 36  # the refused run left the list as it was
+
+
+def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
+    tmp_path: Path, trained: tuple[Path, Path]
+) -> None:
+    """The folder check cannot see a copy of the folder; the pixels can: a start, or an
+    ensemble member, that trained on the images of the fold a run holds out is refused."""
+    data, model = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    recipe = _recipe(tmp_path / "two", copy, mode="finetune")
+    fold_zero = str(model / "fold-0" / "model.safetensors")  # trained on folds 1 and 2
+    with pytest.raises(TrainingError, match=r"trained on 18 of the 18 images of fold 1 \(the same"):
+        train_from_config(recipe, fold="1", init_weights=fold_zero)
+    assert not (tmp_path / "two" / "model").exists()
+    out = train_from_config(recipe, fold="0", init_weights=fold_zero)  # fold 0 it held out
+    # Its list holds its start's images too: the copy's and the original's are the same.
+    listed = read_training_images(out)
+    start = read_training_images(model / "fold-0")
+    assert listed is not None and start is not None and listed.trained_on == start.trained_on
+    # An ensemble scored on a fold of the copy that one member trained on.
+    other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32, seed=1)
+    elsewhere = train_from_config(_recipe(tmp_path / "three", other))
+    members = [model / "fold-1", elsewhere]
+    with pytest.raises(TrainingError, match=r"member .*fold-1 trained on 18 of the 18 images"):
+        build_ensemble(
+            members, tmp_path / "ens", method="average", name="e", version="1",
+            validate_on=_recipe(tmp_path / "four", copy), validate_fold=0,
+        )  # fmt: skip
+    assert not (tmp_path / "ens").exists()
+    ensemble = build_ensemble(
+        members, tmp_path / "ens", method="average", name="e", version="1",
+        validate_on=_recipe(tmp_path / "four", copy), validate_fold=1,
+    )  # fmt: skip
+    assert load_card(ensemble).metrics["held_out"]["n"] == 18
+
+
+def test_a_radiograph_sent_again_is_the_same_image(tmp_path: Path) -> None:
+    """The same DICOM image re-sent by a PACS (new UIDs, another patient id on a merge,
+    RLE-compressed) decodes to the same pixels, so it has the same digest."""
+    first = write_dataset(make_radiograph(seed=3, rows=64, columns=48), tmp_path / "a.dcm")
+    again = make_radiograph(
+        seed=3, rows=64, columns=48, study_uid=generate_uid(), sop_uid=generate_uid(),
+        patient_id="MERGED01",
+    )  # fmt: skip
+    again.compress(RLELossless)
+    second = write_dataset(again, tmp_path / "b.dcm")
+    other = write_dataset(make_radiograph(seed=4, rows=64, columns=48), tmp_path / "c.dcm")
+    a, b, c = (pixel_digest(read_labelled(path).pixels) for path in (first, second, other))
+    assert a == b != c
+    assert first.read_bytes() != second.read_bytes()

@@ -176,7 +176,8 @@ def test_the_pointing_game_knows_training_images_by_their_pixels(
         pixel_digest(read_image_file(data / r["label"] / f"{r['id']}.png").pixels)
         for r in abnormal[:2]
     ]
-    write_training_images(model, TrainingImages(frozenset(seen), frozenset(), str(data), "test"))
+    listed = TrainingImages(frozenset(seen), frozenset(), str(data), "test")
+    write_training_images(model, listed, load_card(model).weights.sha256)
     with caplog.at_level("WARNING", logger="dicomnode.training.fingerprint"):
         whole = pointing_game(model, data)
     assert whole["abnormal_images"] == len(abnormal)

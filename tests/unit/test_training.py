@@ -324,7 +324,11 @@ def test_a_trained_model_directory_initialises_another_task(tmp_path: Path) -> N
     raw = yaml.safe_load((tmp_path / "first" / "recipe.yaml").read_text(encoding="utf-8"))
     raw["model"]["classes"] = raw["model"]["classes"][:2]
     raw.update(
-        data_dir=str(write_tiny_dataset(tmp_path / "second-data", classes=2, patients=8, size=32)),
+        # other images (seed 1): with the first task's (seed 0) the start would have trained on
+        # the held-out fold's very pixels, and the run would be refused (test_fingerprint.py)
+        data_dir=str(
+            write_tiny_dataset(tmp_path / "second-data", classes=2, patients=8, size=32, seed=1)
+        ),
         output_dir=str(tmp_path / "second"),
         checkpoint_dir=str(tmp_path / "second-checkpoints"),
         init_weights=str(first / "model.safetensors"),
