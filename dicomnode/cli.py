@@ -1428,6 +1428,13 @@ def pointing(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="score the first N abnormal images")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="write the results as JSON")] = None,
+    unseen_only: Annotated[
+        bool,
+        typer.Option(
+            "--unseen-only",
+            help="leave out the images whose pixels the model trained on (training-images.json)",
+        ),
+    ] = False,
 ) -> None:
     """Pointing game of a model's explanations on a phantom folder; choose a card's gradcam.
 
@@ -1459,7 +1466,9 @@ def pointing(
         if method or layer or shift
         else [None]
     )
-    results = compare_explanations(model_dir, data_dir, candidates, limit=limit)
+    results = compare_explanations(
+        model_dir, data_dir, candidates, limit=limit, unseen_only=unseen_only
+    )
     table = Table(
         "explanation",
         "pointing game",

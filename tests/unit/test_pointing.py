@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from dicomnode.cli import app
 from dicomnode.errors import ConfigError, ModelError
 from dicomnode.imaging.pixels import read_image_file
 from dicomnode.inference import Predictor
@@ -185,3 +187,10 @@ def test_the_pointing_game_knows_training_images_by_their_pixels(
     unseen = pointing_game(model, data, unseen_only=True)
     assert unseen["abnormal_images"] == len(abnormal) - 2
     assert [r["id"] for r in unseen["images"]] == [r["id"] for r in abnormal[2:]]
+    # The same through the command.
+    out = tmp_path / "game.json"
+    args = ["pointing", str(model), str(data), "--unseen-only", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (game,) = json.loads(out.read_text(encoding="utf-8"))
+    assert game["abnormal_images"] == len(abnormal) - 2
