@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from pydicom.uid import RLELossless, generate_uid
 from typer.testing import CliRunner
@@ -21,6 +20,7 @@ from dicomnode.cli import app
 from dicomnode.errors import TrainingError
 from dicomnode.models.card import load_card
 from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.recipes import smoke_recipe
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import image_digests, pixel_digest, read_labelled, scan_folder
 from dicomnode.training.ensemble import build_ensemble
@@ -35,26 +35,13 @@ from dicomnode.training.folds import assign_folds
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import train_from_config
 
-SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
 FOLDS, SEED = 3, 0
 
 
 def _recipe(tmp_path: Path, data: Path, **overrides: Any) -> Path:
-    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
-    raw.update(
-        data_dir=str(data),
-        output_dir=str(tmp_path / "model"),
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        cache_dir=str(tmp_path / "cache"),
-        folds=FOLDS,
-        seed=SEED,
-        epochs=1,
-        **overrides,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
+    """The smoke recipe on ``data`` writing under ``tmp_path``: 3 folds, 1 epoch."""
+    overrides = {"folds": FOLDS, "seed": SEED, "epochs": 1, **overrides}
+    return smoke_recipe(tmp_path / "recipe.yaml", data, tmp_path, **overrides)
 
 
 @pytest.fixture(scope="module")

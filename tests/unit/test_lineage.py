@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.errors import TrainingError
 from dicomnode.models.card import load_card, sha256_of, write_card
+from dicomnode.testing.recipes import smoke_recipe
 from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
 from dicomnode.training.fingerprint import TRAINING_IMAGES_FILE
@@ -21,25 +21,13 @@ from dicomnode.training.recipe_cv import RECORD, record_cross_validation
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import train_from_config
 
-SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
 WEIGHTS = "model.safetensors"
 
 
 def _recipe(tmp_path: Path, data: Path, stage: str, **overrides: Any) -> Path:
     """The tiny-smoke recipe on ``data``, writing under ``tmp_path/stage``: 3 folds, 1 epoch."""
-    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
-    raw.update(
-        data_dir=str(data),
-        output_dir=str(tmp_path / stage / "model"),
-        checkpoint_dir=str(tmp_path / stage / "checkpoints"),
-        cache_dir=str(tmp_path / "cache"),
-        folds=3,
-        epochs=1,
-        **overrides,
-    )
-    path = tmp_path / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
+    overrides = {"cache_dir": str(tmp_path / "cache"), "folds": 3, "epochs": 1, **overrides}
+    return smoke_recipe(tmp_path / f"{stage}.yaml", data, tmp_path / stage, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from dicomnode.inference import Predictor
 from dicomnode.models.architectures import TIMM_NAMES
 from dicomnode.models.card import InputSpec, PreprocessingSpec, load_card, write_card
 from dicomnode.testing.images import make_radiograph, write_dataset
+from dicomnode.testing.recipes import smoke_recipe
 from dicomnode.training import checkpoints
 from dicomnode.training import train as train_module
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, load_config, parse_config
@@ -55,23 +56,11 @@ from dicomnode.training.state import FoldResult, LoopState
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import export_from_checkpoints, train_from_config
 
-SMOKE = Path(__file__).resolve().parents[2] / "config" / "training" / "tiny-smoke.yaml"
-
 
 def _smoke_config(tmp_path: Path, **overrides: Any) -> Path:
     """The tiny-smoke recipe pointed at a generated folder inside ``tmp_path``."""
-    raw = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
     data = write_tiny_dataset(tmp_path / "data", classes=3, patients=8, size=32)
-    raw.update(
-        data_dir=str(data),
-        output_dir=str(tmp_path / "model"),
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        cache_dir=str(tmp_path / "cache"),
-        **overrides,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
+    return smoke_recipe(tmp_path / "recipe.yaml", data, tmp_path, **overrides)
 
 
 # ----------------------------------------------------------------------------- folds
