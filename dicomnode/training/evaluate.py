@@ -58,6 +58,7 @@ from dicomnode.training.data import (
     LabelledImages,
     image_digests,
     listed,
+    pixel_digest,
     read_labelled,
     scan_folder,
     unusable_message,
@@ -129,8 +130,11 @@ def evaluate_model(
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    images, seen = scored_images(model_dir, card, images, unseen_only=unseen_only)
-    probabilities = predict_folder(predictor, images)
+    if unseen_only:  # the digests first, to know which images to score
+        images, seen = unseen_images(model_dir, card, images)
+    probabilities, digests = predict_folder(predictor, images)
+    if not unseen_only:  # the digests of the same decoding
+        seen = against_training_images(model_dir, card, data_dir, lambda: digests)
     metrics = {
         "model": card.name,
         "version": card.version,
@@ -153,25 +157,27 @@ def evaluate_model(
     return metrics
 
 
-def scored_images(
-    model_dir: Path, card: ModelCard, images: LabelledImages, *, unseen_only: bool
+def unseen_images(
+    model_dir: Path, card: ModelCard, images: LabelledImages
 ) -> tuple[LabelledImages, Seen]:
-    """The images to score (without those the model trained on, ``unseen_only``) and what
-    it has seen of them (:func:`~dicomnode.training.fingerprint.against_training_images`)."""
+    """``images`` without those the model trained on, and how many those were
+    (:func:`~dicomnode.training.fingerprint.against_training_images`; the folder is
+    decoded once more, to hash it before anything is scored)."""
     seen = against_training_images(
         model_dir,
         card,
         images.root,
         lambda: image_digests(images, purpose=UNUSABLE),
-        unseen_only=unseen_only,
+        unseen_only=True,
     )
-    if not unseen_only:
-        return images, seen
     return images.subset(seen.kept), seen
 
 
-def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array:
-    """(N, classes) probabilities for every file, in chunks, through the node's path.
+def predict_folder(
+    predictor: Predictor, images: LabelledImages
+) -> tuple[Float64Array, tuple[str, ...]]:
+    """(N, classes) probabilities for every file, in chunks, through the node's path, and
+    each file's :func:`~dicomnode.training.data.pixel_digest` (of the same decoding).
 
     Raises
     ------
@@ -180,6 +186,7 @@ def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array
         only decoded, to be named too), as training does.
     """
     parts = [np.zeros((0, predictor.card.num_classes), dtype=np.float64)]
+    digests: list[str] = []
     unusable: list[str] = []
     for start in range(0, len(images), CHUNK):
         tensors = []
@@ -190,12 +197,13 @@ def predict_folder(predictor: Predictor, images: LabelledImages) -> Float64Array
                 unusable.append(str(exc))
                 continue
             if not unusable:
+                digests.append(pixel_digest(pixels))
                 tensors.append(prepare_input(predictor.card, pixels)[0])
         if not unusable:
             parts.append(predictor.forward_probabilities(torch.stack(tensors)))
     if unusable:
         raise ConfigError(unusable_message(unusable, len(images), images.root, UNUSABLE))
-    return np.concatenate(parts)
+    return np.concatenate(parts), tuple(digests)
 
 
 def warn_of_images_the_node_skips(images: LabelledImages) -> list[str]:

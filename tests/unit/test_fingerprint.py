@@ -286,3 +286,19 @@ def test_a_radiograph_sent_again_is_the_same_image(tmp_path: Path) -> None:
     a, b, c = (pixel_digest(read_labelled(path).pixels) for path in (first, second, other))
     assert a == b != c
     assert first.read_bytes() != second.read_bytes()
+
+
+def test_evaluate_hashes_each_image_in_the_decoding_that_scores_it(
+    trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --unseen-only no second pass decodes the folder to hash it."""
+    data, model = trained
+
+    def second_pass(*args: object, **kwargs: object) -> tuple[str, ...]:
+        raise AssertionError("the folder was decoded again to hash it")
+
+    monkeypatch.setattr("dicomnode.training.evaluate.image_digests", second_pass)
+    figures = evaluate_model(model / "fold-1", data)
+    assert figures["training_overlap"] == {
+        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": False
+    }  # fmt: skip
