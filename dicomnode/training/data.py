@@ -241,6 +241,41 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
     return True
 
 
+def warn_of_repeated_images(images: LabelledImages, digests: Sequence[str]) -> int:
+    """Log a warning when files of the folder hold the same image (their
+    :func:`pixel_digest`): filed under two labels (the labels disagree) or for two patients
+    (the folds can split them, and a fold's figures then count an image it trained on).
+    Returns how many files repeat another's image in either way."""
+    first: dict[str, int] = {}
+    relabelled: list[str] = []
+    elsewhere: list[str] = []
+    for index, digest in enumerate(digests):
+        earlier = first.setdefault(digest, index)
+        if earlier == index:
+            continue
+        one, other = (_relative(images.paths[i], images.root) for i in (index, earlier))
+        pair = f"{one} = {other}"
+        if images.labels[index] != images.labels[earlier]:
+            relabelled.append(pair)
+        elif images.groups[index] != images.groups[earlier]:
+            elsewhere.append(pair)
+    if relabelled:
+        logger.warning(
+            "%d files hold the same image as another file of another class (their labels "
+            "disagree; keep one): %s",
+            len(relabelled),
+            listed(relabelled),
+        )
+    if elsewhere:
+        logger.warning(
+            "%d files hold the same image as another patient's file (the folds may split "
+            "them, and a fold's figures then count images it trained on; keep one): %s",
+            len(elsewhere),
+            listed(elsewhere),
+        )
+    return len(relabelled) + len(elsewhere)
+
+
 def warn_if_one_patient_dominates(images: LabelledImages, folds: int) -> bool:
     """Log a warning (and return True) when one patient holds more than a fold's share.
 

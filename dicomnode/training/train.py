@@ -73,6 +73,7 @@ from dicomnode.training.data import (
     scan_folder,
     warn_if_each_file_is_a_patient,
     warn_if_one_patient_dominates,
+    warn_of_repeated_images,
 )
 from dicomnode.training.fingerprint import read_training_images, refuse_seen_folds
 from dicomnode.training.folds import assign_folds, split
@@ -278,6 +279,7 @@ def prepare(config: TrainingConfig) -> Prepared:
     cache = PixelCache.build(
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )
+    warn_of_repeated_images(images, image_digests(images, config.cache_dir))
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None

@@ -302,3 +302,20 @@ def test_evaluate_hashes_each_image_in_the_decoding_that_scores_it(
     assert figures["training_overlap"] == {
         "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": False
     }  # fmt: skip
+
+
+def test_training_warns_of_an_image_filed_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same picture under another label, or for another patient, is named before
+    training (the labels disagree; the folds may split the two)."""
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=4, size=32)
+    shutil.copyfile(data / "0" / "9000000L.png", data / "1" / "9001009L.png")  # another label
+    # Two files of class 2 replaced by copies of another patient's images.
+    shutil.copyfile(data / "2" / "9002001R.png", data / "2" / "9002003L.png")
+    shutil.copyfile(data / "2" / "9002001L.png", data / "2" / "9002000L.png")
+    with caplog.at_level("WARNING", logger="dicomnode.training.data"):
+        train_from_config(_recipe(tmp_path, data, folds=2))
+    assert "1 files hold the same image as another file of another class" in caplog.text
+    assert "1/9001009L.png = 0/9000000L.png" in caplog.text
+    assert "2 files hold the same image as another patient's file" in caplog.text
