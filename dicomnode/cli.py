@@ -1218,6 +1218,7 @@ def evaluate(
 ) -> None:
     """Evaluate a model directory on a folder of class subfolders (0/, 1/, ...)."""
     from dicomnode.training.evaluate import evaluate_model
+    from dicomnode.training.fingerprint import none_seen
 
     logs.configure()
     keep_private()
@@ -1247,6 +1248,8 @@ def evaluate(
     console.print(table)
     if "training_images" in metrics:
         console.print(f"[bold yellow]{metrics['training_images']}[/]")
+    elif clean := none_seen(metrics.get("training_overlap", {})):
+        console.print(f"[green]{clean}[/]")
 
 
 @app.command()

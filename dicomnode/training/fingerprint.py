@@ -191,6 +191,19 @@ class Overlap:
         )
 
 
+def none_seen(figures: dict[str, Any]) -> str:
+    """The sentence for an evaluation whose ``training_overlap`` (:meth:`Overlap.to_json`)
+    found no image the model trained on, else ""."""
+    if figures.get("trained_on") != 0 or figures.get("trained_on_left_out"):
+        return ""
+    held = figures.get("held_out", 0)
+    kept = f"; {held} of them it held out in validation" if held else ""
+    return (
+        f"None of the {figures['images']} images scored is one the model trained on "
+        f"(compared by their decoded pixels with its training-images.json){kept}"
+    )
+
+
 def overlap(model: TrainingImages, digests: Sequence[str]) -> Overlap:
     trained = sum(digest in model.trained_on for digest in digests)
     held = sum(digest in model.held_out and digest not in model.trained_on for digest in digests)

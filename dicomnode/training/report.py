@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dicomnode.encode.render import Font, text_font
+from dicomnode.training.fingerprint import none_seen
 from dicomnode.training.metrics import (
     OTHER_FOLDS_EPOCH,
     Float64Array,
@@ -205,6 +206,7 @@ def summary_markdown(
         "",
         f"Data: `{metrics['data_dir']}` ({metrics['n']} images).",
         *(["", f"**{metrics['training_images']}.**"] if metrics.get("training_images") else []),
+        *(["", f"{clean}."] if (clean := none_seen(metrics.get("training_overlap", {}))) else []),
         "",
         "| figure | value |",
         "|---|---|",

@@ -164,6 +164,12 @@ def test_evaluate_recognises_training_images_under_other_names(
     assert not trained_on & set(kept)
     assert sum(not Path(row["path"]).name.startswith("new-") for row in rows) == counts["held"]
     assert "were left out (--unseen-only)" in " ".join(result.output.split())
+    assert "None of the" not in result.output
+    # Images it never saw: the report says so.
+    clean = evaluate_model(model / "fold-1", tmp_path / "new", report=tmp_path / "report")
+    assert "training_images" not in clean and clean["training_overlap"]["trained_on"] == 0
+    summary = (tmp_path / "report" / "summary.md").read_text(encoding="utf-8")
+    assert f"None of the {counts['new']} images scored is one the model trained on" in summary
 
 
 def test_unseen_only_needs_the_list_and_something_left(
