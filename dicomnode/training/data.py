@@ -408,7 +408,7 @@ PIXEL_DIGEST = (
     "as little-endian uint16), first 16 hex digits"
 )
 """What :func:`pixel_digest` hashes: the same image is the same digest whatever file holds
-it (a copy, another name, a lossless re-encoding, a PNG export of the node's pixels)."""
+it (a copy, another name, a lossless re-encoding, a 16-bit PNG of the node's pixels)."""
 
 
 def pixel_digest(pixels: FloatArray) -> str:
