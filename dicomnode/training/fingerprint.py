@@ -145,6 +145,14 @@ def read_training_images(directory: Path) -> TrainingImages | None:
     return listed
 
 
+def start_images(config: TrainingConfig) -> TrainingImages | None:
+    """The list of the model directory a run starts from (``init_weights`` with the card
+    that describes it: ``init_weights_from``), or ``None``."""
+    if config.init_weights_from is None:
+        return None
+    return read_training_images(Path(config.init_weights).parent)
+
+
 def joined(parts: Iterable[TrainingImages | None]) -> TrainingImages | None:
     """Every part joined, or ``None`` when any is unknown (an ensemble's members)."""
     known = list(parts)

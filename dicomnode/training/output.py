@@ -32,12 +32,12 @@ from dicomnode.models.card import (
     write_card,
 )
 from dicomnode.training.config import TrainingConfig
-from dicomnode.training.data import IntArray, image_digests
+from dicomnode.training.data import IntArray
 from dicomnode.training.fingerprint import (
     TrainingImages,
     at_training,
     of_fold,
-    read_training_images,
+    start_images,
     write_training_images,
 )
 from dicomnode.training.folds import split
@@ -262,11 +262,8 @@ def training_images(prepared: Prepared, fold: int | None) -> TrainingImages:
     """The pixel digests of the images the run that held out ``fold`` trained on (with its
     start's, when it began from a model directory that lists them) and held out."""
     config = prepared.config
-    digests = image_digests(prepared.images, config.cache_dir)
-    own = of_fold(digests, prepared.assignment, fold, config.data_dir, at_training())
-    start = None
-    if config.init_weights_from is not None:
-        start = read_training_images(Path(config.init_weights).parent)
+    own = of_fold(prepared.digests, prepared.assignment, fold, config.data_dir, at_training())
+    start = start_images(config)
     return own if start is None else own.joined(start)
 
 

@@ -25,6 +25,8 @@ class Prepared:
     images: LabelledImages
     cache: PixelCache
     assignment: IntArray
+    digests: tuple[str, ...]
+    """Each image's :func:`~dicomnode.training.data.pixel_digest`."""
     device: torch.device
     masks: LesionMasks | None = None
 

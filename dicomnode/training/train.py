@@ -75,7 +75,7 @@ from dicomnode.training.data import (
     warn_if_one_patient_dominates,
     warn_of_repeated_images,
 )
-from dicomnode.training.fingerprint import read_training_images, refuse_seen_folds
+from dicomnode.training.fingerprint import refuse_seen_folds, start_images
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import checked_start, validated_folds
 from dicomnode.training.loss import make_loss
@@ -163,15 +163,11 @@ def check_start_images(prepared: Prepared) -> None:
     """
     config = prepared.config
     start = config.init_weights_from
-    folds = validated_folds(config)
-    if start is None or not folds:
+    listed = start_images(config)
+    if start is None or listed is None:
         return
-    listed = read_training_images(Path(config.init_weights).parent)
-    if listed is None:
-        return
-    digests = image_digests(prepared.images, config.cache_dir)
     whose = f"init_weights {config.init_weights} ({start.name} {start.version})"
-    refuse_seen_folds(listed, digests, prepared.assignment, folds, whose)
+    refuse_seen_folds(listed, prepared.digests, prepared.assignment, validated_folds(config), whose)
 
 
 def _has_checkpoints(config: TrainingConfig) -> bool:
@@ -279,7 +275,8 @@ def prepare(config: TrainingConfig) -> Prepared:
     cache = PixelCache.build(
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )
-    warn_of_repeated_images(images, image_digests(images, config.cache_dir))
+    digests = image_digests(images, config.cache_dir)  # kept with the cache it was built with
+    warn_of_repeated_images(images, digests)
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None
@@ -293,7 +290,7 @@ def prepare(config: TrainingConfig) -> Prepared:
         device,
         "bfloat16" if uses_bfloat16(config, device) else "float32",
     )
-    return Prepared(config, images, cache, assignment, device, masks)
+    return Prepared(config, images, cache, assignment, digests, device, masks)
 
 
 # ----------------------------------------------------------------------------- setup
