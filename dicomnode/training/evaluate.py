@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,13 @@ from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
     LabelledImages,
-    image_digests,
     listed,
     pixel_digest,
     read_labelled,
     scan_folder,
     unusable_message,
 )
-from dicomnode.training.fingerprint import Seen, against_training_images
+from dicomnode.training.fingerprint import against_training_images, listed_training_images
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -130,11 +130,12 @@ def evaluate_model(
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    if unseen_only:  # the digests first, to know which images to score
-        images, seen = unseen_images(model_dir, card, images)
-    probabilities, digests = predict_folder(predictor, images)
-    if not unseen_only:  # the digests of the same decoding
-        seen = against_training_images(model_dir, card, data_dir, lambda: digests)
+    leave_out = listed_training_images(model_dir).trained_on if unseen_only else frozenset()
+    probabilities, digests = predict_folder(predictor, images, leave_out)
+    seen = against_training_images(
+        model_dir, card, data_dir, lambda: digests, unseen_only=unseen_only
+    )
+    images = images.subset(seen.kept) if unseen_only else images
     metrics = {
         "model": card.name,
         "version": card.version,
@@ -157,27 +158,12 @@ def evaluate_model(
     return metrics
 
 
-def unseen_images(
-    model_dir: Path, card: ModelCard, images: LabelledImages
-) -> tuple[LabelledImages, Seen]:
-    """``images`` without those the model trained on, and how many those were
-    (:func:`~dicomnode.training.fingerprint.against_training_images`; the folder is
-    decoded once more, to hash it before anything is scored)."""
-    seen = against_training_images(
-        model_dir,
-        card,
-        images.root,
-        lambda: image_digests(images, purpose=UNUSABLE),
-        unseen_only=True,
-    )
-    return images.subset(seen.kept), seen
-
-
 def predict_folder(
-    predictor: Predictor, images: LabelledImages
+    predictor: Predictor, images: LabelledImages, leave_out: Collection[str] = frozenset()
 ) -> tuple[Float64Array, tuple[str, ...]]:
-    """(N, classes) probabilities for every file, in chunks, through the node's path, and
-    each file's :func:`~dicomnode.training.data.pixel_digest` (of the same decoding).
+    """Each file's :func:`~dicomnode.training.data.pixel_digest` and, from the same
+    decoding, its probabilities through the node's path (in chunks): (M, classes), one row
+    per file whose digest is not in ``leave_out``, in order.
 
     Raises
     ------
@@ -198,8 +184,9 @@ def predict_folder(
                 continue
             if not unusable:
                 digests.append(pixel_digest(pixels))
-                tensors.append(prepare_input(predictor.card, pixels)[0])
-        if not unusable:
+                if digests[-1] not in leave_out:
+                    tensors.append(prepare_input(predictor.card, pixels)[0])
+        if tensors and not unusable:
             parts.append(predictor.forward_probabilities(torch.stack(tensors)))
     if unusable:
         raise ConfigError(unusable_message(unusable, len(images), images.root, UNUSABLE))

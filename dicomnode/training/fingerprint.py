@@ -228,6 +228,23 @@ class Seen:
     overlap: Overlap | None
 
 
+def listed_training_images(model_dir: Path) -> TrainingImages:
+    """The images the weights in ``model_dir`` trained on, which must be listed.
+
+    Raises
+    ------
+    TrainingError
+        When the directory has no list of its weights' images.
+    """
+    listed = read_training_images(model_dir)
+    if listed is None:
+        raise TrainingError(
+            f"{model_dir} has no {TRAINING_IMAGES_FILE}: the images it trained on are not "
+            f"known (dicomnode fingerprint {model_dir} lists them from its card's recipe)"
+        )
+    return listed
+
+
 def against_training_images(
     model_dir: Path,
     card: ModelCard,
@@ -246,13 +263,8 @@ def against_training_images(
     TrainingError
         With ``unseen_only``, when the directory lists no training images or nothing is left.
     """
-    listed = read_training_images(model_dir)
+    listed = listed_training_images(model_dir) if unseen_only else read_training_images(model_dir)
     if listed is None:
-        if unseen_only:
-            raise TrainingError(
-                f"{model_dir} has no {TRAINING_IMAGES_FILE}: the images it trained on are not "
-                f"known (dicomnode fingerprint {model_dir} lists them from its card's recipe)"
-            )
         return Seen((), warn_if_trained_on(card, data_dir), None)
     hashed = digests()
     found = replace(overlap(listed, hashed), left_out=unseen_only)

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+import torch
 from PIL import Image
 from pydicom.uid import RLELossless, generate_uid
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.errors import TrainingError
+from dicomnode.imaging.pixels import read_image_file
+from dicomnode.inference import Predictor
 from dicomnode.models.card import load_card
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.recipes import smoke_recipe
@@ -34,6 +38,7 @@ from dicomnode.training.fingerprint import (
 from dicomnode.training.folds import assign_folds
 from dicomnode.training.tiny import write_tiny_dataset
 from dicomnode.training.train import train_from_config
+from dicomnode.values import PreparedImage
 
 FOLDS, SEED = 3, 0
 
@@ -294,20 +299,33 @@ def test_a_radiograph_sent_again_is_the_same_image(tmp_path: Path) -> None:
     assert first.read_bytes() != second.read_bytes()
 
 
-def test_evaluate_hashes_each_image_in_the_decoding_that_scores_it(
-    trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("unseen_only", [False, True])
+def test_evaluate_decodes_each_image_once(
+    trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, unseen_only: bool
 ) -> None:
-    """Without --unseen-only no second pass decodes the folder to hash it."""
+    """Each image is hashed in the decoding that scores it, with --unseen-only too (the
+    images trained on are decoded and hashed, not scored)."""
     data, model = trained
+    decoded: list[Path] = []
+    scored: list[int] = []
+    forward = Predictor.forward_probabilities
 
-    def second_pass(*args: object, **kwargs: object) -> tuple[str, ...]:
-        raise AssertionError("the folder was decoded again to hash it")
+    def counted(path: Path) -> PreparedImage:
+        decoded.append(path)
+        return read_image_file(path)
 
-    monkeypatch.setattr("dicomnode.training.evaluate.image_digests", second_pass)
-    figures = evaluate_model(model / "fold-1", data)
+    def counted_forward(self: Predictor, batch: torch.Tensor) -> npt.NDArray[np.float64]:
+        scored.append(len(batch))
+        return forward(self, batch)
+
+    monkeypatch.setattr("dicomnode.imaging.pixels.read_image_file", counted)
+    monkeypatch.setattr(Predictor, "forward_probabilities", counted_forward)
+    figures = evaluate_model(model / "fold-1", data, unseen_only=unseen_only)
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 54
     assert figures["training_overlap"] == {
-        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": False
+        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": unseen_only
     }  # fmt: skip
+    assert sum(scored) == (18 if unseen_only else 54)
 
 
 def test_training_warns_of_an_image_filed_twice(
