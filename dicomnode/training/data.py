@@ -241,14 +241,18 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
     return True
 
 
-def warn_of_repeated_images(images: LabelledImages, digests: Sequence[str]) -> int:
-    """Log a warning when files of the folder hold the same image (their
+def warn_of_repeated_images(
+    images: LabelledImages, digests: Sequence[str], assignment: IntArray | None = None
+) -> int:
+    """Log one warning when files of the folder hold the same image (their
     :func:`pixel_digest`): filed under two labels (the labels disagree) or for two patients
-    (the folds can split them, and a fold's figures then count an image it trained on).
-    Returns how many files repeat another's image in either way."""
+    (with the folds' ``assignment``: how many the split put in another fold than their copy,
+    where a fold's figures count an image its model trained on). Returns how many files
+    repeat another's image in either way."""
     first: dict[str, int] = {}
     relabelled: list[str] = []
     elsewhere: list[str] = []
+    split = 0
     for index, digest in enumerate(digests):
         earlier = first.setdefault(digest, index)
         if earlier == index:
@@ -259,6 +263,7 @@ def warn_of_repeated_images(images: LabelledImages, digests: Sequence[str]) -> i
             relabelled.append(pair)
         elif images.groups[index] != images.groups[earlier]:
             elsewhere.append(pair)
+            split += int(assignment is not None and assignment[index] != assignment[earlier])
     if relabelled:
         logger.warning(
             "%d files hold the same image as another file of another class (their labels "
@@ -267,11 +272,18 @@ def warn_of_repeated_images(images: LabelledImages, digests: Sequence[str]) -> i
             listed(relabelled),
         )
     if elsewhere:
+        folds = (
+            ""
+            if assignment is None
+            else f"; {split} of them in another fold than their copy, whose figures then "
+            "count an image its model trained on"
+        )
         logger.warning(
             "%d files hold the same image as another patient's file (the folds may split "
-            "them, and a fold's figures then count images it trained on; keep one): %s",
+            "them; keep one): %s%s",
             len(elsewhere),
             listed(elsewhere),
+            folds,
         )
     return len(relabelled) + len(elsewhere)
 

@@ -37,7 +37,13 @@ import numpy as np
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.models.card import ENSEMBLE, ModelCard, load_card
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, TrainingConfig, recorded_recipe
-from dicomnode.training.data import PIXEL_DIGEST, IntArray, image_digests, scan_folder
+from dicomnode.training.data import (
+    PIXEL_DIGEST,
+    IntArray,
+    image_digests,
+    scan_folder,
+    warn_of_repeated_images,
+)
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
 
@@ -87,21 +93,14 @@ class TrainingImages:
 def of_fold(
     digests: Sequence[str], assignment: IntArray, fold: int | None, data_dir: Path, made: str
 ) -> TrainingImages:
-    """The images a run that held out ``fold`` (``None``: none) trained on and held out."""
+    """The images a run that held out ``fold`` (``None``: none) trained on and held out
+    (an image filed for two patients in two folds is among both: see
+    :func:`~dicomnode.training.data.warn_of_repeated_images`)."""
     if fold is None:
         return TrainingImages(frozenset(digests), frozenset(), str(data_dir), made)
     train, held = split(assignment, fold)
     trained = frozenset(digests[i] for i in train)
-    kept = frozenset(digests[i] for i in held)
-    duplicated = kept & trained
-    if duplicated:
-        logger.warning(
-            "%d images held out in fold %d have the same pixels as images trained on (the same "
-            "image filed for two patients?): figures on them are optimistic",
-            len(duplicated),
-            fold,
-        )
-    return TrainingImages(trained, kept, str(data_dir), made)
+    return TrainingImages(trained, frozenset(digests[i] for i in held), str(data_dir), made)
 
 
 def at_training() -> str:
@@ -315,6 +314,7 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     expected = _held_out_counts(card)
     _check_split(images.labels, assignment, expected, card.num_classes, folder)
     digests = image_digests(images)
+    warn_of_repeated_images(images, digests, assignment)
     when = datetime.date.today().isoformat()
     made = (
         f"afterwards, {when}, by dicomnode fingerprint from {folder} with the card's recipe "

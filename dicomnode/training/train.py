@@ -276,8 +276,8 @@ def prepare(config: TrainingConfig) -> Prepared:
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )
     digests = image_digests(images, config.cache_dir)  # kept with the cache it was built with
-    warn_of_repeated_images(images, digests)
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
+    warn_of_repeated_images(images, digests, assignment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None
     if config.mask_supervision is not None:

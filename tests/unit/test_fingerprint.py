@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,11 @@ def test_training_lists_what_each_fold_trained_on_and_held_out(
     assert "hashing the pixels" not in caplog.text
 
 
-def test_an_image_filed_twice_across_folds_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_image_filed_twice_across_folds_counts_as_trained_on(tmp_path: Path) -> None:
     assignment = np.asarray([0, 0, 1, 1, 2], dtype=np.int64)
-    with caplog.at_level("WARNING", logger="dicomnode.training.fingerprint"):
-        listed = of_fold(["a", "b", "c", "a", "e"], assignment, 0, tmp_path, "now")
-    assert "1 images held out in fold 0 have the same pixels as images trained on" in caplog.text
+    listed = of_fold(["a", "b", "c", "a", "e"], assignment, 0, tmp_path, "now")
     assert listed.to_json()["held_out"] == ["b"]  # "a" is among the images trained on
+    assert listed.trained_on == {"a", "c", "e"}
 
 
 def _mixed_folder(tmp_path: Path, data: Path) -> tuple[Path, dict[str, int]]:
@@ -338,8 +336,31 @@ def test_training_warns_of_an_image_filed_twice(
     # Two files of class 2 replaced by copies of another patient's images.
     shutil.copyfile(data / "2" / "9002001R.png", data / "2" / "9002003L.png")
     shutil.copyfile(data / "2" / "9002001L.png", data / "2" / "9002000L.png")
-    with caplog.at_level("WARNING", logger="dicomnode.training.data"):
-        train_from_config(_recipe(tmp_path, data, folds=2))
+    images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
+    fold_of = dict(
+        zip(
+            (p.relative_to(data).as_posix() for p in images.paths),
+            assign_folds(images.labels, images.groups, 2, SEED).tolist(),
+            strict=True,
+        )
+    )
+    pairs = [("2/9002003L.png", "2/9002001R.png"), ("2/9002000L.png", "2/9002001L.png")]
+    split = sum(fold_of[a] != fold_of[b] for a, b in pairs)
+    with caplog.at_level("WARNING"):
+        model = train_from_config(_recipe(tmp_path, data, folds=2))
     assert "1 files hold the same image as another file of another class" in caplog.text
     assert "1/9001009L.png = 0/9000000L.png" in caplog.text
-    assert "2 files hold the same image as another patient's file" in caplog.text
+    elsewhere = "2 files hold the same image as another patient's file (the folds may split"
+    assert elsewhere in caplog.text
+    assert f"; {split} of them in another fold than their copy" in caplog.text
+    # Said once in the run, and once by `dicomnode fingerprint`, which lists the same images.
+    assert caplog.text.count("another patient's file") == 1
+    at_training = read_training_images(model)
+    assert at_training is not None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fingerprint_model(model)
+    assert caplog.text.count(elsewhere) == 1
+    afterwards = read_training_images(model)
+    assert afterwards is not None and afterwards.made != at_training.made
+    assert replace(afterwards, made="") == replace(at_training, made="")
