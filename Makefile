@@ -46,8 +46,12 @@ db-upgrade: $(STAMP)
 run: $(STAMP) db-upgrade
 	$(BIN)/dicomnode --config $(CONFIG) serve
 
+# The tests in TEST_WORKERS processes (pytest-xdist), each test file in one of them: most of
+# the suite waits on peers and sockets, so three share two cores well (`TEST_WORKERS=0`: one).
+TEST_WORKERS ?= 3
+
 test: system-deps $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: system-deps $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow

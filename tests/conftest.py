@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 POSTGRES_MISSING = "the PostgreSQL server is not installed"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist gives its workers COLUMNS=80, which the CLI (and the nodes the tests
+    # start) would take as the width of their piped output: the tests read it as piped.
+    os.environ.pop("COLUMNS", None)
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test marked ``both_databases`` that takes ``db`` runs on SQLite and on PostgreSQL."""
