@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -345,30 +345,34 @@ def parse_config(raw: dict[str, Any], *, source: str = "training config") -> Tra
         ) from exc
 
 
-def load_config(
-    path: Path,
-    *,
-    fold: str | int | None = None,
-    output_dir: Path | None = None,
-    version: str | None = None,
-    init_weights: str | None = None,
-    threads: int | None = None,
-    precision: str | None = None,
-) -> TrainingConfig:
-    """Read and validate a training YAML file; ``fold``, ``output_dir``, ``version`` (the
-    model's) and ``init_weights`` replace the recipe's when given, so a recipe whose model is
-    shipped can be run again beside it, and each fold of a staged recipe can start from the
-    previous stage's model of that fold. A new ``version`` keeps its checkpoints in a
-    sub-folder of that name. ``threads`` and ``precision`` replace ``num_threads`` and
-    ``precision``: how this machine runs the recipe (folds run side by side on a small
-    CPU, bfloat16 on one that has it), which record-cv does not hold against a fold."""
+class RecipeChanges(TypedDict, total=False):
+    """What a run changes of its recipe (``dicomnode train``'s options; None: the recipe's).
+
+    ``fold``, ``output_dir``, ``version`` (the model's) and ``init_weights``: so a recipe
+    whose model is shipped can be run again beside it, and each fold of a staged recipe can
+    start from the previous stage's model of that fold; a new ``version`` keeps its
+    checkpoints in a sub-folder of that name. ``threads`` and ``precision`` replace
+    ``num_threads`` and ``precision``: how this machine runs the recipe (folds side by side
+    on a small CPU, bfloat16 on one that has it), which record-cv does not hold against a
+    fold.
+    """
+
+    fold: str | int | None
+    output_dir: Path | None
+    version: str | None
+    init_weights: str | None
+    threads: int | None
+    precision: str | None
+
+
+def load_config(path: Path, **changes: Unpack[RecipeChanges]) -> TrainingConfig:
+    """Read and validate a training YAML file, with the run's :class:`RecipeChanges`."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
-    if init_weights is not None:
-        raw["init_weights"] = init_weights
-    if threads is not None:
-        raw["num_threads"] = threads
-    if precision is not None:
-        raw["precision"] = precision
+    values: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+    for key, name in (("init_weights",) * 2, ("threads", "num_threads"), ("precision",) * 2):
+        if key in values:
+            raw[name] = values[key]
+    fold, output_dir, version = (values.get(k) for k in ("fold", "output_dir", "version"))
     if fold is not None:
         text = str(fold)
         raw["fold"] = int(text) if text.isdigit() else text

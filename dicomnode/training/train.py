@@ -31,9 +31,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ from dicomnode.training.checkpoints import (
     restore,
     save_epoch,
 )
-from dicomnode.training.config import TrainingConfig, load_config
+from dicomnode.training.config import RecipeChanges, TrainingConfig, load_config
 from dicomnode.training.data import (
     ImageDataset,
     IntArray,
@@ -104,19 +103,10 @@ progress is logged at most this often instead."""
 
 
 def train_from_config(
-    config_path: Path,
-    *,
-    resume: bool = False,
-    fold: str | int | None = None,
-    output_dir: Path | None = None,
-    version: str | None = None,
-    init_weights: str | None = None,
-    threads: int | None = None,
-    precision: str | None = None,
+    config_path: Path, *, resume: bool = False, **changes: Unpack[RecipeChanges]
 ) -> Path:
-    """Train as ``config_path`` says (``fold``, ``output_dir``, the model's ``version``,
-    ``init_weights``, ``threads`` and ``precision`` override the recipe's); return the model
-    directory.
+    """Train as ``config_path`` says, with the run's
+    :class:`~dicomnode.training.config.RecipeChanges`; return the model directory.
 
     Raises
     ------
@@ -124,21 +114,14 @@ def train_from_config(
         Among others, when ``init_weights`` trained on a fold this run holds out
         (:func:`~dicomnode.training.lineage.checked_start`).
     """
-    read = partial(
-        load_config,
-        config_path,
-        output_dir=output_dir,
-        version=version,
-        init_weights=init_weights,
-        threads=threads,
-        precision=precision,
-    )
-    recipe = read()
-    config = _one_fold_of_the_recipe(recipe, read(fold=fold))
+    every_fold = changes.copy()
+    every_fold["fold"] = None  # the recipe's own folds, for the run's checks
+    recipe = load_config(config_path, **every_fold)
+    config = _one_fold_of_the_recipe(recipe, load_config(config_path, **changes))
     config = checked_start(config)
     if not (resume and _has_checkpoints(config)):
         written = _written_by(recipe, config)
-        if output_dir is not None:  # elsewhere, but perhaps the recipe's model again
+        if changes.get("output_dir") is not None:  # elsewhere, perhaps the recipe's model again
             written.append(load_config(config_path).output_dir)
         refuse_to_replace(config, written)
     with torch_settings(config):
