@@ -369,7 +369,11 @@ def load_config(path: Path, **changes: Unpack[RecipeChanges]) -> TrainingConfig:
     """Read and validate a training YAML file, with the run's :class:`RecipeChanges`."""
     raw = read_yaml_mapping(path, "training config", ConfigError)
     values: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
-    for key, name in (("init_weights",) * 2, ("threads", "num_threads"), ("precision",) * 2):
+    for key, name in (
+        ("init_weights", "init_weights"),
+        ("threads", "num_threads"),
+        ("precision", "precision"),
+    ):
         if key in values:
             raw[name] = values[key]
     fold, output_dir, version = (values.get(k) for k in ("fold", "output_dir", "version"))
