@@ -191,10 +191,11 @@ class Overlap:
                 f"{who} trained on and were left out (--unseen-only): the figures are on the "
                 f"other {self.images - self.trained_on}"
             )
+        others = self.images - self.trained_on
+        rest = f"--unseen-only scores the other {others}" if others else "every one of them"
         return (
             f"{self.trained_on} of the {self.images} images scored have the same pixels as "
-            f"images {who} trained on: figures on them are optimistic (--unseen-only scores "
-            f"the other {self.images - self.trained_on})"
+            f"images {who} trained on: figures on them are optimistic ({rest})"
         )
 
 

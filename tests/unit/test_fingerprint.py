@@ -185,6 +185,8 @@ def test_unseen_only_needs_the_list_and_something_left(
     )  # fmt: skip
     with pytest.raises(TrainingError, match="trained on every one of the 54 images"):
         evaluate_model(ensemble, data, unseen_only=True)
+    warning = evaluate_model(ensemble, data)["training_images"]
+    assert warning.startswith("54 of the 54 images scored") and "(every one of them)" in warning
     (ensemble / TRAINING_IMAGES_FILE).unlink()
     with pytest.raises(TrainingError, match=r"has no training-images.json.*dicomnode fingerprint"):
         evaluate_model(ensemble, data, unseen_only=True)
