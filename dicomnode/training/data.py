@@ -5,9 +5,10 @@ folder (a PACS export's ``PATIENT/STUDY/SERIES/``). Each file is decoded once wi
 :func:`dicomnode.imaging.pixels.read_image_file` into one array file under
 ``cache_dir`` (keyed by a hash of the folder, the file list, the files' sizes and
 modification times and the cached shape), so later epochs, folds and runs never
-decode again; the :func:`pixel_digest` of every decoded image is kept beside it
-(``digests-<key>.json``, :func:`image_digests`), for the list of the images a model
-trained on (:mod:`dicomnode.training.fingerprint`). The array is
+decode again; the :func:`pixel_digest` and :func:`~dicomnode.training.near.near_hash` of
+every decoded image are kept beside it (``digests-<key>.json``, :func:`image_fingerprints`),
+for the list of the images a model trained on (:mod:`dicomnode.training.fingerprint`). The
+array is
 ``uint8`` when that holds the decoded pixels exactly (8-bit sources), else
 ``float32``. Images keep their size when every file of the folder has the same
 one; a folder of several sizes (a hospital's, say) is cached at the model input
@@ -45,6 +46,7 @@ from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
 from dicomnode.training.masks import LesionMasks, has_masks, mask_rows
+from dicomnode.training.near import NEAR_HASH, near_hash
 from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -431,12 +433,34 @@ def pixel_digest(pixels: FloatArray) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Fingerprints:
+    """Each image's :func:`pixel_digest` and :func:`~dicomnode.training.near.near_hash`,
+    in the order of its :class:`LabelledImages`."""
+
+    digests: tuple[str, ...]
+    near: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pixels: Sequence[FloatArray]) -> Fingerprints:
+        return cls(tuple(map(pixel_digest, pixels)), tuple(map(near_hash, pixels)))
+
+
 def image_digests(
     images: LabelledImages,
     cache_dir: Path | None = None,
     purpose: str = "hashed (fix or remove them)",
 ) -> tuple[str, ...]:
-    """:func:`pixel_digest` of every file of ``images``, in order; kept in ``cache_dir``
+    """:func:`pixel_digest` of every file of ``images`` (see :func:`image_fingerprints`)."""
+    return image_fingerprints(images, cache_dir, purpose).digests
+
+
+def image_fingerprints(
+    images: LabelledImages,
+    cache_dir: Path | None = None,
+    purpose: str = "hashed (fix or remove them)",
+) -> Fingerprints:
+    """:class:`Fingerprints` of every file of ``images``, in order; kept in ``cache_dir``
     (``digests-<key>.json``, written with the pixel cache) so a folder is decoded once.
 
     Raises
@@ -445,29 +469,49 @@ def image_digests(
         Naming every file that cannot be decoded (they "cannot be ``purpose``").
     """
     path = None if cache_dir is None else cache_dir / f"digests-{cache_key(images)}.json"
-    if path is not None and path.is_file():
-        return tuple(json.loads(path.read_text(encoding="utf-8"))["digests"])
+    kept = _read_fingerprints(path)
+    if kept is not None:
+        return kept
     logger.info("hashing the pixels of %d images", len(images))
     digests: list[str] = []
+    near: list[str] = []
     unusable: list[str] = []
     for file in images.paths:
         try:
-            digests.append(pixel_digest(_decode(file, images.root)))
+            pixels = _decode(file, images.root)
         except ConfigError as exc:
             unusable.append(str(exc))
+            continue
+        digests.append(pixel_digest(pixels))
+        near.append(near_hash(pixels))
     if unusable:
         raise ConfigError(unusable_message(unusable, len(images), images.root, purpose))
+    found = Fingerprints(tuple(digests), tuple(near))
     if path is not None:
-        _write_digests(path, digests)
-    return tuple(digests)
+        _write_fingerprints(path, found)
+    return found
 
 
-def _write_digests(path: Path, digests: Sequence[str]) -> None:
+def _read_fingerprints(path: Path | None) -> Fingerprints | None:
+    """The kept fingerprints, or None (none kept, or kept before the near hashes were)."""
+    if path is None or not path.is_file():
+        return None
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    if kept.get("near_hash") != NEAR_HASH:
+        return None
+    return Fingerprints(tuple(kept["digests"]), tuple(kept["near"]))
+
+
+def _write_fingerprints(path: Path, found: Fingerprints) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(
-        json.dumps({"digest": PIXEL_DIGEST, "digests": list(digests)}), encoding="utf-8"
-    )
+    kept = {
+        "digest": PIXEL_DIGEST,
+        "digests": list(found.digests),
+        "near_hash": NEAR_HASH,
+        "near": list(found.near),
+    }
+    temporary.write_text(json.dumps(kept), encoding="utf-8")
     temporary.replace(path)
 
 
@@ -617,12 +661,13 @@ def _write_cache(
     images: LabelledImages, cache_dir: Path, key: str, shape: tuple[int, int], resize: str
 ) -> Path:
     """Decode every file into ``float32`` then keep ``uint8`` when that is exact; keep the
-    decoded images' :func:`pixel_digest` beside it."""
+    decoded images' :class:`Fingerprints` beside it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("decoding %d images into the pixel cache", len(images))
     stack = np.empty((len(images), *shape), dtype=np.float32)
     unusable: list[str] = []
     digests: list[str] = []
+    near: list[str] = []
     for i, path in enumerate(images.paths):
         try:
             decoded = _decode(path, images.root)
@@ -630,6 +675,7 @@ def _write_cache(
             unusable.append(str(exc))
             continue
         digests.append(pixel_digest(decoded))
+        near.append(near_hash(decoded))
         pixels = _fit(decoded, shape, resize)
         if pixels.shape != shape:
             raise ConfigError(f"{path.name} has shape {pixels.shape}, the cache expects {shape}")
@@ -643,7 +689,8 @@ def _write_cache(
     temporary = final.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(temporary, data)
     temporary.replace(final)
-    _write_digests(cache_dir / f"digests-{cache_key(images)}.json", digests)
+    found = Fingerprints(tuple(digests), tuple(near))
+    _write_fingerprints(cache_dir / f"digests-{cache_key(images)}.json", found)
     (cache_dir / f"pixels-{key}.json").write_text(
         json.dumps(
             {"root": str(images.root), "count": len(images), "shape": list(shape), "dtype": dtype}

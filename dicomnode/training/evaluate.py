@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +55,18 @@ from dicomnode.models.card import CAM_METHOD_NAMES, ENSEMBLE, MEMBER_INPUT, Mode
 from dicomnode.studies import not_a_radiograph
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
+    Fingerprints,
     LabelledImages,
     listed,
-    pixel_digest,
     read_labelled,
     scan_folder,
     unusable_message,
 )
-from dicomnode.training.fingerprint import against_training_images, listed_training_images
+from dicomnode.training.fingerprint import (
+    TrainingImages,
+    against_training_images,
+    listed_training_images,
+)
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
     confusion_image,
@@ -72,6 +75,7 @@ from dicomnode.training.report import (
     roc_image,
     summary_markdown,
 )
+from dicomnode.values import FloatArray
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +134,10 @@ def evaluate_model(
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    leave_out = listed_training_images(model_dir).trained_on if unseen_only else frozenset()
-    probabilities, digests = predict_folder(predictor, images, leave_out)
+    leave_out = listed_training_images(model_dir) if unseen_only else None
+    probabilities, found = predict_folder(predictor, images, leave_out)
     seen = against_training_images(
-        model_dir, card, data_dir, lambda: digests, unseen_only=unseen_only
+        model_dir, card, data_dir, lambda: found, unseen_only=unseen_only
     )
     images = images.subset(seen.kept) if unseen_only else images
     metrics = {
@@ -159,11 +163,11 @@ def evaluate_model(
 
 
 def predict_folder(
-    predictor: Predictor, images: LabelledImages, leave_out: Collection[str] = frozenset()
-) -> tuple[Float64Array, tuple[str, ...]]:
-    """Each file's :func:`~dicomnode.training.data.pixel_digest` and, from the same
+    predictor: Predictor, images: LabelledImages, leave_out: TrainingImages | None = None
+) -> tuple[Float64Array, Fingerprints]:
+    """Each file's :class:`~dicomnode.training.data.Fingerprints` and, from the same
     decoding, its probabilities through the node's path (in chunks): (M, classes), one row
-    per file whose digest is not in ``leave_out``, in order.
+    per file that ``leave_out`` does not recognise as an image it trained on, in order.
 
     Raises
     ------
@@ -173,24 +177,28 @@ def predict_folder(
     """
     parts = [np.zeros((0, predictor.card.num_classes), dtype=np.float64)]
     digests: list[str] = []
+    near: list[str] = []
     unusable: list[str] = []
     for start in range(0, len(images), CHUNK):
-        tensors = []
+        decoded: list[FloatArray] = []
         for path in images.paths[start : start + CHUNK]:
             try:
-                pixels = read_labelled(path, images.root).pixels
+                decoded.append(read_labelled(path, images.root).pixels)
             except ConfigError as exc:
                 unusable.append(str(exc))
-                continue
-            if not unusable:
-                digests.append(pixel_digest(pixels))
-                if digests[-1] not in leave_out:
-                    tensors.append(prepare_input(predictor.card, pixels)[0])
-        if tensors and not unusable:
+        if unusable:
+            continue
+        found = Fingerprints.of(decoded)
+        digests.extend(found.digests)
+        near.extend(found.near)
+        seen = leave_out.recognised(found) if leave_out else np.zeros(len(decoded), bool)
+        kept = [pixels for pixels, known in zip(decoded, seen, strict=True) if not known]
+        tensors = [prepare_input(predictor.card, pixels)[0] for pixels in kept]
+        if tensors:
             parts.append(predictor.forward_probabilities(torch.stack(tensors)))
     if unusable:
         raise ConfigError(unusable_message(unusable, len(images), images.root, UNUSABLE))
-    return np.concatenate(parts), tuple(digests)
+    return np.concatenate(parts), Fingerprints(tuple(digests), tuple(near))
 
 
 def warn_of_images_the_node_skips(images: LabelledImages) -> list[str]:

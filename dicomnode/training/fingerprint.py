@@ -39,13 +39,16 @@ from dicomnode.models.card import ENSEMBLE, ModelCard, load_card
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN, TrainingConfig, recorded_recipe
 from dicomnode.training.data import (
     PIXEL_DIGEST,
+    Fingerprints,
     IntArray,
     image_digests,
+    image_fingerprints,
     scan_folder,
     warn_of_repeated_images,
 )
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
+from dicomnode.training.near import NEAR_HASH, BoolArray, near_copies, near_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +57,16 @@ TRAINING_IMAGES_FILE = "training-images.json"
 
 @dataclass(frozen=True)
 class TrainingImages:
-    """The pixel digests of the images a model trained on and of those it held out."""
+    """The pixel digests of the images a model trained on and of those it held out, and the
+    :mod:`~dicomnode.training.near` hashes of those it trained on with the threshold of its
+    folder, all images counted (none, 0, in a list written before they were kept)."""
 
     trained_on: frozenset[str]
     held_out: frozenset[str]
     data_dir: str
     made: str
+    near: frozenset[str] = frozenset()
+    near_threshold: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +75,9 @@ class TrainingImages:
             "made": self.made,
             "trained_on": sorted(self.trained_on),
             "held_out": sorted(self.held_out - self.trained_on),
+            "near_hash": NEAR_HASH,
+            "near_threshold": self.near_threshold,
+            "near_trained_on": sorted(self.near),
         }
 
     @classmethod
@@ -75,32 +85,53 @@ class TrainingImages:
         if data.get("digest") != PIXEL_DIGEST:
             kind = data.get("digest")
             raise ModelError(f"{TRAINING_IMAGES_FILE}: digests of another kind: {kind!r}")
+        near = data.get("near_hash") == NEAR_HASH
         return cls(
             trained_on=frozenset(data["trained_on"]),
             held_out=frozenset(data["held_out"]),
             data_dir=str(data["data_dir"]),
             made=str(data["made"]),
+            near=frozenset(data["near_trained_on"]) if near else frozenset(),
+            near_threshold=int(data["near_threshold"]) if near else 0,
         )
 
     def joined(self, other: TrainingImages) -> TrainingImages:
-        """What a model made of both has trained on (an image one trained on is not held out)."""
+        """What a model made of both has trained on (an image one trained on is not held out;
+        the threshold is the joined folder's)."""
         trained = self.trained_on | other.trained_on
         folders = sorted({*self.data_dir.split("; "), *other.data_dir.split("; ")})
         held = (self.held_out | other.held_out) - trained
-        return TrainingImages(trained, held, "; ".join(folders), self.made)
+        known = self.near and other.near  # a part without hashes leaves them all unknown
+        near = self.near | other.near if known else frozenset()
+        least = min(self.near_threshold, other.near_threshold)
+        threshold = min(least, near_threshold(near)) if known else 0
+        return TrainingImages(trained, held, "; ".join(folders), self.made, near, threshold)
+
+    def recognised(self, found: Fingerprints) -> BoolArray:
+        """Which images of ``found`` the model trained on: the same pixels, or a near copy."""
+        same = np.fromiter((d in self.trained_on for d in found.digests), bool, len(found.digests))
+        return same | near_copies(found.near, self.near, self.near_threshold)
 
 
 def of_fold(
-    digests: Sequence[str], assignment: IntArray, fold: int | None, data_dir: Path, made: str
+    found: Fingerprints, assignment: IntArray, fold: int | None, data_dir: Path, made: str
 ) -> TrainingImages:
     """The images a run that held out ``fold`` (``None``: none) trained on and held out
     (an image filed for two patients in two folds is among both: see
     :func:`~dicomnode.training.data.warn_of_repeated_images`)."""
+    digests = found.digests
     if fold is None:
-        return TrainingImages(frozenset(digests), frozenset(), str(data_dir), made)
-    train, held = split(assignment, fold)
-    trained = frozenset(digests[i] for i in train)
-    return TrainingImages(trained, frozenset(digests[i] for i in held), str(data_dir), made)
+        train, held = np.arange(len(digests)), np.zeros(0, dtype=np.int64)
+    else:
+        train, held = split(assignment, fold)
+    return TrainingImages(
+        frozenset(digests[i] for i in train),
+        frozenset(digests[i] for i in held),
+        str(data_dir),
+        made,
+        frozenset(found.near[i] for i in train),
+        near_threshold(found.near),  # the whole folder's: no image held out is a near copy
+    )
 
 
 def at_training() -> str:
@@ -165,44 +196,58 @@ def joined(parts: Iterable[TrainingImages | None]) -> TrainingImages | None:
 
 @dataclass(frozen=True)
 class Overlap:
-    """How many of the images scored a model trained on, or held out, by their pixels."""
+    """How many of the images scored a model trained on (by their pixels), are near copies of
+    those (:mod:`~dicomnode.training.near`), or it held out."""
 
     images: int
     trained_on: int
     held_out: int
     left_out: bool = False
+    near_copies: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "trained_on": self.trained_on,
+            "near_copies": self.near_copies,
             "held_out": self.held_out,
             "trained_on_left_out": self.left_out,
         }
 
     def sentence(self, card: ModelCard) -> str:
         """A warning when the model trained on images scored, else ""."""
-        if not self.trained_on:
+        seen = self.trained_on + self.near_copies
+        if not seen:
             return ""
         who = f"{card.name} {card.version}"
+        lossy = "a lossy re-encoding, a resize or another window, by a perceptual hash"
+        if not self.near_copies:
+            what = f"have the same pixels as images {who} trained on"
+        elif not self.trained_on:
+            what = f"are near copies of images {who} trained on ({lossy})"
+        else:
+            what = (
+                f"are images {who} trained on ({self.trained_on} with the same pixels, "
+                f"{self.near_copies} near copies: {lossy})"
+            )
+        others = self.images - seen
         if self.left_out:
             return (
-                f"{self.trained_on} of the {self.images} images have the same pixels as images "
-                f"{who} trained on and were left out (--unseen-only): the figures are on the "
-                f"other {self.images - self.trained_on}"
+                f"{seen} of the {self.images} images {what} and were left out (--unseen-only): "
+                f"the figures are on the other {others}"
             )
-        others = self.images - self.trained_on
         rest = f"--unseen-only scores the other {others}" if others else "every one of them"
         return (
-            f"{self.trained_on} of the {self.images} images scored have the same pixels as "
-            f"images {who} trained on: figures on them are optimistic ({rest})"
+            f"{seen} of the {self.images} images scored {what}: figures on them are optimistic "
+            f"({rest})"
         )
 
 
 def none_seen(figures: dict[str, Any]) -> str:
     """The sentence for an evaluation whose ``training_overlap`` (:meth:`Overlap.to_json`)
     found no image the model trained on, else ""."""
-    if figures.get("trained_on") != 0 or figures.get("trained_on_left_out"):
+    seen = figures.get("trained_on"), figures.get("near_copies", 0)
+    if seen != (0, 0) or figures.get("trained_on_left_out"):
         return ""
     held = figures.get("held_out", 0)
     kept = f"; {held} of them it held out in validation" if held else ""
@@ -212,10 +257,12 @@ def none_seen(figures: dict[str, Any]) -> str:
     )
 
 
-def overlap(model: TrainingImages, digests: Sequence[str]) -> Overlap:
+def overlap(model: TrainingImages, found: Fingerprints) -> Overlap:
+    digests = found.digests
     trained = sum(digest in model.trained_on for digest in digests)
     held = sum(digest in model.held_out and digest not in model.trained_on for digest in digests)
-    return Overlap(len(digests), trained, held)
+    near = int(model.recognised(found).sum()) - trained
+    return Overlap(len(digests), trained, held, near_copies=near)
 
 
 @dataclass(frozen=True)
@@ -249,14 +296,15 @@ def against_training_images(
     model_dir: Path,
     card: ModelCard,
     data_dir: Path,
-    digests: Callable[[], Sequence[str]],
+    fingerprints: Callable[[], Fingerprints],
     *,
     unseen_only: bool = False,
 ) -> Seen:
     """What the model in ``model_dir`` has seen of the images of ``data_dir``, warned about:
-    by their pixels (``digests``, computed only then) when the directory lists its training
-    images, else by the folder's path (:func:`~dicomnode.training.lineage.trained_on_folder`).
-    With ``unseen_only`` the images it trained on are left out.
+    by their pixels and near copies (``fingerprints``, computed only then) when the directory
+    lists its training images, else by the folder's path
+    (:func:`~dicomnode.training.lineage.trained_on_folder`). With ``unseen_only`` the images
+    it trained on, and their near copies, are left out.
 
     Raises
     ------
@@ -266,13 +314,14 @@ def against_training_images(
     listed = listed_training_images(model_dir) if unseen_only else read_training_images(model_dir)
     if listed is None:
         return Seen((), warn_if_trained_on(card, data_dir), None)
-    hashed = digests()
+    hashed = fingerprints()
     found = replace(overlap(listed, hashed), left_out=unseen_only)
-    kept = tuple(i for i, d in enumerate(hashed) if not unseen_only or d not in listed.trained_on)
-    if not kept and hashed:
+    seen = listed.recognised(hashed) if unseen_only else np.zeros(len(hashed.digests), bool)
+    kept = tuple(int(i) for i in np.flatnonzero(~seen))
+    if not kept and hashed.digests:
         raise TrainingError(
-            f"{card.name} {card.version} trained on every one of the {len(hashed)} images of "
-            f"{data_dir} (the same pixels): nothing is left to score"
+            f"{card.name} {card.version} trained on every one of the {len(hashed.digests)} "
+            f"images of {data_dir} (the same pixels, or near copies): nothing is left to score"
         )
     warning = found.sentence(card)
     if warning:
@@ -314,15 +363,15 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     )
     expected = _held_out_counts(card)
     _check_split(images.labels, assignment, expected, card.num_classes, folder)
-    digests = image_digests(images)
-    warn_of_repeated_images(images, digests, assignment)
+    found = image_fingerprints(images)
+    warn_of_repeated_images(images, found.digests, assignment)
     when = datetime.date.today().isoformat()
     made = (
         f"afterwards, {when}, by dicomnode fingerprint from {folder} with the card's recipe "
         "(its split checked against the card's confusion matrices)"
     )
     held_out: list[int | None] = [k for k in expected if k is not None] or [None]
-    parts = [of_fold(digests, assignment, k, folder, made) for k in held_out]
+    parts = [of_fold(found, assignment, k, folder, made) for k in held_out]
     listed = parts[0]
     for part in parts[1:]:
         listed = listed.joined(part)

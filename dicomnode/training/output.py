@@ -262,7 +262,7 @@ def training_images(prepared: Prepared, fold: int | None) -> TrainingImages:
     """The pixel digests of the images the run that held out ``fold`` trained on (with its
     start's, when it began from a model directory that lists them) and held out."""
     config = prepared.config
-    own = of_fold(prepared.digests, prepared.assignment, fold, config.data_dir, at_training())
+    own = of_fold(prepared.fingerprints, prepared.assignment, fold, config.data_dir, at_training())
     start = start_images(config)
     return own if start is None else own.joined(start)
 

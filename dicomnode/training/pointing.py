@@ -43,7 +43,7 @@ from dicomnode.encode.render import heat_image
 from dicomnode.explain.gradcam import Explainer
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
-from dicomnode.training.data import pixel_digest, read_labelled
+from dicomnode.training.data import Fingerprints, read_labelled
 from dicomnode.training.fingerprint import against_training_images
 from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
@@ -140,7 +140,7 @@ def _predictor(
         model_dir,
         card,
         data_dir,
-        lambda: [pixel_digest(item.image.pixels) for item in images],
+        lambda: Fingerprints.of([item.image.pixels for item in images]),
         unseen_only=unseen_only,
     )
     kept = [images[i] for i in seen.kept] if unseen_only else images

@@ -12,7 +12,7 @@ from torch import nn
 
 from dicomnode.training.attention import CamSupervision
 from dicomnode.training.config import TrainingConfig
-from dicomnode.training.data import IntArray, LabelledImages, PixelCache
+from dicomnode.training.data import Fingerprints, IntArray, LabelledImages, PixelCache
 from dicomnode.training.masks import LesionMasks
 from dicomnode.training.metrics import Float64Array
 
@@ -25,8 +25,8 @@ class Prepared:
     images: LabelledImages
     cache: PixelCache
     assignment: IntArray
-    digests: tuple[str, ...]
-    """Each image's :func:`~dicomnode.training.data.pixel_digest`."""
+    fingerprints: Fingerprints
+    """Each image's pixel digest and near hash."""
     device: torch.device
     masks: LesionMasks | None = None
 

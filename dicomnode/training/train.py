@@ -68,7 +68,7 @@ from dicomnode.training.data import (
     IntArray,
     MaskedView,
     PixelCache,
-    image_digests,
+    image_fingerprints,
     scan_folder,
     warn_if_each_file_is_a_patient,
     warn_if_one_patient_dominates,
@@ -150,7 +150,8 @@ def check_start_images(prepared: Prepared) -> None:
     if start is None or listed is None:
         return
     whose = f"init_weights {config.init_weights} ({start.name} {start.version})"
-    refuse_seen_folds(listed, prepared.digests, prepared.assignment, validated_folds(config), whose)
+    digests = prepared.fingerprints.digests
+    refuse_seen_folds(listed, digests, prepared.assignment, validated_folds(config), whose)
 
 
 def _has_checkpoints(config: TrainingConfig) -> bool:
@@ -258,9 +259,9 @@ def prepare(config: TrainingConfig) -> Prepared:
     cache = PixelCache.build(
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )
-    digests = image_digests(images, config.cache_dir)  # kept with the cache it was built with
+    found = image_fingerprints(images, config.cache_dir)  # kept with the cache it was built with
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
-    warn_of_repeated_images(images, digests, assignment)
+    warn_of_repeated_images(images, found.digests, assignment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None
     if config.mask_supervision is not None:
@@ -273,7 +274,7 @@ def prepare(config: TrainingConfig) -> Prepared:
         device,
         "bfloat16" if uses_bfloat16(config, device) else "float32",
     )
-    return Prepared(config, images, cache, assignment, digests, device, masks)
+    return Prepared(config, images, cache, assignment, found, device, masks)
 
 
 # ----------------------------------------------------------------------------- setup

@@ -119,6 +119,34 @@ def test_knee_crops_are_evaluated_whole_as_in_training(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "gradcam_0_KL0.png").is_file()
 
 
+def test_lossy_copies_of_knee_training_crops_are_recognised(tmp_path: Path) -> None:
+    """A JPEG re-encoding or a half-size copy of a training crop has other pixels; the
+    shipped list's perceptual hashes call it a near copy (threshold 18 of 255 bits: half the
+    distance of the folder's nearest two distinct crops)."""
+    from PIL import Image
+
+    from dicomnode.training.evaluate import evaluate_model
+    from dicomnode.training.fingerprint import read_training_images
+
+    loaded = _shipped_knee_model()
+    listed = read_training_images(loaded.directory)
+    assert listed is not None and listed.near_threshold == 18
+    folder = tmp_path / "copies"
+    for grade in range(5):
+        (folder / str(grade)).mkdir(parents=True)
+        for path in sorted((KNEE_DATA / str(grade)).glob("*.webp"))[10:12]:
+            picture = Image.open(path).convert("L")
+            picture.save(folder / str(grade) / f"{path.stem}.jpg", "JPEG", quality=75)
+            half = picture.resize((112, 112), Image.Resampling.LANCZOS)
+            half.save(folder / str(grade) / f"{path.stem}-half.png")
+    figures = evaluate_model(loaded.directory, folder)
+    assert figures["training_overlap"] == {
+        "images": 20, "trained_on": 0, "near_copies": 20, "held_out": 0,
+        "trained_on_left_out": False,
+    }  # fmt: skip
+    assert figures["training_images"].startswith("20 of the 20 images scored are near copies")
+
+
 # Phantoms the shipped phantom models never saw, at the size they were trained on (spine:
 # training seed 1, explanation selection 900, test set 901; hand: training seed 21, selection
 # 903, test 902). The last figure is a floor for the pointing game on them: on 200 abnormal

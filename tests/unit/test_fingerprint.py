@@ -27,11 +27,21 @@ from dicomnode.models.card import load_card
 from dicomnode.testing.images import make_radiograph, write_dataset
 from dicomnode.testing.recipes import smoke_recipe
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
-from dicomnode.training.data import image_digests, pixel_digest, read_labelled, scan_folder
+from dicomnode.training.data import (
+    Fingerprints,
+    cache_key,
+    image_digests,
+    image_fingerprints,
+    pixel_digest,
+    read_labelled,
+    scan_folder,
+)
 from dicomnode.training.ensemble import build_ensemble
 from dicomnode.training.evaluate import evaluate_model
 from dicomnode.training.fingerprint import (
     TRAINING_IMAGES_FILE,
+    Overlap,
+    TrainingImages,
     fingerprint_model,
     of_fold,
     read_training_images,
@@ -105,13 +115,43 @@ def test_training_lists_what_each_fold_trained_on_and_held_out(
         images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
         assert list(image_digests(images, model.parent / "cache")) == digests
     assert "hashing the pixels" not in caplog.text
+    # A cache kept before the near hashes were is hashed again, and kept with them.
+    kept = model.parent / "cache" / f"digests-{cache_key(images)}.json"
+    fresh = image_fingerprints(images)
+    kept.write_text(json.dumps({"digest": "…", "digests": digests}), encoding="utf-8")
+    with caplog.at_level("INFO", logger="dicomnode.training.data"):
+        assert image_fingerprints(images, kept.parent) == fresh
+    assert "hashing the pixels" in caplog.text
+    assert json.loads(kept.read_text(encoding="utf-8"))["near"] == list(fresh.near)
 
 
 def test_an_image_filed_twice_across_folds_counts_as_trained_on(tmp_path: Path) -> None:
     assignment = np.asarray([0, 0, 1, 1, 2], dtype=np.int64)
-    listed = of_fold(["a", "b", "c", "a", "e"], assignment, 0, tmp_path, "now")
+    near = {"a": "0" * 64, "b": "0" * 62 + "ff", "c": "0f" * 32, "e": "f0" * 32}
+    found = Fingerprints(("a", "b", "c", "a", "e"), tuple(near[k] for k in "abcae"))
+    listed = of_fold(found, assignment, 0, tmp_path, "now")
     assert listed.to_json()["held_out"] == ["b"]  # "a" is among the images trained on
     assert listed.trained_on == {"a", "c", "e"}
+    assert listed.near == {near[k] for k in "ace"}
+    # The nearest two distinct images of the folder, "a" (trained on) and "b" (held out),
+    # differ in 8 bits: a near copy differs from a training image in fewer than 4, so that
+    # "b" is not one.
+    assert listed.near_threshold == 4
+    assert listed.recognised(Fingerprints(("x", "y"), (near["b"], "0" * 63 + "7"))).tolist() == [
+        False,
+        True,
+    ]
+    # Joined with another list, the threshold is also that of pairs across the two.
+    other = replace(listed, near=frozenset({"0" * 63 + "1"}), near_threshold=100)
+    assert listed.joined(other).near_threshold == 0  # 1 bit from "a"
+    assert (
+        replace(listed, near_threshold=9).joined(replace(listed, near_threshold=5)).near_threshold
+        == 5
+    )
+    # A list written before the near hashes were kept: none, and no near copy found.
+    older = {k: v for k, v in listed.to_json().items() if not k.startswith("near")}
+    assert TrainingImages.from_json(older).near == frozenset()
+    assert TrainingImages.from_json(older).near_threshold == 0
 
 
 def _mixed_folder(tmp_path: Path, data: Path) -> tuple[Path, dict[str, int]]:
@@ -144,6 +184,7 @@ def test_evaluate_recognises_training_images_under_other_names(
     assert figures["training_overlap"] == {
         "images": total,
         "trained_on": counts["trained"],
+        "near_copies": 0,
         "held_out": counts["held"],
         "trained_on_left_out": False,
     }
@@ -173,6 +214,58 @@ def test_evaluate_recognises_training_images_under_other_names(
     assert "training_images" not in clean and clean["training_overlap"]["trained_on"] == 0
     summary = (tmp_path / "report" / "summary.md").read_text(encoding="utf-8")
     assert f"None of the {counts['new']} images scored is one the model trained on" in summary
+
+
+def test_evaluate_recognises_lossy_copies_of_training_images(
+    tmp_path: Path, trained: tuple[Path, Path]
+) -> None:
+    """A JPEG re-encoding of a training image has other pixels: its near hash finds it, and
+    finds no copy of an image the model held out."""
+    data, model = trained
+    paths, _, fold_of = _folds_of(data)
+    listed = read_training_images(model / "fold-1")
+    assert listed is not None and listed.near_threshold > 0
+    lossy = tmp_path / "lossy"
+    counts = {"trained": 0, "held": 0}
+    for index, (path, fold) in enumerate(zip(paths, fold_of, strict=True)):
+        if index % 2:
+            continue
+        target = lossy / path.parent.name / f"{path.stem}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("L").save(target, "JPEG", quality=95)
+        counts["held" if fold == 1 else "trained"] += 1
+    figures = evaluate_model(model / "fold-1", lossy)
+    assert figures["training_overlap"] == {
+        "images": counts["trained"] + counts["held"],
+        "trained_on": 0,
+        "near_copies": counts["trained"],
+        "held_out": 0,
+        "trained_on_left_out": False,
+    }
+    assert figures["training_images"].startswith(
+        f"{counts['trained']} of the {counts['trained'] + counts['held']} images scored are "
+        "near copies of images tiny-smoke 0.0.1 trained on (a lossy re-encoding"
+    )
+    out = tmp_path / "unseen.csv"
+    evaluate_model(model / "fold-1", lossy, unseen_only=True, predictions=out)
+    with out.open(encoding="utf-8") as handle:
+        kept = {Path(row["path"]).stem for row in csv.DictReader(handle)}
+    held = {p.stem for p, fold in zip(paths, fold_of, strict=True) if fold == 1}
+    assert len(kept) == counts["held"] and kept <= held
+
+
+def test_the_warning_counts_copies_and_near_copies(trained: tuple[Path, Path]) -> None:
+    card = load_card(trained[1] / "fold-1")
+    lossy = "2 near copies: a lossy re-encoding, a resize or another window, by a perceptual hash"
+    assert Overlap(10, 3, 1, near_copies=2).sentence(card) == (
+        f"5 of the 10 images scored are images tiny-smoke 0.0.1 trained on (3 with the same "
+        f"pixels, {lossy}): figures on them are optimistic (--unseen-only scores the other 5)"
+    )
+    assert Overlap(10, 3, 1, left_out=True, near_copies=2).sentence(card) == (
+        f"5 of the 10 images are images tiny-smoke 0.0.1 trained on (3 with the same pixels, "
+        f"{lossy}) and were left out (--unseen-only): the figures are on the other 5"
+    )
+    assert Overlap(10, 0, 4).sentence(card) == ""
 
 
 def test_unseen_only_needs_the_list_and_something_left(
@@ -323,7 +416,8 @@ def test_evaluate_decodes_each_image_once(
     figures = evaluate_model(model / "fold-1", data, unseen_only=unseen_only)
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 54
     assert figures["training_overlap"] == {
-        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": unseen_only
+        "images": 54, "trained_on": 36, "near_copies": 0, "held_out": 18,
+        "trained_on_left_out": unseen_only,
     }  # fmt: skip
     assert sum(scored) == (18 if unseen_only else 54)
 

@@ -93,7 +93,8 @@ def test_weights_of_another_split_or_another_folder(
     # of the 36 images its start trained on (folds 1 and 2 of 3)...
     figures = evaluate_model(out, other)
     assert figures["training_overlap"] == {
-        "images": 54, "trained_on": 36, "held_out": 18, "trained_on_left_out": False
+        "images": 54, "trained_on": 36, "near_copies": 0, "held_out": 18,
+        "trained_on_left_out": False,
     }  # fmt: skip
     assert figures["training_images"].startswith(
         "36 of the 54 images scored have the same pixels as images tiny-smoke 0.0.1 trained on"

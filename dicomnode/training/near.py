@@ -1,0 +1,94 @@
+"""Near copies: a perceptual hash that a lossy copy of an image keeps.
+
+The pixel digest (:func:`~dicomnode.training.data.pixel_digest`) knows an image again only
+when its decoded pixels are the same. A JPEG re-encoding, a smaller export or another
+window of the same radiograph changes them. :func:`near_hash` keeps the coarse picture: the
+signs, against their median, of the 255 lowest spatial frequencies (the 16 x 16 corner of
+the DCT of a 32 x 32 box-filtered thumbnail, less its mean). Two images are near copies when
+their hashes differ in fewer bits than a threshold.
+
+No fixed threshold serves every folder (measured on the shipped models' folders: the nearest
+two distinct knee crops differ in 36 bits, JPEG or half-size copies of one in at most 18;
+two distinct hand phantoms in 14). :func:`near_threshold` therefore sets it per training
+folder, at half the distance of its nearest two distinct images: no two images the model
+trained on are near copies of each other by it, and a copy is called near only when it is
+far nearer to a training image than any two training images are to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from scipy.fft import dctn
+
+from dicomnode.values import FloatArray
+
+NEAR_HASH = (
+    "signs against their median of the 255 lowest DCT frequencies (16 x 16 less the mean) "
+    "of a 32 x 32 box-filtered thumbnail, 64 hex digits"
+)
+"""What :func:`near_hash` keeps of an image."""
+THUMBNAIL = 32
+FREQUENCIES = 16
+CHUNK = 512
+"""Hashes compared at a time in :func:`near_threshold` (CHUNK x N x 4 words of memory)."""
+
+Packed = npt.NDArray[np.uint64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+def near_hash(pixels: FloatArray) -> str:
+    """The :data:`NEAR_HASH` of decoded [0, 1] pixels (2-D)."""
+    picture = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
+    thumbnail = picture.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    frequencies = dctn(np.asarray(thumbnail, dtype=np.float64), norm="ortho")
+    lowest = frequencies[:FREQUENCIES, :FREQUENCIES].ravel()[1:]
+    bits = np.append(lowest > np.median(lowest), False)
+    return np.packbits(bits).tobytes().hex()
+
+
+def packed(hashes: Collection[str]) -> Packed:
+    """``hashes`` as an (N, 4) array of 64-bit words, for :func:`distances`."""
+    raw = b"".join(bytes.fromhex(h) for h in hashes)
+    return np.frombuffer(raw, dtype=np.uint64).reshape(len(hashes), 4)
+
+
+def distances(one: Packed, others: Packed) -> npt.NDArray[np.int64]:
+    """(len(one), len(others)) bits in which each hash of ``one`` differs from each of
+    ``others``."""
+    differing = np.bitwise_xor(one[:, None, :], others[None, :, :])
+    counts: npt.NDArray[np.int64] = np.bitwise_count(differing).sum(axis=2, dtype=np.int64)
+    return counts
+
+
+def nearest(one: Packed, others: Packed) -> npt.NDArray[np.int64]:
+    """Each hash of ``one``'s distance to the nearest of ``others`` (256, more than any,
+    when ``others`` is empty)."""
+    if not len(others):
+        return np.full(len(one), 256, dtype=np.int64)
+    parts = [distances(one[s : s + CHUNK], others).min(axis=1) for s in range(0, len(one), CHUNK)]
+    return np.concatenate([np.zeros(0, dtype=np.int64), *parts])
+
+
+def near_threshold(hashes: Collection[str]) -> int:
+    """Half the distance of the nearest two distinct hashes of a training folder, rounded
+    down: a hash nearer than that to one of them is a near copy (0, none, when two distinct
+    images share a hash or the folder holds fewer than two)."""
+    words = packed(sorted(set(hashes)))
+    least = 256
+    for start in range(0, len(words), CHUNK):
+        block = distances(words[start : start + CHUNK], words)
+        rows = np.arange(len(block))
+        block[rows, start + rows] = 256  # each hash against itself
+        least = min(least, int(block.min(initial=256)))
+    return 0 if least == 256 else least // 2
+
+
+def near_copies(hashes: Sequence[str], trained_on: Collection[str], threshold: int) -> BoolArray:
+    """Which of ``hashes`` are near copies of ``trained_on`` (nearer than ``threshold``)."""
+    if threshold <= 0 or not hashes:
+        return np.zeros(len(hashes), dtype=bool)
+    return nearest(packed(hashes), packed(trained_on)) < threshold

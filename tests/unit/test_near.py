@@ -1,0 +1,83 @@
+"""The perceptual hash of near copies: what it keeps, what it tells apart, and the
+threshold set per training folder."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+from PIL import Image
+
+from dicomnode.training.near import (
+    distances,
+    near_copies,
+    near_hash,
+    near_threshold,
+    nearest,
+    packed,
+)
+from dicomnode.training.phantoms.hand import generate_hand
+
+
+def _bits_apart(one: str, other: str) -> int:
+    """Differing bits, counted here without the module's packing."""
+    return bin(int(one, 16) ^ int(other, 16)).count("1")
+
+
+def _radiograph(seed: int) -> np.ndarray:
+    """A hand phantom: a radiograph's structure (a flat test pattern hashes to noise)."""
+    return generate_hand(seed, size=256).pixels.astype(np.float64)
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(buffer), dtype=np.float64) / 255
+
+
+def _half(pixels: np.ndarray) -> np.ndarray:
+    picture = Image.fromarray(pixels.astype(np.float32))
+    size = (pixels.shape[1] // 2, pixels.shape[0] // 2)
+    return np.asarray(picture.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+
+
+def test_a_lossy_copy_keeps_the_hash_and_another_image_does_not() -> None:
+    image = _radiograph(1)
+    own = near_hash(image)
+    assert len(own) == 64 and own == near_hash(image.copy())
+    assert int(own[-1], 16) % 2 == 0  # 255 bits: the last is always clear
+    copies = [_jpeg(image, 75), _jpeg(image, 50), _half(image), np.clip(image * 1.1, 0, 1)]
+    others = [_radiograph(seed) for seed in range(2, 8)]
+    near = [_bits_apart(own, near_hash(copy)) for copy in copies]
+    far = [_bits_apart(own, near_hash(other)) for other in others]
+    assert max(near) < min(far), (near, far)
+
+
+def test_distances_count_the_differing_bits() -> None:
+    rng = np.random.default_rng(0)
+    hashes = [rng.bytes(32).hex() for _ in range(7)]
+    table = distances(packed(hashes[:3]), packed(hashes))
+    assert table.tolist() == [[_bits_apart(a, b) for b in hashes] for a in hashes[:3]]
+    assert nearest(packed(hashes[:2]), packed(hashes[2:])).tolist() == [
+        min(_bits_apart(a, b) for b in hashes[2:]) for a in hashes[:2]
+    ]
+    assert nearest(packed(hashes[:2]), packed([])).tolist() == [256, 256]
+
+
+def test_the_threshold_is_half_the_nearest_distinct_pair() -> None:
+    rng = np.random.default_rng(1)
+    hashes = [rng.bytes(32).hex() for _ in range(600)]  # more than one chunk of 512
+    hashes.append(hashes[5])  # the same image twice is not a pair
+    least = min(_bits_apart(a, b) for a, b in itertools.combinations(set(hashes), 2))
+    assert near_threshold(hashes) == least // 2
+    assert near_threshold(hashes[:1]) == 0
+    assert near_threshold(["0" * 64, "0" * 63 + "1", "f" * 64]) == 0  # 1 bit apart: 1 // 2
+
+
+def test_near_copies_are_nearer_than_the_threshold() -> None:
+    trained = ["0" * 64, "f" * 64]
+    asked = ["0" * 62 + "0f", "0" * 60 + "ffff", "0f" * 32]  # 4, 16 and 128 bits from the first
+    assert near_copies(asked, trained, 16).tolist() == [True, False, False]
+    assert near_copies(asked, trained, 0).tolist() == [False, False, False]
+    assert near_copies([], trained, 16).tolist() == []
