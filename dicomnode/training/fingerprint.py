@@ -101,7 +101,7 @@ class TrainingImages:
         trained = self.trained_on | other.trained_on
         folders = sorted({*self.data_dir.split("; "), *other.data_dir.split("; ")})
         held = (self.held_out | other.held_out) - trained
-        known = self.near and other.near  # a part without hashes leaves them all unknown
+        known = bool(self.near) and bool(other.near)  # a list without hashes: none known
         near = self.near | other.near if known else frozenset()
         least = min(self.near_threshold, other.near_threshold)
         threshold = min(least, near_threshold(near)) if known else 0
