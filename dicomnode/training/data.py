@@ -446,15 +446,6 @@ class Fingerprints:
         return cls(tuple(map(pixel_digest, pixels)), tuple(map(near_hash, pixels)))
 
 
-def image_digests(
-    images: LabelledImages,
-    cache_dir: Path | None = None,
-    purpose: str = "hashed (fix or remove them)",
-) -> tuple[str, ...]:
-    """:func:`pixel_digest` of every file of ``images`` (see :func:`image_fingerprints`)."""
-    return image_fingerprints(images, cache_dir, purpose).digests
-
-
 def image_fingerprints(
     images: LabelledImages,
     cache_dir: Path | None = None,

@@ -60,7 +60,7 @@ from dicomnode.models.card import (
 from dicomnode.training.config import TrainingConfig, load_config, recorded_recipe
 from dicomnode.training.fingerprint import (
     TRAINING_IMAGES_FILE,
-    fold_digests,
+    fold_fingerprints,
     joined,
     read_training_images,
     refuse_seen_folds,
@@ -452,11 +452,11 @@ def check_held_out(
             )
     listed = [(m.directory, read_training_images(m.directory)) for m in members]
     if any(images is not None for _, images in listed):  # by the pixels too: copies, stages
-        digests, assignment = fold_digests(config)
+        found, assignment = fold_fingerprints(config)
         for directory, images in listed:
             if images is not None:
                 whose = f"member {directory}"
-                refuse_seen_folds(images, digests, assignment, [config.fold], whose)
+                refuse_seen_folds(images, found, assignment, [config.fold], whose)
 
 
 def validate_ensemble(

@@ -41,7 +41,6 @@ from dicomnode.training.data import (
     PIXEL_DIGEST,
     Fingerprints,
     IntArray,
-    image_digests,
     image_fingerprints,
     scan_folder,
     warn_of_repeated_images,
@@ -424,33 +423,35 @@ def _check_split(
 
 def refuse_seen_folds(
     listed: TrainingImages,
-    digests: Sequence[str],
+    found: Fingerprints,
     assignment: IntArray,
     folds: Sequence[int],
     whose: str,
 ) -> None:
     """Refuse weights (``whose``) that trained on an image of a fold a run holds out, by
-    the images' pixels: a copy of the folder, or a chain of stages, that the folder check
-    of :mod:`~dicomnode.training.lineage` cannot see.
+    the images' pixels or as near copies (``found``, the run's folder): a copy of the folder,
+    a lossy export of it, or a chain of stages, that the folder check of
+    :mod:`~dicomnode.training.lineage` cannot see.
 
     Raises
     ------
     TrainingError
         Naming the weights, the fold and how many of its images they trained on.
     """
+    recognised = listed.recognised(found)
     for fold in folds:
-        held = {digests[int(i)] for i in np.flatnonzero(assignment == fold)}
-        seen = held & listed.trained_on
+        held = assignment == fold
+        seen = int((recognised & held).sum())
         if seen:
             raise TrainingError(
-                f"{whose} trained on {len(seen)} of the {len(held)} images of fold {fold} "
-                f"(the same pixels, from {listed.data_dir}): its figures on that fold would be "
-                "optimistic; start from weights that held those images out"
+                f"{whose} trained on {seen} of the {int(held.sum())} images of fold {fold} "
+                f"(the same pixels or near copies, from {listed.data_dir}): its figures on that "
+                "fold would be optimistic; start from weights that held those images out"
             )
 
 
-def fold_digests(config: TrainingConfig) -> tuple[tuple[str, ...], IntArray]:
-    """The pixel digests of ``config``'s folder and the fold of each image in its split."""
+def fold_fingerprints(config: TrainingConfig) -> tuple[Fingerprints, IntArray]:
+    """The fingerprints of ``config``'s folder and the fold of each image in its split."""
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern, config.group_by)
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
-    return image_digests(images, config.cache_dir), assignment
+    return image_fingerprints(images, config.cache_dir), assignment

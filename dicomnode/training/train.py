@@ -150,8 +150,8 @@ def check_start_images(prepared: Prepared) -> None:
     if start is None or listed is None:
         return
     whose = f"init_weights {config.init_weights} ({start.name} {start.version})"
-    digests = prepared.fingerprints.digests
-    refuse_seen_folds(listed, digests, prepared.assignment, validated_folds(config), whose)
+    found, folds = prepared.fingerprints, validated_folds(config)
+    refuse_seen_folds(listed, found, prepared.assignment, folds, whose)
 
 
 def _has_checkpoints(config: TrainingConfig) -> bool:

@@ -30,7 +30,6 @@ from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
     Fingerprints,
     cache_key,
-    image_digests,
     image_fingerprints,
     pixel_digest,
     read_labelled,
@@ -93,7 +92,7 @@ def test_the_digest_is_the_images_not_the_files(tmp_path: Path) -> None:
     digest = {p.name: pixel_digest(read_labelled(p).pixels) for p in (first, copy, wide)}
     assert len(set(digest.values())) == 1 and len(digest[first.name]) == 16
     folder = scan_folder(tmp_path / "copy", 2, DEFAULT_GROUP_PATTERN, every_class=False)
-    listed = image_digests(folder)
+    listed = image_fingerprints(folder).digests
     assert sorted(listed).count(digest[first.name]) == 2 and len(set(listed)) == 2
 
 
@@ -113,7 +112,7 @@ def test_training_lists_what_each_fold_trained_on_and_held_out(
     # The digests were kept with the pixel cache: hashing the folder again decodes nothing.
     with caplog.at_level("INFO", logger="dicomnode.training.data"):
         images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
-        assert list(image_digests(images, model.parent / "cache")) == digests
+        assert list(image_fingerprints(images, model.parent / "cache").digests) == digests
     assert "hashing the pixels" not in caplog.text
     # A cache kept before the near hashes were is hashed again, and kept with them.
     kept = model.parent / "cache" / f"digests-{cache_key(images)}.json"
@@ -344,8 +343,9 @@ def test_fingerprint_lists_an_older_models_images_from_its_recipe(
 def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
     tmp_path: Path, trained: tuple[Path, Path]
 ) -> None:
-    """The folder check cannot see a copy of the folder; the pixels can: a start, or an
-    ensemble member, that trained on the images of the fold a run holds out is refused."""
+    """The folder check cannot see a copy of the folder, or a lossy export of it; the pixels
+    and the near hashes can: a start, or an ensemble member, that trained on the images of the
+    fold a run holds out is refused."""
     data, model = trained
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
@@ -354,6 +354,15 @@ def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
     with pytest.raises(TrainingError, match=r"trained on 18 of the 18 images of fold 1 \(the same"):
         train_from_config(recipe, fold="1", init_weights=fold_zero)
     assert not (tmp_path / "two" / "model").exists()
+    # A JPEG export of the folder: other pixels, the same pictures (near copies).
+    lossy = tmp_path / "lossy"
+    for path in sorted(data.rglob("*.png")):
+        target = lossy / path.relative_to(data).with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("L").save(target, "JPEG", quality=95)
+    exported = _recipe(tmp_path / "lossy-run", lossy, mode="finetune")
+    with pytest.raises(TrainingError, match=r"trained on 18 of the 18 images of fold 1 \(the same"):
+        train_from_config(exported, fold="1", init_weights=fold_zero)
     out = train_from_config(recipe, fold="0", init_weights=fold_zero)  # fold 0 it held out
     # Its list holds its start's images too: the copy's and the original's are the same.
     listed = read_training_images(out)
