@@ -5,9 +5,11 @@ of the folder, a test folder that shares some images with it, or the same pictur
 exported again under other names pass unnoticed, and a model scored on its own training
 images looks better than it is. Each model directory that training writes therefore holds
 the :data:`~dicomnode.training.data.PIXEL_DIGEST` of every image it trained on and of every
-image it held out (:class:`TrainingImages`); ``dicomnode evaluate`` hashes the images it
-scores the same way and says how many the model trained on (:class:`Overlap`), or leaves
-them out (``--unseen-only``).
+image it held out (:class:`TrainingImages`), and the :mod:`~dicomnode.training.near` hash
+of every image it trained on with the folder's threshold, so that a lossy copy (a JPEG
+export, a smaller one, another window) is known too; ``dicomnode evaluate`` hashes the
+images it scores the same way and says how many the model trained on, or are near copies of
+those (:class:`Overlap`), or leaves them out (``--unseen-only``).
 
 What counts as trained on: the images of every fold but the held-out one (all of them
 for ``fold: final`` and ``none``); for an ensemble, those of any member; for a model
@@ -17,9 +19,10 @@ used. ``dicomnode fingerprint MODEL_DIR`` writes the file afresh for a model tra
 existed, from the card's recipe, once the folder's split is checked against the card.
 
 The same lists guard cross-validation by content (:func:`refuse_seen_folds`): a training run
-refuses to start from weights that trained on an image of the fold it holds out, and
-``dicomnode ensemble --validate-on`` refuses a member that trained on one, whatever folder
-held the image (the folder checks of :mod:`~dicomnode.training.lineage` see only paths).
+refuses to start from weights that trained on an image of the fold it holds out (or a near
+copy of one), and ``dicomnode ensemble --validate-on`` refuses a member that trained on one,
+whatever folder held the image (the folder checks of :mod:`~dicomnode.training.lineage`
+see only paths).
 """
 
 from __future__ import annotations
