@@ -33,8 +33,8 @@ NEAR_HASH = (
 """What :func:`near_hash` keeps of an image."""
 THUMBNAIL = 32
 FREQUENCIES = 16
-CHUNK = 512
-"""Hashes compared at a time in :func:`near_threshold` (CHUNK x N x 4 words of memory)."""
+PAIRS = 1 << 22
+"""Pairs of hashes compared at a time (4 words each: 128 MiB), whatever the folder's size."""
 
 Packed = npt.NDArray[np.uint64]
 BoolArray = npt.NDArray[np.bool_]
@@ -69,8 +69,14 @@ def nearest(one: Packed, others: Packed) -> npt.NDArray[np.int64]:
     when ``others`` is empty)."""
     if not len(others):
         return np.full(len(one), 256, dtype=np.int64)
-    parts = [distances(one[s : s + CHUNK], others).min(axis=1) for s in range(0, len(one), CHUNK)]
+    step = _rows(others)
+    parts = [distances(one[s : s + step], others).min(axis=1) for s in range(0, len(one), step)]
     return np.concatenate([np.zeros(0, dtype=np.int64), *parts])
+
+
+def _rows(others: Packed) -> int:
+    """How many hashes to compare with all of ``others`` at a time (:data:`PAIRS`)."""
+    return max(1, PAIRS // max(1, len(others)))
 
 
 def near_threshold(hashes: Collection[str]) -> int:
@@ -79,8 +85,9 @@ def near_threshold(hashes: Collection[str]) -> int:
     images share a hash or the folder holds fewer than two)."""
     words = packed(sorted(set(hashes)))
     least = 256
-    for start in range(0, len(words), CHUNK):
-        block = distances(words[start : start + CHUNK], words)
+    step = _rows(words)
+    for start in range(0, len(words), step):
+        block = distances(words[start : start + step], words)
         rows = np.arange(len(block))
         block[rows, start + rows] = 256  # each hash against itself
         least = min(least, int(block.min(initial=256)))

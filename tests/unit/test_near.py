@@ -7,6 +7,7 @@ import io
 import itertools
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dicomnode.training.near import (
@@ -54,7 +55,7 @@ def test_a_lossy_copy_keeps_the_hash_and_another_image_does_not() -> None:
     assert max(near) < min(far), (near, far)
 
 
-def test_distances_count_the_differing_bits() -> None:
+def test_distances_count_the_differing_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     hashes = [rng.bytes(32).hex() for _ in range(7)]
     table = distances(packed(hashes[:3]), packed(hashes))
@@ -63,11 +64,16 @@ def test_distances_count_the_differing_bits() -> None:
         min(_bits_apart(a, b) for b in hashes[2:]) for a in hashes[:2]
     ]
     assert nearest(packed(hashes[:2]), packed([])).tolist() == [256, 256]
+    monkeypatch.setattr("dicomnode.training.near.PAIRS", 5)  # one row at a time
+    assert nearest(packed(hashes), packed(hashes[2:])).tolist() == [
+        min(_bits_apart(a, b) for b in hashes[2:]) for a in hashes
+    ]
 
 
-def test_the_threshold_is_half_the_nearest_distinct_pair() -> None:
+def test_the_threshold_is_half_the_nearest_distinct_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dicomnode.training.near.PAIRS", 600 * 50)  # 50 rows at a time
     rng = np.random.default_rng(1)
-    hashes = [rng.bytes(32).hex() for _ in range(600)]  # more than one chunk of 512
+    hashes = [rng.bytes(32).hex() for _ in range(600)]
     hashes.append(hashes[5])  # the same image twice is not a pair
     least = min(_bits_apart(a, b) for a, b in itertools.combinations(set(hashes), 2))
     assert near_threshold(hashes) == least // 2
