@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
 from dicomnode.training.masks import LesionMasks, has_masks, mask_rows
-from dicomnode.training.near import NEAR_HASH, near_hash
+from dicomnode.training.near import NEAR_HASH, near_hash, near_threshold
 from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -444,6 +445,12 @@ class Fingerprints:
     @classmethod
     def of(cls, pixels: Sequence[FloatArray]) -> Fingerprints:
         return cls(tuple(map(pixel_digest, pixels)), tuple(map(near_hash, pixels)))
+
+    @cached_property
+    def near_threshold(self) -> int:
+        """:func:`~dicomnode.training.near.near_threshold` of these images, computed once (a
+        run writes a list per fold of one folder)."""
+        return near_threshold(self.near)
 
 
 def image_fingerprints(

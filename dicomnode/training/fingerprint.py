@@ -132,7 +132,7 @@ def of_fold(
         str(data_dir),
         made,
         frozenset(found.near[i] for i in train),
-        near_threshold(found.near),  # the whole folder's: no image held out is a near copy
+        found.near_threshold,  # the whole folder's: no image held out is a near copy
     )
 
 
