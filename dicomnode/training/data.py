@@ -30,7 +30,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -47,7 +47,15 @@ from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
 from dicomnode.training.masks import LesionMasks, has_masks, mask_rows
-from dicomnode.training.near import NEAR_HASH, near_hash, near_threshold
+from dicomnode.training.near import (
+    NEAR_COPY,
+    NEAR_HASH,
+    copy_limit,
+    earlier_copies,
+    near_hash,
+    nearest_distinct,
+    threshold_of,
+)
 from dicomnode.values import FloatArray, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -245,50 +253,75 @@ def warn_if_each_file_is_a_patient(images: LabelledImages, group_by: str) -> boo
 
 
 def warn_of_repeated_images(
-    images: LabelledImages, digests: Sequence[str], assignment: IntArray | None = None
+    images: LabelledImages, found: Fingerprints, assignment: IntArray | None = None
 ) -> int:
-    """Log one warning when files of the folder hold the same image (their
-    :func:`pixel_digest`): filed under two labels (the labels disagree) or for two patients
-    (with the folds' ``assignment``: how many the split put in another fold than their copy,
-    where a fold's figures count an image its model trained on). Returns how many files
-    repeat another's image in either way."""
+    """Log a warning when files of the folder hold the same image (their
+    :func:`pixel_digest`), and another when they hold near copies of one image (a lossy
+    copy, a resize or another window: :meth:`Fingerprints.earlier_copies`), filed under two
+    labels (the labels disagree) or for two patients (with the folds' ``assignment``: how
+    many the split put in another fold than their copy, where a fold's figures count an
+    image its model trained on). Returns how many files repeat another's image."""
+    same = _Repeats("the same image as")
+    near = _Repeats("a near copy of the image of", f" ({NEAR_COPY}: check them)")
     first: dict[str, int] = {}
-    relabelled: list[str] = []
-    elsewhere: list[str] = []
-    split = 0
-    for index, digest in enumerate(digests):
+    copies = found.earlier_copies()
+    for index, digest in enumerate(found.digests):
         earlier = first.setdefault(digest, index)
-        if earlier == index:
-            continue
+        if earlier != index:
+            same.add(images, index, earlier, assignment)
+        elif copies[index] >= 0:
+            near.add(images, index, int(copies[index]), assignment)
+    return same.warn(assignment is not None) + near.warn(assignment is not None)
+
+
+@dataclass
+class _Repeats:
+    """Files that repeat another's image in one way (:func:`warn_of_repeated_images`)."""
+
+    hold: str
+    how: str = ""
+    relabelled: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+    split: int = 0
+
+    def add(
+        self, images: LabelledImages, index: int, earlier: int, assignment: IntArray | None
+    ) -> None:
         one, other = (_relative(images.paths[i], images.root) for i in (index, earlier))
         pair = f"{one} = {other}"
         if images.labels[index] != images.labels[earlier]:
-            relabelled.append(pair)
+            self.relabelled.append(pair)
         elif images.groups[index] != images.groups[earlier]:
-            elsewhere.append(pair)
-            split += int(assignment is not None and assignment[index] != assignment[earlier])
-    if relabelled:
-        logger.warning(
-            "%d files hold the same image as another file of another class (their labels "
-            "disagree; keep one): %s",
-            len(relabelled),
-            listed(relabelled),
-        )
-    if elsewhere:
-        folds = (
-            ""
-            if assignment is None
-            else f"; {split} of them in another fold than their copy, whose figures then "
-            "count an image its model trained on"
-        )
-        logger.warning(
-            "%d files hold the same image as another patient's file (the folds may split "
-            "them; keep one): %s%s",
-            len(elsewhere),
-            listed(elsewhere),
-            folds,
-        )
-    return len(relabelled) + len(elsewhere)
+            self.elsewhere.append(pair)
+            self.split += int(assignment is not None and assignment[index] != assignment[earlier])
+
+    def warn(self, split: bool) -> int:
+        if self.relabelled:
+            logger.warning(
+                "%d files hold %s another file of another class%s (their labels disagree; "
+                "keep one): %s",
+                len(self.relabelled),
+                self.hold,
+                self.how,
+                listed(self.relabelled),
+            )
+        if self.elsewhere:
+            folds = (
+                f"; {self.split} of them in another fold than their copy, whose figures then "
+                "count an image its model trained on"
+                if split
+                else ""
+            )
+            logger.warning(
+                "%d files hold %s another patient's file%s (the folds may split them; keep "
+                "one): %s%s",
+                len(self.elsewhere),
+                self.hold,
+                self.how,
+                listed(self.elsewhere),
+                folds,
+            )
+        return len(self.relabelled) + len(self.elsewhere)
 
 
 def warn_if_one_patient_dominates(images: LabelledImages, folds: int) -> bool:
@@ -447,10 +480,21 @@ class Fingerprints:
         return cls(tuple(map(pixel_digest, pixels)), tuple(map(near_hash, pixels)))
 
     @cached_property
+    def _nearest(self) -> npt.NDArray[np.int64]:
+        """:func:`~dicomnode.training.near.nearest_distinct`, computed once."""
+        return nearest_distinct(self.near)
+
+    @cached_property
     def near_threshold(self) -> int:
-        """:func:`~dicomnode.training.near.near_threshold` of these images, computed once (a
-        run writes a list per fold of one folder)."""
-        return near_threshold(self.near)
+        """:func:`~dicomnode.training.near.threshold_of` these images, computed once (a run
+        writes a list per fold of one folder)."""
+        return threshold_of(self._nearest)
+
+    def earlier_copies(self) -> npt.NDArray[np.intp]:
+        """Each image's nearest earlier near copy in the folder, or -1
+        (:func:`~dicomnode.training.near.earlier_copies` under its
+        :func:`~dicomnode.training.near.copy_limit`)."""
+        return earlier_copies(self.near, copy_limit(self._nearest))
 
 
 def image_fingerprints(

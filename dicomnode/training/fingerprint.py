@@ -50,7 +50,7 @@ from dicomnode.training.data import (
 )
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
-from dicomnode.training.near import NEAR_HASH, BoolArray, near_copies, near_threshold
+from dicomnode.training.near import NEAR_COPY, NEAR_HASH, BoolArray, near_copies, near_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -222,15 +222,14 @@ class Overlap:
         if not seen:
             return ""
         who = f"{card.name} {card.version}"
-        lossy = "a lossy re-encoding, a resize or another window, by a perceptual hash"
         if not self.near_copies:
             what = f"have the same pixels as images {who} trained on"
         elif not self.trained_on:
-            what = f"are near copies of images {who} trained on ({lossy})"
+            what = f"are near copies of images {who} trained on ({NEAR_COPY})"
         else:
             what = (
                 f"are images {who} trained on ({self.trained_on} with the same pixels, "
-                f"{self.near_copies} near copies: {lossy})"
+                f"{self.near_copies} near copies: {NEAR_COPY})"
             )
         others = self.images - seen
         if self.left_out:
@@ -366,7 +365,7 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     expected = _held_out_counts(card)
     _check_split(images.labels, assignment, expected, card.num_classes, folder)
     found = image_fingerprints(images)
-    warn_of_repeated_images(images, found.digests, assignment)
+    warn_of_repeated_images(images, found, assignment)
     when = datetime.date.today().isoformat()
     made = (
         f"afterwards, {when}, by dicomnode fingerprint from {folder} with the card's recipe "

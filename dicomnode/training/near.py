@@ -13,10 +13,17 @@ two distinct hand phantoms in 14). :func:`near_threshold` therefore sets it per 
 folder, at half the distance of its nearest two distinct images: no two images the model
 trained on are near copies of each other by it, and a copy is called near only when it is
 far nearer to a training image than any two training images are to each other.
+
+Within one folder, :func:`earlier_copies` names the files that are near copies of another
+file of the same folder (filed twice, under two labels or for two patients): nearer to it
+than a third of the median distance of the folder's images to their nearest other
+(:func:`copy_limit`; measured: knee 60 bits, so 20; hand phantoms 36, so 12; spine phantoms
+80, so 27; the nearest two distinct images of each lie beyond it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -31,12 +38,19 @@ NEAR_HASH = (
     "of a 32 x 32 box-filtered thumbnail, 64 hex digits"
 )
 """What :func:`near_hash` keeps of an image."""
+NEAR_COPY = "a lossy re-encoding, a resize or another window, by a perceptual hash"
+"""What a near copy is, in the words of warnings."""
 THUMBNAIL = 32
 FREQUENCIES = 16
 PAIRS = 1 << 22
 """Pairs of hashes compared at a time (4 words each: 128 MiB), whatever the folder's size."""
 
+COPY_SHARE = 3
+"""Two images of one folder are near copies of each other when they are this many times
+nearer than the folder's median image is to its nearest other (:func:`copy_limit`)."""
+
 Packed = npt.NDArray[np.uint64]
+Distances = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 
@@ -79,19 +93,60 @@ def _rows(others: Packed) -> int:
     return max(1, PAIRS // max(1, len(others)))
 
 
-def near_threshold(hashes: Collection[str]) -> int:
-    """Half the distance of the nearest two distinct hashes of a training folder, rounded
-    down: a hash nearer than that to one of them is a near copy (0, none, when two distinct
-    images share a hash or the folder holds fewer than two)."""
+def nearest_distinct(hashes: Collection[str]) -> Distances:
+    """Each distinct hash's distance to the nearest other distinct hash (256 when there is
+    no other): the one O(N^2) pass behind :func:`threshold_of` and :func:`copy_limit`."""
     words = packed(sorted(set(hashes)))
-    least = 256
+    parts = [np.zeros(0, dtype=np.int64)]
     step = _rows(words)
     for start in range(0, len(words), step):
         block = distances(words[start : start + step], words)
         rows = np.arange(len(block))
         block[rows, start + rows] = 256  # each hash against itself
-        least = min(least, int(block.min(initial=256)))
+        parts.append(block.min(axis=1, initial=256))
+    return np.concatenate(parts)
+
+
+def threshold_of(nearest: Distances) -> int:
+    """Half the distance of the nearest two distinct hashes of a training folder, rounded
+    down (from its :func:`nearest_distinct`): a hash nearer than that to one of them is a
+    near copy (0, none, when two distinct images share a hash or the folder holds fewer
+    than two)."""
+    least = int(nearest.min(initial=256))
     return 0 if least == 256 else least // 2
+
+
+def near_threshold(hashes: Collection[str]) -> int:
+    """:func:`threshold_of` the folder of ``hashes``."""
+    return threshold_of(nearest_distinct(hashes))
+
+
+def copy_limit(nearest: Distances) -> int:
+    """Distance under which two images of one folder are near copies of each other: under
+    1/:data:`COPY_SHARE` of the median of its :func:`nearest_distinct` (0, none, with fewer
+    than two distinct images)."""
+    if len(nearest) < 2:
+        return 0
+    return math.ceil(float(np.median(nearest)) / COPY_SHARE)
+
+
+def earlier_copies(hashes: Sequence[str], limit: int) -> npt.NDArray[np.intp]:
+    """For each of ``hashes``, the index of the nearest earlier one less than ``limit`` bits
+    away, or -1 (none)."""
+    found = np.full(len(hashes), -1, dtype=np.intp)
+    if limit <= 0 or not hashes:
+        return found
+    words = packed(hashes)
+    columns = np.arange(len(words))
+    step = _rows(words)
+    for start in range(0, len(words), step):
+        block = distances(words[start : start + step], words)
+        rows = np.arange(len(block))
+        block[columns[None, :] >= (start + rows)[:, None]] = 256  # only earlier hashes
+        best = block.argmin(axis=1)
+        close = block[rows, best] < limit
+        found[start + rows[close]] = best[close]
+    return found
 
 
 def near_copies(hashes: Sequence[str], trained_on: Collection[str], threshold: int) -> BoolArray:

@@ -261,7 +261,7 @@ def prepare(config: TrainingConfig) -> Prepared:
     )
     found = image_fingerprints(images, config.cache_dir)  # kept with the cache it was built with
     assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
-    warn_of_repeated_images(images, found.digests, assignment)
+    warn_of_repeated_images(images, found, assignment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None
     if config.mask_supervision is not None:

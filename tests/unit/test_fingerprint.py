@@ -434,13 +434,17 @@ def test_evaluate_decodes_each_image_once(
 def test_training_warns_of_an_image_filed_twice(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The same picture under another label, or for another patient, is named before
-    training (the labels disagree; the folds may split the two)."""
+    """The same picture, or a near copy of it, under another label or for another patient
+    is named before training (the labels disagree; the folds may split the two)."""
     data = write_tiny_dataset(tmp_path / "data", classes=3, patients=4, size=32)
     shutil.copyfile(data / "0" / "9000000L.png", data / "1" / "9001009L.png")  # another label
     # Two files of class 2 replaced by copies of another patient's images.
     shutil.copyfile(data / "2" / "9002001R.png", data / "2" / "9002003L.png")
     shutil.copyfile(data / "2" / "9002001L.png", data / "2" / "9002000L.png")
+    # Near copies (JPEG at quality 90): under another label, and as another patient's file.
+    Image.open(data / "0" / "9000001R.png").save(data / "1" / "9001010L.jpg", quality=90)
+    Image.open(data / "0" / "9000002R.png").save(data / "0" / "9000003L.jpg", quality=90)
+    (data / "0" / "9000003L.png").unlink()
     images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
     fold_of = dict(
         zip(
@@ -451,6 +455,7 @@ def test_training_warns_of_an_image_filed_twice(
     )
     pairs = [("2/9002003L.png", "2/9002001R.png"), ("2/9002000L.png", "2/9002001L.png")]
     split = sum(fold_of[a] != fold_of[b] for a, b in pairs)
+    near_split = int(fold_of["0/9000003L.jpg"] != fold_of["0/9000002R.png"])
     with caplog.at_level("WARNING"):
         model = train_from_config(_recipe(tmp_path, data, folds=2))
     assert "1 files hold the same image as another file of another class" in caplog.text
@@ -458,14 +463,19 @@ def test_training_warns_of_an_image_filed_twice(
     elsewhere = "2 files hold the same image as another patient's file (the folds may split"
     assert elsewhere in caplog.text
     assert f"; {split} of them in another fold than their copy" in caplog.text
+    near = "1 files hold a near copy of the image of another file of another class (a lossy"
+    assert near in caplog.text and "1/9001010L.jpg = 0/9000001R.png" in caplog.text
+    near_elsewhere = "1 files hold a near copy of the image of another patient's file (a lossy"
+    assert near_elsewhere in caplog.text and "0/9000003L.jpg = 0/9000002R.png" in caplog.text
+    assert f"; {near_split} of them in another fold than their copy" in caplog.text
     # Said once in the run, and once by `dicomnode fingerprint`, which lists the same images.
-    assert caplog.text.count("another patient's file") == 1
+    assert caplog.text.count("another patient's file") == 2
     at_training = read_training_images(model)
     assert at_training is not None
     caplog.clear()
     with caplog.at_level("WARNING"):
         fingerprint_model(model)
-    assert caplog.text.count(elsewhere) == 1
+    assert caplog.text.count(elsewhere) == 1 and caplog.text.count(near_elsewhere) == 1
     afterwards = read_training_images(model)
     assert afterwards is not None and afterwards.made != at_training.made
     assert replace(afterwards, made="") == replace(at_training, made="")

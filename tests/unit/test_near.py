@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 
 from dicomnode.training.near import (
+    copy_limit,
     distances,
+    earlier_copies,
     near_copies,
     near_hash,
     near_threshold,
     nearest,
+    nearest_distinct,
     packed,
 )
 from dicomnode.training.phantoms.hand import generate_hand
@@ -87,3 +90,39 @@ def test_near_copies_are_nearer_than_the_threshold() -> None:
     assert near_copies(asked, trained, 16).tolist() == [True, False, False]
     assert near_copies(asked, trained, 0).tolist() == [False, False, False]
     assert near_copies([], trained, 16).tolist() == []
+
+
+def test_copies_within_a_folder_are_the_nearest_earlier_under_a_third_of_the_median(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("dicomnode.training.near.PAIRS", 300 * 7)  # 7 rows at a time
+    rng = np.random.default_rng(2)
+    hashes = [rng.bytes(32).hex() for _ in range(300)]
+    hashes[40] = _flipped(hashes[3], 5)  # a near copy of an earlier hash
+    hashes[41] = _flipped(hashes[3], 2)  # nearer to the same one
+    hashes[250] = hashes[100]  # the same hash: 0 bits
+    distinct = sorted(set(hashes))
+    nearest = nearest_distinct(hashes)
+    assert nearest.tolist() == [
+        min(_bits_apart(a, b) for b in distinct if b != a) for a in distinct
+    ]
+    limit = copy_limit(nearest)
+    assert limit == -(-int(np.median(nearest)) // 3) and 5 < limit < 100  # ~128 / 3
+    expected = [
+        min(
+            (j for j in range(i) if _bits_apart(hashes[i], hashes[j]) < limit),
+            key=lambda j: (_bits_apart(hashes[i], hashes[j]), j),
+            default=-1,
+        )
+        for i in range(len(hashes))
+    ]
+    found = earlier_copies(hashes, limit)
+    assert found.tolist() == expected
+    assert {i: found[i] for i in np.flatnonzero(found >= 0)} == {40: 3, 41: 3, 250: 100}
+    assert earlier_copies(hashes, 0).tolist() == [-1] * len(hashes)
+    assert copy_limit(nearest_distinct(hashes[:1])) == 0
+
+
+def _flipped(hash_: str, bits: int) -> str:
+    """``hash_`` with its first ``bits`` bits flipped."""
+    return f"{int(hash_, 16) ^ (((1 << bits) - 1) << 250):064x}"
