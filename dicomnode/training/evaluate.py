@@ -65,7 +65,7 @@ from dicomnode.training.data import (
 from dicomnode.training.fingerprint import (
     TrainingImages,
     against_training_images,
-    listed_training_images,
+    training_images_of,
 )
 from dicomnode.training.metrics import Float64Array, calibration_bins, classification_metrics
 from dicomnode.training.report import (
@@ -134,11 +134,9 @@ def evaluate_model(
     predictor = Predictor.load(model_dir, card, device)
     images = scan_folder(data_dir, card.num_classes, DEFAULT_GROUP_PATTERN, every_class=False)
     warn_of_images_the_node_skips(images)
-    leave_out = listed_training_images(model_dir) if unseen_only else None
-    probabilities, found = predict_folder(predictor, images, leave_out)
-    seen = against_training_images(
-        model_dir, card, data_dir, lambda: found, unseen_only=unseen_only
-    )
+    listed = training_images_of(model_dir, needed=unseen_only)
+    probabilities, found = predict_folder(predictor, images, listed if unseen_only else None)
+    seen = against_training_images(listed, card, data_dir, lambda: found, unseen_only=unseen_only)
     images = images.subset(seen.kept) if unseen_only else images
     metrics = {
         "model": card.name,

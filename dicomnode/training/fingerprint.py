@@ -276,16 +276,16 @@ class Seen:
     overlap: Overlap | None
 
 
-def listed_training_images(model_dir: Path) -> TrainingImages:
-    """The images the weights in ``model_dir`` trained on, which must be listed.
+def training_images_of(model_dir: Path, *, needed: bool = False) -> TrainingImages | None:
+    """The images the weights in ``model_dir`` trained on (None: not listed).
 
     Raises
     ------
     TrainingError
-        When the directory has no list of its weights' images.
+        When they are ``needed`` and the directory has no list of its weights' images.
     """
     listed = read_training_images(model_dir)
-    if listed is None:
+    if listed is None and needed:
         raise TrainingError(
             f"{model_dir} has no {TRAINING_IMAGES_FILE}: the images it trained on are not "
             f"known (dicomnode fingerprint {model_dir} lists them from its card's recipe)"
@@ -294,25 +294,24 @@ def listed_training_images(model_dir: Path) -> TrainingImages:
 
 
 def against_training_images(
-    model_dir: Path,
+    listed: TrainingImages | None,
     card: ModelCard,
     data_dir: Path,
     fingerprints: Callable[[], Fingerprints],
     *,
     unseen_only: bool = False,
 ) -> Seen:
-    """What the model in ``model_dir`` has seen of the images of ``data_dir``, warned about:
-    by their pixels and near copies (``fingerprints``, computed only then) when the directory
-    lists its training images, else by the folder's path
+    """What the model of ``card`` has seen of the images of ``data_dir``, warned about: by
+    their pixels and near copies (``fingerprints``, computed only then) when its directory
+    ``listed`` its training images (:func:`training_images_of`), else by the folder's path
     (:func:`~dicomnode.training.lineage.trained_on_folder`). With ``unseen_only`` the images
     it trained on, and their near copies, are left out.
 
     Raises
     ------
     TrainingError
-        With ``unseen_only``, when the directory lists no training images or nothing is left.
+        With ``unseen_only``, when nothing is left.
     """
-    listed = listed_training_images(model_dir) if unseen_only else read_training_images(model_dir)
     if listed is None:
         return Seen((), warn_if_trained_on(card, data_dir), None)
     hashed = fingerprints()

@@ -44,7 +44,7 @@ from dicomnode.explain.gradcam import Explainer
 from dicomnode.inference import Predictor
 from dicomnode.models.card import GradCamSpec, check_new_version, load_card, write_revision
 from dicomnode.training.data import Fingerprints, read_labelled
-from dicomnode.training.fingerprint import against_training_images
+from dicomnode.training.fingerprint import against_training_images, training_images_of
 from dicomnode.training.masks import mask_rows, read_mask
 from dicomnode.training.report import gallery_image, lesion_tile
 from dicomnode.values import PreparedImage
@@ -137,7 +137,7 @@ def _predictor(
     those out."""
     card = load_card(model_dir)
     seen = against_training_images(
-        model_dir,
+        training_images_of(model_dir, needed=unseen_only),
         card,
         data_dir,
         lambda: Fingerprints.of([item.image.pixels for item in images]),
