@@ -11,14 +11,16 @@ No fixed threshold serves every folder (measured on the shipped models' folders:
 two distinct knee crops differ in 36 bits, JPEG or half-size copies of one in at most 18;
 two distinct hand phantoms in 14). :func:`near_threshold` therefore sets it per training
 folder, at half the distance of its nearest two distinct images: no two images the model
-trained on are near copies of each other by it, and a copy is called near only when it is
-far nearer to a training image than any two training images are to each other.
+trained on are near copies of each other by it (unless they are: see below), and a copy is
+called near only when it is far nearer to a training image than any two distinct training
+images are to each other.
 
 Within one folder, :func:`earlier_copies` names the files that are near copies of another
 file of the same folder (filed twice, under two labels or for two patients): nearer to it
 than a third of the median distance of the folder's images to their nearest other
 (:func:`copy_limit`; measured: knee 60 bits, so 20; hand phantoms 36, so 12; spine phantoms
-80, so 27; the nearest two distinct images of each lie beyond it).
+80, so 27; the nearest two distinct images of each lie beyond it). Such pairs do not set the
+folder's threshold: its distinct images do.
 """
 
 from __future__ import annotations
@@ -108,11 +110,14 @@ def nearest_distinct(hashes: Collection[str]) -> Distances:
 
 
 def threshold_of(nearest: Distances) -> int:
-    """Half the distance of the nearest two distinct hashes of a training folder, rounded
-    down (from its :func:`nearest_distinct`): a hash nearer than that to one of them is a
-    near copy (0, none, when two distinct images share a hash or the folder holds fewer
-    than two)."""
-    least = int(nearest.min(initial=256))
+    """Half the distance of the nearest two distinct hashes of a training folder that are
+    not near copies of each other (:func:`copy_limit`), rounded down, from its
+    :func:`nearest_distinct`: a hash nearer than that to one of them is a near copy (0,
+    none, with fewer than two distinct hashes). A folder that holds near copies of its own
+    images thus keeps the threshold its distinct images give, and a held-out copy of a
+    training image counts as the near copy it is."""
+    distinct = nearest[nearest >= copy_limit(nearest)]
+    least = int(distinct.min(initial=256))
     return 0 if least == 256 else least // 2
 
 

@@ -132,17 +132,20 @@ def test_an_image_filed_twice_across_folds_counts_as_trained_on(tmp_path: Path) 
     assert listed.to_json()["held_out"] == ["b"]  # "a" is among the images trained on
     assert listed.trained_on == {"a", "c", "e"}
     assert listed.near == {near[k] for k in "ace"}
-    # The nearest two distinct images of the folder, "a" (trained on) and "b" (held out),
-    # differ in 8 bits: a near copy differs from a training image in fewer than 4, so that
-    # "b" is not one.
-    assert listed.near_threshold == 4
-    assert listed.recognised(Fingerprints(("x", "y"), (near["b"], "0" * 63 + "7"))).tolist() == [
-        False,
-        True,
-    ]
-    # Joined with another list, the threshold is also that of pairs across the two.
-    other = replace(listed, near=frozenset({"0" * 63 + "1"}), near_threshold=100)
-    assert listed.joined(other).near_threshold == 0  # 1 bit from "a"
+    # "a" (trained on) and "b" (held out) differ in 8 bits, and "c" and "e" lie 128 from
+    # their nearest: under a third of the median (68), "a" and "b" are near copies of each
+    # other, so they do not set the threshold (half of 128), and "b" counts as a near copy.
+    assert listed.near_threshold == 64
+    asked = Fingerprints(("x", "y", "z"), (near["b"], "0" * 63 + "7", "0f" * 16 + "f0" * 16))
+    assert listed.recognised(asked).tolist() == [True, True, False]  # "z": 128 from each
+    # Joined with another list, the threshold is also that of pairs across the two (40 bits
+    # from "c"), but a near copy across them (1 bit from "a") does not shrink it to 0 (it
+    # is 127 bits from "c").
+    across = f"{int(near['c'], 16) ^ ((1 << 40) - 1):064x}"
+    other = replace(listed, near=frozenset({across}), near_threshold=100)
+    assert listed.joined(other).near_threshold == 20
+    copy = replace(listed, near=frozenset({"0" * 63 + "1"}), near_threshold=100)
+    assert listed.joined(copy).near_threshold == 63
     assert (
         replace(listed, near_threshold=9).joined(replace(listed, near_threshold=5)).near_threshold
         == 5

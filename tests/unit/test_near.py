@@ -84,6 +84,18 @@ def test_the_threshold_is_half_the_nearest_distinct_pair(monkeypatch: pytest.Mon
     assert near_threshold(["0" * 64, "0" * 63 + "1", "f" * 64]) == 0  # 1 bit apart: 1 // 2
 
 
+def test_near_copies_within_the_folder_do_not_set_its_threshold() -> None:
+    """A folder that holds lossy copies of its own images keeps the threshold its distinct
+    images give; the copies themselves lie within it."""
+    rng = np.random.default_rng(3)
+    hashes = [rng.bytes(32).hex() for _ in range(200)]
+    alone = near_threshold(hashes)
+    copies = [_flipped(hashes[i], 3 + i % 4) for i in range(0, 40, 4)]  # 3-6 bits away
+    assert 10 < alone == near_threshold(hashes + copies)
+    assert near_copies(copies, hashes[:40], alone).all()
+    assert not near_copies(copies, hashes[40:], alone).any()
+
+
 def test_near_copies_are_nearer_than_the_threshold() -> None:
     trained = ["0" * 64, "f" * 64]
     asked = ["0" * 62 + "0f", "0" * 60 + "ffff", "0f" * 32]  # 4, 16 and 128 bits from the first
