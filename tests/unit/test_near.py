@@ -19,7 +19,7 @@ from dicomnode.training.near import (
     near_threshold,
     nearest,
     nearest_distinct,
-    packed,
+    signs,
 )
 from dicomnode.training.phantoms.hand import generate_hand
 
@@ -61,14 +61,14 @@ def test_a_lossy_copy_keeps_the_hash_and_another_image_does_not() -> None:
 def test_distances_count_the_differing_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     hashes = [rng.bytes(32).hex() for _ in range(7)]
-    table = distances(packed(hashes[:3]), packed(hashes))
+    table = distances(signs(hashes[:3]), signs(hashes))
     assert table.tolist() == [[_bits_apart(a, b) for b in hashes] for a in hashes[:3]]
-    assert nearest(packed(hashes[:2]), packed(hashes[2:])).tolist() == [
+    assert nearest(signs(hashes[:2]), signs(hashes[2:])).tolist() == [
         min(_bits_apart(a, b) for b in hashes[2:]) for a in hashes[:2]
     ]
-    assert nearest(packed(hashes[:2]), packed([])).tolist() == [256, 256]
+    assert nearest(signs(hashes[:2]), signs([])).tolist() == [256, 256]
     monkeypatch.setattr("dicomnode.training.near.PAIRS", 5)  # one row at a time
-    assert nearest(packed(hashes), packed(hashes[2:])).tolist() == [
+    assert nearest(signs(hashes), signs(hashes[2:])).tolist() == [
         min(_bits_apart(a, b) for b in hashes[2:]) for a in hashes
     ]
 
