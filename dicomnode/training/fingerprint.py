@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -337,7 +337,8 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     replaces it: a copy elsewhere) and its split; the held-out folds are the card's
     (``metrics.fold``, or each member's in ``per_fold``; none for ``fold: final`` and
     ``none``). The split is first checked against the card: each held-out fold's images
-    per class must be the row sums of its recorded confusion matrix. The images of a model
+    per class must be the row sums of its recorded confusion matrix (a ``fold: none`` card
+    has none: the folder is then taken as it is, with a warning). The images of a model
     it started from (``init_weights``) are not added (training adds them).
 
     Raises
@@ -361,8 +362,7 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     assignment = assign_folds(
         images.labels, images.groups, int(recorded["folds"]), int(recorded["seed"])
     )
-    expected = _held_out_counts(card)
-    _check_split(images.labels, assignment, expected, card.num_classes, folder)
+    expected = _checked_split(card, recorded, images.labels, assignment, folder)
     found = image_fingerprints(images)
     warn_of_repeated_images(images, found, assignment)
     when = datetime.date.today().isoformat()
@@ -381,6 +381,30 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
         len(listed.held_out - listed.trained_on),
     )  # fmt: skip
     return listed
+
+
+def _checked_split(
+    card: ModelCard,
+    recorded: Mapping[str, Any],
+    labels: IntArray,
+    assignment: IntArray,
+    folder: Path,
+) -> dict[int | None, list[int]]:
+    """Images per class of each fold the card held out (:func:`_held_out_counts`), checked
+    against ``folder``'s split; none for a ``fold: none`` model, whose card holds no figures
+    to check the folder against (warned: every image of it is taken as trained on)."""
+    if str(recorded.get("fold")) == "none":
+        logger.warning(
+            "%s %s trained on every image of its folder (fold: none) and its card records no "
+            "figures to check %s against: the list takes every image of it as trained on",
+            card.name,
+            card.version,
+            folder,
+        )
+        return {}
+    expected = _held_out_counts(card)
+    _check_split(labels, assignment, expected, card.num_classes, folder)
+    return expected
 
 
 def _held_out_counts(card: ModelCard) -> dict[int | None, list[int]]:

@@ -343,6 +343,23 @@ def test_fingerprint_lists_an_older_models_images_from_its_recipe(
     assert len(written["trained_on"]) == 36  # the refused run left the list as it was
 
 
+def test_fingerprint_lists_a_model_trained_on_every_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``fold: none`` card holds no figures to check the folder against: every image of it
+    is listed as trained on, with a warning that says so."""
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=2, size=32)
+    model = train_from_config(_recipe(tmp_path, data, fold="none"))
+    at_training = read_training_images(model)
+    assert at_training is not None and len(at_training.trained_on) == 12
+    (model / TRAINING_IMAGES_FILE).unlink()
+    with caplog.at_level("WARNING"):
+        listed = fingerprint_model(model)
+    assert "trained on every image of its folder (fold: none)" in caplog.text
+    assert (listed.trained_on, listed.held_out) == (at_training.trained_on, frozenset())
+    assert listed.near == at_training.near and listed.near_threshold > 0
+
+
 def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
     tmp_path: Path, trained: tuple[Path, Path]
 ) -> None:
