@@ -26,7 +26,7 @@ folder's threshold: its distinct images do.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -101,14 +101,18 @@ def _rows(others: Signs) -> int:
     return max(1, PAIRS // max(1, len(others)))
 
 
+def _against_itself(folder: Signs) -> Iterator[tuple[int, Distances]]:
+    """``folder``'s distances to itself in blocks of :data:`PAIRS`: (first row, block)."""
+    step = _rows(folder)
+    for start in range(0, len(folder), step):
+        yield start, distances(folder[start : start + step], folder)
+
+
 def nearest_distinct(hashes: Collection[str]) -> Distances:
     """Each distinct hash's distance to the nearest other distinct hash (256 when there is
     no other): the one O(N^2) pass behind :func:`threshold_of` and :func:`copy_limit`."""
-    folder = signs(sorted(set(hashes)))
     parts = [np.zeros(0, dtype=np.int64)]
-    step = _rows(folder)
-    for start in range(0, len(folder), step):
-        block = distances(folder[start : start + step], folder)
+    for start, block in _against_itself(signs(sorted(set(hashes)))):
         rows = np.arange(len(block))
         block[rows, start + rows] = 256  # each hash against itself
         parts.append(block.min(axis=1, initial=256))
@@ -147,11 +151,8 @@ def earlier_copies(hashes: Sequence[str], limit: int) -> npt.NDArray[np.intp]:
     found = np.full(len(hashes), -1, dtype=np.intp)
     if limit <= 0 or not hashes:
         return found
-    folder = signs(hashes)
-    columns = np.arange(len(folder))
-    step = _rows(folder)
-    for start in range(0, len(folder), step):
-        block = distances(folder[start : start + step], folder)
+    columns = np.arange(len(hashes))
+    for start, block in _against_itself(signs(hashes)):
         rows = np.arange(len(block))
         block[columns[None, :] >= (start + rows)[:, None]] = 256  # only earlier hashes
         best = block.argmin(axis=1)
