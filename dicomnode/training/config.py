@@ -157,6 +157,11 @@ class TrainingConfig(_Frozen):
         ``filename`` (default: ``group_pattern`` on the file name) or
         ``patient_id`` (the DICOM Patient ID of each file, for a folder of DICOM
         files named by UID; every file must be DICOM with a Patient ID).
+    group_copies:
+        Keep files that hold one image (the same pixels, or near copies: a lossy
+        copy, a resize, another window) in one fold, as one patient, even when
+        they are filed for two patients or under two labels (off by default:
+        the split of a folder without such files is the same either way).
     mode:
         ``scratch`` (all layers, random init), ``feature`` (frozen backbone,
         new head) or ``finetune`` (all layers, backbone LR x ``backbone_lr_factor``).
@@ -233,6 +238,7 @@ class TrainingConfig(_Frozen):
     data_dir: Path
     group_pattern: str = DEFAULT_GROUP_PATTERN
     group_by: Literal["filename", "patient_id"] = "filename"
+    group_copies: bool = False
     architecture: ArchitectureConfig
     mode: Literal["scratch", "feature", "finetune"] = "finetune"
     init_weights: str = "none"
@@ -400,7 +406,8 @@ before it, whose recipes do not name ``smoothing_weights``, were trained ``per_t
 def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]:
     """A card's recorded ``recipe`` with the keys added since it was written, as they were then.
 
-    ``group_by`` was always ``filename``, ``test_time_flip`` off and ``sampling`` ``shuffle``;
+    ``group_by`` was always ``filename``, ``group_copies`` off, ``test_time_flip`` off and
+    ``sampling`` ``shuffle``;
     ``init_weights_from`` was not recorded (None);
     ``smoothing_weights`` was ``per_term``
     before :data:`LOSS_FIXED` (``trained`` is the card's ISO date) and ``per_sample``
@@ -409,6 +416,7 @@ def recorded_recipe(recipe: dict[str, Any], trained: str = "") -> dict[str, Any]
     """
     out = dict(recipe)
     out.setdefault("group_by", "filename")
+    out.setdefault("group_copies", False)
     out.setdefault("test_time_flip", False)
     out.setdefault("sampling", "shuffle")
     out.setdefault("init_weights_from", None)

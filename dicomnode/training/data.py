@@ -46,6 +46,7 @@ from dicomnode.errors import ConfigError, ImagingError
 from dicomnode.imaging.tensor import to_input
 from dicomnode.models.card import InputSpec, PreprocessingSpec
 from dicomnode.training.config import AugmentConfig
+from dicomnode.training.folds import joined_groups
 from dicomnode.training.masks import LesionMasks, has_masks, mask_rows
 from dicomnode.training.near import (
     NEAR_COPY,
@@ -257,21 +258,24 @@ def warn_of_repeated_images(
 ) -> int:
     """Log a warning when files of the folder hold the same image (their
     :func:`pixel_digest`), and another when they hold near copies of one image (a lossy
-    copy, a resize or another window: :meth:`Fingerprints.earlier_copies`), filed under two
+    copy, a resize or another window: :attr:`Fingerprints.repeats`), filed under two
     labels (the labels disagree) or for two patients (with the folds' ``assignment``: how
     many the split put in another fold than their copy, where a fold's figures count an
     image its model trained on). Returns how many files repeat another's image."""
     same = _Repeats("the same image as")
     near = _Repeats("a near copy of the image of", f" ({NEAR_COPY}: check them)")
-    first: dict[str, int] = {}
-    copies = found.earlier_copies()
-    for index, digest in enumerate(found.digests):
-        earlier = first.setdefault(digest, index)
-        if earlier != index:
-            same.add(images, index, earlier, assignment)
-        elif copies[index] >= 0:
-            near.add(images, index, int(copies[index]), assignment)
+    for index, earlier, exact in found.repeats:
+        (same if exact else near).add(images, index, earlier, assignment)
     return same.warn(assignment is not None) + near.warn(assignment is not None)
+
+
+def split_groups(images: LabelledImages, found: Fingerprints, group_copies: bool) -> Sequence[str]:
+    """The groups the split keeps in one fold: each file's patient, and with
+    ``group_copies`` the patients of files that hold one image joined
+    (:attr:`Fingerprints.repeats`, :func:`~dicomnode.training.folds.joined_groups`)."""
+    if not group_copies:
+        return images.groups
+    return joined_groups(images.groups, [(index, earlier) for index, earlier, _ in found.repeats])
 
 
 @dataclass
@@ -306,9 +310,10 @@ class _Repeats:
                 listed(self.relabelled),
             )
         if self.elsewhere:
+            hint = " (group_copies: true keeps each in one fold with its copy)"
             folds = (
                 f"; {self.split} of them in another fold than their copy, whose figures then "
-                "count an image its model trained on"
+                f"count an image its model trained on{hint if self.split else ''}"
                 if split
                 else ""
             )
@@ -490,11 +495,22 @@ class Fingerprints:
         writes a list per fold of one folder)."""
         return threshold_of(self._nearest)
 
-    def earlier_copies(self) -> npt.NDArray[np.intp]:
-        """Each image's nearest earlier near copy in the folder, or -1
-        (:func:`~dicomnode.training.near.earlier_copies` under its
-        :func:`~dicomnode.training.near.copy_limit`)."""
-        return earlier_copies(self.near, copy_limit(self._nearest))
+    @cached_property
+    def repeats(self) -> tuple[tuple[int, int, bool], ...]:
+        """(image, the earlier image it repeats, whether by the same pixels) for each image
+        that repeats an earlier one: the first with the same :func:`pixel_digest`, else the
+        nearest earlier near copy (:func:`~dicomnode.training.near.earlier_copies` under the
+        folder's :func:`~dicomnode.training.near.copy_limit`)."""
+        copies = earlier_copies(self.near, copy_limit(self._nearest))
+        first: dict[str, int] = {}
+        found: list[tuple[int, int, bool]] = []
+        for index, digest in enumerate(self.digests):
+            earlier = first.setdefault(digest, index)
+            if earlier != index:
+                found.append((index, earlier, True))
+            elif copies[index] >= 0:
+                found.append((index, int(copies[index]), False))
+        return tuple(found)
 
 
 def image_fingerprints(

@@ -46,6 +46,7 @@ from dicomnode.training.data import (
     IntArray,
     image_fingerprints,
     scan_folder,
+    split_groups,
     warn_of_repeated_images,
 )
 from dicomnode.training.folds import assign_folds, split
@@ -359,11 +360,10 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
         str(recorded.get("group_pattern", DEFAULT_GROUP_PATTERN)),
         str(recorded["group_by"]),
     )
-    assignment = assign_folds(
-        images.labels, images.groups, int(recorded["folds"]), int(recorded["seed"])
-    )
-    expected = _checked_split(card, recorded, images.labels, assignment, folder)
     found = image_fingerprints(images)
+    groups = split_groups(images, found, bool(recorded["group_copies"]))
+    assignment = assign_folds(images.labels, groups, int(recorded["folds"]), int(recorded["seed"]))
+    expected = _checked_split(card, recorded, images.labels, assignment, folder)
     warn_of_repeated_images(images, found, assignment)
     when = datetime.date.today().isoformat()
     made = (
@@ -478,5 +478,6 @@ def refuse_seen_folds(
 def fold_fingerprints(config: TrainingConfig) -> tuple[Fingerprints, IntArray]:
     """The fingerprints of ``config``'s folder and the fold of each image in its split."""
     images = scan_folder(config.data_dir, config.num_classes, config.group_pattern, config.group_by)
-    assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
-    return image_fingerprints(images, config.cache_dir), assignment
+    found = image_fingerprints(images, config.cache_dir)
+    groups = split_groups(images, found, config.group_copies)
+    return found, assign_folds(images.labels, groups, config.folds, config.seed)

@@ -7,7 +7,7 @@ shuffled with the run's seed, so the same seed always gives the same folds).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,29 @@ def assign_folds(labels: IntArray, groups: Sequence[str], folds: int, seed: int)
     for fold, (_, held_out) in enumerate(splitter.split(dummy, labels, groups=list(groups))):
         assignment[held_out] = fold
     return assignment
+
+
+def joined_groups(groups: Sequence[str], pairs: Iterable[tuple[int, int]]) -> tuple[str, ...]:
+    """``groups`` with the groups of each pair of files joined into one, named after the
+    group that comes first among them (files that hold one image become one patient to the
+    split); a group joined to no other keeps its name, so a folder without pairs keeps its
+    split."""
+    first: dict[str, int] = {}
+    for index, group in enumerate(groups):
+        first.setdefault(group, index)
+    parent = {group: group for group in first}
+
+    def root(group: str) -> str:
+        while parent[group] != group:
+            parent[group] = parent[parent[group]]
+            group = parent[group]
+        return group
+
+    for one, other in pairs:
+        ends = sorted({root(groups[one]), root(groups[other])}, key=first.__getitem__)
+        for later in ends[1:]:
+            parent[later] = ends[0]
+    return tuple(root(group) for group in groups)
 
 
 def split(assignment: IntArray, fold: int) -> tuple[IntArray, IntArray]:

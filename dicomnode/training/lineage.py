@@ -28,7 +28,7 @@ from dicomnode.training.pretrained import IMAGENET, IMAGENET_LITE0
 
 logger = logging.getLogger(__name__)
 
-SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by")
+SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by", "group_copies")
 """What decides which images a recipe's fold ``k`` holds (with its data folder)."""
 
 

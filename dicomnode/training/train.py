@@ -70,6 +70,7 @@ from dicomnode.training.data import (
     PixelCache,
     image_fingerprints,
     scan_folder,
+    split_groups,
     warn_if_each_file_is_a_patient,
     warn_if_one_patient_dominates,
     warn_of_repeated_images,
@@ -260,7 +261,8 @@ def prepare(config: TrainingConfig) -> Prepared:
         images, config.cache_dir, config.input.size, config.preprocessing.resize
     )
     found = image_fingerprints(images, config.cache_dir)  # kept with the cache it was built with
-    assignment = assign_folds(images.labels, images.groups, config.folds, config.seed)
+    groups = split_groups(images, found, config.group_copies)
+    assignment = assign_folds(images.labels, groups, config.folds, config.seed)
     warn_of_repeated_images(images, found, assignment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     masks = None

@@ -499,3 +499,41 @@ def test_training_warns_of_an_image_filed_twice(
     afterwards = read_training_images(model)
     assert afterwards is not None and afterwards.made != at_training.made
     assert replace(afterwards, made="") == replace(at_training, made="")
+
+
+def test_group_copies_keeps_the_files_of_one_image_in_one_fold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``group_copies``, files that hold one image (the same pixels, or a JPEG copy)
+    for two patients are one patient to the split; `dicomnode fingerprint` splits the same."""
+    data = write_tiny_dataset(tmp_path / "data", classes=3, patients=8, size=32)
+    pairs = []
+    for label in "012":
+        for source, target in (("1L", "4R"), ("2R", "5L"), ("3L", "6R")):
+            original = data / label / f"900{label}00{source}.png"
+            copy = data / label / f"900{label}00{target}.png"
+            if source == "2R":  # a near copy: JPEG at quality 90
+                copy.unlink()
+                copy = copy.with_suffix(".jpg")
+                Image.open(original).save(copy, quality=90)
+            else:
+                shutil.copyfile(original, copy)
+            pairs.append((copy.relative_to(data).as_posix(), original.relative_to(data).as_posix()))
+    images = scan_folder(data, 3, DEFAULT_GROUP_PATTERN)
+    names = [p.relative_to(data).as_posix() for p in images.paths]
+    by_patient = dict(zip(names, assign_folds(images.labels, images.groups, 2, SEED), strict=True))
+    assert any(by_patient[a] != by_patient[b] for a, b in pairs)  # the plain split parts some
+    digest = {name: pixel_digest(read_labelled(data / name).pixels) for name in names}
+    with caplog.at_level("WARNING"):
+        model = train_from_config(_recipe(tmp_path, data, folds=2, group_copies=True))
+    assert "6 files hold the same image as another patient's file" in caplog.text
+    assert "3 files hold a near copy of the image of another patient's file" in caplog.text
+    assert caplog.text.count("; 0 of them in another fold than their copy") == 2
+    assert "group_copies: true keeps" not in caplog.text
+    listed = read_training_images(model)
+    assert listed is not None and listed.held_out and listed.trained_on
+    for one, other in pairs:
+        assert (digest[one] in listed.held_out) == (digest[other] in listed.held_out)
+    assert load_card(model).recipe["group_copies"] is True
+    (model / TRAINING_IMAGES_FILE).unlink()
+    assert replace(fingerprint_model(model), made="") == replace(listed, made="")

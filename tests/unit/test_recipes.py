@@ -154,6 +154,7 @@ def test_the_site_knee_recipe_trains_label_exports_crops_from_the_shipped_weight
     site = load_config(ROOT / "config" / "training" / "site" / "knee-kl-films.yaml")
     card = load_card(ROOT / "models" / "knee-kl")
     assert site.group_pattern == CROP_GROUP_PATTERN and site.group_by == "filename"
+    assert site.group_copies  # a PACS export may hold one film twice
     assert (ROOT / site.init_weights) == ROOT / "models" / "knee-kl" / card.weights.file
     assert site.input == card.input and site.preprocessing.resize == card.preprocessing.resize
     assert site.preprocessing.localiser == "none"  # crops; the localiser is attached after

@@ -40,7 +40,7 @@ from dicomnode.training.data import (
 )
 from dicomnode.training.ensemble import build_ensemble, validate_ensemble
 from dicomnode.training.evaluate import about_model, evaluate_model
-from dicomnode.training.folds import assign_folds
+from dicomnode.training.folds import assign_folds, joined_groups
 from dicomnode.training.metrics import (
     calibration_bins,
     classification_metrics,
@@ -137,6 +137,28 @@ def test_folds_keep_patients_together_and_stratify() -> None:
         assert abs(len(held) - len(labels) / 5) < 0.05 * len(labels)
         assert np.abs(np.bincount(held, minlength=5) / len(held) - overall).max() < 0.05
     assert np.array_equal(assignment, assign_folds(labels, groups, folds=5, seed=3))
+
+
+def test_joined_groups_make_the_patients_of_one_image_one_patient() -> None:
+    groups = ("a", "a", "b", "c", "c", "d", "e")
+    assert joined_groups(groups, []) == groups
+    # b's file repeats a's; e's file repeats d's, and d's c's: c, d and e become c.
+    joined = joined_groups(groups, [(2, 0), (6, 5), (5, 3)])
+    assert joined == ("a", "a", "a", "c", "c", "c", "c")
+    assert joined_groups(groups, [(1, 0)]) == groups  # one patient's own repeat
+    rng = np.random.default_rng(4)
+    patients = [f"p{i:03d}" for i in range(200)]
+    many = [p for p in patients for _ in "LR"]
+    labels = rng.choice(3, size=len(many)).astype(np.int64)
+    pairs = [(int(i), int(j)) for i, j in rng.integers(0, len(many), size=(15, 2)) if i != j]
+    merged = joined_groups(many, pairs)
+    assignment = assign_folds(labels, merged, folds=5, seed=3)
+    for one, other in pairs:
+        assert merged[one] == merged[other] and assignment[one] == assignment[other]
+    # A folder without repeats keeps its split.
+    assert np.array_equal(
+        assign_folds(labels, joined_groups(many, []), 5, 3), assign_folds(labels, many, 5, 3)
+    )
 
 
 # ----------------------------------------------------------------------------- metrics
