@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dicomnode.errors import TrainingError
-from dicomnode.training.config import TrainingConfig
+from dicomnode.training.config import SPLIT_KEYS, TrainingConfig
 from dicomnode.training.state import LoopState, Prepared, Trainer
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ def check_same_folds(saved: Any, current: dict[str, Any], path: Path) -> None:
     raise TrainingError(
         f"{path} was trained on other images or folds than this run's: then "
         f"{_describe_folds(saved)}, now {_describe_folds(current)} (images added, removed or "
-        "renamed in data_dir, or folds, seed, group_pattern or group_by changed). Restore "
-        "them to resume, or start a new run with a new model.version (and checkpoint_dir)"
+        f"renamed in data_dir, or {', '.join(SPLIT_KEYS[:-1])} or {SPLIT_KEYS[-1]} changed). "
+        "Restore them to resume, or start a new run with a new model.version (and "
+        "checkpoint_dir)"
     )
 
 

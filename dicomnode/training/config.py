@@ -398,6 +398,9 @@ def load_config(path: Path, **changes: Unpack[RecipeChanges]) -> TrainingConfig:
     return parse_config(raw, source=f"training config {path}")
 
 
+SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by", "group_copies")
+"""What decides which images a recipe's fold ``k`` holds (with its data folder)."""
+
 LOSS_FIXED = "2026-12-04"
 """The day the loss began to weigh samples (:mod:`dicomnode.training.loss`); cards trained
 before it, whose recipes do not name ``smoothing_weights``, were trained ``per_term``."""

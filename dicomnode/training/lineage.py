@@ -23,13 +23,10 @@ from typing import Any
 
 from dicomnode.errors import ModelError, TrainingError
 from dicomnode.models.card import CARD_FILE, ModelCard, load_card, sha256_of
-from dicomnode.training.config import InitialWeights, TrainingConfig, recorded_recipe
+from dicomnode.training.config import SPLIT_KEYS, InitialWeights, TrainingConfig, recorded_recipe
 from dicomnode.training.pretrained import IMAGENET, IMAGENET_LITE0
 
 logger = logging.getLogger(__name__)
-
-SPLIT_KEYS = ("folds", "seed", "group_pattern", "group_by", "group_copies")
-"""What decides which images a recipe's fold ``k`` holds (with its data folder)."""
 
 
 def trained_recipe(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -1483,8 +1483,11 @@ def test_resume_refuses_a_checkpoint_of_other_images_or_folds(
     assert recorded["images"] == 48 and len(recorded["sha256"]) == 64
     added = tmp_path / "data" / "0" / "9000777L.png"
     shutil.copy(next((tmp_path / "data" / "0").glob("*.png")), added)
-    with pytest.raises(TrainingError, match=r"trained on other images or folds .* now 49 images"):
+    with pytest.raises(
+        TrainingError, match=r"trained on other images or folds .* now 49 images"
+    ) as e:
         train_from_config(recipe, resume=True)
+    assert "folds, seed, group_pattern, group_by or group_copies changed" in str(e.value)
     added.unlink()
     train_from_config(recipe, resume=True)  # the same images and folds: resumed
     # A checkpoint written before checkpoints recorded their folds resumes, with a warning.
