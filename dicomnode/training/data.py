@@ -262,11 +262,13 @@ def warn_of_repeated_images(
     labels (the labels disagree) or for two patients (with the folds' ``assignment``: how
     many the split put in another fold than their copy, where a fold's figures count an
     image its model trained on). Returns how many files repeat another's image."""
-    same = _Repeats("the same image as")
-    near = _Repeats("a near copy of the image of", f" ({NEAR_COPY}: check them)")
+    same = _Repeats(images, assignment, "the same image as")
+    near = _Repeats(
+        images, assignment, "a near copy of the image of", f" ({NEAR_COPY}: check them)"
+    )
     for index, earlier, exact in found.repeats:
-        (same if exact else near).add(images, index, earlier, assignment)
-    return same.warn(assignment is not None) + near.warn(assignment is not None)
+        (same if exact else near).add(index, earlier)
+    return same.warn() + near.warn()
 
 
 def split_groups(images: LabelledImages, found: Fingerprints, group_copies: bool) -> Sequence[str]:
@@ -282,15 +284,16 @@ def split_groups(images: LabelledImages, found: Fingerprints, group_copies: bool
 class _Repeats:
     """Files that repeat another's image in one way (:func:`warn_of_repeated_images`)."""
 
+    images: LabelledImages
+    assignment: IntArray | None
     hold: str
     how: str = ""
     relabelled: list[str] = field(default_factory=list)
     elsewhere: list[str] = field(default_factory=list)
     split: int = 0
 
-    def add(
-        self, images: LabelledImages, index: int, earlier: int, assignment: IntArray | None
-    ) -> None:
+    def add(self, index: int, earlier: int) -> None:
+        images, assignment = self.images, self.assignment
         one, other = (_relative(images.paths[i], images.root) for i in (index, earlier))
         pair = f"{one} = {other}"
         if images.labels[index] != images.labels[earlier]:
@@ -299,7 +302,7 @@ class _Repeats:
             self.elsewhere.append(pair)
             self.split += int(assignment is not None and assignment[index] != assignment[earlier])
 
-    def warn(self, split: bool) -> int:
+    def warn(self) -> int:
         if self.relabelled:
             logger.warning(
                 "%d files hold %s another file of another class%s (their labels disagree; "
@@ -314,7 +317,7 @@ class _Repeats:
             folds = (
                 f"; {self.split} of them in another fold than their copy, whose figures then "
                 f"count an image its model trained on{hint if self.split else ''}"
-                if split
+                if self.assignment is not None
                 else ""
             )
             logger.warning(
