@@ -1523,7 +1523,10 @@ def resummarise_cv(
     note: Annotated[str, typer.Option(help="appended to the recipe's notes: why")] = "",
     carry_from: Annotated[
         Path | None,
-        typer.Option(help="an earlier model.yaml of this model whose recipe CV to carry over"),
+        typer.Option(
+            help="an earlier model.yaml of this model whose recipe CV to carry over (an "
+            "ensemble of the recipe's fold models: its members' figures)"
+        ),
     ] = None,
 ) -> None:
     """Recompute a card's cross-validation summaries from its per-fold figures (same weights)."""

@@ -82,7 +82,8 @@ def resummarise(
     before the summary gained a figure gets it. ``carry_from`` names an earlier
     card (``model.yaml``) of the same model whose recipe cross-validation this
     card lacks (a later stage fine-tuned the weights of that recipe's fold
-    model): it is carried over, its ``validation`` text saying where from.
+    model): it is carried over, its ``validation`` text saying where from. An
+    earlier ensemble of the recipe's fold models gives its members' figures.
 
     Raises
     ------
@@ -127,12 +128,34 @@ def _carried(path: Path, name: str) -> dict[str, Any]:
         raise TrainingError(f"cannot read the card {path}: {exc}") from exc
     if not isinstance(earlier, dict) or earlier.get("name") != name:
         raise TrainingError(f"{path} is not a card of model {name}")
-    record = (earlier.get("metrics") or {}).get(RECORD)
-    if not isinstance(record, dict) or "per_fold" not in record:
-        raise TrainingError(f"{path} ({name} {earlier.get('version')}) has no {RECORD}")
+    record = _recipe_record(earlier)
+    if record is None:
+        raise TrainingError(
+            f"{path} ({name} {earlier.get('version')}) has no {RECORD}, nor is it an ensemble "
+            "of the folds of one recipe"
+        )
     source = f"{name} {earlier.get('version')}"
     validation = (
         f'carried from the card of {source}, where it reads ("this model" being {source}): '
         f"{record.get('validation', '')}"
     )
     return {**record, "carried_from": source, "validation": validation}
+
+
+def _recipe_record(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe cross-validation a card (as read from its ``model.yaml``) holds: its
+    :data:`RECORD`, or, for an ensemble of the folds of one recipe, its members' figures on
+    their own held-out folds (``per_fold``, with the folds it names); None when neither."""
+    metrics = card.get("metrics") or {}
+    record = metrics.get(RECORD)
+    if isinstance(record, dict) and "per_fold" in record:
+        return record
+    members = (card.get("recipe") or {}).get("members_recipe")
+    if not isinstance(members, dict) or not isinstance(metrics.get("per_fold"), list):
+        return None
+    return {
+        "validation": str(metrics.get("validation", "")),
+        "per_fold": metrics["per_fold"],
+        "cross_validation": metrics.get("cross_validation", {}),
+        "folds": members.get("folds_in_ensemble", []),
+    }

@@ -1314,11 +1314,26 @@ def test_resummarise_cv_recomputes_a_cards_fold_summaries_and_carries_a_recipe_c
         resummarise(folds[1], "9.9.11", carry_from=folds[0] / "model.yaml")
     assert carried["per_fold"] == load_card(folds[0]).metrics[RECORD]["per_fold"]
     assert {k: v for k, v in load_card(folds[1]).metrics.items() if k != RECORD} == own
+    # An ensemble of the recipe's folds holds their cross-validation as its members'.
+    name = load_card(folds[2]).name
+    ensemble = build_ensemble(folds, tmp_path / "ens", method="average", name=name, version="1")
+    resummarise(folds[2], "9.9.10", carry_from=ensemble / "model.yaml")
+    from_members = load_card(folds[2]).metrics[RECORD]
+    members = load_card(ensemble).metrics
+    assert from_members["per_fold"] == members["per_fold"] and from_members["folds"] == [0, 1, 2]
+    assert from_members["cross_validation"] == summarise_folds(members["per_fold"])
+    assert from_members["carried_from"] == f"{name} 1"
+    assert "the members are the models of 3 folds" in from_members["validation"]
+    twice = build_ensemble(
+        folds[:1] * 2, tmp_path / "twice", method="average", name=name, version="1"
+    )
+    with pytest.raises(TrainingError, match="nor is it an ensemble of the folds of one recipe"):
+        resummarise(directory, "9.9.12", carry_from=twice / "model.yaml")
     # Only a card of the same model is carried from.
     other = load_card(folds[0])
     write_card(folds[0], other.model_copy(update={"name": "another-model"}))
     with pytest.raises(TrainingError, match="not a card of model"):
-        resummarise(folds[2], "9.9.10", carry_from=folds[0] / "model.yaml")
+        resummarise(directory, "9.9.13", carry_from=folds[0] / "model.yaml")
 
 
 def _set_recipe(directory: Path, **changes: Any) -> None:
