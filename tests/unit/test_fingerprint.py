@@ -361,7 +361,7 @@ def test_fingerprint_lists_a_model_trained_on_every_image(
 
 
 def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
-    tmp_path: Path, trained: tuple[Path, Path]
+    tmp_path: Path, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The folder check cannot see a copy of the folder, or a lossy export of it; the pixels
     and the near hashes can: a start, or an ensemble member, that trained on the images of the
@@ -388,6 +388,18 @@ def test_weights_that_trained_on_a_copy_of_a_held_out_fold_are_refused(
     listed = read_training_images(out)
     start = read_training_images(model / "fold-0")
     assert listed is not None and start is not None and listed.trained_on == start.trained_on
+    # A start without a list (a model trained before lists were written) is named.
+    shutil.copytree(model / "fold-0", tmp_path / "unlisted")
+    (tmp_path / "unlisted" / TRAINING_IMAGES_FILE).unlink()
+    with caplog.at_level("WARNING"):
+        unlisted = train_from_config(
+            _recipe(tmp_path / "five", copy, mode="finetune"),
+            fold="0",
+            init_weights=str(tmp_path / "unlisted" / "model.safetensors"),
+        )
+    assert f"unlisted lists no images it trained on ({TRAINING_IMAGES_FILE})" in caplog.text
+    own = read_training_images(unlisted)  # its own fold's: here the same images as its start's
+    assert own is not None and own.trained_on == listed.trained_on
     # An ensemble scored on a fold of the copy that one member trained on.
     other = write_tiny_dataset(tmp_path / "other", classes=3, patients=9, size=32, seed=1)
     elsewhere = train_from_config(_recipe(tmp_path / "three", other))
