@@ -32,6 +32,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,15 @@ from dicomnode.training.data import (
 )
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import trained_recipe, warn_if_trained_on
-from dicomnode.training.near import NEAR_COPY, NEAR_HASH, BoolArray, near_copies, near_threshold
+from dicomnode.training.near import (
+    NEAR_COPY,
+    NEAR_HASH,
+    BoolArray,
+    Signs,
+    near_copies_of_signs,
+    near_threshold,
+    signs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +122,12 @@ class TrainingImages:
     def recognised(self, found: Fingerprints) -> BoolArray:
         """Which images of ``found`` the model trained on: the same pixels, or a near copy."""
         same = np.fromiter((d in self.trained_on for d in found.digests), bool, len(found.digests))
-        return same | near_copies(found.near, self.near, self.near_threshold)
+        return same | near_copies_of_signs(found.near, self._near_signs, self.near_threshold)
+
+    @cached_property
+    def _near_signs(self) -> Signs:
+        """The :attr:`near` hashes' signs, made once (``evaluate`` asks per chunk)."""
+        return signs(self.near)
 
 
 def of_fold(
