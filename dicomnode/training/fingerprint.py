@@ -57,7 +57,7 @@ from dicomnode.training.near import (
     NEAR_HASH,
     BoolArray,
     Signs,
-    near_copies_of_signs,
+    near_copies,
     near_threshold,
     signs,
 )
@@ -122,7 +122,7 @@ class TrainingImages:
     def recognised(self, found: Fingerprints) -> BoolArray:
         """Which images of ``found`` the model trained on: the same pixels, or a near copy."""
         same = np.fromiter((d in self.trained_on for d in found.digests), bool, len(found.digests))
-        return same | near_copies_of_signs(found.near, self._near_signs, self.near_threshold)
+        return same | near_copies(found.near, self._near_signs, self.near_threshold)
 
     @cached_property
     def _near_signs(self) -> Signs:

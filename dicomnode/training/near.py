@@ -161,14 +161,10 @@ def earlier_copies(hashes: Sequence[str], limit: int) -> npt.NDArray[np.intp]:
     return found
 
 
-def near_copies(hashes: Sequence[str], trained_on: Collection[str], threshold: int) -> BoolArray:
-    """Which of ``hashes`` are near copies of ``trained_on`` (nearer than ``threshold``)."""
-    return near_copies_of_signs(hashes, signs(trained_on), threshold)
-
-
-def near_copies_of_signs(hashes: Sequence[str], trained_on: Signs, threshold: int) -> BoolArray:
-    """:func:`near_copies`, the training hashes given as their :func:`signs` (made once for a
-    list asked about many times)."""
+def near_copies(hashes: Sequence[str], trained_on: Signs, threshold: int) -> BoolArray:
+    """Which of ``hashes`` are near copies of the hashes whose :func:`signs` are
+    ``trained_on`` (nearer than ``threshold``; the signs made once for a list asked about
+    many times)."""
     if threshold <= 0 or not hashes:
         return np.zeros(len(hashes), dtype=bool)
     return nearest(signs(hashes), trained_on) < threshold

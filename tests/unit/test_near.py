@@ -92,16 +92,16 @@ def test_near_copies_within_the_folder_do_not_set_its_threshold() -> None:
     alone = near_threshold(hashes)
     copies = [_flipped(hashes[i], 3 + i % 4) for i in range(0, 40, 4)]  # 3-6 bits away
     assert 10 < alone == near_threshold(hashes + copies)
-    assert near_copies(copies, hashes[:40], alone).all()
-    assert not near_copies(copies, hashes[40:], alone).any()
+    assert near_copies(copies, signs(hashes[:40]), alone).all()
+    assert not near_copies(copies, signs(hashes[40:]), alone).any()
 
 
 def test_near_copies_are_nearer_than_the_threshold() -> None:
     trained = ["0" * 64, "f" * 64]
     asked = ["0" * 62 + "0f", "0" * 60 + "ffff", "0f" * 32]  # 4, 16 and 128 bits from the first
-    assert near_copies(asked, trained, 16).tolist() == [True, False, False]
-    assert near_copies(asked, trained, 0).tolist() == [False, False, False]
-    assert near_copies([], trained, 16).tolist() == []
+    assert near_copies(asked, signs(trained), 16).tolist() == [True, False, False]
+    assert near_copies(asked, signs(trained), 0).tolist() == [False, False, False]
+    assert near_copies([], signs(trained), 16).tolist() == []
 
 
 def test_copies_within_a_folder_are_the_nearest_earlier_under_a_third_of_the_median(
