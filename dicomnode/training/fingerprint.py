@@ -382,10 +382,13 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
         str(recorded.get("group_pattern", DEFAULT_GROUP_PATTERN)),
         str(recorded["group_by"]),
     )
-    found = image_fingerprints(images)
-    groups = split_groups(images, found, bool(recorded["group_copies"]))
+    # The split needs the hashes only when it joins copies: otherwise a wrong folder is
+    # refused before any image of it is decoded.
+    early = image_fingerprints(images) if recorded["group_copies"] else None
+    groups = images.groups if early is None else split_groups(images, early, True)
     assignment = assign_folds(images.labels, groups, int(recorded["folds"]), int(recorded["seed"]))
     expected = _checked_split(card, recorded, images.labels, assignment, folder)
+    found = early or image_fingerprints(images)
     warn_of_repeated_images(images, found, assignment)
     when = datetime.date.today().isoformat()
     made = (

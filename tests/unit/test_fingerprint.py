@@ -29,6 +29,7 @@ from dicomnode.testing.recipes import smoke_recipe
 from dicomnode.training.config import DEFAULT_GROUP_PATTERN
 from dicomnode.training.data import (
     Fingerprints,
+    LabelledImages,
     cache_key,
     image_fingerprints,
     pixel_digest,
@@ -304,7 +305,7 @@ def test_a_list_of_other_weights_is_not_used(
 
 
 def test_fingerprint_lists_an_older_models_images_from_its_recipe(
-    tmp_path: Path, trained: tuple[Path, Path]
+    tmp_path: Path, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, model = trained
     older = tmp_path / "older"
@@ -337,8 +338,16 @@ def test_fingerprint_lists_an_older_models_images_from_its_recipe(
     paths, _, fold_of = _folds_of(data)
     gone = next(p for p, k in zip(paths, fold_of, strict=True) if k == 2)
     (copy / gone.relative_to(data)).unlink()
+    hashed: list[int] = []
+
+    def counted(images: LabelledImages) -> Fingerprints:
+        hashed.append(len(images))
+        return image_fingerprints(images)
+
+    monkeypatch.setattr("dicomnode.training.fingerprint.image_fingerprints", counted)
     with pytest.raises(TrainingError, match="is not the folder the card was trained on"):
         fingerprint_model(older, copy)
+    assert hashed == []  # refused before any image of it was decoded
     written = json.loads((older / TRAINING_IMAGES_FILE).read_text(encoding="utf-8"))
     assert len(written["trained_on"]) == 36  # the refused run left the list as it was
 
