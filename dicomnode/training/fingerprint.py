@@ -388,7 +388,7 @@ def fingerprint_model(model_dir: Path, data_dir: Path | None = None) -> Training
     groups = images.groups if early is None else split_groups(images, early, True)
     assignment = assign_folds(images.labels, groups, int(recorded["folds"]), int(recorded["seed"]))
     expected = _checked_split(card, recorded, images.labels, assignment, folder)
-    found = early or image_fingerprints(images)
+    found = early if early is not None else image_fingerprints(images)
     warn_of_repeated_images(images, found, assignment)
     when = datetime.date.today().isoformat()
     made = (
