@@ -176,36 +176,52 @@ def test_compared_hand_recipes_share_the_shipped_recipes_folds() -> None:
     assert architectures == {"small_vgg", "resnet50"}
 
 
-def test_folds_of_the_hand_recipe_trained_now_join_the_shipped_card_in_record_cv() -> None:
-    """The loop in models/README.md ("How hand-ra was built") trains stages 1-3 of folds 1-4
-    beside the shipped model and ends with record-cv over them and the shipped card: a fold
-    model it writes today must count as a fold of the shipped card's recipe."""
+# The staged recipes' whole cross-validation (models/README.md, "How hand-ra was built" and "How
+# spine-abnormality was built"): the last stage's recipe, where its fold K writes, the previous
+# stage's fold-K model it starts from (name, version), and the threads the loop trains with.
+STAGED = {
+    "hand-ra": (
+        "hand-ra.yaml", "1.4.1-cv", "var/models/hand-cv",
+        "var/models/hand-ra-masks/fold-1/model.safetensors", "1.3.0-cv", None,
+    ),
+    "spine-abnormality": (
+        "spine-abnormality-masks.yaml", "2.3.0-cv", "var/models/spine-masks-cv",
+        "var/models/spine-abnormality-cv/fold-1/model.safetensors", "2.1.0", 1,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(STAGED))
+def test_folds_of_a_staged_recipe_trained_now_join_the_shipped_card_in_record_cv(
+    name: str,
+) -> None:
+    """The loops in models/README.md train the stages of folds 1-4 beside the shipped model
+    and end with record-cv over them and the shipped card: a fold model they write today must
+    count as a fold of the shipped card's recipe."""
     from dicomnode.training.config import InitialWeights
     from dicomnode.training.ensemble import Member, folds_recipe
 
-    shipped_dir = ROOT / "models" / "hand-ra"
+    recipe_file, version, output, start, start_version, threads = STAGED[name]
+    shipped_dir = ROOT / "models" / name
     shipped = load_card(shipped_dir, verify=False)
 
     def fold_model(start_fold: int) -> Member:
-        start = "var/models/hand-ra-masks/fold-1/model.safetensors"
         config = load_config(
-            ROOT / "config" / "training" / "hand-ra.yaml",
+            ROOT / "config" / "training" / recipe_file,
             fold=1,
-            version="1.4.1-cv",
-            output_dir=Path("var/models/hand-cv/fold-1"),
+            version=version,
+            output_dir=Path(output) / "fold-1",
             init_weights=start,
+            threads=threads,
         )
-        begun = InitialWeights(name="hand-ra", version="1.3.0-cv", sha256="0" * 64, fold=start_fold)
+        begun = InitialWeights(name=name, version=start_version, sha256="0" * 64, fold=start_fold)
         recipe = config.model_copy(update={"init_weights_from": begun}).model_dump(mode="json")
         metrics = {**shipped.metrics, "fold": 1}
         card = shipped.model_copy(update={"recipe": recipe, "metrics": metrics})
-        return Member(Path("var/models/hand-cv/fold-1"), card)
+        return Member(Path(output) / "fold-1", card)
 
     common = folds_recipe([Member(shipped_dir, shipped), fold_model(1)])
     assert common is not None and common["folds_in_ensemble"] == [0, 1]
-    assert common["init_weights_per_member"] == [
-        shipped.recipe["init_weights"],
-        "var/models/hand-ra-masks/fold-1/model.safetensors",
-    ]
+    assert common["init_weights_per_member"] == [shipped.recipe["init_weights"], start]
     # A fold 1 begun from a model that held out fold 0 is not a fold of the recipe.
     assert folds_recipe([Member(shipped_dir, shipped), fold_model(0)]) is None
