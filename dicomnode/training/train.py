@@ -646,16 +646,22 @@ class _StepLog:
     enabled: bool
     first: int = 0
     """The steps done before this process (a resumed epoch)."""
-    started: float = field(default_factory=time.monotonic)
     logged: float = field(default_factory=time.monotonic)
+    last: int = field(init=False)
+    """The step of the last line (or :attr:`first`): the pace is the steps since then over
+    the time since then, so a run paused a while (a machine shared with a test run) is
+    timed at its pace again by the next line, not by the mean since the epoch began."""
+
+    def __post_init__(self) -> None:
+        self.last = self.first
 
     def step(self, done: int, status: str) -> None:
         """Log step ``done`` when ``PROGRESS_LOG_SECONDS`` have passed since the last line."""
         now = time.monotonic()
         if not self.enabled or now - self.logged < PROGRESS_LOG_SECONDS or done >= self.steps:
             return
-        self.logged = now
-        per_step = (now - self.started) / max(done - self.first, 1)
+        per_step = (now - self.logged) / max(done - self.last, 1)
+        self.logged, self.last = now, done
         logger.info(
             "%s: step %d/%d, %s, %.3f s per image, about %.0f min to the epoch's validation",
             self.description,

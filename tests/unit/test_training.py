@@ -583,6 +583,27 @@ def test_training_writes_a_loadable_model_directory(tmp_path: Path) -> None:
     assert predictor.card.num_classes == 3
 
 
+def test_the_logged_pace_is_the_pace_since_the_last_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run paused for a while (SIGSTOP beside a test run) is timed at its own pace again by
+    the next line: 10 s a step of 4 images, then a 1,000 s pause, then 10 s a step again."""
+    import time
+
+    from dicomnode.training import train
+
+    clock = iter([1010.0, 2010.0, 2020.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(train, "PROGRESS_LOG_SECONDS", 0.0)
+    log = train._StepLog("epoch 1/1", 10, 4, enabled=True, first=2, logged=1000.0)
+    with caplog.at_level("INFO", logger="dicomnode.training.train"):
+        for done in (3, 4, 5):  # a resumed epoch: steps 1-2 ran before this process
+            log.step(done, "loss 0.5000")
+    paces = [float(m.split(", ")[2].split(" s ")[0]) for m in caplog.messages]
+    assert paces == [2.5, 250.0, 2.5]  # per image: 10 s / 4, the pause, 10 s / 4
+    assert caplog.messages[-1].endswith("about 1 min to the epoch's validation")  # 5 x 10 s
+
+
 def test_a_run_without_a_terminal_logs_its_steps_progress(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
