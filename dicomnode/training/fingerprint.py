@@ -197,15 +197,7 @@ def start_images(config: TrainingConfig) -> TrainingImages | None:
     that describes it: ``init_weights_from``), or ``None``."""
     if config.init_weights_from is None:
         return None
-    directory = Path(config.init_weights).parent
-    listed = read_training_images(directory)
-    if listed is None:
-        logger.warning(
-            "%s lists no images it trained on (%s): this run's list holds its own only "
-            "(`dicomnode fingerprint %s` writes the start's, then train again)",
-            directory, TRAINING_IMAGES_FILE, directory,
-        )  # fmt: skip
-    return listed
+    return read_training_images(Path(config.init_weights).parent)
 
 
 def joined(parts: Iterable[TrainingImages | None]) -> TrainingImages | None:

@@ -75,7 +75,7 @@ from dicomnode.training.data import (
     warn_if_one_patient_dominates,
     warn_of_repeated_images,
 )
-from dicomnode.training.fingerprint import refuse_seen_folds, start_images
+from dicomnode.training.fingerprint import TRAINING_IMAGES_FILE, refuse_seen_folds, start_images
 from dicomnode.training.folds import assign_folds, split
 from dicomnode.training.lineage import checked_start, validated_folds
 from dicomnode.training.loss import make_loss
@@ -148,7 +148,16 @@ def check_start_images(prepared: Prepared) -> None:
     config = prepared.config
     start = config.init_weights_from
     listed = start_images(config)
-    if start is None or listed is None:
+    if start is None:
+        return
+    if listed is None:
+        directory = Path(config.init_weights).parent
+        logger.warning(
+            "%s lists no images it trained on (%s): they are not checked against this run's "
+            "held-out folds by their pixels, and this run's list holds its own images only "
+            "(`dicomnode fingerprint %s` writes the start's, then train again)",
+            directory, TRAINING_IMAGES_FILE, directory,
+        )  # fmt: skip
         return
     whose = f"init_weights {config.init_weights} ({start.name} {start.version})"
     found, folds = prepared.fingerprints, validated_folds(config)
